@@ -1,0 +1,31 @@
+"""moeq: per-expert quantization of Mixture-of-Experts models as a torch.compile / FX graph pass."""
+
+from __future__ import annotations
+
+import moeq.lowering.ops  # noqa: F401  (registers the moeq:: custom ops)
+from moeq.api import prepare, quantize_graph
+from moeq.config import FP8, FP8_W8A16, NVFP4, NVFP4_W4A16, QuantConfig
+from moeq.lowering.backend import moeq_backend, register_backends
+from moeq.passes.explain import explain
+from moeq.runtime.calibrate import calibrate, finalize, quant_state
+from moeq.state import ExpertQuantState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FP8",
+    "FP8_W8A16",
+    "NVFP4",
+    "NVFP4_W4A16",
+    "ExpertQuantState",
+    "QuantConfig",
+    "calibrate",
+    "explain",
+    "finalize",
+    "moeq_backend",
+    "prepare",
+    "quant_state",
+    "quantize_graph",
+]
+
+register_backends()

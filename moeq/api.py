@@ -1,0 +1,84 @@
+"""User entry points: ``prepare`` (for torch.compile) and ``quantize_graph`` (for traced graphs)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import fx, nn
+
+from moeq.config import NVFP4, QuantConfig
+from moeq.integrations.hf import use_grouped_experts
+from moeq.passes.insert_qdq import rewrite_graph
+from moeq.state import ModelQuantState, attach_state, get_state, owner_of
+
+__all__ = ["prepare", "quantize_graph"]
+
+logger = logging.getLogger(__name__)
+
+
+def _mode_guard(module: nn.Module, args: Any) -> None:
+    # Reading the mode here makes Dynamo guard on it: a mode change recompiles the graph.
+    if module._moeq_mode.value == "quantize":
+        return None
+    return None
+
+
+def prepare(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """Attach per-expert quant state to ``model`` and make it ready for ``torch.compile(backend="moeq")``.
+
+    transformers MoE models are switched to their ``grouped_mm`` experts implementation. Calling it again
+    with the same config is a no-op; with another config it starts over. Returns ``model`` itself.
+    """
+    config = config or NVFP4
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a moeq.QuantConfig (or preset such as moeq.NVFP4), got {type(config).__name__}")
+    existing = get_state(model, required=False)
+    if existing is not None and existing.config == config:
+        return model
+    if existing is not None:
+        logger.warning("moeq.prepare: re-preparing %s with a new config; previous quant state is dropped", type(model).__name__)
+    state = attach_state(model, config)
+    use_grouped_experts(model)
+    for module in model.modules():
+        if any(p.dim() >= 3 for p in module.parameters(recurse=False)):
+            object.__setattr__(module, "_moeq_mode", state.mode_box)
+            if not getattr(module, "_moeq_guard_installed", False):
+                module.register_forward_pre_hook(_mode_guard)
+                object.__setattr__(module, "_moeq_guard_installed", True)
+    return model
+
+
+def quantize_graph(gm: Any, config: QuantConfig | None = None) -> fx.GraphModule:
+    """Run the expert Q/DQ pass on a traced graph and return it (rewritten in place).
+
+    ``gm``: ``torch.export.export(...).module()`` (an ExportedProgram is accepted too) or a
+    ``torch.fx.symbolic_trace`` result. If its parameters belong to a model passed to :func:`prepare`,
+    the graph shares that model's quant state; otherwise a state is attached to the graph itself.
+    Then use ``moeq.calibrate(qgm)`` / ``moeq.finalize(qgm)`` as with a compiled model.
+    """
+    kind = "fx"
+    if hasattr(gm, "module") and hasattr(gm, "graph_signature"):
+        gm = gm.module()
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"quantize_graph expects a torch.fx.GraphModule or ExportedProgram, got {type(gm).__name__}")
+    if any(n.op == "call_function" and str(n.target).startswith("aten.") for n in gm.graph.nodes):
+        kind = "export"
+    states: dict[int, ModelQuantState] = {}
+    for p in gm.parameters():
+        owner = owner_of(p)
+        if owner is not None:
+            states[id(owner[0])] = owner[0]
+    if len(states) > 1:
+        raise ValueError("quantize_graph: the graph holds parameters of several prepared models")
+    if states:
+        state = next(iter(states.values()))
+        if config is not None and config != state.config:
+            raise ValueError(
+                f"quantize_graph: this graph's parameters belong to a model prepared with {state.config}, not {config}"
+            )
+        object.__setattr__(gm, "_moeq_state", state)
+    else:
+        state = attach_state(gm, config or NVFP4)
+    rewrite_graph(gm, state, None, kind=kind)
+    return gm

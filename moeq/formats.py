@@ -1,0 +1,290 @@
+"""Numeric formats: the reference quantize / dequantize / fake-quant / pack in plain torch.
+
+This module is THE numerics spec of moeq (see DESIGN.md, "Numerics spec"); kernels and exporters are
+tested against it. It imports nothing from moeq. All arithmetic runs in fp32 and results are cast back
+to the input dtype; rounding is round-to-nearest-even everywhere.
+
+Tensors carry an explicit ``contraction_dim`` (the GEMM's K): NVFP4 blocks of 16 run along it. A
+per-tensor ``amax`` must broadcast against the tensor with size 1 along the contraction dim, e.g. a
+per-expert amax ``[E]`` for a stacked weight ``[E, N, K]`` is passed as ``amax.view(E, 1, 1)``
+(:func:`expand_per_expert` does that).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "E2M1_VALUES",
+    "FP8_E4M3_MAX",
+    "NVFP4_BLOCK",
+    "FP8E4M3",
+    "NVFP4",
+    "QuantFormat",
+    "QuantizedTensor",
+    "e2m1_codes",
+    "e2m1_decode",
+    "e2m1_round",
+    "expand_per_expert",
+    "expert_amax",
+    "get_format",
+    "pack_nibbles",
+    "register_format",
+    "unpack_nibbles",
+    "available_formats",
+]
+
+FP8_E4M3_MAX = 448.0
+E2M1_MAX = 6.0
+NVFP4_BLOCK = 16
+NVFP4_SCALE_MIN = 2.0**-9  # smallest positive e4m3 subnormal
+
+#: E2M1 magnitudes indexed by the 3-bit magnitude code.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+# Decision boundaries between consecutive E2M1 magnitudes with the comparison that sends a tie to the
+# even code: (boundary, tie goes up). 0.25 sits between codes 0|1 -> stays 0; 0.75 between 1|2 -> 2; ...
+_E2M1_BOUNDARIES = (
+    (0.25, False),
+    (0.75, True),
+    (1.25, False),
+    (1.75, True),
+    (2.5, False),
+    (3.5, True),
+    (5.0, False),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by every format
+# ----------------------------------------------------------------------------------------------
+
+
+def expert_amax(w: torch.Tensor, expert_dim: int = 0) -> torch.Tensor:
+    """Per-expert ``max|w|`` of a stacked weight, fp32 ``[E]``."""
+    w = w.detach().movedim(expert_dim, 0)
+    return w.abs().reshape(w.shape[0], -1).amax(dim=1).float()
+
+
+def expand_per_expert(amax: torch.Tensor, ndim: int, expert_dim: int = 0) -> torch.Tensor:
+    """View a per-expert vector ``[E]`` so it broadcasts against an ``ndim``-D stacked tensor."""
+    shape = [1] * ndim
+    shape[expert_dim] = amax.numel()
+    return amax.reshape(shape)
+
+
+def _k_last(scale: torch.Tensor, ndim: int, contraction_dim: int) -> torch.Tensor:
+    """Move a broadcastable per-tensor scale like its tensor (contraction dim last); scalars pass through."""
+    if scale.dim() == ndim:
+        return scale.movedim(contraction_dim, -1)
+    if scale.numel() == 1:
+        return scale.reshape(())
+    raise ValueError(f"amax of shape {tuple(scale.shape)} does not broadcast against a {ndim}-D tensor")
+
+
+def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
+    """A zero scale means an all-zero tensor: divide by 1 instead (the result is multiplied by 0)."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# E2M1 (the FP4 element type of NVFP4)
+# ----------------------------------------------------------------------------------------------
+
+
+def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """Round fp32 ``x`` to E2M1 codes (uint8, ``sign << 3 | index``), RNE, saturating at +-6.
+
+    The sign bit is ``x < 0`` (so ``-0.1`` encodes as ``-0``, code 8, as modelopt does). NaN maps to 0.
+    """
+    mag = x.abs()
+    index = torch.zeros_like(x, dtype=torch.uint8)
+    for boundary, tie_up in _E2M1_BOUNDARIES:
+        above = (mag >= boundary) if tie_up else (mag > boundary)
+        index += above.to(torch.uint8)
+    sign = (x < 0).to(torch.uint8)
+    return (sign << 3) | index
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8) -> fp32 values."""
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    mag = table[(codes & 0x7).long()]
+    return torch.where((codes & 0x8) != 0, -mag, mag)
+
+
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """Round fp32 ``x`` to the nearest E2M1 value (RNE, saturating), as fp32."""
+    return e2m1_decode(e2m1_codes(x))
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes along the last dim: element ``2k`` low nibble, ``2k+1`` high nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd last dim of {codes.shape[-1]} 4-bit codes into bytes")
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# formats
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized tensor with the contraction dim moved last (K-major), as checkpoints store it.
+
+    ``data``: float8_e4m3fn values (FP8) or packed uint8 E2M1 pairs (NVFP4, last dim K/2).
+    ``scale``: the per-tensor scale in the shape of ``amax`` (FP8 ``s``; NVFP4 global ``g``), fp32.
+    ``block_scale``: NVFP4 only, float8_e4m3fn ``[..., K/16]``.
+    """
+
+    format: str
+    data: torch.Tensor
+    scale: torch.Tensor
+    block_scale: torch.Tensor | None = None
+
+
+class QuantFormat(ABC):
+    """A numeric format. Add one by subclassing and decorating with :func:`register_format`."""
+
+    name: str
+    #: contraction-dim block size, or None for per-tensor formats
+    block_size: int | None = None
+
+    @abstractmethod
+    def scale_from_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        """The per-tensor scale the format derives from an amax (fp32)."""
+
+    @abstractmethod
+    def fake_quant(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> torch.Tensor:
+        """Quantize then dequantize ``x``; same shape and dtype as ``x``."""
+
+    @abstractmethod
+    def quantize(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> QuantizedTensor:
+        """Quantize ``x`` to storage form (contraction dim moved last)."""
+
+    @abstractmethod
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Inverse of :meth:`quantize` (contraction dim stays last)."""
+
+    def check_shape(self, shape: torch.Size | tuple[int, ...], contraction_dim: int, what: str = "tensor") -> None:
+        """Raise if ``shape`` cannot be quantized along ``contraction_dim`` in this format."""
+        if self.block_size is not None and shape[contraction_dim] % self.block_size:
+            raise ValueError(
+                f"{self.name}: {what} of shape {tuple(shape)} has contraction dim {contraction_dim} of size "
+                f"{shape[contraction_dim]}, not a multiple of the block size {self.block_size}"
+            )
+
+    def __repr__(self) -> str:
+        return f"<moeq format {self.name}>"
+
+
+_REGISTRY: dict[str, QuantFormat] = {}
+
+
+def register_format(cls: type[QuantFormat]) -> type[QuantFormat]:
+    """Class decorator: make a format available by name (``get_format("fp8")``)."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_format(fmt: str | QuantFormat) -> QuantFormat:
+    """Look a format up by name (or pass a format object through)."""
+    if isinstance(fmt, QuantFormat):
+        return fmt
+    try:
+        return _REGISTRY[fmt]
+    except KeyError:
+        raise ValueError(f"unknown quantization format {fmt!r}; known formats: {sorted(_REGISTRY)}") from None
+
+
+def available_formats() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@register_format
+class FP8E4M3(QuantFormat):
+    """FP8 E4M3, per-tensor scale ``s = amax / 448``; fake quant ``e4m3(clamp(x / s, +-448)) * s``."""
+
+    name = "fp8"
+
+    def scale_from_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        return amax.float() / FP8_E4M3_MAX
+
+    def _codes(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        # clamp before the cast: the cast's overflow behaviour differs between devices and versions
+        return (x.float() / _safe_divisor(scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+    def fake_quant(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> torch.Tensor:
+        scale = self.scale_from_amax(amax)
+        return (self._codes(x, scale).float() * scale).to(x.dtype)
+
+    def quantize(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> QuantizedTensor:
+        scale = self.scale_from_amax(amax)
+        data = self._codes(x, scale).movedim(contraction_dim, -1)
+        return QuantizedTensor(self.name, data, _k_last(scale, x.dim(), contraction_dim))
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (q.data.float() * q.scale).to(dtype)
+
+
+@register_format
+class NVFP4(QuantFormat):
+    """NVFP4: E2M1 values, e4m3 scales per 16-block along K, fp32 global scale ``g = amax / (6 * 448)``."""
+
+    name = "nvfp4"
+    block_size = NVFP4_BLOCK
+
+    def scale_from_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        return amax.float() / (E2M1_MAX * FP8_E4M3_MAX)
+
+    def block_scales(self, block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+        """e4m3 block scales ``clamp(a_b / (6 g), 2^-9, 448)``; a zero block (or zero ``g``) gets 1.0."""
+        s = block_amax.float() / (E2M1_MAX * _safe_divisor(global_scale))
+        s = torch.where((s == 0) | (global_scale == 0), torch.ones_like(s), s)
+        return s.clamp(NVFP4_SCALE_MIN, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+    def _blocked(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int):
+        """Move K last and split it into 16-blocks; returns (blocks fp32, global scale, block amax)."""
+        self.check_shape(x.shape, contraction_dim)
+        xk = x.float().movedim(contraction_dim, -1)
+        blocks = xk.reshape(*xk.shape[:-1], xk.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
+        g = _k_last(self.scale_from_amax(amax), x.dim(), contraction_dim).unsqueeze(-1)
+        block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+        return blocks, g, block_amax
+
+    def _quantize_blocks(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int):
+        blocks, g, block_amax = self._blocked(x, amax, contraction_dim)
+        s_b = self.block_scales(block_amax, g)
+        scale = s_b.float() * g
+        codes = e2m1_codes(blocks / _safe_divisor(scale))
+        return codes, scale, s_b, g
+
+    def fake_quant(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> torch.Tensor:
+        codes, scale, _, _ = self._quantize_blocks(x, amax, contraction_dim)
+        xk = (e2m1_decode(codes) * scale).reshape(*codes.shape[:-2], -1)
+        return xk.movedim(-1, contraction_dim).to(x.dtype)
+
+    def quantize(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> QuantizedTensor:
+        codes, _, s_b, _ = self._quantize_blocks(x, amax, contraction_dim)
+        packed = pack_nibbles(codes.reshape(*codes.shape[:-2], -1))
+        global_scale = _k_last(self.scale_from_amax(amax), x.dim(), contraction_dim)
+        return QuantizedTensor(self.name, packed, global_scale, s_b.squeeze(-1))
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes = unpack_nibbles(q.data)
+        blocks = e2m1_decode(codes).reshape(*codes.shape[:-1], -1, NVFP4_BLOCK)
+        scale = q.block_scale.float().unsqueeze(-1) * q.scale.unsqueeze(-1)
+        return (blocks * scale).reshape(*codes.shape).to(dtype)

@@ -1,0 +1,101 @@
+"""transformers integration: switch experts to ``grouped_mm`` and build tiny MoE models from config.
+
+The tiny models have random weights and tiny hidden sizes; nothing is downloaded. They are what
+``moeq demo`` / ``moeq inspect`` and the test-suite run on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["TINY_FAMILIES", "expert_parameter_names", "tiny_model", "use_grouped_experts"]
+
+logger = logging.getLogger(__name__)
+
+_COMMON = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=256,
+    max_position_embeddings=128,
+)
+
+#: family -> (config class name, model class name, config overrides)
+TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
+    ),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2)),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            num_hidden_layers=3,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+        ),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, layer_types=["full_attention", "sliding_attention"], sliding_window=16),
+    ),
+}
+
+
+def use_grouped_experts(model: nn.Module) -> bool:
+    """Switch a transformers model's experts to the ``grouped_mm`` implementation (one grouped GEMM per
+    projection instead of a per-expert loop). Returns True if the model supports the switch."""
+    setter = getattr(model, "set_experts_implementation", None)
+    if setter is None:
+        return False
+    try:
+        setter("grouped_mm")
+    except (ValueError, KeyError, AttributeError) as err:
+        logger.warning("moeq: could not switch %s experts to grouped_mm: %s", type(model).__name__, err)
+        return False
+    return True
+
+
+def tiny_model(family: str = "qwen3_moe", dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A tiny transformers MoE of ``family`` with random weights (no download), in eval mode."""
+    import transformers
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(TINY_FAMILIES)}")
+    config_cls, model_cls, extra = TINY_FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**_COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 3:  # HF leaves fused expert weights to _init_weights; make them well-scaled
+                p.normal_(0.0, 0.05)
+            elif name.endswith("_bias"):
+                p.normal_(0.0, 0.02)
+    return model.to(dtype).eval()
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """FQNs of the routed-expert weight parameters (3-D, under an ``experts`` module; biases excluded)."""
+    return [n for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in n]

@@ -1,0 +1,113 @@
+"""The ``moeq`` torch.compile backend: run the expert Q/DQ pass on each Dynamo graph, then Inductor.
+
+``torch.compile(model, backend="moeq")`` after ``moeq.prepare(model, cfg)``. The pass reads the current
+calibration mode while it rewrites; ``prepare()`` makes Dynamo guard on that mode, so switching between
+calibrate / quantize recompiles the graph with the statistics kept on the model.
+``backend="moeq_aot_eager"`` runs the same pass under AOTAutograd without Inductor (for debugging).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import fx
+
+from moeq.passes.find import find_expert_gemms
+from moeq.passes.insert_qdq import rewrite_graph
+from moeq.state import ModelQuantState, owner_of
+
+__all__ = ["moeq_backend", "moeq_aot_eager_backend"]
+
+logger = logging.getLogger(__name__)
+
+
+def _state_of_graph(example_inputs: list[Any]) -> ModelQuantState | None:
+    states = {id(o[0]): o[0] for o in (owner_of(t) for t in example_inputs if isinstance(t, torch.Tensor)) if o is not None}
+    if len(states) > 1:
+        raise RuntimeError("moeq backend: one compiled graph holds parameters of several prepared models")
+    return next(iter(states.values()), None)
+
+
+def _rewrite(gm: fx.GraphModule, example_inputs: list[Any]) -> list[tuple[Any, str]]:
+    """Rewrite ``gm``; returns the state buffers lifted to trailing graph inputs."""
+    state = _state_of_graph(example_inputs)
+    if state is None:
+        records, _ = find_expert_gemms(gm, example_inputs)
+        if records:
+            names = sorted({r.weight_fqn for r in records})
+            raise RuntimeError(
+                f"moeq backend found {len(records)} expert GEMMs ({', '.join(names[:3])}, ...) in a model that was "
+                "not prepared: call `model = moeq.prepare(model, cfg)` before torch.compile(model, backend='moeq')"
+            )
+        return []
+    _, lifted = rewrite_graph(gm, state, example_inputs, kind="dynamo", lift_state=True)
+    return lifted
+
+
+def _with_state_inputs(compiled: Any, lifted: list[tuple[Any, str]]) -> Any:
+    """Call ``compiled`` with the live state buffers appended to Dynamo's graph arguments."""
+    if not lifted:
+        return compiled
+
+    # AOTAutograd's forward takes unboxed args (its `_boxed_call` attribute is copied from the inner
+    # function and does not describe it), and so does everything compile_fx / aot_eager return.
+    def run(*args: Any) -> Any:
+        return compiled(*args, *(getattr(est, name) for est, name in lifted))
+
+    return run
+
+
+def _copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of Dynamo's graph that can gain inputs: Dynamo keeps reading the original's placeholders
+    after the backend returns, so the original must stay as it is."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    for old, new in env.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source  # type: ignore[attr-defined]
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    for attr in ("_param_name_to_source", "shape_env"):
+        if hasattr(gm, attr):
+            setattr(copy, attr, getattr(gm, attr))
+    return copy
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list[Any], compiler: Any) -> Any:
+    gm = _copy_dynamo_graph(gm)
+    lifted = _rewrite(gm, example_inputs)
+    extra = [getattr(est, name) for est, name in lifted]
+    return _with_state_inputs(compiler(gm, [*example_inputs, *extra]), lifted)
+
+
+def moeq_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Any:
+    """Dynamo backend: expert Q/DQ pass, then Inductor (``compile_fx``)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    options = kwargs.get("options")
+
+    def inductor(g: fx.GraphModule, inputs: list[Any]) -> Any:
+        return compile_fx(g, inputs, config_patches=options) if options else compile_fx(g, inputs)
+
+    return _compile(gm, example_inputs, inductor)
+
+
+def moeq_aot_eager_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Any:
+    """Dynamo backend: expert Q/DQ pass, then AOTAutograd with eager kernels (no Inductor)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    return _compile(gm, example_inputs, aot_eager)
+
+
+def register_backends() -> None:
+    from torch._dynamo import list_backends, register_backend
+
+    known = set(list_backends(exclude_tags=()))
+    if "moeq" not in known:
+        register_backend(name="moeq")(moeq_backend)
+    if "moeq_aot_eager" not in known:
+        register_backend(name="moeq_aot_eager")(moeq_aot_eager_backend)

@@ -1,0 +1,185 @@
+"""The ``moeq::`` custom ops: per-expert weight fake quant, activation fake quant, calibration observer.
+
+Each op has a fake (meta) impl, straight-through-estimator autograd, and a plain-torch implementation
+built on :mod:`moeq.formats` (the reference, used on every device until a kernel is registered for it
+with ``op.register_kernel("cuda")``). The ops are opaque to Inductor, so its pointwise rewrites never
+change the numerics.
+
+Offsets (``offs``) follow ``torch._grouped_mm``: int32 cumulative row counts per expert; rows at or
+past ``offs[-1]`` belong to no expert (they are left as they are and not observed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moeq.formats import expand_per_expert, get_format
+
+__all__ = [
+    "fake_quant_act",
+    "fake_quant_weight",
+    "observe_segments_",
+    "row_expert_ids",
+    "segment_amax",
+    "check_offsets",
+]
+
+
+def check_offsets(offs: Tensor, num_rows: int, num_experts: int) -> None:
+    """Validate grouped-GEMM offsets; raises ValueError naming what is wrong."""
+    if offs.dtype != torch.int32:
+        raise ValueError(f"expert offsets must be int32 cumulative row counts (as torch._grouped_mm takes), got {offs.dtype}")
+    if offs.dim() != 1 or offs.numel() != num_experts:
+        raise ValueError(f"expert offsets must have shape [{num_experts}] (one per expert), got {tuple(offs.shape)}")
+    if offs.device.type == "cpu" and offs.numel():
+        if bool((offs[1:] < offs[:-1]).any()) or int(offs[0]) < 0:
+            raise ValueError(f"expert offsets must be non-decreasing and >= 0, got {offs.tolist()}")
+        if int(offs[-1]) > num_rows:
+            raise ValueError(f"expert offsets end at {int(offs[-1])} but the input has only {num_rows} rows")
+
+
+def row_expert_ids(offs: Tensor, num_rows: int) -> Tensor:
+    """Expert id of each row (int64 ``[S]``); rows at or past ``offs[-1]`` get ``E`` (no expert)."""
+    rows = torch.arange(num_rows, device=offs.device, dtype=offs.dtype)
+    return torch.searchsorted(offs, rows, right=True)
+
+
+def _per_row_amax(x: Tensor, offs: Tensor, amax: Tensor) -> Tensor:
+    """Per-row amax ``[S, 1]`` for 2-D routed rows: the shared amax, or each row's expert's amax."""
+    if amax.numel() == 1:
+        return amax.reshape(1, 1)
+    ids = row_expert_ids(offs, x.shape[0]).clamp(max=amax.numel() - 1)
+    return amax[ids].unsqueeze(1)
+
+
+def _act_amax(x: Tensor, offs: Tensor | None, amax: Tensor, expert_dim: int) -> Tensor:
+    if offs is not None:
+        return _per_row_amax(x, offs, amax)
+    if amax.numel() == 1:
+        return amax.reshape([1] * x.dim())
+    return expand_per_expert(amax, x.dim(), expert_dim)
+
+
+def segment_amax(x: Tensor, offs: Tensor | None, num_experts: int, expert_dim: int = 0) -> tuple[Tensor, Tensor]:
+    """Per-expert ``max|x|`` (fp32 ``[E]``) and row counts (int64 ``[E]``) in one pass over ``x``.
+
+    2-D routed rows use ``offs``; with ``offs=None``, ``x`` is batched over experts along ``expert_dim``
+    and each expert's count is its number of rows (all dims but the expert and last dim).
+    A NaN anywhere in an expert's rows makes its amax NaN (``finalize()`` reports it).
+    """
+    if offs is None:
+        xe = x.detach().movedim(expert_dim, 0)
+        flat = xe.reshape(xe.shape[0], -1).float()
+        amax = flat.abs().amax(dim=1) if flat.shape[1] else torch.zeros(xe.shape[0], device=x.device)
+        amax = torch.where(flat.isnan().any(dim=1), torch.full_like(amax, float("nan")), amax)
+        rows = xe[..., 0].numel() // max(xe.shape[0], 1)
+        return amax, torch.full((xe.shape[0],), rows, dtype=torch.int64, device=x.device)
+    ids = row_expert_ids(offs, x.shape[0])
+    xf = x.detach().float()
+    row_amax = xf.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
+    row_amax = torch.where(xf.isnan().any(dim=1), torch.full_like(row_amax, float("nan")), row_amax)
+    amax = torch.zeros(num_experts + 1, device=x.device, dtype=torch.float32)
+    amax = amax.scatter_reduce(0, ids, row_amax, reduce="amax", include_self=True)
+    has_nan = torch.zeros(num_experts + 1, device=x.device, dtype=torch.bool)
+    has_nan = has_nan.scatter_reduce(0, ids, row_amax.isnan(), reduce="amax", include_self=True)
+    amax = torch.where(has_nan, torch.full_like(amax, float("nan")), amax)
+    counts = torch.bincount(ids, minlength=num_experts + 1)
+    return amax[:num_experts], counts[:num_experts].to(torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# weight fake quant
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moeq::fake_quant_weight", mutates_args=())
+def fake_quant_weight(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
+    """Fake-quantize a stacked expert weight with a per-expert amax ``[E]``."""
+    return get_format(fmt).fake_quant(w, expand_per_expert(amax, w.dim(), expert_dim), contraction_dim)
+
+
+@fake_quant_weight.register_fake
+def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
+    return torch.empty_like(w)
+
+
+def _weight_setup(ctx, inputs, output) -> None:
+    w, amax, _, expert_dim, _ = inputs
+    ctx.save_for_backward(w, amax)
+    ctx.expert_dim = expert_dim
+
+
+def _weight_backward(ctx, grad: Tensor):
+    # STE: gradient passes where |w| <= amax (values above it were clipped by the quantizer)
+    w, amax = ctx.saved_tensors
+    keep = w.abs() <= expand_per_expert(amax, w.dim(), ctx.expert_dim)
+    return grad * keep, None, None, None, None
+
+
+fake_quant_weight.register_autograd(_weight_backward, setup_context=_weight_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# activation fake quant
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moeq::fake_quant_act", mutates_args=())
+def fake_quant_act(
+    x: Tensor, offs: Tensor | None, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int
+) -> Tensor:
+    """Fake-quantize activations with a static amax: shared (``[1]``) or per expert (``[E]``).
+
+    2-D routed rows pick their expert's amax through ``offs``; batched inputs (``offs=None``) through
+    ``expert_dim``. NVFP4 uses dynamic 16-block scales along ``contraction_dim`` under this global amax.
+    """
+    if offs is not None:
+        check_offsets(offs, x.shape[0], offs.numel())
+    return get_format(fmt).fake_quant(x, _act_amax(x, offs, amax, expert_dim), contraction_dim)
+
+
+@fake_quant_act.register_fake
+def _(x: Tensor, offs: Tensor | None, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _act_setup(ctx, inputs, output) -> None:
+    x, offs, amax, _, expert_dim, _ = inputs
+    ctx.save_for_backward(x, offs, amax)
+    ctx.expert_dim = expert_dim
+
+
+def _act_backward(ctx, grad: Tensor):
+    # STE for both formats: pass where |x| <= amax. For NVFP4 the amax is the static global amax;
+    # per-block scales are dynamic so nothing below it is clipped.
+    x, offs, amax = ctx.saved_tensors
+    keep = x.abs() <= _act_amax(x, offs, amax, ctx.expert_dim)
+    return grad * keep, None, None, None, None, None
+
+
+fake_quant_act.register_autograd(_act_backward, setup_context=_act_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration observer
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moeq::observe_segments_", mutates_args=("running_amax", "running_counts"))
+def observe_segments_(
+    x: Tensor, offs: Tensor | None, running_amax: Tensor, running_counts: Tensor, expert_dim: int
+) -> None:
+    """Update running per-expert amax (max) and token counts (sum) in place, without a host sync."""
+    num_experts = running_amax.numel()
+    if offs is not None:
+        check_offsets(offs, x.shape[0], num_experts)
+    amax, counts = segment_amax(x, offs, num_experts, expert_dim)
+    # torch.maximum propagates NaN, so a NaN observation sticks until finalize() reports it
+    running_amax.copy_(torch.maximum(running_amax, amax))
+    running_counts.add_(counts)
+
+
+@observe_segments_.register_fake
+def _(x: Tensor, offs: Tensor | None, running_amax: Tensor, running_counts: Tensor, expert_dim: int) -> None:
+    return None

@@ -1,0 +1,421 @@
+"""Find the grouped-GEMM expert computations of an FX graph (torch-level Dynamo or ATen-level export).
+
+A grouped-GEMM expert node computes ``y[rows of e] = x[rows of e] @ W[e]`` for all experts at once.
+:func:`find_expert_gemms` returns one :class:`ExpertGemm` per such node, with the weight followed back
+through ``transpose`` / ``permute`` / ``t`` / shape-preserving ``view`` / dtype casts to its parameter
+(FQN, expert dim and contraction dim in the parameter's own layout), and one :class:`SkippedCandidate`
+with a reason for every other GEMM-like node it looked at.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from moeq.state import owner_of
+
+__all__ = ["ExpertGemm", "SkippedCandidate", "find_expert_gemms", "target_name"]
+
+_GROUPED = {
+    "torch._grouped_mm",
+    "torch.nn.functional.grouped_mm",
+    "aten._grouped_mm",
+    "transformers.grouped_mm_fallback",
+}
+_BMM = {"torch.bmm", "method:bmm", "aten.bmm", "torch.matmul", "method:matmul", "_operator.matmul", "aten.matmul"}
+_EINSUM = {"torch.einsum", "torch.functional.einsum", "aten.einsum"}
+# dense GEMMs and which positional arg holds the weight
+_DENSE = {
+    "torch._C._nn.linear": 1,
+    "torch.nn.functional.linear": 1,
+    "aten.linear": 1,
+    "torch.mm": 1,
+    "method:mm": 1,
+    "aten.mm": 1,
+    "torch.addmm": 2,
+    "aten.addmm": 2,
+}
+_TRANSPOSE = {"torch.transpose", "method:transpose", "aten.transpose", "torch.swapaxes", "method:swapaxes"}
+_PERMUTE = {"torch.permute", "method:permute", "aten.permute"}
+_T = {"torch.t", "method:t", "aten.t"}
+_IDENTITY = {
+    "method:to",
+    "method:contiguous",
+    "method:float",
+    "method:bfloat16",
+    "method:half",
+    "method:type",
+    "method:detach",
+    "method:clone",
+    "torch.detach",
+    "torch.clone",
+    "aten._to_copy",
+    "aten.to",
+    "aten.contiguous",
+    "aten.clone",
+    "aten.detach",
+    "aten.alias",
+    "aten.lift_fresh_copy",
+}
+_RESHAPE = {"method:view", "method:reshape", "torch.reshape", "aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand", "method:expand"}
+_GATHER = {"_operator.getitem", "aten.select", "aten.index", "aten.index_select", "torch.index_select", "aten.slice", "method:__getitem__", "method:select"}
+
+
+@dataclass
+class ExpertGemm:
+    """One grouped-GEMM expert node and where its operands come from."""
+
+    node: fx.Node
+    form: str
+    input: fx.Node
+    offs: fx.Node | None
+    weight: fx.Node  # the parameter node (placeholder or get_attr)
+    weight_fqn: str
+    weight_shape: tuple[int, ...]
+    weight_dtype: torch.dtype | None
+    expert_dim: int  # in the parameter's layout
+    contraction_dim: int  # in the parameter's layout
+    input_expert_dim: int = 0  # batched forms (offs is None)
+    input_contraction_dim: int = -1
+    path: list[str] = field(default_factory=list)  # ops between the parameter and the GEMM
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight_shape[self.expert_dim]
+
+
+@dataclass
+class SkippedCandidate:
+    """A GEMM-like node that was considered and not rewritten, and why."""
+
+    node: str
+    target: str
+    reason: str
+    weight_fqn: str | None = None
+    category: str = "dense"
+
+
+def target_name(node: fx.Node) -> str:
+    """A stable, readable name for a node's target: ``aten._grouped_mm``, ``method:transpose``, ..."""
+    if node.op == "call_method":
+        return f"method:{node.target}"
+    if node.op == "call_module":
+        return f"module:{node.target}"
+    target = node.target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        name = str(target)
+        return name[: -len(".default")] if name.endswith(".default") else re.sub(r"\.(int|dtype|dtype_layout|Tensor)$", "", name)
+    if target is operator.matmul:
+        return "_operator.matmul"
+    if target is operator.getitem:
+        return "_operator.getitem"
+    try:
+        return fx.node._get_qualified_name(target)  # type: ignore[arg-type]
+    except Exception:
+        return str(target)
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    if not isinstance(node, fx.Node):
+        return None
+    for key in ("val", "example_value"):
+        val = node.meta.get(key)
+        if isinstance(val, torch.Tensor):
+            return tuple(val.shape)
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+_SOURCE_PARTS = re.compile(r"\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _fqn_from_source(name: str) -> str:
+    """``L['self']._modules['mlp']._modules['experts']._parameters['w1']`` -> ``mlp.experts.w1``."""
+    parts = [a or b for a, b in _SOURCE_PARTS.findall(name)]
+    parts = [p for p in parts if p not in ("self", "_modules", "_parameters", "_buffers")]
+    return ".".join(parts)
+
+
+def _fqn_from_placeholder_name(name: str) -> str:
+    """Dynamo's placeholder naming: ``l_self_modules_mlp_modules_experts_parameters_w1_`` -> ``mlp.experts.w1``."""
+    body = re.sub(r"^l_(self_)?", "", name).rstrip("_")
+    body = re.sub(r"^modules_", "", body)
+    return re.sub(r"_(modules|parameters|buffers)_", ".", body)
+
+
+class _ParamResolver:
+    """Maps placeholder / get_attr nodes to (FQN, tensor) of the parameter they hold."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list[Any] | None) -> None:
+        self.gm = gm
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.values = dict(zip(placeholders, example_inputs)) if example_inputs is not None else {}
+
+    def resolve(self, node: fx.Node) -> tuple[str, torch.Tensor | None] | None:
+        if node.op == "get_attr":
+            value = _fetch_attr(self.gm, str(node.target))
+            if not isinstance(value, torch.Tensor):
+                return None
+            owner = owner_of(value)
+            return (owner[1] if owner else str(node.target)), value
+        if node.op == "placeholder":
+            value = self.values.get(node)
+            if isinstance(value, torch.Tensor):
+                owner = owner_of(value)
+                if owner is not None:
+                    return owner[1], value
+                if not isinstance(value, torch.nn.Parameter):
+                    return None
+            grapharg = node.meta.get("grapharg")
+            if grapharg is not None and getattr(grapharg, "source", None) is not None:
+                name = grapharg.source.name
+                if "_parameters" in name or "_modules" in name:
+                    return _fqn_from_source(name), value if isinstance(value, torch.Tensor) else None
+            if "_parameters_" in node.name:
+                return _fqn_from_placeholder_name(node.name), value if isinstance(value, torch.Tensor) else None
+        return None
+
+
+@dataclass
+class _WeightTrace:
+    root: fx.Node | None
+    fqn: str | None = None
+    tensor: torch.Tensor | None = None
+    chain: list[fx.Node] = field(default_factory=list)  # GEMM-side first
+    failure: str | None = None
+
+
+def _first_tensor_arg(node: fx.Node) -> fx.Node | None:
+    arg = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    return arg if isinstance(arg, fx.Node) else None
+
+
+def _trace_weight(node: Any, resolver: _ParamResolver) -> _WeightTrace:
+    """Follow a GEMM operand back through view-like ops to a parameter."""
+    chain: list[fx.Node] = []
+    cur = node
+    while isinstance(cur, fx.Node):
+        if cur.op in ("placeholder", "get_attr"):
+            resolved = resolver.resolve(cur)
+            if resolved is None:
+                return _WeightTrace(cur, chain=chain, failure="operand is a graph input, not a parameter")
+            return _WeightTrace(cur, resolved[0], resolved[1], chain)
+        kind = target_name(cur)
+        if kind in _TRANSPOSE | _PERMUTE | _T | _IDENTITY:
+            chain.append(cur)
+            cur = _first_tensor_arg(cur)
+            continue
+        if kind in _RESHAPE:
+            src = _first_tensor_arg(cur)
+            if src is not None and _shape(src) is not None and _shape(src) == _shape(cur):
+                chain.append(cur)
+                cur = src
+                continue
+            return _WeightTrace(None, chain=chain, failure=f"operand reaches the GEMM through a reshape ({kind}) that may move the expert or contraction dim")
+        if kind in _GATHER:
+            src = _first_tensor_arg(cur)
+            inner = _trace_weight(src, resolver) if src is not None else None
+            if inner is not None and inner.fqn is not None:
+                return _WeightTrace(None, inner.fqn, inner.tensor, chain, failure=f"per-expert slice ({kind}) of parameter {inner.fqn}")
+            return _WeightTrace(None, chain=chain, failure=f"operand is computed by {kind}")
+        return _WeightTrace(None, chain=chain, failure=f"operand is computed by {kind}, not a parameter")
+    return _WeightTrace(None, failure="operand is not a tensor node")
+
+
+def _normalize(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def _map_dims(trace: _WeightTrace, rank: int) -> list[int] | None:
+    """For each dim of the GEMM operand, the parameter dim it comes from (None if unknown)."""
+    cur = list(range(rank))
+    for node in reversed(trace.chain):  # parameter side first
+        kind = target_name(node)
+        if kind in _TRANSPOSE:
+            d0 = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim0")
+            d1 = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim1")
+            if not isinstance(d0, int) or not isinstance(d1, int):
+                return None
+            d0, d1 = _normalize(d0, rank), _normalize(d1, rank)
+            cur[d0], cur[d1] = cur[d1], cur[d0]
+        elif kind in _PERMUTE:
+            dims = node.args[1:] if len(node.args) > 2 else (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims"))
+            dims = list(dims) if isinstance(dims, (list, tuple)) else None
+            if dims is None or not all(isinstance(d, int) for d in dims) or len(dims) != rank:
+                return None
+            cur = [cur[_normalize(d, rank)] for d in dims]
+        elif kind in _T:
+            if rank != 2:
+                return None
+            cur = [cur[1], cur[0]]
+    return cur
+
+
+def _parse_einsum(eq: str) -> tuple[str, str, str] | None:
+    eq = eq.replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    ops = lhs.split(",")
+    return (ops[0], ops[1], out) if len(ops) == 2 else None
+
+
+def find_expert_gemms(
+    gm: fx.GraphModule, example_inputs: list[Any] | None = None
+) -> tuple[list[ExpertGemm], list[SkippedCandidate]]:
+    """Every grouped-GEMM expert node of ``gm``, plus every GEMM-like node not taken, with its reason."""
+    resolver = _ParamResolver(gm, example_inputs)
+    found: list[ExpertGemm] = []
+    skipped: list[SkippedCandidate] = []
+
+    def skip(node: fx.Node, reason: str, fqn: str | None = None, category: str = "expert") -> None:
+        skipped.append(SkippedCandidate(node.name, target_name(node), reason, fqn, category))
+
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        kind = target_name(node)
+        if kind in _GROUPED:
+            _match_grouped(node, kind, resolver, found, skip)
+        elif kind in _BMM:
+            _match_batched(node, kind, resolver, found, skip)
+        elif kind in _EINSUM:
+            _match_einsum(node, resolver, found, skip)
+        elif kind in _DENSE:
+            _classify_dense(node, _DENSE[kind], resolver, skip)
+    return found, skipped
+
+
+def _arg(node: fx.Node, index: int, name: str) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def _record(
+    node: fx.Node,
+    form: str,
+    x: fx.Node,
+    offs: fx.Node | None,
+    trace: _WeightTrace,
+    op_expert_dim: int,
+    op_k_dim: int,
+    x_expert_dim: int,
+    x_k_dim: int,
+) -> ExpertGemm | str:
+    tensor = trace.tensor
+    shape = tuple(tensor.shape) if tensor is not None else _shape(trace.root)
+    if shape is None:
+        return f"parameter {trace.fqn} has no shape information"
+    if len(shape) != 3:
+        return f"parameter {trace.fqn} is {len(shape)}-D, not a 3-D stacked expert weight"
+    dims = _map_dims(trace, len(shape))
+    if dims is None:
+        return f"cannot follow the dims of {trace.fqn} through {[target_name(n) for n in trace.chain]}"
+    assert trace.root is not None and trace.fqn is not None
+    return ExpertGemm(
+        node=node,
+        form=form,
+        input=x,
+        offs=offs,
+        weight=trace.root,
+        weight_fqn=trace.fqn,
+        weight_shape=shape,
+        weight_dtype=tensor.dtype if tensor is not None else None,
+        expert_dim=dims[op_expert_dim],
+        contraction_dim=dims[op_k_dim],
+        input_expert_dim=x_expert_dim,
+        input_contraction_dim=x_k_dim,
+        path=[target_name(n) for n in reversed(trace.chain)],
+    )
+
+
+def _match_grouped(node, kind, resolver, found, skip) -> None:
+    a, b = _arg(node, 0, "mat_a" if "transformers" not in kind else "input"), _arg(node, 1, "mat_b" if "transformers" not in kind else "weight")
+    offs = _arg(node, 2, "offs")
+    if offs is None:
+        return skip(node, "grouped_mm without offs: not grouped by expert")
+    trace = _trace_weight(b, resolver)
+    if trace.failure is not None:
+        a_trace = _trace_weight(a, resolver)
+        if a_trace.failure is None:
+            return skip(node, f"3-D x 2-D grouped_mm with parameter {a_trace.fqn} as mat_a (weight-gradient form)", a_trace.fqn)
+        return skip(node, f"weight (mat_b) {trace.failure}", trace.fqn)
+    form = "transformers.grouped_mm_fallback" if "transformers" in kind else "grouped_mm"
+    rec = _record(node, form, a, offs, trace, 0, 1, 0, -1)
+    if isinstance(rec, str):
+        return skip(node, rec, trace.fqn)
+    found.append(rec)
+
+
+def _match_batched(node, kind, resolver, found, skip) -> None:
+    a, b = _arg(node, 0, "input"), _arg(node, 1, "mat2" if "bmm" in kind else "other")
+    shapes = (_shape(a), _shape(b))
+    tb, ta = _trace_weight(b, resolver), _trace_weight(a, resolver)
+    if tb.failure is None:
+        trace, x, k_w, k_x = tb, a, 1, 2
+    elif ta.failure is None:
+        trace, x, k_w, k_x = ta, b, 2, 1
+    else:
+        if "matmul" not in kind:
+            fqn = tb.fqn or ta.fqn
+            return skip(node, f"no 3-D parameter operand ({tb.failure}; {ta.failure})", fqn, "activation" if fqn is None else "expert")
+        return skip(node, "matmul without a parameter operand (activation x activation)", None, "activation")
+    if "matmul" in kind and any(s is not None and len(s) != 3 for s in shapes):
+        return skip(node, f"matmul of shapes {shapes}: not a batched expert GEMM", trace.fqn, "dense")
+    rec = _record(node, "bmm", x, None, trace, 0, k_w, 0, k_x)
+    if isinstance(rec, str):
+        return skip(node, rec, trace.fqn, "dense" if "2-D" in rec else "expert")
+    found.append(rec)
+
+
+def _match_einsum(node, resolver, found, skip) -> None:
+    eq = node.args[0] if node.args else None
+    operands = list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    parsed = _parse_einsum(eq) if isinstance(eq, str) else None
+    if parsed is None or len(operands) != 2:
+        return skip(node, f"einsum {eq!r}: only two-operand equations with an explicit output are recognized")
+    subs = parsed[:2]
+    out = parsed[2]
+    for w_idx in (1, 0):
+        trace = _trace_weight(operands[w_idx], resolver)
+        if trace.failure is not None:
+            continue
+        w_sub, x_sub = subs[w_idx], subs[1 - w_idx]
+        batch = [c for c in w_sub if c in x_sub and c in out]
+        contract = [c for c in w_sub if c in x_sub and c not in out]
+        if len(batch) != 1 or len(contract) != 1:
+            return skip(node, f"einsum {eq!r}: needs exactly one expert (batch) and one contraction index", trace.fqn)
+        e, k = batch[0], contract[0]
+        rec = _record(node, "einsum", operands[1 - w_idx], None, trace, w_sub.index(e), w_sub.index(k), x_sub.index(e), x_sub.index(k))
+        if isinstance(rec, str):
+            return skip(node, rec, trace.fqn)
+        found.append(rec)
+        return None
+    return skip(node, f"einsum {eq!r} has no 3-D parameter operand", None, "activation")
+
+
+def _classify_dense(node, weight_index, resolver, skip) -> None:
+    w = _arg(node, weight_index, "weight" if weight_index == 1 else "mat2")
+    trace = _trace_weight(w, resolver)
+    if trace.failure is None:
+        shape = tuple(trace.tensor.shape) if trace.tensor is not None else _shape(trace.root)
+        rank = len(shape) if shape is not None else "?"
+        return skip(node, f"dense GEMM on {rank}-D weight: not a routed expert (attention, router, shared expert, dense MLP)", trace.fqn, "dense")
+    if trace.fqn is not None:
+        return skip(node, f"{trace.failure}: a per-expert loop, not yet canonicalized into one grouped GEMM (use grouped_mm experts)", trace.fqn, "expert")
+    return skip(node, f"weight {trace.failure}", None, "activation")

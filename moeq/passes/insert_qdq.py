@@ -1,0 +1,192 @@
+"""Insert per-expert quantizers around each expert GEMM found by :mod:`moeq.passes.find`.
+
+For every :class:`~moeq.passes.find.ExpertGemm` the weight parameter is routed through its
+:class:`~moeq.state.ExpertQuantState` (``role="weight"``: fake quant in its stored layout, before any
+transpose) and the activation through the same state (``role="input"``: observer while calibrating,
+fake quant after ``finalize()``). The states are shared with the model, so every graph rewritten from
+the same model reads and writes the same statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import fx
+
+from moeq.formats import get_format
+from moeq.passes.explain import GraphReport, RewrittenGemm
+from moeq.passes.find import ExpertGemm, SkippedCandidate, find_expert_gemms, target_name
+from moeq.state import ExpertQuantState, ModelQuantState
+
+__all__ = ["insert_qdq", "rewrite_graph"]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_META_KEYS = ("val", "example_value", "tensor_meta")
+
+
+def _validate(rec: ExpertGemm, state: ModelQuantState) -> None:
+    if rec.weight_dtype is not None and rec.weight_dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"{rec.weight_fqn}: expert weight has dtype {rec.weight_dtype}; moeq quantizes float32/bfloat16/float16 "
+            "weights (is this weight already quantized?)"
+        )
+    for fmt_name, what in ((state.config.weight, "weight"), (state.config.activation, "activation")):
+        if fmt_name is None:
+            continue
+        fmt = get_format(fmt_name)
+        try:
+            fmt.check_shape(rec.weight_shape, rec.contraction_dim, what=f"expert weight {rec.weight_fqn}")
+        except ValueError as err:
+            raise ValueError(f"{err} (needed for the {what} format {fmt_name})") from None
+
+
+def _copy_meta(dst: fx.Node, src: fx.Node) -> None:
+    for key in _META_KEYS:
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
+class _Quantizers:
+    """Emits the quantizer nodes of one expert state, in one of two styles.
+
+    ``lift_state=False`` (``quantize_graph``): a ``call_module`` of the shared
+    :class:`~moeq.state.ExpertQuantState`, which reads the calibration mode at run time.
+    ``lift_state=True`` (the compile backend): the state's buffers become extra graph inputs and the
+    ``moeq::`` ops of the *current* mode are called directly, so AOTAutograd and Inductor see plain
+    custom ops on plain inputs; Dynamo's guard on the mode recompiles when it changes.
+    """
+
+    def __init__(self, gm: fx.GraphModule, state: ModelQuantState, lift_state: bool) -> None:
+        self.gm, self.state, self.lift_state = gm, state, lift_state
+        self.graph = gm.graph
+        self.lifted: list[tuple[ExpertQuantState, str]] = []
+        self._placeholders: dict[tuple[str, str], fx.Node] = {}
+
+    def _buffer(self, est: ExpertQuantState, name: str) -> fx.Node:
+        key = (est.fqn, name)
+        if key not in self._placeholders:
+            last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+            with self.graph.inserting_after(last):
+                node = self.graph.placeholder(f"moeq_{est.fqn.replace('.', '_')}_{name}")
+            node.meta["example_value"] = _fake(getattr(est, name))
+            node._dynamo_source = None  # type: ignore[attr-defined]  # not a user input; AOT accepts None
+            self._placeholders[key] = node
+            self.lifted.append((est, name))
+        return self._placeholders[key]
+
+    def weight(self, est: ExpertQuantState, name: str, w: fx.Node) -> fx.Node | None:
+        if not self.lift_state:
+            return self.graph.call_module(name, (w,), {"role": "weight"})
+        if est.mode != "quantize":
+            return None
+        amax = self._buffer(est, "weight_amax")
+        op = torch.ops.moeq.fake_quant_weight.default
+        return self.graph.call_function(op, (w, amax, est.config.weight, est.expert_dim, est.contraction_dim))
+
+    def input(self, est: ExpertQuantState, name: str, rec: ExpertGemm) -> fx.Node | None:
+        if not self.lift_state:
+            kwargs = {"role": "input", "expert_dim": rec.input_expert_dim, "contraction_dim": rec.input_contraction_dim}
+            return self.graph.call_module(name, (rec.input, rec.offs), kwargs)
+        if est.mode == "calibrate":
+            obs, counts = self._buffer(est, "observed_input_amax"), self._buffer(est, "tokens_per_expert")
+            op = torch.ops.moeq.observe_segments_.default
+            self.graph.call_function(op, (rec.input, rec.offs, obs, counts, rec.input_expert_dim))
+            return None
+        if est.mode == "quantize" and est.config.activation is not None:
+            amax = self._buffer(est, "input_amax")
+            op = torch.ops.moeq.fake_quant_act.default
+            args = (rec.input, rec.offs, amax, est.config.activation, rec.input_expert_dim, rec.input_contraction_dim)
+            return self.graph.call_function(op, args)
+        return None
+
+
+def _fake(t: torch.Tensor) -> Any:
+    from torch._guards import TracingContext
+
+    ctx = TracingContext.try_get()
+    return ctx.fake_mode.from_tensor(t) if ctx is not None and ctx.fake_mode is not None else t
+
+
+def insert_qdq(
+    gm: fx.GraphModule, records: list[ExpertGemm], state: ModelQuantState, lift_state: bool = False
+) -> list[tuple[ExpertQuantState, str]]:
+    """Rewrite ``gm`` in place: quantizers on the weight and input of each record (excluded FQNs are
+    left alone). Returns the ``(state, buffer name)`` pairs lifted to extra graph inputs, in order."""
+    graph = gm.graph
+    emit = _Quantizers(gm, state, lift_state)
+    weight_done: set[fx.Node] = set()
+    for rec in records:
+        if state.excluded(rec.weight_fqn):
+            continue
+        _validate(rec, state)
+        est = state.get_or_create(rec.weight_fqn, rec.weight_shape, rec.expert_dim, rec.contraction_dim)
+        name = "moeq_" + rec.weight_fqn.replace(".", "_")
+        if not lift_state and getattr(gm, name, None) is not est:
+            gm.add_submodule(name, est)
+        if rec.weight not in weight_done:
+            weight_done.add(rec.weight)
+            first_user = min(rec.weight.users, key=lambda n: _order(graph, n))
+            with graph.inserting_before(first_user):
+                wq = emit.weight(est, name, rec.weight)
+            if wq is not None:
+                _copy_meta(wq, rec.weight)
+                rec.weight.replace_all_uses_with(wq, delete_user_cb=lambda user, wq=wq: user is not wq)
+        with graph.inserting_before(rec.node):
+            xq = emit.input(est, name, rec)
+        if xq is not None:
+            _copy_meta(xq, rec.input)
+            rec.node.replace_input_with(rec.input, xq)
+    graph.lint()
+    gm.recompile()
+    return emit.lifted
+
+
+def _order(graph: fx.Graph, node: fx.Node) -> int:
+    for i, n in enumerate(graph.nodes):
+        if n is node:
+            return i
+    return 0
+
+
+def rewrite_graph(
+    gm: fx.GraphModule,
+    state: ModelQuantState,
+    example_inputs: list[Any] | None = None,
+    kind: str = "fx",
+    lift_state: bool = False,
+) -> tuple[GraphReport, list[tuple[ExpertQuantState, str]]]:
+    """Find + insert on one graph. The report is stored on ``state`` for ``explain()`` and returned with
+    the lifted state buffers (see :func:`insert_qdq`)."""
+    records, skipped = find_expert_gemms(gm, example_inputs)
+    excluded = [r for r in records if state.excluded(r.weight_fqn)]
+    for rec in excluded:
+        skipped.append(
+            SkippedCandidate(
+                rec.node.name, target_name(rec.node), f"excluded by QuantConfig.exclude pattern {state.excluded(rec.weight_fqn)!r}", rec.weight_fqn, "expert"
+            )
+        )
+    report_rows = [
+        RewrittenGemm(
+            fqn=r.weight_fqn,
+            form=r.form,
+            node=r.node.name,
+            num_experts=r.num_experts,
+            weight_shape=r.weight_shape,
+            expert_dim=r.expert_dim,
+            contraction_dim=r.contraction_dim,
+            path=list(r.path),
+            input_node=r.input.name,
+            offs_node=r.offs.name if r.offs is not None else None,
+        )
+        for r in records
+        if not state.excluded(r.weight_fqn)
+    ]
+    lifted = insert_qdq(gm, records, state, lift_state)
+    report = GraphReport(kind=kind, rewritten=report_rows, skipped=skipped)
+    state.reports[report.signature()] = report
+    logger.info("moeq: %s graph: %d expert GEMMs rewritten, %d candidates skipped", kind, len(report_rows), len(skipped))
+    return report, lifted

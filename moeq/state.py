@@ -1,0 +1,236 @@
+"""Per-expert quant state, keyed by the expert weight's fully qualified parameter name.
+
+A :class:`ModelQuantState` is attached to the user's model (not registered as a submodule, so the
+model's own ``state_dict`` is unchanged). It owns one :class:`ExpertQuantState` per expert weight; the
+same objects are inserted into every graph the pass rewrites (compiled, exported, re-traced), so all of
+them share one set of statistics and a recompile never resets calibration.
+
+Modes: ``"off"`` (full precision), ``"calibrate"`` (full precision, observers record), ``"quantize"``
+(fake quant with the finalized parameters).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from moeq.config import QuantConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["ExpertQuantState", "ModelQuantState", "MODES", "get_state", "owner_of", "attach_state"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("off", "calibrate", "quantize")
+_STATE_ATTR = "_moeq_state"
+# parameter object -> (ModelQuantState, FQN); lets the pass map a graph input back to its state
+_PARAM_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+class ExpertQuantState(nn.Module):
+    """Quant state of one stacked expert weight ``[E, ...]`` and the activation feeding its GEMM.
+
+    Buffers: ``weight_amax [E]``, ``weight_block_amax`` (NVFP4, per 16-block along K, filled by
+    ``finalize``), ``input_amax`` (``[1]`` shared or ``[E]`` per expert; what the fake quant uses),
+    ``observed_input_amax [E]`` and ``tokens_per_expert [E]`` (raw calibration statistics),
+    ``calibrated [E]`` (the expert saw at least one routed token).
+    """
+
+    def __init__(
+        self, fqn: str, weight_shape: tuple[int, ...], expert_dim: int, contraction_dim: int, config: QuantConfig
+    ) -> None:
+        super().__init__()
+        self.fqn = fqn
+        self.weight_shape = tuple(weight_shape)
+        self.expert_dim = expert_dim
+        self.contraction_dim = contraction_dim
+        self.config = config
+        self.mode = "off"
+        #: per-expert notes shown by explain() (e.g. "no tokens: took the layer max")
+        self.flags: dict[int, str] = {}
+        num_experts = self.weight_shape[expert_dim]
+        n_in = 1 if config.act_scale == "shared" else num_experts
+        self.register_buffer("weight_amax", torch.zeros(num_experts))
+        self.register_buffer("weight_block_amax", torch.zeros(0))
+        self.register_buffer("input_amax", torch.zeros(n_in))
+        self.register_buffer("observed_input_amax", torch.zeros(num_experts))
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64))
+        self.register_buffer("calibrated", torch.zeros(num_experts, dtype=torch.bool))
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight_shape[self.expert_dim]
+
+    def reset_statistics(self) -> None:
+        """Forget observed activation statistics (weights are re-read at finalize)."""
+        self.observed_input_amax.zero_()
+        self.tokens_per_expert.zero_()
+        self.calibrated.zero_()
+        self.flags.clear()
+
+    def forward(
+        self,
+        t: Tensor,
+        offs: Tensor | None = None,
+        *,
+        role: str,
+        expert_dim: int = 0,
+        contraction_dim: int = -1,
+    ) -> Tensor:
+        """Graph hook: ``role="weight"`` fake-quantizes the stacked weight, ``role="input"`` observes or
+        fake-quantizes the GEMM's activation. Under tracing the current mode is baked into the graph."""
+        cfg = self.config
+        if role == "weight":
+            if self.mode == "quantize":
+                return torch.ops.moeq.fake_quant_weight(t, self.weight_amax, cfg.weight, self.expert_dim, self.contraction_dim)
+            return t
+        if self.mode == "calibrate":
+            torch.ops.moeq.observe_segments_(t, offs, self.observed_input_amax, self.tokens_per_expert, expert_dim)
+        elif self.mode == "quantize" and cfg.activation is not None:
+            return torch.ops.moeq.fake_quant_act(t, offs, self.input_amax, cfg.activation, expert_dim, contraction_dim)
+        return t
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.fqn}: E={self.num_experts}, shape={list(self.weight_shape)}, K dim={self.contraction_dim}, "
+            f"{self.config.name}, act_scale={self.config.act_scale}"
+        )
+
+
+def _module_key(fqn: str) -> str:
+    return fqn.replace(".", "__")
+
+
+class ModeBox:
+    """A plain holder of the current mode. Modules that own expert weights read it in a forward
+    pre-hook, so Dynamo guards on it and recompiles (never resetting statistics) when it changes."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = "off"
+
+
+class ModelQuantState(nn.Module):
+    """All expert quant states of one model, keyed by weight FQN, plus the reports of rewritten graphs."""
+
+    def __init__(self, config: QuantConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.experts = nn.ModuleDict()
+        self._mode = "off"
+        self.mode_box = ModeBox()
+        self.finalized = False
+        #: number of calibrate() sessions run since the last reset
+        self.calibration_sessions = 0
+        self.reports: dict[str, Any] = {}
+        self._root: Any = None
+
+    # -- lookup ----------------------------------------------------------------------------------
+    def __getitem__(self, fqn: str) -> ExpertQuantState:
+        try:
+            return self.experts[_module_key(fqn)]
+        except KeyError:
+            raise KeyError(f"no expert quant state for {fqn!r}; known: {sorted(self.fqns())}") from None
+
+    def __contains__(self, fqn: object) -> bool:
+        return isinstance(fqn, str) and _module_key(fqn) in self.experts
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def fqns(self) -> list[str]:
+        return [s.fqn for s in self.experts.values()]
+
+    def items(self) -> Iterator[tuple[str, ExpertQuantState]]:
+        for s in self.experts.values():
+            yield s.fqn, s
+
+    def as_dict(self) -> dict[str, ExpertQuantState]:
+        return {fqn: s for fqn, s in sorted(self.items())}
+
+    def excluded(self, fqn: str) -> str | None:
+        """The config pattern that excludes ``fqn``, if any."""
+        return next((p for p in self.config.exclude if fnmatch.fnmatchcase(fqn, p)), None)
+
+    def get_or_create(
+        self, fqn: str, weight_shape: tuple[int, ...], expert_dim: int, contraction_dim: int
+    ) -> ExpertQuantState:
+        """The state for ``fqn``; created on first sight, reused (with its statistics) afterwards."""
+        if fqn in self:
+            state = self[fqn]
+            if state.weight_shape != tuple(weight_shape) or state.contraction_dim != contraction_dim:
+                raise ValueError(
+                    f"{fqn}: graph sees weight shape {tuple(weight_shape)} (K dim {contraction_dim}) but its quant "
+                    f"state was made for {state.weight_shape} (K dim {state.contraction_dim})"
+                )
+            return state
+        state = ExpertQuantState(fqn, weight_shape, expert_dim, contraction_dim, self.config)
+        state.mode = self._mode
+        self.experts[_module_key(fqn)] = state
+        return state
+
+    # -- mode ------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self._mode = mode
+        self.mode_box.value = mode
+        for s in self.experts.values():
+            s.mode = mode
+
+    # -- weights ---------------------------------------------------------------------------------
+    def weight(self, fqn: str) -> Tensor:
+        """The live weight tensor of ``fqn`` in the module this state is attached to."""
+        if self._root is None:
+            raise RuntimeError("this quant state is not attached to a module")
+        try:
+            return self._root.get_parameter(fqn)
+        except AttributeError:
+            obj = self._root
+            for part in fqn.split("."):
+                obj = getattr(obj, part)
+            return obj
+
+
+def get_state(module: Any, required: bool = True) -> ModelQuantState | None:
+    """The :class:`ModelQuantState` attached to ``module`` (or to the module a torch.compile wraps)."""
+    if isinstance(module, ModelQuantState):
+        return module
+    for candidate in (module, getattr(module, "_orig_mod", None)):
+        state = getattr(candidate, _STATE_ATTR, None) if candidate is not None else None
+        if isinstance(state, ModelQuantState):
+            return state
+    if required:
+        raise ValueError(
+            f"{type(module).__name__} has no moeq quant state: call moeq.prepare(model, cfg) "
+            "or moeq.quantize_graph(gm, cfg) first"
+        )
+    return None
+
+
+def owner_of(param: Tensor) -> tuple[ModelQuantState, str] | None:
+    """The (state, FQN) a parameter was registered under by :func:`attach_state`, if any."""
+    return _PARAM_OWNERS.get(param)
+
+
+def attach_state(module: nn.Module, config: QuantConfig) -> ModelQuantState:
+    """Attach a fresh :class:`ModelQuantState` to ``module`` and register its parameters by FQN."""
+    state = ModelQuantState(config)
+    object.__setattr__(state, "_root", module)  # not a submodule: the model owns the state, not vice versa
+    object.__setattr__(module, _STATE_ATTR, state)
+    for fqn, param in module.named_parameters(remove_duplicate=False):
+        _PARAM_OWNERS[param] = (state, fqn)
+    return state
