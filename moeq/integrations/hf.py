@@ -48,6 +48,7 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             topk_group=1,
             first_k_dense_replace=1,
             num_hidden_layers=3,
+            num_key_value_heads=4,
             q_lora_rank=32,
             kv_lora_rank=16,
             qk_rope_head_dim=16,
