@@ -1,0 +1,54 @@
+# Set-up and checks. `make demo` and `make test` each create .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU install pins torch 2.13.0 (a local wheel on the dev/CI machines); the GPU machines run 2.11.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test test-core test-interpret lint format clean
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	touch $@
+
+$(VENV)/.hf: $(VENV)/.base setup.cfg
+	$(PIP) install -q -e ".[hf]" $(TORCH_PIN)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base setup.cfg
+	$(PIP) install -q -e ".[test,dev]" $(TORCH_PIN)
+	touch $@
+
+demo: $(VENV)/.hf
+	$(PY) examples/quickstart.py
+
+# pytest exits 5 when it collected nothing: that is a failure here, never a silent pass.
+test: $(VENV)/.test
+	$(MAKE) --no-print-directory test-core
+	$(MAKE) --no-print-directory test-interpret
+
+test-core:
+	@$(PY) -m pytest -q -m "not interpret" -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# Triton kernels under the interpreter: TRITON_INTERPRET must be set before triton is imported,
+# so these run in their own pytest process.
+test-interpret:
+	@if ls tests/interpret/test_*.py >/dev/null 2>&1; then \
+	  TRITON_INTERPRET=1 $(PY) -m pytest -q -m interpret tests/interpret -p no:cacheprovider; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "interpreter suite collected no tests: failing"; exit 1; fi; exit $$rc; \
+	else echo "no Triton interpreter tests in this tree"; fi
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check moeq tests examples benchmarks
+	$(VENV)/bin/ruff format --check moeq tests examples benchmarks
+
+format: $(VENV)/.test
+	$(VENV)/bin/ruff format moeq tests examples benchmarks
+	$(VENV)/bin/ruff check --fix moeq tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,81 @@
+"""``python -m moeq demo | inspect | bench`` (also installed as the ``moeq`` console script)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    import moeq
+    from moeq.integrations.hf import tiny_model
+
+    model = moeq.prepare(tiny_model(args.family, getattr(torch, args.dtype)), getattr(moeq, args.config))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    kwargs = {"use_cache": False}
+    if args.export:
+        run = moeq.quantize_graph(torch.export.export(model, (tokens,), kwargs=kwargs).module())
+    else:
+        run = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad():
+        with moeq.calibrate(run):
+            run(tokens, **kwargs)
+        moeq.finalize(run)
+    print(moeq.explain(model))
+    if args.svg:
+        moeq.explain(model).to_svg(args.svg)
+        print(f"wrote {args.svg}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from moeq.formats import expand_per_expert, expert_amax, get_format
+    from moeq.passes.explain import format_table
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for e, n, k in [(8, 256, 512), (32, 512, 1024)]:
+        w = torch.randn(e, n, k, device=device, dtype=torch.bfloat16)
+        amax = expand_per_expert(expert_amax(w), 3)
+        for fmt in ("fp8", "nvfp4"):
+            f = get_format(fmt)
+            f.fake_quant(w, amax)
+            start = time.perf_counter()
+            for _ in range(3):
+                f.fake_quant(w, amax)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - start) / 3 * 1e3
+            gbs = 2 * w.numel() * w.element_size() / ms / 1e6
+            rows.append([f"[{e}, {n}, {k}]", fmt, f"{ms:.2f}", f"{gbs:.2f}"])
+    print(f"reference (formats.py) fake quant on {device}; GPU kernels: benchmarks/")
+    print(format_table(["weight", "format", "ms", "GB/s (read+write)"], rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="moeq", description="per-expert quantization of MoE models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the quickstart on a built-in tiny MoE")
+    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    inspect = sub.add_parser("inspect", help="print explain() for a built-in tiny MoE")
+    inspect.add_argument("--family", default="qwen3_moe")
+    inspect.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    inspect.add_argument("--config", default="NVFP4", choices=["NVFP4", "FP8", "NVFP4_W4A16", "FP8_W8A16"])
+    inspect.add_argument("--export", action="store_true", help="use torch.export + quantize_graph instead of torch.compile")
+    inspect.add_argument("--svg", default=None, help="also draw the rewritten regions to this SVG file")
+    sub.add_parser("bench", help="time the reference fake-quant ops on this machine")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from moeq.demo import main as demo_main
+
+        demo_main(args.rest)
+    elif args.command == "inspect":
+        _inspect(args)
+    else:
+        _bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
