@@ -66,7 +66,9 @@ _E2M1_BOUNDARIES = (
 def expert_amax(w: torch.Tensor, expert_dim: int = 0) -> torch.Tensor:
     """Per-expert ``max|w|`` of a stacked weight, fp32 ``[E]``."""
     w = w.detach().movedim(expert_dim, 0)
-    return w.abs().reshape(w.shape[0], -1).amax(dim=1).float()
+    if w.numel() == 0:
+        return torch.zeros(w.shape[0], device=w.device)
+    return w.abs().reshape(w.shape[0], w[0].numel()).amax(dim=1).float()
 
 
 def expand_per_expert(amax: torch.Tensor, ndim: int, expert_dim: int = 0) -> torch.Tensor:
@@ -274,17 +276,17 @@ class NVFP4(QuantFormat):
 
     def fake_quant(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> torch.Tensor:
         codes, scale, _, _ = self._quantize_blocks(x, amax, contraction_dim)
-        xk = (e2m1_decode(codes) * scale).reshape(*codes.shape[:-2], -1)
+        xk = (e2m1_decode(codes) * scale).reshape(*codes.shape[:-2], codes.shape[-2] * NVFP4_BLOCK)
         return xk.movedim(-1, contraction_dim).to(x.dtype)
 
     def quantize(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> QuantizedTensor:
         codes, _, s_b, _ = self._quantize_blocks(x, amax, contraction_dim)
-        packed = pack_nibbles(codes.reshape(*codes.shape[:-2], -1))
+        packed = pack_nibbles(codes.reshape(*codes.shape[:-2], codes.shape[-2] * NVFP4_BLOCK))
         global_scale = _k_last(self.scale_from_amax(amax), x.dim(), contraction_dim)
         return QuantizedTensor(self.name, packed, global_scale, s_b.squeeze(-1))
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = unpack_nibbles(q.data)
-        blocks = e2m1_decode(codes).reshape(*codes.shape[:-1], -1, NVFP4_BLOCK)
+        blocks = e2m1_decode(codes).reshape(*codes.shape[:-1], codes.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
         scale = q.block_scale.float().unsqueeze(-1) * q.scale.unsqueeze(-1)
         return (blocks * scale).reshape(*codes.shape).to(dtype)

@@ -92,7 +92,9 @@ class ExpertQuantState(nn.Module):
                 return torch.ops.moeq.fake_quant_weight(t, self.weight_amax, cfg.weight, self.expert_dim, self.contraction_dim)
             return t
         if self.mode == "calibrate":
-            torch.ops.moeq.observe_segments_(t, offs, self.observed_input_amax, self.tokens_per_expert, expert_dim)
+            torch.ops.moeq.observe_segments_(
+                t, offs, self.observed_input_amax, self.tokens_per_expert, expert_dim, contraction_dim
+            )
         elif self.mode == "quantize" and cfg.activation is not None:
             return torch.ops.moeq.fake_quant_act(t, offs, self.input_amax, cfg.activation, expert_dim, contraction_dim)
         return t

@@ -493,6 +493,18 @@ def test_nvfp4_tiny_global_amax_low_block_clamps():
     assert float(q.block_scale.float()[0, 0, 0]) == 2.0**-9
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("shape", [(0, 32), (2, 0, 32)])
+def test_empty_tensor(fmt, shape):
+    """A tensor with zero rows (an expert that got no token) quantizes to an empty result."""
+    f = get_format(fmt)
+    x = torch.zeros(shape)
+    assert f.fake_quant(x, torch.tensor(1.0)).shape == x.shape
+    q = f.quantize(x, torch.tensor(1.0))
+    assert q.data.shape[:-1] == x.shape[:-1]
+    assert f.dequantize(q).shape == x.shape
+
+
 @pytest.mark.parametrize("method", ["fake_quant", "quantize"])
 @pytest.mark.parametrize(("shape", "cdim"), [((2, 4, 24), 2), ((2, 24, 4), 1), ((3, 17), -1)])
 def test_nvfp4_k_not_multiple_of_16_raises(method, shape, cdim):

@@ -6,7 +6,7 @@ with ``op.register_kernel("cuda")``). The ops are opaque to Inductor, so its poi
 change the numerics.
 
 Offsets (``offs``) follow ``torch._grouped_mm``: int32 cumulative row counts per expert; rows at or
-past ``offs[-1]`` belong to no expert (they are left as they are and not observed).
+past ``offs[-1]`` belong to no expert: they are neither observed nor quantized (returned as they are).
 """
 
 from __future__ import annotations
@@ -49,8 +49,14 @@ def _per_row_amax(x: Tensor, offs: Tensor, amax: Tensor) -> Tensor:
     """Per-row amax ``[S, 1]`` for 2-D routed rows: the shared amax, or each row's expert's amax."""
     if amax.numel() == 1:
         return amax.reshape(1, 1)
+    # rows past offs[-1] get id E; clamp only to index (their output is discarded by the caller)
     ids = row_expert_ids(offs, x.shape[0]).clamp(max=amax.numel() - 1)
     return amax[ids].unsqueeze(1)
+
+
+def _check_amax(amax: Tensor, num_experts: int, what: str) -> None:
+    if amax.numel() not in (1, num_experts):
+        raise ValueError(f"{what}: amax has {amax.numel()} entries; expected 1 (shared) or {num_experts} (one per expert)")
 
 
 def _act_amax(x: Tensor, offs: Tensor | None, amax: Tensor, expert_dim: int) -> Tensor:
@@ -61,20 +67,27 @@ def _act_amax(x: Tensor, offs: Tensor | None, amax: Tensor, expert_dim: int) -> 
     return expand_per_expert(amax, x.dim(), expert_dim)
 
 
-def segment_amax(x: Tensor, offs: Tensor | None, num_experts: int, expert_dim: int = 0) -> tuple[Tensor, Tensor]:
+def segment_amax(
+    x: Tensor, offs: Tensor | None, num_experts: int, expert_dim: int = 0, contraction_dim: int = -1
+) -> tuple[Tensor, Tensor]:
     """Per-expert ``max|x|`` (fp32 ``[E]``) and row counts (int64 ``[E]``) in one pass over ``x``.
 
     2-D routed rows use ``offs``; with ``offs=None``, ``x`` is batched over experts along ``expert_dim``
-    and each expert's count is its number of rows (all dims but the expert and last dim).
+    and each expert's count is its number of rows (elements per expert / contraction size).
     A NaN anywhere in an expert's rows makes its amax NaN (``finalize()`` reports it).
     """
     if offs is None:
+        num = x.shape[expert_dim]
+        if num != num_experts:
+            raise ValueError(f"batched expert input has {num} experts along dim {expert_dim}, expected {num_experts}")
         xe = x.detach().movedim(expert_dim, 0)
-        flat = xe.reshape(xe.shape[0], -1).float()
-        amax = flat.abs().amax(dim=1) if flat.shape[1] else torch.zeros(xe.shape[0], device=x.device)
+        per_expert = xe[0].numel() if num else 0
+        flat = xe.reshape(num, per_expert).float()
+        amax = flat.abs().amax(dim=1) if per_expert else torch.zeros(num, device=x.device)
         amax = torch.where(flat.isnan().any(dim=1), torch.full_like(amax, float("nan")), amax)
-        rows = xe[..., 0].numel() // max(xe.shape[0], 1)
-        return amax, torch.full((xe.shape[0],), rows, dtype=torch.int64, device=x.device)
+        k = x.shape[contraction_dim]
+        rows = per_expert // k if k else 0
+        return amax, torch.full((num,), rows, dtype=torch.int64, device=x.device)
     ids = row_expert_ids(offs, x.shape[0])
     xf = x.detach().float()
     row_amax = xf.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
@@ -134,9 +147,18 @@ def fake_quant_act(
     2-D routed rows pick their expert's amax through ``offs``; batched inputs (``offs=None``) through
     ``expert_dim``. NVFP4 uses dynamic 16-block scales along ``contraction_dim`` under this global amax.
     """
-    if offs is not None:
-        check_offsets(offs, x.shape[0], offs.numel())
-    return get_format(fmt).fake_quant(x, _act_amax(x, offs, amax, expert_dim), contraction_dim)
+    fmt_obj = get_format(fmt)
+    if offs is None:
+        if amax.numel() != 1:
+            _check_amax(amax, x.shape[expert_dim], "fake_quant_act")
+        return fmt_obj.fake_quant(x, _act_amax(x, offs, amax, expert_dim), contraction_dim)
+    check_offsets(offs, x.shape[0], offs.numel())
+    _check_amax(amax, offs.numel(), "fake_quant_act")
+    out = fmt_obj.fake_quant(x, _act_amax(x, offs, amax, expert_dim), contraction_dim)
+    routed = torch.arange(x.shape[0], device=x.device) < offs[-1].to(x.device) if offs.numel() else None
+    if routed is None:
+        return x.clone()
+    return torch.where(routed.unsqueeze(1), out, x)
 
 
 @fake_quant_act.register_fake
@@ -168,18 +190,20 @@ fake_quant_act.register_autograd(_act_backward, setup_context=_act_setup)
 
 @torch.library.custom_op("moeq::observe_segments_", mutates_args=("running_amax", "running_counts"))
 def observe_segments_(
-    x: Tensor, offs: Tensor | None, running_amax: Tensor, running_counts: Tensor, expert_dim: int
+    x: Tensor, offs: Tensor | None, running_amax: Tensor, running_counts: Tensor, expert_dim: int, contraction_dim: int
 ) -> None:
     """Update running per-expert amax (max) and token counts (sum) in place, without a host sync."""
     num_experts = running_amax.numel()
     if offs is not None:
         check_offsets(offs, x.shape[0], num_experts)
-    amax, counts = segment_amax(x, offs, num_experts, expert_dim)
+    amax, counts = segment_amax(x, offs, num_experts, expert_dim, contraction_dim)
     # torch.maximum propagates NaN, so a NaN observation sticks until finalize() reports it
     running_amax.copy_(torch.maximum(running_amax, amax))
     running_counts.add_(counts)
 
 
 @observe_segments_.register_fake
-def _(x: Tensor, offs: Tensor | None, running_amax: Tensor, running_counts: Tensor, expert_dim: int) -> None:
+def _(
+    x: Tensor, offs: Tensor | None, running_amax: Tensor, running_counts: Tensor, expert_dim: int, contraction_dim: int
+) -> None:
     return None

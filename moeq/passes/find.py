@@ -145,15 +145,16 @@ _SOURCE_PARTS = re.compile(r"\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
 
 def _fqn_from_source(name: str) -> str:
     """``L['self']._modules['mlp']._modules['experts']._parameters['w1']`` -> ``mlp.experts.w1``."""
+    name = re.sub(r"^[LG]\[['\"][^'\"]+['\"]\]", "", name)  # the frame local (self, or whatever it is named)
     parts = [a or b for a, b in _SOURCE_PARTS.findall(name)]
-    parts = [p for p in parts if p not in ("self", "_modules", "_parameters", "_buffers")]
+    parts = [p for p in parts if p not in ("_modules", "_parameters", "_buffers")]
     return ".".join(parts)
 
 
 def _fqn_from_placeholder_name(name: str) -> str:
     """Dynamo's placeholder naming: ``l_self_modules_mlp_modules_experts_parameters_w1_`` -> ``mlp.experts.w1``."""
-    body = re.sub(r"^l_(self_)?", "", name).rstrip("_")
-    body = re.sub(r"^modules_", "", body)
+    body = re.sub(r"^l_[a-z0-9]+_", "", name).rstrip("_")
+    body = re.sub(r"^(modules|parameters|buffers)_", "", body)
     return re.sub(r"_(modules|parameters|buffers)_", ".", body)
 
 
@@ -181,8 +182,9 @@ class _ParamResolver:
                 if not isinstance(value, torch.nn.Parameter):
                     return None
             grapharg = node.meta.get("grapharg")
-            if grapharg is not None and getattr(grapharg, "source", None) is not None:
-                name = grapharg.source.name
+            source = getattr(grapharg, "source", None) or getattr(node, "_dynamo_source", None)
+            if source is not None:
+                name = source.name
                 if "_parameters" in name or "_modules" in name:
                     return _fqn_from_source(name), value if isinstance(value, torch.Tensor) else None
             if "_parameters_" in node.name:
@@ -286,6 +288,9 @@ def find_expert_gemms(
         skipped.append(SkippedCandidate(node.name, target_name(node), reason, fqn, category))
 
     for node in gm.graph.nodes:
+        if node.op == "call_module":
+            _classify_leaf_module(gm, node, skip)
+            continue
         if node.op not in ("call_function", "call_method"):
             continue
         kind = target_name(node)
@@ -419,3 +424,10 @@ def _classify_dense(node, weight_index, resolver, skip) -> None:
     if trace.fqn is not None:
         return skip(node, f"{trace.failure}: a per-expert loop, not yet canonicalized into one grouped GEMM (use grouped_mm experts)", trace.fqn, "expert")
     return skip(node, f"weight {trace.failure}", None, "activation")
+
+
+def _classify_leaf_module(gm: fx.GraphModule, node: fx.Node, skip) -> None:
+    """Leaf modules kept by symbolic_trace: dense linears are reported like ``F.linear``."""
+    module = gm.get_submodule(str(node.target))
+    if isinstance(module, torch.nn.Linear):
+        skip(node, "dense GEMM on 2-D weight: not a routed expert (attention, router, shared expert, dense MLP)", f"{node.target}.weight", "dense")

@@ -94,7 +94,8 @@ class _Quantizers:
         if est.mode == "calibrate":
             obs, counts = self._buffer(est, "observed_input_amax"), self._buffer(est, "tokens_per_expert")
             op = torch.ops.moeq.observe_segments_.default
-            self.graph.call_function(op, (rec.input, rec.offs, obs, counts, rec.input_expert_dim))
+            args = (rec.input, rec.offs, obs, counts, rec.input_expert_dim, rec.input_contraction_dim)
+            self.graph.call_function(op, args)
             return None
         if est.mode == "quantize" and est.config.activation is not None:
             amax = self._buffer(est, "input_amax")
