@@ -231,7 +231,7 @@ def _layered_svg(g: nx.DiGraph) -> str:
         depth[n] = max((depth[p] + 1 for p in g.predecessors(n)), default=0)
     rows: dict[int, int] = defaultdict(int)
     pos = {}
-    w, h, gap_x, gap_y = 230, 44, 40, 16
+    w, h, gap_x, gap_y = 250, 44, 40, 16
     for n in g.nodes:
         col = depth[n]
         pos[n] = (10 + col * (w + gap_x), 10 + rows[col] * (h + gap_y))
@@ -249,7 +249,8 @@ def _layered_svg(g: nx.DiGraph) -> str:
         x, y = pos[n]
         out.append(f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="6" fill="{colors[data["kind"]]}" stroke="#333"/>')
         for i, text in enumerate(data["label"].split("\n")[:2]):
-            out.append(f'<text x="{x + 6}" y="{y + 17 + 14 * i}">{html.escape(text[:38])}</text>')
+            text = text if len(text) <= 40 else "..." + text[-37:]  # keep the informative tail of an FQN
+            out.append(f'<text x="{x + 6}" y="{y + 17 + 14 * i}">{html.escape(text)}</text>')
     out.append("</svg>")
     return "\n".join(out)
 

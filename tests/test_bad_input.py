@@ -1,0 +1,111 @@
+"""DESIGN.md's bad-input list (the cases that apply to the core): a clear error, and no state corrupted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moeq
+from moeq.integrations.hf import tiny_model
+from tests.conftest import make_tokens
+
+
+def _compiled(config=moeq.FP8, family="qwen3_moe", dtype=torch.float32):
+    model = moeq.prepare(tiny_model(family, dtype), config)
+    return model, torch.compile(model, backend="moeq_aot_eager")
+
+
+def test_finalize_before_calibrate():
+    """finalize() without calibration data names calibrate() as the fix."""
+    model, cm = _compiled()
+    with torch.no_grad():
+        cm(make_tokens())
+    with pytest.raises(RuntimeError, match=r"finalize\(\) called before calibrate\(\)"):
+        moeq.finalize(cm)
+    assert not moeq.explain(cm).state.finalized
+
+
+def test_finalize_before_any_graph():
+    """finalize() on a prepared model that never ran says no expert GEMM was rewritten."""
+    model = moeq.prepare(tiny_model("qwen3_moe"), moeq.FP8)
+    with pytest.raises(RuntimeError, match="no expert GEMM has been rewritten"):
+        moeq.finalize(model)
+
+
+def test_weight_only_config_needs_no_calibration():
+    """W8A16 / W4A16 quantize weights only: finalize() works without activation statistics."""
+    model, cm = _compiled(moeq.NVFP4_W4A16)
+    with torch.no_grad():
+        cm(make_tokens())
+    moeq.finalize(cm)
+    for state in moeq.quant_state(model).values():
+        assert (state.weight_amax > 0).all()
+
+
+def test_layer_without_tokens_is_an_error_naming_it_and_changes_nothing():
+    """A GEMM whose experts saw no token: finalize() names it; nothing is committed; fallback works."""
+    model, cm = _compiled()
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(make_tokens())
+    victim = moeq.quant_state(model)["model.layers.1.mlp.experts.down_proj"]
+    victim.tokens_per_expert.zero_()
+    victim.observed_input_amax.zero_()
+    before = {k: s.weight_amax.clone() for k, s in moeq.quant_state(model).items()}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.down_proj: no expert received a calibration token"):
+        moeq.finalize(cm)
+    for fqn, state in moeq.quant_state(model).items():
+        assert torch.equal(state.weight_amax, before[fqn])
+    assert not moeq.explain(cm).state.finalized
+
+
+def test_uncalibrated_fallback_uses_weight_amax():
+    """QuantConfig(uncalibrated="weight_amax"): the empty GEMM takes its max weight amax, flagged."""
+    model, cm = _compiled(moeq.QuantConfig(weight="fp8", activation="fp8", uncalibrated="weight_amax"))
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(make_tokens())
+    victim = moeq.quant_state(model)["model.layers.1.mlp.experts.down_proj"]
+    victim.tokens_per_expert.zero_()
+    victim.observed_input_amax.zero_()
+    moeq.finalize(cm)
+    assert victim.input_amax.item() == victim.weight_amax.max().item()
+    assert "layer saw no tokens" in victim.flags[0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activations_named_at_finalize(bad):
+    """NaN/inf in calibration activations: finalize() names the GEMM and the experts."""
+    model, cm = _compiled()
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(make_tokens())
+    model.model.layers[0].self_attn.o_proj.weight.data[0, 0] = bad
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(make_tokens())
+    with pytest.raises(ValueError, match=r"model\.layers\.\d\.mlp\.experts\.\w+: non-finite \(NaN/inf\) activations observed for experts \["):
+        moeq.finalize(cm)
+
+
+def test_all_zero_expert_weight_gets_a_safe_scale():
+    """An all-zero expert (pruned) keeps a finite, non-zero scale, is flagged, and outputs stay finite."""
+    model, cm = _compiled(moeq.NVFP4)
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.gate_up_proj[2].zero_()
+        with moeq.calibrate(cm):
+            cm(make_tokens())
+    moeq.finalize(cm)
+    state = moeq.quant_state(model)["model.layers.0.mlp.experts.gate_up_proj"]
+    assert state.weight_amax[2] == 1.0 and "all-zero weight" in state.flags[2]
+    with torch.no_grad():
+        assert torch.isfinite(cm(make_tokens()).logits).all()
+
+
+def test_nvfp4_needs_k_multiple_of_16():
+    """A model whose expert contraction dim is not a multiple of 16 is rejected for NVFP4, naming the weight."""
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, moe_intermediate_size=24), moeq.NVFP4)
+    with pytest.raises(Exception, match=r"model\.layers\.0\.mlp\.experts\.down_proj.*multiple of the block size 16"):
+        torch.compile(model, backend="moeq_aot_eager")(make_tokens())
+
+
+def test_config_object_required():
+    """prepare() with something that is not a QuantConfig says what it expects."""
+    with pytest.raises(TypeError, match="moeq.QuantConfig"):
+        moeq.prepare(tiny_model("qwen3_moe"), {"weight": "fp8"})

@@ -1,0 +1,65 @@
+"""explain(): the table, the graph views and the `moeq inspect` command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import networkx as nx
+import torch
+
+import moeq
+from moeq.integrations.hf import tiny_model
+from tests.conftest import make_tokens
+
+
+def _finalized_qwen(config=moeq.NVFP4):
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32), config)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(make_tokens(batch=1, seq=3))
+    moeq.finalize(cm)
+    return model, cm
+
+
+def test_table_reports_coverage_amax_and_skips():
+    """The table has one row per expert GEMM with coverage and amax; flagged experts and skips follow."""
+    model, cm = _finalized_qwen()
+    report = moeq.explain(cm)
+    text = str(report)
+    rows = report.rows()
+    assert len(rows) == 4
+    for row in rows:
+        state = moeq.quant_state(model)[row["fqn"]]
+        assert row["covered"] == int((state.tokens_per_expert > 0).sum())
+        assert f"{row['covered']}/8" in text
+        assert row["weight_amax"] == state.weight_amax.tolist()
+    assert "Flagged experts:" in text and "no calibration tokens" in text
+    assert "Not rewritten:" in text and "mlp.gate.weight" in text and "self_attn.q_proj.weight" in text
+
+
+def test_graph_views(tmp_path):
+    """to_networkx / to_dot / to_svg describe parameter -> quantizer -> GEMM <- quantizer for each GEMM."""
+    _, cm = _finalized_qwen(moeq.FP8)
+    report = moeq.explain(cm)
+    g = report.to_networkx()
+    assert nx.is_directed_acyclic_graph(g)
+    gemms = [n for n, d in g.nodes(data=True) if d["kind"] == "gemm"]
+    assert len(gemms) == 4
+    for gemm in gemms:
+        kinds = {g.nodes[p]["kind"] for p in nx.ancestors(g, gemm)}
+        assert {"parameter", "quantizer", "input"} <= kinds
+    dot = report.to_dot()
+    assert dot.startswith("digraph moeq") and dot.count("->") == g.number_of_edges()
+    svg_path = tmp_path / "graph.svg"
+    svg = report.to_svg(svg_path)
+    assert svg_path.read_text() == svg and "<svg" in svg and "gate_up_proj" in svg
+
+
+def test_inspect_command_prints_the_table():
+    """`python -m moeq inspect` prints the explain() table for the built-in tiny model."""
+    out = subprocess.run(
+        [sys.executable, "-m", "moeq", "inspect", "--config", "FP8"], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    assert "4 expert GEMMs rewritten" in out
+    assert "model.layers.1.mlp.experts.down_proj" in out
