@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     inspect.add_argument("--family", default="qwen3_moe")
     inspect.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     inspect.add_argument("--config", default="NVFP4", choices=["NVFP4", "FP8", "NVFP4_W4A16", "FP8_W8A16"])
-    inspect.add_argument("--export", action="store_true", help="use torch.export + quantize_graph instead of torch.compile")
+    inspect.add_argument(
+        "--export", action="store_true", help="use torch.export + quantize_graph instead of torch.compile"
+    )
     inspect.add_argument("--svg", default=None, help="also draw the rewritten regions to this SVG file")
     sub.add_parser("bench", help="time the reference fake-quant ops on this machine")
     args = parser.parse_args(argv)

@@ -32,12 +32,16 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """
     config = config or NVFP4
     if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a moeq.QuantConfig (or preset such as moeq.NVFP4), got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a moeq.QuantConfig (or preset such as moeq.NVFP4), got {type(config).__name__}"
+        )
     existing = get_state(model, required=False)
     if existing is not None and existing.config == config:
         return model
     if existing is not None:
-        logger.warning("moeq.prepare: re-preparing %s with a new config; previous quant state is dropped", type(model).__name__)
+        logger.warning(
+            "moeq.prepare: re-preparing %s with a new config; previous quant state is dropped", type(model).__name__
+        )
     state = attach_state(model, config)
     use_grouped_experts(model)
     for module in model.modules():

@@ -89,7 +89,9 @@ class ExpertQuantState(nn.Module):
         cfg = self.config
         if role == "weight":
             if self.mode == "quantize":
-                return torch.ops.moeq.fake_quant_weight(t, self.weight_amax, cfg.weight, self.expert_dim, self.contraction_dim)
+                return torch.ops.moeq.fake_quant_weight(
+                    t, self.weight_amax, cfg.weight, self.expert_dim, self.contraction_dim
+                )
             return t
         if self.mode == "calibrate":
             torch.ops.moeq.observe_segments_(

@@ -13,7 +13,7 @@ from tests.conftest import make_tokens
 
 
 def test_backend_registered_by_name_and_entry_point():
-    """"moeq" is a Dynamo backend and the package declares it under torch_dynamo_backends."""
+    """ "moeq" is a Dynamo backend and the package declares it under torch_dynamo_backends."""
     assert "moeq" in torch._dynamo.list_backends()
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="torch_dynamo_backends")}
     assert eps.get("moeq") == "moeq.lowering.backend:moeq_backend"

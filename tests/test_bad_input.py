@@ -51,7 +51,9 @@ def test_layer_without_tokens_is_an_error_naming_it_and_changes_nothing():
     victim.tokens_per_expert.zero_()
     victim.observed_input_amax.zero_()
     before = {k: s.weight_amax.clone() for k, s in moeq.quant_state(model).items()}
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.down_proj: no expert received a calibration token"):
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.1\.mlp\.experts\.down_proj: no expert received a calibration token"
+    ):
         moeq.finalize(cm)
     for fqn, state in moeq.quant_state(model).items():
         assert torch.equal(state.weight_amax, before[fqn])
@@ -80,7 +82,10 @@ def test_non_finite_activations_named_at_finalize(bad):
     model.model.layers[0].self_attn.o_proj.weight.data[0, 0] = bad
     with torch.no_grad(), moeq.calibrate(cm):
         cm(make_tokens())
-    with pytest.raises(ValueError, match=r"model\.layers\.\d\.mlp\.experts\.\w+: non-finite \(NaN/inf\) activations observed for experts \["):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.\d\.mlp\.experts\.\w+: non-finite \(NaN/inf\) activations observed for experts \[",
+    ):
         moeq.finalize(cm)
 
 

@@ -128,7 +128,9 @@ def test_calibration_accumulates_and_recompiles_keep_state():
     model = tiny_model("qwen3_moe", torch.float32, seed=5)
     a, b = make_tokens(seed=7), make_tokens(seed=8)
     cm = _calibrate(model, [a], moeq.FP8)
-    after_a = {k: (s.observed_input_amax.clone(), s.tokens_per_expert.clone()) for k, s in moeq.quant_state(model).items()}
+    after_a = {
+        k: (s.observed_input_amax.clone(), s.tokens_per_expert.clone()) for k, s in moeq.quant_state(model).items()
+    }
     with torch.no_grad():
         cm(a)  # mode "off": recompiles, observes nothing
         with moeq.calibrate(cm):

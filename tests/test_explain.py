@@ -59,7 +59,11 @@ def test_graph_views(tmp_path):
 def test_inspect_command_prints_the_table():
     """`python -m moeq inspect` prints the explain() table for the built-in tiny model."""
     out = subprocess.run(
-        [sys.executable, "-m", "moeq", "inspect", "--config", "FP8"], capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-m", "moeq", "inspect", "--config", "FP8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     ).stdout
     assert "4 expert GEMMs rewritten" in out
     assert "model.layers.1.mlp.experts.down_proj" in out

@@ -33,7 +33,11 @@ def _run_exported(model, tokens):
 
 
 def _dense_weight_names(model) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.dim() == 2 and n.endswith("weight") and "embed" not in n and "norm" not in n}
+    return {
+        n
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and n.endswith("weight") and "embed" not in n and "norm" not in n
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)

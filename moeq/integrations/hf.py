@@ -31,9 +31,20 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3_moe": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
-        dict(intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
+        dict(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        ),
     ),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2)),
     "deepseek_v3": (
         "DeepseekV3Config",
@@ -59,7 +70,13 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gpt_oss": (
         "GptOssConfig",
         "GptOssForCausalLM",
-        dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, layer_types=["full_attention", "sliding_attention"], sliding_window=16),
+        dict(
+            intermediate_size=32,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            layer_types=["full_attention", "sliding_attention"],
+            sliding_window=16,
+        ),
     ),
 }
 
@@ -78,7 +95,9 @@ def use_grouped_experts(model: nn.Module) -> bool:
     return True
 
 
-def tiny_model(family: str = "qwen3_moe", dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any) -> nn.Module:
+def tiny_model(
+    family: str = "qwen3_moe", dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any
+) -> nn.Module:
     """A tiny transformers MoE of ``family`` with random weights (no download), in eval mode."""
     import transformers
 

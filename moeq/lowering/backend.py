@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 
 
 def _state_of_graph(example_inputs: list[Any]) -> ModelQuantState | None:
-    states = {id(o[0]): o[0] for o in (owner_of(t) for t in example_inputs if isinstance(t, torch.Tensor)) if o is not None}
+    states = {
+        id(o[0]): o[0] for o in (owner_of(t) for t in example_inputs if isinstance(t, torch.Tensor)) if o is not None
+    }
     if len(states) > 1:
         raise RuntimeError("moeq backend: one compiled graph holds parameters of several prepared models")
     return next(iter(states.values()), None)

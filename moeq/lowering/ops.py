@@ -29,7 +29,9 @@ __all__ = [
 def check_offsets(offs: Tensor, num_rows: int, num_experts: int) -> None:
     """Validate grouped-GEMM offsets; raises ValueError naming what is wrong."""
     if offs.dtype != torch.int32:
-        raise ValueError(f"expert offsets must be int32 cumulative row counts (as torch._grouped_mm takes), got {offs.dtype}")
+        raise ValueError(
+            f"expert offsets must be int32 cumulative row counts (as torch._grouped_mm takes), got {offs.dtype}"
+        )
     if offs.dim() != 1 or offs.numel() != num_experts:
         raise ValueError(f"expert offsets must have shape [{num_experts}] (one per expert), got {tuple(offs.shape)}")
     if offs.device.type == "cpu" and offs.numel():
@@ -56,7 +58,9 @@ def _per_row_amax(x: Tensor, offs: Tensor, amax: Tensor) -> Tensor:
 
 def _check_amax(amax: Tensor, num_experts: int, what: str) -> None:
     if amax.numel() not in (1, num_experts):
-        raise ValueError(f"{what}: amax has {amax.numel()} entries; expected 1 (shared) or {num_experts} (one per expert)")
+        raise ValueError(
+            f"{what}: amax has {amax.numel()} entries; expected 1 (shared) or {num_experts} (one per expert)"
+        )
 
 
 def _act_amax(x: Tensor, offs: Tensor | None, amax: Tensor, expert_dim: int) -> Tensor:

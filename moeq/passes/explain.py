@@ -48,7 +48,9 @@ class GraphReport:
 
     def signature(self) -> str:
         """Identical graphs (e.g. recompiles for a new mode) collapse into one report."""
-        parts = [self.kind] + [f"{r.fqn}:{r.node}" for r in self.rewritten] + [f"{s.node}:{s.reason}" for s in self.skipped]
+        parts = (
+            [self.kind] + [f"{r.fqn}:{r.node}" for r in self.rewritten] + [f"{s.node}:{s.reason}" for s in self.skipped]
+        )
         return "|".join(parts)
 
 
@@ -122,7 +124,18 @@ class Explanation:
             f"moeq: {len(self.rewritten)} expert GEMMs rewritten, {len(self.skipped)} candidates not rewritten "
             f"[{state.config.name}, act_scale={state.config.act_scale}, {status}]"
         )
-        header = ["expert weight", "form", "E", "W/A", "K dim", "coverage", "tokens min/max", "weight amax", "input amax", "flags"]
+        header = [
+            "expert weight",
+            "form",
+            "E",
+            "W/A",
+            "K dim",
+            "coverage",
+            "tokens min/max",
+            "weight amax",
+            "input amax",
+            "flags",
+        ]
         rows = []
         for row in self.rows():
             tokens = row["tokens"]
@@ -171,7 +184,9 @@ class Explanation:
             act = s.config.activation or "observe only"
             g.add_node(f"param:{r.fqn}", label=f"{r.fqn}\n{list(r.weight_shape)}", kind="parameter")
             wq = f"wq:{r.fqn}"
-            g.add_node(wq, label=f"weight fake quant\n{s.config.weight}, per expert [{r.num_experts}]", kind="quantizer")
+            g.add_node(
+                wq, label=f"weight fake quant\n{s.config.weight}, per expert [{r.num_experts}]", kind="quantizer"
+            )
             g.add_edge(f"param:{r.fqn}", wq)
             prev = wq
             for i, op in enumerate(r.path):
@@ -197,7 +212,13 @@ class Explanation:
 
     def to_dot(self) -> str:
         """Graphviz DOT source of :meth:`to_networkx`."""
-        colors = {"parameter": "#dae8fc", "quantizer": "#f8cecc", "gemm": "#d5e8d4", "view": "#f5f5f5", "input": "#fff2cc"}
+        colors = {
+            "parameter": "#dae8fc",
+            "quantizer": "#f8cecc",
+            "gemm": "#d5e8d4",
+            "view": "#f5f5f5",
+            "input": "#fff2cc",
+        }
         g = self.to_networkx()
         ids = {n: f"n{i}" for i, n in enumerate(g.nodes)}
         lines = ["digraph moeq {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled", fontname="Helvetica"];']
@@ -244,10 +265,14 @@ def _layered_svg(g: nx.DiGraph) -> str:
     ]
     for a, b in g.edges:
         (x0, y0), (x1, y1) = pos[a], pos[b]
-        out.append(f'<line x1="{x0 + w}" y1="{y0 + h / 2}" x2="{x1}" y2="{y1 + h / 2}" stroke="#555" marker-end="url(#a)"/>')
+        out.append(
+            f'<line x1="{x0 + w}" y1="{y0 + h / 2}" x2="{x1}" y2="{y1 + h / 2}" stroke="#555" marker-end="url(#a)"/>'
+        )
     for n, data in g.nodes(data=True):
         x, y = pos[n]
-        out.append(f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="6" fill="{colors[data["kind"]]}" stroke="#333"/>')
+        out.append(
+            f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="6" fill="{colors[data["kind"]]}" stroke="#333"/>'
+        )
         for i, text in enumerate(data["label"].split("\n")[:2]):
             text = text if len(text) <= 40 else "..." + text[-37:]  # keep the informative tail of an FQN
             out.append(f'<text x="{x + 6}" y="{y + 17 + 14 * i}">{html.escape(text)}</text>')

@@ -62,8 +62,26 @@ _IDENTITY = {
     "aten.alias",
     "aten.lift_fresh_copy",
 }
-_RESHAPE = {"method:view", "method:reshape", "torch.reshape", "aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand", "method:expand"}
-_GATHER = {"_operator.getitem", "aten.select", "aten.index", "aten.index_select", "torch.index_select", "aten.slice", "method:__getitem__", "method:select"}
+_RESHAPE = {
+    "method:view",
+    "method:reshape",
+    "torch.reshape",
+    "aten.view",
+    "aten.reshape",
+    "aten._unsafe_view",
+    "aten.expand",
+    "method:expand",
+}
+_GATHER = {
+    "_operator.getitem",
+    "aten.select",
+    "aten.index",
+    "aten.index_select",
+    "torch.index_select",
+    "aten.slice",
+    "method:__getitem__",
+    "method:select",
+}
 
 
 @dataclass
@@ -109,7 +127,11 @@ def target_name(node: fx.Node) -> str:
     target = node.target
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         name = str(target)
-        return name[: -len(".default")] if name.endswith(".default") else re.sub(r"\.(int|dtype|dtype_layout|Tensor)$", "", name)
+        return (
+            name[: -len(".default")]
+            if name.endswith(".default")
+            else re.sub(r"\.(int|dtype|dtype_layout|Tensor)$", "", name)
+        )
     if target is operator.matmul:
         return "_operator.matmul"
     if target is operator.getitem:
@@ -227,12 +249,18 @@ def _trace_weight(node: Any, resolver: _ParamResolver) -> _WeightTrace:
                 chain.append(cur)
                 cur = src
                 continue
-            return _WeightTrace(None, chain=chain, failure=f"operand reaches the GEMM through a reshape ({kind}) that may move the expert or contraction dim")
+            return _WeightTrace(
+                None,
+                chain=chain,
+                failure=f"operand reaches the GEMM through a reshape ({kind}) that may move the expert or contraction dim",
+            )
         if kind in _GATHER:
             src = _first_tensor_arg(cur)
             inner = _trace_weight(src, resolver) if src is not None else None
             if inner is not None and inner.fqn is not None:
-                return _WeightTrace(None, inner.fqn, inner.tensor, chain, failure=f"per-expert slice ({kind}) of parameter {inner.fqn}")
+                return _WeightTrace(
+                    None, inner.fqn, inner.tensor, chain, failure=f"per-expert slice ({kind}) of parameter {inner.fqn}"
+                )
             return _WeightTrace(None, chain=chain, failure=f"operand is computed by {kind}")
         return _WeightTrace(None, chain=chain, failure=f"operand is computed by {kind}, not a parameter")
     return _WeightTrace(None, failure="operand is not a tensor node")
@@ -255,7 +283,11 @@ def _map_dims(trace: _WeightTrace, rank: int) -> list[int] | None:
             d0, d1 = _normalize(d0, rank), _normalize(d1, rank)
             cur[d0], cur[d1] = cur[d1], cur[d0]
         elif kind in _PERMUTE:
-            dims = node.args[1:] if len(node.args) > 2 else (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims"))
+            dims = (
+                node.args[1:]
+                if len(node.args) > 2
+                else (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims"))
+            )
             dims = list(dims) if isinstance(dims, (list, tuple)) else None
             if dims is None or not all(isinstance(d, int) for d in dims) or len(dims) != rank:
                 return None
@@ -348,7 +380,10 @@ def _record(
 
 
 def _match_grouped(node, kind, resolver, found, skip) -> None:
-    a, b = _arg(node, 0, "mat_a" if "transformers" not in kind else "input"), _arg(node, 1, "mat_b" if "transformers" not in kind else "weight")
+    a, b = (
+        _arg(node, 0, "mat_a" if "transformers" not in kind else "input"),
+        _arg(node, 1, "mat_b" if "transformers" not in kind else "weight"),
+    )
     offs = _arg(node, 2, "offs")
     if offs is None:
         return skip(node, "grouped_mm without offs: not grouped by expert")
@@ -356,7 +391,9 @@ def _match_grouped(node, kind, resolver, found, skip) -> None:
     if trace.failure is not None:
         a_trace = _trace_weight(a, resolver)
         if a_trace.failure is None:
-            return skip(node, f"3-D x 2-D grouped_mm with parameter {a_trace.fqn} as mat_a (weight-gradient form)", a_trace.fqn)
+            return skip(
+                node, f"3-D x 2-D grouped_mm with parameter {a_trace.fqn} as mat_a (weight-gradient form)", a_trace.fqn
+            )
         return skip(node, f"weight (mat_b) {trace.failure}", trace.fqn)
     form = "transformers.grouped_mm_fallback" if "transformers" in kind else "grouped_mm"
     rec = _record(node, form, a, offs, trace, 0, 1, 0, -1)
@@ -376,7 +413,12 @@ def _match_batched(node, kind, resolver, found, skip) -> None:
     else:
         if "matmul" not in kind:
             fqn = tb.fqn or ta.fqn
-            return skip(node, f"no 3-D parameter operand ({tb.failure}; {ta.failure})", fqn, "activation" if fqn is None else "expert")
+            return skip(
+                node,
+                f"no 3-D parameter operand ({tb.failure}; {ta.failure})",
+                fqn,
+                "activation" if fqn is None else "expert",
+            )
         return skip(node, "matmul without a parameter operand (activation x activation)", None, "activation")
     if "matmul" in kind and any(s is not None and len(s) != 3 for s in shapes):
         return skip(node, f"matmul of shapes {shapes}: not a batched expert GEMM", trace.fqn, "dense")
@@ -406,7 +448,17 @@ def _match_einsum(node, resolver, found, skip) -> None:
         if len(batch) != 1 or len(contract) != 1:
             return skip(node, f"einsum {eq!r}: needs exactly one expert (batch) and one contraction index", trace.fqn)
         e, k = batch[0], contract[0]
-        rec = _record(node, "einsum", operands[1 - w_idx], None, trace, w_sub.index(e), w_sub.index(k), x_sub.index(e), x_sub.index(k))
+        rec = _record(
+            node,
+            "einsum",
+            operands[1 - w_idx],
+            None,
+            trace,
+            w_sub.index(e),
+            w_sub.index(k),
+            x_sub.index(e),
+            x_sub.index(k),
+        )
         if isinstance(rec, str):
             return skip(node, rec, trace.fqn)
         found.append(rec)
@@ -420,9 +472,19 @@ def _classify_dense(node, weight_index, resolver, skip) -> None:
     if trace.failure is None:
         shape = tuple(trace.tensor.shape) if trace.tensor is not None else _shape(trace.root)
         rank = len(shape) if shape is not None else "?"
-        return skip(node, f"dense GEMM on {rank}-D weight: not a routed expert (attention, router, shared expert, dense MLP)", trace.fqn, "dense")
+        return skip(
+            node,
+            f"dense GEMM on {rank}-D weight: not a routed expert (attention, router, shared expert, dense MLP)",
+            trace.fqn,
+            "dense",
+        )
     if trace.fqn is not None:
-        return skip(node, f"{trace.failure}: a per-expert loop, not yet canonicalized into one grouped GEMM (use grouped_mm experts)", trace.fqn, "expert")
+        return skip(
+            node,
+            f"{trace.failure}: a per-expert loop, not yet canonicalized into one grouped GEMM (use grouped_mm experts)",
+            trace.fqn,
+            "expert",
+        )
     return skip(node, f"weight {trace.failure}", None, "activation")
 
 
@@ -430,4 +492,9 @@ def _classify_leaf_module(gm: fx.GraphModule, node: fx.Node, skip) -> None:
     """Leaf modules kept by symbolic_trace: dense linears are reported like ``F.linear``."""
     module = gm.get_submodule(str(node.target))
     if isinstance(module, torch.nn.Linear):
-        skip(node, "dense GEMM on 2-D weight: not a routed expert (attention, router, shared expert, dense MLP)", f"{node.target}.weight", "dense")
+        skip(
+            node,
+            "dense GEMM on 2-D weight: not a routed expert (attention, router, shared expert, dense MLP)",
+            f"{node.target}.weight",
+            "dense",
+        )

@@ -167,7 +167,11 @@ def rewrite_graph(
     for rec in excluded:
         skipped.append(
             SkippedCandidate(
-                rec.node.name, target_name(rec.node), f"excluded by QuantConfig.exclude pattern {state.excluded(rec.weight_fqn)!r}", rec.weight_fqn, "expert"
+                rec.node.name,
+                target_name(rec.node),
+                f"excluded by QuantConfig.exclude pattern {state.excluded(rec.weight_fqn)!r}",
+                rec.weight_fqn,
+                "expert",
             )
         )
     report_rows = [
@@ -189,5 +193,7 @@ def rewrite_graph(
     lifted = insert_qdq(gm, records, state, lift_state)
     report = GraphReport(kind=kind, rewritten=report_rows, skipped=skipped)
     state.reports[report.signature()] = report
-    logger.info("moeq: %s graph: %d expert GEMMs rewritten, %d candidates skipped", kind, len(report_rows), len(skipped))
+    logger.info(
+        "moeq: %s graph: %d expert GEMMs rewritten, %d candidates skipped", kind, len(report_rows), len(skipped)
+    )
     return report, lifted

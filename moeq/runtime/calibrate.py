@@ -50,7 +50,9 @@ def _block_amax(w: torch.Tensor, contraction_dim: int) -> torch.Tensor:
     return wk.abs().reshape(*wk.shape[:-1], wk.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK).amax(dim=-1)
 
 
-def _input_amax(s: ExpertQuantState, weight_amax: torch.Tensor, errors: list[str]) -> tuple[torch.Tensor, dict[int, str]]:
+def _input_amax(
+    s: ExpertQuantState, weight_amax: torch.Tensor, errors: list[str]
+) -> tuple[torch.Tensor, dict[int, str]]:
     """Turn observed per-expert statistics into the input amax the fake quant uses."""
     cfg = s.config
     obs, counts = s.observed_input_amax, s.tokens_per_expert
