@@ -31,7 +31,7 @@ test: $(VENV)/.test
 	$(MAKE) --no-print-directory test-interpret
 
 test-core:
-	@$(PY) -m pytest -q -m "not interpret" -p no:cacheprovider; rc=$$?; \
+	@$(PY) -m pytest -q -m "not interpret" --ignore=tests/interpret -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # Triton kernels under the interpreter: TRITON_INTERPRET must be set before triton is imported,

@@ -110,10 +110,12 @@ def segment_amax(
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moeq::fake_quant_weight", mutates_args=())
-def fake_quant_weight(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
+def _fake_quant_weight_reference(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
     """Fake-quantize a stacked expert weight with a per-expert amax ``[E]``."""
     return get_format(fmt).fake_quant(w, expand_per_expert(amax, w.dim(), expert_dim), contraction_dim)
+
+
+fake_quant_weight = torch.library.custom_op("moeq::fake_quant_weight", mutates_args=())(_fake_quant_weight_reference)
 
 
 @fake_quant_weight.register_fake
@@ -142,8 +144,7 @@ fake_quant_weight.register_autograd(_weight_backward, setup_context=_weight_setu
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moeq::fake_quant_act", mutates_args=())
-def fake_quant_act(
+def _fake_quant_act_reference(
     x: Tensor, offs: Tensor | None, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int
 ) -> Tensor:
     """Fake-quantize activations with a static amax: shared (``[1]``) or per expert (``[E]``).
@@ -163,6 +164,9 @@ def fake_quant_act(
     if routed is None:
         return x.clone()
     return torch.where(routed.unsqueeze(1), out, x)
+
+
+fake_quant_act = torch.library.custom_op("moeq::fake_quant_act", mutates_args=())(_fake_quant_act_reference)
 
 
 @fake_quant_act.register_fake
@@ -192,8 +196,7 @@ fake_quant_act.register_autograd(_act_backward, setup_context=_act_setup)
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moeq::observe_segments_", mutates_args=("running_amax", "running_counts"))
-def observe_segments_(
+def _observe_segments_reference(
     x: Tensor, offs: Tensor | None, running_amax: Tensor, running_counts: Tensor, expert_dim: int, contraction_dim: int
 ) -> None:
     """Update running per-expert amax (max) and token counts (sum) in place, without a host sync."""
@@ -206,8 +209,54 @@ def observe_segments_(
     running_counts.add_(counts)
 
 
+observe_segments_ = torch.library.custom_op("moeq::observe_segments_", mutates_args=("running_amax", "running_counts"))(
+    _observe_segments_reference
+)
+
+
 @observe_segments_.register_fake
 def _(
     x: Tensor, offs: Tensor | None, running_amax: Tensor, running_counts: Tensor, expert_dim: int, contraction_dim: int
 ) -> None:
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: the Triton kernels of moeq.runtime.kernels (bit-exact with the reference above)
+# ----------------------------------------------------------------------------------------------
+
+
+def _register_cuda_kernels() -> None:
+    try:
+        from moeq.runtime import kernels
+    except ImportError:  # no triton: CUDA tensors use the reference implementation
+        return
+
+    @fake_quant_weight.register_kernel("cuda")
+    def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
+        if w.dim() != 3 or expert_dim % 3 != 0:
+            return _fake_quant_weight_reference(w, amax, fmt, expert_dim, contraction_dim)
+        return kernels.fake_quant_experts(w, amax, fmt, contraction_dim)
+
+    @fake_quant_act.register_kernel("cuda")
+    def _(x: Tensor, offs: Tensor | None, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
+        if offs is None or x.dim() != 2 or contraction_dim % 2 != 1:
+            return _fake_quant_act_reference(x, offs, amax, fmt, expert_dim, contraction_dim)
+        return kernels.fake_quant_act(x, offs, amax, fmt)
+
+    @observe_segments_.register_kernel("cuda")
+    def _(
+        x: Tensor,
+        offs: Tensor | None,
+        running_amax: Tensor,
+        running_counts: Tensor,
+        expert_dim: int,
+        contraction_dim: int,
+    ) -> None:
+        if offs is None or x.dim() != 2:
+            return _observe_segments_reference(x, offs, running_amax, running_counts, expert_dim, contraction_dim)
+        kernels.segment_amax_(x, offs, running_amax, running_counts)
+        return None
+
+
+_register_cuda_kernels()

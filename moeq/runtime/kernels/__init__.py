@@ -1,0 +1,13 @@
+"""Triton kernels for per-expert quantization and calibration (one launch per stacked weight / GEMM).
+
+Each launcher validates shapes, dtypes and devices, runs the Triton kernel on CUDA tensors (and on CPU
+tensors under ``TRITON_INTERPRET=1``) and the :mod:`moeq.formats` reference otherwise. Results equal the
+reference bit for bit.
+"""
+
+from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+from moeq.runtime.kernels.fake_quant_experts import fake_quant_experts
+from moeq.runtime.kernels.segment_amax import segment_amax, segment_amax_
+from moeq.runtime.kernels.weight_amax import expert_weight_amax
+
+__all__ = ["expert_weight_amax", "fake_quant_act", "fake_quant_experts", "segment_amax", "segment_amax_"]

@@ -1,0 +1,85 @@
+"""All experts of a stacked weight fake-quantized in one launch (grid: experts x row tiles x K tiles)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeq.formats import QuantFormat, get_format
+from moeq.runtime.kernels.launch import check_float, run_kernel
+from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4
+
+__all__ = ["fake_quant_experts"]
+
+
+@triton.jit
+def _fake_quant_experts_kernel(
+    w_ptr,
+    out_ptr,
+    amax_ptr,
+    M,
+    K,
+    stride_we,
+    stride_wm,
+    stride_wk,
+    stride_oe,
+    stride_om,
+    stride_ok,
+    IS_NVFP4: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    w_offs = expert.to(tl.int64) * stride_we + rows[:, None] * stride_wm + cols[None, :] * stride_wk
+    w = tl.load(w_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.load(amax_ptr + expert)
+    if IS_NVFP4:
+        out = fake_quant_nvfp4(w, amax, BLOCK_M, BLOCK_K)
+    else:
+        out = fake_quant_fp8(w, amax)
+    o_offs = expert.to(tl.int64) * stride_oe + rows[:, None] * stride_om + cols[None, :] * stride_ok
+    tl.store(out_ptr + o_offs, cast_like(out, out_ptr), mask=mask)
+
+
+def fake_quant_experts(
+    w: torch.Tensor, weight_amax: torch.Tensor, fmt: str | QuantFormat, contraction_dim: int = -1
+) -> torch.Tensor:
+    """Fake-quantize a stacked expert weight ``[E, ., .]`` with per-expert amax ``[E]``; same shape/dtype."""
+    fmt = get_format(fmt)
+    check_float(w, "w")
+    if w.dim() != 3:
+        raise ValueError(f"fake_quant_experts expects a stacked 3-D expert weight, got shape {tuple(w.shape)}")
+    k_dim = contraction_dim % 3
+    if k_dim == 0:
+        raise ValueError("contraction_dim must be 1 or 2 (dim 0 is the expert dim)")
+    if weight_amax.numel() != w.shape[0]:
+        raise ValueError(f"weight_amax has {weight_amax.numel()} entries for {w.shape[0]} experts")
+    fmt.check_shape(w.shape, k_dim, "stacked expert weight")
+    if fmt.name not in ("fp8", "nvfp4"):
+        raise NotImplementedError(f"no Triton kernel for format {fmt.name!r}")
+    m_dim = 3 - k_dim
+    out = torch.empty_like(w)
+    amax = weight_amax.detach().float().contiguous()
+    E, M, K = w.shape[0], w.shape[m_dim], w.shape[k_dim]
+    block_m, block_k = (16, 128) if fmt.name == "nvfp4" else (16, 256)
+    grid = (E, triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+
+    def reference() -> torch.Tensor:
+        return fmt.fake_quant(w, amax.view(-1, 1, 1), k_dim)
+
+    def launch() -> torch.Tensor:
+        _fake_quant_experts_kernel[grid](
+            w, out, amax, M, K,
+            w.stride(0), w.stride(m_dim), w.stride(k_dim),
+            out.stride(0), out.stride(m_dim), out.stride(k_dim),
+            IS_NVFP4=fmt.name == "nvfp4", BLOCK_M=block_m, BLOCK_K=block_k,
+        )  # fmt: skip
+        return out
+
+    if w.numel() == 0:
+        return out
+    return run_kernel(w, launch, reference)

@@ -1,0 +1,26 @@
+"""Shared launcher plumbing: input validation and the device / interpreter / reference decision."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def run_kernel(t: torch.Tensor, launch: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor]):
+    """CUDA tensors run the Triton kernel; CPU tensors run it under TRITON_INTERPRET=1, else the reference."""
+    if t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()):
+        return launch()
+    return reference()

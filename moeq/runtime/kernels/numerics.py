@@ -1,0 +1,98 @@
+"""Triton device functions that reproduce :mod:`moeq.formats` bit for bit.
+
+Only exact fp32 operations are used: IEEE division (``div_rn``; Triton's ``/`` on fp32 is approximate),
+multiplication by powers of two, and round-to-nearest-even through the fp32 adder. No float8 cast
+instruction is needed, so the same code runs on Hopper, older GPUs and the CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+NVFP4_GLOBAL_DIVISOR = 2688.0  # 6 * 448, exact in fp32
+NVFP4_SCALE_MIN = 0.001953125  # 2**-9
+_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (t + M) - M rounds |t| < 2**22 to an integer, ties to even
+
+
+@triton.jit
+def safe_divisor(s):
+    """A zero scale divides by 1 instead (the result is multiplied by the zero scale afterwards)."""
+    return tl.where(s == 0.0, 1.0, s)
+
+
+@triton.jit
+def round_e4m3(y):
+    """Round fp32 ``y`` (|y| <= 448) to the float8_e4m3fn grid, ties to even; sign (and -0) kept."""
+    bits = y.to(tl.int32, bitcast=True)
+    a = tl.abs(y)
+    exponent = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    exponent = tl.maximum(exponent, -6)  # below 2**-6 the e4m3 grid is uniform (subnormals, step 2**-9)
+    quantum = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inverse = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
+    rounded = ((a * inverse + _RNE_MAGIC) - _RNE_MAGIC) * quantum
+    return tl.where(bits < 0, -rounded, rounded)
+
+
+@triton.jit
+def round_e2m1(v):
+    """Round fp32 ``v`` to E2M1 {0, .5, 1, 1.5, 2, 3, 4, 6} with ties to the even code, saturating;
+    the sign follows ``v < 0`` and NaN becomes 0, as in ``formats.e2m1_codes``."""
+    a = tl.abs(v)
+    r = tl.where(a > 0.25, 0.5, 0.0)
+    r = tl.where(a >= 0.75, 1.0, r)
+    r = tl.where(a > 1.25, 1.5, r)
+    r = tl.where(a >= 1.75, 2.0, r)
+    r = tl.where(a > 2.5, 3.0, r)
+    r = tl.where(a >= 3.5, 4.0, r)
+    r = tl.where(a > 5.0, 6.0, r)
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def fake_quant_fp8(x, amax):
+    """``e4m3(clamp(x / s, +-448)) * s`` with ``s = amax / 448`` (``amax`` broadcasts against ``x``)."""
+    s = tl.math.div_rn(amax, FP8_MAX)
+    y = tl.math.div_rn(x, safe_divisor(s))
+    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+    return round_e4m3(y) * s
+
+
+@triton.jit
+def nvfp4_block_scale(block_amax, g):
+    """e4m3 block scale ``clamp(a_b / (6 g), 2^-9, 448)``, 1.0 for a zero block or zero ``g``."""
+    s = tl.math.div_rn(block_amax, 6.0 * safe_divisor(g))
+    s = tl.where((s == 0.0) | (g == 0.0), 1.0, s)
+    s = tl.minimum(tl.maximum(s, NVFP4_SCALE_MIN), FP8_MAX)
+    return round_e4m3(s)
+
+
+@triton.jit
+def fake_quant_nvfp4(x, amax, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """NVFP4 fake quant of a ``[BLOCK_M, BLOCK_K]`` tile whose K runs along axis 1 in 16-blocks;
+    ``amax`` is the per-row global amax ``[BLOCK_M, 1]`` (or a scalar)."""
+    g = tl.math.div_rn(amax, NVFP4_GLOBAL_DIVISOR)
+    blocks = tl.reshape(x, (BLOCK_M, BLOCK_K // 16, 16))
+    g3 = tl.reshape(tl.broadcast_to(g, (BLOCK_M, 1)), (BLOCK_M, 1, 1))
+    block_amax = tl.max(tl.abs(blocks), axis=2, keep_dims=True)
+    scale = nvfp4_block_scale(block_amax, g3) * g3
+    q = round_e2m1(tl.math.div_rn(blocks, safe_divisor(scale)))
+    return tl.reshape(q * scale, (BLOCK_M, BLOCK_K))
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 -> nearest bf16 value (ties to even), still as fp32: a following cast is then exact on every
+    backend (the CPU interpreter's own fp32 -> bf16 cast truncates)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cast_like(x, ptr):
+    """Cast an fp32 tile to ``ptr``'s element type with round-to-nearest-even."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        x = round_to_bf16(x)
+    return x.to(ptr.dtype.element_ty)

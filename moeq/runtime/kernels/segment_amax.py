@@ -1,0 +1,101 @@
+"""Calibration observer: per-expert max|x| and row counts of routed rows in one pass, no host sync."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeq.runtime.kernels.launch import check_float, run_kernel
+
+__all__ = ["segment_amax", "segment_amax_"]
+
+
+@triton.jit
+def expert_of_rows(offs_ptr, rows, NUM_EXPERTS: tl.constexpr, E_POW2: tl.constexpr):
+    """Expert id of each row: the number of cumulative offsets <= row (E for rows past the last)."""
+    experts = tl.arange(0, E_POW2)
+    ends = tl.load(offs_ptr + experts, mask=experts < NUM_EXPERTS, other=2147483647)
+    return tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _segment_amax_kernel(
+    x_ptr,
+    offs_ptr,
+    amax_ptr,
+    counts_ptr,
+    S,
+    K,
+    stride_xs,
+    NUM_EXPERTS: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    total = tl.load(offs_ptr + NUM_EXPERTS - 1)
+    valid = rows < tl.minimum(S, total)
+    row_amax = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    row_nan = tl.zeros((BLOCK_S,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = valid[:, None] & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs + cols[None, :], mask=mask, other=0.0)
+        x = tl.abs(x.to(tl.float32))
+        row_amax = tl.maximum(row_amax, tl.max(x, axis=1))
+        row_nan = tl.maximum(row_nan, tl.max((x != x).to(tl.int32), axis=1))
+    row_amax = tl.where(row_nan > 0, float("nan"), row_amax)
+    expert = expert_of_rows(offs_ptr, rows, NUM_EXPERTS, E_POW2)
+    tl.atomic_max(amax_ptr + expert, row_amax, mask=valid)
+    tl.atomic_add(counts_ptr + expert, tl.full((BLOCK_S,), 1, tl.int64), mask=valid)
+
+
+def _check(x: torch.Tensor, offs: torch.Tensor, num_experts: int) -> None:
+    check_float(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"routed rows must be 2-D [S, K], got shape {tuple(x.shape)}")
+    if offs.dtype != torch.int32 or offs.dim() != 1 or offs.numel() != num_experts:
+        raise ValueError(
+            f"offs must be int32 [{num_experts}] cumulative row counts, got {offs.dtype} {tuple(offs.shape)}"
+        )
+    if offs.device != x.device:
+        raise ValueError(f"offs is on {offs.device} but x is on {x.device}")
+
+
+def segment_amax_(
+    x: torch.Tensor, offs: torch.Tensor, running_amax: torch.Tensor, running_counts: torch.Tensor
+) -> None:
+    """Update running per-expert amax (fp32 ``[E]``, max) and counts (int64 ``[E]``, sum) in place."""
+    num_experts = running_amax.numel()
+    _check(x, offs, num_experts)
+    if running_amax.dtype != torch.float32 or running_counts.dtype != torch.int64:
+        raise ValueError("running buffers must be float32 amax and int64 counts")
+    if x.shape[0] == 0 or num_experts == 0:
+        return
+    x = x if x.stride(1) == 1 else x.contiguous()
+
+    def launch() -> None:
+        block_s = 16
+        _segment_amax_kernel[(triton.cdiv(x.shape[0], block_s),)](
+            x, offs, running_amax, running_counts, x.shape[0], x.shape[1], x.stride(0),
+            NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts), BLOCK_S=block_s,
+            BLOCK_K=min(512, triton.next_power_of_2(max(x.shape[1], 16))),
+        )  # fmt: skip
+
+    def reference() -> None:
+        from moeq.lowering.ops import segment_amax as reference_segment_amax
+
+        amax, counts = reference_segment_amax(x, offs, num_experts)
+        running_amax.copy_(torch.maximum(running_amax, amax))
+        running_counts.add_(counts)
+
+    run_kernel(x, launch, reference)
+
+
+def segment_amax(x: torch.Tensor, offs: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert ``max|x|`` (fp32 ``[E]``) and row counts (int64 ``[E]``) of routed rows ``x [S, K]``."""
+    amax = torch.zeros(num_experts, dtype=torch.float32, device=x.device)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
+    segment_amax_(x, offs, amax, counts)
+    return amax, counts

@@ -1,0 +1,129 @@
+"""Every Triton kernel equals the moeq.formats reference bit for bit (CPU, TRITON_INTERPRET=1).
+
+Random inputs over several seeds, odd shapes (E=1, K=16, N not a multiple of the tile, empty experts),
+bf16 and fp32, both contraction-dim layouts, and amax values below the data's max so saturation and
+clamping are exercised.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from moeq.formats import expand_per_expert, expert_amax, get_format
+from moeq.lowering import ops
+from moeq.runtime import kernels
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+
+DTYPES = [torch.float32, torch.bfloat16]
+FORMATS = ["fp8", "nvfp4"]
+# (stacked weight shape, contraction dim)
+WEIGHT_SHAPES = [((3, 40, 64), 2), ((2, 48, 33), 1), ((1, 17, 16), 2), ((4, 16, 272), 2)]
+
+
+def _weights(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[0]).view(-1, 1, 1)
+    w[0, 0, :3] = torch.tensor([0.0, -0.0, 1e-30])
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("shape", "k_dim"), WEIGHT_SHAPES)
+def test_fake_quant_experts_bit_exact(shape, k_dim, fmt, dtype, seed):
+    """fake_quant_experts == formats.fake_quant, all experts in one launch."""
+    w = _weights(shape, dtype, seed)
+    if fmt == "nvfp4" and w.shape[k_dim] % 16:
+        pytest.skip("NVFP4 needs K % 16 == 0 (rejection is tested below)")
+    amax = expert_amax(w) * torch.tensor([0.7, 1.0, 1.0, 1.0])[: shape[0]]
+    if shape[0] > 2:
+        amax[1] = 0.0  # an expert with a zero amax must give zeros, not NaN
+    expected = get_format(fmt).fake_quant(w, expand_per_expert(amax, 3), k_dim)
+    got = kernels.fake_quant_experts(w, amax, fmt, k_dim)
+    assert got.dtype == w.dtype and got.shape == w.shape
+    assert torch.equal(got, expected)
+    assert torch.equal(got.float().signbit(), expected.float().signbit())
+
+
+def test_fake_quant_experts_rejects_bad_input():
+    """K not a multiple of 16 for NVFP4, wrong rank, amax length and integer weights are clear errors."""
+    w = torch.randn(2, 8, 24)
+    with pytest.raises(ValueError, match="multiple of the block size 16"):
+        kernels.fake_quant_experts(w, expert_amax(w), "nvfp4")
+    with pytest.raises(ValueError, match="3-D"):
+        kernels.fake_quant_experts(w[0], expert_amax(w), "fp8")
+    with pytest.raises(ValueError, match="entries for 2 experts"):
+        kernels.fake_quant_experts(w, torch.ones(3), "fp8")
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        kernels.fake_quant_experts(w.to(torch.int32), torch.ones(2), "fp8")
+
+
+def _routed(seed, dtype, counts, k=64):
+    g = torch.Generator().manual_seed(seed)
+    rows = sum(counts) + 3  # 3 padding rows past offs[-1]
+    x = (torch.randn(rows, k, generator=g) * 4).to(dtype)
+    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32)
+    return x, offs
+
+
+COUNTS = [[5, 0, 19, 1], [0, 0, 7], [33], [0, 16, 0, 0, 2]]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("counts", COUNTS, ids=lambda c: "-".join(map(str, c)))
+def test_segment_amax_bit_exact(counts, dtype, seed):
+    """segment_amax: per-expert amax and counts equal the reference; running buffers update in place."""
+    x, offs = _routed(seed, dtype, counts, k=80)
+    amax_ref, counts_ref = ops.segment_amax(x, offs, len(counts))
+    amax, got_counts = kernels.segment_amax(x, offs, len(counts))
+    assert torch.equal(amax, amax_ref) and torch.equal(got_counts, counts_ref)
+    running_amax, running_counts = torch.full((len(counts),), 1.5), torch.ones(len(counts), dtype=torch.int64)
+    kernels.segment_amax_(x, offs, running_amax, running_counts)
+    assert torch.equal(running_amax, torch.maximum(amax_ref, torch.tensor(1.5)))
+    assert torch.equal(running_counts, counts_ref + 1)
+
+
+def test_segment_amax_nan_marks_only_its_expert():
+    """A NaN in one expert's rows makes that expert's amax NaN and leaves the others exact."""
+    x, offs = _routed(0, torch.float32, [4, 4, 4])
+    x[5, 2] = float("nan")
+    amax, _ = kernels.segment_amax(x, offs, 3)
+    ref, _ = ops.segment_amax(x, offs, 3)
+    assert amax[1].isnan() and not amax[[0, 2]].isnan().any()
+    assert torch.equal(amax[[0, 2]], ref[[0, 2]])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_expert"])
+@pytest.mark.parametrize("counts", COUNTS[:2], ids=lambda c: "-".join(map(str, c)))
+def test_fake_quant_act_bit_exact(counts, shared, fmt, dtype, seed):
+    """fake_quant_act == the reference op: static amax (shared or per expert via offs); padding rows untouched."""
+    x, offs = _routed(seed, dtype, counts, k=48)
+    amax = torch.tensor([2.5]) if shared else torch.linspace(0.5, 6.0, len(counts))
+    expected = ops._fake_quant_act_reference(x, offs, amax, fmt, 0, -1)
+    got = kernels.fake_quant_act(x, offs, amax, fmt)
+    assert torch.equal(got, expected)
+    assert torch.equal(got[int(offs[-1]) :], x[int(offs[-1]) :])
+
+
+@pytest.mark.parametrize("with_blocks", [False, True])
+@pytest.mark.parametrize(("shape", "k_dim"), [((3, 40, 64), 2), ((2, 48, 32), 1)])
+def test_expert_weight_amax(shape, k_dim, with_blocks):
+    """Per-expert max|W| and NVFP4 per-16-block amax (along K) in one launch, exact."""
+    w = _weights(shape, torch.bfloat16, 0)
+    amax, blocks = kernels.expert_weight_amax(w, k_dim, with_blocks)
+    assert torch.equal(amax, expert_amax(w))
+    if with_blocks:
+        wk = w.float().movedim(k_dim, -1)
+        expected = wk.abs().reshape(*wk.shape[:-1], wk.shape[-1] // 16, 16).amax(-1)
+        assert torch.equal(blocks, expected)
+    else:
+        assert blocks is None
