@@ -11,6 +11,9 @@ past ``offs[-1]`` belong to no expert: they are neither observed nor quantized (
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -23,6 +26,7 @@ __all__ = [
     "row_expert_ids",
     "segment_amax",
     "check_offsets",
+    "reference_kernels",
 ]
 
 
@@ -226,6 +230,21 @@ def _(
 # ----------------------------------------------------------------------------------------------
 
 
+_TRITON_ENABLED = True
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Within the block, CUDA tensors take the plain-torch reference path instead of the Triton kernels
+    (to compare the two on the same device)."""
+    global _TRITON_ENABLED
+    previous, _TRITON_ENABLED = _TRITON_ENABLED, False
+    try:
+        yield
+    finally:
+        _TRITON_ENABLED = previous
+
+
 def _register_cuda_kernels() -> None:
     try:
         from moeq.runtime import kernels
@@ -234,13 +253,13 @@ def _register_cuda_kernels() -> None:
 
     @fake_quant_weight.register_kernel("cuda")
     def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
-        if w.dim() != 3 or expert_dim % 3 != 0:
+        if not _TRITON_ENABLED or w.dim() != 3 or expert_dim % 3 != 0:
             return _fake_quant_weight_reference(w, amax, fmt, expert_dim, contraction_dim)
         return kernels.fake_quant_experts(w, amax, fmt, contraction_dim)
 
     @fake_quant_act.register_kernel("cuda")
     def _(x: Tensor, offs: Tensor | None, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
-        if offs is None or x.dim() != 2 or contraction_dim % 2 != 1:
+        if not _TRITON_ENABLED or offs is None or x.dim() != 2 or contraction_dim % 2 != 1:
             return _fake_quant_act_reference(x, offs, amax, fmt, expert_dim, contraction_dim)
         return kernels.fake_quant_act(x, offs, amax, fmt)
 
@@ -253,7 +272,7 @@ def _register_cuda_kernels() -> None:
         expert_dim: int,
         contraction_dim: int,
     ) -> None:
-        if offs is None or x.dim() != 2:
+        if not _TRITON_ENABLED or offs is None or x.dim() != 2:
             return _observe_segments_reference(x, offs, running_amax, running_counts, expert_dim, contraction_dim)
         kernels.segment_amax_(x, offs, running_amax, running_counts)
         return None

@@ -7,13 +7,14 @@ import triton
 import triton.language as tl
 
 from moeq.formats import QuantFormat, get_format
-from moeq.runtime.kernels.launch import check_float, run_kernel
+from moeq.runtime.kernels.launch import check_float, run_kernel, tile_configs
 from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4
 from moeq.runtime.kernels.segment_amax import expert_of_rows
 
 __all__ = ["fake_quant_act"]
 
 
+@triton.autotune(configs=tile_configs(), key=["K", "IS_NVFP4", "PER_EXPERT"])
 @triton.jit
 def _fake_quant_act_kernel(
     x_ptr,
@@ -28,10 +29,10 @@ def _fake_quant_act_kernel(
     E_POW2: tl.constexpr,
     PER_EXPERT: tl.constexpr,
     IS_NVFP4: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < S) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs + cols[None, :], mask=mask, other=0.0)
@@ -43,7 +44,7 @@ def _fake_quant_act_kernel(
         amax = tl.load(amax_ptr)
     xf = x.to(tl.float32)
     if IS_NVFP4:
-        q = fake_quant_nvfp4(xf, tl.broadcast_to(amax, (BLOCK_S, 1)), BLOCK_S, BLOCK_K)
+        q = fake_quant_nvfp4(xf, tl.broadcast_to(amax, (BLOCK_M, 1)), BLOCK_M, BLOCK_K)
     else:
         q = fake_quant_fp8(xf, amax)
     out = tl.where(routed[:, None], cast_like(q, out_ptr), x)
@@ -72,12 +73,13 @@ def fake_quant_act(
     def launch() -> torch.Tensor:
         if x.shape[0] == 0 or num_experts == 0:
             return out
-        block_s, block_k = (16, 128) if fmt.name == "nvfp4" else (16, 256)
-        grid = (triton.cdiv(x.shape[0], block_s), triton.cdiv(x.shape[1], block_k))
+
+        def grid(meta):
+            return (triton.cdiv(x.shape[0], meta["BLOCK_M"]), triton.cdiv(x.shape[1], meta["BLOCK_K"]))
         _fake_quant_act_kernel[grid](
             x_in, out, offs, amax, x.shape[0], x.shape[1], x_in.stride(0), out.stride(0),
             NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts), PER_EXPERT=amax.numel() > 1,
-            IS_NVFP4=fmt.name == "nvfp4", BLOCK_S=block_s, BLOCK_K=block_k,
+            IS_NVFP4=fmt.name == "nvfp4",
         )  # fmt: skip
         return out
 

@@ -7,12 +7,13 @@ import triton
 import triton.language as tl
 
 from moeq.formats import QuantFormat, get_format
-from moeq.runtime.kernels.launch import check_float, run_kernel
+from moeq.runtime.kernels.launch import check_float, run_kernel, tile_configs
 from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4
 
 __all__ = ["fake_quant_experts"]
 
 
+@triton.autotune(configs=tile_configs(), key=["M", "K", "IS_NVFP4"])
 @triton.jit
 def _fake_quant_experts_kernel(
     w_ptr,
@@ -65,8 +66,9 @@ def fake_quant_experts(
     out = torch.empty_like(w)
     amax = weight_amax.detach().float().contiguous()
     E, M, K = w.shape[0], w.shape[m_dim], w.shape[k_dim]
-    block_m, block_k = (16, 128) if fmt.name == "nvfp4" else (16, 256)
-    grid = (E, triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+
+    def grid(meta):
+        return (E, triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
 
     def reference() -> torch.Tensor:
         return fmt.fake_quant(w, amax.view(-1, 1, 1), k_dim)
@@ -76,7 +78,7 @@ def fake_quant_experts(
             w, out, amax, M, K,
             w.stride(0), w.stride(m_dim), w.stride(k_dim),
             out.stride(0), out.stride(m_dim), out.stride(k_dim),
-            IS_NVFP4=fmt.name == "nvfp4", BLOCK_M=block_m, BLOCK_K=block_k,
+            IS_NVFP4=fmt.name == "nvfp4",
         )  # fmt: skip
         return out
 

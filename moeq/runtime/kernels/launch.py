@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 
 import torch
+import triton
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -24,3 +25,13 @@ def run_kernel(t: torch.Tensor, launch: Callable[[], torch.Tensor], reference: C
     if t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()):
         return launch()
     return reference()
+
+
+def tile_configs() -> list[triton.Config]:
+    """Autotuning candidates for the elementwise quant kernels (one fixed tile under the interpreter)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 64})]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w)
+        for bm, bk, w in [(16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8), (8, 512, 4)]
+    ]
