@@ -71,8 +71,9 @@ def main() -> None:
         for fmt in ("fp8", "nvfp4"):
             f = get_format(fmt)
             got = kernels.fake_quant_experts(w, amax, fmt, -1)
-            ref = f.fake_quant(w, expand_per_expert(amax, 3), -1)
-            exact = torch.equal(got, ref)
+            ref = f.fake_quant(w, expand_per_expert(amax, 3), -1)  # formats.py evaluated by torch on CUDA
+            cpu_ref = f.fake_quant(w.cpu(), expand_per_expert(amax.cpu(), 3), -1)  # the spec, on CPU
+            exact = torch.equal(got.cpu(), cpu_ref) and torch.equal(ref.cpu(), cpu_ref)
             compiled = torch.compile(lambda w, a, f=f: f.fake_quant(w, expand_per_expert(a, 3), -1))
             inductor_out = compiled(w, amax)
             inductor_mismatch = (inductor_out != ref).float().mean().item()

@@ -33,6 +33,7 @@ __all__ = [
     "get_format",
     "pack_nibbles",
     "register_format",
+    "round_to_e4m3",
     "unpack_nibbles",
     "available_formats",
 ]
@@ -85,6 +86,19 @@ def _k_last(scale: torch.Tensor, ndim: int, contraction_dim: int) -> torch.Tenso
     if scale.numel() == 1:
         return scale.reshape(())
     raise ValueError(f"amax of shape {tuple(scale.shape)} does not broadcast against a {ndim}-D tensor")
+
+
+def round_to_e4m3(y: torch.Tensor) -> torch.Tensor:
+    """Round fp32 ``y`` (``|y| <= 448``) to the float8_e4m3fn grid, ties to even, as fp32.
+
+    Done with exact fp32 operations instead of torch's float8 cast: on CUDA (torch 2.11, H200) that cast
+    does not round ties to even in the subnormal range (below 2**-6), so the spec would depend on the
+    device. After this, a cast to float8_e4m3fn is exact everywhere.
+    """
+    _, exponent = torch.frexp(y)
+    exponent = torch.clamp(exponent - 1, min=-6)  # below 2**-6 the grid is uniform: step 2**-9
+    quantum = torch.ldexp(torch.ones_like(y), exponent - 3)
+    return torch.round(y / quantum) * quantum
 
 
 def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
@@ -226,8 +240,9 @@ class FP8E4M3(QuantFormat):
         return amax.float() / FP8_E4M3_MAX
 
     def _codes(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        # clamp before the cast: the cast's overflow behaviour differs between devices and versions
-        return (x.float() / _safe_divisor(scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        # clamp before rounding: the cast's overflow behaviour differs between devices and versions
+        y = (x.float() / _safe_divisor(scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+        return round_to_e4m3(y).to(torch.float8_e4m3fn)
 
     def fake_quant(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> torch.Tensor:
         scale = self.scale_from_amax(amax)
@@ -256,7 +271,7 @@ class NVFP4(QuantFormat):
         """e4m3 block scales ``clamp(a_b / (6 g), 2^-9, 448)``; a zero block (or zero ``g``) gets 1.0."""
         s = block_amax.float() / (E2M1_MAX * _safe_divisor(global_scale))
         s = torch.where((s == 0) | (global_scale == 0), torch.ones_like(s), s)
-        return s.clamp(NVFP4_SCALE_MIN, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        return round_to_e4m3(s.clamp(NVFP4_SCALE_MIN, FP8_E4M3_MAX)).to(torch.float8_e4m3fn)
 
     def _blocked(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int):
         """Move K last and split it into 16-blocks; returns (blocks fp32, global scale, block amax)."""

@@ -102,9 +102,9 @@ def segment_amax(
     row_amax = torch.where(xf.isnan().any(dim=1), torch.full_like(row_amax, float("nan")), row_amax)
     amax = torch.zeros(num_experts + 1, device=x.device, dtype=torch.float32)
     amax = amax.scatter_reduce(0, ids, row_amax, reduce="amax", include_self=True)
-    has_nan = torch.zeros(num_experts + 1, device=x.device, dtype=torch.bool)
-    has_nan = has_nan.scatter_reduce(0, ids, row_amax.isnan(), reduce="amax", include_self=True)
-    amax = torch.where(has_nan, torch.full_like(amax, float("nan")), amax)
+    has_nan = torch.zeros(num_experts + 1, device=x.device, dtype=torch.float32)
+    has_nan = has_nan.scatter_reduce(0, ids, row_amax.isnan().float(), reduce="amax", include_self=True)
+    amax = torch.where(has_nan > 0, torch.full_like(amax, float("nan")), amax)
     counts = torch.bincount(ids, minlength=num_experts + 1)
     return amax[:num_experts], counts[:num_experts].to(torch.int64)
 

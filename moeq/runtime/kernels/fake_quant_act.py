@@ -76,6 +76,7 @@ def fake_quant_act(
 
         def grid(meta):
             return (triton.cdiv(x.shape[0], meta["BLOCK_M"]), triton.cdiv(x.shape[1], meta["BLOCK_K"]))
+
         _fake_quant_act_kernel[grid](
             x_in, out, offs, amax, x.shape[0], x.shape[1], x_in.stride(0), out.stride(0),
             NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts), PER_EXPERT=amax.numel() > 1,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
-NVFP4_GLOBAL_DIVISOR = 2688.0  # 6 * 448, exact in fp32
-NVFP4_SCALE_MIN = 0.001953125  # 2**-9
-_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (t + M) - M rounds |t| < 2**22 to an integer, ties to even
+FP8_MAX = tl.constexpr(448.0)
+NVFP4_GLOBAL_DIVISOR = tl.constexpr(2688.0)  # 6 * 448, exact in fp32
+NVFP4_SCALE_MIN = tl.constexpr(0.001953125)  # 2**-9
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (t + M) - M rounds |t| < 2**22 to an integer, ties to even
 
 
 @triton.jit
