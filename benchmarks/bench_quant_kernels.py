@@ -47,6 +47,25 @@ def loop_fake_quant(w, amax, fmt):
     return torch.stack([f.fake_quant(w[e], amax[e].reshape(1, 1), -1) for e in range(w.shape[0])])
 
 
+def calibration_forward(size: dict, shape: tuple[int, int]) -> tuple[float, float, list]:
+    tokens = torch.randint(0, 256, shape, device="cuda")
+    plain = tiny_model("qwen3_moe", torch.bfloat16, **size).cuda()
+    plain.set_experts_implementation("grouped_mm")
+    plain_c = torch.compile(plain)
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, **size).cuda(), moeq.NVFP4)
+    model_c = torch.compile(model, backend="moeq")
+    with torch.no_grad():
+        ms_plain = bench(lambda: plain_c(tokens))
+        with moeq.calibrate(model_c):
+            ms_calib = bench(lambda: model_c(tokens))
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                model_c(tokens)
+                torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    profile = [(e.key[:60], e.count, round(e.device_time_total / 1e3, 4)) for e in events[:12]]
+    return ms_calib, ms_plain, profile
+
+
 def main() -> None:
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
@@ -90,6 +109,7 @@ def main() -> None:
                      ms_loop=ms_loop, ms_inductor=ms_inductor, inductor_mismatch_fraction=inductor_mismatch)
             )  # fmt: skip
             print(f"{name} {fmt}: exact={exact} inductor mismatching elements={inductor_mismatch:.2e}", flush=True)
+            print("  ", rows[-1], flush=True)
     # calibration observer over 34k routed rows x 2048
     rows_n, k, e = 34816, 2048, 128
     x = torch.randn(rows_n, k, device="cuda", dtype=torch.bfloat16)
@@ -117,35 +137,21 @@ def main() -> None:
     )
     details["results"].append(dict(kernel="segment_amax", shape=[rows_n, k], exact=exact, ms=ms, TBps=tbs))
     print(f"segment_amax exact={exact}", flush=True)
-    # calibration forward of a compiled tiny HF MoE: moeq vs plain Inductor
-    tokens = torch.randint(0, 256, (8, 256), device="cuda")
-    plain = tiny_model("qwen3_moe", torch.bfloat16, hidden_size=512, moe_intermediate_size=256, num_experts=32).cuda()
-    plain.set_experts_implementation("grouped_mm")
-    plain_c = torch.compile(plain)
-    model = moeq.prepare(
-        tiny_model("qwen3_moe", torch.bfloat16, hidden_size=512, moe_intermediate_size=256, num_experts=32).cuda(),
-        moeq.NVFP4,
-    )
-    model_c = torch.compile(model, backend="moeq")
-    with torch.no_grad():
-        ms_plain = bench(lambda: plain_c(tokens))
-        with moeq.calibrate(model_c):
-            ms_calib = bench(lambda: model_c(tokens))
-    rows.append(
-        [
-            "calibration fwd (tiny Qwen3-MoE 512h/32e)",
-            "-",
-            "[8, 256] tokens",
-            f"{ms_calib:.3f}",
-            "-",
-            "-",
-            "-",
-            f"{ms_calib / ms_plain:.2f}x of plain",
-        ]
-    )
-    details["results"].append(
-        dict(kernel="calibration_forward", ms=ms_calib, ms_plain_compile=ms_plain, ratio=ms_calib / ms_plain)
-    )
+    # calibration forward of a compiled HF MoE: moeq (observers on) vs the same model compiled without moeq
+    for label, size, shape in (
+        ("tiny Qwen3-MoE 512h/32e", dict(hidden_size=512, moe_intermediate_size=256, num_experts=32), (8, 256)),
+        (
+            "small Qwen3-MoE 2048h/128e",
+            dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
+            (8, 1024),
+        ),
+    ):
+        ms_calib, ms_plain, profile = calibration_forward(size, shape)
+        rows.append([f"calibration fwd ({label})", "-", f"{list(shape)} tokens", f"{ms_calib:.3f}", "-", "-", "-",
+                     f"{ms_calib / ms_plain:.2f}x of plain ({ms_plain:.3f} ms)"])  # fmt: skip
+        details["results"].append(dict(kernel="calibration_forward", model=label, ms=ms_calib, ms_plain=ms_plain,
+                                       ratio=ms_calib / ms_plain, profile=profile))  # fmt: skip
+        print(label, f"{ms_calib:.3f} ms vs {ms_plain:.3f} ms", profile[:6], flush=True)
     header = ["what", "fmt", "shape", "ms", "TB/s", "vs copy", "vs loop", "vs Inductor"]
     from moeq.passes.explain import format_table
 

@@ -34,6 +34,8 @@ __all__ = [
     "pack_nibbles",
     "register_format",
     "round_to_e4m3",
+    "encode_e4m3",
+    "decode_e4m3",
     "unpack_nibbles",
     "available_formats",
 ]
@@ -91,14 +93,40 @@ def _k_last(scale: torch.Tensor, ndim: int, contraction_dim: int) -> torch.Tenso
 def round_to_e4m3(y: torch.Tensor) -> torch.Tensor:
     """Round fp32 ``y`` (``|y| <= 448``) to the float8_e4m3fn grid, ties to even, as fp32.
 
-    Done with exact fp32 operations instead of torch's float8 cast: on CUDA (torch 2.11, H200) that cast
-    does not round ties to even in the subnormal range (below 2**-6), so the spec would depend on the
-    device. After this, a cast to float8_e4m3fn is exact everywhere.
+    Done with exact fp32 operations instead of torch's float8 casts: on CUDA (torch 2.11, H200) the
+    float8_e4m3fn round trip gives wrong values in the subnormal range (below 2**-6), so the spec would
+    depend on the device. moeq's numerics never go through torch's float8 conversions;
+    :func:`encode_e4m3` / :func:`decode_e4m3` build and read the storage bits.
     """
     _, exponent = torch.frexp(y)
     exponent = torch.clamp(exponent - 1, min=-6)  # below 2**-6 the grid is uniform: step 2**-9
     quantum = torch.ldexp(torch.ones_like(y), exponent - 3)
     return torch.round(y / quantum) * quantum
+
+
+def encode_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn storage of fp32 values already on the e4m3 grid (see :func:`round_to_e4m3`)."""
+    a = v.abs()
+    _, exponent = torch.frexp(a)
+    exponent = exponent - 1
+    subnormal = a < 2.0**-6
+    normal_code = (exponent + 7).clamp(min=1) * 8 + (torch.ldexp(a, -exponent) - 1.0) * 8.0
+    code = torch.where(subnormal, a * 512.0, normal_code).to(torch.int32)
+    code = torch.where(torch.signbit(v), code | 0x80, code)
+    return code.to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+def decode_e4m3(q: torch.Tensor) -> torch.Tensor:
+    """fp32 values of float8_e4m3fn storage (0x7F / 0xFF are NaN)."""
+    bits = q.view(torch.uint8).to(torch.int32)
+    exponent, mantissa = (bits >> 3) & 0xF, bits & 0x7
+    mag = torch.where(
+        exponent == 0,
+        mantissa.float() * 2.0**-9,
+        torch.ldexp(8.0 + mantissa.float(), exponent - 10),
+    )
+    mag = torch.where((exponent == 15) & (mantissa == 7), torch.full_like(mag, float("nan")), mag)
+    return torch.where((bits & 0x80) != 0, -mag, mag)
 
 
 def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
@@ -239,22 +267,23 @@ class FP8E4M3(QuantFormat):
     def scale_from_amax(self, amax: torch.Tensor) -> torch.Tensor:
         return amax.float() / FP8_E4M3_MAX
 
-    def _codes(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        # clamp before rounding: the cast's overflow behaviour differs between devices and versions
+    def _grid(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``x / s`` clamped to +-448 (before rounding: overflow behaviour differs between devices) and
+        rounded to the e4m3 grid, as fp32."""
         y = (x.float() / _safe_divisor(scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
-        return round_to_e4m3(y).to(torch.float8_e4m3fn)
+        return round_to_e4m3(y)
 
     def fake_quant(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> torch.Tensor:
         scale = self.scale_from_amax(amax)
-        return (self._codes(x, scale).float() * scale).to(x.dtype)
+        return (self._grid(x, scale) * scale).to(x.dtype)
 
     def quantize(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> QuantizedTensor:
         scale = self.scale_from_amax(amax)
-        data = self._codes(x, scale).movedim(contraction_dim, -1)
+        data = encode_e4m3(self._grid(x, scale).movedim(contraction_dim, -1))
         return QuantizedTensor(self.name, data, _k_last(scale, x.dim(), contraction_dim))
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (q.data.float() * q.scale).to(dtype)
+        return (decode_e4m3(q.data) * q.scale).to(dtype)
 
 
 @register_format
@@ -268,10 +297,14 @@ class NVFP4(QuantFormat):
         return amax.float() / (E2M1_MAX * FP8_E4M3_MAX)
 
     def block_scales(self, block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+        """float8_e4m3fn block scales (storage form) of :meth:`block_scale_values`."""
+        return encode_e4m3(self.block_scale_values(block_amax, global_scale))
+
+    def block_scale_values(self, block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
         """e4m3 block scales ``clamp(a_b / (6 g), 2^-9, 448)``; a zero block (or zero ``g``) gets 1.0."""
         s = block_amax.float() / (E2M1_MAX * _safe_divisor(global_scale))
         s = torch.where((s == 0) | (global_scale == 0), torch.ones_like(s), s)
-        return round_to_e4m3(s.clamp(NVFP4_SCALE_MIN, FP8_E4M3_MAX)).to(torch.float8_e4m3fn)
+        return round_to_e4m3(s.clamp(NVFP4_SCALE_MIN, FP8_E4M3_MAX))
 
     def _blocked(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int):
         """Move K last and split it into 16-blocks; returns (blocks fp32, global scale, block amax)."""
@@ -284,8 +317,8 @@ class NVFP4(QuantFormat):
 
     def _quantize_blocks(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int):
         blocks, g, block_amax = self._blocked(x, amax, contraction_dim)
-        s_b = self.block_scales(block_amax, g)
-        scale = s_b.float() * g
+        s_b = self.block_scale_values(block_amax, g)
+        scale = s_b * g
         codes = e2m1_codes(blocks / _safe_divisor(scale))
         return codes, scale, s_b, g
 
@@ -298,10 +331,10 @@ class NVFP4(QuantFormat):
         codes, _, s_b, _ = self._quantize_blocks(x, amax, contraction_dim)
         packed = pack_nibbles(codes.reshape(*codes.shape[:-2], codes.shape[-2] * NVFP4_BLOCK))
         global_scale = _k_last(self.scale_from_amax(amax), x.dim(), contraction_dim)
-        return QuantizedTensor(self.name, packed, global_scale, s_b.squeeze(-1))
+        return QuantizedTensor(self.name, packed, global_scale, encode_e4m3(s_b.squeeze(-1)))
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = unpack_nibbles(q.data)
         blocks = e2m1_decode(codes).reshape(*codes.shape[:-1], codes.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
-        scale = q.block_scale.float().unsqueeze(-1) * q.scale.unsqueeze(-1)
+        scale = decode_e4m3(q.block_scale).unsqueeze(-1) * q.scale.unsqueeze(-1)
         return (blocks * scale).reshape(*codes.shape).to(dtype)

@@ -165,9 +165,15 @@ class ModelQuantState(nn.Module):
         return next((p for p in self.config.exclude if fnmatch.fnmatchcase(fqn, p)), None)
 
     def get_or_create(
-        self, fqn: str, weight_shape: tuple[int, ...], expert_dim: int, contraction_dim: int
+        self,
+        fqn: str,
+        weight_shape: tuple[int, ...],
+        expert_dim: int,
+        contraction_dim: int,
+        device: torch.device | None = None,
     ) -> ExpertQuantState:
-        """The state for ``fqn``; created on first sight, reused (with its statistics) afterwards."""
+        """The state for ``fqn`` on the weight's ``device``; created on first sight, reused (with its
+        statistics, moved if the model moved) afterwards."""
         if fqn in self:
             state = self[fqn]
             if state.weight_shape != tuple(weight_shape) or state.contraction_dim != contraction_dim:
@@ -175,8 +181,12 @@ class ModelQuantState(nn.Module):
                     f"{fqn}: graph sees weight shape {tuple(weight_shape)} (K dim {contraction_dim}) but its quant "
                     f"state was made for {state.weight_shape} (K dim {state.contraction_dim})"
                 )
+            if device is not None and state.weight_amax.device != device:
+                state.to(device)
             return state
         state = ExpertQuantState(fqn, weight_shape, expert_dim, contraction_dim, self.config)
+        if device is not None:
+            state.to(device)
         state.mode = self._mode
         self.experts[_module_key(fqn)] = state
         return state

@@ -96,6 +96,7 @@ class ExpertGemm:
     weight_fqn: str
     weight_shape: tuple[int, ...]
     weight_dtype: torch.dtype | None
+    weight_device: torch.device | None
     expert_dim: int  # in the parameter's layout
     contraction_dim: int  # in the parameter's layout
     input_expert_dim: int = 0  # batched forms (offs is None)
@@ -371,6 +372,7 @@ def _record(
         weight_fqn=trace.fqn,
         weight_shape=shape,
         weight_dtype=tensor.dtype if tensor is not None else None,
+        weight_device=tensor.device if tensor is not None else None,
         expert_dim=dims[op_expert_dim],
         contraction_dim=dims[op_k_dim],
         input_expert_dim=x_expert_dim,

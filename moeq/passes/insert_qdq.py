@@ -124,7 +124,9 @@ def insert_qdq(
         if state.excluded(rec.weight_fqn):
             continue
         _validate(rec, state)
-        est = state.get_or_create(rec.weight_fqn, rec.weight_shape, rec.expert_dim, rec.contraction_dim)
+        est = state.get_or_create(
+            rec.weight_fqn, rec.weight_shape, rec.expert_dim, rec.contraction_dim, rec.weight_device
+        )
         name = "moeq_" + rec.weight_fqn.replace(".", "_")
         if not lift_state and getattr(gm, name, None) is not est:
             gm.add_submodule(name, est)

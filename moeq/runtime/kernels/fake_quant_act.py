@@ -32,23 +32,27 @@ def _fake_quant_act_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < S) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs + cols[None, :], mask=mask, other=0.0)
+    # tile [BLOCK_M rows, BLOCK_K // 16 blocks, 16]: NVFP4 blocks along K are the last axis
+    row_ids = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row_ids[:, None, None]
+    cols = (
+        tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K // 16)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
+    )
+    mask = (rows < S) & (cols < K)
+    x = tl.load(x_ptr + rows.to(tl.int64) * stride_xs + cols, mask=mask, other=0.0)
     routed = rows < tl.load(offs_ptr + NUM_EXPERTS - 1)
     if PER_EXPERT:
-        expert = tl.minimum(expert_of_rows(offs_ptr, rows, NUM_EXPERTS, E_POW2), NUM_EXPERTS - 1)
-        amax = tl.load(amax_ptr + expert)[:, None]
+        expert = tl.minimum(expert_of_rows(offs_ptr, row_ids, NUM_EXPERTS, E_POW2), NUM_EXPERTS - 1)
+        amax = tl.load(amax_ptr + expert)[:, None, None]
     else:
         amax = tl.load(amax_ptr)
     xf = x.to(tl.float32)
     if IS_NVFP4:
-        q = fake_quant_nvfp4(xf, tl.broadcast_to(amax, (BLOCK_M, 1)), BLOCK_M, BLOCK_K)
+        q = fake_quant_nvfp4(xf, amax)
     else:
         q = fake_quant_fp8(xf, amax)
-    out = tl.where(routed[:, None], cast_like(q, out_ptr), x)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_os + cols[None, :], out, mask=mask)
+    out = tl.where(routed, cast_like(q, out_ptr), x)
+    tl.store(out_ptr + rows.to(tl.int64) * stride_os + cols, out, mask=mask)
 
 
 def fake_quant_act(

@@ -31,18 +31,22 @@ def _fake_quant_experts_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # the tile is [BLOCK_M, BLOCK_K // 16, 16]: NVFP4 blocks of 16 along K are the last axis, so the
+    # block reduction and broadcast need no reshape
     expert = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    w_offs = expert.to(tl.int64) * stride_we + rows[:, None] * stride_wm + cols[None, :] * stride_wk
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None, None]
+    cols = (
+        tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K // 16)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
+    )
+    mask = (rows < M) & (cols < K)
+    w_offs = expert.to(tl.int64) * stride_we + rows * stride_wm + cols * stride_wk
     w = tl.load(w_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
     amax = tl.load(amax_ptr + expert)
     if IS_NVFP4:
-        out = fake_quant_nvfp4(w, amax, BLOCK_M, BLOCK_K)
+        out = fake_quant_nvfp4(w, amax)
     else:
         out = fake_quant_fp8(w, amax)
-    o_offs = expert.to(tl.int64) * stride_oe + rows[:, None] * stride_om + cols[None, :] * stride_ok
+    o_offs = expert.to(tl.int64) * stride_oe + rows * stride_om + cols * stride_ok
     tl.store(out_ptr + o_offs, cast_like(out, out_ptr), mask=mask)
 
 

@@ -33,5 +33,15 @@ def tile_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 64})]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w)
-        for bm, bk, w in [(16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8), (8, 512, 4)]
+        for bm, bk, w in [(16, 128, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8), (32, 512, 8), (64, 256, 8)]
+    ]
+
+
+def observer_configs() -> list[triton.Config]:
+    """Autotuning candidates for segment_amax (one fixed tile under the interpreter)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_S": 16, "BLOCK_K": 64})]
+    return [
+        triton.Config({"BLOCK_S": bs, "BLOCK_K": bk}, num_warps=w)
+        for bs, bk, w in [(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (8, 1024, 4), (64, 512, 8)]
     ]

@@ -63,22 +63,19 @@ def fake_quant_fp8(x, amax):
 def nvfp4_block_scale(block_amax, g):
     """e4m3 block scale ``clamp(a_b / (6 g), 2^-9, 448)``, 1.0 for a zero block or zero ``g``."""
     s = tl.math.div_rn(block_amax, 6.0 * safe_divisor(g))
-    s = tl.where((s == 0.0) | (g == 0.0), 1.0, s)
+    s = tl.where(s == 0.0, 1.0, tl.where(g == 0.0, 1.0, s))
     s = tl.minimum(tl.maximum(s, NVFP4_SCALE_MIN), FP8_MAX)
     return round_e4m3(s)
 
 
 @triton.jit
-def fake_quant_nvfp4(x, amax, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """NVFP4 fake quant of a ``[BLOCK_M, BLOCK_K]`` tile whose K runs along axis 1 in 16-blocks;
-    ``amax`` is the per-row global amax ``[BLOCK_M, 1]`` (or a scalar)."""
+def fake_quant_nvfp4(blocks, amax):
+    """NVFP4 fake quant of a ``[BLOCK_M, BLOCK_K // 16, 16]`` tile (16-blocks along the last axis);
+    ``amax`` is the global amax, a scalar or per row ``[BLOCK_M, 1, 1]``."""
     g = tl.math.div_rn(amax, NVFP4_GLOBAL_DIVISOR)
-    blocks = tl.reshape(x, (BLOCK_M, BLOCK_K // 16, 16))
-    g3 = tl.reshape(tl.broadcast_to(g, (BLOCK_M, 1)), (BLOCK_M, 1, 1))
     block_amax = tl.max(tl.abs(blocks), axis=2, keep_dims=True)
-    scale = nvfp4_block_scale(block_amax, g3) * g3
-    q = round_e2m1(tl.math.div_rn(blocks, safe_divisor(scale)))
-    return tl.reshape(q * scale, (BLOCK_M, BLOCK_K))
+    scale = nvfp4_block_scale(block_amax, g) * g
+    return round_e2m1(tl.math.div_rn(blocks, safe_divisor(scale))) * scale
 
 
 @triton.jit

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq.runtime.kernels.launch import check_float, run_kernel
+from moeq.runtime.kernels.launch import check_float, observer_configs, run_kernel
 
 __all__ = ["segment_amax", "segment_amax_"]
 
@@ -19,6 +19,7 @@ def expert_of_rows(offs_ptr, rows, NUM_EXPERTS: tl.constexpr, E_POW2: tl.constex
     return tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
 
 
+@triton.autotune(configs=observer_configs(), key=["K", "NUM_EXPERTS"], restore_value=["amax_ptr", "counts_ptr"])
 @triton.jit
 def _segment_amax_kernel(
     x_ptr,
@@ -76,11 +77,12 @@ def segment_amax_(
     x = x if x.stride(1) == 1 else x.contiguous()
 
     def launch() -> None:
-        block_s = 16
-        _segment_amax_kernel[(triton.cdiv(x.shape[0], block_s),)](
+        def grid(meta):
+            return (triton.cdiv(x.shape[0], meta["BLOCK_S"]),)
+
+        _segment_amax_kernel[grid](
             x, offs, running_amax, running_counts, x.shape[0], x.shape[1], x.stride(0),
-            NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts), BLOCK_S=block_s,
-            BLOCK_K=min(512, triton.next_power_of_2(max(x.shape[1], 16))),
+            NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts),
         )  # fmt: skip
 
     def reference() -> None:
