@@ -235,8 +235,8 @@ _TRITON_ENABLED = True
 
 @contextlib.contextmanager
 def reference_kernels() -> Iterator[None]:
-    """Within the block, CUDA tensors take the plain-torch reference path instead of the Triton kernels
-    (to compare the two on the same device)."""
+    """Within the block, the moeq ops on CUDA tensors run the plain-torch reference on the CPU (the
+    spec's own device) instead of the Triton kernels, and copy the result back: to compare the two."""
     global _TRITON_ENABLED
     previous, _TRITON_ENABLED = _TRITON_ENABLED, False
     try:
@@ -253,13 +253,19 @@ def _register_cuda_kernels() -> None:
 
     @fake_quant_weight.register_kernel("cuda")
     def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
-        if not _TRITON_ENABLED or w.dim() != 3 or expert_dim % 3 != 0:
+        if not _TRITON_ENABLED:
+            return _fake_quant_weight_reference(w.cpu(), amax.cpu(), fmt, expert_dim, contraction_dim).to(w.device)
+        if w.dim() != 3 or expert_dim % 3 != 0:
             return _fake_quant_weight_reference(w, amax, fmt, expert_dim, contraction_dim)
         return kernels.fake_quant_experts(w, amax, fmt, contraction_dim)
 
     @fake_quant_act.register_kernel("cuda")
     def _(x: Tensor, offs: Tensor | None, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
-        if not _TRITON_ENABLED or offs is None or x.dim() != 2 or contraction_dim % 2 != 1:
+        if not _TRITON_ENABLED:
+            offs_cpu = offs.cpu() if offs is not None else None
+            out = _fake_quant_act_reference(x.cpu(), offs_cpu, amax.cpu(), fmt, expert_dim, contraction_dim)
+            return out.to(x.device)
+        if offs is None or x.dim() != 2 or contraction_dim % 2 != 1:
             return _fake_quant_act_reference(x, offs, amax, fmt, expert_dim, contraction_dim)
         return kernels.fake_quant_act(x, offs, amax, fmt)
 
@@ -272,7 +278,14 @@ def _register_cuda_kernels() -> None:
         expert_dim: int,
         contraction_dim: int,
     ) -> None:
-        if not _TRITON_ENABLED or offs is None or x.dim() != 2:
+        if not _TRITON_ENABLED:
+            amax_cpu, counts_cpu = running_amax.cpu(), running_counts.cpu()
+            offs_cpu = offs.cpu() if offs is not None else None
+            _observe_segments_reference(x.cpu(), offs_cpu, amax_cpu, counts_cpu, expert_dim, contraction_dim)
+            running_amax.copy_(amax_cpu)
+            running_counts.copy_(counts_cpu)
+            return None
+        if offs is None or x.dim() != 2:
             return _observe_segments_reference(x, offs, running_amax, running_counts, expert_dim, contraction_dim)
         kernels.segment_amax_(x, offs, running_amax, running_counts)
         return None

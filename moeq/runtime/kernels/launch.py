@@ -43,5 +43,5 @@ def observer_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_S": 16, "BLOCK_K": 64})]
     return [
         triton.Config({"BLOCK_S": bs, "BLOCK_K": bk}, num_warps=w)
-        for bs, bk, w in [(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (8, 1024, 4), (64, 512, 8)]
+        for bs, bk, w in [(32, 256, 4), (64, 256, 8), (32, 512, 8), (64, 512, 8), (128, 256, 8), (16, 1024, 8)]
     ]

@@ -34,22 +34,32 @@ def _segment_amax_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # grid: (row tiles, K tiles). Rows are sorted by expert, so a tile almost always belongs to one
+    # expert: then it issues a single atomic instead of one per row.
     rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     total = tl.load(offs_ptr + NUM_EXPERTS - 1)
     valid = rows < tl.minimum(S, total)
-    row_amax = tl.zeros((BLOCK_S,), dtype=tl.float32)
-    row_nan = tl.zeros((BLOCK_S,), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = valid[:, None] & (cols[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs + cols[None, :], mask=mask, other=0.0)
-        x = tl.abs(x.to(tl.float32))
-        row_amax = tl.maximum(row_amax, tl.max(x, axis=1))
-        row_nan = tl.maximum(row_nan, tl.max((x != x).to(tl.int32), axis=1))
-    row_amax = tl.where(row_nan > 0, float("nan"), row_amax)
+    mask = valid[:, None] & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs + cols[None, :], mask=mask, other=0.0)
+    x = tl.abs(x.to(tl.float32))
+    row_nan = tl.max((x != x).to(tl.int32), axis=1)
+    row_amax = tl.where(row_nan > 0, float("nan"), tl.max(x, axis=1))
     expert = expert_of_rows(offs_ptr, rows, NUM_EXPERTS, E_POW2)
-    tl.atomic_max(amax_ptr + expert, row_amax, mask=valid)
-    tl.atomic_add(counts_ptr + expert, tl.full((BLOCK_S,), 1, tl.int64), mask=valid)
+    first = tl.min(tl.where(valid, expert, NUM_EXPERTS), axis=0)
+    last = tl.max(tl.where(valid, expert, -1), axis=0)
+    count_here = tl.program_id(1) == 0
+    if first == last:
+        tile_nan = tl.max(tl.where(valid, row_nan, 0), axis=0)
+        tile_amax = tl.max(tl.where(valid, row_amax, 0.0), axis=0)
+        tile_amax = tl.where(tile_nan > 0, float("nan"), tile_amax)
+        tl.atomic_max(amax_ptr + first, tile_amax)
+        if count_here:
+            tl.atomic_add(counts_ptr + first, tl.sum(valid.to(tl.int64), axis=0))
+    elif first < last:
+        tl.atomic_max(amax_ptr + expert, row_amax, mask=valid)
+        if count_here:
+            tl.atomic_add(counts_ptr + expert, tl.full((BLOCK_S,), 1, tl.int64), mask=valid)
 
 
 def _check(x: torch.Tensor, offs: torch.Tensor, num_experts: int) -> None:
@@ -78,7 +88,7 @@ def segment_amax_(
 
     def launch() -> None:
         def grid(meta):
-            return (triton.cdiv(x.shape[0], meta["BLOCK_S"]),)
+            return (triton.cdiv(x.shape[0], meta["BLOCK_S"]), triton.cdiv(x.shape[1], meta["BLOCK_K"]))
 
         _segment_amax_kernel[grid](
             x, offs, running_amax, running_counts, x.shape[0], x.shape[1], x.stride(0),
