@@ -93,24 +93,33 @@ def _k_last(scale: torch.Tensor, ndim: int, contraction_dim: int) -> torch.Tenso
 def round_to_e4m3(y: torch.Tensor) -> torch.Tensor:
     """Round fp32 ``y`` (``|y| <= 448``) to the float8_e4m3fn grid, ties to even, as fp32.
 
-    Done with exact fp32 operations instead of torch's float8 casts: on CUDA (torch 2.11, H200) the
-    float8_e4m3fn round trip gives wrong values in the subnormal range (below 2**-6), so the spec would
-    depend on the device. moeq's numerics never go through torch's float8 conversions;
-    :func:`encode_e4m3` / :func:`decode_e4m3` build and read the storage bits.
+    Built from the fp32 bits with exact operations only. On an H200 with torch 2.11, the same spec written
+    with torch's float8_e4m3fn cast (and again with frexp/ldexp) gave different values on CUDA than on CPU
+    for e4m3 subnormals; this form gives identical results on both (BENCHMARKS.md). moeq's numerics never
+    go through torch's float8 conversions: :func:`encode_e4m3` / :func:`decode_e4m3` make the storage bits.
     """
-    _, exponent = torch.frexp(y)
-    exponent = torch.clamp(exponent - 1, min=-6)  # below 2**-6 the grid is uniform: step 2**-9
-    quantum = torch.ldexp(torch.ones_like(y), exponent - 3)
-    return torch.round(y / quantum) * quantum
+    y = y.float()
+    exponent = _exponent(y).clamp(min=-6)  # below 2**-6 the grid is uniform: step 2**-9
+    quantum = _pow2(exponent - 3)
+    return torch.round(y * _pow2(3 - exponent)) * quantum
+
+
+def _exponent(a: torch.Tensor) -> torch.Tensor:
+    """floor(log2|a|) of fp32 normals, read from the bits (exact on every device; frexp/ldexp are not)."""
+    return ((a.view(torch.int32) >> 23) & 0xFF) - 127
+
+
+def _pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """2**exponent as fp32, built from the bits (normal range)."""
+    return ((exponent + 127) << 23).to(torch.int32).view(torch.float32)
 
 
 def encode_e4m3(v: torch.Tensor) -> torch.Tensor:
     """float8_e4m3fn storage of fp32 values already on the e4m3 grid (see :func:`round_to_e4m3`)."""
-    a = v.abs()
-    _, exponent = torch.frexp(a)
-    exponent = exponent - 1
+    a = v.float().abs()
+    exponent = _exponent(a)
     subnormal = a < 2.0**-6
-    normal_code = (exponent + 7).clamp(min=1) * 8 + (torch.ldexp(a, -exponent) - 1.0) * 8.0
+    normal_code = (exponent + 7).clamp(min=1) * 8 + (a * _pow2(-exponent.clamp(min=-6)) - 1.0) * 8.0
     code = torch.where(subnormal, a * 512.0, normal_code).to(torch.int32)
     code = torch.where(torch.signbit(v), code | 0x80, code)
     return code.to(torch.uint8).view(torch.float8_e4m3fn)
@@ -123,7 +132,7 @@ def decode_e4m3(q: torch.Tensor) -> torch.Tensor:
     mag = torch.where(
         exponent == 0,
         mantissa.float() * 2.0**-9,
-        torch.ldexp(8.0 + mantissa.float(), exponent - 10),
+        (8.0 + mantissa.float()) * _pow2(exponent - 10),
     )
     mag = torch.where((exponent == 15) & (mantissa == 7), torch.full_like(mag, float("nan")), mag)
     return torch.where((bits & 0x80) != 0, -mag, mag)

@@ -78,3 +78,15 @@ def test_compiled_model_triton_equals_reference_path(config):
     assert torch.equal(a, b)
     for fqn in stats_a:
         assert torch.equal(stats_a[fqn][0], stats_b[fqn][0]) and torch.equal(stats_a[fqn][1], stats_b[fqn][1])
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_formats_same_on_cuda_and_cpu(fmt):
+    """formats.py itself is device-independent: evaluated by torch on CUDA it equals the CPU result."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(16, 256, 512, generator=g) * 0.02).to(torch.bfloat16)
+    amax = expand_per_expert(expert_amax(w), 3)
+    f = get_format(fmt)
+    assert torch.equal(f.fake_quant(w.cuda(), amax.cuda(), -1).cpu(), f.fake_quant(w, amax, -1))
+    q_cuda, q_cpu = f.quantize(w.cuda(), amax.cuda(), -1), f.quantize(w, amax, -1)
+    assert torch.equal(q_cuda.data.cpu().view(torch.uint8), q_cpu.data.view(torch.uint8))
