@@ -138,6 +138,19 @@ def decode_e4m3(q: torch.Tensor) -> torch.Tensor:
     return torch.where((bits & 0x80) != 0, -mag, mag)
 
 
+def _div(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """Correctly rounded fp32 ``a / b`` on every device: the quotient of two fp32 numbers computed in
+    fp64 and rounded once to fp32 is the IEEE fp32 quotient (53 >= 2 * 24 + 2 bits). torch's own fp32
+    division on CUDA broke ties of the spec differently from the CPU (BENCHMARKS.md)."""
+    b = b.double() if isinstance(b, torch.Tensor) else float(b)
+    return (a.double() / b).float()
+
+
+def _mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 ``a * b`` on every device (exact product in fp64, one rounding)."""
+    return (a.double() * b.double()).float()
+
+
 def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
     """A zero scale means an all-zero tensor: divide by 1 instead (the result is multiplied by 0)."""
     return torch.where(scale == 0, torch.ones_like(scale), scale)
@@ -274,17 +287,17 @@ class FP8E4M3(QuantFormat):
     name = "fp8"
 
     def scale_from_amax(self, amax: torch.Tensor) -> torch.Tensor:
-        return amax.float() / FP8_E4M3_MAX
+        return _div(amax.float(), FP8_E4M3_MAX)
 
     def _grid(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``x / s`` clamped to +-448 (before rounding: overflow behaviour differs between devices) and
         rounded to the e4m3 grid, as fp32."""
-        y = (x.float() / _safe_divisor(scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+        y = _div(x.float(), _safe_divisor(scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
         return round_to_e4m3(y)
 
     def fake_quant(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> torch.Tensor:
         scale = self.scale_from_amax(amax)
-        return (self._grid(x, scale) * scale).to(x.dtype)
+        return _mul(self._grid(x, scale), scale).to(x.dtype)
 
     def quantize(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> QuantizedTensor:
         scale = self.scale_from_amax(amax)
@@ -292,7 +305,7 @@ class FP8E4M3(QuantFormat):
         return QuantizedTensor(self.name, data, _k_last(scale, x.dim(), contraction_dim))
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (decode_e4m3(q.data) * q.scale).to(dtype)
+        return _mul(decode_e4m3(q.data), q.scale).to(dtype)
 
 
 @register_format
@@ -303,7 +316,7 @@ class NVFP4(QuantFormat):
     block_size = NVFP4_BLOCK
 
     def scale_from_amax(self, amax: torch.Tensor) -> torch.Tensor:
-        return amax.float() / (E2M1_MAX * FP8_E4M3_MAX)
+        return _div(amax.float(), E2M1_MAX * FP8_E4M3_MAX)
 
     def block_scales(self, block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
         """float8_e4m3fn block scales (storage form) of :meth:`block_scale_values`."""
@@ -311,7 +324,7 @@ class NVFP4(QuantFormat):
 
     def block_scale_values(self, block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
         """e4m3 block scales ``clamp(a_b / (6 g), 2^-9, 448)``; a zero block (or zero ``g``) gets 1.0."""
-        s = block_amax.float() / (E2M1_MAX * _safe_divisor(global_scale))
+        s = _div(block_amax.float(), _mul(torch.full_like(global_scale, E2M1_MAX), _safe_divisor(global_scale)))
         s = torch.where((s == 0) | (global_scale == 0), torch.ones_like(s), s)
         return round_to_e4m3(s.clamp(NVFP4_SCALE_MIN, FP8_E4M3_MAX))
 
@@ -327,13 +340,13 @@ class NVFP4(QuantFormat):
     def _quantize_blocks(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int):
         blocks, g, block_amax = self._blocked(x, amax, contraction_dim)
         s_b = self.block_scale_values(block_amax, g)
-        scale = s_b * g
-        codes = e2m1_codes(blocks / _safe_divisor(scale))
+        scale = _mul(s_b, g)
+        codes = e2m1_codes(_div(blocks, _safe_divisor(scale)))
         return codes, scale, s_b, g
 
     def fake_quant(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> torch.Tensor:
         codes, scale, _, _ = self._quantize_blocks(x, amax, contraction_dim)
-        xk = (e2m1_decode(codes) * scale).reshape(*codes.shape[:-2], codes.shape[-2] * NVFP4_BLOCK)
+        xk = _mul(e2m1_decode(codes), scale).reshape(*codes.shape[:-2], codes.shape[-2] * NVFP4_BLOCK)
         return xk.movedim(-1, contraction_dim).to(x.dtype)
 
     def quantize(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int = -1) -> QuantizedTensor:
@@ -345,5 +358,5 @@ class NVFP4(QuantFormat):
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = unpack_nibbles(q.data)
         blocks = e2m1_decode(codes).reshape(*codes.shape[:-1], codes.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
-        scale = decode_e4m3(q.block_scale).unsqueeze(-1) * q.scale.unsqueeze(-1)
-        return (blocks * scale).reshape(*codes.shape).to(dtype)
+        scale = _mul(decode_e4m3(q.block_scale).unsqueeze(-1), q.scale.unsqueeze(-1))
+        return _mul(blocks, scale).reshape(*codes.shape).to(dtype)
