@@ -10,7 +10,7 @@ from torch import fx, nn
 from moeq.config import NVFP4, QuantConfig
 from moeq.integrations.hf import use_grouped_experts
 from moeq.passes.insert_qdq import rewrite_graph
-from moeq.state import ModelQuantState, attach_state, get_state, owner_of
+from moeq.state import MODES, ModelQuantState, attach_state, get_state, owner_of
 
 __all__ = ["prepare", "quantize_graph"]
 
@@ -18,10 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 def _mode_guard(module: nn.Module, args: Any) -> None:
-    # Reading the mode here makes Dynamo guard on it: a mode change recompiles the graph.
-    if module._moeq_mode.value == "quantize":
-        return None
-    return None
+    """Forward pre-hook on modules that own expert weights. Dynamo traces it, so comparing the mode here
+    makes Dynamo guard on its value: a mode change recompiles the graph (statistics live on the model)."""
+    if module._moeq_mode.value not in MODES:
+        raise ValueError(f"invalid moeq mode {module._moeq_mode.value!r}")
 
 
 def prepare(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
