@@ -32,16 +32,24 @@ def _reference_experts_forward(module, hidden_states, top_k_index, top_k_weights
         amax = state.input_amax[0] if state.input_amax.numel() == 1 else state.input_amax[e]
         return fmt_a.fake_quant(x, amax.reshape(1, 1), -1)
 
+    # HF stores W[e] as [N, K] (x @ W.T), GPT-OSS as [K, N] (x @ W, "transposed") plus biases
+    transposed = getattr(module, "is_transposed", False)
+    k_dim = 0 if transposed else 1
+
+    def linear(x, weight, state, e, bias):
+        w = fmt_w.fake_quant(weight[e], state.weight_amax[e].reshape(1, 1), k_dim)
+        y = x @ w if transposed else F.linear(x, w)
+        return y + bias[e] if bias is not None else y
+
+    gate_up_bias = getattr(module, "gate_up_proj_bias", None)
+    down_bias = getattr(module, "down_proj_bias", None)
     for e in range(module.gate_up_proj.shape[0]):
         token, slot = torch.where(top_k_index == e)
         if token.numel() == 0:
             continue
         x = act_q(hidden_states[token], gate_up_state, e)
-        w_gate_up = fmt_w.fake_quant(module.gate_up_proj[e], gate_up_state.weight_amax[e].reshape(1, 1), -1)
-        gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
-        h = act_q(module.act_fn(gate) * up, down_state, e)
-        w_down = fmt_w.fake_quant(module.down_proj[e], down_state.weight_amax[e].reshape(1, 1), -1)
-        y = F.linear(h, w_down) * top_k_weights[token, slot, None]
+        h = act_q(module._apply_gate(linear(x, module.gate_up_proj, gate_up_state, e, gate_up_bias)), down_state, e)
+        y = linear(h, module.down_proj, down_state, e, down_bias) * top_k_weights[token, slot, None]
         out.index_add_(0, token, y)
     return out
 
@@ -65,6 +73,8 @@ CASES = [
     ("olmoe", "FP8", 5),
     ("deepseek_v3", "NVFP4", 6),
     ("deepseek_v3", "FP8", 7),
+    ("gpt_oss", "NVFP4", 8),
+    ("gpt_oss", "FP8", 9),
 ]
 
 
