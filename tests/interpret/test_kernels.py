@@ -11,10 +11,13 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from moeq.formats import expand_per_expert, expert_amax, get_format
+from moeq.formats import e2m1_round, expand_per_expert, expert_amax, get_format, round_to_e4m3
 from moeq.lowering import ops
 from moeq.runtime import kernels
+from moeq.runtime.kernels.numerics import round_e2m1, round_e4m3, round_to_bf16
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -127,3 +130,35 @@ def test_expert_weight_amax(shape, k_dim, with_blocks):
         assert torch.equal(blocks, expected)
     else:
         assert blocks is None
+
+
+@triton.jit
+def _apply_roundings(x_ptr, e2m1_ptr, e4m3_ptr, bf16_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < N)
+    tl.store(e2m1_ptr + offs, round_e2m1(x), mask=offs < N)
+    tl.store(e4m3_ptr + offs, round_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0)), mask=offs < N)
+    tl.store(bf16_ptr + offs, round_to_bf16(x), mask=offs < N)
+
+
+def test_device_rounding_functions():
+    """round_e2m1 / round_e4m3 / round_to_bf16 device functions: every tie, saturation, signs, NaN."""
+
+    grid_e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid_e4m3 = grid_e4m3[grid_e4m3.isfinite()].sort().values
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 1.9999999, 2.0, 3.9999998, 4.0, 5.0000005, 6.0, 6.5, 100.0]
+    x = torch.cat(
+        [
+            torch.tensor(ties + [-t for t in ties] + [0.0, -0.0, -0.1, float("nan")]),
+            (grid_e4m3[:-1] + grid_e4m3[1:]) / 2,
+            torch.randn(4000, generator=torch.Generator().manual_seed(0)) * 3,
+        ]
+    )
+    outs = [torch.empty_like(x) for _ in range(3)]
+    _apply_roundings[(triton.cdiv(x.numel(), 256),)](x, *outs, x.numel(), BLOCK=256)
+    assert torch.equal(outs[0].nan_to_num(7.0), e2m1_round(x).nan_to_num(7.0))
+    assert torch.equal(outs[0].signbit(), e2m1_round(x).signbit())
+    clamped = x.clamp(-448, 448)
+    finite = clamped.isfinite()
+    assert torch.equal(outs[1][finite], round_to_e4m3(clamped)[finite])
+    assert torch.equal(outs[2][finite], x[finite].to(torch.bfloat16).float())

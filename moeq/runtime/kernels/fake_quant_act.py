@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from moeq.formats import QuantFormat, get_format
-from moeq.runtime.kernels.launch import check_float, run_kernel, tile_configs
+from moeq.runtime.kernels.launch import check_float, interpreting, run_kernel, tile_configs
 from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4
 from moeq.runtime.kernels.segment_amax import expert_of_rows
 
@@ -29,6 +29,7 @@ def _fake_quant_act_kernel(
     E_POW2: tl.constexpr,
     PER_EXPERT: tl.constexpr,
     IS_NVFP4: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -51,7 +52,7 @@ def _fake_quant_act_kernel(
         q = fake_quant_nvfp4(xf, amax)
     else:
         q = fake_quant_fp8(xf, amax)
-    out = tl.where(routed, cast_like(q, out_ptr), x)
+    out = tl.where(routed, cast_like(q, out_ptr, INTERPRET), x)
     tl.store(out_ptr + rows.to(tl.int64) * stride_os + cols, out, mask=mask)
 
 
@@ -84,7 +85,7 @@ def fake_quant_act(
         _fake_quant_act_kernel[grid](
             x_in, out, offs, amax, x.shape[0], x.shape[1], x_in.stride(0), out.stride(0),
             NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts), PER_EXPERT=amax.numel() > 1,
-            IS_NVFP4=fmt.name == "nvfp4",
+            IS_NVFP4=fmt.name == "nvfp4", INTERPRET=interpreting(),
         )  # fmt: skip
         return out
 

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from moeq.formats import QuantFormat, get_format
-from moeq.runtime.kernels.launch import check_float, run_kernel, tile_configs
+from moeq.runtime.kernels.launch import check_float, interpreting, run_kernel, tile_configs
 from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4
 
 __all__ = ["fake_quant_experts"]
@@ -28,6 +28,7 @@ def _fake_quant_experts_kernel(
     stride_om,
     stride_ok,
     IS_NVFP4: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -47,7 +48,7 @@ def _fake_quant_experts_kernel(
     else:
         out = fake_quant_fp8(w, amax)
     o_offs = expert.to(tl.int64) * stride_oe + rows * stride_om + cols * stride_ok
-    tl.store(out_ptr + o_offs, cast_like(out, out_ptr), mask=mask)
+    tl.store(out_ptr + o_offs, cast_like(out, out_ptr, INTERPRET), mask=mask)
 
 
 def fake_quant_experts(
@@ -82,7 +83,7 @@ def fake_quant_experts(
             w, out, amax, M, K,
             w.stride(0), w.stride(m_dim), w.stride(k_dim),
             out.stride(0), out.stride(m_dim), out.stride(k_dim),
-            IS_NVFP4=fmt.name == "nvfp4",
+            IS_NVFP4=fmt.name == "nvfp4", INTERPRET=interpreting(),
         )  # fmt: skip
         return out
 

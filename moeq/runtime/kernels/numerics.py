@@ -38,15 +38,16 @@ def round_e4m3(y):
 @triton.jit
 def round_e2m1(v):
     """Round fp32 ``v`` to E2M1 {0, .5, 1, 1.5, 2, 3, 4, 6} with ties to the even code, saturating;
-    the sign follows ``v < 0`` and NaN becomes 0, as in ``formats.e2m1_codes``."""
+    the sign follows ``v < 0`` and NaN becomes 0, as in ``formats.e2m1_codes``.
+
+    The grid has step 1/2 below 2, 1 below 4 and 2 above, and on each piece the even codes are the even
+    multiples of the step, so scaling to steps and rounding ties to even (through the fp32 adder) gives
+    the spec's tie rule with a handful of instructions instead of seven compare-selects.
+    """
     a = tl.abs(v)
-    r = tl.where(a > 0.25, 0.5, 0.0)
-    r = tl.where(a >= 0.75, 1.0, r)
-    r = tl.where(a > 1.25, 1.5, r)
-    r = tl.where(a >= 1.75, 2.0, r)
-    r = tl.where(a > 2.5, 3.0, r)
-    r = tl.where(a >= 3.5, 4.0, r)
-    r = tl.where(a > 5.0, 6.0, r)
+    steps = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
+    r = ((a * steps + _RNE_MAGIC) - _RNE_MAGIC) * (1.0 / steps)
+    r = tl.where(a == a, tl.minimum(r, 6.0), 0.0)
     return tl.where(v < 0, -r, r)
 
 
@@ -88,8 +89,9 @@ def round_to_bf16(x):
 
 
 @triton.jit
-def cast_like(x, ptr):
-    """Cast an fp32 tile to ``ptr``'s element type with round-to-nearest-even."""
-    if ptr.dtype.element_ty == tl.bfloat16:
+def cast_like(x, ptr, INTERPRET: tl.constexpr):
+    """Cast an fp32 tile to ``ptr``'s element type with round-to-nearest-even (the GPU's conversion
+    already is; the interpreter's fp32 -> bf16 is not, so there it rounds by hand first)."""
+    if INTERPRET and ptr.dtype.element_ty == tl.bfloat16:
         x = round_to_bf16(x)
     return x.to(ptr.dtype.element_ty)
