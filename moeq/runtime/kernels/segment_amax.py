@@ -35,31 +35,35 @@ def _segment_amax_kernel(
     BLOCK_K: tl.constexpr,
 ):
     # grid: (row tiles, K tiles). Rows are sorted by expert, so a tile almost always belongs to one
-    # expert: then it issues a single atomic instead of one per row.
-    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    # expert: that is decided from its first and last row alone, and then the tile issues one atomic
+    # and never computes per-row expert ids.
+    row0 = tl.program_id(0) * BLOCK_S
+    rows = row0 + tl.arange(0, BLOCK_S)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    total = tl.load(offs_ptr + NUM_EXPERTS - 1)
-    valid = rows < tl.minimum(S, total)
+    end = tl.minimum(S, tl.load(offs_ptr + NUM_EXPERTS - 1))
+    valid = rows < end
     mask = valid[:, None] & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs + cols[None, :], mask=mask, other=0.0)
     x = tl.abs(x.to(tl.float32))
-    row_nan = tl.max((x != x).to(tl.int32), axis=1)
-    row_amax = tl.where(row_nan > 0, float("nan"), tl.max(x, axis=1))
-    expert = expert_of_rows(offs_ptr, rows, NUM_EXPERTS, E_POW2)
-    first = tl.min(tl.where(valid, expert, NUM_EXPERTS), axis=0)
-    last = tl.max(tl.where(valid, expert, -1), axis=0)
     count_here = tl.program_id(1) == 0
-    if first == last:
-        tile_nan = tl.max(tl.where(valid, row_nan, 0), axis=0)
-        tile_amax = tl.max(tl.where(valid, row_amax, 0.0), axis=0)
-        tile_amax = tl.where(tile_nan > 0, float("nan"), tile_amax)
-        tl.atomic_max(amax_ptr + first, tile_amax)
-        if count_here:
-            tl.atomic_add(counts_ptr + first, tl.sum(valid.to(tl.int64), axis=0))
-    elif first < last:
-        tl.atomic_max(amax_ptr + expert, row_amax, mask=valid)
-        if count_here:
-            tl.atomic_add(counts_ptr + expert, tl.full((BLOCK_S,), 1, tl.int64), mask=valid)
+    experts = tl.arange(0, E_POW2)
+    ends = tl.load(offs_ptr + experts, mask=experts < NUM_EXPERTS, other=2147483647)
+    first = tl.sum((ends <= row0).to(tl.int32), axis=0)
+    last = tl.sum((ends <= tl.minimum(row0 + BLOCK_S, end) - 1).to(tl.int32), axis=0)
+    if row0 < end:
+        if first == last:
+            tile_nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0)
+            tile_amax = tl.max(tl.max(x, axis=1), axis=0)
+            tl.atomic_max(amax_ptr + first, tl.where(tile_nan > 0, float("nan"), tile_amax))
+            if count_here:
+                tl.atomic_add(counts_ptr + first, tl.sum(valid.to(tl.int64), axis=0))
+        else:
+            row_nan = tl.max((x != x).to(tl.int32), axis=1)
+            row_amax = tl.where(row_nan > 0, float("nan"), tl.max(x, axis=1))
+            expert = expert_of_rows(offs_ptr, rows, NUM_EXPERTS, E_POW2)
+            tl.atomic_max(amax_ptr + expert, row_amax, mask=valid)
+            if count_here:
+                tl.atomic_add(counts_ptr + expert, tl.full((BLOCK_S,), 1, tl.int64), mask=valid)
 
 
 def _check(x: torch.Tensor, offs: torch.Tensor, num_experts: int) -> None:
