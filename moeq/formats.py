@@ -38,6 +38,8 @@ __all__ = [
     "decode_e4m3",
     "unpack_nibbles",
     "available_formats",
+    "block_amax",
+    "nvfp4_blocks",
 ]
 
 FP8_E4M3_MAX = 448.0
@@ -72,6 +74,17 @@ def expert_amax(w: torch.Tensor, expert_dim: int = 0) -> torch.Tensor:
     if w.numel() == 0:
         return torch.zeros(w.shape[0], device=w.device)
     return w.abs().reshape(w.shape[0], w[0].numel()).amax(dim=1).float()
+
+
+def nvfp4_blocks(x: torch.Tensor, contraction_dim: int) -> torch.Tensor:
+    """fp32 view of ``x`` with the contraction dim moved last and split into 16-blocks ``[..., K/16, 16]``."""
+    xk = x.float().movedim(contraction_dim, -1)
+    return xk.reshape(*xk.shape[:-1], xk.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
+
+
+def block_amax(x: torch.Tensor, contraction_dim: int) -> torch.Tensor:
+    """NVFP4 per-16-block ``max|x|`` along the contraction dim (moved last), fp32 ``[..., K/16]``."""
+    return nvfp4_blocks(x.detach(), contraction_dim).abs().amax(dim=-1)
 
 
 def expand_per_expert(amax: torch.Tensor, ndim: int, expert_dim: int = 0) -> torch.Tensor:
@@ -331,8 +344,7 @@ class NVFP4(QuantFormat):
     def _blocked(self, x: torch.Tensor, amax: torch.Tensor, contraction_dim: int):
         """Move K last and split it into 16-blocks; returns (blocks fp32, global scale, block amax)."""
         self.check_shape(x.shape, contraction_dim)
-        xk = x.float().movedim(contraction_dim, -1)
-        blocks = xk.reshape(*xk.shape[:-1], xk.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
+        blocks = nvfp4_blocks(x, contraction_dim)
         g = _k_last(self.scale_from_amax(amax), x.dim(), contraction_dim).unsqueeze(-1)
         block_amax = blocks.abs().amax(dim=-1, keepdim=True)
         return blocks, g, block_amax

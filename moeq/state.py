@@ -129,7 +129,6 @@ class ModelQuantState(nn.Module):
         super().__init__()
         self.config = config
         self.experts = nn.ModuleDict()
-        self._mode = "off"
         self.mode_box = ModeBox()
         self.finalized = False
         #: number of calibrate() sessions run since the last reset
@@ -187,20 +186,19 @@ class ModelQuantState(nn.Module):
         state = ExpertQuantState(fqn, weight_shape, expert_dim, contraction_dim, self.config)
         if device is not None:
             state.to(device)
-        state.mode = self._mode
+        state.mode = self.mode
         self.experts[_module_key(fqn)] = state
         return state
 
     # -- mode ------------------------------------------------------------------------------------
     @property
     def mode(self) -> str:
-        return self._mode
+        return self.mode_box.value
 
     @mode.setter
     def mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self._mode = mode
         self.mode_box.value = mode
         for s in self.experts.values():
             s.mode = mode

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 __all__ = ["Explanation", "GraphReport", "RewrittenGemm", "explain", "format_table"]
 
 
+_COLORS = {"parameter": "#dae8fc", "quantizer": "#f8cecc", "gemm": "#d5e8d4", "view": "#f5f5f5", "input": "#fff2cc"}
+
+
 @dataclass
 class RewrittenGemm:
     fqn: str
@@ -212,19 +215,12 @@ class Explanation:
 
     def to_dot(self) -> str:
         """Graphviz DOT source of :meth:`to_networkx`."""
-        colors = {
-            "parameter": "#dae8fc",
-            "quantizer": "#f8cecc",
-            "gemm": "#d5e8d4",
-            "view": "#f5f5f5",
-            "input": "#fff2cc",
-        }
         g = self.to_networkx()
         ids = {n: f"n{i}" for i, n in enumerate(g.nodes)}
         lines = ["digraph moeq {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled", fontname="Helvetica"];']
         for n, data in g.nodes(data=True):
             label = data["label"].replace('"', '\\"').replace("\n", "\\n")
-            lines.append(f'  {ids[n]} [label="{label}", fillcolor="{colors[data["kind"]]}"];')
+            lines.append(f'  {ids[n]} [label="{label}", fillcolor="{_COLORS[data["kind"]]}"];')
         lines += [f"  {ids[a]} -> {ids[b]};" for a, b in g.edges]
         lines.append("}")
         return "\n".join(lines)
@@ -246,7 +242,6 @@ def _layered_svg(g: nx.DiGraph) -> str:
     """A dependency-free SVG: nodes in columns by longest-path depth, edges as straight arrows."""
     import networkx as nx
 
-    colors = {"parameter": "#dae8fc", "quantizer": "#f8cecc", "gemm": "#d5e8d4", "view": "#f5f5f5", "input": "#fff2cc"}
     depth: dict[Any, int] = {}
     for n in nx.topological_sort(g):
         depth[n] = max((depth[p] + 1 for p in g.predecessors(n)), default=0)
@@ -271,7 +266,7 @@ def _layered_svg(g: nx.DiGraph) -> str:
     for n, data in g.nodes(data=True):
         x, y = pos[n]
         out.append(
-            f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="6" fill="{colors[data["kind"]]}" stroke="#333"/>'
+            f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="6" fill="{_COLORS[data["kind"]]}" stroke="#333"/>'
         )
         for i, text in enumerate(data["label"].split("\n")[:2]):
             text = text if len(text) <= 40 else "..." + text[-37:]  # keep the informative tail of an FQN

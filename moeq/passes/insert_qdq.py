@@ -165,17 +165,14 @@ def rewrite_graph(
     """Find + insert on one graph. The report is stored on ``state`` for ``explain()`` and returned with
     the lifted state buffers (see :func:`insert_qdq`)."""
     records, skipped = find_expert_gemms(gm, example_inputs)
-    excluded = [r for r in records if state.excluded(r.weight_fqn)]
-    for rec in excluded:
-        skipped.append(
-            SkippedCandidate(
-                rec.node.name,
-                target_name(rec.node),
-                f"excluded by QuantConfig.exclude pattern {state.excluded(rec.weight_fqn)!r}",
-                rec.weight_fqn,
-                "expert",
-            )
-        )
+    kept = []
+    for rec in records:
+        pattern = state.excluded(rec.weight_fqn)
+        if pattern is None:
+            kept.append(rec)
+            continue
+        reason = f"excluded by QuantConfig.exclude pattern {pattern!r}"
+        skipped.append(SkippedCandidate(rec.node.name, target_name(rec.node), reason, rec.weight_fqn, "expert"))
     report_rows = [
         RewrittenGemm(
             fqn=r.weight_fqn,
@@ -189,10 +186,9 @@ def rewrite_graph(
             input_node=r.input.name,
             offs_node=r.offs.name if r.offs is not None else None,
         )
-        for r in records
-        if not state.excluded(r.weight_fqn)
+        for r in kept
     ]
-    lifted = insert_qdq(gm, records, state, lift_state)
+    lifted = insert_qdq(gm, kept, state, lift_state)
     report = GraphReport(kind=kind, rewritten=report_rows, skipped=skipped)
     state.reports[report.signature()] = report
     logger.info(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from moeq.formats import NVFP4_BLOCK, expert_amax
+from moeq.formats import block_amax, expert_amax
 from moeq.runtime.collectives import ProcessGroups, sync_quant_state
 from moeq.state import ExpertQuantState, ModelQuantState, get_state
 
@@ -43,11 +43,6 @@ def calibrate(model: Any, reset: bool | None = None) -> Iterator[ModelQuantState
         yield state
     finally:
         state.mode = "quantize" if state.finalized else "off"
-
-
-def _block_amax(w: torch.Tensor, contraction_dim: int) -> torch.Tensor:
-    wk = w.detach().float().movedim(contraction_dim, -1)
-    return wk.abs().reshape(*wk.shape[:-1], wk.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK).amax(dim=-1)
 
 
 def _input_amax(
@@ -112,7 +107,7 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
         for fqn, s in sorted(state.items()):
             w = state.weight(fqn)
             amax = expert_amax(w, s.expert_dim)
-            block = _block_amax(w, s.contraction_dim) if state.config.weight == "nvfp4" else None
+            block = block_amax(w, s.contraction_dim) if state.config.weight == "nvfp4" else None
             weight_stats[fqn] = (amax, block)
         sync_quant_state(state, groups)
         errors: list[str] = []

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeq.formats import block_amax, expert_amax
 from moeq.runtime.kernels.launch import check_float, run_kernel
 
 __all__ = ["expert_weight_amax"]
@@ -67,11 +68,7 @@ def expert_weight_amax(
         return amax, blocks
 
     def reference():
-        from moeq.formats import expert_amax
-
-        wk = w.detach().float().movedim(k_dim, -1)
-        ref_blocks = wk.abs().reshape(E, M, K // 16, 16).amax(-1) if with_blocks else None
-        return expert_amax(w), ref_blocks
+        return expert_amax(w), block_amax(w, k_dim) if with_blocks else None
 
     if w.numel() == 0:
         return amax, blocks
