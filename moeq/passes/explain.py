@@ -7,6 +7,7 @@ reason. ``to_networkx()`` / ``to_dot()`` / ``to_svg()`` draw the rewritten regio
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import shutil
 import subprocess
@@ -89,6 +90,9 @@ class Explanation:
             self.graph_kinds.append(report.kind)
             for r in report.rewritten:
                 rewritten.setdefault(r.fqn, r)
+        for fqn, compiled_for in state.reused_graphs.items():  # graphs Dynamo reused for other layers
+            if compiled_for in rewritten and fqn not in rewritten:
+                rewritten[fqn] = dataclasses.replace(rewritten[compiled_for], fqn=fqn)
             for s in report.skipped:
                 skipped.setdefault((s.node, s.reason), s)
         self.rewritten: list[RewrittenGemm] = sorted(rewritten.values(), key=lambda r: r.fqn)
