@@ -178,6 +178,10 @@ class ModelQuantState(nn.Module):
     def as_dict(self) -> dict[str, ExpertQuantState]:
         return {fqn: s for fqn, s in sorted(self.items())}
 
+    def forget(self, fqn: str) -> None:
+        """Drop the state of ``fqn`` (used to undo a failed checkpoint load)."""
+        del self.experts[_module_key(fqn)]
+
     def note_reused_graph(self, compiled_for: str, fqn: str) -> None:
         if fqn not in self.reused_graphs:
             logger.info("moeq: graph rewritten for %s also runs %s (Dynamo reused it)", compiled_for, fqn)

@@ -36,7 +36,11 @@ from moeq.runtime.collectives import ProcessGroups
 
 TP_SHARDING = {"*.gate_up_proj": "column", "*.down_proj": "row"}
 MODEL_KW = dict(num_hidden_layers=2)
-CONFIGS = {"fp8": moeq.FP8, "nvfp4": moeq.NVFP4}
+CONFIGS = {
+    "fp8": moeq.FP8,
+    "nvfp4": moeq.NVFP4,
+    "fp8_per_expert": moeq.QuantConfig(weight="fp8", activation="fp8", act_scale="per_expert"),
+}
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,11 @@ def init_process_group(rank: int, world: int, init_file: str) -> None:
     )
 
 
-def make_groups(layout: Layout, rank: int) -> ProcessGroups:
-    """Create every EP, TP and DP group (all ranks call new_group in the same order); return this rank's."""
+def make_groups(layout: Layout, rank: int) -> tuple[ProcessGroups | None, Any]:
+    """Create every EP, TP and DP group of ``layout`` on ranks ``[0, layout.world)`` and the group of all
+    of them (every rank of the job calls new_group in the same order). Returns this rank's groups and
+    the layout's world group, or (None, None) for a rank outside the layout."""
+    world_group = dist.new_group(list(range(layout.world)))
     d0, e0, t0 = layout.coords(rank)
     mine: dict[str, Any] = {}
     r = range
@@ -83,7 +90,9 @@ def make_groups(layout: Layout, rank: int) -> ProcessGroups:
             group = dist.new_group(ranks)
             if key == key_of[role]:
                 mine[role] = group
-    return ProcessGroups(ep=mine["ep"], tp=mine["tp"], dp=mine["dp"])
+    if rank >= layout.world:
+        return None, None
+    return ProcessGroups(ep=mine["ep"], tp=mine["tp"], dp=mine["dp"]), world_group
 
 
 def _combine(out: torch.Tensor, groups: ProcessGroups | None) -> torch.Tensor:
@@ -204,7 +213,9 @@ def per_expert_params(model: nn.Module, layout: Layout, rank: int) -> dict[str, 
     state = moeq.quant_state(model)
     for fqn, s in state.items():
         w = model.get_parameter(fqn)
-        fq = torch.ops.moeq.fake_quant_weight(w.detach(), s.weight_amax, s.config.weight, s.expert_dim, s.contraction_dim)
+        fq = torch.ops.moeq.fake_quant_weight(
+            w.detach(), s.weight_amax, s.config.weight, s.expert_dim, s.contraction_dim
+        )
         out[fqn] = {
             "offset": s.expert_offset,
             "weight_amax": s.weight_amax.clone(),
@@ -219,31 +230,70 @@ def per_expert_params(model: nn.Module, layout: Layout, rank: int) -> dict[str, 
     return out
 
 
-def worker(rank: int, layout: Layout, init_file: str, out_dir: str, jobs: list[dict[str, Any]]) -> None:
-    """Run ``jobs`` on this rank. Each job: ``name``, ``fmt``; optional ``starve`` (global experts that
-    get no token in layer 0), ``save`` / ``load`` (checkpoint paths), ``count`` (record collectives)."""
-    init_process_group(rank, layout.world, init_file)
-    groups = make_groups(layout, rank)
-    try:
-        for job in jobs:
-            model = build(layout, rank, groups, job["fmt"])
-            if job.get("starve"):
-                starve_experts(model, 0, job["starve"])
-            if "load" in job:
-                moeq.load_state(model, job["load"], ep_group=groups.ep, tp_group=groups.tp)
-                compiled = compile_experts(model)
-            else:
-                compiled = calibrate_and_finalize(model, layout, rank, groups)
-            if "save" in job:
-                moeq.save_state(model, job["save"], ep_group=groups.ep, tp_group=groups.tp)
-            logits = compiled(eval_batch()).logits.detach()
-            result = {"params": per_expert_params(model, layout, rank), "logits": logits}
-            if "count" in job:
-                from moeq.runtime.collectives import collective_log
+def synthetic_finalize(layers: int, experts: int, groups: ProcessGroups | None, seed: int) -> tuple[dict, float]:
+    """Finalize a ``layers``-layer model with ``experts`` local experts per GEMM (tiny hidden size,
+    synthetic statistics): the collectives issued and the wall time."""
+    import time
 
-                result["collectives"] = dict(collective_log)
+    from moeq.runtime.collectives import collective_log
+
+    model = nn.Module()
+    for i in range(layers):
+        block = nn.Module()
+        block.gate_up_proj = nn.Parameter(torch.randn(experts, 32, 16))
+        block.down_proj = nn.Parameter(torch.randn(experts, 16, 16))
+        model.add_module(f"layer{i}", block)
+    moeq.prepare(model, moeq.NVFP4)
+    state = moeq.runtime.calibrate.get_state(model)
+    g = torch.Generator().manual_seed(seed)
+    for fqn, p in model.named_parameters():
+        s = state.get_or_create(fqn, tuple(p.shape), 0, -1)
+        s.observed_input_amax.copy_(torch.rand(experts, generator=g))
+        s.tokens_per_expert.copy_(torch.randint(0, 5, (experts,), generator=g))
+    state.calibration_sessions = 1
+    groups = groups or ProcessGroups()
+    start = time.perf_counter()
+    moeq.finalize(model, ep_group=groups.ep, tp_group=groups.tp, dp_group=groups.dp)
+    return dict(collective_log), time.perf_counter() - start
+
+
+def run_jobs(rank: int, layout: Layout, out_dir: str, jobs: list[dict[str, Any]]) -> None:
+    """Run ``jobs`` on this rank of ``layout``. Each job: ``name``, ``fmt``; optional ``starve`` (global
+    experts that get no token in layer 0), ``save`` / ``load`` (checkpoint paths); or ``synthetic`` with
+    ``layers`` and ``experts`` (count the collectives of a large synthetic finalize)."""
+    groups, world_group = make_groups(layout, rank)
+    if groups is None:
+        return
+    for job in jobs:
+        if job.get("synthetic"):
+            result: dict[Any, Any] = {n: synthetic_finalize(n, job["experts"], groups, rank) for n in job["layers"]}
             torch.save(result, os.path.join(out_dir, f"{job['name']}-rank{rank}.pt"))
-            torch._dynamo.reset()
+            continue
+        model = build(layout, rank, groups, job["fmt"])
+        if job.get("starve"):
+            starve_experts(model, 0, job["starve"])
+        if "load" in job:
+            moeq.load_state(model, job["load"], ep_group=groups.ep, tp_group=groups.tp, process_group=world_group)
+            compiled = compile_experts(model)
+        else:
+            compiled = calibrate_and_finalize(model, layout, rank, groups)
+        if "save" in job:
+            moeq.save_state(model, job["save"], ep_group=groups.ep, tp_group=groups.tp, process_group=world_group)
+        logits = compiled(eval_batch()).logits.detach()
+        result = {"params": per_expert_params(model, layout, rank), "logits": logits}
+        torch.save(result, os.path.join(out_dir, f"{job['name']}-rank{rank}.pt"))
+        torch._dynamo.reset()
+
+
+def worker(
+    rank: int, world: int, init_file: str, out_dir: str, plan: list[tuple[Layout, list[dict[str, Any]]]]
+) -> None:
+    """One process of the job: every layout of ``plan`` in turn (layouts smaller than the job use its
+    first ranks; the others wait at the barrier)."""
+    init_process_group(rank, world, init_file)
+    try:
+        for layout, jobs in plan:
+            run_jobs(rank, layout, out_dir, jobs)
+            dist.barrier()
     finally:
-        dist.barrier()
         dist.destroy_process_group()
