@@ -146,6 +146,8 @@ class ModelQuantState(nn.Module):
         self.experts = nn.ModuleDict()
         self.mode_box = ModeBox()
         self.finalized = False
+        #: the finalized statistics already hold the sum over data-parallel ranks
+        self.synced_over_dp = False
         #: number of calibrate() sessions run since the last reset
         self.calibration_sessions = 0
         self.reports: dict[str, Any] = {}

@@ -64,10 +64,18 @@ class Layout:
         return f"ep{self.ep}-tp{self.tp}-dp{self.dp}"
 
 
-def init_process_group(rank: int, world: int, init_file: str) -> None:
+DEVICE = torch.device("cpu")
+
+
+def init_process_group(rank: int, world: int, init_file: str, backend: str = "gloo") -> None:
+    """gloo on CPU; with ``backend="nccl"`` each rank runs on GPU ``rank``."""
+    global DEVICE
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        DEVICE = torch.device("cuda", rank)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
 
 
@@ -154,15 +162,15 @@ def calibration_batches(dp_index: int, dp: int, total: int = 4, batch: int = 2, 
     for i in range(total):
         g = torch.Generator().manual_seed(100 + i)
         out.append(torch.randint(0, 256, (batch, seq), generator=g))
-    return [b for i, b in enumerate(out) if i % dp == dp_index]
+    return [b.to(DEVICE) for i, b in enumerate(out) if i % dp == dp_index]
 
 
 def eval_batch() -> torch.Tensor:
-    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7)).to(DEVICE)
 
 
 def build(layout: Layout, rank: int, groups: ProcessGroups | None, fmt: str, seed: int = 0) -> nn.Module:
-    model = tiny_model("qwen3_moe", torch.float32, seed=seed, **MODEL_KW)
+    model = tiny_model("qwen3_moe", torch.float32, seed=seed, **MODEL_KW).to(DEVICE)
     shard_experts(model, layout, rank, groups)
     moeq.prepare(model, CONFIGS[fmt], tp_sharding=TP_SHARDING)
     return model
@@ -195,13 +203,28 @@ def compile_experts(model: nn.Module) -> nn.Module:
     return model
 
 
-def calibrate_and_finalize(model: nn.Module, layout: Layout, rank: int, groups: ProcessGroups | None) -> Any:
-    """Calibrate on this DP replica's batches and finalize over the groups."""
+def calibrate_and_finalize(
+    model: nn.Module, layout: Layout, rank: int, groups: ProcessGroups | None, megatron: bool = False
+) -> Any:
+    """Calibrate on this DP replica's batches and finalize over the groups (``megatron=True``: pass none
+    and let finalize take megatron-core's ``parallel_state`` groups)."""
     compiled = compile_experts(model)
     d_idx, _, _ = layout.coords(rank)
     with moeq.calibrate(compiled):
         for batch in calibration_batches(d_idx, layout.dp):
             compiled(batch)
+    if megatron:
+        from megatron.core import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=1,
+                expert_model_parallel_size=layout.ep,
+                expert_tensor_parallel_size=layout.tp,
+            )
+        moeq.finalize(compiled)
+        parallel_state.destroy_model_parallel()
+        return compiled
     g = groups or ProcessGroups()
     moeq.finalize(compiled, ep_group=g.ep, tp_group=g.tp, dp_group=g.dp)
     return compiled
@@ -218,13 +241,13 @@ def per_expert_params(model: nn.Module, layout: Layout, rank: int) -> dict[str, 
         )
         out[fqn] = {
             "offset": s.expert_offset,
-            "weight_amax": s.weight_amax.clone(),
-            "input_amax": s.input_amax.clone(),
-            "tokens": s.tokens_per_expert.clone(),
-            "calibrated": s.calibrated.clone(),
-            "observed": s.observed_input_amax.clone(),
+            "weight_amax": s.weight_amax.cpu(),
+            "input_amax": s.input_amax.cpu(),
+            "tokens": s.tokens_per_expert.cpu(),
+            "calibrated": s.calibrated.cpu(),
+            "observed": s.observed_input_amax.cpu(),
             "flags": dict(s.flags),
-            "fake_quant_weight": fq,
+            "fake_quant_weight": fq.cpu(),
             "coords": layout.coords(rank),
         }
     return out
@@ -276,21 +299,26 @@ def run_jobs(rank: int, layout: Layout, out_dir: str, jobs: list[dict[str, Any]]
             moeq.load_state(model, job["load"], ep_group=groups.ep, tp_group=groups.tp, process_group=world_group)
             compiled = compile_experts(model)
         else:
-            compiled = calibrate_and_finalize(model, layout, rank, groups)
+            compiled = calibrate_and_finalize(model, layout, rank, groups, job.get("megatron", False))
         if "save" in job:
             moeq.save_state(model, job["save"], ep_group=groups.ep, tp_group=groups.tp, process_group=world_group)
-        logits = compiled(eval_batch()).logits.detach()
+        logits = compiled(eval_batch()).logits.detach().cpu()
         result = {"params": per_expert_params(model, layout, rank), "logits": logits}
         torch.save(result, os.path.join(out_dir, f"{job['name']}-rank{rank}.pt"))
         torch._dynamo.reset()
 
 
 def worker(
-    rank: int, world: int, init_file: str, out_dir: str, plan: list[tuple[Layout, list[dict[str, Any]]]]
+    rank: int,
+    world: int,
+    init_file: str,
+    out_dir: str,
+    plan: list[tuple[Layout, list[dict[str, Any]]]],
+    backend: str = "gloo",
 ) -> None:
     """One process of the job: every layout of ``plan`` in turn (layouts smaller than the job use its
     first ranks; the others wait at the barrier)."""
-    init_process_group(rank, world, init_file)
+    init_process_group(rank, world, init_file, backend)
     try:
         for layout, jobs in plan:
             run_jobs(rank, layout, out_dir, jobs)

@@ -10,6 +10,7 @@ another order, so the output is compared with a tolerance and its difference rep
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -78,6 +79,9 @@ JOBS = {
 }
 LAYOUTS = [Layout(ep=2, dp=2), Layout(tp=2), Layout(ep=4), Layout(ep=2, tp=2), Layout(dp=2)]
 WORLD = 4
+HAVE_MEGATRON = (
+    importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core") is not None
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +98,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             jobs.append({"name": f"{layout}-load-ep2", "fmt": "nvfp4", "load": str(ckpt["ep2"])})
         if layout == Layout(ep=4):
             jobs += [{"name": f"{layout}-load-{c}", "fmt": "nvfp4", "load": str(ckpt[c])} for c in ("ep2", "tp2")]
+            if HAVE_MEGATRON:
+                jobs.append({"name": f"{layout}-megatron", "fmt": "nvfp4", "megatron": True})
         if layout == Layout(ep=2, tp=2):
             jobs.append({"name": "synthetic", "synthetic": True, "layers": [2, 48], "experts": 64})
         plan.append((layout, jobs))
@@ -179,6 +185,15 @@ def test_layout_invariance(runs: dict[str, Any], layout: Layout, job: str) -> No
     else:
         diff = (logits - ref["logits"]).abs().max().item()
         assert diff <= 1e-5 * ref["logits"].abs().max().item(), f"{layout} {job}: output differs by {diff}"
+
+
+@pytest.mark.skipif(not HAVE_MEGATRON, reason="megatron-core not installed")
+def test_groups_from_megatron_parallel_state(runs: dict[str, Any]) -> None:
+    """finalize() without groups takes megatron-core's expert-parallel groups (initialize_model_parallel
+    with expert_model_parallel_size=4 on gloo): the same parameters as with explicit groups."""
+    layout = Layout(ep=4)
+    got = _global_params(_load(runs["dir"], f"{layout}-megatron", layout), layout)
+    _assert_same_params(got, runs["reference"]["nvfp4"]["params"], "megatron parallel_state EP=4")
 
 
 def test_starved_rank_completes_and_flags(runs: dict[str, Any]) -> None:
@@ -328,3 +343,46 @@ def test_checkpoint_corrupt_data(saved: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="nothing was loaded"):
         moeq.load_state(model, broken)
     _assert_unchanged(model, before)
+
+
+# -- NCCL (GPU machine with >= 2 GPUs) --------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_layout_invariance(tmp_path: Path) -> None:
+    """The invariance test over NCCL with the Triton kernels: EP=2 and TP=2 against one GPU process."""
+    world = 4 if torch.cuda.device_count() >= 4 else 2
+    layouts = [Layout(), Layout(ep=2), Layout(tp=2)] + ([Layout(ep=4), Layout(ep=2, tp=2)] if world == 4 else [])
+    plan = [(lay, [{"name": f"{lay}-{name}", **spec} for name, spec in JOBS.items()]) for lay in layouts]
+    ctx = mp.start_processes(
+        worker, args=(world, str(tmp_path / "pg"), str(tmp_path), plan, "nccl"), nprocs=world, join=False
+    )
+    while not ctx.join(timeout=TIMEOUT_S):
+        pass
+    for job in JOBS:
+        ref_ranks = _load(tmp_path, f"{Layout()}-{job}", Layout())
+        ref = _global_params(ref_ranks, Layout())
+        for lay in layouts[1:]:
+            ranks = _load(tmp_path, f"{lay}-{job}", lay)
+            _assert_same_params(_global_params(ranks, lay), ref, f"NCCL {lay} {job}", lay.tp)
+            diff = (ranks[0]["logits"] - ref_ranks[0]["logits"]).abs().max().item()
+            exact = "bit-identical" if lay.tp == 1 else "bit-identical (layer-1 activation amax to 1e-6, see above)"
+            print(f"NCCL {lay} {job}: parameters {exact} to one GPU process; max |logit diff| {diff:.3g}")
+            if lay.tp == 1:
+                assert diff == 0.0
+
+
+def test_recalibrate_without_reset_after_dp_sync_is_refused() -> None:
+    """After a DP finalize the token counts are already global sums; accumulating more on top would count
+    them again at the next finalize."""
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.randn(4, 16, 16))
+    moeq.prepare(model, moeq.FP8)
+    state = moeq.runtime.calibrate.get_state(model)
+    state.finalized, state.synced_over_dp = True, True
+    with pytest.raises(ValueError, match="would count those tokens again"):
+        with moeq.calibrate(model, reset=False):
+            pass
+    with moeq.calibrate(model):  # the default after finalize starts over
+        assert not state.finalized

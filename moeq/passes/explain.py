@@ -90,11 +90,11 @@ class Explanation:
             self.graph_kinds.append(report.kind)
             for r in report.rewritten:
                 rewritten.setdefault(r.fqn, r)
+            for s in report.skipped:
+                skipped.setdefault((s.node, s.reason), s)
         for fqn, compiled_for in state.reused_graphs.items():  # graphs Dynamo reused for other layers
             if compiled_for in rewritten and fqn not in rewritten:
                 rewritten[fqn] = dataclasses.replace(rewritten[compiled_for], fqn=fqn)
-            for s in report.skipped:
-                skipped.setdefault((s.node, s.reason), s)
         self.rewritten: list[RewrittenGemm] = sorted(rewritten.values(), key=lambda r: r.fqn)
         self.skipped: list[SkippedCandidate] = list(skipped.values())
 

@@ -32,6 +32,11 @@ def calibrate(model: Any, reset: bool | None = None) -> Iterator[ModelQuantState
     ``finalize()``) starts over.
     """
     state = get_state(model)
+    if reset is False and state.finalized and state.synced_over_dp:
+        raise ValueError(
+            "calibrate(reset=False) after a finalize() that summed token counts over data-parallel ranks would "
+            "count those tokens again at the next finalize(); calibrate from scratch (reset=True)"
+        )
     if reset or (reset is None and state.finalized):
         for s in state.experts.values():
             s.reset_statistics()
@@ -152,6 +157,7 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
             s.calibrated.copy_(s.tokens_per_expert > 0)
             s.flags = flags
     state.finalized = True
+    state.synced_over_dp = groups.size("dp") > 1
     state.mode = "quantize"
     covered = sum(int(s.calibrated.sum()) for s in state.experts.values())
     total = sum(s.num_experts for s in state.experts.values())

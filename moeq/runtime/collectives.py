@@ -133,10 +133,22 @@ def _finite_or_inf(t: Tensor) -> Tensor:
 collective_log: Counter = Counter()
 
 
+def _collective_device(group: Any) -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo and others take the CPU buffers as they are."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce(buffer: Tensor, op: Any, groups: ProcessGroups, role: str) -> None:
     if groups.size(role) == 1 or buffer.numel() == 0:
         return
-    dist.all_reduce(buffer, op=op, group=groups.group(role))
+    group = groups.group(role)
+    device = _collective_device(group)
+    work = buffer if buffer.device == device else buffer.to(device)
+    dist.all_reduce(work, op=op, group=group)
+    if work is not buffer:
+        buffer.copy_(work)
     collective_log[(role, "all_reduce")] += 1
 
 
