@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from moeq.runtime.kernels.launch import check_float, observer_configs, run_kernel
+from moeq.runtime.kernels.numerics import abs_bits, float_of_abs_bits
 
 __all__ = ["segment_amax", "segment_amax_"]
 
@@ -44,7 +45,7 @@ def _segment_amax_kernel(
     valid = rows < end
     mask = valid[:, None] & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs + cols[None, :], mask=mask, other=0.0)
-    x = tl.abs(x.to(tl.float32))
+    bits = abs_bits(x)
     count_here = tl.program_id(1) == 0
     experts = tl.arange(0, E_POW2)
     ends = tl.load(offs_ptr + experts, mask=experts < NUM_EXPERTS, other=2147483647)
@@ -52,14 +53,12 @@ def _segment_amax_kernel(
     last = tl.sum((ends <= tl.minimum(row0 + BLOCK_S, end) - 1).to(tl.int32), axis=0)
     if row0 < end:
         if first == last:
-            tile_nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0)
-            tile_amax = tl.max(tl.max(x, axis=1), axis=0)
-            tl.atomic_max(amax_ptr + first, tl.where(tile_nan > 0, float("nan"), tile_amax))
+            tile_amax = float_of_abs_bits(tl.max(tl.max(bits, axis=1), axis=0), x.dtype)
+            tl.atomic_max(amax_ptr + first, tile_amax)
             if count_here:
                 tl.atomic_add(counts_ptr + first, tl.sum(valid.to(tl.int64), axis=0))
         else:
-            row_nan = tl.max((x != x).to(tl.int32), axis=1)
-            row_amax = tl.where(row_nan > 0, float("nan"), tl.max(x, axis=1))
+            row_amax = float_of_abs_bits(tl.max(bits, axis=1), x.dtype)
             expert = expert_of_rows(offs_ptr, rows, NUM_EXPERTS, E_POW2)
             tl.atomic_max(amax_ptr + expert, row_amax, mask=valid)
             if count_here:
