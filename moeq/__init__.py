@@ -5,6 +5,7 @@ from __future__ import annotations
 import moeq.lowering.ops  # noqa: F401  (registers the moeq:: custom ops)
 from moeq.api import prepare, quantize_graph
 from moeq.config import FP8, FP8_W8A16, NVFP4, NVFP4_W4A16, QuantConfig
+from moeq.io.export import export_hf
 from moeq.lowering.backend import moeq_backend, register_backends
 from moeq.passes.explain import explain
 from moeq.runtime.calibrate import calibrate, finalize, quant_state
@@ -21,6 +22,7 @@ __all__ = [
     "QuantConfig",
     "calibrate",
     "explain",
+    "export_hf",
     "finalize",
     "moeq_backend",
     "prepare",
