@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 import moeq
 from moeq.formats import NVFP4, QuantizedTensor, expand_per_expert, get_format
 from moeq.integrations.hf import tiny_model
+from moeq.state import get_state
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
@@ -351,3 +352,122 @@ def test_transformers_dequantize_nvfp4_experts(workdir: Path) -> None:
     with torch.no_grad():
         logits = loaded(ct.ids).logits
     torch.testing.assert_close(logits.float(), ref_logits.float(), atol=2**-6, rtol=2**-7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# refusals and atomic writes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if name in p.name)
+
+
+@pytest.mark.parametrize(
+    ("buffer", "value", "message"),
+    [
+        ("weight_amax", 0.0, "weight amax 0.0 would give a zero, NaN or inf weight scale"),
+        ("weight_amax", float("nan"), "weight amax nan would give a zero, NaN or inf weight scale"),
+        ("input_amax", float("inf"), "input amax inf would give a zero, NaN or inf input scale"),
+    ],
+)
+def test_refuses_bad_scales(buffer: str, value: float, message: str, workdir: Path, tmp_path: Path) -> None:
+    ex = _exported("qwen3_moe", "nvfp4", workdir)
+    s = moeq.quant_state(ex.model)["model.layers.1.mlp.experts.down_proj"]
+    buf = getattr(s, buffer)
+    index = 0 if buffer == "input_amax" else 5
+    saved = buf.clone()
+    buf[index] = value
+    try:
+        with pytest.raises(ValueError) as err:
+            moeq.export_hf(ex.model, tmp_path / "out")
+    finally:
+        buf.copy_(saved)
+    expert = "expert 0" if buffer == "input_amax" else "expert 5"
+    assert f"model.layers.1.mlp.experts.down_proj {expert}: {message}" in str(err.value)
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_refuses_uncalibrated_expert_without_fallback(tmp_path: Path) -> None:
+    """Per-expert input scales: an expert that saw no routed token is refused unless the config accepts
+    finalize()'s fallback (``uncalibrated='weight_amax'``)."""
+    ids = _tokens(3, batch=1, seq=2)  # 2 tokens x top-2 of 8 experts: at most 4 experts see a token
+    cfg = moeq.QuantConfig(weight="nvfp4", activation="nvfp4", act_scale="per_expert")
+    model = _calibrated("qwen3_moe", cfg, ids)
+    s = moeq.quant_state(model)["model.layers.0.mlp.experts.gate_up_proj"]
+    cold = [e for e in range(s.num_experts) if not bool(s.calibrated[e])]
+    assert cold, "precondition: some expert saw no calibration token"
+    with pytest.raises(ValueError) as err:
+        moeq.export_hf(model, tmp_path / "out")
+    assert (
+        f"model.layers.0.mlp.experts.gate_up_proj expert {cold[0]}: uncalibrated (no routed calibration token) "
+        "and no fallback configured" in str(err.value)
+    )
+    assert _leftovers(tmp_path, "out") == []
+    # finalize() gives the same input amaxes under uncalibrated="weight_amax" when every layer saw tokens
+    # (that setting only changes layers without any token), so switching the config here equals
+    # calibrating with it, without a second compile
+    accepting = cfg.replace(uncalibrated="weight_amax")
+    get_state(model).config = accepting
+    for state in moeq.quant_state(model).values():
+        state.config = accepting
+    out = moeq.export_hf(model, tmp_path / "out")
+    sd = _load_dir(out)
+    name = f"model.layers.0.mlp.experts.{cold[0]}.gate_proj.input_scale"
+    assert float(sd[name]) == float(NVFP4().scale_from_amax(s.input_amax[cold[0]]))
+
+
+def test_refuses_expert_count_mismatch(workdir: Path, tmp_path: Path) -> None:
+    ex = _exported("qwen3_moe", "nvfp4", workdir)
+    ex.model.config.num_experts = 16
+    try:
+        with pytest.raises(ValueError) as err:
+            moeq.export_hf(ex.model, tmp_path / "out")
+    finally:
+        ex.model.config.num_experts = 8
+    assert (
+        "model.layers.0.mlp.experts.down_proj: the model holds 8 experts x 1 EP rank(s) = 8, but its config "
+        "declares 16 experts" in str(err.value)
+    )
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_refuses_unfinalized_model(tmp_path: Path) -> None:
+    model = tiny_model("qwen3_moe", torch.bfloat16, seed=0)
+    moeq.prepare(model, moeq.NVFP4)
+    with pytest.raises(ValueError, match="not finalized: run moeq.calibrate"):
+        moeq.export_hf(model, tmp_path / "out")
+    with pytest.raises(ValueError, match="format='safetensors' is not one of"):
+        moeq.export_hf(model, tmp_path / "out", format="safetensors")
+
+
+def test_failed_write_leaves_nothing(workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after some shards were written leaves neither the checkpoint nor its temporary directory,
+    and an existing checkpoint is kept."""
+    import moeq.io.checkpoint_files as files
+
+    ex = _exported("qwen3_moe", "nvfp4", workdir)
+    real = files.save_file
+    calls = []
+
+    def failing(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(files, "save_file", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        moeq.export_hf(ex.model, tmp_path / "out", max_shard_size="20KB")
+    assert len(calls) == 3
+    assert _leftovers(tmp_path, "out") == []
+    monkeypatch.setattr(files, "save_file", real)
+    moeq.export_hf(ex.model, tmp_path / "out")
+    with pytest.raises(FileExistsError):
+        moeq.export_hf(ex.model, tmp_path / "out")
+    monkeypatch.setattr(files, "save_file", failing)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="disk full"):
+        moeq.export_hf(ex.model, tmp_path / "out", max_shard_size="20KB", overwrite=True)
+    assert _leftovers(tmp_path, "out") == ["out"]
+    assert _differing_bytes(_load_dir(tmp_path / "out"), _load_dir(ex.moeq_dir)) == {}
