@@ -471,3 +471,40 @@ def test_failed_write_leaves_nothing(workdir: Path, tmp_path: Path, monkeypatch:
         moeq.export_hf(ex.model, tmp_path / "out", max_shard_size="20KB", overwrite=True)
     assert _leftovers(tmp_path, "out") == ["out"]
     assert _differing_bytes(_load_dir(tmp_path / "out"), _load_dir(ex.moeq_dir)) == {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# expert parallelism
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_ep2_gloo_export_matches_single_process(workdir: Path, tmp_path: Path) -> None:
+    """Two gloo ranks, each holding 4 of the 8 experts (and the slice of the single-process finalized
+    state), write the same tensors and configs as the single-process export; rank 0 writes the index."""
+    from ep_export_worker import _PER_EXPERT, run_rank
+
+    ex = _exported("qwen3_moe", "nvfp4", workdir)
+    saved = {}
+    for fqn, s in moeq.quant_state(ex.model).items():
+        entry = {b: getattr(s, b).clone() for b in _PER_EXPERT}
+        entry.update(input_amax=s.input_amax.clone(), expert_dim=s.expert_dim, contraction_dim=s.contraction_dim)
+        saved[fqn] = entry
+    torch.save(saved, tmp_path / "state.pt")
+    out = tmp_path / "ep"
+    ctx = mp.get_context("spawn")
+    args = (str(tmp_path), "qwen3_moe", "nvfp4", str(tmp_path / "state.pt"), str(out))
+    procs = [ctx.Process(target=run_rank, args=(r, 2, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and sorted(p.name for p in out.glob("*.safetensors")) == shards
+    ours, single = _load_dir(out), _load_dir(ex.moeq_dir)
+    assert sorted(ours) == sorted(single)
+    assert _differing_bytes(ours, single) == {}
+    for name in ("hf_quant_config.json", "config.json"):
+        assert json.loads((out / name).read_text()) == json.loads((ex.moeq_dir / name).read_text())
+    assert _leftovers(tmp_path, "ep") == ["ep"]
