@@ -210,7 +210,9 @@ def _from_state_dict(src: Path, sd: dict[str, torch.Tensor], dst: Path) -> torch
     config.pop("quantization_config")
     (dst / "config.json").write_text(json.dumps(config))
     save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return AutoModelForCausalLM.from_pretrained(dst, dtype=torch.bfloat16).eval()
+    model, info = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.bfloat16, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
 
 
 def _expert_params(model: torch.nn.Module) -> list[str]:
@@ -303,9 +305,16 @@ def test_compressed_tensors_fp8_round_trip(workdir: Path) -> None:
     export; expert weights equal the spec's dequantization of the exported tensors and logits match moeq's
     weight-fake-quantized model within bf16 tolerance."""
     ct = _ct_export("fp8", workdir)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        ct.moeq_dir, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.bfloat16
-    ).eval()
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        ct.moeq_dir,
+        quantization_config=CompressedTensorsConfig(dequantize=True),
+        dtype=torch.bfloat16,
+        output_loading_info=True,
+    )
+    assert not info["missing_keys"], info
+    # compressed-tensors keeps no static input scale when it dequantizes (weights only)
+    assert {k.rsplit(".", 1)[1] for k in info["unexpected_keys"]} <= {"input_scale"}, info
+    loaded.eval()
     spec = _from_state_dict(
         ct.moeq_dir, _dequantize_modelopt(_load_dir(_exported("qwen3_moe", "fp8", workdir).moeq_dir)), workdir / "ct-fp8-spec"
     )
@@ -508,3 +517,35 @@ def test_ep2_gloo_export_matches_single_process(workdir: Path, tmp_path: Path) -
     for name in ("hf_quant_config.json", "config.json"):
         assert json.loads((out / name).read_text()) == json.loads((ex.moeq_dir / name).read_text())
     assert _leftovers(tmp_path, "ep") == ["ep"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPT-OSS layout
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_gpt_oss_interleaved_transposed_biased_layout(tmp_path: Path) -> None:
+    """GPT-OSS keeps ``gate_up_proj [E, H, 2I]`` (contraction dim first) with gate and up interleaved, as
+    its forward reads them (``gate_up[..., ::2]``, ``gate_up[..., 1::2]``, ``x @ W``), and
+    ``down_proj [E, I, H]``, plus ``*_bias [E, N]``. Each exported per-expert linear dequantizes to the
+    matching columns, transposed, of moeq's fake-quantized fused weight, and carries its bias slice."""
+    ids = _tokens(0)
+    model = _calibrated("gpt_oss", moeq.NVFP4, ids)
+    sd = _dequantize_modelopt(_load_dir(moeq.export_hf(model, tmp_path / "gpt_oss")))
+    state = moeq.quant_state(model)
+    experts = model.model.layers[1].mlp.experts
+    prefix = "model.layers.1.mlp.experts"
+    fq = {}
+    for leaf in ("gate_up_proj", "down_proj"):
+        s = state[f"{prefix}.{leaf}"]
+        assert s.contraction_dim == 1
+        fq[leaf] = NVFP4().fake_quant(getattr(experts, leaf).detach(), expand_per_expert(s.weight_amax, 3), 1)
+    for e in range(experts.gate_up_proj.shape[0]):
+        got = {p: sd[f"{prefix}.{e}.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")}
+        assert torch.equal(got["gate_proj"], fq["gate_up_proj"][e][:, 0::2].T)
+        assert torch.equal(got["up_proj"], fq["gate_up_proj"][e][:, 1::2].T)
+        assert torch.equal(got["down_proj"], fq["down_proj"][e].T)
+        assert torch.equal(sd[f"{prefix}.{e}.gate_proj.bias"], experts.gate_up_proj_bias[e, 0::2])
+        assert torch.equal(sd[f"{prefix}.{e}.up_proj.bias"], experts.gate_up_proj_bias[e, 1::2])
+        assert torch.equal(sd[f"{prefix}.{e}.down_proj.bias"], experts.down_proj_bias[e])
+    assert not any(k.endswith(("gate_up_proj", "gate_up_proj_bias", "down_proj_bias")) for k in sd)
