@@ -20,13 +20,15 @@ from moeq.state import get_state
 _PER_EXPERT = ("weight_amax", "weight_block_amax", "observed_input_amax", "tokens_per_expert", "calibrated")
 
 
-def run_rank(rank: int, world: int, tmp: str, family: str, fmt: str, state_file: str, out_dir: str) -> None:
+def run_rank(
+    rank: int, world: int, tmp: str, family: str, fmt: str, state_file: str, out_dir: str, overrides: dict
+) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
     try:
         saved = torch.load(state_file, weights_only=False)
-        model = tiny_model(family, torch.bfloat16, seed=0)
+        model = tiny_model(family, torch.bfloat16, seed=0, **overrides)
         for name, param in list(model.named_parameters()):
             if ".experts." not in name:
                 continue
@@ -46,6 +48,6 @@ def run_rank(rank: int, world: int, tmp: str, family: str, fmt: str, state_file:
             s.input_amax = entry["input_amax"].clone() if entry["input_amax"].numel() == 1 else entry["input_amax"][sl]
         state.finalized = True
         state.mode = "quantize"
-        moeq.export_hf(model, out_dir, "modelopt", ep_group=dist.group.WORLD, max_shard_size="40KB")
+        moeq.export_hf(model, out_dir, "modelopt", ep_group=dist.group.WORLD, max_shard_size="20KB")
     finally:
         dist.destroy_process_group()

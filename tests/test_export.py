@@ -36,6 +36,8 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: 
 
 VOCAB = 256
 PRESETS = {"nvfp4": moeq.NVFP4, "fp8": moeq.FP8}
+#: one decoder layer keeps the compile and modelopt passes within the CPU test budget
+LAYERS = {"num_hidden_layers": 1}
 
 
 def _tokens(seed: int, batch: int = 2, seq: int = 16) -> torch.Tensor:
@@ -57,7 +59,7 @@ def _modelopt_cfg(fmt: str) -> dict:
 def _calibrated(family: str, config: moeq.QuantConfig, ids: torch.Tensor, seed: int = 0) -> torch.nn.Module:
     """A tiny model prepared, calibrated on ``ids`` under torch.compile and finalized by moeq."""
     torch._dynamo.reset()
-    model = tiny_model(family, torch.bfloat16, seed=seed)
+    model = tiny_model(family, torch.bfloat16, seed=seed, **LAYERS)
     moeq.prepare(model, config)
     cm = torch.compile(model, backend="moeq_aot_eager")
     with torch.no_grad(), moeq.calibrate(cm):
@@ -69,7 +71,9 @@ def _calibrated(family: str, config: moeq.QuantConfig, ids: torch.Tensor, seed: 
 def _load_dir(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory (one file or shards + index)."""
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     out: dict[str, torch.Tensor] = {}
     for f in files:
         part = load_file(str(path / f))
@@ -117,7 +121,7 @@ def _exported(family: str, fmt: str, workdir: Path) -> Exported:
     if (family, fmt) in _CACHE:
         return _CACHE[(family, fmt)]
     ids = _tokens(0)
-    peer = tiny_model(family, torch.bfloat16, seed=0)
+    peer = tiny_model(family, torch.bfloat16, seed=0, **LAYERS)
     peer.config.architectures = [type(peer).__name__]  # modelopt's export reads it; from_pretrained models have it
 
     def forward_loop(m: torch.nn.Module) -> None:
@@ -174,17 +178,22 @@ def test_modelopt_quant_config_matches(family: str, fmt: str, workdir: Path) -> 
 # ---------------------------------------------------------------------------------------------------------
 
 
+_REFERENCE: dict[str, tuple[torch.Tensor, torch.nn.Module]] = {}
+
+
 def _weight_fake_quant_logits(family: str, fmt: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Module]:
-    """Logits of moeq's weight-fake-quantized model (weight-only preset: the loaded checkpoints run their
-    activations in bf16) and that model."""
-    torch._dynamo.reset()
-    model = tiny_model(family, torch.bfloat16, seed=0)
-    moeq.prepare(model, moeq.NVFP4_W4A16 if fmt == "nvfp4" else moeq.FP8_W8A16)
-    cm = torch.compile(model, backend="moeq_aot_eager")
-    with torch.no_grad():
-        cm(ids)
-        moeq.finalize(cm)
-        return cm(ids).logits, model
+    """Logits of moeq's weight-fake-quantized model (compiled with the weight-only preset: the loaded
+    checkpoints run their activations in bf16) and that model; built once per format."""
+    if fmt not in _REFERENCE:
+        torch._dynamo.reset()
+        model = tiny_model(family, torch.bfloat16, seed=0, **LAYERS)
+        moeq.prepare(model, moeq.NVFP4_W4A16 if fmt == "nvfp4" else moeq.FP8_W8A16)
+        cm = torch.compile(model, backend="moeq_aot_eager")
+        with torch.no_grad():
+            cm(ids)
+            moeq.finalize(cm)
+            _REFERENCE[fmt] = (cm(ids).logits, model)
+    return _REFERENCE[fmt]
 
 
 def _dequantize_modelopt(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -233,7 +242,9 @@ def test_modelopt_export_reloads_by_dequantizing(fmt: str, workdir: Path, tmp_pa
     with torch.no_grad():
         for fqn in _expert_params(reloaded):
             s = state[fqn]
-            fq = get_format(fmt).fake_quant(ref.get_parameter(fqn), expand_per_expert(s.weight_amax, 3), s.contraction_dim)
+            fq = get_format(fmt).fake_quant(
+                ref.get_parameter(fqn), expand_per_expert(s.weight_amax, 3), s.contraction_dim
+            )
             got = reloaded.get_parameter(fqn)
             differing += int((got != fq).sum())
             if fmt == "nvfp4":
@@ -241,8 +252,10 @@ def test_modelopt_export_reloads_by_dequantizing(fmt: str, workdir: Path, tmp_pa
             else:
                 assert int((got != fq).sum()) < 0.05 * got.numel(), fqn
         logits = reloaded(ex.ids).logits
-    print(f"{fmt}: {differing} expert weight elements differ from the fake quant; logits max |diff| "
-          f"{(logits.float() - ref_logits.float()).abs().max().item()}")
+    print(
+        f"{fmt}: {differing} expert weight elements differ from the fake quant; logits max |diff| "
+        f"{(logits.float() - ref_logits.float()).abs().max().item()}"
+    )
     assert fmt == "fp8" or differing == 0
     torch.testing.assert_close(logits.float(), ref_logits.float(), atol=2**-6, rtol=2**-7)
 
@@ -316,7 +329,9 @@ def test_compressed_tensors_fp8_round_trip(workdir: Path) -> None:
     assert {k.rsplit(".", 1)[1] for k in info["unexpected_keys"]} <= {"input_scale"}, info
     loaded.eval()
     spec = _from_state_dict(
-        ct.moeq_dir, _dequantize_modelopt(_load_dir(_exported("qwen3_moe", "fp8", workdir).moeq_dir)), workdir / "ct-fp8-spec"
+        ct.moeq_dir,
+        _dequantize_modelopt(_load_dir(_exported("qwen3_moe", "fp8", workdir).moeq_dir)),
+        workdir / "ct-fp8-spec",
     )
     for fqn in _expert_params(loaded):
         assert torch.equal(loaded.get_parameter(fqn), spec.get_parameter(fqn)), fqn
@@ -382,7 +397,7 @@ def _leftovers(parent: Path, name: str) -> list[str]:
 )
 def test_refuses_bad_scales(buffer: str, value: float, message: str, workdir: Path, tmp_path: Path) -> None:
     ex = _exported("qwen3_moe", "nvfp4", workdir)
-    s = moeq.quant_state(ex.model)["model.layers.1.mlp.experts.down_proj"]
+    s = moeq.quant_state(ex.model)["model.layers.0.mlp.experts.down_proj"]
     buf = getattr(s, buffer)
     index = 0 if buffer == "input_amax" else 5
     saved = buf.clone()
@@ -393,7 +408,7 @@ def test_refuses_bad_scales(buffer: str, value: float, message: str, workdir: Pa
     finally:
         buf.copy_(saved)
     expert = "expert 0" if buffer == "input_amax" else "expert 5"
-    assert f"model.layers.1.mlp.experts.down_proj {expert}: {message}" in str(err.value)
+    assert f"model.layers.0.mlp.experts.down_proj {expert}: {message}" in str(err.value)
     assert _leftovers(tmp_path, "out") == []
 
 
@@ -442,7 +457,7 @@ def test_refuses_expert_count_mismatch(workdir: Path, tmp_path: Path) -> None:
 
 
 def test_refuses_unfinalized_model(tmp_path: Path) -> None:
-    model = tiny_model("qwen3_moe", torch.bfloat16, seed=0)
+    model = tiny_model("qwen3_moe", torch.bfloat16, seed=0, **LAYERS)
     moeq.prepare(model, moeq.NVFP4)
     with pytest.raises(ValueError, match="not finalized: run moeq.calibrate"):
         moeq.export_hf(model, tmp_path / "out")
@@ -501,7 +516,7 @@ def test_ep2_gloo_export_matches_single_process(workdir: Path, tmp_path: Path) -
     torch.save(saved, tmp_path / "state.pt")
     out = tmp_path / "ep"
     ctx = mp.get_context("spawn")
-    args = (str(tmp_path), "qwen3_moe", "nvfp4", str(tmp_path / "state.pt"), str(out))
+    args = (str(tmp_path), "qwen3_moe", "nvfp4", str(tmp_path / "state.pt"), str(out), LAYERS)
     procs = [ctx.Process(target=run_rank, args=(r, 2, *args)) for r in range(2)]
     for p in procs:
         p.start()
@@ -530,7 +545,13 @@ def test_gpt_oss_interleaved_transposed_biased_layout(tmp_path: Path) -> None:
     ``down_proj [E, I, H]``, plus ``*_bias [E, N]``. Each exported per-expert linear dequantizes to the
     matching columns, transposed, of moeq's fake-quantized fused weight, and carries its bias slice."""
     ids = _tokens(0)
-    model = _calibrated("gpt_oss", moeq.NVFP4, ids)
+    torch._dynamo.reset()
+    model = tiny_model("gpt_oss", torch.bfloat16, seed=0)
+    moeq.prepare(model, moeq.NVFP4)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(ids)
+    moeq.finalize(cm)
     sd = _dequantize_modelopt(_load_dir(moeq.export_hf(model, tmp_path / "gpt_oss")))
     state = moeq.quant_state(model)
     experts = model.model.layers[1].mlp.experts

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -382,51 +383,59 @@ def export_hf(
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"export_hf: {out_dir} already exists; pass overwrite=True to replace it")
 
-    tensors = _expert_tensors(state, layouts, format, comm.rank)
-    non_expert = _non_expert_tensors(hf_model, state, layouts) if comm.rank == 0 else {}
-    tensors.update(non_expert)
-    names = hf_renamer(hf_model, list(tensors))
-    tensors = {names[k]: t for k, t in tensors.items()}
-    shards = plan_shards(dict(sorted(tensors.items())), max_bytes)
+    tmp = temp_dir_for(out_dir, comm.gather(uuid.uuid4().hex[:12])[0])
+    built: dict[str, Any] = {}
 
-    tmp = temp_dir_for(out_dir, comm.gather(temp_dir_for(out_dir).name)[0].rsplit("-", 1)[-1])
-    if comm.rank == 0:
-        tmp.mkdir(parents=True)
-    plans = comm.gather([[(k, tensor_nbytes(tensors[k])) for k in keys] for keys in shards])
+    def build() -> None:
+        tensors = _expert_tensors(state, layouts, format, comm.rank)
+        non_expert = _non_expert_tensors(hf_model, state, layouts) if comm.rank == 0 else {}
+        tensors.update(non_expert)
+        names = hf_renamer(hf_model, list(tensors))
+        built["tensors"] = dict(sorted((names[k], t) for k, t in tensors.items()))
+        built["plain"] = (non_expert, names)
+        built["shards"] = plan_shards(built["tensors"], max_bytes)
+        if comm.rank == 0:
+            tmp.mkdir(parents=True)
+
+    failure = _attempt(build)
+    plan = [[(k, tensor_nbytes(built["tensors"][k])) for k in keys] for keys in built.get("shards", [])]
+    gathered = comm.gather((failure, plan))
+    _raise_failures([f for f, _ in gathered], tmp, comm)
+    plans = [p for _, p in gathered]
     total = sum(len(p) for p in plans)
     all_names = shard_names(total)
     first = sum(len(p) for p in plans[: comm.rank])
+    mine = all_names[first : first + len(plan)]
+    failure = _attempt(lambda: write_shards(tmp, built["tensors"], built["shards"], mine, {"format": "pt"}))
+    _raise_failures(comm.gather(failure), tmp, comm)
 
-    status = _attempt(
-        lambda: write_shards(tmp, tensors, shards, all_names[first : first + len(shards)], {"format": "pt"})
-    )
-    statuses = comm.gather(status)
-    result = None
+    failure = None
     if comm.rank == 0:
-        failed = [f"rank {r}: {s}" for r, s in enumerate(statuses) if s is not None]
-        if not failed:
-            weight_map = {k: all_names[i] for i, shard in enumerate(s for p in plans for s in p) for k, _ in shard}
-            size = sum(n for p in plans for shard in p for _, n in shard)
-            plain = {names[k] for k in non_expert}
-            quantized = [k for k in weight_map if k not in plain]
-            exclude = _exclude_modules(non_expert, names, quantized)
-            step = _attempt(
-                lambda: (
-                    write_index(tmp, weight_map, size),
-                    _write_configs(tmp, hf_model, state.config, format, exclude, tokenizer),
-                    commit_dir(tmp, out_dir, overwrite),
-                )
+        weight_map = {k: all_names[i] for i, shard in enumerate(s for p in plans for s in p) for k, _ in shard}
+        size = sum(n for p in plans for shard in p for _, n in shard)
+        non_expert, names = built["plain"]
+        plain = {names[k] for k in non_expert}
+        exclude = _exclude_modules(non_expert, names, [k for k in weight_map if k not in plain])
+        failure = _attempt(
+            lambda: (
+                write_index(tmp, weight_map, size),
+                _write_configs(tmp, hf_model, state.config, format, exclude, tokenizer),
+                commit_dir(tmp, out_dir, overwrite),
             )
-            if step is not None:
-                failed.append(f"rank 0: {step}")
-        if failed:
-            shutil.rmtree(tmp, ignore_errors=True)
-            result = "export_hf failed; nothing was written:\n  " + "\n  ".join(failed)
-    result = comm.gather(result)[0]
-    if result is not None:
-        raise RuntimeError(result)
+        )
+    _raise_failures(comm.gather(failure), tmp, comm)
     logger.info("moeq: exported %s in %s format to %s (%d shards)", type(hf_model).__name__, format, out_dir, total)
     return out_dir
+
+
+def _raise_failures(failures: list[str | None], tmp: Path, comm: _Comm) -> None:
+    """Raise on every rank when any rank failed (rank 0 removes the temporary directory first)."""
+    failed = [f"rank {r}: {f}" for r, f in enumerate(failures) if f is not None]
+    if not failed:
+        return
+    if comm.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise RuntimeError("export_hf failed; nothing was written:\n  " + "\n  ".join(failed))
 
 
 def _attempt(fn: Callable[[], Any]) -> str | None:
