@@ -6,7 +6,8 @@ python examples/export_for_vllm.py [--family qwen3_moe|mixtral|gpt_oss] [--confi
 2. calibrate under ``torch.compile`` and ``moeq.finalize``;
 3. ``moeq.export_hf`` in ``modelopt`` format (vLLM / SGLang / TensorRT-LLM read ``hf_quant_config.json``) and
    in ``compressed-tensors`` format (vLLM reads ``config.json``'s ``quantization_config``);
-4. print each output tree with file sizes and a few per-expert tensors.
+4. print each output tree with file sizes and a few per-expert tensors (shards
+   are kept small here to show the sharded layout).
 
 A real model is exported the same way: ``AutoModelForCausalLM.from_pretrained(...)`` instead of
 ``tiny_model``, your calibration data instead of random tokens, and ``tokenizer=`` to save its tokenizer.
@@ -40,6 +41,9 @@ def print_tree(root: Path) -> None:
                 if "layers.0." in key and ".experts.0." in key:
                     t = f.get_tensor(key)
                     print(f"    {key:<58} {str(t.dtype).removeprefix('torch.'):<14} {list(t.shape)}")
+    config = json.loads((root / "config.json").read_text())["quantization_config"]
+    print(f"  quantization_config: quant_method={config['quant_method']!r}", end="")
+    print(f", format={config['format']!r}" if "format" in config else f", quant_algo={config['quant_algo']!r}")
 
 
 def main() -> None:
@@ -58,7 +62,7 @@ def main() -> None:
     moeq.finalize(cmodel)
 
     for fmt in ("modelopt", "compressed-tensors"):
-        out = moeq.export_hf(cmodel, args.out / fmt, format=fmt, max_shard_size="200KB", overwrite=True)
+        out = moeq.export_hf(cmodel, args.out / fmt, format=fmt, max_shard_size="100KB", overwrite=True)
         print_tree(out)
 
 
