@@ -570,3 +570,31 @@ def test_gpt_oss_interleaved_transposed_biased_layout(tmp_path: Path) -> None:
         assert torch.equal(sd[f"{prefix}.{e}.up_proj.bias"], experts.gate_up_proj_bias[e, 1::2])
         assert torch.equal(sd[f"{prefix}.{e}.down_proj.bias"], experts.down_proj_bias[e])
     assert not any(k.endswith(("gate_up_proj", "gate_up_proj_bias", "down_proj_bias")) for k in sd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# weight-only presets
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_weight_only_presets(fmt: str, workdir: Path, tmp_path: Path) -> None:
+    """NVFP4 W4A16 exports in both formats without input scales (modelopt ``W4A16_NVFP4``); FP8 W8A16 exports
+    as compressed-tensors without input activations, and modelopt format, which has no FP8 weight-only
+    algorithm, is refused by name. The weights equal those of the W4A4 / W8A8 export of the same model."""
+    _, model = _weight_fake_quant_logits("qwen3_moe", fmt, _tokens(0))
+    ct = _load_dir(moeq.export_hf(model, tmp_path / "ct", "compressed-tensors"))
+    assert not any(k.endswith(("input_scale", "input_global_scale")) for k in ct)
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["input_activations"] is None
+    if fmt == "fp8":
+        with pytest.raises(ValueError, match="FP8 W8A16 .* has no modelopt checkpoint algorithm"):
+            moeq.export_hf(model, tmp_path / "mo", "modelopt")
+        assert _leftovers(tmp_path, "mo") == []
+        return
+    mo = _load_dir(moeq.export_hf(model, tmp_path / "mo", "modelopt"))
+    assert not any(k.endswith("input_scale") for k in mo)
+    quant = json.loads((tmp_path / "mo" / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "W4A16_NVFP4" and quant["group_size"] == 16
+    full = _load_dir(_exported("qwen3_moe", "nvfp4", workdir).moeq_dir)
+    assert _differing_bytes(mo, {k: full[k] for k in mo}) == {}
