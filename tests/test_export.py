@@ -598,3 +598,31 @@ def test_weight_only_presets(fmt: str, workdir: Path, tmp_path: Path) -> None:
     assert quant["quant_algo"] == "W4A16_NVFP4" and quant["group_size"] == 16
     full = _load_dir(_exported("qwen3_moe", "nvfp4", workdir).moeq_dir)
     assert _differing_bytes(mo, {k: full[k] for k in mo}) == {}
+
+
+def test_fp8_export_division_in_weight_dtype_is_at_most_one_step_from_fake_quant(workdir: Path) -> None:
+    """The FP8 export rounds ``W / s`` to bf16 before the e4m3 cast (modelopt's rule, for byte parity); the
+    fake quant divides in fp32. Where they disagree, the stored e4m3 codes are neighbours (one step apart)."""
+    ex = _exported("qwen3_moe", "fp8", workdir)
+    sd = _load_dir(ex.moeq_dir)
+    experts = ex.model.model.layers[0].mlp.experts
+    half = experts.gate_up_proj.shape[1] // 2
+    total = differing = 0
+    for e in range(experts.gate_up_proj.shape[0]):
+        weights = {
+            "gate_proj": experts.gate_up_proj[e, :half],
+            "up_proj": experts.gate_up_proj[e, half:],
+            "down_proj": experts.down_proj[e],
+        }
+        for name, w in weights.items():
+            key = f"model.layers.0.mlp.experts.{e}.{name}"
+            scale = sd[f"{key}.weight_scale"]
+            exported = sd[f"{key}.weight"].view(torch.uint8).int()
+            assert torch.equal(get_format("fp8").scale_from_amax(scale * 448.0), scale)  # same scale as exported
+            grid = get_format("fp8").quantize(w.detach(), scale * 448.0).data.view(torch.uint8).int()
+            step = (exported - grid).abs()
+            assert int(step.max()) <= 1, key
+            total += step.numel()
+            differing += int((step != 0).sum())
+    print(f"fp8 export vs fake-quant grid: {differing}/{total} codes one step apart")
+    assert 0 < differing < 0.05 * total
