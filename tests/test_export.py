@@ -282,6 +282,15 @@ def test_compressed_tensors_layout_and_config(fmt: str, workdir: Path) -> None:
     assert parsed.format == ("nvfp4-pack-quantized" if fmt == "nvfp4" else "float-quantized")
     modules = sorted({k.rsplit(".", 1)[0] for k in mo if k.endswith(".input_scale")})
     assert modules
+    # transformers + compressed-tensors load it compressed: every parameter is found, and the ignore list
+    # keeps the unquantized linears (attention, router) plain; transformers' fused experts keep no static
+    # input scale (it runs them weight-only), the only tensors it leaves unused
+    loaded, info = AutoModelForCausalLM.from_pretrained(ct.moeq_dir, dtype=torch.bfloat16, output_loading_info=True)
+    assert not info["missing_keys"], info
+    assert {k.rsplit(".", 1)[1] for k in info["unexpected_keys"]} == {
+        "input_global_scale" if fmt == "nvfp4" else "input_scale"
+    }
+    assert type(loaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     for m in modules:
         if fmt == "nvfp4":
             assert torch.equal(_bytes(ours[f"{m}.weight_packed"]), _bytes(mo[f"{m}.weight"]))

@@ -142,7 +142,7 @@ def _check_state(
 
 
 def _bad(v: float) -> bool:
-    return not (v > 0.0 and v != float("inf"))  # False for NaN too
+    return not (v > 0.0 and v != float("inf"))  # True for zero, negative, NaN and inf
 
 
 def _check_experts(s: ExpertQuantState, first_id: int) -> list[str]:
@@ -237,10 +237,13 @@ def _non_expert_tensors(hf_model: nn.Module, state: ModelQuantState, layouts: di
 # ----------------------------------------------------------------------------------------------
 
 
-def _exclude_modules(non_expert: dict[str, Tensor], names: dict[str, str], quantized: list[str]) -> list[str]:
+def _exclude_modules(
+    non_expert: dict[str, Tensor], names: dict[str, str], quantized: list[str], collapse: bool
+) -> list[str]:
     """HF names of the unquantized linear-like modules (a 2-D ``weight``: lm_head, embeddings, routers,
-    attention projections). Siblings under a parent that holds no quantized tensor collapse into
-    ``parent*``, as modelopt writes them (``model.layers.0.self_attn*``)."""
+    attention projections). With ``collapse`` (modelopt, whose readers match wildcards), siblings under a
+    parent that holds no quantized tensor become ``parent*`` as modelopt writes them
+    (``model.layers.0.self_attn*``); compressed-tensors matches exact names or ``re:`` patterns only."""
     mods = sorted(
         {names[k].removesuffix(".weight") for k, t in non_expert.items() if k.endswith(".weight") and t.dim() == 2}
     )
@@ -250,7 +253,7 @@ def _exclude_modules(non_expert: dict[str, Tensor], names: dict[str, str], quant
     out = []
     for parent, kids in children.items():
         holds_quantized = any(q.startswith(parent + ".") for q in quantized)
-        if parent and len(kids) > 1 and not holds_quantized:
+        if collapse and parent and len(kids) > 1 and not holds_quantized:
             out.append(parent + "*")
         else:
             out.extend(kids)
@@ -415,7 +418,8 @@ def export_hf(
         size = sum(n for p in plans for shard in p for _, n in shard)
         non_expert, names = built["plain"]
         plain = {names[k] for k in non_expert}
-        exclude = _exclude_modules(non_expert, names, [k for k in weight_map if k not in plain])
+        quantized = [k for k in weight_map if k not in plain]
+        exclude = _exclude_modules(non_expert, names, quantized, collapse=format == "modelopt")
         failure = _attempt(
             lambda: (
                 write_index(tmp, weight_map, size),
