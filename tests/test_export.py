@@ -171,6 +171,12 @@ def test_modelopt_quant_config_matches(family: str, fmt: str, workdir: Path) -> 
     qb = json.loads((ex.peer_dir / "config.json").read_text())["quantization_config"]
     qa.pop("producer"), qb.pop("producer")
     assert qa == qb
+    ca = json.loads((ex.moeq_dir / "config.json").read_text())
+    cb = json.loads((ex.peer_dir / "config.json").read_text())
+    ca.pop("quantization_config"), cb.pop("quantization_config")
+    assert ca == cb
+    ga = json.loads((ex.moeq_dir / "generation_config.json").read_text())
+    assert ga == json.loads((ex.peer_dir / "generation_config.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -635,3 +641,32 @@ def test_fp8_export_division_in_weight_dtype_is_at_most_one_step_from_fake_quant
             differing += int((step != 0).sum())
     print(f"fp8 export vs fake-quant grid: {differing}/{total} codes one step apart")
     assert 0 < differing < 0.05 * total
+
+
+def test_config_and_tokenizer_carried_over(workdir: Path, tmp_path: Path) -> None:
+    """config.json is the model's config plus quantization_config; a tokenizer passed in is saved, else the
+    tokenizer files of a local ``config._name_or_path`` are copied."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+
+    ex = _exported("qwen3_moe", "nvfp4", workdir)
+    loaded = AutoConfig.from_pretrained(ex.moeq_dir)
+    for key in ("hidden_size", "num_experts", "num_hidden_layers", "model_type", "moe_intermediate_size"):
+        assert getattr(loaded, key) == getattr(ex.model.config, key), key
+    assert loaded.quantization_config["quant_method"] == "modelopt"
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "moe": 1, "quant": 2}, unk_token="[UNK]"))
+    )
+    out = moeq.export_hf(ex.model, tmp_path / "with_tok", tokenizer=tok)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == tok.get_vocab()
+
+    source = tmp_path / "hub_copy"
+    tok.save_pretrained(source)
+    ex.model.config._name_or_path = str(source)
+    try:
+        out = moeq.export_hf(ex.model, tmp_path / "from_path")
+    finally:
+        ex.model.config._name_or_path = ""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()

@@ -20,6 +20,7 @@ experts (global id ``ep_rank * E_local + local_id``), rank 0 the rest and the in
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -324,14 +325,19 @@ def _write_configs(
     config = getattr(hf_model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError(f"{type(hf_model).__name__} has no Hugging Face config; export_hf needs a transformers model")
-    data = config.to_dict()
+    config = copy.deepcopy(config)
+    config.architectures = [type(hf_model).__name__]  # as save_pretrained records it
+    if getattr(config, "dtype", None) is None:  # from_pretrained models carry it; save_pretrained writes it
+        config.dtype = next((p.dtype for p in hf_model.parameters() if p.is_floating_point()), None)
+    config.save_pretrained(tmp)
+    data = json.loads((tmp / "config.json").read_text())
     if fmt == "modelopt":
         hf_quant, qc = _modelopt_configs(cfg, exclude)
         (tmp / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=4) + "\n")
     else:
         qc = _ct_config(cfg, exclude)
     data["quantization_config"] = qc
-    (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     generation = getattr(hf_model, "generation_config", None)
     if generation is not None and hasattr(generation, "save_pretrained"):
         generation.save_pretrained(tmp)
