@@ -19,7 +19,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["parse_size", "plan_shards", "shard_names", "write_index", "temp_dir_for", "commit_dir", "tensor_nbytes"]
+__all__ = [
+    "commit_dir",
+    "parse_size",
+    "plan_shards",
+    "shard_names",
+    "temp_dir_for",
+    "tensor_nbytes",
+    "write_index",
+    "write_shards",
+]
 
 logger = logging.getLogger(__name__)
 
