@@ -156,7 +156,9 @@ def test_modelopt_byte_parity(family: str, fmt: str, workdir: Path) -> None:
     cfg = ex.model.config
     n_exp = getattr(cfg, "num_experts", None) or cfg.num_local_experts
     assert len(expert_keys) == cfg.num_hidden_layers * n_exp * 3 * len(want)
-    assert _differing_bytes(ours, theirs) == {}
+    diff = _differing_bytes(ours, theirs)
+    print(f"{family}-{fmt}: {len(ours)} tensors compared ({len(expert_keys)} expert tensors), {len(diff)} differ")
+    assert diff == {}
 
 
 @pytest.mark.parametrize(("family", "fmt"), _CASES, ids=[f"{f}-{q}" for f, q in _CASES])
