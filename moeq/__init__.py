@@ -6,6 +6,7 @@ import moeq.lowering.ops  # noqa: F401  (registers the moeq:: custom ops)
 from moeq.api import prepare, quantize_graph
 from moeq.config import FP8, FP8_W8A16, NVFP4, NVFP4_W4A16, QuantConfig
 from moeq.io.checkpoint import load_state, save_state
+from moeq.io.export import export_hf
 from moeq.lowering.backend import moeq_backend, register_backends
 from moeq.passes.explain import explain
 from moeq.runtime.calibrate import calibrate, finalize, quant_state
@@ -22,6 +23,7 @@ __all__ = [
     "QuantConfig",
     "calibrate",
     "explain",
+    "export_hf",
     "finalize",
     "load_state",
     "moeq_backend",

@@ -34,6 +34,7 @@ __all__ = [
     "pack_nibbles",
     "register_format",
     "round_to_e4m3",
+    "fp8_export_weight",
     "encode_e4m3",
     "decode_e4m3",
     "unpack_nibbles",
@@ -319,6 +320,19 @@ class FP8E4M3(QuantFormat):
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _mul(decode_e4m3(q.data), q.scale).to(dtype)
+
+
+def fp8_export_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 checkpoint weight ``(w / s).to(float8_e4m3fn)`` with the division rounded to ``w``'s own dtype.
+
+    This is the export rule of the numerics spec (not the fake-quant rule, which divides in fp32): a bf16
+    weight divided by a 0-d fp32 scale stays bf16 under torch's type promotion, which is what the peer
+    exporter (nvidia-modelopt) writes, so byte parity depends on the intermediate bf16 rounding. The
+    quotient is the correctly rounded fp32 quotient rounded once more to ``w.dtype`` (what torch computes
+    on CPU), clamped to +-448 and encoded with moeq's own e4m3 rounding.
+    """
+    q = _div(w.float(), scale.float().reshape(())).to(w.dtype).float()
+    return encode_e4m3(round_to_e4m3(q.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)))
 
 
 @register_format
