@@ -362,6 +362,7 @@ def export_hf(
     format: str = "modelopt",
     *,
     ep_group: Any = None,
+    tp_group: Any = None,
     max_shard_size: int | str = "5GB",
     tokenizer: Any = None,
     overwrite: bool = False,
@@ -369,7 +370,8 @@ def export_hf(
     """Write the finalized ``model`` as a per-expert Hugging Face checkpoint in ``out_dir``.
 
     ``format``: ``"modelopt"`` or ``"compressed-tensors"``. ``ep_group``: the expert-parallel process group
-    when each rank's model holds ``E_local`` experts (``out_dir`` must be on a file system all ranks see).
+    when each rank's model holds ``E_local`` experts (``out_dir`` must be on a file system all ranks see);
+    TP-sharded expert weights (``tp_group`` of size > 1) are refused: reload the state under TP=1 first.
     ``tokenizer``: saved alongside (else tokenizer files are copied from ``config._name_or_path`` when it is
     a local directory). Raises ValueError naming the layer and expert for zero / NaN / inf scales,
     uncalibrated experts without a fallback, or an expert count that disagrees with the config; nothing is
@@ -378,6 +380,12 @@ def export_hf(
     if format not in FORMATS:
         raise ValueError(f"export_hf: format={format!r} is not one of {list(FORMATS)}")
     state = get_state(model)
+    sharded = sorted(fqn for fqn, s in state.items() if s.tp_shard is not None)
+    if sharded and tp_group is not None and _Comm(tp_group).size > 1:
+        raise ValueError(
+            f"export_hf writes whole expert tensors; {sharded[:2]} are tensor-parallel shards. Gather the TP "
+            "shards (or load the quant state with moeq.load_state into a TP=1 layout) before exporting"
+        )
     hf_model = state._root
     out_dir = Path(out_dir).absolute()
     max_bytes = parse_size(max_shard_size)
