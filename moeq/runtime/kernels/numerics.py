@@ -98,18 +98,21 @@ def cast_like(x, ptr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def abs_bits(x):
-    """``|x|`` as integers of x's width (sign bit cleared). For non-negative floats integer order is float
-    order and every NaN lies above inf, so an integer max is ``max|x|`` with NaN propagating: one
-    reduction, no float conversion of the elements."""
-    if x.dtype.primitive_bitwidth == 32:
+def abs_bits(x, BITS: tl.constexpr):
+    """``|x|`` as integers of x's width ``BITS`` (sign bit cleared). For non-negative floats integer order
+    is float order and every NaN lies above inf, so an integer max is ``max|x|`` with NaN propagating:
+    one reduction, no float conversion of the elements. (``BITS`` is a constexpr argument: Triton 3.6
+    compiles both sides of an ``if`` on ``x.dtype``.)"""
+    if BITS == 32:
         return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    return x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    else:
+        return x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
 
 
 @triton.jit
-def float_of_abs_bits(bits, dtype: tl.constexpr):
+def float_of_abs_bits(bits, dtype: tl.constexpr, BITS: tl.constexpr):
     """Inverse of :func:`abs_bits` for reduced values, as fp32 (exact)."""
-    if dtype.primitive_bitwidth == 32:
+    if BITS == 32:
         return bits.to(tl.float32, bitcast=True)
-    return bits.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+    else:
+        return bits.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)

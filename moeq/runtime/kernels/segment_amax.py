@@ -32,6 +32,7 @@ def _segment_amax_kernel(
     stride_xs,
     NUM_EXPERTS: tl.constexpr,
     E_POW2: tl.constexpr,
+    X_BITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -45,7 +46,7 @@ def _segment_amax_kernel(
     valid = rows < end
     mask = valid[:, None] & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs + cols[None, :], mask=mask, other=0.0)
-    bits = abs_bits(x)
+    bits = abs_bits(x, X_BITS)
     count_here = tl.program_id(1) == 0
     experts = tl.arange(0, E_POW2)
     ends = tl.load(offs_ptr + experts, mask=experts < NUM_EXPERTS, other=2147483647)
@@ -53,12 +54,12 @@ def _segment_amax_kernel(
     last = tl.sum((ends <= tl.minimum(row0 + BLOCK_S, end) - 1).to(tl.int32), axis=0)
     if row0 < end:
         if first == last:
-            tile_amax = float_of_abs_bits(tl.max(tl.max(bits, axis=1), axis=0), x.dtype)
+            tile_amax = float_of_abs_bits(tl.max(tl.max(bits, axis=1), axis=0), x.dtype, X_BITS)
             tl.atomic_max(amax_ptr + first, tile_amax)
             if count_here:
                 tl.atomic_add(counts_ptr + first, tl.sum(valid.to(tl.int64), axis=0))
         else:
-            row_amax = float_of_abs_bits(tl.max(bits, axis=1), x.dtype)
+            row_amax = float_of_abs_bits(tl.max(bits, axis=1), x.dtype, X_BITS)
             expert = expert_of_rows(offs_ptr, rows, NUM_EXPERTS, E_POW2)
             tl.atomic_max(amax_ptr + expert, row_amax, mask=valid)
             if count_here:
@@ -95,7 +96,7 @@ def segment_amax_(
 
         _segment_amax_kernel[grid](
             x, offs, running_amax, running_counts, x.shape[0], x.shape[1], x.stride(0),
-            NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts),
+            NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts), X_BITS=8 * x.element_size(),
         )  # fmt: skip
 
     def reference() -> None:
