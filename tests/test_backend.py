@@ -84,3 +84,31 @@ def test_qat_gradients_flow_through_ste():
     loss.backward()
     grad = model.model.layers[0].mlp.experts.gate_up_proj.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_regional_compile_reuses_one_graph_with_each_layers_state():
+    """Compiling each experts module in place makes Dynamo reuse one compiled frame for every layer; the
+    state buffers are bound per call from the weight passed, so every layer keeps its own statistics,
+    equal to those of a whole-model compile (checked against independent hooks in test_calibration)."""
+    tokens = make_tokens(seed=3, batch=2, seq=12)
+    whole = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=4), moeq.FP8)
+    regional = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=4), moeq.FP8)
+    for module in regional.modules():
+        if type(module).__name__ == "Qwen3MoeExperts":
+            module.compile(backend="moeq_aot_eager")
+    compiled = torch.compile(whole, backend="moeq_aot_eager")
+    with torch.no_grad():
+        for model in (compiled, regional):
+            with moeq.calibrate(model):
+                model(tokens)
+            moeq.finalize(model)
+        want, got = moeq.quant_state(whole), moeq.quant_state(regional)
+        assert sorted(got) == sorted(want) and len(want) == 4
+        assert moeq.runtime.calibrate.get_state(regional).reused_graphs  # the frame was indeed reused
+        for fqn in want:
+            for name in ("observed_input_amax", "tokens_per_expert", "input_amax", "weight_amax"):
+                assert torch.equal(getattr(got[fqn], name), getattr(want[fqn], name)), (fqn, name)
+        layer0, layer1 = (got[f"model.layers.{i}.mlp.experts.down_proj"].observed_input_amax for i in (0, 1))
+        assert not torch.equal(layer0, layer1)
+        assert torch.equal(regional(tokens).logits, compiled(tokens).logits)
+    assert len(moeq.explain(regional).rows()) == 4
