@@ -292,3 +292,7 @@ def _register_cuda_kernels() -> None:
 
 
 _register_cuda_kernels()
+
+
+# the fused grouped GEMM op (moeq::grouped_qmm) lives in its own module; importing ops registers it too
+from moeq.lowering import grouped_qmm as _grouped_qmm  # noqa: E402, F401

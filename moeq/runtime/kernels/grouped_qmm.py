@@ -24,6 +24,9 @@ dtype), which is what the tests check.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -287,6 +290,7 @@ def grouped_qmm(
     w_mode: str = "plain",
     x_mode: str | None = None,
     out: torch.Tensor | None = None,
+    wrap: Callable[[Any], Any] | None = None,
 ) -> torch.Tensor:
     """Launch the grouped kernel (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``); returns ``[M, N]``
     in ``x.dtype``.
@@ -295,6 +299,7 @@ def grouped_qmm(
     uint8) or packed E2M1 pairs along K (``nvfp4``, uint8 ``[E, K/2, N]``). ``w_scale [E]``: the weight amax
     for ``fake_*`` modes, the stored FP8 scale / NVFP4 global scale for ``fp8`` / ``nvfp4``.
     ``w_block_scale``: NVFP4 e4m3 block scales ``[E, K/16, N]``. ``x_amax``: ``[1]`` or ``[E]``.
+    ``wrap``: applied to the kernel before launching (``torch.library.wrap_triton`` inside a triton_op).
     """
     _check(x, w, offs, w_mode, x_mode)
     num_experts, n = w.shape[0], w.shape[2]
@@ -327,7 +332,8 @@ def grouped_qmm(
     def grid(meta):
         return ((triton.cdiv(m, meta["BLOCK_M"]) + num_experts + 1) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _grouped_qmm_kernel[grid](
+    kernel = wrap(_grouped_qmm_kernel) if wrap is not None else _grouped_qmm_kernel
+    kernel[grid](
         x, w, out, offs,
         w_scale if w_scale is not None else dummy, block, x_amax if x_amax is not None else dummy,
         m, n, k, m_bucket(m, num_experts),
