@@ -7,6 +7,7 @@ from moeq.api import prepare, quantize_graph
 from moeq.config import FP8, FP8_W8A16, NVFP4, NVFP4_W4A16, QuantConfig
 from moeq.lowering.backend import moeq_backend, register_backends
 from moeq.passes.explain import explain
+from moeq.passes.freeze import freeze
 from moeq.runtime.calibrate import calibrate, finalize, quant_state
 from moeq.state import ExpertQuantState
 
@@ -22,6 +23,7 @@ __all__ = [
     "calibrate",
     "explain",
     "finalize",
+    "freeze",
     "moeq_backend",
     "prepare",
     "quant_state",
