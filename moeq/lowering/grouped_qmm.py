@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from moeq.formats import _mul, decode_e4m3, e2m1_decode, get_format
+from moeq.lowering import ops
 from moeq.lowering.ops import _per_row_amax, check_offsets
 from moeq.runtime.kernels.launch import interpreting
 
@@ -121,6 +122,9 @@ def grouped_qmm(
     x_fmt: str | None,
 ) -> Tensor:
     """Fused Q/DQ + grouped GEMM (see the module docstring); ``[M, N]`` in ``x.dtype``."""
+    if x.device.type == "cuda" and not ops._TRITON_ENABLED:  # ops.reference_kernels(): CPU reference, copied back
+        cpu = [t.cpu() if isinstance(t, Tensor) else t for t in (x, w, offs, w_scale, w_block_scale, x_amax)]
+        return torch.ops.moeq.grouped_qmm_reference(*cpu, mode, w_fmt, x_fmt).to(x.device)
     if x.device.type == "cuda" or (x.device.type == "cpu" and interpreting()):
         from moeq.runtime.kernels.grouped_qmm import grouped_qmm as launch
 
