@@ -95,7 +95,12 @@ class ExpertQuantState(nn.Module):
         if role == "weight":
             if self.mode == "deploy":
                 return torch.ops.moeq.dequant_weight(
-                    self.frozen_data, self.frozen_scale, self.frozen_block_scale, cfg.weight, self.contraction_dim, t.dtype
+                    self.frozen_data,
+                    self.frozen_scale,
+                    self.frozen_block_scale,
+                    cfg.weight,
+                    self.contraction_dim,
+                    t.dtype,
                 )
             if self.mode == "quantize":
                 return torch.ops.moeq.fake_quant_weight(

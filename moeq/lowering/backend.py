@@ -89,9 +89,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], compiler: Any) -> An
 def moeq_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Any:
     """Dynamo backend: expert Q/DQ pass, then Inductor (``compile_fx``) with the grouped_qmm post-grad
     pass composed into ``post_grad_custom_post_pass`` (see :mod:`moeq.lowering.inductor`)."""
-    from torch._inductor.compile_fx import compile_fx
-
     from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
 
     from moeq.lowering.inductor import fusion_enabled, with_grouped_qmm_pass
 

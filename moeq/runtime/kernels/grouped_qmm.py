@@ -34,7 +34,6 @@ import triton.language as tl
 from moeq.runtime.kernels.launch import check_float, interpreting
 from moeq.runtime.kernels.numerics import (
     FP8_MAX,
-    NVFP4_GLOBAL_DIVISOR,
     cast_like,
     fake_quant_fp8,
     fake_quant_nvfp4,
@@ -42,7 +41,7 @@ from moeq.runtime.kernels.numerics import (
     safe_divisor,
 )
 
-__all__ = ["W_MODES", "X_MODES", "grouped_qmm", "grouped_qmm_configs", "m_bucket"]
+__all__ = ["W_MODES", "X_MODES", "grouped_qmm", "grouped_qmm_configs", "m_bucket", "prune_configs"]
 
 #: weight modes and their kernel codes
 W_MODES = {"plain": 0, "fake_fp8": 1, "fake_nvfp4": 2, "fp8": 3, "nvfp4": 4}
@@ -76,6 +75,15 @@ def grouped_qmm_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in candidates
     ]
+
+
+def prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    """Keep the row tiles that fit the mean rows per expert (``M_BUCKET``): small tiles for decode-like
+    batches (weight-bandwidth bound), large ones for prefill / training batches."""
+    bucket = named_args["M_BUCKET"]
+    lo, hi = (16, 16) if bucket <= 16 else (16, 64) if bucket <= 64 else (64, 128)
+    kept = [c for c in configs if lo <= c.kwargs["BLOCK_M"] <= hi]
+    return kept or configs
 
 
 def m_bucket(rows: int, num_experts: int) -> int:
@@ -129,7 +137,11 @@ def _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS: tl.constexpr, E_POW2: tl.
     return expert, row_start, row_end
 
 
-@triton.autotune(configs=grouped_qmm_configs(), key=["N", "K", "NUM_EXPERTS", "M_BUCKET", "W_MODE", "X_MODE"])
+@triton.autotune(
+    configs=grouped_qmm_configs(),
+    key=["N", "K", "NUM_EXPERTS", "M_BUCKET", "W_MODE", "X_MODE"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)
 @triton.jit
 def _grouped_qmm_kernel(
     x_ptr,
@@ -265,7 +277,9 @@ def _check(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_mode: str, x_
     if x.dim() != 2 or w.dim() != 3:
         raise ValueError(f"grouped_qmm takes x [M, K] and w [E, K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
     if offs.dtype != torch.int32 or offs.dim() != 1 or offs.numel() != w.shape[0]:
-        raise ValueError(f"offs must be int32 [{w.shape[0]}] cumulative row counts, got {offs.dtype} {tuple(offs.shape)}")
+        raise ValueError(
+            f"offs must be int32 [{w.shape[0]}] cumulative row counts, got {offs.dtype} {tuple(offs.shape)}"
+        )
     k_w = w.shape[1] * 2 if w_mode == "nvfp4" else w.shape[1]
     if x.shape[1] != k_w:
         raise ValueError(f"x has K={x.shape[1]} but the weight has K={k_w}")
