@@ -170,6 +170,38 @@ def test_pass_composes_with_installed_pass(monkeypatch):
     from torch._inductor import config
 
     monkeypatch.setattr(config, "post_grad_custom_post_pass", existing)
+    monkeypatch.setattr(config, "fx_graph_cache", False)  # a cache hit would skip the passes
     _Counting.calls = 0
     _, _, code = _compiled(moeq.FP8)
     assert _Counting.calls > 0 and "moeq.grouped_qmm" in code
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines launch the kernel for real (tests/test_gpu.py)")
+@pytest.mark.parametrize(("w_mode", "x_mode"), [("fake_nvfp4", "nvfp4"), ("fp8", "fp8"), ("nvfp4", None)])
+def test_kernel_compiles_for_sm90(w_mode, x_mode):
+    """Frontend + codegen for Hopper without a GPU (catches what only shows when compiling, e.g. non-constexpr
+    globals); W8A8 must use FP8 wgmma."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from moeq.runtime.kernels.grouped_qmm import W_MODES, X_MODES, _grouped_qmm_kernel
+
+    fn = _grouped_qmm_kernel.fn
+    stored = w_mode in ("fp8", "nvfp4")
+    pointers = dict(x_ptr="*bf16", w_ptr="*u8" if stored else "*bf16", out_ptr="*bf16", offs_ptr="*i32")
+    pointers.update(w_scale_ptr="*fp32", w_block_ptr="*u8", x_amax_ptr="*fp32")
+    constexprs = dict(
+        E_POW2=128, W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode], X_PER_EXPERT=False,
+        FP8_DOT=w_mode == "fp8" and x_mode == "fp8", DOT_IEEE=False, INTERPRET=False,
+        BLOCK_M=64, BLOCK_N=128, BLOCK_K=64,
+    )  # fmt: skip
+    signature = {name: pointers.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
+    try:
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    except TypeError:
+        pytest.skip("this Triton's ASTSource takes another signature")
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4, num_stages=3))
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    if constexprs["FP8_DOT"]:
+        assert ".e4m3.e4m3" in ptx

@@ -82,6 +82,8 @@ def prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kw
     batches (weight-bandwidth bound), large ones for prefill / training batches."""
     bucket = named_args["M_BUCKET"]
     lo, hi = (16, 16) if bucket <= 16 else (16, 64) if bucket <= 64 else (64, 128)
+    if bucket > 64:  # the 64-row tile only where its K step is long enough to pay
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] != 64 or c.kwargs["BLOCK_K"] == 128]
     kept = [c for c in configs if lo <= c.kwargs["BLOCK_M"] <= hi]
     return kept or configs
 
@@ -115,7 +117,7 @@ def _decode_e2m1(codes):
 
 
 @triton.jit
-def _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+def _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
     """(expert, first row, end row) of global m-tile ``tile_m``: experts' m-tiles in order, then the tiles
     of the unrouted tail rows (expert == NUM_EXPERTS, to be zeroed); end <= first for a spare program."""
     e_idx = tl.arange(0, E_POW2)
@@ -154,6 +156,7 @@ def _grouped_qmm_kernel(
     M,
     N,
     K,
+    NUM_EXPERTS,
     M_BUCKET,
     stride_xm,
     stride_xk,
@@ -165,7 +168,6 @@ def _grouped_qmm_kernel(
     stride_bn,
     stride_om,
     stride_on,
-    NUM_EXPERTS: tl.constexpr,
     E_POW2: tl.constexpr,
     W_MODE: tl.constexpr,
     X_MODE: tl.constexpr,
@@ -350,9 +352,9 @@ def grouped_qmm(
     kernel[grid](
         x, w, out, offs,
         w_scale if w_scale is not None else dummy, block, x_amax if x_amax is not None else dummy,
-        m, n, k, m_bucket(m, num_experts),
+        m, n, k, num_experts, m_bucket(m, num_experts),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), *b_strides, out.stride(0), out.stride(1),
-        NUM_EXPERTS=num_experts, E_POW2=max(triton.next_power_of_2(num_experts), 2),
+        E_POW2=max(triton.next_power_of_2(num_experts), 128),
         W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode],
         X_PER_EXPERT=x_amax is not None and x_amax.numel() > 1, FP8_DOT=w_mode == "fp8" and x_mode == "fp8",
         DOT_IEEE=x.dtype == torch.float32, INTERPRET=interpreting(),
