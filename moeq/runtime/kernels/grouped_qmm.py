@@ -231,9 +231,12 @@ def _grouped_qmm_kernel(
         # ---- weight tile [BLOCK_N, BLOCK_K // 16, 16] (n, k)
         wn_mask = n_mask[:, None, None] & k_mask
         if W_MODE == W_NVFP4:
-            # packed E2M1: byte k // 2 along K holds element k in its low (k even) or high (k odd) nibble
-            packed = tl.load(w_base + (ks // 2) * stride_wk, mask=wn_mask, other=0).to(tl.int32)
-            codes = (packed >> ((ks % 2) * 4)) & 0xF
+            # packed E2M1: byte j along K holds element 2j (low nibble) and 2j + 1 (high nibble); load the
+            # bytes contiguously and interleave the nibbles in registers
+            kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            p_ptr = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + kp[None, :] * stride_wk
+            packed = tl.load(p_ptr, mask=n_mask[:, None] & (kp < K // 2)[None, :], other=0).to(tl.int32)
+            codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K // 16, 16))
             kblk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
             sb_ptr = w_block_ptr + e * stride_be + cols_n.to(tl.int64)[:, None] * stride_bn + kblk[None, :] * stride_bk
             sb_bits = tl.load(sb_ptr, mask=n_mask[:, None] & (kblk < K // 16)[None, :], other=0)
