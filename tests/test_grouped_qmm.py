@@ -157,7 +157,7 @@ class _Counting(CustomGraphPass):
         return "counting"
 
 
-def test_pass_composes_with_installed_pass(monkeypatch):
+def test_pass_composes_with_installed_pass():
     """A pass already in post_grad_custom_post_pass keeps running next to moeq's; never installed twice."""
     existing = _Counting()
     composed = with_grouped_qmm_pass(existing)
@@ -169,10 +169,11 @@ def test_pass_composes_with_installed_pass(monkeypatch):
 
     from torch._inductor import config
 
-    monkeypatch.setattr(config, "post_grad_custom_post_pass", existing)
-    monkeypatch.setattr(config, "fx_graph_cache", False)  # a cache hit would skip the passes
     _Counting.calls = 0
-    _, _, code = _compiled(moeq.FP8)
+    # no FX graph cache: a cache hit would skip the passes
+    with config.patch(post_grad_custom_post_pass=existing, fx_graph_cache=False):
+        _, _, code = _compiled(moeq.FP8)
+    assert config.post_grad_custom_post_pass is None
     assert _Counting.calls > 0 and "moeq.grouped_qmm" in code
 
 
@@ -205,3 +206,27 @@ def test_kernel_compiles_for_sm90(w_mode, x_mode):
     assert "wgmma.mma_async" in ptx
     if constexprs["FP8_DOT"]:
         assert ".e4m3.e4m3" in ptx
+
+
+def test_training_step_matches_unfused():
+    """A QAT training step compiled with backend="moeq": loss and expert gradients equal the unfused
+    path's (the forward keeps the Q/DQ outputs it saves for backward, so those chains stay unfused)."""
+    results = []
+    for fuse in (True, False):
+        torch._dynamo.reset()
+        model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16), moeq.NVFP4)
+        cm = torch.compile(model, backend="moeq")
+        tokens = make_tokens()
+        with unfused() if not fuse else torch.enable_grad():
+            with torch.no_grad(), moeq.calibrate(cm):
+                cm(tokens)
+            moeq.finalize(cm)
+            model.train()
+            loss = cm(tokens, labels=tokens).loss
+            loss.backward()
+        grads = {n: model.get_parameter(n).grad for n in expert_parameter_names(model)}
+        results.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for name, grad in grads_a.items():
+        assert grad is not None and grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name

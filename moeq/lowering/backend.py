@@ -97,7 +97,7 @@ def moeq_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -
     options = dict(kwargs.get("options") or {})
     if fusion_enabled():
         slot = "post_grad_custom_post_pass"
-        options[slot] = with_grouped_qmm_pass(options.get(slot, getattr(inductor_config, slot)))
+        options[slot] = with_grouped_qmm_pass(options.get(slot, getattr(inductor_config, slot, None)))
 
     def inductor(g: fx.GraphModule, inputs: list[Any]) -> Any:
         return compile_fx(g, inputs, config_patches=options) if options else compile_fx(g, inputs)

@@ -8,8 +8,9 @@ The expert pass (:mod:`moeq.passes.insert_qdq`) leaves, after AOTAutograd, chain
 
 :class:`GroupedQmmPass` replaces each GEMM by ``moeq::grouped_qmm`` on the raw operands (the same view
 applied to the raw weight), so the GEMM runs as one Triton kernel that quantizes in its load path.
-The Q/DQ nodes are erased when nothing else uses them (a training graph may still save them for
-backward). It is a :class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a ``uuid()`` so the FX
+A chain whose quantized weight has other users (a training graph saves it for backward) is left
+unfused: fusing would quantize the weight twice. A quantized activation with other users is passed to
+the kernel as it is (no in-kernel activation quantization). It is a :class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a ``uuid()`` so the FX
 graph cache keeps working, and :func:`with_grouped_qmm_pass` composes it with whatever pass is already
 installed in ``post_grad_custom_post_pass`` (torch 2.11 holds one object there; 2.13 also a list).
 """
@@ -93,6 +94,10 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
         expert_dim, mode = 0, "deploy"
     else:
         return None
+    if any(len(n.users) != 1 for n in [*views, root]):
+        # the quantized weight is needed elsewhere too (e.g. saved for backward in a training graph): fusing
+        # would quantize it twice, so the unfused path is cheaper
+        return None
     w_val = _val(w)
     if w_val is None or w_val.dim() != 3 or expert_dim % 3 != 0:
         return None
@@ -103,7 +108,8 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
     dead: list[fx.Node] = [*views, root]
     if isinstance(a, fx.Node) and a.target == torch.ops.moeq.fake_quant_act.default:
         xa, offs_a, amax_a, fmt_a, _, k_a = a.args
-        if offs_a is offs and k_a % 2 == 1 and _val(xa) is not None and _val(xa).dim() == 2:
+        alone = len(a.users) == 1  # else x̂ is computed anyway: the kernel takes it as is (x_fmt None)
+        if alone and offs_a is offs and k_a % 2 == 1 and _val(xa) is not None and _val(xa).dim() == 2:
             x, x_amax, x_fmt = xa, amax_a, fmt_a
             dead.append(a)
     if _val(x) is None or _val(offs) is None:
