@@ -5,6 +5,7 @@ from __future__ import annotations
 import moeq.lowering.ops  # noqa: F401  (registers the moeq:: custom ops)
 from moeq.api import prepare, quantize_graph
 from moeq.config import FP8, FP8_W8A16, NVFP4, NVFP4_W4A16, QuantConfig
+from moeq.io.checkpoint import load_state, save_state
 from moeq.lowering.backend import moeq_backend, register_backends
 from moeq.passes.explain import explain
 from moeq.passes.freeze import freeze
@@ -24,10 +25,12 @@ __all__ = [
     "explain",
     "finalize",
     "freeze",
+    "load_state",
     "moeq_backend",
     "prepare",
     "quant_state",
     "quantize_graph",
+    "save_state",
 ]
 
 register_backends()

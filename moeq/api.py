@@ -24,33 +24,84 @@ def _mode_guard(module: nn.Module, args: Any) -> None:
         raise ValueError(f"invalid moeq mode {module._moeq_mode.value!r}")
 
 
-def prepare(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+TP_SHARD_KINDS = ("column", "row")
+
+
+_MODE_READING_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _mode_reading_class(cls: type, names: tuple[str, ...]) -> type:
+    """A subclass of ``cls`` whose expert-parameter attributes read the calibration mode first.
+
+    Dynamo guards on what a frame reads. Reading the mode wherever an expert weight is read makes every
+    compiled frame that uses one recompile on a mode change, also when a graph break puts the grouped
+    GEMM in a different frame from the module's forward entry (where the pre-hook guard sits)."""
+    key = (cls, names)
+    if key not in _MODE_READING_CLASSES:
+
+        def reader(name: str) -> property:
+            def get(self: nn.Module) -> Any:
+                if self._moeq_mode.value not in MODES:
+                    raise ValueError(f"invalid moeq mode {self._moeq_mode.value!r}")
+                return self._parameters[name]
+
+            return property(get)
+
+        namespace = {name: reader(name) for name in names}
+        namespace["__module__"] = cls.__module__
+        namespace["__qualname__"] = cls.__qualname__
+        _MODE_READING_CLASSES[key] = type(cls.__name__, (cls,), namespace)
+    return _MODE_READING_CLASSES[key]
+
+
+def prepare(
+    model: nn.Module, config: QuantConfig | None = None, *, tp_sharding: dict[str, str] | None = None
+) -> nn.Module:
     """Attach per-expert quant state to ``model`` and make it ready for ``torch.compile(backend="moeq")``.
 
     transformers MoE models are switched to their ``grouped_mm`` experts implementation. Calling it again
     with the same config is a no-op; with another config it starts over. Returns ``model`` itself.
+
+    ``tp_sharding`` maps weight-FQN patterns to ``"column"`` (output dim sharded) or ``"row"`` (contraction
+    dim sharded) when this rank holds tensor-parallel shards of the expert weights, e.g.
+    ``{"*.gate_up_proj": "column", "*.down_proj": "row"}``; checkpoints then store the weights' global shape.
     """
     config = config or NVFP4
+    for pattern, kind in (tp_sharding or {}).items():
+        if kind not in TP_SHARD_KINDS:
+            raise ValueError(f"tp_sharding[{pattern!r}] must be one of {TP_SHARD_KINDS}, got {kind!r}")
     if not isinstance(config, QuantConfig):
         raise TypeError(
             f"config must be a moeq.QuantConfig (or preset such as moeq.NVFP4), got {type(config).__name__}"
         )
     existing = get_state(model, required=False)
     if existing is not None and existing.config == config:
+        _set_tp_sharding(existing, tp_sharding)
         return model
     if existing is not None:
         logger.warning(
             "moeq.prepare: re-preparing %s with a new config; previous quant state is dropped", type(model).__name__
         )
     state = attach_state(model, config)
+    _set_tp_sharding(state, tp_sharding)
     use_grouped_experts(model)
     for module in model.modules():
-        if any(p.dim() >= 3 for p in module.parameters(recurse=False)):
+        expert_params = tuple(sorted(n for n, p in module.named_parameters(recurse=False) if p.dim() >= 3))
+        if expert_params:
             object.__setattr__(module, "_moeq_mode", state.mode_box)
             if not getattr(module, "_moeq_guard_installed", False):
                 module.register_forward_pre_hook(_mode_guard)
+                module.__class__ = _mode_reading_class(type(module), expert_params)
                 object.__setattr__(module, "_moeq_guard_installed", True)
     return model
+
+
+def _set_tp_sharding(state: ModelQuantState, tp_sharding: dict[str, str] | None) -> None:
+    if tp_sharding is None:
+        return
+    state.tp_sharding = dict(tp_sharding)
+    for fqn, s in state.items():
+        s.tp_shard = state.tp_shard_of(fqn)
 
 
 def quantize_graph(gm: Any, config: QuantConfig | None = None) -> fx.GraphModule:

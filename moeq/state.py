@@ -53,9 +53,14 @@ class ExpertQuantState(nn.Module):
         self.contraction_dim = contraction_dim
         self.config = config
         self.mode = "off"
-        #: per-expert notes shown by explain() (e.g. "no tokens: took the layer max")
+        #: per-expert notes shown by explain(), keyed by global expert id
         self.flags: dict[int, str] = {}
         num_experts = self.weight_shape[expert_dim]
+        #: expert parallelism: this rank holds global experts [expert_offset, expert_offset + E_local)
+        self.expert_offset = 0
+        self.global_num_experts = num_experts
+        #: tensor parallelism: "column" (output dim sharded), "row" (K sharded) or None (replicated)
+        self.tp_shard: str | None = None
         n_in = 1 if config.act_scale == "shared" else num_experts
         self.register_buffer("weight_amax", torch.zeros(num_experts))
         self.register_buffer("weight_block_amax", torch.zeros(0))
@@ -72,6 +77,16 @@ class ExpertQuantState(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.weight_shape[self.expert_dim]
+
+    def global_weight_shape(self, tp_size: int) -> tuple[int, ...]:
+        """The unsharded weight shape: all experts of every EP rank, TP shards joined."""
+        shape = list(self.weight_shape)
+        shape[self.expert_dim] = self.global_num_experts
+        if self.tp_shard is not None and tp_size > 1:
+            dims = [d for d in range(len(shape)) if d not in (self.expert_dim, self.contraction_dim % len(shape))]
+            dim = self.contraction_dim % len(shape) if self.tp_shard == "row" else dims[-1]
+            shape[dim] *= tp_size
+        return tuple(shape)
 
     def reset_statistics(self) -> None:
         """Forget observed activation statistics (weights are re-read at finalize)."""
@@ -145,9 +160,15 @@ class ModelQuantState(nn.Module):
         self.experts = nn.ModuleDict()
         self.mode_box = ModeBox()
         self.finalized = False
+        #: the finalized statistics already hold the sum over data-parallel ranks
+        self.synced_over_dp = False
         #: number of calibrate() sessions run since the last reset
         self.calibration_sessions = 0
         self.reports: dict[str, Any] = {}
+        #: weight FQN -> FQN whose compiled graph Dynamo reuses for it (same code, e.g. another layer)
+        self.reused_graphs: dict[str, str] = {}
+        #: weight FQN pattern -> "column" | "row": how tensor parallelism shards each expert weight
+        self.tp_sharding: dict[str, str] = {}
         self._root: Any = None
 
     # -- lookup ----------------------------------------------------------------------------------
@@ -172,6 +193,19 @@ class ModelQuantState(nn.Module):
 
     def as_dict(self) -> dict[str, ExpertQuantState]:
         return {fqn: s for fqn, s in sorted(self.items())}
+
+    def forget(self, fqn: str) -> None:
+        """Drop the state of ``fqn`` (used to undo a failed checkpoint load)."""
+        del self.experts[_module_key(fqn)]
+
+    def note_reused_graph(self, compiled_for: str, fqn: str) -> None:
+        if fqn not in self.reused_graphs:
+            logger.info("moeq: graph rewritten for %s also runs %s (Dynamo reused it)", compiled_for, fqn)
+            self.reused_graphs[fqn] = compiled_for
+
+    def tp_shard_of(self, fqn: str) -> str | None:
+        """``"column"``, ``"row"`` or None (not TP-sharded) for the weight ``fqn``."""
+        return next((kind for p, kind in self.tp_sharding.items() if fnmatch.fnmatchcase(fqn, p)), None)
 
     def excluded(self, fqn: str) -> str | None:
         """The config pattern that excludes ``fqn``, if any."""
@@ -198,6 +232,7 @@ class ModelQuantState(nn.Module):
                 state.to(device)
             return state
         state = ExpertQuantState(fqn, weight_shape, expert_dim, contraction_dim, self.config)
+        state.tp_shard = self.tp_shard_of(fqn)
         if device is not None:
             state.to(device)
         state.mode = self.mode

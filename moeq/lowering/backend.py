@@ -15,8 +15,8 @@ import torch
 from torch import fx
 
 from moeq.passes.find import find_expert_gemms
-from moeq.passes.insert_qdq import rewrite_graph
-from moeq.state import ModelQuantState, owner_of
+from moeq.passes.insert_qdq import LiftedBuffer, rewrite_graph
+from moeq.state import ExpertQuantState, ModelQuantState, owner_of
 
 __all__ = ["moeq_backend", "moeq_aot_eager_backend"]
 
@@ -32,7 +32,7 @@ def _state_of_graph(example_inputs: list[Any]) -> ModelQuantState | None:
     return next(iter(states.values()), None)
 
 
-def _rewrite(gm: fx.GraphModule, example_inputs: list[Any]) -> list[tuple[Any, str]]:
+def _rewrite(gm: fx.GraphModule, example_inputs: list[Any]) -> list[LiftedBuffer]:
     """Rewrite ``gm``; returns the state buffers lifted to trailing graph inputs."""
     state = _state_of_graph(example_inputs)
     if state is None:
@@ -48,15 +48,35 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list[Any]) -> list[tuple[Any, s
     return lifted
 
 
-def _with_state_inputs(compiled: Any, lifted: list[tuple[Any, str]]) -> Any:
-    """Call ``compiled`` with the live state buffers appended to Dynamo's graph arguments."""
+def _state_for_weight(weight: Any, compiled_for: ExpertQuantState) -> ExpertQuantState:
+    """The quant state of the expert weight passed in this call (a reused graph may run another layer)."""
+    owner = owner_of(weight)
+    if owner is None:
+        return compiled_for
+    model_state, fqn = owner
+    if fqn == compiled_for.fqn:
+        return compiled_for
+    est = model_state.get_or_create(
+        fqn, compiled_for.weight_shape, compiled_for.expert_dim, compiled_for.contraction_dim, weight.device
+    )
+    model_state.note_reused_graph(compiled_for.fqn, fqn)
+    return est
+
+
+def _with_state_inputs(compiled: Any, lifted: list[LiftedBuffer]) -> Any:
+    """Call ``compiled`` with the live state buffers of the weights actually passed appended to Dynamo's
+    graph arguments."""
     if not lifted:
         return compiled
 
     # AOTAutograd's forward takes unboxed args (its `_boxed_call` attribute is copied from the inner
     # function and does not describe it), and so does everything compile_fx / aot_eager return.
     def run(*args: Any) -> Any:
-        return compiled(*args, *(getattr(est, name) for est, name in lifted))
+        extra = []
+        for buf in lifted:
+            est = buf.state if buf.weight_index is None else _state_for_weight(args[buf.weight_index], buf.state)
+            extra.append(getattr(est, buf.name))
+        return compiled(*args, *extra)
 
     return run
 
@@ -82,7 +102,7 @@ def _copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
 def _compile(gm: fx.GraphModule, example_inputs: list[Any], compiler: Any) -> Any:
     gm = _copy_dynamo_graph(gm)
     lifted = _rewrite(gm, example_inputs)
-    extra = [getattr(est, name) for est, name in lifted]
+    extra = [getattr(buf.state, buf.name) for buf in lifted]
     return _with_state_inputs(compiler(gm, [*example_inputs, *extra]), lifted)
 
 

@@ -7,6 +7,7 @@ reason. ``to_networkx()`` / ``to_dot()`` / ``to_svg()`` draw the rewritten regio
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import shutil
 import subprocess
@@ -91,6 +92,9 @@ class Explanation:
                 rewritten.setdefault(r.fqn, r)
             for s in report.skipped:
                 skipped.setdefault((s.node, s.reason), s)
+        for fqn, compiled_for in state.reused_graphs.items():  # graphs Dynamo reused for other layers
+            if compiled_for in rewritten and fqn not in rewritten:
+                rewritten[fqn] = dataclasses.replace(rewritten[compiled_for], fqn=fqn)
         self.rewritten: list[RewrittenGemm] = sorted(rewritten.values(), key=lambda r: r.fqn)
         self.skipped: list[SkippedCandidate] = list(skipped.values())
 

@@ -10,6 +10,7 @@ the same model reads and writes the same statistics.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from moeq.passes.explain import GraphReport, RewrittenGemm
 from moeq.passes.find import ExpertGemm, SkippedCandidate, find_expert_gemms, target_name
 from moeq.state import ExpertQuantState, ModelQuantState
 
-__all__ = ["insert_qdq", "rewrite_graph"]
+__all__ = ["LiftedBuffer", "insert_qdq", "rewrite_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,18 @@ def _validate(rec: ExpertGemm, state: ModelQuantState) -> None:
             raise ValueError(f"{err} (needed for the {what} format {fmt_name})") from None
 
 
+@dataclass(frozen=True)
+class LiftedBuffer:
+    """A state buffer lifted to a trailing graph input. ``weight_index``: position among the graph's
+    inputs of the expert weight it belongs to (None for a get_attr weight). A compiled graph is reused
+    by Dynamo for every module running the same code (e.g. each decoder layer after a graph break), so
+    the runner resolves the buffer from the weight actually passed, not from the one seen at compile."""
+
+    state: ExpertQuantState
+    name: str
+    weight_index: int | None
+
+
 def _copy_meta(dst: fx.Node, src: fx.Node) -> None:
     for key in _META_KEYS:
         if key in src.meta:
@@ -63,8 +76,14 @@ class _Quantizers:
     def __init__(self, gm: fx.GraphModule, state: ModelQuantState, lift_state: bool) -> None:
         self.gm, self.state, self.lift_state = gm, state, lift_state
         self.graph = gm.graph
-        self.lifted: list[tuple[ExpertQuantState, str]] = []
+        self.lifted: list[LiftedBuffer] = []
         self._placeholders: dict[tuple[str, str], fx.Node] = {}
+        inputs = [n for n in self.graph.nodes if n.op == "placeholder"]
+        self._input_index = {n: i for i, n in enumerate(inputs)}
+        self._weight_index: dict[str, int | None] = {}
+
+    def bind(self, est: ExpertQuantState, weight: fx.Node) -> None:
+        self._weight_index.setdefault(est.fqn, self._input_index.get(weight))
 
     def _buffer(self, est: ExpertQuantState, name: str) -> fx.Node:
         key = (est.fqn, name)
@@ -75,7 +94,7 @@ class _Quantizers:
             node.meta["example_value"] = _fake(getattr(est, name))
             node._dynamo_source = None  # type: ignore[attr-defined]  # not a user input; AOT accepts None
             self._placeholders[key] = node
-            self.lifted.append((est, name))
+            self.lifted.append(LiftedBuffer(est, name, self._weight_index.get(est.fqn)))
         return self._placeholders[key]
 
     def weight(self, est: ExpertQuantState, name: str, w: fx.Node) -> fx.Node | None:
@@ -120,9 +139,9 @@ def _fake(t: torch.Tensor) -> Any:
 
 def insert_qdq(
     gm: fx.GraphModule, records: list[ExpertGemm], state: ModelQuantState, lift_state: bool = False
-) -> list[tuple[ExpertQuantState, str]]:
+) -> list[LiftedBuffer]:
     """Rewrite ``gm`` in place: quantizers on the weight and input of each record (excluded FQNs are
-    left alone). Returns the ``(state, buffer name)`` pairs lifted to extra graph inputs, in order."""
+    left alone). Returns the state buffers lifted to extra graph inputs, in order."""
     graph = gm.graph
     emit = _Quantizers(gm, state, lift_state)
     weight_done: set[fx.Node] = set()
@@ -134,6 +153,7 @@ def insert_qdq(
             rec.weight_fqn, rec.weight_shape, rec.expert_dim, rec.contraction_dim, rec.weight_device
         )
         name = "moeq_" + rec.weight_fqn.replace(".", "_")
+        emit.bind(est, rec.weight)
         if not lift_state and getattr(gm, name, None) is not est:
             gm.add_submodule(name, est)
         if rec.weight not in weight_done:
@@ -167,7 +187,7 @@ def rewrite_graph(
     example_inputs: list[Any] | None = None,
     kind: str = "fx",
     lift_state: bool = False,
-) -> tuple[GraphReport, list[tuple[ExpertQuantState, str]]]:
+) -> tuple[GraphReport, list[LiftedBuffer]]:
     """Find + insert on one graph. The report is stored on ``state`` for ``explain()`` and returned with
     the lifted state buffers (see :func:`insert_qdq`)."""
     records, skipped = find_expert_gemms(gm, example_inputs)

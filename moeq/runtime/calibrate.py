@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from moeq.formats import block_amax, expert_amax
-from moeq.runtime.collectives import ProcessGroups, sync_quant_state
+from moeq.runtime.collectives import LayerStats, default_groups, sync_statistics
 from moeq.state import ExpertQuantState, ModelQuantState, get_state
 
 __all__ = ["calibrate", "finalize", "quant_state"]
@@ -38,6 +38,11 @@ def calibrate(model: Any, reset: bool | None = None) -> Iterator[ModelQuantState
     """
     state = get_state(model)
     _not_frozen(state, "calibrate")
+    if reset is False and state.finalized and state.synced_over_dp:
+        raise ValueError(
+            "calibrate(reset=False) after a finalize() that summed token counts over data-parallel ranks would "
+            "count those tokens again at the next finalize(); calibrate from scratch (reset=True)"
+        )
     if reset or (reset is None and state.finalized):
         for s in state.experts.values():
             s.reset_statistics()
@@ -51,49 +56,53 @@ def calibrate(model: Any, reset: bool | None = None) -> Iterator[ModelQuantState
         state.mode = "quantize" if state.finalized else "off"
 
 
-def _input_amax(
-    s: ExpertQuantState, weight_amax: torch.Tensor, errors: list[str]
-) -> tuple[torch.Tensor, dict[int, str]]:
-    """Turn observed per-expert statistics into the input amax the fake quant uses."""
+def _input_amax(s: ExpertQuantState, stats: LayerStats, errors: list[str]) -> tuple[torch.Tensor, dict[int, str]]:
+    """Turn synced statistics into the input amax the fake quant uses, and per-expert notes (keyed by
+    global expert id)."""
     cfg = s.config
-    obs, counts = s.observed_input_amax, s.tokens_per_expert
+    obs, counts = stats.observed_input_amax, stats.tokens
+    first = s.expert_offset
     flags: dict[int, str] = {}
-    bad = [e for e in range(s.num_experts) if not torch.isfinite(obs[e])]
-    if bad:
-        errors.append(f"{s.fqn}: non-finite (NaN/inf) activations observed for experts {bad}")
+    bad = [first + e for e in range(s.num_experts) if not torch.isfinite(obs[e])]
+    if bad or not torch.isfinite(stats.layer_input_amax):
+        where = f"experts {bad}" if bad else "experts on another EP rank"
+        errors.append(f"{s.fqn}: non-finite (NaN/inf) activations observed for {where}")
         return s.input_amax, flags
-    covered = (counts > 0) & (obs > 0)
     for e in range(s.num_experts):
         if counts[e] == 0:
-            flags[e] = "no calibration tokens"
+            flags[first + e] = "no calibration tokens"
         elif obs[e] == 0:
-            flags[e] = "all-zero calibration activations"
-    if not bool(covered.any()):
+            flags[first + e] = "all-zero calibration activations"
+    if not bool(stats.layer_covered):
         if cfg.activation is None:
             return torch.zeros_like(s.input_amax), flags
         if cfg.uncalibrated == "weight_amax":
-            fallback = weight_amax.max()
+            fallback = stats.layer_weight_amax
             for e in range(s.num_experts):
-                flags[e] = f"layer saw no tokens: input amax from weight amax {float(fallback):.4g}"
+                flags[first + e] = f"layer saw no tokens: input amax from weight amax {float(fallback):.4g}"
             return fallback.expand_as(s.input_amax).clone(), flags
+        scope = " on any EP rank" if s.global_num_experts > s.num_experts else ""
         errors.append(
-            f"{s.fqn}: no expert received a calibration token (tokens_per_expert={counts.tolist()}); "
+            f"{s.fqn}: no expert received a calibration token{scope} (tokens_per_expert={counts.tolist()}); "
             "calibrate with more data or set QuantConfig(uncalibrated='weight_amax')"
         )
         return s.input_amax, flags
-    layer_max = obs[covered].max()
+    layer_max = stats.layer_input_amax
     if cfg.act_scale == "shared":
         return layer_max.reshape(1).clone(), flags
     for e in flags:
         flags[e] += f": took the layer max {float(layer_max):.4g}"
-    return torch.where(covered, obs, layer_max), flags
+    return torch.where(stats.covered(), obs, layer_max), flags
 
 
 def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: Any = None) -> ModelQuantState:
     """Fix every quantization parameter and switch the model to fake quantization.
 
-    Raises ValueError (changing nothing) when calibration is missing, a GEMM saw no tokens at all (unless
-    a fallback is configured), or statistics are not finite. Returns the model's quant state.
+    Under expert / tensor / data parallelism pass this rank's groups (or initialize megatron-core's
+    ``parallel_state``): statistics are synced with a fixed number of batched collectives, and global
+    expert id = ``ep_rank * E_local + local id``. Raises (changing nothing, on every rank alike) when
+    calibration is missing, a GEMM saw no tokens on any rank (unless a fallback is configured), or
+    statistics are not finite. Returns the model's quant state.
     """
     state = get_state(model)
     _not_frozen(state, "finalize")
@@ -108,41 +117,60 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
             "finalize() called before calibrate(): run forward passes inside `with moeq.calibrate(model):` first "
             f"({len(state)} expert GEMMs are waiting for activation statistics)"
         )
-    groups = ProcessGroups(ep_group, tp_group, dp_group)
+    groups = default_groups(ep_group, tp_group, dp_group)
+    ep_rank, ep_size = groups.rank("ep"), groups.size("ep")
     with torch.no_grad():
-        weight_stats = {}
+        stats: dict[str, LayerStats] = {}
+        blocks = {}
         for fqn, s in sorted(state.items()):
             w = state.weight(fqn)
-            amax = expert_amax(w, s.expert_dim)
-            block = block_amax(w, s.contraction_dim) if state.config.weight == "nvfp4" else None
-            weight_stats[fqn] = (amax, block)
-        sync_quant_state(state, groups)
+            stats[fqn] = LayerStats(
+                fqn,
+                s.weight_shape,
+                expert_amax(w, s.expert_dim).cpu(),
+                s.observed_input_amax.cpu(),
+                s.tokens_per_expert.cpu(),
+            )
+            blocks[fqn] = block_amax(w, s.contraction_dim) if state.config.weight == "nvfp4" else None
+        sync_statistics(stats, groups)
         errors: list[str] = []
         updates = {}
         for fqn, s in sorted(state.items()):
-            amax, block = weight_stats[fqn]
-            input_amax, flags = _input_amax(s, amax, errors)
-            zero = [e for e in range(s.num_experts) if amax[e] == 0]
-            for e in zero:
-                flags[e] = (flags.get(e, "") + "; " if e in flags else "") + "all-zero weight: scale set to 1/448"
-                logger.warning("moeq: %s expert %d has an all-zero weight", fqn, e)
+            s.expert_offset, s.global_num_experts = ep_rank * s.num_experts, ep_size * s.num_experts
+            st = stats[fqn]
+            input_amax, flags = _input_amax(s, st, errors)
+            amax = st.weight_amax
+            for e in (e for e in range(s.num_experts) if amax[e] == 0):
+                g = s.expert_offset + e
+                flags[g] = (flags[g] + "; " if g in flags else "") + "all-zero weight: scale set to 1/448"
+                logger.warning("moeq: %s expert %d has an all-zero weight", fqn, g)
+            if not bool(torch.isfinite(amax).all()):
+                errors.append(
+                    f"{fqn}: non-finite weight amax for experts {torch.nonzero(~torch.isfinite(amax)).flatten().tolist()}"
+                )
             safe_amax = torch.where(amax == 0, torch.ones_like(amax), amax)
-            updates[fqn] = (safe_amax, block, input_amax, flags)
+            updates[fqn] = (safe_amax, blocks[fqn], input_amax, st, flags)
         if errors:
             raise ValueError("finalize() failed; nothing was changed:\n  " + "\n  ".join(errors))
-        for fqn, (amax, block, input_amax, flags) in updates.items():
+        for fqn, (amax, block, input_amax, st, flags) in updates.items():
             s = state[fqn]
-            s.weight_amax.copy_(amax.to(s.weight_amax.device))
+            device = s.weight_amax.device
+            s.weight_amax.copy_(amax.to(device))
             if block is not None:
-                s.weight_block_amax = block.to(s.weight_amax.device)
-            s.input_amax.copy_(input_amax.to(s.input_amax.device))
+                s.weight_block_amax = block.to(device)
+            s.input_amax.copy_(input_amax.to(device))
+            s.observed_input_amax.copy_(st.observed_input_amax.to(device))
+            s.tokens_per_expert.copy_(st.tokens.to(device))
             s.calibrated.copy_(s.tokens_per_expert > 0)
             s.flags = flags
     state.finalized = True
+    state.synced_over_dp = groups.size("dp") > 1
     state.mode = "quantize"
     covered = sum(int(s.calibrated.sum()) for s in state.experts.values())
     total = sum(s.num_experts for s in state.experts.values())
-    logger.info("moeq: finalized %d expert GEMMs; %d/%d experts saw calibration tokens", len(state), covered, total)
+    logger.info(
+        "moeq: finalized %d expert GEMMs; %d/%d local experts saw calibration tokens", len(state), covered, total
+    )
     return state
 
 

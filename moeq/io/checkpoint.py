@@ -1,0 +1,279 @@
+"""``save_state`` / ``load_state``: quant state checkpoints that load under any EP / TP layout.
+
+Stored with ``torch.distributed.checkpoint`` in global form, so the saving layout does not matter:
+
+* ``moeq/meta``: format version, the QuantConfig, and per expert weight FQN its global weight shape,
+  expert / contraction dims and TP sharding;
+* ``moeq/{fqn}/expert/{g}``: one float64 record per **global** expert id ``g`` (see ``RECORD``); float64
+  holds the fp32 amaxes and the int64 token counts exactly. TP and DP replicas write identical records,
+  which DCP de-duplicates;
+* ``moeq/{fqn}/input_amax``: the shared input amax (``act_scale="shared"``);
+* ``moeq/{fqn}/flags/{first}``: explain() notes of the experts starting at global id ``first``.
+
+NVFP4 per-block amaxes are not stored: they are a function of the weights (the kernels compute block
+scales from the live weight), so ``load_state`` recomputes them from this rank's shard.
+
+``load_state`` checks the whole checkpoint against the model first (missing, extra and mis-shaped entries,
+another config) and raises one error listing every problem, on every rank alike; it reads into fresh
+tensors and only then copies into the quant state, so a failed load changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from moeq.config import QuantConfig
+from moeq.formats import block_amax
+from moeq.runtime.collectives import ProcessGroups, default_groups
+from moeq.state import ExpertQuantState, ModelQuantState, get_state
+
+__all__ = ["save_state", "load_state", "CheckpointError"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+RECORD = ("weight_amax", "observed_input_amax", "tokens_per_expert", "calibrated", "input_amax")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the model; nothing was loaded."""
+
+
+def _expert_key(fqn: str, g: int) -> str:
+    return f"moeq/{fqn}/expert/{g}"
+
+
+def _layer_meta(s: ExpertQuantState, tp_size: int) -> dict[str, Any]:
+    return {
+        "global_weight_shape": list(s.global_weight_shape(tp_size)),
+        "expert_dim": s.expert_dim,
+        "contraction_dim": s.contraction_dim,
+        "tp_shard": s.tp_shard,
+        "act_scale": s.config.act_scale,
+    }
+
+
+def _config_dict(config: QuantConfig) -> dict[str, Any]:
+    out = dataclasses.asdict(config)
+    out["exclude"] = list(out.get("exclude", ()))
+    return out
+
+
+def save_state(
+    model: Any, path: str | os.PathLike, ep_group: Any = None, tp_group: Any = None, process_group: Any = None
+) -> None:
+    """Save the model's quant state to the directory ``path``. Every rank of ``process_group`` (default:
+    the whole job) calls it; ``ep_group`` / ``tp_group`` as given to ``finalize``."""
+    state = get_state(model)
+    groups = default_groups(ep_group, tp_group)
+    ep_rank, tp_size = groups.rank("ep"), groups.size("tp")
+    meta = {
+        "version": FORMAT_VERSION,
+        "config": _config_dict(state.config),
+        "finalized": state.finalized,
+        "calibration_sessions": state.calibration_sessions,
+        "layers": {},
+    }
+    sd: dict[str, Any] = {}
+    for fqn, s in sorted(state.items()):
+        s.expert_offset = ep_rank * s.num_experts
+        s.global_num_experts = groups.size("ep") * s.num_experts
+        meta["layers"][fqn] = _layer_meta(s, tp_size)
+        per_expert_input = s.input_amax.numel() == s.num_experts and s.config.act_scale == "per_expert"
+        for e in range(s.num_experts):
+            record = torch.tensor(
+                [
+                    float(s.weight_amax[e]),
+                    float(s.observed_input_amax[e]),
+                    float(s.tokens_per_expert[e]),
+                    float(s.calibrated[e]),
+                    float(s.input_amax[e]) if per_expert_input else float("nan"),
+                ],
+                dtype=torch.float64,
+            )
+            sd[_expert_key(fqn, s.expert_offset + e)] = record
+        if not per_expert_input:
+            sd[f"moeq/{fqn}/input_amax"] = s.input_amax.detach().float().cpu().clone()
+        sd[f"moeq/{fqn}/flags/{s.expert_offset}"] = json.dumps({str(g): note for g, note in s.flags.items()})
+    sd["moeq/meta"] = json.dumps(meta)  # strings, not dicts: DCP would flatten a dict into many entries
+    dcp.save(sd, checkpoint_id=os.fspath(path), process_group=process_group)
+    logger.info("moeq: saved quant state of %d expert GEMMs to %s", len(state), path)
+
+
+def _expected_layers(state: ModelQuantState, groups: ProcessGroups) -> dict[str, dict[str, Any]]:
+    """FQN -> layer meta this model expects, for the states that exist (or the 3-D parameters)."""
+    tp_size, ep_size = groups.size("tp"), groups.size("ep")
+    out = {}
+    for fqn, s in sorted(state.items()):
+        s.global_num_experts = ep_size * s.num_experts
+        out[fqn] = _layer_meta(s, tp_size)
+    return out
+
+
+def _collective_errors(errors: list[str], group: Any) -> list[str]:
+    """Every rank's errors, on every rank (so all raise together instead of some entering the load)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return errors
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, errors, group=group)
+    return [f"[rank {rank}] {e}" for rank, errs in enumerate(gathered) for e in errs]
+
+
+def _ensure_states(state: ModelQuantState, layers: dict[str, dict[str, Any]], created: list[str]) -> list[str]:
+    """Create the quant state of every checkpointed FQN the model has but has not traced yet (listed in
+    ``created``, so a failed load can remove them again)."""
+    errors = []
+    for fqn, meta in layers.items():
+        if fqn in state:
+            continue
+        try:
+            w = state.weight(fqn)
+        except AttributeError:
+            continue  # reported as an extra entry
+        if not isinstance(w, torch.Tensor) or w.dim() != len(meta["global_weight_shape"]):
+            errors.append(f"{fqn}: checkpoint has a {len(meta['global_weight_shape'])}-D expert weight; model has {w}")
+            continue
+        state.get_or_create(fqn, tuple(w.shape), meta["expert_dim"], meta["contraction_dim"], w.device)
+        created.append(fqn)
+    return errors
+
+
+def load_state(
+    model: Any, path: str | os.PathLike, ep_group: Any = None, tp_group: Any = None, process_group: Any = None
+) -> ModelQuantState:
+    """Load a checkpoint written by :func:`save_state` under any EP / TP layout into ``model`` (every rank
+    of ``process_group``, default the whole job, calls it).
+
+    Raises :class:`CheckpointError` listing every missing, extra or mis-shaped entry (and a config that
+    differs from the model's), changing nothing. Returns the quant state, finalized if the saved one was.
+    """
+    state = get_state(model)
+    groups = default_groups(ep_group, tp_group)
+    path = os.fspath(path)
+    errors: list[str] = []
+    created: list[str] = []
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as err:  # noqa: BLE001  (any unreadable checkpoint)
+        raise CheckpointError(f"cannot read a moeq quant-state checkpoint at {path!r}: {err}") from err
+    entries = metadata.state_dict_metadata
+    saved: dict[str, Any] = {}
+    if "moeq/meta" not in entries:
+        errors.append(f"{path!r} is not a moeq quant-state checkpoint (no 'moeq/meta' entry)")
+    else:
+        holder = {"moeq/meta": ""}
+        try:
+            dcp.load(holder, checkpoint_id=path, no_dist=True)
+            saved = json.loads(holder["moeq/meta"])
+        except (Exception, CheckpointException) as err:  # noqa: BLE001  (a truncated or corrupt data file)
+            raise CheckpointError(f"reading {path!r} failed; nothing was loaded: {err}") from err
+        if saved.get("version") != FORMAT_VERSION:
+            errors.append(f"checkpoint format version {saved.get('version')} != supported {FORMAT_VERSION}")
+        mine = _config_dict(state.config)
+        if saved.get("config") != mine:
+            diff = {
+                k: (saved.get("config", {}).get(k), v) for k, v in mine.items() if saved.get("config", {}).get(k) != v
+            }
+            errors.append(f"checkpoint was saved with another QuantConfig: (saved, model) = {diff}")
+        errors += _ensure_states(state, saved.get("layers", {}), created)
+    expected = _expected_layers(state, groups)
+    saved_layers = saved.get("layers", {})
+    if saved:
+        untraced = {n for n, p in state._root.named_parameters() if p.dim() >= 3 and not state.excluded(n)}
+        missing = sorted((set(expected) | untraced) - set(saved_layers))
+        extra = sorted(set(saved_layers) - set(expected))
+        if missing:
+            errors.append(f"missing expert weights (in the model, not in the checkpoint): {missing}")
+        if extra:
+            errors.append(f"extra expert weights (in the checkpoint, not in the model): {extra}")
+        for fqn in sorted(set(expected) & set(saved_layers)):
+            if saved_layers[fqn] != expected[fqn]:
+                diff = {
+                    k: (saved_layers[fqn].get(k), v) for k, v in expected[fqn].items() if saved_layers[fqn].get(k) != v
+                }
+                errors.append(f"{fqn}: mis-shaped entry, (checkpoint, model) = {diff}")
+        tensor_keys = {k for k, v in entries.items() if isinstance(v, TensorStorageMetadata)}
+        want = set()
+        for fqn, meta in expected.items():
+            num = meta["global_weight_shape"][meta["expert_dim"]]
+            want |= {_expert_key(fqn, g) for g in range(num)}
+            if meta["act_scale"] == "shared":
+                want.add(f"moeq/{fqn}/input_amax")
+        if not errors:
+            missing_keys, extra_keys = sorted(want - tensor_keys), sorted(tensor_keys - want)
+            if missing_keys:
+                errors.append(f"{len(missing_keys)} missing entries: {missing_keys[:8]}")
+            if extra_keys:
+                errors.append(f"{len(extra_keys)} extra entries: {extra_keys[:8]}")
+            for key in sorted(want & tensor_keys):
+                size = list(entries[key].size)
+                ok = size == [len(RECORD)] if "/expert/" in key else size == [1]
+                if not ok:
+                    errors.append(f"{key}: mis-shaped entry {size}")
+    errors = _collective_errors(errors, process_group)
+    if errors:
+        _forget(state, created)
+        raise CheckpointError(f"cannot load quant state from {path!r}; nothing was loaded:\n  " + "\n  ".join(errors))
+
+    ep_rank = groups.rank("ep")
+    sd: dict[str, Any] = {}
+    for fqn, s in sorted(state.items()):
+        first = ep_rank * s.num_experts
+        for e in range(s.num_experts):
+            sd[_expert_key(fqn, first + e)] = torch.empty(len(RECORD), dtype=torch.float64)
+        if s.config.act_scale == "shared":
+            sd[f"moeq/{fqn}/input_amax"] = torch.empty(1)
+        for key in entries:
+            if key.startswith(f"moeq/{fqn}/flags/"):
+                sd[key] = ""
+    try:
+        dcp.load(sd, checkpoint_id=path, process_group=process_group)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001  (DCP's error is a BaseException)
+        _forget(state, created)
+        raise CheckpointError(f"reading {path!r} failed; nothing was loaded: {err}") from err
+    _commit(state, sd, ep_rank)
+    state.finalized = bool(saved.get("finalized"))
+    state.calibration_sessions = int(saved.get("calibration_sessions", 0))
+    state.mode = "quantize" if state.finalized else "off"
+    logger.info("moeq: loaded quant state of %d expert GEMMs from %s", len(state), path)
+    return state
+
+
+def _forget(state: ModelQuantState, fqns: list[str]) -> None:
+    for fqn in fqns:
+        state.forget(fqn)
+
+
+def _commit(state: ModelQuantState, sd: dict[str, Any], ep_rank: int) -> None:
+    with torch.no_grad():
+        for fqn, s in sorted(state.items()):
+            first = ep_rank * s.num_experts
+            records = torch.stack([sd[_expert_key(fqn, first + e)] for e in range(s.num_experts)])
+            device = s.weight_amax.device
+            s.expert_offset = first
+            s.weight_amax.copy_(records[:, 0].float().to(device))
+            s.observed_input_amax.copy_(records[:, 1].float().to(device))
+            s.tokens_per_expert.copy_(records[:, 2].long().to(device))
+            s.calibrated.copy_(records[:, 3].bool().to(device))
+            if s.config.act_scale == "shared":
+                s.input_amax.copy_(sd[f"moeq/{fqn}/input_amax"].to(device))
+            else:
+                s.input_amax.copy_(records[:, 4].float().to(device))
+            flags: dict[int, str] = {}
+            for key, value in sd.items():
+                if key.startswith(f"moeq/{fqn}/flags/"):
+                    notes = json.loads(value).items()
+                    flags.update({int(g): note for g, note in notes if first <= int(g) < first + s.num_experts})
+            s.flags = flags
+            if s.config.weight == "nvfp4":
+                s.weight_block_amax = block_amax(state.weight(fqn), s.contraction_dim).to(device)
