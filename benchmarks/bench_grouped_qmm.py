@@ -39,7 +39,7 @@ CASES = [  # (label, E, K, N, routed rows)
     ("mixtral down M=8192", 8, 14336, 4096, 8192),
 ]
 
-# (mode, kernel weight mode, activation format, anchor, target ratio, at which rows (None: reported only))
+# (row label, kernel weight mode, activation format)
 MODES = [
     ("QAT FP8", "fake_fp8", "fp8"),
     ("QAT NVFP4", "fake_nvfp4", "nvfp4"),
