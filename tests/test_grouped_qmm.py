@@ -214,7 +214,7 @@ def test_training_step_matches_unfused():
     results = []
     for fuse in (True, False):
         torch._dynamo.reset()
-        model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16), moeq.NVFP4)
+        model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), moeq.NVFP4)
         cm = torch.compile(model, backend="moeq")
         tokens = make_tokens()
         with unfused() if not fuse else torch.enable_grad():
