@@ -9,6 +9,7 @@ from moeq.io.checkpoint import load_state, save_state
 from moeq.io.export import export_hf
 from moeq.lowering.backend import moeq_backend, register_backends
 from moeq.passes.explain import explain
+from moeq.passes.freeze import freeze
 from moeq.runtime.calibrate import calibrate, finalize, quant_state
 from moeq.state import ExpertQuantState
 
@@ -25,6 +26,7 @@ __all__ = [
     "explain",
     "export_hf",
     "finalize",
+    "freeze",
     "load_state",
     "moeq_backend",
     "prepare",

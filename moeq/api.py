@@ -43,7 +43,11 @@ def _mode_reading_class(cls: type, names: tuple[str, ...]) -> type:
             def get(self: nn.Module) -> Any:
                 if self._moeq_mode.value not in MODES:
                     raise ValueError(f"invalid moeq mode {self._moeq_mode.value!r}")
-                return self._parameters[name]
+                if name in self._parameters:
+                    return self._parameters[name]
+                if name in self._buffers:  # moeq.freeze replaced the parameter by a stand-in buffer
+                    return self._buffers[name]
+                raise AttributeError(name)
 
             return property(get)
 

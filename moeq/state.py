@@ -6,7 +6,7 @@ same objects are inserted into every graph the pass rewrites (compiled, exported
 them share one set of statistics and a recompile never resets calibration.
 
 Modes: ``"off"`` (full precision), ``"calibrate"`` (full precision, observers record), ``"quantize"``
-(fake quant with the finalized parameters).
+(fake quant with the finalized parameters), ``"deploy"`` (after ``moeq.freeze``: weights stored quantized).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from moeq.config import QuantConfig
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["ExpertQuantState", "ModelQuantState", "MODES", "get_state", "owner_of", "attach_state"]
+__all__ = ["ExpertQuantState", "ModelQuantState", "MODES", "get_state", "owner_of", "attach_state", "register_owner"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("off", "calibrate", "quantize")
+MODES = ("off", "calibrate", "quantize", "deploy")
 _STATE_ATTR = "_moeq_state"
 # parameter object -> (ModelQuantState, FQN); lets the pass map a graph input back to its state
 _PARAM_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -68,6 +68,11 @@ class ExpertQuantState(nn.Module):
         self.register_buffer("observed_input_amax", torch.zeros(num_experts))
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64))
         self.register_buffer("calibrated", torch.zeros(num_experts, dtype=torch.bool))
+        # deploy (moeq.freeze): the stored weight, K-last; empty until frozen
+        self.frozen_dtype: torch.dtype | None = None
+        self.register_buffer("frozen_data", torch.zeros(0, dtype=torch.uint8))
+        self.register_buffer("frozen_scale", torch.zeros(0))
+        self.register_buffer("frozen_block_scale", torch.zeros(0, dtype=torch.uint8))
 
     @property
     def num_experts(self) -> int:
@@ -103,6 +108,15 @@ class ExpertQuantState(nn.Module):
         fake-quantizes the GEMM's activation. Under tracing the current mode is baked into the graph."""
         cfg = self.config
         if role == "weight":
+            if self.mode == "deploy":
+                return torch.ops.moeq.dequant_weight(
+                    self.frozen_data,
+                    self.frozen_scale,
+                    self.frozen_block_scale,
+                    cfg.weight,
+                    self.contraction_dim,
+                    t.dtype,
+                )
             if self.mode == "quantize":
                 return torch.ops.moeq.fake_quant_weight(
                     t, self.weight_amax, cfg.weight, self.expert_dim, self.contraction_dim
@@ -112,7 +126,7 @@ class ExpertQuantState(nn.Module):
             torch.ops.moeq.observe_segments_(
                 t, offs, self.observed_input_amax, self.tokens_per_expert, expert_dim, contraction_dim
             )
-        elif self.mode == "quantize" and cfg.activation is not None:
+        elif self.mode in ("quantize", "deploy") and cfg.activation is not None:
             return torch.ops.moeq.fake_quant_act(t, offs, self.input_amax, cfg.activation, expert_dim, contraction_dim)
         return t
 
@@ -271,6 +285,11 @@ def get_state(module: Any, required: bool = True) -> ModelQuantState | None:
 def owner_of(param: Tensor) -> tuple[ModelQuantState, str] | None:
     """The (state, FQN) a parameter was registered under by :func:`attach_state`, if any."""
     return _PARAM_OWNERS.get(param)
+
+
+def register_owner(tensor: Tensor, state: ModelQuantState, fqn: str) -> None:
+    """Map a tensor that stands in for an expert weight (``moeq.freeze``) to its state and FQN."""
+    _PARAM_OWNERS[tensor] = (state, fqn)
 
 
 def attach_state(module: nn.Module, config: QuantConfig) -> ModelQuantState:

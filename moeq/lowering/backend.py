@@ -107,10 +107,17 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], compiler: Any) -> An
 
 
 def moeq_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Any:
-    """Dynamo backend: expert Q/DQ pass, then Inductor (``compile_fx``)."""
+    """Dynamo backend: expert Q/DQ pass, then Inductor (``compile_fx``) with the grouped_qmm post-grad
+    pass composed into ``post_grad_custom_post_pass`` (see :mod:`moeq.lowering.inductor`)."""
+    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    options = kwargs.get("options")
+    from moeq.lowering.inductor import fusion_enabled, with_grouped_qmm_pass
+
+    options = dict(kwargs.get("options") or {})
+    if fusion_enabled():
+        slot = "post_grad_custom_post_pass"
+        options[slot] = with_grouped_qmm_pass(options.get(slot, getattr(inductor_config, slot, None)))
 
     def inductor(g: fx.GraphModule, inputs: list[Any]) -> Any:
         return compile_fx(g, inputs, config_patches=options) if options else compile_fx(g, inputs)

@@ -20,6 +20,7 @@ from torch import Tensor
 from moeq.formats import expand_per_expert, get_format
 
 __all__ = [
+    "dequant_weight",
     "fake_quant_act",
     "fake_quant_weight",
     "observe_segments_",
@@ -292,3 +293,34 @@ def _register_cuda_kernels() -> None:
 
 
 _register_cuda_kernels()
+
+
+# ----------------------------------------------------------------------------------------------
+# deploy: stored (frozen) expert weights
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moeq::dequant_weight", mutates_args=())
+def dequant_weight(
+    data: Tensor, scale: Tensor, block_scale: Tensor, fmt: str, contraction_dim: int, dtype: torch.dtype
+) -> Tensor:
+    """A weight stored by ``moeq.freeze`` (K-last ``data``: e4m3 or packed E2M1; per-expert ``scale [E]``;
+    NVFP4 e4m3 ``block_scale``, empty for FP8) back in its original layout and ``dtype``, as
+    ``formats.dequantize``. The fused kernel reads the stored form directly; this op is the unfused path."""
+    from moeq.formats import QuantizedTensor
+
+    q = QuantizedTensor(fmt, data, scale.view(-1, 1, 1), block_scale if fmt == "nvfp4" else None)
+    return get_format(fmt).dequantize(q, dtype).movedim(-1, contraction_dim)
+
+
+@dequant_weight.register_fake
+def _(data: Tensor, scale: Tensor, block_scale: Tensor, fmt: str, contraction_dim: int, dtype: torch.dtype) -> Tensor:
+    shape = list(data.shape)
+    if fmt == "nvfp4":
+        shape[-1] *= 2
+    out = data.new_empty(shape, dtype=dtype)
+    return out.movedim(-1, contraction_dim)
+
+
+# the fused grouped GEMM op (moeq::grouped_qmm) lives in its own module; importing ops registers it too
+from moeq.lowering import grouped_qmm as _grouped_qmm  # noqa: E402, F401

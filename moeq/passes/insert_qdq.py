@@ -100,6 +100,12 @@ class _Quantizers:
     def weight(self, est: ExpertQuantState, name: str, w: fx.Node) -> fx.Node | None:
         if not self.lift_state:
             return self.graph.call_module(name, (w,), {"role": "weight"})
+        if est.mode == "deploy":
+            data, scale = self._buffer(est, "frozen_data"), self._buffer(est, "frozen_scale")
+            block = self._buffer(est, "frozen_block_scale")
+            op = torch.ops.moeq.dequant_weight.default
+            dtype = est.frozen_dtype
+            return self.graph.call_function(op, (data, scale, block, est.config.weight, est.contraction_dim, dtype))
         if est.mode != "quantize":
             return None
         amax = self._buffer(est, "weight_amax")
@@ -116,7 +122,7 @@ class _Quantizers:
             args = (rec.input, rec.offs, obs, counts, rec.input_expert_dim, rec.input_contraction_dim)
             self.graph.call_function(op, args)
             return None
-        if est.mode == "quantize" and est.config.activation is not None:
+        if est.mode in ("quantize", "deploy") and est.config.activation is not None:
             amax = self._buffer(est, "input_amax")
             op = torch.ops.moeq.fake_quant_act.default
             args = (rec.input, rec.offs, amax, est.config.activation, rec.input_expert_dim, rec.input_contraction_dim)

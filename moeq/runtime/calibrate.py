@@ -24,6 +24,11 @@ __all__ = ["calibrate", "finalize", "quant_state"]
 logger = logging.getLogger(__name__)
 
 
+def _not_frozen(state: ModelQuantState, what: str) -> None:
+    if state.mode == "deploy":
+        raise RuntimeError(f"{what}(): the model is frozen (moeq.freeze stored its expert weights quantized)")
+
+
 @contextmanager
 def calibrate(model: Any, reset: bool | None = None) -> Iterator[ModelQuantState]:
     """Within the block, forwards run in full precision and observers record per-expert statistics.
@@ -32,6 +37,7 @@ def calibrate(model: Any, reset: bool | None = None) -> Iterator[ModelQuantState
     ``finalize()``) starts over.
     """
     state = get_state(model)
+    _not_frozen(state, "calibrate")
     if reset is False and state.finalized and state.synced_over_dp:
         raise ValueError(
             "calibrate(reset=False) after a finalize() that summed token counts over data-parallel ranks would "
@@ -99,6 +105,7 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
     statistics are not finite. Returns the model's quant state.
     """
     state = get_state(model)
+    _not_frozen(state, "finalize")
     if len(state) == 0:
         raise RuntimeError(
             "finalize(): no expert GEMM has been rewritten yet; run the model compiled with backend='moeq' "

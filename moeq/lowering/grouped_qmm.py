@@ -1,0 +1,186 @@
+"""``moeq::grouped_qmm``: an expert grouped GEMM with its operands' quantization fused in (one kernel).
+
+``grouped_qmm(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt)`` computes
+``out[rows of expert e] = q(x[rows]) @ q(w[e])`` for ``x [M, K]``, ``w`` logically ``[E, K, N]`` and int32
+cumulative ``offs``; rows at or past ``offs[-1]`` come out as zeros. Modes:
+
+- ``"qat"``: ``w`` is the float weight, ``w_scale`` its per-expert amax ``[E]``; the weight is fake-quantized
+  in ``w_fmt`` (FP8 per expert, NVFP4 per 16-block along K) as it is loaded. STE backward.
+- ``"deploy"``: ``w`` is stored by :mod:`moeq.passes.freeze`: e4m3 ``[E, K, N]`` with the FP8 scale ``[E]``,
+  or packed E2M1 pairs along K (uint8 ``[E, K/2, N]``) + e4m3 block scales ``[E, K/16, N]`` + global scale.
+
+``x_fmt`` (None: A16) fake-quantizes routed activation rows with the static amax ``x_amax`` ([1] or [E]).
+It is a ``torch.library.triton_op``: on CUDA the body launches the Triton kernel through ``wrap_triton``
+(so a call traced by AOTAutograd is emitted by Inductor); CPU tensors go to the opaque plain-torch
+reference op ``moeq::grouped_qmm_reference`` (formats.py fake quant / dequant, then per-expert matmul).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from moeq.formats import _mul, decode_e4m3, e2m1_decode, get_format
+from moeq.lowering import ops
+from moeq.lowering.ops import _per_row_amax, check_offsets
+from moeq.runtime.kernels.launch import interpreting
+
+__all__ = ["grouped_qmm", "grouped_qmm_reference", "quantized_operands"]
+
+MODES = ("qat", "deploy")
+
+
+def _check_args(mode: str, w_fmt: str, x_fmt: str | None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"grouped_qmm: mode must be one of {MODES}, got {mode!r}")
+    for fmt in (w_fmt, x_fmt):
+        if fmt is not None:
+            get_format(fmt)
+    if w_fmt not in ("fp8", "nvfp4"):
+        raise ValueError(f"grouped_qmm: weight format must be 'fp8' or 'nvfp4', got {w_fmt!r}")
+
+
+def _dequant_weight(w: Tensor, w_scale: Tensor, w_block_scale: Tensor | None, w_fmt: str, dtype: torch.dtype) -> Tensor:
+    """Stored deploy weight (logical [E, K, N] / packed [E, K/2, N]) -> ``dtype`` [E, K, N], as formats.dequantize."""
+    scale = w_scale.float().view(-1, 1, 1)
+    if w_fmt == "fp8":
+        return _mul(decode_e4m3(w.view(torch.float8_e4m3fn)), scale).to(dtype)
+    packed = w.view(torch.uint8)
+    e, half_k, n = packed.shape
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(e, 2 * half_k, n)
+    block = _mul(decode_e4m3(w_block_scale.view(torch.float8_e4m3fn)), scale).repeat_interleave(16, dim=1)
+    return _mul(e2m1_decode(codes), block).to(dtype)
+
+
+def quantized_operands(
+    x: Tensor,
+    w: Tensor,
+    offs: Tensor,
+    w_scale: Tensor,
+    w_block_scale: Tensor | None,
+    x_amax: Tensor | None,
+    mode: str,
+    w_fmt: str,
+    x_fmt: str | None,
+) -> tuple[Tensor, Tensor]:
+    """The operands the kernel multiplies (``x̂ [M, K]``, ``ŵ [E, K, N]``, x's dtype), through the unfused
+    moeq ops (formats.py on CPU, their bit-exact Triton kernels on CUDA)."""
+    if mode == "qat":
+        wq = torch.ops.moeq.fake_quant_weight(w, w_scale, w_fmt, 0, 1)
+    else:
+        wq = _dequant_weight(w, w_scale, w_block_scale, w_fmt, x.dtype)
+    xq = x if x_fmt is None else torch.ops.moeq.fake_quant_act(x, offs, x_amax, x_fmt, 0, -1)
+    return xq, wq
+
+
+def _per_expert_mm(xq: Tensor, wq: Tensor, offs: Tensor) -> Tensor:
+    """Per-expert matmul in fp32 (one host sync for the offsets), zeros past ``offs[-1]``."""
+    out = torch.zeros(xq.shape[0], wq.shape[2], dtype=torch.float32, device=xq.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = xq[start:end].float() @ wq[e].float()
+        start = end
+    return out.to(xq.dtype)
+
+
+@torch.library.custom_op("moeq::grouped_qmm_reference", mutates_args=())
+def grouped_qmm_reference(
+    x: Tensor,
+    w: Tensor,
+    offs: Tensor,
+    w_scale: Tensor,
+    w_block_scale: Tensor | None,
+    x_amax: Tensor | None,
+    mode: str,
+    w_fmt: str,
+    x_fmt: str | None,
+) -> Tensor:
+    """Plain-torch grouped_qmm: formats.py Q/DQ of both operands, then per-expert fp32 matmul."""
+    _check_args(mode, w_fmt, x_fmt)
+    check_offsets(offs, x.shape[0], w.shape[0])
+    xq, wq = quantized_operands(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt)
+    return _per_expert_mm(xq, wq, offs)
+
+
+@grouped_qmm_reference.register_fake
+def _(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@triton_op("moeq::grouped_qmm", mutates_args=())
+def grouped_qmm(
+    x: Tensor,
+    w: Tensor,
+    offs: Tensor,
+    w_scale: Tensor,
+    w_block_scale: Tensor | None,
+    x_amax: Tensor | None,
+    mode: str,
+    w_fmt: str,
+    x_fmt: str | None,
+) -> Tensor:
+    """Fused Q/DQ + grouped GEMM (see the module docstring); ``[M, N]`` in ``x.dtype``."""
+    if x.device.type == "cuda" and not ops._TRITON_ENABLED:  # ops.reference_kernels(): CPU reference, copied back
+        cpu = [t.cpu() if isinstance(t, Tensor) else t for t in (x, w, offs, w_scale, w_block_scale, x_amax)]
+        return torch.ops.moeq.grouped_qmm_reference(*cpu, mode, w_fmt, x_fmt).to(x.device)
+    if x.device.type == "cuda" or (x.device.type == "cpu" and interpreting()):
+        from moeq.runtime.kernels.grouped_qmm import grouped_qmm as launch
+
+        _check_args(mode, w_fmt, x_fmt)
+        w_mode = f"fake_{w_fmt}" if mode == "qat" else w_fmt
+        return launch(x, w, offs, w_scale, w_block_scale, x_amax, w_mode, x_fmt, wrap=wrap_triton)
+    return torch.ops.moeq.grouped_qmm_reference(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd: straight-through estimator, dgrad and wgrad as grouped GEMMs
+# ----------------------------------------------------------------------------------------------
+
+
+def _grouped_dgrad(grad: Tensor, wq: Tensor, offs: Tensor) -> Tensor:
+    """``grad_x[rows e] = grad[rows e] @ ŵ[e]^T`` (zeros past ``offs[-1]``)."""
+    if grad.is_cuda and grad.dtype == torch.bfloat16:
+        out = torch._grouped_mm(grad, wq.transpose(1, 2), offs)
+        routed = torch.arange(grad.shape[0], device=grad.device) < offs[-1]
+        return torch.where(routed.unsqueeze(1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return _per_expert_mm(grad, wq.transpose(1, 2), offs)
+
+
+def _grouped_wgrad(xq: Tensor, grad: Tensor, offs: Tensor, num_experts: int) -> Tensor:
+    """``grad_w[e] = x̂[rows e]^T @ grad[rows e]`` ([E, K, N]; zero for empty experts)."""
+    if grad.is_cuda and grad.dtype == torch.bfloat16:
+        return torch._grouped_mm(xq.t(), grad, offs)
+    out = torch.zeros(num_experts, xq.shape[1], grad.shape[1], dtype=torch.float32, device=xq.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[e] = xq[start:end].float().t() @ grad[start:end].float()
+        start = end
+    return out.to(xq.dtype)
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt = inputs
+    ctx.save_for_backward(x, w, offs, w_scale, w_block_scale, x_amax)
+    ctx.args = (mode, w_fmt, x_fmt)
+
+
+def _backward(ctx, grad: Tensor):
+    # STE, as the unfused moeq::fake_quant_* ops: gradients pass where |v| <= amax (clipped values stop)
+    x, w, offs, w_scale, w_block_scale, x_amax = ctx.saved_tensors
+    mode, w_fmt, x_fmt = ctx.args
+    xq, wq = quantized_operands(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt)
+    grad = grad.contiguous()
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _grouped_dgrad(grad, wq, offs)
+        if x_fmt is not None:
+            grad_x = grad_x * (x.abs() <= _per_row_amax(x, offs, x_amax))
+    if ctx.needs_input_grad[1] and mode == "qat":
+        grad_w = _grouped_wgrad(xq, grad, offs, w.shape[0]) * (w.abs() <= w_scale.view(-1, 1, 1))
+    return grad_x, grad_w, None, None, None, None, None, None, None
+
+
+grouped_qmm.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,203 @@
+"""Inductor post-grad pass: ``act Q/DQ -> grouped GEMM <- weight Q/DQ`` becomes one ``moeq::grouped_qmm``.
+
+The expert pass (:mod:`moeq.passes.insert_qdq`) leaves, after AOTAutograd, chains like::
+
+    xq = moeq.fake_quant_act(x, offs, input_amax, fmt, 0, -1)          # optional (W8A16 / W4A16)
+    wq = moeq.fake_quant_weight(w, weight_amax, fmt, 0, k_dim)          # or moeq.dequant_weight(...) (deploy)
+    y  = aten._grouped_mm(xq, permute(wq, ...), offs)                   # or transformers.grouped_mm_fallback
+
+:class:`GroupedQmmPass` replaces each GEMM by ``moeq::grouped_qmm`` on the raw operands (the same view
+applied to the raw weight), so the GEMM runs as one Triton kernel that quantizes in its load path.
+A chain whose quantized weight has other users (a training graph saves it for backward) is left
+unfused: fusing would quantize the weight twice. A quantized activation with other users is passed to
+the kernel as it is (no in-kernel activation quantization). It is a :class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a ``uuid()`` so the FX
+graph cache keeps working, and :func:`with_grouped_qmm_pass` composes it with whatever pass is already
+installed in ``post_grad_custom_post_pass`` (torch 2.11 holds one object there; 2.13 also a list).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+__all__ = ["GroupedQmmPass", "fuse_grouped_qmm", "unfused", "with_grouped_qmm_pass"]
+
+_ENABLED = True
+
+
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """Graphs compiled by the ``moeq`` backend within the block keep the unfused Q/DQ + GEMM (to compare)."""
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, False
+    try:
+        yield
+    finally:
+        _ENABLED = previous
+
+
+def fusion_enabled() -> bool:
+    return _ENABLED
+
+
+def _gemm_targets() -> set[Any]:
+    targets: set[Any] = {torch.ops.aten._grouped_mm.default}
+    transformers_ops = getattr(torch.ops, "transformers", None)
+    fallback = getattr(transformers_ops, "grouped_mm_fallback", None) if transformers_ops is not None else None
+    if fallback is not None:
+        targets.add(fallback.default)
+    return targets
+
+
+def _trace_views(node: Any) -> tuple[Any, list[int], list[fx.Node]]:
+    """Walk back through permute/transpose: (root, perm with ``node`` dim i = root dim perm[i], views)."""
+    perm, views = [0, 1, 2], []
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target == torch.ops.aten.permute.default:
+            dims = [d % 3 for d in node.args[1]]
+        elif node.target == torch.ops.aten.transpose.int:
+            d0, d1 = node.args[1] % 3, node.args[2] % 3
+            dims = [0, 1, 2]
+            dims[d0], dims[d1] = d1, d0
+        else:
+            break
+        perm = [dims[p] for p in perm]
+        views.append(node)
+        node = node.args[0]
+    return node, perm, views
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
+    """The grouped_qmm arguments for ``gemm`` and the nodes it made redundant, or None if not a moeq chain."""
+    if len(gemm.args) < 3 or len(gemm.args) > 3 or gemm.kwargs.get("bias") is not None:
+        return None
+    if gemm.kwargs.get("out_dtype") is not None:
+        return None
+    a, b, offs = gemm.args
+    root, perm, views = _trace_views(b)
+    if not isinstance(root, fx.Node) or root.op != "call_function":
+        return None
+    if root.target == torch.ops.moeq.fake_quant_weight.default:
+        w, amax, w_fmt, expert_dim, k_dim = root.args
+        mode = "qat"
+    elif root.target == torch.ops.moeq.dequant_weight.default:
+        w, amax, block, w_fmt, k_dim, _ = root.args
+        expert_dim, mode = 0, "deploy"
+    else:
+        return None
+    if any(len(n.users) != 1 for n in [*views, root]):
+        # the quantized weight is needed elsewhere too (e.g. saved for backward in a training graph): fusing
+        # would quantize it twice, so the unfused path is cheaper
+        return None
+    w_val = _val(w)
+    if w_val is None or w_val.dim() != 3 or expert_dim % 3 != 0:
+        return None
+    k_dim = k_dim % 3
+    if perm[0] != 0 or perm[1] != k_dim:  # the GEMM must see the weight as [E, K, N]
+        return None
+    x, x_amax, x_fmt = a, None, None
+    dead: list[fx.Node] = [*views, root]
+    if isinstance(a, fx.Node) and a.target == torch.ops.moeq.fake_quant_act.default:
+        xa, offs_a, amax_a, fmt_a, _, k_a = a.args
+        alone = len(a.users) == 1  # else x̂ is computed anyway: the kernel takes it as is (x_fmt None)
+        if alone and offs_a is offs and k_a % 2 == 1 and _val(xa) is not None and _val(xa).dim() == 2:
+            x, x_amax, x_fmt = xa, amax_a, fmt_a
+            dead.append(a)
+    if _val(x) is None or _val(offs) is None:
+        return None
+    if mode == "qat":
+        return ("qat", w, perm, amax, None, x, offs, x_amax, w_fmt, x_fmt), dead
+    # stored data and block scales are K-last ([E, N, K/2], [E, N, K/16]): the kernel takes them as [E, K', N]
+    return ("deploy", w, [0, 2, 1], amax, block if w_fmt == "nvfp4" else None, x, offs, x_amax, w_fmt, x_fmt), dead
+
+
+def _permute(graph: fx.Graph, node: fx.Node, perm: list[int]) -> fx.Node:
+    if perm == [0, 1, 2]:
+        return node
+    out = graph.call_function(torch.ops.aten.permute.default, (node, perm))
+    out.meta["val"] = _val(node).permute(perm)
+    return out
+
+
+def fuse_grouped_qmm(graph: fx.Graph) -> int:
+    """Replace every moeq Q/DQ + grouped GEMM chain of ``graph`` by ``moeq::grouped_qmm``; returns the count."""
+    targets = _gemm_targets()
+    fused = 0
+    for gemm in [n for n in graph.nodes if n.op == "call_function" and n.target in targets]:
+        matched = _match(gemm)
+        if matched is None:
+            continue
+        (mode, w, perm, scale, block, x, offs, x_amax, w_fmt, x_fmt), dead = matched
+        with graph.inserting_before(gemm):
+            w_view = _permute(graph, w, perm)
+            block_view = _permute(graph, block, [0, 2, 1]) if block is not None else None
+            args = (x, w_view, offs, scale, block_view, x_amax, mode, w_fmt, x_fmt)
+            qmm = graph.call_function(torch.ops.moeq.grouped_qmm.default, args)
+        x_val, gemm_val = _val(x), _val(gemm)
+        qmm.meta["val"] = x_val.new_empty((x_val.shape[0], gemm_val.shape[1]))
+        gemm.replace_all_uses_with(qmm)
+        graph.erase_node(gemm)
+        for node in dead:  # GEMM side first, so each is erased after its users
+            if not node.users:
+                graph.erase_node(node)
+        fused += 1
+    if fused:
+        graph.lint()
+    return fused
+
+
+class GroupedQmmPass(CustomGraphPass):
+    """The post-grad pass object installed by the ``moeq`` backend."""
+
+    def __call__(self, graph: fx.Graph) -> None:
+        fuse_grouped_qmm(graph)
+
+    def uuid(self) -> Any:
+        return get_hash_for_files((__file__,))
+
+
+class _ComposedPass(CustomGraphPass):
+    """Several passes in one slot, run in order; cacheable only if every member is."""
+
+    def __init__(self, passes: list[Any]) -> None:
+        self.passes = passes
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for p in self.passes:
+            p(graph)
+
+    def uuid(self) -> Any:
+        ids = []
+        for p in self.passes:
+            uid = p.uuid() if isinstance(p, CustomGraphPass) else None
+            if uid is None:
+                return None
+            ids.append(uid)
+        return tuple(ids)
+
+
+def _members(existing: Any) -> list[Any]:
+    if existing is None:
+        return []
+    if isinstance(existing, (list, tuple)):
+        return [m for e in existing for m in _members(e)]
+    if isinstance(existing, _ComposedPass):
+        return list(existing.passes)
+    return [existing]
+
+
+def with_grouped_qmm_pass(existing: Any) -> Any:
+    """``existing`` (None, one pass or a list) with :class:`GroupedQmmPass` appended once, as one object."""
+    members = _members(existing)
+    if not any(isinstance(m, GroupedQmmPass) for m in members):
+        members.append(GroupedQmmPass())
+    return members[0] if len(members) == 1 else _ComposedPass(members)

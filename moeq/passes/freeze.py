@@ -1,0 +1,67 @@
+"""Deploy mode: store each finalized expert weight quantized, once, and drop the float parameter.
+
+``moeq.freeze(model)`` (after ``finalize()``) quantizes every expert weight with its finalized per-expert
+amax into the stored form of :meth:`moeq.formats.QuantFormat.quantize` (K-last: FP8 e4m3 ``[E, N, K]`` +
+scale ``[E]``; NVFP4 packed E2M1 pairs ``[E, N, K/2]`` + e4m3 block scales ``[E, N, K/16]`` + global scale
+``[E]``), kept as buffers of the weight's :class:`~moeq.state.ExpertQuantState`. The parameter is replaced
+by a stand-in of the same shape and dtype that holds one expert's worth of zeros broadcast over the
+expert dim (1/E of the float weight: grouped-GEMM shape checks want real strides in the last two dims),
+so model code still traces, and the model switches to mode ``"deploy"``: the pass feeds its GEMMs ``moeq::dequant_weight`` of
+the stored buffers, which the Inductor lowering fuses into ``moeq::grouped_qmm(mode="deploy")``. The
+weight bytes read by the kernel are the quantized ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from moeq.formats import expand_per_expert, get_format
+from moeq.state import ModelQuantState, get_state, register_owner
+
+__all__ = ["freeze"]
+
+logger = logging.getLogger(__name__)
+
+
+def _owner(root: torch.nn.Module, fqn: str) -> tuple[torch.nn.Module, str]:
+    parent, _, name = fqn.rpartition(".")
+    return (root.get_submodule(parent) if parent else root), name
+
+
+def freeze(model: Any) -> ModelQuantState:
+    """Replace every quantized expert weight of a finalized model by its stored quantized form.
+
+    Irreversible (the float weights are released). Raises before changing anything if the model is not
+    finalized. Returns the model's quant state (mode ``"deploy"``).
+    """
+    state = get_state(model)
+    if state.mode == "deploy":
+        return state
+    if not state.finalized:
+        raise RuntimeError("freeze() needs a finalized model: run calibrate() and finalize() first")
+    fmt = get_format(state.config.weight)
+    root = state._root
+    for fqn, s in sorted(state.items()):
+        if s.expert_dim != 0:
+            raise ValueError(f"freeze(): {fqn} has its experts along dim {s.expert_dim}; only dim 0 is supported")
+    with torch.no_grad():
+        for fqn, s in sorted(state.items()):
+            w = state.weight(fqn)
+            amax = expand_per_expert(s.weight_amax.to(w.device), w.dim(), s.expert_dim)
+            q = fmt.quantize(w.detach(), amax, s.contraction_dim)
+            s.frozen_data = q.data.view(torch.uint8).contiguous()
+            s.frozen_scale = q.scale.reshape(-1).float().contiguous()
+            block = q.block_scale.view(torch.uint8) if q.block_scale is not None else torch.zeros(0, dtype=torch.uint8)
+            s.frozen_block_scale = block.to(w.device).contiguous()
+            s.frozen_dtype = w.dtype
+            module, name = _owner(root, fqn)
+            stand_in = torch.zeros(w.shape[1:], dtype=w.dtype, device=w.device).expand(w.shape)
+            del module._parameters[name]
+            module.register_buffer(name, stand_in, persistent=False)
+            register_owner(stand_in, state, fqn)
+            logger.info("moeq: froze %s as %s %s", fqn, fmt.name, tuple(s.frozen_data.shape))
+    state.mode = "deploy"
+    return state

@@ -1,0 +1,365 @@
+"""One Triton grouped GEMM per expert GEMM, with the operands' quantization fused into the load path.
+
+``out[rows of expert e] = q(x[rows]) @ q(w[e])`` for ``x [M, K]``, ``w`` logically ``[E, K, N]`` (any
+strides, as ``torch._grouped_mm`` takes it; HF passes a transposed ``[E, N, K]`` view) and int32
+cumulative ``offs [E]`` (empty experts allowed). Rows at or past ``offs[-1]`` belong to no expert and
+are written as zeros by the same launch.
+
+Tile schedule: one program per (expert m-tile, n-tile). The grid is an upper bound computed on the host
+from shapes only, ``(cdiv(M, BLOCK_M) + E + 1) * cdiv(N, BLOCK_N)``; each program derives its expert and
+row range from ``offs`` on the device (prefix sum over per-expert m-tile counts), so no host sync, and no
+tile ever straddles two experts (per-expert scales are scalars per tile). n-tiles of one m-tile are
+adjacent program ids, so an x tile is read from HBM once and an expert's weight stays in L2.
+
+Weight modes (``W_MODE``): ``plain`` (no quantization), ``fake_fp8`` / ``fake_nvfp4`` (QAT: weight
+fake-quantized as loaded, NVFP4 block amax from the 16-blocks of the tile), ``fp8`` (stored e4m3 bits +
+per-expert scale), ``nvfp4`` (stored packed E2M1 pairs along K + e4m3 block scales + per-expert global
+scale). Activation modes (``X_MODE``): none, ``fp8`` / ``nvfp4`` fake quant as loaded (static amax [1]
+or per expert [E]; NVFP4 with dynamic 16-blocks). Stored FP8 weights with FP8 activations (W8A8) use
+the FP8 tensor cores: activations are quantized to e4m3 in the prologue and the fp32 accumulator is
+scaled by ``s_x * s_w`` once per tile. Every other combination multiplies in the input dtype with an
+fp32 accumulator, on operands equal bit for bit to :mod:`moeq.formats` fake quant (cast to the input
+dtype), which is what the tests check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from moeq.runtime.kernels.launch import check_float, interpreting
+from moeq.runtime.kernels.numerics import (
+    FP8_MAX,
+    cast_like,
+    fake_quant_fp8,
+    fake_quant_nvfp4,
+    round_e4m3,
+    safe_divisor,
+)
+
+__all__ = ["W_MODES", "X_MODES", "grouped_qmm", "grouped_qmm_configs", "m_bucket", "prune_configs"]
+
+#: weight modes and their kernel codes
+W_MODES = {"plain": 0, "fake_fp8": 1, "fake_nvfp4": 2, "fp8": 3, "nvfp4": 4}
+#: activation modes and their kernel codes
+X_MODES = {None: 0, "fp8": 1, "nvfp4": 2}
+
+W_PLAIN = tl.constexpr(0)
+W_FAKE_FP8 = tl.constexpr(1)
+W_FAKE_NVFP4 = tl.constexpr(2)
+W_FP8 = tl.constexpr(3)
+W_NVFP4 = tl.constexpr(4)
+X_FP8 = tl.constexpr(1)
+X_NVFP4 = tl.constexpr(2)
+
+
+def grouped_qmm_configs() -> list[triton.Config]:
+    """Autotuning candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``; one tiny tile under the
+    interpreter. BLOCK_K is a multiple of 16 (NVFP4 blocks never straddle a K tile)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})]
+    candidates = [
+        (16, 64, 128, 4, 4),
+        (16, 128, 128, 4, 4),
+        (32, 128, 128, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 128, 128, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in candidates
+    ]
+
+
+def prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    """Keep the row tiles that fit the mean rows per expert (``M_BUCKET``): small tiles for decode-like
+    batches (weight-bandwidth bound), large ones for prefill / training batches."""
+    bucket = named_args["M_BUCKET"]
+    lo, hi = (16, 16) if bucket <= 16 else (16, 64) if bucket <= 64 else (64, 128)
+    if bucket > 64:  # the 64-row tile only where its K step is long enough to pay
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] != 64 or c.kwargs["BLOCK_K"] == 128]
+    kept = [c for c in configs if lo <= c.kwargs["BLOCK_M"] <= hi]
+    return kept or configs
+
+
+def m_bucket(rows: int, num_experts: int) -> int:
+    """Autotune key for the token count: next power of two of the mean rows per expert (capped)."""
+    return min(triton.next_power_of_2(max(1, rows // max(1, num_experts))), 4096)
+
+
+@triton.jit
+def _decode_e4m3(bits, INTERPRET: tl.constexpr):
+    """fp32 values of float8_e4m3fn bit patterns (int32 0..255); exact. The GPU converts in hardware."""
+    if INTERPRET:
+        exponent = (bits >> 3) & 0xF
+        mantissa = (bits & 0x7).to(tl.float32)
+        scale = ((tl.maximum(exponent, 1) - 7 - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        mag = tl.where(exponent == 0, mantissa, mantissa + 8.0) * scale
+        return tl.where((bits & 0x80) != 0, -mag, mag)
+    else:
+        return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _decode_e2m1(codes):
+    """fp32 values of E2M1 codes (``sign << 3 | index``): index e*2+m -> 2^(e-1) * (1 + m/2), e=0: m/2."""
+    e = (codes >> 1) & 0x3
+    m = (codes & 0x1).to(tl.float32)
+    pow2 = ((tl.maximum(e, 1) - 1 + 127) << 23).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, 0.5 * m, pow2 * (1.0 + 0.5 * m))
+    return tl.where((codes & 0x8) != 0, -mag, mag)
+
+
+@triton.jit
+def _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, first row, end row) of global m-tile ``tile_m``: experts' m-tiles in order, then the tiles
+    of the unrouted tail rows (expert == NUM_EXPERTS, to be zeroed); end <= first for a spare program."""
+    e_idx = tl.arange(0, E_POW2)
+    valid = e_idx < NUM_EXPERTS
+    ends = tl.load(offs_ptr + e_idx, mask=valid, other=0)
+    starts = tl.load(offs_ptr + e_idx - 1, mask=valid & (e_idx > 0), other=0)
+    tiles = tl.where(valid, tl.cdiv(ends - starts, BLOCK_M), 0)
+    cum = tl.cumsum(tiles, axis=0)
+    expert = tl.sum((cum <= tile_m).to(tl.int32), axis=0)
+    if expert < NUM_EXPERTS:
+        here = e_idx == expert
+        first_tile = tl.sum(tl.where(here, cum - tiles, 0), axis=0)
+        row_start = tl.sum(tl.where(here, starts, 0), axis=0) + (tile_m - first_tile) * BLOCK_M
+        row_end = tl.sum(tl.where(here, ends, 0), axis=0)
+    else:
+        routed = tl.load(offs_ptr + NUM_EXPERTS - 1)
+        row_start = routed + (tile_m - tl.sum(tiles, axis=0)) * BLOCK_M
+        row_end = M
+    return expert, row_start, row_end
+
+
+@triton.autotune(
+    configs=grouped_qmm_configs(),
+    key=["N", "K", "NUM_EXPERTS", "M_BUCKET", "W_MODE", "X_MODE"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)
+@triton.jit
+def _grouped_qmm_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    offs_ptr,
+    w_scale_ptr,
+    w_block_ptr,
+    x_amax_ptr,
+    M,
+    N,
+    K,
+    NUM_EXPERTS,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_om,
+    stride_on,
+    E_POW2: tl.constexpr,
+    W_MODE: tl.constexpr,
+    X_MODE: tl.constexpr,
+    X_PER_EXPERT: tl.constexpr,
+    FP8_DOT: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    tile_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    expert, row_start, row_end = _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2, BLOCK_M)
+    e = tl.minimum(expert, NUM_EXPERTS - 1).to(tl.int64)
+    k_end = tl.where(expert < NUM_EXPERTS, K, 0)  # the unrouted tail only gets zeros
+
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = cols_n < N
+    # K as [BLOCK_K // 16, 16]: NVFP4 blocks are the last axis of every 3-D tile below
+    kb = tl.arange(0, BLOCK_K // 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+
+    x_rows = x_ptr + rows.to(tl.int64)[:, None, None] * stride_xm
+    w_base = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None, None] * stride_wn
+
+    if X_MODE != 0:
+        if X_PER_EXPERT:
+            x_amax = tl.load(x_amax_ptr + e)
+        else:
+            x_amax = tl.load(x_amax_ptr)
+    if W_MODE != W_PLAIN:
+        w_scale = tl.load(w_scale_ptr + e)
+    if FP8_DOT:
+        x_scale = tl.math.div_rn(x_amax, FP8_MAX)
+        x_div = safe_divisor(x_scale)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        ks = k0 + kb[None, :, :]
+        k_mask = ks < K
+        # ---- activation tile [BLOCK_M, BLOCK_K // 16, 16]
+        x = tl.load(x_rows + ks * stride_xk, mask=row_mask[:, None, None] & k_mask, other=0.0)
+        if FP8_DOT:
+            y = tl.math.div_rn(x.to(tl.float32), x_div)
+            y = round_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
+            if INTERPRET:
+                xa = y
+            else:
+                xa = y.to(tl.float8e4nv)
+        elif X_MODE == X_FP8:
+            xa = cast_like(fake_quant_fp8(x.to(tl.float32), x_amax), x_ptr, INTERPRET)
+        elif X_MODE == X_NVFP4:
+            xa = cast_like(fake_quant_nvfp4(x.to(tl.float32), x_amax), x_ptr, INTERPRET)
+        else:
+            xa = x
+        xa = tl.reshape(xa, (BLOCK_M, BLOCK_K))
+        # ---- weight tile [BLOCK_N, BLOCK_K // 16, 16] (n, k)
+        wn_mask = n_mask[:, None, None] & k_mask
+        if W_MODE == W_NVFP4:
+            # packed E2M1: byte j along K holds element 2j (low nibble) and 2j + 1 (high nibble); load the
+            # bytes contiguously and interleave the nibbles in registers
+            kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            p_ptr = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + kp[None, :] * stride_wk
+            packed = tl.load(p_ptr, mask=n_mask[:, None] & (kp < K // 2)[None, :], other=0).to(tl.int32)
+            codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K // 16, 16))
+            kblk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+            sb_ptr = w_block_ptr + e * stride_be + cols_n.to(tl.int64)[:, None] * stride_bn + kblk[None, :] * stride_bk
+            sb_bits = tl.load(sb_ptr, mask=n_mask[:, None] & (kblk < K // 16)[None, :], other=0)
+            scale = _decode_e4m3(sb_bits.to(tl.int32), INTERPRET) * w_scale
+            wq = cast_like(_decode_e2m1(codes) * scale[:, :, None], x_ptr, INTERPRET)
+        elif W_MODE == W_FP8:
+            bits = tl.load(w_base + ks * stride_wk, mask=wn_mask, other=0).to(tl.int32)
+            if FP8_DOT:
+                if INTERPRET:
+                    wq = _decode_e4m3(bits, INTERPRET)
+                else:
+                    wq = bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+            else:
+                wq = cast_like(_decode_e4m3(bits, INTERPRET) * w_scale, x_ptr, INTERPRET)
+        else:
+            w = tl.load(w_base + ks * stride_wk, mask=wn_mask, other=0.0)
+            if W_MODE == W_FAKE_FP8:
+                wq = cast_like(fake_quant_fp8(w.to(tl.float32), w_scale), x_ptr, INTERPRET)
+            elif W_MODE == W_FAKE_NVFP4:
+                wq = cast_like(fake_quant_nvfp4(w.to(tl.float32), w_scale), x_ptr, INTERPRET)
+            else:
+                wq = w.to(x_ptr.dtype.element_ty)
+        wq = tl.trans(tl.reshape(wq, (BLOCK_N, BLOCK_K)))
+        if INTERPRET:  # the interpreter multiplies 16-bit floats as their bit patterns: widen (exact)
+            xa = xa.to(tl.float32)
+            wq = wq.to(tl.float32)
+        if DOT_IEEE:
+            acc = tl.dot(xa, wq, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xa, wq, acc)
+    if FP8_DOT:
+        acc = acc * (x_scale * w_scale)
+    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols_n[None, :] * stride_on
+    tl.store(o_ptrs, cast_like(acc, out_ptr, INTERPRET), mask=row_mask[:, None] & n_mask[None, :])
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_mode: str, x_mode: str | None) -> None:
+    check_float(x, "x")
+    if w_mode not in W_MODES:
+        raise ValueError(f"unknown weight mode {w_mode!r}; choose one of {sorted(W_MODES)}")
+    if x_mode not in X_MODES:
+        raise ValueError(f"unknown activation mode {x_mode!r}; choose one of fp8, nvfp4 or None")
+    if x.dim() != 2 or w.dim() != 3:
+        raise ValueError(f"grouped_qmm takes x [M, K] and w [E, K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if offs.dtype != torch.int32 or offs.dim() != 1 or offs.numel() != w.shape[0]:
+        raise ValueError(
+            f"offs must be int32 [{w.shape[0]}] cumulative row counts, got {offs.dtype} {tuple(offs.shape)}"
+        )
+    k_w = w.shape[1] * 2 if w_mode == "nvfp4" else w.shape[1]
+    if x.shape[1] != k_w:
+        raise ValueError(f"x has K={x.shape[1]} but the weight has K={k_w}")
+    if w_mode in ("plain", "fake_fp8", "fake_nvfp4") and w.dtype != x.dtype:
+        raise ValueError(f"x ({x.dtype}) and w ({w.dtype}) must have the same dtype")
+    if w_mode in ("fp8", "nvfp4") and w.element_size() != 1:
+        raise ValueError(f"stored {w_mode} weights are 1-byte tensors, got {w.dtype}")
+    if (w_mode in ("fake_nvfp4", "nvfp4") or x_mode == "nvfp4") and x.shape[1] % 16:
+        raise ValueError(f"NVFP4 needs K a multiple of 16, got K={x.shape[1]}")
+    devices = {t.device for t in (x, w, offs)}
+    if len(devices) != 1:
+        raise ValueError(f"grouped_qmm operands are on different devices: {sorted(map(str, devices))}")
+
+
+def grouped_qmm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offs: torch.Tensor,
+    w_scale: torch.Tensor | None = None,
+    w_block_scale: torch.Tensor | None = None,
+    x_amax: torch.Tensor | None = None,
+    w_mode: str = "plain",
+    x_mode: str | None = None,
+    out: torch.Tensor | None = None,
+    wrap: Callable[[Any], Any] | None = None,
+) -> torch.Tensor:
+    """Launch the grouped kernel (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``); returns ``[M, N]``
+    in ``x.dtype``.
+
+    ``w``: logically ``[E, K, N]``: float (``plain`` / ``fake_*``), e4m3 bits (``fp8``, float8_e4m3fn or
+    uint8) or packed E2M1 pairs along K (``nvfp4``, uint8 ``[E, K/2, N]``). ``w_scale [E]``: the weight amax
+    for ``fake_*`` modes, the stored FP8 scale / NVFP4 global scale for ``fp8`` / ``nvfp4``.
+    ``w_block_scale``: NVFP4 e4m3 block scales ``[E, K/16, N]``. ``x_amax``: ``[1]`` or ``[E]``.
+    ``wrap``: applied to the kernel before launching (``torch.library.wrap_triton`` inside a triton_op).
+    """
+    _check(x, w, offs, w_mode, x_mode)
+    num_experts, n = w.shape[0], w.shape[2]
+    m, k = x.shape
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if num_experts == 0 or k == 0:
+        return out.zero_()
+    dummy = offs
+    if w_mode != "plain":
+        if w_scale is None or w_scale.numel() != num_experts:
+            raise ValueError(f"w_scale must have one entry per expert ({num_experts}) in mode {w_mode!r}")
+        w_scale = w_scale.detach().float().contiguous()
+    if x_mode is not None:
+        if x_amax is None or x_amax.numel() not in (1, num_experts):
+            raise ValueError(f"x_amax must have 1 or {num_experts} entries for activation format {x_mode!r}")
+        x_amax = x_amax.detach().float().contiguous()
+    if w_mode in ("fp8", "nvfp4"):
+        w = w.view(torch.uint8)
+    block = dummy
+    b_strides = (0, 0, 0)
+    if w_mode == "nvfp4":
+        if w_block_scale is None or tuple(w_block_scale.shape) != (num_experts, k // 16, n):
+            raise ValueError(f"nvfp4 block scales must have shape {(num_experts, k // 16, n)}")
+        block = w_block_scale.view(torch.uint8)
+        b_strides = block.stride()
+
+    def grid(meta):
+        return ((triton.cdiv(m, meta["BLOCK_M"]) + num_experts + 1) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    kernel = wrap(_grouped_qmm_kernel) if wrap is not None else _grouped_qmm_kernel
+    kernel[grid](
+        x, w, out, offs,
+        w_scale if w_scale is not None else dummy, block, x_amax if x_amax is not None else dummy,
+        m, n, k, num_experts, m_bucket(m, num_experts),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), *b_strides, out.stride(0), out.stride(1),
+        E_POW2=max(triton.next_power_of_2(num_experts), 128),
+        W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode],
+        X_PER_EXPERT=x_amax is not None and x_amax.numel() > 1, FP8_DOT=w_mode == "fp8" and x_mode == "fp8",
+        DOT_IEEE=x.dtype == torch.float32, INTERPRET=interpreting(),
+    )  # fmt: skip
+    return out

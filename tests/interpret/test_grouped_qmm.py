@@ -1,0 +1,126 @@
+"""The grouped_qmm Triton kernel under the interpreter against an independent reference: formats.py Q/DQ
+of both operands, then a float64 per-expert matmul. Tiny shapes (the interpreter is slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeq.formats import expand_per_expert, expert_amax, get_format
+from moeq.lowering.ops import _fake_quant_act_reference
+from moeq.runtime.kernels.grouped_qmm import grouped_qmm
+
+# (counts per expert, K, N): empty experts, unrouted tail rows, K and N not multiples of the tile, E=1
+SHAPES = [([5, 0, 19], 48, 40, 3), ([0, 0, 7, 33], 32, 24, 0), ([21], 16, 8, 2)]
+
+
+def _problem(counts, k, n, tail, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = (torch.randn(int(offs[-1]) + tail, k, generator=g) * 2).to(dtype)
+    w_nk = (torch.randn(len(counts), n, k, generator=g) * torch.logspace(-2, 0, len(counts)).view(-1, 1, 1)).to(dtype)
+    return x, w_nk, offs
+
+
+def _reference(xq: torch.Tensor, wq: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """float64 per-expert matmul of the quantized operands; zeros past offs[-1]."""
+    out = torch.zeros(xq.shape[0], wq.shape[2], dtype=torch.float64)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = xq[start:end].double() @ wq[e].double()
+        start = end
+    return out
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def _act(x, offs, fmt, per_expert):
+    if fmt is None:
+        return x, None
+    amax = torch.linspace(1.0, 4.0, offs.numel()) if per_expert else torch.tensor([3.0])
+    return _fake_quant_act_reference(x, offs, amax, fmt, 0, -1), amax
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("shape", SHAPES, ids=["odd", "empty-first", "E1"])
+@pytest.mark.parametrize(
+    ("w_fmt", "x_fmt", "per_expert"),
+    [("fp8", "fp8", False), ("nvfp4", "nvfp4", False), ("nvfp4", None, False), ("fp8", "nvfp4", True)],
+)
+def test_qat_matches_reference(w_fmt, x_fmt, per_expert, shape, seed):
+    """QAT: weight fake-quantized in the load path (K = dim 1 of a transposed [E, N, K] weight)."""
+    counts, k, n, tail = shape
+    x, w_nk, offs = _problem(counts, k, n, tail, torch.bfloat16, seed)
+    w = w_nk.transpose(1, 2)
+    amax = expert_amax(w) * 0.9
+    xq, x_amax = _act(x, offs, x_fmt, per_expert)
+    wq = get_format(w_fmt).fake_quant(w, expand_per_expert(amax, 3), 1)
+    got = grouped_qmm(x, w, offs, amax, None, x_amax, f"fake_{w_fmt}", x_fmt)
+    ref = _reference(xq, wq, offs)
+    assert got.dtype == torch.bfloat16
+    assert _rel(got, ref) < 1e-2
+    assert torch.equal(got[int(offs[-1]) :], torch.zeros_like(got[int(offs[-1]) :]))
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=["odd", "empty-first"])
+@pytest.mark.parametrize(("w_fmt", "x_fmt"), [("fp8", "fp8"), ("fp8", None), ("nvfp4", None), ("nvfp4", "nvfp4")])
+def test_deploy_matches_reference(w_fmt, x_fmt, shape):
+    """Deploy: stored e4m3 / packed E2M1 weights (K-last, as freeze stores them) dequantized in registers;
+    W8A8 multiplies e4m3 operands and scales the accumulator."""
+    counts, k, n, tail = shape
+    x, w_nk, offs = _problem(counts, k, n, tail, torch.bfloat16, 3)
+    fmt = get_format(w_fmt)
+    q = fmt.quantize(w_nk, expand_per_expert(expert_amax(w_nk), 3), 2)
+    wq = fmt.dequantize(q, torch.bfloat16).transpose(1, 2)
+    xq, x_amax = _act(x, offs, x_fmt, False)
+    block = q.block_scale.transpose(1, 2) if q.block_scale is not None else None
+    got = grouped_qmm(x, q.data.transpose(1, 2), offs, q.scale.reshape(-1), block, x_amax, w_fmt, x_fmt)
+    assert _rel(got, _reference(xq, wq, offs)) < 1e-2
+
+
+@pytest.mark.parametrize("w_mode", ["fake_fp8", "fake_nvfp4", "fp8", "nvfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weight_operand_bit_exact(w_mode, dtype):
+    """One-hot activation rows select weight rows: the kernel's weight operand equals formats.py exactly."""
+    counts, k, n = [6, 0, 10], 32, 24
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    g = torch.Generator().manual_seed(5)
+    w_nk = (torch.randn(3, n, k, generator=g) * 0.1).to(dtype)
+    amax = expert_amax(w_nk) * 0.8
+    fmt = get_format(w_mode.removeprefix("fake_"))
+    picks = torch.randint(0, k, (16,), generator=g)
+    x = torch.nn.functional.one_hot(picks, k).to(dtype)
+    expected_w = fmt.fake_quant(w_nk, expand_per_expert(amax, 3), 2).transpose(1, 2)
+    if w_mode.startswith("fake_"):
+        got = grouped_qmm(x, w_nk.transpose(1, 2), offs, amax, None, None, w_mode, None)
+    else:
+        q = fmt.quantize(w_nk, expand_per_expert(amax, 3), 2)
+        block = q.block_scale.transpose(1, 2) if q.block_scale is not None else None
+        got = grouped_qmm(x, q.data.transpose(1, 2), offs, q.scale.reshape(-1), block, None, w_mode, None)
+    experts = torch.searchsorted(offs, torch.arange(16, dtype=torch.int32), right=True)
+    assert torch.equal(got, expected_w[experts, picks])
+
+
+@pytest.mark.parametrize("x_fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per-expert"])
+def test_activation_operand_bit_exact(x_fmt, per_expert):
+    """Identity weights: the kernel's activation operand equals formats.py fake quant exactly."""
+    counts, k = [4, 0, 13], 32
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = (torch.randn(17, k, generator=torch.Generator().manual_seed(7)) * 3).to(torch.bfloat16)
+    w = torch.eye(k, dtype=torch.bfloat16).expand(3, k, k)
+    expected, x_amax = _act(x, offs, x_fmt, per_expert)
+    got = grouped_qmm(x, w, offs, None, None, x_amax, "plain", x_fmt)
+    assert torch.equal(got, expected)
+
+
+def test_op_runs_kernel_under_interpreter():
+    """torch.ops.moeq.grouped_qmm on CPU tensors under TRITON_INTERPRET=1 launches the kernel (wrap_triton)."""
+    x, w_nk, offs = _problem([3, 0, 9], 32, 16, 1, torch.bfloat16, 2)
+    w = w_nk.transpose(1, 2)
+    amax = expert_amax(w)
+    got = torch.ops.moeq.grouped_qmm(x, w, offs, amax, None, torch.tensor([2.0]), "qat", "nvfp4", "nvfp4")
+    ref = torch.ops.moeq.grouped_qmm_reference(x, w, offs, amax, None, torch.tensor([2.0]), "qat", "nvfp4", "nvfp4")
+    assert _rel(got, ref.double()) < 1e-2

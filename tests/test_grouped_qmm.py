@@ -1,0 +1,232 @@
+"""moeq::grouped_qmm on CPU: the op against an independent float64 reference, its STE autograd against
+autograd of the unfused reference, freeze(), and the Inductor pass that puts the op into compiled graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.utils import run_and_get_code
+
+import moeq
+from moeq.formats import expand_per_expert, expert_amax, get_format
+from moeq.integrations.hf import expert_parameter_names, tiny_model
+from moeq.lowering.inductor import GroupedQmmPass, _ComposedPass, unfused, with_grouped_qmm_pass
+from moeq.lowering.ops import _fake_quant_act_reference
+from tests.conftest import make_tokens
+
+COUNTS = [7, 0, 30, 1]
+
+
+def _problem(dtype, seed=0, k=64, n=24, tail=3):
+    g = torch.Generator().manual_seed(seed)
+    offs = torch.tensor(COUNTS).cumsum(0).to(torch.int32)
+    x = (torch.randn(int(offs[-1]) + tail, k, generator=g) * 2).to(dtype)
+    w_nk = (torch.randn(len(COUNTS), n, k, generator=g) * 0.1).to(dtype)
+    return x, w_nk, offs
+
+
+def _mm64(xq, wq, offs):
+    out = torch.zeros(xq.shape[0], wq.shape[2], dtype=torch.float64)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = xq[start:end].double() @ wq[e].double()
+        start = end
+    return out
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("w_fmt", "x_fmt"), [("fp8", "fp8"), ("nvfp4", "nvfp4"), ("nvfp4", None), ("fp8", None)])
+@pytest.mark.parametrize("mode", ["qat", "deploy"])
+def test_op_matches_float64_reference(mode, w_fmt, x_fmt, dtype):
+    x, w_nk, offs = _problem(dtype)
+    fmt = get_format(w_fmt)
+    amax = expert_amax(w_nk) * 0.9
+    x_amax = torch.tensor([3.0]) if x_fmt else None
+    xq = _fake_quant_act_reference(x, offs, x_amax, x_fmt, 0, -1) if x_fmt else x
+    if mode == "qat":
+        w = w_nk.transpose(1, 2)
+        wq = fmt.fake_quant(w, expand_per_expert(amax, 3), 1)
+        got = torch.ops.moeq.grouped_qmm(x, w, offs, amax, None, x_amax, "qat", w_fmt, x_fmt)
+    else:
+        q = fmt.quantize(w_nk, expand_per_expert(amax, 3), 2)
+        wq = fmt.dequantize(q, dtype).transpose(1, 2)
+        block = q.block_scale.transpose(1, 2) if q.block_scale is not None else None
+        data = q.data.view(torch.uint8).transpose(1, 2)
+        got = torch.ops.moeq.grouped_qmm(x, data, offs, q.scale.reshape(-1), block, x_amax, "deploy", w_fmt, x_fmt)
+    assert got.dtype == dtype and got.shape == (x.shape[0], w_nk.shape[1])
+    assert _rel(got, _mm64(xq, wq, offs)) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert not got[int(offs[-1]) :].any()
+
+
+@pytest.mark.parametrize(("w_fmt", "x_fmt"), [("fp8", "fp8"), ("nvfp4", "nvfp4"), ("nvfp4", None)])
+def test_ste_autograd_matches_reference_autograd(w_fmt, x_fmt):
+    """dgrad / wgrad of the fused op == autograd through the unfused moeq ops + a float64 matmul."""
+    x, w_nk, offs = _problem(torch.float32, seed=1)
+    x.requires_grad_()
+    w = w_nk.transpose(1, 2).detach().requires_grad_()
+    amax = expert_amax(w) * 0.7  # some weights clipped: the STE mask matters
+    x_amax = torch.tensor([2.0]) if x_fmt else None
+    out = torch.ops.moeq.grouped_qmm(x, w, offs, amax, None, x_amax, "qat", w_fmt, x_fmt)
+    grad = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, w), grad)
+    xq = torch.ops.moeq.fake_quant_act(x, offs, x_amax, x_fmt, 0, -1) if x_fmt else x
+    wq = torch.ops.moeq.fake_quant_weight(w, amax, w_fmt, 0, 1)
+    ref = _mm64(xq, wq, offs)
+    rx, rw = torch.autograd.grad(ref, (x, w), grad.double())
+    assert _rel(out, ref) < 1e-5 and _rel(gx, rx) < 1e-5 and _rel(gw, rw) < 1e-5
+    assert (gw == 0).any() and (gx == 0).any()
+
+
+def test_op_rejects_bad_input():
+    x, w_nk, offs = _problem(torch.bfloat16)
+    w, amax = w_nk.transpose(1, 2), expert_amax(w_nk)
+    with pytest.raises(ValueError, match="mode"):
+        torch.ops.moeq.grouped_qmm(x, w, offs, amax, None, None, "train", "fp8", None)
+    with pytest.raises(ValueError, match="int32"):
+        torch.ops.moeq.grouped_qmm(x, w, offs.long(), amax, None, None, "qat", "fp8", None)
+
+
+def _compiled(cfg, dtype=torch.bfloat16, fuse=True, freeze=False):
+    torch._dynamo.reset()
+    model = moeq.prepare(tiny_model("qwen3_moe", dtype), cfg)
+    cm = torch.compile(model, backend="moeq")
+    tokens = make_tokens()
+    ctx = unfused() if not fuse else torch.no_grad()
+    with torch.no_grad(), ctx:
+        with moeq.calibrate(cm):
+            cm(tokens)
+        moeq.finalize(cm)
+        if freeze:
+            moeq.freeze(cm)
+        logits, code = run_and_get_code(lambda: cm(tokens).logits)
+    return model, logits, "\n".join(code)
+
+
+@pytest.mark.parametrize(
+    ("config", "freeze"),
+    [("NVFP4", False), ("FP8", True), ("NVFP4_W4A16", True)],
+    ids=["qat-nvfp4", "deploy-w8a8", "deploy-w4a16"],
+)
+def test_compiled_model_calls_grouped_qmm(config, freeze):
+    """backend="moeq" after finalize: Inductor's code calls moeq.grouped_qmm for every expert GEMM (no
+    separate Q/DQ op left) and the logits equal the unfused path's."""
+    cfg = getattr(moeq, config)
+    _, fused, code = _compiled(cfg, freeze=freeze)
+    _, reference, ref_code = _compiled(cfg, fuse=False, freeze=freeze)
+    assert code.count("torch.ops.moeq.grouped_qmm.default(") == 4  # 2 MoE layers x (gate_up, down)
+    assert "fake_quant_weight" not in code and "fake_quant_act" not in code and "dequant_weight" not in code
+    assert "grouped_qmm" not in ref_code
+    assert torch.equal(fused, reference)
+
+
+def test_freeze_stores_quantized_weights():
+    model, qat, _ = _compiled(moeq.NVFP4)
+    names = expert_parameter_names(model)
+    weights = {n: model.get_parameter(n).detach().clone() for n in names}
+    state = moeq.freeze(model)
+    assert state.mode == "deploy"
+    assert not set(expert_parameter_names(model)) & set(names)
+    for fqn, s in moeq.quant_state(model).items():
+        w = weights[fqn]
+        assert s.frozen_data.dtype == torch.uint8 and s.frozen_data.shape == (*w.shape[:2], w.shape[2] // 2)
+        assert s.frozen_block_scale.shape == (*w.shape[:2], w.shape[2] // 16)
+        deq = torch.ops.moeq.dequant_weight(s.frozen_data, s.frozen_scale, s.frozen_block_scale, "nvfp4", 2, w.dtype)
+        assert torch.equal(deq, torch.ops.moeq.fake_quant_weight(w, s.weight_amax, "nvfp4", 0, 2))
+    with pytest.raises(RuntimeError, match="frozen"):
+        moeq.finalize(model)
+
+
+def test_freeze_before_finalize_is_an_error():
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16), moeq.FP8)
+    with pytest.raises(RuntimeError, match="finalized"):
+        moeq.freeze(model)
+
+
+class _Counting(CustomGraphPass):
+    calls = 0
+
+    def __call__(self, graph):
+        _Counting.calls += 1
+
+    def uuid(self):
+        return "counting"
+
+
+def test_pass_composes_with_installed_pass():
+    """A pass already in post_grad_custom_post_pass keeps running next to moeq's; never installed twice."""
+    existing = _Counting()
+    composed = with_grouped_qmm_pass(existing)
+    assert isinstance(composed, _ComposedPass) and composed.passes[0] is existing
+    assert with_grouped_qmm_pass(composed).passes == composed.passes
+    assert isinstance(with_grouped_qmm_pass(None), GroupedQmmPass)
+    assert len(with_grouped_qmm_pass([existing, existing]).passes) == 3
+    assert composed.uuid() == ("counting", GroupedQmmPass().uuid())
+
+    from torch._inductor import config
+
+    _Counting.calls = 0
+    # no FX graph cache: a cache hit would skip the passes
+    with config.patch(post_grad_custom_post_pass=existing, fx_graph_cache=False):
+        _, _, code = _compiled(moeq.FP8)
+    assert config.post_grad_custom_post_pass is None
+    assert _Counting.calls > 0 and "moeq.grouped_qmm" in code
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines launch the kernel for real (tests/test_gpu.py)")
+@pytest.mark.parametrize(("w_mode", "x_mode"), [("fake_nvfp4", "nvfp4"), ("fp8", "fp8"), ("nvfp4", None)])
+def test_kernel_compiles_for_sm90(w_mode, x_mode):
+    """Frontend + codegen for Hopper without a GPU (catches what only shows when compiling, e.g. non-constexpr
+    globals); W8A8 must use FP8 wgmma."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from moeq.runtime.kernels.grouped_qmm import W_MODES, X_MODES, _grouped_qmm_kernel
+
+    fn = _grouped_qmm_kernel.fn
+    stored = w_mode in ("fp8", "nvfp4")
+    pointers = dict(x_ptr="*bf16", w_ptr="*u8" if stored else "*bf16", out_ptr="*bf16", offs_ptr="*i32")
+    pointers.update(w_scale_ptr="*fp32", w_block_ptr="*u8", x_amax_ptr="*fp32")
+    constexprs = dict(
+        E_POW2=128, W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode], X_PER_EXPERT=False,
+        FP8_DOT=w_mode == "fp8" and x_mode == "fp8", DOT_IEEE=False, INTERPRET=False,
+        BLOCK_M=64, BLOCK_N=128, BLOCK_K=64,
+    )  # fmt: skip
+    signature = {name: pointers.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
+    try:
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    except TypeError:
+        pytest.skip("this Triton's ASTSource takes another signature")
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4, num_stages=3))
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    if constexprs["FP8_DOT"]:
+        assert ".e4m3.e4m3" in ptx
+
+
+def test_training_step_matches_unfused():
+    """A QAT training step compiled with backend="moeq": loss and expert gradients equal the unfused
+    path's (the forward keeps the Q/DQ outputs it saves for backward, so those chains stay unfused)."""
+    results = []
+    for fuse in (True, False):
+        torch._dynamo.reset()
+        model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), moeq.NVFP4)
+        cm = torch.compile(model, backend="moeq")
+        tokens = make_tokens()
+        with unfused() if not fuse else torch.enable_grad():
+            with torch.no_grad(), moeq.calibrate(cm):
+                cm(tokens)
+            moeq.finalize(cm)
+            model.train()
+            loss = cm(tokens, labels=tokens).loss
+            loss.backward()
+        grads = {n: model.get_parameter(n).grad for n in expert_parameter_names(model)}
+        results.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for name, grad in grads_a.items():
+        assert grad is not None and grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
