@@ -70,6 +70,8 @@ def grouped_qmm_configs() -> list[triton.Config]:
         (64, 128, 128, 8, 3),
         (128, 128, 64, 8, 3),
         (128, 256, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 256, 64, 8, 4),
     ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -212,8 +214,14 @@ def _grouped_qmm_kernel(
     for k0 in range(0, k_end, BLOCK_K):
         ks = k0 + kb[None, :, :]
         k_mask = ks < K
-        # ---- activation tile [BLOCK_M, BLOCK_K // 16, 16]
-        x = tl.load(x_rows + ks * stride_xk, mask=row_mask[:, None, None] & k_mask, other=0.0)
+        # ---- activation tile: [BLOCK_M, BLOCK_K // 16, 16] where NVFP4 needs its 16-blocks, else a plain
+        # 2-D tile (contiguous loads the compiler vectorizes and pipelines; no register reshapes)
+        if X_MODE == X_NVFP4:
+            x = tl.load(x_rows + ks * stride_xk, mask=row_mask[:, None, None] & k_mask, other=0.0)
+        else:
+            k2 = k0 + tl.arange(0, BLOCK_K)
+            x2_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k2[None, :] * stride_xk
+            x = tl.load(x2_ptrs, mask=row_mask[:, None] & (k2 < K)[None, :], other=0.0)
         if FP8_DOT:
             y = tl.math.div_rn(x.to(tl.float32), x_div)
             y = round_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
@@ -243,7 +251,9 @@ def _grouped_qmm_kernel(
             scale = _decode_e4m3(sb_bits.to(tl.int32), INTERPRET) * w_scale
             wq = cast_like(_decode_e2m1(codes) * scale[:, :, None], x_ptr, INTERPRET)
         elif W_MODE == W_FP8:
-            bits = tl.load(w_base + ks * stride_wk, mask=wn_mask, other=0).to(tl.int32)
+            k2 = k0 + tl.arange(0, BLOCK_K)
+            w2_ptrs = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + k2[None, :] * stride_wk
+            bits = tl.load(w2_ptrs, mask=n_mask[:, None] & (k2 < K)[None, :], other=0).to(tl.int32)
             if FP8_DOT:
                 if INTERPRET:
                     wq = _decode_e4m3(bits, INTERPRET)
@@ -251,12 +261,15 @@ def _grouped_qmm_kernel(
                     wq = bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
             else:
                 wq = cast_like(_decode_e4m3(bits, INTERPRET) * w_scale, x_ptr, INTERPRET)
-        else:
+        elif W_MODE == W_FAKE_NVFP4:
             w = tl.load(w_base + ks * stride_wk, mask=wn_mask, other=0.0)
+            wq = cast_like(fake_quant_nvfp4(w.to(tl.float32), w_scale), x_ptr, INTERPRET)
+        else:
+            k2 = k0 + tl.arange(0, BLOCK_K)
+            w2_ptrs = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + k2[None, :] * stride_wk
+            w = tl.load(w2_ptrs, mask=n_mask[:, None] & (k2 < K)[None, :], other=0.0)
             if W_MODE == W_FAKE_FP8:
                 wq = cast_like(fake_quant_fp8(w.to(tl.float32), w_scale), x_ptr, INTERPRET)
-            elif W_MODE == W_FAKE_NVFP4:
-                wq = cast_like(fake_quant_nvfp4(w.to(tl.float32), w_scale), x_ptr, INTERPRET)
             else:
                 wq = w.to(x_ptr.dtype.element_ty)
         wq = tl.trans(tl.reshape(wq, (BLOCK_N, BLOCK_K)))
