@@ -95,7 +95,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             jobs[1]["save"] = str(ckpt["ep2"])
         if layout == Layout(tp=2):
             jobs[1]["save"] = str(ckpt["tp2"])
-            jobs.append({"name": f"{layout}-load-ep2", "fmt": "nvfp4", "load": str(ckpt["ep2"])})
+            jobs += [{"name": f"{layout}-load-{c}", "fmt": "nvfp4", "load": str(ckpt[c])} for c in ("ep2", "tp2")]
         if layout == Layout(ep=4):
             jobs += [{"name": f"{layout}-load-{c}", "fmt": "nvfp4", "load": str(ckpt[c])} for c in ("ep2", "tp2")]
             if HAVE_MEGATRON:
