@@ -58,7 +58,6 @@ class ExpertQuantState(nn.Module):
         num_experts = self.weight_shape[expert_dim]
         #: expert parallelism: this rank holds global experts [expert_offset, expert_offset + E_local)
         self.expert_offset = 0
-        self.global_num_experts = num_experts
         #: tensor parallelism: "column" (output dim sharded), "row" (K sharded) or None (replicated)
         self.tp_shard: str | None = None
         n_in = 1 if config.act_scale == "shared" else num_experts
@@ -78,10 +77,10 @@ class ExpertQuantState(nn.Module):
     def num_experts(self) -> int:
         return self.weight_shape[self.expert_dim]
 
-    def global_weight_shape(self, tp_size: int) -> tuple[int, ...]:
+    def global_weight_shape(self, ep_size: int, tp_size: int) -> tuple[int, ...]:
         """The unsharded weight shape: all experts of every EP rank, TP shards joined."""
         shape = list(self.weight_shape)
-        shape[self.expert_dim] = self.global_num_experts
+        shape[self.expert_dim] *= ep_size
         if self.tp_shard is not None and tp_size > 1:
             dims = [d for d in range(len(shape)) if d not in (self.expert_dim, self.contraction_dim % len(shape))]
             dim = self.contraction_dim % len(shape) if self.tp_shard == "row" else dims[-1]

@@ -30,6 +30,16 @@ def _reset_dynamo():
     torch._dynamo.reset()
 
 
+def per_expert_matmul_f64(xq: torch.Tensor, wq: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Independent grouped-GEMM reference: float64 ``xq[rows of e] @ wq[e]``, zeros past ``offs[-1]``."""
+    out = torch.zeros(xq.shape[0], wq.shape[2], dtype=torch.float64)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = xq[start:end].double() @ wq[e].double()
+        start = end
+    return out
+
+
 def make_tokens(seed: int = 0, batch: int = 2, seq: int = 16, vocab: int = 256) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)

@@ -13,7 +13,7 @@ from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.integrations.hf import expert_parameter_names, tiny_model
 from moeq.lowering.inductor import GroupedQmmPass, _ComposedPass, unfused, with_grouped_qmm_pass
 from moeq.lowering.ops import _fake_quant_act_reference
-from tests.conftest import make_tokens
+from tests.conftest import make_tokens, per_expert_matmul_f64
 
 COUNTS = [7, 0, 30, 1]
 
@@ -24,15 +24,6 @@ def _problem(dtype, seed=0, k=64, n=24, tail=3):
     x = (torch.randn(int(offs[-1]) + tail, k, generator=g) * 2).to(dtype)
     w_nk = (torch.randn(len(COUNTS), n, k, generator=g) * 0.1).to(dtype)
     return x, w_nk, offs
-
-
-def _mm64(xq, wq, offs):
-    out = torch.zeros(xq.shape[0], wq.shape[2], dtype=torch.float64)
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        out[start:end] = xq[start:end].double() @ wq[e].double()
-        start = end
-    return out
 
 
 def _rel(a, b):
@@ -59,7 +50,7 @@ def test_op_matches_float64_reference(mode, w_fmt, x_fmt, dtype):
         data = q.data.view(torch.uint8).transpose(1, 2)
         got = torch.ops.moeq.grouped_qmm(x, data, offs, q.scale.reshape(-1), block, x_amax, "deploy", w_fmt, x_fmt)
     assert got.dtype == dtype and got.shape == (x.shape[0], w_nk.shape[1])
-    assert _rel(got, _mm64(xq, wq, offs)) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert _rel(got, per_expert_matmul_f64(xq, wq, offs)) < (1e-5 if dtype == torch.float32 else 1e-2)
     assert not got[int(offs[-1]) :].any()
 
 
@@ -76,7 +67,7 @@ def test_ste_autograd_matches_reference_autograd(w_fmt, x_fmt):
     gx, gw = torch.autograd.grad(out, (x, w), grad)
     xq = torch.ops.moeq.fake_quant_act(x, offs, x_amax, x_fmt, 0, -1) if x_fmt else x
     wq = torch.ops.moeq.fake_quant_weight(w, amax, w_fmt, 0, 1)
-    ref = _mm64(xq, wq, offs)
+    ref = per_expert_matmul_f64(xq, wq, offs)
     rx, rw = torch.autograd.grad(ref, (x, w), grad.double())
     assert _rel(out, ref) < 1e-5 and _rel(gx, rx) < 1e-5 and _rel(gw, rw) < 1e-5
     assert (gw == 0).any() and (gx == 0).any()

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moeq.config import QuantConfig
 from moeq.formats import block_amax
-from moeq.runtime.collectives import ProcessGroups, default_groups
+from moeq.runtime.collectives import ProcessGroups, all_gather_objects, default_groups
 from moeq.state import ExpertQuantState, ModelQuantState, get_state
 
 __all__ = ["save_state", "load_state", "CheckpointError"]
@@ -53,9 +53,9 @@ def _expert_key(fqn: str, g: int) -> str:
     return f"moeq/{fqn}/expert/{g}"
 
 
-def _layer_meta(s: ExpertQuantState, tp_size: int) -> dict[str, Any]:
+def _layer_meta(s: ExpertQuantState, groups: ProcessGroups) -> dict[str, Any]:
     return {
-        "global_weight_shape": list(s.global_weight_shape(tp_size)),
+        "global_weight_shape": list(s.global_weight_shape(groups.size("ep"), groups.size("tp"))),
         "expert_dim": s.expert_dim,
         "contraction_dim": s.contraction_dim,
         "tp_shard": s.tp_shard,
@@ -76,7 +76,7 @@ def save_state(
     the whole job) calls it; ``ep_group`` / ``tp_group`` as given to ``finalize``."""
     state = get_state(model)
     groups = default_groups(ep_group, tp_group)
-    ep_rank, tp_size = groups.rank("ep"), groups.size("tp")
+    ep_rank = groups.rank("ep")
     meta = {
         "version": FORMAT_VERSION,
         "config": _config_dict(state.config),
@@ -86,9 +86,8 @@ def save_state(
     }
     sd: dict[str, Any] = {}
     for fqn, s in sorted(state.items()):
-        s.expert_offset = ep_rank * s.num_experts
-        s.global_num_experts = groups.size("ep") * s.num_experts
-        meta["layers"][fqn] = _layer_meta(s, tp_size)
+        first = ep_rank * s.num_experts
+        meta["layers"][fqn] = _layer_meta(s, groups)
         per_expert_input = s.input_amax.numel() == s.num_experts and s.config.act_scale == "per_expert"
         for e in range(s.num_experts):
             record = torch.tensor(
@@ -101,32 +100,25 @@ def save_state(
                 ],
                 dtype=torch.float64,
             )
-            sd[_expert_key(fqn, s.expert_offset + e)] = record
+            sd[_expert_key(fqn, first + e)] = record
         if not per_expert_input:
             sd[f"moeq/{fqn}/input_amax"] = s.input_amax.detach().float().cpu().clone()
-        sd[f"moeq/{fqn}/flags/{s.expert_offset}"] = json.dumps({str(g): note for g, note in s.flags.items()})
+        sd[f"moeq/{fqn}/flags/{first}"] = json.dumps({str(g): note for g, note in s.flags.items()})
     sd["moeq/meta"] = json.dumps(meta)  # strings, not dicts: DCP would flatten a dict into many entries
     dcp.save(sd, checkpoint_id=os.fspath(path), process_group=process_group)
     logger.info("moeq: saved quant state of %d expert GEMMs to %s", len(state), path)
 
 
 def _expected_layers(state: ModelQuantState, groups: ProcessGroups) -> dict[str, dict[str, Any]]:
-    """FQN -> layer meta this model expects, for the states that exist (or the 3-D parameters)."""
-    tp_size, ep_size = groups.size("tp"), groups.size("ep")
-    out = {}
-    for fqn, s in sorted(state.items()):
-        s.global_num_experts = ep_size * s.num_experts
-        out[fqn] = _layer_meta(s, tp_size)
-    return out
+    """FQN -> layer meta this model expects, for the states that exist."""
+    return {fqn: _layer_meta(s, groups) for fqn, s in sorted(state.items())}
 
 
 def _collective_errors(errors: list[str], group: Any) -> list[str]:
     """Every rank's errors, on every rank (so all raise together instead of some entering the load)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return errors
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, errors, group=group)
-    return [f"[rank {rank}] {e}" for rank, errs in enumerate(gathered) for e in errs]
+    return [f"[rank {rank}] {e}" for rank, errs in enumerate(all_gather_objects(errors, group)) for e in errs]
 
 
 def _ensure_states(state: ModelQuantState, layers: dict[str, dict[str, Any]], created: list[str]) -> list[str]:

@@ -45,6 +45,7 @@ from moeq.io.checkpoint_files import (
     write_shards,
 )
 from moeq.io.hf_layout import ExpertLayout, expert_layout, hf_renamer, num_experts_in_config
+from moeq.runtime.collectives import all_gather_objects
 from moeq.state import ExpertQuantState, ModelQuantState, get_state
 
 __all__ = ["FORMATS", "export_hf"]
@@ -83,13 +84,7 @@ class _Comm:
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` in rank order, on every rank."""
-        if self.group is None:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        return [obj] if self.group is None else all_gather_objects(obj, self.group)
 
 
 def _version() -> str:

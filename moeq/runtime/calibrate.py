@@ -56,7 +56,9 @@ def calibrate(model: Any, reset: bool | None = None) -> Iterator[ModelQuantState
         state.mode = "quantize" if state.finalized else "off"
 
 
-def _input_amax(s: ExpertQuantState, stats: LayerStats, errors: list[str]) -> tuple[torch.Tensor, dict[int, str]]:
+def _input_amax(
+    s: ExpertQuantState, stats: LayerStats, errors: list[str], expert_parallel: bool
+) -> tuple[torch.Tensor, dict[int, str]]:
     """Turn synced statistics into the input amax the fake quant uses, and per-expert notes (keyed by
     global expert id)."""
     cfg = s.config
@@ -81,7 +83,7 @@ def _input_amax(s: ExpertQuantState, stats: LayerStats, errors: list[str]) -> tu
             for e in range(s.num_experts):
                 flags[first + e] = f"layer saw no tokens: input amax from weight amax {float(fallback):.4g}"
             return fallback.expand_as(s.input_amax).clone(), flags
-        scope = " on any EP rank" if s.global_num_experts > s.num_experts else ""
+        scope = " on any EP rank" if expert_parallel else ""
         errors.append(
             f"{s.fqn}: no expert received a calibration token{scope} (tokens_per_expert={counts.tolist()}); "
             "calibrate with more data or set QuantConfig(uncalibrated='weight_amax')"
@@ -136,9 +138,9 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
         errors: list[str] = []
         updates = {}
         for fqn, s in sorted(state.items()):
-            s.expert_offset, s.global_num_experts = ep_rank * s.num_experts, ep_size * s.num_experts
+            s.expert_offset = ep_rank * s.num_experts
             st = stats[fqn]
-            input_amax, flags = _input_amax(s, st, errors)
+            input_amax, flags = _input_amax(s, st, errors, ep_size > 1)
             amax = st.weight_amax
             for e in (e for e in range(s.num_experts) if amax[e] == 0):
                 g = s.expert_offset + e

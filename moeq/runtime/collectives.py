@@ -36,6 +36,7 @@ from torch import Tensor
 
 __all__ = [
     "LayerStats",
+    "all_gather_objects",
     "ProcessGroups",
     "collective_log",
     "default_groups",
@@ -112,7 +113,6 @@ class LayerStats:
     def __post_init__(self) -> None:
         self.weight_amax = _finite_or_inf(self.weight_amax.float())
         self.observed_input_amax = _finite_or_inf(self.observed_input_amax.float())
-        self.update_layer_values()
 
     def covered(self) -> Tensor:
         """Experts that saw at least one token with a non-zero activation."""
@@ -152,6 +152,15 @@ def _all_reduce(buffer: Tensor, op: Any, groups: ProcessGroups, role: str) -> No
     collective_log[(role, "all_reduce")] += 1
 
 
+def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's picklable ``obj`` in rank order, on every rank of ``group`` (``[obj]`` in one process)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
 def check_layout(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
     """Every rank of every group must hold the same expert GEMMs with the same local shapes."""
     mine = [(fqn, tuple(s.weight_shape)) for fqn, s in sorted(stats.items())]
@@ -161,8 +170,7 @@ def check_layout(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
         if groups.size(role) == 1 or id(group) in seen:
             continue
         seen.add(id(group))
-        gathered: list[Any] = [None] * groups.size(role)
-        dist.all_gather_object(gathered, mine, group=group)
+        gathered = all_gather_objects(mine, group)
         collective_log[(role, "all_gather_object")] += 1
         for peer, theirs in enumerate(gathered):
             if theirs != mine:

@@ -9,6 +9,7 @@ import torch
 from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.lowering.ops import _fake_quant_act_reference
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
+from tests.conftest import per_expert_matmul_f64
 
 # (counts per expert, K, N): empty experts, unrouted tail rows, K and N not multiples of the tile, E=1
 SHAPES = [([5, 0, 19], 48, 40, 3), ([0, 0, 7, 33], 32, 24, 0), ([21], 16, 8, 2)]
@@ -20,16 +21,6 @@ def _problem(counts, k, n, tail, dtype, seed):
     x = (torch.randn(int(offs[-1]) + tail, k, generator=g) * 2).to(dtype)
     w_nk = (torch.randn(len(counts), n, k, generator=g) * torch.logspace(-2, 0, len(counts)).view(-1, 1, 1)).to(dtype)
     return x, w_nk, offs
-
-
-def _reference(xq: torch.Tensor, wq: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """float64 per-expert matmul of the quantized operands; zeros past offs[-1]."""
-    out = torch.zeros(xq.shape[0], wq.shape[2], dtype=torch.float64)
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        out[start:end] = xq[start:end].double() @ wq[e].double()
-        start = end
-    return out
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -58,7 +49,7 @@ def test_qat_matches_reference(w_fmt, x_fmt, per_expert, shape, seed):
     xq, x_amax = _act(x, offs, x_fmt, per_expert)
     wq = get_format(w_fmt).fake_quant(w, expand_per_expert(amax, 3), 1)
     got = grouped_qmm(x, w, offs, amax, None, x_amax, f"fake_{w_fmt}", x_fmt)
-    ref = _reference(xq, wq, offs)
+    ref = per_expert_matmul_f64(xq, wq, offs)
     assert got.dtype == torch.bfloat16
     assert _rel(got, ref) < 1e-2
     assert torch.equal(got[int(offs[-1]) :], torch.zeros_like(got[int(offs[-1]) :]))
@@ -77,7 +68,7 @@ def test_deploy_matches_reference(w_fmt, x_fmt, shape):
     xq, x_amax = _act(x, offs, x_fmt, False)
     block = q.block_scale.transpose(1, 2) if q.block_scale is not None else None
     got = grouped_qmm(x, q.data.transpose(1, 2), offs, q.scale.reshape(-1), block, x_amax, w_fmt, x_fmt)
-    assert _rel(got, _reference(xq, wq, offs)) < 1e-2
+    assert _rel(got, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
 
 
 @pytest.mark.parametrize("w_mode", ["fake_fp8", "fake_nvfp4", "fp8", "nvfp4"])
