@@ -169,22 +169,24 @@ def test_pass_composes_with_installed_pass():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines launch the kernel for real (tests/test_gpu.py)")
-@pytest.mark.parametrize(("w_mode", "x_mode"), [("fake_nvfp4", "nvfp4"), ("fp8", "fp8"), ("nvfp4", None)])
+@pytest.mark.parametrize(
+    ("w_mode", "x_mode"), [("fake_nvfp4", "nvfp4"), ("fake_fp8", "fp8"), ("fp8", "fp8"), ("fp8", None), ("nvfp4", None)]
+)
 def test_kernel_compiles_for_sm90(w_mode, x_mode):
     """Frontend + codegen for Hopper without a GPU (catches what only shows when compiling, e.g. non-constexpr
-    globals); W8A8 must use FP8 wgmma."""
+    globals); FP8 x FP8 (W8A8 and QAT FP8) must use FP8 wgmma, FP8 rounding the hardware's RNE conversion."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     from moeq.runtime.kernels.grouped_qmm import W_MODES, X_MODES, _grouped_qmm_kernel
 
     fn = _grouped_qmm_kernel.fn
-    stored = w_mode in ("fp8", "nvfp4")
-    pointers = dict(x_ptr="*bf16", w_ptr="*u8" if stored else "*bf16", out_ptr="*bf16", offs_ptr="*i32")
+    w_ptr = {"fp8": "*fp8e4nv", "nvfp4": "*u8"}.get(w_mode, "*bf16")
+    pointers = dict(x_ptr="*bf16", w_ptr=w_ptr, out_ptr="*bf16", offs_ptr="*i32")
     pointers.update(w_scale_ptr="*fp32", w_block_ptr="*u8", x_amax_ptr="*fp32")
     constexprs = dict(
         E_POW2=128, W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode], X_PER_EXPERT=False,
-        FP8_DOT=w_mode == "fp8" and x_mode == "fp8", DOT_IEEE=False, INTERPRET=False,
+        FP8_DOT=w_mode in ("fp8", "fake_fp8") and x_mode == "fp8", DOT_IEEE=False, INTERPRET=False,
         BLOCK_M=64, BLOCK_N=128, BLOCK_K=64,
     )  # fmt: skip
     signature = {name: pointers.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
@@ -197,6 +199,8 @@ def test_kernel_compiles_for_sm90(w_mode, x_mode):
     assert "wgmma.mma_async" in ptx
     if constexprs["FP8_DOT"]:
         assert ".e4m3.e4m3" in ptx
+    if "fp8" in (w_mode, x_mode) and w_mode != "fp8":
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
 
 
 def test_training_step_matches_unfused():

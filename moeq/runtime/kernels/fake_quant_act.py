@@ -49,9 +49,9 @@ def _fake_quant_act_kernel(
         amax = tl.load(amax_ptr)
     xf = x.to(tl.float32)
     if IS_NVFP4:
-        q = fake_quant_nvfp4(xf, amax)
+        q = fake_quant_nvfp4(xf, amax, INTERPRET)
     else:
-        q = fake_quant_fp8(xf, amax)
+        q = fake_quant_fp8(xf, amax, INTERPRET)
     out = tl.where(routed, cast_like(q, out_ptr, INTERPRET), x)
     tl.store(out_ptr + rows.to(tl.int64) * stride_os + cols, out, mask=mask)
 

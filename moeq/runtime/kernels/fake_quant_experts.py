@@ -44,9 +44,9 @@ def _fake_quant_experts_kernel(
     w = tl.load(w_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
     amax = tl.load(amax_ptr + expert)
     if IS_NVFP4:
-        out = fake_quant_nvfp4(w, amax)
+        out = fake_quant_nvfp4(w, amax, INTERPRET)
     else:
-        out = fake_quant_fp8(w, amax)
+        out = fake_quant_fp8(w, amax, INTERPRET)
     o_offs = expert.to(tl.int64) * stride_oe + rows * stride_om + cols * stride_ok
     tl.store(out_ptr + o_offs, cast_like(out, out_ptr, INTERPRET), mask=mask)
 

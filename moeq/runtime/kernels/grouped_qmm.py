@@ -33,11 +33,10 @@ import triton.language as tl
 
 from moeq.runtime.kernels.launch import check_float, interpreting
 from moeq.runtime.kernels.numerics import (
-    FP8_MAX,
     cast_like,
-    fake_quant_fp8,
+    e4m3_codes,
     fake_quant_nvfp4,
-    round_e4m3,
+    fp8_scale,
     safe_divisor,
 )
 
@@ -106,6 +105,35 @@ def _decode_e4m3(bits, INTERPRET: tl.constexpr):
         return tl.where((bits & 0x80) != 0, -mag, mag)
     else:
         return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _as_operand(v, x_ptr, FP8_DOT: tl.constexpr):
+    """e4m3 values as a dot operand: float8e4nv for the FP8 tensor cores, else the input dtype (exact)."""
+    if FP8_DOT:
+        return v
+    else:
+        return v.to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _dequant_e2m1(codes, block_bits, g, INTERPRET: tl.constexpr):
+    """``e2m1(codes) * (e4m3(block_bits) * g)`` in fp32, as :meth:`moeq.formats.NVFP4.dequantize`.
+
+    On the GPU the 3 magnitude bits go into an e4m3 byte (``e1 e0`` as the low exponent bits, ``m`` as
+    the top mantissa bit), which the hardware converts to exactly ``2^-6`` times the E2M1 value
+    (subnormals included), and the block scale is computed as ``e4m3(block) * (64 g)``: the same fp32
+    roundings scaled by a power of two, so the product is the spec's bit for bit while ``g`` stays in
+    [2^-100, 2^100] (outside it, a scale could overflow or go subnormal: the plain decode runs instead).
+    """
+    if INTERPRET or g < 7.9e-31 or g > 1.26e30:
+        scale = _decode_e4m3(block_bits, INTERPRET) * g
+        out = _decode_e2m1(codes) * scale[:, :, None]
+    else:
+        scale = _decode_e4m3(block_bits, INTERPRET) * (g * 64.0)
+        byte = ((codes & 0x7) << 2) | ((codes & 0x8) << 4)
+        out = byte.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
+    return out
 
 
 @triton.jit
@@ -206,38 +234,39 @@ def _grouped_qmm_kernel(
             x_amax = tl.load(x_amax_ptr)
     if W_MODE != W_PLAIN:
         w_scale = tl.load(w_scale_ptr + e)
-    if FP8_DOT:
-        x_scale = tl.math.div_rn(x_amax, FP8_MAX)
-        x_div = safe_divisor(x_scale)
+    # FP8 operands enter the dot as their e4m3 values (exact in every input dtype); their scales multiply
+    # the fp32 accumulator once per tile
+    acc_scale = 1.0
+    if X_MODE == X_FP8:
+        x_s = fp8_scale(x_amax)
+        x_div = safe_divisor(x_s)
+        acc_scale = x_s
+    if W_MODE == W_FAKE_FP8:
+        w_s = fp8_scale(w_scale)
+        w_div = safe_divisor(w_s)
+        acc_scale = acc_scale * w_s
+    if W_MODE == W_FP8:
+        acc_scale = acc_scale * w_scale
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
         ks = k0 + kb[None, :, :]
         k_mask = ks < K
+        k2 = k0 + tl.arange(0, BLOCK_K)
         # ---- activation tile: [BLOCK_M, BLOCK_K // 16, 16] where NVFP4 needs its 16-blocks, else a plain
         # 2-D tile (contiguous loads the compiler vectorizes and pipelines; no register reshapes)
         if X_MODE == X_NVFP4:
             x = tl.load(x_rows + ks * stride_xk, mask=row_mask[:, None, None] & k_mask, other=0.0)
+            xa = tl.reshape(cast_like(fake_quant_nvfp4(x.to(tl.float32), x_amax, INTERPRET), x_ptr, INTERPRET),
+                            (BLOCK_M, BLOCK_K))  # fmt: skip
         else:
-            k2 = k0 + tl.arange(0, BLOCK_K)
             x2_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k2[None, :] * stride_xk
-            x = tl.load(x2_ptrs, mask=row_mask[:, None] & (k2 < K)[None, :], other=0.0)
-        if FP8_DOT:
-            y = tl.math.div_rn(x.to(tl.float32), x_div)
-            y = round_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
-            if INTERPRET:
-                xa = y
-            else:
-                xa = y.to(tl.float8e4nv)
-        elif X_MODE == X_FP8:
-            xa = cast_like(fake_quant_fp8(x.to(tl.float32), x_amax), x_ptr, INTERPRET)
-        elif X_MODE == X_NVFP4:
-            xa = cast_like(fake_quant_nvfp4(x.to(tl.float32), x_amax), x_ptr, INTERPRET)
-        else:
-            xa = x
-        xa = tl.reshape(xa, (BLOCK_M, BLOCK_K))
-        # ---- weight tile [BLOCK_N, BLOCK_K // 16, 16] (n, k)
-        wn_mask = n_mask[:, None, None] & k_mask
+            xa = tl.load(x2_ptrs, mask=row_mask[:, None] & (k2 < K)[None, :], other=0.0)
+            if X_MODE == X_FP8:
+                xa = _as_operand(e4m3_codes(tl.math.div_rn(xa.to(tl.float32), x_div), INTERPRET), x_ptr, FP8_DOT)
+        # ---- weight tile [BLOCK_N, BLOCK_K] (n, k)
+        w2_ptrs = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + k2[None, :] * stride_wk
+        w2_mask = n_mask[:, None] & (k2 < K)[None, :]
         if W_MODE == W_NVFP4:
             # packed E2M1: byte j along K holds element 2j (low nibble) and 2j + 1 (high nibble); load the
             # bytes contiguously and interleave the nibbles in registers
@@ -248,31 +277,25 @@ def _grouped_qmm_kernel(
             kblk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
             sb_ptr = w_block_ptr + e * stride_be + cols_n.to(tl.int64)[:, None] * stride_bn + kblk[None, :] * stride_bk
             sb_bits = tl.load(sb_ptr, mask=n_mask[:, None] & (kblk < K // 16)[None, :], other=0)
-            scale = _decode_e4m3(sb_bits.to(tl.int32), INTERPRET) * w_scale
-            wq = cast_like(_decode_e2m1(codes) * scale[:, :, None], x_ptr, INTERPRET)
+            wq = tl.reshape(cast_like(_dequant_e2m1(codes, sb_bits.to(tl.int32), w_scale, INTERPRET), x_ptr, INTERPRET),
+                            (BLOCK_N, BLOCK_K))  # fmt: skip
         elif W_MODE == W_FP8:
-            k2 = k0 + tl.arange(0, BLOCK_K)
-            w2_ptrs = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + k2[None, :] * stride_wk
-            bits = tl.load(w2_ptrs, mask=n_mask[:, None] & (k2 < K)[None, :], other=0).to(tl.int32)
-            if FP8_DOT:
-                if INTERPRET:
-                    wq = _decode_e4m3(bits, INTERPRET)
-                else:
-                    wq = bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-            else:
-                wq = cast_like(_decode_e4m3(bits, INTERPRET) * w_scale, x_ptr, INTERPRET)
+            if INTERPRET:  # stored bits (uint8) decoded by hand
+                wq = _decode_e4m3(tl.load(w2_ptrs, mask=w2_mask, other=0).to(tl.int32), INTERPRET)
+            else:  # float8e4nv straight from memory
+                wq = tl.load(w2_ptrs, mask=w2_mask, other=0.0)
+            wq = _as_operand(wq, x_ptr, FP8_DOT)
         elif W_MODE == W_FAKE_NVFP4:
-            w = tl.load(w_base + ks * stride_wk, mask=wn_mask, other=0.0)
-            wq = cast_like(fake_quant_nvfp4(w.to(tl.float32), w_scale), x_ptr, INTERPRET)
+            w = tl.load(w_base + ks * stride_wk, mask=n_mask[:, None, None] & k_mask, other=0.0)
+            wq = tl.reshape(cast_like(fake_quant_nvfp4(w.to(tl.float32), w_scale, INTERPRET), x_ptr, INTERPRET),
+                            (BLOCK_N, BLOCK_K))  # fmt: skip
         else:
-            k2 = k0 + tl.arange(0, BLOCK_K)
-            w2_ptrs = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + k2[None, :] * stride_wk
-            w = tl.load(w2_ptrs, mask=n_mask[:, None] & (k2 < K)[None, :], other=0.0)
+            wq = tl.load(w2_ptrs, mask=w2_mask, other=0.0)
             if W_MODE == W_FAKE_FP8:
-                wq = cast_like(fake_quant_fp8(w.to(tl.float32), w_scale), x_ptr, INTERPRET)
+                wq = _as_operand(e4m3_codes(tl.math.div_rn(wq.to(tl.float32), w_div), INTERPRET), x_ptr, FP8_DOT)
             else:
-                wq = w.to(x_ptr.dtype.element_ty)
-        wq = tl.trans(tl.reshape(wq, (BLOCK_N, BLOCK_K)))
+                wq = wq.to(x_ptr.dtype.element_ty)
+        wq = tl.trans(wq)
         if INTERPRET:  # the interpreter multiplies 16-bit floats as their bit patterns: widen (exact)
             xa = xa.to(tl.float32)
             wq = wq.to(tl.float32)
@@ -280,8 +303,7 @@ def _grouped_qmm_kernel(
             acc = tl.dot(xa, wq, acc, input_precision="ieee")
         else:
             acc = tl.dot(xa, wq, acc)
-    if FP8_DOT:
-        acc = acc * (x_scale * w_scale)
+    acc = acc * acc_scale
     o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols_n[None, :] * stride_on
     tl.store(o_ptrs, cast_like(acc, out_ptr, INTERPRET), mask=row_mask[:, None] & n_mask[None, :])
 
@@ -351,7 +373,9 @@ def grouped_qmm(
         if x_amax is None or x_amax.numel() not in (1, num_experts):
             raise ValueError(f"x_amax must have 1 or {num_experts} entries for activation format {x_mode!r}")
         x_amax = x_amax.detach().float().contiguous()
-    if w_mode in ("fp8", "nvfp4"):
+    if w_mode == "fp8":  # the GPU loads float8e4nv directly; the interpreter decodes the bits by hand
+        w = w.view(torch.uint8 if interpreting() else torch.float8_e4m3fn)
+    elif w_mode == "nvfp4":
         w = w.view(torch.uint8)
     block = dummy
     b_strides = (0, 0, 0)
@@ -360,6 +384,8 @@ def grouped_qmm(
             raise ValueError(f"nvfp4 block scales must have shape {(num_experts, k // 16, n)}")
         block = w_block_scale.view(torch.uint8)
         b_strides = block.stride()
+
+    fp8_dot = w_mode in ("fp8", "fake_fp8") and x_mode == "fp8" and not interpreting()
 
     def grid(meta):
         return ((triton.cdiv(m, meta["BLOCK_M"]) + num_experts + 1) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -372,7 +398,7 @@ def grouped_qmm(
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), *b_strides, out.stride(0), out.stride(1),
         E_POW2=max(triton.next_power_of_2(num_experts), 128),
         W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode],
-        X_PER_EXPERT=x_amax is not None and x_amax.numel() > 1, FP8_DOT=w_mode == "fp8" and x_mode == "fp8",
-        DOT_IEEE=x.dtype == torch.float32, INTERPRET=interpreting(),
+        X_PER_EXPERT=x_amax is not None and x_amax.numel() > 1, FP8_DOT=fp8_dot,
+        DOT_IEEE=x.dtype == torch.float32 and not fp8_dot, INTERPRET=interpreting(),
     )  # fmt: skip
     return out

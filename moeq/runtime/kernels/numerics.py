@@ -1,8 +1,10 @@
 """Triton device functions that reproduce :mod:`moeq.formats` bit for bit.
 
 Only exact fp32 operations are used: IEEE division (``div_rn``; Triton's ``/`` on fp32 is approximate),
-multiplication by powers of two, and round-to-nearest-even through the fp32 adder. No float8 cast
-instruction is needed, so the same code runs on Hopper, older GPUs and the CPU interpreter.
+multiplication by powers of two, and round-to-nearest-even through the fp32 adder. On the GPU the e4m3
+rounding is the hardware's ``cvt.rn.satfinite`` conversion (RNE, saturating to +-448, NaN kept: exactly
+the spec's clamp-then-round, two values per instruction); under the CPU interpreter, whose float8 casts
+are not RNE, it is done by hand from the fp32 bits (:func:`round_e4m3`).
 """
 
 from __future__ import annotations
@@ -52,30 +54,43 @@ def round_e2m1(v):
 
 
 @triton.jit
-def fake_quant_fp8(x, amax):
-    """``e4m3(clamp(x / s, +-448)) * s`` with ``s = amax / 448`` (``amax`` broadcasts against ``x``)."""
-    s = tl.math.div_rn(amax, FP8_MAX)
-    y = tl.math.div_rn(x, safe_divisor(s))
-    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-    return round_e4m3(y) * s
+def e4m3_codes(y, INTERPRET: tl.constexpr):
+    """``e4m3(clamp(y, +-448))`` of fp32 ``y``, ties to even: float8e4nv values on the GPU (one hardware
+    conversion per pair of elements), the same values as fp32 under the interpreter."""
+    if INTERPRET:
+        return round_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
+    else:
+        return y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
 @triton.jit
-def nvfp4_block_scale(block_amax, g):
+def fp8_scale(amax):
+    """The FP8 per-tensor scale ``s = amax / 448``."""
+    return tl.math.div_rn(amax, FP8_MAX)
+
+
+@triton.jit
+def fake_quant_fp8(x, amax, INTERPRET: tl.constexpr):
+    """``e4m3(clamp(x / s, +-448)) * s`` with ``s = amax / 448`` (``amax`` broadcasts against ``x``)."""
+    s = fp8_scale(amax)
+    return e4m3_codes(tl.math.div_rn(x, safe_divisor(s)), INTERPRET).to(tl.float32) * s
+
+
+@triton.jit
+def nvfp4_block_scale(block_amax, g, INTERPRET: tl.constexpr):
     """e4m3 block scale ``clamp(a_b / (6 g), 2^-9, 448)``, 1.0 for a zero block or zero ``g``."""
     s = tl.math.div_rn(block_amax, 6.0 * safe_divisor(g))
     s = tl.where(s == 0.0, 1.0, tl.where(g == 0.0, 1.0, s))
-    s = tl.minimum(tl.maximum(s, NVFP4_SCALE_MIN), FP8_MAX)
-    return round_e4m3(s)
+    return e4m3_codes(tl.maximum(s, NVFP4_SCALE_MIN), INTERPRET).to(tl.float32)
 
 
 @triton.jit
-def fake_quant_nvfp4(blocks, amax):
+def fake_quant_nvfp4(blocks, amax, INTERPRET: tl.constexpr):
     """NVFP4 fake quant of a ``[BLOCK_M, BLOCK_K // 16, 16]`` tile (16-blocks along the last axis);
     ``amax`` is the global amax, a scalar or per row ``[BLOCK_M, 1, 1]``."""
     g = tl.math.div_rn(amax, NVFP4_GLOBAL_DIVISOR)
     block_amax = tl.max(tl.abs(blocks), axis=2, keep_dims=True)
-    scale = nvfp4_block_scale(block_amax, g) * g
+    scale = nvfp4_block_scale(block_amax, g, INTERPRET) * g
     return round_e2m1(tl.math.div_rn(blocks, safe_divisor(scale))) * scale
 
 

@@ -1,0 +1,153 @@
+"""End-to-end: one Qwen3-30B-A3B-shaped MoE layer forward, moeq (QAT NVFP4, compiled) vs nvidia-modelopt.
+
+The layer is transformers' ``Qwen3MoeSparseMoeBlock`` (hidden 2048, 128 experts of intermediate 768, top-8,
+bf16, random weights). Both sides quantize the same copy of it and calibrate on the same batch:
+
+- moeq: ``moeq.prepare(layer, moeq.NVFP4)`` (experts switched to transformers' ``grouped_mm``), compiled with
+  ``torch.compile(backend="moeq")``, calibrated and finalized: the QAT forward fake-quantizes weights and
+  activations in moeq's fused grouped kernel (``moeq::grouped_qmm``), one launch per expert GEMM.
+- modelopt 0.47: ``mtq.quantize(layer, mtq.NVFP4_EXPERTS_ONLY_CFG, forward_loop)``, its default: the experts
+  run eagerly (modelopt switches them to the per-expert loop) with its NVFP4 fake quantizers.
+
+Both outputs are compared with the unquantized layer (relative error, reported), then each forward is timed
+with ``triton.testing.do_bench`` (median) at several token counts. Prints one table, writes JSON under
+``--out`` (default $OUT or ./out).
+
+    python benchmarks/bench_e2e_modelopt.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+import moeq
+from moeq.passes.explain import format_table
+
+HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 2048, 768, 128, 8
+
+
+def qwen3_30b_a3b_layer(device: str, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, experts: int = EXPERTS):
+    """transformers' Qwen3-MoE sparse block with Qwen3-30B-A3B's expert shapes, random bf16 weights."""
+    import transformers
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=hidden, moe_intermediate_size=intermediate, num_experts=experts, num_experts_per_tok=TOP_K,
+        norm_topk_prob=True, num_hidden_layers=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    layer = Qwen3MoeSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.02)
+    return DecoderMLP(layer).to(device=device, dtype=torch.bfloat16).eval()
+
+
+class DecoderMLP(torch.nn.Module):
+    """The block as a decoder layer holds it (``mlp``), so both tools see the module names they match on
+    (modelopt's experts-only config matches ``*.experts.*``)."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.mlp = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def set_experts_implementation(layer: torch.nn.Module, implementation: str) -> None:
+    for module in layer.modules():
+        if hasattr(module, "config") and hasattr(module.config, "_experts_implementation"):
+            module.config._experts_implementation = implementation
+
+
+def moeq_layer(layer, calib):
+    set_experts_implementation(layer, "grouped_mm")
+    model = moeq.prepare(layer, moeq.NVFP4)
+    compiled = torch.compile(model, backend="moeq")
+    with torch.no_grad():
+        with moeq.calibrate(compiled):
+            compiled(calib)
+        moeq.finalize(compiled)
+    return compiled
+
+
+def modelopt_layer(layer, calib):
+    import modelopt.torch.quantization as mtq
+
+    def forward_loop(model):
+        model(calib)
+
+    with torch.no_grad():
+        return mtq.quantize(layer, mtq.NVFP4_EXPERTS_ONLY_CFG, forward_loop)
+
+
+def forward_ms(layer, x: torch.Tensor, device: str, rep: int) -> float:
+    """Median forward time: ``do_bench`` on the GPU, one wall-clock call on the CPU (smoke runs only)."""
+    if device == "cuda":
+        return do_bench(lambda: layer(x), warmup=3, rep=rep, return_mode="median")
+    started = time.perf_counter()
+    layer(x)
+    return (time.perf_counter() - started) * 1e3
+
+
+def output(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--tokens", default="512,4096,16384")
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run of the plumbing)")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = dict(hidden=64, intermediate=32, experts=8) if args.small else {}
+    started = time.time()
+    base = qwen3_30b_a3b_layer(device, **shapes)
+    hidden = base.mlp.gate.weight.shape[1]
+    calib = torch.randn(4, 512, hidden, device=device, dtype=torch.bfloat16)
+    ours = moeq_layer(copy.deepcopy(base), calib)
+    peer = modelopt_layer(copy.deepcopy(base), calib)
+    rows, results = [], []
+    for tokens in [int(t) for t in args.tokens.split(",")]:
+        x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16, generator=None)
+        with torch.no_grad():
+            ref = output(base(x)).float()
+            got_ours, got_peer = output(ours(x)).float(), output(peer(x)).float()
+            rel_ours = ((got_ours - ref).norm() / ref.norm()).item()
+            rel_peer = ((got_peer - ref).norm() / ref.norm()).item()
+            rel_between = ((got_ours - got_peer).norm() / got_peer.norm()).item()
+            ms_ours, ms_peer = forward_ms(ours, x, device, 30), forward_ms(peer, x, device, 10)
+        ratio = ms_peer / ms_ours
+        results.append(dict(tokens=tokens, moeq_ms=ms_ours, modelopt_ms=ms_peer, speedup=ratio, rel_err_moeq=rel_ours,
+                            rel_err_modelopt=rel_peer, rel_moeq_vs_modelopt=rel_between))  # fmt: skip
+        rows.append([str(tokens), f"{ms_ours:.3f}", f"{tokens / ms_ours * 1e3:,.0f}", f"{ms_peer:.3f}",
+                     f"{tokens / ms_peer * 1e3:,.0f}", f"{ratio:.1f}x", "met" if ratio >= 3 else "MISSED",
+                     f"{rel_ours:.3f} / {rel_peer:.3f} / {rel_between:.3f}"])  # fmt: skip
+        print(f"  {tokens} tokens done ({time.time() - started:.0f} s)", flush=True)
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    header = ["tokens", "moeq ms", "moeq tok/s", "modelopt ms", "modelopt tok/s", "speedup", ">= 3x",
+              "rel err vs bf16: moeq / modelopt / between"]  # fmt: skip
+    table = format_table(header, rows)
+    print(f"\n{name}  torch {torch.__version__}  triton {triton.__version__}  {time.strftime('%Y-%m-%d')}")
+    print(table)
+    details = dict(device=name, torch=torch.__version__, triton=triton.__version__, results=results, shapes=shapes)
+    with open(os.path.join(args.out, "bench_e2e_modelopt.json"), "w") as fh:
+        json.dump(details, fh, indent=1)
+    with open(os.path.join(args.out, "bench_e2e_modelopt.txt"), "w") as fh:
+        fh.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
