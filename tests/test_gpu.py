@@ -10,7 +10,7 @@ import moeq
 from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.integrations.hf import tiny_model
 from moeq.lowering import ops
-from moeq.lowering.inductor import unfused
+from moeq.lowering.inductor import fusion, unfused
 from tests.conftest import make_tokens
 
 pytestmark = pytest.mark.gpu
@@ -166,6 +166,13 @@ def test_grouped_qmm_cuda_weight_operand_bit_exact(mode, w_fmt, dtype):
     assert torch.equal(got, wq[experts, picks])
 
 
+@pytest.fixture
+def fuse_always():
+    """These tests check the fused kernel itself: every chain fused whatever the batch size."""
+    with fusion("always"):
+        yield
+
+
 def _compiled_qwen(config, freeze, tokens):
     torch._dynamo.reset()
     model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16).cuda(), getattr(moeq, config))
@@ -184,6 +191,7 @@ def _compiled_qwen(config, freeze, tokens):
     [("NVFP4", False), ("FP8", False), ("FP8", True), ("NVFP4_W4A16", True), ("FP8_W8A16", True), ("NVFP4", True)],
     ids=["qat-nvfp4", "qat-fp8", "deploy-w8a8", "deploy-w4a16", "deploy-w8a16", "deploy-w4a4"],
 )
+@pytest.mark.usefixtures("fuse_always")
 def test_compiled_model_grouped_qmm_matches_cpu_reference(config, freeze):
     """Compiled tiny Qwen3-MoE on CUDA: the fused kernels vs the same graph with moeq::grouped_qmm (and every
     moeq op) computed by the CPU reference path; and Inductor's code calls moeq.grouped_qmm."""
@@ -201,6 +209,7 @@ def test_compiled_model_grouped_qmm_matches_cpu_reference(config, freeze):
 
 
 @pytest.mark.parametrize(("config", "freeze"), [("NVFP4", False), ("FP8", True), ("NVFP4_W4A16", True)])
+@pytest.mark.usefixtures("fuse_always")
 def test_profiler_one_triton_kernel_per_expert_gemm(config, freeze):
     """The compiled forward launches exactly one Triton kernel per expert GEMM and no separate Q/DQ kernel."""
     from torch.profiler import ProfilerActivity, profile

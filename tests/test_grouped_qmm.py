@@ -11,7 +11,14 @@ from torch._inductor.utils import run_and_get_code
 import moeq
 from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.integrations.hf import expert_parameter_names, tiny_model
-from moeq.lowering.inductor import GroupedQmmPass, _ComposedPass, unfused, with_grouped_qmm_pass
+from moeq.lowering.inductor import (
+    FUSE_MAX_ROWS_PER_EXPERT,
+    GroupedQmmPass,
+    _ComposedPass,
+    fusion,
+    fusion_policy,
+    with_grouped_qmm_pass,
+)
 from moeq.lowering.ops import _fake_quant_act_reference
 from tests.conftest import make_tokens, per_expert_matmul_f64
 
@@ -82,13 +89,12 @@ def test_op_rejects_bad_input():
         torch.ops.moeq.grouped_qmm(x, w, offs.long(), amax, None, None, "qat", "fp8", None)
 
 
-def _compiled(cfg, dtype=torch.bfloat16, fuse=True, freeze=False):
+def _compiled(cfg, dtype=torch.bfloat16, fuse=True, freeze=False, policy=None, tokens=None, **overrides):
     torch._dynamo.reset()
-    model = moeq.prepare(tiny_model("qwen3_moe", dtype), cfg)
+    model = moeq.prepare(tiny_model("qwen3_moe", dtype, **overrides), cfg)
     cm = torch.compile(model, backend="moeq")
-    tokens = make_tokens()
-    ctx = unfused() if not fuse else torch.no_grad()
-    with torch.no_grad(), ctx:
+    tokens = make_tokens() if tokens is None else tokens
+    with torch.no_grad(), fusion(policy or ("always" if fuse else "never")):
         with moeq.calibrate(cm):
             cm(tokens)
         moeq.finalize(cm)
@@ -212,7 +218,7 @@ def test_training_step_matches_unfused():
         model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), moeq.NVFP4)
         cm = torch.compile(model, backend="moeq")
         tokens = make_tokens()
-        with unfused() if not fuse else torch.enable_grad():
+        with fusion("always" if fuse else "never"):
             with torch.no_grad(), moeq.calibrate(cm):
                 cm(tokens)
             moeq.finalize(cm)
@@ -225,3 +231,30 @@ def test_training_step_matches_unfused():
     assert torch.equal(loss_a, loss_b)
     for name, grad in grads_a.items():
         assert grad is not None and grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
+
+
+@pytest.mark.parametrize(
+    ("cfg", "freeze", "mode", "cases"),
+    [
+        ("FP8", False, "qat", [(1, "auto", True), (2, "auto", False), (2, "always", True)]),
+        ("NVFP4", True, "deploy", [(1, "auto", True), (2, "auto", False)]),
+        ("FP8_W8A16", True, "deploy", [(2, "auto", True)]),
+    ],
+    ids=["qat-fp8", "deploy-w4a4", "deploy-w8a16"],
+)
+def test_auto_policy_fuses_where_it_pays(cfg, freeze, mode, cases):
+    """Policy "auto" (the default) fuses a chain up to its measured crossover in mean routed rows per expert
+    (W8A16 at every size) and leaves bigger batches on the unfused path; "always" fuses every chain."""
+    assert fusion_policy() == "auto"
+    config = tiny_model("qwen3_moe").config
+    seq = FUSE_MAX_ROWS_PER_EXPERT[mode] * config.num_experts // config.num_experts_per_tok
+    for batch, policy, fused in cases:  # batch 1: exactly at the bound; batch 2: twice the bound
+        tokens = make_tokens(batch=batch, seq=seq)
+        _, _, code = _compiled(getattr(moeq, cfg), freeze=freeze, policy=policy, tokens=tokens, num_hidden_layers=1)
+        assert code.count("torch.ops.moeq.grouped_qmm.default(") == (2 if fused else 0), (batch, policy)
+
+
+def test_unknown_fusion_policy_is_an_error():
+    with pytest.raises(ValueError, match="unknown fusion policy 'sometimes'; choose one of auto, always, never"):
+        with fusion("sometimes"):
+            pass

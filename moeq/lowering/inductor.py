@@ -10,14 +10,21 @@ The expert pass (:mod:`moeq.passes.insert_qdq`) leaves, after AOTAutograd, chain
 applied to the raw weight), so the GEMM runs as one Triton kernel that quantizes in its load path.
 A chain whose quantized weight has other users (a training graph saves it for backward) is left
 unfused: fusing would quantize the weight twice. A quantized activation with other users is passed to
-the kernel as it is (no in-kernel activation quantization). It is a :class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a ``uuid()`` so the FX
-graph cache keeps working, and :func:`with_grouped_qmm_pass` composes it with whatever pass is already
+the kernel as it is (no in-kernel activation quantization). Which chains fuse is a policy (:func:`fusion`): ``"auto"`` (default) fuses a chain only where the fused
+kernel measured faster than the unfused path on the H100 (BENCHMARKS.md): the kernel re-quantizes each
+operand tile once per output tile it feeds, CUDA-core work that grows with the rows per expert, so QAT
+chains fuse up to :data:`FUSE_MAX_ROWS_PER_EXPERT` mean routed rows per expert (decode-size batches) and
+deploy chains up to a larger bound, W8A16 always (its fused kernel wins at every measured size).
+``"always"`` fuses every chain (one kernel per expert GEMM), ``"never"`` none. It is a
+:class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a ``uuid()`` (which includes the policy)
+so the FX graph cache keeps working, and :func:`with_grouped_qmm_pass` composes it with whatever pass is already
 installed in ``post_grad_custom_post_pass`` (torch 2.11 holds one object there; 2.13 also a list).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,24 +32,63 @@ import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-__all__ = ["GroupedQmmPass", "fuse_grouped_qmm", "unfused", "with_grouped_qmm_pass"]
+__all__ = [
+    "FUSE_MAX_ROWS_PER_EXPERT",
+    "GroupedQmmPass",
+    "fuse_grouped_qmm",
+    "fusion",
+    "fusion_policy",
+    "unfused",
+    "with_grouped_qmm_pass",
+]
 
-_ENABLED = True
+logger = logging.getLogger(__name__)
+
+POLICIES = ("auto", "always", "never")
+
+#: ``"auto"``: the largest mean routed rows per expert at which a chain fuses, by mode (deploy W8A16 always
+#: fuses). From the H100 crossovers of ``benchmarks/bench_grouped_qmm.py`` (Qwen3-30B-A3B shapes): QAT
+#: fused wins at 0.5 rows per expert and loses from 32; deploy W8A8 / W4A16 win at 32 and lose at 272;
+#: W8A16 wins at all three.
+FUSE_MAX_ROWS_PER_EXPERT = {"qat": 16, "deploy": 128}
+
+_POLICY = "auto"
 
 
 @contextlib.contextmanager
-def unfused() -> Iterator[None]:
-    """Graphs compiled by the ``moeq`` backend within the block keep the unfused Q/DQ + GEMM (to compare)."""
-    global _ENABLED
-    previous, _ENABLED = _ENABLED, False
+def fusion(policy: str) -> Iterator[None]:
+    """Graphs compiled by the ``moeq`` backend within the block use fusion ``policy``: ``"auto"``,
+    ``"always"`` (one fused kernel per expert GEMM) or ``"never"`` (unfused Q/DQ + GEMM)."""
+    global _POLICY
+    if policy not in POLICIES:
+        raise ValueError(f"unknown fusion policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    previous, _POLICY = _POLICY, policy
     try:
         yield
     finally:
-        _ENABLED = previous
+        _POLICY = previous
+
+
+def unfused() -> contextlib.AbstractContextManager[None]:
+    """Graphs compiled by the ``moeq`` backend within the block keep the unfused Q/DQ + GEMM."""
+    return fusion("never")
+
+
+def fusion_policy() -> str:
+    return _POLICY
 
 
 def fusion_enabled() -> bool:
-    return _ENABLED
+    return _POLICY != "never"
+
+
+def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int) -> bool:
+    """Whether policy ``auto`` fuses a chain over ``rows`` routed rows (symbolic rows: deploy only)."""
+    if mode == "deploy" and w_fmt == "fp8" and x_fmt is None:
+        return True
+    if not isinstance(rows, int):
+        return mode == "deploy"
+    return rows <= FUSE_MAX_ROWS_PER_EXPERT[mode] * max(1, num_experts)
 
 
 def _gemm_targets() -> set[Any]:
@@ -114,6 +160,9 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
             dead.append(a)
     if _val(x) is None or _val(offs) is None:
         return None
+    if _POLICY == "auto" and not _pays(mode, w_fmt, x_fmt, _val(x).shape[0], w_val.shape[0]):
+        logger.info("moeq: %s %s GEMM over %s rows left unfused (faster there)", mode, w_fmt, _val(x).shape[0])
+        return None
     if mode == "qat":
         return ("qat", w, perm, amax, None, x, offs, x_amax, w_fmt, x_fmt), dead
     # stored data and block scales are K-last ([E, N, K/2], [E, N, K/16]): the kernel takes them as [E, K', N]
@@ -162,7 +211,7 @@ class GroupedQmmPass(CustomGraphPass):
         fuse_grouped_qmm(graph)
 
     def uuid(self) -> Any:
-        return get_hash_for_files((__file__,))
+        return (get_hash_for_files((__file__,)), _POLICY)
 
 
 class _ComposedPass(CustomGraphPass):
