@@ -169,6 +169,7 @@ TARGETS = [  # (mode, anchor, ratio, rows) on both Qwen3 projections
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--only", default="", help="run only the cases whose label starts with this (e.g. qwen3)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
@@ -176,7 +177,7 @@ def main() -> None:
     details = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    python=platform.python_version(), copy_TBps=copy_tbs, results=[])  # fmt: skip
     print(f"HBM copy: {copy_tbs:.2f} TB/s", flush=True)
-    for case in CASES:
+    for case in [c for c in CASES if c[0].startswith(args.only)]:
         details["results"] += run_case(*case, copy_tbs)
         print(f"  done {case[0]} ({time.time() - started:.0f} s)", flush=True)
     by_key = {(r["case"], r["what"]): r for r in details["results"]}
