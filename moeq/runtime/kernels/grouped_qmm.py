@@ -15,11 +15,12 @@ Weight modes (``W_MODE``): ``plain`` (no quantization), ``fake_fp8`` / ``fake_nv
 fake-quantized as loaded, NVFP4 block amax from the 16-blocks of the tile), ``fp8`` (stored e4m3 bits +
 per-expert scale), ``nvfp4`` (stored packed E2M1 pairs along K + e4m3 block scales + per-expert global
 scale). Activation modes (``X_MODE``): none, ``fp8`` / ``nvfp4`` fake quant as loaded (static amax [1]
-or per expert [E]; NVFP4 with dynamic 16-blocks). Stored FP8 weights with FP8 activations (W8A8) use
-the FP8 tensor cores: activations are quantized to e4m3 in the prologue and the fp32 accumulator is
-scaled by ``s_x * s_w`` once per tile. Every other combination multiplies in the input dtype with an
-fp32 accumulator, on operands equal bit for bit to :mod:`moeq.formats` fake quant (cast to the input
-dtype), which is what the tests check.
+or per expert [E]; NVFP4 with dynamic 16-blocks). FP8 operands (fake-quantized or stored) enter the dot as
+their e4m3 values (exact in every input dtype) and their scales multiply the fp32 accumulator once per tile;
+when both operands are FP8 (QAT FP8, deploy W8A8) the dot runs on the FP8 tensor cores. NVFP4 operands enter
+as ``e2m1 * (block scale * global scale)`` in the input dtype. Each operand is therefore the
+:mod:`moeq.formats` fake quant bit for bit up to where its per-tensor FP8 scale is applied (after the sum
+instead of before it), which is what the tests check (one-hot rows recover the spec's operand exactly).
 """
 
 from __future__ import annotations
