@@ -121,7 +121,7 @@ def main() -> None:
     peer = modelopt_layer(copy.deepcopy(base), calib)
     rows, results = [], []
     for tokens in [int(t) for t in args.tokens.split(",")]:
-        x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16, generator=None)
+        x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
             ref = output(base(x)).float()
             got_ours, got_peer = output(ours(x)).float(), output(peer(x)).float()
