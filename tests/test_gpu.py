@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 import moeq
 from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.integrations.hf import tiny_model
 from moeq.lowering import ops
 from moeq.lowering.inductor import fusion, unfused
+from moeq.runtime.kernels.grouped_qmm import grouped_qmm as launch_grouped_qmm
 from tests.conftest import make_tokens
 
 pytestmark = pytest.mark.gpu
@@ -124,11 +126,24 @@ def _qmm_operands(mode, w_fmt, x_fmt, w_nk, x, offs, amax, x_amax):
     return args, xq, fmt.dequantize(q, x.dtype).transpose(1, 2)
 
 
+#: the transposed (swap-AB) tile for decode-sized batches, forced (autotuning picks it only for small batches)
+SWAPPED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SWAP_AB": True}, num_warps=4, num_stages=3)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize(("counts", "k", "n"), [([37, 0, 250, 3, 0, 90], 256, 192), ([1000], 512, 320)])
+@pytest.mark.parametrize(
+    ("counts", "k", "n", "config"),
+    [
+        ([37, 0, 250, 3, 0, 90], 256, 192, None),
+        ([1000], 512, 320, None),
+        ([1, 0, 2, 1, 0, 0, 3, 1], 512, 320, SWAPPED),
+    ],
+    ids=["odd", "one-expert", "decode-swapped"],
+)
 @pytest.mark.parametrize(("mode", "w_fmt", "x_fmt"), QMM_MODES)
-def test_grouped_qmm_cuda_matches_reference(mode, w_fmt, x_fmt, counts, k, n, seed):
-    """grouped_qmm on CUDA vs formats.py Q/DQ operands + float64 per-expert matmul (CPU): rel err < 1e-2."""
+def test_grouped_qmm_cuda_matches_reference(mode, w_fmt, x_fmt, counts, k, n, config, seed):
+    """grouped_qmm on CUDA vs formats.py Q/DQ operands + float64 per-expert matmul (CPU): rel err < 1e-2,
+    autotuned and with the swap-AB tile forced."""
     g = torch.Generator().manual_seed(seed)
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     x = (torch.randn(int(offs[-1]) + 5, k, generator=g) * 2).to(torch.bfloat16)
@@ -142,7 +157,11 @@ def test_grouped_qmm_cuda_matches_reference(mode, w_fmt, x_fmt, counts, k, n, se
         ref[start:end] = xq[start:end].double() @ wq[e].double()
         start = end
     cuda = [t.cuda() if t is not None else None for t in (x, w, offs, scale, block, x_amax)]
-    got = torch.ops.moeq.grouped_qmm(*cuda, mode, w_fmt, x_fmt).cpu()
+    if config is None:
+        got = torch.ops.moeq.grouped_qmm(*cuda, mode, w_fmt, x_fmt).cpu()
+    else:
+        w_mode = f"fake_{w_fmt}" if mode == "qat" else w_fmt
+        got = launch_grouped_qmm(*cuda, w_mode, x_fmt, config=config).cpu()
     rel = ((got.double() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, rel
     assert not got[int(offs[-1]) :].any()

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 from moeq.formats import expand_per_expert, get_format
 
@@ -24,6 +26,7 @@ __all__ = [
     "fake_quant_act",
     "fake_quant_weight",
     "observe_segments_",
+    "observe_segments_reference_",
     "row_expert_ids",
     "segment_amax",
     "check_offsets",
@@ -214,15 +217,40 @@ def _observe_segments_reference(
     running_counts.add_(counts)
 
 
-observe_segments_ = torch.library.custom_op("moeq::observe_segments_", mutates_args=("running_amax", "running_counts"))(
-    _observe_segments_reference
-)
+observe_segments_reference_ = torch.library.custom_op(
+    "moeq::observe_segments_reference_", mutates_args=("running_amax", "running_counts")
+)(_observe_segments_reference)
 
 
-@observe_segments_.register_fake
+@observe_segments_reference_.register_fake
 def _(
     x: Tensor, offs: Tensor | None, running_amax: Tensor, running_counts: Tensor, expert_dim: int, contraction_dim: int
 ) -> None:
+    return None
+
+
+@triton_op("moeq::observe_segments_", mutates_args=("running_amax", "running_counts"))
+def observe_segments_(
+    x: Tensor, offs: Tensor | None, running_amax: Tensor, running_counts: Tensor, expert_dim: int, contraction_dim: int
+) -> None:
+    """Calibration observer: running per-expert amax (max) and token counts (sum), in place, no host sync.
+
+    A ``triton_op``: for routed rows on CUDA the body launches the ``segment_amax`` Triton kernel through
+    ``wrap_triton``, so Inductor emits that launch in its generated code (no Python dispatch per call, which
+    dominated small calibration forwards); everything else goes to the opaque reference op.
+    """
+    kernels = _triton_kernels()
+    if x.device.type == "cuda" and kernels is not None and _TRITON_ENABLED and offs is not None and x.dim() == 2:
+        kernels.segment_amax_(x, offs, running_amax, running_counts, wrap=wrap_triton)
+        return None
+    if x.device.type == "cuda" and not _TRITON_ENABLED:  # reference_kernels(): the spec on the CPU, copied back
+        amax_cpu, counts_cpu = running_amax.cpu(), running_counts.cpu()
+        offs_cpu = offs.cpu() if offs is not None else None
+        torch.ops.moeq.observe_segments_reference_(x.cpu(), offs_cpu, amax_cpu, counts_cpu, expert_dim, contraction_dim)
+        running_amax.copy_(amax_cpu)
+        running_counts.copy_(counts_cpu)
+        return None
+    torch.ops.moeq.observe_segments_reference_(x, offs, running_amax, running_counts, expert_dim, contraction_dim)
     return None
 
 
@@ -246,10 +274,18 @@ def reference_kernels() -> Iterator[None]:
         _TRITON_ENABLED = previous
 
 
-def _register_cuda_kernels() -> None:
+def _triton_kernels() -> Any:
+    """:mod:`moeq.runtime.kernels`, or None without triton (CUDA tensors then use the reference)."""
     try:
         from moeq.runtime import kernels
-    except ImportError:  # no triton: CUDA tensors use the reference implementation
+    except ImportError:
+        return None
+    return kernels
+
+
+def _register_cuda_kernels() -> None:
+    kernels = _triton_kernels()
+    if kernels is None:
         return
 
     @fake_quant_weight.register_kernel("cuda")
@@ -269,27 +305,6 @@ def _register_cuda_kernels() -> None:
         if offs is None or x.dim() != 2 or contraction_dim % 2 != 1:
             return _fake_quant_act_reference(x, offs, amax, fmt, expert_dim, contraction_dim)
         return kernels.fake_quant_act(x, offs, amax, fmt)
-
-    @observe_segments_.register_kernel("cuda")
-    def _(
-        x: Tensor,
-        offs: Tensor | None,
-        running_amax: Tensor,
-        running_counts: Tensor,
-        expert_dim: int,
-        contraction_dim: int,
-    ) -> None:
-        if not _TRITON_ENABLED:
-            amax_cpu, counts_cpu = running_amax.cpu(), running_counts.cpu()
-            offs_cpu = offs.cpu() if offs is not None else None
-            _observe_segments_reference(x.cpu(), offs_cpu, amax_cpu, counts_cpu, expert_dim, contraction_dim)
-            running_amax.copy_(amax_cpu)
-            running_counts.copy_(counts_cpu)
-            return None
-        if offs is None or x.dim() != 2:
-            return _observe_segments_reference(x, offs, running_amax, running_counts, expert_dim, contraction_dim)
-        kernels.segment_amax_(x, offs, running_amax, running_counts)
-        return None
 
 
 _register_cuda_kernels()

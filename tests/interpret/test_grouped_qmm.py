@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.lowering.ops import _fake_quant_act_reference
@@ -13,6 +14,8 @@ from tests.conftest import per_expert_matmul_f64
 
 # (counts per expert, K, N): empty experts, unrouted tail rows, K and N not multiples of the tile, E=1
 SHAPES = [([5, 0, 19], 48, 40, 3), ([0, 0, 7, 33], 32, 24, 0), ([21], 16, 8, 2)]
+#: the transposed (swap-AB) tile the GPU picks for decode-sized batches
+SWAPPED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SWAP_AB": True})
 
 
 def _problem(counts, k, n, tail, dtype, seed):
@@ -57,9 +60,10 @@ def test_qat_matches_reference(w_fmt, x_fmt, per_expert, shape, seed):
 
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=["odd", "empty-first"])
 @pytest.mark.parametrize(("w_fmt", "x_fmt"), [("fp8", "fp8"), ("fp8", None), ("nvfp4", None), ("nvfp4", "nvfp4")])
-def test_deploy_matches_reference(w_fmt, x_fmt, shape):
+@pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])
+def test_deploy_matches_reference(w_fmt, x_fmt, shape, config):
     """Deploy: stored e4m3 / packed E2M1 weights (K-last, as freeze stores them) dequantized in registers;
-    W8A8 multiplies e4m3 operands and scales the accumulator."""
+    W8A8 multiplies e4m3 operands and scales the accumulator. Also with the swap-AB tile."""
     counts, k, n, tail = shape
     x, w_nk, offs = _problem(counts, k, n, tail, torch.bfloat16, 3)
     fmt = get_format(w_fmt)
@@ -67,14 +71,16 @@ def test_deploy_matches_reference(w_fmt, x_fmt, shape):
     wq = fmt.dequantize(q, torch.bfloat16).transpose(1, 2)
     xq, x_amax = _act(x, offs, x_fmt, False)
     block = q.block_scale.transpose(1, 2) if q.block_scale is not None else None
-    got = grouped_qmm(x, q.data.transpose(1, 2), offs, q.scale.reshape(-1), block, x_amax, w_fmt, x_fmt)
+    got = grouped_qmm(x, q.data.transpose(1, 2), offs, q.scale.reshape(-1), block, x_amax, w_fmt, x_fmt, config=config)
     assert _rel(got, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
 
 
 @pytest.mark.parametrize("w_mode", ["fake_fp8", "fake_nvfp4", "fp8", "nvfp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_weight_operand_bit_exact(w_mode, dtype):
-    """One-hot activation rows select weight rows: the kernel's weight operand equals formats.py exactly."""
+@pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])
+def test_weight_operand_bit_exact(w_mode, dtype, config):
+    """One-hot activation rows select weight rows: the kernel's weight operand equals formats.py exactly,
+    also with the transposed (swap-AB) tile of decode-sized batches."""
     counts, k, n = [6, 0, 10], 32, 24
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     g = torch.Generator().manual_seed(5)
@@ -85,11 +91,12 @@ def test_weight_operand_bit_exact(w_mode, dtype):
     x = torch.nn.functional.one_hot(picks, k).to(dtype)
     expected_w = fmt.fake_quant(w_nk, expand_per_expert(amax, 3), 2).transpose(1, 2)
     if w_mode.startswith("fake_"):
-        got = grouped_qmm(x, w_nk.transpose(1, 2), offs, amax, None, None, w_mode, None)
+        got = grouped_qmm(x, w_nk.transpose(1, 2), offs, amax, None, None, w_mode, None, config=config)
     else:
         q = fmt.quantize(w_nk, expand_per_expert(amax, 3), 2)
         block = q.block_scale.transpose(1, 2) if q.block_scale is not None else None
-        got = grouped_qmm(x, q.data.transpose(1, 2), offs, q.scale.reshape(-1), block, None, w_mode, None)
+        args = (q.scale.reshape(-1), block, None, w_mode, None)
+        got = grouped_qmm(x, q.data.transpose(1, 2), offs, *args, config=config)
     experts = torch.searchsorted(offs, torch.arange(16, dtype=torch.int32), right=True)
     assert torch.equal(got, expected_w[experts, picks])
 

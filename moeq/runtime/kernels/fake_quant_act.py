@@ -33,11 +33,15 @@ def _fake_quant_act_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # tile [BLOCK_M rows, BLOCK_K // 16 blocks, 16]: NVFP4 blocks along K are the last axis
-    row_ids = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # tile [BLOCK_M rows, BLOCK_K // 16 blocks, 16]: NVFP4 blocks along K are the last axis; 1-D grid
+    # over (row tile, K tile), K tiles fastest: consecutive programs read adjacent bytes
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    row_ids = (tl.program_id(0) // k_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = row_ids[:, None, None]
     cols = (
-        tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K // 16)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
+        (tl.program_id(0) % k_tiles) * BLOCK_K
+        + tl.arange(0, BLOCK_K // 16)[None, :, None] * 16
+        + tl.arange(0, 16)[None, None, :]
     )
     mask = (rows < S) & (cols < K)
     x = tl.load(x_ptr + rows.to(tl.int64) * stride_xs + cols, mask=mask, other=0.0)
@@ -80,7 +84,7 @@ def fake_quant_act(
             return out
 
         def grid(meta):
-            return (triton.cdiv(x.shape[0], meta["BLOCK_M"]), triton.cdiv(x.shape[1], meta["BLOCK_K"]))
+            return (triton.cdiv(x.shape[1], meta["BLOCK_K"]) * triton.cdiv(x.shape[0], meta["BLOCK_M"]),)
 
         _fake_quant_act_kernel[grid](
             x_in, out, offs, amax, x.shape[0], x.shape[1], x_in.stride(0), out.stride(0),

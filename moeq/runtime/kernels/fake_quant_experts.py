@@ -1,4 +1,8 @@
-"""All experts of a stacked weight fake-quantized in one launch (grid: experts x row tiles x K tiles)."""
+"""All experts of a stacked weight fake-quantized in one launch.
+
+One program per ``[BLOCK_M, BLOCK_K]`` tile; program ids walk the tiles in memory order (K tiles fastest,
+then row tiles, then experts), so consecutive programs stream adjacent bytes, as a 1-D elementwise kernel does.
+"""
 
 from __future__ import annotations
 
@@ -34,14 +38,17 @@ def _fake_quant_experts_kernel(
 ):
     # the tile is [BLOCK_M, BLOCK_K // 16, 16]: NVFP4 blocks of 16 along K are the last axis, so the
     # block reduction and broadcast need no reshape
-    expert = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None, None]
-    cols = (
-        tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K // 16)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
-    )
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    expert = pid // (m_tiles * k_tiles)
+    tile_m = (pid // k_tiles) % m_tiles
+    tile_k = pid % k_tiles
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None, None]
+    cols = tile_k * BLOCK_K + tl.arange(0, BLOCK_K // 16)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
     mask = (rows < M) & (cols < K)
     w_offs = expert.to(tl.int64) * stride_we + rows * stride_wm + cols * stride_wk
-    w = tl.load(w_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + w_offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     amax = tl.load(amax_ptr + expert)
     if IS_NVFP4:
         out = fake_quant_nvfp4(w, amax, INTERPRET)
@@ -73,7 +80,7 @@ def fake_quant_experts(
     E, M, K = w.shape[0], w.shape[m_dim], w.shape[k_dim]
 
     def grid(meta):
-        return (E, triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
+        return (E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
     def reference() -> torch.Tensor:
         return fmt.fake_quant(w, amax.view(-1, 1, 1), k_dim)

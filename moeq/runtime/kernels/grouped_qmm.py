@@ -58,10 +58,12 @@ X_NVFP4 = tl.constexpr(2)
 
 
 def grouped_qmm_configs() -> list[triton.Config]:
-    """Autotuning candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``; one tiny tile under the
-    interpreter. BLOCK_K is a multiple of 16 (NVFP4 blocks never straddle a K tile)."""
+    """Autotuning candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, swap])``; one tiny tile under
+    the interpreter. BLOCK_K is a multiple of 16 (NVFP4 blocks never straddle a K tile). ``swap``: compute
+    the transposed tile (weights as the MMA's wide operand, rows as its narrow one), for decode-sized row
+    tiles."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SWAP_AB": False})]
     candidates = [
         (16, 64, 128, 4, 4),
         (16, 128, 128, 4, 4),
@@ -75,10 +77,18 @@ def grouped_qmm_configs() -> list[triton.Config]:
         (128, 256, 64, 8, 3),
         (128, 128, 64, 4, 4),
         (128, 256, 64, 8, 4),
+        # swap-AB: the weight tile is the MMA's 64/128-row operand (wgmma), the few routed rows its narrow one
+        (16, 64, 128, 4, 3, True),
+        (16, 128, 128, 4, 3, True),
+        (16, 128, 128, 8, 3, True),
+        (16, 256, 128, 8, 3, True),
+        (16, 64, 256, 4, 3, True),
     ]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in candidates
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP_AB": bool(swap and swap[0])}, num_warps=w, num_stages=s
+        )
+        for m, n, k, w, s, *swap in candidates
     ]
 
 
@@ -212,6 +222,7 @@ def _grouped_qmm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -252,7 +263,10 @@ def _grouped_qmm_kernel(
     if W_MODE == W_FP8:
         acc_scale = acc_scale * w_scale
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
         ks = k0 + kb[None, :, :]
         k_mask = ks < K
@@ -299,14 +313,21 @@ def _grouped_qmm_kernel(
                 wq = _as_operand(e4m3_codes(tl.math.div_rn(wq.to(tl.float32), w_div), INTERPRET), x_ptr, FP8_DOT)
             else:
                 wq = wq.to(x_ptr.dtype.element_ty)
-        wq = tl.trans(wq)
         if INTERPRET:  # the interpreter multiplies 16-bit floats as their bit patterns: widen (exact)
             xa = xa.to(tl.float32)
             wq = wq.to(tl.float32)
-        if DOT_IEEE:
-            acc = tl.dot(xa, wq, acc, input_precision="ieee")
+        if SWAP_AB:  # out^T tile [BLOCK_N, BLOCK_M] = w [BLOCK_N, BLOCK_K] @ x^T: weights as the wide operand
+            if DOT_IEEE:
+                acc = tl.dot(wq, tl.trans(xa), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(wq, tl.trans(xa), acc)
         else:
-            acc = tl.dot(xa, wq, acc)
+            if DOT_IEEE:
+                acc = tl.dot(xa, tl.trans(wq), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xa, tl.trans(wq), acc)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     acc = acc * acc_scale
     o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols_n[None, :] * stride_on
     tl.store(o_ptrs, cast_like(acc, out_ptr, INTERPRET), mask=row_mask[:, None] & n_mask[None, :])
@@ -349,6 +370,7 @@ def grouped_qmm(
     x_mode: str | None = None,
     out: torch.Tensor | None = None,
     wrap: Callable[[Any], Any] | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Launch the grouped kernel (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``); returns ``[M, N]``
     in ``x.dtype``.
@@ -358,6 +380,7 @@ def grouped_qmm(
     for ``fake_*`` modes, the stored FP8 scale / NVFP4 global scale for ``fp8`` / ``nvfp4``.
     ``w_block_scale``: NVFP4 e4m3 block scales ``[E, K/16, N]``. ``x_amax``: ``[1]`` or ``[E]``.
     ``wrap``: applied to the kernel before launching (``torch.library.wrap_triton`` inside a triton_op).
+    ``config``: launch with this tile config instead of autotuning (for tuning sweeps).
     """
     _check(x, w, offs, w_mode, x_mode)
     num_experts, n = w.shape[0], w.shape[2]
@@ -394,7 +417,12 @@ def grouped_qmm(
     def grid(meta):
         return ((triton.cdiv(m, meta["BLOCK_M"]) + num_experts + 1) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    kernel = wrap(_grouped_qmm_kernel) if wrap is not None else _grouped_qmm_kernel
+    kernel, meta = _grouped_qmm_kernel, {}
+    if config is not None:
+        kernel = _grouped_qmm_kernel.fn
+        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        grid = grid(config.kwargs)
+    kernel = wrap(kernel) if wrap is not None else kernel
     kernel[grid](
         x, w, out, offs,
         w_scale if w_scale is not None else dummy, block, x_amax if x_amax is not None else dummy,
@@ -403,6 +431,6 @@ def grouped_qmm(
         E_POW2=max(triton.next_power_of_2(num_experts), 128),
         W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode],
         X_PER_EXPERT=x_amax is not None and x_amax.numel() > 1, FP8_DOT=fp8_dot,
-        DOT_IEEE=x.dtype == torch.float32 and not fp8_dot, INTERPRET=interpreting(),
+        DOT_IEEE=x.dtype == torch.float32 and not fp8_dot, INTERPRET=interpreting(), **meta,
     )  # fmt: skip
     return out

@@ -27,22 +27,37 @@ def run_kernel(t: torch.Tensor, launch: Callable[[], torch.Tensor], reference: C
     return reference()
 
 
-def _configs(names: tuple[str, str], candidates: list[tuple[int, int, int]]) -> list[triton.Config]:
-    """Autotuning candidates ``(block a, block b, warps)``; one small fixed tile under the interpreter."""
+def _configs(names: tuple[str, str], candidates: list[tuple[int, ...]]) -> list[triton.Config]:
+    """Autotuning candidates ``(block a, block b, warps[, stages])``; one small fixed tile under the
+    interpreter."""
     if interpreting():
         return [triton.Config(dict(zip(names, (16, 64))))]
-    return [triton.Config(dict(zip(names, (a, b))), num_warps=w) for a, b, w in candidates]
+    return [
+        triton.Config(dict(zip(names, (a, b))), num_warps=w, num_stages=rest[0] if rest else 3)
+        for a, b, w, *rest in candidates
+    ]
 
 
 def tile_configs() -> list[triton.Config]:
     """Candidates for the elementwise quant kernels (rows x K tiles)."""
     return _configs(
-        ("BLOCK_M", "BLOCK_K"), [(16, 128, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8), (32, 512, 8), (64, 256, 8)]
+        ("BLOCK_M", "BLOCK_K"),
+        [(8, 256, 4), (16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (64, 128, 8), (32, 512, 8), (64, 256, 8)],
     )
 
 
 def observer_configs() -> list[triton.Config]:
     """Candidates for segment_amax (rows x K tiles)."""
     return _configs(
-        ("BLOCK_S", "BLOCK_K"), [(32, 256, 4), (64, 256, 8), (32, 512, 8), (64, 512, 8), (128, 256, 8), (16, 1024, 8)]
+        ("BLOCK_S", "BLOCK_K"),
+        [
+            (32, 256, 4),
+            (64, 256, 8),
+            (32, 512, 8),
+            (64, 512, 8),
+            (128, 256, 8),
+            (16, 1024, 8),
+            (32, 1024, 8),
+            (16, 2048, 8),
+        ],
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -36,18 +39,21 @@ def _segment_amax_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # grid: (row tiles, K tiles). Rows are sorted by expert, so a tile almost always belongs to one
-    # expert: that is decided from its first and last row alone, and then the tile issues one atomic
-    # and never computes per-row expert ids.
-    row0 = tl.program_id(0) * BLOCK_S
+    # 1-D grid over (row tile, K tile), K tiles fastest: consecutive programs read adjacent bytes. Rows
+    # are sorted by expert, so a tile almost always belongs to one expert: that is decided from its first
+    # and last row alone, and then the tile issues one atomic and never computes per-row expert ids.
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tile_k = tl.program_id(0) % k_tiles
+    row0 = (tl.program_id(0) // k_tiles) * BLOCK_S
     rows = row0 + tl.arange(0, BLOCK_S)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
     end = tl.minimum(S, tl.load(offs_ptr + NUM_EXPERTS - 1))
     valid = rows < end
     mask = valid[:, None] & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs + cols[None, :], mask=mask, other=0.0)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xs + cols[None, :]
+    x = tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
     bits = abs_bits(x, X_BITS)
-    count_here = tl.program_id(1) == 0
+    count_here = tile_k == 0
     experts = tl.arange(0, E_POW2)
     ends = tl.load(offs_ptr + experts, mask=experts < NUM_EXPERTS, other=2147483647)
     first = tl.sum((ends <= row0).to(tl.int32), axis=0)
@@ -79,9 +85,14 @@ def _check(x: torch.Tensor, offs: torch.Tensor, num_experts: int) -> None:
 
 
 def segment_amax_(
-    x: torch.Tensor, offs: torch.Tensor, running_amax: torch.Tensor, running_counts: torch.Tensor
+    x: torch.Tensor,
+    offs: torch.Tensor,
+    running_amax: torch.Tensor,
+    running_counts: torch.Tensor,
+    wrap: Callable[[Any], Any] | None = None,
 ) -> None:
-    """Update running per-expert amax (fp32 ``[E]``, max) and counts (int64 ``[E]``, sum) in place."""
+    """Update running per-expert amax (fp32 ``[E]``, max) and counts (int64 ``[E]``, sum) in place.
+    ``wrap``: applied to the kernel before launching (``torch.library.wrap_triton`` inside a triton_op)."""
     num_experts = running_amax.numel()
     _check(x, offs, num_experts)
     if running_amax.dtype != torch.float32 or running_counts.dtype != torch.int64:
@@ -92,9 +103,10 @@ def segment_amax_(
 
     def launch() -> None:
         def grid(meta):
-            return (triton.cdiv(x.shape[0], meta["BLOCK_S"]), triton.cdiv(x.shape[1], meta["BLOCK_K"]))
+            return (triton.cdiv(x.shape[1], meta["BLOCK_K"]) * triton.cdiv(x.shape[0], meta["BLOCK_S"]),)
 
-        _segment_amax_kernel[grid](
+        kernel = wrap(_segment_amax_kernel) if wrap is not None else _segment_amax_kernel
+        kernel[grid](
             x, offs, running_amax, running_counts, x.shape[0], x.shape[1], x.stride(0),
             NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts), X_BITS=8 * x.element_size(),
         )  # fmt: skip

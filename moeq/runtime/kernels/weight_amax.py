@@ -26,9 +26,10 @@ def _weight_amax_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    expert = tl.program_id(0)
+    # grid (K tiles, row tiles, experts): K tiles fastest, consecutive programs read adjacent bytes
+    expert = tl.program_id(2)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     offs = expert.to(tl.int64) * stride_we + rows[:, None] * stride_wm + cols[None, :] * stride_wk
     w = tl.abs(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32))
@@ -36,7 +37,7 @@ def _weight_amax_kernel(
     if WITH_BLOCKS:
         block_amax = tl.max(tl.reshape(w, (BLOCK_M, BLOCK_K // 16, 16)), axis=2)
         nb = K // 16
-        bcols = tl.program_id(2) * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
+        bcols = tl.program_id(0) * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
         b_offs = expert.to(tl.int64) * M * nb + rows[:, None] * nb + bcols[None, :]
         tl.store(block_ptr + b_offs, block_amax, mask=(rows[:, None] < M) & (bcols[None, :] < nb))
 
@@ -59,7 +60,7 @@ def expert_weight_amax(
 
     def launch():
         block_m, block_k = 16, 256
-        grid = (E, triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+        grid = (triton.cdiv(K, block_k), triton.cdiv(M, block_m), E)
         _weight_amax_kernel[grid](
             w, amax, blocks if blocks is not None else amax, M, K,
             w.stride(0), w.stride(m_dim), w.stride(k_dim),
