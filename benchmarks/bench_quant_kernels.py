@@ -124,16 +124,21 @@ def main() -> None:
             ms_inductor = bench(lambda w=w, a=amax, c=compiled: c(w, a))
             ms_loop = bench(lambda w=w, a=amax, f=fmt: loop_fake_quant(w, a, f), warmup=5, rep=20)
             tbs = nbytes / ms_kernel / 1e9
+            from moeq.runtime.kernels.fake_quant_experts import _fake_quant_experts_kernel
+
+            tuned = str(_fake_quant_experts_kernel.best_config)
             rows.append(
                 [f"fake_quant_experts {name}", fmt, str(list(shape)), f"{ms_kernel:.3f}", f"{tbs:.2f}",
                  f"{tbs / copy_tbs:.2f}", f"{ms_loop / ms_kernel:.1f}x", f"{ms_inductor / ms_kernel:.2f}x"]
             )  # fmt: skip
             details["results"].append(
                 dict(kernel="fake_quant_experts", shape=shape, fmt=fmt, exact=exact, ms=ms_kernel, TBps=tbs,
-                     ms_loop=ms_loop, ms_inductor=ms_inductor, inductor_mismatch_fraction=inductor_mismatch)
+                     ms_loop=ms_loop, ms_inductor=ms_inductor, inductor_mismatch_fraction=inductor_mismatch,
+                     config=tuned)
             )  # fmt: skip
             print(
-                f"{name} {fmt}: kernel == CPU spec: {exact}; inductor mismatching elements={inductor_mismatch:.2e}",
+                f"{name} {fmt}: kernel == CPU spec: {exact}; inductor mismatching elements={inductor_mismatch:.2e}; "
+                f"tuned config {tuned}",
                 flush=True,
             )
             print("  ", rows[-1], flush=True)

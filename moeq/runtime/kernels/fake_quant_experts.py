@@ -48,7 +48,7 @@ def _fake_quant_experts_kernel(
     cols = tile_k * BLOCK_K + tl.arange(0, BLOCK_K // 16)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
     mask = (rows < M) & (cols < K)
     w_offs = expert.to(tl.int64) * stride_we + rows * stride_wm + cols * stride_wk
-    w = tl.load(w_ptr + w_offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    w = tl.load(w_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
     amax = tl.load(amax_ptr + expert)
     if IS_NVFP4:
         out = fake_quant_nvfp4(w, amax, INTERPRET)
