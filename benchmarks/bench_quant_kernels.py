@@ -23,6 +23,7 @@ import moeq
 from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.integrations.hf import tiny_model
 from moeq.runtime import kernels
+from moeq.runtime.kernels.fake_quant_experts import _fake_quant_experts_kernel
 
 WEIGHTS = {
     "qwen3-30b-a3b gate_up": (128, 1536, 2048),
@@ -124,8 +125,6 @@ def main() -> None:
             ms_inductor = bench(lambda w=w, a=amax, c=compiled: c(w, a))
             ms_loop = bench(lambda w=w, a=amax, f=fmt: loop_fake_quant(w, a, f), warmup=5, rep=20)
             tbs = nbytes / ms_kernel / 1e9
-            from moeq.runtime.kernels.fake_quant_experts import _fake_quant_experts_kernel
-
             tuned = str(_fake_quant_experts_kernel.best_config)
             rows.append(
                 [f"fake_quant_experts {name}", fmt, str(list(shape)), f"{ms_kernel:.3f}", f"{tbs:.2f}",
