@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import run_and_get_code
 
@@ -258,3 +259,25 @@ def test_unknown_fusion_policy_is_an_error():
     with pytest.raises(ValueError, match="unknown fusion policy 'sometimes'; choose one of auto, always, never"):
         with fusion("sometimes"):
             pass
+
+
+@pytest.mark.parametrize(
+    ("w_mode", "x_mode", "rows", "swapped"),
+    [("fp8", "fp8", 64, True), ("nvfp4", None, 64, True), ("fp8", "fp8", 34816, False), ("fake_fp8", "fp8", 64, False)],
+    ids=["w8a8-decode", "w4a16-decode", "w8a8-prefill", "qat-decode"],
+)
+def test_config_pruning_by_batch_size(w_mode, x_mode, rows, swapped):
+    """Decode batches of W8A8 / W4A16 get the measured swap-AB tile (called as Triton calls the pruner:
+    constexprs as keyword arguments); larger batches and QAT keep autotuning over fitting row tiles."""
+    from moeq.runtime.kernels.grouped_qmm import W_MODES, X_MODES, m_bucket, prune_configs
+
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": 128, "BLOCK_K": 128, "SWAP_AB": False}) for m in (16, 32, 64, 128)
+    ]
+    named = {"M_BUCKET": m_bucket(rows, 128), "N": 1536, "K": 2048}
+    kept = prune_configs(configs, named, W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode])
+    assert kept and all(c.kwargs["SWAP_AB"] is swapped for c in kept)
+    if swapped:
+        assert len(kept) == 1 and kept[0].kwargs["BLOCK_M"] == 16
+    else:
+        assert {c.kwargs["BLOCK_M"] for c in kept} == ({64, 128} if rows > 4096 else {16})

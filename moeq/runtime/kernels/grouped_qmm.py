@@ -95,12 +95,31 @@ def grouped_qmm_configs() -> list[triton.Config]:
 def prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     """Keep the row tiles that fit the mean rows per expert (``M_BUCKET``): small tiles for decode-like
     batches (weight-bandwidth bound), large ones for prefill / training batches."""
-    bucket = named_args["M_BUCKET"]
+    args = {**named_args, **kwargs}  # Triton passes the constexpr keyword arguments separately
+    bucket = args["M_BUCKET"]
+    decode = _decode_config(args["W_MODE"], args["X_MODE"], args["N"])
+    if bucket <= 2 and decode is not None:
+        return [decode]
     lo, hi = (16, 16) if bucket <= 16 else (16, 64) if bucket <= 64 else (64, 128)
     if bucket > 64:  # the 64-row tile only where its K step is long enough to pay
         configs = [c for c in configs if c.kwargs["BLOCK_M"] != 64 or c.kwargs["BLOCK_K"] == 128]
     kept = [c for c in configs if lo <= c.kwargs["BLOCK_M"] <= hi]
     return kept or configs
+
+
+def _decode_config(w_mode: int, x_mode: int, n: int) -> triton.Config | None:
+    """The measured best tile (H100, Qwen3-30B-A3B shapes, ``benchmarks/sweep_grouped_qmm.py``) for
+    decode batches (at most 2 mean rows per expert) of W8A8 and W4A16, where autotuning on a tens-of-
+    microseconds kernel proved unreliable (it picked tiles 1.5x-2.7x slower than the best). Swap-AB, wider
+    weight tiles for wider outputs."""
+    wide = n >= 2048
+    if w_mode == W_MODES["fp8"] and x_mode == X_MODES["fp8"]:
+        meta, warps = {"BLOCK_M": 16, "BLOCK_N": 256 if wide else 128, "BLOCK_K": 128, "SWAP_AB": True}, 8
+    elif w_mode == W_MODES["nvfp4"] and x_mode == X_MODES[None]:
+        meta, warps = {"BLOCK_M": 16, "BLOCK_N": 128 if wide else 64, "BLOCK_K": 128, "SWAP_AB": True}, 4
+    else:
+        return None
+    return triton.Config(meta, num_warps=warps, num_stages=3)
 
 
 def m_bucket(rows: int, num_experts: int) -> int:
