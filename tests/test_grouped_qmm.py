@@ -179,9 +179,11 @@ def test_pass_composes_with_installed_pass():
 @pytest.mark.parametrize(
     ("w_mode", "x_mode"), [("fake_nvfp4", "nvfp4"), ("fake_fp8", "fp8"), ("fp8", "fp8"), ("fp8", None), ("nvfp4", None)]
 )
-def test_kernel_compiles_for_sm90(w_mode, x_mode):
+@pytest.mark.parametrize("swap", [False, True], ids=["tile", "swap-ab"])
+def test_kernel_compiles_for_sm90(w_mode, x_mode, swap):
     """Frontend + codegen for Hopper without a GPU (catches what only shows when compiling, e.g. non-constexpr
-    globals); FP8 x FP8 (W8A8 and QAT FP8) must use FP8 wgmma, FP8 rounding the hardware's RNE conversion."""
+    globals); FP8 x FP8 (W8A8 and QAT FP8) must use FP8 wgmma, FP8 rounding the hardware's RNE conversion;
+    the swap-AB decode tile (16 rows) must still run on wgmma."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -194,7 +196,7 @@ def test_kernel_compiles_for_sm90(w_mode, x_mode):
     constexprs = dict(
         E_POW2=128, W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode], X_PER_EXPERT=False,
         FP8_DOT=w_mode in ("fp8", "fake_fp8") and x_mode == "fp8", DOT_IEEE=False, INTERPRET=False,
-        BLOCK_M=64, BLOCK_N=128, BLOCK_K=64,
+        BLOCK_M=16 if swap else 64, BLOCK_N=64 if swap else 128, BLOCK_K=128 if swap else 64, SWAP_AB=swap,
     )  # fmt: skip
     signature = {name: pointers.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
     try:
