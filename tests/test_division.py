@@ -1,0 +1,91 @@
+"""Can the kernels drop the per-element IEEE division ``x / s`` (``div_rn``: reciprocal, Newton steps, a
+range check and a slow-path branch, about 10 SASS instructions) for Markstein's quotient with the reciprocal
+computed once per scale? ``y = RN(1/s)``, ``q0 = RN(x * y)``, ``q1 = fma(fma(-q0, s, x), y, q0)``: three
+IEEE operations per element, bit for bit the same on any IEEE device.
+
+This checks the claim the kernels would rely on, with every operation emulated exactly on the CPU (float64
+holds the products exactly; the last fma's sum is rounded once through an error-free TwoSum): for every
+finite bf16 value x and divisors s = amax / 448 over 14 decades, q1 equals torch's IEEE fp32 ``x / s``,
+except where the residual or the quotient leave the normal range, and there the e4m3 code the spec takes
+from the quotient is the same once q0 is used for overflowing quotients and the sign of zero is restored.
+(An earlier CPU experiment that rounded the last fma twice had reported one wrong quotient in 2e8.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY = 2.0**-126
+
+
+def _rn32_of_exact_sum(s: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    """RN32 of the exact value ``s + err`` where ``s = fl64(s + err)``: only an f32 tie at ``s`` with a
+    nonzero ``err`` rounds differently from ``s`` itself."""
+    t = s.to(torch.float32)
+    td = t.double()
+    toward = torch.where(s > td, torch.full_like(t, float("inf")), torch.full_like(t, -float("inf")))
+    other = torch.nextafter(t, toward)
+    tie = (s == (td + other.double()) / 2) & (s != td) & (err != 0)
+    return torch.where(tie & ((err > 0) == (other.double() > td)), other, t)
+
+
+def markstein_quotient(x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q0, q1)`` of Markstein's division of fp32 ``x`` by the fp32 scalar ``s``, emulated exactly."""
+    y = torch.ones((), dtype=torch.float32) / s
+    q0 = x * y
+    r = (x.double() - q0.double() * s.double()).to(torch.float32)  # fma: exact in float64, rounded once
+    p = r.double() * y.double()  # exact
+    total = q0.double() + p
+    b_virtual = total - q0.double()
+    err = (q0.double() - (total - b_virtual)) + (p - b_virtual)
+    return q0, _rn32_of_exact_sum(total, err)
+
+
+def guarded_quotient(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """What a kernel would compute: q1, q0 where the quotient overflows, the sign of x on zeros."""
+    q0, q1 = markstein_quotient(x, s)
+    q = torch.where(q0.abs() < 2.0**64, q1, q0)
+    return torch.where(q == 0, torch.copysign(q, x), q)
+
+
+def _e4m3_bits(q: torch.Tensor) -> torch.Tensor:
+    return q.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def _all_bf16() -> torch.Tensor:
+    x = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    return x[torch.isfinite(x)]
+
+
+def _divisors(count: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    amax = torch.cat(
+        [
+            10 ** (torch.rand(count, generator=g, dtype=torch.float64) * 14 - 8),
+            torch.tensor([(2.0 - 2.0**-23) * 2.0**k for k in (-20, -3, 0, 5)], dtype=torch.float64),
+            torch.tensor([2.0**k for k in (-9, 0, 8)], dtype=torch.float64),
+        ]
+    )
+    return [(a.float() / 448.0).float() for a in amax]
+
+
+def test_markstein_quotient_is_ieee_division_for_every_bf16_value():
+    x = _all_bf16()
+    normal_residual = (x.abs() >= 2.0**-100) | (x == 0)
+    for s in _divisors(40, seed=0):
+        truth = x / s
+        q0, q1 = markstein_quotient(x, s)
+        in_range = normal_residual & (x != 0) & (truth.abs() < 2.0**100) & (truth.abs() >= 2.0**-100)
+        assert torch.equal(q1[in_range], truth[in_range]), float(s)
+        assert torch.equal(_e4m3_bits(guarded_quotient(x, s)), _e4m3_bits(truth)), float(s)
+
+
+def test_markstein_quotient_random_fp32():
+    g = torch.Generator().manual_seed(1)
+    for s in _divisors(10, seed=2):
+        x = torch.randn(1_000_000, generator=g) * torch.exp(torch.randn(1_000_000, generator=g) * 4)
+        truth = x / s
+        q0, q1 = markstein_quotient(x, s)
+        in_range = (x.abs() >= 2.0**-100) & (truth.abs() < 2.0**100) & (truth.abs() >= 2.0**-100)
+        assert torch.equal(q1[in_range], truth[in_range]), float(s)
+        assert torch.equal(_e4m3_bits(guarded_quotient(x, s)), _e4m3_bits(truth)), float(s)
