@@ -85,9 +85,7 @@ def grouped_qmm_configs() -> list[triton.Config]:
         (16, 64, 256, 4, 3, True),
     ]
     return [
-        triton.Config(
-            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP_AB": bool(swap and swap[0])}, num_warps=w, num_stages=s
-        )
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP_AB": any(swap)}, num_warps=w, num_stages=s)
         for m, n, k, w, s, *swap in candidates
     ]
 
@@ -336,15 +334,13 @@ def _grouped_qmm_kernel(
             xa = xa.to(tl.float32)
             wq = wq.to(tl.float32)
         if SWAP_AB:  # out^T tile [BLOCK_N, BLOCK_M] = w [BLOCK_N, BLOCK_K] @ x^T: weights as the wide operand
-            if DOT_IEEE:
-                acc = tl.dot(wq, tl.trans(xa), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(wq, tl.trans(xa), acc)
+            a, b = wq, tl.trans(xa)
         else:
-            if DOT_IEEE:
-                acc = tl.dot(xa, tl.trans(wq), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xa, tl.trans(wq), acc)
+            a, b = xa, tl.trans(wq)
+        if DOT_IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
     if SWAP_AB:
         acc = tl.trans(acc)
     acc = acc * acc_scale

@@ -27,15 +27,11 @@ def run_kernel(t: torch.Tensor, launch: Callable[[], torch.Tensor], reference: C
     return reference()
 
 
-def _configs(names: tuple[str, str], candidates: list[tuple[int, ...]]) -> list[triton.Config]:
-    """Autotuning candidates ``(block a, block b, warps[, stages])``; one small fixed tile under the
-    interpreter."""
+def _configs(names: tuple[str, str], candidates: list[tuple[int, int, int]]) -> list[triton.Config]:
+    """Autotuning candidates ``(block a, block b, warps)``; one small fixed tile under the interpreter."""
     if interpreting():
         return [triton.Config(dict(zip(names, (16, 64))))]
-    return [
-        triton.Config(dict(zip(names, (a, b))), num_warps=w, num_stages=rest[0] if rest else 3)
-        for a, b, w, *rest in candidates
-    ]
+    return [triton.Config(dict(zip(names, (a, b))), num_warps=w) for a, b, w in candidates]
 
 
 def tile_configs() -> list[triton.Config]:
