@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import time
 
 import torch
 import triton
+from report import save_report
 from triton.testing import do_bench
 
 import moeq
@@ -143,10 +143,7 @@ def main() -> None:
     print(f"\n{name}  torch {torch.__version__}  triton {triton.__version__}  {time.strftime('%Y-%m-%d')}")
     print(table)
     details = dict(device=name, torch=torch.__version__, triton=triton.__version__, results=results, shapes=shapes)
-    with open(os.path.join(args.out, "bench_e2e_modelopt.json"), "w") as fh:
-        json.dump(details, fh, indent=1)
-    with open(os.path.join(args.out, "bench_e2e_modelopt.txt"), "w") as fh:
-        fh.write(table + "\n")
+    save_report(args.out, "bench_e2e_modelopt", details, table)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ Prints one table; writes JSON (and the table) under ``--out`` (default $OUT or .
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 
 import torch
 import triton
+from report import save_report
 from triton.testing import do_bench
 
 from moeq.formats import expand_per_expert, expert_amax, get_format
@@ -217,10 +217,7 @@ def main() -> None:
     print(table)
     print(f"correctness: {'all kernels within 1e-2 of the reference' if not bad else f'{len(bad)} FAILED'}")
     print(f"wall time {time.time() - started:.0f} s")
-    with open(os.path.join(args.out, "bench_grouped_qmm.json"), "w") as fh:
-        json.dump(details, fh, indent=1)
-    with open(os.path.join(args.out, "bench_grouped_qmm.txt"), "w") as fh:
-        fh.write(table + "\n")
+    save_report(args.out, "bench_grouped_qmm", details, table)
 
 
 if __name__ == "__main__":

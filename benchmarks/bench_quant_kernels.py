@@ -10,13 +10,13 @@ reference) is checked first. Prints one table; writes JSON details to $OUT (or .
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
 
 import torch
 import triton
+from report import save_report
 from triton.testing import do_bench
 
 import moeq
@@ -189,10 +189,7 @@ def main() -> None:
     table = format_table(header, rows)
     print(f"\n{details['device']}  torch {details['torch']}  triton {details['triton']}  {time.strftime('%Y-%m-%d')}")
     print(table)
-    with open(os.path.join(out_dir, "bench_quant_kernels.json"), "w") as fh:
-        json.dump(details, fh, indent=1)
-    with open(os.path.join(out_dir, "bench_quant_kernels.txt"), "w") as fh:
-        fh.write(table + "\n")
+    save_report(out_dir, "bench_quant_kernels", details, table)
 
 
 if __name__ == "__main__":

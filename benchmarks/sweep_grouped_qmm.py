@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import time
 
 import torch
 import triton
 from bench_grouped_qmm import CASES, MODES, bench, routing, stored
+from report import save_report
 
 from moeq.formats import expert_amax
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
@@ -94,8 +94,8 @@ def main() -> None:
     for case in CASES:
         if case[0].startswith(args.only) and case[4] in args.rows:
             results += sweep_case(*case, args.modes, grid, deadline)
-    with open(os.path.join(args.out, "sweep_grouped_qmm.json"), "w") as fh:
-        json.dump(dict(device=torch.cuda.get_device_name(), triton=triton.__version__, results=results), fh, indent=1)
+    details = dict(device=torch.cuda.get_device_name(), triton=triton.__version__, results=results)
+    save_report(args.out, "sweep_grouped_qmm", details)
 
 
 if __name__ == "__main__":
