@@ -43,3 +43,12 @@ def per_expert_matmul_f64(xq: torch.Tensor, wq: torch.Tensor, offs: torch.Tensor
 def make_tokens(seed: int = 0, batch: int = 2, seq: int = 16, vocab: int = 256) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def far_below_block_weights() -> torch.Tensor:
+    """[1, 4, 16] weights whose 16-blocks span the whole fp32 range: a large value, then negative ones down
+    to subnormals, so some quotients by the NVFP4 block scale are -0 in fp32 and some underflow to +0."""
+    w = torch.zeros(1, 4, 16)
+    w[0, :, 0] = torch.tensor([3e38, 1e30, 1e10, 1.0])
+    w[0, :, 1:] = -torch.logspace(-45, -30, 15).float() * torch.tensor([1.0, 1e8, 1e20, 1e30]).view(4, 1)
+    return w

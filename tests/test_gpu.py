@@ -12,8 +12,9 @@ from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.integrations.hf import tiny_model
 from moeq.lowering import ops
 from moeq.lowering.inductor import fusion, unfused
+from moeq.runtime import kernels
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm as launch_grouped_qmm
-from tests.conftest import make_tokens
+from tests.conftest import far_below_block_weights, make_tokens
 
 pytestmark = pytest.mark.gpu
 
@@ -128,6 +129,8 @@ def _qmm_operands(mode, w_fmt, x_fmt, w_nk, x, offs, amax, x_amax):
 
 #: the transposed (swap-AB) tile for decode-sized batches, forced (autotuning picks it only for small batches)
 SWAPPED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SWAP_AB": True}, num_warps=4, num_stages=3)
+#: e4m3 operands multiplied as 16-bit floats (the other FP8 x FP8 choice autotuning has)
+SIXTEEN_BIT_DOT = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "SWAP_AB": False, "FP8_DOT": False})
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -137,8 +140,9 @@ SWAPPED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SWAP_AB"
         ([37, 0, 250, 3, 0, 90], 256, 192, None),
         ([1000], 512, 320, None),
         ([1, 0, 2, 1, 0, 0, 3, 1], 512, 320, SWAPPED),
+        ([37, 0, 250, 3, 0, 90], 256, 192, SIXTEEN_BIT_DOT),
     ],
-    ids=["odd", "one-expert", "decode-swapped"],
+    ids=["odd", "one-expert", "decode-swapped", "16-bit-dot"],
 )
 @pytest.mark.parametrize(("mode", "w_fmt", "x_fmt"), QMM_MODES)
 def test_grouped_qmm_cuda_matches_reference(mode, w_fmt, x_fmt, counts, k, n, config, seed):
@@ -167,10 +171,12 @@ def test_grouped_qmm_cuda_matches_reference(mode, w_fmt, x_fmt, counts, k, n, co
     assert not got[int(offs[-1]) :].any()
 
 
+@pytest.mark.parametrize("config", [None, SWAPPED], ids=["autotuned", "swap-ab"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("mode", "w_fmt"), [("qat", "fp8"), ("qat", "nvfp4"), ("deploy", "fp8"), ("deploy", "nvfp4")])
-def test_grouped_qmm_cuda_weight_operand_bit_exact(mode, w_fmt, dtype):
-    """One-hot activation rows select weight rows: the in-kernel weight Q/DQ equals formats.py bit for bit."""
+def test_grouped_qmm_cuda_weight_operand_bit_exact(mode, w_fmt, dtype, config):
+    """One-hot activation rows select weight rows: the in-kernel weight Q/DQ equals formats.py bit for bit
+    (autotuned, and in the swap-AB decode tile)."""
     g = torch.Generator().manual_seed(3)
     counts, k, n = [40, 0, 88], 256, 160
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
@@ -180,7 +186,11 @@ def test_grouped_qmm_cuda_weight_operand_bit_exact(mode, w_fmt, dtype):
     x = torch.nn.functional.one_hot(picks, k).to(dtype)
     (w, scale, block), _, wq = _qmm_operands(mode, w_fmt, None, w_nk, x, offs, amax, None)
     cuda = [t.cuda() if t is not None else None for t in (x, w, offs, scale, block)]
-    got = torch.ops.moeq.grouped_qmm(*cuda, None, mode, w_fmt, None).cpu()
+    if config is None:
+        got = torch.ops.moeq.grouped_qmm(*cuda, None, mode, w_fmt, None).cpu()
+    else:
+        w_mode = f"fake_{w_fmt}" if mode == "qat" else w_fmt
+        got = launch_grouped_qmm(*cuda, None, w_mode, None, config=config).cpu()
     experts = torch.searchsorted(offs, torch.arange(128, dtype=torch.int32), right=True)
     assert torch.equal(got, wq[experts, picks])
 
@@ -246,3 +256,29 @@ def test_profiler_one_triton_kernel_per_expert_gemm(config, freeze):
     qmm = [n for n in names if "grouped_qmm" in n]
     assert len(qmm) == 4, qmm  # 2 MoE layers x (gate_up, down)
     assert not [n for n in names if "fake_quant" in n or "dequant" in n or "GroupMM" in n or "grouped_mm" in n], names
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_fake_quant_every_bf16_value_cuda(fmt):
+    """Every finite bf16 value, under per-expert amaxes from 1e-30 to 1e30 (the kernels' fast division and
+    its exact fallback), fake-quantized on the GPU equals formats.py on the CPU bit for bit."""
+    values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    values = values[torch.isfinite(values.float())][: 255 * 256]
+    amax = torch.tensor([1e-30, 3e-12, 0.02, 1.0, 7.5, 448.0, 3e9, 1e30])
+    w = values.reshape(1, 255, 256).expand(amax.numel(), 255, 256).contiguous()
+    f = get_format(fmt)
+    want = f.fake_quant(w, expand_per_expert(amax, 3), -1)
+    got = kernels.fake_quant_experts(w.cuda(), amax.cuda(), fmt, -1).cpu()
+    bad = (got.view(torch.int16) != want.view(torch.int16)).nonzero().tolist()
+    examples = [(amax[e].item(), w[e, r, c].item(), got[e, r, c].item(), want[e, r, c].item()) for e, r, c in bad[:5]]
+    assert not bad, f"{len(bad)} elements differ (amax, x, got, want): {examples}"
+
+
+def test_nvfp4_negative_values_far_below_their_block_cuda():
+    """The GPU's flush-to-zero division and compares keep the spec's E2M1 sign: -0 where the fp32 quotient
+    by the block scale is a negative subnormal, +0 where it underflows (blocks spanning the fp32 range)."""
+    w = far_below_block_weights()
+    amax = expert_amax(w)
+    want = get_format("nvfp4").fake_quant(w, expand_per_expert(amax, 3), -1)
+    got = kernels.fake_quant_experts(w.cuda(), amax.cuda(), "nvfp4", -1).cpu()
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())

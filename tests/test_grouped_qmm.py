@@ -274,11 +274,17 @@ def test_config_pruning_by_batch_size(w_mode, x_mode, rows, swapped):
     from moeq.runtime.kernels.grouped_qmm import W_MODES, X_MODES, m_bucket, prune_configs
 
     configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": 128, "BLOCK_K": 128, "SWAP_AB": False}) for m in (16, 32, 64, 128)
+        triton.Config({"BLOCK_M": m, "BLOCK_N": 128, "BLOCK_K": 128, "SWAP_AB": False, "FP8_DOT": fp8})
+        for m in (16, 32, 64, 128)
+        for fp8 in (True, False)
     ]
     named = {"M_BUCKET": m_bucket(rows, 128), "N": 1536, "K": 2048}
     kept = prune_configs(configs, named, W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode])
     assert kept and all(c.kwargs["SWAP_AB"] is swapped for c in kept)
+    if x_mode is None:  # a 16-bit operand: the FP8 tensor cores never apply
+        assert not any(c.kwargs["FP8_DOT"] for c in kept)
+    elif not swapped:  # both operands FP8: autotuning chooses between FP8 and 16-bit tensor cores
+        assert {c.kwargs["FP8_DOT"] for c in kept} == {True, False}
     if swapped:
         assert len(kept) == 1 and kept[0].kwargs["BLOCK_M"] == 16
     else:

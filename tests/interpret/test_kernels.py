@@ -18,6 +18,7 @@ from moeq.formats import e2m1_round, expand_per_expert, expert_amax, get_format,
 from moeq.lowering import ops
 from moeq.runtime import kernels
 from moeq.runtime.kernels.numerics import round_e2m1, round_e4m3, round_to_bf16
+from tests.conftest import far_below_block_weights
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -162,3 +163,15 @@ def test_device_rounding_functions():
     finite = clamped.isfinite()
     assert torch.equal(outs[1][finite], round_to_e4m3(clamped)[finite])
     assert torch.equal(outs[2][finite], x[finite].to(torch.bfloat16).float())
+
+
+def test_nvfp4_negative_values_far_below_their_block():
+    """A negative weight 2^150 below its block's amax divides to -0 in fp32 only when the quotient survives:
+    the kernel's E2M1 sign (the -0 code) matches formats.py on blocks spanning the whole fp32 range."""
+    w = far_below_block_weights()
+    amax = expert_amax(w)
+    expected = get_format("nvfp4").fake_quant(w, expand_per_expert(amax, 3), 2)
+    got = kernels.fake_quant_experts(w, amax, "nvfp4", 2)
+    assert torch.equal(got, expected)
+    assert torch.equal(got.signbit(), expected.signbit())
+    assert expected.signbit().any() and not expected[w < 0].signbit().all()

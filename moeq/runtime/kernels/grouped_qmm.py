@@ -35,8 +35,10 @@ import triton.language as tl
 from moeq.runtime.kernels.launch import check_float, interpreting
 from moeq.runtime.kernels.numerics import (
     cast_like,
+    divide,
     e4m3_codes,
     fake_quant_nvfp4,
+    fast_division_ok,
     fp8_scale,
     safe_divisor,
 )
@@ -58,12 +60,14 @@ X_NVFP4 = tl.constexpr(2)
 
 
 def grouped_qmm_configs() -> list[triton.Config]:
-    """Autotuning candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, swap])``; one tiny tile under
-    the interpreter. BLOCK_K is a multiple of 16 (NVFP4 blocks never straddle a K tile). ``swap``: compute
-    the transposed tile (weights as the MMA's wide operand, rows as its narrow one), for decode-sized row
-    tiles."""
+    """Autotuning candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, swap])``, each with the FP8
+    tensor cores on and off; one tiny tile under the interpreter. BLOCK_K is a multiple of 16 (NVFP4 blocks
+    never straddle a K tile). ``swap``: compute the transposed tile (weights as the MMA's wide operand, rows
+    as its narrow one), for decode-sized row tiles. ``FP8_DOT`` (only where both operands are FP8,
+    :func:`prune_configs` sees to it): multiply the e4m3 values on the FP8 tensor cores rather than as
+    16-bit floats (the same exact products; which is faster depends on the tile)."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SWAP_AB": False})]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SWAP_AB": False, "FP8_DOT": False})]
     candidates = [
         (16, 64, 128, 4, 4),
         (16, 128, 128, 4, 4),
@@ -85,9 +89,19 @@ def grouped_qmm_configs() -> list[triton.Config]:
         (16, 64, 256, 4, 3, True),
     ]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP_AB": any(swap)}, num_warps=w, num_stages=s)
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP_AB": any(swap), "FP8_DOT": fp8_dot},
+            num_warps=w,
+            num_stages=s,
+        )
+        for fp8_dot in (True, False)
         for m, n, k, w, s, *swap in candidates
     ]
+
+
+def fp8_operands(w_mode: int, x_mode: int) -> bool:
+    """Whether both operands enter the dot as e4m3 values (QAT FP8, deploy W8A8): FP8 tensor cores apply."""
+    return w_mode in (W_MODES["fp8"], W_MODES["fake_fp8"]) and x_mode == X_MODES["fp8"]
 
 
 def prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
@@ -95,6 +109,8 @@ def prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kw
     batches (weight-bandwidth bound), large ones for prefill / training batches."""
     args = {**named_args, **kwargs}  # Triton passes the constexpr keyword arguments separately
     bucket = args["M_BUCKET"]
+    if not fp8_operands(args["W_MODE"], args["X_MODE"]):
+        configs = [c for c in configs if not c.kwargs["FP8_DOT"]]
     decode = _decode_config(args["W_MODE"], args["X_MODE"], args["N"])
     if bucket <= 2 and decode is not None:
         return [decode]
@@ -113,8 +129,10 @@ def _decode_config(w_mode: int, x_mode: int, n: int) -> triton.Config | None:
     wide = n >= 2048
     if w_mode == W_MODES["fp8"] and x_mode == X_MODES["fp8"]:
         meta, warps = {"BLOCK_M": 16, "BLOCK_N": 256 if wide else 128, "BLOCK_K": 128, "SWAP_AB": True}, 8
+        meta["FP8_DOT"] = True
     elif w_mode == W_MODES["nvfp4"] and x_mode == X_MODES[None]:
         meta, warps = {"BLOCK_M": 16, "BLOCK_N": 128 if wide else 64, "BLOCK_K": 128, "SWAP_AB": True}, 4
+        meta["FP8_DOT"] = False
     else:
         return None
     return triton.Config(meta, num_warps=warps, num_stages=3)
@@ -133,7 +151,7 @@ def _decode_e4m3(bits, INTERPRET: tl.constexpr):
         mantissa = (bits & 0x7).to(tl.float32)
         scale = ((tl.maximum(exponent, 1) - 7 - 3 + 127) << 23).to(tl.float32, bitcast=True)
         mag = tl.where(exponent == 0, mantissa, mantissa + 8.0) * scale
-        return tl.where((bits & 0x80) != 0, -mag, mag)
+        return tl.where((bits & 0x80) != 0, mag * -1.0, mag)  # not -mag: Triton's 0 - x loses -0
     else:
         return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
@@ -148,23 +166,57 @@ def _as_operand(v, x_ptr, FP8_DOT: tl.constexpr):
 
 
 @triton.jit
-def _dequant_e2m1(codes, block_bits, g, INTERPRET: tl.constexpr):
-    """``e2m1(codes) * (e4m3(block_bits) * g)`` in fp32, as :meth:`moeq.formats.NVFP4.dequantize`.
+def _dequant_packed_e2m1(packed, block_bits, g, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """``e2m1(codes) * (e4m3(block_bits) * g)`` in fp32 as :meth:`moeq.formats.NVFP4.dequantize`, shaped
+    ``[BLOCK_N, BLOCK_K // 16, 16]``, from packed bytes ``[BLOCK_N, BLOCK_K // 2]`` (element 2j in the low
+    nibble of byte j, 2j + 1 in the high one) and e4m3 block-scale bits ``[BLOCK_N, BLOCK_K // 16]``.
 
-    On the GPU the 3 magnitude bits go into an e4m3 byte (``e1 e0`` as the low exponent bits, ``m`` as
-    the top mantissa bit), which the hardware converts to exactly ``2^-6`` times the E2M1 value
-    (subnormals included), and the block scale is computed as ``e4m3(block) * (64 g)``: the same fp32
-    roundings scaled by a power of two, so the product is the spec's bit for bit while ``g`` stays in
-    [2^-100, 2^100] (outside it, a scale could overflow or go subnormal: the plain decode runs instead).
+    On the GPU each nibble's 3 magnitude bits go straight from the packed byte into an e4m3 byte (``e1 e0``
+    as the low exponent bits, ``m`` as the top mantissa bit; :func:`_e2m1_pairs_as_e4m3`, four bytes per
+    instruction), which the hardware converts two at a time to exactly ``2^-6`` times the E2M1 value (subnormals
+    included); the block scale is computed as ``e4m3(block) * (64 g)``: the same fp32 roundings scaled by a
+    power of two, so the product is the spec's bit for bit while ``g`` stays in [2^-100, 2^100] (outside
+    it a scale could overflow or go subnormal: the plain decode runs instead).
     """
     if INTERPRET or g < 7.9e-31 or g > 1.26e30:
-        scale = _decode_e4m3(block_bits, INTERPRET) * g
+        wide = packed.to(tl.int32)
+        codes = tl.reshape(tl.join(wide & 0xF, wide >> 4), (BLOCK_N, BLOCK_K // 16, 16))
+        scale = _decode_e4m3(block_bits.to(tl.int32), INTERPRET) * g
         out = _decode_e2m1(codes) * scale[:, :, None]
     else:
-        scale = _decode_e4m3(block_bits, INTERPRET) * (g * 64.0)
-        byte = ((codes & 0x7) << 2) | ((codes & 0x8) << 4)
-        out = byte.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
+        scale = block_bits.to(tl.float8e4nv, bitcast=True).to(tl.float32) * (g * 64.0)
+        low, high = _e2m1_pairs_as_e4m3(packed)
+        e4m3 = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K // 16, 16)).to(tl.float8e4nv, bitcast=True)
+        out = e4m3.to(tl.float32) * scale[:, :, None]
     return out
+
+
+@triton.jit
+def _e2m1_pairs_as_e4m3(packed):
+    """The e4m3 bytes (``2^-6`` times the value) of the low and the high E2M1 nibble of each packed byte,
+    four bytes per 32-bit register: two shifts and masks per nibble for four bytes at once (PTX; the GPU
+    path only)."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t;
+        shl.b32 t, $2, 2;
+        and.b32 $0, t, 0x1C1C1C1C;
+        shl.b32 t, $2, 4;
+        and.b32 t, t, 0x80808080;
+        or.b32 $0, $0, t;
+        shr.b32 t, $2, 2;
+        and.b32 $1, t, 0x1C1C1C1C;
+        and.b32 t, $2, 0x80808080;
+        or.b32 $1, $1, t;
+        }
+        """,
+        constraints="=r,=r,r",
+        args=[packed],
+        dtype=(tl.uint8, tl.uint8),
+        is_pure=True,
+        pack=4,
+    )
 
 
 @triton.jit
@@ -174,7 +226,7 @@ def _decode_e2m1(codes):
     m = (codes & 0x1).to(tl.float32)
     pow2 = ((tl.maximum(e, 1) - 1 + 127) << 23).to(tl.float32, bitcast=True)
     mag = tl.where(e == 0, 0.5 * m, pow2 * (1.0 + 0.5 * m))
-    return tl.where((codes & 0x8) != 0, -mag, mag)
+    return tl.where((codes & 0x8) != 0, mag * -1.0, mag)
 
 
 @triton.jit
@@ -233,13 +285,13 @@ def _grouped_qmm_kernel(
     W_MODE: tl.constexpr,
     X_MODE: tl.constexpr,
     X_PER_EXPERT: tl.constexpr,
-    FP8_DOT: tl.constexpr,
     DOT_IEEE: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    FP8_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -272,10 +324,12 @@ def _grouped_qmm_kernel(
     if X_MODE == X_FP8:
         x_s = fp8_scale(x_amax)
         x_div = safe_divisor(x_s)
+        x_fast = fast_division_ok(x_div, INTERPRET)
         acc_scale = x_s
     if W_MODE == W_FAKE_FP8:
         w_s = fp8_scale(w_scale)
         w_div = safe_divisor(w_s)
+        w_fast = fast_division_ok(w_div, INTERPRET)
         acc_scale = acc_scale * w_s
     if W_MODE == W_FP8:
         acc_scale = acc_scale * w_scale
@@ -298,7 +352,7 @@ def _grouped_qmm_kernel(
             x2_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k2[None, :] * stride_xk
             xa = tl.load(x2_ptrs, mask=row_mask[:, None] & (k2 < K)[None, :], other=0.0)
             if X_MODE == X_FP8:
-                xa = _as_operand(e4m3_codes(tl.math.div_rn(xa.to(tl.float32), x_div), INTERPRET), x_ptr, FP8_DOT)
+                xa = _as_operand(e4m3_codes(divide(xa.to(tl.float32), x_div, x_fast), INTERPRET), x_ptr, FP8_DOT)
         # ---- weight tile [BLOCK_N, BLOCK_K] (n, k)
         w2_ptrs = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + k2[None, :] * stride_wk
         w2_mask = n_mask[:, None] & (k2 < K)[None, :]
@@ -307,13 +361,12 @@ def _grouped_qmm_kernel(
             # bytes contiguously and interleave the nibbles in registers
             kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             p_ptr = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + kp[None, :] * stride_wk
-            packed = tl.load(p_ptr, mask=n_mask[:, None] & (kp < K // 2)[None, :], other=0).to(tl.int32)
-            codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K // 16, 16))
+            packed = tl.load(p_ptr, mask=n_mask[:, None] & (kp < K // 2)[None, :], other=0)
             kblk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
             sb_ptr = w_block_ptr + e * stride_be + cols_n.to(tl.int64)[:, None] * stride_bn + kblk[None, :] * stride_bk
             sb_bits = tl.load(sb_ptr, mask=n_mask[:, None] & (kblk < K // 16)[None, :], other=0)
-            wq = tl.reshape(cast_like(_dequant_e2m1(codes, sb_bits.to(tl.int32), w_scale, INTERPRET), x_ptr, INTERPRET),
-                            (BLOCK_N, BLOCK_K))  # fmt: skip
+            wq = _dequant_packed_e2m1(packed, sb_bits, w_scale, BLOCK_N, BLOCK_K, INTERPRET)
+            wq = tl.reshape(cast_like(wq, x_ptr, INTERPRET), (BLOCK_N, BLOCK_K))
         elif W_MODE == W_FP8:
             if INTERPRET:  # stored bits (uint8) decoded by hand
                 wq = _decode_e4m3(tl.load(w2_ptrs, mask=w2_mask, other=0).to(tl.int32), INTERPRET)
@@ -327,7 +380,7 @@ def _grouped_qmm_kernel(
         else:
             wq = tl.load(w2_ptrs, mask=w2_mask, other=0.0)
             if W_MODE == W_FAKE_FP8:
-                wq = _as_operand(e4m3_codes(tl.math.div_rn(wq.to(tl.float32), w_div), INTERPRET), x_ptr, FP8_DOT)
+                wq = _as_operand(e4m3_codes(divide(wq.to(tl.float32), w_div, w_fast), INTERPRET), x_ptr, FP8_DOT)
             else:
                 wq = wq.to(x_ptr.dtype.element_ty)
         if INTERPRET:  # the interpreter multiplies 16-bit floats as their bit patterns: widen (exact)
@@ -337,7 +390,7 @@ def _grouped_qmm_kernel(
             a, b = wq, tl.trans(xa)
         else:
             a, b = xa, tl.trans(wq)
-        if DOT_IEEE:
+        if DOT_IEEE and not FP8_DOT:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
@@ -427,8 +480,6 @@ def grouped_qmm(
         block = w_block_scale.view(torch.uint8)
         b_strides = block.stride()
 
-    fp8_dot = w_mode in ("fp8", "fake_fp8") and x_mode == "fp8" and not interpreting()
-
     def grid(meta):
         return ((triton.cdiv(m, meta["BLOCK_M"]) + num_experts + 1) * triton.cdiv(n, meta["BLOCK_N"]),)
 
@@ -436,6 +487,8 @@ def grouped_qmm(
     if config is not None:
         kernel = _grouped_qmm_kernel.fn
         meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        fp8 = fp8_operands(W_MODES[w_mode], X_MODES[x_mode]) and not interpreting()
+        meta["FP8_DOT"] = meta.get("FP8_DOT", fp8) and fp8
         grid = grid(config.kwargs)
     kernel = wrap(kernel) if wrap is not None else kernel
     kernel[grid](
@@ -445,7 +498,7 @@ def grouped_qmm(
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), *b_strides, out.stride(0), out.stride(1),
         E_POW2=max(triton.next_power_of_2(num_experts), 128),
         W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode],
-        X_PER_EXPERT=x_amax is not None and x_amax.numel() > 1, FP8_DOT=fp8_dot,
-        DOT_IEEE=x.dtype == torch.float32 and not fp8_dot, INTERPRET=interpreting(), **meta,
+        X_PER_EXPERT=x_amax is not None and x_amax.numel() > 1,
+        DOT_IEEE=x.dtype == torch.float32, INTERPRET=interpreting(), **meta,
     )  # fmt: skip
     return out

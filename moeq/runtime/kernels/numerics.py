@@ -34,7 +34,7 @@ def round_e4m3(y):
     quantum = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
     inverse = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
     rounded = ((a * inverse + _RNE_MAGIC) - _RNE_MAGIC) * quantum
-    return tl.where(bits < 0, -rounded, rounded)
+    return tl.where(bits < 0, rounded * -1.0, rounded)  # not -rounded: Triton negates as 0 - x, losing -0
 
 
 @triton.jit
@@ -50,7 +50,8 @@ def round_e2m1(v):
     steps = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
     r = ((a * steps + _RNE_MAGIC) - _RNE_MAGIC) * (1.0 / steps)
     r = tl.where(a == a, tl.minimum(r, 6.0), 0.0)
-    return tl.where(v < 0, -r, r)
+    # r * -1.0, not -r: Triton negates as 0 - r, which turns the -0 code (e.g. -0.1) into +0
+    return tl.where(v < 0, r * -1.0, r)
 
 
 @triton.jit
@@ -63,6 +64,42 @@ def e4m3_codes(y, INTERPRET: tl.constexpr):
         return y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
+FAST_DIVISOR_MIN = tl.constexpr(8.673617379884035e-19)  # 2**-60
+FAST_DIVISOR_MAX = tl.constexpr(1.152921504606847e18)  # 2**60
+
+
+@triton.jit
+def fast_division_ok(divisor, INTERPRET: tl.constexpr):
+    """Whether every divisor of a tile lies where :func:`divide` may use Markstein's quotient (a scalar,
+    so the kernel branches uniformly). Under the interpreter (whose fma rounds twice) never."""
+    if INTERPRET:
+        return False
+    else:
+        d = divisor + tl.zeros((1,), tl.float32)  # a scalar becomes [1]; tensors keep their shape
+        return (tl.min(d, axis=None) >= FAST_DIVISOR_MIN) & (tl.max(d, axis=None) <= FAST_DIVISOR_MAX)
+
+
+@triton.jit
+def divide(x, divisor, FAST):
+    """``x / divisor`` as the spec's IEEE division feeds its rounding to e4m3 / E2M1.
+
+    ``FAST`` (from :func:`fast_division_ok`): Markstein's quotient, the reciprocal once per divisor and
+    three IEEE operations per element, ``q1 = fma(fma(-q0, d, x), y, q0)`` with ``y = RN(1/d)``,
+    ``q0 = RN(x y)``; ``q0`` where the quotient overflows and the sign of ``x`` on zeros. It equals
+    ``div_rn`` wherever the residual stays normal and gives the same e4m3 / E2M1 code everywhere
+    (``tests/test_division.py`` checks this with exact emulation). Else ``div_rn``.
+    """
+    if FAST:
+        y = tl.math.div_rn(1.0, divisor)
+        q0 = x * y
+        q1 = tl.fma(tl.fma(-q0, divisor, x), y, q0)
+        q = tl.where(tl.abs(q0) < 1.8446744073709552e19, q1, q0)
+        out = tl.where(q == 0.0, x * 0.0, q)
+    else:
+        out = tl.math.div_rn(x, divisor)
+    return out
+
+
 @triton.jit
 def fp8_scale(amax):
     """The FP8 per-tensor scale ``s = amax / 448``."""
@@ -73,7 +110,8 @@ def fp8_scale(amax):
 def fake_quant_fp8(x, amax, INTERPRET: tl.constexpr):
     """``e4m3(clamp(x / s, +-448)) * s`` with ``s = amax / 448`` (``amax`` broadcasts against ``x``)."""
     s = fp8_scale(amax)
-    return e4m3_codes(tl.math.div_rn(x, safe_divisor(s)), INTERPRET).to(tl.float32) * s
+    d = safe_divisor(s)
+    return e4m3_codes(divide(x, d, fast_division_ok(d, INTERPRET)), INTERPRET).to(tl.float32) * s
 
 
 @triton.jit
