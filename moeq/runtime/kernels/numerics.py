@@ -38,18 +38,25 @@ def round_e4m3(y):
 
 
 @triton.jit
-def round_e2m1(v):
-    """Round fp32 ``v`` to E2M1 {0, .5, 1, 1.5, 2, 3, 4, 6} with ties to the even code, saturating;
-    the sign follows ``v < 0`` and NaN becomes 0, as in ``formats.e2m1_codes``.
+def e2m1_magnitude(a):
+    """Round ``a = |v|`` (fp32, NaN allowed) to the E2M1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} with ties to
+    the even code, saturating at 6; NaN becomes 0, as in ``formats.e2m1_codes``.
 
-    The grid has step 1/2 below 2, 1 below 4 and 2 above, and on each piece the even codes are the even
-    multiples of the step, so scaling to steps and rounding ties to even (through the fp32 adder) gives
-    the spec's tie rule with a handful of instructions instead of seven compare-selects.
+    The grid's step is 1/2 below 2, 1 below 4 and 2 above, and on each piece the even codes are the even
+    multiples of the step. Adding ``M = 1.5 * 2^(22 + max(e, 0))`` (``e`` the exponent of ``a``, capped at 3)
+    rounds ``a`` to a multiple of M's ulp, which is that step, ties to even (the fp32 adder's RNE), and
+    subtracting M is exact: six instructions, no compare-select chain and no reciprocal of the step.
     """
-    a = tl.abs(v)
-    steps = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
-    r = ((a * steps + _RNE_MAGIC) - _RNE_MAGIC) * (1.0 / steps)
-    r = tl.where(a == a, tl.minimum(r, 6.0), 0.0)
+    exponent = tl.minimum(tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 127), 130)
+    magic = (((exponent + 22) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    r = tl.minimum((a + magic) - magic, 6.0)
+    return tl.where(a == a, r, 0.0)
+
+
+@triton.jit
+def round_e2m1(v):
+    """Round fp32 ``v`` to the nearest E2M1 value (RNE, saturating; the sign follows ``v < 0``, NaN -> 0)."""
+    r = e2m1_magnitude(tl.abs(v))
     # r * -1.0, not -r: Triton negates as 0 - r, which turns the -0 code (e.g. -0.1) into +0
     return tl.where(v < 0, r * -1.0, r)
 
@@ -129,7 +136,9 @@ def fake_quant_nvfp4(blocks, amax, INTERPRET: tl.constexpr):
     g = tl.math.div_rn(amax, NVFP4_GLOBAL_DIVISOR)
     block_amax = tl.max(tl.abs(blocks), axis=2, keep_dims=True)
     scale = nvfp4_block_scale(block_amax, g, INTERPRET) * g
-    return round_e2m1(tl.math.div_rn(blocks, safe_divisor(scale))) * scale
+    q = tl.math.div_rn(blocks, safe_divisor(scale))
+    # round_e2m1(q) * scale with the sign moved onto the (per-block) scale: one select per element fewer
+    return e2m1_magnitude(tl.abs(q)) * tl.where(q < 0, scale * -1.0, scale)
 
 
 @triton.jit
