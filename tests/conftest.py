@@ -52,3 +52,11 @@ def far_below_block_weights() -> torch.Tensor:
     w[0, :, 0] = torch.tensor([3e38, 1e30, 1e10, 1.0])
     w[0, :, 1:] = -torch.logspace(-45, -30, 15).float() * torch.tensor([1.0, 1e8, 1e20, 1e30]).view(4, 1)
     return w
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    """Bit-for-bit equality (``torch.equal`` treats -0 and +0 as equal; the quantization spec does not)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (what, got.dtype, want.dtype, got.shape, want.shape)
+    as_int = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[got.element_size()]
+    differ = got.contiguous().view(as_int) != want.contiguous().view(as_int)
+    assert not differ.any(), f"{what}: {int(differ.sum())} of {differ.numel()} elements differ in their bits"

@@ -18,7 +18,7 @@ from moeq.formats import e2m1_round, expand_per_expert, expert_amax, get_format,
 from moeq.lowering import ops
 from moeq.runtime import kernels
 from moeq.runtime.kernels.numerics import round_e2m1, round_e4m3, round_to_bf16
-from tests.conftest import far_below_block_weights
+from tests.conftest import assert_same_bits, far_below_block_weights
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -50,8 +50,7 @@ def test_fake_quant_experts_bit_exact(shape, k_dim, fmt, dtype, seed):
     expected = get_format(fmt).fake_quant(w, expand_per_expert(amax, 3), k_dim)
     got = kernels.fake_quant_experts(w, amax, fmt, k_dim)
     assert got.dtype == w.dtype and got.shape == w.shape
-    assert torch.equal(got, expected)
-    assert torch.equal(got.float().signbit(), expected.float().signbit())
+    assert_same_bits(got, expected, fmt)
 
 
 def test_fake_quant_experts_rejects_bad_input():
@@ -114,7 +113,7 @@ def test_fake_quant_act_bit_exact(counts, shared, fmt, dtype, seed):
     amax = torch.tensor([2.5]) if shared else torch.linspace(0.5, 6.0, len(counts))
     expected = ops._fake_quant_act_reference(x, offs, amax, fmt, 0, -1)
     got = kernels.fake_quant_act(x, offs, amax, fmt)
-    assert torch.equal(got, expected)
+    assert_same_bits(got, expected, fmt)
     assert torch.equal(got[int(offs[-1]) :], x[int(offs[-1]) :])
 
 
@@ -172,6 +171,5 @@ def test_nvfp4_negative_values_far_below_their_block():
     amax = expert_amax(w)
     expected = get_format("nvfp4").fake_quant(w, expand_per_expert(amax, 3), 2)
     got = kernels.fake_quant_experts(w, amax, "nvfp4", 2)
-    assert torch.equal(got, expected)
-    assert torch.equal(got.signbit(), expected.signbit())
+    assert_same_bits(got, expected, "nvfp4")
     assert expected.signbit().any() and not expected[w < 0].signbit().all()
