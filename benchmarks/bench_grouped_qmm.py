@@ -9,9 +9,10 @@ Kernels: QAT FP8 / NVFP4 (fake quant of both operands in the load path), deploy 
 cores), W4A16 NVFP4 and W8A16 FP8 (stored weights dequantized in registers). Anchors in the same run:
 ``torch._grouped_mm`` bf16, ``torch._scaled_grouped_mm`` FP8 rowwise (activation quantization included,
 compiled by Inductor), the unfused moeq path (fake_quant_act + fake_quant_experts kernels, then
-``torch._grouped_mm``) and HBM copy bandwidth. Every row is timed the same way: CUDA-graph replays
-(:func:`bench`), so host launch overhead does not hide the kernels at 64 rows. Every kernel is checked against a reference first
-(formats.py-exact operands from the moeq quant kernels, fp32 per-expert matmul): relative error < 1e-2.
+``torch._grouped_mm``) and HBM copy bandwidth. Every row is timed the same way, as CUDA-graph replays
+(:func:`bench`), so host launch overhead does not hide the kernels at 64 rows. Every kernel is checked
+against a reference first (formats.py-exact operands from the moeq quant kernels, fp32 per-expert
+matmul): relative error < 1e-2.
 Prints one table; writes JSON (and the table) under ``--out`` (default $OUT or ./out).
 
     python benchmarks/bench_grouped_qmm.py --out $OUT

@@ -275,8 +275,8 @@ def test_fake_quant_every_bf16_value_cuda(fmt):
 
 
 def test_nvfp4_negative_values_far_below_their_block_cuda():
-    """The GPU's flush-to-zero division and compares keep the spec's E2M1 sign: -0 where the fp32 quotient
-    by the block scale is a negative subnormal, +0 where it underflows (blocks spanning the fp32 range)."""
+    """The GPU kernel keeps the spec's E2M1 sign on tiny quotients: -0 where the fp32 quotient by the block
+    scale is a negative subnormal, +0 where it underflows to zero (blocks spanning the fp32 range)."""
     w = far_below_block_weights()
     amax = expert_amax(w)
     want = get_format("nvfp4").fake_quant(w, expand_per_expert(amax, 3), -1)

@@ -40,6 +40,7 @@ from moeq.runtime.kernels.numerics import (
     fake_quant_nvfp4,
     fast_division_ok,
     fp8_scale,
+    negate_where,
     safe_divisor,
 )
 
@@ -128,11 +129,11 @@ def _decode_config(w_mode: int, x_mode: int, n: int) -> triton.Config | None:
     weight tiles for wider outputs."""
     wide = n >= 2048
     if w_mode == W_MODES["fp8"] and x_mode == X_MODES["fp8"]:
-        meta, warps = {"BLOCK_M": 16, "BLOCK_N": 256 if wide else 128, "BLOCK_K": 128, "SWAP_AB": True}, 8
-        meta["FP8_DOT"] = True
+        meta = {"BLOCK_M": 16, "BLOCK_N": 256 if wide else 128, "BLOCK_K": 128, "SWAP_AB": True, "FP8_DOT": True}
+        warps = 8
     elif w_mode == W_MODES["nvfp4"] and x_mode == X_MODES[None]:
-        meta, warps = {"BLOCK_M": 16, "BLOCK_N": 128 if wide else 64, "BLOCK_K": 128, "SWAP_AB": True}, 4
-        meta["FP8_DOT"] = False
+        meta = {"BLOCK_M": 16, "BLOCK_N": 128 if wide else 64, "BLOCK_K": 128, "SWAP_AB": True, "FP8_DOT": False}
+        warps = 4
     else:
         return None
     return triton.Config(meta, num_warps=warps, num_stages=3)
@@ -151,7 +152,7 @@ def _decode_e4m3(bits, INTERPRET: tl.constexpr):
         mantissa = (bits & 0x7).to(tl.float32)
         scale = ((tl.maximum(exponent, 1) - 7 - 3 + 127) << 23).to(tl.float32, bitcast=True)
         mag = tl.where(exponent == 0, mantissa, mantissa + 8.0) * scale
-        return tl.where((bits & 0x80) != 0, mag * -1.0, mag)  # not -mag: Triton's 0 - x loses -0
+        return negate_where((bits & 0x80) != 0, mag)
     else:
         return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
@@ -226,7 +227,7 @@ def _decode_e2m1(codes):
     m = (codes & 0x1).to(tl.float32)
     pow2 = ((tl.maximum(e, 1) - 1 + 127) << 23).to(tl.float32, bitcast=True)
     mag = tl.where(e == 0, 0.5 * m, pow2 * (1.0 + 0.5 * m))
-    return tl.where((codes & 0x8) != 0, mag * -1.0, mag)
+    return negate_where((codes & 0x8) != 0, mag)
 
 
 @triton.jit

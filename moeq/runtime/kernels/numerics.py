@@ -25,6 +25,14 @@ def safe_divisor(s):
 
 
 @triton.jit
+def negate_where(negative, x):
+    """``-x`` where ``negative``, else ``x``, keeping IEEE signed zeros: Triton compiles unary minus as
+    ``0 - x``, so ``-(+0)`` would come out ``+0`` instead of the spec's ``-0`` codes; the sign is applied by
+    multiplying with -1."""
+    return tl.where(negative, x * -1.0, x)
+
+
+@triton.jit
 def round_e4m3(y):
     """Round fp32 ``y`` (|y| <= 448) to the float8_e4m3fn grid, ties to even; sign (and -0) kept."""
     bits = y.to(tl.int32, bitcast=True)
@@ -34,7 +42,7 @@ def round_e4m3(y):
     quantum = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
     inverse = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
     rounded = ((a * inverse + _RNE_MAGIC) - _RNE_MAGIC) * quantum
-    return tl.where(bits < 0, rounded * -1.0, rounded)  # not -rounded: Triton negates as 0 - x, losing -0
+    return negate_where(bits < 0, rounded)
 
 
 @triton.jit
@@ -56,9 +64,7 @@ def e2m1_magnitude(a):
 @triton.jit
 def round_e2m1(v):
     """Round fp32 ``v`` to the nearest E2M1 value (RNE, saturating; the sign follows ``v < 0``, NaN -> 0)."""
-    r = e2m1_magnitude(tl.abs(v))
-    # r * -1.0, not -r: Triton negates as 0 - r, which turns the -0 code (e.g. -0.1) into +0
-    return tl.where(v < 0, r * -1.0, r)
+    return negate_where(v < 0, e2m1_magnitude(tl.abs(v)))
 
 
 @triton.jit
@@ -138,7 +144,7 @@ def fake_quant_nvfp4(blocks, amax, INTERPRET: tl.constexpr):
     scale = nvfp4_block_scale(block_amax, g, INTERPRET) * g
     q = tl.math.div_rn(blocks, safe_divisor(scale))
     # round_e2m1(q) * scale with the sign moved onto the (per-block) scale: one select per element fewer
-    return e2m1_magnitude(tl.abs(q)) * tl.where(q < 0, scale * -1.0, scale)
+    return e2m1_magnitude(tl.abs(q)) * negate_where(q < 0, scale)
 
 
 @triton.jit
