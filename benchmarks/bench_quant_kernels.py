@@ -5,11 +5,12 @@ of formats.py, the way module-hook quantizers run), and the same fake quant writ
 torch expression over the stacked weight compiled by Inductor. Correctness (bit-exactness against the
 reference) is checked first. Prints one table; writes JSON details to $OUT (or ./out).
 
-    python benchmarks/bench_quant_kernels.py
+    python benchmarks/bench_quant_kernels.py [--skip-calibration]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -25,6 +26,7 @@ from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.integrations.hf import tiny_model
 from moeq.runtime import kernels
 from moeq.runtime.kernels.fake_quant_experts import _fake_quant_experts_kernel
+from moeq.runtime.kernels.segment_amax import _segment_amax_kernel
 
 WEIGHTS = {
     "qwen3-30b-a3b gate_up": (128, 1536, 2048),
@@ -32,6 +34,15 @@ WEIGHTS = {
     "mixtral gate_up": (8, 28672, 4096),
 }
 
+#: (label, Qwen3-MoE config overrides, token batch shape) of the calibration-forward comparison
+CALIBRATION_MODELS = [
+    ("tiny Qwen3-MoE 512h/32e", dict(hidden_size=512, moe_intermediate_size=256, num_experts=32), (8, 256)),
+    (
+        "small Qwen3-MoE 2048h/128e",
+        dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
+        (8, 1024),
+    ),
+]
 
 #: alternating rounds of the calibration-forward comparison
 ROUNDS = 5
@@ -97,7 +108,11 @@ def calibration_forward(size: dict, shape: tuple[int, int]) -> tuple[float, floa
 
 
 def main() -> None:
-    out_dir = os.environ.get("OUT", "out")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--skip-calibration", action="store_true", help="only the kernels, not the model forwards")
+    args = parser.parse_args()
+    out_dir = args.out
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
     copy_tbs = copy_bandwidth()
@@ -177,17 +192,13 @@ def main() -> None:
             "-",
         ]
     )
-    details["results"].append(dict(kernel="segment_amax", shape=[rows_n, k], exact=exact, ms=ms, TBps=tbs))
-    print(f"segment_amax exact={exact}", flush=True)
+    tuned = str(_segment_amax_kernel.best_config)
+    details["results"].append(
+        dict(kernel="segment_amax", shape=[rows_n, k], exact=exact, ms=ms, TBps=tbs, config=tuned)
+    )
+    print(f"segment_amax exact={exact}; tuned config {tuned}", flush=True)
     # calibration forward of a compiled HF MoE: moeq (observers on) vs the same model compiled without moeq
-    for label, size, shape in (
-        ("tiny Qwen3-MoE 512h/32e", dict(hidden_size=512, moe_intermediate_size=256, num_experts=32), (8, 256)),
-        (
-            "small Qwen3-MoE 2048h/128e",
-            dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
-            (8, 1024),
-        ),
-    ):
+    for label, size, shape in [] if args.skip_calibration else CALIBRATION_MODELS:
         ms_calib, ms_plain, profile = calibration_forward(size, shape)
         rows.append([f"calibration fwd ({label})", "-", f"{list(shape)} tokens", f"{ms_calib:.3f}", "-", "-", "-",
                      f"{ms_calib / ms_plain:.2f}x of plain ({ms_plain:.3f} ms)"])  # fmt: skip

@@ -46,17 +46,35 @@ def make_tokens(seed: int = 0, batch: int = 2, seq: int = 16, vocab: int = 256) 
 
 
 def far_below_block_weights() -> torch.Tensor:
-    """[1, 4, 16] weights whose 16-blocks span the whole fp32 range: a large value, then negative ones down
-    to subnormals, so some quotients by the NVFP4 block scale are -0 in fp32 and some underflow to +0."""
-    w = torch.zeros(1, 4, 16)
+    """[2, 4, 16] weights whose 16-blocks span the whole fp32 range: a large value, then negative ones down
+    to subnormals, so some quotients by the NVFP4 block scale are -0 in fp32 and some underflow to +0.
+    Expert 0's global amax (3e38) is outside the kernels' fast-division range, expert 1's (1e15) inside."""
+    w = torch.zeros(2, 4, 16)
     w[0, :, 0] = torch.tensor([3e38, 1e30, 1e10, 1.0])
     w[0, :, 1:] = -torch.logspace(-45, -30, 15).float() * torch.tensor([1.0, 1e8, 1e20, 1e30]).view(4, 1)
+    w[1, :, 0] = torch.tensor([1e15, 1e12, 1e9, 1.0])
+    w[1, :, 1:] = -torch.logspace(-45, -25, 15).float()
     return w
 
 
+def nonfinite_weights(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w [3, 4, 32], amax [3])``: NaN and +-inf in some 16-blocks of every expert, finite blocks beside
+    them; expert 0's amax is its finite max, expert 1's is 0 and expert 2's is 1."""
+    w = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(5))
+    w[:, 0, 3] = float("nan")
+    w[:, 1, 20] = float("inf")
+    w[:, 2, 7] = -float("inf")
+    w[:, 3, 17:19] = torch.tensor([float("nan"), -float("inf")])
+    amax = torch.tensor([w[0][w[0].isfinite()].abs().max().item(), 0.0, 1.0])
+    return w.to(dtype), amax
+
+
 def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
-    """Bit-for-bit equality (``torch.equal`` treats -0 and +0 as equal; the quantization spec does not)."""
+    """Bit-for-bit equality (``torch.equal`` treats -0 and +0 as equal; the quantization spec does not); NaN
+    must stand where NaN stands, with any payload."""
     assert got.dtype == want.dtype and got.shape == want.shape, (what, got.dtype, want.dtype, got.shape, want.shape)
     as_int = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[got.element_size()]
     differ = got.contiguous().view(as_int) != want.contiguous().view(as_int)
+    if got.is_floating_point():  # NaN payloads are not part of the spec; where NaN is, is
+        differ &= ~(got.isnan() & want.isnan())
     assert not differ.any(), f"{what}: {int(differ.sum())} of {differ.numel()} elements differ in their bits"

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from moeq.formats import e2m1_round
+
 TINY = 2.0**-126
 
 
@@ -89,3 +91,40 @@ def test_markstein_quotient_random_fp32():
         in_range = (x.abs() >= 2.0**-100) & (truth.abs() < 2.0**100) & (truth.abs() >= 2.0**-100)
         assert torch.equal(q1[in_range], truth[in_range]), float(s)
         assert torch.equal(_e4m3_bits(guarded_quotient(x, s)), _e4m3_bits(truth)), float(s)
+
+
+def _e4m3_values_in(lo: float, hi: float) -> torch.Tensor:
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    return grid[(grid >= lo) & (grid <= hi)]
+
+
+def nvfp4_fast_codes(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The E2M1 value (as fp32, with the spec's sign) that the NVFP4 kernels' fast path takes from ``x / d``:
+    Markstein's q1 (exact emulation), minNum(|q1|, 6) (an overflow's NaN saturates), and the sign from the
+    exact test ``x 2^75 < -d 2^-75`` in fp32 (whether the IEEE quotient is a nonzero negative)."""
+    q1 = markstein_quotient(x, d)[1]
+    a = torch.where(q1.abs() < 6.0, q1.abs(), torch.full_like(q1, 6.0))  # NaN -> 6, as PTX min.f32
+    negative = x * 2.0**75 < d * -(2.0**-75)
+    magnitude = e2m1_round(a)
+    return torch.where(negative, -magnitude, magnitude)
+
+
+def test_nvfp4_fast_path_gives_the_e2m1_code_of_the_ieee_quotient():
+    """Every finite bf16 value (and +-inf) divided by NVFP4 block scales ``d = RN(s_b g)``: every e4m3
+    block scale ``s_b`` in [2^-9, 448] and global scales across the kernels' fast range [2^-40, 2^40]
+    (both ends included). The fast path's E2M1 value equals ``e2m1_round(x / d)`` of torch's IEEE fp32
+    division bit for bit, signed zeros included."""
+    x = torch.cat([_all_bf16(), torch.tensor([float("inf"), -float("inf")])])
+    gen = torch.Generator().manual_seed(3)
+    globals_ = torch.cat([torch.tensor([2.0**-40, 2.0**40, 1.0]), 2.0 ** (torch.rand(5, generator=gen) * 80 - 40)])
+    block_scales = _e4m3_values_in(2.0**-9, 448.0)
+    checked = 0
+    for g in globals_.float():
+        for s_b in block_scales[torch.randperm(block_scales.numel(), generator=gen)[:12]]:
+            d = s_b * g
+            want = e2m1_round(x / d)
+            got = nvfp4_fast_codes(x, d)
+            differ = got.view(torch.int32) != want.view(torch.int32)
+            assert not differ.any(), (float(g), float(s_b), x[differ][:5].tolist(), got[differ][:5].tolist())
+            checked += x.numel()
+    assert checked > 5_000_000

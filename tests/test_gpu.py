@@ -14,7 +14,7 @@ from moeq.lowering import ops
 from moeq.lowering.inductor import fusion, unfused
 from moeq.runtime import kernels
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm as launch_grouped_qmm
-from tests.conftest import assert_same_bits, far_below_block_weights, make_tokens
+from tests.conftest import assert_same_bits, far_below_block_weights, make_tokens, nonfinite_weights
 
 pytestmark = pytest.mark.gpu
 
@@ -282,3 +282,13 @@ def test_nvfp4_negative_values_far_below_their_block_cuda():
     want = get_format("nvfp4").fake_quant(w, expand_per_expert(amax, 3), -1)
     got = kernels.fake_quant_experts(w.cuda(), amax.cuda(), "nvfp4", -1).cpu()
     assert_same_bits(got, want, "nvfp4")
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_fake_quant_nan_and_inf_cuda(fmt):
+    """NaN and +-inf weights on the GPU as in formats.py on the CPU: NVFP4 blocks holding a NaN all NaN
+    (the GPU's max skips NaN unless told not to), infinities saturated, zero amax giving zeros."""
+    w, amax = nonfinite_weights(torch.bfloat16)
+    want = get_format(fmt).fake_quant(w, expand_per_expert(amax, 3), -1)
+    got = kernels.fake_quant_experts(w.cuda(), amax.cuda(), fmt, -1).cpu()
+    assert_same_bits(got, want, fmt)

@@ -18,7 +18,7 @@ from moeq.formats import e2m1_round, expand_per_expert, expert_amax, get_format,
 from moeq.lowering import ops
 from moeq.runtime import kernels
 from moeq.runtime.kernels.numerics import round_e2m1, round_e4m3, round_to_bf16
-from tests.conftest import assert_same_bits, far_below_block_weights
+from tests.conftest import assert_same_bits, far_below_block_weights, nonfinite_weights
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -53,8 +53,20 @@ def test_fake_quant_experts_bit_exact(shape, k_dim, fmt, dtype, seed):
     assert_same_bits(got, expected, fmt)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fake_quant_experts_nan_and_inf_as_the_spec(fmt, dtype):
+    """NaN and +-inf weights: NVFP4 blocks holding a NaN come out all NaN (the spec's block amax and clamp
+    keep NaN), infinities saturate, zero amax gives zeros; bit for bit elsewhere."""
+    w, amax = nonfinite_weights(dtype)
+    expected = get_format(fmt).fake_quant(w, expand_per_expert(amax, 3), -1)
+    assert expected.isnan().any() and expected.isfinite().any()
+    assert_same_bits(kernels.fake_quant_experts(w, amax, fmt, -1), expected, fmt)
+
+
 def test_fake_quant_experts_rejects_bad_input():
-    """K not a multiple of 16 for NVFP4, wrong rank, amax length and integer weights are clear errors."""
+    """K not a multiple of 16 for NVFP4, wrong rank, amax length, integer weights and more experts than a
+    CUDA grid holds are clear errors."""
     w = torch.randn(2, 8, 24)
     with pytest.raises(ValueError, match="multiple of the block size 16"):
         kernels.fake_quant_experts(w, expert_amax(w), "nvfp4")
@@ -64,6 +76,9 @@ def test_fake_quant_experts_rejects_bad_input():
         kernels.fake_quant_experts(w, torch.ones(3), "fp8")
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         kernels.fake_quant_experts(w.to(torch.int32), torch.ones(2), "fp8")
+    many = torch.zeros(65536, 1, 16)
+    with pytest.raises(ValueError, match="more than 65535 experts or row tiles"):
+        kernels.fake_quant_experts(many, torch.ones(65536), "fp8")
 
 
 def _routed(seed, dtype, counts, k=64):

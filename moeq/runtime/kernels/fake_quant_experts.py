@@ -1,7 +1,8 @@
 """All experts of a stacked weight fake-quantized in one launch.
 
-One program per ``[BLOCK_M, BLOCK_K]`` tile; program ids walk the tiles in memory order (K tiles fastest,
-then row tiles, then experts), so consecutive programs stream adjacent bytes, as a 1-D elementwise kernel does.
+One program per ``[BLOCK_M, BLOCK_K]`` tile on a 3-D grid (K tiles, row tiles, experts): the hardware walks
+it in memory order (K tiles fastest), so consecutive programs stream adjacent bytes as a 1-D elementwise kernel
+does, and no program spends integer divisions recovering its tile from a flat id.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from moeq.runtime.kernels.launch import check_float, interpreting, run_kernel, t
 from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4
 
 __all__ = ["fake_quant_experts"]
+
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid dims y and z (row tiles, experts)
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in tile_configs())
 
 
 @triton.autotune(configs=tile_configs(), key=["M", "K", "IS_NVFP4"])
@@ -38,12 +42,9 @@ def _fake_quant_experts_kernel(
 ):
     # the tile is [BLOCK_M, BLOCK_K // 16, 16]: NVFP4 blocks of 16 along K are the last axis, so the
     # block reduction and broadcast need no reshape
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    m_tiles = tl.cdiv(M, BLOCK_M)
-    pid = tl.program_id(0)
-    expert = pid // (m_tiles * k_tiles)
-    tile_m = (pid // k_tiles) % m_tiles
-    tile_k = pid % k_tiles
+    tile_k = tl.program_id(0)
+    tile_m = tl.program_id(1)
+    expert = tl.program_id(2)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None, None]
     cols = tile_k * BLOCK_K + tl.arange(0, BLOCK_K // 16)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
     mask = (rows < M) & (cols < K)
@@ -80,12 +81,17 @@ def fake_quant_experts(
     E, M, K = w.shape[0], w.shape[m_dim], w.shape[k_dim]
 
     def grid(meta):
-        return (E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+        return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"]), E)
 
     def reference() -> torch.Tensor:
         return fmt.fake_quant(w, amax.view(-1, 1, 1), k_dim)
 
     def launch() -> torch.Tensor:
+        if E > _MAX_GRID_YZ or triton.cdiv(M, _MIN_BLOCK_M) > _MAX_GRID_YZ:
+            raise ValueError(
+                f"fake_quant_experts: stacked weight {tuple(w.shape)} needs more than {_MAX_GRID_YZ} experts or "
+                f"row tiles of {_MIN_BLOCK_M} rows (CUDA's grid limit); split the experts or the rows"
+            )
         _fake_quant_experts_kernel[grid](
             w, out, amax, M, K,
             w.stride(0), w.stride(m_dim), w.stride(k_dim),

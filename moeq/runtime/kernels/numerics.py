@@ -10,12 +10,14 @@ are not RNE, it is done by hand from the fp32 bits (:func:`round_e4m3`).
 from __future__ import annotations
 
 import triton
+import triton._C as _triton_c
 import triton.language as tl
 
 FP8_MAX = tl.constexpr(448.0)
 NVFP4_GLOBAL_DIVISOR = tl.constexpr(2688.0)  # 6 * 448, exact in fp32
 NVFP4_SCALE_MIN = tl.constexpr(0.001953125)  # 2**-9
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (t + M) - M rounds |t| < 2**22 to an integer, ties to even
+_E2M1_MAGIC = tl.constexpr(6291456.0)  # 1.5 * 2**22: (a + M) - M rounds 0 <= a < 2 to a multiple of 1/2
 
 
 @triton.jit
@@ -34,7 +36,7 @@ def negate_where(negative, x):
 
 @triton.jit
 def round_e4m3(y):
-    """Round fp32 ``y`` (|y| <= 448) to the float8_e4m3fn grid, ties to even; sign (and -0) kept."""
+    """Round fp32 ``y`` (|y| <= 448) to the float8_e4m3fn grid, ties to even; sign (and -0) and NaN kept."""
     bits = y.to(tl.int32, bitcast=True)
     a = tl.abs(y)
     exponent = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
@@ -42,23 +44,44 @@ def round_e4m3(y):
     quantum = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
     inverse = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
     rounded = ((a * inverse + _RNE_MAGIC) - _RNE_MAGIC) * quantum
-    return negate_where(bits < 0, rounded)
+    return tl.where(y == y, negate_where(bits < 0, rounded), y)
+
+
+@triton.jit
+def min_number(x, y, INTERPRET: tl.constexpr):
+    """IEEE minNum for a non-NaN ``y``: the smaller operand, ``y`` where ``x`` is NaN. That is the GPU's
+    ``min.f32`` (``tl.minimum``), but ``tl.minimum`` propagates NaN under Triton 3.6's interpreter (numpy)."""
+    if INTERPRET:
+        return tl.where(x < y, x, y)
+    else:
+        return tl.minimum(x, y)
+
+
+@triton.jit
+def max_keeping_nan(a, b):
+    """``max(a, b)``, NaN if either is NaN (as ``torch.amax`` and ``clamp``); ``tl.max`` / ``tl.maximum``
+    skip NaN on the GPU (``max.f32`` is IEEE maxNum)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def e2m1_grid(a):
+    """Round ``a`` in ``[0, 6]`` to the E2M1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to the even code.
+
+    The grid's step is 1/2 below 2, 1 below 4 and 2 above, and on each piece the even codes are the even
+    multiples of the step. Adding ``M = 1.5 * 2^22 * u`` (``u`` the power of two of ``max(a, 1)``, its
+    exponent bits) rounds ``a`` to a multiple of M's ulp, which is that step, ties to even (the fp32
+    adder's RNE), and subtracting M is exact: five instructions, no compare-select chain."""
+    unit = (tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & -8388608).to(tl.float32, bitcast=True)
+    magic = unit * _E2M1_MAGIC
+    return (a + magic) - magic
 
 
 @triton.jit
 def e2m1_magnitude(a):
-    """Round ``a = |v|`` (fp32, NaN allowed) to the E2M1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} with ties to
-    the even code, saturating at 6; NaN becomes 0, as in ``formats.e2m1_codes``.
-
-    The grid's step is 1/2 below 2, 1 below 4 and 2 above, and on each piece the even codes are the even
-    multiples of the step. Adding ``M = 1.5 * 2^(22 + max(e, 0))`` (``e`` the exponent of ``a``, capped at 3)
-    rounds ``a`` to a multiple of M's ulp, which is that step, ties to even (the fp32 adder's RNE), and
-    subtracting M is exact: six instructions, no compare-select chain and no reciprocal of the step.
-    """
-    exponent = tl.minimum(tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 127), 130)
-    magic = (((exponent + 22) << 23) | 0x400000).to(tl.float32, bitcast=True)
-    r = tl.minimum((a + magic) - magic, 6.0)
-    return tl.where(a == a, r, 0.0)
+    """Round ``a = |v|`` (fp32, NaN allowed) to the E2M1 magnitudes, saturating at 6; NaN becomes 0, as
+    in ``formats.e2m1_codes``."""
+    return tl.where(a == a, e2m1_grid(tl.minimum(a, 6.0)), 0.0)
 
 
 @triton.jit
@@ -72,24 +95,43 @@ def e4m3_codes(y, INTERPRET: tl.constexpr):
     """``e4m3(clamp(y, +-448))`` of fp32 ``y``, ties to even: float8e4nv values on the GPU (one hardware
     conversion per pair of elements), the same values as fp32 under the interpreter."""
     if INTERPRET:
-        return round_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
+        return round_e4m3(tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL))
     else:
         return y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
+#: the CPU interpreter's fma rounds once in newer Triton (3.9 here; 3.6's rounds twice), so the fast
+#: quotients are exact there too and the interpreter tests run them
+EXACT_INTERPRETER_FMA = tl.constexpr(hasattr(getattr(_triton_c.libtriton, "interpreter", None), "fma_fp32"))
 FAST_DIVISOR_MIN = tl.constexpr(8.673617379884035e-19)  # 2**-60
 FAST_DIVISOR_MAX = tl.constexpr(1.152921504606847e18)  # 2**60
 
 
 @triton.jit
-def fast_division_ok(divisor, INTERPRET: tl.constexpr):
-    """Whether every divisor of a tile lies where :func:`divide` may use Markstein's quotient (a scalar,
-    so the kernel branches uniformly). Under the interpreter (whose fma rounds twice) never."""
-    if INTERPRET:
+def all_within(values, lo, hi, INTERPRET: tl.constexpr):
+    """Whether every value of a tile lies in ``[lo, hi]`` (a scalar, so the kernel branches uniformly) for
+    the fast quotients. Under an interpreter whose fma rounds twice (Triton 3.6) never."""
+    if INTERPRET and not EXACT_INTERPRETER_FMA:
         return False
     else:
-        d = divisor + tl.zeros((1,), tl.float32)  # a scalar becomes [1]; tensors keep their shape
-        return (tl.min(d, axis=None) >= FAST_DIVISOR_MIN) & (tl.max(d, axis=None) <= FAST_DIVISOR_MAX)
+        v = values + tl.zeros((1,), tl.float32)  # a scalar becomes [1]; tensors keep their shape
+        return (tl.min(v, axis=None) >= lo) & (tl.max(v, axis=None) <= hi)
+
+
+@triton.jit
+def fast_division_ok(divisor, INTERPRET: tl.constexpr):
+    """Whether every divisor of a tile lies where :func:`divide` may use Markstein's quotient."""
+    return all_within(divisor, FAST_DIVISOR_MIN, FAST_DIVISOR_MAX, INTERPRET)
+
+
+@triton.jit
+def markstein_quotient(x, divisor):
+    """``(q0, q1)``: ``q0 = RN(x y)`` and Markstein's ``q1 = fma(fma(-q0, d, x), y, q0)`` with ``y = RN(1/d)``
+    (once per divisor: scalars and per-block divisors broadcast). ``-d`` is formed on the divisor: Triton
+    compiles ``-q0`` as ``0 - q0``, which LLVM contracts into one more per-element fma."""
+    y = tl.math.div_rn(1.0, divisor)
+    q0 = x * y
+    return q0, tl.fma(tl.fma(q0, divisor * -1.0, x), y, q0)
 
 
 @triton.jit
@@ -103,9 +145,7 @@ def divide(x, divisor, FAST):
     (``tests/test_division.py`` checks this with exact emulation). Else ``div_rn``.
     """
     if FAST:
-        y = tl.math.div_rn(1.0, divisor)
-        q0 = x * y
-        q1 = tl.fma(tl.fma(-q0, divisor, x), y, q0)
+        q0, q1 = markstein_quotient(x, divisor)
         q = tl.where(tl.abs(q0) < 1.8446744073709552e19, q1, q0)
         out = tl.where(q == 0.0, x * 0.0, q)
     else:
@@ -129,22 +169,42 @@ def fake_quant_fp8(x, amax, INTERPRET: tl.constexpr):
 
 @triton.jit
 def nvfp4_block_scale(block_amax, g, INTERPRET: tl.constexpr):
-    """e4m3 block scale ``clamp(a_b / (6 g), 2^-9, 448)``, 1.0 for a zero block or zero ``g``."""
+    """e4m3 block scale ``clamp(a_b / (6 g), 2^-9, 448)``, 1.0 for a zero block or zero ``g``; NaN for a
+    block holding a NaN (``block_amax`` NaN), as the spec's clamp keeps it."""
     s = tl.math.div_rn(block_amax, 6.0 * safe_divisor(g))
     s = tl.where(s == 0.0, 1.0, tl.where(g == 0.0, 1.0, s))
-    return e4m3_codes(tl.maximum(s, NVFP4_SCALE_MIN), INTERPRET).to(tl.float32)
+    return e4m3_codes(max_keeping_nan(s, NVFP4_SCALE_MIN), INTERPRET).to(tl.float32)
+
+
+NVFP4_FAST_G_MIN = tl.constexpr(9.094947017729282e-13)  # 2**-40
+NVFP4_FAST_G_MAX = tl.constexpr(1099511627776.0)  # 2**40
+_TWO_75 = tl.constexpr(3.777893186295716e22)  # 2**75
+_TWO_MINUS_75 = tl.constexpr(2.6469779601696886e-23)  # 2**-75
 
 
 @triton.jit
 def fake_quant_nvfp4(blocks, amax, INTERPRET: tl.constexpr):
     """NVFP4 fake quant of a ``[BLOCK_M, BLOCK_K // 16, 16]`` tile (16-blocks along the last axis);
-    ``amax`` is the global amax, a scalar or per row ``[BLOCK_M, 1, 1]``."""
+    ``amax`` is the global amax, a scalar or per row ``[BLOCK_M, 1, 1]``.
+
+    The spec is ``e2m1(x / d) * d`` with ``d`` the block scale times ``g``. Where every ``g`` of the tile
+    lies in ``[2^-40, 2^40]`` (a scalar branch) the quotient is Markstein's (:func:`divide`) with the
+    reciprocal once per block, and its E2M1 code is the IEEE quotient's: exact wherever the code depends on
+    it (``tests/test_division.py``), an overflow's NaN saturates through minNum, and the sign of a zero code
+    (the spec's ``x / d < 0``, false once the quotient underflows) is the exact test ``x 2^150 < -d``.
+    Elsewhere ``div_rn`` per element. The sign rides on the per-block scale.
+    """
     g = tl.math.div_rn(amax, NVFP4_GLOBAL_DIVISOR)
-    block_amax = tl.max(tl.abs(blocks), axis=2, keep_dims=True)
+    block_amax = tl.reduce(tl.abs(blocks), 2, max_keeping_nan, keep_dims=True)
     scale = nvfp4_block_scale(block_amax, g, INTERPRET) * g
-    q = tl.math.div_rn(blocks, safe_divisor(scale))
-    # round_e2m1(q) * scale with the sign moved onto the (per-block) scale: one select per element fewer
-    return e2m1_magnitude(tl.abs(q)) * negate_where(q < 0, scale)
+    d = safe_divisor(scale)
+    if all_within(g, NVFP4_FAST_G_MIN, NVFP4_FAST_G_MAX, INTERPRET):
+        q = markstein_quotient(blocks, d)[1]
+        negative = blocks * _TWO_75 < d * -_TWO_MINUS_75
+    else:
+        q = tl.math.div_rn(blocks, d)
+        negative = q < 0
+    return e2m1_grid(min_number(tl.abs(q), 6.0, INTERPRET)) * negate_where(negative, scale)
 
 
 @triton.jit
