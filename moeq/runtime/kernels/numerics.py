@@ -1,7 +1,10 @@
 """Triton device functions that reproduce :mod:`moeq.formats` bit for bit.
 
-Only exact fp32 operations are used: IEEE division (``div_rn``; Triton's ``/`` on fp32 is approximate),
-multiplication by powers of two, and round-to-nearest-even through the fp32 adder. On the GPU the e4m3
+Only exact fp32 operations are used: IEEE division (``div_rn``; Triton's ``/`` on fp32 is approximate) or,
+where the scales allow, Markstein's quotient (reciprocal once per scale, then a multiply and two fmas per
+element; it yields the same e4m3 / E2M1 code, ``tests/test_division.py``), multiplication by powers of two,
+and round-to-nearest-even through the fp32 adder. NaN follows the spec: a NaN in an NVFP4 block makes the
+block NaN (the GPU's ``max.f32`` would skip it, so block maxima keep NaN explicitly). On the GPU the e4m3
 rounding is the hardware's ``cvt.rn.satfinite`` conversion (RNE, saturating to +-448, NaN kept: exactly
 the spec's clamp-then-round, two values per instruction); under the CPU interpreter, whose float8 casts
 are not RNE, it is done by hand from the fp32 bits (:func:`round_e4m3`).
