@@ -16,9 +16,8 @@ import os
 
 import torch
 import triton
-from bench_quant_kernels import WEIGHTS, copy_bandwidth
+from bench_quant_kernels import WEIGHTS, bench, copy_bandwidth
 from report import save_report
-from triton.testing import do_bench
 
 from moeq.formats import expert_amax
 from moeq.runtime import kernels
@@ -36,7 +35,8 @@ def _candidates(configs: list[triton.Config], names: tuple[str, str], extra: lis
 
 
 def timed(fn) -> float:
-    return do_bench(fn, warmup=50, rep=300, return_mode="median")
+    """:func:`bench` with long runs (300 ms per config)."""
+    return bench(fn, warmup=50, rep=300)
 
 
 def launch_fake_quant(w, amax, out, fmt, bm, bk, warps) -> None:

@@ -141,11 +141,10 @@ def markstein_quotient(x, divisor):
 def divide(x, divisor, FAST):
     """``x / divisor`` as the spec's IEEE division feeds its rounding to e4m3 / E2M1.
 
-    ``FAST`` (from :func:`fast_division_ok`): Markstein's quotient, the reciprocal once per divisor and
-    three IEEE operations per element, ``q1 = fma(fma(-q0, d, x), y, q0)`` with ``y = RN(1/d)``,
-    ``q0 = RN(x y)``; ``q0`` where the quotient overflows and the sign of ``x`` on zeros. It equals
-    ``div_rn`` wherever the residual stays normal and gives the same e4m3 / E2M1 code everywhere
-    (``tests/test_division.py`` checks this with exact emulation). Else ``div_rn``.
+    ``FAST`` (from :func:`fast_division_ok`): :func:`markstein_quotient`'s ``q1``; ``q0`` where the quotient
+    overflows and the sign of ``x`` on zeros. It equals ``div_rn`` wherever the residual stays normal and gives
+    the same e4m3 / E2M1 code everywhere (``tests/test_division.py`` checks this with exact emulation). Else
+    ``div_rn``.
     """
     if FAST:
         q0, q1 = markstein_quotient(x, divisor)
@@ -191,7 +190,7 @@ def fake_quant_nvfp4(blocks, amax, INTERPRET: tl.constexpr):
     ``amax`` is the global amax, a scalar or per row ``[BLOCK_M, 1, 1]``.
 
     The spec is ``e2m1(x / d) * d`` with ``d`` the block scale times ``g``. Where every ``g`` of the tile
-    lies in ``[2^-40, 2^40]`` (a scalar branch) the quotient is Markstein's (:func:`divide`) with the
+    lies in ``[2^-40, 2^40]`` (a scalar branch) the quotient is :func:`markstein_quotient`'s, the
     reciprocal once per block, and its E2M1 code is the IEEE quotient's: exact wherever the code depends on
     it (``tests/test_division.py``), an overflow's NaN saturates through minNum, and the sign of a zero code
     (the spec's ``x / d < 0``, false once the quotient underflows) is the exact test ``x 2^150 < -d``.
