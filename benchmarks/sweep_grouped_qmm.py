@@ -5,7 +5,6 @@ Times every (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, FP8_DOT) of a grid 
 output, prints the best configs per (case, mode) and writes all timings as JSON under ``--out``.
 
     python benchmarks/sweep_grouped_qmm.py --rows 64 --modes "deploy W8A8 FP8" "deploy W4A16 NVFP4"
-    python benchmarks/sweep_grouped_qmm.py --rows 64 --modes "deploy W4A16 NVFP4" --block-m --gemv-m 1 2 4
 """
 
 from __future__ import annotations
@@ -22,11 +21,6 @@ from report import save_report
 
 from moeq.formats import expert_amax
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
-
-
-def describe(config: triton.Config) -> list:
-    """A config as a JSON-friendly list: its tile keywords, then warps and stages."""
-    return [*(f"{k}={v}" for k, v in config.kwargs.items()), f"warps={config.num_warps}", f"stages={config.num_stages}"]
 
 
 def sweep_case(label, num_experts, k, n, rows, modes, grid, deadline):
@@ -52,22 +46,22 @@ def sweep_case(label, num_experts, k, n, rows, modes, grid, deadline):
         want = run().float()
         tuned_ms = bench(run)
         rows_out = []
-        gemv_ok = w_mode in ("fp8", "nvfp4") and x_fmt is None
-        for config in grid:
-            if config.kwargs.get("GEMV", False) and not gemv_ok:
-                continue
+        for bm, bn, bk, warps, stages, swap, fp8_dot in grid:
             if time.time() > deadline:
                 print("  deadline reached; sweep cut short", flush=True)
                 break
-            label_cfg = describe(config)
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP_AB": bool(swap), "FP8_DOT": bool(fp8_dot)}
+            config = triton.Config(meta, num_warps=warps, num_stages=stages)
             try:
                 got = run(config).float()
                 err = ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
                 ms = bench(lambda config=config: run(config))
             except Exception as exc:  # out of shared memory / registers: record and go on
-                rows_out.append(dict(config=label_cfg, error=f"{type(exc).__name__}"))
+                rows_out.append(dict(config=[bm, bn, bk, warps, stages, swap, fp8_dot], error=f"{type(exc).__name__}"))
                 continue
-            rows_out.append(dict(config=label_cfg, ms=ms, err=err, TBps=weight_bytes / ms / 1e9))
+            rows_out.append(
+                dict(config=[bm, bn, bk, warps, stages, swap, fp8_dot], ms=ms, err=err, TBps=weight_bytes / ms / 1e9)
+            )
         good = sorted((r for r in rows_out if "ms" in r and r["err"] < 1e-2), key=lambda r: r["ms"])
         print(f"{label} {name}: bf16 {bf16_ms:.4f} ms, autotuned {tuned_ms:.4f} ms ({bf16_ms / tuned_ms:.2f}x bf16)")
         for r in good[:6]:
@@ -91,36 +85,13 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="*", default=[3, 5])
     parser.add_argument("--swap", type=int, nargs="*", default=[0, 1], help="SWAP_AB values (0, 1)")
     parser.add_argument("--fp8-dot", type=int, nargs="*", default=[1], help="FP8_DOT values (0, 1; W8A8/QAT FP8)")
-    parser.add_argument("--gemv-m", type=int, nargs="*", default=[], help="CUDA-core decode kernel row tiles")
-    parser.add_argument("--gemv-n", type=int, nargs="*", default=[32, 64, 128])
-    parser.add_argument("--gemv-k", type=int, nargs="*", default=[128, 256, 512])
-    parser.add_argument("--gemv-warps", type=int, nargs="*", default=[4, 8])
-    parser.add_argument("--gemv-stages", type=int, nargs="*", default=[1])
-    parser.add_argument("--gemv-prefetch", type=int, nargs="*", default=[0, 1], help="PREFETCH values (0, 1)")
     parser.add_argument("--seconds", type=float, default=300.0, help="stop sweeping after this long")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     deadline = time.time() + args.seconds
-    grid = [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP_AB": bool(swap), "FP8_DOT": bool(fp8_dot)},
-            num_warps=warps,
-            num_stages=stages,
-        )
-        for bm, bn, bk, warps, stages, swap, fp8_dot in itertools.product(
-            args.block_m, args.block_n, args.block_k, args.warps, args.stages, args.swap, args.fp8_dot
-        )
-    ]
-    grid += [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV": True, "PREFETCH": bool(prefetch)},
-            num_warps=warps,
-            num_stages=stages,
-        )
-        for bm, bn, bk, warps, stages, prefetch in itertools.product(
-            args.gemv_m, args.gemv_n, args.gemv_k, args.gemv_warps, args.gemv_stages, args.gemv_prefetch
-        )
-    ]
+    grid = list(
+        itertools.product(args.block_m, args.block_n, args.block_k, args.warps, args.stages, args.swap, args.fp8_dot)
+    )
     torch.manual_seed(0)
     results = []
     for case in CASES:

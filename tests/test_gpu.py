@@ -13,7 +13,6 @@ from moeq.integrations.hf import tiny_model
 from moeq.lowering import ops
 from moeq.lowering.inductor import fusion, unfused
 from moeq.runtime import kernels
-from moeq.runtime.kernels.grouped_qmm import gemv_config
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm as launch_grouped_qmm
 from tests.conftest import assert_same_bits, far_below_block_weights, make_tokens, nonfinite_weights
 
@@ -194,44 +193,6 @@ def test_grouped_qmm_cuda_weight_operand_bit_exact(mode, w_fmt, dtype, config):
         got = launch_grouped_qmm(*cuda, None, w_mode, None, config=config).cpu()
     experts = torch.searchsorted(offs, torch.arange(128, dtype=torch.int32), right=True)
     assert torch.equal(got, wq[experts, picks])
-
-
-def _gemv(block_m: int, block_n: int, block_k: int, warps: int = 4, prefetch: bool = False) -> triton.Config:
-    tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GEMV": True, "PREFETCH": prefetch}
-    return triton.Config(tile, num_warps=warps)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(
-    "config", [None, _gemv(1, 32, 64), _gemv(2, 64, 128), _gemv(2, 32, 64, prefetch=True), _gemv(4, 128, 256, 8, True)]
-)
-@pytest.mark.parametrize("w_fmt", ["fp8", "nvfp4"])
-def test_grouped_gemv_cuda(w_fmt, config, dtype):
-    """The CUDA-core decode kernel (W4A16 / W8A16 at decode batch sizes; None: what the launcher picks for
-    this batch) vs formats.py weights + float64 matmul (rel err < 1e-2; an expert with more rows than one
-    row tile, K and N off the tile, unrouted tail zeroed), and one-hot rows recover the weight bit for bit."""
-    g = torch.Generator().manual_seed(11)
-    counts, k, n = [1, 0, 2, 9, 0, 1, 3, 0, 1, 1], 272, 200
-    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
-    rows = int(offs[-1])
-    w_nk = (torch.randn(len(counts), n, k, generator=g) * torch.logspace(-3, 0, len(counts)).view(-1, 1, 1)).to(dtype)
-    amax = expert_amax(w_nk)
-    x = (torch.randn(rows + 3, k, generator=g) * 2).to(dtype)
-    picks = torch.randint(0, k, (rows + 3,), generator=g)
-    one_hot = torch.nn.functional.one_hot(picks, k).to(dtype)
-    (w, scale, block), _, wq = _qmm_operands("deploy", w_fmt, None, w_nk, x, offs, amax, None)
-    assert gemv_config(w_fmt, None, rows + 3, len(counts), n) is not None
-    cuda = [t.cuda() for t in (w, offs, scale)] + [block.cuda() if block is not None else None]
-    w_c, offs_c, scale_c, block_c = cuda
-    got = launch_grouped_qmm(x.cuda(), w_c, offs_c, scale_c, block_c, None, w_fmt, None, config=config).cpu()
-    ref = torch.zeros(x.shape[0], n, dtype=torch.float64)
-    for e, (start, end) in enumerate(zip([0, *offs.tolist()], offs.tolist())):
-        ref[start:end] = x[start:end].double() @ wq[e].double()
-    assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2
-    assert not got[rows:].any()
-    got = launch_grouped_qmm(one_hot.cuda(), w_c, offs_c, scale_c, block_c, None, w_fmt, None, config=config).cpu()
-    experts = torch.searchsorted(offs, torch.arange(rows, dtype=torch.int32), right=True)
-    assert torch.equal(got[:rows], wq[experts, picks[:rows]])
 
 
 @pytest.fixture

@@ -16,16 +16,6 @@ from tests.conftest import per_expert_matmul_f64
 SHAPES = [([5, 0, 19], 48, 40, 3), ([0, 0, 7, 33], 32, 24, 0), ([21], 16, 8, 2)]
 #: the transposed (swap-AB) tile the GPU picks for decode-sized batches
 SWAPPED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SWAP_AB": True})
-#: the CUDA-core decode kernel (stored weights, unquantized activations), 2-row tiles
-GEMV = triton.Config({"BLOCK_M": 2, "BLOCK_N": 16, "BLOCK_K": 32, "GEMV": True})
-#: the same with the next weight tile loaded ahead (NVFP4; a K loop of several tiles)
-GEMV_PREFETCH = triton.Config({"BLOCK_M": 2, "BLOCK_N": 16, "BLOCK_K": 16, "GEMV": True, "PREFETCH": True})
-TILES = {"tuned": None, "swapped": SWAPPED, "gemv": GEMV, "gemv-prefetch": GEMV_PREFETCH}
-
-
-def _cases(modes, tiles):
-    """pytest params ``(*mode, config)`` for each mode and named tile, with readable ids."""
-    return [pytest.param(*mode, TILES[t], id="-".join([*map(str, mode), t])) for mode in modes for t in tiles]
 
 
 def _problem(counts, k, n, tail, dtype, seed):
@@ -69,16 +59,11 @@ def test_qat_matches_reference(w_fmt, x_fmt, per_expert, shape, seed):
 
 
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=["odd", "empty-first"])
-@pytest.mark.parametrize(
-    ("w_fmt", "x_fmt", "config"),
-    _cases([("fp8", "fp8"), ("nvfp4", "nvfp4")], ["tuned", "swapped"])
-    + _cases([("fp8", None), ("nvfp4", None)], ["tuned", "swapped", "gemv"])
-    + _cases([("nvfp4", None)], ["gemv-prefetch"]),
-)
+@pytest.mark.parametrize(("w_fmt", "x_fmt"), [("fp8", "fp8"), ("fp8", None), ("nvfp4", None), ("nvfp4", "nvfp4")])
+@pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])
 def test_deploy_matches_reference(w_fmt, x_fmt, shape, config):
     """Deploy: stored e4m3 / packed E2M1 weights (K-last, as freeze stores them) dequantized in registers;
-    W8A8 multiplies e4m3 operands and scales the accumulator. Also with the swap-AB tile and (W4A16 / W8A16)
-    the CUDA-core decode kernel."""
+    W8A8 multiplies e4m3 operands and scales the accumulator. Also with the swap-AB tile."""
     counts, k, n, tail = shape
     x, w_nk, offs = _problem(counts, k, n, tail, torch.bfloat16, 3)
     fmt = get_format(w_fmt)
@@ -90,14 +75,12 @@ def test_deploy_matches_reference(w_fmt, x_fmt, shape, config):
     assert _rel(got, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
 
 
-@pytest.mark.parametrize(
-    ("w_mode", "config"),
-    _cases([("fake_fp8",), ("fake_nvfp4",)], ["tuned", "swapped"]) + _cases([("fp8",), ("nvfp4",)], list(TILES)),
-)
+@pytest.mark.parametrize("w_mode", ["fake_fp8", "fake_nvfp4", "fp8", "nvfp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])
 def test_weight_operand_bit_exact(w_mode, dtype, config):
     """One-hot activation rows select weight rows: the kernel's weight operand equals formats.py exactly,
-    also with the transposed (swap-AB) tile and the CUDA-core kernel of decode-sized batches."""
+    also with the transposed (swap-AB) tile of decode-sized batches."""
     counts, k, n = [6, 0, 10], 32, 24
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     g = torch.Generator().manual_seed(5)

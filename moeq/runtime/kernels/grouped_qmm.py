@@ -44,7 +44,7 @@ from moeq.runtime.kernels.numerics import (
     safe_divisor,
 )
 
-__all__ = ["W_MODES", "X_MODES", "gemv_config", "grouped_qmm", "grouped_qmm_configs", "m_bucket", "prune_configs"]
+__all__ = ["W_MODES", "X_MODES", "grouped_qmm", "grouped_qmm_configs", "m_bucket", "prune_configs"]
 
 #: weight modes and their kernel codes
 W_MODES = {"plain": 0, "fake_fp8": 1, "fake_nvfp4": 2, "fp8": 3, "nvfp4": 4}
@@ -144,16 +144,6 @@ def m_bucket(rows: int, num_experts: int) -> int:
     return min(triton.next_power_of_2(max(1, rows // max(1, num_experts))), 4096)
 
 
-def gemv_config(w_mode: str, x_mode: str | None, rows: int, num_experts: int, n: int) -> triton.Config | None:
-    """The CUDA-core decode kernel's tile for stored weights with unquantized activations (W4A16 / W8A16)
-    at decode batch sizes (mean routed rows per expert bucket <= 2), else None (the tensor-core kernel)."""
-    if w_mode not in ("fp8", "nvfp4") or x_mode is not None or m_bucket(rows, num_experts) > 2:
-        return None
-    if interpreting():
-        return triton.Config({"BLOCK_M": 2, "BLOCK_N": 16, "BLOCK_K": 32, "GEMV": True})
-    return triton.Config({"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 256, "GEMV": True}, num_warps=4, num_stages=1)
-
-
 @triton.jit
 def _decode_e4m3(bits, INTERPRET: tl.constexpr):
     """fp32 values of float8_e4m3fn bit patterns (int32 0..255); exact. The GPU converts in hardware."""
@@ -178,10 +168,9 @@ def _as_operand(v, x_ptr, FP8_DOT: tl.constexpr):
 
 @triton.jit
 def _dequant_packed_e2m1(packed, block_bits, g, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
-    """``e2m1(codes) * (e4m3(block_bits) * g)`` in fp32 as :meth:`moeq.formats.NVFP4.dequantize`, as the
-    even and the odd elements along K (each ``[BLOCK_N, BLOCK_K // 2]``), from packed bytes
-    ``[BLOCK_N, BLOCK_K // 2]`` (element 2j in the low nibble of byte j, 2j + 1 in the high one) and e4m3
-    block-scale bits ``[BLOCK_N, BLOCK_K // 16]`` (block b: bytes 8b .. 8b + 7).
+    """``e2m1(codes) * (e4m3(block_bits) * g)`` in fp32 as :meth:`moeq.formats.NVFP4.dequantize`, shaped
+    ``[BLOCK_N, BLOCK_K // 16, 16]``, from packed bytes ``[BLOCK_N, BLOCK_K // 2]`` (element 2j in the low
+    nibble of byte j, 2j + 1 in the high one) and e4m3 block-scale bits ``[BLOCK_N, BLOCK_K // 16]``.
 
     On the GPU each nibble's 3 magnitude bits go straight from the packed byte into an e4m3 byte (``e1 e0``
     as the low exponent bits, ``m`` as the top mantissa bit; :func:`_e2m1_pairs_as_e4m3`, four bytes per
@@ -192,15 +181,15 @@ def _dequant_packed_e2m1(packed, block_bits, g, BLOCK_N: tl.constexpr, BLOCK_K: 
     """
     if INTERPRET or g < 7.9e-31 or g > 1.26e30:
         wide = packed.to(tl.int32)
+        codes = tl.reshape(tl.join(wide & 0xF, wide >> 4), (BLOCK_N, BLOCK_K // 16, 16))
         scale = _decode_e4m3(block_bits.to(tl.int32), INTERPRET) * g
-        even, odd = _decode_e2m1(wide & 0xF), _decode_e2m1(wide >> 4)
+        out = _decode_e2m1(codes) * scale[:, :, None]
     else:
         scale = block_bits.to(tl.float8e4nv, bitcast=True).to(tl.float32) * (g * 64.0)
         low, high = _e2m1_pairs_as_e4m3(packed)
-        even = low.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        odd = high.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // 16, 8)), (BLOCK_N, BLOCK_K // 2))
-    return even * scale, odd * scale
+        e4m3 = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K // 16, 16)).to(tl.float8e4nv, bitcast=True)
+        out = e4m3.to(tl.float32) * scale[:, :, None]
+    return out
 
 
 @triton.jit
@@ -239,46 +228,6 @@ def _decode_e2m1(codes):
     pow2 = ((tl.maximum(e, 1) - 1 + 127) << 23).to(tl.float32, bitcast=True)
     mag = tl.where(e == 0, 0.5 * m, pow2 * (1.0 + 0.5 * m))
     return negate_where((codes & 0x8) != 0, mag)
-
-
-@triton.jit
-def _load_nvfp4_tile(
-    w_ptr, block_ptr, cols_n, n_mask, k0, K, stride_wk, stride_wn, stride_bk, stride_bn, BLOCK_K: tl.constexpr
-):
-    """Packed E2M1 bytes ``[BLOCK_N, BLOCK_K // 2]`` (byte j along K holds element 2j in its low nibble and
-    2j + 1 in its high one; loaded contiguously, the nibbles are split in registers) and e4m3 block-scale
-    bits ``[BLOCK_N, BLOCK_K // 16]`` of one expert's tile at K offset ``k0``."""
-    kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    p_ptrs = w_ptr + cols_n.to(tl.int64)[:, None] * stride_wn + kp[None, :] * stride_wk
-    packed = tl.load(p_ptrs, mask=n_mask[:, None] & (kp < K // 2)[None, :], other=0)
-    kblk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
-    sb_ptrs = block_ptr + cols_n.to(tl.int64)[:, None] * stride_bn + kblk[None, :] * stride_bk
-    return packed, tl.load(sb_ptrs, mask=n_mask[:, None] & (kblk < K // 16)[None, :], other=0)
-
-
-@triton.jit
-def _stored_weight_tile(
-    w_ptr, block_ptr, x_ptr, g, cols_n, n_mask, k0, K, stride_wk, stride_wn, stride_bk, stride_bn,
-    W_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    """One expert's stored weight tile ``[BLOCK_N, BLOCK_K]`` (n, k) at K offset ``k0`` (``w_ptr`` /
-    ``block_ptr`` already at the expert): NVFP4 dequantized to ``x``'s dtype (:func:`_dequant_packed_e2m1`,
-    global scale ``g``); FP8 as its e4m3 values (float8e4nv on the GPU, fp32 under the interpreter), the
-    per-expert scale left to the caller."""
-    if W_MODE == W_NVFP4:
-        packed, sb_bits = _load_nvfp4_tile(w_ptr, block_ptr, cols_n, n_mask, k0, K, stride_wk, stride_wn,
-                                           stride_bk, stride_bn, BLOCK_K)  # fmt: skip
-        even, odd = _dequant_packed_e2m1(packed, sb_bits, g, BLOCK_N, BLOCK_K, INTERPRET)
-        even, odd = cast_like(even, x_ptr, INTERPRET), cast_like(odd, x_ptr, INTERPRET)
-        return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
-    else:
-        k2 = k0 + tl.arange(0, BLOCK_K)
-        ptrs = w_ptr + cols_n.to(tl.int64)[:, None] * stride_wn + k2[None, :] * stride_wk
-        mask = n_mask[:, None] & (k2 < K)[None, :]
-        if INTERPRET:  # stored bits (uint8) decoded by hand
-            return _decode_e4m3(tl.load(ptrs, mask=mask, other=0).to(tl.int32), INTERPRET)
-        else:  # float8e4nv straight from memory
-            return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -408,13 +357,23 @@ def _grouped_qmm_kernel(
         # ---- weight tile [BLOCK_N, BLOCK_K] (n, k)
         w2_ptrs = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + k2[None, :] * stride_wk
         w2_mask = n_mask[:, None] & (k2 < K)[None, :]
-        if W_MODE == W_NVFP4 or W_MODE == W_FP8:
-            wq = _stored_weight_tile(
-                w_ptr + e * stride_we, w_block_ptr + e * stride_be, x_ptr, w_scale, cols_n, n_mask, k0, K,
-                stride_wk, stride_wn, stride_bk, stride_bn, W_MODE, BLOCK_N, BLOCK_K, INTERPRET,
-            )  # fmt: skip
-            if W_MODE == W_FP8:
-                wq = _as_operand(wq, x_ptr, FP8_DOT)
+        if W_MODE == W_NVFP4:
+            # packed E2M1: byte j along K holds element 2j (low nibble) and 2j + 1 (high nibble); load the
+            # bytes contiguously and interleave the nibbles in registers
+            kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            p_ptr = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + kp[None, :] * stride_wk
+            packed = tl.load(p_ptr, mask=n_mask[:, None] & (kp < K // 2)[None, :], other=0)
+            kblk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+            sb_ptr = w_block_ptr + e * stride_be + cols_n.to(tl.int64)[:, None] * stride_bn + kblk[None, :] * stride_bk
+            sb_bits = tl.load(sb_ptr, mask=n_mask[:, None] & (kblk < K // 16)[None, :], other=0)
+            wq = _dequant_packed_e2m1(packed, sb_bits, w_scale, BLOCK_N, BLOCK_K, INTERPRET)
+            wq = tl.reshape(cast_like(wq, x_ptr, INTERPRET), (BLOCK_N, BLOCK_K))
+        elif W_MODE == W_FP8:
+            if INTERPRET:  # stored bits (uint8) decoded by hand
+                wq = _decode_e4m3(tl.load(w2_ptrs, mask=w2_mask, other=0).to(tl.int32), INTERPRET)
+            else:  # float8e4nv straight from memory
+                wq = tl.load(w2_ptrs, mask=w2_mask, other=0.0)
+            wq = _as_operand(wq, x_ptr, FP8_DOT)
         elif W_MODE == W_FAKE_NVFP4:
             w = tl.load(w_base + ks * stride_wk, mask=n_mask[:, None, None] & k_mask, other=0.0)
             wq = tl.reshape(cast_like(fake_quant_nvfp4(w.to(tl.float32), w_scale, INTERPRET), x_ptr, INTERPRET),
@@ -439,96 +398,6 @@ def _grouped_qmm_kernel(
     if SWAP_AB:
         acc = tl.trans(acc)
     acc = acc * acc_scale
-    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols_n[None, :] * stride_on
-    tl.store(o_ptrs, cast_like(acc, out_ptr, INTERPRET), mask=row_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def _add_row_products(
-    acc, x_ptr, w, w_odd, ks, K, row_start, row_end, stride_xm, stride_xk, BLOCK_M: tl.constexpr, PAIRS: tl.constexpr
-):
-    """``acc [BLOCK_N, BLOCK_M] += w [BLOCK_N, len(ks)] @ x[rows, ks]^T`` one row at a time, so the products
-    stay in the weight tile's layout and the K sum is mostly in-thread. ``PAIRS``: ``w`` holds the elements
-    at ``ks`` and ``w_odd`` those at ``ks + 1`` (NVFP4's two nibbles of each byte)."""
-    row_ids = tl.arange(0, BLOCK_M)
-    for r in tl.static_range(BLOCK_M):
-        x_row = x_ptr + (row_start + r).to(tl.int64) * stride_xm
-        x_mask = ks < tl.where(row_start + r < row_end, K, 0)
-        xr = tl.load(x_row + ks * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
-        if PAIRS:
-            x_odd = tl.load(x_row + (ks + 1) * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
-            part = tl.sum(w * xr[None, :] + w_odd * x_odd[None, :], axis=1)
-        else:
-            part = tl.sum(w * xr[None, :], axis=1)
-        acc += tl.where(row_ids[None, :] == r, part[:, None], 0.0)
-    return acc
-
-
-@triton.jit
-def _grouped_gemv_kernel(
-    x_ptr, w_ptr, out_ptr, offs_ptr, w_scale_ptr, w_block_ptr,
-    M, N, K, NUM_EXPERTS,
-    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bk, stride_bn, stride_om, stride_on,
-    E_POW2: tl.constexpr, W_MODE: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-):  # fmt: skip
-    """Decode batches of stored weights with unquantized activations (W4A16 / W8A16): a few routed rows per
-    expert, so the products run on the CUDA cores (``[BLOCK_M, BLOCK_N, BLOCK_K]`` broadcast, fp32 sum over
-    K) instead of a tensor-core tile padded to 16 rows: no shared-memory staging of the dequantized weight,
-    every weight byte read once per row tile. Same tile schedule and weight decode as the tensor-core kernel;
-    the weight operand is the same bit for bit (checked with one-hot rows)."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    tile_m = pid // n_tiles
-    pid_n = pid % n_tiles
-    expert, row_start, row_end = _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2, BLOCK_M)
-    e = tl.minimum(expert, NUM_EXPERTS - 1).to(tl.int64)
-    k_end = tl.where(expert < NUM_EXPERTS, K, 0)  # the unrouted tail only gets zeros
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = cols_n < N
-    w_scale = tl.load(w_scale_ptr + e)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    w_expert = w_ptr + e * stride_we
-    if W_MODE == W_NVFP4:
-        # PREFETCH: register double buffering, the next tile's bytes load while this one is decoded (the loop
-        # has no dot, so Triton's pipeliner leaves its loads alone); loads past k_end are masked off
-        b_expert = w_block_ptr + e * stride_be
-        packed, sb_bits = _load_nvfp4_tile(
-            w_expert, b_expert, cols_n, n_mask, 0, k_end if PREFETCH else 0, stride_wk, stride_wn, stride_bk,
-            stride_bn, BLOCK_K,
-        )  # fmt: skip
-        for k0 in range(0, k_end, BLOCK_K):
-            if PREFETCH:
-                next_packed, next_sb_bits = _load_nvfp4_tile(
-                    w_expert, b_expert, cols_n, n_mask, k0 + BLOCK_K, k_end, stride_wk, stride_wn, stride_bk,
-                    stride_bn, BLOCK_K,
-                )  # fmt: skip
-            else:
-                packed, sb_bits = _load_nvfp4_tile(
-                    w_expert, b_expert, cols_n, n_mask, k0, k_end, stride_wk, stride_wn, stride_bk, stride_bn, BLOCK_K
-                )
-            # even and odd K elements as two tiles: the nibbles are never interleaved
-            even, odd = _dequant_packed_e2m1(packed, sb_bits, w_scale, BLOCK_N, BLOCK_K, INTERPRET)
-            even = cast_like(even, x_ptr, INTERPRET).to(tl.float32)
-            odd = cast_like(odd, x_ptr, INTERPRET).to(tl.float32)
-            k_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-            acc = _add_row_products(acc, x_ptr, even, odd, k_even, K, row_start, row_end, stride_xm, stride_xk,
-                                    BLOCK_M, True)  # fmt: skip
-            if PREFETCH:
-                packed, sb_bits = next_packed, next_sb_bits
-    else:
-        for k0 in range(0, k_end, BLOCK_K):
-            wq = _stored_weight_tile(
-                w_expert, w_block_ptr, x_ptr, w_scale, cols_n, n_mask, k0, K,
-                stride_wk, stride_wn, stride_bk, stride_bn, W_MODE, BLOCK_N, BLOCK_K, INTERPRET,
-            ).to(tl.float32)  # fmt: skip
-            k2 = k0 + tl.arange(0, BLOCK_K)
-            acc = _add_row_products(acc, x_ptr, wq, wq, k2, K, row_start, row_end, stride_xm, stride_xk, BLOCK_M, False)
-    acc = tl.trans(acc)
-    if W_MODE == W_FP8:  # the e4m3 values were multiplied; the per-expert scale applies once
-        acc = acc * w_scale
     o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols_n[None, :] * stride_on
     tl.store(o_ptrs, cast_like(acc, out_ptr, INTERPRET), mask=row_mask[:, None] & n_mask[None, :])
 
@@ -615,23 +484,6 @@ def grouped_qmm(
     def grid(meta):
         return ((triton.cdiv(m, meta["BLOCK_M"]) + num_experts + 1) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), *b_strides)
-    strides += (out.stride(0), out.stride(1))
-    e_pow2 = max(triton.next_power_of_2(num_experts), 128)
-    if config is None:
-        config = gemv_config(w_mode, x_mode, m, num_experts, n)
-    if config is not None and config.kwargs.get("GEMV", False):
-        if w_mode not in ("fp8", "nvfp4") or x_mode is not None:
-            raise ValueError(f"the GEMV decode kernel takes stored weights and bf16 activations, not {w_mode}/{x_mode}")
-        meta = {key: config.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        meta["PREFETCH"] = config.kwargs.get("PREFETCH", False)
-        kernel = wrap(_grouped_gemv_kernel) if wrap is not None else _grouped_gemv_kernel
-        kernel[grid(meta)](
-            x, w, out, offs, w_scale, block, m, n, k, num_experts, *strides,
-            E_POW2=e_pow2, W_MODE=W_MODES[w_mode], INTERPRET=interpreting(),
-            num_warps=config.num_warps, num_stages=config.num_stages, **meta,
-        )  # fmt: skip
-        return out
     kernel, meta = _grouped_qmm_kernel, {}
     if config is not None:
         kernel = _grouped_qmm_kernel.fn
@@ -643,8 +495,10 @@ def grouped_qmm(
     kernel[grid](
         x, w, out, offs,
         w_scale if w_scale is not None else dummy, block, x_amax if x_amax is not None else dummy,
-        m, n, k, num_experts, m_bucket(m, num_experts), *strides,
-        E_POW2=e_pow2, W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode],
+        m, n, k, num_experts, m_bucket(m, num_experts),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), *b_strides, out.stride(0), out.stride(1),
+        E_POW2=max(triton.next_power_of_2(num_experts), 128),
+        W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode],
         X_PER_EXPERT=x_amax is not None and x_amax.numel() > 1,
         DOT_IEEE=x.dtype == torch.float32, INTERPRET=interpreting(), **meta,
     )  # fmt: skip
