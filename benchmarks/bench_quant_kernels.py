@@ -241,6 +241,7 @@ def main() -> None:
             TBps=tbs,
             kernel_ms=ms_device,
             kernel_TBps=tbs_device,
+            graph_ms=ms_graph,
             config=tuned,
         )
     )
