@@ -14,6 +14,7 @@ Prints one table; writes JSON details to $OUT (or ./out).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -176,11 +177,10 @@ def main() -> None:
             compiled = torch.compile(lambda w, a, fmt=fmt: user_fake_quant(w, a, fmt))
             inductor_out = compiled(w, amax)
             inductor_mismatch = (inductor_out != ref).float().mean().item()
-            ms_kernel = bench(lambda w=w, a=amax, f=fmt: kernels.fake_quant_experts(w, a, f, -1))
+            quantize = functools.partial(kernels.fake_quant_experts, w, amax, fmt, -1)
+            ms_kernel, ms_graph, ms_device = bench(quantize), graph_bench(quantize), kernel_ms(quantize, "fake_quant")
             ms_inductor = bench(lambda w=w, a=amax, c=compiled: c(w, a))
             ms_loop = bench(lambda w=w, a=amax, f=fmt: loop_fake_quant(w, a, f), warmup=5, rep=20)
-            ms_device = kernel_ms(lambda w=w, a=amax, f=fmt: kernels.fake_quant_experts(w, a, f, -1), "fake_quant")
-            ms_graph = graph_bench(lambda w=w, a=amax, f=fmt: kernels.fake_quant_experts(w, a, f, -1))
             tbs = nbytes / ms_kernel / 1e9
             tuned = str(_fake_quant_experts_kernel.best_config)
             rows.append(
@@ -212,9 +212,8 @@ def main() -> None:
     ra, rc = reference_segment_amax(x, offs, e)
     exact = torch.equal(amax, ra) and torch.equal(cnt, rc)
     running = (torch.zeros(e, device="cuda"), torch.zeros(e, dtype=torch.int64, device="cuda"))
-    ms = bench(lambda: kernels.segment_amax_(x, offs, *running))
-    ms_device = kernel_ms(lambda: kernels.segment_amax_(x, offs, *running), "segment_amax")
-    ms_graph = graph_bench(lambda: kernels.segment_amax_(x, offs, *running))
+    observe = functools.partial(kernels.segment_amax_, x, offs, *running)
+    ms, ms_graph, ms_device = bench(observe), graph_bench(observe), kernel_ms(observe, "segment_amax")
     tbs = x.numel() * x.element_size() / ms / 1e9
     tbs_device = x.numel() * x.element_size() / ms_device / 1e9
     rows.append(

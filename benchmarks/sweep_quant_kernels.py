@@ -25,13 +25,21 @@ from moeq.runtime.kernels.fake_quant_experts import _fake_quant_experts_kernel
 from moeq.runtime.kernels.launch import observer_configs, tile_configs
 from moeq.runtime.kernels.segment_amax import _segment_amax_kernel
 
-EXTRA_TILES = [(8, 128, 2), (16, 128, 2), (8, 512, 4), (32, 128, 4), (16, 512, 4), (8, 1024, 8), (4, 256, 2)]
+EXTRA_TILES = [(8, 512, 4), (16, 512, 4), (8, 1024, 8), (4, 256, 2)]
 EXTRA_OBSERVER = [(8, 1024, 4), (16, 1024, 4), (8, 2048, 8), (32, 2048, 8), (64, 1024, 8), (16, 512, 4), (32, 512, 4)]
 
 
 def _candidates(configs: list[triton.Config], names: tuple[str, str], extra: list[tuple[int, int, int]]):
     listed = [(c.kwargs[names[0]], c.kwargs[names[1]], c.num_warps) for c in configs]
     return [(c, c in listed) for c in listed + [e for e in extra if e not in listed]]
+
+
+def print_best(label: str, tuned_ms: float, nbytes: int, copy_tbs: float, rows: list[dict], top: int) -> None:
+    """The autotuned time and the ``top`` fastest configs of a sweep (``rows`` sorted by time)."""
+    print(f"{label}: autotuned {tuned_ms:.4f} ms ({nbytes / tuned_ms / 1e9 / copy_tbs:.2f} of copy)")
+    for r in rows[:top]:
+        print(f"    {r['config']}{'' if r['listed'] else ' (extra)'}: {r['ms']:.4f} ms {r['TBps']:.2f} TB/s "
+              f"{r['TBps'] / copy_tbs:.2f} of copy, exact={r['exact']}", flush=True)  # fmt: skip
 
 
 def timed(fn) -> float:
@@ -66,10 +74,7 @@ def sweep_fake_quant(copy_tbs: float) -> list[dict]:
                 tbs = nbytes / ms / 1e9
                 rows.append(dict(config=[bm, bk, warps], listed=listed, exact=exact, ms=ms, TBps=tbs))
             rows.sort(key=lambda r: r["ms"])
-            print(f"{name} {fmt}: autotuned {tuned_ms:.4f} ms ({nbytes / tuned_ms / 1e9 / copy_tbs:.2f} of copy)")
-            for r in rows[:5]:
-                print(f"    {r['config']}{'' if r['listed'] else ' (extra)'}: {r['ms']:.4f} ms {r['TBps']:.2f} TB/s "
-                      f"{r['TBps'] / copy_tbs:.2f} of copy, exact={r['exact']}", flush=True)  # fmt: skip
+            print_best(f"{name} {fmt}", tuned_ms, nbytes, copy_tbs, rows, top=5)
             results.append(dict(kernel="fake_quant_experts", case=name, fmt=fmt, tuned_ms=tuned_ms, sweep=rows))
     return results
 
@@ -80,7 +85,7 @@ def sweep_segment_amax(copy_tbs: float) -> list[dict]:
     offs = torch.full((e,), rows_n // e, dtype=torch.int32, device="cuda").cumsum(0).to(torch.int32)
     want = kernels.segment_amax(x, offs, e)
     running = (torch.zeros(e, device="cuda"), torch.zeros(e, dtype=torch.int64, device="cuda"))
-    tuned_ms = timed(lambda: kernels.segment_amax_(x, offs, *running))
+    tuned_ms = timed(functools.partial(kernels.segment_amax_, x, offs, *running))
     nbytes = x.numel() * x.element_size()
     rows = []
     for (bs, bk, warps), listed in _candidates(observer_configs(), ("BLOCK_S", "BLOCK_K"), EXTRA_OBSERVER):
@@ -99,12 +104,7 @@ def sweep_segment_amax(copy_tbs: float) -> list[dict]:
         tbs = nbytes / ms / 1e9
         rows.append(dict(config=[bs, bk, warps], listed=listed, exact=exact, ms=ms, TBps=tbs))
     rows.sort(key=lambda r: r["ms"])
-    print(
-        f"segment_amax [{rows_n}, {k}]: autotuned {tuned_ms:.4f} ms ({nbytes / tuned_ms / 1e9 / copy_tbs:.2f} of copy)"
-    )
-    for r in rows[:6]:
-        print(f"    {r['config']}{'' if r['listed'] else ' (extra)'}: {r['ms']:.4f} ms {r['TBps']:.2f} TB/s "
-              f"{r['TBps'] / copy_tbs:.2f} of copy, exact={r['exact']}", flush=True)  # fmt: skip
+    print_best(f"segment_amax [{rows_n}, {k}]", tuned_ms, nbytes, copy_tbs, rows, top=6)
     return [dict(kernel="segment_amax", case=f"[{rows_n}, {k}]", tuned_ms=tuned_ms, sweep=rows)]
 
 
