@@ -40,6 +40,22 @@ def per_expert_matmul_f64(xq: torch.Tensor, wq: torch.Tensor, offs: torch.Tensor
     return out
 
 
+def deployed_weight_operand(q, dtype: torch.dtype) -> torch.Tensor:
+    """The deploy kernel's weight operand from a formats.py ``QuantizedTensor``, as its one-hot rows give it:
+    FP8 ``e4m3 * s`` (formats' dequantize); NVFP4 ``e2m1 * block scale`` (exact) times the global scale,
+    rounded once in fp32 (the kernel multiplies its fp32 accumulator by the global scale, where formats'
+    dequantize rounds ``block * g`` first)."""
+    from dataclasses import replace
+
+    from moeq.formats import get_format
+
+    fmt = get_format(q.format)
+    if q.block_scale is None:
+        return fmt.dequantize(q, dtype)
+    unit = fmt.dequantize(replace(q, scale=torch.ones_like(q.scale)))
+    return (unit * q.scale).to(dtype)
+
+
 def make_tokens(seed: int = 0, batch: int = 2, seq: int = 16, vocab: int = 256) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)

@@ -14,7 +14,13 @@ from moeq.lowering import ops
 from moeq.lowering.inductor import fusion, unfused
 from moeq.runtime import kernels
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm as launch_grouped_qmm
-from tests.conftest import assert_same_bits, far_below_block_weights, make_tokens, nonfinite_weights
+from tests.conftest import (
+    assert_same_bits,
+    deployed_weight_operand,
+    far_below_block_weights,
+    make_tokens,
+    nonfinite_weights,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -124,7 +130,7 @@ def _qmm_operands(mode, w_fmt, x_fmt, w_nk, x, offs, amax, x_amax):
     q = fmt.quantize(w_nk, expand_per_expert(amax, 3), 2)
     block = q.block_scale.view(torch.uint8).transpose(1, 2) if q.block_scale is not None else None
     args = (q.data.view(torch.uint8).transpose(1, 2), q.scale.reshape(-1), block)
-    return args, xq, fmt.dequantize(q, x.dtype).transpose(1, 2)
+    return args, xq, deployed_weight_operand(q, x.dtype).transpose(1, 2)
 
 
 #: the transposed (swap-AB) tile for decode-sized batches, forced (autotuning picks it only for small batches)

@@ -10,7 +10,7 @@ import triton
 from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.lowering.ops import _fake_quant_act_reference
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
-from tests.conftest import per_expert_matmul_f64
+from tests.conftest import deployed_weight_operand, per_expert_matmul_f64
 
 # (counts per expert, K, N): empty experts, unrouted tail rows, K and N not multiples of the tile, E=1
 SHAPES = [([5, 0, 19], 48, 40, 3), ([0, 0, 7, 33], 32, 24, 0), ([21], 16, 8, 2)]
@@ -79,8 +79,9 @@ def test_deploy_matches_reference(w_fmt, x_fmt, shape, config):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])
 def test_weight_operand_bit_exact(w_mode, dtype, config):
-    """One-hot activation rows select weight rows: the kernel's weight operand equals formats.py exactly,
-    also with the transposed (swap-AB) tile of decode-sized batches."""
+    """One-hot activation rows select weight rows: the kernel's weight operand equals formats.py exactly
+    (deploy NVFP4: with the global scale applied once, see ``deployed_weight_operand``), also with the
+    transposed (swap-AB) tile of decode-sized batches."""
     counts, k, n = [6, 0, 10], 32, 24
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     g = torch.Generator().manual_seed(5)
@@ -89,11 +90,12 @@ def test_weight_operand_bit_exact(w_mode, dtype, config):
     fmt = get_format(w_mode.removeprefix("fake_"))
     picks = torch.randint(0, k, (16,), generator=g)
     x = torch.nn.functional.one_hot(picks, k).to(dtype)
-    expected_w = fmt.fake_quant(w_nk, expand_per_expert(amax, 3), 2).transpose(1, 2)
     if w_mode.startswith("fake_"):
+        expected_w = fmt.fake_quant(w_nk, expand_per_expert(amax, 3), 2).transpose(1, 2)
         got = grouped_qmm(x, w_nk.transpose(1, 2), offs, amax, None, None, w_mode, None, config=config)
     else:
         q = fmt.quantize(w_nk, expand_per_expert(amax, 3), 2)
+        expected_w = deployed_weight_operand(q, dtype).transpose(1, 2)
         block = q.block_scale.transpose(1, 2) if q.block_scale is not None else None
         args = (q.scale.reshape(-1), block, None, w_mode, None)
         got = grouped_qmm(x, q.data.transpose(1, 2), offs, *args, config=config)
