@@ -38,6 +38,9 @@ __all__ = [
     "encode_e4m3",
     "decode_e4m3",
     "unpack_nibbles",
+    "interleave_nvfp4_runs",
+    "deinterleave_nvfp4_runs",
+    "NVFP4_RUN_BYTES",
     "available_formats",
     "block_amax",
     "nvfp4_blocks",
@@ -47,6 +50,8 @@ FP8_E4M3_MAX = 448.0
 E2M1_MAX = 6.0
 NVFP4_BLOCK = 16
 NVFP4_SCALE_MIN = 2.0**-9  # smallest positive e4m3 subnormal
+#: bytes (2 * 64 K elements) per run of the frozen NVFP4 storage order, :func:`interleave_nvfp4_runs`
+NVFP4_RUN_BYTES = 64
 
 #: E2M1 magnitudes indexed by the 3-bit magnitude code.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -214,6 +219,30 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     low = packed & 0x0F
     high = packed >> 4
     return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def interleave_nvfp4_runs(packed: torch.Tensor) -> torch.Tensor:
+    """The deploy storage order of packed E2M1 pairs ``[..., K/2]`` (what ``moeq.freeze`` stores): the last
+    dim in runs of 64 bytes (128 K elements), byte ``8j + 4h + c`` of a run at position ``16c + 2j + h``, the
+    last run padded with zero bytes. The fused kernel's MMA tile gives each GPU thread K pairs ``c``, ``c + 4``
+    of every 16-element block of a run: in this order that thread's 16 bytes sit side by side, one 16-byte
+    load instead of sixteen 1-byte ones. Checkpoints and exports keep the plain order."""
+    pad = -packed.shape[-1] % NVFP4_RUN_BYTES
+    if pad:
+        packed = torch.cat((packed, packed.new_zeros(*packed.shape[:-1], pad)), dim=-1)
+    runs = packed.reshape(*packed.shape[:-1], -1, 8, 2, 4)  # (run, j, h, c)
+    return runs.movedim(-1, -3).reshape(*packed.shape[:-1], -1)  # (run, c, j, h)
+
+
+def deinterleave_nvfp4_runs(stored: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`interleave_nvfp4_runs` for ``k`` elements along the contraction dim."""
+    if stored.shape[-1] % NVFP4_RUN_BYTES or stored.shape[-1] * 2 < k:
+        raise ValueError(
+            f"NVFP4 deploy data of last dim {stored.shape[-1]} bytes is not whole {NVFP4_RUN_BYTES}-byte runs "
+            f"covering K={k}"
+        )
+    runs = stored.reshape(*stored.shape[:-1], -1, 4, 8, 2)  # (run, c, j, h)
+    return runs.movedim(-3, -1).reshape(*stored.shape[:-1], -1)[..., : k // 2]
 
 
 # ----------------------------------------------------------------------------------------------

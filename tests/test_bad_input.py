@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 import moeq
 from moeq.integrations.hf import tiny_model
@@ -108,6 +109,22 @@ def test_nvfp4_needs_k_multiple_of_16():
     model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, moe_intermediate_size=24), moeq.NVFP4)
     with pytest.raises(Exception, match=r"model\.layers\.0\.mlp\.experts\.down_proj.*multiple of the block size 16"):
         torch.compile(model, backend="moeq_aot_eager")(make_tokens())
+
+
+def test_grouped_qmm_stored_nvfp4_layout_checked():
+    """The kernel launcher names the stored NVFP4 length it needs (whole 64-byte runs of K) and the tile
+    constraint, before launching anything."""
+    from moeq.runtime.kernels.grouped_qmm import grouped_qmm
+
+    x, offs = torch.zeros(4, 256, dtype=torch.bfloat16), torch.tensor([4], dtype=torch.int32)
+    block, scale = torch.zeros(1, 16, 8, dtype=torch.uint8), torch.ones(1)
+    with pytest.raises(ValueError, match="needs 128 bytes along K .*got 96"):
+        grouped_qmm(x, torch.zeros(1, 96, 8, dtype=torch.uint8), offs, scale, block, None, "nvfp4", None)
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SWAP_AB": False})
+    with pytest.raises(ValueError, match="BLOCK_K must be a multiple of 128"):
+        grouped_qmm(
+            x, torch.zeros(1, 128, 8, dtype=torch.uint8), offs, scale, block, None, "nvfp4", None, config=config
+        )
 
 
 def test_config_object_required():

@@ -261,6 +261,32 @@ def test_pack_layout_low_nibble_first():
     assert packed.tolist() == [[0x21, 0x0F]]
 
 
+@SETTINGS
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(1, 200))
+def test_nvfp4_runs_layout_and_round_trip(seed, rows, half_k):
+    """Deploy storage order: byte ``8j + 4h + c`` of each 64-byte run at position ``16c + 2j + h`` (checked
+    element by element), the last run zero-padded; deinterleaving recovers the packed bytes."""
+    packed = torch.randint(0, 256, (rows, half_k), generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+    stored = F.interleave_nvfp4_runs(packed)
+    runs = -(-half_k // 64)
+    assert stored.shape == (rows, 64 * runs)
+    padded = torch.cat((packed, packed.new_zeros(rows, 64 * runs - half_k)), dim=1)
+    for run in range(runs):
+        for c in range(4):
+            for j in range(8):
+                for h in range(2):
+                    assert torch.equal(
+                        stored[:, 64 * run + 16 * c + 2 * j + h], padded[:, 64 * run + 8 * j + 4 * h + c]
+                    )
+    assert torch.equal(F.deinterleave_nvfp4_runs(stored, 2 * half_k), packed)
+
+
+def test_nvfp4_runs_bad_length_raises():
+    """Stored data that is not whole runs covering K is rejected, saying what it expected."""
+    with pytest.raises(ValueError, match="whole 64-byte runs covering K=256"):
+        F.deinterleave_nvfp4_runs(torch.zeros(2, 96, dtype=torch.uint8), 256)
+
+
 def test_pack_odd_last_dim_raises():
     """An odd number of codes in the last dim cannot be packed."""
     with pytest.raises(ValueError, match="odd"):

@@ -20,6 +20,7 @@ from tests.conftest import (
     far_below_block_weights,
     make_tokens,
     nonfinite_weights,
+    stored_weight_args,
 )
 
 pytestmark = pytest.mark.gpu
@@ -128,15 +129,13 @@ def _qmm_operands(mode, w_fmt, x_fmt, w_nk, x, offs, amax, x_amax):
         w = w_nk.transpose(1, 2)
         return (w, amax, None), xq, fmt.fake_quant(w, expand_per_expert(amax, 3), 1)
     q = fmt.quantize(w_nk, expand_per_expert(amax, 3), 2)
-    block = q.block_scale.view(torch.uint8).transpose(1, 2) if q.block_scale is not None else None
-    args = (q.data.view(torch.uint8).transpose(1, 2), q.scale.reshape(-1), block)
-    return args, xq, deployed_weight_operand(q, x.dtype).transpose(1, 2)
+    return stored_weight_args(q), xq, deployed_weight_operand(q, x.dtype).transpose(1, 2)
 
 
 #: the transposed (swap-AB) tile for decode-sized batches, forced (autotuning picks it only for small batches)
 SWAPPED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SWAP_AB": True}, num_warps=4, num_stages=3)
 #: e4m3 operands multiplied as 16-bit floats (the other FP8 x FP8 choice autotuning has)
-SIXTEEN_BIT_DOT = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "SWAP_AB": False, "FP8_DOT": False})
+SIXTEEN_BIT_DOT = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SWAP_AB": False, "FP8_DOT": False})
 
 
 @pytest.mark.parametrize("seed", [0, 1])

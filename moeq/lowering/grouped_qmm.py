@@ -7,7 +7,8 @@ cumulative ``offs``; rows at or past ``offs[-1]`` come out as zeros. Modes:
 - ``"qat"``: ``w`` is the float weight, ``w_scale`` its per-expert amax ``[E]``; the weight is fake-quantized
   in ``w_fmt`` (FP8 per expert, NVFP4 per 16-block along K) as it is loaded. STE backward.
 - ``"deploy"``: ``w`` is stored by :mod:`moeq.passes.freeze`: e4m3 ``[E, K, N]`` with the FP8 scale ``[E]``,
-  or packed E2M1 pairs along K (uint8 ``[E, K/2, N]``) + e4m3 block scales ``[E, K/16, N]`` + global scale.
+  or packed E2M1 pairs along K (uint8 ``[E, K/2, N]``, K/2 in the 64-byte runs of
+  :func:`moeq.formats.interleave_nvfp4_runs`) + e4m3 block scales ``[E, K/16, N]`` + global scale.
 
 ``x_fmt`` (None: A16) fake-quantizes routed activation rows with the static amax ``x_amax`` ([1] or [E]).
 It is a ``torch.library.triton_op``: on CUDA the body launches the Triton kernel through ``wrap_triton``
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from moeq.formats import _mul, decode_e4m3, e2m1_decode, get_format
+from moeq.formats import _mul, decode_e4m3, deinterleave_nvfp4_runs, e2m1_decode, get_format
 from moeq.lowering import ops
 from moeq.lowering.ops import _per_row_amax, check_offsets
 from moeq.runtime.kernels.launch import interpreting
@@ -42,11 +43,13 @@ def _check_args(mode: str, w_fmt: str, x_fmt: str | None) -> None:
 
 
 def _dequant_weight(w: Tensor, w_scale: Tensor, w_block_scale: Tensor | None, w_fmt: str, dtype: torch.dtype) -> Tensor:
-    """Stored deploy weight (logical [E, K, N] / packed [E, K/2, N]) -> ``dtype`` [E, K, N], as formats.dequantize."""
+    """Stored deploy weight (logical [E, K, N] / packed [E, K/2 in whole runs, N]) -> ``dtype`` [E, K, N], as
+    formats.dequantize."""
     scale = w_scale.float().view(-1, 1, 1)
     if w_fmt == "fp8":
         return _mul(decode_e4m3(w.view(torch.float8_e4m3fn)), scale).to(dtype)
-    packed = w.view(torch.uint8)
+    stored = w.view(torch.uint8).transpose(1, 2)  # [E, N, whole runs of K/2] (freeze's storage order)
+    packed = deinterleave_nvfp4_runs(stored, 16 * w_block_scale.shape[1]).transpose(1, 2)
     e, half_k, n = packed.shape
     codes = torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(e, 2 * half_k, n)
     block = _mul(decode_e4m3(w_block_scale.view(torch.float8_e4m3fn)), scale).repeat_interleave(16, dim=1)
@@ -74,13 +77,16 @@ def quantized_operands(
     return xq, wq
 
 
-def _per_expert_mm(xq: Tensor, wq: Tensor, offs: Tensor) -> Tensor:
-    """Per-expert matmul in fp32 (one host sync for the offsets), zeros past ``offs[-1]``."""
+def _per_expert_mm(xq: Tensor, wq: Tensor, offs: Tensor, expert_scale: Tensor | None = None) -> Tensor:
+    """Per-expert matmul in fp32 (one host sync for the offsets), times ``expert_scale[e]`` in fp32 when
+    given, zeros past ``offs[-1]``."""
     out = torch.zeros(xq.shape[0], wq.shape[2], dtype=torch.float32, device=xq.device)
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
             out[start:end] = xq[start:end].float() @ wq[e].float()
+            if expert_scale is not None:
+                out[start:end] *= expert_scale[e].float()
         start = end
     return out.to(xq.dtype)
 
@@ -97,9 +103,14 @@ def grouped_qmm_reference(
     w_fmt: str,
     x_fmt: str | None,
 ) -> Tensor:
-    """Plain-torch grouped_qmm: formats.py Q/DQ of both operands, then per-expert fp32 matmul."""
+    """Plain-torch grouped_qmm: formats.py Q/DQ of both operands, then per-expert fp32 matmul. Deploy NVFP4
+    as the kernel computes it: the weight operand ``e2m1 * block scale`` (exact), the per-expert global scale
+    on the fp32 product (formats' dequantize rounds ``block * g`` first and the operand to x's dtype)."""
     _check_args(mode, w_fmt, x_fmt)
     check_offsets(offs, x.shape[0], w.shape[0])
+    if mode == "deploy" and w_fmt == "nvfp4":
+        xq, wq = quantized_operands(x, w, offs, torch.ones_like(w_scale), w_block_scale, x_amax, mode, w_fmt, x_fmt)
+        return _per_expert_mm(xq, wq, offs, w_scale)
     xq, wq = quantized_operands(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt)
     return _per_expert_mm(xq, wq, offs)
 

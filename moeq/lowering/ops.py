@@ -319,11 +319,14 @@ _register_cuda_kernels()
 def dequant_weight(
     data: Tensor, scale: Tensor, block_scale: Tensor, fmt: str, contraction_dim: int, dtype: torch.dtype
 ) -> Tensor:
-    """A weight stored by ``moeq.freeze`` (K-last ``data``: e4m3 or packed E2M1; per-expert ``scale [E]``;
+    """A weight stored by ``moeq.freeze`` (K-last ``data``: e4m3, or packed E2M1 in the 64-byte runs of
+    :func:`moeq.formats.interleave_nvfp4_runs`; per-expert ``scale [E]``;
     NVFP4 e4m3 ``block_scale``, empty for FP8) back in its original layout and ``dtype``, as
     ``formats.dequantize``. The fused kernel reads the stored form directly; this op is the unfused path."""
-    from moeq.formats import QuantizedTensor
+    from moeq.formats import QuantizedTensor, deinterleave_nvfp4_runs
 
+    if fmt == "nvfp4":
+        data = deinterleave_nvfp4_runs(data, 16 * block_scale.shape[-1])
     q = QuantizedTensor(fmt, data, scale.view(-1, 1, 1), block_scale if fmt == "nvfp4" else None)
     return get_format(fmt).dequantize(q, dtype).movedim(-1, contraction_dim)
 
@@ -332,7 +335,7 @@ def dequant_weight(
 def _(data: Tensor, scale: Tensor, block_scale: Tensor, fmt: str, contraction_dim: int, dtype: torch.dtype) -> Tensor:
     shape = list(data.shape)
     if fmt == "nvfp4":
-        shape[-1] *= 2
+        shape[-1] = 16 * block_scale.shape[-1]
     out = data.new_empty(shape, dtype=dtype)
     return out.movedim(-1, contraction_dim)
 

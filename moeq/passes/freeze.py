@@ -2,8 +2,9 @@
 
 ``moeq.freeze(model)`` (after ``finalize()``) quantizes every expert weight with its finalized per-expert
 amax into the stored form of :meth:`moeq.formats.QuantFormat.quantize` (K-last: FP8 e4m3 ``[E, N, K]`` +
-scale ``[E]``; NVFP4 packed E2M1 pairs ``[E, N, K/2]`` + e4m3 block scales ``[E, N, K/16]`` + global scale
-``[E]``), kept as buffers of the weight's :class:`~moeq.state.ExpertQuantState`. The parameter is replaced
+scale ``[E]``; NVFP4 packed E2M1 pairs ``[E, N, K/2]``, in the 64-byte runs of
+:func:`~moeq.formats.interleave_nvfp4_runs` that the fused kernel reads whole, + e4m3 block scales
+``[E, N, K/16]`` + global scale ``[E]``), kept as buffers of the weight's :class:`~moeq.state.ExpertQuantState`. The parameter is replaced
 by a stand-in of the same shape and dtype that holds one expert's worth of zeros broadcast over the
 expert dim (1/E of the float weight: grouped-GEMM shape checks want real strides in the last two dims),
 so model code still traces, and the model switches to mode ``"deploy"``: the pass feeds its GEMMs ``moeq::dequant_weight`` of
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from moeq.formats import expand_per_expert, get_format
+from moeq.formats import expand_per_expert, get_format, interleave_nvfp4_runs
 from moeq.state import ModelQuantState, get_state, register_owner
 
 __all__ = ["freeze"]
@@ -52,7 +53,8 @@ def freeze(model: Any) -> ModelQuantState:
             w = state.weight(fqn)
             amax = expand_per_expert(s.weight_amax.to(w.device), w.dim(), s.expert_dim)
             q = fmt.quantize(w.detach(), amax, s.contraction_dim)
-            s.frozen_data = q.data.view(torch.uint8).contiguous()
+            data = q.data.view(torch.uint8)
+            s.frozen_data = (interleave_nvfp4_runs(data) if q.block_scale is not None else data).contiguous()
             s.frozen_scale = q.scale.reshape(-1).float().contiguous()
             block = q.block_scale.view(torch.uint8) if q.block_scale is not None else torch.zeros(0, dtype=torch.uint8)
             s.frozen_block_scale = block.to(w.device).contiguous()

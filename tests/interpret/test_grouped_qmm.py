@@ -10,12 +10,12 @@ import triton
 from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.lowering.ops import _fake_quant_act_reference
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
-from tests.conftest import deployed_weight_operand, per_expert_matmul_f64
+from tests.conftest import deployed_weight_operand, per_expert_matmul_f64, stored_weight_args
 
 # (counts per expert, K, N): empty experts, unrouted tail rows, K and N not multiples of the tile, E=1
 SHAPES = [([5, 0, 19], 48, 40, 3), ([0, 0, 7, 33], 32, 24, 0), ([21], 16, 8, 2)]
 #: the transposed (swap-AB) tile the GPU picks for decode-sized batches
-SWAPPED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SWAP_AB": True})
+SWAPPED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SWAP_AB": True})
 
 
 def _problem(counts, k, n, tail, dtype, seed):
@@ -70,8 +70,8 @@ def test_deploy_matches_reference(w_fmt, x_fmt, shape, config):
     q = fmt.quantize(w_nk, expand_per_expert(expert_amax(w_nk), 3), 2)
     wq = fmt.dequantize(q, torch.bfloat16).transpose(1, 2)
     xq, x_amax = _act(x, offs, x_fmt, False)
-    block = q.block_scale.transpose(1, 2) if q.block_scale is not None else None
-    got = grouped_qmm(x, q.data.transpose(1, 2), offs, q.scale.reshape(-1), block, x_amax, w_fmt, x_fmt, config=config)
+    data, scale, block = stored_weight_args(q)
+    got = grouped_qmm(x, data, offs, scale, block, x_amax, w_fmt, x_fmt, config=config)
     assert _rel(got, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
 
 
@@ -96,9 +96,8 @@ def test_weight_operand_bit_exact(w_mode, dtype, config):
     else:
         q = fmt.quantize(w_nk, expand_per_expert(amax, 3), 2)
         expected_w = deployed_weight_operand(q, dtype).transpose(1, 2)
-        block = q.block_scale.transpose(1, 2) if q.block_scale is not None else None
-        args = (q.scale.reshape(-1), block, None, w_mode, None)
-        got = grouped_qmm(x, q.data.transpose(1, 2), offs, *args, config=config)
+        data, scale, block = stored_weight_args(q)
+        got = grouped_qmm(x, data, offs, scale, block, None, w_mode, None, config=config)
     experts = torch.searchsorted(offs, torch.arange(16, dtype=torch.int32), right=True)
     assert torch.equal(got, expected_w[experts, picks])
 

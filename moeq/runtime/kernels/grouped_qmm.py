@@ -13,14 +13,16 @@ adjacent program ids, so an x tile is read from HBM once and an expert's weight 
 
 Weight modes (``W_MODE``): ``plain`` (no quantization), ``fake_fp8`` / ``fake_nvfp4`` (QAT: weight
 fake-quantized as loaded, NVFP4 block amax from the 16-blocks of the tile), ``fp8`` (stored e4m3 bits +
-per-expert scale), ``nvfp4`` (stored packed E2M1 pairs along K + e4m3 block scales + per-expert global
-scale). Activation modes (``X_MODE``): none, ``fp8`` / ``nvfp4`` fake quant as loaded (static amax [1]
-or per expert [E]; NVFP4 with dynamic 16-blocks). FP8 operands (fake-quantized or stored) enter the dot as
-their e4m3 values (exact in every input dtype) and their scales multiply the fp32 accumulator once per tile;
-when both operands are FP8 (QAT FP8, deploy W8A8) the dot runs on the FP8 tensor cores. NVFP4 operands enter
-as ``e2m1 * (block scale * global scale)`` in the input dtype. Each operand is therefore the
-:mod:`moeq.formats` fake quant bit for bit up to where its per-tensor FP8 scale is applied (after the sum
-instead of before it), which is what the tests check (one-hot rows recover the spec's operand exactly).
+per-expert scale), ``nvfp4`` (stored packed E2M1 pairs along K in the 64-byte runs of
+:func:`moeq.formats.interleave_nvfp4_runs` + e4m3 block scales + per-expert global scale). Activation modes
+(``X_MODE``): none, ``fp8`` / ``nvfp4`` fake quant as loaded (static amax [1] or per expert [E]; NVFP4 with
+dynamic 16-blocks). FP8 operands (fake-quantized or stored) enter the dot as their e4m3 values (exact in
+every input dtype) and their scales multiply the fp32 accumulator once per tile; when both operands are FP8
+(QAT FP8, deploy W8A8) the dot runs on the FP8 tensor cores. Fake-quantized NVFP4 operands enter as
+``e2m1 * (block scale * global scale)`` in the input dtype; stored NVFP4 weights as ``e2m1 * block scale``
+(exact), their global scale on the accumulator like FP8's. Each operand is therefore the :mod:`moeq.formats`
+fake quant / dequantization bit for bit up to where its per-tensor scale is applied (after the sum instead of
+before it), which is what the tests check (one-hot rows recover the operand exactly).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeq.formats import NVFP4_RUN_BYTES
 from moeq.runtime.kernels.launch import check_float, interpreting
 from moeq.runtime.kernels.numerics import (
     cast_like,
@@ -67,8 +70,11 @@ def grouped_qmm_configs() -> list[triton.Config]:
     as its narrow one), for decode-sized row tiles. ``FP8_DOT`` (only where both operands are FP8,
     :func:`prune_configs` sees to it): multiply the e4m3 values on the FP8 tensor cores rather than as
     16-bit floats (the same exact products; which is faster depends on the tile)."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SWAP_AB": False, "FP8_DOT": False})]
+    if interpreting():  # one tile per weight mode (stored NVFP4 needs BLOCK_K a multiple of its 128-element runs)
+        return [
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk, "SWAP_AB": False, "FP8_DOT": False})
+            for bk in (32, 128)
+        ]
     candidates = [
         (16, 64, 128, 4, 4),
         (16, 128, 128, 4, 4),
@@ -79,6 +85,7 @@ def grouped_qmm_configs() -> list[triton.Config]:
         (64, 128, 64, 4, 4),
         (64, 128, 128, 8, 3),
         (128, 128, 64, 8, 3),
+        (128, 128, 128, 8, 3),
         (128, 256, 64, 8, 3),
         (128, 128, 64, 4, 4),
         (128, 256, 64, 8, 4),
@@ -107,9 +114,14 @@ def fp8_operands(w_mode: int, x_mode: int) -> bool:
 
 def prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     """Keep the row tiles that fit the mean rows per expert (``M_BUCKET``): small tiles for decode-like
-    batches (weight-bandwidth bound), large ones for prefill / training batches."""
+    batches (weight-bandwidth bound), large ones for prefill / training batches. Stored NVFP4 weights need
+    ``BLOCK_K`` a multiple of their 128-element runs."""
     args = {**named_args, **kwargs}  # Triton passes the constexpr keyword arguments separately
     bucket = args["M_BUCKET"]
+    if args["W_MODE"] == W_MODES["nvfp4"]:  # stored NVFP4 is read in 128-element runs of K
+        configs = [c for c in configs if c.kwargs["BLOCK_K"] % 128 == 0]
+    elif interpreting():
+        configs = configs[:1]
     if not fp8_operands(args["W_MODE"], args["X_MODE"]):
         configs = [c for c in configs if not c.kwargs["FP8_DOT"]]
     decode = _decode_config(args["W_MODE"], args["X_MODE"], args["N"])
@@ -131,8 +143,8 @@ def _decode_config(w_mode: int, x_mode: int, n: int) -> triton.Config | None:
     if w_mode == W_MODES["fp8"] and x_mode == X_MODES["fp8"]:
         meta = {"BLOCK_M": 16, "BLOCK_N": 256 if wide else 128, "BLOCK_K": 128, "SWAP_AB": True, "FP8_DOT": True}
         warps = 8
-    elif w_mode == W_MODES["nvfp4"] and x_mode == X_MODES[None]:
-        meta = {"BLOCK_M": 16, "BLOCK_N": 128 if wide else 64, "BLOCK_K": 128, "SWAP_AB": True, "FP8_DOT": False}
+    elif w_mode == W_MODES["nvfp4"] and x_mode == X_MODES[None]:  # H200 sweep, session 9: 64 wide for both
+        meta = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SWAP_AB": True, "FP8_DOT": False}
         warps = 4
     else:
         return None
@@ -169,25 +181,28 @@ def _as_operand(v, x_ptr, FP8_DOT: tl.constexpr):
 @triton.jit
 def _nvfp4_operand(packed, block_bits, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    INTERPRET: tl.constexpr):  # fmt: skip
-    """The weight tile ``[BLOCK_N, BLOCK_K]`` as ``e2m1(code) * e4m3(block) * 2^-8`` in ``dtype``, from packed
-    bytes ``[BLOCK_N, BLOCK_K // 2]`` (element 2j in the low nibble of byte j, 2j + 1 in the high one) and
-    e4m3 block-scale bits ``[BLOCK_N, BLOCK_K // 16]``. Exact in every input dtype (a product of a 2-bit and a
-    4-bit significand within [2^-18, 11]); the per-expert global scale multiplies the fp32 accumulator, as
-    the FP8 per-tensor scales do.
+    """The weight tile ``[BLOCK_N, BLOCK_K]`` as ``e2m1(code) * e4m3(block) * 2^-8`` in ``dtype``, from the stored
+    bytes ``[BLOCK_N, BLOCK_K // 2]`` (E2M1 pairs, element 2j in the low nibble of byte j, 2j + 1 in the high
+    one, in the 64-byte runs of :func:`moeq.formats.interleave_nvfp4_runs`) and e4m3 block-scale bits
+    ``[BLOCK_N, BLOCK_K // 16]``. Exact in every input dtype (a product of a 2-bit and a 4-bit significand
+    within [2^-18, 11]); the per-expert global scale multiplies the fp32 accumulator, as the FP8 per-tensor
+    scales do.
 
     bf16 on the GPU: each byte becomes one bf16 pair straight from its bits (:func:`_e2m1_bytes_as_bf16x2`,
-    four instructions per pair), so no element passes through fp32."""
+    four instructions per pair), decoded in storage order, where Triton gives each thread of the MMA tile
+    16 adjacent bytes per row, then put in K order by a register permutation."""
+    RUNS: tl.constexpr = BLOCK_K // 128
     if dtype == tl.bfloat16 and not INTERPRET:
         two_118 = 3.32306998946229e35
         scale = (block_bits.to(tl.float8e4nv, bitcast=True).to(tl.float32) * two_118).to(tl.bfloat16)
         bits = scale.to(tl.uint16, bitcast=True).to(tl.uint32)
-        pair_scale = tl.broadcast_to((bits | (bits << 16))[:, :, None], (BLOCK_N, BLOCK_K // 16, 8))
-        pair_scale = tl.reshape(pair_scale, (BLOCK_N, BLOCK_K // 2))
-        low, high = _split_halves(_e2m1_bytes_as_bf16x2(packed, pair_scale))
-        out = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K // 16, 16)).to(tl.bfloat16, bitcast=True)
-        out = tl.reshape(out, (BLOCK_N, BLOCK_K))
+        pair = tl.reshape(bits | (bits << 16), (BLOCK_N, RUNS, 1, 8, 1))  # block j of a run
+        pair_scale = tl.reshape(tl.broadcast_to(pair, (BLOCK_N, RUNS, 4, 8, 2)), (BLOCK_N, BLOCK_K // 2))
+        words = _runs_in_k_order(_e2m1_bytes_as_bf16x2(packed, pair_scale), BLOCK_N, RUNS)
+        low, high = _split_halves(words)
+        out = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K)).to(tl.bfloat16, bitcast=True)
     else:
-        wide = packed.to(tl.int32)
+        wide = _runs_in_k_order(packed.to(tl.int32), BLOCK_N, RUNS)
         codes = tl.reshape(tl.join(wide & 0xF, wide >> 4), (BLOCK_N, BLOCK_K // 16, 16))
         scale = _decode_e4m3(block_bits.to(tl.int32), INTERPRET) * 0.00390625
         out = tl.reshape((_decode_e2m1(codes) * scale[:, :, None]).to(dtype), (BLOCK_N, BLOCK_K))
@@ -195,13 +210,19 @@ def _nvfp4_operand(packed, block_bits, dtype: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _runs_in_k_order(stored, BLOCK_N: tl.constexpr, RUNS: tl.constexpr):
+    """Per-byte values ``[BLOCK_N, RUNS * 64]`` from storage order (position ``16c + 2j + h`` of a run) to K
+    order (byte ``8j + 4h + c``)."""
+    runs = tl.permute(tl.reshape(stored, (BLOCK_N, RUNS, 4, 8, 2)), (0, 1, 3, 4, 2))
+    return tl.reshape(runs, (BLOCK_N, RUNS * 64))
+
+
+@triton.jit
 def _e2m1_bytes_as_bf16x2(packed, pair_scale):
     """Per packed byte, the bf16 pair ``(low, high nibble) * scale`` as 32 bits, four bytes per call (PTX; the
     GPU path only). Each nibble's sign and 3 magnitude bits go to bf16 bits 15 and 8..6: ``2^-126`` times its
     E2M1 value (subnormal for 0 and 0.5, which the bf16 FMA takes as they are); ``pair_scale`` holds the block
-    scale times ``2^118`` twice, so the product is the value times the block scale times ``2^-8``, exact.
-    Not marked pure: that keeps Triton from moving the decode into the MMA operand layout, where it reads
-    the packed bytes from shared memory one at a time (40% slower on the H200, gate_up at 64 rows)."""
+    scale times ``2^118`` twice, so the product is the value times the block scale times ``2^-8``, exact."""
     return tl.inline_asm_elementwise(
         asm="""
         {
@@ -231,7 +252,7 @@ def _e2m1_bytes_as_bf16x2(packed, pair_scale):
         constraints="=r,=r,=r,=r,r,r,r,r,r",
         args=[packed, pair_scale],
         dtype=tl.uint32,
-        is_pure=False,
+        is_pure=True,
         pack=4,
     )
 
@@ -393,7 +414,7 @@ def _grouped_qmm_kernel(
             # bytes contiguously and interleave the nibbles in registers
             kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             p_ptr = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + kp[None, :] * stride_wk
-            packed = tl.load(p_ptr, mask=n_mask[:, None] & (kp < K // 2)[None, :], other=0)
+            packed = tl.load(p_ptr, mask=n_mask[:, None] & (kp < tl.cdiv(K, 128) * 64)[None, :], other=0)
             kblk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
             sb_ptr = w_block_ptr + e * stride_be + cols_n.to(tl.int64)[:, None] * stride_bn + kblk[None, :] * stride_bk
             sb_bits = tl.load(sb_ptr, mask=n_mask[:, None] & (kblk < K // 16)[None, :], other=0)
@@ -444,9 +465,15 @@ def _check(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_mode: str, x_
         raise ValueError(
             f"offs must be int32 [{w.shape[0]}] cumulative row counts, got {offs.dtype} {tuple(offs.shape)}"
         )
-    k_w = w.shape[1] * 2 if w_mode == "nvfp4" else w.shape[1]
-    if x.shape[1] != k_w:
-        raise ValueError(f"x has K={x.shape[1]} but the weight has K={k_w}")
+    if w_mode == "nvfp4":
+        runs = triton.cdiv(x.shape[1], 2 * NVFP4_RUN_BYTES) * NVFP4_RUN_BYTES
+        if w.shape[1] != runs:
+            raise ValueError(
+                f"x has K={x.shape[1]}, so the stored nvfp4 weight needs {runs} bytes along K (whole 64-byte runs, "
+                f"moeq.formats.interleave_nvfp4_runs), got {w.shape[1]}"
+            )
+    elif x.shape[1] != w.shape[1]:
+        raise ValueError(f"x has K={x.shape[1]} but the weight has K={w.shape[1]}")
     if w_mode in ("plain", "fake_fp8", "fake_nvfp4") and w.dtype != x.dtype:
         raise ValueError(f"x ({x.dtype}) and w ({w.dtype}) must have the same dtype")
     if w_mode in ("fp8", "nvfp4") and w.element_size() != 1:
@@ -475,7 +502,8 @@ def grouped_qmm(
     in ``x.dtype``.
 
     ``w``: logically ``[E, K, N]``: float (``plain`` / ``fake_*``), e4m3 bits (``fp8``, float8_e4m3fn or
-    uint8) or packed E2M1 pairs along K (``nvfp4``, uint8 ``[E, K/2, N]``). ``w_scale [E]``: the weight amax
+    uint8) or packed E2M1 pairs along K (``nvfp4``, uint8 ``[E, cdiv(K, 128) * 64, N]`` in the runs of
+    :func:`moeq.formats.interleave_nvfp4_runs`). ``w_scale [E]``: the weight amax
     for ``fake_*`` modes, the stored FP8 scale / NVFP4 global scale for ``fp8`` / ``nvfp4``.
     ``w_block_scale``: NVFP4 e4m3 block scales ``[E, K/16, N]``. ``x_amax``: ``[1]`` or ``[E]``.
     ``wrap``: applied to the kernel before launching (``torch.library.wrap_triton`` inside a triton_op).
@@ -517,6 +545,10 @@ def grouped_qmm(
     kernel, meta = _grouped_qmm_kernel, {}
     if config is not None:
         kernel = _grouped_qmm_kernel.fn
+        if w_mode == "nvfp4" and config.kwargs["BLOCK_K"] % 128:
+            raise ValueError(
+                f"nvfp4 weights are read in 128-element runs of K: BLOCK_K must be a multiple of 128, got {config}"
+            )
         meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         fp8 = fp8_operands(W_MODES[w_mode], X_MODES[x_mode]) and not interpreting()
         meta["FP8_DOT"] = meta.get("FP8_DOT", fp8) and fp8
