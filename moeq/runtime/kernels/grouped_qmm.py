@@ -410,8 +410,8 @@ def _grouped_qmm_kernel(
         w2_ptrs = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + k2[None, :] * stride_wk
         w2_mask = n_mask[:, None] & (k2 < K)[None, :]
         if W_MODE == W_NVFP4:
-            # packed E2M1: byte j along K holds element 2j (low nibble) and 2j + 1 (high nibble); load the
-            # bytes contiguously and interleave the nibbles in registers
+            # packed E2M1 pairs in freeze's 64-byte runs (whole runs: the last one is zero-padded); the decode
+            # puts them back in K order in registers
             kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             p_ptr = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + kp[None, :] * stride_wk
             packed = tl.load(p_ptr, mask=n_mask[:, None] & (kp < tl.cdiv(K, 128) * 64)[None, :], other=0)
