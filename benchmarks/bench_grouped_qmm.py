@@ -30,7 +30,8 @@ import triton
 from report import save_report
 from triton.testing import do_bench
 
-from moeq.formats import expand_per_expert, expert_amax, get_format, interleave_nvfp4_runs
+from moeq.formats import expand_per_expert, expert_amax, get_format
+from moeq.passes.freeze import stored_form
 from moeq.runtime import kernels
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
 
@@ -103,11 +104,9 @@ def stored(w_nk: torch.Tensor, amax: torch.Tensor, fmt: str):
     dequantized reference weight [E, K, N]."""
     f = get_format(fmt)
     q = f.quantize(w_nk, expand_per_expert(amax, 3), 2)
-    data, block = q.data.view(torch.uint8), None
-    if q.block_scale is not None:
-        data, block = interleave_nvfp4_runs(data), q.block_scale.view(torch.uint8).transpose(1, 2)
+    data, scale, block = stored_form(q)
     deq = f.dequantize(q, w_nk.dtype).transpose(1, 2)
-    return (data.transpose(1, 2), q.scale.reshape(-1).contiguous(), block), deq
+    return (data.transpose(1, 2), scale, block.transpose(1, 2) if block.numel() else None), deq
 
 
 def run_case(label, num_experts, k, n, rows, copy_tbs):

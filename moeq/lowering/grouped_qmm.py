@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from moeq.formats import _mul, decode_e4m3, deinterleave_nvfp4_runs, e2m1_decode, get_format
+from moeq.formats import get_format
 from moeq.lowering import ops
 from moeq.lowering.ops import _per_row_amax, check_offsets
 from moeq.runtime.kernels.launch import interpreting
@@ -42,20 +42,6 @@ def _check_args(mode: str, w_fmt: str, x_fmt: str | None) -> None:
         raise ValueError(f"grouped_qmm: weight format must be 'fp8' or 'nvfp4', got {w_fmt!r}")
 
 
-def _dequant_weight(w: Tensor, w_scale: Tensor, w_block_scale: Tensor | None, w_fmt: str, dtype: torch.dtype) -> Tensor:
-    """Stored deploy weight (logical [E, K, N] / packed [E, K/2 in whole runs, N]) -> ``dtype`` [E, K, N], as
-    formats.dequantize."""
-    scale = w_scale.float().view(-1, 1, 1)
-    if w_fmt == "fp8":
-        return _mul(decode_e4m3(w.view(torch.float8_e4m3fn)), scale).to(dtype)
-    stored = w.view(torch.uint8).transpose(1, 2)  # [E, N, whole runs of K/2] (freeze's storage order)
-    packed = deinterleave_nvfp4_runs(stored, 16 * w_block_scale.shape[1]).transpose(1, 2)
-    e, half_k, n = packed.shape
-    codes = torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(e, 2 * half_k, n)
-    block = _mul(decode_e4m3(w_block_scale.view(torch.float8_e4m3fn)), scale).repeat_interleave(16, dim=1)
-    return _mul(e2m1_decode(codes), block).to(dtype)
-
-
 def quantized_operands(
     x: Tensor,
     w: Tensor,
@@ -72,7 +58,8 @@ def quantized_operands(
     if mode == "qat":
         wq = torch.ops.moeq.fake_quant_weight(w, w_scale, w_fmt, 0, 1)
     else:
-        wq = _dequant_weight(w, w_scale, w_block_scale, w_fmt, x.dtype)
+        block = w_block_scale.transpose(1, 2) if w_block_scale is not None else w.new_zeros(0, dtype=torch.uint8)
+        wq = torch.ops.moeq.dequant_weight(w.transpose(1, 2), w_scale, block, w_fmt, 1, x.dtype)
     xq = x if x_fmt is None else torch.ops.moeq.fake_quant_act(x, offs, x_amax, x_fmt, 0, -1)
     return xq, wq
 

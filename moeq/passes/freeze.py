@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from moeq.formats import expand_per_expert, get_format, interleave_nvfp4_runs
+from moeq.formats import QuantizedTensor, expand_per_expert, get_format, interleave_nvfp4_runs
 from moeq.state import ModelQuantState, get_state, register_owner
 
-__all__ = ["freeze"]
+__all__ = ["freeze", "stored_form"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,16 @@ logger = logging.getLogger(__name__)
 def _owner(root: torch.nn.Module, fqn: str) -> tuple[torch.nn.Module, str]:
     parent, _, name = fqn.rpartition(".")
     return (root.get_submodule(parent) if parent else root), name
+
+
+def stored_form(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The deploy buffers of a quantized weight, K-last and contiguous: the data as uint8 (NVFP4 pairs in the
+    64-byte runs of :func:`~moeq.formats.interleave_nvfp4_runs`), the per-tensor scale ``[E]`` in fp32, the
+    NVFP4 block scales as uint8 (empty for FP8). What :func:`freeze` keeps and the fused kernel reads."""
+    data, scale = q.data.view(torch.uint8), q.scale.reshape(-1).float().contiguous()
+    if q.block_scale is None:
+        return data.contiguous(), scale, data.new_zeros(0)
+    return interleave_nvfp4_runs(data).contiguous(), scale, q.block_scale.view(torch.uint8).contiguous()
 
 
 def freeze(model: Any) -> ModelQuantState:
@@ -53,11 +63,7 @@ def freeze(model: Any) -> ModelQuantState:
             w = state.weight(fqn)
             amax = expand_per_expert(s.weight_amax.to(w.device), w.dim(), s.expert_dim)
             q = fmt.quantize(w.detach(), amax, s.contraction_dim)
-            data = q.data.view(torch.uint8)
-            s.frozen_data = (interleave_nvfp4_runs(data) if q.block_scale is not None else data).contiguous()
-            s.frozen_scale = q.scale.reshape(-1).float().contiguous()
-            block = q.block_scale.view(torch.uint8) if q.block_scale is not None else torch.zeros(0, dtype=torch.uint8)
-            s.frozen_block_scale = block.to(w.device).contiguous()
+            s.frozen_data, s.frozen_scale, s.frozen_block_scale = stored_form(q)
             s.frozen_dtype = w.dtype
             module, name = _owner(root, fqn)
             stand_in = torch.zeros(w.shape[1:], dtype=w.dtype, device=w.device).expand(w.shape)

@@ -217,6 +217,21 @@ def _runs_in_k_order(stored, BLOCK_N: tl.constexpr, RUNS: tl.constexpr):
     return tl.reshape(runs, (BLOCK_N, RUNS * 64))
 
 
+#: PTX of :func:`_e2m1_bytes_as_bf16x2`: the low and high nibbles of the four bytes in ``$4`` split into ``lo`` /
+#: ``hi``; per byte ``b``, ``prmt`` puts its two nibbles at bits 0 and 16 (the other bytes zero), ``mul`` by
+#: ``2^6 + 2^12`` and the mask move sign and magnitude into bf16 bits 15 and 8..6, the FMA applies the scale pair ``$(5 + b)``.
+_E2M1_BYTES_AS_BF16X2 = tl.constexpr(
+    "{ .reg .b32 lo, hi, t, z; mov.b32 z, 0x80008000;"
+    " and.b32 lo, $4, 0x0F0F0F0F; shr.b32 hi, $4, 4; and.b32 hi, hi, 0x0F0F0F0F;"
+    + "".join(
+        f" prmt.b32 t, lo, hi, {0x8480 + 0x1111 * b:#x}; mul.lo.u32 t, t, 4160; and.b32 t, t, 0x81C081C0;"
+        f" fma.rn.bf16x2 ${b}, t, ${5 + b}, z;"
+        for b in range(4)
+    )
+    + " }"
+)
+
+
 @triton.jit
 def _e2m1_bytes_as_bf16x2(packed, pair_scale):
     """Per packed byte, the bf16 pair ``(low, high nibble) * scale`` as 32 bits, four bytes per call (PTX; the
@@ -224,31 +239,7 @@ def _e2m1_bytes_as_bf16x2(packed, pair_scale):
     E2M1 value (subnormal for 0 and 0.5, which the bf16 FMA takes as they are); ``pair_scale`` holds the block
     scale times ``2^118`` twice, so the product is the value times the block scale times ``2^-8``, exact."""
     return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 lo, hi, t, z;
-        mov.b32 z, 0x80008000;
-        and.b32 lo, $4, 0x0F0F0F0F;
-        shr.b32 hi, $4, 4;
-        and.b32 hi, hi, 0x0F0F0F0F;
-        prmt.b32 t, lo, hi, 0x8480;
-        mul.lo.u32 t, t, 4160;
-        and.b32 t, t, 0x81C081C0;
-        fma.rn.bf16x2 $0, t, $5, z;
-        prmt.b32 t, lo, hi, 0x9591;
-        mul.lo.u32 t, t, 4160;
-        and.b32 t, t, 0x81C081C0;
-        fma.rn.bf16x2 $1, t, $6, z;
-        prmt.b32 t, lo, hi, 0xA6A2;
-        mul.lo.u32 t, t, 4160;
-        and.b32 t, t, 0x81C081C0;
-        fma.rn.bf16x2 $2, t, $7, z;
-        prmt.b32 t, lo, hi, 0xB7B3;
-        mul.lo.u32 t, t, 4160;
-        and.b32 t, t, 0x81C081C0;
-        fma.rn.bf16x2 $3, t, $8, z;
-        }
-        """,
+        asm=_E2M1_BYTES_AS_BF16X2,
         constraints="=r,=r,=r,=r,r,r,r,r,r",
         args=[packed, pair_scale],
         dtype=tl.uint32,
