@@ -109,7 +109,26 @@ def stored(w_nk: torch.Tensor, amax: torch.Tensor, fmt: str):
     return (data.transpose(1, 2), scale, block.transpose(1, 2) if block.numel() else None), deq
 
 
-def run_case(label, num_experts, k, n, rows, copy_tbs):
+def scaled_anchor(label, x, w_nk, offs, record):
+    """Time the ``torch._scaled_grouped_mm`` FP8 rowwise anchor (activation quantization included) into
+    ``record(ms)``, or say why it is missing."""
+    num_experts, n, k = w_nk.shape
+    try:
+        wq8, ws8 = rowwise_fp8(w_nk.reshape(-1, k))
+        wq8, ws8 = wq8.view(num_experts, n, k).transpose(1, 2), ws8.view(num_experts, n)
+        quant = torch.compile(rowwise_fp8)
+
+        def scaled():
+            xq8, xs8 = quant(x)
+            return torch._scaled_grouped_mm(xq8, wq8, xs8, ws8, offs=offs, out_dtype=torch.bfloat16)
+
+        scaled()
+        record(bench(scaled))
+    except Exception as err:  # report, never hide: the row says why it is missing
+        print(f"  {label}: torch._scaled_grouped_mm unavailable: {type(err).__name__}: {err}"[:300], flush=True)
+
+
+def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(m[0] for m in MODES)):
     torch.manual_seed(0)
     offs = routing(rows, num_experts)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
@@ -130,20 +149,11 @@ def run_case(label, num_experts, k, n, rows, copy_tbs):
     per_expert = k * n
     # anchors
     record("torch._grouped_mm bf16", bench(lambda: torch._grouped_mm(x, w, offs)), 2 * per_expert * active)
-    try:
-        wq8, ws8 = rowwise_fp8(w_nk.reshape(-1, k))
-        wq8, ws8 = wq8.view(num_experts, n, k).transpose(1, 2), ws8.view(num_experts, n)
-        quant = torch.compile(rowwise_fp8)
-
-        def scaled():
-            xq8, xs8 = quant(x)
-            return torch._scaled_grouped_mm(xq8, wq8, xs8, ws8, offs=offs, out_dtype=torch.bfloat16)
-
-        scaled()
-        record("torch._scaled_grouped_mm FP8 rowwise", bench(scaled), per_expert * active)
-    except Exception as err:  # report, never hide: the row says why it is missing
-        print(f"  {label}: torch._scaled_grouped_mm unavailable: {type(err).__name__}: {err}"[:300], flush=True)
-    for fmt in ("fp8", "nvfp4"):
+    if "deploy W8A8 FP8" in modes:
+        scaled_anchor(
+            label, x, w_nk, offs, lambda ms: record("torch._scaled_grouped_mm FP8 rowwise", ms, per_expert * active)
+        )
+    for fmt in [f for f in ("fp8", "nvfp4") if f"QAT {f.upper()}" in modes]:
 
         def unfused(fmt=fmt):
             xq = kernels.fake_quant_act(x, offs, x_amax, fmt)
@@ -153,7 +163,7 @@ def run_case(label, num_experts, k, n, rows, copy_tbs):
         record(f"unfused QAT {fmt.upper()} (moeq kernels + _grouped_mm)", bench(unfused), 2 * per_expert * active)
     # moeq grouped_qmm
     deploy = {fmt: stored(w_nk, amax, fmt) for fmt in ("fp8", "nvfp4")}
-    for name, w_mode, x_fmt in MODES:
+    for name, w_mode, x_fmt in [m for m in MODES if m[0] in modes]:
         fmt = w_mode.removeprefix("fake_")
         xq = kernels.fake_quant_act(x, offs, x_amax, x_fmt) if x_fmt else x
         if w_mode.startswith("fake_"):
@@ -188,6 +198,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--only", default="", help="run only the cases whose label starts with this (e.g. qwen3)")
+    parser.add_argument("--modes", default=",".join(m[0] for m in MODES),
+                        help="comma-separated kernel rows to run (their anchors come with them; bf16 always)")  # fmt: skip
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
@@ -196,7 +208,7 @@ def main() -> None:
                    python=platform.python_version(), copy_TBps=copy_tbs, results=[])  # fmt: skip
     print(f"HBM copy: {copy_tbs:.2f} TB/s", flush=True)
     for case in [c for c in CASES if c[0].startswith(args.only)]:
-        details["results"] += run_case(*case, copy_tbs)
+        details["results"] += run_case(*case, copy_tbs, modes=args.modes.split(","))
         print(f"  done {case[0]} ({time.time() - started:.0f} s)", flush=True)
     by_key = {(r["case"], r["what"]): r for r in details["results"]}
     rows = [["HBM copy", "-", "-", "-", f"{copy_tbs:.2f}", "-", "-", "-", "-"]]

@@ -221,17 +221,47 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+def _nvfp4_word_bit(byte: int, nibble: int, bit: int) -> int:
+    """Where bit ``bit`` of nibble ``nibble`` of byte ``byte`` of a 32-bit word goes in the deploy order."""
+    lands = (6, 7, 8, 15)[bit] + 16 * nibble  # sign at bf16 bit 15, magnitude at bits 8..6 of each half
+    if byte < 3:
+        return (lands + 3 * byte) % 32  # rotated back by 3 * byte bits
+    return (3, 4, 0, 1)[bit] + 16 * nibble  # moved there by a multiply by 2^3 + 2^8 + 2^14
+
+
+#: destination bit of source bit ``8 * byte + 4 * nibble + bit`` of each word, :func:`interleave_nvfp4_runs`
+NVFP4_WORD_BITS = tuple(_nvfp4_word_bit(b, h, r) for b in range(4) for h in range(2) for r in range(4))
+assert sorted(NVFP4_WORD_BITS) == list(range(32))
+
+
+def _move_word_bits(data: torch.Tensor, destination: tuple[int, ...]) -> torch.Tensor:
+    """Bytes ``[..., 4n]`` as little-endian 32-bit words with bit ``i`` of each word moved to ``destination[i]``."""
+    words = data.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(words)
+    for source, dest in enumerate(destination):
+        out |= ((words >> source) & 1) << dest
+    return out.to(torch.int32).view(torch.uint8)
+
+
 def interleave_nvfp4_runs(packed: torch.Tensor) -> torch.Tensor:
-    """The deploy storage order of packed E2M1 pairs ``[..., K/2]`` (what ``moeq.freeze`` stores): the last
-    dim in runs of 64 bytes (128 K elements), byte ``8j + 4h + c`` of a run at position ``16c + 2j + h``, the
-    last run padded with zero bytes. The fused kernel's MMA tile gives each GPU thread K pairs ``c``, ``c + 4``
-    of every 16-element block of a run: in this order that thread's 16 bytes sit side by side, one 16-byte
-    load instead of sixteen 1-byte ones. Checkpoints and exports keep the plain order."""
+    """The deploy storage order of packed E2M1 pairs ``[..., K/2]`` (what ``moeq.freeze`` stores).
+
+    Bytes: the last dim in runs of 64 bytes (128 K elements), byte ``8j + 4h + c`` of a run at position
+    ``16c + 2j + h``, the last run padded with zero bytes. The fused kernel's MMA tile gives each GPU thread K
+    pairs ``c``, ``c + 4`` of every 16-element block of a run: in this order that thread's 16 bytes sit side
+    by side, one 16-byte load instead of sixteen 1-byte ones.
+
+    Bits: each little-endian 32-bit word of that order holds its four bytes' nibbles where the kernel turns
+    them into bf16 pairs in 2-4 instructions each (:data:`NVFP4_WORD_BITS`): byte ``i < 3`` lands, after a
+    rotation right by ``3 i`` bits, with each nibble's sign at bit 15 (31) and its magnitude at bits 8..6
+    (24..22); byte 3 lands there after masking ``0x001B001B`` and multiplying by ``2^3 + 2^8 + 2^14``.
+
+    Checkpoints and exports keep the plain order."""
     pad = -packed.shape[-1] % NVFP4_RUN_BYTES
     if pad:
         packed = torch.cat((packed, packed.new_zeros(*packed.shape[:-1], pad)), dim=-1)
     runs = packed.reshape(*packed.shape[:-1], -1, 8, 2, 4)  # (run, j, h, c)
-    return runs.movedim(-1, -3).reshape(*packed.shape[:-1], -1)  # (run, c, j, h)
+    return _move_word_bits(runs.movedim(-1, -3).reshape(*packed.shape[:-1], -1), NVFP4_WORD_BITS)  # (run, c, j, h)
 
 
 def deinterleave_nvfp4_runs(stored: torch.Tensor, k: int) -> torch.Tensor:
@@ -241,7 +271,8 @@ def deinterleave_nvfp4_runs(stored: torch.Tensor, k: int) -> torch.Tensor:
             f"NVFP4 deploy data of last dim {stored.shape[-1]} bytes is not whole {NVFP4_RUN_BYTES}-byte runs "
             f"covering K={k}"
         )
-    runs = stored.reshape(*stored.shape[:-1], -1, 4, 8, 2)  # (run, c, j, h)
+    source = tuple(sorted(range(32), key=NVFP4_WORD_BITS.__getitem__))
+    runs = _move_word_bits(stored, source).reshape(*stored.shape[:-1], -1, 4, 8, 2)  # (run, c, j, h)
     return runs.movedim(-3, -1).reshape(*stored.shape[:-1], -1)[..., : k // 2]
 
 

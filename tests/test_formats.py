@@ -264,20 +264,31 @@ def test_pack_layout_low_nibble_first():
 @SETTINGS
 @given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(1, 200))
 def test_nvfp4_runs_layout_and_round_trip(seed, rows, half_k):
-    """Deploy storage order: byte ``8j + 4h + c`` of each 64-byte run at position ``16c + 2j + h`` (checked
-    element by element), the last run zero-padded; deinterleaving recovers the packed bytes."""
+    """Deploy storage order, checked against the kernel's decode rule written out here: byte ``8j + 4h + c``
+    of each 64-byte run sits at position ``16c + 2j + h``, the last run zero-padded; position ``p`` is byte
+    ``p % 4`` of little-endian word ``p // 4``, whose pair comes out of a rotation right by ``3 (p % 4)`` bits
+    (or, for byte 3, a mask by ``0x001B001B`` and a multiply by ``2^3 + 2^8 + 2^14``) with each nibble's sign at
+    bit 15 / 31 and its three magnitude bits at 8..6 / 24..22. Deinterleaving recovers the packed bytes."""
     packed = torch.randint(0, 256, (rows, half_k), generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
     stored = F.interleave_nvfp4_runs(packed)
     runs = -(-half_k // 64)
     assert stored.shape == (rows, 64 * runs)
     padded = torch.cat((packed, packed.new_zeros(rows, 64 * runs - half_k)), dim=1)
-    for run in range(runs):
-        for c in range(4):
-            for j in range(8):
-                for h in range(2):
-                    assert torch.equal(
-                        stored[:, 64 * run + 16 * c + 2 * j + h], padded[:, 64 * run + 8 * j + 4 * h + c]
-                    )
+    b = stored.to(torch.int64)
+    words = b[:, 0::4] | b[:, 1::4] << 8 | b[:, 2::4] << 16 | b[:, 3::4] << 24
+    mask = 0xFFFFFFFF
+    for slot in range(4):
+        if slot < 3:
+            r = ((words >> 3 * slot) | (words << (32 - 3 * slot))) & mask
+        else:
+            r = ((words & 0x001B001B) * (2**3 + 2**8 + 2**14)) & mask
+        low = (r >> 6) & 7 | ((r >> 15) & 1) << 3
+        high = (r >> 22) & 7 | ((r >> 31) & 1) << 3
+        decoded = low | high << 4
+        for word in range(16 * runs):
+            position = 4 * word + slot
+            run, c, j, h = position // 64, position % 64 // 16, position % 16 // 2, position % 2
+            assert torch.equal(decoded[:, word], padded[:, 64 * run + 8 * j + 4 * h + c].to(torch.int64))
     assert torch.equal(F.deinterleave_nvfp4_runs(stored, 2 * half_k), packed)
 
 

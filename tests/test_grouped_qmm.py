@@ -197,7 +197,7 @@ def test_kernel_compiles_for_sm90(w_mode, x_mode, swap):
     from moeq.runtime.kernels.grouped_qmm import W_MODES, X_MODES, _grouped_qmm_kernel
 
     fn = _grouped_qmm_kernel.fn
-    w_ptr = {"fp8": "*fp8e4nv", "nvfp4": "*u8"}.get(w_mode, "*bf16")
+    w_ptr = {"fp8": "*fp8e4nv", "nvfp4": "*i32"}.get(w_mode, "*bf16")
     pointers = dict(x_ptr="*bf16", w_ptr=w_ptr, out_ptr="*bf16", offs_ptr="*i32")
     pointers.update(w_scale_ptr="*fp32", w_block_ptr="*u8", x_amax_ptr="*fp32")
     constexprs = dict(
