@@ -1,6 +1,6 @@
 """Sweep moeq::grouped_qmm tile configs on one case, to choose autotuning candidates from measurements.
 
-Times every (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, FP8_DOT) of a grid with ``do_bench`` (median) next to the
+Times every (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, FP8_DOT, maxnreg) of a grid with ``do_bench`` (median) next to the
 ``torch._grouped_mm`` bf16 anchor of the same case, checks each config against the autotuned kernel's
 output, prints the best configs per (case, mode) and writes all timings as JSON under ``--out``.
 
@@ -46,21 +46,28 @@ def sweep_case(label, num_experts, k, n, rows, modes, grid, deadline):
         want = run().float()
         tuned_ms = bench(run)
         rows_out = []
-        for bm, bn, bk, warps, stages, swap, fp8_dot in grid:
+        for bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg in grid:
             if time.time() > deadline:
                 print("  deadline reached; sweep cut short", flush=True)
                 break
             meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP_AB": bool(swap), "FP8_DOT": bool(fp8_dot)}
-            config = triton.Config(meta, num_warps=warps, num_stages=stages)
+            config = triton.Config(meta, num_warps=warps, num_stages=stages, maxnreg=maxnreg or None)
             try:
                 got = run(config).float()
                 err = ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
                 ms = bench(lambda config=config: run(config))
             except Exception as exc:  # out of shared memory / registers: record and go on
-                rows_out.append(dict(config=[bm, bn, bk, warps, stages, swap, fp8_dot], error=f"{type(exc).__name__}"))
+                rows_out.append(
+                    dict(config=[bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg], error=f"{type(exc).__name__}")
+                )
                 continue
             rows_out.append(
-                dict(config=[bm, bn, bk, warps, stages, swap, fp8_dot], ms=ms, err=err, TBps=weight_bytes / ms / 1e9)
+                dict(
+                    config=[bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg],
+                    ms=ms,
+                    err=err,
+                    TBps=weight_bytes / ms / 1e9,
+                )
             )
         good = sorted((r for r in rows_out if "ms" in r and r["err"] < 1e-2), key=lambda r: r["ms"])
         print(f"{label} {name}: bf16 {bf16_ms:.4f} ms, autotuned {tuned_ms:.4f} ms ({bf16_ms / tuned_ms:.2f}x bf16)")
@@ -85,12 +92,17 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="*", default=[3, 5])
     parser.add_argument("--swap", type=int, nargs="*", default=[0, 1], help="SWAP_AB values (0, 1)")
     parser.add_argument("--fp8-dot", type=int, nargs="*", default=[1], help="FP8_DOT values (0, 1; W8A8/QAT FP8)")
+    parser.add_argument(
+        "--maxnreg", type=int, nargs="*", default=[0], help="register caps per thread (0: ptxas's choice)"
+    )
     parser.add_argument("--seconds", type=float, default=300.0, help="stop sweeping after this long")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     deadline = time.time() + args.seconds
     grid = list(
-        itertools.product(args.block_m, args.block_n, args.block_k, args.warps, args.stages, args.swap, args.fp8_dot)
+        itertools.product(
+            args.block_m, args.block_n, args.block_k, args.warps, args.stages, args.swap, args.fp8_dot, args.maxnreg
+        )
     )
     torch.manual_seed(0)
     results = []

@@ -595,6 +595,8 @@ def grouped_qmm(
                 f"nvfp4 weights are read in 128-element runs of K: BLOCK_K must be a multiple of 128, got {config}"
             )
         meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        if getattr(config, "maxnreg", None) and not interpreting():
+            meta["maxnreg"] = config.maxnreg
         fp8 = fp8_operands(W_MODES[w_mode], X_MODES[x_mode]) and not interpreting()
         meta["FP8_DOT"] = meta.get("FP8_DOT", fp8) and fp8
         grid = grid(config.kwargs)
