@@ -102,6 +102,28 @@ def test_weight_operand_bit_exact(w_mode, dtype, config):
     assert torch.equal(got, expected_w[experts, picks])
 
 
+@pytest.mark.parametrize("n_contiguous", [False, True], ids=["as-frozen", "n-contiguous"])
+def test_stored_nvfp4_several_runs_bit_exact(n_contiguous):
+    """K = 272: two whole 128-element storage runs and a zero-padded third, each tile step reading a run's
+    words; the stored data also given N-contiguous (the launcher makes it K-contiguous for its 32-bit word
+    loads). One-hot rows recover every weight exactly (``deployed_weight_operand``)."""
+    counts, k, n = [5, 0, 11], 272, 24
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    g = torch.Generator().manual_seed(11)
+    w_nk = (torch.randn(3, n, k, generator=g) * torch.logspace(-3, 0, k).view(1, 1, -1)).to(torch.bfloat16)
+    fmt = get_format("nvfp4")
+    q = fmt.quantize(w_nk, expand_per_expert(expert_amax(w_nk), 3), 2)
+    picks = torch.randint(0, k, (16,), generator=g)
+    x = torch.nn.functional.one_hot(picks, k).to(torch.bfloat16)
+    data, scale, block = stored_weight_args(q)
+    if n_contiguous:
+        data = data.contiguous()
+    got = grouped_qmm(x, data, offs, scale, block, None, "nvfp4", None, config=SWAPPED)
+    experts = torch.searchsorted(offs, torch.arange(16, dtype=torch.int32), right=True)
+    expected = deployed_weight_operand(q, torch.bfloat16).transpose(1, 2)
+    assert torch.equal(got, expected[experts, picks])
+
+
 @pytest.mark.parametrize("x_fmt", ["fp8", "nvfp4"])
 @pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per-expert"])
 def test_activation_operand_bit_exact(x_fmt, per_expert):
