@@ -250,7 +250,7 @@ def _move_word_bits(data: torch.Tensor, destination: tuple[int, ...]) -> torch.T
     """Bytes ``[..., 4n]`` as little-endian 32-bit words with bit ``i`` of each word moved to ``destination[i]``
     (two table lookups per word)."""
     tables = _half_word_tables(destination).to(data.device)
-    halves = data.contiguous().view(torch.int16).view(*data.shape[:-1], -1, 2).to(torch.int32) & 0xFFFF
+    halves = data.contiguous().view(torch.int16).view(*data.shape[:-1], -1, 2).to(torch.int64) & 0xFFFF
     return (tables[0][halves[..., 0]] | tables[1][halves[..., 1]]).view(torch.uint8).reshape(data.shape)
 
 
