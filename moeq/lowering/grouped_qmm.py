@@ -7,7 +7,7 @@ cumulative ``offs``; rows at or past ``offs[-1]`` come out as zeros. Modes:
 - ``"qat"``: ``w`` is the float weight, ``w_scale`` its per-expert amax ``[E]``; the weight is fake-quantized
   in ``w_fmt`` (FP8 per expert, NVFP4 per 16-block along K) as it is loaded. STE backward.
 - ``"deploy"``: ``w`` is stored by :mod:`moeq.passes.freeze`: e4m3 ``[E, K, N]`` with the FP8 scale ``[E]``,
-  or packed E2M1 pairs along K (uint8 ``[E, K/2, N]``, K/2 in the 64-byte runs of
+  or packed E2M1 pairs along K (uint8 ``[E, cdiv(K, 128) * 64, N]``, in the 64-byte runs and word bit order of
   :func:`moeq.formats.interleave_nvfp4_runs`) + e4m3 block scales ``[E, K/16, N]`` + global scale.
 
 ``x_fmt`` (None: A16) fake-quantizes routed activation rows with the static amax ``x_amax`` ([1] or [E]).

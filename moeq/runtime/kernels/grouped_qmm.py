@@ -13,8 +13,9 @@ adjacent program ids, so an x tile is read from HBM once and an expert's weight 
 
 Weight modes (``W_MODE``): ``plain`` (no quantization), ``fake_fp8`` / ``fake_nvfp4`` (QAT: weight
 fake-quantized as loaded, NVFP4 block amax from the 16-blocks of the tile), ``fp8`` (stored e4m3 bits +
-per-expert scale), ``nvfp4`` (stored packed E2M1 pairs along K in the 64-byte runs of
-:func:`moeq.formats.interleave_nvfp4_runs` + e4m3 block scales + per-expert global scale). Activation modes
+per-expert scale), ``nvfp4`` (stored packed E2M1 pairs along K in the 64-byte runs and word bit order of
+:func:`moeq.formats.interleave_nvfp4_runs`, read as 32-bit words, so a view that is not K-contiguous is copied
+once, + e4m3 block scales + per-expert global scale). Activation modes
 (``X_MODE``): none, ``fp8`` / ``nvfp4`` fake quant as loaded (static amax [1] or per expert [E]; NVFP4 with
 dynamic 16-blocks). FP8 operands (fake-quantized or stored) enter the dot as their e4m3 values (exact in
 every input dtype) and their scales multiply the fp32 accumulator once per tile; when both operands are FP8
