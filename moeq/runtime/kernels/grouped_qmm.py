@@ -183,8 +183,9 @@ def _as_operand(v, x_ptr, FP8_DOT: tl.constexpr):
 def _nvfp4_operand(words, block_bits, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    INTERPRET: tl.constexpr):  # fmt: skip
     """The weight tile ``[BLOCK_N, BLOCK_K]`` as ``e2m1(code) * e4m3(block) * 2^-8`` in ``dtype``, from the stored
-    bytes ``[BLOCK_N, BLOCK_K // 2]`` (E2M1 pairs, element 2j in the low nibble of byte j, 2j + 1 in the high
-    one, in the 64-byte runs of :func:`moeq.formats.interleave_nvfp4_runs`) and e4m3 block-scale bits
+    words ``[BLOCK_N, BLOCK_K // 8]`` (uint32: E2M1 pairs, element 2j in the low nibble of byte j, 2j + 1 in the
+    high one, in the 64-byte runs and word bit order of :func:`moeq.formats.interleave_nvfp4_runs`) and e4m3
+    block-scale bits
     ``[BLOCK_N, BLOCK_K // 16]``. Exact in every input dtype (a product of a 2-bit and a 4-bit significand
     within [2^-18, 11]); the per-expert global scale multiplies the fp32 accumulator, as the FP8 per-tensor
     scales do.
@@ -454,8 +455,8 @@ def _grouped_qmm_kernel(
         w2_ptrs = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + k2[None, :] * stride_wk
         w2_mask = n_mask[:, None] & (k2 < K)[None, :]
         if W_MODE == W_NVFP4:
-            # packed E2M1 pairs in freeze's 64-byte runs (whole runs: the last one is zero-padded); the decode
-            # puts them back in K order in registers
+            # 32-bit words of freeze's 64-byte runs (whole runs: the last one is zero-padded); the decode puts
+            # the pairs back in K order in registers
             kq = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             q_ptr = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + kq[None, :] * stride_wk
             words = tl.load(q_ptr, mask=n_mask[:, None] & (kq < tl.cdiv(K, 128) * 16)[None, :], other=0)
