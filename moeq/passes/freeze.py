@@ -2,8 +2,8 @@
 
 ``moeq.freeze(model)`` (after ``finalize()``) quantizes every expert weight with its finalized per-expert
 amax into the stored form of :meth:`moeq.formats.QuantFormat.quantize` (K-last: FP8 e4m3 ``[E, N, K]`` +
-scale ``[E]``; NVFP4 packed E2M1 pairs ``[E, N, K/2]``, in the 64-byte runs of
-:func:`~moeq.formats.interleave_nvfp4_runs` that the fused kernel reads whole, + e4m3 block scales
+scale ``[E]``; NVFP4 packed E2M1 pairs ``[E, N, cdiv(K, 128) * 64]``, in the 64-byte runs and word bit order of
+:func:`~moeq.formats.interleave_nvfp4_runs` that the fused kernel decodes, + e4m3 block scales
 ``[E, N, K/16]`` + global scale ``[E]``), kept as buffers of the weight's :class:`~moeq.state.ExpertQuantState`. The parameter is replaced
 by a stand-in of the same shape and dtype that holds one expert's worth of zeros broadcast over the
 expert dim (1/E of the float weight: grouped-GEMM shape checks want real strides in the last two dims),
@@ -18,6 +18,7 @@ import logging
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from moeq.formats import QuantizedTensor, expand_per_expert, get_format, interleave_nvfp4_runs
 from moeq.state import ModelQuantState, get_state, register_owner
@@ -34,7 +35,7 @@ def _owner(root: torch.nn.Module, fqn: str) -> tuple[torch.nn.Module, str]:
 
 def stored_form(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The deploy buffers of a quantized weight, K-last and contiguous: the data as uint8 (NVFP4 pairs in the
-    64-byte runs of :func:`~moeq.formats.interleave_nvfp4_runs`), the per-tensor scale ``[E]`` in fp32, the
+    deploy order of :func:`~moeq.formats.interleave_nvfp4_runs`), the per-tensor scale ``[E]`` in fp32, the
     NVFP4 block scales as uint8 (empty for FP8). What :func:`freeze` keeps and the fused kernel reads."""
     data, scale = q.data.view(torch.uint8), q.scale.reshape(-1).float().contiguous()
     if q.block_scale is None:
@@ -59,7 +60,8 @@ def freeze(model: Any) -> ModelQuantState:
         if s.expert_dim != 0:
             raise ValueError(f"freeze(): {fqn} has its experts along dim {s.expert_dim}; only dim 0 is supported")
     with torch.no_grad():
-        for fqn, s in sorted(state.items()):
+        items = sorted(state.items())
+        for fqn, s in tqdm(items, desc="moeq freeze", unit="weight", disable=len(items) < 8):
             w = state.weight(fqn)
             amax = expand_per_expert(s.weight_amax.to(w.device), w.dim(), s.expert_dim)
             q = fmt.quantize(w.detach(), amax, s.contraction_dim)
