@@ -38,6 +38,24 @@ def test_table_reports_coverage_amax_and_skips():
     assert "Not rewritten:" in text and "mlp.gate.weight" in text and "self_attn.q_proj.weight" in text
 
 
+def test_deploy_reports_stored_bytes():
+    """After freeze() the header says deploy and gives the stored bytes: per NVFP4 expert weight [E, N, K],
+    whole 64-byte runs of packed pairs per row, one e4m3 scale per 16-block, one fp32 global scale per expert."""
+    model, cm = _finalized_qwen()
+    moeq.freeze(cm)
+    report = moeq.explain(cm)
+    expected = 0
+    for row in report.rows():
+        s = moeq.quant_state(model)[row["fqn"]]
+        shape = list(s.weight_shape)
+        k = shape[s.contraction_dim]
+        e, n = shape[0], shape[1] * shape[2] // k
+        want = e * n * (-(-k // 128) * 64 + k // 16) + 4 * e
+        assert row["stored_bytes"] == want, row["fqn"]
+        expected += want
+    assert f"deploy: expert weights stored quantized, {expected / 2**20:.2f} MiB" in str(report)
+
+
 def test_graph_views(tmp_path):
     """to_networkx / to_dot / to_svg describe parameter -> quantizer -> GEMM <- quantizer for each GEMM."""
     _, cm = _finalized_qwen(moeq.FP8)

@@ -119,6 +119,9 @@ class Explanation:
                     "input_amax": s.input_amax.tolist(),
                     "observed_input_amax": s.observed_input_amax.tolist(),
                     "flags": dict(s.flags),
+                    "stored_bytes": sum(
+                        t.numel() * t.element_size() for t in (s.frozen_data, s.frozen_scale, s.frozen_block_scale)
+                    ),
                 }
             )
         return out
@@ -127,6 +130,9 @@ class Explanation:
     def __str__(self) -> str:
         state = self.state
         status = "finalized" if state.finalized else f"mode={state.mode}"
+        if state.mode == "deploy":
+            stored = sum(row["stored_bytes"] for row in self.rows())
+            status = f"deploy: expert weights stored quantized, {stored / 2**20:.2f} MiB"
         head = (
             f"moeq: {len(self.rewritten)} expert GEMMs rewritten, {len(self.skipped)} candidates not rewritten "
             f"[{state.config.name}, act_scale={state.config.act_scale}, {status}]"
