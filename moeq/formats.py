@@ -42,6 +42,7 @@ __all__ = [
     "interleave_nvfp4_runs",
     "deinterleave_nvfp4_runs",
     "NVFP4_RUN_BYTES",
+    "NVFP4_WORD_BITS",
     "available_formats",
     "block_amax",
     "nvfp4_blocks",
@@ -233,6 +234,8 @@ def _nvfp4_word_bit(byte: int, nibble: int, bit: int) -> int:
 #: destination bit of source bit ``8 * byte + 4 * nibble + bit`` of each word, :func:`interleave_nvfp4_runs`
 NVFP4_WORD_BITS = tuple(_nvfp4_word_bit(b, h, r) for b in range(4) for h in range(2) for r in range(4))
 assert sorted(NVFP4_WORD_BITS) == list(range(32))
+#: the inverse: source bit of each destination bit, :func:`deinterleave_nvfp4_runs`
+_NVFP4_WORD_SOURCES = tuple(sorted(range(32), key=NVFP4_WORD_BITS.__getitem__))
 
 
 @functools.cache
@@ -282,8 +285,7 @@ def deinterleave_nvfp4_runs(stored: torch.Tensor, k: int) -> torch.Tensor:
             f"NVFP4 deploy data of last dim {stored.shape[-1]} bytes is not whole {NVFP4_RUN_BYTES}-byte runs "
             f"covering K={k}"
         )
-    source = tuple(sorted(range(32), key=NVFP4_WORD_BITS.__getitem__))
-    runs = _move_word_bits(stored, source).reshape(*stored.shape[:-1], -1, 4, 8, 2)  # (run, c, j, h)
+    runs = _move_word_bits(stored, _NVFP4_WORD_SOURCES).reshape(*stored.shape[:-1], -1, 4, 8, 2)  # (run, c, j, h)
     return runs.movedim(-3, -1).reshape(*stored.shape[:-1], -1)[..., : k // 2]
 
 

@@ -129,9 +129,10 @@ class Explanation:
     # -- text ------------------------------------------------------------------------------------
     def __str__(self) -> str:
         state = self.state
+        table = self.rows()
         status = "finalized" if state.finalized else f"mode={state.mode}"
         if state.mode == "deploy":
-            stored = sum(row["stored_bytes"] for row in self.rows())
+            stored = sum(row["stored_bytes"] for row in table)
             status = f"deploy: expert weights stored quantized, {stored / 2**20:.2f} MiB"
         head = (
             f"moeq: {len(self.rewritten)} expert GEMMs rewritten, {len(self.skipped)} candidates not rewritten "
@@ -150,7 +151,7 @@ class Explanation:
             "flags",
         ]
         rows = []
-        for row in self.rows():
+        for row in table:
             tokens = row["tokens"]
             input_amax = row["input_amax"] if state.finalized else row["observed_input_amax"]
             rows.append(
@@ -168,7 +169,7 @@ class Explanation:
                 ]
             )
         parts = [head, "", format_table(header, rows)]
-        flagged = [(row["fqn"], e, note) for row in self.rows() for e, note in sorted(row["flags"].items())]
+        flagged = [(row["fqn"], e, note) for row in table for e, note in sorted(row["flags"].items())]
         if flagged:
             parts += ["", "Flagged experts:"]
             parts += [f"  {fqn} expert {e}: {note}" for fqn, e, note in flagged]

@@ -15,9 +15,8 @@ Weight modes (``W_MODE``): ``plain`` (no quantization), ``fake_fp8`` / ``fake_nv
 fake-quantized as loaded, NVFP4 block amax from the 16-blocks of the tile), ``fp8`` (stored e4m3 bits +
 per-expert scale), ``nvfp4`` (stored packed E2M1 pairs along K in the 64-byte runs and word bit order of
 :func:`moeq.formats.interleave_nvfp4_runs`, read as 32-bit words, so a view that is not K-contiguous is copied
-once, + e4m3 block scales + per-expert global scale). Activation modes
-(``X_MODE``): none, ``fp8`` / ``nvfp4`` fake quant as loaded (static amax [1] or per expert [E]; NVFP4 with
-dynamic 16-blocks). FP8 operands (fake-quantized or stored) enter the dot as their e4m3 values (exact in
+once, + e4m3 block scales + per-expert global scale). Activation modes (``X_MODE``): none, ``fp8`` /
+``nvfp4`` fake quant as loaded (static amax [1] or per expert [E]; NVFP4 with dynamic 16-blocks). FP8 operands (fake-quantized or stored) enter the dot as their e4m3 values (exact in
 every input dtype) and their scales multiply the fp32 accumulator once per tile; when both operands are FP8
 (QAT FP8, deploy W8A8) the dot runs on the FP8 tensor cores. Fake-quantized NVFP4 operands enter as
 ``e2m1 * (block scale * global scale)`` in the input dtype; stored NVFP4 weights as ``e2m1 * block scale``
@@ -185,10 +184,9 @@ def _nvfp4_operand(words, block_bits, dtype: tl.constexpr, BLOCK_N: tl.constexpr
     """The weight tile ``[BLOCK_N, BLOCK_K]`` as ``e2m1(code) * e4m3(block) * 2^-8`` in ``dtype``, from the stored
     words ``[BLOCK_N, BLOCK_K // 8]`` (uint32: E2M1 pairs, element 2j in the low nibble of byte j, 2j + 1 in the
     high one, in the 64-byte runs and word bit order of :func:`moeq.formats.interleave_nvfp4_runs`) and e4m3
-    block-scale bits
-    ``[BLOCK_N, BLOCK_K // 16]``. Exact in every input dtype (a product of a 2-bit and a 4-bit significand
-    within [2^-18, 11]); the per-expert global scale multiplies the fp32 accumulator, as the FP8 per-tensor
-    scales do.
+    block-scale bits ``[BLOCK_N, BLOCK_K // 16]``. Exact in every input dtype (a product of a 2-bit and a 4-bit
+    significand within [2^-18, 11]); the per-expert global scale multiplies the fp32 accumulator, as the FP8
+    per-tensor scales do.
 
     bf16 on the GPU: each byte becomes one bf16 pair straight from its word's bits (:func:`_e2m1_words_as_bf16x2`,
     two to four instructions per pair), decoded in storage order, where Triton gives each thread of the MMA
@@ -597,7 +595,7 @@ def grouped_qmm(
                 f"nvfp4 weights are read in 128-element runs of K: BLOCK_K must be a multiple of 128, got {config}"
             )
         meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        if getattr(config, "maxnreg", None) and not interpreting():
+        if config.maxnreg and not interpreting():
             meta["maxnreg"] = config.maxnreg
         fp8 = fp8_operands(W_MODES[w_mode], X_MODES[x_mode]) and not interpreting()
         meta["FP8_DOT"] = meta.get("FP8_DOT", fp8) and fp8
