@@ -75,6 +75,24 @@ def test_deploy_matches_reference(w_fmt, x_fmt, shape, config):
     assert _rel(got, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
 
 
+@pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])
+def test_one_row_experts_fill_the_grid_bound(config):
+    """Every expert gets one row (each its own partial m-tile) and 12 unrouted tail rows follow: with 16-row
+    tiles the batch needs exactly the grid's bound, ``cdiv(M, BLOCK_M) + min(E, M)`` = 1 + 4 m-tiles. K = 256
+    takes two tile steps, so the block scales loaded one step ahead are used. Every row matches the reference
+    and the tail is zero."""
+    x, w_nk, offs = _problem([1, 1, 1, 1], 256, 24, 12, torch.bfloat16, 5)
+    fmt = get_format("nvfp4")
+    q = fmt.quantize(w_nk, expand_per_expert(expert_amax(w_nk), 3), 2)
+    data, scale, block = stored_weight_args(q)
+    got = grouped_qmm(x, data, offs, scale, block, None, "nvfp4", None, config=config)
+    ref = per_expert_matmul_f64(x, fmt.dequantize(q, torch.bfloat16).transpose(1, 2), offs)
+    routed = int(offs[-1])
+    per_row = (got[:routed].double() - ref[:routed]).norm(dim=1) / ref[:routed].norm(dim=1)
+    assert per_row.max() < 1e-2, per_row
+    assert torch.equal(got[routed:], torch.zeros_like(got[routed:]))
+
+
 @pytest.mark.parametrize("w_mode", ["fake_fp8", "fake_nvfp4", "fp8", "nvfp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])

@@ -6,10 +6,11 @@ cumulative ``offs [E]`` (empty experts allowed). Rows at or past ``offs[-1]`` be
 are written as zeros by the same launch.
 
 Tile schedule: one program per (expert m-tile, n-tile). The grid is an upper bound computed on the host
-from shapes only, ``(cdiv(M, BLOCK_M) + E + 1) * cdiv(N, BLOCK_N)``; each program derives its expert and
-row range from ``offs`` on the device (prefix sum over per-expert m-tile counts), so no host sync, and no
-tile ever straddles two experts (per-expert scales are scalars per tile). n-tiles of one m-tile are
-adjacent program ids, so an x tile is read from HBM once and an expert's weight stays in L2.
+from shapes only, ``(cdiv(M, BLOCK_M) + min(E, M)) * cdiv(N, BLOCK_N)`` (each routed expert adds at most one
+partial m-tile; spare programs exit at once); each program derives its expert and row range from ``offs`` on
+the device (prefix sum over per-expert m-tile counts), so no host sync, and no tile ever straddles two experts
+(per-expert scales are scalars per tile). n-tiles of one m-tile are adjacent program ids, so an x tile is read
+from HBM once and an expert's weight stays in L2.
 
 Weight modes (``W_MODE``): ``plain`` (no quantization), ``fake_fp8`` / ``fake_nvfp4`` (QAT: weight
 fake-quantized as loaded, NVFP4 block amax from the 16-blocks of the tile), ``fp8`` (stored e4m3 bits +
@@ -143,9 +144,9 @@ def _decode_config(w_mode: int, x_mode: int, n: int) -> triton.Config | None:
     if w_mode == W_MODES["fp8"] and x_mode == X_MODES["fp8"]:
         meta = {"BLOCK_M": 16, "BLOCK_N": 256 if wide else 128, "BLOCK_K": 128, "SWAP_AB": True, "FP8_DOT": True}
         warps = 8
-    elif w_mode == W_MODES["nvfp4"] and x_mode == X_MODES[None]:  # H200 sweep, session 9: 64 wide for both
+    elif w_mode == W_MODES["nvfp4"] and x_mode == X_MODES[None]:  # H200 sweeps: 64 wide for both, 56 registers
         meta = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SWAP_AB": True, "FP8_DOT": False}
-        warps = 4
+        return triton.Config(meta, num_warps=4, num_stages=3, maxnreg=56)  # 9 CTAs per SM instead of 7
     else:
         return None
     return triton.Config(meta, num_warps=warps, num_stages=3)
@@ -176,6 +177,14 @@ def _as_operand(v, x_ptr, FP8_DOT: tl.constexpr):
         return v
     else:
         return v.to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _block_scale_bits(row_ptrs, k0, k_end, n_mask, stride_bk, K, BLOCK_K: tl.constexpr):
+    """The e4m3 block-scale bytes ``[BLOCK_N, BLOCK_K // 16]`` of the tile step at ``k0`` (zeros past ``k_end``)."""
+    kblk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    mask = n_mask[:, None] & (kblk < K // 16)[None, :] & (kblk < k_end // 16)[None, :]
+    return tl.load(row_ptrs + kblk[None, :] * stride_bk, mask=mask, other=0)
 
 
 @triton.jit
@@ -434,6 +443,9 @@ def _grouped_qmm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if W_MODE == W_NVFP4:
+        sb_base = w_block_ptr + e * stride_be + cols_n.to(tl.int64)[:, None] * stride_bn
+        sb_next = _block_scale_bits(sb_base, 0, k_end, n_mask, stride_bk, K, BLOCK_K)
     for k0 in range(0, k_end, BLOCK_K):
         ks = k0 + kb[None, :, :]
         k_mask = ks < K
@@ -458,9 +470,10 @@ def _grouped_qmm_kernel(
             kq = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             q_ptr = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + kq[None, :] * stride_wk
             words = tl.load(q_ptr, mask=n_mask[:, None] & (kq < tl.cdiv(K, 128) * 16)[None, :], other=0)
-            kblk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
-            sb_ptr = w_block_ptr + e * stride_be + cols_n.to(tl.int64)[:, None] * stride_bn + kblk[None, :] * stride_bk
-            sb_bits = tl.load(sb_ptr, mask=n_mask[:, None] & (kblk < K // 16)[None, :], other=0)
+            # block scales are loaded one step ahead, by hand: byte loads are not staged by the pipeliner, and
+            # loaded where they are used each step would wait a full memory latency
+            sb_bits = sb_next
+            sb_next = _block_scale_bits(sb_base, k0 + BLOCK_K, k_end, n_mask, stride_bk, K, BLOCK_K)
             wq = _nvfp4_operand(words.to(tl.uint32, bitcast=True), sb_bits, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K,
                                 INTERPRET)  # fmt: skip
         elif W_MODE == W_FP8:
@@ -584,8 +597,8 @@ def grouped_qmm(
         block = w_block_scale.view(torch.uint8)
         b_strides = block.stride()
 
-    def grid(meta):
-        return ((triton.cdiv(m, meta["BLOCK_M"]) + num_experts + 1) * triton.cdiv(n, meta["BLOCK_N"]),)
+    def grid(meta):  # m-tiles: at most cdiv(m, BLOCK_M) + one partial tile per routed expert (see the module doc)
+        return ((triton.cdiv(m, meta["BLOCK_M"]) + min(num_experts, m)) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     kernel, meta = _grouped_qmm_kernel, {}
     if config is not None:
