@@ -3,6 +3,8 @@ autograd of the unfused reference, freeze(), and the Inductor pass that puts the
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import triton
@@ -199,7 +201,7 @@ def test_kernel_compiles_for_sm90(w_mode, x_mode, swap):
     fn = _grouped_qmm_kernel.fn
     w_ptr = {"fp8": "*fp8e4nv", "nvfp4": "*i32"}.get(w_mode, "*bf16")
     pointers = dict(x_ptr="*bf16", w_ptr=w_ptr, out_ptr="*bf16", offs_ptr="*i32")
-    pointers.update(w_scale_ptr="*fp32", w_block_ptr="*u8", x_amax_ptr="*fp32")
+    pointers.update(w_scale_ptr="*fp32", w_block_ptr="*i32", x_amax_ptr="*fp32")
     constexprs = dict(
         E_POW2=128, W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode], X_PER_EXPERT=False,
         FP8_DOT=w_mode in ("fp8", "fake_fp8") and x_mode == "fp8", DOT_IEEE=False, INTERPRET=False,
@@ -220,6 +222,26 @@ def test_kernel_compiles_for_sm90(w_mode, x_mode, swap):
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
     if w_mode == "nvfp4":  # E2M1 bits straight into bf16 pairs, block scale by a bf16x2 FMA
         assert "fma.rn.bf16x2" in ptx
+        # block scales come as 32-bit words: byte loads cost a memory request per byte and are not pipelined
+        assert not re.search(r"ld\.global[.\w]*\.[bu]8 ", ptx)
+
+
+def test_block_scale_words_views_or_pads():
+    """The NVFP4 block scales reach the kernel as int32 words of four K-contiguous scales: freeze's
+    ``[E, N, K/16]`` storage as it is when K/16 is a multiple of 4, else a copy with each row zero-padded; the
+    bytes are the scales, in K order, whatever the strides of the ``[E, K/16, N]`` argument."""
+    from moeq.runtime.kernels.grouped_qmm import block_scale_words
+
+    for blocks in (16, 17, 3):
+        stored = torch.randint(0, 127, (2, 24, blocks), dtype=torch.uint8)  # freeze's [E, N, K/16]
+        for arg in (stored.transpose(1, 2), stored.transpose(1, 2).contiguous()):
+            words = block_scale_words(arg.view(torch.float8_e4m3fn))
+            assert words.dtype == torch.int32 and words.shape == (2, 24, triton.cdiv(blocks, 4))
+            as_bytes = words.view(torch.uint8)
+            assert torch.equal(as_bytes[..., :blocks], stored)
+            assert not as_bytes[..., blocks:].any()
+            shares = words.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()
+            assert shares == (blocks % 4 == 0 and arg.stride(1) == 1), (blocks, arg.stride())
 
 
 def test_training_step_matches_unfused():

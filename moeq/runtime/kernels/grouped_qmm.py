@@ -180,20 +180,21 @@ def _as_operand(v, x_ptr, FP8_DOT: tl.constexpr):
 
 
 @triton.jit
-def _block_scale_bits(row_ptrs, k0, k_end, n_mask, stride_bk, K, BLOCK_K: tl.constexpr):
-    """The e4m3 block-scale bytes ``[BLOCK_N, BLOCK_K // 16]`` of the tile step at ``k0`` (zeros past ``k_end``)."""
-    kblk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
-    mask = n_mask[:, None] & (kblk < K // 16)[None, :] & (kblk < k_end // 16)[None, :]
-    return tl.load(row_ptrs + kblk[None, :] * stride_bk, mask=mask, other=0)
+def _block_scale_words(row_ptrs, k0, k_end, n_mask, stride_bk, K, BLOCK_K: tl.constexpr):
+    """The e4m3 block scales ``[BLOCK_N, BLOCK_K // 64]`` of the tile step at ``k0`` as 32-bit words (block
+    ``4 w + i`` in byte ``i`` of word ``w``; zeros past ``k_end``)."""
+    kw = k0 // 64 + tl.arange(0, BLOCK_K // 64)
+    mask = n_mask[:, None] & (kw < tl.cdiv(K // 16, 4))[None, :] & (kw * 64 < k_end)[None, :]
+    return tl.load(row_ptrs + kw[None, :] * stride_bk, mask=mask, other=0).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
-def _nvfp4_operand(words, block_bits, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _nvfp4_operand(words, scale_words, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    INTERPRET: tl.constexpr):  # fmt: skip
     """The weight tile ``[BLOCK_N, BLOCK_K]`` as ``e2m1(code) * e4m3(block) * 2^-8`` in ``dtype``, from the stored
     words ``[BLOCK_N, BLOCK_K // 8]`` (uint32: E2M1 pairs, element 2j in the low nibble of byte j, 2j + 1 in the
-    high one, in the 64-byte runs and word bit order of :func:`moeq.formats.interleave_nvfp4_runs`) and e4m3
-    block-scale bits ``[BLOCK_N, BLOCK_K // 16]``. Exact in every input dtype (a product of a 2-bit and a 4-bit
+    high one, in the 64-byte runs and word bit order of :func:`moeq.formats.interleave_nvfp4_runs`) and the e4m3
+    block scales ``[BLOCK_N, BLOCK_K // 64]`` (uint32: block 4w + i in byte i of word w). Exact in every input dtype (a product of a 2-bit and a 4-bit
     significand within [2^-18, 11]); the per-expert global scale multiplies the fp32 accumulator, as the FP8
     per-tensor scales do.
 
@@ -204,19 +205,23 @@ def _nvfp4_operand(words, block_bits, dtype: tl.constexpr, BLOCK_N: tl.constexpr
     RUNS: tl.constexpr = BLOCK_K // 128
     if dtype == tl.bfloat16 and not INTERPRET:
         # word 4c + i of a run holds blocks 2i and 2i + 1: its bytes 0, 1 take the first scale, 2, 3 the second
-        pair = tl.reshape(_block_scales_as_bf16x2(block_bits), (BLOCK_N, RUNS, 1, 4, 2))
+        s0, s1, s2, s3 = _block_scales_as_bf16x2(scale_words)
+        pair = tl.reshape(_word_parts_in_order(s0, s1, s2, s3, BLOCK_N, BLOCK_K // 16), (BLOCK_N, RUNS, 1, 4, 2))
         first, second = tl.split(tl.reshape(tl.broadcast_to(pair, (BLOCK_N, RUNS, 4, 4, 2)), (BLOCK_N, RUNS * 16, 2)))
         b0, b1, b2, b3 = _e2m1_words_as_bf16x2(words, first, second)
-        pairs = _runs_in_k_order(_bytes_in_storage_order(b0, b1, b2, b3, BLOCK_N, BLOCK_K), BLOCK_N, RUNS)
+        pairs = _runs_in_k_order(_word_parts_in_order(b0, b1, b2, b3, BLOCK_N, BLOCK_K // 2), BLOCK_N, RUNS)
         low, high = _split_halves(pairs)
         out = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K)).to(tl.bfloat16, bitcast=True)
     else:  # the same bits as the GPU path, read back as E2M1 codes
         b0, b1, b2, b3 = _landed_bytes(words)
-        pairs = _runs_in_k_order(_bytes_in_storage_order(b0, b1, b2, b3, BLOCK_N, BLOCK_K), BLOCK_N, RUNS)
+        pairs = _runs_in_k_order(_word_parts_in_order(b0, b1, b2, b3, BLOCK_N, BLOCK_K // 2), BLOCK_N, RUNS)
         low = ((pairs >> 6) & 7) | ((pairs >> 12) & 8)
         high = ((pairs >> 22) & 7) | ((pairs >> 28) & 8)
         codes = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K // 16, 16)).to(tl.int32)
-        scale = _decode_e4m3(block_bits.to(tl.int32), INTERPRET) * 0.00390625
+        sw = scale_words.to(tl.int32, bitcast=True)
+        block_bits = _word_parts_in_order(sw & 255, (sw >> 8) & 255, (sw >> 16) & 255, (sw >> 24) & 255, BLOCK_N,
+                                          BLOCK_K // 16)  # fmt: skip
+        scale = _decode_e4m3(block_bits, INTERPRET) * 0.00390625
         out = tl.reshape((_decode_e2m1(codes) * scale[:, :, None]).to(dtype), (BLOCK_N, BLOCK_K))
     return out
 
@@ -233,11 +238,11 @@ def _landed_bytes(words):
 
 
 @triton.jit
-def _bytes_in_storage_order(b0, b1, b2, b3, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-byte values given as byte ``i`` of each stored word (four ``[BLOCK_N, BLOCK_K // 8]`` tensors) as one
-    ``[BLOCK_N, BLOCK_K // 2]`` tensor in storage order (``tl.join`` adds the new axis last: the outer join
-    takes bytes 0 | 1, the inner ones 0 | 2 and 1 | 3)."""
-    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BLOCK_N, BLOCK_K // 2))
+def _word_parts_in_order(b0, b1, b2, b3, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """Per-byte values given as byte ``i`` of each word (four ``[ROWS, WIDTH // 4]`` tensors) as one ``[ROWS,
+    WIDTH]`` tensor in storage order, byte ``i`` of word ``w`` at ``4 w + i`` (``tl.join`` adds the new axis
+    last: the outer join takes bytes 0 | 1, the inner ones 0 | 2 and 1 | 3)."""
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (ROWS, WIDTH))
 
 
 @triton.jit
@@ -294,18 +299,18 @@ _E4M3_SCALES_AS_BF16X2 = tl.constexpr(
 
 
 @triton.jit
-def _block_scales_as_bf16x2(block_bits):
-    """Per e4m3 block-scale byte, the bf16 pair ``(s, s) * 2^118`` as 32 bits (PTX, the GPU path only): the
-    scale operand of :func:`_e2m1_words_as_bf16x2`, computed once per scale before it is spread over the
-    MMA layout (declared impure so that Triton keeps it there instead of recomputing it for each of the four
-    threads that share a scale: 44 fewer instructions per 64x128 tile step in the SASS)."""
+def _block_scales_as_bf16x2(scale_words):
+    """Per 32-bit word of four e4m3 block scales, the bf16 pairs ``(s, s) * 2^118`` of its bytes 0..3 as four
+    tensors (PTX, the GPU path only): the scale operands of :func:`_e2m1_words_as_bf16x2`, computed once per
+    scale before they are spread over the MMA layout (declared impure so that Triton keeps them there instead
+    of recomputing them for each of the four threads that share a scale)."""
     return tl.inline_asm_elementwise(
         asm=_E4M3_SCALES_AS_BF16X2,
         constraints="=r,=r,=r,=r,r",
-        args=[block_bits],
-        dtype=tl.uint32,
+        args=[scale_words],
+        dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32),
         is_pure=False,
-        pack=4,
+        pack=1,
     )
 
 
@@ -445,7 +450,7 @@ def _grouped_qmm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if W_MODE == W_NVFP4:
         sb_base = w_block_ptr + e * stride_be + cols_n.to(tl.int64)[:, None] * stride_bn
-        sb_next = _block_scale_bits(sb_base, 0, k_end, n_mask, stride_bk, K, BLOCK_K)
+        sb_next = _block_scale_words(sb_base, 0, k_end, n_mask, stride_bk, K, BLOCK_K)
     for k0 in range(0, k_end, BLOCK_K):
         ks = k0 + kb[None, :, :]
         k_mask = ks < K
@@ -470,12 +475,13 @@ def _grouped_qmm_kernel(
             kq = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             q_ptr = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + kq[None, :] * stride_wk
             words = tl.load(q_ptr, mask=n_mask[:, None] & (kq < tl.cdiv(K, 128) * 16)[None, :], other=0)
-            # block scales are loaded one step ahead, by hand: byte loads are not staged by the pipeliner, and
-            # loaded where they are used each step would wait a full memory latency
-            sb_bits = sb_next
-            sb_next = _block_scale_bits(sb_base, k0 + BLOCK_K, k_end, n_mask, stride_bk, K, BLOCK_K)
-            wq = _nvfp4_operand(words.to(tl.uint32, bitcast=True), sb_bits, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K,
-                                INTERPRET)  # fmt: skip
+            # block scales: 32-bit words of four (byte loads cost one memory request per byte), requested one
+            # step ahead of their use (loaded in the step that uses them, the H200 measured them on the critical
+            # path; requested ahead, Triton stages them through shared memory and keeps the decode's layout)
+            scale_words = sb_next
+            sb_next = _block_scale_words(sb_base, k0 + BLOCK_K, k_end, n_mask, stride_bk, K, BLOCK_K)
+            wq = _nvfp4_operand(words.to(tl.uint32, bitcast=True), scale_words, x_ptr.dtype.element_ty, BLOCK_N,
+                                BLOCK_K, INTERPRET)  # fmt: skip
         elif W_MODE == W_FP8:
             if INTERPRET:  # stored bits (uint8) decoded by hand
                 wq = _decode_e4m3(tl.load(w2_ptrs, mask=w2_mask, other=0).to(tl.int32), INTERPRET)
@@ -542,6 +548,19 @@ def _check(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_mode: str, x_
         raise ValueError(f"grouped_qmm operands are on different devices: {sorted(map(str, devices))}")
 
 
+def block_scale_words(w_block_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 block scales ``[E, K/16, N]`` as the int32 words ``[E, N, cdiv(K/16, 4)]`` the kernel loads (block
+    ``4 w + i`` of a row in byte ``i`` of word ``w``): a view of freeze's ``[E, N, K/16]`` storage when K is a
+    multiple of 64, else a zero-padded copy (zero scales times the zero-padded E2M1 runs add nothing)."""
+    blocks = w_block_scale.view(torch.uint8).transpose(1, 2)
+    aligned = blocks.stride(2) == 1 and blocks.storage_offset() % 4 == 0
+    if not (aligned and blocks.shape[2] % 4 == 0 and blocks.stride(0) % 4 == 0 and blocks.stride(1) % 4 == 0):
+        padded = blocks.new_zeros(*blocks.shape[:2], triton.cdiv(blocks.shape[2], 4) * 4)
+        padded[..., : blocks.shape[2]] = blocks
+        blocks = padded
+    return blocks.view(torch.int32)
+
+
 def grouped_qmm(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -594,8 +613,8 @@ def grouped_qmm(
     if w_mode == "nvfp4":
         if w_block_scale is None or tuple(w_block_scale.shape) != (num_experts, k // 16, n):
             raise ValueError(f"nvfp4 block scales must have shape {(num_experts, k // 16, n)}")
-        block = w_block_scale.view(torch.uint8)
-        b_strides = block.stride()
+        block = block_scale_words(w_block_scale)
+        b_strides = (block.stride(0), block.stride(2), block.stride(1))
 
     def grid(meta):  # m-tiles: at most cdiv(m, BLOCK_M) + one partial tile per routed expert (see the module doc)
         return ((triton.cdiv(m, meta["BLOCK_M"]) + min(num_experts, m)) * triton.cdiv(n, meta["BLOCK_N"]),)
