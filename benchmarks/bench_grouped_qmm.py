@@ -6,7 +6,10 @@ at 8192 routed rows; roughly balanced random routing. Weights are HF-style [E, N
 [E, K, N] transpose, as transformers does.
 
 Kernels: QAT FP8 / NVFP4 (fake quant of both operands in the load path), deploy W8A8 FP8 (FP8 tensor
-cores), W4A16 NVFP4 and W8A16 FP8 (stored weights dequantized in registers). Anchors in the same run:
+cores), W4A16 NVFP4 and W8A16 FP8 (stored weights dequantized in registers). FP8 x FP8 rows run as
+``grouped_qmm`` picks by size: above 16 mean rows per expert they quantize each operand once (activation
+codes; QAT weight codes) and multiply the codes, and an extra "in-load (1 launch)" row times the one-kernel
+path at those sizes. Anchors in the same run:
 ``torch._grouped_mm`` bf16, ``torch._scaled_grouped_mm`` FP8 rowwise (activation quantization included,
 compiled by Inductor), the unfused moeq path (fake_quant_act + fake_quant_experts kernels, then
 ``torch._grouped_mm``) and HBM copy bandwidth. Every row is timed the same way, as CUDA-graph replays
@@ -33,7 +36,7 @@ from triton.testing import do_bench
 from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.passes.freeze import stored_form
 from moeq.runtime import kernels
-from moeq.runtime.kernels.grouped_qmm import grouped_qmm
+from moeq.runtime.kernels.grouped_qmm import grouped_qmm, quantizes_once
 
 CASES = [  # (label, E, K, N, routed rows)
     *[(f"qwen3 gate_up M={m}", 128, 2048, 1536, m) for m in (64, 4096, 34816)],
@@ -172,14 +175,20 @@ def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(m[0] for m in
             args, wq = deploy[fmt]
             nbytes = 1 if fmt == "fp8" else 0.5 + 1 / 16
 
-        def fused(args=args, w_mode=w_mode, x_fmt=x_fmt):
-            return grouped_qmm(x, args[0], offs, args[1], args[2], x_amax if x_fmt else None, w_mode, x_fmt)
-
-        got = fused().float()
         ref = reference_mm(xq, wq, offs)
-        rel = ((got - ref).norm() / ref.norm()).item()
-        record(name, bench(fused), nbytes * per_expert * active, exact=rel)
-        print(f"  {label} {name}: rel err vs reference {rel:.2e}", flush=True)
+        # by size (the default), and for FP8 x FP8 batches that quantize once also the one-launch kernel
+        once = quantizes_once(w_mode, x_fmt, rows, num_experts)
+        for row_name, quantize_once in [(name, None)] + ([(f"{name} in-load (1 launch)", False)] if once else []):
+
+            def fused(args=args, w_mode=w_mode, x_fmt=x_fmt, quantize_once=quantize_once):
+                x_scale = x_amax if x_fmt else None
+                return grouped_qmm(x, args[0], offs, args[1], args[2], x_scale, w_mode, x_fmt,
+                                   quantize_once=quantize_once)  # fmt: skip
+
+            got = fused().float()
+            rel = ((got - ref).norm() / ref.norm()).item()
+            record(row_name, bench(fused), nbytes * per_expert * active, exact=rel)
+            print(f"  {label} {row_name}: rel err vs reference {rel:.2e}", flush=True)
     return results
 
 

@@ -166,14 +166,16 @@ def test_grouped_qmm_cuda_matches_reference(mode, w_fmt, x_fmt, counts, k, n, co
         ref[start:end] = xq[start:end].double() @ wq[e].double()
         start = end
     cuda = [t.cuda() if t is not None else None for t in (x, w, offs, scale, block, x_amax)]
-    if config is None:
-        got = torch.ops.moeq.grouped_qmm(*cuda, mode, w_fmt, x_fmt).cpu()
+    if config is None:  # FP8 x FP8: quantization in the load path and quantized once (codes GEMM)
+        choices = (False, True) if (w_fmt, x_fmt) == ("fp8", "fp8") else (None,)
+        outputs = [torch.ops.moeq.grouped_qmm(*cuda, mode, w_fmt, x_fmt, once).cpu() for once in choices]
     else:
         w_mode = f"fake_{w_fmt}" if mode == "qat" else w_fmt
-        got = launch_grouped_qmm(*cuda, w_mode, x_fmt, config=config).cpu()
-    rel = ((got.double() - ref).norm() / ref.norm()).item()
-    assert rel < 1e-2, rel
-    assert not got[int(offs[-1]) :].any()
+        outputs = [launch_grouped_qmm(*cuda, w_mode, x_fmt, config=config, quantize_once=False).cpu()]
+    for got in outputs:
+        rel = ((got.double() - ref).norm() / ref.norm()).item()
+        assert rel < 1e-2, rel
+        assert not got[int(offs[-1]) :].any()
 
 
 @pytest.mark.parametrize("config", [None, SWAPPED], ids=["autotuned", "swap-ab"])
@@ -261,6 +263,32 @@ def test_profiler_one_triton_kernel_per_expert_gemm(config, freeze):
     qmm = [n for n in names if "grouped_qmm" in n]
     assert len(qmm) == 4, qmm  # 2 MoE layers x (gate_up, down)
     assert not [n for n in names if "fake_quant" in n or "dequant" in n or "GroupMM" in n or "grouped_mm" in n], names
+
+
+@pytest.mark.parametrize(("config", "freeze"), [("FP8", False), ("FP8", True)], ids=["qat-fp8", "deploy-w8a8"])
+def test_compiled_model_quantize_once_matches_cpu_reference(config, freeze):
+    """Policy "auto" at 64 routed rows per expert: each FP8 x FP8 GEMM quantizes once (an activation codes
+    pass, a weight codes pass in QAT, then the codes GEMM) and matches the CPU reference path; the profile
+    shows exactly those launches: no fake-quantized bf16 copies, one GEMM kernel per expert GEMM."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = make_tokens(batch=4, seq=64).cuda()
+    cm = _compiled_qwen(config, freeze, tokens)
+    with torch.no_grad():
+        got = cm(tokens).logits.float()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            cm(tokens)
+            torch.cuda.synchronize()
+        with ops.reference_kernels():
+            reference = cm(tokens).logits.float()
+    rel = ((got - reference).norm() / reference.norm()).item()
+    assert rel < 2e-2, rel
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len([n for n in names if "grouped_qmm" in n]) == 4, names
+    assert len([n for n in names if "fake_quant_act" in n]) == 4, names
+    assert len([n for n in names if "fake_quant_experts" in n]) == (0 if freeze else 4), names
+    assert not [n for n in names if "GroupMM" in n or "grouped_mm" in n or "dequant" in n], names
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])

@@ -271,22 +271,28 @@ def test_training_step_matches_unfused():
 @pytest.mark.parametrize(
     ("cfg", "freeze", "mode", "cases"),
     [
-        ("FP8", False, "qat", [(1, "auto", True), (2, "auto", False), (2, "always", True)]),
+        ("NVFP4", False, "qat", [(1, "auto", True), (2, "auto", False), (2, "always", True)]),
         ("NVFP4", True, "deploy", [(1, "auto", True), (2, "auto", False)]),
+        ("FP8", False, "qat", [(2, "auto", True)]),
+        ("FP8", True, "deploy", [(2, "auto", True)]),
         ("FP8_W8A16", True, "deploy", [(2, "auto", True)]),
     ],
-    ids=["qat-fp8", "deploy-w4a4", "deploy-w8a16"],
+    ids=["qat-nvfp4", "deploy-w4a4", "qat-fp8", "deploy-w8a8", "deploy-w8a16"],
 )
 def test_auto_policy_fuses_where_it_pays(cfg, freeze, mode, cases):
-    """Policy "auto" (the default) fuses a chain up to its measured crossover in mean routed rows per expert
-    (W8A16 at every size) and leaves bigger batches on the unfused path; "always" fuses every chain."""
+    """Policy "auto" (the default) fuses an NVFP4 chain up to its measured crossover in mean routed rows per
+    expert and leaves bigger batches on the unfused path; FP8-weight chains (QAT FP8 and W8A8 quantize once
+    at large sizes, W8A16) fuse at every size; "always" fuses every chain. The op's ``quantize_once`` is
+    ``None`` (by size) under "auto" and ``False`` (one kernel) under "always"."""
     assert fusion_policy() == "auto"
     config = tiny_model("qwen3_moe").config
     seq = FUSE_MAX_ROWS_PER_EXPERT[mode] * config.num_experts // config.num_experts_per_tok
     for batch, policy, fused in cases:  # batch 1: exactly at the bound; batch 2: twice the bound
         tokens = make_tokens(batch=batch, seq=seq)
         _, _, code = _compiled(getattr(moeq, cfg), freeze=freeze, policy=policy, tokens=tokens, num_hidden_layers=1)
-        assert code.count("torch.ops.moeq.grouped_qmm.default(") == (2 if fused else 0), (batch, policy)
+        calls = [line for line in code.splitlines() if "torch.ops.moeq.grouped_qmm.default(" in line]
+        assert len(calls) == (2 if fused else 0), (batch, policy)
+        assert all(line.rstrip().endswith(", None)" if policy == "auto" else ", False)") for line in calls), calls
 
 
 def test_unknown_fusion_policy_is_an_error():

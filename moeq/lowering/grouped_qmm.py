@@ -1,6 +1,6 @@
 """``moeq::grouped_qmm``: an expert grouped GEMM with its operands' quantization fused in (one kernel).
 
-``grouped_qmm(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt)`` computes
+``grouped_qmm(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt, quantize_once=None)`` computes
 ``out[rows of expert e] = q(x[rows]) @ q(w[e])`` for ``x [M, K]``, ``w`` logically ``[E, K, N]`` and int32
 cumulative ``offs``; rows at or past ``offs[-1]`` come out as zeros. Modes:
 
@@ -118,8 +118,13 @@ def grouped_qmm(
     mode: str,
     w_fmt: str,
     x_fmt: str | None,
+    quantize_once: bool | None = None,
 ) -> Tensor:
-    """Fused Q/DQ + grouped GEMM (see the module docstring); ``[M, N]`` in ``x.dtype``."""
+    """Fused Q/DQ + grouped GEMM (see the module docstring); ``[M, N]`` in ``x.dtype``.
+
+    ``quantize_once`` (FP8 x FP8 only): ``False`` keeps the quantization in the GEMM's load path (one
+    launch), ``True`` quantizes each operand once in its own pass and multiplies the codes, ``None`` picks by
+    size (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`). The output is the same either way."""
     if x.device.type == "cuda" and not ops._TRITON_ENABLED:  # ops.reference_kernels(): CPU reference, copied back
         cpu = [t.cpu() if isinstance(t, Tensor) else t for t in (x, w, offs, w_scale, w_block_scale, x_amax)]
         return torch.ops.moeq.grouped_qmm_reference(*cpu, mode, w_fmt, x_fmt).to(x.device)
@@ -128,7 +133,8 @@ def grouped_qmm(
 
         _check_args(mode, w_fmt, x_fmt)
         w_mode = f"fake_{w_fmt}" if mode == "qat" else w_fmt
-        return launch(x, w, offs, w_scale, w_block_scale, x_amax, w_mode, x_fmt, wrap=wrap_triton)
+        return launch(x, w, offs, w_scale, w_block_scale, x_amax, w_mode, x_fmt, wrap=wrap_triton,
+                      quantize_once=quantize_once)  # fmt: skip
     return torch.ops.moeq.grouped_qmm_reference(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt)
 
 
@@ -160,7 +166,7 @@ def _grouped_wgrad(xq: Tensor, grad: Tensor, offs: Tensor, num_experts: int) -> 
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt = inputs
+    x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt, _ = inputs
     ctx.save_for_backward(x, w, offs, w_scale, w_block_scale, x_amax)
     ctx.args = (mode, w_fmt, x_fmt)
 
@@ -178,7 +184,7 @@ def _backward(ctx, grad: Tensor):
             grad_x = grad_x * (x.abs() <= _per_row_amax(x, offs, x_amax))
     if ctx.needs_input_grad[1] and mode == "qat":
         grad_w = _grouped_wgrad(xq, grad, offs, w.shape[0]) * (w.abs() <= w_scale.view(-1, 1, 1))
-    return grad_x, grad_w, None, None, None, None, None, None, None
+    return grad_x, grad_w, None, None, None, None, None, None, None, None
 
 
 grouped_qmm.register_autograd(_backward, setup_context=_setup)

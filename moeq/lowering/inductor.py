@@ -10,12 +10,15 @@ The expert pass (:mod:`moeq.passes.insert_qdq`) leaves, after AOTAutograd, chain
 applied to the raw weight), so the GEMM runs as one Triton kernel that quantizes in its load path.
 A chain whose quantized weight has other users (a training graph saves it for backward) is left
 unfused: fusing would quantize the weight twice. A quantized activation with other users is passed to
-the kernel as it is (no in-kernel activation quantization). Which chains fuse is a policy (:func:`fusion`): ``"auto"`` (default) fuses a chain only where the fused
-kernel measured faster than the unfused path on the H100 (BENCHMARKS.md): the kernel re-quantizes each
-operand tile once per output tile it feeds, CUDA-core work that grows with the rows per expert, so QAT
-chains fuse up to :data:`FUSE_MAX_ROWS_PER_EXPERT` mean routed rows per expert (decode-size batches) and
-deploy chains up to a larger bound, W8A16 always (its fused kernel wins at every measured size).
-``"always"`` fuses every chain (one kernel per expert GEMM), ``"never"`` none. It is a
+the kernel as it is (no in-kernel activation quantization). Which chains fuse is a policy (:func:`fusion`):
+``"auto"`` (default) fuses a chain only where ``moeq::grouped_qmm`` measured faster than the unfused path
+(BENCHMARKS.md). The in-load kernel re-quantizes each operand tile once per output tile it feeds, CUDA-core
+work that grows with the rows per expert, so QAT NVFP4 chains fuse up to :data:`FUSE_MAX_ROWS_PER_EXPERT`
+mean routed rows per expert (decode-size batches) and deploy NVFP4 chains up to a larger bound. FP8 x FP8
+chains (QAT FP8, deploy W8A8) always fuse: above a few rows per expert the op quantizes each operand once in
+its own pass and multiplies the codes (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`), and W8A16
+wins at every measured size. ``"always"`` fuses every chain (one kernel per expert GEMM at decode sizes),
+``"never"`` none. It is a
 :class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a ``uuid()`` (which includes the policy)
 so the FX graph cache keeps working, and :func:`with_grouped_qmm_pass` composes it with whatever pass is already
 installed in ``post_grad_custom_post_pass`` (torch 2.11 holds one object there; 2.13 also a list).
@@ -46,10 +49,10 @@ logger = logging.getLogger(__name__)
 
 POLICIES = ("auto", "always", "never")
 
-#: ``"auto"``: the largest mean routed rows per expert at which a chain fuses, by mode (deploy W8A16 always
-#: fuses). From the H100 crossovers of ``benchmarks/bench_grouped_qmm.py`` (Qwen3-30B-A3B shapes): QAT
-#: fused wins at 0.5 rows per expert and loses from 32; deploy W8A8 / W4A16 win at 32 and lose at 272;
-#: W8A16 wins at all three.
+#: ``"auto"``: the largest mean routed rows per expert at which a chain fuses, by mode (FP8 weights with FP8
+#: or 16-bit activations always fuse). From the H100 crossovers of ``benchmarks/bench_grouped_qmm.py``
+#: (Qwen3-30B-A3B shapes): QAT fused wins at 0.5 rows per expert and loses from 32; deploy W4A16 wins at 32
+#: and loses at 272.
 FUSE_MAX_ROWS_PER_EXPERT = {"qat": 16, "deploy": 128}
 
 _POLICY = "auto"
@@ -84,7 +87,9 @@ def fusion_enabled() -> bool:
 
 def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int) -> bool:
     """Whether policy ``auto`` fuses a chain over ``rows`` routed rows (symbolic rows: deploy only)."""
-    if mode == "deploy" and w_fmt == "fp8" and x_fmt is None:
+    if w_fmt == "fp8" and (x_fmt == "fp8" or (mode == "deploy" and x_fmt is None)):
+        # W8A16 wins at every size; FP8 x FP8 (QAT FP8, W8A8) quantizes once above a few rows per expert
+        # (moeq.runtime.kernels.grouped_qmm.quantizes_once): 1.4x the unfused path at 34k rows
         return True
     if not isinstance(rows, int):
         return mode == "deploy"
@@ -189,7 +194,19 @@ def fuse_grouped_qmm(graph: fx.Graph) -> int:
         with graph.inserting_before(gemm):
             w_view = _permute(graph, w, perm)
             block_view = _permute(graph, block, [0, 2, 1]) if block is not None else None
-            args = (x, w_view, offs, scale, block_view, x_amax, mode, w_fmt, x_fmt)
+            # "always" promises one kernel per GEMM: quantization stays in the load path at every size
+            args = (
+                x,
+                w_view,
+                offs,
+                scale,
+                block_view,
+                x_amax,
+                mode,
+                w_fmt,
+                x_fmt,
+                None if _POLICY == "auto" else False,
+            )
             qmm = graph.call_function(torch.ops.moeq.grouped_qmm.default, args)
         x_val, gemm_val = _val(x), _val(gemm)
         qmm.meta["val"] = x_val.new_empty((x_val.shape[0], gemm_val.shape[1]))

@@ -155,6 +155,91 @@ def test_activation_operand_bit_exact(x_fmt, per_expert):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per-expert"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["odd", "empty-first", "E1"])
+@pytest.mark.parametrize("w_mode", ["fake_fp8", "fp8"])
+@pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])
+def test_fp8_codes_activations_match_reference(w_mode, shape, per_expert, config):
+    """``x_mode="fp8_codes"``: x quantized once to its e4m3 codes (formats' FP8 ``quantize``, per row with
+    its expert's amax); the kernel multiplies the codes and scales the product by ``amax / 448``. Against the
+    formats fake quant of x and w and a float64 matmul; the unrouted tail is zero; output bf16."""
+    counts, k, n, tail = shape
+    x, w_nk, offs = _problem(counts, k, n, tail, torch.bfloat16, 9)
+    xq, x_amax = _act(x, offs, "fp8", per_expert)
+    codes = _fake_quant_act_codes(x, offs, x_amax)
+    fmt = get_format("fp8")
+    amax = expert_amax(w_nk) * 0.9
+    if w_mode == "fake_fp8":
+        w = w_nk.transpose(1, 2)
+        wq = fmt.fake_quant(w, expand_per_expert(amax, 3), 1)
+        got = grouped_qmm(codes, w, offs, amax, None, x_amax, "fake_fp8", "fp8_codes", config=config)
+    else:
+        q = fmt.quantize(w_nk, expand_per_expert(amax, 3), 2)
+        wq = fmt.dequantize(q, torch.bfloat16).transpose(1, 2)
+        data, scale, block = stored_weight_args(q)
+        got = grouped_qmm(codes, data, offs, scale, block, x_amax, "fp8", "fp8_codes", config=config)
+    assert got.dtype == torch.bfloat16
+    assert _rel(got, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
+    assert torch.equal(got[int(offs[-1]) :], torch.zeros_like(got[int(offs[-1]) :]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per-expert"])
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=["odd", "empty-first"])
+@pytest.mark.parametrize("mode", ["qat", "deploy"])
+def test_quantize_once_equals_in_load_quantization(mode, shape, per_expert, dtype):
+    """``quantize_once=True`` (activation codes and QAT weight codes in their own passes, then the codes
+    GEMM) gives the in-load kernel's output bit for bit (same codes, same dot under the interpreter), in x's
+    dtype, and both match formats' fake quant and a float64 matmul."""
+    counts, k, n, tail = shape
+    x, w_nk, offs = _problem(counts, k, n, tail, dtype, 13)
+    xq, x_amax = _act(x, offs, "fp8", per_expert)
+    fmt = get_format("fp8")
+    amax = expert_amax(w_nk) * 0.9
+    if mode == "qat":
+        args = (w_nk.transpose(1, 2), offs, amax, None, x_amax, "fake_fp8", "fp8")
+        wq = fmt.fake_quant(w_nk, expand_per_expert(amax, 3), 2).transpose(1, 2)
+    else:
+        q = fmt.quantize(w_nk, expand_per_expert(amax, 3), 2)
+        data, scale, block = stored_weight_args(q)
+        args = (data, offs, scale, block, x_amax, "fp8", "fp8")
+        wq = fmt.dequantize(q, dtype).transpose(1, 2)
+    once = grouped_qmm(x, *args, quantize_once=True)
+    in_load = grouped_qmm(x, *args, quantize_once=False)
+    assert once.dtype == dtype
+    assert torch.equal(once, in_load)
+    assert _rel(once, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
+
+
+def test_quantize_once_by_size():
+    """The default: FP8 x FP8 GEMMs quantize once above 16 mean rows per expert; other modes never."""
+    from moeq.runtime.kernels.grouped_qmm import quantizes_once
+
+    assert quantizes_once("fake_fp8", "fp8", 17 * 8, 8) and quantizes_once("fp8", "fp8", 34816, 128)
+    assert not quantizes_once("fake_fp8", "fp8", 16 * 8, 8)
+    assert not quantizes_once("fake_nvfp4", "nvfp4", 34816, 128) and not quantizes_once("fp8", None, 34816, 128)
+
+
+def _fake_quant_act_codes(x, offs, amax):
+    from moeq.runtime.kernels.fake_quant_act import act_codes_reference
+
+    return act_codes_reference(x, offs, amax)
+
+
+def test_fp8_codes_activation_operand_bit_exact():
+    """Identity FP8 weights (scale 1): the output is the codes times the activation scale, which is
+    formats' FP8 fake quant of x bit for bit."""
+    counts, k = [4, 0, 13], 32
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = (torch.randn(17, k, generator=torch.Generator().manual_seed(7)) * 3).to(torch.bfloat16)
+    expected, x_amax = _act(x, offs, "fp8", True)
+    eye = torch.eye(k).expand(3, k, k)
+    q = get_format("fp8").quantize(eye, torch.full((3, 1, 1), 448.0), 2)
+    data, scale, block = stored_weight_args(q)
+    got = grouped_qmm(_fake_quant_act_codes(x, offs, x_amax), data, offs, scale, block, x_amax, "fp8", "fp8_codes")
+    assert torch.equal(got, expected)
+
+
 def test_op_runs_kernel_under_interpreter():
     """torch.ops.moeq.grouped_qmm on CPU tensors under TRITON_INTERPRET=1 launches the kernel (wrap_triton)."""
     x, w_nk, offs = _problem([3, 0, 9], 32, 16, 1, torch.bfloat16, 2)

@@ -132,6 +132,53 @@ def test_fake_quant_act_bit_exact(counts, shared, fmt, dtype, seed):
     assert torch.equal(got[int(offs[-1]) :], x[int(offs[-1]) :])
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("shape", "k_dim"), WEIGHT_SHAPES[:3])
+def test_fp8_weight_codes_bit_exact(shape, k_dim, dtype, seed):
+    """``codes=True``: the e4m3 codes of formats' FP8 ``quantize`` (same layout as the weight), a zero amax
+    included; times the expert's scale they are the fake quant."""
+    w = _weights(shape, dtype, seed)
+    amax = expert_amax(w) * torch.tensor([0.7, 1.0, 1.0])[: shape[0]]
+    if shape[0] > 2:
+        amax[1] = 0.0
+    fmt = get_format("fp8")
+    expected = fmt.quantize(w, expand_per_expert(amax, 3), k_dim).data.movedim(-1, k_dim)
+    got = kernels.fake_quant_experts(w, amax, "fp8", k_dim, codes=True)
+    assert got.dtype == torch.float8_e4m3fn and got.shape == w.shape
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    scale = expand_per_expert(fmt.scale_from_amax(amax), 3)
+    assert torch.equal((got.float() * scale).to(dtype), fmt.fake_quant(w, expand_per_expert(amax, 3), k_dim))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_expert"])
+@pytest.mark.parametrize("counts", COUNTS[:2], ids=lambda c: "-".join(map(str, c)))
+def test_fp8_act_codes_bit_exact(counts, shared, dtype):
+    """``fake_quant_act(..., codes=True)``: routed rows' e4m3 codes under their (shared or expert's) amax
+    equal formats' FP8 ``quantize`` data row by row; rows past ``offs[-1]`` are zero codes."""
+    x, offs = _routed(4, dtype, counts, k=48)
+    amax = torch.tensor([2.5]) if shared else torch.linspace(0.5, 6.0, len(counts))
+    got = kernels.fake_quant_act(x, offs, amax, "fp8", codes=True)
+    assert got.dtype == torch.float8_e4m3fn
+    fmt, start = get_format("fp8"), 0
+    for e, end in enumerate(offs.tolist()):
+        a = amax if shared else amax[e : e + 1]
+        expected = fmt.quantize(x[start:end], a.view(1, 1), -1).data
+        assert torch.equal(got[start:end].view(torch.uint8), expected.view(torch.uint8)), f"expert {e}"
+        start = end
+    assert not got[int(offs[-1]) :].view(torch.uint8).any()
+
+
+def test_codes_are_fp8_only():
+    """NVFP4 has no single code tensor: asking for codes is a clear error."""
+    x, offs = _routed(0, torch.float32, [4, 4])
+    with pytest.raises(ValueError, match="codes=True returns FP8 codes; format 'nvfp4'"):
+        kernels.fake_quant_act(x, offs, torch.tensor([1.0]), "nvfp4", codes=True)
+    with pytest.raises(ValueError, match="codes=True returns FP8 codes; format 'nvfp4'"):
+        kernels.fake_quant_experts(torch.randn(2, 8, 16), torch.ones(2), "nvfp4", codes=True)
+
+
 @pytest.mark.parametrize("with_blocks", [False, True])
 @pytest.mark.parametrize(("shape", "k_dim"), [((3, 40, 64), 2), ((2, 48, 32), 1)])
 def test_expert_weight_amax(shape, k_dim, with_blocks):

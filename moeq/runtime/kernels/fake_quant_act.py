@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 from moeq.formats import QuantFormat, get_format
 from moeq.runtime.kernels.launch import check_float, interpreting, run_kernel, tile_configs
-from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4
+from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4, fp8_codes
 from moeq.runtime.kernels.segment_amax import expert_of_rows
 
-__all__ = ["fake_quant_act"]
+__all__ = ["act_codes_reference", "fake_quant_act"]
 
 
-@triton.autotune(configs=tile_configs(), key=["K", "IS_NVFP4", "PER_EXPERT"])
+@triton.autotune(configs=tile_configs(), key=["K", "IS_NVFP4", "PER_EXPERT", "CODES"])
 @triton.jit
 def _fake_quant_act_kernel(
     x_ptr,
@@ -29,6 +32,7 @@ def _fake_quant_act_kernel(
     E_POW2: tl.constexpr,
     PER_EXPERT: tl.constexpr,
     IS_NVFP4: tl.constexpr,
+    CODES: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -52,20 +56,43 @@ def _fake_quant_act_kernel(
     else:
         amax = tl.load(amax_ptr)
     xf = x.to(tl.float32)
-    if IS_NVFP4:
-        q = fake_quant_nvfp4(xf, amax, INTERPRET)
+    if CODES:  # FP8 codes of routed rows (zero codes elsewhere): the GEMM applies the scale
+        out = tl.where(routed, fp8_codes(xf, amax, INTERPRET), 0.0).to(out_ptr.dtype.element_ty)
+    elif IS_NVFP4:
+        out = tl.where(routed, cast_like(fake_quant_nvfp4(xf, amax, INTERPRET), out_ptr, INTERPRET), x)
     else:
-        q = fake_quant_fp8(xf, amax, INTERPRET)
-    out = tl.where(routed, cast_like(q, out_ptr, INTERPRET), x)
+        out = tl.where(routed, cast_like(fake_quant_fp8(xf, amax, INTERPRET), out_ptr, INTERPRET), x)
     tl.store(out_ptr + rows.to(tl.int64) * stride_os + cols, out, mask=mask)
 
 
+def act_codes_reference(x: torch.Tensor, offs: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """:mod:`moeq.formats` FP8 codes of routed rows (each row with its expert's amax, or the shared one);
+    zero codes past ``offs[-1]``."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    expert = torch.searchsorted(offs, rows.to(offs.dtype), right=True)
+    row_amax = amax.float().reshape(-1)[expert.clamp(max=amax.numel() - 1)] if amax.numel() > 1 else amax.float()
+    codes = get_format("fp8").quantize(x, row_amax.reshape(-1, 1), -1).data
+    routed = (rows < offs[-1]) if offs.numel() else torch.zeros_like(rows, dtype=torch.bool)
+    return torch.where(routed[:, None], codes.view(torch.uint8), 0).view(torch.float8_e4m3fn)
+
+
 def fake_quant_act(
-    x: torch.Tensor, offs: torch.Tensor, input_amax: torch.Tensor, fmt: str | QuantFormat
+    x: torch.Tensor,
+    offs: torch.Tensor,
+    input_amax: torch.Tensor,
+    fmt: str | QuantFormat,
+    codes: bool = False,
+    wrap: Callable[[Any], Any] | None = None,
 ) -> torch.Tensor:
     """Fake-quantize routed rows ``x [S, K]`` (K last) with amax ``[1]`` (shared) or ``[E]`` (per expert);
-    rows at or past ``offs[-1]`` are returned unchanged. NVFP4: dynamic 16-blocks, static global amax."""
+    rows at or past ``offs[-1]`` are returned unchanged. NVFP4: dynamic 16-blocks, static global amax.
+
+    ``codes=True`` (FP8 only): return the e4m3 codes (float8_e4m3fn, zero past ``offs[-1]``) instead of the
+    fake-quantized values; times ``amax / 448`` they are the fake quant. The grouped GEMM takes them as
+    ``x_mode="fp8_codes"``. ``wrap``: applied to the kernel before launching (``wrap_triton`` in a triton_op)."""
     fmt = get_format(fmt)
+    if codes and fmt.name != "fp8":
+        raise ValueError(f"codes=True returns FP8 codes; format {fmt.name!r} has none")
     check_float(x, "x")
     if x.dim() != 2:
         raise ValueError(f"routed rows must be 2-D [S, K], got shape {tuple(x.shape)}")
@@ -76,7 +103,7 @@ def fake_quant_act(
         raise ValueError(f"input_amax has {input_amax.numel()} entries; expected 1 or {num_experts}")
     fmt.check_shape(x.shape, 1, "activation")
     x_in = x if x.stride(1) == 1 else x.contiguous()
-    out = torch.empty_like(x_in)
+    out = torch.empty_like(x_in, dtype=torch.float8_e4m3fn if codes else x.dtype)
     amax = input_amax.detach().float().contiguous()
 
     def launch() -> torch.Tensor:
@@ -86,14 +113,17 @@ def fake_quant_act(
         def grid(meta):
             return (triton.cdiv(x.shape[1], meta["BLOCK_K"]) * triton.cdiv(x.shape[0], meta["BLOCK_M"]),)
 
-        _fake_quant_act_kernel[grid](
+        kernel = wrap(_fake_quant_act_kernel) if wrap is not None else _fake_quant_act_kernel
+        kernel[grid](
             x_in, out, offs, amax, x.shape[0], x.shape[1], x_in.stride(0), out.stride(0),
             NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts), PER_EXPERT=amax.numel() > 1,
-            IS_NVFP4=fmt.name == "nvfp4", INTERPRET=interpreting(),
+            IS_NVFP4=fmt.name == "nvfp4", CODES=codes, INTERPRET=interpreting(),
         )  # fmt: skip
         return out
 
     def reference() -> torch.Tensor:
+        if codes:
+            return act_codes_reference(x, offs, amax)
         return torch.ops.moeq.fake_quant_act(x, offs, amax, fmt.name, 0, -1)
 
     return run_kernel(x, launch, reference)

@@ -7,13 +7,16 @@ does, and no program spends integer divisions recovering its tile from a flat id
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 from moeq.formats import QuantFormat, get_format
 from moeq.runtime.kernels.launch import check_float, interpreting, run_kernel, tile_configs
-from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4
+from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4, fp8_codes
 
 __all__ = ["fake_quant_experts"]
 
@@ -21,7 +24,7 @@ _MAX_GRID_YZ = 65535  # CUDA's limit on grid dims y and z (row tiles, experts)
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in tile_configs())
 
 
-@triton.autotune(configs=tile_configs(), key=["M", "K", "IS_NVFP4"])
+@triton.autotune(configs=tile_configs(), key=["M", "K", "IS_NVFP4", "CODES"])
 @triton.jit
 def _fake_quant_experts_kernel(
     w_ptr,
@@ -36,6 +39,7 @@ def _fake_quant_experts_kernel(
     stride_om,
     stride_ok,
     IS_NVFP4: tl.constexpr,
+    CODES: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -51,19 +55,32 @@ def _fake_quant_experts_kernel(
     w_offs = expert.to(tl.int64) * stride_we + rows * stride_wm + cols * stride_wk
     w = tl.load(w_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
     amax = tl.load(amax_ptr + expert)
-    if IS_NVFP4:
-        out = fake_quant_nvfp4(w, amax, INTERPRET)
+    if CODES:
+        out = fp8_codes(w, amax, INTERPRET).to(out_ptr.dtype.element_ty)
+    elif IS_NVFP4:
+        out = cast_like(fake_quant_nvfp4(w, amax, INTERPRET), out_ptr, INTERPRET)
     else:
-        out = fake_quant_fp8(w, amax, INTERPRET)
+        out = cast_like(fake_quant_fp8(w, amax, INTERPRET), out_ptr, INTERPRET)
     o_offs = expert.to(tl.int64) * stride_oe + rows * stride_om + cols * stride_ok
-    tl.store(out_ptr + o_offs, cast_like(out, out_ptr, INTERPRET), mask=mask)
+    tl.store(out_ptr + o_offs, out, mask=mask)
 
 
 def fake_quant_experts(
-    w: torch.Tensor, weight_amax: torch.Tensor, fmt: str | QuantFormat, contraction_dim: int = -1
+    w: torch.Tensor,
+    weight_amax: torch.Tensor,
+    fmt: str | QuantFormat,
+    contraction_dim: int = -1,
+    codes: bool = False,
+    wrap: Callable[[Any], Any] | None = None,
 ) -> torch.Tensor:
-    """Fake-quantize a stacked expert weight ``[E, ., .]`` with per-expert amax ``[E]``; same shape/dtype."""
+    """Fake-quantize a stacked expert weight ``[E, ., .]`` with per-expert amax ``[E]``; same shape/dtype.
+
+    ``codes=True`` (FP8 only): the e4m3 codes (float8_e4m3fn, same shape and strides) instead; times the
+    expert's ``amax / 448`` they are the fake quant (``moeq.formats`` FP8 ``quantize``'s data). ``wrap``: applied
+    to the kernel before launching (``wrap_triton`` in a triton_op)."""
     fmt = get_format(fmt)
+    if codes and fmt.name != "fp8":
+        raise ValueError(f"codes=True returns FP8 codes; format {fmt.name!r} has none")
     check_float(w, "w")
     if w.dim() != 3:
         raise ValueError(f"fake_quant_experts expects a stacked 3-D expert weight, got shape {tuple(w.shape)}")
@@ -76,7 +93,7 @@ def fake_quant_experts(
     if fmt.name not in ("fp8", "nvfp4"):
         raise NotImplementedError(f"no Triton kernel for format {fmt.name!r}")
     m_dim = 3 - k_dim
-    out = torch.empty_like(w)
+    out = torch.empty_like(w, dtype=torch.float8_e4m3fn if codes else w.dtype)
     amax = weight_amax.detach().float().contiguous()
     E, M, K = w.shape[0], w.shape[m_dim], w.shape[k_dim]
 
@@ -84,6 +101,8 @@ def fake_quant_experts(
         return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"]), E)
 
     def reference() -> torch.Tensor:
+        if codes:
+            return fmt.quantize(w, amax.view(-1, 1, 1), k_dim).data.movedim(-1, k_dim)
         return fmt.fake_quant(w, amax.view(-1, 1, 1), k_dim)
 
     def launch() -> torch.Tensor:
@@ -92,11 +111,12 @@ def fake_quant_experts(
                 f"fake_quant_experts: stacked weight {tuple(w.shape)} needs more than {_MAX_GRID_YZ} experts or "
                 f"row tiles of {_MIN_BLOCK_M} rows (CUDA's grid limit); split the experts or the rows"
             )
-        _fake_quant_experts_kernel[grid](
+        kernel = wrap(_fake_quant_experts_kernel) if wrap is not None else _fake_quant_experts_kernel
+        kernel[grid](
             w, out, amax, M, K,
             w.stride(0), w.stride(m_dim), w.stride(k_dim),
             out.stride(0), out.stride(m_dim), out.stride(k_dim),
-            IS_NVFP4=fmt.name == "nvfp4", INTERPRET=interpreting(),
+            IS_NVFP4=fmt.name == "nvfp4", CODES=codes, INTERPRET=interpreting(),
         )  # fmt: skip
         return out
 

@@ -17,7 +17,9 @@ fake-quantized as loaded, NVFP4 block amax from the 16-blocks of the tile), ``fp
 per-expert scale), ``nvfp4`` (stored packed E2M1 pairs along K in the 64-byte runs and word bit order of
 :func:`moeq.formats.interleave_nvfp4_runs`, read as 32-bit words, so a view that is not K-contiguous is copied
 once, + e4m3 block scales + per-expert global scale). Activation modes (``X_MODE``): none, ``fp8`` /
-``nvfp4`` fake quant as loaded (static amax [1] or per expert [E]; NVFP4 with dynamic 16-blocks). FP8 operands (fake-quantized or stored) enter the dot as their e4m3 values (exact in
+``nvfp4`` fake quant as loaded (static amax [1] or per expert [E]; NVFP4 with dynamic 16-blocks), ``fp8_codes``
+(x already quantized once to its e4m3 codes: at large row counts re-quantizing an activation tile for every
+n-tile costs more than one pass over x). FP8 operands (fake-quantized or stored) enter the dot as their e4m3 values (exact in
 every input dtype) and their scales multiply the fp32 accumulator once per tile; when both operands are FP8
 (QAT FP8, deploy W8A8) the dot runs on the FP8 tensor cores. Fake-quantized NVFP4 operands enter as
 ``e2m1 * (block scale * global scale)`` in the input dtype; stored NVFP4 weights as ``e2m1 * block scale``
@@ -35,7 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq.formats import NVFP4_RUN_BYTES
+from moeq.formats import NVFP4_RUN_BYTES, get_format
+from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+from moeq.runtime.kernels.fake_quant_experts import fake_quant_experts
 from moeq.runtime.kernels.launch import check_float, interpreting
 from moeq.runtime.kernels.numerics import (
     cast_like,
@@ -48,12 +52,21 @@ from moeq.runtime.kernels.numerics import (
     safe_divisor,
 )
 
-__all__ = ["W_MODES", "X_MODES", "grouped_qmm", "grouped_qmm_configs", "m_bucket", "prune_configs"]
+__all__ = [
+    "QUANTIZE_ONCE_ROWS_PER_EXPERT",
+    "W_MODES",
+    "X_MODES",
+    "grouped_qmm",
+    "grouped_qmm_configs",
+    "m_bucket",
+    "prune_configs",
+    "quantizes_once",
+]
 
 #: weight modes and their kernel codes
 W_MODES = {"plain": 0, "fake_fp8": 1, "fake_nvfp4": 2, "fp8": 3, "nvfp4": 4}
 #: activation modes and their kernel codes
-X_MODES = {None: 0, "fp8": 1, "nvfp4": 2}
+X_MODES = {None: 0, "fp8": 1, "nvfp4": 2, "fp8_codes": 3}
 
 W_PLAIN = tl.constexpr(0)
 W_FAKE_FP8 = tl.constexpr(1)
@@ -62,6 +75,7 @@ W_FP8 = tl.constexpr(3)
 W_NVFP4 = tl.constexpr(4)
 X_FP8 = tl.constexpr(1)
 X_NVFP4 = tl.constexpr(2)
+X_FP8_CODES = tl.constexpr(3)
 
 
 def grouped_qmm_configs() -> list[triton.Config]:
@@ -90,6 +104,7 @@ def grouped_qmm_configs() -> list[triton.Config]:
         (128, 256, 64, 8, 3),
         (128, 128, 64, 4, 4),
         (128, 256, 64, 8, 4),
+        (128, 256, 128, 8, 3),  # FP8 dots only (shared memory): 850 TFLOP/s on the H200 with x codes
         # swap-AB: the weight tile is the MMA's 64/128-row operand (wgmma), the few routed rows its narrow one
         (16, 64, 128, 4, 3, True),
         (16, 128, 128, 4, 3, True),
@@ -110,7 +125,7 @@ def grouped_qmm_configs() -> list[triton.Config]:
 
 def fp8_operands(w_mode: int, x_mode: int) -> bool:
     """Whether both operands enter the dot as e4m3 values (QAT FP8, deploy W8A8): FP8 tensor cores apply."""
-    return w_mode in (W_MODES["fp8"], W_MODES["fake_fp8"]) and x_mode == X_MODES["fp8"]
+    return w_mode in (W_MODES["fp8"], W_MODES["fake_fp8"]) and x_mode in (X_MODES["fp8"], X_MODES["fp8_codes"])
 
 
 def prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
@@ -125,6 +140,7 @@ def prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kw
         configs = configs[:1]
     if not fp8_operands(args["W_MODE"], args["X_MODE"]):
         configs = [c for c in configs if not c.kwargs["FP8_DOT"]]
+    configs = [c for c in configs if _operand_smem_bytes(c) <= SHARED_MEMORY_BYTES]
     decode = _decode_config(args["W_MODE"], args["X_MODE"], args["N"])
     if bucket <= 2 and decode is not None:
         return [decode]
@@ -135,13 +151,23 @@ def prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kw
     return kept or configs
 
 
+#: shared memory per block on sm_90 (227 KB); the pipelined operand tiles of a config must fit
+SHARED_MEMORY_BYTES = 232448
+
+
+def _operand_smem_bytes(config: triton.Config) -> int:
+    """Shared memory of a config's pipelined operand tiles (1-byte FP8 dots, else 16-bit operands)."""
+    kw = config.kwargs
+    return (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * config.num_stages * (1 if kw["FP8_DOT"] else 2)
+
+
 def _decode_config(w_mode: int, x_mode: int, n: int) -> triton.Config | None:
     """The measured best tile (H100, Qwen3-30B-A3B shapes, ``benchmarks/sweep_grouped_qmm.py``) for
     decode batches (at most 2 mean rows per expert) of W8A8 and W4A16, where autotuning on a tens-of-
     microseconds kernel proved unreliable (it picked tiles 1.5x-2.7x slower than the best). Swap-AB, wider
     weight tiles for wider outputs."""
     wide = n >= 2048
-    if w_mode == W_MODES["fp8"] and x_mode == X_MODES["fp8"]:
+    if w_mode == W_MODES["fp8"] and x_mode in (X_MODES["fp8"], X_MODES["fp8_codes"]):
         meta = {"BLOCK_M": 16, "BLOCK_N": 256 if wide else 128, "BLOCK_K": 128, "SWAP_AB": True, "FP8_DOT": True}
         warps = 8
     elif w_mode == W_MODES["nvfp4"] and x_mode == X_MODES[None]:  # H200 sweeps: 64 wide for both, 56 registers
@@ -150,6 +176,21 @@ def _decode_config(w_mode: int, x_mode: int, n: int) -> triton.Config | None:
     else:
         return None
     return triton.Config(meta, num_warps=warps, num_stages=3)
+
+
+#: mean routed rows per expert above which :func:`grouped_qmm` quantizes FP8 operands once, each in its own
+#: elementwise pass (activations; QAT weights), and multiplies the codes, instead of re-quantizing every operand
+#: tile for each output tile it feeds. H200, Qwen3-30B-A3B shapes (BENCHMARKS.md, session 12): at 0.5 rows per
+#: expert in-load quantization wins (one launch, no weight pass); at 32 and 272 quantizing once wins (QAT FP8
+#: 1.16x / 2.7x the in-load kernel, W8A8 1.28x / 2.3x). Between them the bound is not measured.
+QUANTIZE_ONCE_ROWS_PER_EXPERT = 16
+
+
+def quantizes_once(w_mode: str, x_mode: str | None, rows: int, num_experts: int) -> bool:
+    """Whether :func:`grouped_qmm` takes the quantize-once path: both operands FP8 (QAT FP8 or deploy W8A8)
+    and more than :data:`QUANTIZE_ONCE_ROWS_PER_EXPERT` mean rows per expert."""
+    fp8 = x_mode == "fp8" and w_mode in ("fp8", "fake_fp8")
+    return fp8 and rows > QUANTIZE_ONCE_ROWS_PER_EXPERT * max(1, num_experts)
 
 
 def m_bucket(rows: int, num_experts: int) -> int:
@@ -171,12 +212,12 @@ def _decode_e4m3(bits, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _as_operand(v, x_ptr, FP8_DOT: tl.constexpr):
-    """e4m3 values as a dot operand: float8e4nv for the FP8 tensor cores, else the input dtype (exact)."""
+def _as_operand(v, out_ptr, FP8_DOT: tl.constexpr):
+    """e4m3 values as a dot operand: float8e4nv for the FP8 tensor cores, else the output dtype (exact)."""
     if FP8_DOT:
         return v
     else:
-        return v.to(x_ptr.dtype.element_ty)
+        return v.to(out_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -434,6 +475,8 @@ def _grouped_qmm_kernel(
         x_div = safe_divisor(x_s)
         x_fast = fast_division_ok(x_div, INTERPRET)
         acc_scale = x_s
+    if X_MODE == X_FP8_CODES:
+        acc_scale = fp8_scale(x_amax)
     if W_MODE == W_FAKE_FP8:
         w_s = fp8_scale(w_scale)
         w_div = safe_divisor(w_s)
@@ -459,13 +502,19 @@ def _grouped_qmm_kernel(
         # 2-D tile (contiguous loads the compiler vectorizes and pipelines; no register reshapes)
         if X_MODE == X_NVFP4:
             x = tl.load(x_rows + ks * stride_xk, mask=row_mask[:, None, None] & k_mask, other=0.0)
-            xa = tl.reshape(cast_like(fake_quant_nvfp4(x.to(tl.float32), x_amax, INTERPRET), x_ptr, INTERPRET),
+            xa = tl.reshape(cast_like(fake_quant_nvfp4(x.to(tl.float32), x_amax, INTERPRET), out_ptr, INTERPRET),
                             (BLOCK_M, BLOCK_K))  # fmt: skip
         else:
             x2_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k2[None, :] * stride_xk
-            xa = tl.load(x2_ptrs, mask=row_mask[:, None] & (k2 < K)[None, :], other=0.0)
+            if X_MODE == X_FP8_CODES and INTERPRET:  # stored bits (uint8) decoded by hand
+                xa = tl.load(x2_ptrs, mask=row_mask[:, None] & (k2 < K)[None, :], other=0).to(tl.int32)
+                xa = _as_operand(_decode_e4m3(xa, INTERPRET), out_ptr, FP8_DOT)
+            else:
+                xa = tl.load(x2_ptrs, mask=row_mask[:, None] & (k2 < K)[None, :], other=0.0)
+            if X_MODE == X_FP8_CODES and not INTERPRET:
+                xa = _as_operand(xa, out_ptr, FP8_DOT)
             if X_MODE == X_FP8:
-                xa = _as_operand(e4m3_codes(divide(xa.to(tl.float32), x_div, x_fast), INTERPRET), x_ptr, FP8_DOT)
+                xa = _as_operand(e4m3_codes(divide(xa.to(tl.float32), x_div, x_fast), INTERPRET), out_ptr, FP8_DOT)
         # ---- weight tile [BLOCK_N, BLOCK_K] (n, k)
         w2_ptrs = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn + k2[None, :] * stride_wk
         w2_mask = n_mask[:, None] & (k2 < K)[None, :]
@@ -480,24 +529,24 @@ def _grouped_qmm_kernel(
             # path; requested ahead, Triton stages them through shared memory and keeps the decode's layout)
             scale_words = sb_next
             sb_next = _block_scale_words(sb_base, k0 + BLOCK_K, k_end, n_mask, stride_bk, K, BLOCK_K)
-            wq = _nvfp4_operand(words.to(tl.uint32, bitcast=True), scale_words, x_ptr.dtype.element_ty, BLOCK_N,
+            wq = _nvfp4_operand(words.to(tl.uint32, bitcast=True), scale_words, out_ptr.dtype.element_ty, BLOCK_N,
                                 BLOCK_K, INTERPRET)  # fmt: skip
         elif W_MODE == W_FP8:
             if INTERPRET:  # stored bits (uint8) decoded by hand
                 wq = _decode_e4m3(tl.load(w2_ptrs, mask=w2_mask, other=0).to(tl.int32), INTERPRET)
             else:  # float8e4nv straight from memory
                 wq = tl.load(w2_ptrs, mask=w2_mask, other=0.0)
-            wq = _as_operand(wq, x_ptr, FP8_DOT)
+            wq = _as_operand(wq, out_ptr, FP8_DOT)
         elif W_MODE == W_FAKE_NVFP4:
             w = tl.load(w_base + ks * stride_wk, mask=n_mask[:, None, None] & k_mask, other=0.0)
-            wq = tl.reshape(cast_like(fake_quant_nvfp4(w.to(tl.float32), w_scale, INTERPRET), x_ptr, INTERPRET),
+            wq = tl.reshape(cast_like(fake_quant_nvfp4(w.to(tl.float32), w_scale, INTERPRET), out_ptr, INTERPRET),
                             (BLOCK_N, BLOCK_K))  # fmt: skip
         else:
             wq = tl.load(w2_ptrs, mask=w2_mask, other=0.0)
             if W_MODE == W_FAKE_FP8:
-                wq = _as_operand(e4m3_codes(divide(wq.to(tl.float32), w_div, w_fast), INTERPRET), x_ptr, FP8_DOT)
+                wq = _as_operand(e4m3_codes(divide(wq.to(tl.float32), w_div, w_fast), INTERPRET), out_ptr, FP8_DOT)
             else:
-                wq = wq.to(x_ptr.dtype.element_ty)
+                wq = wq.to(out_ptr.dtype.element_ty)
         if INTERPRET:  # the interpreter multiplies 16-bit floats as their bit patterns: widen (exact)
             xa = xa.to(tl.float32)
             wq = wq.to(tl.float32)
@@ -517,11 +566,15 @@ def _grouped_qmm_kernel(
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_mode: str, x_mode: str | None) -> None:
-    check_float(x, "x")
     if w_mode not in W_MODES:
         raise ValueError(f"unknown weight mode {w_mode!r}; choose one of {sorted(W_MODES)}")
     if x_mode not in X_MODES:
-        raise ValueError(f"unknown activation mode {x_mode!r}; choose one of fp8, nvfp4 or None")
+        raise ValueError(f"unknown activation mode {x_mode!r}; choose one of fp8, nvfp4, fp8_codes or None")
+    if x_mode == "fp8_codes":
+        if x.dtype not in (torch.float8_e4m3fn, torch.uint8):
+            raise ValueError(f"x_mode 'fp8_codes' takes x as e4m3 codes (float8_e4m3fn or uint8), got {x.dtype}")
+    else:
+        check_float(x, "x")
     if x.dim() != 2 or w.dim() != 3:
         raise ValueError(f"grouped_qmm takes x [M, K] and w [E, K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
     if offs.dtype != torch.int32 or offs.dim() != 1 or offs.numel() != w.shape[0]:
@@ -537,8 +590,12 @@ def _check(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_mode: str, x_
             )
     elif x.shape[1] != w.shape[1]:
         raise ValueError(f"x has K={x.shape[1]} but the weight has K={w.shape[1]}")
-    if w_mode in ("plain", "fake_fp8", "fake_nvfp4") and w.dtype != x.dtype:
+    if w_mode in ("plain", "fake_fp8", "fake_nvfp4") and x_mode == "fp8_codes":
+        check_float(w, "w")
+    elif w_mode in ("plain", "fake_fp8", "fake_nvfp4") and w.dtype != x.dtype:
         raise ValueError(f"x ({x.dtype}) and w ({w.dtype}) must have the same dtype")
+    if x_mode == "fp8_codes" and w_mode not in ("fp8", "fake_fp8"):
+        raise ValueError(f"x_mode 'fp8_codes' pairs with FP8 weights (w_mode 'fp8' or 'fake_fp8'), got {w_mode!r}")
     if w_mode in ("fp8", "nvfp4") and w.element_size() != 1:
         raise ValueError(f"stored {w_mode} weights are 1-byte tensors, got {w.dtype}")
     if (w_mode in ("fake_nvfp4", "nvfp4") or x_mode == "nvfp4") and x.shape[1] % 16:
@@ -573,23 +630,37 @@ def grouped_qmm(
     out: torch.Tensor | None = None,
     wrap: Callable[[Any], Any] | None = None,
     config: triton.Config | None = None,
+    out_dtype: torch.dtype | None = None,
+    quantize_once: bool | None = None,
 ) -> torch.Tensor:
     """Launch the grouped kernel (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``); returns ``[M, N]``
-    in ``x.dtype``.
+    in ``out_dtype`` (default: ``x.dtype``; for ``fp8_codes`` the fake-quantized weight's dtype, else bf16).
 
     ``w``: logically ``[E, K, N]``: float (``plain`` / ``fake_*``), e4m3 bits (``fp8``, float8_e4m3fn or
     uint8) or packed E2M1 pairs along K (``nvfp4``, uint8 ``[E, cdiv(K, 128) * 64, N]`` in the runs of
     :func:`moeq.formats.interleave_nvfp4_runs`). ``w_scale [E]``: the weight amax
     for ``fake_*`` modes, the stored FP8 scale / NVFP4 global scale for ``fp8`` / ``nvfp4``.
-    ``w_block_scale``: NVFP4 e4m3 block scales ``[E, K/16, N]``. ``x_amax``: ``[1]`` or ``[E]``.
+    ``w_block_scale``: NVFP4 e4m3 block scales ``[E, K/16, N]``. ``x_amax``: ``[1]`` or ``[E]``; with
+    ``x_mode="fp8_codes"`` x already holds the e4m3 codes of ``x / (x_amax / 448)`` (quantized once, e.g. by
+    :func:`moeq.runtime.kernels.fake_quant_act` with ``codes=True``) and the kernel only scales the product.
     ``wrap``: applied to the kernel before launching (``torch.library.wrap_triton`` inside a triton_op).
     ``config``: launch with this tile config instead of autotuning (for tuning sweeps).
+    ``quantize_once`` (FP8 activations with FP8 weights; default :func:`quantizes_once` by size): quantize x
+    to its e4m3 codes in one pass (and a ``fake_fp8`` weight to its codes in another), then multiply the
+    codes: three launches, the same products as the in-load kernel (the codes are formats' FP8 ``quantize``).
     """
     _check(x, w, offs, w_mode, x_mode)
     num_experts, n = w.shape[0], w.shape[2]
     m, k = x.shape
+    if out is not None:
+        out_dtype = out.dtype
+    if out_dtype is None:
+        out_dtype = x.dtype if x_mode != "fp8_codes" else w.dtype if w_mode == "fake_fp8" else torch.bfloat16
+    check_float(torch.empty(0, dtype=out_dtype), "out_dtype")
+    if x_mode != "fp8_codes" and out_dtype != x.dtype:
+        raise ValueError(f"the output dtype ({out_dtype}) must be x's ({x.dtype}); only fp8_codes inputs choose it")
     if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     if num_experts == 0 or k == 0:
@@ -603,8 +674,19 @@ def grouped_qmm(
         if x_amax is None or x_amax.numel() not in (1, num_experts):
             raise ValueError(f"x_amax must have 1 or {num_experts} entries for activation format {x_mode!r}")
         x_amax = x_amax.detach().float().contiguous()
+    if quantize_once is None:
+        quantize_once = quantizes_once(w_mode, x_mode, m, num_experts)
+    if quantize_once and x_mode == "fp8" and w_mode in ("fp8", "fake_fp8"):
+        x = fake_quant_act(x, offs, x_amax, "fp8", codes=True, wrap=wrap)
+        x_mode = "fp8_codes"
+        if w_mode == "fake_fp8":
+            w = fake_quant_experts(w, w_scale, "fp8", 1, codes=True, wrap=wrap)
+            w_scale, w_mode = get_format("fp8").scale_from_amax(w_scale), "fp8"
+    fp8_bits = torch.uint8 if interpreting() else torch.float8_e4m3fn
     if w_mode == "fp8":  # the GPU loads float8e4nv directly; the interpreter decodes the bits by hand
-        w = w.view(torch.uint8 if interpreting() else torch.float8_e4m3fn)
+        w = w.view(fp8_bits)
+    if x_mode == "fp8_codes":
+        x = x.view(fp8_bits)
     elif w_mode == "nvfp4":  # read as the 32-bit words the decode works on: K-contiguous (freeze stores it so)
         w_nk = w.view(torch.uint8).transpose(1, 2)
         w = (w_nk if w_nk.stride(2) == 1 else w_nk.contiguous()).view(torch.int32).transpose(1, 2)
@@ -641,6 +723,6 @@ def grouped_qmm(
         E_POW2=max(triton.next_power_of_2(num_experts), 128),
         W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode],
         X_PER_EXPERT=x_amax is not None and x_amax.numel() > 1,
-        DOT_IEEE=x.dtype == torch.float32, INTERPRET=interpreting(), **meta,
+        DOT_IEEE=out.dtype == torch.float32, INTERPRET=interpreting(), **meta,
     )  # fmt: skip
     return out

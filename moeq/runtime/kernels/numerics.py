@@ -162,11 +162,17 @@ def fp8_scale(amax):
 
 
 @triton.jit
+def fp8_codes(x, amax, INTERPRET: tl.constexpr):
+    """The e4m3 codes ``e4m3(clamp(x / s, +-448))`` with ``s = amax / 448`` (``amax`` broadcasts against ``x``;
+    a zero scale divides by 1: its codes are multiplied by that zero scale)."""
+    d = safe_divisor(fp8_scale(amax))
+    return e4m3_codes(divide(x, d, fast_division_ok(d, INTERPRET)), INTERPRET)
+
+
+@triton.jit
 def fake_quant_fp8(x, amax, INTERPRET: tl.constexpr):
-    """``e4m3(clamp(x / s, +-448)) * s`` with ``s = amax / 448`` (``amax`` broadcasts against ``x``)."""
-    s = fp8_scale(amax)
-    d = safe_divisor(s)
-    return e4m3_codes(divide(x, d, fast_division_ok(d, INTERPRET)), INTERPRET).to(tl.float32) * s
+    """``e4m3(clamp(x / s, +-448)) * s`` with ``s = amax / 448``."""
+    return fp8_codes(x, amax, INTERPRET).to(tl.float32) * fp8_scale(amax)
 
 
 @triton.jit
