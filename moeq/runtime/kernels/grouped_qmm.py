@@ -104,7 +104,6 @@ def grouped_qmm_configs() -> list[triton.Config]:
         (128, 256, 64, 8, 3),
         (128, 128, 64, 4, 4),
         (128, 256, 64, 8, 4),
-        (128, 256, 128, 8, 3),  # FP8 dots only (shared memory): 850 TFLOP/s on the H200 with x codes
         # swap-AB: the weight tile is the MMA's 64/128-row operand (wgmma), the few routed rows its narrow one
         (16, 64, 128, 4, 3, True),
         (16, 128, 128, 4, 3, True),
@@ -112,6 +111,9 @@ def grouped_qmm_configs() -> list[triton.Config]:
         (16, 256, 128, 8, 3, True),
         (16, 64, 256, 4, 3, True),
     ]
+    # FP8 dots only (1-byte operand tiles; the 16-bit version does not fit in shared memory): the codes GEMM's
+    # tile at training sizes, 850 TFLOP/s on the H200 (BENCHMARKS.md, session 12)
+    fp8_only = [(128, 256, 128, 8, 3)]
     return [
         triton.Config(
             {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP_AB": any(swap), "FP8_DOT": fp8_dot},
@@ -119,7 +121,7 @@ def grouped_qmm_configs() -> list[triton.Config]:
             num_stages=s,
         )
         for fp8_dot in (True, False)
-        for m, n, k, w, s, *swap in candidates
+        for m, n, k, w, s, *swap in candidates + (fp8_only if fp8_dot else [])
     ]
 
 
@@ -140,7 +142,6 @@ def prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kw
         configs = configs[:1]
     if not fp8_operands(args["W_MODE"], args["X_MODE"]):
         configs = [c for c in configs if not c.kwargs["FP8_DOT"]]
-    configs = [c for c in configs if _operand_smem_bytes(c) <= SHARED_MEMORY_BYTES]
     decode = _decode_config(args["W_MODE"], args["X_MODE"], args["N"])
     if bucket <= 2 and decode is not None:
         return [decode]
@@ -149,16 +150,6 @@ def prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kw
         configs = [c for c in configs if c.kwargs["BLOCK_M"] != 64 or c.kwargs["BLOCK_K"] == 128]
     kept = [c for c in configs if lo <= c.kwargs["BLOCK_M"] <= hi]
     return kept or configs
-
-
-#: shared memory per block on sm_90 (227 KB); the pipelined operand tiles of a config must fit
-SHARED_MEMORY_BYTES = 232448
-
-
-def _operand_smem_bytes(config: triton.Config) -> int:
-    """Shared memory of a config's pipelined operand tiles (1-byte FP8 dots, else 16-bit operands)."""
-    kw = config.kwargs
-    return (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * config.num_stages * (1 if kw["FP8_DOT"] else 2)
 
 
 def _decode_config(w_mode: int, x_mode: int, n: int) -> triton.Config | None:
@@ -182,7 +173,7 @@ def _decode_config(w_mode: int, x_mode: int, n: int) -> triton.Config | None:
 #: elementwise pass (activations; QAT weights), and multiplies the codes, instead of re-quantizing every operand
 #: tile for each output tile it feeds. H200, Qwen3-30B-A3B shapes (BENCHMARKS.md, session 12): at 0.5 rows per
 #: expert in-load quantization wins (one launch, no weight pass); at 32 and 272 quantizing once wins (QAT FP8
-#: 1.16x / 2.7x the in-load kernel, W8A8 1.28x / 2.3x). Between them the bound is not measured.
+#: 1.2x / 2.7x the in-load kernel, W8A8 1.3x / 2.1-2.2x). Between them the bound is not measured.
 QUANTIZE_ONCE_ROWS_PER_EXPERT = 16
 
 
