@@ -127,6 +127,26 @@ def test_grouped_qmm_stored_nvfp4_layout_checked():
         )
 
 
+def test_grouped_qmm_fp8_codes_input_checked():
+    """Activation codes (``x_mode="fp8_codes"``) must be e4m3 (or uint8) bits, pair with FP8 weights, and only
+    they choose the output dtype: each misuse is named before anything launches."""
+    from moeq.runtime.kernels.grouped_qmm import grouped_qmm
+
+    x, offs = torch.zeros(4, 32, dtype=torch.bfloat16), torch.tensor([4], dtype=torch.int32)
+    w8, scale, amax = torch.zeros(1, 32, 8, dtype=torch.float8_e4m3fn), torch.ones(1), torch.ones(1)
+    with pytest.raises(ValueError, match=r"x_mode 'fp8_codes' takes x as e4m3 codes .*got torch.bfloat16"):
+        grouped_qmm(x, w8, offs, scale, None, amax, "fp8", "fp8_codes")
+    codes = x.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="x_mode 'fp8_codes' pairs with FP8 weights .*got 'plain'"):
+        grouped_qmm(codes, torch.zeros(1, 32, 8, dtype=torch.bfloat16), offs, None, None, amax, "plain", "fp8_codes")
+    with pytest.raises(ValueError, match="unknown activation mode 'int8'; choose one of fp8, nvfp4, fp8_codes"):
+        grouped_qmm(x, w8, offs, scale, None, amax, "fp8", "int8")
+    with pytest.raises(ValueError, match=r"output dtype \(torch.float32\) must be x's \(torch.bfloat16\)"):
+        grouped_qmm(x, w8, offs, scale, None, amax, "fp8", "fp8", out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="x_mode 'fp8_codes' pairs with FP8 weights .*got 'fake_nvfp4'"):
+        grouped_qmm(codes, torch.zeros(1, 32, 8), offs, amax, None, amax, "fake_nvfp4", "fp8_codes")
+
+
 def test_config_object_required():
     """prepare() with something that is not a QuantConfig says what it expects."""
     with pytest.raises(TypeError, match="moeq.QuantConfig"):
