@@ -248,3 +248,21 @@ def test_op_runs_kernel_under_interpreter():
     got = torch.ops.moeq.grouped_qmm(x, w, offs, amax, None, torch.tensor([2.0]), "qat", "nvfp4", "nvfp4")
     ref = torch.ops.moeq.grouped_qmm_reference(x, w, offs, amax, None, torch.tensor([2.0]), "qat", "nvfp4", "nvfp4")
     assert _rel(got, ref.double()) < 1e-2
+
+
+@pytest.mark.parametrize("quantize_once", [False, True], ids=["in-load", "once"])
+def test_op_passes_quantize_once(quantize_once, monkeypatch):
+    """torch.ops.moeq.grouped_qmm carries ``quantize_once`` to the launcher: the activation codes pass runs
+    exactly when asked (the real pass, counted), its launches go through wrap_triton, and both paths equal the
+    CPU reference op within rounding."""
+    from moeq.runtime.kernels import grouped_qmm as launcher
+
+    calls = []
+    real = launcher.fake_quant_act
+    monkeypatch.setattr(launcher, "fake_quant_act", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    x, w_nk, offs = _problem([6, 0, 11], 32, 16, 2, torch.bfloat16, 4)
+    w, amax, x_amax = w_nk.transpose(1, 2), expert_amax(w_nk), torch.tensor([3.0])
+    got = torch.ops.moeq.grouped_qmm(x, w, offs, amax, None, x_amax, "qat", "fp8", "fp8", quantize_once)
+    ref = torch.ops.moeq.grouped_qmm_reference(x, w, offs, amax, None, x_amax, "qat", "fp8", "fp8")
+    assert _rel(got, ref.double()) < 1e-2
+    assert len(calls) == int(quantize_once) and all(kw["codes"] and kw["wrap"] is not None for kw in calls)
