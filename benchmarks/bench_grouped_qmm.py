@@ -112,6 +112,14 @@ def stored(w_nk: torch.Tensor, amax: torch.Tensor, fmt: str):
     return (data.transpose(1, 2), scale, block.transpose(1, 2) if block.numel() else None), deq
 
 
+def unfused_deploy(x, offs, data, scale, block, fmt: str):
+    """The unfused deploy GEMM: ``moeq::dequant_weight`` of the stored weight (the kernel's ``[E, K', N]`` views
+    as :func:`stored` returns them), then ``torch._grouped_mm``."""
+    block_nk = block.transpose(1, 2) if block is not None else data.new_zeros(0)
+    w = torch.ops.moeq.dequant_weight(data.transpose(1, 2), scale, block_nk, fmt, 1, x.dtype)
+    return torch._grouped_mm(x, w, offs)
+
+
 def scaled_anchor(label, x, w_nk, offs, record):
     """Time the ``torch._scaled_grouped_mm`` FP8 rowwise anchor (activation quantization included) into
     ``record(ms)``, or say why it is missing."""
@@ -164,8 +172,13 @@ def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(m[0] for m in
             return torch._grouped_mm(xq, wq.transpose(1, 2), offs)
 
         record(f"unfused QAT {fmt.upper()} (moeq kernels + _grouped_mm)", bench(unfused), 2 * per_expert * active)
-    # moeq grouped_qmm
     deploy = {fmt: stored(w_nk, amax, fmt) for fmt in ("fp8", "nvfp4")}
+    for name, w_mode, _ in [m for m in MODES if m[0] in modes and m[1] in deploy and m[2] is None]:
+        # the path fusion("never") takes: timed eagerly (its torch-op dequant copies tables to the device, which a
+        # CUDA graph cannot capture); milliseconds, so the host's launch latency does not matter
+        unfused_ms = do_bench(lambda fmt=w_mode: unfused_deploy(x, offs, *deploy[fmt][0], fmt), return_mode="median")
+        record(f"unfused {name} (dequant_weight + _grouped_mm, eager)", unfused_ms, 2 * per_expert * active)
+    # moeq grouped_qmm
     for name, w_mode, x_fmt in [m for m in MODES if m[0] in modes]:
         fmt = w_mode.removeprefix("fake_")
         xq = kernels.fake_quant_act(x, offs, x_amax, x_fmt) if x_fmt else x

@@ -14,10 +14,10 @@ the kernel as it is (no in-kernel activation quantization). Which chains fuse is
 ``"auto"`` (default) fuses a chain only where ``moeq::grouped_qmm`` measured faster than the unfused path
 (BENCHMARKS.md). The in-load kernel re-quantizes each operand tile once per output tile it feeds, CUDA-core
 work that grows with the rows per expert, so QAT NVFP4 chains fuse up to :data:`FUSE_MAX_ROWS_PER_EXPERT`
-mean routed rows per expert (decode-size batches) and deploy NVFP4 chains up to a larger bound. FP8 x FP8
-chains (QAT FP8, deploy W8A8) always fuse: above a few rows per expert the op quantizes each operand once in
-its own pass and multiplies the codes (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`), and W8A16
-wins at every measured size. ``"always"`` fuses every chain (one kernel per expert GEMM at decode sizes),
+mean routed rows per expert (decode-size batches). FP8 x FP8 chains (QAT FP8, deploy W8A8) always fuse: above
+a few rows per expert the op quantizes each operand once in its own pass and multiplies the codes
+(:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`). Deploy chains always fuse: their unfused path
+dequantizes the stored weight through torch ops (formats.py, fp64 products), 40-100x a copy of the weight. ``"always"`` fuses every chain (one kernel per expert GEMM at decode sizes),
 ``"never"`` none. It is a
 :class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a ``uuid()`` (which includes the policy)
 so the FX graph cache keeps working, and :func:`with_grouped_qmm_pass` composes it with whatever pass is already
@@ -49,11 +49,11 @@ logger = logging.getLogger(__name__)
 
 POLICIES = ("auto", "always", "never")
 
-#: ``"auto"``: the largest mean routed rows per expert at which a chain fuses, by mode (FP8 weights with FP8
-#: or 16-bit activations always fuse). From the H100 crossovers of ``benchmarks/bench_grouped_qmm.py``
-#: (Qwen3-30B-A3B shapes): QAT fused wins at 0.5 rows per expert and loses from 32; deploy W4A16 wins at 32
-#: and loses at 272.
-FUSE_MAX_ROWS_PER_EXPERT = {"qat": 16, "deploy": 128}
+#: ``"auto"``: the largest mean routed rows per expert at which a QAT chain without FP8 activations (QAT NVFP4,
+#: FP8 weights with 16-bit activations) fuses; deploy and FP8 x FP8 chains fuse at every size. From the H100
+#: crossover of ``benchmarks/bench_grouped_qmm.py`` (Qwen3-30B-A3B shapes): the in-load QAT kernel wins at 0.5
+#: rows per expert and loses from 32.
+FUSE_MAX_ROWS_PER_EXPERT = {"qat": 16}
 
 _POLICY = "auto"
 
@@ -86,13 +86,13 @@ def fusion_enabled() -> bool:
 
 
 def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int) -> bool:
-    """Whether policy ``auto`` fuses a chain over ``rows`` routed rows (symbolic rows: deploy only)."""
-    if w_fmt == "fp8" and (x_fmt == "fp8" or (mode == "deploy" and x_fmt is None)):
-        # W8A16 wins at every size; FP8 x FP8 (QAT FP8, W8A8) quantizes once above a few rows per expert
-        # (moeq.runtime.kernels.grouped_qmm.quantizes_once): 1.4x the unfused path at 34k rows
+    """Whether policy ``auto`` fuses a chain over ``rows`` routed rows (symbolic rows: deploy and FP8 x FP8)."""
+    if mode == "deploy" or (w_fmt == "fp8" and x_fmt == "fp8"):
+        # deploy: the unfused path dequantizes stored weights through torch ops (formats.py in fp64), 40-100x
+        # a copy of the weight; FP8 x FP8 quantizes once at large sizes (quantizes_once)
         return True
     if not isinstance(rows, int):
-        return mode == "deploy"
+        return False
     return rows <= FUSE_MAX_ROWS_PER_EXPERT[mode] * max(1, num_experts)
 
 
