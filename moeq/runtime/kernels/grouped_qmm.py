@@ -674,10 +674,10 @@ def grouped_qmm(
             w = fake_quant_experts(w, w_scale, "fp8", 1, codes=True, wrap=wrap)
             w_scale, w_mode = get_format("fp8").scale_from_amax(w_scale), "fp8"
     fp8_bits = torch.uint8 if interpreting() else torch.float8_e4m3fn
-    if w_mode == "fp8":  # the GPU loads float8e4nv directly; the interpreter decodes the bits by hand
-        w = w.view(fp8_bits)
-    if x_mode == "fp8_codes":
+    if x_mode == "fp8_codes":  # the GPU loads float8e4nv directly; the interpreter decodes the bits by hand
         x = x.view(fp8_bits)
+    if w_mode == "fp8":
+        w = w.view(fp8_bits)
     elif w_mode == "nvfp4":  # read as the 32-bit words the decode works on: K-contiguous (freeze stores it so)
         w_nk = w.view(torch.uint8).transpose(1, 2)
         w = (w_nk if w_nk.stride(2) == 1 else w_nk.contiguous()).view(torch.int32).transpose(1, 2)
