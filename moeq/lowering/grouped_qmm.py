@@ -1,4 +1,5 @@
-"""``moeq::grouped_qmm``: an expert grouped GEMM with its operands' quantization fused in (one kernel).
+"""``moeq::grouped_qmm``: an expert grouped GEMM with its operands' quantization fused in (one kernel; large
+FP8 x FP8 batches quantize each operand once first, ``quantize_once``).
 
 ``grouped_qmm(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt, quantize_once=None)`` computes
 ``out[rows of expert e] = q(x[rows]) @ q(w[e])`` for ``x [M, K]``, ``w`` logically ``[E, K, N]`` and int32

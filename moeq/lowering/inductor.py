@@ -7,7 +7,8 @@ The expert pass (:mod:`moeq.passes.insert_qdq`) leaves, after AOTAutograd, chain
     y  = aten._grouped_mm(xq, permute(wq, ...), offs)                   # or transformers.grouped_mm_fallback
 
 :class:`GroupedQmmPass` replaces each GEMM by ``moeq::grouped_qmm`` on the raw operands (the same view
-applied to the raw weight), so the GEMM runs as one Triton kernel that quantizes in its load path.
+applied to the raw weight), so the GEMM runs as one Triton kernel that quantizes in its load path (large FP8 x
+FP8 batches: after one codes pass per operand, see :func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`).
 A chain whose quantized weight has other users (a training graph saves it for backward) is left
 unfused: fusing would quantize the weight twice. A quantized activation with other users is passed to
 the kernel as it is (no in-kernel activation quantization). Which chains fuse is a policy (:func:`fusion`):
