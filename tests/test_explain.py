@@ -85,3 +85,28 @@ def test_inspect_command_prints_the_table():
     ).stdout
     assert "4 expert GEMMs rewritten" in out
     assert "model.layers.1.mlp.experts.down_proj" in out
+
+
+def test_report_says_how_the_backend_lowers_the_gemms():
+    """After finalize() the report says what backend="moeq" runs on CUDA for these formats under the fusion
+    policy: QAT NVFP4 fused up to 16 rows per expert then unfused, QAT FP8 with its codes passes at large
+    sizes, deploy fused at every size; "always" / "never" say so. Nothing is claimed before finalize()."""
+    from moeq.lowering.inductor import fusion
+
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32), moeq.NVFP4)
+    assert "backend='moeq'" not in str(moeq.explain(model))
+    _, cm = _finalized_qwen(moeq.NVFP4)
+    text = str(moeq.explain(cm))
+    assert "fusion 'auto': one moeq::grouped_qmm Triton kernel per expert GEMM up to 16 mean routed rows" in text
+    assert "above, moeq's fake-quant kernels + torch._grouped_mm" in text
+    with fusion("always"):
+        assert "fusion 'always': one moeq::grouped_qmm Triton kernel per expert GEMM at every size" in str(
+            moeq.explain(cm)
+        )
+    with fusion("never"):
+        assert "fusion 'never': moeq's fake-quant kernels + torch._grouped_mm" in str(moeq.explain(cm))
+    moeq.freeze(cm)
+    assert "fusion 'auto': one moeq::grouped_qmm Triton kernel per expert GEMM at every size" in str(moeq.explain(cm))
+    torch._dynamo.reset()  # a second model: compile afresh
+    _, cm8 = _finalized_qwen(moeq.FP8)
+    assert "above 16, an activation codes pass, a weight codes pass and the FP8 codes GEMM" in str(moeq.explain(cm8))

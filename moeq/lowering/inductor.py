@@ -39,6 +39,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 __all__ = [
     "FUSE_MAX_ROWS_PER_EXPERT",
     "GroupedQmmPass",
+    "describe_lowering",
     "fuse_grouped_qmm",
     "fusion",
     "fusion_policy",
@@ -95,6 +96,29 @@ def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int)
     if not isinstance(rows, int):
         return False
     return rows <= FUSE_MAX_ROWS_PER_EXPERT[mode] * max(1, num_experts)
+
+
+def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
+    """What the ``moeq`` backend runs on CUDA for a ``torch._grouped_mm`` expert chain of this mode and these
+    formats under the current policy (derived from :func:`_pays` and ``quantizes_once``, so it cannot drift)."""
+    from moeq.runtime.kernels.grouped_qmm import QUANTIZE_ONCE_ROWS_PER_EXPERT, quantizes_once
+
+    one = "one moeq::grouped_qmm Triton kernel per expert GEMM"
+    unfused_path = "moeq's fake-quant kernels" if mode == "qat" else "moeq::dequant_weight (torch ops)"
+    unfused_path += " + torch._grouped_mm"
+    if _POLICY == "never":
+        return unfused_path
+    if _POLICY == "always":
+        return f"{one} at every size"
+    w_mode = f"fake_{w_fmt}" if mode == "qat" else w_fmt
+    if quantizes_once(w_mode, x_fmt, 2**31, 1):
+        passes = "an activation codes pass, a weight codes pass" if mode == "qat" else "an activation codes pass"
+        large = f"above {QUANTIZE_ONCE_ROWS_PER_EXPERT}, {passes} and the FP8 codes GEMM"
+        return f"{one} up to {QUANTIZE_ONCE_ROWS_PER_EXPERT} mean routed rows per expert; {large}"
+    if _pays(mode, w_fmt, x_fmt, None, 1):
+        return f"{one} at every size"
+    bound = FUSE_MAX_ROWS_PER_EXPERT[mode]
+    return f"{one} up to {bound} mean routed rows per expert; above, {unfused_path}"
 
 
 def _gemm_targets() -> set[Any]:
