@@ -112,3 +112,32 @@ def test_regional_compile_reuses_one_graph_with_each_layers_state():
         assert not torch.equal(layer0, layer1)
         assert torch.equal(regional(tokens).logits, compiled(tokens).logits)
     assert len(moeq.explain(regional).rows()) == 4
+
+
+_WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # as on a machine without triton: every import of it fails
+import torch, moeq
+from moeq.integrations.hf import tiny_model
+model = moeq.prepare(tiny_model("qwen3_moe", torch.float32), moeq.FP8)
+cm = torch.compile(model, backend="moeq")
+tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+with torch.no_grad(), moeq.calibrate(cm):
+    cm(tokens)
+moeq.finalize(cm)
+with torch.no_grad():
+    logits = cm(tokens).logits
+assert logits.isfinite().all()
+print(moeq.explain(cm))
+"""
+
+
+def test_cpu_path_needs_no_triton():
+    """moeq imports, compiles with backend="moeq", calibrates, finalizes and runs a quantized CPU forward where
+    triton is not installed (the moeq ops' plain-torch reference path), and explain() says so."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the moeq ops' plain-torch reference (triton is not installed)" in done.stdout

@@ -19,6 +19,8 @@ reference op ``moeq::grouped_qmm_reference`` (formats.py fake quant / dequant, t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
@@ -26,7 +28,6 @@ from torch.library import triton_op, wrap_triton
 from moeq.formats import get_format
 from moeq.lowering import ops
 from moeq.lowering.ops import _per_row_amax, check_offsets
-from moeq.runtime.kernels.launch import interpreting
 
 __all__ = ["grouped_qmm", "grouped_qmm_reference", "quantized_operands"]
 
@@ -108,6 +109,18 @@ def _(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt):
     return x.new_empty(x.shape[0], w.shape[2])
 
 
+def _kernel_launcher(x: Tensor) -> Any:
+    """The Triton launcher for ``x``'s device (CUDA, or CPU under ``TRITON_INTERPRET=1``), or None: another
+    device, or triton not installed (then the reference op runs, as the other moeq ops do)."""
+    kernels = ops._triton_kernels()
+    if kernels is None or x.device.type not in ("cuda", "cpu"):
+        return None
+    from moeq.runtime.kernels.grouped_qmm import grouped_qmm
+    from moeq.runtime.kernels.launch import interpreting
+
+    return grouped_qmm if x.device.type == "cuda" or interpreting() else None
+
+
 @triton_op("moeq::grouped_qmm", mutates_args=())
 def grouped_qmm(
     x: Tensor,
@@ -129,9 +142,8 @@ def grouped_qmm(
     if x.device.type == "cuda" and not ops._TRITON_ENABLED:  # ops.reference_kernels(): CPU reference, copied back
         cpu = [t.cpu() if isinstance(t, Tensor) else t for t in (x, w, offs, w_scale, w_block_scale, x_amax)]
         return torch.ops.moeq.grouped_qmm_reference(*cpu, mode, w_fmt, x_fmt).to(x.device)
-    if x.device.type == "cuda" or (x.device.type == "cpu" and interpreting()):
-        from moeq.runtime.kernels.grouped_qmm import grouped_qmm as launch
-
+    launch = _kernel_launcher(x)
+    if launch is not None:
         _check_args(mode, w_fmt, x_fmt)
         w_mode = f"fake_{w_fmt}" if mode == "qat" else w_fmt
         return launch(x, w, offs, w_scale, w_block_scale, x_amax, w_mode, x_fmt, wrap=wrap_triton,

@@ -101,7 +101,10 @@ def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int)
 def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
     """What the ``moeq`` backend runs on CUDA for a ``torch._grouped_mm`` expert chain of this mode and these
     formats under the current policy (derived from :func:`_pays` and ``quantizes_once``, so it cannot drift)."""
-    from moeq.runtime.kernels.grouped_qmm import QUANTIZE_ONCE_ROWS_PER_EXPERT, quantizes_once
+    try:
+        from moeq.runtime.kernels.grouped_qmm import QUANTIZE_ONCE_ROWS_PER_EXPERT, quantizes_once
+    except ImportError:
+        return "the moeq ops' plain-torch reference (triton is not installed)"
 
     one = "one moeq::grouped_qmm Triton kernel per expert GEMM"
     unfused_path = "moeq's fake-quant kernels" if mode == "qat" else "moeq::dequant_weight (torch ops)"
