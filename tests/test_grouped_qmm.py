@@ -327,3 +327,41 @@ def test_config_pruning_by_batch_size(w_mode, x_mode, rows, swapped):
         assert len(kept) == 1 and kept[0].kwargs["BLOCK_M"] == 16
     else:
         assert {c.kwargs["BLOCK_M"] for c in kept} == ({64, 128} if rows > 4096 else {16})
+
+
+@pytest.mark.parametrize(("quantize_once", "launches"), [(None, 3), (False, 1)], ids=["by-size", "in-load"])
+def test_launcher_traces_with_a_symbolic_row_count(quantize_once, launches):
+    """What Inductor does to the triton_op's body after a recompile with a dynamic token count: trace the
+    launcher on fake CUDA tensors (no GPU needed) whose row count is symbolic. It traces; the quantize-once
+    choice becomes a guard on the rows (``rows > 16 * E``), so 75 rows per expert give the three launches
+    (activation codes, weight codes, codes GEMM) and ``quantize_once=False`` one."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torch.library import wrap_triton
+
+    from moeq.runtime.kernels.grouped_qmm import grouped_qmm as launch
+
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+
+    def fake_cuda(shape, dtype, dynamic_rows=False):
+        dims = [DimDynamic.DYNAMIC if dynamic_rows and i == 0 else DimDynamic.STATIC for i in range(len(shape))]
+        meta = torch.empty(shape, dtype=dtype, device="meta")
+        sym = mode.from_tensor(meta, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+        return FakeTensor(mode, meta.new_empty(sym.shape), torch.device("cuda"))
+
+    x = fake_cuda((300, 32), torch.bfloat16, dynamic_rows=True)
+    w, offs = fake_cuda((4, 32, 16), torch.bfloat16), fake_cuda((4,), torch.int32)
+    amax, x_amax = fake_cuda((4,), torch.float32), fake_cuda((1,), torch.float32)
+
+    def forward(x, w, offs, amax, x_amax):
+        return launch(x, w, offs, amax, None, x_amax, "fake_fp8", "fp8", wrap=wrap_triton, quantize_once=quantize_once)
+
+    with mode:
+        gm = make_fx(forward, tracing_mode="real")(x, w, offs, amax, x_amax)
+    rows = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
+    assert isinstance(rows, torch.SymInt)
+    assert sum("triton_kernel_wrapper" in str(n.target) for n in gm.graph.nodes) == launches
+    if quantize_once is None:
+        assert f"{rows.node.expr} > 64" in {str(g.expr) for g in shape_env.guards}
