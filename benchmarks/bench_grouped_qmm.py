@@ -34,6 +34,7 @@ from report import save_report
 from triton.testing import do_bench
 
 from moeq.formats import expand_per_expert, expert_amax, get_format
+from moeq.lowering.grouped_qmm import quantized_operands
 from moeq.passes.freeze import stored_form
 from moeq.runtime import kernels
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm, quantizes_once
@@ -114,9 +115,8 @@ def stored(w_nk: torch.Tensor, amax: torch.Tensor, fmt: str):
 
 def unfused_deploy(x, offs, data, scale, block, fmt: str):
     """The unfused deploy GEMM: ``moeq::dequant_weight`` of the stored weight (the kernel's ``[E, K', N]`` views
-    as :func:`stored` returns them), then ``torch._grouped_mm``."""
-    block_nk = block.transpose(1, 2) if block is not None else data.new_zeros(0)
-    w = torch.ops.moeq.dequant_weight(data.transpose(1, 2), scale, block_nk, fmt, 1, x.dtype)
+    as :func:`stored` returns them, through the op's own ``quantized_operands``), then ``torch._grouped_mm``."""
+    _, w = quantized_operands(x, data, offs, scale, block, None, "deploy", fmt, None)
     return torch._grouped_mm(x, w, offs)
 
 

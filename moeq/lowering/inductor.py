@@ -18,8 +18,8 @@ work that grows with the rows per expert, so QAT NVFP4 chains fuse up to :data:`
 mean routed rows per expert (decode-size batches). FP8 x FP8 chains (QAT FP8, deploy W8A8) always fuse: above
 a few rows per expert the op quantizes each operand once in its own pass and multiplies the codes
 (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`). Deploy chains always fuse: their unfused path
-dequantizes the stored weight through torch ops (formats.py, fp64 products), 40-100x a copy of the weight. ``"always"`` fuses every chain (one kernel per expert GEMM at decode sizes),
-``"never"`` none. It is a
+dequantizes the stored weight through torch ops (formats.py, fp64 products), 40-100x a copy of the weight.
+``"always"`` fuses every chain (one kernel per expert GEMM at every size), ``"never"`` none. It is a
 :class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a ``uuid()`` (which includes the policy)
 so the FX graph cache keeps working, and :func:`with_grouped_qmm_pass` composes it with whatever pass is already
 installed in ``post_grad_custom_post_pass`` (torch 2.11 holds one object there; 2.13 also a list).
@@ -223,18 +223,8 @@ def fuse_grouped_qmm(graph: fx.Graph) -> int:
             w_view = _permute(graph, w, perm)
             block_view = _permute(graph, block, [0, 2, 1]) if block is not None else None
             # "always" promises one kernel per GEMM: quantization stays in the load path at every size
-            args = (
-                x,
-                w_view,
-                offs,
-                scale,
-                block_view,
-                x_amax,
-                mode,
-                w_fmt,
-                x_fmt,
-                None if _POLICY == "auto" else False,
-            )
+            quantize_once = None if _POLICY == "auto" else False
+            args = (x, w_view, offs, scale, block_view, x_amax, mode, w_fmt, x_fmt, quantize_once)
             qmm = graph.call_function(torch.ops.moeq.grouped_qmm.default, args)
         x_val, gemm_val = _val(x), _val(gemm)
         qmm.meta["val"] = x_val.new_empty((x_val.shape[0], gemm_val.shape[1]))

@@ -58,20 +58,22 @@ def _fake_quant_act_kernel(
     xf = x.to(tl.float32)
     if CODES:  # FP8 codes of routed rows (zero codes elsewhere): the GEMM applies the scale
         out = tl.where(routed, fp8_codes(xf, amax, INTERPRET), 0.0).to(out_ptr.dtype.element_ty)
-    elif IS_NVFP4:
-        out = tl.where(routed, cast_like(fake_quant_nvfp4(xf, amax, INTERPRET), out_ptr, INTERPRET), x)
     else:
-        out = tl.where(routed, cast_like(fake_quant_fp8(xf, amax, INTERPRET), out_ptr, INTERPRET), x)
+        if IS_NVFP4:
+            q = fake_quant_nvfp4(xf, amax, INTERPRET)
+        else:
+            q = fake_quant_fp8(xf, amax, INTERPRET)
+        out = tl.where(routed, cast_like(q, out_ptr, INTERPRET), x)
     tl.store(out_ptr + rows.to(tl.int64) * stride_os + cols, out, mask=mask)
 
 
 def act_codes_reference(x: torch.Tensor, offs: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """:mod:`moeq.formats` FP8 codes of routed rows (each row with its expert's amax, or the shared one);
     zero codes past ``offs[-1]``."""
+    from moeq.lowering.ops import _per_row_amax  # the reference ops' row -> expert amax (imported at call time)
+
+    codes = get_format("fp8").quantize(x, _per_row_amax(x, offs, amax.float()), -1).data
     rows = torch.arange(x.shape[0], device=x.device)
-    expert = torch.searchsorted(offs, rows.to(offs.dtype), right=True)
-    row_amax = amax.float().reshape(-1)[expert.clamp(max=amax.numel() - 1)] if amax.numel() > 1 else amax.float()
-    codes = get_format("fp8").quantize(x, row_amax.reshape(-1, 1), -1).data
     routed = (rows < offs[-1]) if offs.numel() else torch.zeros_like(rows, dtype=torch.bool)
     return torch.where(routed[:, None], codes.view(torch.uint8), 0).view(torch.float8_e4m3fn)
 

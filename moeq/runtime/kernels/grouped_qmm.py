@@ -19,9 +19,9 @@ per-expert scale), ``nvfp4`` (stored packed E2M1 pairs along K in the 64-byte ru
 once, + e4m3 block scales + per-expert global scale). Activation modes (``X_MODE``): none, ``fp8`` /
 ``nvfp4`` fake quant as loaded (static amax [1] or per expert [E]; NVFP4 with dynamic 16-blocks), ``fp8_codes``
 (x already quantized once to its e4m3 codes: at large row counts re-quantizing an activation tile for every
-n-tile costs more than one pass over x). FP8 operands (fake-quantized or stored) enter the dot as their e4m3 values (exact in
-every input dtype) and their scales multiply the fp32 accumulator once per tile; when both operands are FP8
-(QAT FP8, deploy W8A8) the dot runs on the FP8 tensor cores. Fake-quantized NVFP4 operands enter as
+n-tile costs more than one pass over x). FP8 operands (fake-quantized or stored) enter the dot as their e4m3
+values (exact in every input dtype) and their scales multiply the fp32 accumulator once per tile; when both
+operands are FP8 (QAT FP8, deploy W8A8) the dot runs on the FP8 tensor cores. Fake-quantized NVFP4 operands enter as
 ``e2m1 * (block scale * global scale)`` in the input dtype; stored NVFP4 weights as ``e2m1 * block scale``
 (exact), their global scale on the accumulator like FP8's. Each operand is therefore the :mod:`moeq.formats`
 fake quant / dequantization bit for bit up to where its per-tensor scale is applied (after the sum instead of
@@ -200,6 +200,16 @@ def _decode_e4m3(bits, INTERPRET: tl.constexpr):
         return negate_where((bits & 0x80) != 0, mag)
     else:
         return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _load_e4m3(ptrs, mask, INTERPRET: tl.constexpr):
+    """Stored e4m3 values: float8e4nv straight from memory on the GPU; under the interpreter the bits
+    (a uint8 view) decoded by hand to fp32."""
+    if INTERPRET:
+        return _decode_e4m3(tl.load(ptrs, mask=mask, other=0).to(tl.int32), INTERPRET)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -497,13 +507,11 @@ def _grouped_qmm_kernel(
                             (BLOCK_M, BLOCK_K))  # fmt: skip
         else:
             x2_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k2[None, :] * stride_xk
-            if X_MODE == X_FP8_CODES and INTERPRET:  # stored bits (uint8) decoded by hand
-                xa = tl.load(x2_ptrs, mask=row_mask[:, None] & (k2 < K)[None, :], other=0).to(tl.int32)
-                xa = _as_operand(_decode_e4m3(xa, INTERPRET), out_ptr, FP8_DOT)
+            x2_mask = row_mask[:, None] & (k2 < K)[None, :]
+            if X_MODE == X_FP8_CODES:
+                xa = _as_operand(_load_e4m3(x2_ptrs, x2_mask, INTERPRET), out_ptr, FP8_DOT)
             else:
-                xa = tl.load(x2_ptrs, mask=row_mask[:, None] & (k2 < K)[None, :], other=0.0)
-            if X_MODE == X_FP8_CODES and not INTERPRET:
-                xa = _as_operand(xa, out_ptr, FP8_DOT)
+                xa = tl.load(x2_ptrs, mask=x2_mask, other=0.0)
             if X_MODE == X_FP8:
                 xa = _as_operand(e4m3_codes(divide(xa.to(tl.float32), x_div, x_fast), INTERPRET), out_ptr, FP8_DOT)
         # ---- weight tile [BLOCK_N, BLOCK_K] (n, k)
@@ -523,11 +531,7 @@ def _grouped_qmm_kernel(
             wq = _nvfp4_operand(words.to(tl.uint32, bitcast=True), scale_words, out_ptr.dtype.element_ty, BLOCK_N,
                                 BLOCK_K, INTERPRET)  # fmt: skip
         elif W_MODE == W_FP8:
-            if INTERPRET:  # stored bits (uint8) decoded by hand
-                wq = _decode_e4m3(tl.load(w2_ptrs, mask=w2_mask, other=0).to(tl.int32), INTERPRET)
-            else:  # float8e4nv straight from memory
-                wq = tl.load(w2_ptrs, mask=w2_mask, other=0.0)
-            wq = _as_operand(wq, out_ptr, FP8_DOT)
+            wq = _as_operand(_load_e4m3(w2_ptrs, w2_mask, INTERPRET), out_ptr, FP8_DOT)
         elif W_MODE == W_FAKE_NVFP4:
             w = tl.load(w_base + ks * stride_wk, mask=n_mask[:, None, None] & k_mask, other=0.0)
             wq = tl.reshape(cast_like(fake_quant_nvfp4(w.to(tl.float32), w_scale, INTERPRET), out_ptr, INTERPRET),
