@@ -266,3 +266,48 @@ def test_op_passes_quantize_once(quantize_once, monkeypatch):
     ref = torch.ops.moeq.grouped_qmm_reference(x, w, offs, amax, None, x_amax, "qat", "fp8", "fp8")
     assert _rel(got, ref.double()) < 1e-2
     assert len(calls) == int(quantize_once) and all(kw["codes"] and kw["wrap"] is not None for kw in calls)
+
+
+#: above 16 mean rows per expert: the quantize-once GEMM runs the persistent codes kernel (several m-tiles per
+#: expert, an empty expert, a one-row expert, unrouted tail rows; E=1)
+TRAINING_SHAPES = [([40, 0, 37, 1], 48, 40, 3), ([70], 32, 24, 0)]
+#: the one-tile kernel's interpreter tile, given explicitly (a config keeps grouped_qmm on the one-tile kernel)
+ONE_TILE = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SWAP_AB": False, "FP8_DOT": False})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per-expert"])
+@pytest.mark.parametrize("shape", TRAINING_SHAPES, ids=["several-tiles", "E1"])
+@pytest.mark.parametrize("mode", ["qat", "deploy"])
+def test_persistent_codes_gemm(mode, shape, per_expert, dtype, monkeypatch):
+    """Training-sized batches: the codes GEMM is the persistent kernel (each program walks several tiles; the
+    launch is counted). Its output equals the one-tile kernel's on the same codes bit for bit (same tile sums
+    under the interpreter), matches formats' fake quant of both operands and a float64 matmul, and the
+    unrouted tail rows are zero."""
+    from moeq.runtime.kernels import grouped_qmm as launcher
+
+    launches = []
+    real = launcher.grouped_codes_gemm
+    monkeypatch.setattr(launcher, "grouped_codes_gemm", lambda *a, **kw: launches.append(a) or real(*a, **kw))
+    counts, k, n, tail = shape
+    x, w_nk, offs = _problem(counts, k, n, tail, dtype, 21)
+    xq, x_amax = _act(x, offs, "fp8", per_expert)
+    codes = _fake_quant_act_codes(x, offs, x_amax)
+    fmt = get_format("fp8")
+    amax = expert_amax(w_nk) * 0.9
+    if mode == "qat":
+        args = (w_nk.transpose(1, 2), offs, amax, None, x_amax, "fake_fp8")
+        wq = fmt.fake_quant(w_nk, expand_per_expert(amax, 3), 2).transpose(1, 2)
+    else:
+        q = fmt.quantize(w_nk, expand_per_expert(amax, 3), 2)
+        args = (*stored_weight_args(q)[:1], offs, *stored_weight_args(q)[1:], x_amax, "fp8")
+        wq = fmt.dequantize(q, dtype).transpose(1, 2)
+    w_arg, rest = args[0], args[1:]
+    got = grouped_qmm(x, w_arg, *rest, "fp8")
+    assert len(launches) == 1
+    one_tile = grouped_qmm(codes, w_arg, *rest, "fp8_codes", out_dtype=dtype, config=ONE_TILE)
+    assert len(launches) == 1
+    assert got.dtype == dtype
+    assert torch.equal(got, one_tile)
+    assert _rel(got, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
+    assert torch.equal(got[int(offs[-1]) :], torch.zeros_like(got[int(offs[-1]) :]))
