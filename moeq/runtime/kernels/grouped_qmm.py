@@ -38,19 +38,16 @@ import triton
 import triton.language as tl
 
 from moeq.formats import NVFP4_RUN_BYTES, get_format
-from moeq.runtime.kernels.codes_gemm import expert_tiles, grouped_codes_gemm, tile_rows, uses_codes_gemm
 from moeq.runtime.kernels.fake_quant_act import fake_quant_act
 from moeq.runtime.kernels.fake_quant_experts import fake_quant_experts
 from moeq.runtime.kernels.launch import check_float, interpreting
 from moeq.runtime.kernels.numerics import (
     cast_like,
-    decode_e4m3,
     divide,
     e4m3_codes,
     fake_quant_nvfp4,
     fast_division_ok,
     fp8_scale,
-    load_e4m3,
     negate_where,
     safe_divisor,
 )
@@ -193,6 +190,29 @@ def m_bucket(rows: int, num_experts: int) -> int:
 
 
 @triton.jit
+def _decode_e4m3(bits, INTERPRET: tl.constexpr):
+    """fp32 values of float8_e4m3fn bit patterns (int32 0..255); exact. The GPU converts in hardware."""
+    if INTERPRET:
+        exponent = (bits >> 3) & 0xF
+        mantissa = (bits & 0x7).to(tl.float32)
+        scale = ((tl.maximum(exponent, 1) - 7 - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        mag = tl.where(exponent == 0, mantissa, mantissa + 8.0) * scale
+        return negate_where((bits & 0x80) != 0, mag)
+    else:
+        return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _load_e4m3(ptrs, mask, INTERPRET: tl.constexpr):
+    """Stored e4m3 values: float8e4nv straight from memory on the GPU; under the interpreter the bits
+    (a uint8 view) decoded by hand to fp32."""
+    if INTERPRET:
+        return _decode_e4m3(tl.load(ptrs, mask=mask, other=0).to(tl.int32), INTERPRET)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _as_operand(v, out_ptr, FP8_DOT: tl.constexpr):
     """e4m3 values as a dot operand: float8e4nv for the FP8 tensor cores, else the output dtype (exact)."""
     if FP8_DOT:
@@ -243,7 +263,7 @@ def _nvfp4_operand(words, scale_words, dtype: tl.constexpr, BLOCK_N: tl.constexp
         sw = scale_words.to(tl.int32, bitcast=True)
         block_bits = _word_parts_in_order(sw & 255, (sw >> 8) & 255, (sw >> 16) & 255, (sw >> 24) & 255, BLOCK_N,
                                           BLOCK_K // 16)  # fmt: skip
-        scale = decode_e4m3(block_bits, INTERPRET) * 0.00390625
+        scale = _decode_e4m3(block_bits, INTERPRET) * 0.00390625
         out = tl.reshape((_decode_e2m1(codes) * scale[:, :, None]).to(dtype), (BLOCK_N, BLOCK_K))
     return out
 
@@ -359,6 +379,29 @@ def _decode_e2m1(codes):
     return negate_where((codes & 0x8) != 0, mag)
 
 
+@triton.jit
+def _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, first row, end row) of global m-tile ``tile_m``: experts' m-tiles in order, then the tiles
+    of the unrouted tail rows (expert == NUM_EXPERTS, to be zeroed); end <= first for a spare program."""
+    e_idx = tl.arange(0, E_POW2)
+    valid = e_idx < NUM_EXPERTS
+    ends = tl.load(offs_ptr + e_idx, mask=valid, other=0)
+    starts = tl.load(offs_ptr + e_idx - 1, mask=valid & (e_idx > 0), other=0)
+    tiles = tl.where(valid, tl.cdiv(ends - starts, BLOCK_M), 0)
+    cum = tl.cumsum(tiles, axis=0)
+    expert = tl.sum((cum <= tile_m).to(tl.int32), axis=0)
+    if expert < NUM_EXPERTS:
+        here = e_idx == expert
+        first_tile = tl.sum(tl.where(here, cum - tiles, 0), axis=0)
+        row_start = tl.sum(tl.where(here, starts, 0), axis=0) + (tile_m - first_tile) * BLOCK_M
+        row_end = tl.sum(tl.where(here, ends, 0), axis=0)
+    else:
+        routed = tl.load(offs_ptr + NUM_EXPERTS - 1)
+        row_start = routed + (tile_m - tl.sum(tiles, axis=0)) * BLOCK_M
+        row_end = M
+    return expert, row_start, row_end
+
+
 @triton.autotune(
     configs=grouped_qmm_configs(),
     key=["N", "K", "NUM_EXPERTS", "M_BUCKET", "W_MODE", "X_MODE"],
@@ -404,8 +447,7 @@ def _grouped_qmm_kernel(
     n_tiles = tl.cdiv(N, BLOCK_N)
     tile_m = pid // n_tiles
     pid_n = pid % n_tiles
-    expert, row_start, row_end = tile_rows(*expert_tiles(offs_ptr, NUM_EXPERTS, E_POW2, BLOCK_M), tile_m, M,
-                                           NUM_EXPERTS, BLOCK_M)  # fmt: skip
+    expert, row_start, row_end = _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2, BLOCK_M)
     e = tl.minimum(expert, NUM_EXPERTS - 1).to(tl.int64)
     k_end = tl.where(expert < NUM_EXPERTS, K, 0)  # the unrouted tail only gets zeros
 
@@ -467,7 +509,7 @@ def _grouped_qmm_kernel(
             x2_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k2[None, :] * stride_xk
             x2_mask = row_mask[:, None] & (k2 < K)[None, :]
             if X_MODE == X_FP8_CODES:
-                xa = _as_operand(load_e4m3(x2_ptrs, x2_mask, INTERPRET), out_ptr, FP8_DOT)
+                xa = _as_operand(_load_e4m3(x2_ptrs, x2_mask, INTERPRET), out_ptr, FP8_DOT)
             else:
                 xa = tl.load(x2_ptrs, mask=x2_mask, other=0.0)
             if X_MODE == X_FP8:
@@ -489,7 +531,7 @@ def _grouped_qmm_kernel(
             wq = _nvfp4_operand(words.to(tl.uint32, bitcast=True), scale_words, out_ptr.dtype.element_ty, BLOCK_N,
                                 BLOCK_K, INTERPRET)  # fmt: skip
         elif W_MODE == W_FP8:
-            wq = _as_operand(load_e4m3(w2_ptrs, w2_mask, INTERPRET), out_ptr, FP8_DOT)
+            wq = _as_operand(_load_e4m3(w2_ptrs, w2_mask, INTERPRET), out_ptr, FP8_DOT)
         elif W_MODE == W_FAKE_NVFP4:
             w = tl.load(w_base + ks * stride_wk, mask=n_mask[:, None, None] & k_mask, other=0.0)
             wq = tl.reshape(cast_like(fake_quant_nvfp4(w.to(tl.float32), w_scale, INTERPRET), out_ptr, INTERPRET),
@@ -640,13 +682,6 @@ def grouped_qmm(
         x = x.view(fp8_bits)
     if w_mode == "fp8":
         w = w.view(fp8_bits)
-    if (
-        x_mode == "fp8_codes"
-        and w_mode == "fp8"
-        and config is None
-        and uses_codes_gemm(x, QUANTIZE_ONCE_ROWS_PER_EXPERT, num_experts)
-    ):
-        return grouped_codes_gemm(x, w, offs, w_scale, x_amax, out, m_bucket(m, num_experts), wrap)
     elif w_mode == "nvfp4":  # read as the 32-bit words the decode works on: K-contiguous (freeze stores it so)
         w_nk = w.view(torch.uint8).transpose(1, 2)
         w = (w_nk if w_nk.stride(2) == 1 else w_nk.contiguous()).view(torch.int32).transpose(1, 2)

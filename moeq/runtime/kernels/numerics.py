@@ -252,26 +252,3 @@ def float_of_abs_bits(bits, dtype: tl.constexpr, BITS: tl.constexpr):
         return bits.to(tl.float32, bitcast=True)
     else:
         return bits.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def decode_e4m3(bits, INTERPRET: tl.constexpr):
-    """fp32 values of float8_e4m3fn bit patterns (int32 0..255); exact. The GPU converts in hardware."""
-    if INTERPRET:
-        exponent = (bits >> 3) & 0xF
-        mantissa = (bits & 0x7).to(tl.float32)
-        scale = ((tl.maximum(exponent, 1) - 7 - 3 + 127) << 23).to(tl.float32, bitcast=True)
-        mag = tl.where(exponent == 0, mantissa, mantissa + 8.0) * scale
-        return negate_where((bits & 0x80) != 0, mag)
-    else:
-        return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def load_e4m3(ptrs, mask, INTERPRET: tl.constexpr):
-    """Stored e4m3 values: float8e4nv straight from memory on the GPU; under the interpreter the bits
-    (a uint8 view) decoded by hand to fp32."""
-    if INTERPRET:
-        return decode_e4m3(tl.load(ptrs, mask=mask, other=0).to(tl.int32), INTERPRET)
-    else:
-        return tl.load(ptrs, mask=mask, other=0.0)
