@@ -236,6 +236,32 @@ def test_codes_gemm_training_size(counts, k, n, per_expert):
     assert not got[rows:].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_dequant_weight_cuda_bit_exact(fmt, dtype):
+    """moeq::dequant_weight on CUDA (the Triton kernel) == the op's formats.py reference on the CPU, bit for bit:
+    a random stored weight (K not a multiple of 128) and every e4m3 byte / E2M1 nibble with global scales down
+    to fp32 subnormal products."""
+    from moeq.formats import interleave_nvfp4_runs
+    from moeq.passes.freeze import stored_form
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(3, 96, 400, generator=g) * torch.logspace(-3, 1, 3).view(-1, 1, 1)
+    amax = expert_amax(w) * 0.8
+    stored = [stored_form(get_format(fmt).quantize(w, expand_per_expert(amax, 3), 2))]
+    codes = torch.arange(256, dtype=torch.uint8)
+    scale = torch.tensor([1.0, 3.7e-3, 1e-40, 1e30])
+    if fmt == "fp8":
+        stored.append((codes.repeat(4, 3, 1), scale, codes.new_zeros(0)))
+    else:
+        blocks = codes.view(16, 16).repeat(4, 16, 2)
+        stored.append((interleave_nvfp4_runs(codes.repeat(4, 256, 1)).contiguous(), scale, blocks))
+    for data, s, block in stored:
+        want = ops._dequant_weight_reference(data, s, block, fmt, 1, dtype)
+        got = torch.ops.moeq.dequant_weight(data.cuda(), s.cuda(), block.cuda(), fmt, 1, dtype).cpu()
+        assert_same_bits(got, want, fmt)
+
+
 @pytest.fixture
 def fuse_always():
     """These tests check the fused kernel itself: every chain fused whatever the batch size."""

@@ -306,8 +306,12 @@ def _register_cuda_kernels() -> None:
             return _fake_quant_act_reference(x, offs, amax, fmt, expert_dim, contraction_dim)
         return kernels.fake_quant_act(x, offs, amax, fmt)
 
-
-_register_cuda_kernels()
+    @dequant_weight.register_kernel("cuda")
+    def _(data: Tensor, scale: Tensor, block_scale: Tensor, fmt: str, contraction_dim: int, dtype: torch.dtype):
+        if not _TRITON_ENABLED:
+            args = (data.cpu(), scale.cpu(), block_scale.cpu(), fmt, contraction_dim, dtype)
+            return _dequant_weight_reference(*args).to(data.device)
+        return kernels.dequant_stored_weight(data, scale, block_scale, fmt, dtype).movedim(-1, contraction_dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +326,14 @@ def dequant_weight(
     """A weight stored by ``moeq.freeze`` (K-last ``data``: e4m3, or packed E2M1 in the 64-byte runs of
     :func:`moeq.formats.interleave_nvfp4_runs`; per-expert ``scale [E]``;
     NVFP4 e4m3 ``block_scale``, empty for FP8) back in its original layout and ``dtype``, as
-    ``formats.dequantize``. The fused kernel reads the stored form directly; this op is the unfused path."""
+    ``formats.dequantize``. The fused kernel reads the stored form directly; this op is the unfused path (on
+    CUDA one Triton launch, :func:`moeq.runtime.kernels.dequant_stored_weight`, bit for bit the same)."""
+    return _dequant_weight_reference(data, scale, block_scale, fmt, contraction_dim, dtype)
+
+
+def _dequant_weight_reference(
+    data: Tensor, scale: Tensor, block_scale: Tensor, fmt: str, contraction_dim: int, dtype: torch.dtype
+) -> Tensor:
     from moeq.formats import QuantizedTensor, deinterleave_nvfp4_runs
 
     if fmt == "nvfp4":
@@ -338,6 +349,9 @@ def _(data: Tensor, scale: Tensor, block_scale: Tensor, fmt: str, contraction_di
         shape[-1] = 16 * block_scale.shape[-1]
     out = data.new_empty(shape, dtype=dtype)
     return out.movedim(-1, contraction_dim)
+
+
+_register_cuda_kernels()
 
 
 # the fused grouped GEMM op (moeq::grouped_qmm) lives in its own module; importing ops registers it too

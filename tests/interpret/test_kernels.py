@@ -235,3 +235,65 @@ def test_nvfp4_negative_values_far_below_their_block():
     got = kernels.fake_quant_experts(w, amax, "nvfp4", 2)
     assert_same_bits(got, expected, "nvfp4")
     assert expected.signbit().any() and not expected[w < 0].signbit().all()
+
+
+# ---- dequant_stored_weight: moeq::dequant_weight's CUDA kernel (the unfused deploy path)
+
+
+def _stored(w: torch.Tensor, fmt: str, amax: torch.Tensor):
+    from moeq.passes.freeze import stored_form
+
+    return stored_form(get_format(fmt).quantize(w, expand_per_expert(amax, 3), 2))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(3, 40, 64), (1, 17, 16), (2, 5, 272), (4, 33, 400)])
+def test_dequant_stored_weight_bit_exact(shape, fmt, dtype, seed):
+    """The stored form of ``moeq.freeze`` (K-last; NVFP4 in its 64-byte runs, K not a multiple of 128 included)
+    dequantized by the kernel == the op's formats.py reference bit for bit, in every output dtype; an expert
+    with a zero scale gives zeros."""
+    if fmt == "fp8" and shape[2] == 16:
+        shape = (1, 17, 31)  # FP8 has no 16-block constraint: an odd K
+    w = _weights(shape, torch.float32, seed)
+    amax = expert_amax(w) * 0.8
+    if shape[0] > 2:
+        amax[1] = 0.0
+    data, scale, block = _stored(w, fmt, amax)
+    got = kernels.dequant_stored_weight(data, scale, block, fmt, dtype)
+    assert_same_bits(got, ops._dequant_weight_reference(data, scale, block, fmt, -1, dtype), fmt)
+
+
+def test_dequant_stored_weight_every_code():
+    """Every e4m3 byte (NaN included) as FP8 data and as NVFP4 block scales, every E2M1 nibble, with global
+    scales from 1e-40 (subnormal products, where a flush to zero would show) to 1e30: bit for bit."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    scale = torch.tensor([1.0, 3.7e-3, 1e-40, 1e30])
+    fp8 = codes.repeat(4, 3, 1)  # [E, N, K=256]
+    got = kernels.dequant_stored_weight(fp8, scale, fp8.new_zeros(0), "fp8", torch.float32)
+    assert_same_bits(got, ops._dequant_weight_reference(fp8, scale, fp8.new_zeros(0), "fp8", -1, torch.float32))
+    from moeq.formats import interleave_nvfp4_runs
+
+    pairs = codes.repeat(4, 256, 1)  # every nibble pair, K = 512
+    blocks = codes.view(16, 16).repeat(4, 16, 2)  # [E, N=256, K/16=32]: every block scale
+    data = interleave_nvfp4_runs(pairs).contiguous()
+    for dtype in (torch.float32, torch.bfloat16):
+        got = kernels.dequant_stored_weight(data, scale, blocks, "nvfp4", dtype)
+        assert_same_bits(got, ops._dequant_weight_reference(data, scale, blocks, "nvfp4", -1, dtype), "nvfp4")
+
+
+def test_dequant_stored_weight_rejects_bad_input():
+    data = torch.zeros(2, 4, 64, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="fmt 'fp8' or 'nvfp4'"):
+        kernels.dequant_stored_weight(data, torch.ones(2), data.new_zeros(0), "int4", torch.bfloat16)
+    with pytest.raises(ValueError, match="one entry per expert \\(2\\)"):
+        kernels.dequant_stored_weight(data, torch.ones(3), data.new_zeros(0), "fp8", torch.bfloat16)
+    with pytest.raises(ValueError, match="1-byte tensor"):
+        kernels.dequant_stored_weight(data.float(), torch.ones(2), data.new_zeros(0), "fp8", torch.bfloat16)
+    with pytest.raises(ValueError, match="whole 64-byte runs"):
+        kernels.dequant_stored_weight(
+            data, torch.ones(2), torch.zeros(2, 4, 16, dtype=torch.uint8), "nvfp4", torch.bfloat16
+        )
+    with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
+        kernels.dequant_stored_weight(data, torch.ones(2), data.new_zeros(0), "fp8", torch.int8)

@@ -5,9 +5,17 @@ tensors under ``TRITON_INTERPRET=1``) and the :mod:`moeq.formats` reference othe
 reference bit for bit.
 """
 
+from moeq.runtime.kernels.dequant_weight import dequant_stored_weight
 from moeq.runtime.kernels.fake_quant_act import fake_quant_act
 from moeq.runtime.kernels.fake_quant_experts import fake_quant_experts
 from moeq.runtime.kernels.segment_amax import segment_amax, segment_amax_
 from moeq.runtime.kernels.weight_amax import expert_weight_amax
 
-__all__ = ["expert_weight_amax", "fake_quant_act", "fake_quant_experts", "segment_amax", "segment_amax_"]
+__all__ = [
+    "dequant_stored_weight",
+    "expert_weight_amax",
+    "fake_quant_act",
+    "fake_quant_experts",
+    "segment_amax",
+    "segment_amax_",
+]

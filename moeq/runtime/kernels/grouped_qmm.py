@@ -190,24 +190,26 @@ def m_bucket(rows: int, num_experts: int) -> int:
 
 
 @triton.jit
-def _decode_e4m3(bits, INTERPRET: tl.constexpr):
-    """fp32 values of float8_e4m3fn bit patterns (int32 0..255); exact. The GPU converts in hardware."""
+def decode_e4m3(bits, INTERPRET: tl.constexpr):
+    """fp32 values of float8_e4m3fn bit patterns (int32 0..255; 0x7F / 0xFF are NaN); exact. The GPU converts in
+    hardware."""
     if INTERPRET:
         exponent = (bits >> 3) & 0xF
         mantissa = (bits & 0x7).to(tl.float32)
         scale = ((tl.maximum(exponent, 1) - 7 - 3 + 127) << 23).to(tl.float32, bitcast=True)
         mag = tl.where(exponent == 0, mantissa, mantissa + 8.0) * scale
+        mag = tl.where((bits & 0x7F) == 0x7F, float("nan"), mag)
         return negate_where((bits & 0x80) != 0, mag)
     else:
         return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _load_e4m3(ptrs, mask, INTERPRET: tl.constexpr):
+def load_e4m3(ptrs, mask, INTERPRET: tl.constexpr):
     """Stored e4m3 values: float8e4nv straight from memory on the GPU; under the interpreter the bits
     (a uint8 view) decoded by hand to fp32."""
     if INTERPRET:
-        return _decode_e4m3(tl.load(ptrs, mask=mask, other=0).to(tl.int32), INTERPRET)
+        return decode_e4m3(tl.load(ptrs, mask=mask, other=0).to(tl.int32), INTERPRET)
     else:
         return tl.load(ptrs, mask=mask, other=0.0)
 
@@ -255,17 +257,25 @@ def _nvfp4_operand(words, scale_words, dtype: tl.constexpr, BLOCK_N: tl.constexp
         low, high = _split_halves(pairs)
         out = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K)).to(tl.bfloat16, bitcast=True)
     else:  # the same bits as the GPU path, read back as E2M1 codes
-        b0, b1, b2, b3 = _landed_bytes(words)
-        pairs = _runs_in_k_order(_word_parts_in_order(b0, b1, b2, b3, BLOCK_N, BLOCK_K // 2), BLOCK_N, RUNS)
-        low = ((pairs >> 6) & 7) | ((pairs >> 12) & 8)
-        high = ((pairs >> 22) & 7) | ((pairs >> 28) & 8)
-        codes = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K // 16, 16)).to(tl.int32)
+        codes = stored_e2m1_codes(words, BLOCK_N, BLOCK_K)
         sw = scale_words.to(tl.int32, bitcast=True)
         block_bits = _word_parts_in_order(sw & 255, (sw >> 8) & 255, (sw >> 16) & 255, (sw >> 24) & 255, BLOCK_N,
                                           BLOCK_K // 16)  # fmt: skip
-        scale = _decode_e4m3(block_bits, INTERPRET) * 0.00390625
-        out = tl.reshape((_decode_e2m1(codes) * scale[:, :, None]).to(dtype), (BLOCK_N, BLOCK_K))
+        scale = decode_e4m3(block_bits, INTERPRET) * 0.00390625
+        out = tl.reshape((decode_e2m1(codes) * scale[:, :, None]).to(dtype), (BLOCK_N, BLOCK_K))
     return out
+
+
+@triton.jit
+def stored_e2m1_codes(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The E2M1 codes (``sign << 3 | index``, int32 ``[BLOCK_N, BLOCK_K // 16, 16]``, K order) of the stored
+    words ``[BLOCK_N, BLOCK_K // 8]`` (uint32, whole 64-byte runs of :func:`moeq.formats.interleave_nvfp4_runs`):
+    the GPU path's bit moves, read back as codes."""
+    b0, b1, b2, b3 = _landed_bytes(words)
+    pairs = _runs_in_k_order(_word_parts_in_order(b0, b1, b2, b3, BLOCK_N, BLOCK_K // 2), BLOCK_N, BLOCK_K // 128)
+    low = ((pairs >> 6) & 7) | ((pairs >> 12) & 8)
+    high = ((pairs >> 22) & 7) | ((pairs >> 28) & 8)
+    return tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K // 16, 16)).to(tl.int32)
 
 
 @triton.jit
@@ -370,7 +380,7 @@ def _split_halves(pairs):
 
 
 @triton.jit
-def _decode_e2m1(codes):
+def decode_e2m1(codes):
     """fp32 values of E2M1 codes (``sign << 3 | index``): index e*2+m -> 2^(e-1) * (1 + m/2), e=0: m/2."""
     e = (codes >> 1) & 0x3
     m = (codes & 0x1).to(tl.float32)
@@ -509,7 +519,7 @@ def _grouped_qmm_kernel(
             x2_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k2[None, :] * stride_xk
             x2_mask = row_mask[:, None] & (k2 < K)[None, :]
             if X_MODE == X_FP8_CODES:
-                xa = _as_operand(_load_e4m3(x2_ptrs, x2_mask, INTERPRET), out_ptr, FP8_DOT)
+                xa = _as_operand(load_e4m3(x2_ptrs, x2_mask, INTERPRET), out_ptr, FP8_DOT)
             else:
                 xa = tl.load(x2_ptrs, mask=x2_mask, other=0.0)
             if X_MODE == X_FP8:
@@ -531,7 +541,7 @@ def _grouped_qmm_kernel(
             wq = _nvfp4_operand(words.to(tl.uint32, bitcast=True), scale_words, out_ptr.dtype.element_ty, BLOCK_N,
                                 BLOCK_K, INTERPRET)  # fmt: skip
         elif W_MODE == W_FP8:
-            wq = _as_operand(_load_e4m3(w2_ptrs, w2_mask, INTERPRET), out_ptr, FP8_DOT)
+            wq = _as_operand(load_e4m3(w2_ptrs, w2_mask, INTERPRET), out_ptr, FP8_DOT)
         elif W_MODE == W_FAKE_NVFP4:
             w = tl.load(w_base + ks * stride_wk, mask=n_mask[:, None, None] & k_mask, other=0.0)
             wq = tl.reshape(cast_like(fake_quant_nvfp4(w.to(tl.float32), w_scale, INTERPRET), out_ptr, INTERPRET),

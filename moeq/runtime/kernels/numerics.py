@@ -227,9 +227,11 @@ def round_to_bf16(x):
 @triton.jit
 def cast_like(x, ptr, INTERPRET: tl.constexpr):
     """Cast an fp32 tile to ``ptr``'s element type with round-to-nearest-even (the GPU's conversion
-    already is; the interpreter's fp32 -> bf16 is not, so there it rounds by hand first)."""
+    already is; the interpreter's fp32 -> bf16 truncates and flushes subnormals, so there the bf16 bits are
+    made by hand: rounded, then the upper half of the fp32 word)."""
     if INTERPRET and ptr.dtype.element_ty == tl.bfloat16:
-        x = round_to_bf16(x)
+        bits = round_to_bf16(x).to(tl.int32, bitcast=True)
+        return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     return x.to(ptr.dtype.element_ty)
 
 
