@@ -18,7 +18,8 @@ work that grows with the rows per expert, so QAT NVFP4 chains fuse up to :data:`
 mean routed rows per expert (decode-size batches). FP8 x FP8 chains (QAT FP8, deploy W8A8) always fuse: above
 a few rows per expert the op quantizes each operand once in its own pass and multiplies the codes
 (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`). Deploy chains always fuse: their unfused path
-dequantizes the stored weight through torch ops (formats.py, fp64 products), 40-100x a copy of the weight.
+(``moeq::dequant_weight``'s Triton kernel, then ``torch._grouped_mm``) was slower at every size measured on the
+H200 (W4A16 / W8A16: 1.04-1.11x at 34k routed rows, 3.1-3.6x at 4k; BENCHMARKS.md, session 13).
 ``"always"`` fuses every chain (one kernel per expert GEMM at every size), ``"never"`` none. It is a
 :class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a ``uuid()`` (which includes the policy)
 so the FX graph cache keeps working, and :func:`with_grouped_qmm_pass` composes it with whatever pass is already
@@ -90,8 +91,8 @@ def fusion_enabled() -> bool:
 def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int) -> bool:
     """Whether policy ``auto`` fuses a chain over ``rows`` routed rows (symbolic rows: deploy and FP8 x FP8)."""
     if mode == "deploy" or (w_fmt == "fp8" and x_fmt == "fp8"):
-        # deploy: the unfused path dequantizes stored weights through torch ops (formats.py in fp64), 40-100x
-        # a copy of the weight; FP8 x FP8 quantizes once at large sizes (quantizes_once)
+        # deploy: the unfused path (dequant kernel + torch._grouped_mm) measured slower at every size (1.04-1.11x
+        # at 34k rows, 3.1-3.6x at 4k); FP8 x FP8 quantizes once at large sizes (quantizes_once)
         return True
     if not isinstance(rows, int):
         return False
@@ -107,7 +108,7 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
         return "the moeq ops' plain-torch reference (triton is not installed)"
 
     one = "one moeq::grouped_qmm Triton kernel per expert GEMM"
-    unfused_path = "moeq's fake-quant kernels" if mode == "qat" else "moeq::dequant_weight (torch ops)"
+    unfused_path = "moeq's fake-quant kernels" if mode == "qat" else "moeq::dequant_weight's kernel"
     unfused_path += " + torch._grouped_mm"
     if _POLICY == "never":
         return unfused_path

@@ -2,9 +2,10 @@
 
 Where a deploy model's expert GEMM is not a ``torch._grouped_mm`` chain the Inductor pass can fuse (``bmm`` /
 ``matmul`` experts, or ``fusion("never")``), each forward dequantizes the stored weight and multiplies it with the
-model's own op. Through torch ops (:mod:`moeq.formats`: table lookups, fp64 products) that took 15.9 ms (NVFP4)
-/ 23.4 ms (FP8) for Qwen3-30B-A3B's gate_up weight on the H200; this kernel writes the same values bit for bit
-in one pass over the stored bytes.
+model's own op. Through torch ops (:mod:`moeq.formats`: table lookups, fp64 products) that took 15.6 ms (NVFP4)
+/ 23.0 ms (FP8) for Qwen3-30B-A3B's gate_up weight on the H200; this kernel writes the same values bit for bit
+in one pass over the stored bytes: 0.42 ms / 0.30 ms (0.59 / 0.97 of an HBM copy's bandwidth; BENCHMARKS.md,
+session 13).
 
 Numerics (:meth:`moeq.formats.FP8E4M3.dequantize`, :meth:`moeq.formats.NVFP4.dequantize`): FP8
 ``fp32(e4m3 * s)``; NVFP4 ``fp32(e2m1 * fp32(block * g))``; both rounded once more to the output dtype. Each
