@@ -174,8 +174,8 @@ def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(m[0] for m in
         record(f"unfused QAT {fmt.upper()} (moeq kernels + _grouped_mm)", bench(unfused), 2 * per_expert * active)
     deploy = {fmt: stored(w_nk, amax, fmt) for fmt in ("fp8", "nvfp4")}
     for name, w_mode, _ in [m for m in MODES if m[0] in modes and m[1] in deploy and m[2] is None]:
-        # the path fusion("never") takes: timed eagerly (its torch-op dequant copies tables to the device, which a
-        # CUDA graph cannot capture); milliseconds, so the host's launch latency does not matter
+        # the path fusion("never") takes, timed eagerly as every recorded run did (the torch-op dequant it had
+        # until session 13 could not be captured in a CUDA graph); milliseconds, so launch latency stays hidden
         unfused_ms = do_bench(lambda fmt=w_mode: unfused_deploy(x, offs, *deploy[fmt][0], fmt), return_mode="median")
         record(f"unfused {name} (dequant_weight + _grouped_mm, eager)", unfused_ms, 2 * per_expert * active)
     # moeq grouped_qmm

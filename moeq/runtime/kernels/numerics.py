@@ -217,8 +217,8 @@ def fake_quant_nvfp4(blocks, amax, INTERPRET: tl.constexpr):
 
 @triton.jit
 def round_to_bf16(x):
-    """fp32 -> nearest bf16 value (ties to even), still as fp32: a following cast is then exact on every
-    backend (the CPU interpreter's own fp32 -> bf16 cast truncates)."""
+    """fp32 -> nearest bf16 value (ties to even), still as fp32: its upper 16 bits are the bf16 bits (the CPU
+    interpreter's own fp32 -> bf16 cast truncates and flushes subnormals; :func:`cast_like` takes the bits)."""
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return bits.to(tl.float32, bitcast=True)
