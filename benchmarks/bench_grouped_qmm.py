@@ -37,7 +37,7 @@ from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.lowering.grouped_qmm import quantized_operands
 from moeq.passes.freeze import stored_form
 from moeq.runtime import kernels
-from moeq.runtime.kernels.grouped_qmm import grouped_qmm, quantizes_once
+from moeq.runtime.kernels.grouped_qmm import grouped_qmm, quantizes_once, quantizes_weight_once
 
 CASES = [  # (label, E, K, N, routed rows)
     *[(f"qwen3 gate_up M={m}", 128, 2048, 1536, m) for m in (64, 4096, 34816)],
@@ -189,9 +189,13 @@ def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(m[0] for m in
             nbytes = 1 if fmt == "fp8" else 0.5 + 1 / 16
 
         ref = reference_mm(xq, wq, offs)
-        # by size (the default), and for FP8 x FP8 batches that quantize once also the one-launch kernel
+        # by size (the default), and for FP8 x FP8 batches that quantize once also the one-launch kernel (and
+        # where the default keeps a QAT weight in the load path, the three-launch path that writes its codes)
         once = quantizes_once(w_mode, x_fmt, rows, num_experts)
-        for row_name, quantize_once in [(name, None)] + ([(f"{name} in-load (1 launch)", False)] if once else []):
+        variants = [(name, None)] + ([(f"{name} in-load (1 launch)", False)] if once else [])
+        if once and w_mode == "fake_fp8" and not quantizes_weight_once(w_mode, x_fmt, rows, num_experts):
+            variants.append((f"{name} weight codes pass too (3 launches)", True))
+        for row_name, quantize_once in variants:
 
             def fused(args=args, w_mode=w_mode, x_fmt=x_fmt, quantize_once=quantize_once):
                 x_scale = x_amax if x_fmt else None

@@ -109,4 +109,9 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     assert "fusion 'auto': one moeq::grouped_qmm Triton kernel per expert GEMM at every size" in str(moeq.explain(cm))
     torch._dynamo.reset()  # a second model: compile afresh
     _, cm8 = _finalized_qwen(moeq.FP8)
-    assert "above 16, an activation codes pass, a weight codes pass and the FP8 codes GEMM" in str(moeq.explain(cm8))
+    text = str(moeq.explain(cm8))
+    assert "up to 48, an activation codes pass and the GEMM (weight as loaded)" in text
+    assert "above, an activation codes pass, a weight codes pass and the FP8 codes GEMM" in text
+    moeq.freeze(cm8)  # deploy W8A8: no weight pass at any size
+    text = str(moeq.explain(cm8))
+    assert "up to 16 mean routed rows per expert; above, an activation codes pass and the FP8 codes GEMM" in text

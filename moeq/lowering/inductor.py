@@ -103,7 +103,12 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
     """What the ``moeq`` backend runs on CUDA for a ``torch._grouped_mm`` expert chain of this mode and these
     formats under the current policy (derived from :func:`_pays` and ``quantizes_once``, so it cannot drift)."""
     try:
-        from moeq.runtime.kernels.grouped_qmm import QUANTIZE_ONCE_ROWS_PER_EXPERT, quantizes_once
+        from moeq.runtime.kernels.grouped_qmm import (
+            QUANTIZE_ONCE_ROWS_PER_EXPERT,
+            WEIGHT_CODES_ROWS_PER_EXPERT,
+            quantizes_once,
+            quantizes_weight_once,
+        )
     except ImportError:
         return "the moeq ops' plain-torch reference (triton is not installed)"
 
@@ -116,9 +121,11 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
         return f"{one} at every size"
     w_mode = f"fake_{w_fmt}" if mode == "qat" else w_fmt
     if quantizes_once(w_mode, x_fmt, 2**31, 1):
-        passes = "an activation codes pass, a weight codes pass" if mode == "qat" else "an activation codes pass"
-        large = f"above {QUANTIZE_ONCE_ROWS_PER_EXPERT}, {passes} and the FP8 codes GEMM"
-        return f"{one} up to {QUANTIZE_ONCE_ROWS_PER_EXPERT} mean routed rows per expert; {large}"
+        small = f"{one} up to {QUANTIZE_ONCE_ROWS_PER_EXPERT} mean routed rows per expert"
+        if quantizes_weight_once(w_mode, x_fmt, 2**31, 1):
+            middle = f"up to {WEIGHT_CODES_ROWS_PER_EXPERT}, an activation codes pass and the GEMM (weight as loaded)"
+            return f"{small}; {middle}; above, an activation codes pass, a weight codes pass and the FP8 codes GEMM"
+        return f"{small}; above, an activation codes pass and the FP8 codes GEMM"
     if _pays(mode, w_fmt, x_fmt, None, 1):
         return f"{one} at every size"
     bound = FUSE_MAX_ROWS_PER_EXPERT[mode]

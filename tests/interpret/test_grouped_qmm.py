@@ -212,12 +212,41 @@ def test_quantize_once_equals_in_load_quantization(mode, shape, per_expert, dtyp
 
 
 def test_quantize_once_by_size():
-    """The default: FP8 x FP8 GEMMs quantize once above 16 mean rows per expert; other modes never."""
-    from moeq.runtime.kernels.grouped_qmm import quantizes_once
+    """The default: FP8 x FP8 GEMMs quantize the activations once above 16 mean rows per expert, a QAT FP8
+    weight above 48; other modes never."""
+    from moeq.runtime.kernels.grouped_qmm import quantizes_once, quantizes_weight_once
 
     assert quantizes_once("fake_fp8", "fp8", 17 * 8, 8) and quantizes_once("fp8", "fp8", 34816, 128)
     assert not quantizes_once("fake_fp8", "fp8", 16 * 8, 8)
     assert not quantizes_once("fake_nvfp4", "nvfp4", 34816, 128) and not quantizes_once("fp8", None, 34816, 128)
+    assert quantizes_weight_once("fake_fp8", "fp8", 49 * 8, 8) and quantizes_weight_once("fake_fp8", "fp8", 34816, 128)
+    assert not quantizes_weight_once("fake_fp8", "fp8", 48 * 8, 8)
+    assert not quantizes_weight_once("fp8", "fp8", 34816, 128)  # stored weights are codes already
+    assert not quantizes_weight_once("fake_nvfp4", "nvfp4", 34816, 128)
+
+
+@pytest.mark.parametrize(("counts", "passes"), [([20, 0, 31, 27], ["act"]), ([60, 0, 75, 71], ["act", "weight"])],
+                         ids=["24-rows-per-expert", "51-rows-per-expert"])  # fmt: skip
+def test_quantize_once_by_size_launches(counts, passes, monkeypatch):
+    """QAT FP8 with ``quantize_once=None``: between 16 and 48 mean rows per expert only the activation codes
+    pass runs and the GEMM fake-quantizes the bf16 weight as it loads it; above 48 the weight codes pass runs
+    too (the real passes, counted). Either way the output equals the in-load kernel's bit for bit and the
+    float64 product of formats' fake quants."""
+    from moeq.runtime.kernels import grouped_qmm as launcher
+
+    calls = []
+    for name in ("fake_quant_act", "fake_quant_experts"):
+        real = getattr(launcher, name)
+        monkeypatch.setattr(launcher, name, lambda *a, _n=name, _r=real, **kw: calls.append(_n) or _r(*a, **kw))
+    x, w_nk, offs = _problem(counts, 32, 24, 3, torch.bfloat16, 21)
+    xq, x_amax = _act(x, offs, "fp8", False)
+    amax = expert_amax(w_nk) * 0.9
+    wq = get_format("fp8").fake_quant(w_nk, expand_per_expert(amax, 3), 2).transpose(1, 2)
+    args = (w_nk.transpose(1, 2), offs, amax, None, x_amax, "fake_fp8", "fp8")
+    by_size = grouped_qmm(x, *args)
+    assert calls == [{"act": "fake_quant_act", "weight": "fake_quant_experts"}[p] for p in passes]
+    assert torch.equal(by_size, grouped_qmm(x, *args, quantize_once=False))
+    assert _rel(by_size, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
 
 
 def _fake_quant_act_codes(x, offs, amax):

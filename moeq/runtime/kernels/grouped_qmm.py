@@ -54,6 +54,7 @@ from moeq.runtime.kernels.numerics import (
 
 __all__ = [
     "QUANTIZE_ONCE_ROWS_PER_EXPERT",
+    "WEIGHT_CODES_ROWS_PER_EXPERT",
     "W_MODES",
     "X_MODES",
     "grouped_qmm",
@@ -61,6 +62,7 @@ __all__ = [
     "m_bucket",
     "prune_configs",
     "quantizes_once",
+    "quantizes_weight_once",
 ]
 
 #: weight modes and their kernel codes
@@ -182,6 +184,23 @@ def quantizes_once(w_mode: str, x_mode: str | None, rows: int, num_experts: int)
     and more than :data:`QUANTIZE_ONCE_ROWS_PER_EXPERT` mean rows per expert."""
     fp8 = x_mode == "fp8" and w_mode in ("fp8", "fake_fp8")
     return fp8 and rows > QUANTIZE_ONCE_ROWS_PER_EXPERT * max(1, num_experts)
+
+
+#: mean routed rows per expert above which the quantize-once path also writes a QAT FP8 weight's codes in their own
+#: pass; up to it the codes GEMM fake-quantizes the bf16 weight tiles as it loads them (activations still quantized
+#: once). The weight pass reads the whole bf16 weight and writes its codes whatever the batch (0.32 ms for Qwen3
+#: gate_up); in the load path each weight tile is quantized once per m-tile of its expert. H200, Qwen3-30B-A3B shapes
+#: (BENCHMARKS.md, session 14): the in-load weight is 1.18x / 1.14x faster (gate_up / down) at 32 rows per expert,
+#: 1.18x / 1.12x at 48, 0.85x / 0.85x at 64 (most experts then need two m-tiles, so each weight tile is
+#: quantized twice), about 0.5x at 272. Between 48 and 64 the bound is not measured.
+WEIGHT_CODES_ROWS_PER_EXPERT = 48
+
+
+def quantizes_weight_once(w_mode: str, x_mode: str | None, rows: int, num_experts: int) -> bool:
+    """Whether the quantize-once path (:func:`quantizes_once`) also quantizes a QAT FP8 weight in its own pass:
+    above :data:`WEIGHT_CODES_ROWS_PER_EXPERT` mean rows per expert."""
+    once = quantizes_once(w_mode, x_mode, rows, num_experts) and w_mode == "fake_fp8"
+    return once and rows > WEIGHT_CODES_ROWS_PER_EXPERT * max(1, num_experts)
 
 
 def m_bucket(rows: int, num_experts: int) -> int:
@@ -650,9 +669,12 @@ def grouped_qmm(
     :func:`moeq.runtime.kernels.fake_quant_act` with ``codes=True``) and the kernel only scales the product.
     ``wrap``: applied to the kernel before launching (``torch.library.wrap_triton`` inside a triton_op).
     ``config``: launch with this tile config instead of autotuning (for tuning sweeps).
-    ``quantize_once`` (FP8 activations with FP8 weights; default :func:`quantizes_once` by size): quantize x
-    to its e4m3 codes in one pass (and a ``fake_fp8`` weight to its codes in another), then multiply the
-    codes: three launches, the same products as the in-load kernel (the codes are formats' FP8 ``quantize``).
+    ``quantize_once`` (FP8 activations with FP8 weights): ``True`` quantizes x to its e4m3 codes in one pass
+    and a ``fake_fp8`` weight to its codes in another, then multiplies the codes (three launches); ``False``
+    quantizes both in the GEMM's load path (one launch); ``None`` (default) chooses by size: x once above
+    :data:`QUANTIZE_ONCE_ROWS_PER_EXPERT` mean rows per expert (:func:`quantizes_once`), a QAT weight once
+    above :data:`WEIGHT_CODES_ROWS_PER_EXPERT` (:func:`quantizes_weight_once`), else in the load path. Every
+    choice gives the same products (the codes are formats' FP8 ``quantize``).
     """
     _check(x, w, offs, w_mode, x_mode)
     num_experts, n = w.shape[0], w.shape[2]
@@ -679,12 +701,14 @@ def grouped_qmm(
         if x_amax is None or x_amax.numel() not in (1, num_experts):
             raise ValueError(f"x_amax must have 1 or {num_experts} entries for activation format {x_mode!r}")
         x_amax = x_amax.detach().float().contiguous()
+    weight_once = quantize_once
     if quantize_once is None:
         quantize_once = quantizes_once(w_mode, x_mode, m, num_experts)
+        weight_once = quantizes_weight_once(w_mode, x_mode, m, num_experts)
     if quantize_once and x_mode == "fp8" and w_mode in ("fp8", "fake_fp8"):
         x = fake_quant_act(x, offs, x_amax, "fp8", codes=True, wrap=wrap)
         x_mode = "fp8_codes"
-        if w_mode == "fake_fp8":
+        if w_mode == "fake_fp8" and weight_once:
             w = fake_quant_experts(w, w_scale, "fp8", 1, codes=True, wrap=wrap)
             w_scale, w_mode = get_format("fp8").scale_from_amax(w_scale), "fp8"
     fp8_bits = torch.uint8 if interpreting() else torch.float8_e4m3fn
