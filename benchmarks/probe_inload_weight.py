@@ -96,6 +96,13 @@ def run_case(label: str, k: int, n: int, rows: int, variants, num_experts: int =
            lambda: grouped_qmm(x, w, offs, w_amax, None, x_amax, "fake_fp8", "fp8", quantize_once=True))  # fmt: skip
     record("  activation codes pass", lambda: fake_quant_act(x, offs, x_amax, "fp8", codes=True), checked=False)
     record("  weight codes pass", lambda: fake_quant_experts(w, w_amax, "fp8", 1, codes=True), checked=False)
+    record("QAT FP8 in-load (1 launch)",
+           lambda: grouped_qmm(x, w, offs, w_amax, None, x_amax, "fake_fp8", "fp8", quantize_once=False))  # fmt: skip
+    wc = fake_quant_experts(w, w_amax, "fp8", 1, codes=True)  # deploy W8A8's stored weight: the same products
+    for once in (False, True):
+        record(f"deploy W8A8 {'activation codes + GEMM' if once else 'in-load (1 launch)'}",
+               lambda once=once: grouped_qmm(x, wc, offs, w_amax / 448.0, None, x_amax, "fp8", "fp8",
+                                             quantize_once=once))  # fmt: skip
     xc = fake_quant_act(x, offs, x_amax, "fp8", codes=True)
     record("hybrid autotuned (act codes + in-load weight)",
            lambda: grouped_qmm(fake_quant_act(x, offs, x_amax, "fp8", codes=True), w, offs, w_amax, None, x_amax,
