@@ -138,7 +138,8 @@ def grouped_qmm(
 
     ``quantize_once`` (FP8 x FP8 only): ``False`` keeps the quantization in the GEMM's load path (one
     launch), ``True`` quantizes each operand once in its own pass and multiplies the codes, ``None`` picks by
-    size (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`). The output is the same either way."""
+    size (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once` for the activations, ``quantizes_weight_once``
+    for a QAT weight). The output is the same either way."""
     if x.device.type == "cuda" and not ops._TRITON_ENABLED:  # ops.reference_kernels(): CPU reference, copied back
         cpu = [t.cpu() if isinstance(t, Tensor) else t for t in (x, w, offs, w_scale, w_block_scale, x_amax)]
         return torch.ops.moeq.grouped_qmm_reference(*cpu, mode, w_fmt, x_fmt).to(x.device)
