@@ -7,7 +7,8 @@ weight tile is divided and rounded to e4m3 in registers, once per m-tile of its 
 Swap-AB tiles make the weight the MMA's register operand (wgmma takes A from registers, B only from shared memory).
 
 Qwen3-30B-A3B shapes; every variant is checked against the float64 product of the codes from torch's own float8
-cast; prints one table, writes JSON to ``--out``."""
+cast; prints one table, writes JSON to ``--out``. ``--nvfp4``: the same question for QAT NVFP4 (activations
+fake-quantized once, weight in the load path), checked against the unfused path."""
 
 from __future__ import annotations
 
@@ -121,19 +122,59 @@ def run_case(label: str, k: int, n: int, rows: int, variants, num_experts: int =
     return results
 
 
+def run_nvfp4_case(label: str, k: int, n: int, rows: int, num_experts: int = 128) -> list[dict]:
+    """QAT NVFP4: the activations fake-quantized once (bf16 values) and the weight fake-quantized in the load
+    path, against the one-launch kernel and the unfused path (moeq's fake-quant kernels + ``_grouped_mm``,
+    the reference here: both are tested bit for bit against formats.py on the GPU)."""
+    torch.manual_seed(0)
+    offs = routing(rows, num_experts)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w_nk = torch.randn(num_experts, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    w = w_nk.transpose(1, 2)
+    w_amax = w_nk.float().abs().amax(dim=(1, 2))
+    x_amax = x.float().abs().amax().reshape(1)
+
+    def unfused():
+        xq = fake_quant_act(x, offs, x_amax, "nvfp4")
+        return torch._grouped_mm(xq, fake_quant_experts(w, w_amax, "nvfp4", 1), offs)
+
+    ref = unfused().double()
+    flops = 2.0 * rows * k * n
+    results = []
+    rows_ = [
+        ("torch._grouped_mm bf16", lambda: torch._grouped_mm(x, w, offs)),
+        ("unfused QAT NVFP4 (reference)", unfused),
+        ("QAT NVFP4 in-load (1 launch)", lambda: grouped_qmm(x, w, offs, w_amax, None, x_amax, "fake_nvfp4", "nvfp4")),
+        ("hybrid (act fake quant + in-load weight)",
+         lambda: grouped_qmm(fake_quant_act(x, offs, x_amax, "nvfp4"), w, offs, w_amax, None, None, "fake_nvfp4")),
+    ]  # fmt: skip
+    for name, fn in rows_:
+        rel = ((fn().double() - ref).norm() / ref.norm()).item()
+        ms = bench(fn)
+        results.append(dict(case=label, what=name, ms=ms, TFLOPs=flops / ms / 1e9, rel=rel))
+    for r in results:
+        print(f"{label:14s} {r['what']:52s} {r['ms']:.4f} ms {r['TFLOPs']:7.1f} TFLOP/s  "
+              f"{results[0]['ms'] / r['ms']:.2f}x bf16  rel {r['rel']:.1e}", flush=True)  # fmt: skip
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows", default="34816")
     parser.add_argument("--variants", type=int, default=len(VARIANTS), help="first N variants only")
     parser.add_argument("--shapes", default="gate_up,down", help="which Qwen3 projections")
+    parser.add_argument("--nvfp4", action="store_true", help="QAT NVFP4 rows instead of FP8")
     args = parser.parse_args()
     results = []
     for rows in map(int, args.rows.split(",")):
         for label, k, n in (("gate_up", 2048, 1536), ("down", 768, 2048)):
             if label not in args.shapes.split(","):
                 continue
-            results += run_case(f"{label} {rows}", k, n, rows, VARIANTS[: args.variants])
+            if args.nvfp4:
+                results += run_nvfp4_case(f"{label} {rows}", k, n, rows)
+            else:
+                results += run_case(f"{label} {rows}", k, n, rows, VARIANTS[: args.variants])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
