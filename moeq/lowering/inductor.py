@@ -17,10 +17,11 @@ the kernel as it is (no in-kernel activation quantization). Which chains fuse is
 work that grows with the rows per expert, so QAT NVFP4 chains fuse up to :data:`FUSE_MAX_ROWS_PER_EXPERT`
 mean routed rows per expert (decode-size batches). FP8 x FP8 chains (QAT FP8, deploy W8A8) always fuse: above
 a few rows per expert the op quantizes the activations once in their own pass and multiplies codes, and above a
-few dozen a QAT weight too (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`, ``quantizes_weight_once``). Deploy chains always fuse: their unfused path
-(``moeq::dequant_weight``'s Triton kernel, then ``torch._grouped_mm``) was slower at every size measured on the
-H200 (W4A16 / W8A16: 1.04-1.11x at 34k routed rows, 3.1-3.6x at 4k; BENCHMARKS.md, session 13).
-``"always"`` fuses every chain (one kernel per expert GEMM at every size), ``"never"`` none. It is a
+few dozen a QAT weight too (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`, ``quantizes_weight_once``).
+Deploy chains always fuse: their unfused path (``moeq::dequant_weight``'s Triton kernel, then
+``torch._grouped_mm``) was slower at every size measured on the H200 (W4A16 / W8A16: 1.04-1.11x at 34k routed
+rows, 3.1-3.6x at 4k; BENCHMARKS.md, session 13). ``"always"`` fuses every chain (one kernel per expert GEMM at
+every size), ``"never"`` none. It is a
 :class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a ``uuid()`` (which includes the policy)
 so the FX graph cache keeps working, and :func:`with_grouped_qmm_pass` composes it with whatever pass is already
 installed in ``post_grad_custom_post_pass`` (torch 2.11 holds one object there; 2.13 also a list).
