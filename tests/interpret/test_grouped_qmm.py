@@ -227,7 +227,9 @@ def test_quantize_once_by_size():
 
 @pytest.mark.parametrize(("counts", "passes"), [([20, 0, 31, 27], ["act"]), ([60, 0, 75, 71], ["act", "weight"])],
                          ids=["24-rows-per-expert", "51-rows-per-expert"])  # fmt: skip
-def test_quantize_once_by_size_launches(counts, passes, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per-expert"])
+def test_quantize_once_by_size_launches(counts, passes, dtype, per_expert, monkeypatch):
     """QAT FP8 with ``quantize_once=None``: between 16 and 48 mean rows per expert only the activation codes
     pass runs and the GEMM fake-quantizes the bf16 weight as it loads it; above 48 the weight codes pass runs
     too (the real passes, counted). Either way the output equals the in-load kernel's bit for bit and the
@@ -238,12 +240,13 @@ def test_quantize_once_by_size_launches(counts, passes, monkeypatch):
     for name in ("fake_quant_act", "fake_quant_experts"):
         real = getattr(launcher, name)
         monkeypatch.setattr(launcher, name, lambda *a, _n=name, _r=real, **kw: calls.append(_n) or _r(*a, **kw))
-    x, w_nk, offs = _problem(counts, 32, 24, 3, torch.bfloat16, 21)
-    xq, x_amax = _act(x, offs, "fp8", False)
+    x, w_nk, offs = _problem(counts, 32, 24, 3, dtype, 21)
+    xq, x_amax = _act(x, offs, "fp8", per_expert)
     amax = expert_amax(w_nk) * 0.9
     wq = get_format("fp8").fake_quant(w_nk, expand_per_expert(amax, 3), 2).transpose(1, 2)
     args = (w_nk.transpose(1, 2), offs, amax, None, x_amax, "fake_fp8", "fp8")
     by_size = grouped_qmm(x, *args)
+    assert by_size.dtype == dtype
     assert calls == [{"act": "fake_quant_act", "weight": "fake_quant_experts"}[p] for p in passes]
     assert torch.equal(by_size, grouped_qmm(x, *args, quantize_once=False))
     assert _rel(by_size, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
