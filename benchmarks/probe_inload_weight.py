@@ -13,11 +13,10 @@ fake-quantized once, weight in the load path), checked against the unfused path.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import triton
-from triton.testing import do_bench
+from probes import ProbeTable, fp8_codes_reference, probe_inputs, save_probe
 
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
@@ -38,64 +37,24 @@ VARIANTS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap)
 ]
 
 
-def routing(rows: int, num_experts: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(rows + num_experts)
-    expert = torch.randint(0, num_experts, (rows,), generator=g)
-    return torch.bincount(expert, minlength=num_experts).cumsum(0).to(torch.int32).cuda()
-
-
-def bench(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(10):
-            fn()
-    return do_bench(graph.replay, warmup=10, rep=50, return_mode="median") / 10
-
-
 def config(bm, bn, bk, warps, stages, swap) -> triton.Config:
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP_AB": swap, "FP8_DOT": True}
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-def run_case(label: str, k: int, n: int, rows: int, variants, num_experts: int = 128) -> list[dict]:
-    torch.manual_seed(0)
-    offs = routing(rows, num_experts)
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    w_nk = torch.randn(num_experts, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    w = w_nk.transpose(1, 2)  # [E, K, N] view, as HF passes it
-    w_amax = w_nk.float().abs().amax(dim=(1, 2))
-    x_amax = x.float().abs().amax().reshape(1)
-    sx, sw = x_amax.double() / 448, w_amax.double() / 448
-    # reference: torch's own e4m3 casts of x / s (IEEE division), float64 products
-    xc_ref = (x.float() / (x_amax / 448)).clamp(-448, 448).to(torch.float8_e4m3fn).double()
-    wc_ref = (w.float() / (w_amax / 448)[:, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn).double()
-    ref = torch.zeros(rows, n, dtype=torch.float64, device="cuda")
-    bounds = [0] + offs.tolist()
-    for e in range(num_experts):
-        s, t = bounds[e], bounds[e + 1]
-        ref[s:t] = (xc_ref[s:t] @ wc_ref[e]) * sx * sw[e]
-    flops = 2.0 * rows * k * n
-    results = []
+def run_case(label: str, k: int, n: int, rows: int, variants) -> list[dict]:
+    p = probe_inputs(k, n, rows)
+    x, w, offs, w_amax, x_amax = p.x, p.w, p.offs, p.w_amax, p.x_amax
+    table = ProbeTable(label, fp8_codes_reference(p), p.flops)
+    record = table.record
 
-    def record(name, fn, checked=True):
-        try:
-            rel = float("nan")
-            if checked:
-                got = fn().double()
-                rel = ((got - ref).norm() / ref.norm()).item()
-            ms = bench(fn)
-        except Exception as exc:  # out of resources etc.: report, go on
-            results.append(dict(case=label, what=name, error=str(exc)[:300]))
-            print(f"{label:14s} {name:52s} ERROR {str(exc)[:100]}", flush=True)
-            return
-        results.append(dict(case=label, what=name, ms=ms, TFLOPs=flops / ms / 1e9, rel=rel))
+    def act_codes():
+        return fake_quant_act(x, offs, x_amax, "fp8", codes=True)
 
     record("torch._grouped_mm bf16", lambda: torch._grouped_mm(x, w, offs).float())
     record("QAT FP8 quantize once (shipped, 3 launches)",
            lambda: grouped_qmm(x, w, offs, w_amax, None, x_amax, "fake_fp8", "fp8", quantize_once=True))  # fmt: skip
-    record("  activation codes pass", lambda: fake_quant_act(x, offs, x_amax, "fp8", codes=True), checked=False)
+    record("  activation codes pass", act_codes, checked=False)
     record("  weight codes pass", lambda: fake_quant_experts(w, w_amax, "fp8", 1, codes=True), checked=False)
     record("QAT FP8 in-load (1 launch)",
            lambda: grouped_qmm(x, w, offs, w_amax, None, x_amax, "fake_fp8", "fp8", quantize_once=False))  # fmt: skip
@@ -104,58 +63,39 @@ def run_case(label: str, k: int, n: int, rows: int, variants, num_experts: int =
         record(f"deploy W8A8 {'activation codes + GEMM' if once else 'in-load (1 launch)'}",
                lambda once=once: grouped_qmm(x, wc, offs, w_amax / 448.0, None, x_amax, "fp8", "fp8",
                                              quantize_once=once))  # fmt: skip
-    xc = fake_quant_act(x, offs, x_amax, "fp8", codes=True)
+    xc = act_codes()
     record("hybrid autotuned (act codes + in-load weight)",
-           lambda: grouped_qmm(fake_quant_act(x, offs, x_amax, "fp8", codes=True), w, offs, w_amax, None, x_amax,
-                               "fake_fp8", "fp8_codes"))  # fmt: skip
+           lambda: grouped_qmm(act_codes(), w, offs, w_amax, None, x_amax, "fake_fp8", "fp8_codes"))  # fmt: skip
     for v in variants:
         cfg = config(*v)
         name = f"hybrid {v[0]}x{v[1]}x{v[2]} w{v[3]} s{v[4]}{' swap' if v[5] else ''}"
-        record(name, lambda cfg=cfg: grouped_qmm(fake_quant_act(x, offs, x_amax, "fp8", codes=True), w, offs, w_amax,
-                                                 None, x_amax, "fake_fp8", "fp8_codes", config=cfg))  # fmt: skip
+        record(name, lambda cfg=cfg: grouped_qmm(act_codes(), w, offs, w_amax, None, x_amax, "fake_fp8", "fp8_codes",
+                                                 config=cfg))  # fmt: skip
         record("  its GEMM alone", lambda cfg=cfg: grouped_qmm(xc, w, offs, w_amax, None, x_amax, "fake_fp8",
                                                                "fp8_codes", config=cfg), checked=False)  # fmt: skip
-    bf16 = results[0]["ms"]
-    for r in [r for r in results if "ms" in r]:
-        print(f"{label:14s} {r['what']:52s} {r['ms']:.4f} ms {r['TFLOPs']:7.1f} TFLOP/s  "
-              f"{bf16 / r['ms']:.2f}x bf16  rel {r['rel']:.1e}", flush=True)  # fmt: skip
-    return results
+    return table.print()
 
 
-def run_nvfp4_case(label: str, k: int, n: int, rows: int, num_experts: int = 128) -> list[dict]:
+def run_nvfp4_case(label: str, k: int, n: int, rows: int) -> list[dict]:
     """QAT NVFP4: the activations fake-quantized once (bf16 values) and the weight fake-quantized in the load
     path, against the one-launch kernel and the unfused path (moeq's fake-quant kernels + ``_grouped_mm``,
     the reference here: both are tested bit for bit against formats.py on the GPU)."""
-    torch.manual_seed(0)
-    offs = routing(rows, num_experts)
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    w_nk = torch.randn(num_experts, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    w = w_nk.transpose(1, 2)
-    w_amax = w_nk.float().abs().amax(dim=(1, 2))
-    x_amax = x.float().abs().amax().reshape(1)
+    p = probe_inputs(k, n, rows)
+    x, w, offs, w_amax, x_amax = p.x, p.w, p.offs, p.w_amax, p.x_amax
 
     def unfused():
         xq = fake_quant_act(x, offs, x_amax, "nvfp4")
         return torch._grouped_mm(xq, fake_quant_experts(w, w_amax, "nvfp4", 1), offs)
 
-    ref = unfused().double()
-    flops = 2.0 * rows * k * n
-    results = []
-    rows_ = [
-        ("torch._grouped_mm bf16", lambda: torch._grouped_mm(x, w, offs)),
-        ("unfused QAT NVFP4 (reference)", unfused),
-        ("QAT NVFP4 in-load (1 launch)", lambda: grouped_qmm(x, w, offs, w_amax, None, x_amax, "fake_nvfp4", "nvfp4")),
-        ("hybrid (act fake quant + in-load weight)",
-         lambda: grouped_qmm(fake_quant_act(x, offs, x_amax, "nvfp4"), w, offs, w_amax, None, None, "fake_nvfp4")),
-    ]  # fmt: skip
-    for name, fn in rows_:
-        rel = ((fn().double() - ref).norm() / ref.norm()).item()
-        ms = bench(fn)
-        results.append(dict(case=label, what=name, ms=ms, TFLOPs=flops / ms / 1e9, rel=rel))
-    for r in results:
-        print(f"{label:14s} {r['what']:52s} {r['ms']:.4f} ms {r['TFLOPs']:7.1f} TFLOP/s  "
-              f"{results[0]['ms'] / r['ms']:.2f}x bf16  rel {r['rel']:.1e}", flush=True)  # fmt: skip
-    return results
+    table = ProbeTable(label, unfused().double(), p.flops)
+    table.record("torch._grouped_mm bf16", lambda: torch._grouped_mm(x, w, offs))
+    table.record("unfused QAT NVFP4 (reference)", unfused)
+    table.record("QAT NVFP4 in-load (1 launch)",
+                 lambda: grouped_qmm(x, w, offs, w_amax, None, x_amax, "fake_nvfp4", "nvfp4"))  # fmt: skip
+    table.record("hybrid (act fake quant + in-load weight)",
+                 lambda: grouped_qmm(fake_quant_act(x, offs, x_amax, "nvfp4"), w, offs, w_amax, None, None,
+                                     "fake_nvfp4"))  # fmt: skip
+    return table.print()
 
 
 def main() -> None:
@@ -175,10 +115,7 @@ def main() -> None:
                 results += run_nvfp4_case(f"{label} {rows}", k, n, rows)
             else:
                 results += run_case(f"{label} {rows}", k, n, rows, VARIANTS[: args.variants])
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           results=results), f, indent=1)  # fmt: skip
+    save_probe(args.out, results)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ timing (multi-stream capture); one table; JSON to ``--out``."""
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import triton
-from triton.testing import do_bench
+from bench_grouped_qmm import bench
+from probes import ProbeTable, fp8_codes_reference, probe_inputs, save_probe
 
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
@@ -32,22 +32,6 @@ SPLITS = {  # name: expert chunk bounds for E = 128
     "geometric 8,8,16,32,64": [0, 8, 16, 32, 64, 128],
     "geometric 4,12,16,32,64": [0, 4, 16, 32, 64, 128],
 }
-
-
-def routing(rows: int, num_experts: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(rows + num_experts)
-    expert = torch.randint(0, num_experts, (rows,), generator=g)
-    return torch.bincount(expert, minlength=num_experts).cumsum(0).to(torch.int32).cuda()
-
-
-def bench(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(10):
-            fn()
-    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / 10
 
 
 def chunked_qat_fp8(x, w, offs, w_amax, x_amax, bounds, side: torch.cuda.Stream | None, rows: list[int]):
@@ -77,41 +61,15 @@ def chunked_qat_fp8(x, w, offs, w_amax, x_amax, bounds, side: torch.cuda.Stream 
     return out
 
 
-def run_case(label: str, k: int, n: int, rows: int, num_experts: int = 128) -> list[dict]:
-    torch.manual_seed(0)
-    offs = routing(rows, num_experts)
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    w_nk = torch.randn(num_experts, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    w = w_nk.transpose(1, 2)
-    w_amax = w_nk.float().abs().amax(dim=(1, 2))
-    x_amax = x.float().abs().amax().reshape(1)
-    sx, sw = x_amax.double() / 448, w_amax.double() / 448
-    xc_ref = (x.float() / (x_amax / 448)).clamp(-448, 448).to(torch.float8_e4m3fn).double()
-    wc_ref = (w.float() / (w_amax / 448)[:, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn).double()
-    ref = torch.zeros(rows, n, dtype=torch.float64, device="cuda")
+def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
+    p = probe_inputs(k, n, rows)
+    x, w, offs, w_amax, x_amax = p.x, p.w, p.offs, p.w_amax, p.x_amax
     bounds = [0] + offs.tolist()
-    for e in range(num_experts):
-        ref[bounds[e] : bounds[e + 1]] = (xc_ref[bounds[e] : bounds[e + 1]] @ wc_ref[e]) * sx * sw[e]
-    flops = 2.0 * rows * k * n
     side = torch.cuda.Stream()
-    results = []
-
-    def record(name, fn, checked=True):
-        try:
-            rel = float("nan")
-            if checked:
-                got = fn().double()
-                torch.cuda.synchronize()
-                rel = ((got - ref).norm() / ref.norm()).item()
-            ms = bench(fn)
-        except Exception as exc:
-            results.append(dict(case=label, what=name, error=str(exc)[:300]))
-            print(f"{label:14s} {name:48s} ERROR {str(exc)[:120]}", flush=True)
-            return
-        results.append(dict(case=label, what=name, ms=ms, TFLOPs=flops / ms / 1e9, rel=rel))
-
+    table = ProbeTable(label, fp8_codes_reference(p), p.flops, warmup=25, rep=100)
+    record = table.record
     for _ in range(3):  # a cold GPU's first timings run slow (BENCHMARKS.md, session 13): warm it first
-        bench(lambda: torch._grouped_mm(x, w, offs))
+        bench(lambda: torch._grouped_mm(x, w, offs), warmup=25, rep=100)
     record("torch._grouped_mm bf16", lambda: torch._grouped_mm(x, w, offs))
     record("QAT FP8 quantize once (shipped)",
            lambda: grouped_qmm(x, w, offs, w_amax, None, x_amax, "fake_fp8", "fp8", quantize_once=True))  # fmt: skip
@@ -123,11 +81,7 @@ def run_case(label: str, k: int, n: int, rows: int, num_experts: int = 128) -> l
     for name, split in SPLITS.items():
         record(f"serial {name}", lambda s=split: chunked_qat_fp8(x, w, offs, w_amax, x_amax, s, None, bounds))
         record(f"overlapped {name}", lambda s=split: chunked_qat_fp8(x, w, offs, w_amax, x_amax, s, side, bounds))
-    bf16 = results[0]["ms"]
-    for r in [r for r in results if "ms" in r]:
-        print(f"{label:14s} {r['what']:48s} {r['ms']:.4f} ms {r['TFLOPs']:7.1f} TFLOP/s  "
-              f"{bf16 / r['ms']:.2f}x bf16  rel {r['rel']:.1e}", flush=True)  # fmt: skip
-    return results
+    return table.print()
 
 
 def main() -> None:
@@ -135,11 +89,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows", type=int, default=34816)
     args = parser.parse_args()
-    results = run_case("gate_up", 2048, 1536, args.rows) + run_case("down", 768, 2048, args.rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           results=results), f, indent=1)  # fmt: skip
+    save_probe(args.out, run_case("gate_up", 2048, 1536, args.rows) + run_case("down", 768, 2048, args.rows))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench
+from probes import ProbeTable, probe_inputs, save_probe
 
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
@@ -118,22 +117,6 @@ def persistent_codes(
     return out
 
 
-def routing(rows: int, num_experts: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(rows + num_experts)
-    expert = torch.randint(0, num_experts, (rows,), generator=g)
-    return torch.bincount(expert, minlength=num_experts).cumsum(0).to(torch.int32).cuda()
-
-
-def bench(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(10):
-            fn()
-    return do_bench(graph.replay, warmup=10, rep=50, return_mode="median") / 10
-
-
 VARIANTS = [  # (bm, bn, bk, warps, stages, programs per SM, flatten[, split])
     (128, 256, 128, 8, 3, 1, True),
     (128, 256, 128, 8, 4, 1, True),
@@ -145,34 +128,18 @@ VARIANTS = [  # (bm, bn, bk, warps, stages, programs per SM, flatten[, split])
 ]
 
 
-def run_case(label: str, k: int, n: int, rows: int, num_experts: int = 128) -> list[dict]:
-    torch.manual_seed(0)
-    offs = routing(rows, num_experts)
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    w_nk = torch.randn(num_experts, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    w_amax = w_nk.float().abs().amax(dim=(1, 2))
-    x_amax = x.float().abs().amax().reshape(1)
-    xc = fake_quant_act(x, offs, x_amax, "fp8", codes=True)
-    wc = fake_quant_experts(w_nk, w_amax, "fp8", -1, codes=True).transpose(1, 2)
+def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
+    p = probe_inputs(k, n, rows)
+    offs, w_amax, x_amax = p.offs, p.w_amax, p.x_amax
+    xc = fake_quant_act(p.x, offs, x_amax, "fp8", codes=True)
+    wc = fake_quant_experts(p.w_nk, w_amax, "fp8", -1, codes=True).transpose(1, 2)
     w_scale = w_amax / 448.0
-    flops = 2.0 * rows * k * n
     ref = torch.zeros(rows, n, dtype=torch.float64, device="cuda")
     for e, (s, t) in enumerate(zip([0] + offs.tolist()[:-1], offs.tolist())):
         ref[s:t] = (xc[s:t].double() @ wc[e].double()) * (x_amax.double() / 448) * w_scale[e].double()
-    results = []
-
-    def record(name, fn):
-        try:
-            got = fn().double()
-            rel = ((got - ref).norm() / ref.norm()).item()
-            ms = bench(fn)
-        except Exception as exc:  # out of resources etc.: report, go on
-            results.append(dict(case=label, what=name, error=str(exc)[:300]))
-            print(f"{label:8s} {name:45s} ERROR {str(exc)[:100]}", flush=True)
-            return
-        results.append(dict(case=label, what=name, ms=ms, TFLOPs=flops / ms / 1e9, rel=rel))
-
-    record("torch._grouped_mm bf16", lambda: torch._grouped_mm(x, w_nk.transpose(1, 2), offs).float())
+    table = ProbeTable(label, ref, p.flops)
+    record = table.record
+    record("torch._grouped_mm bf16", lambda: torch._grouped_mm(p.x, p.w, offs).float())
     record(
         "grouped_qmm codes (autotuned)", lambda: grouped_qmm(xc, wc, offs, w_scale, None, x_amax, "fp8", "fp8_codes")
     )
@@ -188,11 +155,7 @@ def run_case(label: str, k: int, n: int, rows: int, num_experts: int = 128) -> l
         name += " split-M" if split else ""
         tile = (bm, bn, bk, warps, stages, per_sm, flatten, bool(split))
         record(name, functools.partial(persistent_codes, xc, wc, offs, w_scale, x_amax, *tile))
-    bf16 = results[0]["ms"]
-    for r in [r for r in results if "ms" in r]:
-        print(f"{label:8s} {r['what']:45s} {r['ms']:.4f} ms {r['TFLOPs']:7.1f} TFLOP/s  "
-              f"{bf16 / r['ms']:.2f}x bf16  rel {r['rel']:.1e}", flush=True)  # fmt: skip
-    return results
+    return table.print()
 
 
 def main() -> None:
@@ -200,11 +163,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows", type=int, default=34816)
     args = parser.parse_args()
-    results = run_case("gate_up", 2048, 1536, args.rows) + run_case("down", 768, 2048, args.rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           results=results), f, indent=1)  # fmt: skip
+    save_probe(args.out, run_case("gate_up", 2048, 1536, args.rows) + run_case("down", 768, 2048, args.rows))
 
 
 if __name__ == "__main__":
