@@ -10,7 +10,7 @@ from torch import fx, nn
 from moeq.config import NVFP4, QuantConfig
 from moeq.integrations.hf import use_grouped_experts
 from moeq.passes.insert_qdq import rewrite_graph
-from moeq.state import MODES, ModelQuantState, attach_state, get_state, owner_of
+from moeq.state import ModelQuantState, attach_state, get_state, owner_of
 
 __all__ = ["prepare", "quantize_graph"]
 
@@ -19,9 +19,9 @@ logger = logging.getLogger(__name__)
 
 def _mode_guard(module: nn.Module, args: Any) -> None:
     """Forward pre-hook on modules that own expert weights. Dynamo traces it, so comparing the mode here
-    makes Dynamo guard on its value: a mode change recompiles the graph (statistics live on the model)."""
-    if module._moeq_mode.value not in MODES:
-        raise ValueError(f"invalid moeq mode {module._moeq_mode.value!r}")
+    makes Dynamo guard on its value and on the model's config: a mode change recompiles the graph (statistics
+    live on the model), and so does another prepared model under another config."""
+    module._moeq_mode.check()
 
 
 TP_SHARD_KINDS = ("column", "row")
@@ -41,8 +41,7 @@ def _mode_reading_class(cls: type, names: tuple[str, ...]) -> type:
 
         def reader(name: str) -> property:
             def get(self: nn.Module) -> Any:
-                if self._moeq_mode.value not in MODES:
-                    raise ValueError(f"invalid moeq mode {self._moeq_mode.value!r}")
+                self._moeq_mode.check()
                 if name in self._parameters:
                     return self._parameters[name]
                 if name in self._buffers:  # moeq.freeze replaced the parameter by a stand-in buffer

@@ -141,13 +141,21 @@ def _module_key(fqn: str) -> str:
 
 
 class ModeBox:
-    """A plain holder of the current mode. Modules that own expert weights read it in a forward
-    pre-hook, so Dynamo guards on it and recompiles (never resetting statistics) when it changes."""
+    """A plain holder of the current mode and of the model's config (as its repr). Modules that own expert
+    weights read both in a forward pre-hook, so Dynamo guards on them: a mode change recompiles the graph
+    (never resetting statistics), and so does a second prepared model of the same classes under another
+    config (a graph's Q/DQ formats are constants; the same config reuses the graph with its own state)."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "config_key")
 
-    def __init__(self) -> None:
+    def __init__(self, config_key: str) -> None:
         self.value = "off"
+        self.config_key = config_key
+
+    def check(self) -> None:
+        """Raise on an unknown mode; reading both fields is what makes Dynamo guard on them."""
+        if self.value not in MODES or not self.config_key:
+            raise ValueError(f"invalid moeq mode {self.value!r} (config {self.config_key!r})")
 
 
 class ModelQuantState(nn.Module):
@@ -157,7 +165,7 @@ class ModelQuantState(nn.Module):
         super().__init__()
         self.config = config
         self.experts = nn.ModuleDict()
-        self.mode_box = ModeBox()
+        self.mode_box = ModeBox(repr(config))
         self.finalized = False
         #: the finalized statistics already hold the sum over data-parallel ranks
         self.synced_over_dp = False
@@ -199,7 +207,8 @@ class ModelQuantState(nn.Module):
 
     def note_reused_graph(self, compiled_for: str, fqn: str) -> None:
         if fqn not in self.reused_graphs:
-            logger.info("moeq: graph rewritten for %s also runs %s (Dynamo reused it)", compiled_for, fqn)
+            where = "another model's " if compiled_for == fqn else ""
+            logger.info("moeq: graph rewritten for %s%s also runs %s (Dynamo reused it)", where, compiled_for, fqn)
             self.reused_graphs[fqn] = compiled_for
 
     def tp_shard_of(self, fqn: str) -> str | None:

@@ -141,3 +141,43 @@ def test_cpu_path_needs_no_triton():
     done = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "the moeq ops' plain-torch reference (triton is not installed)" in done.stdout
+
+
+def _calibrated(cfg, tokens):
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5), cfg)
+    compiled = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad():
+        with moeq.calibrate(compiled):
+            compiled(tokens)
+        moeq.finalize(compiled)
+    return model, compiled
+
+
+def _amaxes(model) -> dict[str, torch.Tensor]:
+    return {f"{fqn}.{name}": getattr(s, name).clone() for fqn, s in moeq.state.get_state(model).items()
+            for name in ("weight_amax", "weight_block_amax", "input_amax")}  # fmt: skip
+
+
+def test_second_model_gets_its_own_graph_and_state():
+    """A second prepared model of the same classes in one process: under another config Dynamo recompiles
+    (the graph's formats are constants); under the same config it may reuse the graph but each model keeps
+    its own statistics. Both equal what each model gets compiled alone (after ``torch._dynamo.reset()``)."""
+    first, second = make_tokens(seed=1), make_tokens(seed=2)
+    alone = {}
+    for name, tokens in (("FP8", first), ("NVFP4", second), ("FP8", second)):
+        torch._dynamo.reset()
+        model, compiled = _calibrated(getattr(moeq, name), tokens)
+        with torch.no_grad():
+            alone[name, tokens.sum().item()] = (_amaxes(model), compiled(tokens).logits)
+    torch._dynamo.reset()
+    fp8_a, fp8_a_compiled = _calibrated(moeq.FP8, first)
+    before = _amaxes(fp8_a)
+    for name, tokens in (("NVFP4", second), ("FP8", second)):
+        model, compiled = _calibrated(getattr(moeq, name), tokens)
+        amaxes, logits = alone[name, tokens.sum().item()]
+        got = _amaxes(model)
+        assert got.keys() == amaxes.keys() and all(torch.equal(got[k], amaxes[k]) for k in got), name
+        with torch.no_grad():
+            assert torch.equal(compiled(tokens).logits, logits), name
+    after = _amaxes(fp8_a)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -49,12 +49,13 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list[Any]) -> list[LiftedBuffer
 
 
 def _state_for_weight(weight: Any, compiled_for: ExpertQuantState) -> ExpertQuantState:
-    """The quant state of the expert weight passed in this call (a reused graph may run another layer)."""
+    """The quant state of the expert weight passed in this call (a reused graph may run another layer, or the
+    same layer of another model prepared with the same config)."""
     owner = owner_of(weight)
     if owner is None:
         return compiled_for
     model_state, fqn = owner
-    if fqn == compiled_for.fqn:
+    if fqn in model_state and model_state[fqn] is compiled_for:
         return compiled_for
     est = model_state.get_or_create(
         fqn, compiled_for.weight_shape, compiled_for.expert_dim, compiled_for.contraction_dim, weight.device
