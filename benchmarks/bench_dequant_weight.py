@@ -9,9 +9,8 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from moeq.formats import expand_per_expert, expert_amax, get_format
+from moeq.formats import expand_per_expert, expert_amax, get_format, stored_form
 from moeq.lowering import ops
-from moeq.passes.freeze import stored_form
 from moeq.runtime.kernels import dequant_stored_weight
 
 

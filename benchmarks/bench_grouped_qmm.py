@@ -33,9 +33,8 @@ import triton
 from report import save_report
 from triton.testing import do_bench
 
-from moeq.formats import expand_per_expert, expert_amax, get_format
+from moeq.formats import expand_per_expert, expert_amax, get_format, stored_form
 from moeq.lowering.grouped_qmm import quantized_operands
-from moeq.passes.freeze import stored_form
 from moeq.runtime import kernels
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm, quantizes_once, quantizes_weight_once
 

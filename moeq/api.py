@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from moeq.config import NVFP4, QuantConfig
@@ -20,8 +21,11 @@ logger = logging.getLogger(__name__)
 def _mode_guard(module: nn.Module, args: Any) -> None:
     """Forward pre-hook on modules that own expert weights. Dynamo traces it, so comparing the mode here
     makes Dynamo guard on its value and on the model's config: a mode change recompiles the graph (statistics
-    live on the model), and so does another prepared model under another config."""
+    live on the model), and so does another prepared model under another config. Run eagerly (not traced), it
+    warns once per mode that the expert GEMMs are not quantized there."""
     module._moeq_mode.check()
+    if not torch.compiler.is_compiling():
+        module._moeq_mode.warn_eager(type(module).__name__)
 
 
 TP_SHARD_KINDS = ("column", "row")

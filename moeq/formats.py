@@ -40,6 +40,7 @@ __all__ = [
     "decode_e4m3",
     "unpack_nibbles",
     "interleave_nvfp4_runs",
+    "stored_form",
     "deinterleave_nvfp4_runs",
     "NVFP4_RUN_BYTES",
     "NVFP4_WORD_BITS",
@@ -276,6 +277,17 @@ def interleave_nvfp4_runs(packed: torch.Tensor) -> torch.Tensor:
         packed = torch.cat((packed, packed.new_zeros(*packed.shape[:-1], pad)), dim=-1)
     runs = packed.reshape(*packed.shape[:-1], -1, 8, 2, 4)  # (run, j, h, c)
     return _move_word_bits(runs.movedim(-1, -3).reshape(*packed.shape[:-1], -1), NVFP4_WORD_BITS)  # (run, c, j, h)
+
+
+def stored_form(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The deploy buffers of a quantized weight, K-last and contiguous: the data as uint8 (NVFP4 pairs in the
+    deploy order of :func:`interleave_nvfp4_runs`), the per-tensor scale ``[E]`` in fp32, the NVFP4 block
+    scales as uint8 (empty for FP8). What ``moeq.freeze`` keeps, ``moeq::quantize_weight`` returns and the
+    fused kernel reads."""
+    data, scale = q.data.view(torch.uint8), q.scale.reshape(-1).float().contiguous()
+    if q.block_scale is None:
+        return data.contiguous(), scale, data.new_zeros(0)
+    return interleave_nvfp4_runs(data).contiguous(), scale, q.block_scale.view(torch.uint8).contiguous()
 
 
 def deinterleave_nvfp4_runs(stored: torch.Tensor, k: int) -> torch.Tensor:

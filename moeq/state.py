@@ -146,11 +146,32 @@ class ModeBox:
     (never resetting statistics), and so does a second prepared model of the same classes under another
     config (a graph's Q/DQ formats are constants; the same config reuses the graph with its own state)."""
 
-    __slots__ = ("value", "config_key")
+    __slots__ = ("value", "config_key", "warned_eager")
 
     def __init__(self, config_key: str) -> None:
         self.value = "off"
         self.config_key = config_key
+        self.warned_eager: set[str] = set()
+
+    def warn_eager(self, module: str) -> None:
+        """Warn once per mode that a module with expert weights ran outside a moeq-compiled graph: its GEMMs are
+        then neither observed nor quantized (and in deploy mode its weights are zero stand-ins)."""
+        if self.value == "off" or self.value in self.warned_eager:
+            return
+        self.warned_eager.add(self.value)
+        consequence = {
+            "calibrate": "its expert GEMMs are not observed",
+            "quantize": "its expert GEMMs run unquantized",
+            "deploy": "its expert weights are freeze()'s zero stand-ins, so the output is wrong",
+        }[self.value]
+        logger.warning(
+            "moeq: %s ran eagerly in mode %r: %s. Only graphs compiled with backend='moeq' (or rewritten by "
+            "moeq.quantize_graph) quantize; did Dynamo fall back to eager (torch._dynamo.config.recompile_limit "
+            "reached, or an error suppressed)?",
+            module,
+            self.value,
+            consequence,
+        )
 
     def check(self) -> None:
         """Raise on an unknown mode; reading both fields is what makes Dynamo guard on them."""

@@ -43,7 +43,7 @@ def per_expert_matmul_f64(xq: torch.Tensor, wq: torch.Tensor, offs: torch.Tensor
 def stored_weight_args(q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A formats.py ``QuantizedTensor`` ``[E, N, K]`` as ``moeq.freeze`` stores it, in the kernel's argument
     views: (data ``[E, K', N]`` uint8, NVFP4 in its 64-byte runs; scale ``[E]``; block scales ``[E, K/16, N]``)."""
-    from moeq.passes.freeze import stored_form
+    from moeq.formats import stored_form
 
     data, scale, block = stored_form(q)
     return data.transpose(1, 2), scale, block.transpose(1, 2) if block.numel() else None

@@ -181,3 +181,18 @@ def test_second_model_gets_its_own_graph_and_state():
             assert torch.equal(compiled(tokens).logits, logits), name
     after = _amaxes(fp8_a)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_eager_run_of_a_prepared_model_warns_once_per_mode(caplog):
+    """A prepared model run outside a moeq-compiled graph (e.g. Dynamo fell back to eager) says so, once per
+    mode; compiled runs do not warn."""
+    model, compiled = _calibrated(moeq.FP8, make_tokens(seed=1))
+    tokens = make_tokens(seed=2)
+    with caplog.at_level("WARNING", logger="moeq"), torch.no_grad():
+        compiled(tokens)
+        assert "ran eagerly" not in caplog.text
+        model(tokens)
+        model(tokens)
+    warnings = [r.getMessage() for r in caplog.records if "ran eagerly" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "Qwen3MoeExperts ran eagerly in mode 'quantize': its expert GEMMs run unquantized" in warnings[0]

@@ -242,8 +242,7 @@ def test_dequant_weight_cuda_bit_exact(fmt, dtype):
     """moeq::dequant_weight on CUDA (the Triton kernel) == the op's formats.py reference on the CPU, bit for bit:
     a random stored weight (K not a multiple of 128) and every e4m3 byte / E2M1 nibble with global scales down
     to fp32 subnormal products."""
-    from moeq.formats import interleave_nvfp4_runs
-    from moeq.passes.freeze import stored_form
+    from moeq.formats import interleave_nvfp4_runs, stored_form
 
     g = torch.Generator().manual_seed(11)
     w = torch.randn(3, 96, 400, generator=g) * torch.logspace(-3, 1, 3).view(-1, 1, 1)
@@ -354,6 +353,50 @@ def test_compiled_model_quantize_once_matches_cpu_reference(config, freeze, seq,
     assert len([n for n in names if "fake_quant_act" in n]) == 4, names
     assert len([n for n in names if "fake_quant_experts" in n]) == weight_passes, names
     assert not [n for n in names if "GroupMM" in n or "grouped_mm" in n or "dequant" in n], names
+
+
+def _qat_fp8_training_step(policy: str, profiled: bool = False):
+    """One QAT FP8 training step of the compiled tiny Qwen3-MoE on CUDA: (loss, expert grads, CUDA kernel names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeq.integrations.hf import expert_parameter_names
+
+    tokens = make_tokens(batch=4, seq=64).cuda()
+    with fusion(policy):
+        cm = _compiled_qwen("FP8", False, tokens)
+        cm.train()
+        for _ in range(2):  # compile and autotune outside the profile
+            cm.zero_grad(set_to_none=True)
+            cm(tokens, labels=tokens).loss.backward()
+        cm.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            loss = cm(tokens, labels=tokens).loss
+            loss.backward()
+            torch.cuda.synchronize()
+    model = cm._orig_mod
+    grads = {n: model.get_parameter(n).grad.float().cpu() for n in expert_parameter_names(model)}
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return loss.detach().float().cpu(), grads, names
+
+
+def test_qat_fp8_training_step_saves_codes_and_fuses_cuda():
+    """A QAT FP8 training step on CUDA (moeq.lowering.joint): each expert weight is quantized to codes once
+    (one ``fake_quant_experts`` codes launch), forward and dgrad run ``grouped_qmm`` on the codes, nothing
+    dequantizes a weight to bf16; loss and expert gradients match the unfused path (fake-quant kernels +
+    ``torch._grouped_mm``) within bf16 rounding."""
+    loss, grads, names = _qat_fp8_training_step("auto")
+    loss_ref, grads_ref, names_ref = _qat_fp8_training_step("never")
+    gemms = 4  # 2 MoE layers x (gate_up, down)
+    assert len([n for n in names if "fake_quant_experts" in n]) == gemms, names
+    assert len([n for n in names if "grouped_qmm" in n]) == 2 * gemms, names
+    assert not [n for n in names if "dequant" in n], names
+    assert not [n for n in names_ref if "grouped_qmm" in n], names_ref
+    assert abs(loss.item() - loss_ref.item()) <= 1e-2 * abs(loss_ref.item())
+    for name, grad in grads.items():
+        ref = grads_ref[name].double()
+        rel = ((grad.double() - ref).norm() / ref.norm()).item()
+        assert grad.abs().sum() > 0 and rel < 2e-2, (name, rel)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])

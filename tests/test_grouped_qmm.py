@@ -244,28 +244,85 @@ def test_block_scale_words_views_or_pads():
             assert shares == (blocks % 4 == 0 and arg.stride(1) == 1), (blocks, arg.stride())
 
 
-def test_training_step_matches_unfused():
-    """A QAT training step compiled with backend="moeq": loss and expert gradients equal the unfused
-    path's (the forward keeps the Q/DQ outputs it saves for backward, so those chains stay unfused)."""
-    results = []
-    for fuse in (True, False):
-        torch._dynamo.reset()
-        model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), moeq.NVFP4)
-        cm = torch.compile(model, backend="moeq")
-        tokens = make_tokens()
-        with fusion("always" if fuse else "never"):
-            with torch.no_grad(), moeq.calibrate(cm):
-                cm(tokens)
-            moeq.finalize(cm)
-            model.train()
+def _training_step(cfg_name: str, policy: str, dtype=torch.bfloat16):
+    """One QAT training step of the compiled tiny Qwen3-MoE: (loss, expert gradients, Inductor's code)."""
+    torch._dynamo.reset()
+    model = moeq.prepare(tiny_model("qwen3_moe", dtype, num_hidden_layers=1), getattr(moeq, cfg_name))
+    cm = torch.compile(model, backend="moeq")
+    tokens = make_tokens()
+    with fusion(policy):
+        with torch.no_grad(), moeq.calibrate(cm):
+            cm(tokens)
+        moeq.finalize(cm)
+        model.train()
+
+        def step():
             loss = cm(tokens, labels=tokens).loss
             loss.backward()
-        grads = {n: model.get_parameter(n).grad for n in expert_parameter_names(model)}
-        results.append((loss.detach(), grads))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+            return loss
+
+        loss, code = run_and_get_code(step)
+    grads = {n: model.get_parameter(n).grad for n in expert_parameter_names(model)}
+    return loss.detach(), grads, "\n".join(code)
+
+
+def test_training_step_matches_unfused():
+    """A QAT NVFP4 training step compiled with backend="moeq": loss and expert gradients equal the unfused
+    path's (the forward keeps the Q/DQ outputs it saves for backward, so those chains stay unfused)."""
+    loss_a, grads_a, _ = _training_step("NVFP4", "always")
+    loss_b, grads_b, _ = _training_step("NVFP4", "never")
     assert torch.equal(loss_a, loss_b)
     for name, grad in grads_a.items():
         assert grad is not None and grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
+
+
+@pytest.mark.parametrize("policy", ["auto", "always"])
+def test_fp8_training_step_saves_weight_codes(policy):
+    """A QAT FP8 training step: the joint-graph pass makes the forward save each expert weight as e4m3 codes
+    (``moeq::quantize_weight``) instead of its fake-quantized bf16 copy, and both GEMMs that read it fuse into
+    ``moeq::grouped_qmm`` (forward: FP8 x FP8 on the codes; backward's dgrad: the gradient times the stored codes).
+    Loss and expert gradients equal the unfused path's (``fusion("never")``) within bf16 rounding: the fused
+    GEMMs scale fp32 products of codes where the unfused ones multiply bf16-rounded fake-quant values."""
+    loss_a, grads_a, code = _training_step("FP8", policy)
+    loss_b, grads_b, code_b = _training_step("FP8", "never")
+    layers = 2  # gate_up and down of one layer
+    assert code.count("torch.ops.moeq.quantize_weight.default(") == layers
+    assert "fake_quant_weight" not in code
+    calls = re.findall(r"torch\.ops\.moeq\.grouped_qmm\.default\((.*)\)", code)
+    assert len(calls) == 2 * layers, calls  # forward and dgrad of each
+    assert sum("'deploy', 'fp8', 'fp8'" in c for c in calls) == layers  # forward: x quantized in the kernel
+    assert sum("'deploy', 'fp8', None" in c for c in calls) == layers  # dgrad: bf16 gradient x codes
+    assert "grouped_qmm" not in code_b and code_b.count("fake_quant_weight.default(") == layers
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-2, atol=0)
+    for name, grad in grads_a.items():
+        ref = grads_b[name].double()
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert ((grad.double() - ref).norm() / ref.norm()).item() < 1e-2, name
+
+
+def test_fp8_training_forward_saves_codes_not_weights():
+    """What the partitioner keeps for backward: the uint8 codes of each expert weight, no bf16 tensor of an
+    expert weight's shape that the forward computed (the forward graph's outputs, seen by a post-grad pass)."""
+
+    saved: list[list[torch.Tensor]] = []
+
+    class Record(CustomGraphPass):
+        def __call__(self, graph):
+            out = next(n for n in graph.nodes if n.op == "output")
+            made = [a for a in out.args[0] if isinstance(a, torch.fx.Node) and a.op != "placeholder"]
+            saved.append([a.meta.get("val") for a in made])  # the parameters themselves cost nothing
+
+        def uuid(self):
+            return None
+
+    model = tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1)
+    shapes = {tuple(p.shape) for n, p in model.named_parameters() if "experts" in n}
+    with torch._inductor.config.patch(post_grad_custom_pre_pass=Record()):
+        _training_step("FP8", "auto")
+    forward = saved[-2]  # the forward graph is compiled before the backward graph
+    kept = [v for v in forward if isinstance(v, torch.Tensor)]
+    assert not any(tuple(v.shape) in shapes and v.dtype == torch.bfloat16 for v in kept)
+    assert sum(tuple(v.shape) in shapes and v.dtype == torch.uint8 for v in kept) == 2
 
 
 @pytest.mark.parametrize(

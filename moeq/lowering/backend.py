@@ -109,16 +109,21 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], compiler: Any) -> An
 
 def moeq_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Any:
     """Dynamo backend: expert Q/DQ pass, then Inductor (``compile_fx``) with the grouped_qmm post-grad
-    pass composed into ``post_grad_custom_post_pass`` (see :mod:`moeq.lowering.inductor`)."""
+    pass composed into ``post_grad_custom_post_pass`` (see :mod:`moeq.lowering.inductor`) and the training
+    graphs' weight-codes pass into ``joint_custom_post_pass`` (:mod:`moeq.lowering.joint`)."""
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    from moeq.lowering.inductor import fusion_enabled, with_grouped_qmm_pass
+    from moeq.lowering.inductor import GroupedQmmPass, fusion_enabled, with_pass
+    from moeq.lowering.joint import SaveWeightCodesPass
 
     options = dict(kwargs.get("options") or {})
     if fusion_enabled():
-        slot = "post_grad_custom_post_pass"
-        options[slot] = with_grouped_qmm_pass(options.get(slot, getattr(inductor_config, slot, None)))
+        for slot, cls in (
+            ("joint_custom_post_pass", SaveWeightCodesPass),
+            ("post_grad_custom_post_pass", GroupedQmmPass),
+        ):
+            options[slot] = with_pass(options.get(slot, getattr(inductor_config, slot, None)), cls)
 
     def inductor(g: fx.GraphModule, inputs: list[Any]) -> Any:
         return compile_fx(g, inputs, config_patches=options) if options else compile_fx(g, inputs)

@@ -47,6 +47,7 @@ __all__ = [
     "fusion_policy",
     "unfused",
     "with_grouped_qmm_pass",
+    "with_pass",
 ]
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
     return f"{one} up to {bound} mean routed rows per expert; above, {unfused_path}"
 
 
-def _gemm_targets() -> set[Any]:
+def gemm_targets() -> set[Any]:
     targets: set[Any] = {torch.ops.aten._grouped_mm.default}
     transformers_ops = getattr(torch.ops, "transformers", None)
     fallback = getattr(transformers_ops, "grouped_mm_fallback", None) if transformers_ops is not None else None
@@ -190,16 +191,22 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
     if w_val is None or w_val.dim() != 3 or expert_dim % 3 != 0:
         return None
     k_dim = k_dim % 3
-    if perm[0] != 0 or perm[1] != k_dim:  # the GEMM must see the weight as [E, K, N]
+    if perm[0] != 0 or (perm[1] != k_dim and w_fmt != "fp8"):
+        # NVFP4 blocks run along the quantization's K, which must be the GEMM's K; an FP8 scale is per expert,
+        # so the GEMM may contract either dim (a training graph's dgrad contracts over N)
         return None
     x, x_amax, x_fmt = a, None, None
     dead: list[fx.Node] = [*views, root]
     if isinstance(a, fx.Node) and a.target == torch.ops.moeq.fake_quant_act.default:
         xa, offs_a, amax_a, fmt_a, _, k_a = a.args
-        alone = len(a.users) == 1  # else x̂ is computed anyway: the kernel takes it as is (x_fmt None)
-        if alone and offs_a is offs and k_a % 2 == 1 and _val(xa) is not None and _val(xa).dim() == 2:
+        alone = len(a.users) == 1
+        # x̂ with other users (a training graph saves it for wgrad) is computed anyway: the kernel takes it as
+        # it is (x_fmt None), unless both operands are FP8: quantizing x again in the kernel buys FP8 MMAs
+        requantize = alone or (fmt_a == "fp8" and w_fmt == "fp8")
+        if requantize and offs_a is offs and k_a % 2 == 1 and _val(xa) is not None and _val(xa).dim() == 2:
             x, x_amax, x_fmt = xa, amax_a, fmt_a
-            dead.append(a)
+            if alone:
+                dead.append(a)
     if _val(x) is None or _val(offs) is None:
         return None
     if _POLICY == "auto" and not _pays(mode, w_fmt, x_fmt, _val(x).shape[0], w_val.shape[0]):
@@ -207,8 +214,10 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
         return None
     if mode == "qat":
         return ("qat", w, perm, amax, None, x, offs, x_amax, w_fmt, x_fmt), dead
-    # stored data and block scales are K-last ([E, N, K/2], [E, N, K/16]): the kernel takes them as [E, K', N]
-    return ("deploy", w, [0, 2, 1], amax, block if w_fmt == "nvfp4" else None, x, offs, x_amax, w_fmt, x_fmt), dead
+    # stored data and block scales are K-last ([E, N, K/2], [E, N, K/16]): the kernel takes them as [E, K', N];
+    # a GEMM contracting over the quantization's N (FP8 dgrad) takes the data as it is stored
+    data_perm = [0, 2, 1] if perm[1] == k_dim else [0, 1, 2]
+    return ("deploy", w, data_perm, amax, block if w_fmt == "nvfp4" else None, x, offs, x_amax, w_fmt, x_fmt), dead
 
 
 def _permute(graph: fx.Graph, node: fx.Node, perm: list[int]) -> fx.Node:
@@ -221,7 +230,7 @@ def _permute(graph: fx.Graph, node: fx.Node, perm: list[int]) -> fx.Node:
 
 def fuse_grouped_qmm(graph: fx.Graph) -> int:
     """Replace every moeq Q/DQ + grouped GEMM chain of ``graph`` by ``moeq::grouped_qmm``; returns the count."""
-    targets = _gemm_targets()
+    targets = gemm_targets()
     fused = 0
     for gemm in [n for n in graph.nodes if n.op == "call_function" and n.target in targets]:
         matched = _match(gemm)
@@ -288,9 +297,14 @@ def _members(existing: Any) -> list[Any]:
     return [existing]
 
 
+def with_pass(existing: Any, cls: type[CustomGraphPass]) -> Any:
+    """``existing`` (None, one pass or a list) with a ``cls()`` appended once, as one object."""
+    members = _members(existing)
+    if not any(isinstance(m, cls) for m in members):
+        members.append(cls())
+    return members[0] if len(members) == 1 else _ComposedPass(members)
+
+
 def with_grouped_qmm_pass(existing: Any) -> Any:
     """``existing`` (None, one pass or a list) with :class:`GroupedQmmPass` appended once, as one object."""
-    members = _members(existing)
-    if not any(isinstance(m, GroupedQmmPass) for m in members):
-        members.append(GroupedQmmPass())
-    return members[0] if len(members) == 1 else _ComposedPass(members)
+    return with_pass(existing, GroupedQmmPass)

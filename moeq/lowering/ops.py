@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from moeq.formats import expand_per_expert, get_format
+from moeq.formats import expand_per_expert, get_format, stored_form
 
 __all__ = [
     "dequant_weight",
@@ -27,6 +27,7 @@ __all__ = [
     "fake_quant_weight",
     "observe_segments_",
     "observe_segments_reference_",
+    "quantize_weight",
     "row_expert_ids",
     "segment_amax",
     "check_offsets",
@@ -306,6 +307,18 @@ def _register_cuda_kernels() -> None:
             return _fake_quant_act_reference(x, offs, amax, fmt, expert_dim, contraction_dim)
         return kernels.fake_quant_act(x, offs, amax, fmt)
 
+    @quantize_weight.register_kernel("cuda")
+    def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int):
+        if not _TRITON_ENABLED:
+            data, scale, block = _quantize_weight_reference(w.cpu(), amax.cpu(), fmt, expert_dim, contraction_dim)
+            return data.to(w.device), scale.to(w.device), block.to(w.device)
+        if fmt != "fp8" or w.dim() != 3 or expert_dim % 3 != 0:
+            return _quantize_weight_reference(w, amax, fmt, expert_dim, contraction_dim)
+        k_dim = contraction_dim % 3
+        codes = kernels.fake_quant_experts(w, amax, fmt, k_dim, codes=True).movedim(k_dim, -1).contiguous()
+        scale = get_format(fmt).scale_from_amax(amax.detach().float()).reshape(-1).contiguous()
+        return codes.view(torch.uint8), scale, codes.new_empty(0, dtype=torch.uint8)
+
     @dequant_weight.register_kernel("cuda")
     def _(data: Tensor, scale: Tensor, block_scale: Tensor, fmt: str, contraction_dim: int, dtype: torch.dtype):
         if not _TRITON_ENABLED:
@@ -349,6 +362,37 @@ def _(data: Tensor, scale: Tensor, block_scale: Tensor, fmt: str, contraction_di
         shape[-1] = 16 * block_scale.shape[-1]
     out = data.new_empty(shape, dtype=dtype)
     return out.movedim(-1, contraction_dim)
+
+
+@torch.library.custom_op("moeq::quantize_weight", mutates_args=())
+def quantize_weight(
+    w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A stacked expert weight (experts along dim 0) with per-expert ``amax [E]`` in the stored form
+    ``moeq.freeze`` keeps and ``moeq::dequant_weight`` reads (:func:`moeq.formats.stored_form`: K-last uint8
+    data, fp32 scale ``[E]``, NVFP4 block scales or empty). ``dequant_weight`` of it equals
+    ``fake_quant_weight(w, amax)`` bit for bit; a QAT training graph saves it for backward instead of the
+    fake-quantized weight (:mod:`moeq.lowering.joint`). No gradient (the STE is the fake quant's)."""
+    return _quantize_weight_reference(w, amax, fmt, expert_dim, contraction_dim)
+
+
+def _quantize_weight_reference(
+    w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    if w.dim() != 3 or expert_dim % 3 != 0:
+        raise ValueError(f"quantize_weight takes a 3-D weight with experts along dim 0, got {tuple(w.shape)}")
+    return stored_form(get_format(fmt).quantize(w, expand_per_expert(amax, 3, 0), contraction_dim % 3))
+
+
+@quantize_weight.register_fake
+def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    k_dim = contraction_dim % 3
+    e, other, k = w.shape[0], w.shape[3 - k_dim], w.shape[k_dim]
+    scale = w.new_empty(e, dtype=torch.float32)
+    if fmt == "nvfp4":
+        runs = -(-k // 128) * 64
+        return w.new_empty(e, other, runs, dtype=torch.uint8), scale, w.new_empty(e, other, k // 16, dtype=torch.uint8)
+    return w.new_empty(e, other, k, dtype=torch.uint8), scale, w.new_empty(0, dtype=torch.uint8)
 
 
 _register_cuda_kernels()

@@ -171,12 +171,14 @@ class Explanation:
         parts = [head]
         if state.finalized or state.mode == "deploy":
             from moeq.lowering.inductor import describe_lowering, fusion_policy
+            from moeq.lowering.joint import describe_training
 
             mode = "deploy" if state.mode == "deploy" else "qat"
             plan = describe_lowering(mode, state.config.weight, state.config.activation)
+            training = describe_training(mode, state.config.weight)
             parts.append(
                 f"backend='moeq' on CUDA, fusion '{fusion_policy()}': {plan} (torch._grouped_mm experts in forward-only"
-                " graphs; a training graph saves the quantized weight for backward and keeps the Q/DQ ops)"
+                f" graphs; {training})"
             )
         parts += ["", format_table(header, rows)]
         flagged = [(row["fqn"], e, note) for row in table for e, note in sorted(row["flags"].items())]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moeq.formats import QuantizedTensor, expand_per_expert, get_format, interleave_nvfp4_runs
+from moeq.formats import expand_per_expert, get_format, stored_form
 from moeq.state import ModelQuantState, get_state, register_owner
 
 __all__ = ["freeze", "stored_form"]
@@ -31,16 +31,6 @@ logger = logging.getLogger(__name__)
 def _owner(root: torch.nn.Module, fqn: str) -> tuple[torch.nn.Module, str]:
     parent, _, name = fqn.rpartition(".")
     return (root.get_submodule(parent) if parent else root), name
-
-
-def stored_form(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The deploy buffers of a quantized weight, K-last and contiguous: the data as uint8 (NVFP4 pairs in the
-    deploy order of :func:`~moeq.formats.interleave_nvfp4_runs`), the per-tensor scale ``[E]`` in fp32, the
-    NVFP4 block scales as uint8 (empty for FP8). What :func:`freeze` keeps and the fused kernel reads."""
-    data, scale = q.data.view(torch.uint8), q.scale.reshape(-1).float().contiguous()
-    if q.block_scale is None:
-        return data.contiguous(), scale, data.new_zeros(0)
-    return interleave_nvfp4_runs(data).contiguous(), scale, q.block_scale.view(torch.uint8).contiguous()
 
 
 def freeze(model: Any) -> ModelQuantState:

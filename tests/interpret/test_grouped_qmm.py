@@ -75,6 +75,28 @@ def test_deploy_matches_reference(w_fmt, x_fmt, shape, config):
     assert _rel(got, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
 
 
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=["odd", "empty-first"])
+@pytest.mark.parametrize(("x_fmt", "quantize_once"), [(None, None), ("fp8", False), ("fp8", True)])
+@pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])
+def test_deploy_fp8_contracting_stored_n_matches_reference(x_fmt, quantize_once, shape, config):
+    """The dgrad of a QAT FP8 training step (moeq.lowering.joint): the stored codes ``[E, N, K]`` taken as they
+    are, so the GEMM contracts over the weight's N (its rows) and the operand's contiguous dim is the output's."""
+    counts, k, n, tail = shape
+    x, w_nk, offs = _problem(counts, k, n, tail, torch.bfloat16, 5)
+    grad = (torch.randn(x.shape[0], n, generator=torch.Generator().manual_seed(6)) * 2).to(x.dtype)
+    fmt = get_format("fp8")
+    q = fmt.quantize(w_nk, expand_per_expert(expert_amax(w_nk) * 0.9, 3), 2)
+    data, scale, _ = stored_weight_args(q)
+    data = data.transpose(1, 2)  # back to the stored [E, N, K]: K' = N, N' = K
+    assert data.is_contiguous()
+    gq, g_amax = _act(grad, offs, x_fmt, False)
+    got = grouped_qmm(grad, data, offs, scale, None, g_amax, "fp8", x_fmt, config=config, quantize_once=quantize_once)
+    ref = per_expert_matmul_f64(gq, fmt.dequantize(q, torch.bfloat16), offs)
+    assert got.shape == (grad.shape[0], k)
+    assert _rel(got, ref) < 1e-2
+    assert torch.equal(got[int(offs[-1]) :], torch.zeros_like(got[int(offs[-1]) :]))
+
+
 @pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])
 def test_one_row_experts_fill_the_grid_bound(config):
     """Every expert gets one row (each its own partial m-tile) and 12 unrouted tail rows follow: with 16-row

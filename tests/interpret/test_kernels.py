@@ -241,7 +241,7 @@ def test_nvfp4_negative_values_far_below_their_block():
 
 
 def _stored(w: torch.Tensor, fmt: str, amax: torch.Tensor):
-    from moeq.passes.freeze import stored_form
+    from moeq.formats import stored_form
 
     return stored_form(get_format(fmt).quantize(w, expand_per_expert(amax, 3), 2))
 

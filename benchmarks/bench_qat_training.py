@@ -1,0 +1,146 @@
+"""QAT training step of one Qwen3-30B-A3B-shaped MoE layer: moeq (compiled) vs the bf16 layer (compiled).
+
+The layer is transformers' ``Qwen3MoeSparseMoeBlock`` (hidden 2048, 128 experts of intermediate 768, top-8, bf16,
+random weights, experts on transformers' ``grouped_mm``). Each variant is compiled, moeq's calibrated and
+finalized, then one step is ``forward`` + ``backward`` (gradients into the input, the router and the expert
+weights). Reported per token count: forward ms and step ms (``triton.testing.do_bench``, median), the step's
+summed CUDA kernel time (torch.profiler; the step ms less this is CPU launch overhead the GPU waited on), the memory the
+forward keeps for backward (MB allocated after the forward, less before), and the expert weight gradients'
+relative error against the bf16 layer's (the quantization's effect, a sanity check, not a target).
+
+    python benchmarks/bench_qat_training.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import time
+
+import torch
+import triton
+from bench_e2e_modelopt import qwen3_30b_a3b_layer, set_experts_implementation
+from report import save_report
+from triton.testing import do_bench
+
+import moeq
+from moeq.passes.explain import format_table
+
+
+def compiled_variant(base: torch.nn.Module, cfg_name: str | None, calib: torch.Tensor) -> torch.nn.Module:
+    layer = copy.deepcopy(base)
+    set_experts_implementation(layer, "grouped_mm")
+    if cfg_name is None:
+        return torch.compile(layer.train())
+    model = moeq.prepare(layer, getattr(moeq, cfg_name))
+    compiled = torch.compile(model, backend="moeq")
+    with torch.no_grad():
+        with moeq.calibrate(compiled):
+            compiled(calib)
+        moeq.finalize(compiled)
+    model.train()
+    return compiled
+
+
+def expert_grads(layer: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad for n, p in layer.named_parameters() if "experts" in n]
+
+
+def step(layer, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    out = layer(x)
+    torch.autograd.backward(out[0] if isinstance(out, tuple) else out, grad_out)
+
+
+def saved_mb(layer, x: torch.Tensor) -> float:
+    """Memory the forward keeps alive for backward (its autograd graph), in MB."""
+    if x.device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = layer(x)
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    del out
+    return kept / 1e6
+
+
+def kernel_ms(fn, device: str) -> float:
+    """GPU time of one call: the sum of its CUDA kernels' durations (the CPU's launch overhead excluded)."""
+    if device != "cuda":
+        return float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(getattr(a, "self_device_time_total", 0.0) for a in prof.key_averages()) / 1e3
+
+
+def time_ms(fn, device: str, rep: int) -> float:
+    if device == "cuda":
+        return do_bench(fn, warmup=3, rep=rep, return_mode="median")
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--tokens", default="512,4352", help="tokens per step (x8 routed rows)")
+    parser.add_argument("--configs", default="FP8,NVFP4", help="moeq configs next to the bf16 anchor")
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run of the plumbing)")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    # every variant compiles the same forward code object (train and no-grad graphs, two sizes): past Dynamo's
+    # default limit of 8 it would silently run the rest eagerly (unquantized)
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = dict(hidden=64, intermediate=32, experts=8) if args.small else {}
+    base = qwen3_30b_a3b_layer(device, **shapes)
+    hidden = base.mlp.gate.weight.shape[1]
+    calib = torch.randn(4, 512, hidden, device=device, dtype=torch.bfloat16)
+    names = [None, *args.configs.split(",")]
+    variants = {name: compiled_variant(base, name, calib) for name in names}
+    rows, results = [], []
+    for tokens in [int(t) for t in args.tokens.split(",")]:
+        gen = torch.Generator(device=device).manual_seed(tokens)
+        x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
+        grad_out = torch.randn(x.shape, device=device, dtype=torch.bfloat16, generator=gen)
+        anchor_grads, anchor_ms = None, None
+        for name, layer in variants.items():
+            layer.zero_grad(set_to_none=True)
+            step(layer, x, grad_out)
+            grads = [g.float() for g in expert_grads(layer)]
+            if name is None:
+                anchor_grads = grads
+            rel = max(((g - a).norm() / a.norm()).item() for g, a in zip(grads, anchor_grads))
+            with torch.no_grad():
+                fwd = time_ms(lambda: layer(x), device, 30)  # noqa: B023
+            fwd_train = time_ms(lambda: layer(x), device, 30)  # noqa: B023
+            ms = time_ms(lambda: step(layer, x, grad_out), device, 60)  # noqa: B023
+            gpu_ms = kernel_ms(lambda: step(layer, x, grad_out), device)  # noqa: B023
+            kept = saved_mb(layer, x)
+            anchor_ms = ms if name is None else anchor_ms
+            label = "bf16 (inductor)" if name is None else f"QAT {name} (moeq)"
+            results.append(dict(tokens=tokens, variant=label, no_grad_fwd_ms=fwd, train_fwd_ms=fwd_train, step_ms=ms,
+                                step_kernel_ms=gpu_ms, saved_mb=kept, grad_rel_err_vs_bf16=rel))  # fmt: skip
+            rows.append([str(tokens), label, f"{fwd:.3f}", f"{fwd_train:.3f}", f"{ms:.3f}", f"{gpu_ms:.3f}",
+                         f"{anchor_ms / ms:.2f}x", f"{kept:,.0f}", f"{rel:.3f}"])  # fmt: skip
+            print(f"  {tokens} tokens, {label} done", flush=True)
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    header = ["tokens", "variant", "fwd ms (no grad)", "fwd ms (train)", "step ms", "step kernels ms", "vs bf16 step",
+              "kept for bwd MB", "expert grad rel err vs bf16"]  # fmt: skip
+    table = format_table(header, rows)
+    print(f"\n{name}  torch {torch.__version__}  triton {triton.__version__}  {time.strftime('%Y-%m-%d')}")
+    print(table)
+    details = dict(device=name, torch=torch.__version__, triton=triton.__version__, results=results, shapes=shapes)
+    save_report(args.out, "bench_qat_training", details, table)
+
+
+if __name__ == "__main__":
+    main()
