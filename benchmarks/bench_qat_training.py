@@ -26,6 +26,7 @@ from report import save_report
 from triton.testing import do_bench
 
 import moeq
+from moeq.lowering.inductor import fusion
 from moeq.passes.explain import format_table
 
 
@@ -91,47 +92,49 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--tokens", default="512,4352", help="tokens per step (x8 routed rows)")
-    parser.add_argument("--configs", default="FP8,NVFP4", help="moeq configs next to the bf16 anchor")
+    parser.add_argument("--variants", default="FP8:auto,FP8:never,NVFP4:auto",
+                        help="moeq CONFIG:fusion-policy pairs next to the bf16 anchor")  # fmt: skip
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run of the plumbing)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    # every variant compiles the same forward code object (train and no-grad graphs, two sizes): past Dynamo's
-    # default limit of 8 it would silently run the rest eagerly (unquantized)
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.config.accumulated_recompile_limit = 1024
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = dict(hidden=64, intermediate=32, experts=8) if args.small else {}
     base = qwen3_30b_a3b_layer(device, **shapes)
     hidden = base.mlp.gate.weight.shape[1]
     calib = torch.randn(4, 512, hidden, device=device, dtype=torch.bfloat16)
-    names = [None, *args.configs.split(",")]
-    variants = {name: compiled_variant(base, name, calib) for name in names}
-    rows, results = [], []
-    for tokens in [int(t) for t in args.tokens.split(",")]:
+    sizes = [int(t) for t in args.tokens.split(",")]
+    inputs = {}
+    for tokens in sizes:
         gen = torch.Generator(device=device).manual_seed(tokens)
         x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
-        grad_out = torch.randn(x.shape, device=device, dtype=torch.bfloat16, generator=gen)
-        anchor_grads, anchor_ms = None, None
-        for name, layer in variants.items():
-            layer.zero_grad(set_to_none=True)
-            step(layer, x, grad_out)
-            grads = [g.float() for g in expert_grads(layer)]
-            if name is None:
-                anchor_grads = grads
-            rel = max(((g - a).norm() / a.norm()).item() for g, a in zip(grads, anchor_grads))
-            with torch.no_grad():
-                fwd = time_ms(lambda: layer(x), device, 30)  # noqa: B023
-            fwd_train = time_ms(lambda: layer(x), device, 30)  # noqa: B023
-            ms = time_ms(lambda: step(layer, x, grad_out), device, 60)  # noqa: B023
-            gpu_ms = kernel_ms(lambda: step(layer, x, grad_out), device)  # noqa: B023
-            kept = saved_mb(layer, x)
-            anchor_ms = ms if name is None else anchor_ms
-            label = "bf16 (inductor)" if name is None else f"QAT {name} (moeq)"
-            results.append(dict(tokens=tokens, variant=label, no_grad_fwd_ms=fwd, train_fwd_ms=fwd_train, step_ms=ms,
-                                step_kernel_ms=gpu_ms, saved_mb=kept, grad_rel_err_vs_bf16=rel))  # fmt: skip
-            rows.append([str(tokens), label, f"{fwd:.3f}", f"{fwd_train:.3f}", f"{ms:.3f}", f"{gpu_ms:.3f}",
-                         f"{anchor_ms / ms:.2f}x", f"{kept:,.0f}", f"{rel:.3f}"])  # fmt: skip
-            print(f"  {tokens} tokens, {label} done", flush=True)
+        inputs[tokens] = (x, torch.randn(x.shape, device=device, dtype=torch.bfloat16, generator=gen))
+    anchor_grads, anchor_ms, rows, results = {}, {}, [], []
+    for variant in [None, *args.variants.split(",")]:
+        name, policy = variant.split(":") if variant else (None, "auto")
+        label = "bf16 (inductor)" if name is None else f"QAT {name} (moeq, fusion {policy})"
+        torch._dynamo.reset()  # each variant compiles afresh (the policy is read when Inductor compiles)
+        with fusion(policy):
+            layer = compiled_variant(base, name, calib)
+            for tokens in sizes:
+                x, grad_out = inputs[tokens]
+                layer.zero_grad(set_to_none=True)
+                step(layer, x, grad_out)
+                grads = [g.float() for g in expert_grads(layer)]
+                anchor_grads.setdefault(tokens, grads)
+                rel = max(((g - a).norm() / a.norm()).item() for g, a in zip(grads, anchor_grads[tokens]))
+                with torch.no_grad():
+                    fwd = time_ms(lambda: layer(x), device, 30)  # noqa: B023
+                fwd_train = time_ms(lambda: layer(x), device, 30)  # noqa: B023
+                ms = time_ms(lambda: step(layer, x, grad_out), device, 60)  # noqa: B023
+                gpu_ms = kernel_ms(lambda: step(layer, x, grad_out), device)  # noqa: B023
+                kept = saved_mb(layer, x)
+                anchor_ms.setdefault(tokens, ms)
+                results.append(dict(tokens=tokens, variant=label, no_grad_fwd_ms=fwd, train_fwd_ms=fwd_train,
+                                    step_ms=ms, step_kernel_ms=gpu_ms, saved_mb=kept, grad_rel_err_vs_bf16=rel))  # fmt: skip
+                rows.append([str(tokens), label, f"{fwd:.3f}", f"{fwd_train:.3f}", f"{ms:.3f}", f"{gpu_ms:.3f}",
+                             f"{anchor_ms[tokens] / ms:.2f}x", f"{kept:,.0f}", f"{rel:.3f}"])  # fmt: skip
+                print(f"  {tokens} tokens, {label} done", flush=True)
+    rows.sort(key=lambda r: int(r[0]))
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     header = ["tokens", "variant", "fwd ms (no grad)", "fwd ms (train)", "step ms", "step kernels ms", "vs bf16 step",
               "kept for bwd MB", "expert grad rel err vs bf16"]  # fmt: skip
