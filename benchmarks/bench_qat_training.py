@@ -67,17 +67,20 @@ def saved_mb(layer, x: torch.Tensor) -> float:
     return kept / 1e6
 
 
-def kernel_ms(fn, device: str) -> float:
-    """GPU time of one call: the sum of its CUDA kernels' durations (the CPU's launch overhead excluded)."""
+def kernel_ms(fn, device: str) -> tuple[float, str]:
+    """GPU time of one call: the sum of its CUDA kernels' durations (the CPU's launch overhead excluded), and
+    the profiler's table of the kernels that took longest."""
     if device != "cuda":
-        return float("nan")
+        return float("nan"), ""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(getattr(a, "self_device_time_total", 0.0) for a in prof.key_averages()) / 1e3
+    averages = prof.key_averages()
+    total = sum(getattr(a, "self_device_time_total", 0.0) for a in averages) / 1e3
+    return total, averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
 
 
 def time_ms(fn, device: str, rep: int) -> float:
@@ -126,7 +129,10 @@ def main() -> None:
                     fwd = time_ms(lambda: layer(x), device, 30)  # noqa: B023
                 fwd_train = time_ms(lambda: layer(x), device, 30)  # noqa: B023
                 ms = time_ms(lambda: step(layer, x, grad_out), device, 60)  # noqa: B023
-                gpu_ms = kernel_ms(lambda: step(layer, x, grad_out), device)  # noqa: B023
+                gpu_ms, kernels = kernel_ms(lambda: step(layer, x, grad_out), device)  # noqa: B023
+                slug = label.split(" (")[0].replace(" ", "_") + ("" if name is None else f"_{policy}")
+                with open(os.path.join(args.out, f"kernels_{slug}_{tokens}.txt"), "w") as fh:
+                    fh.write(kernels)
                 kept = saved_mb(layer, x)
                 anchor_ms.setdefault(tokens, ms)
                 results.append(dict(tokens=tokens, variant=label, no_grad_fwd_ms=fwd, train_fwd_ms=fwd_train,
