@@ -86,7 +86,11 @@ def save_weight_codes(graph: fx.Graph) -> int:
         node.replace_all_uses_with(dequant)
         graph.erase_node(node)
         rewritten += 1
-        logger.info("moeq: training graph saves the FP8 codes of %s for backward (%d GEMMs)", w, len(users))
+        logger.info(
+            "moeq: training graph saves an expert weight %s as FP8 codes for backward (%d GEMMs)",
+            list(val.shape),
+            len(users),
+        )
     if rewritten:
         graph.lint()
     return rewritten
