@@ -10,8 +10,11 @@ The expert pass (:mod:`moeq.passes.insert_qdq`) leaves, after AOTAutograd, chain
 applied to the raw weight), so the GEMM runs as one Triton kernel that quantizes in its load path (large FP8 x
 FP8 batches: after one codes pass per operand, see :func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`).
 A chain whose quantized weight has other users (a training graph saves it for backward) is left
-unfused: fusing would quantize the weight twice. A quantized activation with other users is passed to
-the kernel as it is (no in-kernel activation quantization). Which chains fuse is a policy (:func:`fusion`):
+unfused: fusing would quantize the weight twice. (QAT FP8 training graphs avoid that: the joint-graph pass of
+:mod:`moeq.lowering.joint` saves the weight's codes and gives each GEMM its own recomputed dequant, which fuses
+here, also when the GEMM contracts over the weight's N, as the dgrad does.) A quantized activation with other users is passed to
+the kernel as it is (no in-kernel activation quantization), unless both operands are FP8: then the kernel
+quantizes the raw activation again for FP8 MMAs. Which chains fuse is a policy (:func:`fusion`):
 ``"auto"`` (default) fuses a chain only where ``moeq::grouped_qmm`` measured faster than the unfused path
 (BENCHMARKS.md). The in-load kernel re-quantizes each operand tile once per output tile it feeds, CUDA-core
 work that grows with the rows per expert, so QAT NVFP4 chains fuse up to :data:`FUSE_MAX_ROWS_PER_EXPERT`
