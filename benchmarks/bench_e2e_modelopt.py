@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import time
 
 import torch
-import triton
-from report import save_report
+from report import print_and_save
 from triton.testing import do_bench
 
 import moeq
-from moeq.passes.explain import format_table
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 2048, 768, 128, 8
 
@@ -136,14 +133,9 @@ def main() -> None:
                      f"{tokens / ms_peer * 1e3:,.0f}", f"{ratio:.1f}x", "met" if ratio >= 3 else "MISSED",
                      f"{rel_ours:.3f} / {rel_peer:.3f} / {rel_between:.3f}"])  # fmt: skip
         print(f"  {tokens} tokens done ({time.time() - started:.0f} s)", flush=True)
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     header = ["tokens", "moeq ms", "moeq tok/s", "modelopt ms", "modelopt tok/s", "speedup", ">= 3x",
               "rel err vs bf16: moeq / modelopt / between"]  # fmt: skip
-    table = format_table(header, rows)
-    print(f"\n{name}  torch {torch.__version__}  triton {triton.__version__}  {time.strftime('%Y-%m-%d')}")
-    print(table)
-    details = dict(device=name, torch=torch.__version__, triton=triton.__version__, results=results, shapes=shapes)
-    save_report(args.out, "bench_e2e_modelopt", details, table)
+    print_and_save(args.out, "bench_e2e_modelopt", header, rows, results=results, shapes=shapes)
 
 
 if __name__ == "__main__":

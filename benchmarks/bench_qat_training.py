@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import time
 
 import torch
-import triton
 from bench_e2e_modelopt import qwen3_30b_a3b_layer, set_experts_implementation
-from report import save_report
+from report import print_and_save
 from triton.testing import do_bench
 
 import moeq
 from moeq.lowering.inductor import fusion
-from moeq.passes.explain import format_table
 
 
 def compiled_variant(base: torch.nn.Module, cfg_name: str | None, calib: torch.Tensor) -> torch.nn.Module:
@@ -141,14 +138,9 @@ def main() -> None:
                              f"{anchor_ms[tokens] / ms:.2f}x", f"{kept:,.0f}", f"{rel:.3f}"])  # fmt: skip
                 print(f"  {tokens} tokens, {label} done", flush=True)
     rows.sort(key=lambda r: int(r[0]))
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     header = ["tokens", "variant", "fwd ms (no grad)", "fwd ms (train)", "step ms", "step kernels ms", "vs bf16 step",
               "kept for bwd MB", "expert grad rel err vs bf16"]  # fmt: skip
-    table = format_table(header, rows)
-    print(f"\n{name}  torch {torch.__version__}  triton {triton.__version__}  {time.strftime('%Y-%m-%d')}")
-    print(table)
-    details = dict(device=name, torch=torch.__version__, triton=triton.__version__, results=results, shapes=shapes)
-    save_report(args.out, "bench_qat_training", details, table)
+    print_and_save(args.out, "bench_qat_training", header, rows, results=results, shapes=shapes)
 
 
 if __name__ == "__main__":

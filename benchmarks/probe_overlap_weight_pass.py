@@ -11,12 +11,10 @@ timing (multi-stream capture); one table; JSON to ``--out``."""
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import triton
 from bench_grouped_qmm import bench
-from probes import ProbeTable, fp8_codes_reference, probe_inputs, save_probe
+from probes import ProbeTable, fp8_codes_reference, probe_inputs, qwen3_probe_main
 
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
@@ -84,13 +82,5 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
     return table.print()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--rows", type=int, default=34816)
-    args = parser.parse_args()
-    save_probe(args.out, run_case("gate_up", 2048, 1536, args.rows) + run_case("down", 768, 2048, args.rows))
-
-
 if __name__ == "__main__":
-    main()
+    qwen3_probe_main(run_case)

@@ -6,13 +6,12 @@ against the float64 product of the codes, prints one table, writes JSON to ``--o
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import torch
 import triton
 import triton.language as tl
-from probes import ProbeTable, probe_inputs, save_probe
+from probes import ProbeTable, probe_inputs, qwen3_probe_main
 
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
@@ -158,13 +157,5 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
     return table.print()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--rows", type=int, default=34816)
-    args = parser.parse_args()
-    save_probe(args.out, run_case("gate_up", 2048, 1536, args.rows) + run_case("down", 768, 2048, args.rows))
-
-
 if __name__ == "__main__":
-    main()
+    qwen3_probe_main(run_case)

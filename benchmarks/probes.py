@@ -4,6 +4,7 @@ and then timed (CUDA-graph replays, ``bench_grouped_qmm.bench``), the printed ta
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,3 +98,12 @@ def save_probe(path: str | None, results: list[dict]) -> None:
         with open(path, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                            results=results), f, indent=1)  # fmt: skip
+
+
+def qwen3_probe_main(run_case: Callable[[str, int, int, int], list[dict]]) -> None:
+    """A probe's command line: ``--rows`` (default 34816) for Qwen3-30B-A3B's gate_up and down, JSON to ``--out``."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--rows", type=int, default=34816)
+    args = parser.parse_args()
+    save_probe(args.out, run_case("gate_up", 2048, 1536, args.rows) + run_case("down", 768, 2048, args.rows))

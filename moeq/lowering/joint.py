@@ -33,7 +33,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils.checkpoint import CheckpointPolicy
 
-from moeq.lowering.inductor import gemm_targets
+from moeq.lowering.inductor import fusion_enabled, gemm_targets
 
 __all__ = ["SaveWeightCodesPass", "describe_training", "save_weight_codes"]
 
@@ -99,8 +99,6 @@ def save_weight_codes(graph: fx.Graph) -> int:
 def describe_training(mode: str, w_fmt: str) -> str:
     """What a training graph compiled by the ``moeq`` backend does with its expert GEMMs under the current
     fusion policy (for ``moeq.explain``)."""
-    from moeq.lowering.inductor import fusion_enabled
-
     if mode == "qat" and w_fmt == "fp8" and fusion_enabled():
         return (
             "a training graph quantizes each expert weight to FP8 codes once per step and saves them for backward "

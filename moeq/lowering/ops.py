@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from moeq.formats import expand_per_expert, get_format, stored_form
+from moeq.formats import NVFP4_RUN_BYTES, expand_per_expert, get_format, stored_form
 
 __all__ = [
     "dequant_weight",
@@ -390,7 +390,7 @@ def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) 
     e, other, k = w.shape[0], w.shape[3 - k_dim], w.shape[k_dim]
     scale = w.new_empty(e, dtype=torch.float32)
     if fmt == "nvfp4":
-        runs = -(-k // 128) * 64
+        runs = -(-k // (2 * NVFP4_RUN_BYTES)) * NVFP4_RUN_BYTES  # whole 64-byte runs (interleave_nvfp4_runs)
         return w.new_empty(e, other, runs, dtype=torch.uint8), scale, w.new_empty(e, other, k // 16, dtype=torch.uint8)
     return w.new_empty(e, other, k, dtype=torch.uint8), scale, w.new_empty(0, dtype=torch.uint8)
 
