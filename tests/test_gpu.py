@@ -423,11 +423,12 @@ def test_qat_fp8_training_step_saves_codes_and_fuses_cuda():
     """A QAT FP8 training step on CUDA (moeq.lowering.joint): each expert weight is quantized to codes once
     (one ``fake_quant_experts`` codes launch), forward and dgrad run ``grouped_qmm`` on the codes, nothing
     dequantizes a weight to bf16; loss and expert gradients match the unfused path (fake-quant kernels +
-    ``torch._grouped_mm``). Gradients within 3%, not the CPU test's 1%: the fused forward accumulates on Hopper's
+    ``torch._grouped_mm``). Gradients within 5%, not the CPU test's 1%: the fused forward accumulates on Hopper's
     FP8 MMA (about 14 bits kept, see :func:`test_codes_gemm_training_size`), the unfused one in cuBLAS's fp32,
-    and such differences can move a downstream activation's FP8 code by a step (6-12% of a value), which reaches
-    the earlier layers' gradients (session 16, H200: 2.2% on one of four weights; the cause is inferred, not
-    measured separately). The structural checks above and the CPU test carry the exactness."""
+    and this model's expert gradients move by percents under last-bit changes of the forward: on the CPU,
+    perturbing each MoE block's output by 2^-12 to 2^-8 of itself, at or below its bf16 rounding, moved them by
+    0.6-2.8% (``benchmarks/probe_gradient_sensitivity.py``, session 16). The GPU measured 2.2% on one of four
+    weights, under 2% on the others. The structural checks above and the CPU test carry the exactness."""
     loss, grads, names = _qat_fp8_training_step("auto")
     loss_ref, grads_ref, names_ref = _qat_fp8_training_step("never")
     gemms = 4  # 2 MoE layers x (gate_up, down)
@@ -439,7 +440,7 @@ def test_qat_fp8_training_step_saves_codes_and_fuses_cuda():
     for name, grad in grads.items():
         ref = grads_ref[name].double()
         rel = ((grad.double() - ref).norm() / ref.norm()).item()
-        assert grad.abs().sum() > 0 and rel < 3e-2, (name, rel)
+        assert grad.abs().sum() > 0 and rel < 5e-2, (name, rel)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
