@@ -6,6 +6,8 @@ its codes written: 1.2 GB for Qwen3 gate_up, 0.31 ms) and the codes GEMM (~0.29 
 codes of the weight slice it multiplies, then reads them back from L2 for its m-tiles: a weight phase of its own
 (QUANT_K step, QUANT_STAGES pipeline depth) or, LEADER, inside the first m-tile's K loop. Programs in the
 memory-bound phase could then run beside programs in the tensor-core phase, which separate launches serialize.
+Result (H200, session 16, BENCHMARKS.md): not so. Best gate_up 0.797 ms against 0.710 for the three launches, down
+a tie (0.392 / 0.392): a program holds its SM alone, so its tensor cores idle while it quantizes. Rejected.
 
 Every row is checked against the float64 product of torch's own float8 casts, then timed (CUDA-graph replays);
 one table; JSON to ``--out``."""
