@@ -202,6 +202,21 @@ def test_grouped_qmm_cuda_weight_operand_bit_exact(mode, w_fmt, dtype, config):
     assert torch.equal(got, wq[experts, picks])
 
 
+def _codes_product(x_codes, w_codes, offs, scales):
+    """Float64 per-expert product of e4m3 codes ``x [M, K]`` and ``w [E, N, K]`` times ``scales[e]``, and the same
+    with absolute values (``sum_k |x_k w_k|``, what bounds the FP8 MMA's accumulation error); zeros past
+    ``offs[-1]``."""
+    ref = torch.zeros(x_codes.shape[0], w_codes.shape[1], dtype=torch.float64)
+    magnitude = torch.zeros_like(ref)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        xe, we = x_codes[start:end].double(), w_codes[e].double().T
+        ref[start:end] = (xe @ we) * scales[e]
+        magnitude[start:end] = (xe.abs() @ we.abs()) * scales[e]
+        start = end
+    return ref, magnitude
+
+
 @pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per-expert"])
 @pytest.mark.parametrize(
     ("counts", "k", "n"), [([3000, 0, 1, 5000, 777, 0, 2900, 4100], 768, 1024), ([20000], 256, 520)]
@@ -222,15 +237,9 @@ def test_codes_gemm_training_size(counts, k, n, per_expert):
     x_amax = torch.rand(num_experts if per_expert else 1, generator=g) * 8 + 1
     got = launch_grouped_qmm(x_codes.cuda(), w_codes.cuda().transpose(1, 2), offs.cuda(), w_scale.cuda(), None,
                              x_amax.cuda(), "fp8", "fp8_codes", out_dtype=torch.float32).cpu()  # fmt: skip
-    ref = torch.zeros(rows + 37, n, dtype=torch.float64)
-    magnitude = torch.zeros_like(ref)
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        scale = x_amax[e if per_expert else 0].double() / 448 * w_scale[e].double()
-        xe, we = x_codes[start:end].double(), w_codes[e].double().T
-        ref[start:end] = (xe @ we) * scale
-        magnitude[start:end] = (xe.abs() @ we.abs()) * scale
-        start = end
+    ref, magnitude = _codes_product(
+        x_codes, w_codes, offs, x_amax.double().expand(num_experts) / 448 * w_scale.double()
+    )
     err = (got.double() - ref).abs()
     assert (err <= 2.0**-8 * magnitude + 1e-30).all(), (err / magnitude.clamp(min=1e-30)).max().item()
     assert not got[rows:].any()
@@ -254,21 +263,14 @@ def test_qat_fp8_quantize_once_training_size(k_first, dtype):
     w_nk = (torch.randn(num_experts, n, k, generator=g) * torch.logspace(-3, 0, num_experts).view(-1, 1, 1)).to(dtype)
     amax, x_amax = expert_amax(w_nk) * 0.9, torch.tensor([6.0])
     fp8 = get_format("fp8")
-    w_codes = fp8.quantize(w_nk, expand_per_expert(amax, 3), 2).data.double()
-    x_codes = act_codes_reference(x, offs, x_amax).double()
+    w_codes = fp8.quantize(w_nk, expand_per_expert(amax, 3), 2).data
+    x_codes = act_codes_reference(x, offs, x_amax)
     w = w_nk.transpose(1, 2).contiguous() if k_first else w_nk.transpose(1, 2)
     got = launch_grouped_qmm(x.cuda(), w.cuda(), offs.cuda(), amax.cuda(), None, x_amax.cuda(), "fake_fp8", "fp8",
                              quantize_once=True).cpu()  # fmt: skip
     assert got.dtype == dtype
     scales = fp8.scale_from_amax(amax.float()).double() * fp8.scale_from_amax(x_amax.float()).double()
-    ref = torch.zeros(rows + 37, n, dtype=torch.float64)
-    magnitude = torch.zeros_like(ref)
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        xe, we = x_codes[start:end], w_codes[e].T
-        ref[start:end] = (xe @ we) * scales[e]
-        magnitude[start:end] = (xe.abs() @ we.abs()) * scales[e]
-        start = end
+    ref, magnitude = _codes_product(x_codes, w_codes, offs, scales)
     bound = 2.0**-8 * magnitude + (2.0**-8 * ref.abs() if dtype == torch.bfloat16 else 0) + 1e-30
     err = (got.double() - ref).abs()
     assert (err <= bound).all(), (err / bound).max().item()
