@@ -1,6 +1,6 @@
 """Sweep moeq::grouped_qmm tile configs on one case, to choose autotuning candidates from measurements.
 
-Times every (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, FP8_DOT, maxnreg) of a grid with ``do_bench`` (median) next to the
+Times every (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, FP8_DOT, maxnreg, TAIL_M) of a grid with ``do_bench`` (median) next to the
 ``torch._grouped_mm`` bf16 anchor of the same case, checks each config against the autotuned kernel's
 output, prints the best configs per (case, mode) and writes all timings as JSON under ``--out``.
 
@@ -46,11 +46,13 @@ def sweep_case(label, num_experts, k, n, rows, modes, grid, deadline):
         want = run().float()
         tuned_ms = bench(run)
         rows_out = []
-        for bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg in grid:
+        for bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg, tail_m in grid:
             if time.time() > deadline:
                 print("  deadline reached; sweep cut short", flush=True)
                 break
             meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP_AB": bool(swap), "FP8_DOT": bool(fp8_dot)}
+            if tail_m:
+                meta["TAIL_M"] = tail_m
             config = triton.Config(meta, num_warps=warps, num_stages=stages, maxnreg=maxnreg or None)
             try:
                 got = run(config).float()
@@ -58,12 +60,15 @@ def sweep_case(label, num_experts, k, n, rows, modes, grid, deadline):
                 ms = bench(lambda config=config: run(config))
             except Exception as exc:  # out of shared memory / registers: record and go on
                 rows_out.append(
-                    dict(config=[bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg], error=f"{type(exc).__name__}")
+                    dict(
+                        config=[bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg, tail_m],
+                        error=f"{type(exc).__name__}",
+                    )
                 )
                 continue
             rows_out.append(
                 dict(
-                    config=[bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg],
+                    config=[bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg, tail_m],
                     ms=ms,
                     err=err,
                     TBps=weight_bytes / ms / 1e9,
@@ -71,7 +76,7 @@ def sweep_case(label, num_experts, k, n, rows, modes, grid, deadline):
             )
         good = sorted((r for r in rows_out if "ms" in r and r["err"] < 1e-2), key=lambda r: r["ms"])
         print(f"{label} {name}: bf16 {bf16_ms:.4f} ms, autotuned {tuned_ms:.4f} ms ({bf16_ms / tuned_ms:.2f}x bf16)")
-        for r in good[:6]:
+        for r in good[:10]:
             print(
                 f"    {r['config']}: {r['ms']:.4f} ms  {r['TBps']:.2f} TB/s  {bf16_ms / r['ms']:.2f}x bf16", flush=True
             )
@@ -95,13 +100,24 @@ def main() -> None:
     parser.add_argument(
         "--maxnreg", type=int, nargs="*", default=[0], help="register caps per thread (0: ptxas's choice)"
     )
+    parser.add_argument(
+        "--tail-m", type=int, nargs="*", default=[0], help="row tile of an expert's last, short m-tile (0: BLOCK_M)"
+    )
     parser.add_argument("--seconds", type=float, default=300.0, help="stop sweeping after this long")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     deadline = time.time() + args.seconds
     grid = list(
         itertools.product(
-            args.block_m, args.block_n, args.block_k, args.warps, args.stages, args.swap, args.fp8_dot, args.maxnreg
+            args.block_m,
+            args.block_n,
+            args.block_k,
+            args.warps,
+            args.stages,
+            args.swap,
+            args.fp8_dot,
+            args.maxnreg,
+            args.tail_m,
         )
     )
     torch.manual_seed(0)

@@ -309,9 +309,10 @@ def fuse_always():
         yield
 
 
-def _compiled_qwen(config, freeze, tokens):
+def _compiled_qwen(config, freeze, tokens, dtype=torch.bfloat16):
+    """The tiny Qwen3-MoE (bf16 weights, in ``dtype``) prepared with ``config``, compiled, calibrated, finalized."""
     torch._dynamo.reset()
-    model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16).cuda(), getattr(moeq, config))
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16).to(dtype).cuda(), getattr(moeq, config))
     cm = torch.compile(model, backend="moeq")
     with torch.no_grad():
         with moeq.calibrate(cm):
@@ -396,7 +397,7 @@ def test_compiled_model_quantize_once_matches_cpu_reference(config, freeze, seq,
     assert not [n for n in names if "GroupMM" in n or "grouped_mm" in n or "dequant" in n], names
 
 
-def _qat_fp8_training_step(policy: str, profiled: bool = False):
+def _qat_fp8_training_step(policy: str, dtype: torch.dtype = torch.bfloat16):
     """One QAT FP8 training step of the compiled tiny Qwen3-MoE on CUDA: (loss, expert grads, CUDA kernel names)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -404,7 +405,7 @@ def _qat_fp8_training_step(policy: str, profiled: bool = False):
 
     tokens = make_tokens(batch=4, seq=64).cuda()
     with fusion(policy):
-        cm = _compiled_qwen("FP8", False, tokens)
+        cm = _compiled_qwen("FP8", False, tokens, dtype)
         cm.train()
         for _ in range(2):  # compile and autotune outside the profile
             cm.zero_grad(set_to_none=True)
@@ -424,25 +425,30 @@ def _qat_fp8_training_step(policy: str, profiled: bool = False):
 def test_qat_fp8_training_step_saves_codes_and_fuses_cuda():
     """A QAT FP8 training step on CUDA (moeq.lowering.joint): each expert weight is quantized to codes once
     (one ``fake_quant_experts`` codes launch), forward and dgrad run ``grouped_qmm`` on the codes, nothing
-    dequantizes a weight to bf16; loss and expert gradients match the unfused path (fake-quant kernels +
-    ``torch._grouped_mm``). Gradients within 5%, not the CPU test's 1%: the fused forward accumulates on Hopper's
-    FP8 MMA (about 14 bits kept, see :func:`test_codes_gemm_training_size`), the unfused one in cuBLAS's fp32,
-    and this model's expert gradients move by percents under last-bit changes of the forward: on the CPU,
-    perturbing each MoE block's output by 2^-12 to 2^-8 of itself, at or below its bf16 rounding, moved them by
-    0.6-2.8% (``benchmarks/probe_gradient_sensitivity.py``, session 16). The GPU measured 2.2% on one of four
-    weights, under 2% on the others. The structural checks above and the CPU test carry the exactness."""
+    dequantizes a weight to bf16; the loss matches the unfused path (fake-quant kernels + ``torch._grouped_mm``).
+
+    Expert gradients are judged against the unfused path run in fp32 on the same (bf16-valued) weights: the fused
+    bf16 step must be no farther from it than the unfused bf16 step is, give or take 1.5x + 1%. Comparing the two
+    bf16 steps directly measures noise, not error: this model's expert gradients move by percents under last-bit
+    changes of the forward (CPU, ``benchmarks/probe_gradient_sensitivity.py``: perturbing each MoE block's output
+    by 2^-12 to 2^-8 of itself moved them 0.6-2.8%), and the GPU measured 2.2% and, with another tile schedule,
+    6.1% between them (sessions 16-17). The CPU test carries the exactness (1%)."""
     loss, grads, names = _qat_fp8_training_step("auto")
     loss_ref, grads_ref, names_ref = _qat_fp8_training_step("never")
+    _, grads_f32, _ = _qat_fp8_training_step("never", torch.float32)
     gemms = 4  # 2 MoE layers x (gate_up, down)
     assert len([n for n in names if "fake_quant_experts" in n]) == gemms, names
     assert len([n for n in names if "grouped_qmm" in n]) == 2 * gemms, names
     assert not [n for n in names if "dequant" in n], names
     assert not [n for n in names_ref if "grouped_qmm" in n], names_ref
     assert abs(loss.item() - loss_ref.item()) <= 1e-2 * abs(loss_ref.item())
-    for name, grad in grads.items():
-        ref = grads_ref[name].double()
-        rel = ((grad.double() - ref).norm() / ref.norm()).item()
-        assert grad.abs().sum() > 0 and rel < 5e-2, (name, rel)
+
+    def rel(got, want):
+        return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+    errors = {n: (rel(grads[n], grads_f32[n]), rel(grads_ref[n], grads_f32[n])) for n in grads}
+    for name, (fused_err, unfused_err) in errors.items():
+        assert grads[name].abs().sum() > 0 and fused_err <= 1.5 * unfused_err + 1e-2, (name, errors)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])

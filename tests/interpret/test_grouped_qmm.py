@@ -16,6 +16,9 @@ from tests.conftest import deployed_weight_operand, per_expert_matmul_f64, store
 SHAPES = [([5, 0, 19], 48, 40, 3), ([0, 0, 7, 33], 32, 24, 0), ([21], 16, 8, 2)]
 #: the transposed (swap-AB) tile the GPU picks for decode-sized batches
 SWAPPED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SWAP_AB": True})
+#: 32-row tiles whose m-tiles of at most 16 rows (an expert's short last tile) run a 16-row, swap-AB MMA: the
+#: GPU's 128-row tiles with 64-row tails, in small
+TAILED = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 128, "SWAP_AB": False, "TAIL_M": 16})
 
 
 def _problem(counts, k, n, tail, dtype, seed):
@@ -60,7 +63,7 @@ def test_qat_matches_reference(w_fmt, x_fmt, per_expert, shape, seed):
 
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=["odd", "empty-first"])
 @pytest.mark.parametrize(("w_fmt", "x_fmt"), [("fp8", "fp8"), ("fp8", None), ("nvfp4", None), ("nvfp4", "nvfp4")])
-@pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])
+@pytest.mark.parametrize("config", [None, SWAPPED, TAILED], ids=["tuned", "swapped", "tailed"])
 def test_deploy_matches_reference(w_fmt, x_fmt, shape, config):
     """Deploy: stored e4m3 / packed E2M1 weights (K-last, as freeze stores them) dequantized in registers;
     W8A8 multiplies e4m3 operands and scales the accumulator. Also with the swap-AB tile."""
@@ -117,18 +120,18 @@ def test_one_row_experts_fill_the_grid_bound(config):
 
 @pytest.mark.parametrize("w_mode", ["fake_fp8", "fake_nvfp4", "fp8", "nvfp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])
+@pytest.mark.parametrize("config", [None, SWAPPED, TAILED], ids=["tuned", "swapped", "tailed"])
 def test_weight_operand_bit_exact(w_mode, dtype, config):
     """One-hot activation rows select weight rows: the kernel's weight operand equals formats.py exactly
     (deploy NVFP4: with the global scale applied once, see ``deployed_weight_operand``), also with the
     transposed (swap-AB) tile of decode-sized batches."""
-    counts, k, n = [6, 0, 10], 32, 24
+    counts, k, n = [6, 0, 10, 35], 32, 24
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     g = torch.Generator().manual_seed(5)
-    w_nk = (torch.randn(3, n, k, generator=g) * 0.1).to(dtype)
+    w_nk = (torch.randn(4, n, k, generator=g) * 0.1).to(dtype)
     amax = expert_amax(w_nk) * 0.8
     fmt = get_format(w_mode.removeprefix("fake_"))
-    picks = torch.randint(0, k, (16,), generator=g)
+    picks = torch.randint(0, k, (51,), generator=g)
     x = torch.nn.functional.one_hot(picks, k).to(dtype)
     if w_mode.startswith("fake_"):
         expected_w = fmt.fake_quant(w_nk, expand_per_expert(amax, 3), 2).transpose(1, 2)
@@ -138,7 +141,7 @@ def test_weight_operand_bit_exact(w_mode, dtype, config):
         expected_w = deployed_weight_operand(q, dtype).transpose(1, 2)
         data, scale, block = stored_weight_args(q)
         got = grouped_qmm(x, data, offs, scale, block, None, w_mode, None, config=config)
-    experts = torch.searchsorted(offs, torch.arange(16, dtype=torch.int32), right=True)
+    experts = torch.searchsorted(offs, torch.arange(51, dtype=torch.int32), right=True)
     assert torch.equal(got, expected_w[experts, picks])
 
 
@@ -180,7 +183,7 @@ def test_activation_operand_bit_exact(x_fmt, per_expert):
 @pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per-expert"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["odd", "empty-first", "E1"])
 @pytest.mark.parametrize("w_mode", ["fake_fp8", "fp8"])
-@pytest.mark.parametrize("config", [None, SWAPPED], ids=["tuned", "swapped"])
+@pytest.mark.parametrize("config", [None, SWAPPED, TAILED], ids=["tuned", "swapped", "tailed"])
 def test_fp8_codes_activations_match_reference(w_mode, shape, per_expert, config):
     """``x_mode="fp8_codes"``: x quantized once to its e4m3 codes (formats' FP8 ``quantize``, per row with
     its expert's amax); the kernel multiplies the codes and scales the product by ``amax / 448``. Against the

@@ -10,7 +10,9 @@ from shapes only, ``(cdiv(M, BLOCK_M) + min(E, M)) * cdiv(N, BLOCK_N)`` (each ro
 partial m-tile; spare programs exit at once); each program derives its expert and row range from ``offs`` on
 the device (prefix sum over per-expert m-tile counts), so no host sync, and no tile ever straddles two experts
 (per-expert scales are scalars per tile). n-tiles of one m-tile are adjacent program ids, so an x tile is read
-from HBM once and an expert's weight stays in L2.
+from HBM once and an expert's weight stays in L2. With ``TAIL_M`` set, an m-tile of at most ``TAIL_M`` rows (an
+expert's short last tile) runs a ``TAIL_M``-row MMA instead of a ``BLOCK_M``-row one (same schedule, less MMA work
+on rows that are not there).
 
 Weight modes (``W_MODE``): ``plain`` (no quantization), ``fake_fp8`` / ``fake_nvfp4`` (QAT: weight
 fake-quantized as loaded, NVFP4 block amax from the 16-blocks of the tile), ``fp8`` (stored e4m3 bits +
@@ -80,6 +82,15 @@ X_NVFP4 = tl.constexpr(2)
 X_FP8_CODES = tl.constexpr(3)
 
 
+#: row tile of an expert's last m-tile when it has at most this many rows (``TAIL_M`` of the 128-row candidates).
+#: Routed experts rarely fill whole tiles: at 34k Qwen3 rows (~272 per expert, random routing) 128-row tiles
+#: multiply 36% more rows than are routed, with 64-row tails 15%. H200, 34k rows, 64-row tails vs none (BENCHMARKS.md,
+#: session 17): codes GEMM 128x256x128 (FP8 dot) QAT FP8 gate_up 0.6302 vs 0.6927 ms, down 0.3704 vs 0.3744, W8A8
+#: 0.3405 vs 0.3528 / 0.2012 vs 0.2154 (32- / 16-row tails: 0.6602 / 0.6741 for QAT gate_up); 128x128x128 (bf16
+#: dot) W4A16 0.8358 vs 0.8771 / 0.4678 vs 0.4994, QAT NVFP4 5.08 vs 5.42 / 2.66 vs 2.83.
+TAIL_ROWS = 64
+
+
 def grouped_qmm_configs() -> list[triton.Config]:
     """Autotuning candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, swap])``, each with the FP8
     tensor cores on and off; one tiny tile under the interpreter. BLOCK_K is a multiple of 16 (NVFP4 blocks
@@ -118,7 +129,8 @@ def grouped_qmm_configs() -> list[triton.Config]:
     fp8_only = [(128, 256, 128, 8, 3)]
     return [
         triton.Config(
-            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP_AB": any(swap), "FP8_DOT": fp8_dot},
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SWAP_AB": any(swap), "FP8_DOT": fp8_dot}
+            | ({"TAIL_M": TAIL_ROWS} if m > TAIL_ROWS else {}),
             num_warps=w,
             num_stages=s,
         )
@@ -471,12 +483,44 @@ def _grouped_qmm_kernel(
     BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr,
     FP8_DOT: tl.constexpr,
+    TAIL_M: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
     tile_m = pid // n_tiles
     pid_n = pid % n_tiles
     expert, row_start, row_end = _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2, BLOCK_M)
+    if TAIL_M == 0:
+        _multiply_tile(
+        x_ptr, w_ptr, out_ptr, w_scale_ptr, w_block_ptr, x_amax_ptr, expert, row_start, row_end, pid_n, N, K, NUM_EXPERTS,
+        stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bk, stride_bn, stride_om, stride_on,
+        W_MODE, X_MODE, X_PER_EXPERT, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, FP8_DOT,
+        )  # fmt: skip
+    elif row_end - row_start > TAIL_M:
+        _multiply_tile(
+        x_ptr, w_ptr, out_ptr, w_scale_ptr, w_block_ptr, x_amax_ptr, expert, row_start, row_end, pid_n, N, K, NUM_EXPERTS,
+        stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bk, stride_bn, stride_om, stride_on,
+        W_MODE, X_MODE, X_PER_EXPERT, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, FP8_DOT,
+        )  # fmt: skip
+    else:  # an expert's last, short m-tile: a narrower MMA (weights as its wide operand below 64 rows)
+        _multiply_tile(
+        x_ptr, w_ptr, out_ptr, w_scale_ptr, w_block_ptr, x_amax_ptr, expert, row_start, row_end, pid_n, N, K, NUM_EXPERTS,
+        stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bk, stride_bn, stride_om, stride_on,
+        W_MODE, X_MODE, X_PER_EXPERT, DOT_IEEE, INTERPRET, TAIL_M, BLOCK_N, BLOCK_K, TAIL_M < 64, FP8_DOT,
+        )  # fmt: skip
+
+
+@triton.jit
+def _multiply_tile(
+    x_ptr, w_ptr, out_ptr, w_scale_ptr, w_block_ptr, x_amax_ptr, expert, row_start, row_end, pid_n, N, K, NUM_EXPERTS,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bk, stride_bn, stride_om, stride_on,
+    W_MODE: tl.constexpr, X_MODE: tl.constexpr, X_PER_EXPERT: tl.constexpr, DOT_IEEE: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, FP8_DOT: tl.constexpr,
+):  # fmt: skip
+    """Rows ``[row_start, row_end)`` (at most ``BLOCK_M``) of expert ``expert`` times its n-tile ``pid_n``: the
+    operands quantized as loaded (module doc), the product scaled and stored; ``expert == NUM_EXPERTS`` (the
+    unrouted rows) stores zeros."""
     e = tl.minimum(expert, NUM_EXPERTS - 1).to(tl.int64)
     k_end = tl.where(expert < NUM_EXPERTS, K, 0)  # the unrouted tail only gets zeros
 
