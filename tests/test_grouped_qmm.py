@@ -192,7 +192,8 @@ def test_pass_composes_with_installed_pass():
 def test_kernel_compiles_for_sm90(w_mode, x_mode, swap):
     """Frontend + codegen for Hopper without a GPU (catches what only shows when compiling, e.g. non-constexpr
     globals); FP8 x FP8 (W8A8 and QAT FP8) must use FP8 wgmma, FP8 rounding the hardware's RNE conversion;
-    the swap-AB decode tile (16 rows) must still run on wgmma."""
+    the swap-AB decode tile (16 rows) must still run on wgmma. The 64-row tile compiles with a 16-row (swap-AB)
+    short-tail MMA beside it (``TAIL_M``)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -206,7 +207,7 @@ def test_kernel_compiles_for_sm90(w_mode, x_mode, swap):
         E_POW2=128, W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode], X_PER_EXPERT=False,
         FP8_DOT=w_mode in ("fp8", "fake_fp8") and x_mode == "fp8", DOT_IEEE=False, INTERPRET=False,
         BLOCK_M=16 if swap else 64, BLOCK_N=64 if swap else 128, BLOCK_K=128 if swap or w_mode == "nvfp4" else 64,
-        SWAP_AB=swap,
+        SWAP_AB=swap, TAIL_M=0 if swap else 16,
     )  # fmt: skip
     signature = {name: pointers.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
     try:
