@@ -56,6 +56,7 @@ from moeq.runtime.kernels.numerics import (
 
 __all__ = [
     "QUANTIZE_ONCE_ROWS_PER_EXPERT",
+    "TAIL_ROWS",
     "WEIGHT_CODES_ROWS_PER_EXPERT",
     "W_MODES",
     "X_MODES",
@@ -97,7 +98,8 @@ def grouped_qmm_configs() -> list[triton.Config]:
     never straddle a K tile). ``swap``: compute the transposed tile (weights as the MMA's wide operand, rows
     as its narrow one), for decode-sized row tiles. ``FP8_DOT`` (only where both operands are FP8,
     :func:`prune_configs` sees to it): multiply the e4m3 values on the FP8 tensor cores rather than as
-    16-bit floats (the same exact products; which is faster depends on the tile)."""
+    16-bit floats (the same exact products; which is faster depends on the tile). Tiles of more than
+    :data:`TAIL_ROWS` rows run an expert's short last m-tile as a ``TAIL_ROWS``-row MMA (``TAIL_M``)."""
     if interpreting():  # one tile per weight mode (stored NVFP4 needs BLOCK_K a multiple of its 128-element runs)
         return [
             triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk, "SWAP_AB": False, "FP8_DOT": False})
