@@ -46,7 +46,8 @@ def sweep_case(label, num_experts, k, n, rows, modes, grid, deadline):
         want = run().float()
         tuned_ms = bench(run)
         rows_out = []
-        for bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg, tail_m in grid:
+        for spec in grid:
+            bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg, tail_m = spec
             if time.time() > deadline:
                 print("  deadline reached; sweep cut short", flush=True)
                 break
@@ -59,21 +60,9 @@ def sweep_case(label, num_experts, k, n, rows, modes, grid, deadline):
                 err = ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
                 ms = bench(lambda config=config: run(config))
             except Exception as exc:  # out of shared memory / registers: record and go on
-                rows_out.append(
-                    dict(
-                        config=[bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg, tail_m],
-                        error=f"{type(exc).__name__}",
-                    )
-                )
+                rows_out.append(dict(config=list(spec), error=f"{type(exc).__name__}"))
                 continue
-            rows_out.append(
-                dict(
-                    config=[bm, bn, bk, warps, stages, swap, fp8_dot, maxnreg, tail_m],
-                    ms=ms,
-                    err=err,
-                    TBps=weight_bytes / ms / 1e9,
-                )
-            )
+            rows_out.append(dict(config=list(spec), ms=ms, err=err, TBps=weight_bytes / ms / 1e9))
         good = sorted((r for r in rows_out if "ms" in r and r["err"] < 1e-2), key=lambda r: r["ms"])
         print(f"{label} {name}: bf16 {bf16_ms:.4f} ms, autotuned {tuned_ms:.4f} ms ({bf16_ms / tuned_ms:.2f}x bf16)")
         for r in good[:10]:
