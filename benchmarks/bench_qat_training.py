@@ -3,7 +3,7 @@
 The layer is transformers' ``Qwen3MoeSparseMoeBlock`` (hidden 2048, 128 experts of intermediate 768, top-8, bf16,
 random weights, experts on transformers' ``grouped_mm``). Each variant is compiled, moeq's calibrated and
 finalized, then one step is ``forward`` + ``backward`` (gradients into the input, the router and the expert
-weights). Reported per token count: forward ms and step ms (``triton.testing.do_bench``, median), the step's
+weights, set to None before each step as ``zero_grad`` does). Reported per token count: forward ms and step ms (``triton.testing.do_bench``, median), the step's
 summed CUDA kernel time (torch.profiler; the step ms less this is CPU launch overhead the GPU waited on), the memory the
 forward keeps for backward (MB allocated after the forward, less before), and the expert weight gradients'
 relative error against the bf16 layer's (the quantization's effect, a sanity check, not a target).
@@ -47,6 +47,10 @@ def expert_grads(layer: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def step(layer, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    """Forward and backward as after an optimizer's ``zero_grad(set_to_none=True)``: the gradients are fresh
+    tensors, not accumulated into the previous step's (which would add a read-add-write of every weight)."""
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
     out = layer(x)
     torch.autograd.backward(out[0] if isinstance(out, tuple) else out, grad_out)
 

@@ -103,3 +103,20 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str = "") -> N
     if got.is_floating_point():  # NaN payloads are not part of the spec; where NaN is, is
         differ &= ~(got.isnan() & want.isnan())
     assert not differ.any(), f"{what}: {int(differ.sum())} of {differ.numel()} elements differ in their bits"
+
+
+def gradients_with_clipped_weights(
+    shape: tuple[int, int, int], dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight with some entries past their expert's amax (0.4-0.48 of its max|w|: about a tenth of a small
+    Gaussian weight), a NaN, an inf and a weight exactly at its amax; a gradient of both signs with infs and a
+    NaN where weights are clipped."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen).to(dtype)
+    amax = 0.4 * w.float().abs().amax(dim=(1, 2)) * (1 + 0.2 * torch.rand(shape[0], generator=gen))
+    flat = w.view(shape[0], -1)
+    flat[0, 0], flat[0, 1], flat[-1, -1] = float("nan"), float("-inf"), -amax[-1].to(dtype)
+    amax[-1] = flat[-1, -1].float().abs()  # a weight exactly at its amax passes
+    g = torch.randn(shape, generator=gen).to(dtype)
+    g.view(shape[0], -1)[0, :3] = torch.tensor([float("inf"), float("nan"), -float("inf")]).to(dtype)
+    return g, w, amax

@@ -485,3 +485,39 @@ def test_fake_quant_nan_and_inf_cuda(fmt):
     want = get_format(fmt).fake_quant(w, expand_per_expert(amax, 3), -1)
     got = kernels.fake_quant_experts(w.cuda(), amax.cuda(), fmt, -1).cpu()
     assert_same_bits(got, want, fmt)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_mask_clipped_grad_cuda(dtype):
+    """The in-place STE mask on CUDA == torch's ``grad * (|w| <= amax)`` on the CPU, bit for bit, on a
+    Qwen3-down-sized slice (contiguous and permuted gradient)."""
+    from tests.conftest import gradients_with_clipped_weights
+
+    g, w, amax = gradients_with_clipped_weights((16, 768, 2048), dtype, 0)
+    want = g * (w.abs() <= amax.view(-1, 1, 1))
+    got = kernels.mask_clipped_grad_(g.cuda(), w.cuda(), amax.cuda())
+    assert_same_bits(got.cpu(), want, "contiguous")
+    permuted = g.transpose(1, 2).contiguous().cuda().transpose(1, 2)
+    assert_same_bits(kernels.mask_clipped_grad_(permuted, w.cuda(), amax.cuda()).cpu(), want, "permuted")
+
+
+def test_grouped_wgrad_ste_cuda():
+    """``moeq::grouped_wgrad_ste`` on CUDA: the wgrad GEMM (``torch._grouped_mm``, an empty expert included)
+    with the STE mask of a ``[E, N, K]`` weight applied to its ``[E, K, N]`` output, bit for bit the pointwise
+    product torch computes from the same GEMM."""
+    from tests.conftest import gradients_with_clipped_weights
+
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.randint(1, 90, (8,), generator=gen)
+    counts[5] = 0
+    offs = counts.cumsum(0).to(torch.int32).cuda()
+    rows = int(counts.sum())
+    x = torch.randn(rows, 256, generator=gen).to(torch.bfloat16).cuda()
+    dy = torch.randn(rows, 384, generator=gen).to(torch.bfloat16).cuda()
+    _, w, amax = gradients_with_clipped_weights((8, 384, 256), torch.bfloat16, 1)
+    w, amax = w.cuda(), amax.cuda()
+    gemm = torch._grouped_mm(x.t(), dy, offs)  # [E, 256, 384]
+    want = (gemm.permute(0, 2, 1).cpu() * (w.abs() <= amax.view(-1, 1, 1)).cpu()).permute(0, 2, 1)
+    got = torch.ops.moeq.grouped_wgrad_ste(x.t(), dy, offs, w, amax.view(-1, 1, 1), [0, 2, 1])
+    assert_same_bits(got.cpu(), want.contiguous(), "wgrad")
+    assert not got[5].any() and (got.permute(0, 2, 1).cpu()[~(w.abs() <= amax.view(-1, 1, 1)).cpu()] == 0).all()

@@ -245,8 +245,23 @@ def test_block_scale_words_views_or_pads():
             assert shares == (blocks % 4 == 0 and arg.stride(1) == 1), (blocks, arg.stride())
 
 
-def _training_step(cfg_name: str, policy: str, dtype=torch.bfloat16, family: str = "qwen3_moe"):
-    """One QAT training step of a compiled tiny MoE: (loss, expert gradients, Inductor's code)."""
+def _clip_some_weights(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Scale a random 5% of every expert weight by 4 after calibration, so the quantizer clips some (|w| > amax):
+    the STE must stop their gradients. Returns the clipped positions per parameter."""
+    gen = torch.Generator().manual_seed(seed)
+    clipped = {}
+    with torch.no_grad():
+        for name in expert_parameter_names(model):
+            p = model.get_parameter(name)
+            amax = expert_amax(p).view(-1, 1, 1)  # what finalize() calibrated the weight's quantizer to
+            p.mul_(torch.where(torch.rand(p.shape, generator=gen) < 0.05, 4.0, 1.0).to(p.dtype))
+            clipped[name] = p.abs() > amax
+    return clipped
+
+
+def _training_step(cfg_name: str, policy: str, dtype=torch.bfloat16, family: str = "qwen3_moe", clip: bool = False):
+    """One QAT training step of a compiled tiny MoE: (loss, expert gradients, Inductor's code, clipped weight
+    positions). ``clip``: some weights are scaled past their amax after calibration (:func:`_clip_some_weights`)."""
     torch._dynamo.reset()
     layers = {} if family == "gpt_oss" else {"num_hidden_layers": 1}  # GPT-OSS ties its layer count to layer_types
     model = moeq.prepare(tiny_model(family, dtype, **layers), getattr(moeq, cfg_name))
@@ -256,6 +271,7 @@ def _training_step(cfg_name: str, policy: str, dtype=torch.bfloat16, family: str
         with torch.no_grad(), moeq.calibrate(cm):
             cm(tokens)
         moeq.finalize(cm)
+        clipped = _clip_some_weights(model) if clip else {}
         model.train()
 
         def step():
@@ -265,17 +281,23 @@ def _training_step(cfg_name: str, policy: str, dtype=torch.bfloat16, family: str
 
         loss, code = run_and_get_code(step)
     grads = {n: model.get_parameter(n).grad for n in expert_parameter_names(model)}
-    return loss.detach(), grads, "\n".join(code)
+    return loss.detach(), grads, "\n".join(code), clipped
 
 
 def test_training_step_matches_unfused():
     """A QAT NVFP4 training step compiled with backend="moeq": loss and expert gradients equal the unfused
-    path's (the forward keeps the Q/DQ outputs it saves for backward, so those chains stay unfused)."""
-    loss_a, grads_a, _ = _training_step("NVFP4", "always")
-    loss_b, grads_b, _ = _training_step("NVFP4", "never")
+    path's bit for bit (the forward keeps the Q/DQ outputs it saves for backward, so those chains stay unfused).
+    Some weights are clipped: each weight's STE mask runs inside its wgrad (``moeq::grouped_wgrad_ste``) where
+    the unfused graph multiplies the gradient by ``|w| <= amax``, and the clipped weights get no gradient."""
+    loss_a, grads_a, code_a, clipped = _training_step("NVFP4", "always", clip=True)
+    loss_b, grads_b, code_b, _ = _training_step("NVFP4", "never", clip=True)
+    assert code_a.count("torch.ops.moeq.grouped_wgrad_ste.default(") == len(grads_a) == 2
+    assert "grouped_wgrad_ste" not in code_b
     assert torch.equal(loss_a, loss_b)
     for name, grad in grads_a.items():
         assert grad is not None and grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
+        assert clipped[name].any() and not grad[clipped[name]].any(), name
+        assert grad[~clipped[name]].count_nonzero() > 0.5 * (~clipped[name]).sum(), name
 
 
 @pytest.mark.parametrize("policy", ["auto", "always"])
@@ -285,10 +307,11 @@ def test_fp8_training_step_saves_weight_codes(policy):
     ``moeq::grouped_qmm`` (forward: FP8 x FP8 on the codes; backward's dgrad: the gradient times the stored codes).
     Loss and expert gradients equal the unfused path's (``fusion("never")``) within bf16 rounding: the fused
     GEMMs scale fp32 products of codes where the unfused ones multiply bf16-rounded fake-quant values."""
-    loss_a, grads_a, code = _training_step("FP8", policy)
-    loss_b, grads_b, code_b = _training_step("FP8", "never")
+    loss_a, grads_a, code, _ = _training_step("FP8", policy)
+    loss_b, grads_b, code_b, _ = _training_step("FP8", "never")
     layers = 2  # gate_up and down of one layer
     assert code.count("torch.ops.moeq.quantize_weight.default(") == layers
+    assert code.count("torch.ops.moeq.grouped_wgrad_ste.default(") == layers
     assert "fake_quant_weight" not in code
     calls = re.findall(r"torch\.ops\.moeq\.grouped_qmm\.default\((.*)\)", code)
     assert len(calls) == 2 * layers, calls  # forward and dgrad of each
@@ -307,8 +330,8 @@ def test_fp8_training_step_saves_weight_codes_every_family(family):
     """GPT-OSS stores its expert weights K-first (contraction dim 1): every one is still saved as codes, and the
     step's expert gradients are those of the unfused path within bf16 rounding. (Mixtral, OLMoE and DeepSeek-V3
     share Qwen3's layout; checked by hand in session 15, too slow for CI.)"""
-    _, grads, code = _training_step("FP8", "auto", family=family)
-    _, grads_ref, _ = _training_step("FP8", "never", family=family)
+    _, grads, code, _ = _training_step("FP8", "auto", family=family)
+    _, grads_ref, _, _ = _training_step("FP8", "never", family=family)
     assert code.count("torch.ops.moeq.quantize_weight.default(") == len(grads) and "fake_quant_weight" not in code
     for name, grad in grads.items():
         ref = grads_ref[name].double()

@@ -110,17 +110,17 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], compiler: Any) -> An
 def moeq_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Any:
     """Dynamo backend: expert Q/DQ pass, then Inductor (``compile_fx``) with the grouped_qmm post-grad
     pass composed into ``post_grad_custom_post_pass`` (see :mod:`moeq.lowering.inductor`) and the training
-    graphs' weight-codes pass into ``joint_custom_post_pass`` (:mod:`moeq.lowering.joint`)."""
+    graphs' pass (FP8 weight codes, STE masks) into ``joint_custom_post_pass`` (:mod:`moeq.lowering.joint`)."""
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
     from moeq.lowering.inductor import GroupedQmmPass, fusion_enabled, with_pass
-    from moeq.lowering.joint import SaveWeightCodesPass
+    from moeq.lowering.joint import TrainingGraphPass
 
     options = dict(kwargs.get("options") or {})
     if fusion_enabled():
         for slot, cls in (
-            ("joint_custom_post_pass", SaveWeightCodesPass),
+            ("joint_custom_post_pass", TrainingGraphPass),
             ("post_grad_custom_post_pass", GroupedQmmPass),
         ):
             options[slot] = with_pass(options.get(slot, getattr(inductor_config, slot, None)), cls)

@@ -20,6 +20,16 @@ the post-grad pass (:mod:`moeq.lowering.inductor`) fuses each GEMM with its dequ
 
 Only FP8 weights: their scale is per expert, so the codes serve either orientation of the GEMM. NVFP4 blocks run
 along K, so the dgrad (which contracts over N) cannot read them; QAT NVFP4 training graphs stay unfused.
+
+The weight's STE gradient itself, for every format, is traced as a pointwise product of the weight-gradient GEMM's
+output with a mask of the weight::
+
+    gw = aten._grouped_mm(x^T, dy, offs)                       # wgrad
+    dw = permute(gw) * (abs(w) <= amax.reshape(E, 1, 1))       # 6 bytes per bf16 element: gw, w read, dw written
+
+:func:`fuse_weight_ste_masks` replaces the pair with ``moeq::grouped_wgrad_ste``, the same GEMM with the mask
+applied in place on its output, reading the weight alone and writing only the clipped elements (2 bytes per
+element; the same values bit for bit).
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from moeq.lowering.inductor import fusion_enabled, gemm_targets
 
-__all__ = ["SaveWeightCodesPass", "describe_training", "save_weight_codes"]
+__all__ = ["TrainingGraphPass", "describe_training", "fuse_weight_ste_masks", "save_weight_codes"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +106,96 @@ def save_weight_codes(graph: fx.Graph) -> int:
     return rewritten
 
 
+def _permute_chain(node: fx.Node) -> tuple[fx.Node, list[int]] | None:
+    """``(source, perm)`` with ``node == source.permute(perm)`` through single-user permute / transpose views."""
+    perm: list[int] | None = None
+    while node.target in _VIEWS:
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or len(source.users) != 1:
+            return None
+        rank = _val_dim(source)
+        if node.target == torch.ops.aten.permute.default:
+            step = [d % rank for d in node.args[1]]
+        else:
+            step = list(range(rank))
+            a, b = (d % rank for d in node.args[1:3])
+            step[a], step[b] = step[b], step[a]
+        perm = step if perm is None else [step[p] for p in perm]
+        node = source
+    return node, perm if perm is not None else list(range(_val_dim(node)))
+
+
+def _val_dim(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.dim() if isinstance(val, torch.Tensor) else -1
+
+
+def _weight_mask(node: Any) -> tuple[fx.Node, fx.Node] | None:
+    """``(w, amax)`` if ``node`` is ``abs(w) <= amax`` with a 3-D ``w`` and one amax per expert ``[E, 1, 1]``."""
+    if not isinstance(node, fx.Node) or node.target != torch.ops.aten.le.Tensor:
+        return None
+    absolute, amax = node.args
+    if not isinstance(absolute, fx.Node) or absolute.target != torch.ops.aten.abs.default:
+        return None
+    w = absolute.args[0]
+    w_val, amax_val = w.meta.get("val"), amax.meta.get("val") if isinstance(amax, fx.Node) else None
+    if not isinstance(w_val, torch.Tensor) or not isinstance(amax_val, torch.Tensor) or w_val.dim() != 3:
+        return None
+    if tuple(amax_val.shape) != (w_val.shape[0], 1, 1) or amax_val.dtype != torch.float32:
+        return None
+    return w, amax
+
+
+def fuse_weight_ste_masks(graph: fx.Graph) -> int:
+    """Replace each ``permute(_grouped_mm(a, b, offs)) * (abs(w) <= amax)`` (a weight's STE gradient) with
+    ``permute(moeq::grouped_wgrad_ste(a, b, offs, w, amax, perm))``; returns the count."""
+    fused = 0
+    for mul in [n for n in graph.nodes if n.target == torch.ops.aten.mul.Tensor]:
+        for grad, mask in (mul.args, mul.args[::-1]):
+            found = _weight_mask(mask)
+            chain = _permute_chain(grad) if isinstance(grad, fx.Node) and found is not None else None
+            if chain is None:
+                continue
+            gemm, perm = chain
+            if gemm.target != torch.ops.aten._grouped_mm.default or len(gemm.args) != 3 or gemm.kwargs:
+                continue
+            mul_val, gemm_val = mul.meta.get("val"), gemm.meta.get("val")
+            w, amax = found
+            if mul_val is None or gemm_val is None or perm[0] != 0 or mul_val.dtype != gemm_val.dtype:
+                continue
+            if tuple(mul_val.shape) != tuple(w.meta["val"].shape):
+                continue
+            with graph.inserting_before(mul):
+                wgrad = graph.call_function(torch.ops.moeq.grouped_wgrad_ste.default, (*gemm.args, w, amax, perm))
+                wgrad.meta["val"] = gemm_val
+                view = wgrad
+                if perm != sorted(perm):
+                    view = graph.call_function(torch.ops.aten.permute.default, (wgrad, perm))
+                    view.meta["val"] = gemm_val.permute(perm)
+            mul.replace_all_uses_with(view)
+            graph.erase_node(mul)
+            _erase_unused(graph, [grad, mask, *mask.all_input_nodes])
+            fused += 1
+            logger.info(
+                "moeq: training graph applies the STE mask of expert weight %s in its wgrad", list(mul_val.shape)
+            )
+            break
+    if fused:
+        graph.lint()
+    return fused
+
+
+def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase the call_function ``nodes`` left without users, and the single-input ops above them that then are."""
+    for node in nodes:
+        while node.op == "call_function" and not node.users and not getattr(node, "_erased", False):
+            inputs = node.all_input_nodes
+            graph.erase_node(node)
+            if len(inputs) != 1:
+                break
+            node = inputs[0]
+
+
 def describe_training(mode: str, w_fmt: str) -> str:
     """What a training graph compiled by the ``moeq`` backend does with its expert GEMMs under the current
     fusion policy (for ``moeq.explain``)."""
@@ -107,11 +207,13 @@ def describe_training(mode: str, w_fmt: str) -> str:
     return "a training graph saves the quantized weight for backward and keeps the Q/DQ ops"
 
 
-class SaveWeightCodesPass(CustomGraphPass):
-    """The joint-graph pass object installed by the ``moeq`` backend (``joint_custom_post_pass``)."""
+class TrainingGraphPass(CustomGraphPass):
+    """The joint-graph pass object installed by the ``moeq`` backend (``joint_custom_post_pass``): FP8 weight
+    codes saved for backward, STE weight masks applied inside the weight-gradient GEMMs."""
 
     def __call__(self, graph: fx.Graph) -> None:
         save_weight_codes(graph)
+        fuse_weight_ste_masks(graph)
 
     def uuid(self) -> Any:
         return get_hash_for_files((__file__,))

@@ -25,6 +25,7 @@ __all__ = [
     "dequant_weight",
     "fake_quant_act",
     "fake_quant_weight",
+    "grouped_wgrad_ste",
     "observe_segments_",
     "observe_segments_reference_",
     "quantize_weight",
@@ -319,6 +320,12 @@ def _register_cuda_kernels() -> None:
         scale = get_format(fmt).scale_from_amax(amax.detach().float()).reshape(-1).contiguous()
         return codes.view(torch.uint8), scale, codes.new_empty(0, dtype=torch.uint8)
 
+    @grouped_wgrad_ste.register_kernel("cuda")
+    def _(a: Tensor, b: Tensor, offs: Tensor, w: Tensor, amax: Tensor, perm: list[int]) -> Tensor:
+        out = torch._grouped_mm(a, b, offs)
+        (kernels.mask_clipped_grad_ if _TRITON_ENABLED else _mask_clipped_grad_reference_)(out.permute(perm), w, amax)
+        return out
+
     @dequant_weight.register_kernel("cuda")
     def _(data: Tensor, scale: Tensor, block_scale: Tensor, fmt: str, contraction_dim: int, dtype: torch.dtype):
         if not _TRITON_ENABLED:
@@ -393,6 +400,33 @@ def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) 
         runs = -(-k // (2 * NVFP4_RUN_BYTES)) * NVFP4_RUN_BYTES  # whole 64-byte runs (interleave_nvfp4_runs)
         return w.new_empty(e, other, runs, dtype=torch.uint8), scale, w.new_empty(e, other, k // 16, dtype=torch.uint8)
     return w.new_empty(e, other, k, dtype=torch.uint8), scale, w.new_empty(0, dtype=torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# training: the weight-gradient GEMM with the STE mask applied to its own output
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moeq::grouped_wgrad_ste", mutates_args=())
+def grouped_wgrad_ste(a: Tensor, b: Tensor, offs: Tensor, w: Tensor, amax: Tensor, perm: list[int]) -> Tensor:
+    """``torch._grouped_mm(a, b, offs)``, a weight-gradient GEMM, with the straight-through estimator's mask of
+    the weight ``w`` applied in place: ``out.permute(perm) *= (|w| <= amax[e])`` (``amax``: one value per expert,
+    e.g. ``[E, 1, 1]``). The values of the pointwise ``mul`` the fake quant's autograd traces, which
+    :mod:`moeq.lowering.joint` replaces with it; on CUDA the mask reads the weight alone and writes only the
+    clipped gradients (:func:`moeq.runtime.kernels.mask_clipped_grad_`) instead of re-reading and re-writing
+    the whole gradient."""
+    out = torch._grouped_mm(a, b, offs)
+    _mask_clipped_grad_reference_(out.permute(perm), w, amax)
+    return out
+
+
+def _mask_clipped_grad_reference_(grad_w: Tensor, w: Tensor, amax: Tensor) -> Tensor:
+    return grad_w.mul_(w.abs() <= amax.reshape(-1, 1, 1))
+
+
+@grouped_wgrad_ste.register_fake
+def _(a: Tensor, b: Tensor, offs: Tensor, w: Tensor, amax: Tensor, perm: list[int]) -> Tensor:
+    return torch._grouped_mm(a, b, offs)
 
 
 _register_cuda_kernels()

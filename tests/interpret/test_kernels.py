@@ -18,7 +18,12 @@ from moeq.formats import e2m1_round, expand_per_expert, expert_amax, get_format,
 from moeq.lowering import ops
 from moeq.runtime import kernels
 from moeq.runtime.kernels.numerics import round_e2m1, round_e4m3, round_to_bf16
-from tests.conftest import assert_same_bits, far_below_block_weights, nonfinite_weights
+from tests.conftest import (
+    assert_same_bits,
+    far_below_block_weights,
+    gradients_with_clipped_weights,
+    nonfinite_weights,
+)
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -297,3 +302,31 @@ def test_dequant_stored_weight_rejects_bad_input():
         )
     with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
         kernels.dequant_stored_weight(data, torch.ones(2), data.new_zeros(0), "fp8", torch.int8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 40, 64), (1, 17, 300), (4, 9, 7)])
+def test_mask_clipped_grad_bit_exact(shape, dtype, seed):
+    """The in-place STE mask equals torch's ``grad * (|w| <= amax)`` bit for bit: clipped entries become
+    ``g * 0`` (signed zeros; NaN from inf and NaN gradients), NaN weights clip, a weight at its amax passes;
+    the gradient may be a permuted (strided) view, as the wgrad GEMM's output is."""
+    g, w, amax = gradients_with_clipped_weights(shape, dtype, seed)
+    want = g * (w.abs() <= amax.view(-1, 1, 1))
+    assert want.isnan().any() and (want == 0).any() and (want != 0).any()
+    got = g.clone()
+    assert kernels.mask_clipped_grad_(got, w, amax) is got
+    assert_same_bits(got, want, "contiguous")
+    strided = g.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, columns-first in memory
+    kernels.mask_clipped_grad_(strided, w, amax.view(-1, 1, 1))
+    assert_same_bits(strided, want, "strided")
+
+
+def test_mask_clipped_grad_rejects_bad_input():
+    w = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="same stacked \\[E, M, N\\] shape"):
+        kernels.mask_clipped_grad_(torch.zeros(2, 8, 4), w, torch.ones(2))
+    with pytest.raises(ValueError, match="amax has 3 entries for 2 experts"):
+        kernels.mask_clipped_grad_(torch.zeros_like(w), w, torch.ones(3))
+    with pytest.raises(ValueError, match="grad_w must be float32, bfloat16 or float16"):
+        kernels.mask_clipped_grad_(torch.zeros(2, 4, 8, dtype=torch.int32), w, torch.ones(2))

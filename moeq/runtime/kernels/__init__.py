@@ -9,6 +9,7 @@ from moeq.runtime.kernels.dequant_weight import dequant_stored_weight
 from moeq.runtime.kernels.fake_quant_act import fake_quant_act
 from moeq.runtime.kernels.fake_quant_experts import fake_quant_experts
 from moeq.runtime.kernels.segment_amax import segment_amax, segment_amax_
+from moeq.runtime.kernels.ste_mask import mask_clipped_grad_
 from moeq.runtime.kernels.weight_amax import expert_weight_amax
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "expert_weight_amax",
     "fake_quant_act",
     "fake_quant_experts",
+    "mask_clipped_grad_",
     "segment_amax",
     "segment_amax_",
 ]
