@@ -196,3 +196,26 @@ def test_eager_run_of_a_prepared_model_warns_once_per_mode(caplog):
     warnings = [r.getMessage() for r in caplog.records if "ran eagerly" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "Qwen3MoeExperts ran eagerly in mode 'quantize': its expert GEMMs run unquantized" in warnings[0]
+
+
+@pytest.mark.parametrize("freeze", [False, True], ids=["qat", "deploy"])
+def test_new_batch_sizes_after_finalize_recompile_dynamic(freeze):
+    """Calibrated at one batch size, the model then runs at others: Dynamo recompiles with a dynamic token count.
+    The lifted quantization state (and the frozen weights) get static example shapes, so no guard lands on a
+    size symbol without a source (which failed Dynamo's guard building for Qwen3-30B-A3B shapes, where the
+    frozen gate_up weight's split was guarded). Each size runs and matches the reference path's output."""
+    overrides = dict(hidden_size=96, moe_intermediate_size=40, num_experts=12, num_experts_per_tok=4)
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1, **overrides), moeq.FP8)
+    model.set_experts_implementation("grouped_mm")
+    cm = torch.compile(model, backend="moeq")
+    with torch.no_grad():
+        with moeq.calibrate(cm):
+            cm(make_tokens(0, batch=4, seq=32))
+        moeq.finalize(cm)
+        if freeze:
+            moeq.freeze(cm)
+        for seq in (3, 9, 17):
+            tokens = make_tokens(seq, batch=1, seq=seq)
+            got = cm(tokens).logits
+            ref = torch.compile(model, backend="moeq_aot_eager")(tokens).logits
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

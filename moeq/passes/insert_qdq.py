@@ -131,10 +131,14 @@ class _Quantizers:
 
 
 def _fake(t: torch.Tensor) -> Any:
+    """The example value of a lifted state buffer: a fake tensor of static shape. Its sizes never change, and a
+    dynamic (duck-sized) one would share symbols with the graph's sizes without a source Dynamo can guard on."""
     from torch._guards import TracingContext
 
     ctx = TracingContext.try_get()
-    return ctx.fake_mode.from_tensor(t) if ctx is not None and ctx.fake_mode is not None else t
+    if ctx is None or ctx.fake_mode is None:
+        return t
+    return ctx.fake_mode.from_tensor(t, static_shapes=True)
 
 
 def insert_qdq(
