@@ -99,7 +99,7 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     text = str(moeq.explain(cm))
     assert "fusion 'auto': one moeq::grouped_qmm Triton kernel per expert GEMM up to 16 mean routed rows" in text
     assert "above, moeq's fake-quant kernels + torch._grouped_mm" in text
-    assert "a training graph saves the quantized weight for backward and keeps the Q/DQ ops" in text  # NVFP4
+    assert "a training graph saves the quantized weight for backward and keeps the Q/DQ ops; each weight's STE" in text
     with fusion("always"):
         assert "fusion 'always': one moeq::grouped_qmm Triton kernel per expert GEMM at every size" in str(
             moeq.explain(cm)
@@ -114,10 +114,11 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     assert "up to 48, an activation codes pass and the GEMM (weight as loaded)" in text
     assert "above, an activation codes pass, a weight codes pass and the FP8 codes GEMM" in text
     assert "a training graph quantizes each expert weight to FP8 codes once per step and saves them" in text
+    assert "STE mask is applied inside its wgrad GEMM (moeq::grouped_wgrad_ste)" in text
     with fusion("never"):
-        assert "a training graph saves the quantized weight for backward and keeps the Q/DQ ops" in str(
-            moeq.explain(cm8)
-        )
+        never = str(moeq.explain(cm8))
+        assert "a training graph saves the quantized weight for backward and keeps the Q/DQ ops" in never
+        assert "grouped_wgrad_ste" not in never
     moeq.freeze(cm8)  # deploy W8A8: no weight pass at any size
     text = str(moeq.explain(cm8))
     assert "up to 16 mean routed rows per expert; above, an activation codes pass and the FP8 codes GEMM" in text

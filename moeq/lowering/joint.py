@@ -199,12 +199,15 @@ def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
 def describe_training(mode: str, w_fmt: str) -> str:
     """What a training graph compiled by the ``moeq`` backend does with its expert GEMMs under the current
     fusion policy (for ``moeq.explain``)."""
-    if mode == "qat" and w_fmt == "fp8" and fusion_enabled():
+    if not fusion_enabled():
+        return "a training graph saves the quantized weight for backward and keeps the Q/DQ ops"
+    ste = "each weight's STE mask is applied inside its wgrad GEMM (moeq::grouped_wgrad_ste)"
+    if mode == "qat" and w_fmt == "fp8":
         return (
             "a training graph quantizes each expert weight to FP8 codes once per step and saves them for backward "
-            "(not a bf16 copy); forward and dgrad run moeq::grouped_qmm on the codes"
+            f"(not a bf16 copy); forward and dgrad run moeq::grouped_qmm on the codes; {ste}"
         )
-    return "a training graph saves the quantized weight for backward and keeps the Q/DQ ops"
+    return f"a training graph saves the quantized weight for backward and keeps the Q/DQ ops; {ste}"
 
 
 class TrainingGraphPass(CustomGraphPass):

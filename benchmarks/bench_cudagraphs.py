@@ -1,0 +1,130 @@
+"""CUDA graphs with ``backend="moeq"``: Inductor's cudagraph trees (``options={"triton.cudagraphs": True}``).
+
+moeq's ops launch from Python (a custom op's dispatch and triton's launcher: 90-250 us of host time per call,
+``probe_launch_overhead.py``), so small batches are host-bound; replaying a CUDA graph removes that. One
+Qwen3-30B-A3B-shaped layer (bf16, random weights), calibrated at 2048 tokens: the deploy W8A8 FP8 forward
+(``moeq.freeze``) at ``--decode-tokens`` and the QAT FP8 training step (forward + backward, gradients set to
+None first) at ``--train-tokens``, each with and without CUDA graphs, next to the bf16 layer compiled by Inductor
+the same two ways. Prints median ms (``triton.testing.do_bench``) and how far the CUDA-graph run's outputs /
+expert gradients are from the eager-launched run's (relative norm).
+
+    python benchmarks/bench_cudagraphs.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from bench_e2e_modelopt import qwen3_30b_a3b_layer, set_experts_implementation
+from report import print_and_save
+from triton.testing import do_bench
+
+import moeq
+
+
+def build(base: torch.nn.Module, calib: torch.Tensor, cfg: str | None, cudagraphs: bool, deploy: bool):
+    """(compiled module, the module it wraps): the bf16 layer, or moeq-prepared, calibrated and finalized."""
+    torch._dynamo.reset()
+    layer = copy.deepcopy(base)
+    set_experts_implementation(layer, "grouped_mm")
+    options = {"triton.cudagraphs": cudagraphs}
+    if cfg is None:
+        return torch.compile(layer, options=options), layer
+    model = moeq.prepare(layer, getattr(moeq, cfg))
+    compiled = torch.compile(model, backend="moeq", options=options)
+    with torch.no_grad():
+        with moeq.calibrate(compiled):
+            compiled(calib)
+        moeq.finalize(compiled)
+        if deploy:
+            moeq.freeze(compiled)
+    return compiled, model
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    def once():
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn()
+
+    if not torch.cuda.is_available():  # --small on the CPU: one timed call (a smoke run of the plumbing)
+        started = time.perf_counter()
+        once()
+        return (time.perf_counter() - started) * 1e3
+    return do_bench(once, warmup=5, rep=40, return_mode="median")
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / a.float().norm()).item()
+
+
+def forward_case(base, calib, cfg, cudagraphs, x) -> tuple[float, torch.Tensor]:
+    compiled, _ = build(base, calib, cfg, cudagraphs, deploy=cfg is not None)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(x)
+        out = (out[0] if isinstance(out, tuple) else out).clone()
+        return median_ms(lambda: compiled(x)), out
+
+
+def training_case(base, calib, cfg, cudagraphs, x, grad_out) -> tuple[float, list[torch.Tensor]]:
+    compiled, model = build(base, calib, cfg, cudagraphs, deploy=False)
+    model.train()
+
+    def step():
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        out = compiled(x)
+        torch.autograd.backward(out[0] if isinstance(out, tuple) else out, grad_out)
+
+    for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()
+        step()
+    grads = [p.grad.clone() for n, p in model.named_parameters() if "experts" in n]
+    return median_ms(step), grads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--train-tokens", type=int, default=512)
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run of the plumbing)")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = qwen3_30b_a3b_layer(device, **(dict(hidden=64, intermediate=32, experts=8) if args.small else {}))
+    hidden = base.mlp.gate.weight.shape[1]
+    calib = torch.randn(4, 512, hidden, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, args.decode_tokens, hidden, device=device, dtype=torch.bfloat16)
+    xt = torch.randn(1, args.train_tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn_like(xt)
+    rows, results = [], []
+    cases = [(f"forward {args.decode_tokens} tokens", "deploy W8A8 FP8", "FP8", False)]
+    cases.append((f"training step {args.train_tokens} tokens", "QAT FP8", "FP8", True))
+    for case, label, cfg, training in cases:
+        for name in (None, cfg):
+            timings, values = {}, {}
+            for cudagraphs in (False, True):
+                if training:
+                    timings[cudagraphs], values[cudagraphs] = training_case(base, calib, name, cudagraphs, xt, grad_out)
+                else:
+                    timings[cudagraphs], values[cudagraphs] = forward_case(base, calib, name, cudagraphs, x)
+                print(f"  {case}, {label if name else 'bf16'}, cudagraphs={cudagraphs}: done", flush=True)
+            pairs = zip(values[False], values[True]) if training else [(values[False], values[True])]
+            diff = max(rel_diff(a, b) for a, b in pairs)
+            variant = label if name else "bf16 (inductor)"
+            rows.append([case, variant, f"{timings[False]:.3f}", f"{timings[True]:.3f}",
+                         f"{timings[False] / timings[True]:.2f}x", f"{diff:.1e}"])  # fmt: skip
+            results.append(dict(case=case, variant=variant, ms=timings[False], cudagraph_ms=timings[True], diff=diff))
+    header = ["case", "variant", "ms", "ms with CUDA graphs", "speedup", "CUDA-graph vs eager rel diff"]
+    print_and_save(args.out, "bench_cudagraphs", header, rows, results=results)
+
+
+if __name__ == "__main__":
+    main()
