@@ -153,7 +153,8 @@ def fuse_weight_ste_masks(graph: fx.Graph) -> int:
     for mul in [n for n in graph.nodes if n.target == torch.ops.aten.mul.Tensor]:
         for grad, mask in (mul.args, mul.args[::-1]):
             found = _weight_mask(mask)
-            chain = _permute_chain(grad) if isinstance(grad, fx.Node) and found is not None else None
+            alone = isinstance(grad, fx.Node) and len(grad.users) == 1  # else the GEMM would run twice
+            chain = _permute_chain(grad) if alone and found is not None else None
             if chain is None:
                 continue
             gemm, perm = chain
