@@ -23,7 +23,7 @@ from moeq.lowering.inductor import (
     with_grouped_qmm_pass,
 )
 from moeq.lowering.ops import _fake_quant_act_reference
-from tests.conftest import make_tokens, per_expert_matmul_f64, stored_weight_args
+from tests.conftest import assert_same_bits, make_tokens, per_expert_matmul_f64, stored_weight_args
 
 COUNTS = [7, 0, 30, 1]
 
@@ -464,3 +464,44 @@ def test_launcher_traces_with_a_symbolic_row_count(quantize_once, launches):
     if quantize_once is None:
         guards = {str(g.expr) for g in shape_env.guards}
         assert {f"{rows.node.expr} > 64", f"{rows.node.expr} > 192"} <= guards
+
+
+def _wgrad_with_mask(a, b, offs, w, amax):
+    """A weight's STE gradient as AOTAutograd traces it, its wgrad output reaching the mask through views."""
+    gemm = torch._grouped_mm(a, b, offs)
+    return gemm.permute(0, 2, 1).transpose(1, 2).permute(0, 2, 1) * (w.abs() <= amax.view(-1, 1, 1))
+
+
+def test_fuse_weight_ste_masks_follows_permutes_and_keeps_bits():
+    """The joint-graph rewrite on a traced wgrad whose output reaches the mask through permute / transpose views:
+    one ``grouped_wgrad_ste`` with the composed permutation (here a swap), the same bits as the traced product
+    (clipped weights, an empty expert); left alone when the GEMM's output has another user."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from moeq.lowering.joint import fuse_weight_ste_masks
+
+    gen = torch.Generator().manual_seed(0)
+    offs = torch.tensor([8, 8, 24], dtype=torch.int32)
+    a = torch.randn(24, 16, generator=gen).to(torch.bfloat16).t()  # [K, rows], rows contiguous: as wgrad reads x
+    b = torch.randn(24, 32, generator=gen).to(torch.bfloat16)
+    w = torch.randn(3, 32, 16, generator=gen).to(torch.bfloat16)  # [E, N, K]: the GEMM's [E, K, N] swapped
+    amax = torch.tensor([1.0, 0.5, 1.5])
+    args = (a, b, offs, w, amax)
+    gm = make_fx(_wgrad_with_mask, tracing_mode="fake")(*args)
+    assert fuse_weight_ste_masks(gm.graph) == 1
+    gm.recompile()
+    (fused,) = [n for n in gm.graph.nodes if n.target == torch.ops.moeq.grouped_wgrad_ste.default]
+    assert fused.args[-1] == [0, 2, 1]
+    assert not [
+        n for n in gm.graph.nodes if n.target in (torch.ops.aten._grouped_mm.default, torch.ops.aten.mul.Tensor)
+    ]
+    want = _wgrad_with_mask(*args)
+    assert (want == 0).any() and (want != 0).any()
+    assert_same_bits(gm(*args), want, "permuted wgrad")
+
+    def also_returns_the_gemm(a, b, offs, w, amax):
+        gemm = torch._grouped_mm(a, b, offs)
+        return gemm.permute(0, 2, 1) * (w.abs() <= amax.view(-1, 1, 1)), gemm
+
+    shared = make_fx(also_returns_the_gemm, tracing_mode="fake")(*args)
+    assert fuse_weight_ste_masks(shared.graph) == 0
