@@ -14,36 +14,15 @@ expert gradients are from the eager-launched run's (relative norm).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import time
 from collections.abc import Callable
 
 import torch
-from bench_e2e_modelopt import qwen3_30b_a3b_layer, set_experts_implementation
+from bench_e2e_modelopt import qwen3_30b_a3b_layer
+from bench_qat_training import compiled_variant, expert_grads, step
 from report import print_and_save
 from triton.testing import do_bench
-
-import moeq
-
-
-def build(base: torch.nn.Module, calib: torch.Tensor, cfg: str | None, cudagraphs: bool, deploy: bool):
-    """(compiled module, the module it wraps): the bf16 layer, or moeq-prepared, calibrated and finalized."""
-    torch._dynamo.reset()
-    layer = copy.deepcopy(base)
-    set_experts_implementation(layer, "grouped_mm")
-    options = {"triton.cudagraphs": cudagraphs}
-    if cfg is None:
-        return torch.compile(layer, options=options), layer
-    model = moeq.prepare(layer, getattr(moeq, cfg))
-    compiled = torch.compile(model, backend="moeq", options=options)
-    with torch.no_grad():
-        with moeq.calibrate(compiled):
-            compiled(calib)
-        moeq.finalize(compiled)
-        if deploy:
-            moeq.freeze(compiled)
-    return compiled, model
 
 
 def median_ms(fn: Callable[[], object]) -> float:
@@ -63,7 +42,8 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def forward_case(base, calib, cfg, cudagraphs, x) -> tuple[float, torch.Tensor]:
-    compiled, _ = build(base, calib, cfg, cudagraphs, deploy=cfg is not None)
+    torch._dynamo.reset()
+    compiled = compiled_variant(base, cfg, calib, {"triton.cudagraphs": cudagraphs}, deploy=cfg is not None)
     with torch.no_grad():
         for _ in range(3):
             torch.compiler.cudagraph_mark_step_begin()
@@ -73,20 +53,13 @@ def forward_case(base, calib, cfg, cudagraphs, x) -> tuple[float, torch.Tensor]:
 
 
 def training_case(base, calib, cfg, cudagraphs, x, grad_out) -> tuple[float, list[torch.Tensor]]:
-    compiled, model = build(base, calib, cfg, cudagraphs, deploy=False)
-    model.train()
-
-    def step():
-        x.grad = None
-        model.zero_grad(set_to_none=True)
-        out = compiled(x)
-        torch.autograd.backward(out[0] if isinstance(out, tuple) else out, grad_out)
-
+    torch._dynamo.reset()
+    compiled = compiled_variant(base, cfg, calib, {"triton.cudagraphs": cudagraphs})
     for _ in range(3):
         torch.compiler.cudagraph_mark_step_begin()
-        step()
-    grads = [p.grad.clone() for n, p in model.named_parameters() if "experts" in n]
-    return median_ms(step), grads
+        step(compiled, x, grad_out)
+    grads = [g.clone() for g in expert_grads(compiled)]
+    return median_ms(lambda: step(compiled, x, grad_out)), grads
 
 
 def main() -> None:

@@ -27,19 +27,29 @@ import moeq
 from moeq.lowering.inductor import fusion
 
 
-def compiled_variant(base: torch.nn.Module, cfg_name: str | None, calib: torch.Tensor) -> torch.nn.Module:
+def compiled_variant(
+    base: torch.nn.Module,
+    cfg_name: str | None,
+    calib: torch.Tensor,
+    options: dict[str, object] | None = None,
+    deploy: bool = False,
+) -> torch.nn.Module:
+    """A copy of ``base`` on transformers' grouped_mm experts, compiled with Inductor ``options``: the bf16 layer
+    (``cfg_name`` None), or moeq-prepared with that config, calibrated on ``calib`` and finalized (and frozen with
+    ``deploy``). In train mode unless deployed."""
     layer = copy.deepcopy(base)
     set_experts_implementation(layer, "grouped_mm")
     if cfg_name is None:
-        return torch.compile(layer.train())
+        return torch.compile(layer.train(), options=options)
     model = moeq.prepare(layer, getattr(moeq, cfg_name))
-    compiled = torch.compile(model, backend="moeq")
+    compiled = torch.compile(model, backend="moeq", options=options)
     with torch.no_grad():
         with moeq.calibrate(compiled):
             compiled(calib)
         moeq.finalize(compiled)
-    model.train()
-    return compiled
+        if deploy:
+            moeq.freeze(compiled)
+    return compiled if deploy else compiled.train()
 
 
 def expert_grads(layer: torch.nn.Module) -> list[torch.Tensor]:
