@@ -1,5 +1,6 @@
 """Probe: host time per call of moeq's CUDA ops (eager dispatch: what Inductor's generated code pays for each
 call of an opaque custom op) at 512 tokens (4096 routed rows) of a Qwen3 layer, next to ``torch._grouped_mm``,
+with launch plans off (``kernel[grid]`` every call) and on (:func:`moeq.runtime.kernels.launch.launch_kernel`),
 and cProfile of the two slowest. On the GPU: ``python benchmarks/probe_launch_overhead.py``."""
 
 import cProfile
@@ -10,6 +11,7 @@ import torch
 
 import moeq  # noqa: F401  registers the ops
 from moeq.formats import expert_amax
+from moeq.runtime.kernels import launch
 
 E, H, INTER, rows = 128, 2048, 768, 4096
 dev = "cuda"
@@ -34,16 +36,27 @@ calls = {
     "torch._grouped_mm (anchor)": lambda: torch._grouped_mm(x, w.transpose(1, 2), offs),
     "aten add (anchor)": lambda: x + 1,
 }
-for name, fn in calls.items():
+
+
+def host_us(fn, calls=50):
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
     t = time.perf_counter()
-    for _ in range(50):
+    for _ in range(calls):
         fn()
-    host = (time.perf_counter() - t) / 50 * 1e6
+    host = (time.perf_counter() - t) / calls * 1e6
     torch.cuda.synchronize()
-    print(f"{name:40s} host {host:8.1f} us/call", flush=True)
+    return host
+
+
+print(f"{'op':40s} {'plans off':>12s} {'plans on':>12s}  (host us/call)")
+for name, fn in calls.items():
+    launch.FAST_LAUNCH = False
+    off = host_us(fn)
+    launch.FAST_LAUNCH = True
+    on = host_us(fn)
+    print(f"{name:40s} {off:12.1f} {on:12.1f}", flush=True)
 for name in ("grouped_qmm qat fp8 (w [E,K,N] view)", "quantize_weight fp8"):
     prof = cProfile.Profile()
     prof.enable()

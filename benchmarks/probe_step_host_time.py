@@ -1,8 +1,10 @@
-"""Probe: where a compiled QAT FP8 training step of one Qwen3-30B-A3B-shaped layer at 512 tokens spends host time
-(session 18: 6.1 ms of wall per step against 2.0 ms of kernels). Prints the host time to enqueue a step, the wall
-time, and torch.profiler's table by self CPU time, for fusion "auto" and "never". (The "no-grad fwd host" figure
-includes the first no-grad call's compile: ignore it.) On the GPU: ``python benchmarks/probe_step_host_time.py``."""
+"""Probe: host time of a compiled QAT FP8 training step of one Qwen3-30B-A3B-shaped layer at 512 tokens (session 18:
+6.1 ms of wall per step against 2.0 ms of kernels), with moeq's launch plans off and on
+(:func:`moeq.runtime.kernels.launch.launch_kernel`; toggled in the same process, same compiled graphs), next to
+the bf16 layer. ``--profile`` adds torch.profiler's table by self CPU time for each moeq variant.
+On the GPU: ``python benchmarks/probe_step_host_time.py``."""
 
+import argparse
 import time
 
 import torch
@@ -11,34 +13,46 @@ from bench_qat_training import compiled_variant, step
 from torch.profiler import ProfilerActivity, profile
 
 from moeq.lowering.inductor import fusion
+from moeq.runtime.kernels import launch
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--tokens", type=int, default=512)
+parser.add_argument("--profile", action="store_true")
+args = parser.parse_args()
 
 base = qwen3_30b_a3b_layer("cuda")
 hidden = base.mlp.gate.weight.shape[1]
 calib = torch.randn(4, 512, hidden, device="cuda", dtype=torch.bfloat16)
-x = torch.randn(1, 512, hidden, device="cuda", dtype=torch.bfloat16).requires_grad_()
+x = torch.randn(1, args.tokens, hidden, device="cuda", dtype=torch.bfloat16).requires_grad_()
 g = torch.randn_like(x)
-for name, policy in (("FP8", "auto"), ("FP8", "never")):
+
+
+def host_and_wall(layer, steps=20):
+    for _ in range(3):
+        step(layer, x, g)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step(layer, x, g)
+    host = (time.perf_counter() - t) / steps * 1e3
+    torch.cuda.synchronize()
+    return host, (time.perf_counter() - t) / steps * 1e3
+
+
+print(f"{args.tokens} tokens: ms per training step (host = time to enqueue, wall = until the GPU is done)")
+for name, policy in ((None, "auto"), ("FP8", "auto"), ("FP8", "never")):
     torch._dynamo.reset()
     with fusion(policy):
         layer = compiled_variant(base, name, calib)
-        for _ in range(3):
-            step(layer, x, g)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(20):
-            step(layer, x, g)
-        host = (time.perf_counter() - t) / 20 * 1e3
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) / 20 * 1e3
-        with torch.no_grad():
-            t = time.perf_counter()
-            for _ in range(20):
-                layer(x)
-            fhost = (time.perf_counter() - t) / 20 * 1e3
-        torch.cuda.synchronize()
-        print(f"{name} {policy}: step host {host:.3f} ms/step (enqueue), wall {wall:.3f}; no-grad fwd host {fhost:.3f}")
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step(layer, x, g)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90))
+        for plans in (False, True) if name else (True,):
+            launch.FAST_LAUNCH = plans
+            host, wall = host_and_wall(layer)
+            print(
+                f"{name or 'bf16'} {policy:6s} launch plans {'on ' if plans else 'off'}: host {host:.3f}, wall {wall:.3f}"
+            )
+            if args.profile and name:
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        step(layer, x, g)
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90))

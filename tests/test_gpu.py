@@ -18,6 +18,7 @@ from tests.conftest import (
     assert_same_bits,
     deployed_weight_operand,
     far_below_block_weights,
+    gradients_with_clipped_weights,
     make_tokens,
     nonfinite_weights,
     stored_weight_args,
@@ -491,8 +492,6 @@ def test_fake_quant_nan_and_inf_cuda(fmt):
 def test_mask_clipped_grad_cuda(dtype):
     """The in-place STE mask on CUDA == torch's ``grad * (|w| <= amax)`` on the CPU, bit for bit, on a
     Qwen3-down-sized slice (contiguous and permuted gradient)."""
-    from tests.conftest import gradients_with_clipped_weights
-
     g, w, amax = gradients_with_clipped_weights((16, 768, 2048), dtype, 0)
     want = g * (w.abs() <= amax.view(-1, 1, 1))
     got = kernels.mask_clipped_grad_(g.cuda(), w.cuda(), amax.cuda())
@@ -505,8 +504,6 @@ def test_grouped_wgrad_ste_cuda():
     """``moeq::grouped_wgrad_ste`` on CUDA: the wgrad GEMM (``torch._grouped_mm``, an empty expert included)
     with the STE mask of a ``[E, N, K]`` weight applied to its ``[E, K, N]`` output, bit for bit the pointwise
     product torch computes from the same GEMM."""
-    from tests.conftest import gradients_with_clipped_weights
-
     gen = torch.Generator().manual_seed(1)
     counts = torch.randint(1, 90, (8,), generator=gen)
     counts[5] = 0
@@ -521,3 +518,63 @@ def test_grouped_wgrad_ste_cuda():
     got = torch.ops.moeq.grouped_wgrad_ste(x.t(), dy, offs, w, amax.view(-1, 1, 1), [0, 2, 1])
     assert_same_bits(got.cpu(), want.contiguous(), "wgrad")
     assert not got[5].any() and (got.permute(0, 2, 1).cpu()[~(w.abs() <= amax.view(-1, 1, 1)).cpu()] == 0).all()
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in storage one element past a 16-byte boundary (Triton specializes on the alignment)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+    flat.copy_(t.reshape(-1))
+    return flat.view(t.shape)
+
+
+def test_cached_launches_equal_plain_launches_cuda(monkeypatch):
+    """Every runtime kernel gives the same bits through a launch plan (:func:`moeq.runtime.kernels.launch.
+    launch_kernel`'s repeat path) as through a plain ``kernel[grid]`` launch: autotuned and fixed-tile kernels,
+    in-place ones, quantize-once GEMMs, with 16-byte aligned and misaligned operands (a separate plan each)."""
+    from moeq.formats import stored_form
+    from moeq.runtime.kernels import launch
+
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.randint(0, 40, (8,), generator=gen)
+    counts[2] = 0
+    offs = counts.cumsum(0).to(torch.int32).cuda()
+    rows = int(counts.sum()) + 3
+    x = torch.randn(rows, 256, generator=gen).to(torch.bfloat16).cuda()
+    w = (torch.randn(8, 384, 256, generator=gen) * 0.05).to(torch.bfloat16).cuda()  # [E, N, K]
+    amax, x_amax = expert_amax(w) * 0.9, x.abs().amax().float().reshape(1) * 0.8
+    _, w_clip, a_clip = gradients_with_clipped_weights((8, 384, 256), torch.bfloat16, 2)
+    grad = torch.randn(8, 384, 256, generator=gen).to(torch.bfloat16).cuda()
+    data, scale, block = stored_form(get_format("nvfp4").quantize(w.float().cpu(), expand_per_expert(amax.cpu(), 3), 2))
+    stored = (data.cuda(), scale.cuda(), block.cuda())
+    xs = {"aligned": x, "misaligned": _misaligned(x)}
+
+    def runs(xx):
+        running = (torch.zeros(8, device="cuda"), torch.zeros(8, dtype=torch.int64, device="cuda"))
+        kernels.segment_amax_(xx, offs, *running)
+        return {
+            "fake_quant_act": kernels.fake_quant_act(xx, offs, x_amax, "nvfp4"),
+            "act codes": kernels.fake_quant_act(xx, offs, x_amax, "fp8", codes=True),
+            "fake_quant_experts": kernels.fake_quant_experts(w, amax, "fp8", 2),
+            "weight_amax": kernels.expert_weight_amax(w, 2, with_blocks=True)[1],
+            "mask_clipped_grad_": kernels.mask_clipped_grad_(grad.clone(), w_clip.cuda(), a_clip.cuda()),
+            "dequant": torch.ops.moeq.dequant_weight(*stored, "nvfp4", 1, torch.bfloat16),
+            "segment_amax_": running[0],
+            "qat fp8 in-load": launch_grouped_qmm(xx, w.transpose(1, 2), offs, amax, None, x_amax, "fake_fp8", "fp8"),
+            "qat fp8 quantize once": launch_grouped_qmm(
+                xx, w.transpose(1, 2), offs, amax, None, x_amax, "fake_fp8", "fp8", quantize_once=True
+            ),
+            "qat nvfp4": launch_grouped_qmm(xx, w.transpose(1, 2), offs, amax, None, x_amax, "fake_nvfp4", "nvfp4"),
+            "fixed tile": launch_grouped_qmm(xx, w.transpose(1, 2), offs, config=SIXTEEN_BIT_DOT),
+        }
+
+    for layout, xx in xs.items():
+        monkeypatch.setattr(launch, "FAST_LAUNCH", False)
+        plain = runs(xx)
+        monkeypatch.setattr(launch, "FAST_LAUNCH", True)
+        launch._plans.clear()
+        runs(xx)  # plain launches that leave their plans
+        built = sum(p is not None for p in launch._plans.values())
+        cached = runs(xx)
+        assert built >= 12 and len(launch._plans) == built, (layout, built, len(launch._plans))
+        for name, want in plain.items():
+            assert_same_bits(cached[name].cpu(), want.cpu(), f"{layout} {name}")

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from moeq.formats import NVFP4_RUN_BYTES
 from moeq.runtime.kernels.grouped_qmm import decode_e2m1, load_e4m3, stored_e2m1_codes
-from moeq.runtime.kernels.launch import check_float, interpreting
+from moeq.runtime.kernels.launch import check_float, interpreting, launch_kernel
 from moeq.runtime.kernels.numerics import cast_like
 
 __all__ = ["dequant_stored_weight"]
@@ -82,7 +82,7 @@ def dequant_stored_weight(
     ``block_scale [E, N, K/16]`` (NVFP4); fp32 ``scale [E]``. CUDA tensors, or CPU under the interpreter."""
     if fmt not in ("fp8", "nvfp4"):
         raise ValueError(f"dequant_stored_weight takes fmt 'fp8' or 'nvfp4', got {fmt!r}")
-    check_float(torch.empty(0, dtype=dtype), "dtype")
+    check_float(dtype, "dtype")
     if data.dim() != 3 or data.element_size() != 1:
         raise ValueError(
             f"stored {fmt} data must be a 3-D 1-byte tensor [E, N, K'], got {data.dtype} {tuple(data.shape)}"
@@ -108,7 +108,7 @@ def dequant_stored_weight(
     if out.numel() == 0:
         return out
     grid = (triton.cdiv(k, BLOCK_K), triton.cdiv(n, BLOCK_N), num_experts)
-    _dequant_weight_kernel[grid](
+    launch_kernel(_dequant_weight_kernel, grid,
         words, scale.float().contiguous(), block, out, n, k,
         *words.stride(), *b_strides, *out.stride(),
         IS_NVFP4=fmt == "nvfp4", INTERPRET=interpreting(), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,

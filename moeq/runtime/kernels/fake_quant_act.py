@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from moeq.formats import QuantFormat, get_format
-from moeq.runtime.kernels.launch import check_float, interpreting, run_kernel, tile_configs
+from moeq.runtime.kernels.launch import as_fp32, check_float, interpreting, launch_kernel, run_kernel, tile_configs
 from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4, fp8_codes
 from moeq.runtime.kernels.segment_amax import expert_of_rows
 
@@ -106,7 +106,7 @@ def fake_quant_act(
     fmt.check_shape(x.shape, 1, "activation")
     x_in = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty_like(x_in, dtype=torch.float8_e4m3fn if codes else x.dtype)
-    amax = input_amax.detach().float().contiguous()
+    amax = as_fp32(input_amax)
 
     def launch() -> torch.Tensor:
         if x.shape[0] == 0 or num_experts == 0:
@@ -116,7 +116,7 @@ def fake_quant_act(
             return (triton.cdiv(x.shape[1], meta["BLOCK_K"]) * triton.cdiv(x.shape[0], meta["BLOCK_M"]),)
 
         kernel = wrap(_fake_quant_act_kernel) if wrap is not None else _fake_quant_act_kernel
-        kernel[grid](
+        launch_kernel(kernel, grid,
             x_in, out, offs, amax, x.shape[0], x.shape[1], x_in.stride(0), out.stride(0),
             NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts), PER_EXPERT=amax.numel() > 1,
             IS_NVFP4=fmt.name == "nvfp4", CODES=codes, INTERPRET=interpreting(),

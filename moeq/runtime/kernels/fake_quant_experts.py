@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from moeq.formats import QuantFormat, get_format
-from moeq.runtime.kernels.launch import check_float, interpreting, run_kernel, tile_configs
+from moeq.runtime.kernels.launch import as_fp32, check_float, interpreting, launch_kernel, run_kernel, tile_configs
 from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4, fp8_codes
 
 __all__ = ["fake_quant_experts"]
@@ -94,7 +94,7 @@ def fake_quant_experts(
         raise NotImplementedError(f"no Triton kernel for format {fmt.name!r}")
     m_dim = 3 - k_dim
     out = torch.empty_like(w, dtype=torch.float8_e4m3fn if codes else w.dtype)
-    amax = weight_amax.detach().float().contiguous()
+    amax = as_fp32(weight_amax)
     E, M, K = w.shape[0], w.shape[m_dim], w.shape[k_dim]
 
     def grid(meta):
@@ -112,7 +112,7 @@ def fake_quant_experts(
                 f"row tiles of {_MIN_BLOCK_M} rows (CUDA's grid limit); split the experts or the rows"
             )
         kernel = wrap(_fake_quant_experts_kernel) if wrap is not None else _fake_quant_experts_kernel
-        kernel[grid](
+        launch_kernel(kernel, grid,
             w, out, amax, M, K,
             w.stride(0), w.stride(m_dim), w.stride(k_dim),
             out.stride(0), out.stride(m_dim), out.stride(k_dim),

@@ -42,7 +42,7 @@ import triton.language as tl
 from moeq.formats import NVFP4_RUN_BYTES, get_format
 from moeq.runtime.kernels.fake_quant_act import fake_quant_act
 from moeq.runtime.kernels.fake_quant_experts import fake_quant_experts
-from moeq.runtime.kernels.launch import check_float, interpreting
+from moeq.runtime.kernels.launch import as_fp32, check_float, interpreting, launch_kernel
 from moeq.runtime.kernels.numerics import (
     cast_like,
     divide,
@@ -729,7 +729,7 @@ def grouped_qmm(
         out_dtype = out.dtype
     if out_dtype is None:
         out_dtype = x.dtype if x_mode != "fp8_codes" else w.dtype if w_mode == "fake_fp8" else torch.bfloat16
-    check_float(torch.empty(0, dtype=out_dtype), "out_dtype")
+    check_float(out_dtype, "out_dtype")
     if x_mode != "fp8_codes" and out_dtype != x.dtype:
         raise ValueError(f"the output dtype ({out_dtype}) must be x's ({x.dtype}); only fp8_codes inputs choose it")
     if out is None:
@@ -742,11 +742,11 @@ def grouped_qmm(
     if w_mode != "plain":
         if w_scale is None or w_scale.numel() != num_experts:
             raise ValueError(f"w_scale must have one entry per expert ({num_experts}) in mode {w_mode!r}")
-        w_scale = w_scale.detach().float().contiguous()
+        w_scale = as_fp32(w_scale)
     if x_mode is not None:
         if x_amax is None or x_amax.numel() not in (1, num_experts):
             raise ValueError(f"x_amax must have 1 or {num_experts} entries for activation format {x_mode!r}")
-        x_amax = x_amax.detach().float().contiguous()
+        x_amax = as_fp32(x_amax)
     weight_once = quantize_once
     if quantize_once is None:
         quantize_once = quantizes_once(w_mode, x_mode, m, num_experts)
@@ -790,7 +790,7 @@ def grouped_qmm(
         meta["FP8_DOT"] = meta.get("FP8_DOT", fp8) and fp8
         grid = grid(config.kwargs)
     kernel = wrap(kernel) if wrap is not None else kernel
-    kernel[grid](
+    launch_kernel(kernel, grid,
         x, w, out, offs,
         w_scale if w_scale is not None else dummy, block, x_amax if x_amax is not None else dummy,
         m, n, k, num_experts, m_bucket(m, num_experts),

@@ -1,23 +1,42 @@
-"""Shared launcher plumbing: input validation and the device / interpreter / reference decision."""
+"""Shared launcher plumbing: input validation, the device / interpreter / reference decision, and
+:func:`launch_kernel`, which caches the host work of repeat kernel launches."""
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_float(t: torch.Tensor, name: str) -> None:
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+#: Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, i.e. when these modules are imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_float(t: torch.Tensor | torch.dtype, name: str) -> None:
+    """A tensor's (or a dtype's) float dtype is one the kernels take."""
+    dtype = t if isinstance(t, torch.dtype) else t.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype}")
+
+
+def as_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous float32 tensor (itself when it is one already: no dispatch on the launch path)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.detach().float().contiguous()
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def run_kernel(t: torch.Tensor, launch: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor]):
@@ -70,3 +89,88 @@ def observer_configs() -> list[triton.Config]:
             (16, 2048, 8),
         ],
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# launch plans: repeat launches skip Triton's per-call binding, specialization and autotuner lookup
+# ----------------------------------------------------------------------------------------------
+
+#: ``MOEQ_FAST_LAUNCH=0`` sends every launch through ``kernel[grid](...)``.
+FAST_LAUNCH = os.environ.get("MOEQ_FAST_LAUNCH", "1") != "0"
+_MAX_PLANS = 4096
+_plans: dict[tuple, _LaunchPlan | None] = {}
+_plans_unsupported = False  # set when building a plan fails (a Triton without the internals it reads)
+
+
+class _LaunchPlan:
+    """One compiled kernel with the launch arguments that stay fixed for its key: the constexpr tail of the
+    argument list (the call's keyword constexprs, the autotuned config's, the defaults) and the grid's meta
+    (the scalar arguments by name, as Triton passes them to a grid function)."""
+
+    __slots__ = ("compiled", "meta", "tail")
+
+    def __init__(self, compiled: Any, meta: dict[str, Any], tail: tuple[Any, ...]) -> None:
+        self.compiled, self.meta, self.tail = compiled, meta, tail
+
+    def __call__(self, grid: Any, args: tuple[Any, ...]) -> None:
+        g = tuple(grid(self.meta) if callable(grid) else grid)
+        self.compiled[g + (1,) * (3 - len(g))](*args, *self.tail)
+
+
+def _plan_key(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple | None:
+    """Everything Triton's specialization and autotuning read from a call: each tensor's dtype and 16-byte
+    alignment, every other argument's type and value, the keyword constexprs, the current device. None where
+    no plan applies: a wrapped (traced) or interpreted kernel, or a tensor that is not a plain CUDA tensor."""
+    if not FAST_LAUNCH or _plans_unsupported or not isinstance(kernel, (Autotuner, JITFunction)):
+        return None
+    signature, on_cuda = [], False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if (type(a) is not torch.Tensor and type(a) is not torch.nn.Parameter) or not a.is_cuda:
+                return None
+            signature.append((a.dtype, a.data_ptr() % 16 == 0))
+            on_cuda = True
+        else:
+            signature.append((type(a), a))
+    if not on_cuda:
+        return None
+    return id(kernel), torch.cuda.current_device(), tuple(signature), tuple(kwargs.items())
+
+
+def _build_plan(kernel: Any, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _LaunchPlan | None:
+    """The plan for a call that has just run through ``kernel[grid]`` (so it is compiled and autotuned)."""
+    options, fn = {}, kernel
+    if isinstance(kernel, Autotuner):
+        options, fn = kernel.best_config.all_kwargs(), kernel.fn
+    if not isinstance(fn, JITFunction):  # e.g. heuristics, which compute arguments per call
+        return None
+    compiled = fn.run(*args, grid=grid, warmup=True, **kwargs, **options)
+    defaults = inspect.signature(fn.fn).parameters
+    given = {**kwargs, **options}
+    tail = tuple(given[n] if n in given else defaults[n].default for n in fn.arg_names[len(args) :])
+    if inspect.Parameter.empty in tail:
+        return None
+    meta = {n: v for n, v in zip(fn.arg_names, (*args, *tail)) if not isinstance(v, torch.Tensor)}  # holds no tensor
+    return _LaunchPlan(compiled, meta, tail)
+
+
+def launch_kernel(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)``. The first call with a new argument signature (:func:`_plan_key`) runs
+    exactly that and keeps the compiled kernel; repeats launch it directly, which saves most of Triton's host
+    time per call (binding, specialization, cache and autotuner lookups). Positional arguments are the
+    kernel's leading parameters (tensors and ints), keywords its constexprs."""
+    global _plans_unsupported
+    key = _plan_key(kernel, args, kwargs)
+    plan = _plans.get(key, False) if key is not None else None
+    if plan:
+        plan(grid, args)
+        return
+    kernel[grid](*args, **kwargs)
+    if plan is False:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        try:
+            _plans[key] = _build_plan(kernel, grid, args, kwargs)
+        except Exception as err:  # a Triton without the internals plans read: launch the plain way from now on
+            log.warning("moeq: cached kernel launches are off (%s: %s)", type(err).__name__, err)
+            _plans_unsupported = True

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq.runtime.kernels.launch import check_float, observer_configs, run_kernel
+from moeq.runtime.kernels.launch import check_float, launch_kernel, observer_configs, run_kernel
 from moeq.runtime.kernels.numerics import abs_bits, float_of_abs_bits
 
 __all__ = ["segment_amax", "segment_amax_"]
@@ -106,7 +106,7 @@ def segment_amax_(
             return (triton.cdiv(x.shape[1], meta["BLOCK_K"]) * triton.cdiv(x.shape[0], meta["BLOCK_S"]),)
 
         kernel = wrap(_segment_amax_kernel) if wrap is not None else _segment_amax_kernel
-        kernel[grid](
+        launch_kernel(kernel, grid,
             x, offs, running_amax, running_counts, x.shape[0], x.shape[1], x.stride(0),
             NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts), X_BITS=8 * x.element_size(),
         )  # fmt: skip

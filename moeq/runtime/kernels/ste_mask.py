@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq.runtime.kernels.launch import check_float, run_kernel
+from moeq.runtime.kernels.launch import check_float, launch_kernel, run_kernel
 
 __all__ = ["mask_clipped_grad_"]
 
@@ -69,8 +69,18 @@ def mask_clipped_grad_(grad_w: torch.Tensor, w: torch.Tensor, amax: torch.Tensor
         E, M, N = w.shape
         block_m, block_n = 8, 256
         grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), E)
-        _mask_clipped_grad_kernel[grid](
-            grad_w, w, per_expert, M, N, *grad_w.stride(), *w.stride(), BLOCK_M=block_m, BLOCK_N=block_n
+        launch_kernel(
+            _mask_clipped_grad_kernel,
+            grid,
+            grad_w,
+            w,
+            per_expert,
+            M,
+            N,
+            *grad_w.stride(),
+            *w.stride(),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
         )
         return grad_w
 
