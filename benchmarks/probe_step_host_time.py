@@ -18,6 +18,7 @@ from moeq.runtime.kernels import launch
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--tokens", type=int, default=512)
 parser.add_argument("--profile", action="store_true")
+parser.add_argument("--variants", default="bf16:auto,FP8:auto,FP8:never", help="config:fusion policy, comma-separated")
 args = parser.parse_args()
 
 base = qwen3_30b_a3b_layer("cuda")
@@ -40,15 +41,19 @@ def host_and_wall(layer, steps=20):
 
 
 print(f"{args.tokens} tokens: ms per training step (host = time to enqueue, wall = until the GPU is done)")
-for name, policy in ((None, "auto"), ("FP8", "auto"), ("FP8", "never")):
+for variant in args.variants.split(","):
+    name, policy = variant.split(":")
+    name = None if name == "bf16" else name
     torch._dynamo.reset()
     with fusion(policy):
         layer = compiled_variant(base, name, calib)
         for plans in (False, True) if name else (True,):
             launch.FAST_LAUNCH = plans
+            launch.launch_counts.clear()
             host, wall = host_and_wall(layer)
             print(
-                f"{name or 'bf16'} {policy:6s} launch plans {'on ' if plans else 'off'}: host {host:.3f}, wall {wall:.3f}"
+                f"{name or 'bf16'} {policy:6s} launch plans {'on ' if plans else 'off'}: host {host:.3f}, wall {wall:.3f}; "
+                f"moeq launches {dict(launch.launch_counts)}"
             )
             if args.profile and name:
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

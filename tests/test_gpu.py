@@ -529,8 +529,9 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
 
 def test_cached_launches_equal_plain_launches_cuda(monkeypatch):
     """Every runtime kernel gives the same bits through a launch plan (:func:`moeq.runtime.kernels.launch.
-    launch_kernel`'s repeat path) as through a plain ``kernel[grid]`` launch: autotuned and fixed-tile kernels,
-    in-place ones, quantize-once GEMMs, with 16-byte aligned and misaligned operands (a separate plan each)."""
+    launch_kernel`'s repeat path) as through a plain ``kernel[grid]`` launch: autotuned kernels (the quant
+    kernels), fixed-tile GEMMs (QAT FP8 in the load path and quantized once, QAT NVFP4, bf16), in-place kernels,
+    with 16-byte aligned and misaligned operands (a separate plan each)."""
     from moeq.formats import stored_form
     from moeq.runtime.kernels import launch
 
@@ -548,6 +549,13 @@ def test_cached_launches_equal_plain_launches_cuda(monkeypatch):
     stored = (data.cuda(), scale.cuda(), block.cuda())
     xs = {"aligned": x, "misaligned": _misaligned(x)}
 
+    def gemm(xx, w_mode, x_fmt, quantize_once=None):  # one fixed tile: compiling every autotuning tile is slow
+        tile = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SWAP_AB": False}, num_warps=4)
+        args = (amax, None, x_amax) if w_mode != "plain" else (None, None, None)
+        return launch_grouped_qmm(
+            xx, w.transpose(1, 2), offs, *args, w_mode, x_fmt, config=tile, quantize_once=quantize_once
+        )
+
     def runs(xx):
         running = (torch.zeros(8, device="cuda"), torch.zeros(8, dtype=torch.int64, device="cuda"))
         kernels.segment_amax_(xx, offs, *running)
@@ -559,12 +567,10 @@ def test_cached_launches_equal_plain_launches_cuda(monkeypatch):
             "mask_clipped_grad_": kernels.mask_clipped_grad_(grad.clone(), w_clip.cuda(), a_clip.cuda()),
             "dequant": torch.ops.moeq.dequant_weight(*stored, "nvfp4", 1, torch.bfloat16),
             "segment_amax_": running[0],
-            "qat fp8 in-load": launch_grouped_qmm(xx, w.transpose(1, 2), offs, amax, None, x_amax, "fake_fp8", "fp8"),
-            "qat fp8 quantize once": launch_grouped_qmm(
-                xx, w.transpose(1, 2), offs, amax, None, x_amax, "fake_fp8", "fp8", quantize_once=True
-            ),
-            "qat nvfp4": launch_grouped_qmm(xx, w.transpose(1, 2), offs, amax, None, x_amax, "fake_nvfp4", "nvfp4"),
-            "fixed tile": launch_grouped_qmm(xx, w.transpose(1, 2), offs, config=SIXTEEN_BIT_DOT),
+            "qat fp8 in-load": gemm(xx, "fake_fp8", "fp8", quantize_once=False),
+            "qat fp8 quantize once": gemm(xx, "fake_fp8", "fp8", quantize_once=True),
+            "qat nvfp4": gemm(xx, "fake_nvfp4", "nvfp4"),
+            "bf16": gemm(xx, "plain", None),
         }
 
     for layout, xx in xs.items():
@@ -574,7 +580,9 @@ def test_cached_launches_equal_plain_launches_cuda(monkeypatch):
         launch._plans.clear()
         runs(xx)  # plain launches that leave their plans
         built = sum(p is not None for p in launch._plans.values())
+        planned = launch.launch_counts["planned"]
         cached = runs(xx)
         assert built >= 12 and len(launch._plans) == built, (layout, built, len(launch._plans))
+        assert launch.launch_counts["planned"] - planned >= 12, (layout, launch.launch_counts)
         for name, want in plain.items():
             assert_same_bits(cached[name].cpu(), want.cpu(), f"{layout} {name}")

@@ -330,3 +330,19 @@ def test_mask_clipped_grad_rejects_bad_input():
         kernels.mask_clipped_grad_(torch.zeros_like(w), w, torch.ones(3))
     with pytest.raises(ValueError, match="grad_w must be float32, bfloat16 or float16"):
         kernels.mask_clipped_grad_(torch.zeros(2, 4, 8, dtype=torch.int32), w, torch.ones(2))
+
+
+def test_interpreted_launches_take_the_plain_path():
+    """Launch plans are for compiled kernels on CUDA: interpreted CPU launches go through ``kernel[grid]`` every
+    time (counted as ``plain``), leave no plan, and repeat calls keep the reference's bits."""
+    from moeq.runtime.kernels import launch
+
+    w = _weights((2, 16, 64), torch.bfloat16, 0)
+    amax = expert_amax(w)
+    want = get_format("fp8").fake_quant(w, expand_per_expert(amax, 3), 2)
+    launch._plans.clear()
+    before = dict(launch.launch_counts)
+    for _ in range(2):
+        assert_same_bits(kernels.fake_quant_experts(w, amax, "fp8", 2), want, "fp8")
+    assert launch.launch_counts["plain"] - before.get("plain", 0) == 2
+    assert launch.launch_counts["planned"] == before.get("planned", 0) and not launch._plans

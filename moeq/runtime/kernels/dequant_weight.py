@@ -20,7 +20,7 @@ import triton.language as tl
 
 from moeq.formats import NVFP4_RUN_BYTES
 from moeq.runtime.kernels.grouped_qmm import decode_e2m1, load_e4m3, stored_e2m1_codes
-from moeq.runtime.kernels.launch import check_float, interpreting, launch_kernel
+from moeq.runtime.kernels.launch import cdiv, check_float, interpreting, launch_kernel
 from moeq.runtime.kernels.numerics import cast_like
 
 __all__ = ["dequant_stored_weight"]
@@ -92,7 +92,7 @@ def dequant_stored_weight(
         raise ValueError(f"scale must have one entry per expert ({num_experts}), got {scale.numel()}")
     if fmt == "nvfp4":
         k = 16 * block_scale.shape[-1]
-        if tuple(block_scale.shape) != (num_experts, n, k // 16) or data.shape[2] != triton.cdiv(k, 128) * 64:
+        if tuple(block_scale.shape) != (num_experts, n, k // 16) or data.shape[2] != cdiv(k, 128) * 64:
             raise ValueError(
                 f"nvfp4 data {tuple(data.shape)} and block scales {tuple(block_scale.shape)} do not describe one "
                 f"[E, N, K] weight stored in whole {NVFP4_RUN_BYTES}-byte runs"
@@ -107,7 +107,7 @@ def dequant_stored_weight(
     out = torch.empty(num_experts, n, k, dtype=dtype, device=data.device)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(k, BLOCK_K), triton.cdiv(n, BLOCK_N), num_experts)
+    grid = (cdiv(k, BLOCK_K), cdiv(n, BLOCK_N), num_experts)
     launch_kernel(_dequant_weight_kernel, grid,
         words, scale.float().contiguous(), block, out, n, k,
         *words.stride(), *b_strides, *out.stride(),

@@ -10,7 +10,15 @@ import triton
 import triton.language as tl
 
 from moeq.formats import QuantFormat, get_format
-from moeq.runtime.kernels.launch import as_fp32, check_float, interpreting, launch_kernel, run_kernel, tile_configs
+from moeq.runtime.kernels.launch import (
+    as_fp32,
+    cdiv,
+    check_float,
+    interpreting,
+    launch_kernel,
+    run_kernel,
+    tile_configs,
+)
 from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4, fp8_codes
 from moeq.runtime.kernels.segment_amax import expert_of_rows
 
@@ -113,7 +121,7 @@ def fake_quant_act(
             return out
 
         def grid(meta):
-            return (triton.cdiv(x.shape[1], meta["BLOCK_K"]) * triton.cdiv(x.shape[0], meta["BLOCK_M"]),)
+            return (cdiv(x.shape[1], meta["BLOCK_K"]) * cdiv(x.shape[0], meta["BLOCK_M"]),)
 
         kernel = wrap(_fake_quant_act_kernel) if wrap is not None else _fake_quant_act_kernel
         launch_kernel(kernel, grid,

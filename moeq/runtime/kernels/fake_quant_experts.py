@@ -15,7 +15,15 @@ import triton
 import triton.language as tl
 
 from moeq.formats import QuantFormat, get_format
-from moeq.runtime.kernels.launch import as_fp32, check_float, interpreting, launch_kernel, run_kernel, tile_configs
+from moeq.runtime.kernels.launch import (
+    as_fp32,
+    cdiv,
+    check_float,
+    interpreting,
+    launch_kernel,
+    run_kernel,
+    tile_configs,
+)
 from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4, fp8_codes
 
 __all__ = ["fake_quant_experts"]
@@ -98,7 +106,7 @@ def fake_quant_experts(
     E, M, K = w.shape[0], w.shape[m_dim], w.shape[k_dim]
 
     def grid(meta):
-        return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"]), E)
+        return (cdiv(K, meta["BLOCK_K"]), cdiv(M, meta["BLOCK_M"]), E)
 
     def reference() -> torch.Tensor:
         if codes:
@@ -106,7 +114,7 @@ def fake_quant_experts(
         return fmt.fake_quant(w, amax.view(-1, 1, 1), k_dim)
 
     def launch() -> torch.Tensor:
-        if E > _MAX_GRID_YZ or triton.cdiv(M, _MIN_BLOCK_M) > _MAX_GRID_YZ:
+        if E > _MAX_GRID_YZ or cdiv(M, _MIN_BLOCK_M) > _MAX_GRID_YZ:
             raise ValueError(
                 f"fake_quant_experts: stacked weight {tuple(w.shape)} needs more than {_MAX_GRID_YZ} experts or "
                 f"row tiles of {_MIN_BLOCK_M} rows (CUDA's grid limit); split the experts or the rows"

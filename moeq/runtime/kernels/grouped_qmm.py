@@ -42,7 +42,7 @@ import triton.language as tl
 from moeq.formats import NVFP4_RUN_BYTES, get_format
 from moeq.runtime.kernels.fake_quant_act import fake_quant_act
 from moeq.runtime.kernels.fake_quant_experts import fake_quant_experts
-from moeq.runtime.kernels.launch import as_fp32, check_float, interpreting, launch_kernel
+from moeq.runtime.kernels.launch import as_fp32, cdiv, check_float, interpreting, launch_kernel
 from moeq.runtime.kernels.numerics import (
     cast_like,
     divide,
@@ -652,7 +652,7 @@ def _check(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_mode: str, x_
             f"offs must be int32 [{w.shape[0]}] cumulative row counts, got {offs.dtype} {tuple(offs.shape)}"
         )
     if w_mode == "nvfp4":
-        runs = triton.cdiv(x.shape[1], 2 * NVFP4_RUN_BYTES) * NVFP4_RUN_BYTES
+        runs = cdiv(x.shape[1], 2 * NVFP4_RUN_BYTES) * NVFP4_RUN_BYTES
         if w.shape[1] != runs:
             raise ValueError(
                 f"x has K={x.shape[1]}, so the stored nvfp4 weight needs {runs} bytes along K (whole 64-byte runs, "
@@ -682,7 +682,7 @@ def block_scale_words(w_block_scale: torch.Tensor) -> torch.Tensor:
     blocks = w_block_scale.view(torch.uint8).transpose(1, 2)
     aligned = blocks.stride(2) == 1 and blocks.storage_offset() % 4 == 0
     if not (aligned and blocks.shape[2] % 4 == 0 and blocks.stride(0) % 4 == 0 and blocks.stride(1) % 4 == 0):
-        padded = blocks.new_zeros(*blocks.shape[:2], triton.cdiv(blocks.shape[2], 4) * 4)
+        padded = blocks.new_zeros(*blocks.shape[:2], cdiv(blocks.shape[2], 4) * 4)
         padded[..., : blocks.shape[2]] = blocks
         blocks = padded
     return blocks.view(torch.int32)
@@ -774,7 +774,7 @@ def grouped_qmm(
         b_strides = (block.stride(0), block.stride(2), block.stride(1))
 
     def grid(meta):  # m-tiles: at most cdiv(m, BLOCK_M) + one partial tile per routed expert (see the module doc)
-        return ((triton.cdiv(m, meta["BLOCK_M"]) + min(num_experts, m)) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return ((cdiv(m, meta["BLOCK_M"]) + min(num_experts, m)) * cdiv(n, meta["BLOCK_N"]),)
 
     kernel, meta = _grouped_qmm_kernel, {}
     if config is not None:

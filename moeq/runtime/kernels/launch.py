@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,11 @@ def as_fp32(t: torch.Tensor) -> torch.Tensor:
 
 def interpreting() -> bool:
     return _INTERPRET
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host-side grids (``triton.cdiv`` is a JIT function: microseconds per call)."""
+    return -(-a // b)
 
 
 def run_kernel(t: torch.Tensor, launch: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor]):
@@ -100,6 +106,9 @@ FAST_LAUNCH = os.environ.get("MOEQ_FAST_LAUNCH", "1") != "0"
 _MAX_PLANS = 4096
 _plans: dict[tuple, _LaunchPlan | None] = {}
 _plans_unsupported = False  # set when building a plan fails (a Triton without the internals it reads)
+#: launches so far by path: ``planned`` (a repeat), ``first`` (plain, left a plan), ``plain`` (no plan applies:
+#: traced, interpreted or non-CUDA calls, or plans off)
+launch_counts: Counter[str] = Counter()
 
 
 class _LaunchPlan:
@@ -163,8 +172,10 @@ def launch_kernel(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
     key = _plan_key(kernel, args, kwargs)
     plan = _plans.get(key, False) if key is not None else None
     if plan:
+        launch_counts["planned"] += 1
         plan(grid, args)
         return
+    launch_counts["first" if plan is False else "plain"] += 1
     kernel[grid](*args, **kwargs)
     if plan is False:
         if len(_plans) >= _MAX_PLANS:

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq.runtime.kernels.launch import check_float, launch_kernel, observer_configs, run_kernel
+from moeq.runtime.kernels.launch import cdiv, check_float, launch_kernel, observer_configs, run_kernel
 from moeq.runtime.kernels.numerics import abs_bits, float_of_abs_bits
 
 __all__ = ["segment_amax", "segment_amax_"]
@@ -103,7 +103,7 @@ def segment_amax_(
 
     def launch() -> None:
         def grid(meta):
-            return (triton.cdiv(x.shape[1], meta["BLOCK_K"]) * triton.cdiv(x.shape[0], meta["BLOCK_S"]),)
+            return (cdiv(x.shape[1], meta["BLOCK_K"]) * cdiv(x.shape[0], meta["BLOCK_S"]),)
 
         kernel = wrap(_segment_amax_kernel) if wrap is not None else _segment_amax_kernel
         launch_kernel(kernel, grid,

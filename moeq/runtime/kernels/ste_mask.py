@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq.runtime.kernels.launch import check_float, launch_kernel, run_kernel
+from moeq.runtime.kernels.launch import cdiv, check_float, launch_kernel, run_kernel
 
 __all__ = ["mask_clipped_grad_"]
 
@@ -68,7 +68,7 @@ def mask_clipped_grad_(grad_w: torch.Tensor, w: torch.Tensor, amax: torch.Tensor
     def launch():
         E, M, N = w.shape
         block_m, block_n = 8, 256
-        grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), E)
+        grid = (cdiv(N, block_n), cdiv(M, block_m), E)
         launch_kernel(
             _mask_clipped_grad_kernel,
             grid,

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from moeq.formats import block_amax, expert_amax
-from moeq.runtime.kernels.launch import check_float, launch_kernel, run_kernel
+from moeq.runtime.kernels.launch import cdiv, check_float, launch_kernel, run_kernel
 
 __all__ = ["expert_weight_amax"]
 
@@ -60,7 +60,7 @@ def expert_weight_amax(
 
     def launch():
         block_m, block_k = 16, 256
-        grid = (triton.cdiv(K, block_k), triton.cdiv(M, block_m), E)
+        grid = (cdiv(K, block_k), cdiv(M, block_m), E)
         launch_kernel(_weight_amax_kernel, grid,
             w, amax, blocks if blocks is not None else amax, M, K,
             w.stride(0), w.stride(m_dim), w.stride(k_dim),
