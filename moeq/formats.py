@@ -137,12 +137,15 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
 
 
 def encode_e4m3(v: torch.Tensor) -> torch.Tensor:
-    """float8_e4m3fn storage of fp32 values already on the e4m3 grid (see :func:`round_to_e4m3`)."""
+    """float8_e4m3fn storage of fp32 values already on the e4m3 grid (see :func:`round_to_e4m3`); NaN is stored
+    as the format's NaN (0x7F, 0xFF with the sign bit set), as torch's float8 cast stores it, so that
+    dequantizing a quantized NaN gives NaN, as fake quant does."""
     a = v.float().abs()
     exponent = _exponent(a)
     subnormal = a < 2.0**-6
     normal_code = (exponent + 7).clamp(min=1) * 8 + (a * _pow2(-exponent.clamp(min=-6)) - 1.0) * 8.0
-    code = torch.where(subnormal, a * 512.0, normal_code).to(torch.int32)
+    code = torch.where(subnormal, a * 512.0, normal_code).nan_to_num(0.0).to(torch.int32)
+    code = torch.where(a.isnan(), 0x7F, code)
     code = torch.where(torch.signbit(v), code | 0x80, code)
     return code.to(torch.uint8).view(torch.float8_e4m3fn)
 

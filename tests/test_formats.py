@@ -608,3 +608,29 @@ def test_register_format_custom():
         F._REGISTRY.pop("test_identity", None)
     with pytest.raises(ValueError):
         get_format("test_identity")
+
+
+def test_encode_e4m3_matches_torch_cast_including_nan():
+    """Every e4m3 value (all 256 codes decoded) encodes back to its own code, and NaN of either sign encodes
+    as torch's float8_e4m3fn cast stores it (0x7F / 0xFF); before session 19 NaN encoded as 0."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    values = F.decode_e4m3(codes.view(torch.float8_e4m3fn))
+    want = values.to(torch.float8_e4m3fn).view(torch.uint8)  # torch's cast: the independent reference
+    assert torch.equal(F.encode_e4m3(values).view(torch.uint8), want)
+    nans = torch.tensor([float("nan"), -float("nan")])
+    assert torch.equal(F.encode_e4m3(nans).view(torch.uint8), nans.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_dequantize_of_quantize_is_fake_quant_with_nonfinite_weights(fmt):
+    """``dequantize(quantize(w)) == fake_quant(w)`` bit for bit with NaN and +-inf weights (and experts with
+    amax 0): a QAT FP8 training graph saves the codes and dequantizes them for its GEMMs on that equality, and
+    a NaN weight must stay NaN there rather than turn into 0."""
+    from tests.conftest import assert_same_bits, nonfinite_weights
+
+    w, amax = nonfinite_weights()
+    f = get_format(fmt)
+    q = f.quantize(w, expand_per_expert(amax, 3), 2)
+    got = f.dequantize(q)
+    assert_same_bits(got, f.fake_quant(w, expand_per_expert(amax, 3), 2), fmt)
+    assert got.isnan().any()

@@ -409,3 +409,19 @@ def test_act_ste_gradient_batched():
     out = fq_act(x, None, amax, "nvfp4", 0, 2)
     (gx,) = torch.autograd.grad(out.sum(), x)
     assert_same(gx, (x.detach().abs() <= amax.view(3, 1, 1)).float())
+
+
+@pytest.mark.parametrize("k_dim", [1, 2])
+def test_dequant_of_quantize_weight_is_fake_quant_weight_nonfinite(k_dim):
+    """``moeq::dequant_weight(moeq::quantize_weight(w))`` == ``moeq::fake_quant_weight(w)`` bit for bit with NaN
+    and +-inf weights: the rewrite a QAT FP8 training graph gets (:mod:`moeq.lowering.joint`) keeps NaN weights
+    NaN in its forward and dgrad, as the unfused graph does."""
+    from tests.conftest import assert_same_bits, nonfinite_weights
+
+    w, amax = nonfinite_weights(torch.bfloat16)
+    w = w if k_dim == 2 else w.transpose(1, 2).contiguous()
+    stored = torch.ops.moeq.quantize_weight(w, amax, "fp8", 0, k_dim)
+    got = torch.ops.moeq.dequant_weight(*stored, "fp8", k_dim, torch.bfloat16)
+    want = torch.ops.moeq.fake_quant_weight(w, amax, "fp8", 0, k_dim)
+    assert_same_bits(got, want, f"k_dim {k_dim}")
+    assert got.isnan().any()

@@ -96,7 +96,9 @@ def round_e2m1(v):
 @triton.jit
 def e4m3_codes(y, INTERPRET: tl.constexpr):
     """``e4m3(clamp(y, +-448))`` of fp32 ``y``, ties to even: float8e4nv values on the GPU (one hardware
-    conversion per pair of elements), the same values as fp32 under the interpreter."""
+    conversion per pair of elements), the same values as fp32 under the interpreter. (Stored to a float8 tensor
+    under Triton's interpreter, a NaN becomes 0x7C, not the format's NaN 0x7F that formats.py and torch's cast
+    write: the interpreter's conversion, so its tests keep NaN out of stored codes; the GPU test checks them.)"""
     if INTERPRET:
         return round_e4m3(tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL))
     else:
