@@ -510,13 +510,17 @@ def test_fp8_codes_of_nan_and_inf_cuda():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_mask_clipped_grad_cuda(dtype):
     """The in-place STE mask on CUDA == torch's ``grad * (|w| <= amax)`` on the CPU, bit for bit, on a
-    Qwen3-down-sized slice (contiguous and permuted gradient)."""
+    Qwen3-down-sized slice (contiguous and permuted gradient, and deciding from the weight's FP8 codes written
+    by the GPU's quantize kernel: NaN and clipped weights among them)."""
     g, w, amax = gradients_with_clipped_weights((16, 768, 2048), dtype, 0)
     want = g * (w.abs() <= amax.view(-1, 1, 1))
     got = kernels.mask_clipped_grad_(g.cuda(), w.cuda(), amax.cuda())
     assert_same_bits(got.cpu(), want, "contiguous")
     permuted = g.transpose(1, 2).contiguous().cuda().transpose(1, 2)
     assert_same_bits(kernels.mask_clipped_grad_(permuted, w.cuda(), amax.cuda()).cpu(), want, "permuted")
+    codes = kernels.fake_quant_experts(w.cuda(), amax.cuda(), "fp8", 2, codes=True)  # the GPU's own codes
+    got = kernels.mask_clipped_grad_(g.cuda(), w.cuda(), amax.cuda(), codes)
+    assert_same_bits(got.cpu(), want, "from codes")
 
 
 def test_grouped_wgrad_ste_cuda():

@@ -284,6 +284,13 @@ def _training_step(cfg_name: str, policy: str, dtype=torch.bfloat16, family: str
     return loss.detach(), grads, "\n".join(code), clipped
 
 
+def _wgrad_ste_codes(code: str) -> list[str]:
+    """For each ``moeq::grouped_wgrad_ste`` call in Inductor's code: ``"codes"`` if it is given the weight's
+    codes (its last argument a buffer), ``"none"`` if not."""
+    calls = re.findall(r"torch\.ops\.moeq\.grouped_wgrad_ste\.default\((.*)\)", code)
+    return ["none" if c.rsplit(",", 1)[-1].strip() == "None" else "codes" for c in calls]
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_training_step_matches_unfused(family):
     """A QAT NVFP4 training step compiled with backend="moeq": loss and expert gradients equal the unfused
@@ -293,7 +300,7 @@ def test_training_step_matches_unfused(family):
     GPT-OSS stores its expert weights K-first (and has two layers here)."""
     loss_a, grads_a, code_a, clipped = _training_step("NVFP4", "always", family=family, clip=True)
     loss_b, grads_b, code_b, _ = _training_step("NVFP4", "never", family=family, clip=True)
-    assert code_a.count("torch.ops.moeq.grouped_wgrad_ste.default(") == len(grads_a) >= 2
+    assert _wgrad_ste_codes(code_a) == ["none"] * len(grads_a) and len(grads_a) >= 2
     assert "grouped_wgrad_ste" not in code_b
     assert torch.equal(loss_a, loss_b)
     for name, grad in grads_a.items():
@@ -308,9 +315,11 @@ def test_fp8_training_step_saves_weight_codes(policy):
     (``moeq::quantize_weight``) instead of its fake-quantized bf16 copy, and both GEMMs that read it fuse into
     ``moeq::grouped_qmm`` (forward: FP8 x FP8 on the codes; backward's dgrad: the gradient times the stored codes).
     Loss and expert gradients equal the unfused path's (``fusion("never")``) within bf16 rounding: the fused
-    GEMMs scale fp32 products of codes where the unfused ones multiply bf16-rounded fake-quant values."""
-    loss_a, grads_a, code, _ = _training_step("FP8", policy)
-    loss_b, grads_b, code_b, _ = _training_step("FP8", "never")
+    GEMMs scale fp32 products of codes where the unfused ones multiply bf16-rounded fake-quant values. Some
+    weights are clipped: each wgrad's STE mask is given the weight's codes, and clipped weights get no gradient."""
+    loss_a, grads_a, code, clipped = _training_step("FP8", policy, clip=True)
+    assert _wgrad_ste_codes(code) == ["codes"] * 2, code
+    loss_b, grads_b, code_b, _ = _training_step("FP8", "never", clip=True)
     layers = 2  # gate_up and down of one layer
     assert code.count("torch.ops.moeq.quantize_weight.default(") == layers
     assert code.count("torch.ops.moeq.grouped_wgrad_ste.default(") == layers
@@ -325,19 +334,23 @@ def test_fp8_training_step_saves_weight_codes(policy):
         ref = grads_b[name].double()
         assert grad is not None and grad.abs().sum() > 0, name
         assert ((grad.double() - ref).norm() / ref.norm()).item() < 1e-2, name
+        assert clipped[name].any() and not grad[clipped[name]].any(), name
 
 
 @pytest.mark.parametrize("family", ["gpt_oss"])
 def test_fp8_training_step_saves_weight_codes_every_family(family):
-    """GPT-OSS stores its expert weights K-first (contraction dim 1): every one is still saved as codes, and the
-    step's expert gradients are those of the unfused path within bf16 rounding. (Mixtral, OLMoE and DeepSeek-V3
-    share Qwen3's layout; checked by hand in session 15, too slow for CI.)"""
-    _, grads, code, _ = _training_step("FP8", "auto", family=family)
-    _, grads_ref, _, _ = _training_step("FP8", "never", family=family)
+    """GPT-OSS stores its expert weights K-first (contraction dim 1): every one is still saved as codes, each
+    wgrad's STE mask reads them through a permuted view, and the step's expert gradients are those of the
+    unfused path within bf16 rounding, zero where weights are clipped. (Mixtral, OLMoE and DeepSeek-V3 share
+    Qwen3's layout; checked by hand in session 15, too slow for CI.)"""
+    _, grads, code, clipped = _training_step("FP8", "auto", family=family, clip=True)
+    assert _wgrad_ste_codes(code) == ["codes"] * len(grads), code
+    _, grads_ref, _, _ = _training_step("FP8", "never", family=family, clip=True)
     assert code.count("torch.ops.moeq.quantize_weight.default(") == len(grads) and "fake_quant_weight" not in code
     for name, grad in grads.items():
         ref = grads_ref[name].double()
         assert grad.abs().sum() > 0 and ((grad.double() - ref).norm() / ref.norm()).item() < 1e-2, name
+        assert clipped[name].any() and not grad[clipped[name]].any(), name
 
 
 def test_fp8_training_forward_saves_codes_not_weights():

@@ -29,7 +29,8 @@ output with a mask of the weight::
 
 :func:`fuse_weight_ste_masks` replaces the pair with ``moeq::grouped_wgrad_ste``, the same GEMM with the mask
 applied in place on its output, reading the weight alone and writing only the clipped elements (2 bytes per
-element; the same values bit for bit).
+element; the same values bit for bit). Where the graph already has the weight's FP8 codes (QAT FP8), the mask
+reads them instead (1 byte per element, the weight only where a code of +-448 or NaN cannot decide).
 """
 
 from __future__ import annotations
@@ -146,9 +147,40 @@ def _weight_mask(node: Any) -> tuple[fx.Node, fx.Node] | None:
     return w, amax
 
 
+_AMAX_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+def _view_source(node: Any) -> Any:
+    while isinstance(node, fx.Node) and node.target in _AMAX_VIEWS:
+        node = node.args[0]
+    return node
+
+
+def _fp8_codes(graph: fx.Graph, w: fx.Node, amax: fx.Node, before: fx.Node) -> fx.Node | None:
+    """``w``'s FP8 codes with this ``amax`` in ``w``'s layout, from a ``quantize_weight`` the graph already runs
+    (:func:`save_weight_codes`), or None."""
+    for stored in w.users:
+        if stored.target != torch.ops.moeq.quantize_weight.default or stored.args[2] != "fp8":
+            continue
+        if stored.args[0] is not w or _view_source(stored.args[1]) is not _view_source(amax):
+            continue
+        data = next((u for u in stored.users if u.target == operator.getitem and u.args[1] == 0), None)
+        with graph.inserting_before(before):
+            if data is None:
+                data = graph.call_function(operator.getitem, (stored, 0))
+                data.meta["val"] = stored.meta["val"][0]
+            if stored.args[4] % 3 == 2:  # stored K-last: w's own layout
+                return data
+            codes = graph.call_function(torch.ops.aten.permute.default, (data, [0, 2, 1]))
+            codes.meta["val"] = data.meta["val"].permute(0, 2, 1)
+            return codes
+    return None
+
+
 def fuse_weight_ste_masks(graph: fx.Graph) -> int:
     """Replace each ``permute(_grouped_mm(a, b, offs)) * (abs(w) <= amax)`` (a weight's STE gradient) with
-    ``permute(moeq::grouped_wgrad_ste(a, b, offs, w, amax, perm))``; returns the count."""
+    ``permute(moeq::grouped_wgrad_ste(a, b, offs, w, amax, perm, codes))``, ``codes`` the weight's FP8 codes where
+    the graph computes them (else None); returns the count."""
     fused = 0
     for mul in [n for n in graph.nodes if n.target == torch.ops.aten.mul.Tensor]:
         for grad, mask in (mul.args, mul.args[::-1]):
@@ -166,8 +198,11 @@ def fuse_weight_ste_masks(graph: fx.Graph) -> int:
                 continue
             if tuple(mul_val.shape) != tuple(w.meta["val"].shape):
                 continue
+            codes = _fp8_codes(graph, w, amax, mul)
             with graph.inserting_before(mul):
-                wgrad = graph.call_function(torch.ops.moeq.grouped_wgrad_ste.default, (*gemm.args, w, amax, perm))
+                wgrad = graph.call_function(
+                    torch.ops.moeq.grouped_wgrad_ste.default, (*gemm.args, w, amax, perm, codes)
+                )
                 wgrad.meta["val"] = gemm_val
                 view = wgrad
                 if perm != sorted(perm):
@@ -178,7 +213,9 @@ def fuse_weight_ste_masks(graph: fx.Graph) -> int:
             _erase_unused(graph, [grad, mask, *mask.all_input_nodes])
             fused += 1
             logger.info(
-                "moeq: training graph applies the STE mask of expert weight %s in its wgrad", list(mul_val.shape)
+                "moeq: training graph applies the STE mask of expert weight %s in its wgrad%s",
+                list(mul_val.shape),
+                " (deciding from its FP8 codes)" if codes is not None else "",
             )
             break
     if fused:
@@ -206,7 +243,7 @@ def describe_training(mode: str, w_fmt: str) -> str:
     if mode == "qat" and w_fmt == "fp8":
         return (
             "a training graph quantizes each expert weight to FP8 codes once per step and saves them for backward "
-            f"(not a bf16 copy); forward and dgrad run moeq::grouped_qmm on the codes; {ste}"
+            f"(not a bf16 copy); forward and dgrad run moeq::grouped_qmm on the codes; {ste}, which reads the codes"
         )
     return f"a training graph saves the quantized weight for backward and keeps the Q/DQ ops; {ste}"
 

@@ -321,9 +321,14 @@ def _register_cuda_kernels() -> None:
         return codes.view(torch.uint8), scale, codes.new_empty(0, dtype=torch.uint8)
 
     @grouped_wgrad_ste.register_kernel("cuda")
-    def _(a: Tensor, b: Tensor, offs: Tensor, w: Tensor, amax: Tensor, perm: list[int]) -> Tensor:
+    def _(
+        a: Tensor, b: Tensor, offs: Tensor, w: Tensor, amax: Tensor, perm: list[int], codes: Tensor | None = None
+    ) -> Tensor:
         out = torch._grouped_mm(a, b, offs)
-        (kernels.mask_clipped_grad_ if _TRITON_ENABLED else _mask_clipped_grad_reference_)(out.permute(perm), w, amax)
+        if _TRITON_ENABLED:
+            kernels.mask_clipped_grad_(out.permute(perm), w, amax, codes)
+        else:
+            _mask_clipped_grad_reference_(out.permute(perm), w, amax)
         return out
 
     @dequant_weight.register_kernel("cuda")
@@ -408,13 +413,16 @@ def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) 
 
 
 @torch.library.custom_op("moeq::grouped_wgrad_ste", mutates_args=())
-def grouped_wgrad_ste(a: Tensor, b: Tensor, offs: Tensor, w: Tensor, amax: Tensor, perm: list[int]) -> Tensor:
+def grouped_wgrad_ste(
+    a: Tensor, b: Tensor, offs: Tensor, w: Tensor, amax: Tensor, perm: list[int], codes: Tensor | None = None
+) -> Tensor:
     """``torch._grouped_mm(a, b, offs)``, a weight-gradient GEMM, with the straight-through estimator's mask of
     the weight ``w`` applied in place: ``out.permute(perm) *= (|w| <= amax[e])`` (``amax``: one value per expert,
     e.g. ``[E, 1, 1]``). The values of the pointwise ``mul`` the fake quant's autograd traces, which
     :mod:`moeq.lowering.joint` replaces with it; on CUDA the mask reads the weight alone and writes only the
     clipped gradients (:func:`moeq.runtime.kernels.mask_clipped_grad_`) instead of re-reading and re-writing
-    the whole gradient."""
+    the whole gradient. ``codes``: ``w``'s FP8 codes with this amax in ``w``'s layout (``quantize_weight``'s
+    data, viewed), which decide most entries from 1 byte instead of the weight's 2; the values do not change."""
     out = torch._grouped_mm(a, b, offs)
     _mask_clipped_grad_reference_(out.permute(perm), w, amax)
     return out
@@ -425,7 +433,7 @@ def _mask_clipped_grad_reference_(grad_w: Tensor, w: Tensor, amax: Tensor) -> Te
 
 
 @grouped_wgrad_ste.register_fake
-def _(a: Tensor, b: Tensor, offs: Tensor, w: Tensor, amax: Tensor, perm: list[int]) -> Tensor:
+def _(a: Tensor, b: Tensor, offs: Tensor, w: Tensor, amax: Tensor, perm: list[int], codes: Tensor | None = None):
     return torch._grouped_mm(a, b, offs)
 
 

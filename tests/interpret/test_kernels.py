@@ -322,6 +322,49 @@ def test_mask_clipped_grad_bit_exact(shape, dtype, seed):
     assert_same_bits(strided, want, "strided")
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("shape", "k_dim"), [((5, 40, 64), 2), ((5, 33, 48), 1)])
+def test_mask_clipped_grad_from_codes_bit_exact(shape, k_dim, dtype, seed):
+    """Given the weight's FP8 codes (formats' quantize with the same amax, viewed in the weight's layout), the
+    mask still equals torch's ``grad * (|w| <= amax)`` bit for bit: codes of +-448 (clipped, or kept by
+    rounding up to 448), NaN codes, an expert with amax 0 and one whose scale is subnormal (1e-38) all defer
+    to the weight; weights on both sides of amax within a rounding of it."""
+    g, w, amax = gradients_with_clipped_weights(shape, dtype, seed)
+    amax[1], amax[2] = 0.0, 1e-38
+    near = amax[3] * torch.linspace(0.9, 1.1, shape[2])  # about a third round to 448, half are clipped
+    w[3, 0] = near.to(dtype)
+    w[3, 1] = -near.to(dtype)
+    want = g * (w.abs() <= amax.view(-1, 1, 1))
+    data = get_format("fp8").quantize(w, expand_per_expert(amax, 3), k_dim).data  # contraction dim last
+    codes = data.movedim(-1, k_dim)  # the weight's [E, M, N] layout, strided like the training graph's view
+    bits = codes.view(torch.uint8) & 0x7F
+    assert (bits == 0x7E).any() and (bits == 0x7F).any() and (bits < 0x7E).any()
+    got = g.clone()
+    assert kernels.mask_clipped_grad_(got, w, amax, codes) is got
+    assert_same_bits(got, want, "codes")
+    strided = g.transpose(1, 2).contiguous().transpose(1, 2)
+    kernels.mask_clipped_grad_(strided, w, amax.view(-1, 1, 1), codes.view(torch.uint8))
+    assert_same_bits(strided, want, "strided, uint8 codes")
+
+
+def test_mask_clipped_grad_trusts_codes_below_448():
+    """The codes decide where they can: codes that all claim "well inside" (0) leave every gradient as it is,
+    clipped weights included (the kernel did not read them), except in the expert whose amax is too small for
+    its codes (there the weights decide); codes of 448 send every entry to its weight."""
+    g, w, amax = gradients_with_clipped_weights((3, 8, 32), torch.float32, 0)
+    amax[2] = 1e-38
+    keep = w.abs() <= amax.view(-1, 1, 1)
+    assert not keep[:2].all() and not keep[2].all()
+    got = g.clone()
+    kernels.mask_clipped_grad_(got, w, amax, torch.zeros(3, 8, 32, dtype=torch.uint8))
+    assert_same_bits(got[:2], g[:2], "trusted codes")
+    assert_same_bits(got[2], (g * keep)[2], "tiny amax")
+    got = g.clone()
+    kernels.mask_clipped_grad_(got, w, amax, torch.full((3, 8, 32), 0x7E, dtype=torch.uint8))
+    assert_same_bits(got, g * keep, "codes of 448")
+
+
 def test_mask_clipped_grad_rejects_bad_input():
     w = torch.randn(2, 4, 8)
     with pytest.raises(ValueError, match="same stacked \\[E, M, N\\] shape"):
@@ -330,6 +373,10 @@ def test_mask_clipped_grad_rejects_bad_input():
         kernels.mask_clipped_grad_(torch.zeros_like(w), w, torch.ones(3))
     with pytest.raises(ValueError, match="grad_w must be float32, bfloat16 or float16"):
         kernels.mask_clipped_grad_(torch.zeros(2, 4, 8, dtype=torch.int32), w, torch.ones(2))
+    with pytest.raises(ValueError, match="codes must be w's FP8 codes, float8_e4m3fn or uint8 \\(2, 4, 8\\)"):
+        kernels.mask_clipped_grad_(torch.zeros_like(w), w, torch.ones(2), torch.zeros(2, 8, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="codes must be w's FP8 codes"):
+        kernels.mask_clipped_grad_(torch.zeros_like(w), w, torch.ones(2), torch.zeros(2, 4, 8))
 
 
 def test_interpreted_launches_take_the_plain_path():

@@ -5,6 +5,13 @@ as a pointwise ``grad_w * keep`` it reads the weight-gradient GEMM's output and 
 gradient again: 6 bytes per bf16 element. Clipped weights are rare (the amax is the calibrated max|w|), so this
 kernel reads the weight alone and touches the gradient only where a weight is clipped, multiplying it by zero
 there (``g * 0``: signed zeros and NaNs as the pointwise product makes them): 2 bytes per element.
+
+Given the weight's FP8 codes of the same step (``codes``: ``quantize_weight(w, amax)``, e4m3 of
+``clamp(w / s, +-448)`` with ``s = amax / 448``, which a QAT FP8 training graph saves anyway), it reads 1 byte per
+element: a code below 448 in magnitude means ``|w / s| < 432``, so ``|w| < 432 s (1 + 2^-24) < amax`` (kept).
+Only codes of +-448 (clipped, or kept by rounding up to 448) and NaN codes, and every code of an expert whose
+scale may be subnormal (``amax < 2^-117``), leave the decision to the weight, which is read there alone. The
+result is the same bit for bit.
 """
 
 from __future__ import annotations
@@ -18,11 +25,16 @@ from moeq.runtime.kernels.launch import cdiv, check_float, launch_kernel, run_ke
 __all__ = ["mask_clipped_grad_"]
 
 
+#: below this amax the FP8 scale ``amax / 448`` may be subnormal (or zero), too coarse for the codes to decide
+_CODES_MIN_AMAX = 2.0**-117
+
+
 @triton.jit
 def _mask_clipped_grad_kernel(
     g_ptr,
     w_ptr,
     amax_ptr,
+    codes_ptr,
     M,
     N,
     stride_ge,
@@ -31,6 +43,11 @@ def _mask_clipped_grad_kernel(
     stride_we,
     stride_wm,
     stride_wn,
+    stride_ce,
+    stride_cm,
+    stride_cn,
+    CODES: tl.constexpr,
+    CODES_MIN_AMAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -39,20 +56,30 @@ def _mask_clipped_grad_kernel(
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     inside = (rows[:, None] < M) & (cols[None, :] < N)
-    w_offs = expert * stride_we + rows[:, None] * stride_wm + cols[None, :] * stride_wn
-    w = tl.load(w_ptr + w_offs, mask=inside, other=0.0).to(tl.float32)
     amax = tl.load(amax_ptr + expert)
-    clipped = inside & ((tl.abs(w) <= amax) == 0)  # NaN weights and a NaN amax clip, as the comparison does
+    undecided = inside
+    if CODES:  # |code| < 448 decides "kept"; +-448 (0x7E / 0xFE) and NaN (0x7F / 0xFF) read the weight
+        c_offs = expert * stride_ce + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+        code = tl.load(codes_ptr + c_offs, mask=inside, other=0).to(tl.int32)
+        tiny = (amax < CODES_MIN_AMAX).to(tl.int32)  # (a NaN amax made NaN codes) a tiny one: every code undecided
+        undecided = inside & ((code & 0x7F) + tiny * 0x7E >= 0x7E)
+    w_offs = expert * stride_we + rows[:, None] * stride_wm + cols[None, :] * stride_wn
+    w = tl.load(w_ptr + w_offs, mask=undecided, other=0.0).to(tl.float32)
+    clipped = undecided & ((tl.abs(w) <= amax) == 0)  # NaN weights and a NaN amax clip, as the comparison does
     g_offs = expert * stride_ge + rows[:, None] * stride_gm + cols[None, :] * stride_gn
     g = tl.load(g_ptr + g_offs, mask=clipped, other=0.0)
     tl.store(g_ptr + g_offs, (g.to(tl.float32) * 0.0).to(g.dtype), mask=clipped)
 
 
-def mask_clipped_grad_(grad_w: torch.Tensor, w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+def mask_clipped_grad_(
+    grad_w: torch.Tensor, w: torch.Tensor, amax: torch.Tensor, codes: torch.Tensor | None = None
+) -> torch.Tensor:
     """Zero ``grad_w`` in place where ``|w| > amax[e]`` (``grad_w * (|w| <= amax)``, bit for bit); returns it.
 
     ``grad_w`` and ``w`` are stacked ``[E, M, N]`` tensors of any strides; ``amax`` holds one fp32 value per
-    expert (any shape of ``E`` elements, e.g. ``[E]`` or ``[E, 1, 1]``)."""
+    expert (any shape of ``E`` elements, e.g. ``[E]`` or ``[E, 1, 1]``). ``codes``: the FP8 codes of ``w`` with
+    this ``amax`` (``moeq::quantize_weight``'s data viewed as ``w``'s ``[E, M, N]``, float8_e4m3fn or uint8);
+    the kernel then reads the weight only where a code cannot decide (see the module docstring)."""
     check_float(grad_w, "grad_w")
     check_float(w, "w")
     if w.dim() != 3 or grad_w.shape != w.shape:
@@ -61,27 +88,27 @@ def mask_clipped_grad_(grad_w: torch.Tensor, w: torch.Tensor, amax: torch.Tensor
         )
     if amax.numel() != w.shape[0]:
         raise ValueError(f"amax has {amax.numel()} entries for {w.shape[0]} experts")
-    if grad_w.device != w.device or amax.device != w.device:
-        raise ValueError(f"grad_w, w and amax must share a device, got {grad_w.device}, {w.device}, {amax.device}")
+    if codes is not None and (codes.shape != w.shape or codes.dtype not in (torch.float8_e4m3fn, torch.uint8)):
+        raise ValueError(
+            f"codes must be w's FP8 codes, float8_e4m3fn or uint8 {tuple(w.shape)}, got {codes.dtype} "
+            f"{tuple(codes.shape)}"
+        )
+    tensors = (grad_w, w, amax) if codes is None else (grad_w, w, amax, codes)
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"grad_w, w, amax and codes must share a device, got {[str(t.device) for t in tensors]}")
     per_expert = amax.reshape(-1).float()
 
     def launch():
         E, M, N = w.shape
         block_m, block_n = 8, 256
         grid = (cdiv(N, block_n), cdiv(M, block_m), E)
+        bits = codes.view(torch.uint8) if codes is not None else per_expert
+        c_strides = codes.stride() if codes is not None else (0, 0, 0)
         launch_kernel(
-            _mask_clipped_grad_kernel,
-            grid,
-            grad_w,
-            w,
-            per_expert,
-            M,
-            N,
-            *grad_w.stride(),
-            *w.stride(),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-        )
+            _mask_clipped_grad_kernel, grid, grad_w, w, per_expert, bits, M, N,
+            *grad_w.stride(), *w.stride(), *c_strides,
+            CODES=codes is not None, CODES_MIN_AMAX=_CODES_MIN_AMAX, BLOCK_M=block_m, BLOCK_N=block_n,
+        )  # fmt: skip
         return grad_w
 
     def reference():
