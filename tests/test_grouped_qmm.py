@@ -3,6 +3,7 @@ autograd of the unfused reference, freeze(), and the Inductor pass that puts the
 
 from __future__ import annotations
 
+import operator
 import re
 
 import pytest
@@ -504,7 +505,7 @@ def test_fuse_weight_ste_masks_follows_permutes_and_keeps_bits():
     assert fuse_weight_ste_masks(gm.graph) == 1
     gm.recompile()
     (fused,) = [n for n in gm.graph.nodes if n.target == torch.ops.moeq.grouped_wgrad_ste.default]
-    assert fused.args[-1] == [0, 2, 1]
+    assert fused.args[-2:] == ([0, 2, 1], None)  # the composed permutation; no quantize_weight here: no codes
     assert not [
         n for n in gm.graph.nodes if n.target in (torch.ops.aten._grouped_mm.default, torch.ops.aten.mul.Tensor)
     ]
@@ -518,3 +519,40 @@ def test_fuse_weight_ste_masks_follows_permutes_and_keeps_bits():
 
     shared = make_fx(also_returns_the_gemm, tracing_mode="fake")(*args)
     assert fuse_weight_ste_masks(shared.graph) == 0
+
+
+@pytest.mark.parametrize("k_first", [False, True], ids=["k-last", "k-first"])
+def test_fuse_weight_ste_masks_passes_the_weights_fp8_codes(k_first):
+    """Where the graph quantizes the weight to FP8 codes with the mask's amax (``quantize_weight``, as a QAT FP8
+    training graph does), ``grouped_wgrad_ste`` gets those codes in the weight's layout (a permuted view when
+    the weight is K-first) and the same bits; with another amax it gets none."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from moeq.lowering.joint import fuse_weight_ste_masks
+
+    gen = torch.Generator().manual_seed(1)
+    offs = torch.tensor([8, 8, 24], dtype=torch.int32)
+    a = torch.randn(24, 16, generator=gen).to(torch.bfloat16).t()
+    b = torch.randn(24, 32, generator=gen).to(torch.bfloat16)
+    w = torch.randn(3, 32, 16, generator=gen).to(torch.bfloat16)  # [E, N, K]
+    w = w.transpose(1, 2).contiguous() if k_first else w  # [E, K, N]
+    perm = [0, 1, 2] if k_first else [0, 2, 1]
+    amax = torch.tensor([1.0, 0.5, 1.5])
+
+    def step(a, b, offs, w, amax, wired=True):
+        data = torch.ops.moeq.quantize_weight(w, amax, "fp8", 0, 1 if k_first else 2)[0]
+        gemm = torch._grouped_mm(a, b, offs).permute(perm)
+        mask_amax = amax if wired else amax * 2  # another amax: its codes would not decide this mask
+        return gemm * (w.abs() <= mask_amax.view(-1, 1, 1)), data
+
+    for wired in (True, False):
+        gm = make_fx(lambda *t, wired=wired: step(*t, wired), tracing_mode="fake")(a, b, offs, w, amax)
+        assert fuse_weight_ste_masks(gm.graph) == 1
+        gm.recompile()
+        (fused,) = [n for n in gm.graph.nodes if n.target == torch.ops.moeq.grouped_wgrad_ste.default]
+        codes = fused.args[-1]
+        assert (codes is not None) == wired
+        if wired:
+            assert tuple(codes.meta["val"].shape) == tuple(w.shape)
+            assert codes.target == (torch.ops.aten.permute.default if k_first else operator.getitem)
+        assert_same_bits(gm(a, b, offs, w, amax)[0], step(a, b, offs, w, amax, wired)[0], f"wired={wired}")
