@@ -144,8 +144,8 @@ def encode_e4m3(v: torch.Tensor) -> torch.Tensor:
     exponent = _exponent(a)
     subnormal = a < 2.0**-6
     normal_code = (exponent + 7).clamp(min=1) * 8 + (a * _pow2(-exponent.clamp(min=-6)) - 1.0) * 8.0
-    code = torch.where(subnormal, a * 512.0, normal_code).nan_to_num(0.0).to(torch.int32)
-    code = torch.where(a.isnan(), 0x7F, code)
+    code = torch.where(subnormal, a * 512.0, normal_code).to(torch.int32)
+    code = torch.where(a.isnan(), 0x7F, code)  # whatever the int cast made of NaN
     code = torch.where(torch.signbit(v), code | 0x80, code)
     return code.to(torch.uint8).view(torch.float8_e4m3fn)
 
