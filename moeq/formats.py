@@ -138,8 +138,9 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
 
 def encode_e4m3(v: torch.Tensor) -> torch.Tensor:
     """float8_e4m3fn storage of fp32 values already on the e4m3 grid (see :func:`round_to_e4m3`); NaN is stored
-    as the format's NaN (0x7F, 0xFF with the sign bit set), as torch's float8 cast stores it, so that
-    dequantizing a quantized NaN gives NaN, as fake quant does."""
+    as the format's NaN (0x7F, 0xFF with the sign bit set, as torch's CPU cast stores it; the sign of a NaN code
+    is not part of the spec: the GPU's conversion writes 0x7F for both), so that dequantizing a quantized NaN
+    gives NaN, as fake quant does."""
     a = v.float().abs()
     exponent = _exponent(a)
     subnormal = a < 2.0**-6

@@ -57,18 +57,30 @@ def _mask_clipped_grad_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     amax = tl.load(amax_ptr + expert)
-    undecided = inside
+    w_offs = expert * stride_we + rows[:, None] * stride_wm + cols[None, :] * stride_wn
+    g_offs = expert * stride_ge + rows[:, None] * stride_gm + cols[None, :] * stride_gn
     if CODES:  # |code| < 448 decides "kept"; +-448 (0x7E / 0xFE) and NaN (0x7F / 0xFF) read the weight
         c_offs = expert * stride_ce + rows[:, None] * stride_cm + cols[None, :] * stride_cn
         code = tl.load(codes_ptr + c_offs, mask=inside, other=0).to(tl.int32)
         tiny = (amax < CODES_MIN_AMAX).to(tl.int32)  # (a NaN amax made NaN codes) a tiny one: every code undecided
         undecided = inside & ((code & 0x7F) + tiny * 0x7E >= 0x7E)
-    w_offs = expert * stride_we + rows[:, None] * stride_wm + cols[None, :] * stride_wn
-    w = tl.load(w_ptr + w_offs, mask=undecided, other=0.0).to(tl.float32)
-    clipped = undecided & ((tl.abs(w) <= amax) == 0)  # NaN weights and a NaN amax clip, as the comparison does
-    g_offs = expert * stride_ge + rows[:, None] * stride_gm + cols[None, :] * stride_gn
-    g = tl.load(g_ptr + g_offs, mask=clipped, other=0.0)
-    tl.store(g_ptr + g_offs, (g.to(tl.float32) * 0.0).to(g.dtype), mask=clipped)
+        if tl.max(undecided.to(tl.int32)) > 0:  # rare: most tiles end here, with no per-element predicated loads
+            w = tl.load(w_ptr + w_offs, mask=undecided, other=0.0)
+            _zero_clipped(g_ptr + g_offs, w, amax, undecided)
+    else:
+        w = tl.load(w_ptr + w_offs, mask=inside, other=0.0)
+        _zero_clipped(g_ptr + g_offs, w, amax, inside)
+
+
+@triton.jit
+def _zero_clipped(g_ptrs, w, amax, considered):
+    """``g *= 0`` where ``considered`` and ``|w| > amax`` (NaN weights and a NaN amax clip, as the comparison
+    does); the gradient is touched only in tiles with a clipped weight (the loads and stores are masked per
+    element, one instruction each, so a tile without one skips them)."""
+    clipped = considered & ((tl.abs(w.to(tl.float32)) <= amax) == 0)
+    if tl.max(clipped.to(tl.int32)) > 0:
+        g = tl.load(g_ptrs, mask=clipped, other=0.0)
+        tl.store(g_ptrs, (g.to(tl.float32) * 0.0).to(g.dtype), mask=clipped)
 
 
 def mask_clipped_grad_(
