@@ -144,6 +144,18 @@ class Loop(_Experts):
         return torch.stack([F.linear(x[e], self.w[e]) for e in range(E)])
 
 
+class LoopWithBias(Loop):
+    """The loop with a per-expert bias: not a loop :mod:`moeq.passes.canonicalize` rewrites (grouped GEMMs take
+    no bias), so it stays reported."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(dtype)
+        self.b = nn.Parameter(torch.zeros(E, N, dtype=dtype))
+
+    def forward(self, x, offs=None):
+        return torch.stack([F.linear(x[e], self.w[e], self.b[e]) for e in range(E)])
+
+
 class Computed(_Experts):
     """The GEMM weight is ``w * 2``: computed from the parameter, not the parameter itself."""
 
@@ -377,8 +389,9 @@ def test_einsum(how, eq, shape, dims):
 
 @pytest.mark.parametrize("how", TRACES)
 def test_per_expert_loop_is_reported(how):
-    """``for e in range(E): F.linear(x[e], w[e])``: no expert GEMM record; each of the E linears is skipped
-    with a reason that says per-expert slice / loop and names the parameter."""
+    """``for e in range(E): F.linear(x[e], w[e])``: find() alone makes no expert GEMM record (the quantization pass
+    first rewrites whole loops, tests/test_canonicalize.py); each of the E linears is skipped with a reason that
+    says per-expert slice / loop and names the parameter."""
     records, skipped = find(Model(Loop()), batched_args(), how)
     assert records == []
     assert len(skipped) == E
@@ -470,12 +483,12 @@ def test_root_level_parameter_fqn(how):
 
 
 class MixedMLP(nn.Module):
-    """Routed grouped_mm experts next to a dense linear, a per-expert loop and a computed weight."""
+    """Routed grouped_mm experts next to a dense linear, a per-expert loop with biases and a computed weight."""
 
     def __init__(self) -> None:
         super().__init__()
         self.experts = GroupedHF(BF16)
-        self.loop_experts = Loop(BF16)
+        self.loop_experts = LoopWithBias(BF16)
         self.scaled_experts = Computed()
         self.shared_w = nn.Parameter(_randn(N, K, seed=3, dtype=BF16) * 0.1)
 

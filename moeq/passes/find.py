@@ -19,7 +19,12 @@ from torch import fx
 
 from moeq.state import owner_of
 
-__all__ = ["ExpertGemm", "SkippedCandidate", "find_expert_gemms", "target_name"]
+__all__ = ["LOOP_KEPT_META", "LOOP_META", "ExpertGemm", "SkippedCandidate", "find_expert_gemms", "target_name"]
+
+#: ``node.meta`` key of a grouped node that :mod:`moeq.passes.canonicalize` made from a per-expert loop
+LOOP_META = "moeq_per_expert_loop"
+#: ``node.meta`` key of a loop GEMM that :mod:`moeq.passes.canonicalize` recognized but left alone: why
+LOOP_KEPT_META = "moeq_per_expert_loop_kept"
 
 _GROUPED = {
     "torch._grouped_mm",
@@ -398,6 +403,8 @@ def _match_grouped(node, kind, resolver, found, skip) -> None:
             )
         return skip(node, f"weight (mat_b) {trace.failure}", trace.fqn)
     form = "transformers.grouped_mm_fallback" if "transformers" in kind else "grouped_mm"
+    if node.meta.get(LOOP_META) is not None:
+        form = "per-expert loop as grouped_mm"
     rec = _record(node, form, a, offs, trace, 0, 1, 0, -1)
     if isinstance(rec, str):
         return skip(node, rec, trace.fqn)
@@ -424,7 +431,8 @@ def _match_batched(node, kind, resolver, found, skip) -> None:
         return skip(node, "matmul without a parameter operand (activation x activation)", None, "activation")
     if "matmul" in kind and any(s is not None and len(s) != 3 for s in shapes):
         return skip(node, f"matmul of shapes {shapes}: not a batched expert GEMM", trace.fqn, "dense")
-    rec = _record(node, "bmm", x, None, trace, 0, k_w, 0, k_x)
+    form = "per-expert loop as bmm" if node.meta.get(LOOP_META) is not None else "bmm"
+    rec = _record(node, form, x, None, trace, 0, k_w, 0, k_x)
     if isinstance(rec, str):
         return skip(node, rec, trace.fqn, "dense" if "2-D" in rec else "expert")
     found.append(rec)
@@ -483,7 +491,9 @@ def _classify_dense(node, weight_index, resolver, skip) -> None:
     if trace.fqn is not None:
         return skip(
             node,
-            f"{trace.failure}: a per-expert loop, not yet canonicalized into one grouped GEMM (use grouped_mm experts)",
+            f"{trace.failure}: a per-expert loop, "
+            + node.meta.get(LOOP_KEPT_META, "not a whole loop moeq can rewrite into one grouped GEMM")
+            + " (use grouped_mm experts, or see moeq.passes.canonicalize)",
             trace.fqn,
             "expert",
         )

@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from moeq.formats import get_format
+from moeq.passes.canonicalize import canonicalize_expert_loops
 from moeq.passes.explain import GraphReport, RewrittenGemm
 from moeq.passes.find import ExpertGemm, SkippedCandidate, find_expert_gemms, target_name
 from moeq.state import ExpertQuantState, ModelQuantState
@@ -193,7 +194,9 @@ def rewrite_graph(
     lift_state: bool = False,
 ) -> tuple[GraphReport, list[LiftedBuffer]]:
     """Find + insert on one graph. The report is stored on ``state`` for ``explain()`` and returned with
-    the lifted state buffers (see :func:`insert_qdq`)."""
+    the lifted state buffers (see :func:`insert_qdq`). Whole per-expert loops are first rewritten into one grouped
+    GEMM (:func:`moeq.passes.canonicalize.canonicalize_expert_loops`)."""
+    canonicalize_expert_loops(gm, example_inputs)
     records, skipped = find_expert_gemms(gm, example_inputs)
     kept = []
     for rec in records:
