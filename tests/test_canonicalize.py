@@ -63,7 +63,7 @@ class GroupedEquivalent(_Experts):
     """The grouped module the split / slice loops compute."""
 
     def forward(self, x):
-        offs = torch.tensor(SIZES).cumsum(0).to(torch.int32)
+        offs = torch.tensor(SIZES, device=x.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, self.w.transpose(1, 2), offs=offs)
 
 
