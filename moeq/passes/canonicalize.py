@@ -192,7 +192,7 @@ def _rewrite_stack(
     graph = gm.graph
     with graph.inserting_before(node):
         rows = _shape(x)
-        if rows is None or rows[0] != len(gemms):
+        if rows is None or not isinstance(rows[0], int) or rows[0] != len(gemms):
             narrow = torch.ops.aten.slice.Tensor if aten else torch.narrow
             x = graph.call_function(narrow, (x, 0, 0, len(gemms)))
         w = _weight_as_ekn(graph, gemms[0].slice.param, gemms[0].slice.k_dim, aten)
@@ -239,7 +239,7 @@ def _rewrite_cat(
     graph = gm.graph
     with graph.inserting_before(node):
         rows = _shape(x)
-        if rows is None or rows[0] != end:
+        if rows is None or not isinstance(rows[0], int) or rows[0] != end:
             narrow = torch.ops.aten.slice.Tensor if aten else torch.narrow
             x = graph.call_function(narrow, (x, 0, 0, end))
         w = _weight_as_ekn(graph, param, gemms[0].slice.k_dim, aten)
