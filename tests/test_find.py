@@ -415,6 +415,32 @@ def test_dense_nn_linear_is_reported(how):
     assert "dense" in s.reason and "2-D" in s.reason
 
 
+class ListedExperts(nn.Module):
+    """Experts as a module list of ``nn.Linear`` (older HF MoE code, Megatron's SequentialMLP), looped over the
+    pieces of ``x.split(sizes)``: separate 2-D weights, not slices of one stacked parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(K, N, bias=False) for _ in range(E))
+
+    def forward(self, x, offs=None):
+        pieces = x.split([2, 4, 5, 5])
+        return torch.cat([self.experts[e](pieces[e]) for e in range(E)])
+
+
+@pytest.mark.parametrize("how", TRACES)
+def test_module_list_experts_are_reported_as_experts(how):
+    """Each expert's ``nn.Linear`` in a module list is reported as an expert GEMM that moeq does not quantize, named
+    by its expert index and FQN (not as a dense GEMM), in every kind of graph; the stacked-weight pass cannot rewrite
+    such a loop."""
+    records, skipped = find(Model(ListedExperts()), routed_args(torch.float32), how)
+    assert records == []
+    assert [s.weight_fqn for s in skipped] == [f"mlp.experts.experts.{e}.weight" for e in range(E)]
+    for e, s in enumerate(skipped):
+        assert s.category == "expert"
+        assert f"2-D weight of expert {e} in a per-expert module list" in s.reason and "not quantized" in s.reason
+
+
 @pytest.mark.parametrize("how", TRACES)
 def test_dense_functional_linear_is_reported(how):
     """``F.linear`` on a 2-D parameter is reported as a dense GEMM, not rewritten."""

@@ -476,18 +476,38 @@ def _match_einsum(node, resolver, found, skip) -> None:
     return skip(node, f"einsum {eq!r} has no 3-D parameter operand", None, "activation")
 
 
+#: a 2-D weight of one expert in a module list (HF ``experts.3.w1.weight``, Megatron SequentialMLP's
+#: ``local_experts.3.linear_fc1.weight``)
+_LISTED_EXPERT = re.compile(r"(?:^|\.)(?:local_)?experts\.(\d+)\.")
+
+
+def _skip_2d(node: fx.Node, fqn: str | None, rank: int | str, skip) -> None:
+    """A GEMM on a 2-D parameter: one expert of a per-expert module list (reported as an expert GEMM moeq does not
+    quantize), else a dense GEMM."""
+    listed = _LISTED_EXPERT.search(fqn or "")
+    if listed is not None and rank == 2:
+        return skip(
+            node,
+            f"2-D weight of expert {listed.group(1)} in a per-expert module list: a loop over separate expert weights, "
+            "not quantized (moeq quantizes stacked [E, ...] expert weights: grouped_mm / bmm experts or a loop over "
+            "slices of one)",
+            fqn,
+            "expert",
+        )
+    return skip(
+        node,
+        f"dense GEMM on {rank}-D weight: not a routed expert (attention, router, shared expert, dense MLP)",
+        fqn,
+        "dense",
+    )
+
+
 def _classify_dense(node, weight_index, resolver, skip) -> None:
     w = _arg(node, weight_index, "weight" if weight_index == 1 else "mat2")
     trace = _trace_weight(w, resolver)
     if trace.failure is None:
         shape = tuple(trace.tensor.shape) if trace.tensor is not None else _shape(trace.root)
-        rank = len(shape) if shape is not None else "?"
-        return skip(
-            node,
-            f"dense GEMM on {rank}-D weight: not a routed expert (attention, router, shared expert, dense MLP)",
-            trace.fqn,
-            "dense",
-        )
+        return _skip_2d(node, trace.fqn, len(shape) if shape is not None else "?", skip)
     if trace.fqn is not None:
         return skip(
             node,
@@ -504,9 +524,4 @@ def _classify_leaf_module(gm: fx.GraphModule, node: fx.Node, skip) -> None:
     """Leaf modules kept by symbolic_trace: dense linears are reported like ``F.linear``."""
     module = gm.get_submodule(str(node.target))
     if isinstance(module, torch.nn.Linear):
-        skip(
-            node,
-            "dense GEMM on 2-D weight: not a routed expert (attention, router, shared expert, dense MLP)",
-            f"{node.target}.weight",
-            "dense",
-        )
+        _skip_2d(node, f"{node.target}.weight", 2, skip)
