@@ -52,6 +52,18 @@ class SliceMatmulCat(_Experts):
         return torch.cat(outs, dim=0)
 
 
+class SliceOpenEnded(_Experts):
+    """Consecutive row slices, the last one ``x[start:]``."""
+
+    def forward(self, x):
+        outs, start = [], 0
+        for e, rows in enumerate(SIZES):
+            piece = x[start:] if e == E - 1 else x[start : start + rows]
+            outs.append(F.linear(piece, self.w[e]))
+            start += rows
+        return torch.cat(outs)
+
+
 class SelectLinearStack(_Experts):
     """``stack([F.linear(x[e], w[e]) for e in range(E)])`` over a batched ``[E, rows, K]`` input."""
 
@@ -97,6 +109,8 @@ CASES = [
     (SplitLinearCat, "dynamo"),
     (SliceMatmulCat, "export"),
     (SliceMatmulCat, "dynamo"),
+    (SliceOpenEnded, "export"),
+    (SliceOpenEnded, "dynamo"),
     (SelectLinearStack, "fx"),
     (SelectLinearStack, "export"),
     (SelectLinearStack, "dynamo"),

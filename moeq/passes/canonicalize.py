@@ -10,9 +10,9 @@ the ``stack`` / ``cat``, no bias):
 
 ``gemm(a, w[e])`` is ``linear(a, w[e])`` or ``a @ w[e]`` / ``mm(a, w[e])``, with ``w[e]`` possibly transposed
 (``.t()``, ``transpose(0, 1)``); ``x_e`` in the ``cat`` form is the e-th piece of ``x.split(sizes)`` along rows, or
-consecutive row slices ``x[a_e:b_e]`` starting at row 0 (then x's row count must be known, so slices are exact),
-and the weight bf16 (``torch._grouped_mm``'s meta kernel takes nothing else; such a loop is reported with that
-reason). Only shape-preserving, dtype-preserving ops may sit between ``w[e]`` and the GEMM (a cast would change
+consecutive row slices ``x[a_e:b_e]`` (the last may be ``x[a:]``) starting at row 0 (then x's row count must be
+known, so slices are exact), and the weight bf16 (``torch._grouped_mm``'s meta kernel takes nothing else; such a
+loop is reported with that reason). Only shape-preserving, dtype-preserving ops may sit between ``w[e]`` and the GEMM (a cast would change
 what the grouped op computes). The offsets are a constant int32 tensor made in the graph (the split sizes are
 Python ints in every graph that reaches here: Dynamo specializes them). Anything else is left alone;
 :mod:`moeq.passes.find` then reports each GEMM of the loop with its reason. Works on torch-level (Dynamo,
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,13 +138,14 @@ def _row_piece(node: fx.Node) -> tuple[fx.Node, int, int | None, list[int] | Non
             if isinstance(sizes, (list, tuple)) and all(isinstance(s, int) for s in sizes):
                 return split.args[0], node.args[1], None, list(sizes)
         return None
-    if kind in _GETITEM and isinstance(node.args[1], slice):
+    if kind in _GETITEM and isinstance(node.args[1], slice):  # x[a:b], x[a:] (open end: to the last row)
         s = node.args[1]
-        if s.step in (None, 1) and isinstance(s.start or 0, int) and isinstance(s.stop, int):
-            return node.args[0], s.start or 0, s.stop, None
+        stop = sys.maxsize if s.stop is None else s.stop
+        if s.step in (None, 1) and isinstance(s.start or 0, int) and isinstance(stop, int):
+            return node.args[0], s.start or 0, stop, None
         return None
-    if kind in _SLICE and _dim_arg(node, 1) == 0 and len(node.args) >= 4 and node.args[4:] in ((), (1,)):
-        start, end = node.args[2], node.args[3]
+    if kind in _SLICE and _dim_arg(node, 1) == 0 and len(node.args) >= 3 and node.args[4:] in ((), (1,)):
+        start, end = node.args[2], node.args[3] if len(node.args) > 3 else sys.maxsize
         if isinstance(start, int) and isinstance(end, int):
             return node.args[0], start, end, None
     return None
