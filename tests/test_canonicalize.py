@@ -259,3 +259,22 @@ def test_quantize_graph_on_an_exported_loop_matches_the_grouped_module():
     assert torch.equal(states[0].tokens_per_expert, torch.tensor(SIZES))
     assert torch.equal(outs[0], outs[1])
     assert "per-expert loop as grouped_mm" in reports[0]
+
+
+def test_frozen_loop_matches_the_frozen_grouped_module():
+    """``moeq.freeze`` after calibration: the loop's weight is stored once like the grouped module's (FP8 codes), and
+    the compiled loop keeps giving the grouped module's output bits from the stored weight."""
+    outs = []
+    for experts in (SplitLinearCat(), GroupedEquivalent()):
+        torch._dynamo.reset()
+        model = moeq.prepare(Model(experts), moeq.FP8)
+        compiled = torch.compile(model, backend="moeq")
+        x = _input(SplitLinearCat)
+        with torch.no_grad():
+            with moeq.calibrate(model):
+                compiled(x)
+            moeq.finalize(model)
+            moeq.freeze(model)
+            outs.append(compiled(x))
+        assert "mlp.experts.w" not in dict(model.named_parameters())
+    assert torch.equal(outs[0], outs[1])
