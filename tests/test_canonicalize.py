@@ -278,3 +278,23 @@ def test_frozen_loop_matches_the_frozen_grouped_module():
             outs.append(compiled(x))
         assert "mlp.experts.w" not in dict(model.named_parameters())
     assert torch.equal(outs[0], outs[1])
+
+
+def test_qat_gradients_of_a_loop_match_the_grouped_module():
+    """QAT FP8 training through the canonicalized loop: the expert weight's gradient (STE included) and the input's
+    gradient are bit for bit those of the grouped module with the same weights."""
+    grads = []
+    for experts in (SplitLinearCat(), GroupedEquivalent()):
+        torch._dynamo.reset()
+        model = moeq.prepare(Model(experts), moeq.FP8)
+        compiled = torch.compile(model, backend="moeq")
+        x = _input(SplitLinearCat)
+        with torch.no_grad(), moeq.calibrate(model):
+            compiled(x)
+        moeq.finalize(model)
+        x.requires_grad_(True)
+        compiled(x).float().square().sum().backward()
+        grads.append((model.mlp.experts.w.grad, x.grad))
+    assert grads[0][0] is not None and grads[0][0].abs().sum() > 0
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.equal(grads[0][1], grads[1][1])
