@@ -79,6 +79,13 @@ class GroupedEquivalent(_Experts):
         return torch._grouped_mm(x, self.w.transpose(1, 2), offs=offs)
 
 
+class BatchedEquivalent(_Experts):
+    """The ``bmm`` module the batched (``stack``) loop computes."""
+
+    def forward(self, x):
+        return torch.bmm(x, self.w.transpose(1, 2))
+
+
 class MLP(nn.Module):
     def __init__(self, experts: nn.Module) -> None:
         super().__init__()
@@ -139,14 +146,21 @@ def test_whole_loops_become_one_grouped_gemm(cls, how):
     torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-3)  # one bf16 rounding apart
 
 
-@pytest.mark.parametrize("cls", [SplitLinearCat, SliceMatmulCat])
+PAIRS = [
+    (SplitLinearCat, GroupedEquivalent),
+    (SliceMatmulCat, GroupedEquivalent),
+    (SelectLinearStack, BatchedEquivalent),
+]
+
+
+@pytest.mark.parametrize("cls,equivalent", PAIRS, ids=[c.__name__ for c, _ in PAIRS])
 @pytest.mark.parametrize("fmt", ["FP8", "NVFP4"])
-def test_quantized_loop_matches_quantized_grouped_module(cls, fmt):
+def test_quantized_loop_matches_quantized_grouped_module(cls, equivalent, fmt):
     """``torch.compile(backend="moeq")`` of the loop: calibration records the same per-expert statistics, and the
-    finalized outputs are bit for bit those of the grouped module with the same weights."""
+    finalized outputs are bit for bit those of the grouped (or batched) module with the same weights."""
     cfg = getattr(moeq, fmt)
     outs, states, reports = [], [], []
-    for experts in (cls(), GroupedEquivalent()):
+    for experts in (cls(), equivalent()):
         torch._dynamo.reset()
         model = moeq.prepare(Model(experts), cfg)
         compiled = torch.compile(model, backend="moeq", fullgraph=True)
@@ -159,12 +173,14 @@ def test_quantized_loop_matches_quantized_grouped_module(cls, fmt):
         states.append(moeq.quant_state(model)[FQN])
         reports.append(str(moeq.explain(model)))
     loop, grouped = states
-    assert torch.equal(loop.tokens_per_expert, torch.tensor(SIZES))
+    if cls is not SelectLinearStack:
+        assert torch.equal(loop.tokens_per_expert, torch.tensor(SIZES))
     assert torch.equal(loop.tokens_per_expert, grouped.tokens_per_expert)
     assert torch.equal(loop.observed_input_amax, grouped.observed_input_amax)
     assert torch.equal(loop.weight_amax, grouped.weight_amax)
     assert torch.equal(outs[0], outs[1])
-    assert "per-expert loop as grouped_mm" in reports[0] and FQN in reports[0]
+    assert f"per-expert loop as {'bmm' if cls is SelectLinearStack else 'grouped_mm'}" in reports[0]
+    assert FQN in reports[0]
 
 
 class Subset(_Experts):
