@@ -151,10 +151,17 @@ def _row_piece(node: fx.Node) -> tuple[fx.Node, int, int | None, list[int] | Non
     return None
 
 
+def _value_of(param: fx.Node, resolved: dict[fx.Node, torch.Tensor]) -> torch.Tensor | None:
+    """The parameter's tensor (example input / attribute), else its fake value from the graph's meta."""
+    if param in resolved:
+        return resolved[param]
+    values = [param.meta.get(key) for key in ("val", "example_value")]
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
+
+
 def _expert_count(param: fx.Node, resolved: dict[fx.Node, torch.Tensor]) -> int | None:
-    value = resolved.get(param)
-    shape = tuple(value.shape) if value is not None else _shape(param)
-    return shape[0] if shape is not None and len(shape) == 3 else None
+    value = _value_of(param, resolved)
+    return value.shape[0] if value is not None and value.dim() == 3 else None
 
 
 def _loop_of(node: fx.Node, resolved: dict[fx.Node, torch.Tensor]) -> tuple[list[_Gemm], int] | None:
@@ -220,8 +227,10 @@ def _rewrite_cat(
         rows = _shape(x)
         if rows is None or not all(isinstance(r, int) for r in rows[:1]):
             return None
-        bounds = [min(max(p[1], 0), rows[0]) for p in pieces] + [min(pieces[-1][2], rows[0])]
-        if bounds[0] != 0 or any(p[1] < 0 or p[2] < 0 for p in pieces):
+        if any(p[1] < 0 or p[2] < 0 for p in pieces):  # counted from the end: not handled
+            return None
+        bounds = [min(p[1], rows[0]) for p in pieces] + [min(pieces[-1][2], rows[0])]
+        if bounds[0] != 0:
             return None
         if any(min(p[2], rows[0]) != bounds[e + 1] for e, p in enumerate(pieces)):
             return None
@@ -230,14 +239,15 @@ def _rewrite_cat(
             return None
         end = bounds[-1]
     param = gemms[0].slice.param
-    dtype = resolved[param].dtype if param in resolved else None
+    value = _value_of(param, resolved)
+    dtype = value.dtype if value is not None else None
     if dtype != torch.bfloat16:  # torch._grouped_mm's meta kernel (so every compiled graph) takes bf16 only
         for g in gemms:
             g.node.meta[LOOP_KEPT_META] = (
                 f"not rewritten into torch._grouped_mm, which takes bf16 only (weight {dtype})"
             )
         return None
-    device = _device_of(param, resolved)
+    device = value.device
     graph = gm.graph
     with graph.inserting_before(node):
         rows = _shape(x)
@@ -250,15 +260,6 @@ def _rewrite_cat(
         target = torch.ops.aten._grouped_mm.default if aten else torch._grouped_mm
         grouped = graph.call_function(target, (x, w), {"offs": offs_node})
     return _replace(node, grouped, gemms, "grouped_mm")
-
-
-def _device_of(param: fx.Node, resolved: dict[fx.Node, torch.Tensor]) -> torch.device:
-    if param in resolved:
-        return resolved[param].device
-    for key in ("val", "example_value"):
-        if isinstance(param.meta.get(key), torch.Tensor):
-            return param.meta[key].device
-    return torch.device("cpu")
 
 
 def _replace(node: fx.Node, new: fx.Node, gemms: list[_Gemm], form: str) -> str:
