@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from moeq.passes.find import _T, _TRANSPOSE, LOOP_KEPT_META, LOOP_META, _shape, target_name
+from moeq.passes.find import _T, _TRANSPOSE, LOOP_KEPT_META, LOOP_META, _fetch_attr, _shape, target_name
 
 __all__ = ["canonicalize_expert_loops"]
 
@@ -41,7 +41,7 @@ _CAT = {"torch.cat", "aten.cat", "torch.concat", "torch.concatenate"}
 _LINEAR = {"torch._C._nn.linear", "torch.nn.functional.linear", "aten.linear"}
 _MATMUL = {"torch.mm", "method:mm", "aten.mm", "torch.matmul", "method:matmul", "_operator.matmul", "aten.matmul"}
 _SPLIT = {"torch.split", "method:split", "aten.split_with_sizes", "torch.functional.split"}
-_SELECT = {"aten.select"}
+_SELECT = {"aten.select", "method:select"}
 _SLICE = {"aten.slice"}
 _GETITEM = {"_operator.getitem", "method:__getitem__"}
 # between w[e] and the GEMM: ops that keep values, shape and dtype (no casts)
@@ -85,15 +85,10 @@ def _expert_slice(node: Any, k_dim_of_operand: int) -> _ExpertSlice | None:
         elif kind not in _SAME_VALUES:
             break
         node = node.args[0] if node.args else None
-    if not isinstance(node, fx.Node):
+    selected = _selected_batch(node) if isinstance(node, fx.Node) else None
+    if selected is None:
         return None
-    kind = target_name(node)
-    if kind in _GETITEM and isinstance(node.args[1], int):
-        param, expert = node.args[0], node.args[1]
-    elif kind in _SELECT | {"method:select"} and node.args[1:2] == (0,) and isinstance(node.args[2], int):
-        param, expert = node.args[0], node.args[2]
-    else:
-        return None
+    param, expert = selected
     if not isinstance(param, fx.Node) or param.op not in ("placeholder", "get_attr") or expert < 0:
         return None
     return _ExpertSlice(param, expert, 1 + k)
@@ -122,7 +117,7 @@ def _selected_batch(node: fx.Node) -> tuple[fx.Node, int] | None:
     kind = target_name(node)
     if kind in _GETITEM and isinstance(node.args[1], int):
         return node.args[0], node.args[1]
-    if kind in _SELECT | {"method:select"} and node.args[1:2] == (0,) and isinstance(node.args[2], int):
+    if kind in _SELECT and node.args[1:2] == (0,) and isinstance(node.args[2], int):
         return node.args[0], node.args[2]
     return None
 
@@ -164,7 +159,7 @@ def _expert_count(param: fx.Node, resolved: dict[fx.Node, torch.Tensor]) -> int 
     return value.shape[0] if value is not None and value.dim() == 3 else None
 
 
-def _loop_of(node: fx.Node, resolved: dict[fx.Node, torch.Tensor]) -> tuple[list[_Gemm], int] | None:
+def _loop_of(node: fx.Node, resolved: dict[fx.Node, torch.Tensor]) -> list[_Gemm] | None:
     """The expert GEMMs feeding a stack / cat along dim 0, if they form a whole per-expert loop."""
     pieces = node.args[0] if node.args else node.kwargs.get("tensors")
     if not isinstance(pieces, (list, tuple)) or not pieces or _dim_arg(node, 1) != 0:
@@ -179,7 +174,7 @@ def _loop_of(node: fx.Node, resolved: dict[fx.Node, torch.Tensor]) -> tuple[list
     for e, g in enumerate(gemms):
         if (g.slice.param, g.slice.expert, g.slice.k_dim) != (first.param, e, first.k_dim):
             return None
-    return gemms, num_experts
+    return gemms
 
 
 def _weight_as_ekn(graph: fx.Graph, param: fx.Node, k_dim: int, aten: bool) -> fx.Node:
@@ -189,9 +184,15 @@ def _weight_as_ekn(graph: fx.Graph, param: fx.Node, k_dim: int, aten: bool) -> f
     return graph.call_function(transpose, (param, 1, 2))
 
 
-def _rewrite_stack(
-    gm: fx.GraphModule, node: fx.Node, gemms: list[_Gemm], aten: bool, resolved: dict[fx.Node, torch.Tensor]
-) -> str | None:
+def _first_rows(graph: fx.Graph, x: fx.Node, rows: int, aten: bool) -> fx.Node:
+    """``x[:rows]``, or ``x`` itself when its (static) row count is ``rows``."""
+    shape = _shape(x)
+    if shape is not None and isinstance(shape[0], int) and shape[0] == rows:
+        return x
+    return graph.call_function(torch.ops.aten.slice.Tensor if aten else torch.narrow, (x, 0, 0, rows))
+
+
+def _rewrite_stack(gm: fx.GraphModule, node: fx.Node, gemms: list[_Gemm], aten: bool) -> str | None:
     batches = [_selected_batch(g.x) for g in gemms]
     if any(b is None for b in batches):
         return None
@@ -200,10 +201,7 @@ def _rewrite_stack(
         return None
     graph = gm.graph
     with graph.inserting_before(node):
-        rows = _shape(x)
-        if rows is None or not isinstance(rows[0], int) or rows[0] != len(gemms):
-            narrow = torch.ops.aten.slice.Tensor if aten else torch.narrow
-            x = graph.call_function(narrow, (x, 0, 0, len(gemms)))
+        x = _first_rows(graph, x, len(gemms), aten)
         w = _weight_as_ekn(graph, gemms[0].slice.param, gemms[0].slice.k_dim, aten)
         bmm = graph.call_function(torch.ops.aten.bmm.default if aten else torch.bmm, (x, w))
     return _replace(node, bmm, gemms, "bmm")
@@ -250,10 +248,7 @@ def _rewrite_cat(
     device = value.device
     graph = gm.graph
     with graph.inserting_before(node):
-        rows = _shape(x)
-        if rows is None or not isinstance(rows[0], int) or rows[0] != end:
-            narrow = torch.ops.aten.slice.Tensor if aten else torch.narrow
-            x = graph.call_function(narrow, (x, 0, 0, end))
+        x = _first_rows(graph, x, end, aten)
         w = _weight_as_ekn(graph, param, gemms[0].slice.k_dim, aten)
         offs = list(itertools.accumulate(sizes))
         offs_node = graph.call_function(torch.tensor, (offs,), {"dtype": torch.int32, "device": device})
@@ -280,23 +275,22 @@ def canonicalize_expert_loops(gm: fx.GraphModule, example_inputs: list[Any] | No
     if example_inputs is not None:
         resolved = {n: v for n, v in zip(placeholders, example_inputs) if isinstance(v, torch.Tensor)}
     for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            value = gm
-            for part in str(n.target).split("."):
-                value = getattr(value, part, None)
-            if isinstance(value, torch.Tensor):
-                resolved[n] = value
+        value = _fetch_attr(gm, str(n.target)) if n.op == "get_attr" else None
+        if isinstance(value, torch.Tensor):
+            resolved[n] = value
     done = []
     for node in list(gm.graph.nodes):
         kind = target_name(node)
         if node.op != "call_function" or kind not in _STACK | _CAT:
             continue
-        loop = _loop_of(node, resolved)
-        if loop is None:
+        gemms = _loop_of(node, resolved)
+        if gemms is None:
             continue
         aten = isinstance(node.target, torch._ops.OpOverload)
-        rewrite = _rewrite_stack if kind in _STACK else _rewrite_cat
-        what = rewrite(gm, node, loop[0], aten, resolved)
+        if kind in _STACK:
+            what = _rewrite_stack(gm, node, gemms, aten)
+        else:
+            what = _rewrite_cat(gm, node, gemms, aten, resolved)
         if what is not None:
             logger.info("moeq: %s", what)
             done.append(what)
