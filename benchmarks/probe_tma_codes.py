@@ -6,7 +6,8 @@ tile); only the loads differ. A 2-D descriptor over the codes ``x [M, K]`` reads
 expert's first row (rows of the next expert are multiplied too and never stored; rows past ``M`` read as zeros), one
 over the K-contiguous weight codes ``[E * N, K]`` reads ``BLOCK_N`` rows from ``e * N + n0``. Host descriptors
 (``TensorDescriptor``, encoded per launch) and device descriptors (``tl.make_tensor_descriptor``) both run.
-Checks each variant against the float64 product of the codes, prints one table, writes JSON to ``--out``.
+Checks each variant against the float64 product of torch's own e4m3 casts (``probes.fp8_codes_reference``),
+prints one table, writes JSON to ``--out``.
 
     python benchmarks/probe_tma_codes.py --out $OUT/tma.json
 """
@@ -18,7 +19,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from probes import ProbeTable, probe_inputs, qwen3_probe_main
+from probes import ProbeTable, fp8_codes_reference, probe_inputs, qwen3_probe_main
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts
@@ -117,10 +118,7 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
     wc_nk = fake_quant_experts(p.w_nk, w_amax, "fp8", -1, codes=True)
     wc = wc_nk.transpose(1, 2)
     w_scale = w_amax / 448.0
-    ref = torch.zeros(rows, n, dtype=torch.float64, device="cuda")
-    for e, (s, t) in enumerate(zip([0] + offs.tolist()[:-1], offs.tolist())):
-        ref[s:t] = (xc[s:t].double() @ wc[e].double()) * (x_amax.double() / 448) * w_scale[e].double()
-    table = ProbeTable(label, ref, p.flops)
+    table = ProbeTable(label, fp8_codes_reference(p), p.flops)
     record = table.record
     record("torch._grouped_mm bf16", lambda: torch._grouped_mm(p.x, p.w, offs).float())
     xs = (x_amax / 448).expand(rows).contiguous()
