@@ -3,8 +3,8 @@ QAT FP8 training step runs it (the wgrad GEMM's ``[E, K, N]`` output masked thro
 view, the weight in HF's ``[E, N, K]``), with and without the weight's FP8 codes, over tiles and warps; and the same
 with a gradient laid out like the weight. Each variant is checked bit for bit against torch's
 ``g * (|w| <= amax)`` first; prints achieved read bandwidth (the bytes the kernel must read: 2 per element from the
-weight, 1 from the codes) against an HBM copy in the same run; and a variant that tests four codes per 32-bit word
-(session 20's next step, not in moeq yet). JSON to ``--out``.
+weight, 1 from the codes) against an HBM copy in the same run; and the codes read four per 32-bit word (moeq's
+path since session 21). JSON to ``--out``.
 
     python benchmarks/probe_ste_mask.py --out $OUT/ste_mask.json
 """
@@ -17,69 +17,25 @@ import json
 
 import torch
 import triton
-import triton.language as tl
 from bench_grouped_qmm import copy_bandwidth
 from triton.testing import do_bench
 
 from moeq.runtime.kernels import fake_quant_experts
-from moeq.runtime.kernels.ste_mask import _CODES_MIN_AMAX, _mask_clipped_grad_kernel, _zero_clipped
+from moeq.runtime.kernels.ste_mask import _CODES_MIN_AMAX, _mask_clipped_grad_kernel
 
 WORD_TILES = [(16, 256, 4), (16, 512, 4), (32, 256, 4), (8, 1024, 4), (32, 512, 8)]
 TILES = [(8, 256, 4), (16, 256, 4), (32, 256, 8), (4, 1024, 4), (8, 512, 8), (64, 64, 4), (32, 128, 4), (16, 512, 8)]
 
 
-def launch(g, w, amax, codes, block_m, block_n, warps):
+def launch(g, w, amax, codes, block_m, block_n, warps, words=False):
+    """moeq's mask kernel at one tile; ``words``: test the codes four per 32-bit word (contiguous codes along N)."""
     num_experts, m, n = w.shape
     bits = codes if codes is not None else amax
     c_strides = codes.stride() if codes is not None else (0, 0, 0)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), num_experts)
     _mask_clipped_grad_kernel[grid](
-        g, w, amax, bits, m, n, *g.stride(), *w.stride(), *c_strides, CODES=codes is not None,
-        CODES_MIN_AMAX=_CODES_MIN_AMAX, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-    )  # fmt: skip
-    return g
-
-
-@triton.jit
-def _mask_words_kernel(
-    g_ptr, w_ptr, amax_ptr, words_ptr, codes_ptr, M, N, stride_ge, stride_gm, stride_gn, stride_we, stride_wm,
-    stride_wn, stride_ce, stride_cm, stride_de, stride_dm, CODES_MIN_AMAX: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """The codes mask deciding four codes per 32-bit word: a byte is undecided iff ``(b & 0x7E) == 0x7E`` (+-448,
-    NaN), i.e. iff ``(word & 0x7E7E7E7E) ^ 0x7E7E7E7E`` has a zero byte (the exact any-zero-byte test); only a tile
-    with one (or a tiny amax) goes per element, as moeq's kernel does. Codes ``[E, M, N]``, N contiguous, N % 4 == 0;
-    ``words_ptr`` the same bytes as int32 ``[E, M, N / 4]`` (strides ``stride_de``, ``stride_dm``)."""
-    expert = tl.program_id(2).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    wcols = tl.program_id(0) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
-    amax = tl.load(amax_ptr + expert)
-    inside_w = (rows[:, None] < M) & (wcols[None, :] < N // 4)
-    d_offs = expert * stride_de + rows[:, None] * stride_dm + wcols[None, :]
-    words = tl.load(words_ptr + d_offs, mask=inside_w, other=0).to(tl.uint32, bitcast=True)
-    t = (words & 0x7E7E7E7E) ^ 0x7E7E7E7E
-    flagged = (((t - 0x01010101) & ~t & 0x80808080) != 0) & inside_w
-    tiny = (amax < CODES_MIN_AMAX).to(tl.int32)
-    if tl.max(flagged.to(tl.int32)) + tiny > 0:
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        inside = (rows[:, None] < M) & (cols[None, :] < N)
-        code = tl.load(codes_ptr + expert * stride_ce + rows[:, None] * stride_cm + cols[None, :], mask=inside,
-                       other=0).to(tl.int32)  # fmt: skip
-        undecided = inside & ((code & 0x7F) + tiny * 0x7E >= 0x7E)
-        w_offs = expert * stride_we + rows[:, None] * stride_wm + cols[None, :] * stride_wn
-        w = tl.load(w_ptr + w_offs, mask=undecided, other=0.0)
-        g_offs = expert * stride_ge + rows[:, None] * stride_gm + cols[None, :] * stride_gn
-        _zero_clipped(g_ptr + g_offs, w, amax, undecided)
-
-
-def launch_words(g, w, amax, codes, block_m, block_n, warps):
-    """The word-wise codes mask (codes contiguous along N, N a multiple of 4)."""
-    num_experts, m, n = w.shape
-    words = codes.view(torch.int32)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), num_experts)
-    _mask_words_kernel[grid](
-        g, w, amax, words, codes, m, n, *g.stride(), *w.stride(), codes.stride(0), codes.stride(1),
-        words.stride(0), words.stride(1), CODES_MIN_AMAX=_CODES_MIN_AMAX, BLOCK_M=block_m, BLOCK_N=block_n,
+        g, w, amax, bits, bits.view(torch.int32) if words else bits, m, n, *g.stride(), *w.stride(), *c_strides,
+        CODES=codes is not None, WORDS=words, CODES_MIN_AMAX=_CODES_MIN_AMAX, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps,
     )  # fmt: skip
     return g
@@ -127,7 +83,7 @@ def main() -> None:
                 what = f"{layout:22s} codes={use_codes!s:5s} {bm}x{bn} w{warps}"
                 measure(rows, what, run, g, want, w.numel() * (1 if use_codes else 2), copy_tbs)
     for bm, bn, warps in WORD_TILES:
-        run = functools.partial(launch_words, w=w, amax=amax, codes=codes, block_m=bm, block_n=bn, warps=warps)
+        run = functools.partial(launch, w=w, amax=amax, codes=codes, block_m=bm, block_n=bn, warps=warps, words=True)
         what = f"{'wgrad [E,K,N] permuted':22s} codes as words {bm}x{bn} w{warps}"
         measure(rows, what, run, g_kn.clone().transpose(1, 2), want, w.numel(), copy_tbs)
     if args.out:

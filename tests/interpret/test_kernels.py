@@ -365,6 +365,33 @@ def test_mask_clipped_grad_trusts_codes_below_448():
     assert_same_bits(got, g * keep, "codes of 448")
 
 
+@pytest.mark.parametrize("byte", [0, 1, 2, 3])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_mask_clipped_grad_tests_codes_four_per_word(byte, offset):
+    """Contiguous, 4-byte aligned codes are tested four per 32-bit word: an undecided code (+-448, NaN) at any byte
+    of a word, in a tile of decided codes (up to 0x7D / 0xFD, one step below 448), sends exactly that entry to its
+    weight; codes one byte off alignment take the per-byte path with the same result. Every weight here clips, so
+    the gradient is zeroed exactly where the codes defer to the weight."""
+    from moeq.runtime.kernels.ste_mask import reads_words
+
+    gen = torch.Generator().manual_seed(byte)
+    shape = (2, 5, 64)
+    g = torch.randn(shape, generator=gen)
+    amax = torch.tensor([0.5, 2.0])
+    w = torch.full(shape, 4.0)  # every weight clips
+    storage = torch.randint(0, 0x7E, (2 * 5 * 64 + offset,), generator=gen, dtype=torch.uint8)
+    storage |= torch.randint(0, 2, storage.shape, generator=gen, dtype=torch.uint8) << 7  # both signs
+    codes = storage[offset:].view(shape)
+    undecided = torch.zeros(shape, dtype=torch.bool)
+    for e, row, word, value in [(0, 0, 3, 0x7E), (0, 4, 15, 0xFE), (1, 2, 0, 0x7F), (1, 3, 9, 0xFF)]:
+        codes[e, row, 4 * word + byte] = value
+        undecided[e, row, 4 * word + byte] = True
+    assert reads_words(codes) == (offset == 0)
+    got = g.clone()
+    kernels.mask_clipped_grad_(got, w, amax, codes)
+    assert_same_bits(got, torch.where(undecided, g * 0.0, g), f"byte {byte}")
+
+
 def test_mask_clipped_grad_rejects_bad_input():
     w = torch.randn(2, 4, 8)
     with pytest.raises(ValueError, match="same stacked \\[E, M, N\\] shape"):
