@@ -430,6 +430,8 @@ def _match_batched(node, kind, resolver, found, skip) -> None:
             )
         return skip(node, "matmul without a parameter operand (activation x activation)", None, "activation")
     if "matmul" in kind and any(s is not None and len(s) != 3 for s in shapes):
+        if _weight_rank(trace) == 2:  # x @ w.t() on a 2-D parameter (Megatron's linears): per expert or dense
+            return _skip_2d(node, trace.fqn, 2, skip)
         return skip(node, f"matmul of shapes {shapes}: not a batched expert GEMM", trace.fqn, "dense")
     form = "per-expert loop as bmm" if node.meta.get(LOOP_META) is not None else "bmm"
     rec = _record(node, form, x, None, trace, 0, k_w, 0, k_x)
@@ -481,6 +483,12 @@ def _match_einsum(node, resolver, found, skip) -> None:
 _LISTED_EXPERT = re.compile(r"(?:^|\.)(?:local_)?experts\.(\d+)\.")
 
 
+def _weight_rank(trace: _WeightTrace) -> int | str:
+    """The traced parameter's rank ("?" where the graph does not say)."""
+    shape = tuple(trace.tensor.shape) if trace.tensor is not None else _shape(trace.root)
+    return len(shape) if shape is not None else "?"
+
+
 def _skip_2d(node: fx.Node, fqn: str | None, rank: int | str, skip) -> None:
     """A GEMM on a 2-D parameter: one expert of a per-expert module list (reported as an expert GEMM moeq does not
     quantize), else a dense GEMM."""
@@ -506,8 +514,7 @@ def _classify_dense(node, weight_index, resolver, skip) -> None:
     w = _arg(node, weight_index, "weight" if weight_index == 1 else "mat2")
     trace = _trace_weight(w, resolver)
     if trace.failure is None:
-        shape = tuple(trace.tensor.shape) if trace.tensor is not None else _shape(trace.root)
-        return _skip_2d(node, trace.fqn, len(shape) if shape is not None else "?", skip)
+        return _skip_2d(node, trace.fqn, _weight_rank(trace), skip)
     if trace.fqn is not None:
         return skip(
             node,

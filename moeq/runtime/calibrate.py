@@ -109,6 +109,12 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
     state = get_state(model)
     _not_frozen(state, "finalize")
     if len(state) == 0:
+        experts = [s for report in state.reports.values() for s in report.skipped if s.category == "expert"]
+        if experts:
+            raise RuntimeError(
+                f"finalize(): the compiled graphs hold {len(experts)} expert GEMMs, none of which moeq can rewrite; "
+                f"the first, on {experts[0].weight_fqn}: {experts[0].reason}. moeq.explain(model) lists them all"
+            )
         raise RuntimeError(
             "finalize(): no expert GEMM has been rewritten yet; run the model compiled with backend='moeq' "
             "(or a graph from moeq.quantize_graph) at least once, inside moeq.calibrate()"
