@@ -56,17 +56,23 @@ def sequential_mlp(group) -> torch.nn.Module:
     return megatron_experts.SequentialMLP(E, cfg, submodules, pg_collection=groups)
 
 
-def test_sequential_mlp_experts_are_reported_per_expert(world):
-    """Compiled with moeq (one Dynamo graph with ``capture_scalar_outputs``), every expert GEMM of the loop is
-    reported as an expert GEMM not quantized, naming its expert and FQN; the model still computes its eager output;
-    ``finalize`` refuses with the reason instead of "run the model compiled with backend='moeq'"."""
+@pytest.mark.parametrize("how", ["dynamo", "export"])
+def test_sequential_mlp_experts_are_reported_per_expert(world, how):
+    """Compiled with moeq (one Dynamo graph with ``capture_scalar_outputs``) or exported (non-strict) and passed to
+    ``quantize_graph``, every expert GEMM of the loop is reported as an expert GEMM not quantized, naming its expert
+    and FQN; the graph still computes the eager output; ``finalize`` refuses with the reason instead of "run the model
+    compiled with backend='moeq'"."""
     model = moeq.prepare(sequential_mlp(world), moeq.FP8)
     x, probs = torch.randn(10, HIDDEN), torch.rand(10)
     tokens_per_expert = torch.tensor([3, 0, 5, 2])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want, _ = model(x, tokens_per_expert, probs)
-        compiled = torch.compile(model, backend="moeq_aot_eager")
+        if how == "dynamo":
+            compiled = torch.compile(model, backend="moeq_aot_eager")
+        else:
+            exported = torch.export.export(model, (x, tokens_per_expert, probs), strict=False)
+            compiled = moeq.quantize_graph(exported)
         with torch._dynamo.config.patch(capture_scalar_outputs=True), moeq.calibrate(compiled):
             got, _ = compiled(x, tokens_per_expert, probs)
     torch.testing.assert_close(got, want)
