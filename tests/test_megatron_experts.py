@@ -8,7 +8,6 @@ yet, and must say so per expert (never a silent skip, never "dense"), and ``fina
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -23,16 +22,16 @@ E, HIDDEN, FFN = 4, 32, 64
 
 
 @pytest.fixture(scope="module")
-def world():
-    """A one-process gloo group (megatron's linears ask for their tensor-parallel group); megatron's
-    ``parallel_state`` stays uninitialized, so its process groups come from a hand-built collection."""
+def world(tmp_path_factory):
+    """A one-process gloo group (megatron's linears ask for their tensor-parallel group) rendezvousing through a file
+    (no port to collide with other runs); megatron's ``parallel_state`` stays uninitialized, so its process groups
+    come from a hand-built collection."""
     import torch.distributed as dist
 
     created = not dist.is_initialized()
     if created:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29531")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        store = tmp_path_factory.mktemp("gloo") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     yield dist.group.WORLD
     if created:
         dist.destroy_process_group()
