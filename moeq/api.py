@@ -61,6 +61,21 @@ def _mode_reading_class(cls: type, names: tuple[str, ...]) -> type:
     return _MODE_READING_CLASSES[key]
 
 
+def _warn_module_list_experts(model: nn.Module) -> None:
+    """Say at once when experts live in a module list of separate 2-D weights (Megatron ``SequentialMLP``'s
+    ``local_experts``, older HF ``experts``): moeq reports those GEMMs and does not quantize them."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("experts", "local_experts") and isinstance(module, nn.ModuleList):
+            if all(p.dim() <= 2 for p in module.parameters()) and len(module) > 1:
+                logger.warning(
+                    "moeq.prepare: %s holds %d experts as a module list of separate 2-D weights; moeq quantizes "
+                    "stacked [E, ...] expert weights (grouped_mm / bmm experts, or loops over slices of one), so "
+                    "these expert GEMMs stay unquantized (moeq.explain lists each one)",
+                    name,
+                    len(module),
+                )
+
+
 def prepare(
     model: nn.Module, config: QuantConfig | None = None, *, tp_sharding: dict[str, str] | None = None
 ) -> nn.Module:
@@ -92,6 +107,7 @@ def prepare(
     state = attach_state(model, config)
     _set_tp_sharding(state, tp_sharding)
     use_grouped_experts(model)
+    _warn_module_list_experts(model)
     for module in model.modules():
         expert_params = tuple(sorted(n for n, p in module.named_parameters(recurse=False) if p.dim() >= 3))
         if expert_params:

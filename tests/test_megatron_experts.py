@@ -56,12 +56,14 @@ def sequential_mlp(group) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("how", ["dynamo", "export"])
-def test_sequential_mlp_experts_are_reported_per_expert(world, how):
+def test_sequential_mlp_experts_are_reported_per_expert(world, how, caplog):
     """Compiled with moeq (one Dynamo graph with ``capture_scalar_outputs``) or exported (non-strict) and passed to
     ``quantize_graph``, every expert GEMM of the loop is reported as an expert GEMM not quantized, naming its expert
     and FQN; the graph still computes the eager output; ``finalize`` refuses with the reason instead of "run the model
-    compiled with backend='moeq'"."""
-    model = moeq.prepare(sequential_mlp(world), moeq.FP8)
+    compiled with backend='moeq'". ``prepare`` already warns that the module list stays unquantized."""
+    with caplog.at_level("WARNING", logger="moeq.api"):
+        model = moeq.prepare(sequential_mlp(world), moeq.FP8)
+    assert f"local_experts holds {E} experts as a module list of separate 2-D weights" in caplog.text
     x, probs = torch.randn(10, HIDDEN), torch.rand(10)
     tokens_per_expert = torch.tensor([3, 0, 5, 2])
     with torch.no_grad(), warnings.catch_warnings():
