@@ -10,9 +10,8 @@ casts first. Session 21's question: can the codes GEMM (0.29 of the gate_up op's
 
 from __future__ import annotations
 
-import torch
 import triton
-from probes import ProbeTable, fp8_codes_reference, probe_inputs, qwen3_probe_main
+from probes import qat_fp8_table, qwen3_probe_main
 
 from moeq.formats import get_format
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts
@@ -24,11 +23,7 @@ TILES = [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (2
 
 
 def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
-    p = probe_inputs(k, n, rows)
-    table = ProbeTable(label, fp8_codes_reference(p), p.flops)
-    table.record("torch._grouped_mm bf16", lambda: torch._grouped_mm(p.x, p.w, p.offs))
-    table.record("QAT FP8 grouped_qmm (whole op)", lambda: grouped_qmm(p.x, p.w, p.offs, p.w_amax, None, p.x_amax,
-                                                                        "fake_fp8", "fp8"))  # fmt: skip
+    p, table = qat_fp8_table(label, k, n, rows)
     xc = fake_quant_act(p.x, p.offs, p.x_amax, "fp8", codes=True)
     wc = fake_quant_experts(p.w, p.w_amax, "fp8", 1, codes=True)
     w_scale = get_format("fp8").scale_from_amax(p.w_amax)

@@ -11,9 +11,8 @@ against the float64 product of torch's own e4m3 casts first. JSON to ``--out``.
 
 from __future__ import annotations
 
-import torch
 from bench_grouped_qmm import bench
-from probes import ProbeTable, fp8_codes_reference, probe_inputs, qwen3_probe_main
+from probes import qat_fp8_table, qwen3_probe_main
 
 from moeq.formats import get_format
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts
@@ -21,12 +20,8 @@ from moeq.runtime.kernels.grouped_qmm import grouped_qmm
 
 
 def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
-    p = probe_inputs(k, n, rows)
+    p, table = qat_fp8_table(label, k, n, rows)
     offs, w_amax, x_amax = p.offs, p.w_amax, p.x_amax
-    table = ProbeTable(label, fp8_codes_reference(p), p.flops)
-    table.record("torch._grouped_mm bf16", lambda: torch._grouped_mm(p.x, p.w, offs))
-    table.record("QAT FP8 grouped_qmm (whole op)", lambda: grouped_qmm(p.x, p.w, offs, w_amax, None, x_amax,
-                                                                        "fake_fp8", "fp8"))  # fmt: skip
     xc = fake_quant_act(p.x, offs, x_amax, "fp8", codes=True)
     wc = fake_quant_experts(p.w, w_amax, "fp8", 1, codes=True)
     w_scale = get_format("fp8").scale_from_amax(w_amax)

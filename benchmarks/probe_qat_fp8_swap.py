@@ -11,9 +11,8 @@ own e4m3 casts first. Session 21's question: can the weight pass (0.31 ms of the
 
 from __future__ import annotations
 
-import torch
 import triton
-from probes import ProbeTable, fp8_codes_reference, probe_inputs, qwen3_probe_main
+from probes import qat_fp8_table, qwen3_probe_main
 
 from moeq.runtime.kernels import fake_quant_act
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
@@ -35,11 +34,7 @@ CONFIGS = [
 
 
 def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
-    p = probe_inputs(k, n, rows)
-    table = ProbeTable(label, fp8_codes_reference(p), p.flops)
-    table.record("torch._grouped_mm bf16", lambda: torch._grouped_mm(p.x, p.w, p.offs))
-    table.record("shipped QAT FP8 (3 launches)", lambda: grouped_qmm(p.x, p.w, p.offs, p.w_amax, None, p.x_amax,
-                                                                      "fake_fp8", "fp8"))  # fmt: skip
+    p, table = qat_fp8_table(label, k, n, rows)
     xc = fake_quant_act(p.x, p.offs, p.x_amax, "fp8", codes=True)
     table.record("activation codes pass", lambda: fake_quant_act(p.x, p.offs, p.x_amax, "fp8", codes=True), False)
     for bm, bn, bk, warps, stages, swap, tail in CONFIGS:

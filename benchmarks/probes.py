@@ -92,6 +92,19 @@ class ProbeTable:
         return self.rows
 
 
+def qat_fp8_table(label: str, k: int, n: int, rows: int) -> tuple[ProbeInputs, ProbeTable]:
+    """A QAT FP8 probe's inputs and table, opened with its anchors: bf16 ``torch._grouped_mm`` (the first row, which
+    the ratios use) and moeq's whole QAT FP8 op as shipped."""
+    from moeq.runtime.kernels.grouped_qmm import grouped_qmm
+
+    p = probe_inputs(k, n, rows)
+    table = ProbeTable(label, fp8_codes_reference(p), p.flops)
+    table.record("torch._grouped_mm bf16", lambda: torch._grouped_mm(p.x, p.w, p.offs))
+    table.record("QAT FP8 grouped_qmm (whole op)", lambda: grouped_qmm(p.x, p.w, p.offs, p.w_amax, None, p.x_amax,
+                                                                        "fake_fp8", "fp8"))  # fmt: skip
+    return p, table
+
+
 def save_probe(path: str | None, results: list[dict]) -> None:
     """The rows as JSON at ``path`` (if given), with the device and versions."""
     if path:
