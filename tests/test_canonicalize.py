@@ -110,6 +110,22 @@ def _input(cls: type, seed: int = 2, dtype: torch.dtype = torch.bfloat16) -> tor
     return torch.randn(*shape, generator=g).to(dtype)
 
 
+def _calibrate_and_finalize(run, owner, x: torch.Tensor) -> None:
+    """One calibration forward of ``run`` on ``x`` (``owner``: the prepared model or the quantized graph), then
+    finalize."""
+    with torch.no_grad(), moeq.calibrate(owner):
+        run(x)
+    moeq.finalize(owner)
+
+
+def _quantized_result(run, owner, x: torch.Tensor):
+    """Calibrate, finalize and run again: the output, the loop weight's quant state and ``explain()``'s text."""
+    _calibrate_and_finalize(run, owner, x)
+    with torch.no_grad():
+        out = run(x)
+    return out, moeq.quant_state(owner)[FQN], str(moeq.explain(owner))
+
+
 CASES = [
     (SplitLinearCat, "fx"),
     (SplitLinearCat, "export"),
@@ -164,14 +180,10 @@ def test_quantized_loop_matches_quantized_grouped_module(cls, equivalent, fmt):
         torch._dynamo.reset()
         model = moeq.prepare(Model(experts), cfg)
         compiled = torch.compile(model, backend="moeq", fullgraph=True)
-        x = _input(cls)
-        with torch.no_grad(), moeq.calibrate(model):
-            compiled(x)
-        moeq.finalize(model)
-        with torch.no_grad():
-            outs.append(compiled(x))
-        states.append(moeq.quant_state(model)[FQN])
-        reports.append(str(moeq.explain(model)))
+        out, state, report = _quantized_result(compiled, model, _input(cls))
+        outs.append(out)
+        states.append(state)
+        reports.append(report)
     loop, grouped = states
     if cls is not SelectLinearStack:
         assert torch.equal(loop.tokens_per_expert, torch.tensor(SIZES))
@@ -264,13 +276,10 @@ def test_quantize_graph_on_an_exported_loop_matches_the_grouped_module():
     for experts in (SplitLinearCat(), GroupedEquivalent()):
         model = Model(experts)
         qgm = moeq.quantize_graph(torch.export.export(model, (x,)).module(), moeq.FP8)
-        with torch.no_grad(), moeq.calibrate(qgm):
-            qgm(x)
-        moeq.finalize(qgm)
-        with torch.no_grad():
-            outs.append(qgm(x))
-        states.append(moeq.quant_state(qgm)[FQN])
-        reports.append(str(moeq.explain(qgm)))
+        out, state, report = _quantized_result(qgm, qgm, x)
+        outs.append(out)
+        states.append(state)
+        reports.append(report)
     assert torch.equal(states[0].observed_input_amax, states[1].observed_input_amax)
     assert torch.equal(states[0].tokens_per_expert, torch.tensor(SIZES))
     assert torch.equal(outs[0], outs[1])
@@ -286,10 +295,8 @@ def test_frozen_loop_matches_the_frozen_grouped_module():
         model = moeq.prepare(Model(experts), moeq.FP8)
         compiled = torch.compile(model, backend="moeq")
         x = _input(SplitLinearCat)
+        _calibrate_and_finalize(compiled, model, x)
         with torch.no_grad():
-            with moeq.calibrate(model):
-                compiled(x)
-            moeq.finalize(model)
             moeq.freeze(model)
             outs.append(compiled(x))
         assert "mlp.experts.w" not in dict(model.named_parameters())
@@ -305,9 +312,7 @@ def test_qat_gradients_of_a_loop_match_the_grouped_module():
         model = moeq.prepare(Model(experts), moeq.FP8)
         compiled = torch.compile(model, backend="moeq")
         x = _input(SplitLinearCat)
-        with torch.no_grad(), moeq.calibrate(model):
-            compiled(x)
-        moeq.finalize(model)
+        _calibrate_and_finalize(compiled, model, x)
         x.requires_grad_(True)
         compiled(x).float().square().sum().backward()
         grads.append((model.mlp.experts.w.grad, x.grad))
