@@ -128,7 +128,8 @@ def grouped_qmm_configs() -> list[triton.Config]:
     ]
     # FP8 dots only (1-byte operand tiles; the 16-bit version does not fit in shared memory): the codes GEMM's
     # tile at training sizes, 850 TFLOP/s on the H200 (BENCHMARKS.md, session 12); four stages were 3-4% faster
-    # at 34k Qwen3 rows (session 21: gate_up 0.2615 vs 0.2702 ms, down 0.1806 vs 0.1829)
+    # on the codes GEMM alone at 34k Qwen3 rows (session 21: gate_up 0.2615 vs 0.2702 ms, down 0.1806 vs 0.1829),
+    # 0.4% on the whole QAT FP8 op (session 22: 0.6713 vs 0.6739 ms)
     fp8_only = [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4)]
     return [
         triton.Config(
