@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from moeq.config import NVFP4, QuantConfig
 from moeq.integrations.hf import use_grouped_experts
+from moeq.passes.find import listed_expert_key
 from moeq.passes.insert_qdq import rewrite_graph
 from moeq.state import ModelQuantState, attach_state, get_state, owner_of
 
@@ -61,19 +62,16 @@ def _mode_reading_class(cls: type, names: tuple[str, ...]) -> type:
     return _MODE_READING_CLASSES[key]
 
 
-def _warn_module_list_experts(model: nn.Module) -> None:
-    """Say at once when experts live in a module list of separate 2-D weights (Megatron ``SequentialMLP``'s
-    ``local_experts``, older HF ``experts``): moeq reports those GEMMs and does not quantize them."""
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ("experts", "local_experts") and isinstance(module, nn.ModuleList):
-            if all(p.dim() <= 2 for p in module.parameters()) and len(module) > 1:
-                logger.warning(
-                    "moeq.prepare: %s holds %d experts as a module list of separate 2-D weights; moeq quantizes "
-                    "stacked [E, ...] expert weights (grouped_mm / bmm experts, or loops over slices of one), so "
-                    "these expert GEMMs stay unquantized (moeq.explain lists each one)",
-                    name,
-                    len(module),
-                )
+def _expert_params(prefix: str, module: nn.Module) -> tuple[str, ...]:
+    """The module's own expert weights: stacked ``[E, ...]`` parameters, or the 2-D weight of one expert of a
+    per-expert module list (``experts.3.w1``, Megatron's ``local_experts.3.linear_fc1``)."""
+    return tuple(
+        sorted(
+            n
+            for n, p in module.named_parameters(recurse=False)
+            if p.dim() >= 3 or (p.dim() == 2 and listed_expert_key(f"{prefix}.{n}") is not None)
+        )
+    )
 
 
 def prepare(
@@ -107,9 +105,8 @@ def prepare(
     state = attach_state(model, config)
     _set_tp_sharding(state, tp_sharding)
     use_grouped_experts(model)
-    _warn_module_list_experts(model)
-    for module in model.modules():
-        expert_params = tuple(sorted(n for n, p in module.named_parameters(recurse=False) if p.dim() >= 3))
+    for prefix, module in model.named_modules():
+        expert_params = _expert_params(prefix, module)
         if expert_params:
             object.__setattr__(module, "_moeq_mode", state.mode_box)
             if not getattr(module, "_moeq_guard_installed", False):

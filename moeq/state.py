@@ -24,7 +24,16 @@ from moeq.config import QuantConfig
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["ExpertQuantState", "ModelQuantState", "MODES", "get_state", "owner_of", "attach_state", "register_owner"]
+__all__ = [
+    "ExpertQuantState",
+    "ModelQuantState",
+    "MODES",
+    "get_state",
+    "listed_members",
+    "owner_of",
+    "attach_state",
+    "register_owner",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,25 +111,27 @@ class ExpertQuantState(nn.Module):
         role: str,
         expert_dim: int = 0,
         contraction_dim: int = -1,
+        expert: int | None = None,
     ) -> Tensor:
-        """Graph hook: ``role="weight"`` fake-quantizes the stacked weight, ``role="input"`` observes or
-        fake-quantizes the GEMM's activation. Under tracing the current mode is baked into the graph."""
+        """Graph hook: ``role="weight"`` fake-quantizes the stacked weight (``expert``: the 2-D weight of that
+        expert of a module list), ``role="input"`` observes or fake-quantizes the GEMM's activation. Under tracing
+        the current mode is baked into the graph."""
         cfg = self.config
         if role == "weight":
+            if self.mode not in ("deploy", "quantize"):
+                return t
+            pick = slice(None) if expert is None else slice(expert, expert + 1)
             if self.mode == "deploy":
-                return torch.ops.moeq.dequant_weight(
-                    self.frozen_data,
-                    self.frozen_scale,
-                    self.frozen_block_scale,
-                    cfg.weight,
-                    self.contraction_dim,
-                    t.dtype,
+                block = self.frozen_block_scale[pick] if self.frozen_block_scale.numel() else self.frozen_block_scale
+                wq = torch.ops.moeq.dequant_weight(
+                    self.frozen_data[pick], self.frozen_scale[pick], block, cfg.weight, self.contraction_dim, t.dtype
                 )
-            if self.mode == "quantize":
-                return torch.ops.moeq.fake_quant_weight(
-                    t, self.weight_amax, cfg.weight, self.expert_dim, self.contraction_dim
+            else:
+                w = t if expert is None else t.unsqueeze(0)
+                wq = torch.ops.moeq.fake_quant_weight(
+                    w, self.weight_amax[pick], cfg.weight, self.expert_dim, self.contraction_dim
                 )
-            return t
+            return wq if expert is None else wq.squeeze(0)
         if self.mode == "calibrate":
             torch.ops.moeq.observe_segments_(
                 t, offs, self.observed_input_amax, self.tokens_per_expert, expert_dim, contraction_dim
@@ -134,6 +145,14 @@ class ExpertQuantState(nn.Module):
             f"{self.fqn}: E={self.num_experts}, shape={list(self.weight_shape)}, K dim={self.contraction_dim}, "
             f"{self.config.name}, act_scale={self.config.act_scale}"
         )
+
+
+def listed_members(key: str, num_experts: int) -> list[str]:
+    """The weight FQNs of a per-expert module list's state key (``local_experts.*.linear_fc1.weight``); empty for
+    the key of a stacked weight."""
+    if ".*." not in f".{key}":
+        return []
+    return [key.replace("*", str(e), 1) for e in range(num_experts)]
 
 
 def _module_key(fqn: str) -> str:
@@ -282,10 +301,23 @@ class ModelQuantState(nn.Module):
             s.mode = mode
 
     # -- weights ---------------------------------------------------------------------------------
+    def _present_members(self, key: str) -> list[str]:
+        """The weight FQNs of module list ``key`` that the model holds: experts 0, 1, ... up to the first missing."""
+        members = []
+        while _present(self._root, key.replace("*", str(len(members)), 1)):
+            members.append(key.replace("*", str(len(members)), 1))
+        return members
+
     def weight(self, fqn: str) -> Tensor:
-        """The live weight tensor of ``fqn`` in the module this state is attached to."""
+        """The live weight tensor of ``fqn`` in the module this state is attached to; for a per-expert module list
+        (``experts.*.`` key) its experts' 2-D weights stacked (a copy)."""
         if self._root is None:
             raise RuntimeError("this quant state is not attached to a module")
+        if listed_members(fqn, 1):
+            members = listed_members(fqn, self[fqn].num_experts) if fqn in self else self._present_members(fqn)
+            if not members:
+                raise AttributeError(f"the model has no module-list expert weights {fqn}")
+            return torch.stack([self.weight(member) for member in members])
         try:
             return self._root.get_parameter(fqn)
         except AttributeError:
@@ -293,6 +325,15 @@ class ModelQuantState(nn.Module):
             for part in fqn.split("."):
                 obj = getattr(obj, part)
             return obj
+
+
+def _present(root: Any, fqn: str) -> bool:
+    obj = root
+    for part in fqn.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return False
+    return isinstance(obj, Tensor)
 
 
 def get_state(module: Any, required: bool = True) -> ModelQuantState | None:

@@ -428,17 +428,50 @@ class ListedExperts(nn.Module):
         return torch.cat([self.experts[e](pieces[e]) for e in range(E)])
 
 
-@pytest.mark.parametrize("how", TRACES)
-def test_module_list_experts_are_reported_as_experts(how):
-    """Each expert's ``nn.Linear`` in a module list is reported as an expert GEMM that moeq does not quantize, named
-    by its expert index and FQN (not as a dense GEMM), in every kind of graph; the stacked-weight pass cannot rewrite
-    such a loop."""
+@pytest.mark.parametrize("how", ["export", "dynamo"])
+def test_module_list_experts_are_found_per_expert(how):
+    """Each expert's ``nn.Linear`` in a module list is an expert GEMM of the list's stacked view: keyed
+    ``experts.*.weight``, ``[E, N, K]`` with K along dim 2, its expert index, its own rows as input."""
     records, skipped = find(Model(ListedExperts()), routed_args(torch.float32), how)
+    assert skipped == []
+    assert [r.listed_expert for r in records] == list(range(E))
+    for r in records:
+        assert (r.weight_fqn, r.form) == ("mlp.experts.experts.*.weight", "per-expert module list")
+        assert (r.weight_shape, r.expert_dim, r.contraction_dim) == ((E, N, K), 0, 2)
+        assert r.offs is None and r.input_contraction_dim == -1
+
+
+def test_module_list_experts_left_as_leaf_modules_are_reported():
+    """``symbolic_trace`` keeps each ``nn.Linear`` as a ``call_module`` leaf, which moeq cannot rewrite: reported per
+    expert as an expert GEMM (not dense), naming the expert and saying how to trace instead."""
+    records, skipped = find(Model(ListedExperts()), routed_args(torch.float32), "fx")
     assert records == []
     assert [s.weight_fqn for s in skipped] == [f"mlp.experts.experts.{e}.weight" for e in range(E)]
     for e, s in enumerate(skipped):
         assert s.category == "expert"
-        assert f"2-D weight of expert {e} in a per-expert module list" in s.reason and "not quantized" in s.reason
+        assert f"2-D weight of expert {e} in a per-expert module list: a leaf nn.Linear call" in s.reason
+        assert "trace with Dynamo or torch.export" in s.reason and s.reason.endswith("not quantized")
+
+
+class SomeListedExperts(ListedExperts):
+    """Only three of the four experts are multiplied: not the whole list."""
+
+    def forward(self, x, offs=None):
+        pieces = x.split([2, 4, 10])
+        return torch.cat([self.experts[e](pieces[e]) for e in range(3)])
+
+
+@pytest.mark.parametrize("how", ["export", "dynamo"])
+def test_module_list_partly_multiplied_is_reported(how):
+    """A graph that multiplies only some experts of a prepared model's module list is reported GEMM by GEMM, naming
+    the experts it saw out of the model's (the stacked state would otherwise take the wrong expert count)."""
+    model = moeq.prepare(Model(SomeListedExperts()), moeq.FP8)
+    records, skipped = find(model, routed_args(torch.float32), how)
+    assert records == []
+    assert [s.weight_fqn for s in skipped] == [f"mlp.experts.experts.{e}.weight" for e in range(3)]
+    for s in skipped:
+        assert s.category == "expert"
+        assert "the graph multiplies experts [0, 1, 2] of the 4 in mlp.experts.experts.*.weight" in s.reason
 
 
 @pytest.mark.parametrize("how", TRACES)

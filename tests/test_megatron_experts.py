@@ -1,9 +1,8 @@
 """Megatron-core's ``SequentialMLP`` (a module list of per-expert MLPs over ``torch.split`` pieces, the only expert
 class megatron-core 0.16 builds without Transformer Engine or the ``grouped_gemm`` package), compiled with moeq.
 
-Its expert GEMMs sit inside ``autograd_function_apply`` subgraphs (megatron's linears are autograd Functions) on
-separate 2-D parameters, with split sizes from ``tokens_per_expert.tolist()``: moeq does not quantize such loops
-yet, and must say so per expert (never a silent skip, never "dense"), and ``finalize`` must name the reason.
+Its expert GEMMs run on separate 2-D parameters (``local_experts.{e}.linear_fc1.weight``), with split sizes from
+``tokens_per_expert.tolist()``: moeq quantizes each such module list as one stacked per-expert quant state.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import moeq
+from moeq.formats import get_format
+from moeq.passes.find import listed_expert_key
 
 megatron_experts = pytest.importorskip("megatron.core.transformer.moe.experts")
 
@@ -55,34 +56,111 @@ def sequential_mlp(group) -> torch.nn.Module:
     return megatron_experts.SequentialMLP(E, cfg, submodules, pg_collection=groups)
 
 
+def reference_output(model, x, tokens_per_expert, probs):
+    """The quantized layer computed independently: the eager module, each expert's linears fed ``formats``' FP8
+    fake quant of their input (one amax per projection: the max over every expert's routed rows, observed here by
+    hooks in a full-precision forward) and of their weight (each expert's own ``max|W|``)."""
+    fp8 = get_format("fp8")
+    linears = {f"{e}.{name}": getattr(expert, name) for e, expert in enumerate(model.local_experts)
+               for name in ("linear_fc1", "linear_fc2")}  # fmt: skip
+    seen = {}
+
+    def observe(key):
+        return lambda module, args: seen.__setitem__(
+            key, max(seen.get(key, 0.0), args[0].abs().amax(dim=(0, 1)).item() if args[0].numel() else 0.0)
+        )
+
+    hooks = [m.register_forward_pre_hook(observe(k.split(".")[1])) for k, m in linears.items()]
+    model(x, tokens_per_expert, probs)
+    for h in hooks:
+        h.remove()
+    for key, linear in linears.items():
+        amax = torch.tensor(seen[key.split(".")[1]])
+        linear.register_forward_pre_hook(lambda module, args, a=amax: (fp8.fake_quant(args[0], a.reshape(1, 1), 1),))
+        linear.weight.copy_(fp8.fake_quant(linear.weight, linear.weight.abs().max().reshape(1, 1), 1))
+    return model(x, tokens_per_expert, probs)[0]  # model: a second SequentialMLP with the same (seeded) weights
+
+
 @pytest.mark.parametrize("how", ["dynamo", "export"])
-def test_sequential_mlp_experts_are_reported_per_expert(world, how, caplog):
+def test_sequential_mlp_experts_are_quantized_per_expert(world, how, tmp_path):
     """Compiled with moeq (one Dynamo graph with ``capture_scalar_outputs``) or exported (non-strict) and passed to
-    ``quantize_graph``, every expert GEMM of the loop is reported as an expert GEMM not quantized, naming its expert
-    and FQN; the graph still computes the eager output; ``finalize`` refuses with the reason instead of "run the model
-    compiled with backend='moeq'". ``prepare`` already warns that the module list stays unquantized."""
-    with caplog.at_level("WARNING", logger="moeq.api"):
-        model = moeq.prepare(sequential_mlp(world), moeq.FP8)
-    assert f"local_experts holds {E} experts as a module list of separate 2-D weights" in caplog.text
+    ``quantize_graph``: each module list is one quant state keyed ``local_experts.*.linear_fcN.weight`` with the
+    list's E experts, whose statistics are the router's and the weights' own; the quantized output equals the
+    independent reference; after ``freeze`` the deploy graph gives the same output."""
+    model = moeq.prepare(sequential_mlp(world), moeq.FP8)
     x, probs = torch.randn(10, HIDDEN), torch.rand(10)
     tokens_per_expert = torch.tensor([3, 0, 5, 2])
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         warnings.simplefilter("ignore")
-        want, _ = model(x, tokens_per_expert, probs)
+        want = reference_output(sequential_mlp(world), x, tokens_per_expert, probs)
+        plain, _ = model(x, tokens_per_expert, probs)
         if how == "dynamo":
             compiled = torch.compile(model, backend="moeq_aot_eager")
         else:
             exported = torch.export.export(model, (x, tokens_per_expert, probs), strict=False)
             compiled = moeq.quantize_graph(exported)
-        with torch._dynamo.config.patch(capture_scalar_outputs=True), moeq.calibrate(compiled):
+        with moeq.calibrate(compiled):
+            calibrating, _ = compiled(x, tokens_per_expert, probs)
+        torch.testing.assert_close(calibrating, plain)  # calibration observes in full precision
+        state = moeq.finalize(compiled)
+        assert sorted(state.fqns()) == [f"local_experts.*.linear_fc{i}.weight" for i in (1, 2)]
+        for i in (1, 2):
+            s = state[f"local_experts.*.linear_fc{i}.weight"]
+            weights = [getattr(model.local_experts[e], f"linear_fc{i}").weight for e in range(E)]
+            torch.testing.assert_close(s.weight_amax, torch.stack([w.abs().max() for w in weights]), rtol=0, atol=0)
+            assert s.tokens_per_expert.tolist() == tokens_per_expert.tolist()
+        got, _ = compiled(x, tokens_per_expert, probs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(got, plain)
+        report = moeq.explain(compiled)
+        assert {r.form for r in report.rewritten} == {"per-expert module list"} and not report.skipped
+        if how == "export":  # the stacked state saves and loads (torch.distributed.checkpoint) by its key
+            moeq.save_state(compiled, tmp_path / "state")
+            fresh = moeq.prepare(sequential_mlp(world), moeq.FP8)
+            loaded = moeq.load_state(fresh, tmp_path / "state")
+            for fqn, s in state.items():
+                torch.testing.assert_close(loaded[fqn].weight_amax, s.weight_amax, rtol=0, atol=0)
+                torch.testing.assert_close(loaded[fqn].input_amax, s.input_amax, rtol=0, atol=0)
+        moeq.freeze(compiled)
+        assert model.local_experts[2].linear_fc1.weight.abs().max() == 0  # the float weights are gone
+        assert state["local_experts.*.linear_fc1.weight"].frozen_data.shape == (E, 2 * FFN, HIDDEN)
+        deployed, _ = compiled(x, tokens_per_expert, probs)
+        torch.testing.assert_close(deployed, got, rtol=1e-5, atol=1e-6)
+
+
+def test_listed_expert_keys():
+    """The module-list key of an expert weight FQN: the expert index replaced by ``*``, nothing else."""
+    assert listed_expert_key("decoder.layers.0.mlp.experts.local_experts.12.linear_fc1.weight") == (
+        "decoder.layers.0.mlp.experts.local_experts.*.linear_fc1.weight",
+        12,
+    )
+    assert listed_expert_key("model.layers.1.block_sparse_moe.experts.3.w1.weight") == (
+        "model.layers.1.block_sparse_moe.experts.*.w1.weight",
+        3,
+    )
+    assert listed_expert_key("model.layers.1.mlp.experts.gate_up_proj") is None
+    assert listed_expert_key("model.layers.1.shared_expert.gate_proj.weight") is None
+
+
+def test_sequential_mlp_with_grad_is_reported_not_dropped(world):
+    """With grad enabled Dynamo keeps megatron's linears as ``autograd_function_apply`` higher-order ops whose GEMMs
+    moeq does not rewrite: each is reported as an expert GEMM on its weight (never silently skipped), and ``finalize``
+    names the reason."""
+    model = moeq.prepare(sequential_mlp(world), moeq.FP8)
+    x, probs = torch.randn(10, HIDDEN), torch.rand(10)
+    tokens_per_expert = torch.tensor([3, 0, 5, 2])
+    with warnings.catch_warnings(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        warnings.simplefilter("ignore")
+        want, _ = model(x, tokens_per_expert, probs)
+        compiled = torch.compile(model, backend="moeq_aot_eager")
+        with moeq.calibrate(compiled):
             got, _ = compiled(x, tokens_per_expert, probs)
     torch.testing.assert_close(got, want)
     skipped = moeq.explain(compiled).skipped
     fqns = [f"local_experts.{e}.linear_fc{i}.weight" for e in range(E) for i in (1, 2)]
     assert sorted(s.weight_fqn for s in skipped) == sorted(fqns)
     for s in skipped:
-        expert = s.weight_fqn.split(".")[1]
-        assert s.category == "expert", s
-        assert f"2-D weight of expert {expert} in a per-expert module list" in s.reason and "not quantized" in s.reason
-    with pytest.raises(RuntimeError, match=r"8 expert GEMMs, none of which moeq can rewrite; the first, on local_"):
+        assert s.category == "expert"
+        assert f"autograd.Function on parameter {s.weight_fqn}" in s.reason and "not quantized" in s.reason
+    with pytest.raises(RuntimeError, match=r"8 expert GEMMs, none of which moeq can rewrite; .*autograd.Function"):
         moeq.finalize(compiled)

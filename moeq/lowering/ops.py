@@ -30,6 +30,7 @@ __all__ = [
     "observe_segments_reference_",
     "quantize_weight",
     "row_expert_ids",
+    "single_expert_offsets",
     "segment_amax",
     "check_offsets",
     "reference_kernels",
@@ -49,6 +50,13 @@ def check_offsets(offs: Tensor, num_rows: int, num_experts: int) -> None:
             raise ValueError(f"expert offsets must be non-decreasing and >= 0, got {offs.tolist()}")
         if int(offs[-1]) > num_rows:
             raise ValueError(f"expert offsets end at {int(offs[-1])} but the input has only {num_rows} rows")
+
+
+def single_expert_offsets(x: Tensor, expert: int, num_experts: int) -> Tensor:
+    """int32 cumulative offsets ``[E]`` that route every row of ``x`` to ``expert``: the GEMM of one expert of a
+    per-expert module list, observed and fake-quantized with the list's stacked per-expert statistics."""
+    after = torch.arange(num_experts, device=x.device) >= expert
+    return (after.to(torch.int32) * x.shape[0]).to(torch.int32)
 
 
 def row_expert_ids(offs: Tensor, num_rows: int) -> Tensor:

@@ -180,6 +180,11 @@ class Explanation:
                 f"backend='moeq' on CUDA, fusion '{fusion_policy()}': {plan} (torch._grouped_mm experts in forward-only"
                 f" graphs; {training})"
             )
+            if any(row["form"] == "per-expert module list" for row in table):
+                parts.append(
+                    "per-expert module lists are not fused: each expert's GEMM stays the model's own, fed by moeq's "
+                    "quantizer ops (fake quant, or the stored weight dequantized after freeze)"
+                )
         parts += ["", format_table(header, rows)]
         flagged = [(row["fqn"], e, note) for row in table for e, note in sorted(row["flags"].items())]
         if flagged:

@@ -19,7 +19,15 @@ from torch import fx
 
 from moeq.state import owner_of
 
-__all__ = ["LOOP_KEPT_META", "LOOP_META", "ExpertGemm", "SkippedCandidate", "find_expert_gemms", "target_name"]
+__all__ = [
+    "LOOP_KEPT_META",
+    "LOOP_META",
+    "ExpertGemm",
+    "SkippedCandidate",
+    "find_expert_gemms",
+    "listed_expert_key",
+    "target_name",
+]
 
 #: ``node.meta`` key of a grouped node that :mod:`moeq.passes.canonicalize` made from a per-expert loop
 LOOP_META = "moeq_per_expert_loop"
@@ -107,6 +115,11 @@ class ExpertGemm:
     input_expert_dim: int = 0  # batched forms (offs is None)
     input_contraction_dim: int = -1
     path: list[str] = field(default_factory=list)  # ops between the parameter and the GEMM
+    #: expert index of a 2-D weight in a per-expert module list (``weight_fqn`` is then the list's
+    #: ``experts.*.`` key and ``weight_shape`` the list stacked, ``[E, *weight]``); None for stacked weights
+    listed_expert: int | None = None
+    #: the experts of that module list in the model (None where the graph's weights are not a prepared model's)
+    listed_total: int | None = None
 
     @property
     def num_experts(self) -> int:
@@ -339,8 +352,10 @@ def find_expert_gemms(
         elif kind in _EINSUM:
             _match_einsum(node, resolver, found, skip)
         elif kind in _DENSE:
-            _classify_dense(node, _DENSE[kind], resolver, skip)
-    return found, skipped
+            _classify_dense(node, _DENSE[kind], resolver, found, skip)
+        elif kind.endswith("autograd_function_apply"):
+            _classify_autograd_function(node, resolver, skip)
+    return _group_listed_experts(found, skip), skipped
 
 
 def _arg(node: fx.Node, index: int, name: str) -> Any:
@@ -357,12 +372,13 @@ def _record(
     op_k_dim: int,
     x_expert_dim: int,
     x_k_dim: int,
+    stacked: bool = True,
 ) -> ExpertGemm | str:
     tensor = trace.tensor
     shape = tuple(tensor.shape) if tensor is not None else _shape(trace.root)
     if shape is None:
         return f"parameter {trace.fqn} has no shape information"
-    if len(shape) != 3:
+    if stacked and len(shape) != 3:
         return f"parameter {trace.fqn} is {len(shape)}-D, not a 3-D stacked expert weight"
     dims = _map_dims(trace, len(shape))
     if dims is None:
@@ -431,6 +447,8 @@ def _match_batched(node, kind, resolver, found, skip) -> None:
         return skip(node, "matmul without a parameter operand (activation x activation)", None, "activation")
     if "matmul" in kind and any(s is not None and len(s) != 3 for s in shapes):
         if _weight_rank(trace) == 2:  # x @ w.t() on a 2-D parameter (Megatron's linears): per expert or dense
+            if trace is tb:
+                return _match_listed(node, a, trace, 0, found, skip)
             return _skip_2d(node, trace.fqn, 2, skip)
         return skip(node, f"matmul of shapes {shapes}: not a batched expert GEMM", trace.fqn, "dense")
     form = "per-expert loop as bmm" if node.meta.get(LOOP_META) is not None else "bmm"
@@ -480,7 +498,16 @@ def _match_einsum(node, resolver, found, skip) -> None:
 
 #: a 2-D weight of one expert in a module list (HF ``experts.3.w1.weight``, Megatron SequentialMLP's
 #: ``local_experts.3.linear_fc1.weight``)
-_LISTED_EXPERT = re.compile(r"(?:^|\.)(?:local_)?experts\.(\d+)\.")
+_LISTED_EXPERT = re.compile(r"((?:^|\.)(?:local_)?experts\.)(\d+)(\.)")
+
+
+def listed_expert_key(fqn: str) -> tuple[str, int] | None:
+    """``(key, expert)`` of a weight in a per-expert module list: ``local_experts.3.linear_fc1.weight`` ->
+    ``("local_experts.*.linear_fc1.weight", 3)``; None for any other FQN."""
+    m = _LISTED_EXPERT.search(fqn)
+    if m is None:
+        return None
+    return fqn[: m.start(2)] + "*" + fqn[m.end(2) :], int(m.group(2))
 
 
 def _weight_rank(trace: _WeightTrace) -> int | str:
@@ -489,19 +516,12 @@ def _weight_rank(trace: _WeightTrace) -> int | str:
     return len(shape) if shape is not None else "?"
 
 
-def _skip_2d(node: fx.Node, fqn: str | None, rank: int | str, skip) -> None:
-    """A GEMM on a 2-D parameter: one expert of a per-expert module list (reported as an expert GEMM moeq does not
-    quantize), else a dense GEMM."""
-    listed = _LISTED_EXPERT.search(fqn or "")
+def _skip_2d(node: fx.Node, fqn: str | None, rank: int | str, skip, why: str | None = None) -> None:
+    """A GEMM on a 2-D parameter moeq does not quantize: one expert of a per-expert module list that cannot be
+    rewritten (``why``; reported as an expert GEMM), else a dense GEMM."""
+    listed = listed_expert_key(fqn or "")
     if listed is not None and rank == 2:
-        return skip(
-            node,
-            f"2-D weight of expert {listed.group(1)} in a per-expert module list: a loop over separate expert weights, "
-            "not quantized (moeq quantizes stacked [E, ...] expert weights: grouped_mm / bmm experts or a loop over "
-            "slices of one)",
-            fqn,
-            "expert",
-        )
+        return skip(node, f"2-D weight of expert {listed[1]} in a per-expert module list: {why}, not quantized", fqn)
     return skip(
         node,
         f"dense GEMM on {rank}-D weight: not a routed expert (attention, router, shared expert, dense MLP)",
@@ -510,11 +530,63 @@ def _skip_2d(node: fx.Node, fqn: str | None, rank: int | str, skip) -> None:
     )
 
 
-def _classify_dense(node, weight_index, resolver, skip) -> None:
+def _match_listed(node: fx.Node, x: Any, trace: _WeightTrace, op_k_dim: int, found, skip) -> None:
+    """A GEMM of one expert's 2-D weight in a per-expert module list (Megatron ``SequentialMLP``, HF eager loops):
+    recorded with its expert index (:func:`_group_listed_experts` completes it), else reported. ``op_k_dim``: the
+    weight operand's contraction dim (1 for ``linear``, 0 for ``x @ w``)."""
+    listed = listed_expert_key(trace.fqn or "")
+    if listed is None or _weight_rank(trace) != 2:
+        return _skip_2d(node, trace.fqn, _weight_rank(trace), skip)
+    x_shape = _shape(x)
+    if x_shape is not None and len(x_shape) != 2:
+        return _skip_2d(node, trace.fqn, 2, skip, f"its input is {len(x_shape)}-D (moeq takes [rows, K] tokens)")
+    dims = _map_dims(trace, 2)
+    if dims is None:
+        return _skip_2d(node, trace.fqn, 2, skip, "cannot follow its dims through the graph")
+    rec = _record(node, "per-expert module list", x, None, trace, 0, op_k_dim, 0, -1, stacked=False)
+    if isinstance(rec, str):
+        return _skip_2d(node, trace.fqn, 2, skip, rec)
+    rec.weight_fqn, rec.listed_expert = listed
+    rec.expert_dim, rec.contraction_dim = 0, dims[op_k_dim] + 1
+    owner = owner_of(trace.tensor) if trace.tensor is not None else None
+    if owner is not None and owner[0]._root is not None:
+        rec.listed_total = len(owner[0]._present_members(rec.weight_fqn))
+    found.append(rec)
+
+
+def _group_listed_experts(found: list[ExpertGemm], skip) -> list[ExpertGemm]:
+    """Give the GEMMs of each module list one stacked view ``[E, *weight]`` (E: the experts the graph multiplies,
+    which must be 0..E-1, each once, with one weight shape); a list that is not whole is reported GEMM by GEMM."""
+    lists: dict[str, list[ExpertGemm]] = {}
+    for rec in found:
+        if rec.listed_expert is not None:
+            lists.setdefault(rec.weight_fqn, []).append(rec)
+    dropped: set[int] = set()
+    for key, recs in lists.items():
+        experts = sorted(r.listed_expert for r in recs)
+        shapes = {r.weight_shape for r in recs}
+        total = recs[0].listed_total or len(recs)
+        why = None
+        if experts != list(range(total)):
+            why = f"the graph multiplies experts {experts} of the {total} in {key}, not each of them once"
+        elif len(shapes) != 1:
+            why = f"the experts of {key} have different weight shapes {sorted(shapes)}"
+        for r in recs:
+            if why is not None:
+                dropped.add(id(r))
+                _skip_2d(r.node, key.replace("*", str(r.listed_expert), 1), 2, skip, why)
+            else:
+                r.weight_shape = (len(recs), *r.weight_shape)
+    return [r for r in found if id(r) not in dropped]
+
+
+def _classify_dense(node, weight_index, resolver, found, skip) -> None:
     w = _arg(node, weight_index, "weight" if weight_index == 1 else "mat2")
     trace = _trace_weight(w, resolver)
     if trace.failure is None:
-        return _skip_2d(node, trace.fqn, _weight_rank(trace), skip)
+        x = _arg(node, weight_index - 1, "input")
+        return _match_listed(node, x, trace, 1 if weight_index == 1 and "linear" in target_name(node) else 0, found,
+                             skip)  # fmt: skip
     if trace.fqn is not None:
         return skip(
             node,
@@ -527,8 +599,26 @@ def _classify_dense(node, weight_index, resolver, skip) -> None:
     return skip(node, f"weight {trace.failure}", None, "activation")
 
 
+def _classify_autograd_function(node: fx.Node, resolver: _ParamResolver, skip) -> None:
+    """An ``autograd.Function`` Dynamo kept as a higher-order op (megatron's linears, with grad enabled) that takes a
+    parameter: its GEMM is inside the function's subgraph, which moeq does not rewrite; reported, never dropped."""
+    for arg in node.args:
+        trace = _trace_weight(arg, resolver) if isinstance(arg, fx.Node) else None
+        if trace is None or trace.failure is not None:
+            continue
+        listed = listed_expert_key(trace.fqn or "") is not None
+        reason = (
+            f"autograd.Function on parameter {trace.fqn} (megatron's linears with grad enabled): moeq does not rewrite "
+            "inside autograd Functions, so this GEMM is not quantized; under torch.no_grad() (calibration, inference) "
+            "megatron's linears trace inline and are quantized"
+        )
+        return skip(node, reason, trace.fqn, "expert" if listed else "dense")
+    return None
+
+
 def _classify_leaf_module(gm: fx.GraphModule, node: fx.Node, skip) -> None:
     """Leaf modules kept by symbolic_trace: dense linears are reported like ``F.linear``."""
     module = gm.get_submodule(str(node.target))
     if isinstance(module, torch.nn.Linear):
-        _skip_2d(node, f"{node.target}.weight", 2, skip)
+        why = "a leaf nn.Linear call (symbolic_trace keeps it whole; trace with Dynamo or torch.export to quantize it)"
+        _skip_2d(node, f"{node.target}.weight", 2, skip, why)

@@ -6,7 +6,8 @@ scale ``[E]``; NVFP4 packed E2M1 pairs ``[E, N, cdiv(K, 128) * 64]``, in the 64-
 :func:`~moeq.formats.interleave_nvfp4_runs` that the fused kernel decodes, + e4m3 block scales
 ``[E, N, K/16]`` + global scale ``[E]``), kept as buffers of the weight's :class:`~moeq.state.ExpertQuantState`. The parameter is replaced
 by a stand-in of the same shape and dtype that holds one expert's worth of zeros broadcast over the
-expert dim (1/E of the float weight: grouped-GEMM shape checks want real strides in the last two dims),
+expert dim (1/E of the float weight: grouped-GEMM shape checks want real strides in the last two dims; each 2-D
+weight of a per-expert module list by its own zeros),
 so model code still traces, and the model switches to mode ``"deploy"``: the pass feeds its GEMMs ``moeq::dequant_weight`` of
 the stored buffers, which the Inductor lowering fuses into ``moeq::grouped_qmm(mode="deploy")``. The
 weight bytes read by the kernel are the quantized ones.
@@ -21,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from moeq.formats import expand_per_expert, get_format, stored_form
-from moeq.state import ModelQuantState, get_state, register_owner
+from moeq.state import ModelQuantState, get_state, listed_members, register_owner
 
 __all__ = ["freeze", "stored_form"]
 
@@ -57,11 +58,15 @@ def freeze(model: Any) -> ModelQuantState:
             q = fmt.quantize(w.detach(), amax, s.contraction_dim)
             s.frozen_data, s.frozen_scale, s.frozen_block_scale = stored_form(q)
             s.frozen_dtype = w.dtype
-            module, name = _owner(root, fqn)
-            stand_in = torch.zeros(w.shape[1:], dtype=w.dtype, device=w.device).expand(w.shape)
-            del module._parameters[name]
-            module.register_buffer(name, stand_in, persistent=False)
-            register_owner(stand_in, state, fqn)
+            members = listed_members(fqn, s.num_experts)
+            for member in members or [fqn]:
+                module, name = _owner(root, member)
+                stand_in = torch.zeros(w.shape[1:], dtype=w.dtype, device=w.device)
+                if not members:
+                    stand_in = stand_in.expand(w.shape)
+                del module._parameters[name]
+                module.register_buffer(name, stand_in, persistent=False)
+                register_owner(stand_in, state, member)
             logger.info("moeq: froze %s as %s %s", fqn, fmt.name, tuple(s.frozen_data.shape))
     state.mode = "deploy"
     return state

@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from moeq.formats import get_format
+from moeq.lowering.ops import single_expert_offsets
 from moeq.passes.canonicalize import canonicalize_expert_loops
 from moeq.passes.explain import GraphReport, RewrittenGemm
 from moeq.passes.find import ExpertGemm, SkippedCandidate, find_expert_gemms, target_name
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _META_KEYS = ("val", "example_value", "tensor_meta")
+_FROZEN = ("frozen_data", "frozen_scale", "frozen_block_scale")
 
 
 def _validate(rec: ExpertGemm, state: ModelQuantState) -> None:
@@ -91,27 +93,38 @@ class _Quantizers:
         if key not in self._placeholders:
             last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
             with self.graph.inserting_after(last):
-                node = self.graph.placeholder(f"moeq_{est.fqn.replace('.', '_')}_{name}")
+                node = self.graph.placeholder(f"{graph_name(est.fqn)}_{name}")
             node.meta["example_value"] = _fake(getattr(est, name))
             node._dynamo_source = None  # type: ignore[attr-defined]  # not a user input; AOT accepts None
             self._placeholders[key] = node
             self.lifted.append(LiftedBuffer(est, name, self._weight_index.get(est.fqn)))
         return self._placeholders[key]
 
-    def weight(self, est: ExpertQuantState, name: str, w: fx.Node) -> fx.Node | None:
+    def weight(self, est: ExpertQuantState, name: str, w: fx.Node, expert: int | None = None) -> fx.Node | None:
+        """The quantized weight; ``expert``: the index of a module list's 2-D weight in the stacked state (its
+        one-expert slices of the state's buffers quantize it as ``[1, *weight]``)."""
         if not self.lift_state:
-            return self.graph.call_module(name, (w,), {"role": "weight"})
-        if est.mode == "deploy":
-            data, scale = self._buffer(est, "frozen_data"), self._buffer(est, "frozen_scale")
-            block = self._buffer(est, "frozen_block_scale")
-            op = torch.ops.moeq.dequant_weight.default
-            dtype = est.frozen_dtype
-            return self.graph.call_function(op, (data, scale, block, est.config.weight, est.contraction_dim, dtype))
-        if est.mode != "quantize":
+            return self.graph.call_module(name, (w,), {"role": "weight", "expert": expert})
+        if est.mode not in ("deploy", "quantize"):
             return None
-        amax = self._buffer(est, "weight_amax")
-        op = torch.ops.moeq.fake_quant_weight.default
-        return self.graph.call_function(op, (w, amax, est.config.weight, est.expert_dim, est.contraction_dim))
+        if est.mode == "deploy":
+            buffers = [self._expert_slice(self._buffer(est, b), expert) for b in _FROZEN]
+            op = torch.ops.moeq.dequant_weight.default
+            args = (*buffers, est.config.weight, est.contraction_dim, est.frozen_dtype)
+        else:
+            amax = self._expert_slice(self._buffer(est, "weight_amax"), expert)
+            if expert is not None:
+                w = self.graph.call_function(torch.ops.aten.unsqueeze.default, (w, 0))
+            op = torch.ops.moeq.fake_quant_weight.default
+            args = (w, amax, est.config.weight, est.expert_dim, est.contraction_dim)
+        wq = self.graph.call_function(op, args)
+        return wq if expert is None else self.graph.call_function(torch.ops.aten.squeeze.dim, (wq, 0))
+
+    def _expert_slice(self, buffer: fx.Node, expert: int | None) -> fx.Node:
+        """``buffer[expert:expert + 1]`` (all of it for a stacked weight, or where the buffer is empty)."""
+        if expert is None or buffer.meta["example_value"].numel() == 0:
+            return buffer
+        return self.graph.call_function(torch.ops.aten.slice.Tensor, (buffer, 0, expert, expert + 1))
 
     def input(self, est: ExpertQuantState, name: str, rec: ExpertGemm) -> fx.Node | None:
         if not self.lift_state:
@@ -129,6 +142,12 @@ class _Quantizers:
             args = (rec.input, rec.offs, amax, est.config.activation, rec.input_expert_dim, rec.input_contraction_dim)
             return self.graph.call_function(op, args)
         return None
+
+
+def graph_name(fqn: str) -> str:
+    """An identifier for a state's graph nodes and submodule: ``moeq_`` and the FQN (``*`` of a module list's key
+    as ``x``)."""
+    return "moeq_" + fqn.replace(".", "_").replace("*", "x")
 
 
 def _fake(t: torch.Tensor) -> Any:
@@ -157,19 +176,22 @@ def insert_qdq(
         est = state.get_or_create(
             rec.weight_fqn, rec.weight_shape, rec.expert_dim, rec.contraction_dim, rec.weight_device
         )
-        name = "moeq_" + rec.weight_fqn.replace(".", "_")
+        name = graph_name(rec.weight_fqn)
         emit.bind(est, rec.weight)
         if not lift_state and getattr(gm, name, None) is not est:
             gm.add_submodule(name, est)
         if rec.weight not in weight_done:
             weight_done.add(rec.weight)
-            first_user = min(rec.weight.users, key=lambda n: _order(graph, n))
+            users = set(rec.weight.users)
+            first_user = min(users, key=lambda n: _order(graph, n))
             with graph.inserting_before(first_user):
-                wq = emit.weight(est, name, rec.weight)
+                wq = emit.weight(est, name, rec.weight, rec.listed_expert)
             if wq is not None:
                 _copy_meta(wq, rec.weight)
-                rec.weight.replace_all_uses_with(wq, delete_user_cb=lambda user, wq=wq: user is not wq)
+                rec.weight.replace_all_uses_with(wq, delete_user_cb=lambda user, users=users: user in users)
         with graph.inserting_before(rec.node):
+            if rec.listed_expert is not None:  # all of this GEMM's rows are the one expert's: offsets to say so
+                rec.offs = graph.call_function(single_expert_offsets, (rec.input, rec.listed_expert, rec.num_experts))
             xq = emit.input(est, name, rec)
         if xq is not None:
             _copy_meta(xq, rec.input)
