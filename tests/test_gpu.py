@@ -634,3 +634,31 @@ def test_compiled_per_expert_loop_matches_grouped_module_cuda():
     assert torch.equal(states[0].observed_input_amax.cpu(), states[1].observed_input_amax.cpu())
     assert_same_bits(outs[0], outs[1], "loop vs grouped")
     assert "per-expert loop as grouped_mm" in reports[0]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_compiled_module_list_experts_cuda(fmt):
+    """Experts as a module list of ``nn.Linear`` (fp32, on CUDA) compiled with ``backend="moeq"`` (Inductor, moeq's
+    Triton quantizer kernels): each expert's output equals the float64 product of ``formats``' fake quant of its rows
+    (one shared input amax over the list, observed by the test) and of its own weight (its own ``max|W|``)."""
+    from tests.test_find import ListedExperts, Model, routed_args
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = moeq.prepare(Model(ListedExperts()).cuda(), moeq.FP8 if fmt == "fp8" else moeq.NVFP4)
+    x, _ = routed_args(torch.float32)
+    compiled = torch.compile(model, backend="moeq", fullgraph=True)
+    with torch.no_grad(), moeq.calibrate(model):
+        compiled(x.cuda())
+    moeq.finalize(model)
+    with torch.no_grad():
+        got = compiled(x.cuda()).cpu()
+    q = get_format(fmt)
+    shared = x.abs().max().reshape(1, 1)
+    want = []
+    for e, rows in enumerate(x.split([2, 4, 5, 5])):
+        w = model.mlp.experts.experts[e].weight.detach().cpu()
+        wq = q.fake_quant(w, w.abs().max().reshape(1, 1), 1)
+        want.append(q.fake_quant(rows, shared, 1).double() @ wq.double().T)
+    torch.testing.assert_close(got.double(), torch.cat(want), rtol=1e-5, atol=1e-6)
+    assert "per-expert module list" in str(moeq.explain(model))
