@@ -5,6 +5,10 @@ A grouped-GEMM expert node computes ``y[rows of e] = x[rows of e] @ W[e]`` for a
 through ``transpose`` / ``permute`` / ``t`` / shape-preserving ``view`` / dtype casts to its parameter
 (FQN, expert dim and contraction dim in the parameter's own layout), and one :class:`SkippedCandidate`
 with a reason for every other GEMM-like node it looked at.
+
+Experts kept as a module list of separate 2-D weights (``local_experts.3.linear_fc1.weight``) are found GEMM by GEMM
+on the list's stacked view: ``weight_fqn`` is the list's key with ``*`` for the expert index, ``weight_shape``
+``[E, *weight]`` and ``listed_expert`` the GEMM's expert, when the graph multiplies each expert of the list once.
 """
 
 from __future__ import annotations
