@@ -10,9 +10,8 @@ from torch import fx, nn
 
 from moeq.config import NVFP4, QuantConfig
 from moeq.integrations.hf import use_grouped_experts
-from moeq.passes.find import listed_expert_key
 from moeq.passes.insert_qdq import rewrite_graph
-from moeq.state import ModelQuantState, attach_state, get_state, owner_of
+from moeq.state import ModelQuantState, attach_state, get_state, listed_expert_key, owner_of
 
 __all__ = ["prepare", "quantize_graph"]
 

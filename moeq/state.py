@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +30,8 @@ __all__ = [
     "ModelQuantState",
     "MODES",
     "get_state",
+    "is_listed_key",
+    "listed_expert_key",
     "listed_members",
     "owner_of",
     "attach_state",
@@ -147,10 +150,28 @@ class ExpertQuantState(nn.Module):
         )
 
 
+#: a 2-D weight of one expert in a module list (HF ``experts.3.w1.weight``, Megatron SequentialMLP's
+#: ``local_experts.3.linear_fc1.weight``)
+_LISTED_EXPERT = re.compile(r"((?:^|\.)(?:local_)?experts\.)(\d+)(\.)")
+
+
+def listed_expert_key(fqn: str) -> tuple[str, int] | None:
+    """``(key, expert)`` of a weight in a per-expert module list: ``local_experts.3.linear_fc1.weight`` ->
+    ``("local_experts.*.linear_fc1.weight", 3)``; None for any other FQN."""
+    m = _LISTED_EXPERT.search(fqn)
+    if m is None:
+        return None
+    return fqn[: m.start(2)] + "*" + fqn[m.end(2) :], int(m.group(2))
+
+
+def is_listed_key(key: str) -> bool:
+    """Whether ``key`` names a per-expert module list's state (``local_experts.*.linear_fc1.weight``)."""
+    return ".*." in f".{key}"
+
+
 def listed_members(key: str, num_experts: int) -> list[str]:
-    """The weight FQNs of a per-expert module list's state key (``local_experts.*.linear_fc1.weight``); empty for
-    the key of a stacked weight."""
-    if ".*." not in f".{key}":
+    """The weight FQNs of a per-expert module list's state key; empty for the key of a stacked weight."""
+    if not is_listed_key(key):
         return []
     return [key.replace("*", str(e), 1) for e in range(num_experts)]
 
@@ -301,20 +322,24 @@ class ModelQuantState(nn.Module):
             s.mode = mode
 
     # -- weights ---------------------------------------------------------------------------------
-    def _present_members(self, key: str) -> list[str]:
+    def present_members(self, key: str) -> list[str]:
         """The weight FQNs of module list ``key`` that the model holds: experts 0, 1, ... up to the first missing."""
         members = []
-        while _present(self._root, key.replace("*", str(len(members)), 1)):
-            members.append(key.replace("*", str(len(members)), 1))
-        return members
+        while True:
+            member = key.replace("*", str(len(members)), 1)
+            try:
+                self.weight(member)
+            except AttributeError:
+                return members
+            members.append(member)
 
     def weight(self, fqn: str) -> Tensor:
         """The live weight tensor of ``fqn`` in the module this state is attached to; for a per-expert module list
         (``experts.*.`` key) its experts' 2-D weights stacked (a copy)."""
         if self._root is None:
             raise RuntimeError("this quant state is not attached to a module")
-        if listed_members(fqn, 1):
-            members = listed_members(fqn, self[fqn].num_experts) if fqn in self else self._present_members(fqn)
+        if is_listed_key(fqn):
+            members = listed_members(fqn, self[fqn].num_experts) if fqn in self else self.present_members(fqn)
             if not members:
                 raise AttributeError(f"the model has no module-list expert weights {fqn}")
             return torch.stack([self.weight(member) for member in members])
@@ -325,15 +350,6 @@ class ModelQuantState(nn.Module):
             for part in fqn.split("."):
                 obj = getattr(obj, part)
             return obj
-
-
-def _present(root: Any, fqn: str) -> bool:
-    obj = root
-    for part in fqn.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return False
-    return isinstance(obj, Tensor)
 
 
 def get_state(module: Any, required: bool = True) -> ModelQuantState | None:

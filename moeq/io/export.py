@@ -46,7 +46,7 @@ from moeq.io.checkpoint_files import (
 )
 from moeq.io.hf_layout import ExpertLayout, expert_layout, hf_renamer, num_experts_in_config
 from moeq.runtime.collectives import all_gather_objects
-from moeq.state import ExpertQuantState, ModelQuantState, get_state, listed_members
+from moeq.state import ExpertQuantState, ModelQuantState, get_state, is_listed_key
 
 __all__ = ["FORMATS", "export_hf"]
 
@@ -116,7 +116,7 @@ def _check_state(
     errors: list[str] = []
     declared = num_experts_in_config(getattr(hf_model, "config", None))
     for fqn, s in sorted(state.items()):
-        if listed_members(fqn, s.num_experts):
+        if is_listed_key(fqn):
             errors.append(
                 f"{fqn}: experts in a module list of separate 2-D weights; export_hf writes the stacked experts of "
                 "transformers models and does not export module lists (save_state keeps their quant state)"

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from moeq.passes.find import find_expert_gemms, listed_expert_key
+from moeq.passes.find import find_expert_gemms
 from moeq.passes.insert_qdq import LiftedBuffer, rewrite_graph
-from moeq.state import ExpertQuantState, ModelQuantState, listed_members, owner_of
+from moeq.state import ExpertQuantState, ModelQuantState, is_listed_key, listed_expert_key, owner_of
 
 __all__ = ["moeq_backend", "moeq_aot_eager_backend"]
 
@@ -56,7 +56,7 @@ def _state_for_weight(weight: Any, compiled_for: ExpertQuantState) -> ExpertQuan
         return compiled_for
     model_state, fqn = owner
     listed = listed_expert_key(fqn)
-    if listed is not None and listed_members(compiled_for.fqn, compiled_for.num_experts):
+    if listed is not None and is_listed_key(compiled_for.fqn):
         fqn = listed[0]  # one expert's weight of a module list: the list's state
     if fqn in model_state and model_state[fqn] is compiled_for:
         return compiled_for

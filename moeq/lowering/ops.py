@@ -56,7 +56,7 @@ def single_expert_offsets(x: Tensor, expert: int, num_experts: int) -> Tensor:
     """int32 cumulative offsets ``[E]`` that route every row of ``x`` to ``expert``: the GEMM of one expert of a
     per-expert module list, observed and fake-quantized with the list's stacked per-expert statistics."""
     after = torch.arange(num_experts, device=x.device) >= expert
-    return (after.to(torch.int32) * x.shape[0]).to(torch.int32)
+    return after.to(torch.int32) * x.shape[0]
 
 
 def row_expert_ids(offs: Tensor, num_rows: int) -> Tensor:

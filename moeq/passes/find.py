@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from moeq.state import owner_of
+from moeq.state import listed_expert_key, owner_of
 
 __all__ = [
     "LOOP_KEPT_META",
@@ -500,20 +500,6 @@ def _match_einsum(node, resolver, found, skip) -> None:
     return skip(node, f"einsum {eq!r} has no 3-D parameter operand", None, "activation")
 
 
-#: a 2-D weight of one expert in a module list (HF ``experts.3.w1.weight``, Megatron SequentialMLP's
-#: ``local_experts.3.linear_fc1.weight``)
-_LISTED_EXPERT = re.compile(r"((?:^|\.)(?:local_)?experts\.)(\d+)(\.)")
-
-
-def listed_expert_key(fqn: str) -> tuple[str, int] | None:
-    """``(key, expert)`` of a weight in a per-expert module list: ``local_experts.3.linear_fc1.weight`` ->
-    ``("local_experts.*.linear_fc1.weight", 3)``; None for any other FQN."""
-    m = _LISTED_EXPERT.search(fqn)
-    if m is None:
-        return None
-    return fqn[: m.start(2)] + "*" + fqn[m.end(2) :], int(m.group(2))
-
-
 def _weight_rank(trace: _WeightTrace) -> int | str:
     """The traced parameter's rank ("?" where the graph does not say)."""
     shape = tuple(trace.tensor.shape) if trace.tensor is not None else _shape(trace.root)
@@ -554,7 +540,7 @@ def _match_listed(node: fx.Node, x: Any, trace: _WeightTrace, op_k_dim: int, fou
     rec.expert_dim, rec.contraction_dim = 0, dims[op_k_dim] + 1
     owner = owner_of(trace.tensor) if trace.tensor is not None else None
     if owner is not None and owner[0]._root is not None:
-        rec.listed_total = len(owner[0]._present_members(rec.weight_fqn))
+        rec.listed_total = len(owner[0].present_members(rec.weight_fqn))
     found.append(rec)
 
 
