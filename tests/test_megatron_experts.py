@@ -142,25 +142,89 @@ def test_listed_expert_keys():
     assert listed_expert_key("model.layers.1.shared_expert.gate_proj.weight") is None
 
 
-def test_sequential_mlp_with_grad_is_reported_not_dropped(world):
-    """With grad enabled Dynamo keeps megatron's linears as ``autograd_function_apply`` higher-order ops whose GEMMs
-    moeq does not rewrite: each is reported as an expert GEMM on its weight (never silently skipped), and ``finalize``
-    names the reason."""
-    model = moeq.prepare(sequential_mlp(world), moeq.FP8)
-    x, probs = torch.randn(10, HIDDEN), torch.rand(10)
+class SteFakeQuant(torch.autograd.Function):
+    """The reference STE, written from DESIGN.md: forward ``formats``' fake quant with a fixed amax, backward the
+    gradient where ``|v| <= amax`` (the quantizer clipped the rest)."""
+
+    @staticmethod
+    def forward(ctx, v, amax, fmt):
+        ctx.save_for_backward(v.abs() <= amax)
+        return get_format(fmt).fake_quant(v, amax.reshape(1, 1), 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad * keep, None, None
+
+
+class _FakeQuantWeight(torch.nn.Module):
+    def __init__(self, fmt):
+        super().__init__()
+        self.fmt = fmt
+
+    def forward(self, w):
+        return SteFakeQuant.apply(w, w.detach().abs().max(), self.fmt)
+
+
+def ste_reference(model, fmt, calibration, step):
+    """The QAT layer computed independently in eager mode: each expert linear's weight through the reference STE
+    (a parametrization, so the gradient reaches the parameter) with the expert's own ``max|W|``, and its input with
+    the projection's amax observed by hooks on the ``calibration`` batch; then one forward/backward on ``step``."""
+    from torch.nn.utils import parametrize
+
+    seen = {}
+
+    def observe(name):
+        return lambda module, args: seen.__setitem__(
+            name, max(seen.get(name, 0.0), args[0].abs().amax().item() if args[0].numel() else 0.0)
+        )
+
+    linears = [(name, getattr(e, name)) for e in model.local_experts for name in ("linear_fc1", "linear_fc2")]
+    hooks = [linear.register_forward_pre_hook(observe(name)) for name, linear in linears]
+    with torch.no_grad():
+        model(*calibration)
+    for h in hooks:
+        h.remove()
+    for name, linear in linears:
+        amax = torch.tensor(seen[name])
+        linear.register_forward_pre_hook(lambda module, args, a=amax: (SteFakeQuant.apply(args[0], a, fmt),))
+        parametrize.register_parametrization(linear, "weight", _FakeQuantWeight(fmt))
+    x, tokens_per_expert, probs = (t.detach().clone().requires_grad_(t.is_floating_point()) for t in step)
+    y = model(x, tokens_per_expert, probs)[0]
+    return y, x, probs, [linear.parametrizations.weight.original for _, linear in linears]
+
+
+@pytest.mark.parametrize("config,fmt", [(moeq.FP8, "fp8"), (moeq.NVFP4, "nvfp4")])
+def test_sequential_mlp_qat_training_step_matches_ste_reference(world, config, fmt):
+    """QAT of a ``SequentialMLP`` with grad enabled: Dynamo keeps megatron's linears as autograd Functions, which
+    moeq inlines (each is verified to be exactly ``x @ w.t()`` and its gradient), so every expert GEMM is quantized.
+    Calibrated with grad enabled (full precision), then one training step on other data (larger, so the input STE
+    clips): output and gradients of the input, the routing probabilities and every expert weight equal the
+    independent eager STE reference."""
+    model = moeq.prepare(sequential_mlp(world), config)
     tokens_per_expert = torch.tensor([3, 0, 5, 2])
+    calibration = (torch.randn(10, HIDDEN), tokens_per_expert, torch.rand(10))
+    step = (3 * torch.randn(10, HIDDEN), tokens_per_expert, torch.rand(10))
+    upstream = torch.randn(10, HIDDEN)
     with warnings.catch_warnings(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         warnings.simplefilter("ignore")
-        want, _ = model(x, tokens_per_expert, probs)
+        want, *want_leaves = ste_reference(sequential_mlp(world), fmt, calibration, step)
+        (want * upstream).sum().backward()
         compiled = torch.compile(model, backend="moeq_aot_eager")
         with moeq.calibrate(compiled):
-            got, _ = compiled(x, tokens_per_expert, probs)
-    torch.testing.assert_close(got, want)
-    skipped = moeq.explain(compiled).skipped
-    fqns = [f"local_experts.{e}.linear_fc{i}.weight" for e in range(E) for i in (1, 2)]
-    assert sorted(s.weight_fqn for s in skipped) == sorted(fqns)
-    for s in skipped:
-        assert s.category == "expert"
-        assert f"autograd.Function on parameter {s.weight_fqn}" in s.reason and "not quantized" in s.reason
-    with pytest.raises(RuntimeError, match=r"8 expert GEMMs, none of which moeq can rewrite; .*autograd.Function"):
+            calibrating, _ = compiled(*calibration)
+        torch.testing.assert_close(calibrating, model(*calibration)[0])  # calibration observes in full precision
         moeq.finalize(compiled)
+        x, probs = (t.clone().requires_grad_() for t in (step[0], step[2]))
+        got, _ = compiled(x, tokens_per_expert, probs)
+        (got * upstream).sum().backward()
+    report = moeq.explain(compiled)
+    assert {r.form for r in report.rewritten} == {"per-expert module list"} and not report.skipped
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    want_x, want_probs, want_weights = want_leaves
+    assert (want_x.grad == 0).any(), "the step's input should exceed the calibrated amax somewhere (STE clipping)"
+    torch.testing.assert_close(x.grad, want_x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs.grad, want_probs.grad, rtol=1e-5, atol=1e-6)
+    weights = [getattr(e, name).weight for e in model.local_experts for name in ("linear_fc1", "linear_fc2")]
+    for w, ref in zip(weights, want_weights, strict=True):
+        torch.testing.assert_close(w.grad, ref.grad, rtol=1e-5, atol=1e-6)

@@ -24,6 +24,7 @@ from torch import fx
 from moeq.state import listed_expert_key, owner_of
 
 __all__ = [
+    "FUNCTION_KEPT_META",
     "LOOP_KEPT_META",
     "LOOP_META",
     "ExpertGemm",
@@ -37,6 +38,8 @@ __all__ = [
 LOOP_META = "moeq_per_expert_loop"
 #: ``node.meta`` key of a loop GEMM that :mod:`moeq.passes.canonicalize` recognized but left alone: why
 LOOP_KEPT_META = "moeq_per_expert_loop_kept"
+#: ``node.meta`` key of an ``autograd_function_apply`` that :mod:`moeq.passes.inline_functions` did not inline: why
+FUNCTION_KEPT_META = "moeq_autograd_function_kept"
 
 _GROUPED = {
     "torch._grouped_mm",
@@ -597,10 +600,12 @@ def _classify_autograd_function(node: fx.Node, resolver: _ParamResolver, skip) -
         if trace is None or trace.failure is not None:
             continue
         listed = listed_expert_key(trace.fqn or "") is not None
+        kept = node.meta.get(FUNCTION_KEPT_META)
         reason = (
-            f"autograd.Function on parameter {trace.fqn} (megatron's linears with grad enabled): moeq does not rewrite "
-            "inside autograd Functions, so this GEMM is not quantized; under torch.no_grad() (calibration, inference) "
-            "megatron's linears trace inline and are quantized"
+            f"autograd.Function on parameter {trace.fqn} (kept whole by Dynamo with grad enabled, as megatron's linears)"
+            + (f", {kept}" if kept else "")
+            + ": moeq does not rewrite inside autograd Functions, so this GEMM is not quantized; "
+            "a Function that is exactly a linear and its gradient is inlined and quantized (moeq.passes.inline_functions)"
         )
         return skip(node, reason, trace.fqn, "expert" if listed else "dense")
     return None

@@ -21,6 +21,7 @@ from moeq.lowering.ops import single_expert_offsets
 from moeq.passes.canonicalize import canonicalize_expert_loops
 from moeq.passes.explain import GraphReport, RewrittenGemm
 from moeq.passes.find import ExpertGemm, SkippedCandidate, find_expert_gemms, target_name
+from moeq.passes.inline_functions import inline_linear_functions
 from moeq.state import ExpertQuantState, ModelQuantState
 
 __all__ = ["LiftedBuffer", "insert_qdq", "rewrite_graph"]
@@ -216,8 +217,10 @@ def rewrite_graph(
     lift_state: bool = False,
 ) -> tuple[GraphReport, list[LiftedBuffer]]:
     """Find + insert on one graph. The report is stored on ``state`` for ``explain()`` and returned with
-    the lifted state buffers (see :func:`insert_qdq`). Whole per-expert loops are first rewritten into one grouped
-    GEMM (:func:`moeq.passes.canonicalize.canonicalize_expert_loops`)."""
+    the lifted state buffers (see :func:`insert_qdq`). Autograd Functions that are exactly a linear on an expert weight
+    are first inlined (:func:`moeq.passes.inline_functions.inline_linear_functions`) and whole per-expert loops
+    rewritten into one grouped GEMM (:func:`moeq.passes.canonicalize.canonicalize_expert_loops`)."""
+    inline_linear_functions(gm, example_inputs)
     canonicalize_expert_loops(gm, example_inputs)
     records, skipped = find_expert_gemms(gm, example_inputs)
     kept = []
