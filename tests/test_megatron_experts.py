@@ -186,7 +186,7 @@ def ste_reference(model, fmt, calibration, step):
     for h in hooks:
         h.remove()
     for name, linear in linears:
-        amax = torch.tensor(seen[name])
+        amax = torch.tensor(seen[name], device=linear.weight.device)
         linear.register_forward_pre_hook(lambda module, args, a=amax: (SteFakeQuant.apply(args[0], a, fmt),))
         parametrize.register_parametrization(linear, "weight", _FakeQuantWeight(fmt))
     x, tokens_per_expert, probs = (t.detach().clone().requires_grad_(t.is_floating_point()) for t in step)
