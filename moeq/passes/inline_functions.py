@@ -83,13 +83,15 @@ def _strip(node: Any, used: set[fx.Node]) -> Any:
     return node
 
 
-def _forward_linear(fwd: fx.GraphModule) -> tuple[_Linear, list[Any]]:
-    """Match ``((x @ w.t() [+ b],), saved)``; returns the operand positions and the saved values."""
+def _forward_linear(fwd: fx.GraphModule) -> tuple[_Linear, list[Any], int]:
+    """Match ``((x @ w.t() [+ b], *intermediates), saved)``; returns the operand positions, the saved values and
+    the number of outputs (torch 2.11's Dynamo also returns intermediates, which nothing outside uses)."""
     placeholders = [n for n in fwd.graph.nodes if n.op == "placeholder"]
     out = next(n for n in fwd.graph.nodes if n.op == "output").args[0]
-    if not (isinstance(out, (tuple, list)) and len(out) == 2 and len(out[0]) == 1):
-        raise _NotLinear("its forward does not return one tensor")
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], (tuple, list)) and out[0]):
+        raise _NotLinear("its forward does not return (outputs, saved values)")
     y, saved = out[0][0], list(out[1])
+    num_outputs = len(out[0])
     used: set[fx.Node] = set()
     bias = None
     if isinstance(y, fx.Node) and target_name(y) in _ADD and len(y.args) == 2 and y.args[1] in placeholders:
@@ -105,13 +107,18 @@ def _forward_linear(fwd: fx.GraphModule) -> tuple[_Linear, list[Any]]:
     if extra:
         raise _NotLinear(f"its forward also calls {', '.join(extra)}")
     index = placeholders.index
-    return _Linear(index(x), index(wt.args[0]), index(bias) if bias is not None else None), saved
+    return _Linear(index(x), index(wt.args[0]), index(bias) if bias is not None else None), saved, num_outputs
 
 
-def _check_backward(bwd: fx.GraphModule, fwd: fx.GraphModule, linear: _Linear, saved: list[Any]) -> None:
+def _check_backward(
+    bwd: fx.GraphModule, fwd: fx.GraphModule, linear: _Linear, saved: list[Any], num_outputs: int
+) -> None:
     """Raise unless the backward returns exactly the linear's gradients (module doc) and does nothing else."""
     fwd_inputs = [n for n in fwd.graph.nodes if n.op == "placeholder"]
-    grad, *saved_inputs = [n for n in bwd.graph.nodes if n.op == "placeholder"]
+    grad, *rest = [n for n in bwd.graph.nodes if n.op == "placeholder"]
+    intermediate_grads, saved_inputs = rest[: num_outputs - 1], rest[num_outputs - 1 :]
+    if any(n.users for n in intermediate_grads):
+        raise _NotLinear("its backward uses the gradient of an intermediate output")
     if len(saved_inputs) != len(saved):
         raise _NotLinear("its backward takes other values than the forward saved")
     # each backward input -> the position of the forward input it is (a computed saved value is not accepted)
@@ -173,8 +180,8 @@ def _linear_of(gm: fx.GraphModule, node: fx.Node) -> _Linear:
         raise _NotLinear("it marks outputs non-differentiable")
     if any(u.op != "call_function" or u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
         raise _NotLinear("more than its first output is used")
-    linear, saved = _forward_linear(fwd)
-    _check_backward(bwd, fwd, linear, saved)
+    linear, saved, num_outputs = _forward_linear(fwd)
+    _check_backward(bwd, fwd, linear, saved, num_outputs)
     return linear
 
 
