@@ -15,6 +15,7 @@ from moeq.runtime.kernels.launch import (
     cdiv,
     check_float,
     interpreting,
+    known_empty,
     launch_kernel,
     run_kernel,
     tile_configs,
@@ -117,7 +118,7 @@ def fake_quant_act(
     amax = as_fp32(input_amax)
 
     def launch() -> torch.Tensor:
-        if x.shape[0] == 0 or num_experts == 0:
+        if known_empty(x.shape[0], num_experts):
             return out
 
         def grid(meta):

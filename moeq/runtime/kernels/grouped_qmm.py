@@ -42,7 +42,7 @@ import triton.language as tl
 from moeq.formats import NVFP4_RUN_BYTES, get_format
 from moeq.runtime.kernels.fake_quant_act import fake_quant_act
 from moeq.runtime.kernels.fake_quant_experts import fake_quant_experts
-from moeq.runtime.kernels.launch import as_fp32, cdiv, check_float, interpreting, launch_kernel
+from moeq.runtime.kernels.launch import as_fp32, cdiv, check_float, interpreting, known_empty, launch_kernel
 from moeq.runtime.kernels.numerics import (
     cast_like,
     divide,
@@ -736,9 +736,9 @@ def grouped_qmm(
         raise ValueError(f"the output dtype ({out_dtype}) must be x's ({x.dtype}); only fp8_codes inputs choose it")
     if out is None:
         out = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    if m == 0 or n == 0:
+    if known_empty(m, n):
         return out
-    if num_experts == 0 or k == 0:
+    if known_empty(num_experts, k):
         return out.zero_()
     dummy = offs
     if w_mode != "plain":

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import triton
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
@@ -34,6 +35,13 @@ def check_float(t: torch.Tensor | torch.dtype, name: str) -> None:
 def as_fp32(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a contiguous float32 tensor (itself when it is one already: no dispatch on the launch path)."""
     return t if t.dtype == torch.float32 and t.is_contiguous() else t.detach().float().contiguous()
+
+
+def known_empty(*sizes: Any) -> bool:
+    """Whether a size is known to be 0. A data-dependent (unbacked) size, e.g. a module-list expert's row count
+    from ``tokens_per_expert.tolist()``, is not guarded on while Inductor traces the launcher: the kernel is
+    launched, and an empty grid launches nothing."""
+    return any(guard_or_false(size == 0) for size in sizes)
 
 
 def interpreting() -> bool:

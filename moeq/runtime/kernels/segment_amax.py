@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq.runtime.kernels.launch import cdiv, check_float, launch_kernel, observer_configs, run_kernel
+from moeq.runtime.kernels.launch import cdiv, check_float, known_empty, launch_kernel, observer_configs, run_kernel
 from moeq.runtime.kernels.numerics import abs_bits, float_of_abs_bits
 
 __all__ = ["segment_amax", "segment_amax_"]
@@ -97,7 +97,7 @@ def segment_amax_(
     _check(x, offs, num_experts)
     if running_amax.dtype != torch.float32 or running_counts.dtype != torch.int64:
         raise ValueError("running buffers must be float32 amax and int64 counts")
-    if x.shape[0] == 0 or num_experts == 0:
+    if known_empty(x.shape[0], num_experts):
         return
     x = x if x.stride(1) == 1 else x.contiguous()
 
