@@ -180,7 +180,9 @@ class Explanation:
                 f"backend='moeq' on CUDA, fusion '{fusion_policy()}': {plan} (torch._grouped_mm experts in forward-only"
                 f" graphs; {training})"
             )
-            if any(row["form"] == "per-expert module list" for row in table):
+            from moeq.passes.find import MODULE_LIST_FORM
+
+            if any(row["form"].startswith(MODULE_LIST_FORM) for row in table):
                 parts.append(
                     "per-expert module lists are not fused: each expert's GEMM stays the model's own, fed by moeq's "
                     "quantizer ops (fake quant, or the stored weight dequantized after freeze)"

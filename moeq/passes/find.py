@@ -24,9 +24,11 @@ from torch import fx
 from moeq.state import listed_expert_key, owner_of
 
 __all__ = [
+    "FUNCTION_INLINED_META",
     "FUNCTION_KEPT_META",
     "LOOP_KEPT_META",
     "LOOP_META",
+    "MODULE_LIST_FORM",
     "ExpertGemm",
     "SkippedCandidate",
     "find_expert_gemms",
@@ -34,12 +36,16 @@ __all__ = [
     "target_name",
 ]
 
+#: the ``form`` of a per-expert module-list GEMM (a suffix says how it was reached)
+MODULE_LIST_FORM = "per-expert module list"
 #: ``node.meta`` key of a grouped node that :mod:`moeq.passes.canonicalize` made from a per-expert loop
 LOOP_META = "moeq_per_expert_loop"
 #: ``node.meta`` key of a loop GEMM that :mod:`moeq.passes.canonicalize` recognized but left alone: why
 LOOP_KEPT_META = "moeq_per_expert_loop_kept"
 #: ``node.meta`` key of an ``autograd_function_apply`` that :mod:`moeq.passes.inline_functions` did not inline: why
 FUNCTION_KEPT_META = "moeq_autograd_function_kept"
+#: ``node.meta`` key of the GEMM that :mod:`moeq.passes.inline_functions` made from an ``autograd.Function``
+FUNCTION_INLINED_META = "moeq_autograd_function_inlined"
 
 _GROUPED = {
     "torch._grouped_mm",
@@ -536,7 +542,8 @@ def _match_listed(node: fx.Node, x: Any, trace: _WeightTrace, op_k_dim: int, fou
     dims = _map_dims(trace, 2)
     if dims is None:
         return _skip_2d(node, trace.fqn, 2, skip, "cannot follow its dims through the graph")
-    rec = _record(node, "per-expert module list", x, None, trace, 0, op_k_dim, 0, -1, stacked=False)
+    form = MODULE_LIST_FORM + (" (autograd.Function inlined)" if node.meta.get(FUNCTION_INLINED_META) else "")
+    rec = _record(node, form, x, None, trace, 0, op_k_dim, 0, -1, stacked=False)
     if isinstance(rec, str):
         return _skip_2d(node, trace.fqn, 2, skip, rec)
     rec.weight_fqn, rec.listed_expert = listed

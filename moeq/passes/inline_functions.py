@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from moeq.passes.find import FUNCTION_KEPT_META, _fetch_attr, _ParamResolver, target_name
+from moeq.passes.find import FUNCTION_INLINED_META, FUNCTION_KEPT_META, _fetch_attr, _ParamResolver, target_name
 from moeq.state import listed_expert_key
 
 __all__ = ["inline_linear_functions"]
@@ -193,6 +193,7 @@ def _inline(gm: fx.GraphModule, node: fx.Node, linear: _Linear) -> None:
     with graph.inserting_before(node):
         wt = graph.call_method("t", (operands[linear.weight],))
         y = graph.call_function(torch.matmul, (operands[linear.x], wt))
+        y.meta[FUNCTION_INLINED_META] = True
         wt.meta.update({k: v for k, v in matmul.args[1].meta.items() if k == "example_value"})
         y.meta.update({k: v for k, v in matmul.meta.items() if k == "example_value"})
         if linear.bias is not None:
