@@ -12,7 +12,9 @@ Two formats (DESIGN.md, "Checkpoints and export"):
   ``weight`` / ``weight_scale`` / ``input_scale`` for FP8 (``float-quantized``).
 
 All numerics come from :mod:`moeq.formats`. Gate and up of one expert share one global scale: moeq's
-per-expert amax of a fused ``gate_up_proj`` is already the max over both halves. Non-expert tensors are
+per-expert amax of a fused ``gate_up_proj`` is already the max over both halves, and a gate / up pair kept as two
+per-expert linears of a module list (``experts.*.gate_proj`` / ``up_proj``, ``w1`` / ``w3``) is exported with the
+max of the two amaxes, as modelopt does. A module list's experts are written under their own names. Non-expert tensors are
 copied unquantized. The checkpoint is written to a temporary sibling directory and renamed into place,
 so a failed export leaves nothing behind. Under expert parallelism (``ep_group``) each rank writes its own
 experts (global id ``ep_rank * E_local + local_id``), rank 0 the rest and the index.
@@ -44,9 +46,9 @@ from moeq.io.checkpoint_files import (
     write_index,
     write_shards,
 )
-from moeq.io.hf_layout import ExpertLayout, expert_layout, hf_renamer, num_experts_in_config
+from moeq.io.hf_layout import ExpertLayout, expert_layout, gate_up_partner, hf_renamer, num_experts_in_config
 from moeq.runtime.collectives import all_gather_objects
-from moeq.state import ExpertQuantState, ModelQuantState, get_state, is_listed_key
+from moeq.state import ExpertQuantState, ModelQuantState, get_state, listed_members
 
 __all__ = ["FORMATS", "export_hf"]
 
@@ -116,12 +118,6 @@ def _check_state(
     errors: list[str] = []
     declared = num_experts_in_config(getattr(hf_model, "config", None))
     for fqn, s in sorted(state.items()):
-        if is_listed_key(fqn):
-            errors.append(
-                f"{fqn}: experts in a module list of separate 2-D weights; export_hf writes the stacked experts of "
-                "transformers models and does not export module lists (save_state keeps their quant state)"
-            )
-            continue
         weight = state.weight(fqn)
         if tuple(weight.shape) != s.weight_shape:
             errors.append(f"{fqn}: weight shape {tuple(weight.shape)} != quant state shape {s.weight_shape}")
@@ -200,14 +196,23 @@ def _quantize_linear(w: Tensor, amax: Tensor, input_amax: Tensor | None, cfg: Qu
     return out
 
 
+def _weight_amax(state: ModelQuantState, fqn: str) -> Tensor:
+    """The per-expert weight amax ``fqn`` is exported with: its own, or for a gate / up pair kept as two per-expert
+    linears the max of both (serving engines fuse them with one scale per expert; modelopt 0.47 does the same)."""
+    partner = gate_up_partner(fqn, state.fqns())
+    amax = state[fqn].weight_amax
+    return amax if partner is None else torch.maximum(amax, state[partner].weight_amax)
+
+
 def _expert_tensors(state: ModelQuantState, layouts: dict[str, ExpertLayout], fmt: str, rank: int) -> dict[str, Tensor]:
-    """In-memory-named tensors of this rank's experts (global ids), every stacked expert weight."""
+    """In-memory-named tensors of this rank's experts (global ids), every stacked expert weight and module list."""
     params = dict(state._root.named_parameters())
     out: dict[str, Tensor] = {}
     with torch.no_grad():
         for fqn, s in sorted(state.items()):
             layout = layouts[fqn]
             weight = state.weight(fqn)
+            weight_amax = _weight_amax(state, fqn)
             bias = params[layout.bias_fqn].detach() if layout.bias_fqn else None
             for e in range(s.num_experts):
                 ge = rank * s.num_experts + e
@@ -218,17 +223,23 @@ def _expert_tensors(state: ModelQuantState, layouts: dict[str, ExpertLayout], fm
                 for part in layout.parts:
                     name = part.module.format(e=ge)
                     for suffix, t in _quantize_linear(
-                        part.rows(w_nk), s.weight_amax[e], input_amax, s.config, fmt
+                        part.rows(w_nk), weight_amax[e], input_amax, s.config, fmt
                     ).items():
                         out[f"{name}.{suffix}"] = t.cpu()
                     if bias is not None:
                         out[f"{name}.bias"] = part.rows(bias.movedim(layout.expert_dim, 0)[e]).clone().cpu()
+                    if layout.member_bias is not None:
+                        out[f"{name}.bias"] = params[layout.member_bias.replace("*", str(e), 1)].detach().clone().cpu()
     return out
 
 
 def _non_expert_tensors(hf_model: nn.Module, state: ModelQuantState, layouts: dict[str, ExpertLayout]) -> dict:
     """Every other state-dict tensor, unquantized; tied duplicates dropped as ``save_pretrained`` does."""
     skip = set(layouts) | {lay.bias_fqn for lay in layouts.values() if lay.bias_fqn}
+    for fqn, layout in layouts.items():  # a module list's members (written by _expert_tensors under global ids)
+        skip.update(listed_members(fqn, state[fqn].num_experts))
+        if layout.member_bias is not None:
+            skip.update(listed_members(layout.member_bias, state[fqn].num_experts))
     tied = getattr(hf_model, "all_tied_weights_keys", None) or {}
     sd = hf_model.state_dict()
     return {k: v.detach().cpu() for k, v in sd.items() if k not in skip and not (k in tied and tied[k] in sd)}

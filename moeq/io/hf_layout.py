@@ -9,22 +9,27 @@ knows the layouts the mapping does not describe: GPT-OSS stores ``gate_up_proj [
 (contraction dim first) with gate and up interleaved along the last dim, plus ``*_bias [E, N]``.
 
 Every per-expert weight is returned as a 2-D ``[N, K]`` tensor (contraction dim last), as ``nn.Linear``
-and the serving engines store it.
+and the serving engines store it. A per-expert module list (``experts.{e}.w1.weight``, keyed ``experts.*.w1.weight``
+in the quant state) already has that layout: each expert's weight is written under its own name.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ExpertLayout", "ExpertPart", "expert_layout", "hf_renamer", "num_experts_in_config"]
+from moeq.state import is_listed_key
+
+__all__ = ["ExpertLayout", "ExpertPart", "expert_layout", "gate_up_partner", "hf_renamer", "num_experts_in_config"]
 
 logger = logging.getLogger(__name__)
 
+#: per-expert leaf names of a gate and an up projection kept as two linears
+_GATE_UP_LEAVES = (("gate_proj", "up_proj"), ("w1", "w3"))
 #: config attributes that hold the routed-expert count, by model family
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
@@ -47,6 +52,8 @@ class ExpertLayout:
     expert_dim: int
     contraction_dim: int
     bias_fqn: str | None = None
+    #: a per-expert module list's bias members (``experts.*.w1.bias``, ``*`` = local expert id), if it has them
+    member_bias: str | None = None
 
     def expert_weight(self, weight: Tensor, local_id: int) -> Tensor:
         """Expert ``local_id``'s weight as ``[N, K]`` (contraction dim last)."""
@@ -114,9 +121,15 @@ def _converter_leaf_names(model: nn.Module, fqn: str) -> list[str] | None:
 
 
 def expert_layout(model: nn.Module, fqn: str, expert_dim: int, contraction_dim: int) -> ExpertLayout:
-    """The per-expert layout of the stacked expert weight ``fqn`` of ``model``."""
+    """The per-expert layout of the stacked expert weight ``fqn`` of ``model``, or of the per-expert module list
+    keyed ``fqn`` (``experts.*.w1.weight``: each expert's own weight, written under its own name)."""
     prefix, _, leaf = fqn.rpartition(".")
     params = dict(model.named_parameters())
+    if is_listed_key(fqn):
+        bias = prefix + ".bias"
+        has_bias = bias.replace("*", "0", 1) in params
+        part = ExpertPart(prefix.replace("*", "{e}", 1), _all_rows)
+        return ExpertLayout(fqn, (part,), expert_dim, contraction_dim, member_bias=bias if has_bias else None)
     bias_fqn = f"{fqn}_bias" if f"{fqn}_bias" in params else None
     names = _converter_leaf_names(model, fqn)
     gated = leaf == "gate_up_proj" or (names is not None and len(names) == 2)
@@ -132,6 +145,18 @@ def expert_layout(model: nn.Module, fqn: str, expert_dim: int, contraction_dim: 
             raise ValueError(f"{fqn}: expected one per-expert name, got {names}")
         parts = (ExpertPart(f"{prefix}.{{e}}.{names[0]}", _all_rows),)
     return ExpertLayout(fqn, parts, expert_dim, contraction_dim, bias_fqn)
+
+
+def gate_up_partner(fqn: str, keys: Iterable[str]) -> str | None:
+    """The key among ``keys`` of the other half of a gate / up pair kept as two per-expert linears
+    (``experts.*.gate_proj.weight`` <-> ``experts.*.up_proj.weight``, Mixtral's ``w1`` <-> ``w3``), or None.
+    The two share their input, and serving engines fuse them with one weight scale per expert."""
+    prefix, _, leaf = fqn.removesuffix(".weight").rpartition(".")
+    for pair in _GATE_UP_LEAVES:
+        if leaf in pair:
+            other = f"{prefix}.{pair[1 - pair.index(leaf)]}.weight"
+            return other if other in set(keys) else None
+    return None
 
 
 def hf_renamer(model: nn.Module, keys: list[str]) -> dict[str, str]:

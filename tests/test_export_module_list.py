@@ -1,0 +1,123 @@
+"""``export_hf`` of per-expert module lists against nvidia-modelopt 0.47 (tiny random-weight model, bf16, CPU).
+
+The model is a tiny transformers Qwen3-MoE whose fused experts are replaced by a module list of per-expert MLPs
+with separate ``gate_proj`` / ``up_proj`` / ``down_proj`` linears (the layout of transformers 4 and of remote-code
+MoE models; its state-dict names are the checkpoint's). Its outputs equal the fused model's exactly. modelopt
+quantizes each expert linear and exports; moeq calibrates the module lists under torch.compile and exports. Every
+tensor must be byte-identical: gate and up of one expert share one weight scale (the max of their amaxes) and
+every expert of a projection one input scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from test_export import _differing_bytes, _load_dir, _modelopt_cfg, _tokens
+from torch import nn
+
+import moeq
+from moeq.integrations.hf import tiny_model
+
+mtq = pytest.importorskip("modelopt.torch.quantization")
+from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
+
+PRESETS = {"nvfp4": moeq.NVFP4, "fp8": moeq.FP8}
+
+
+class ExpertMLP(nn.Module):
+    """One expert as transformers 4 wrote Qwen3-MoE's: three bias-free linears."""
+
+    def __init__(self, hidden: int, intermediate: int, act: nn.Module, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act_fn = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ListedExperts(nn.ModuleList):
+    """The experts as a module list, called like transformers' fused experts: rows sorted by expert, one piece
+    per expert (sizes from ``tolist()``: one graph with ``capture_scalar_outputs``), outputs weighted and summed."""
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        flat = top_k_index.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // top_k_index.shape[-1]
+        counts = (flat[:, None] == torch.arange(len(self), device=flat.device)).sum(0).tolist()
+        out = torch.cat([expert(rows) for expert, rows in zip(self, hidden[token].split(counts))])
+        out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
+        return torch.zeros_like(hidden).index_add_(0, token, out)
+
+
+def listed_model(seed: int = 0, bias: bool = False) -> nn.Module:
+    """The tiny Qwen3-MoE (one layer) with its fused experts split into a module list (same weights; ``bias``: the
+    down projections get random biases, which the fused model does not have)."""
+    model = tiny_model("qwen3_moe", torch.bfloat16, seed=seed, num_hidden_layers=1)
+    for layer in model.model.layers:
+        fused = layer.mlp.experts
+        num, two_i, hidden = fused.gate_up_proj.shape
+        inter = two_i // 2
+        experts = ListedExperts(ExpertMLP(hidden, inter, fused.act_fn, bias) for _ in range(num)).to(torch.bfloat16)
+        with torch.no_grad():
+            for e, expert in enumerate(experts):
+                expert.gate_proj.weight.copy_(fused.gate_up_proj[e, :inter])
+                expert.up_proj.weight.copy_(fused.gate_up_proj[e, inter:])
+                expert.down_proj.weight.copy_(fused.down_proj[e])
+                if bias:
+                    expert.down_proj.bias.copy_(torch.randn(hidden, generator=torch.Generator().manual_seed(e)))
+        layer.mlp.experts = experts
+    model.config.architectures = [type(model).__name__]  # modelopt's export reads it
+    return model
+
+
+def test_listed_model_equals_the_fused_model() -> None:
+    """The test model is the fused model with another expert layout: same logits, bit for bit."""
+    ids = _tokens(0)
+    with torch.no_grad():
+        fused = tiny_model("qwen3_moe", torch.bfloat16, seed=0, num_hidden_layers=1)(ids).logits
+        listed = listed_model()(ids).logits
+    torch.testing.assert_close(listed, fused, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt,bias", [("nvfp4", False), ("fp8", False), ("nvfp4", True)])
+def test_module_list_export_is_byte_identical_to_modelopt(fmt: str, bias: bool, tmp_path: Path) -> None:
+    """Same key set and bytes as modelopt's export; biases (when the experts have them) are written unquantized
+    under each expert's name."""
+    ids = _tokens(0)
+
+    def forward_loop(m: nn.Module) -> None:
+        with torch.no_grad():
+            m(input_ids=ids)
+
+    peer = mtq.quantize(listed_model(bias=bias), copy.deepcopy(_modelopt_cfg(fmt)), forward_loop)
+    export_hf_checkpoint(peer, export_dir=tmp_path / "modelopt")
+
+    torch._dynamo.reset()
+    model = moeq.prepare(listed_model(bias=bias), PRESETS[fmt])
+    compiled = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        warnings.simplefilter("ignore")
+        with moeq.calibrate(compiled):
+            compiled(ids)
+    state = moeq.finalize(compiled)
+    keys = [f"model.layers.0.mlp.experts.*.{p}.weight" for p in ("down_proj", "gate_proj", "up_proj")]
+    assert sorted(state.fqns()) == keys
+    report = moeq.explain(compiled)
+    assert {r.form for r in report.rewritten} == {"per-expert module list"}
+    assert not [s for s in report.skipped if s.category == "expert"]
+    gate, up = (state[k].weight_amax for k in keys[1:])
+    assert not torch.equal(gate, up), "gate and up should have different amaxes for this test to mean something"
+
+    moeq.export_hf(model, tmp_path / "moeq", "modelopt")
+    got, want = _load_dir(tmp_path / "moeq"), _load_dir(tmp_path / "modelopt")
+    assert sorted(got) == sorted(want)
+    assert any(".experts.7.up_proj.weight_scale" in k for k in got)
+    assert any(".experts.7.down_proj.bias" in k for k in got) == bias
+    assert _differing_bytes(got, want) == {}
