@@ -121,3 +121,55 @@ def test_module_list_export_is_byte_identical_to_modelopt(fmt: str, bias: bool, 
     assert any(".experts.7.up_proj.weight_scale" in k for k in got)
     assert any(".experts.7.down_proj.bias" in k for k in got) == bias
     assert _differing_bytes(got, want) == {}
+
+
+class WhereExperts(ListedExperts):
+    """The same experts called the way transformers 4's eager Mixtral / Qwen-MoE loop did: each expert gathers its
+    rows with a data-dependent ``torch.where`` on the routing mask."""
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        final = torch.zeros_like(hidden)
+        mask = nn.functional.one_hot(top_k_index, num_classes=len(self)).permute(2, 1, 0)
+        for e, expert in enumerate(self):
+            slot, token = torch.where(mask[e])
+            out = expert(hidden[token]) * top_k_weights[token, slot, None]
+            final.index_add_(0, token, out.to(hidden.dtype))
+        return final
+
+
+def _calibrate(model: nn.Module, ids: torch.Tensor, **dynamo_flags: bool):
+    torch._dynamo.reset()
+    compiled = torch.compile(moeq.prepare(model, moeq.NVFP4), backend="moeq_aot_eager")
+    with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(**dynamo_flags):
+        warnings.simplefilter("ignore")
+        with moeq.calibrate(compiled):
+            compiled(ids)
+        state = moeq.finalize(compiled)
+        return state, compiled(ids).logits
+
+
+def test_eager_where_loop_over_module_list_is_quantized_like_the_split():
+    """With ``capture_dynamic_output_shape_ops`` the ``torch.where`` loop is one graph: every expert GEMM is
+    quantized with the same per-expert statistics, and the same logits bit for bit, as the sorted-split model."""
+    ids = _tokens(0)
+    flags = dict(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True)
+    where_model = listed_model()
+    for layer in where_model.model.layers:
+        layer.mlp.experts.__class__ = WhereExperts
+    got_state, got = _calibrate(where_model, ids, **flags)
+    want_state, want = _calibrate(listed_model(), ids, **flags)
+    assert sorted(got_state.fqns()) == sorted(want_state.fqns())
+    for key in want_state.fqns():
+        for name in ("weight_amax", "input_amax", "tokens_per_expert"):
+            assert torch.equal(getattr(got_state[key], name), getattr(want_state[key], name)), (key, name)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_eager_where_loop_split_by_graph_breaks_is_reported_with_the_fix():
+    """Without the flag Dynamo breaks the graph at each ``torch.where``: each graph holds one expert, which moeq
+    does not quantize alone; ``finalize`` says so and names the Dynamo flags that keep the loop in one graph."""
+    where_model = listed_model()
+    for layer in where_model.model.layers:
+        layer.mlp.experts.__class__ = WhereExperts
+    with pytest.raises(RuntimeError, match=r"expert GEMMs, none of which.*capture_dynamic_output_shape_ops = True"):
+        _calibrate(where_model, _tokens(0), capture_dynamic_output_shape_ops=False)

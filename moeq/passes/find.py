@@ -569,6 +569,12 @@ def _group_listed_experts(found: list[ExpertGemm], skip) -> list[ExpertGemm]:
         why = None
         if experts != list(range(total)):
             why = f"the graph multiplies experts {experts} of the {total} in {key}, not each of them once"
+            if len(set(experts)) == len(experts) < total:
+                why += (
+                    " (the expert loop may be split over several graphs by graph breaks, e.g. at a data-dependent "
+                    "torch.where / nonzero or .tolist(): try torch._dynamo.config.capture_dynamic_output_shape_ops "
+                    "= True and capture_scalar_outputs = True)"
+                )
         elif len(shapes) != 1:
             why = f"the experts of {key} have different weight shapes {sorted(shapes)}"
         for r in recs:
