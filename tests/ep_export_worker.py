@@ -51,3 +51,32 @@ def run_rank(
         moeq.export_hf(model, out_dir, "modelopt", ep_group=dist.group.WORLD, max_shard_size="20KB")
     finally:
         dist.destroy_process_group()
+
+
+def run_listed_rank(rank: int, world: int, tmp: str, fmt: str, state_file: str, out_dir: str) -> None:
+    """One EP rank of the module-list model (tests/listed_experts.py): experts ``[rank * E_local, ...)`` renumbered
+    from 0, the matching slice of the single-process finalized state, exported with ``ep_group``."""
+    from listed_experts import listed_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
+    try:
+        saved = torch.load(state_file, weights_only=False)
+        num = len(listed_model().model.layers[0].mlp.experts)
+        local = num // world
+        model = moeq.prepare(
+            listed_model(keep=slice(rank * local, (rank + 1) * local)), moeq.NVFP4 if fmt == "nvfp4" else moeq.FP8
+        )
+        state = get_state(model)
+        sl = slice(rank * local, (rank + 1) * local)
+        for key, entry in saved.items():
+            shape = (local, *tuple(state.weight(key).shape[1:]))
+            s = state.get_or_create(key, shape, entry["expert_dim"], entry["contraction_dim"])
+            for buf in _PER_EXPERT:
+                setattr(s, buf, entry[buf][sl].clone())
+            s.input_amax = entry["input_amax"].clone() if entry["input_amax"].numel() == 1 else entry["input_amax"][sl]
+        state.finalized = True
+        state.mode = "quantize"
+        moeq.export_hf(model, out_dir, "modelopt", ep_group=dist.group.WORLD, max_shard_size="20KB")
+    finally:
+        dist.destroy_process_group()

@@ -11,11 +11,13 @@ every expert of a projection one input scale.
 from __future__ import annotations
 
 import copy
+import multiprocessing as mp
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from listed_experts import ListedExperts, listed_model
 from test_export import _differing_bytes, _load_dir, _modelopt_cfg, _tokens
 from torch import nn
 
@@ -26,55 +28,6 @@ mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
 
 PRESETS = {"nvfp4": moeq.NVFP4, "fp8": moeq.FP8}
-
-
-class ExpertMLP(nn.Module):
-    """One expert as transformers 4 wrote Qwen3-MoE's: three bias-free linears."""
-
-    def __init__(self, hidden: int, intermediate: int, act: nn.Module, bias: bool = False) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
-        self.act_fn = act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-class ListedExperts(nn.ModuleList):
-    """The experts as a module list, called like transformers' fused experts: rows sorted by expert, one piece
-    per expert (sizes from ``tolist()``: one graph with ``capture_scalar_outputs``), outputs weighted and summed."""
-
-    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        flat = top_k_index.reshape(-1)
-        order = flat.argsort(stable=True)
-        token = order // top_k_index.shape[-1]
-        counts = (flat[:, None] == torch.arange(len(self), device=flat.device)).sum(0).tolist()
-        out = torch.cat([expert(rows) for expert, rows in zip(self, hidden[token].split(counts))])
-        out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
-        return torch.zeros_like(hidden).index_add_(0, token, out)
-
-
-def listed_model(seed: int = 0, bias: bool = False) -> nn.Module:
-    """The tiny Qwen3-MoE (one layer) with its fused experts split into a module list (same weights; ``bias``: the
-    down projections get random biases, which the fused model does not have)."""
-    model = tiny_model("qwen3_moe", torch.bfloat16, seed=seed, num_hidden_layers=1)
-    for layer in model.model.layers:
-        fused = layer.mlp.experts
-        num, two_i, hidden = fused.gate_up_proj.shape
-        inter = two_i // 2
-        experts = ListedExperts(ExpertMLP(hidden, inter, fused.act_fn, bias) for _ in range(num)).to(torch.bfloat16)
-        with torch.no_grad():
-            for e, expert in enumerate(experts):
-                expert.gate_proj.weight.copy_(fused.gate_up_proj[e, :inter])
-                expert.up_proj.weight.copy_(fused.gate_up_proj[e, inter:])
-                expert.down_proj.weight.copy_(fused.down_proj[e])
-                if bias:
-                    expert.down_proj.bias.copy_(torch.randn(hidden, generator=torch.Generator().manual_seed(e)))
-        layer.mlp.experts = experts
-    model.config.architectures = [type(model).__name__]  # modelopt's export reads it
-    return model
 
 
 def test_listed_model_equals_the_fused_model() -> None:
@@ -173,3 +126,36 @@ def test_eager_where_loop_split_by_graph_breaks_is_reported_with_the_fix():
         layer.mlp.experts.__class__ = WhereExperts
     with pytest.raises(RuntimeError, match=r"expert GEMMs, none of which.*capture_dynamic_output_shape_ops = True"):
         _calibrate(where_model, _tokens(0), capture_dynamic_output_shape_ops=False)
+
+
+def test_module_list_ep2_gloo_export_matches_single_process(tmp_path: Path) -> None:
+    """Two gloo ranks, each holding 4 of the 8 experts of every module list (renumbered from 0) and the slice of the
+    single-process finalized state, write the single-process export's tensors under global expert ids."""
+    from ep_export_worker import _PER_EXPERT, run_listed_rank
+
+    torch._dynamo.reset()
+    model = moeq.prepare(listed_model(), moeq.NVFP4)
+    compiled = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        warnings.simplefilter("ignore")
+        with moeq.calibrate(compiled):
+            compiled(_tokens(0))
+    state = moeq.finalize(compiled)
+    single = moeq.export_hf(model, tmp_path / "single", "modelopt")
+    saved = {}
+    for key, s in state.items():
+        entry = {b: getattr(s, b).clone() for b in _PER_EXPERT}
+        entry.update(input_amax=s.input_amax.clone(), expert_dim=s.expert_dim, contraction_dim=s.contraction_dim)
+        saved[key] = entry
+    torch.save(saved, tmp_path / "state.pt")
+    ctx = mp.get_context("spawn")
+    args = (str(tmp_path), "nvfp4", str(tmp_path / "state.pt"), str(tmp_path / "ep"))
+    procs = [ctx.Process(target=run_listed_rank, args=(r, 2, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ours, want = _load_dir(tmp_path / "ep"), _load_dir(single)
+    assert sorted(ours) == sorted(want)
+    assert _differing_bytes(ours, want) == {}
