@@ -1,0 +1,230 @@
+"""Expert and tensor parallelism for per-expert module lists, on real gloo process groups (2 processes).
+
+One global megatron-core ``SequentialMLP`` (E experts, seeded) is laid out over two ranks:
+
+* EP=2: rank ``r`` holds a ``SequentialMLP`` of ``E / 2`` local experts whose weights are global experts
+  ``[r * E / 2, (r + 1) * E / 2)`` and calibrates on the rows routed to them;
+* TP=2 (expert tensor parallelism): each rank holds every expert, ``linear_fc1`` column-parallel (its gate and up
+  halves each split along the intermediate dim, as megatron shards a gated unit) and ``linear_fc2`` row-parallel;
+  both ranks see every row. Megatron leaves the expert linears' communication to the token dispatcher
+  (``explicit_expert_comm``), so the test sums the ranks' partial outputs itself.
+
+The reference is the global module calibrated in this (single) process on all rows. Per global expert, every
+quant parameter must be bit-identical to the reference (DESIGN: global id ``ep_rank * E_local + local_id``; input
+amax the max over ranks; weight amax all-reduced over TP). Under EP the quantized rows must be bit-identical too;
+under TP the row-parallel ``linear_fc2`` sums partial products in another order, so they are compared within a
+tolerance. The state saved under each layout must load into the global module with the reference's values.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import moeq
+
+pytest.importorskip("megatron.core.transformer.moe.experts")
+pytestmark = pytest.mark.distributed
+
+E, WORLD, HIDDEN, FFN = 4, 2, 32, 64
+TOKENS = [[3, 0, 5, 2], [1, 4, 0, 6]]  # tokens per global expert, two calibration batches
+KEYS = [f"local_experts.*.linear_fc{i}.weight" for i in (1, 2)]
+TP_SHARDING = {"*.linear_fc1.weight": "column", "*.linear_fc2.weight": "row"}
+LAYOUTS = ("ep2", "tp2")
+TIMEOUT_S = 240
+
+
+def _module(num_experts: int, ep: Any, tp: Any, tp_size: int) -> torch.nn.Module:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=FFN, moe_ffn_hidden_size=FFN,
+        num_moe_experts=E, gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        bias_activation_fusion=False, use_cpu_initialization=True, params_dtype=torch.float32,
+        gradient_accumulation_fusion=False, expert_tensor_parallel_size=tp_size,
+    )  # fmt: skip
+    groups = ProcessGroupCollection(tp=tp, ep=ep, expt_tp=tp, expt_dp=ep)
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    return SequentialMLP(num_experts, cfg, submodules, pg_collection=groups)
+
+
+def sequential_mlp(
+    alone: Any, ep: Any = None, tp: Any = None, experts: range = range(E), tp_rank: int = 0, tp_size: int = 1
+) -> torch.nn.Module:
+    """Global experts ``experts`` of the seeded global module (built on the one-rank group ``alone``), as this
+    rank's module: on expert-parallel group ``ep``, each weight its shard for tensor-parallel rank ``tp_rank``."""
+    torch.manual_seed(0)
+    whole = _module(E, alone, alone, 1)
+    if experts == range(E) and tp_size == 1:
+        return whole
+    part = _module(len(experts), ep or alone, tp or alone, tp_size)
+    shard = slice(tp_rank * FFN // tp_size, (tp_rank + 1) * FFN // tp_size)
+    with torch.no_grad():
+        for expert, e in zip(part.local_experts, experts, strict=True):
+            src = whole.local_experts[e]
+            gate, up = src.linear_fc1.weight.chunk(2)
+            expert.linear_fc1.weight.copy_(torch.cat([gate[shard], up[shard]]))
+            expert.linear_fc2.weight.copy_(src.linear_fc2.weight[:, shard])
+    return part
+
+
+def prepare(model: torch.nn.Module) -> torch.nn.Module:
+    """FP8, with the weights' tensor-parallel sharding declared in every layout (a checkpoint records it)."""
+    return moeq.prepare(model, moeq.FP8, tp_sharding=TP_SHARDING)
+
+
+def batch(index: int, experts: range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Calibration batch ``index``: its rows grouped by global expert; the rows of ``experts`` only."""
+    torch.manual_seed(100 + index)
+    counts = TOKENS[index]
+    x, probs = torch.randn(sum(counts), HIDDEN), torch.rand(sum(counts))
+    start = sum(counts[: experts.start])
+    rows = slice(start, start + sum(counts[e] for e in experts))
+    return x[rows], torch.tensor([counts[e] for e in experts]), probs[rows]
+
+
+def calibrate(model: torch.nn.Module, experts: range, **groups: Any) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Calibrate on both batches and finalize over ``groups`` (the module already prepared); the per-expert
+    parameters and the quantized output of each batch."""
+    compiled = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        warnings.simplefilter("ignore")
+        with moeq.calibrate(compiled):
+            for i in range(len(TOKENS)):
+                compiled(*batch(i, experts))
+        state = moeq.finalize(compiled, **groups)
+        outputs = [compiled(*batch(i, experts))[0] for i in range(len(TOKENS))]
+    params = {
+        key: {name: getattr(state[key], name).clone() for name in ("weight_amax", "input_amax", "tokens_per_expert")}
+        for key in KEYS
+    }
+    return params, outputs
+
+
+def worker(rank: int, layout: str, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        world = dist.group.WORLD
+        alone = [dist.new_group([r]) for r in range(WORLD)][rank]  # every rank creates every group, in order
+        if layout == "ep2":
+            local = E // WORLD
+            experts = range(rank * local, (rank + 1) * local)
+            model = prepare(sequential_mlp(alone, ep=world, experts=experts))
+            groups = {"ep_group": world}
+        else:
+            experts = range(E)
+            model = prepare(sequential_mlp(alone, tp=world, tp_rank=rank, tp_size=WORLD))
+            groups = {"tp_group": world}
+        params, outputs = calibrate(model, experts, **groups)
+        if layout == "tp2":  # the dispatcher's reduction of the row-parallel partial sums
+            for out in outputs:
+                dist.all_reduce(out)
+        moeq.save_state(model, Path(out_dir) / f"ckpt-{layout}", **groups)
+        torch.save({"params": params, "outputs": outputs}, Path(out_dir) / f"{layout}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(layout: str, out: Path) -> None:
+    args = (layout, str(out / f"pg-{layout}"), str(out))
+    ctx = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.perf_counter() + TIMEOUT_S
+    while not ctx.join(timeout=max(1.0, deadline - time.perf_counter())):
+        if time.perf_counter() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"workers did not finish in {TIMEOUT_S}s (deadlock?)")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    out = tmp_path_factory.mktemp("megatron-layouts")
+    ranks = {}
+    for layout in LAYOUTS:
+        _spawn(layout, out)
+        ranks[layout] = [torch.load(out / f"{layout}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{out / 'pg-ref'}", rank=0, world_size=1)
+        world = dist.group.WORLD
+        reference = calibrate(prepare(sequential_mlp(world)), range(E))
+        loaded = {layout: moeq.load_state(prepare(sequential_mlp(world)), out / f"ckpt-{layout}") for layout in LAYOUTS}
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    return {"ranks": ranks, "reference": reference, "loaded": loaded}
+
+
+def _global_params(layout: str, ranks: list[dict[str, Any]]) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Per global expert parameters as each rank reports them: EP ranks' local experts concatenated (input amax:
+    each rank's), TP ranks each whole."""
+    if layout == "tp2":
+        return [r["params"] for r in ranks]
+    joined = []
+    for r in ranks:
+        joined.append(
+            {
+                key: {
+                    "weight_amax": torch.cat([q["params"][key]["weight_amax"] for q in ranks]),
+                    "tokens_per_expert": torch.cat([q["params"][key]["tokens_per_expert"] for q in ranks]),
+                    "input_amax": r["params"][key]["input_amax"],
+                }
+                for key in KEYS
+            }
+        )
+    return joined
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_module_list_statistics_are_per_global_expert(runs: dict[str, Any], layout: str) -> None:
+    """Weight amax, token counts and input amax of every global expert equal the global module's, bit for bit, on
+    every rank (EP: rank r's local expert i is global expert r * E_local + i; TP: shards' amaxes all-reduced)."""
+    want, _ = runs["reference"]
+    for params in _global_params(layout, runs["ranks"][layout]):
+        for key in KEYS:
+            for name in ("weight_amax", "tokens_per_expert", "input_amax"):
+                got = params[key][name]
+                assert torch.equal(got, want[key][name]), f"{layout} {key} {name}: {got} != {want[key][name]}"
+    assert want[KEYS[0]]["tokens_per_expert"].tolist() == [sum(t[e] for t in TOKENS) for e in range(E)]
+
+
+def test_module_list_quantized_rows_match_the_global_module(runs: dict[str, Any]) -> None:
+    """EP: each rank's quantized output rows are the global module's rows for its experts, bit for bit. TP: the
+    sum of the ranks' partial outputs is the global module's output (row-parallel: another summation order)."""
+    _, want = runs["reference"]
+    for i, counts in enumerate(TOKENS):
+        got = torch.cat([r["outputs"][i] for r in runs["ranks"]["ep2"]])
+        assert got.shape[0] == sum(counts)
+        torch.testing.assert_close(got, want[i], rtol=0, atol=0)
+        for r in runs["ranks"]["tp2"]:
+            torch.testing.assert_close(r["outputs"][i], want[i], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_module_list_checkpoint_loads_into_one_process(runs: dict[str, Any], layout: str) -> None:
+    """``save_state`` under EP=2 (experts keyed by global id) or TP=2 (global weight shapes) loads into the global
+    module (one process) with the reference's per-expert values."""
+    want, _ = runs["reference"]
+    loaded = runs["loaded"][layout]
+    assert loaded.finalized
+    for key in KEYS:
+        for name in ("weight_amax", "input_amax", "tokens_per_expert"):
+            got = getattr(loaded[key], name)
+            assert torch.equal(got, want[key][name].to(got.dtype)), f"{layout} {key} {name}"
