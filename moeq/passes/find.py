@@ -607,7 +607,8 @@ def _classify_dense(node, weight_index, resolver, found, skip) -> None:
 
 def _classify_autograd_function(node: fx.Node, resolver: _ParamResolver, skip) -> None:
     """An ``autograd.Function`` Dynamo kept as a higher-order op (megatron's linears, with grad enabled) that takes a
-    parameter: its GEMM is inside the function's subgraph, which moeq does not rewrite; reported, never dropped."""
+    parameter and that :mod:`moeq.passes.inline_functions` did not inline: its GEMM is inside the function's
+    subgraph, which moeq does not rewrite; reported with the inliner's reason, never dropped."""
     for arg in node.args:
         trace = _trace_weight(arg, resolver) if isinstance(arg, fx.Node) else None
         if trace is None or trace.failure is not None:
