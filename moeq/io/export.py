@@ -14,8 +14,8 @@ Two formats (DESIGN.md, "Checkpoints and export"):
 All numerics come from :mod:`moeq.formats`. Gate and up of one expert share one global scale: moeq's
 per-expert amax of a fused ``gate_up_proj`` is already the max over both halves, and a gate / up pair kept as two
 per-expert linears of a module list (``experts.*.gate_proj`` / ``up_proj``, ``w1`` / ``w3``) is exported with the
-max of the two amaxes, as modelopt does. A module list's experts are written under their own names. Non-expert tensors are
-copied unquantized. The checkpoint is written to a temporary sibling directory and renamed into place,
+max of the two amaxes, as modelopt does. A module list's experts are written under their own names. Non-expert
+tensors are copied unquantized. The checkpoint is written to a temporary sibling directory and renamed into place,
 so a failed export leaves nothing behind. Under expert parallelism (``ep_group``) each rank writes its own
 experts (global id ``ep_rank * E_local + local_id``), rank 0 the rest and the index.
 """
