@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from moeq.integrations.hf import tiny_model
 
@@ -38,6 +39,13 @@ class ListedExperts(nn.ModuleList):
         return torch.zeros_like(hidden).index_add_(0, token, out)
 
 
+class ListedQwen3MoeSparseMoeBlock(Qwen3MoeSparseMoeBlock):
+    """Qwen3-MoE's block with module-list experts, as a type of its own: modelopt registers a quantized wrapper per
+    MoE-block type on first sight (a sequential MoE for this one), which would otherwise apply to every later fused
+    Qwen3-MoE block in the same process. modelopt's export finds the per-expert linear names by the type's name, which
+    still contains ``Qwen3MoeSparseMoeBlock``."""
+
+
 def listed_model(seed: int = 0, bias: bool = False, keep: slice | None = None) -> nn.Module:
     """The tiny Qwen3-MoE (one layer) with its fused experts split into a module list (same weights; ``bias``: the
     down projections get random biases, which the fused model does not have; ``keep``: only these experts stay in the
@@ -56,5 +64,6 @@ def listed_model(seed: int = 0, bias: bool = False, keep: slice | None = None) -
                 if bias:
                     expert.down_proj.bias.copy_(torch.randn(hidden, generator=torch.Generator().manual_seed(e)))
         layer.mlp.experts = experts if keep is None else ListedExperts(list(experts)[keep])
+        layer.mlp.__class__ = ListedQwen3MoeSparseMoeBlock
     model.config.architectures = [type(model).__name__]  # modelopt's export reads it
     return model
