@@ -17,6 +17,7 @@ import moeq
 from moeq.integrations.hf import tiny_model
 from moeq.state import get_state
 
+_PRESETS = {"nvfp4": moeq.NVFP4, "fp8": moeq.FP8}
 _PER_EXPERT = ("weight_amax", "weight_block_amax", "observed_input_amax", "tokens_per_expert", "calibrated")
 
 
@@ -36,21 +37,26 @@ def run_rank(
             owner_name, _, leaf = name.rpartition(".")
             owner = model.get_submodule(owner_name)
             setattr(owner, leaf, nn.Parameter(param.detach()[rank * local : (rank + 1) * local].clone(), False))
-        moeq.prepare(model, moeq.NVFP4 if fmt == "nvfp4" else moeq.FP8)
-        state = get_state(model)
-        for fqn, entry in saved.items():
-            weight = model.get_parameter(fqn)
-            local = weight.shape[entry["expert_dim"]]
-            sl = slice(rank * local, (rank + 1) * local)
-            s = state.get_or_create(fqn, tuple(weight.shape), entry["expert_dim"], entry["contraction_dim"])
-            for buf in _PER_EXPERT:
-                setattr(s, buf, entry[buf][sl].clone())
-            s.input_amax = entry["input_amax"].clone() if entry["input_amax"].numel() == 1 else entry["input_amax"][sl]
-        state.finalized = True
-        state.mode = "quantize"
-        moeq.export_hf(model, out_dir, "modelopt", ep_group=dist.group.WORLD, max_shard_size="20KB")
+        _install_slice_and_export(moeq.prepare(model, _PRESETS[fmt]), saved, rank, out_dir)
     finally:
         dist.destroy_process_group()
+
+
+def _install_slice_and_export(model: nn.Module, saved: dict, rank: int, out_dir: str) -> None:
+    """Give this rank's model its experts' slice of the single-process finalized state (local experts: the
+    model's weight, stacked or a module list's members, along the expert dim) and export with ``ep_group``."""
+    state = get_state(model)
+    for fqn, entry in saved.items():
+        shape = tuple(state.weight(fqn).shape)
+        local = shape[entry["expert_dim"]]
+        sl = slice(rank * local, (rank + 1) * local)
+        s = state.get_or_create(fqn, shape, entry["expert_dim"], entry["contraction_dim"])
+        for buf in _PER_EXPERT:
+            setattr(s, buf, entry[buf][sl].clone())
+        s.input_amax = entry["input_amax"].clone() if entry["input_amax"].numel() == 1 else entry["input_amax"][sl]
+    state.finalized = True
+    state.mode = "quantize"
+    moeq.export_hf(model, out_dir, "modelopt", ep_group=dist.group.WORLD, max_shard_size="20KB")
 
 
 def run_listed_rank(rank: int, world: int, tmp: str, fmt: str, state_file: str, out_dir: str) -> None:
@@ -62,21 +68,8 @@ def run_listed_rank(rank: int, world: int, tmp: str, fmt: str, state_file: str, 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
     try:
         saved = torch.load(state_file, weights_only=False)
-        num = len(listed_model().model.layers[0].mlp.experts)
-        local = num // world
-        model = moeq.prepare(
-            listed_model(keep=slice(rank * local, (rank + 1) * local)), moeq.NVFP4 if fmt == "nvfp4" else moeq.FP8
-        )
-        state = get_state(model)
-        sl = slice(rank * local, (rank + 1) * local)
-        for key, entry in saved.items():
-            shape = (local, *tuple(state.weight(key).shape[1:]))
-            s = state.get_or_create(key, shape, entry["expert_dim"], entry["contraction_dim"])
-            for buf in _PER_EXPERT:
-                setattr(s, buf, entry[buf][sl].clone())
-            s.input_amax = entry["input_amax"].clone() if entry["input_amax"].numel() == 1 else entry["input_amax"][sl]
-        state.finalized = True
-        state.mode = "quantize"
-        moeq.export_hf(model, out_dir, "modelopt", ep_group=dist.group.WORLD, max_shard_size="20KB")
+        local = len(listed_model().model.layers[0].mlp.experts) // world
+        model = listed_model(keep=slice(rank * local, (rank + 1) * local))
+        _install_slice_and_export(moeq.prepare(model, _PRESETS[fmt]), saved, rank, out_dir)
     finally:
         dist.destroy_process_group()

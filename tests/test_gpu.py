@@ -671,44 +671,17 @@ def test_megatron_sequential_mlp_qat_training_step_cuda(fmt, tmp_path):
     training step's output and gradients (input, routing probabilities, every expert weight) equal the eager STE
     reference computed from ``formats`` on the same device."""
     pytest.importorskip("megatron.core.transformer.moe.experts")
-    import warnings
-
     import torch.distributed as dist
 
-    from tests.test_megatron_experts import HIDDEN, sequential_mlp, ste_reference
+    from tests.test_megatron_experts import assert_step_matches_reference, qat_step
 
     torch._dynamo.reset()
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = moeq.prepare(sequential_mlp(dist.group.WORLD).cuda(), moeq.FP8 if fmt == "fp8" else moeq.NVFP4)
-        tokens_per_expert = torch.tensor([3, 0, 5, 2])
-        calibration = (torch.randn(10, HIDDEN).cuda(), tokens_per_expert, torch.rand(10).cuda())
-        step = (3 * torch.randn(10, HIDDEN).cuda(), tokens_per_expert, torch.rand(10).cuda())
-        upstream = torch.randn(10, HIDDEN).cuda()
-        with warnings.catch_warnings(), torch._dynamo.config.patch(capture_scalar_outputs=True):
-            warnings.simplefilter("ignore")
-            want, *want_leaves = ste_reference(sequential_mlp(dist.group.WORLD).cuda(), fmt, calibration, step)
-            (want * upstream).sum().backward()
-            compiled = torch.compile(model, backend="moeq")
-            with moeq.calibrate(compiled):
-                compiled(*calibration)
-            moeq.finalize(compiled)
-            x, probs = (t.clone().requires_grad_() for t in (step[0], step[2]))
-            got, _ = compiled(x, tokens_per_expert, probs)
-            (got * upstream).sum().backward()
+        run = qat_step(dist.group.WORLD, moeq.FP8 if fmt == "fp8" else moeq.NVFP4, fmt, "moeq", "cuda")
     finally:
         if created:
             dist.destroy_process_group()
-    report = moeq.explain(compiled)
-    assert {r.form for r in report.rewritten} == {
-        "per-expert module list (autograd.Function inlined)"
-    } and not report.skipped
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    want_x, want_probs, want_weights = want_leaves
-    torch.testing.assert_close(x.grad, want_x.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(probs.grad, want_probs.grad, rtol=1e-5, atol=1e-5)
-    weights = [getattr(e, name).weight for e in model.local_experts for name in ("linear_fc1", "linear_fc2")]
-    for w, ref in zip(weights, want_weights, strict=True):
-        torch.testing.assert_close(w.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    assert_step_matches_reference(run, atol=1e-5)

@@ -8,6 +8,7 @@ Its expert GEMMs run on separate 2-D parameters (``local_experts.{e}.linear_fc1.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -38,22 +39,29 @@ def world(tmp_path_factory):
         dist.destroy_process_group()
 
 
-def sequential_mlp(group) -> torch.nn.Module:
+def build_sequential_mlp(num_experts: int, ep, tp, tp_size: int = 1) -> torch.nn.Module:
+    """A megatron-core ``SequentialMLP`` of ``num_experts`` local experts (of E) on expert-parallel group ``ep`` and
+    expert-tensor-parallel group ``tp`` of size ``tp_size``, weights from the current RNG state."""
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.mlp import MLPSubmodules
 
-    torch.manual_seed(0)
     cfg = TransformerConfig(
         num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=FFN, moe_ffn_hidden_size=FFN,
         num_moe_experts=E, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         bias_activation_fusion=False, use_cpu_initialization=True, params_dtype=torch.float32,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=False, expert_tensor_parallel_size=tp_size,
     )  # fmt: skip
-    groups = ProcessGroupCollection(tp=group, ep=group, expt_tp=group, expt_dp=group)
+    groups = ProcessGroupCollection(tp=tp, ep=ep, expt_tp=tp, expt_dp=ep)
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    return megatron_experts.SequentialMLP(E, cfg, submodules, pg_collection=groups)
+    return megatron_experts.SequentialMLP(num_experts, cfg, submodules, pg_collection=groups)
+
+
+def sequential_mlp(group) -> torch.nn.Module:
+    """The seeded global module (E experts) on the one-rank ``group``."""
+    torch.manual_seed(0)
+    return build_sequential_mlp(E, group, group)
 
 
 def reference_output(model, x, tokens_per_expert, probs):
@@ -194,6 +202,61 @@ def ste_reference(model, fmt, calibration, step):
     return y, x, probs, [linear.parametrizations.weight.original for _, linear in linears]
 
 
+@dataclass
+class QatStep:
+    """One QAT training step of a compiled ``SequentialMLP`` beside the eager STE reference's step on the same data."""
+
+    model: torch.nn.Module
+    compiled: torch.nn.Module
+    calibrating: torch.Tensor  # the compiled module's output while calibrating
+    plain: torch.Tensor  # the unquantized module's output on the calibration batch
+    got: torch.Tensor
+    x: torch.Tensor
+    probs: torch.Tensor
+    want: torch.Tensor
+    want_x: torch.Tensor
+    want_probs: torch.Tensor
+    want_weights: list[torch.Tensor]
+
+
+def qat_step(group, config, fmt: str, backend: str, device: str = "cpu") -> QatStep:
+    """Calibrate with grad enabled (on one batch), finalize, then one forward/backward on other data (larger, so the
+    input STE clips), compiled with ``backend``; and the same step of :func:`ste_reference`."""
+    model = moeq.prepare(sequential_mlp(group).to(device), config)
+    tokens_per_expert = torch.tensor([3, 0, 5, 2])
+    calibration = (torch.randn(10, HIDDEN).to(device), tokens_per_expert, torch.rand(10).to(device))
+    step = (3 * torch.randn(10, HIDDEN).to(device), tokens_per_expert, torch.rand(10).to(device))
+    upstream = torch.randn(10, HIDDEN).to(device)
+    with warnings.catch_warnings(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        warnings.simplefilter("ignore")
+        want, want_x, want_probs, want_weights = ste_reference(sequential_mlp(group).to(device), fmt, calibration, step)
+        (want * upstream).sum().backward()
+        compiled = torch.compile(model, backend=backend)
+        with moeq.calibrate(compiled):
+            calibrating, _ = compiled(*calibration)
+        plain = model(*calibration)[0]
+        moeq.finalize(compiled)
+        x, probs = (t.clone().requires_grad_() for t in (step[0], step[2]))
+        got, _ = compiled(x, tokens_per_expert, probs)
+        (got * upstream).sum().backward()
+    return QatStep(model, compiled, calibrating, plain, got, x, probs, want, want_x, want_probs, want_weights)
+
+
+def assert_step_matches_reference(run: QatStep, atol: float) -> None:
+    """Every expert GEMM quantized through an inlined Function; output and the gradients of the input, the routing
+    probabilities and every expert weight equal the reference's (``rtol`` 1e-5)."""
+    report = moeq.explain(run.compiled)
+    assert {r.form for r in report.rewritten} == {
+        "per-expert module list (autograd.Function inlined)"
+    } and not report.skipped
+    torch.testing.assert_close(run.got, run.want, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(run.x.grad, run.want_x.grad, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(run.probs.grad, run.want_probs.grad, rtol=1e-5, atol=atol)
+    weights = [getattr(e, name).weight for e in run.model.local_experts for name in ("linear_fc1", "linear_fc2")]
+    for w, ref in zip(weights, run.want_weights, strict=True):
+        torch.testing.assert_close(w.grad, ref.grad, rtol=1e-5, atol=atol)
+
+
 @pytest.mark.parametrize("config,fmt", [(moeq.FP8, "fp8"), (moeq.NVFP4, "nvfp4")])
 def test_sequential_mlp_qat_training_step_matches_ste_reference(world, config, fmt):
     """QAT of a ``SequentialMLP`` with grad enabled: Dynamo keeps megatron's linears as autograd Functions, which
@@ -201,32 +264,7 @@ def test_sequential_mlp_qat_training_step_matches_ste_reference(world, config, f
     Calibrated with grad enabled (full precision), then one training step on other data (larger, so the input STE
     clips): output and gradients of the input, the routing probabilities and every expert weight equal the
     independent eager STE reference."""
-    model = moeq.prepare(sequential_mlp(world), config)
-    tokens_per_expert = torch.tensor([3, 0, 5, 2])
-    calibration = (torch.randn(10, HIDDEN), tokens_per_expert, torch.rand(10))
-    step = (3 * torch.randn(10, HIDDEN), tokens_per_expert, torch.rand(10))
-    upstream = torch.randn(10, HIDDEN)
-    with warnings.catch_warnings(), torch._dynamo.config.patch(capture_scalar_outputs=True):
-        warnings.simplefilter("ignore")
-        want, *want_leaves = ste_reference(sequential_mlp(world), fmt, calibration, step)
-        (want * upstream).sum().backward()
-        compiled = torch.compile(model, backend="moeq_aot_eager")
-        with moeq.calibrate(compiled):
-            calibrating, _ = compiled(*calibration)
-        torch.testing.assert_close(calibrating, model(*calibration)[0])  # calibration observes in full precision
-        moeq.finalize(compiled)
-        x, probs = (t.clone().requires_grad_() for t in (step[0], step[2]))
-        got, _ = compiled(x, tokens_per_expert, probs)
-        (got * upstream).sum().backward()
-    report = moeq.explain(compiled)
-    assert {r.form for r in report.rewritten} == {
-        "per-expert module list (autograd.Function inlined)"
-    } and not report.skipped
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    want_x, want_probs, want_weights = want_leaves
-    assert (want_x.grad == 0).any(), "the step's input should exceed the calibrated amax somewhere (STE clipping)"
-    torch.testing.assert_close(x.grad, want_x.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(probs.grad, want_probs.grad, rtol=1e-5, atol=1e-6)
-    weights = [getattr(e, name).weight for e in model.local_experts for name in ("linear_fc1", "linear_fc2")]
-    for w, ref in zip(weights, want_weights, strict=True):
-        torch.testing.assert_close(w.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    run = qat_step(world, config, fmt, "moeq_aot_eager")
+    torch.testing.assert_close(run.calibrating, run.plain)  # calibration observes in full precision
+    assert (run.want_x.grad == 0).any(), "the step's input should exceed the calibrated amax somewhere (STE clipping)"
+    assert_step_matches_reference(run, atol=1e-6)

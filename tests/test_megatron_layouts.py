@@ -30,32 +30,16 @@ import torch.multiprocessing as mp
 import moeq
 
 pytest.importorskip("megatron.core.transformer.moe.experts")
+from test_megatron_experts import FFN, HIDDEN, E, build_sequential_mlp  # noqa: E402
+
 pytestmark = pytest.mark.distributed
 
-E, WORLD, HIDDEN, FFN = 4, 2, 32, 64
+WORLD = 2
 TOKENS = [[3, 0, 5, 2], [1, 4, 0, 6]]  # tokens per global expert, two calibration batches
 KEYS = [f"local_experts.*.linear_fc{i}.weight" for i in (1, 2)]
 TP_SHARDING = {"*.linear_fc1.weight": "column", "*.linear_fc2.weight": "row"}
 LAYOUTS = ("ep2", "tp2")
 TIMEOUT_S = 240
-
-
-def _module(num_experts: int, ep: Any, tp: Any, tp_size: int) -> torch.nn.Module:
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.mlp import MLPSubmodules
-    from megatron.core.transformer.moe.experts import SequentialMLP
-
-    cfg = TransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=FFN, moe_ffn_hidden_size=FFN,
-        num_moe_experts=E, gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-        bias_activation_fusion=False, use_cpu_initialization=True, params_dtype=torch.float32,
-        gradient_accumulation_fusion=False, expert_tensor_parallel_size=tp_size,
-    )  # fmt: skip
-    groups = ProcessGroupCollection(tp=tp, ep=ep, expt_tp=tp, expt_dp=ep)
-    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    return SequentialMLP(num_experts, cfg, submodules, pg_collection=groups)
 
 
 def sequential_mlp(
@@ -64,10 +48,10 @@ def sequential_mlp(
     """Global experts ``experts`` of the seeded global module (built on the one-rank group ``alone``), as this
     rank's module: on expert-parallel group ``ep``, each weight its shard for tensor-parallel rank ``tp_rank``."""
     torch.manual_seed(0)
-    whole = _module(E, alone, alone, 1)
+    whole = build_sequential_mlp(E, alone, alone)
     if experts == range(E) and tp_size == 1:
         return whole
-    part = _module(len(experts), ep or alone, tp or alone, tp_size)
+    part = build_sequential_mlp(len(experts), ep or alone, tp or alone, tp_size)
     shard = slice(tp_rank * FFN // tp_size, (tp_rank + 1) * FFN // tp_size)
     with torch.no_grad():
         for expert, e in zip(part.local_experts, experts, strict=True):
