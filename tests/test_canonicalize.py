@@ -319,3 +319,67 @@ def test_qat_gradients_of_a_loop_match_the_grouped_module():
     assert grads[0][0] is not None and grads[0][0].abs().sum() > 0
     assert torch.equal(grads[0][0], grads[1][0])
     assert torch.equal(grads[0][1], grads[1][1])
+
+
+class RoutedSplitLoop(_Experts):
+    """Split sizes from the router's counts, ``x.split(counts.tolist())`` as JetMoE's experts do: ``tolist()``
+    breaks the graph, so the sizes enter the loop's graph as ints, and Dynamo makes them symbolic once they change
+    between calls."""
+
+    def forward(self, x, counts):
+        pieces = x.split(counts.tolist())
+        return torch.cat([F.linear(pieces[e], self.w[e]) for e in range(E)])
+
+
+class RoutedGrouped(_Experts):
+    def forward(self, x, counts):
+        return torch._grouped_mm(x, self.w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+
+
+class RoutedMLP(nn.Module):
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, x, counts):
+        return self.experts(x, counts)
+
+
+class RoutedModel(nn.Module):
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        self.mlp = RoutedMLP(experts)
+
+    def forward(self, x, counts):
+        return self.mlp(x, counts)
+
+
+ROUTED_SIZES = [SIZES, [8, 0, 5, 3], [1, 2, 3, 10], [0, 0, 16, 0]]  # four batches of T rows each
+
+
+@pytest.mark.parametrize("backend", ["moeq_aot_eager", "moeq"])
+def test_loop_with_sizes_that_change_between_calls_stays_rewritten(backend):
+    """Calibrating on batches routed differently recompiles the loop's graph with symbolic split sizes; it is
+    still one grouped GEMM (offsets computed in the graph), in every mode: the calibration statistics and the
+    finalized outputs equal the grouped module's, and nothing of the loop is left unquantized."""
+    results = []
+    for experts in (RoutedSplitLoop(), RoutedGrouped()):
+        torch._dynamo.reset()
+        model = moeq.prepare(RoutedModel(experts), moeq.FP8)
+        compiled = torch.compile(model, backend=backend)
+        batches = [(_input(SplitLinearCat, seed=s), torch.tensor(sizes)) for s, sizes in enumerate(ROUTED_SIZES)]
+        with torch.no_grad(), moeq.calibrate(model):
+            for x, counts in batches[:3]:
+                compiled(x, counts)
+        moeq.finalize(model)
+        with torch.no_grad():
+            outs = [compiled(x, counts) for x, counts in batches]
+        results.append((outs, moeq.quant_state(model)[FQN], moeq.explain(model)))
+    (loop_outs, loop, report), (grouped_outs, grouped, _) = results
+    assert torch.equal(loop.tokens_per_expert, torch.tensor(ROUTED_SIZES[:3]).sum(0))
+    assert torch.equal(loop.observed_input_amax, grouped.observed_input_amax)
+    for got, want in zip(loop_outs, grouped_outs):
+        assert torch.equal(got, want)
+    assert [r.fqn for r in report.rewritten] == [FQN]
+    assert not [s for s in report.skipped if s.weight_fqn == FQN], [s.reason for s in report.skipped]
+    assert "per-expert loop as grouped_mm" in str(report)

@@ -122,3 +122,45 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     moeq.freeze(cm8)  # deploy W8A8: no weight pass at any size
     text = str(moeq.explain(cm8))
     assert "up to 16 mean routed rows per expert; above, an activation codes pass and the FP8 codes GEMM" in text
+
+
+class _PrefillDecodeExperts(torch.nn.Module):
+    """One grouped GEMM for a batch of rows; for a single row, ``x @ w[0]`` alone (a per-expert slice, which the
+    pass leaves as it is). Dynamo compiles the two branches as two graphs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 16, 8, dtype=torch.bfloat16) * 0.1)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            offs = torch.tensor([2, 4, 6, x.shape[0]], dtype=torch.int32)
+            return torch._grouped_mm(x, self.w.transpose(1, 2), offs=offs)
+        return torch.nn.functional.linear(x, self.w[0])
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = _PrefillDecodeExperts()
+
+    def forward(self, x):
+        return self.experts(x)
+
+
+def test_weight_rewritten_in_one_graph_and_not_in_another_is_called_out():
+    """A weight whose GEMM one compiled graph rewrote and another left alone is not reported as plainly
+    quantized: explain() names it (and how many GEMMs on it were not rewritten) above the reasons."""
+    model = moeq.prepare(_Block(), moeq.FP8)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(torch.randn(8, 8, generator=g).bfloat16())
+        cm(torch.randn(1, 8, generator=g).bfloat16())
+    report = moeq.explain(cm)
+    text = str(report)
+    assert [r.fqn for r in report.rewritten] == ["experts.w"]
+    assert report.partly_rewritten == {"experts.w": 1}
+    assert "Rewritten in some compiled graphs only (where not, these GEMMs run unquantized):" in text
+    assert "  experts.w: 1 GEMM(s) not rewritten" in text
+    assert text.index("Rewritten in some compiled graphs only") < text.index("Not rewritten:")

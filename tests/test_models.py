@@ -90,3 +90,52 @@ def test_inductor_backend_end_to_end(dtype):
     rel = ((quantized - reference).norm() / reference.norm()).item()
     assert 0 < rel < 0.1
     assert len(moeq.explain(cm).rewritten) == 4
+
+
+#: more transformers families: shared-expert gates (qwen2_moe), hybrid linear attention (qwen3_next), grouped
+#: routing (glm4_moe), bmm experts (llama4), per-expert loops over stacked weights (jetmoe: bf16 only)
+MORE_FAMILIES = ["qwen2_moe", "qwen3_next", "glm4_moe", "granitemoe", "phimoe", "llama4", "jetmoe"]
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_more_families_quantize_every_routed_expert(family):
+    """Every routed-expert weight (each 3-D parameter but a convolution's) is rewritten, in every compiled graph
+    (batches of two shapes, so Dynamo recompiles with dynamic sizes); calibration leaves the output as it was, and
+    the finalized model's output moves by a bounded, nonzero amount."""
+    dtype = torch.bfloat16 if family == "jetmoe" else torch.float32
+    model = tiny_model(family, dtype)
+    expected = {n for n, p in model.named_parameters() if p.dim() == 3 and "conv" not in n}
+    batches = [make_tokens(seed=1), make_tokens(seed=2, batch=3, seq=7)]
+    with torch.no_grad():
+        reference = [model(t, use_cache=False).logits.float() for t in batches]
+    moeq.prepare(model, moeq.FP8)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    # JetMoE's four expert modules per layer share one loop frame: a graph per weight shape, mode and size
+    # specialization outgrows Dynamo's default of 8 recompiles (moeq warns when a frame falls back to eager)
+    limit = 32 if family == "jetmoe" else torch._dynamo.config.recompile_limit
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit):
+        with moeq.calibrate(cm):
+            calibrating = [cm(t, use_cache=False).logits.float() for t in batches]
+        moeq.finalize(cm)
+        quantized = [cm(t, use_cache=False).logits.float() for t in batches]
+    report = moeq.explain(cm)
+    assert {r.fqn for r in report.rewritten} == expected
+    assert report.partly_rewritten == {}
+    assert not [s for s in report.skipped if s.category == "expert"], [s.reason for s in report.skipped]
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for got, want, q in zip(calibrating, reference, quantized):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        assert 0 < ((q - want).norm() / want.norm()).item() < 0.5
+    for fqn, state in moeq.quant_state(model).items():
+        assert state.tokens_per_expert.sum() > 0, fqn
+
+
+def test_float32_per_expert_loops_are_refused_with_the_reason():
+    """JetMoE in float32: its per-expert loops cannot become ``torch._grouped_mm`` (bf16 only), and finalize()
+    says so, naming the weight, instead of quantizing nothing silently."""
+    model = moeq.prepare(tiny_model("jetmoe", torch.float32), moeq.FP8)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(make_tokens(seed=1), use_cache=False)
+    with pytest.raises(RuntimeError, match=r"none of which moeq can rewrite.*input_linear\.weight.*bf16 only"):
+        moeq.finalize(cm)

@@ -13,8 +13,8 @@ the ``stack`` / ``cat``, no bias):
 consecutive row slices ``x[a_e:b_e]`` (the last may be ``x[a:]``) starting at row 0 (then x's row count must be
 known, so slices are exact), and the weight bf16 (``torch._grouped_mm``'s meta kernel takes nothing else; such a
 loop is reported with that reason). Only shape-preserving, dtype-preserving ops may sit between ``w[e]`` and the GEMM (a cast would change
-what the grouped op computes). The offsets are a constant int32 tensor made in the graph (the split sizes are
-Python ints in every graph that reaches here: Dynamo specializes them). Anything else is left alone;
+what the grouped op computes). The offsets are a constant int32 tensor where the split sizes are Python ints, and
+computed in the graph where some are symbolic (Dynamo makes sizes that change between calls dynamic). Anything else is left alone;
 :mod:`moeq.passes.find` then reports each GEMM of the loop with its reason. Works on torch-level (Dynamo,
 ``symbolic_trace``) and ATen-level (export) graphs.
 """
@@ -122,15 +122,15 @@ def _selected_batch(node: fx.Node) -> tuple[fx.Node, int] | None:
     return None
 
 
-def _row_piece(node: fx.Node) -> tuple[fx.Node, int, int | None, list[int] | None] | None:
+def _row_piece(node: fx.Node) -> tuple[fx.Node, int, int | None, list[int | fx.Node] | None] | None:
     """A row range of some x: ``(x, start, end, None)`` for ``x[a:b]``; ``(x, index, None, sizes)`` for the
-    ``index``-th piece of ``x.split(sizes)``."""
+    ``index``-th piece of ``x.split(sizes)`` (a size may be a graph value: a symbolic int)."""
     kind = target_name(node)
     if kind in _GETITEM and isinstance(node.args[1], int) and isinstance(node.args[0], fx.Node):
         split = node.args[0]
         if target_name(split) in _SPLIT and _dim_arg(split, 2) == 0:
             sizes = split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size_or_sections")
-            if isinstance(sizes, (list, tuple)) and all(isinstance(s, int) for s in sizes):
+            if isinstance(sizes, (list, tuple)) and all(isinstance(s, (int, fx.Node)) for s in sizes):
                 return split.args[0], node.args[1], None, list(sizes)
         return None
     if kind in _GETITEM and isinstance(node.args[1], slice):  # x[a:b], x[a:] (open end: to the last row)
@@ -220,7 +220,7 @@ def _rewrite_cat(
         sizes = pieces[0][3]
         if len(sizes) != len(gemms) or any(p[3] != sizes or p[1] != e for e, p in enumerate(pieces)):
             return None
-        end = sum(sizes)
+        end = None  # split's sizes add up to x's row count: all of x
     else:  # consecutive slices from row 0, over a known number of rows (Python slices clamp)
         rows = _shape(x)
         if rows is None or not all(isinstance(r, int) for r in rows[:1]):
@@ -248,13 +248,25 @@ def _rewrite_cat(
     device = value.device
     graph = gm.graph
     with graph.inserting_before(node):
-        x = _first_rows(graph, x, end, aten)
+        x = x if end is None else _first_rows(graph, x, end, aten)
         w = _weight_as_ekn(graph, param, gemms[0].slice.k_dim, aten)
-        offs = list(itertools.accumulate(sizes))
-        offs_node = graph.call_function(torch.tensor, (offs,), {"dtype": torch.int32, "device": device})
+        offs_node = _offsets(graph, sizes, device, aten)
         target = torch.ops.aten._grouped_mm.default if aten else torch._grouped_mm
         grouped = graph.call_function(target, (x, w), {"offs": offs_node})
     return _replace(node, grouped, gemms, "grouped_mm")
+
+
+def _offsets(graph: fx.Graph, sizes: list[int | fx.Node], device: torch.device, aten: bool) -> fx.Node:
+    """int32 cumulative row counts: a constant for Python-int sizes; computed in the graph when some size is a
+    symbolic int (Dynamo makes split sizes dynamic once they change between calls, e.g. from ``.tolist()``)."""
+    if all(isinstance(s, int) for s in sizes):
+        offs = list(itertools.accumulate(sizes))
+        return graph.call_function(torch.tensor, (offs,), {"dtype": torch.int32, "device": device})
+    scalar = torch.ops.aten.scalar_tensor.default if aten else torch.scalar_tensor
+    stack = torch.ops.aten.stack.default if aten else torch.stack
+    cumsum = torch.ops.aten.cumsum.default if aten else torch.cumsum
+    counts = [graph.call_function(scalar, (s,), {"dtype": torch.int64, "device": device}) for s in sizes]
+    return graph.call_function(cumsum, (graph.call_function(stack, (counts,)), 0), {"dtype": torch.int32})
 
 
 def _replace(node: fx.Node, new: fx.Node, gemms: list[_Gemm], form: str) -> str:

@@ -97,6 +97,11 @@ class Explanation:
                 rewritten[fqn] = dataclasses.replace(rewritten[compiled_for], fqn=fqn)
         self.rewritten: list[RewrittenGemm] = sorted(rewritten.values(), key=lambda r: r.fqn)
         self.skipped: list[SkippedCandidate] = list(skipped.values())
+        #: rewritten weight -> GEMMs on it that some other compiled graph left as they were (those run unquantized)
+        self.partly_rewritten: dict[str, int] = {}
+        for s in self.skipped:
+            if s.weight_fqn in rewritten:
+                self.partly_rewritten[s.weight_fqn] = self.partly_rewritten.get(s.weight_fqn, 0) + 1
 
     # -- data ------------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
@@ -192,6 +197,11 @@ class Explanation:
         if flagged:
             parts += ["", "Flagged experts:"]
             parts += [f"  {fqn} expert {e}: {note}" for fqn, e, note in flagged]
+        if self.partly_rewritten:
+            parts += ["", "Rewritten in some compiled graphs only (where not, these GEMMs run unquantized):"]
+            parts += [
+                f"  {fqn}: {n} GEMM(s) not rewritten, see below" for fqn, n in sorted(self.partly_rewritten.items())
+            ]
         if self.skipped:
             parts += ["", "Not rewritten:"]
             by_reason: dict[str, list[SkippedCandidate]] = defaultdict(list)

@@ -151,7 +151,8 @@ class SkippedCandidate:
 
 
 def target_name(node: fx.Node) -> str:
-    """A stable, readable name for a node's target: ``aten._grouped_mm``, ``method:transpose``, ..."""
+    """A stable, readable name for a node's target: ``aten._grouped_mm``, ``method:transpose`` (also for
+    ``torch.Tensor.transpose`` called as a function), ..."""
     if node.op == "call_method":
         return f"method:{node.target}"
     if node.op == "call_module":
@@ -169,9 +170,11 @@ def target_name(node: fx.Node) -> str:
     if target is operator.getitem:
         return "_operator.getitem"
     try:
-        return fx.node._get_qualified_name(target)  # type: ignore[arg-type]
+        name = fx.node._get_qualified_name(target)  # type: ignore[arg-type]
     except Exception:
         return str(target)
+    # Dynamo records some tensor-method calls as ``call_function(torch.Tensor.split, ...)``: the same op
+    return f"method:{name[len('torch.Tensor.') :]}" if name.startswith("torch.Tensor.") else name
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
