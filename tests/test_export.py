@@ -672,3 +672,31 @@ def test_config_and_tokenizer_carried_over(workdir: Path, tmp_path: Path) -> Non
         ex.model.config._name_or_path = ""
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (source / name).read_bytes()
+
+
+def test_stacked_parameter_named_weight_exports_under_its_module(tmp_path: Path) -> None:
+    """JetMoE stacks its experts in ``input_linear.weight`` (``[E, 2F, H]``): expert e is written as
+    ``input_linear.{e}.weight`` (not ``input_linear.{e}.weight.weight``), with the per-expert scale from the
+    quant state and e4m3 codes equal to torch's own float8 cast of ``w[e] / scale`` (a bf16 weight over a 0-d fp32
+    scale: rounded to bf16, the spec's export rule)."""
+    model = moeq.prepare(tiny_model("jetmoe", torch.bfloat16), moeq.FP8)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=32):
+        with moeq.calibrate(cm):
+            cm(_tokens(1, batch=4, seq=32), use_cache=False)
+        moeq.finalize(cm)
+    out = moeq.export_hf(model, tmp_path / "jetmoe", format="modelopt")
+    tensors = {}
+    for f in out.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    assert not [k for k in tensors if k.endswith(".weight.weight")]
+    fqn = "model.layers.0.mlp.input_linear.weight"
+    state = moeq.quant_state(model)[fqn]
+    w = model.get_parameter(fqn).detach()
+    for e in range(w.shape[0]):
+        key = f"model.layers.0.mlp.input_linear.{e}"
+        scale = tensors[f"{key}.weight_scale"]
+        assert torch.equal(scale, (state.weight_amax[e] / 448.0).to(scale.dtype).reshape(scale.shape))
+        want = (w[e] / scale.reshape(())).to(torch.float8_e4m3fn)
+        assert (w[e] / scale.reshape(())).dtype == torch.bfloat16
+        assert torch.equal(tensors[f"{key}.weight"].view(torch.uint8), want.view(torch.uint8)), e

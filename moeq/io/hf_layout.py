@@ -143,7 +143,9 @@ def expert_layout(model: nn.Module, fqn: str, expert_dim: int, contraction_dim: 
     else:
         if len(names) != 1:
             raise ValueError(f"{fqn}: expected one per-expert name, got {names}")
-        parts = (ExpertPart(f"{prefix}.{{e}}.{names[0]}", _all_rows),)
+        # a stacked parameter named ``weight`` (JetMoE's ``input_linear.weight``): expert e is ``input_linear.{e}``
+        leaf_name = "" if names[0] == "weight" else f".{names[0]}"
+        parts = (ExpertPart(f"{prefix}.{{e}}{leaf_name}", _all_rows),)
     return ExpertLayout(fqn, parts, expert_dim, contraction_dim, bias_fqn)
 
 
