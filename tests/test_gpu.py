@@ -21,6 +21,7 @@ from tests.conftest import (
     gradients_with_clipped_weights,
     make_tokens,
     nonfinite_weights,
+    per_expert_matmul_f64,
     stored_weight_args,
 )
 
@@ -351,8 +352,7 @@ def test_compiled_model_grouped_qmm_matches_cpu_reference(config, freeze):
 def test_more_families_compiled_cuda(family):
     """test_models.MORE_FAMILIES compiled with backend="moeq" on CUDA (bf16, NVFP4): every routed-expert weight is
     rewritten, the fused kernels match the same graphs computed by the CPU reference path, and Inductor's code
-    calls moeq.grouped_qmm for the grouped experts (llama4's bmm experts keep moeq's quantizer ops around the
-    bmm: not fused)."""
+    calls moeq.grouped_qmm (llama4's bmm experts included: E equal row segments)."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
@@ -370,7 +370,7 @@ def test_more_families_compiled_cuda(family):
     report = moeq.explain(cm)
     assert {r.fqn for r in report.rewritten} == expected and report.partly_rewritten == {}
     calls = "\n".join(code).count("torch.ops.moeq.grouped_qmm.default(")
-    assert calls == 0 if family == "llama4" else calls > 0
+    assert calls > 0
     rel = ((fused - reference).norm() / reference.norm()).item()
     assert rel < 2e-2, rel
 
@@ -714,3 +714,46 @@ def test_megatron_sequential_mlp_qat_training_step_cuda(fmt, tmp_path):
         if created:
             dist.destroy_process_group()
     assert_step_matches_reference(run, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_deploy_16bit_activations_dequantize_first_at_large_batches(fmt):
+    """Above ``DEQUANT_FIRST_ROWS_PER_EXPERT`` mean rows per expert, deploy W4A16 / W8A16 with the size left to
+    moeq runs the weight's dequant kernel, then ``torch._grouped_mm`` (faster there): the same bits as that pair,
+    within 1e-2 of the one-kernel path (``quantize_once=False``) and of the float64 product, rows past
+    ``offs[-1]`` zero, and no grouped_qmm kernel in the profile. Just below the bound the fused kernel runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeq.lowering.grouped_qmm import quantized_operands
+    from moeq.runtime.kernels.grouped_qmm import DEQUANT_FIRST_ROWS_PER_EXPERT
+
+    g = torch.Generator().manual_seed(5)
+    num_experts, k, n = 4, 256, 128
+    w_nk = (torch.randn(num_experts, n, k, generator=g) * 0.05).bfloat16()
+    q = get_format(fmt).quantize(w_nk, expand_per_expert(expert_amax(w_nk), 3), 2)
+    data, scale, block = (t.cuda() if t is not None else None for t in stored_weight_args(q))
+    bound = DEQUANT_FIRST_ROWS_PER_EXPERT[fmt] * num_experts
+    # x's row count decides (routed or not): 8 rows past offs[-1], just above / below the bound
+    for rows, dequant_first in ((bound + 64 * num_experts, True), (bound - 16, False)):
+        x = torch.randn(rows + 8, k, generator=g).bfloat16().cuda()
+        offs = torch.tensor([rows // 4, rows // 2, rows // 2 + rows // 8, rows], dtype=torch.int32).cuda()
+
+        def op(quantize_once=None, x=x, offs=offs):
+            return torch.ops.moeq.grouped_qmm(x, data, offs, scale, block, None, "deploy", fmt, None, quantize_once)
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            got = op()
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        fused = op(quantize_once=False)
+        _, wq = quantized_operands(x, data, offs, scale, block, None, "deploy", fmt, None)
+        want64 = per_expert_matmul_f64(x.cpu(), deployed_weight_operand(q, torch.bfloat16).transpose(1, 2), offs.cpu())
+        assert not got[rows:].any()
+        assert ((got.cpu().double() - want64).norm() / want64.norm()).item() < 1e-2
+        assert ((got - fused).float().norm() / fused.float().norm()).item() < 1e-2
+        if dequant_first:
+            assert torch.equal(got[:rows], torch._grouped_mm(x, wq, offs)[:rows])
+            assert not [s for s in names if "grouped_qmm" in s] and [s for s in names if "dequant" in s], names
+        else:
+            assert torch.equal(got, fused)
+            assert [s for s in names if "grouped_qmm" in s], names

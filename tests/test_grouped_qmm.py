@@ -92,9 +92,11 @@ def test_op_rejects_bad_input():
         torch.ops.moeq.grouped_qmm(x, w, offs.long(), amax, None, None, "qat", "fp8", None)
 
 
-def _compiled(cfg, dtype=torch.bfloat16, fuse=True, freeze=False, policy=None, tokens=None, **overrides):
+def _compiled(
+    cfg, dtype=torch.bfloat16, fuse=True, freeze=False, policy=None, tokens=None, family="qwen3_moe", **overrides
+):
     torch._dynamo.reset()
-    model = moeq.prepare(tiny_model("qwen3_moe", dtype, **overrides), cfg)
+    model = moeq.prepare(tiny_model(family, dtype, **overrides), cfg)
     cm = torch.compile(model, backend="moeq")
     tokens = make_tokens() if tokens is None else tokens
     with torch.no_grad(), fusion(policy or ("always" if fuse else "never")):
@@ -127,6 +129,45 @@ def test_compiled_model_calls_grouped_qmm(config, freeze):
         assert 0 < _rel(fused, reference) < 1e-2
     else:
         assert torch.equal(fused, reference)
+
+
+@pytest.mark.parametrize(
+    ("config", "freeze"),
+    [("NVFP4", False), ("FP8", False), ("FP8", True), ("NVFP4_W4A16", True)],
+    ids=["qat-nvfp4", "qat-fp8", "deploy-w8a8", "deploy-w4a16"],
+)
+def test_batched_experts_call_grouped_qmm(config, freeze):
+    """Llama 4's experts are a ``bmm`` over ``[E, tokens, K]``: the pass runs it as ``moeq.grouped_qmm`` on the
+    rows as E equal segments (activation and weight Q/DQ inside), and the logits match the unfused bmm path's
+    within bf16 rounding (the fused op rounds each expert's fp32 product once, like the bmm)."""
+    cfg = getattr(moeq, config)
+    _, fused, code = _compiled(cfg, freeze=freeze, family="llama4")
+    _, reference, ref_code = _compiled(cfg, fuse=False, freeze=freeze, family="llama4")
+    assert code.count("torch.ops.moeq.grouped_qmm.default(") == 4  # 2 MoE layers x (gate_up, down)
+    assert "fake_quant_weight" not in code and "fake_quant_act" not in code and "dequant_weight" not in code
+    assert "grouped_qmm" not in ref_code and "bmm" in ref_code
+    assert _rel(fused, reference) < 1e-2
+
+
+def test_batched_experts_fuse_with_a_dynamic_token_count():
+    """Compiled with dynamic shapes, Llama 4's token count is symbolic: the bmm still becomes ``moeq.grouped_qmm``
+    (its offsets built in the graph from the symbolic size) and matches the unfused path."""
+    outs, codes = [], []
+    for policy in ("always", "never"):
+        torch._dynamo.reset()
+        model = moeq.prepare(tiny_model("llama4", torch.bfloat16), moeq.FP8)
+        cm = torch.compile(model, backend="moeq", dynamic=True)
+        with torch.no_grad(), fusion(policy):
+            with moeq.calibrate(cm):
+                cm(make_tokens(seed=1))
+            moeq.finalize(cm)
+            cm(make_tokens(seed=2, seq=12))
+            logits, code = run_and_get_code(lambda cm=cm: cm(make_tokens(seed=3, seq=20)).logits)
+        outs.append(logits)
+        codes.append("\n".join(code))
+    calls = [line for line in codes[0].splitlines() if "torch.ops.moeq.grouped_qmm.default(" in line]
+    assert len(calls) == 4 and any(re.search(r"\(8\*s\d+\*s\d+, 32\)", line) for line in calls), calls
+    assert _rel(outs[0], outs[1]) < 1e-2
 
 
 def test_freeze_stores_quantized_weights():
@@ -556,3 +597,14 @@ def test_fuse_weight_ste_masks_passes_the_weights_fp8_codes(k_first):
             assert tuple(codes.meta["val"].shape) == tuple(w.shape)
             assert codes.target == (torch.ops.aten.permute.default if k_first else operator.getitem)
         assert_same_bits(gm(a, b, offs, w, amax)[0], step(a, b, offs, w, amax, wired)[0], f"wired={wired}")
+
+
+def test_dequant_first_policy_applies_to_16bit_activations_above_the_bound():
+    """Only deploy GEMMs with 16-bit activations dequantize first, and only above the measured bound."""
+    from moeq.runtime.kernels.grouped_qmm import DEQUANT_FIRST_ROWS_PER_EXPERT, dequantizes_weight_first
+
+    for fmt, bound in DEQUANT_FIRST_ROWS_PER_EXPERT.items():
+        assert dequantizes_weight_first(fmt, None, bound * 8 + 1, 8)
+        assert not dequantizes_weight_first(fmt, None, bound * 8, 8)
+        assert not dequantizes_weight_first(fmt, "fp8", bound * 80, 8)  # W8A8: FP8 tensor cores, quantize once
+        assert not dequantizes_weight_first(f"fake_{fmt}", None, bound * 80, 8)  # QAT

@@ -121,6 +121,17 @@ def _kernel_launcher(x: Tensor) -> Any:
     return grouped_qmm if x.device.type == "cuda" or interpreting() else None
 
 
+def _dequant_then_grouped_mm(
+    x: Tensor, w: Tensor, offs: Tensor, w_scale: Tensor, w_block_scale: Tensor | None, w_fmt: str
+) -> Tensor:
+    """Deploy with 16-bit activations at large batches: the stored weight dequantized once (its Triton kernel),
+    then ``torch._grouped_mm``; rows past ``offs[-1]`` zero, as the fused kernel leaves them."""
+    _, wq = quantized_operands(x, w, offs, w_scale, w_block_scale, None, "deploy", w_fmt, None)
+    out = torch._grouped_mm(x, wq, offs)
+    routed = torch.arange(x.shape[0], device=x.device) < offs[-1]
+    return torch.where(routed.unsqueeze(1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
 @triton_op("moeq::grouped_qmm", mutates_args=())
 def grouped_qmm(
     x: Tensor,
@@ -139,7 +150,10 @@ def grouped_qmm(
     ``quantize_once`` (FP8 x FP8 only): ``False`` keeps the quantization in the GEMM's load path (one
     launch), ``True`` quantizes each operand once in its own pass and multiplies the codes, ``None`` picks by
     size (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once` for the activations, ``quantizes_weight_once``
-    for a QAT weight). The output is the same either way."""
+    for a QAT weight). The output is the same either way. With ``None``, a deploy GEMM with 16-bit activations
+    above :data:`moeq.runtime.kernels.grouped_qmm.DEQUANT_FIRST_ROWS_PER_EXPERT` mean rows per expert runs as the
+    weight's dequant kernel + ``torch._grouped_mm`` (faster there; NVFP4 then rounds ``e2m1 * block * g`` to
+    x's dtype before the product, as the unfused path does)."""
     if x.device.type == "cuda" and not ops._TRITON_ENABLED:  # ops.reference_kernels(): CPU reference, copied back
         cpu = [t.cpu() if isinstance(t, Tensor) else t for t in (x, w, offs, w_scale, w_block_scale, x_amax)]
         return torch.ops.moeq.grouped_qmm_reference(*cpu, mode, w_fmt, x_fmt).to(x.device)
@@ -147,6 +161,11 @@ def grouped_qmm(
     if launch is not None:
         _check_args(mode, w_fmt, x_fmt)
         w_mode = f"fake_{w_fmt}" if mode == "qat" else w_fmt
+        from moeq.runtime.kernels.grouped_qmm import dequantizes_weight_first
+
+        large = quantize_once is None and x.is_cuda and x.dtype == torch.bfloat16
+        if large and dequantizes_weight_first(w_mode, x_fmt, x.shape[0], w.shape[0]):
+            return _dequant_then_grouped_mm(x, w, offs, w_scale, w_block_scale, w_fmt)
         return launch(x, w, offs, w_scale, w_block_scale, x_amax, w_mode, x_fmt, wrap=wrap_triton,
                       quantize_once=quantize_once)  # fmt: skip
     return torch.ops.moeq.grouped_qmm_reference(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt)

@@ -138,7 +138,7 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
 
 
 def gemm_targets() -> set[Any]:
-    targets: set[Any] = {torch.ops.aten._grouped_mm.default}
+    targets: set[Any] = {torch.ops.aten._grouped_mm.default, torch.ops.aten.bmm.default}
     transformers_ops = getattr(torch.ops, "transformers", None)
     fallback = getattr(transformers_ops, "grouped_mm_fallback", None) if transformers_ops is not None else None
     if fallback is not None:
@@ -169,12 +169,17 @@ def _val(node: Any) -> Any:
 
 
 def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
-    """The grouped_qmm arguments for ``gemm`` and the nodes it made redundant, or None if not a moeq chain."""
-    if len(gemm.args) < 3 or len(gemm.args) > 3 or gemm.kwargs.get("bias") is not None:
+    """The grouped_qmm arguments for ``gemm`` and the nodes it made redundant, or None if not a moeq chain.
+    A ``bmm`` over experts (``[E, M, K] x [E, K, N]``) matches with ``offs`` None: its rows are E equal segments."""
+    batched = gemm.target == torch.ops.aten.bmm.default
+    if batched:
+        if len(gemm.args) != 2 or gemm.kwargs:
+            return None
+        (a, b), offs = gemm.args, None
+    elif len(gemm.args) != 3 or gemm.kwargs.get("bias") is not None or gemm.kwargs.get("out_dtype") is not None:
         return None
-    if gemm.kwargs.get("out_dtype") is not None:
-        return None
-    a, b, offs = gemm.args
+    else:
+        a, b, offs = gemm.args
     root, perm, views = _trace_views(b)
     if not isinstance(root, fx.Node) or root.op != "call_function":
         return None
@@ -201,19 +206,22 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
     x, x_amax, x_fmt = a, None, None
     dead: list[fx.Node] = [*views, root]
     if isinstance(a, fx.Node) and a.target == torch.ops.moeq.fake_quant_act.default:
-        xa, offs_a, amax_a, fmt_a, _, k_a = a.args
+        xa, offs_a, amax_a, fmt_a, e_a, k_a = a.args
         alone = len(a.users) == 1
         # x̂ with other users (a training graph saves it for wgrad) is computed anyway: the kernel takes it as
         # it is (x_fmt None), unless both operands are FP8: quantizing x again in the kernel buys FP8 MMAs
         requantize = alone or (fmt_a == "fp8" and w_fmt == "fp8")
-        if requantize and offs_a is offs and k_a % 2 == 1 and _val(xa) is not None and _val(xa).dim() == 2:
+        rank = 3 if batched else 2  # batched: [E, M, K] quantized with the expert dim 0, K last
+        layout = (e_a % 3, k_a % 3) == (0, 2) if batched else k_a % 2 == 1
+        if requantize and offs_a is offs and layout and _val(xa) is not None and _val(xa).dim() == rank:
             x, x_amax, x_fmt = xa, amax_a, fmt_a
             if alone:
                 dead.append(a)
-    if _val(x) is None or _val(offs) is None:
+    if _val(x) is None or (offs is not None and _val(offs) is None):
         return None
-    if _POLICY == "auto" and not _pays(mode, w_fmt, x_fmt, _val(x).shape[0], w_val.shape[0]):
-        logger.info("moeq: %s %s GEMM over %s rows left unfused (faster there)", mode, w_fmt, _val(x).shape[0])
+    rows = _val(x).shape[0] * _val(x).shape[1] if batched else _val(x).shape[0]
+    if _POLICY == "auto" and not _pays(mode, w_fmt, x_fmt, rows, w_val.shape[0]):
+        logger.info("moeq: %s %s GEMM over %s rows left unfused (faster there)", mode, w_fmt, rows)
         return None
     if mode == "qat":
         return ("qat", w, perm, amax, None, x, offs, x_amax, w_fmt, x_fmt), dead
@@ -231,6 +239,34 @@ def _permute(graph: fx.Graph, node: fx.Node, perm: list[int]) -> fx.Node:
     return out
 
 
+def _with_val(node: fx.Node, val: Any) -> fx.Node:
+    node.meta["val"] = val
+    return node
+
+
+def _batched_as_rows(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """``bmm``'s ``[E, M, K]`` operand as grouped_qmm's ``[E * M, K]`` rows and offsets ``M, 2M, ..., E * M``."""
+    aten = torch.ops.aten
+    x_val = _val(x)
+    num_experts, m, k = x_val.shape
+    if not x_val.is_contiguous():
+        x = _with_val(
+            graph.call_function(aten.clone.default, (x,), {"memory_format": torch.contiguous_format}),
+            x_val.contiguous(),
+        )
+    rows = _with_val(graph.call_function(aten.view.default, (x, [-1, k])), x_val.reshape(-1, k))
+    if not isinstance(m, int):
+        m = _with_val(graph.call_function(aten.sym_size.int, (x, 1)), m)
+    with x_val.fake_mode:
+        offs_val = torch.arange(1, num_experts + 1, dtype=torch.int32, device=x_val.device) * x_val.shape[1]
+    iota = graph.call_function(
+        torch.ops.prims.iota.default,
+        (num_experts,),
+        {"start": m, "step": m, "dtype": torch.int32, "device": x_val.device, "requires_grad": False},
+    )
+    return rows, _with_val(iota, offs_val)
+
+
 def fuse_grouped_qmm(graph: fx.Graph) -> int:
     """Replace every moeq Q/DQ + grouped GEMM chain of ``graph`` by ``moeq::grouped_qmm``; returns the count."""
     targets = gemm_targets()
@@ -240,7 +276,10 @@ def fuse_grouped_qmm(graph: fx.Graph) -> int:
         if matched is None:
             continue
         (mode, w, perm, scale, block, x, offs, x_amax, w_fmt, x_fmt), dead = matched
+        batched = offs is None
         with graph.inserting_before(gemm):
+            if batched:
+                x, offs = _batched_as_rows(graph, x)
             w_view = _permute(graph, w, perm)
             block_view = _permute(graph, block, [0, 2, 1]) if block is not None else None
             # "always" promises one kernel per GEMM: quantization stays in the load path at every size
@@ -248,8 +287,13 @@ def fuse_grouped_qmm(graph: fx.Graph) -> int:
             args = (x, w_view, offs, scale, block_view, x_amax, mode, w_fmt, x_fmt, quantize_once)
             qmm = graph.call_function(torch.ops.moeq.grouped_qmm.default, args)
         x_val, gemm_val = _val(x), _val(gemm)
-        qmm.meta["val"] = x_val.new_empty((x_val.shape[0], gemm_val.shape[1]))
-        gemm.replace_all_uses_with(qmm)
+        out = _with_val(qmm, x_val.new_empty((x_val.shape[0], gemm_val.shape[-1])))
+        if batched:
+            with graph.inserting_after(qmm):
+                num_experts, _, n = gemm_val.shape
+                out = graph.call_function(torch.ops.aten.view.default, (qmm, [num_experts, -1, n]))
+            _with_val(out, _val(qmm).view(gemm_val.shape))
+        gemm.replace_all_uses_with(out)
         graph.erase_node(gemm)
         for node in dead:  # GEMM side first, so each is erased after its users
             if not node.users:

@@ -55,6 +55,7 @@ from moeq.runtime.kernels.numerics import (
 )
 
 __all__ = [
+    "DEQUANT_FIRST_ROWS_PER_EXPERT",
     "QUANTIZE_ONCE_ROWS_PER_EXPERT",
     "TAIL_ROWS",
     "WEIGHT_CODES_ROWS_PER_EXPERT",
@@ -64,6 +65,7 @@ __all__ = [
     "grouped_qmm_configs",
     "m_bucket",
     "prune_configs",
+    "dequantizes_weight_first",
     "quantizes_once",
     "quantizes_weight_once",
 ]
@@ -217,6 +219,22 @@ def quantizes_weight_once(w_mode: str, x_mode: str | None, rows: int, num_expert
     above :data:`WEIGHT_CODES_ROWS_PER_EXPERT` mean rows per expert."""
     once = quantizes_once(w_mode, x_mode, rows, num_experts) and w_mode == "fake_fp8"
     return once and rows > WEIGHT_CODES_ROWS_PER_EXPERT * max(1, num_experts)
+
+
+#: mean routed rows per expert above which a deploy GEMM with 16-bit activations (W4A16 NVFP4, W8A16 FP8) runs
+#: unfused when the size is left to moeq (``quantize_once=None``): the stored weight dequantized once by its own
+#: kernel, then ``torch._grouped_mm``, instead of every weight tile dequantized in registers once per m-tile it
+#: feeds. H200, Llama-4-Scout expert shapes (``benchmarks/bench_batched_experts.py``, BENCHMARKS.md session 24):
+#: the fused op is 2.1x / 1.6x faster (W4A16 / W8A16) at 128 rows per expert, 1.25x / 1.03x at 256, 0.87x / 0.78x
+#: at 512 and 0.75x / 0.66x at 1024; session 13 had it 1.04-1.11x faster at 272 (Qwen3-30B-A3B shapes).
+DEQUANT_FIRST_ROWS_PER_EXPERT = {"nvfp4": 384, "fp8": 256}
+
+
+def dequantizes_weight_first(w_mode: str, x_mode: str | None, rows: int, num_experts: int) -> bool:
+    """Whether a deploy GEMM with 16-bit activations is better run as dequant + ``torch._grouped_mm``: above
+    :data:`DEQUANT_FIRST_ROWS_PER_EXPERT` mean rows per expert."""
+    bound = DEQUANT_FIRST_ROWS_PER_EXPERT.get(w_mode) if x_mode is None else None
+    return bound is not None and rows > bound * max(1, num_experts)
 
 
 def m_bucket(rows: int, num_experts: int) -> int:
