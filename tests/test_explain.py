@@ -90,7 +90,8 @@ def test_inspect_command_prints_the_table():
 def test_report_says_how_the_backend_lowers_the_gemms():
     """After finalize() the report says what backend="moeq" runs on CUDA for these formats under the fusion
     policy: QAT NVFP4 fused up to 16 rows per expert then unfused, QAT FP8 with its codes passes at large
-    sizes, deploy fused at every size; "always" / "never" say so. Nothing is claimed before finalize()."""
+    sizes, deploy W4A4 fused at every size, deploy W4A16 fused up to 384 rows per expert then dequantized first;
+    "always" / "never" say so. Nothing is claimed before finalize()."""
     from moeq.lowering.inductor import fusion
 
     model = moeq.prepare(tiny_model("qwen3_moe", torch.float32), moeq.NVFP4)
@@ -122,6 +123,11 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     moeq.freeze(cm8)  # deploy W8A8: no weight pass at any size
     text = str(moeq.explain(cm8))
     assert "up to 16 mean routed rows per expert; above, an activation codes pass and the FP8 codes GEMM" in text
+    torch._dynamo.reset()
+    _, cm4 = _finalized_qwen(moeq.NVFP4_W4A16)
+    moeq.freeze(cm4)
+    text = str(moeq.explain(cm4))
+    assert "up to 384 mean routed rows per expert; above, moeq::dequant_weight's kernel + torch._grouped_mm" in text
 
 
 class _PrefillDecodeExperts(torch.nn.Module):

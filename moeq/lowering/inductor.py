@@ -5,10 +5,13 @@ The expert pass (:mod:`moeq.passes.insert_qdq`) leaves, after AOTAutograd, chain
     xq = moeq.fake_quant_act(x, offs, input_amax, fmt, 0, -1)          # optional (W8A16 / W4A16)
     wq = moeq.fake_quant_weight(w, weight_amax, fmt, 0, k_dim)          # or moeq.dequant_weight(...) (deploy)
     y  = aten._grouped_mm(xq, permute(wq, ...), offs)                   # or transformers.grouped_mm_fallback
+    y  = aten.bmm(xq, permute(wq, ...))                                 # batched experts: xq [E, M, K]
 
 :class:`GroupedQmmPass` replaces each GEMM by ``moeq::grouped_qmm`` on the raw operands (the same view
 applied to the raw weight), so the GEMM runs as one Triton kernel that quantizes in its load path (large FP8 x
-FP8 batches: after one codes pass per operand, see :func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`).
+FP8 batches: after one codes pass per operand, see :func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`). A
+``bmm`` over experts becomes the same op on its ``[E * M, K]`` rows with offsets ``M, 2M, ..., E * M``, viewed back
+as ``[E, M, N]``.
 A chain whose quantized weight has other users (a training graph saves it for backward) is left
 unfused: fusing would quantize the weight twice. (QAT FP8 training graphs avoid that: the joint-graph pass of
 :mod:`moeq.lowering.joint` saves the weight's codes and gives each GEMM its own recomputed dequant, which fuses
@@ -22,8 +25,9 @@ mean routed rows per expert (decode-size batches). FP8 x FP8 chains (QAT FP8, de
 a few rows per expert the op quantizes the activations once in their own pass and multiplies codes, and above a
 few dozen a QAT weight too (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`, ``quantizes_weight_once``).
 Deploy chains always fuse: their unfused path (``moeq::dequant_weight``'s Triton kernel, then
-``torch._grouped_mm``) was slower at every size measured on the H200 (W4A16 / W8A16: 1.04-1.11x at 34k routed
-rows, 3.1-3.6x at 4k; BENCHMARKS.md, session 13). ``"always"`` fuses every chain (one kernel per expert GEMM at
+``torch._grouped_mm``) was slower up to a few hundred rows per expert (W4A16 / W8A16: 1.04-1.11x at 272, 3.1-3.6x at
+32; BENCHMARKS.md, session 13), and above those (W4A16 / W8A16 past 384 / 256 rows per expert, session 24) the op
+itself runs that unfused pair (:func:`moeq.runtime.kernels.grouped_qmm.dequantizes_weight_first`). ``"always"`` fuses every chain (one kernel per expert GEMM at
 every size), ``"never"`` none. It is a
 :class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a ``uuid()`` (which includes the policy)
 so the FX graph cache keeps working, and :func:`with_grouped_qmm_pass` composes it with whatever pass is already
@@ -105,12 +109,14 @@ def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int)
 
 
 def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
-    """What the ``moeq`` backend runs on CUDA for a ``torch._grouped_mm`` expert chain of this mode and these
+    """What the ``moeq`` backend runs on CUDA for a ``torch._grouped_mm`` (or ``bmm``) expert chain of this mode and these
     formats under the current policy (derived from :func:`_pays` and ``quantizes_once``, so it cannot drift)."""
     try:
         from moeq.runtime.kernels.grouped_qmm import (
+            DEQUANT_FIRST_ROWS_PER_EXPERT,
             QUANTIZE_ONCE_ROWS_PER_EXPERT,
             WEIGHT_CODES_ROWS_PER_EXPERT,
+            dequantizes_weight_first,
             quantizes_once,
             quantizes_weight_once,
         )
@@ -131,6 +137,9 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
             middle = f"up to {WEIGHT_CODES_ROWS_PER_EXPERT}, an activation codes pass and the GEMM (weight as loaded)"
             return f"{small}; {middle}; above, an activation codes pass, a weight codes pass and the FP8 codes GEMM"
         return f"{small}; above, an activation codes pass and the FP8 codes GEMM"
+    if dequantizes_weight_first(w_mode, x_fmt, 2**31, 1):
+        bound = DEQUANT_FIRST_ROWS_PER_EXPERT[w_mode]
+        return f"{one} up to {bound} mean routed rows per expert; above, {unfused_path}"
     if _pays(mode, w_fmt, x_fmt, None, 1):
         return f"{one} at every size"
     bound = FUSE_MAX_ROWS_PER_EXPERT[mode]
