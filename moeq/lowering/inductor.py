@@ -24,11 +24,11 @@ work that grows with the rows per expert, so QAT NVFP4 chains fuse up to :data:`
 mean routed rows per expert (decode-size batches). FP8 x FP8 chains (QAT FP8, deploy W8A8) always fuse: above
 a few rows per expert the op quantizes the activations once in their own pass and multiplies codes, and above a
 few dozen a QAT weight too (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`, ``quantizes_weight_once``).
-Deploy chains always fuse: their unfused path (``moeq::dequant_weight``'s Triton kernel, then
-``torch._grouped_mm``) was slower up to a few hundred rows per expert (W4A16 / W8A16: 1.04-1.11x at 272, 3.1-3.6x at
-32; BENCHMARKS.md, session 13), and above those (W4A16 / W8A16 past 384 / 256 rows per expert, session 24) the op
-itself runs that unfused pair (:func:`moeq.runtime.kernels.grouped_qmm.dequantizes_weight_first`). ``"always"`` fuses every chain (one kernel per expert GEMM at
-every size), ``"never"`` none. It is a
+Deploy chains always fuse: their unfused path (``moeq::dequant_weight``'s Triton kernel, then ``torch._grouped_mm``)
+was slower up to a few hundred rows per expert (W4A16 / W8A16: 1.04-1.11x at 272, 3.1-3.6x at 32; BENCHMARKS.md,
+session 13), and above those (W4A16 / W8A16 past 384 / 256 rows per expert, session 24) the op itself runs that
+unfused pair (:func:`moeq.runtime.kernels.grouped_qmm.dequantizes_weight_first`). ``"always"`` fuses every chain
+(one kernel per expert GEMM at every size), ``"never"`` none. It is a
 :class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a ``uuid()`` (which includes the policy)
 so the FX graph cache keeps working, and :func:`with_grouped_qmm_pass` composes it with whatever pass is already
 installed in ``post_grad_custom_post_pass`` (torch 2.11 holds one object there; 2.13 also a list).
@@ -109,8 +109,9 @@ def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int)
 
 
 def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
-    """What the ``moeq`` backend runs on CUDA for a ``torch._grouped_mm`` (or ``bmm``) expert chain of this mode and these
-    formats under the current policy (derived from :func:`_pays` and ``quantizes_once``, so it cannot drift)."""
+    """What the ``moeq`` backend runs on CUDA for a ``torch._grouped_mm`` (or ``bmm``) expert chain of this mode and
+    these formats under the current policy (derived from :func:`_pays`, ``quantizes_once`` and
+    ``dequantizes_weight_first``, so it cannot drift)."""
     try:
         from moeq.runtime.kernels.grouped_qmm import (
             DEQUANT_FIRST_ROWS_PER_EXPERT,

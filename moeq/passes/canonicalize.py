@@ -12,11 +12,11 @@ the ``stack`` / ``cat``, no bias):
 (``.t()``, ``transpose(0, 1)``); ``x_e`` in the ``cat`` form is the e-th piece of ``x.split(sizes)`` along rows, or
 consecutive row slices ``x[a_e:b_e]`` (the last may be ``x[a:]``) starting at row 0 (then x's row count must be
 known, so slices are exact), and the weight bf16 (``torch._grouped_mm``'s meta kernel takes nothing else; such a
-loop is reported with that reason). Only shape-preserving, dtype-preserving ops may sit between ``w[e]`` and the GEMM (a cast would change
-what the grouped op computes). The offsets are a constant int32 tensor where the split sizes are Python ints, and
-computed in the graph where some are symbolic (Dynamo makes sizes that change between calls dynamic). Anything else is left alone;
-:mod:`moeq.passes.find` then reports each GEMM of the loop with its reason. Works on torch-level (Dynamo,
-``symbolic_trace``) and ATen-level (export) graphs.
+loop is reported with that reason). Only shape-preserving, dtype-preserving ops may sit between ``w[e]`` and the
+GEMM (a cast would change what the grouped op computes). The offsets are a constant int32 tensor where the split
+sizes are Python ints, and computed in the graph where some are symbolic (Dynamo makes sizes that change between
+calls dynamic). Anything else is left alone; :mod:`moeq.passes.find` then reports each GEMM of the loop with its
+reason. Works on torch-level (Dynamo, ``symbolic_trace``) and ATen-level (export) graphs.
 """
 
 from __future__ import annotations
