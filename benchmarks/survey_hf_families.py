@@ -21,15 +21,10 @@ import warnings
 import torch
 
 import moeq
+from moeq.integrations.hf import TINY_COMMON
 
 COMMON = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=256,
-    max_position_embeddings=128,
+    TINY_COMMON,
     intermediate_size=64,
     moe_intermediate_size=32,
     expert_intermediate_size=32,

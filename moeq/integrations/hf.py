@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TINY_FAMILIES", "expert_parameter_names", "tiny_model", "use_grouped_experts"]
+__all__ = ["TINY_COMMON", "TINY_FAMILIES", "expert_parameter_names", "tiny_model", "use_grouped_experts"]
 
 logger = logging.getLogger(__name__)
 
-_COMMON = dict(
+#: config keys every tiny family shares (2 layers, hidden 64, vocab 256)
+TINY_COMMON = dict(
     hidden_size=64,
     num_hidden_layers=2,
     num_attention_heads=4,
@@ -26,20 +27,19 @@ _COMMON = dict(
     max_position_embeddings=128,
 )
 
+#: the Qwen MoE families' routed experts (every layer sparse)
+_QWEN_MOE = dict(
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+)
+
 #: family -> (config class name, model class name, config overrides)
 TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        dict(
-            intermediate_size=128,
-            moe_intermediate_size=32,
-            num_experts=8,
-            num_experts_per_tok=2,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-        ),
-    ),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", _QWEN_MOE),
     "mixtral": (
         "MixtralConfig",
         "MixtralForCausalLM",
@@ -67,30 +67,13 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             v_head_dim=16,
         ),
     ),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
-        dict(
-            intermediate_size=128,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=64,
-            num_experts=8,
-            num_experts_per_tok=2,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-        ),
-    ),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(_QWEN_MOE, shared_expert_intermediate_size=64)),
     "qwen3_next": (  # hybrid: linear (gated delta) attention, then full attention
         "Qwen3NextConfig",
         "Qwen3NextForCausalLM",
         dict(
-            intermediate_size=128,
-            moe_intermediate_size=32,
+            _QWEN_MOE,
             shared_expert_intermediate_size=64,
-            num_experts=8,
-            num_experts_per_tok=2,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
             layer_types=["linear_attention", "full_attention"],
             linear_key_head_dim=16,
             linear_value_head_dim=16,
@@ -161,7 +144,7 @@ def tiny_model(
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(TINY_FAMILIES)}")
     config_cls, model_cls, extra = TINY_FAMILIES[family]
-    config = getattr(transformers, config_cls)(**{**_COMMON, **extra, **overrides})
+    config = getattr(transformers, config_cls)(**{**TINY_COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():

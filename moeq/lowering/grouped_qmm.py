@@ -121,15 +121,19 @@ def _kernel_launcher(x: Tensor) -> Any:
     return grouped_qmm if x.device.type == "cuda" or interpreting() else None
 
 
+def _zero_unrouted(out: Tensor, offs: Tensor) -> Tensor:
+    """``torch._grouped_mm``'s output with the rows past ``offs[-1]`` (which it leaves unwritten) zero."""
+    routed = torch.arange(out.shape[0], device=out.device) < offs[-1]
+    return torch.where(routed.unsqueeze(1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
 def _dequant_then_grouped_mm(
     x: Tensor, w: Tensor, offs: Tensor, w_scale: Tensor, w_block_scale: Tensor | None, w_fmt: str
 ) -> Tensor:
     """Deploy with 16-bit activations at large batches: the stored weight dequantized once (its Triton kernel),
     then ``torch._grouped_mm``; rows past ``offs[-1]`` zero, as the fused kernel leaves them."""
     _, wq = quantized_operands(x, w, offs, w_scale, w_block_scale, None, "deploy", w_fmt, None)
-    out = torch._grouped_mm(x, wq, offs)
-    routed = torch.arange(x.shape[0], device=x.device) < offs[-1]
-    return torch.where(routed.unsqueeze(1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return _zero_unrouted(torch._grouped_mm(x, wq, offs), offs)
 
 
 @triton_op("moeq::grouped_qmm", mutates_args=())
@@ -179,9 +183,7 @@ def grouped_qmm(
 def _grouped_dgrad(grad: Tensor, wq: Tensor, offs: Tensor) -> Tensor:
     """``grad_x[rows e] = grad[rows e] @ ŵ[e]^T`` (zeros past ``offs[-1]``)."""
     if grad.is_cuda and grad.dtype == torch.bfloat16:
-        out = torch._grouped_mm(grad, wq.transpose(1, 2), offs)
-        routed = torch.arange(grad.shape[0], device=grad.device) < offs[-1]
-        return torch.where(routed.unsqueeze(1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return _zero_unrouted(torch._grouped_mm(grad, wq.transpose(1, 2), offs), offs)
     return _per_expert_mm(grad, wq.transpose(1, 2), offs)
 
 

@@ -241,17 +241,15 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
     return ("deploy", w, data_perm, amax, block if w_fmt == "nvfp4" else None, x, offs, x_amax, w_fmt, x_fmt), dead
 
 
-def _permute(graph: fx.Graph, node: fx.Node, perm: list[int]) -> fx.Node:
-    if perm == [0, 1, 2]:
-        return node
-    out = graph.call_function(torch.ops.aten.permute.default, (node, perm))
-    out.meta["val"] = _val(node).permute(perm)
-    return out
-
-
 def _with_val(node: fx.Node, val: Any) -> fx.Node:
     node.meta["val"] = val
     return node
+
+
+def _permute(graph: fx.Graph, node: fx.Node, perm: list[int]) -> fx.Node:
+    if perm == [0, 1, 2]:
+        return node
+    return _with_val(graph.call_function(torch.ops.aten.permute.default, (node, perm)), _val(node).permute(perm))
 
 
 def _batched_as_rows(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, fx.Node]:

@@ -11,7 +11,7 @@ import dataclasses
 import html
 import shutil
 import subprocess
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,10 +98,9 @@ class Explanation:
         self.rewritten: list[RewrittenGemm] = sorted(rewritten.values(), key=lambda r: r.fqn)
         self.skipped: list[SkippedCandidate] = list(skipped.values())
         #: rewritten weight -> GEMMs on it that some other compiled graph left as they were (those run unquantized)
-        self.partly_rewritten: dict[str, int] = {}
-        for s in self.skipped:
-            if s.weight_fqn in rewritten:
-                self.partly_rewritten[s.weight_fqn] = self.partly_rewritten.get(s.weight_fqn, 0) + 1
+        self.partly_rewritten: dict[str, int] = dict(
+            Counter(s.weight_fqn for s in self.skipped if s.weight_fqn in rewritten)
+        )
 
     # -- data ------------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:

@@ -61,11 +61,11 @@ __all__ = [
     "WEIGHT_CODES_ROWS_PER_EXPERT",
     "W_MODES",
     "X_MODES",
+    "dequantizes_weight_first",
     "grouped_qmm",
     "grouped_qmm_configs",
     "m_bucket",
     "prune_configs",
-    "dequantizes_weight_first",
     "quantizes_once",
     "quantizes_weight_once",
 ]
