@@ -9,6 +9,8 @@ calibrated, finalized, frozen; QAT: the training step), and sums each call's CUD
 
 - expert GEMM: moeq's ``_grouped_qmm_kernel``, ``torch._grouped_mm``'s CUTLASS kernels (names with "grouped");
 - quantization passes: moeq's activation / weight / dequant / mask kernels;
+- combine: ``moeq::combine_experts`` (routing-weight scaling, un-permute, top-k sum; Inductor's own fused gather-
+  reduction for it falls under "other");
 - SiLU-and-mul: Inductor kernels whose fused-op name has ``silu`` (the gate/up activation, and its backward);
 - routing: router GEMM, softmax, top-k, sort, histogram, offsets;
 - everything else (gather of routed rows, routing-weight scaling, combine, copies).
@@ -28,9 +30,12 @@ from bench_e2e_modelopt import qwen3_30b_a3b_layer
 from bench_qat_training import compiled_variant, step
 from report import print_and_save
 
+from moeq.lowering.inductor import combine_fusion
+
 CATEGORIES = (
     ("expert GEMM", r"_grouped_qmm_kernel|[Gg]roup"),
     ("quant passes", r"_fake_quant_act|_fake_quant_experts|_dequant_weight|_segment_amax|_mask_clipped|_weight_amax"),
+    ("combine", r"_combine_experts_kernel"),
     ("SiLU-and-mul", r"silu|sigmoid"),
     ("routing", r"topk|sort|Sort|softmax|histc|histogram|cumsum|scan|gemm|gemv|nvjet|xmma|cutlass"),
 )
@@ -64,8 +69,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--tokens", default="64,4352", help="tokens per call (x8 routed rows)")
-    parser.add_argument("--variants", default="bf16,FP8:deploy,NVFP4_W4A16:deploy,bf16:train,FP8:train",
-                        help="bf16 | CONFIG:deploy (frozen, forward) | bf16:train / CONFIG:train (QAT step)")  # fmt: skip
+    parser.add_argument("--variants", default="bf16,FP8:deploy,FP8:deploy:inductor,NVFP4_W4A16:deploy,bf16:train,"
+                        "FP8:train,FP8:train:inductor",
+                        help="bf16 | CONFIG:deploy (frozen, forward) | bf16:train / CONFIG:train (QAT step); "
+                             "a third field 'inductor' leaves the MoE combine to Inductor")  # fmt: skip
     parser.add_argument("--calls", type=int, default=10)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -75,10 +82,11 @@ def main() -> None:
     names = [c for c, _ in CATEGORIES] + ["other"]
     rows, results = [], []
     for variant in args.variants.split(","):
-        cfg, _, mode = variant.partition(":")
+        cfg, mode, combine = (variant.split(":") + ["", ""])[:3]
         train = mode == "train"
         torch._dynamo.reset()
-        layer = compiled_variant(base, None if cfg == "bf16" else cfg, calib, deploy=mode == "deploy")
+        with combine_fusion(combine != "inductor"):
+            layer = compiled_variant(base, None if cfg == "bf16" else cfg, calib, deploy=mode == "deploy")
         for tokens in (int(t) for t in args.tokens.split(",")):
             gen = torch.Generator(device="cuda").manual_seed(tokens)
             x = torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -94,8 +102,9 @@ def main() -> None:
                     with torch.no_grad():
                         layer(x)  # noqa: B023
 
-            for _ in range(3):
-                call()
+            with combine_fusion(combine != "inductor"):  # read when the first call compiles
+                for _ in range(3):
+                    call()
             times = kernel_times(call, args.calls)
             per_category = dict.fromkeys(names, 0.0)
             for kernel, ms in times.items():

@@ -120,3 +120,47 @@ def gradients_with_clipped_weights(
     g = torch.randn(shape, generator=gen).to(dtype)
     g.view(shape[0], -1)[0, :3] = torch.tensor([float("inf"), float("nan"), -float("inf")]).to(dtype)
     return g, w, amax
+
+
+def routed_rows(
+    tokens: int,
+    top_k: int,
+    hidden: int,
+    experts: int,
+    dtype: torch.dtype,
+    seed: int,
+    w_dtype: torch.dtype | None = None,
+):
+    """Expert-sorted rows ``y``, their routing weights and transformers' inverse permutation, as its grouped
+    experts build them (``torch.sort`` of the flattened top-k ids)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)]).reshape(-1)
+    _, perm = torch.sort(ids)
+    weights = torch.rand(tokens * top_k, generator=g).to(w_dtype or dtype)[perm]
+    y = (torch.randn(tokens * top_k, hidden, generator=g) * 4).to(dtype)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.numel())
+    return y, weights, inv_perm
+
+
+def combine_expression(y, weights, inv_perm, top_k):
+    """transformers' grouped-experts combine (integrations/moe.py), eager."""
+    return (y * weights.unsqueeze(-1))[inv_perm].view(-1, top_k, y.shape[1]).sum(dim=1)
+
+
+def combine_float64(y, weights, inv_perm, top_k):
+    """Each product in torch's promoted dtype (as the model computes it), summed in float64; and the sum of the
+    terms' magnitudes."""
+    product_dtype = torch.promote_types(y.dtype, weights.dtype)
+    terms = (y.double().cpu() * weights.double().cpu().unsqueeze(-1)).to(product_dtype).double()[inv_perm.cpu()]
+    return terms.view(-1, top_k, y.shape[1]).sum(dim=1), terms.abs().view(-1, top_k, y.shape[1]).sum(dim=1)
+
+
+def assert_combine_close(got, y, weights, inv_perm, top_k):
+    """``got`` (the combine) within one rounding to its dtype, plus fp32 accumulation, of the float64 value."""
+    want, magnitude = combine_float64(y, weights, inv_perm, top_k)
+    assert got.shape == want.shape
+    # one rounding to the output dtype, plus fp32 accumulation (top_k additions) of the terms' magnitudes
+    bound = torch.finfo(got.dtype).eps * want.abs() + top_k * 2.0**-23 * magnitude
+    err = (got.double().cpu() - want).abs()
+    assert (err <= bound).all(), f"max error {float(err.max()):.3g}, worst excess {float((err - bound).max()):.3g}"

@@ -757,3 +757,53 @@ def test_deploy_16bit_activations_dequantize_first_at_large_batches(fmt):
         else:
             assert torch.equal(got, fused)
             assert [s for s in names if "grouped_qmm" in s], names
+
+
+@pytest.mark.parametrize(
+    ("tokens", "top_k", "hidden", "w_dtype", "out_dtype"),
+    [
+        (4352, 8, 2048, torch.bfloat16, None),  # Qwen3-30B-A3B at 34k routed rows
+        (1000, 2, 4096, torch.float32, torch.bfloat16),  # Mixtral: fp32 routing weights, cast back
+        (3, 8, 200, torch.bfloat16, None),
+    ],
+)
+def test_combine_experts_cuda(tokens, top_k, hidden, w_dtype, out_dtype):
+    """moeq::combine_experts on CUDA against the float64 combine (products in the model's dtype) and the model's
+    eager expression on the GPU."""
+    from tests.conftest import assert_combine_close, combine_expression, routed_rows
+
+    y, weights, inv_perm = routed_rows(tokens, top_k, hidden, 128, torch.bfloat16, 0, w_dtype=w_dtype)
+    y, weights, inv_perm = y.cuda(), weights.cuda(), inv_perm.cuda()
+    got = torch.ops.moeq.combine_experts(y, weights, inv_perm, top_k, out_dtype)
+    assert got.dtype == (out_dtype or torch.promote_types(y.dtype, w_dtype))
+    assert_combine_close(got, y, weights, inv_perm, top_k)
+    want = combine_expression(y, weights, inv_perm, top_k).to(got.dtype)
+    torch.testing.assert_close(got, want, rtol=torch.finfo(got.dtype).eps, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("freeze", [False, True], ids=["qat", "deploy"])
+def test_compiled_model_runs_the_combine_kernel_cuda(freeze):
+    """backend="moeq" on CUDA: each MoE layer's combine is one ``_combine_experts_kernel`` launch; the logits equal
+    the run with Inductor's combine to within one bf16 step (NVFP4 weight-only: no activation code of the second
+    layer can flip with the first layer's rounding)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeq.lowering.inductor import combine_fusion
+
+    tokens = make_tokens(batch=4, seq=64).cuda()
+    logits = {}
+    for combine in (True, False):
+        with combine_fusion(combine):
+            cm = _compiled_qwen("NVFP4_W4A16", freeze, tokens)
+            with torch.no_grad():
+                for _ in range(2):
+                    cm(tokens)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    logits[combine] = cm(tokens).logits.float()
+                    torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        combines = [n for n in names if "_combine_experts_kernel" in n]
+        assert len(combines) == (2 if combine else 0), names  # the tiny Qwen3-MoE has 2 MoE layers
+    rel = ((logits[True] - logits[False]).norm() / logits[False].norm()).item()
+    assert rel < 2.0**-7, rel

@@ -44,11 +44,14 @@ from typing import Any
 import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
     "FUSE_MAX_ROWS_PER_EXPERT",
     "GroupedQmmPass",
+    "combine_fusion",
     "describe_lowering",
+    "fuse_expert_combine",
     "fuse_grouped_qmm",
     "fusion",
     "fusion_policy",
@@ -68,6 +71,7 @@ POLICIES = ("auto", "always", "never")
 FUSE_MAX_ROWS_PER_EXPERT = {"qat": 16}
 
 _POLICY = "auto"
+_COMBINE = True
 
 
 @contextlib.contextmanager
@@ -82,6 +86,18 @@ def fusion(policy: str) -> Iterator[None]:
         yield
     finally:
         _POLICY = previous
+
+
+@contextlib.contextmanager
+def combine_fusion(enabled: bool) -> Iterator[None]:
+    """Whether graphs compiled by the ``moeq`` backend within the block run transformers' grouped-experts combine
+    as ``moeq::combine_experts`` (default on, under every fusion policy but ``"never"``)."""
+    global _COMBINE
+    previous, _COMBINE = _COMBINE, bool(enabled)
+    try:
+        yield
+    finally:
+        _COMBINE = previous
 
 
 def unfused() -> contextlib.AbstractContextManager[None]:
@@ -312,14 +328,108 @@ def fuse_grouped_qmm(graph: fx.Graph) -> int:
     return fused
 
 
+def _combine_weights(node: Any, rows: Any) -> tuple[fx.Node, fx.Node | None] | None:
+    """``(w, view)`` when ``node`` is ``w [rows]`` as a column (``unsqueeze(w, -1)`` or a view to ``[rows, 1]``)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or _val(node) is None:
+        return None
+    column = node.target == torch.ops.aten.unsqueeze.default and node.args[1] in (1, -1)
+    column |= node.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default) and _val(node).dim() == 2
+    w = node.args[0] if column else None
+    if not isinstance(w, fx.Node) or _val(w) is None or _val(w).dim() != 1:
+        return None
+    return (w, node) if statically_known_true(_val(w).shape[0] == rows) else None
+
+
+def _is_expert_output(node: Any) -> bool:
+    """An expert GEMM's output (fused, or left unfused), or that plus a bias (GPT-OSS)."""
+    gemms = (torch.ops.moeq.grouped_qmm.default, torch.ops.aten._grouped_mm.default)
+    if isinstance(node, fx.Node) and node.target == torch.ops.aten.add.Tensor:
+        return any(isinstance(a, fx.Node) and a.target in gemms for a in node.args)
+    return isinstance(node, fx.Node) and node.target in gemms
+
+
+def _match_combine(total: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
+    """``(y, w, index, top_k)`` and the nodes made redundant when ``total`` is transformers' grouped-experts
+    combine of an expert GEMM's output ``y``: ``sum(view(index(y * w[:, None], [index]), [T, top_k, H]), 1)``."""
+    aten = torch.ops.aten
+    if total.target != aten.sum.dim_IntList or list(total.args[1:]) != [[1]] or total.kwargs:
+        return None
+    view = total.args[0]
+    if view.target not in (aten.view.default, aten.reshape.default) or _val(view) is None or _val(view).dim() != 3:
+        return None
+    gathered = view.args[0]
+    if gathered.target != aten.index.Tensor or len(gathered.args[1]) != 1:
+        return None
+    weighted, (index,) = gathered.args
+    if weighted.target != aten.mul.Tensor or not isinstance(index, fx.Node) or _val(index) is None:
+        return None
+    top_k = _val(view).shape[1]
+    for y, column in (weighted.args, reversed(weighted.args)):
+        y_val = _val(y)
+        if not _is_expert_output(y) or y_val is None or y_val.dim() != 2:
+            continue
+        found = _combine_weights(column, y_val.shape[0])
+        if found is None:
+            continue
+        w, column = found
+        same_rows = statically_known_true(_val(index).shape[0] == y_val.shape[0])
+        if not same_rows or not isinstance(top_k, int) or _val(index).dtype not in (torch.int32, torch.int64):
+            return None
+        if _val(total).dtype != torch.promote_types(y_val.dtype, _val(w).dtype):
+            return None
+        if any(len(n.users) != 1 for n in (view, gathered, weighted)):
+            return None
+        return (y, w, index, top_k), [view, gathered, weighted, column]
+    return None
+
+
+def _cast_of(node: fx.Node) -> fx.Node | None:
+    """The one user of ``node`` when it only casts it to another float dtype (Mixtral's ``.to(bf16)`` of its fp32
+    combine)."""
+    (user,) = node.users if len(node.users) == 1 else (None,)
+    cast = user is not None and user.target == torch.ops.prims.convert_element_type.default
+    return user if cast and _val(user) is not None and _val(user).dtype in (torch.bfloat16, torch.float16) else None
+
+
+def fuse_expert_combine(graph: fx.Graph) -> int:
+    """Replace transformers' grouped-experts combine after an expert GEMM (routing-weight scaling, un-permute,
+    top-k sum, and a cast of the sum that follows) by ``moeq::combine_experts`` (one pass over the rows, read as contiguous runs: Inductor's fused
+    gather reads them an element at a time); returns the count."""
+    fused = 0
+    for total in [n for n in graph.nodes if n.target == torch.ops.aten.sum.dim_IntList]:
+        matched = _match_combine(total)
+        if matched is None:
+            continue
+        args, dead = matched
+        cast = _cast_of(total)
+        result = cast or total
+        with graph.inserting_before(total):
+            combine = graph.call_function(torch.ops.moeq.combine_experts.default, (*args, _val(result).dtype))
+        _with_val(combine, _val(result))
+        result.replace_all_uses_with(combine)
+        graph.erase_node(result)
+        if cast is not None:
+            graph.erase_node(total)
+        for node in dead:
+            if not node.users:
+                graph.erase_node(node)
+        fused += 1
+        logger.info("moeq: MoE combine after %s fused into moeq::combine_experts", args[0].name)
+    if fused:
+        graph.lint()
+    return fused
+
+
 class GroupedQmmPass(CustomGraphPass):
     """The post-grad pass object installed by the ``moeq`` backend."""
 
     def __call__(self, graph: fx.Graph) -> None:
         fuse_grouped_qmm(graph)
+        if _COMBINE:
+            fuse_expert_combine(graph)
 
     def uuid(self) -> Any:
-        return (get_hash_for_files((__file__,)), _POLICY)
+        return (get_hash_for_files((__file__,)), _POLICY, _COMBINE)
 
 
 class _ComposedPass(CustomGraphPass):

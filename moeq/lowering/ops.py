@@ -448,5 +448,7 @@ def _(a: Tensor, b: Tensor, offs: Tensor, w: Tensor, amax: Tensor, perm: list[in
 _register_cuda_kernels()
 
 
-# the fused grouped GEMM op (moeq::grouped_qmm) lives in its own module; importing ops registers it too
+# the fused grouped GEMM op (moeq::grouped_qmm) and the MoE combine (moeq::combine_experts) live in their own
+# modules; importing ops registers them too
+from moeq.lowering import combine as _combine  # noqa: E402, F401
 from moeq.lowering import grouped_qmm as _grouped_qmm  # noqa: E402, F401

@@ -106,6 +106,14 @@ def observer_configs() -> list[triton.Config]:
     )
 
 
+def combine_configs() -> list[triton.Config]:
+    """Candidates for the MoE combine (tokens x H tiles)."""
+    return _configs(
+        ("BLOCK_T", "BLOCK_H"),
+        [(8, 256, 4), (16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8), (4, 1024, 4), (32, 128, 4)],
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # launch plans: repeat launches skip Triton's per-call binding, specialization and autotuner lookup
 # ----------------------------------------------------------------------------------------------

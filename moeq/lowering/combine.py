@@ -1,0 +1,51 @@
+"""``moeq::combine_experts``: the MoE combine (routing-weight scaling, un-permute, top-k sum) as one op.
+
+``combine_experts(y, weights, index, top_k)`` computes transformers' grouped-experts epilogue
+``(y * weights[:, None])[index].view(T, top_k, H).sum(1)`` (optionally cast to ``out_dtype``) for the expert-sorted down-projection output ``y``
+``[T * top_k, H]``; :func:`moeq.lowering.inductor.fuse_expert_combine` puts it in place of that chain after the
+down projection's grouped GEMM. It is a ``torch.library.triton_op``: on CUDA the body launches
+:mod:`moeq.runtime.kernels.combine` through ``wrap_triton`` (Inductor emits it in its generated code); CPU
+tensors take the plain-torch reference op ``moeq::combine_experts_reference``. Forward only: the pass rewrites
+graphs after AOTAutograd, where the backward is its own graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from moeq.lowering import ops
+
+__all__ = ["combine_experts", "combine_experts_reference"]
+
+
+@torch.library.custom_op("moeq::combine_experts_reference", mutates_args=())
+def combine_experts_reference(
+    y: Tensor, weights: Tensor, index: Tensor, top_k: int, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """Plain torch, the model's own expression."""
+    from moeq.runtime.kernels.combine import check_combine_args, combine_experts_reference
+
+    check_combine_args(y, weights, index, top_k, out_dtype)
+    return combine_experts_reference(y, weights, index, top_k, out_dtype)
+
+
+@combine_experts_reference.register_fake
+def _(y, weights, index, top_k, out_dtype=None):
+    dtype = out_dtype or torch.promote_types(y.dtype, weights.dtype)
+    return y.new_empty(y.shape[0] // top_k, y.shape[1], dtype=dtype)
+
+
+@triton_op("moeq::combine_experts", mutates_args=())
+def combine_experts(
+    y: Tensor, weights: Tensor, index: Tensor, top_k: int, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """``[T, H]`` in ``out_dtype`` (default: y's and weights' promoted dtype); see the module docstring."""
+    if ops._TRITON_ENABLED and ops._triton_kernels() is not None:
+        from moeq.runtime.kernels.combine import combine_experts as launch
+        from moeq.runtime.kernels.launch import interpreting
+
+        if y.is_cuda or (y.device.type == "cpu" and interpreting()):
+            return launch(y, weights, index, top_k, out_dtype, wrap=wrap_triton)
+    return torch.ops.moeq.combine_experts_reference(y, weights, index, top_k, out_dtype)

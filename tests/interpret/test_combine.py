@@ -1,0 +1,64 @@
+"""The MoE combine kernel (``moeq::combine_experts``) under the Triton interpreter, against a float64 reference
+of transformers' expression and against that expression in eager torch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moeq.runtime import kernels  # noqa: F401  (registers the kernels)
+from moeq.runtime.kernels.combine import combine_experts
+from tests.conftest import assert_combine_close, combine_expression, routed_rows
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(("tokens", "top_k", "hidden"), [(13, 2, 64), (5, 8, 200), (1, 1, 16), (40, 4, 97)])
+def test_combine_matches_float64_and_the_model(tokens, top_k, hidden, dtype, seed):
+    y, weights, inv_perm = routed_rows(tokens, top_k, hidden, max(8, top_k), dtype, seed)
+    got = combine_experts(y, weights, inv_perm, top_k)
+    assert got.dtype == dtype
+    assert_combine_close(got, y, weights, inv_perm, top_k)
+    model = combine_expression(y, weights, inv_perm, top_k)  # torch may add the top_k terms in another order
+    torch.testing.assert_close(got, model, rtol=torch.finfo(dtype).eps, atol=1e-6 * float(model.abs().max()))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    tokens=st.integers(1, 24),
+    top_k=st.sampled_from([1, 2, 3, 8]),
+    hidden=st.integers(1, 130),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_combine_random_shapes(tokens, top_k, hidden, dtype, seed):
+    y, weights, inv_perm = routed_rows(tokens, top_k, hidden, 8, dtype, seed)
+    assert_combine_close(combine_experts(y, weights, inv_perm, top_k), y, weights, inv_perm, top_k)
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16], ids=["fp32-out", "bf16-out"])
+def test_combine_fp32_weights(out_dtype):
+    """Mixtral's / DeepSeek-V3's fp32 routing weights on bf16 rows: an fp32 product (not rounded) and sum, then
+    the model's ``.to(bf16)`` as ``out_dtype``."""
+    y, weights, inv_perm = routed_rows(11, 2, 96, 8, torch.bfloat16, 5, w_dtype=torch.float32)
+    got = combine_experts(y, weights, inv_perm, 2, out_dtype)
+    assert got.dtype == (out_dtype or torch.float32)
+    assert_combine_close(got, y, weights, inv_perm, 2)
+    want = combine_expression(y, weights, inv_perm, 2).to(got.dtype)
+    torch.testing.assert_close(got, want, rtol=torch.finfo(got.dtype).eps, atol=1e-6 * float(want.abs().max()))
+
+
+def test_combine_op_runs_the_kernel_and_takes_strided_rows():
+    """``moeq::combine_experts`` (the triton_op the Inductor pass emits) on rows with a padded stride and int32
+    indices."""
+    y, weights, inv_perm = routed_rows(9, 2, 48, 8, torch.bfloat16, 3)
+    padded = torch.zeros(y.shape[0], 64, dtype=y.dtype)
+    padded[:, :48] = y
+    got = torch.ops.moeq.combine_experts(padded[:, :48], weights, inv_perm.int(), 2)
+    assert_combine_close(got, y, weights, inv_perm, 2)

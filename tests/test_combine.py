@@ -1,0 +1,162 @@
+"""``moeq::combine_experts`` and the Inductor pass that puts it in place of transformers' grouped-experts combine
+(routing-weight scaling, un-permute, top-k sum). The kernel itself: ``tests/interpret/test_combine.py`` and
+``tests/test_gpu.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import moeq
+from moeq.integrations.hf import expert_parameter_names, tiny_model
+from moeq.lowering.inductor import combine_fusion, fuse_expert_combine
+from tests.conftest import make_tokens
+
+TOP_K, HIDDEN = 2, 16
+
+
+def _routed(tokens: int = 6, experts: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:TOP_K] for _ in range(tokens)]).reshape(-1)
+    ids_sorted, perm = torch.sort(ids)
+    offs = torch.cumsum(torch.bincount(ids_sorted, minlength=experts), 0).int()
+    x = torch.randn(tokens * TOP_K, 8, generator=g).bfloat16()
+    w = torch.randn(experts, 8, HIDDEN, generator=g).bfloat16()
+    weights = torch.rand(tokens * TOP_K, generator=g).bfloat16()[perm]
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.numel())
+    return x, w, offs, weights, inv_perm
+
+
+def _combine(x, w, offs, weights, inv_perm):
+    """transformers' grouped experts' tail: down GEMM, then the combine."""
+    y = torch._grouped_mm(x, w, offs)
+    return (y * weights.unsqueeze(-1))[inv_perm].view(-1, TOP_K, y.shape[1]).sum(dim=1)
+
+
+def _traced(fn, *args) -> torch.fx.GraphModule:
+    return make_fx(fn, tracing_mode="fake")(*args)
+
+
+def _keeps_weighted(x, w, offs, weights, inv_perm):
+    y = torch._grouped_mm(x, w, offs)
+    weighted = y * weights.unsqueeze(-1)
+    return weighted[inv_perm].view(-1, TOP_K, y.shape[1]).sum(dim=1), weighted
+
+
+def _fp32_weights(x, w, offs, weights, inv_perm):
+    """Mixtral's: fp32 routing weights, so an fp32 product and sum, cast back to bf16."""
+    y = torch._grouped_mm(x, w, offs)
+    return (y * weights.float().unsqueeze(-1))[inv_perm].view(-1, TOP_K, y.shape[1]).sum(dim=1).to(y.dtype)
+
+
+def _sum_in_another_dtype(x, w, offs, weights, inv_perm):
+    y = torch._grouped_mm(x, w, offs)
+    return (y * weights.unsqueeze(-1))[inv_perm].view(-1, TOP_K, y.shape[1]).sum(dim=1, dtype=torch.float32)
+
+
+def _not_experts(x, w, offs, weights, inv_perm):
+    y = x @ w[0]
+    return (y * weights.unsqueeze(-1))[inv_perm].view(-1, TOP_K, y.shape[1]).sum(dim=1)
+
+
+@pytest.mark.parametrize("fn", [_combine, _fp32_weights], ids=["bf16", "fp32-weights-cast"])
+def test_pass_fuses_the_combine_of_an_expert_gemm(fn):
+    args = _routed()
+    gm = _traced(fn, *args)
+    assert fuse_expert_combine(gm.graph) == 1
+    gm.recompile()
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.moeq.combine_experts.default in targets
+    assert not targets & {torch.ops.aten.index.Tensor, torch.ops.aten.sum.dim_IntList, torch.ops.aten.mul.Tensor}
+    assert torch.ops.prims.convert_element_type.default not in targets  # the cast is the op's out_dtype
+    got, want = gm(*args), fn(*args)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("fn", [_keeps_weighted, _sum_in_another_dtype, _not_experts], ids=lambda f: f.__name__[1:])
+def test_pass_leaves_other_chains(fn):
+    """An intermediate with another user, a sum in another dtype than the product's, or rows that no expert GEMM
+    produced: left as they are."""
+    gm = _traced(fn, *_routed())
+    before = [n.target for n in gm.graph.nodes]
+    assert fuse_expert_combine(gm.graph) == 0
+    assert [n.target for n in gm.graph.nodes] == before
+
+
+def test_op_rejects_bad_input():
+    y = torch.randn(12, HIDDEN).bfloat16()
+    weights, index = torch.rand(12).bfloat16(), torch.randperm(12)
+    op = torch.ops.moeq.combine_experts
+    with pytest.raises(ValueError, match=r"y must be \[rows, hidden\]"):
+        op(y[0], weights, index, 2)
+    with pytest.raises(ValueError, match="y must be float32, bfloat16 or float16"):
+        op(y.to(torch.int32), weights, index, 2)
+    with pytest.raises(ValueError, match=r"weights must be one float per row of y \(12\), got torch.int64"):
+        op(y, index, index, 2)
+    with pytest.raises(ValueError, match=r"weights must be one .* got torch.bfloat16\(11,\)"):
+        op(y, weights[:11], index, 2)
+    with pytest.raises(ValueError, match="index must be int32/int64"):
+        op(y, weights, index.float(), 2)
+    with pytest.raises(ValueError, match=r"top_k \(5\) must be >= 1 and divide the row count \(12\)"):
+        op(y, weights, index, 5)
+    with pytest.raises(ValueError, match="out_dtype must be float32, bfloat16 or float16"):
+        op(y, weights, index, 2, torch.int8)
+
+
+def _compiled(family: str, combine: bool, train: bool = False, config: str = "FP8"):
+    """A tiny model prepared with ``config``, compiled with backend="moeq", calibrated and finalized; its logits (and, with
+    ``train``, loss and expert gradients of one step) and Inductor's code."""
+    torch._dynamo.reset()
+    # one decoder layer, an MoE one (GPT-OSS ties its layer count to layer_types; DeepSeek-V3's first is dense)
+    layers = {"num_hidden_layers": 1}
+    layers.update(
+        {"gpt_oss": {"layer_types": ["full_attention"]}, "deepseek_v3": {"first_k_dense_replace": 0}}.get(family, {})
+    )
+    model = moeq.prepare(tiny_model(family, torch.bfloat16, **layers), getattr(moeq, config))
+    cm = torch.compile(model, backend="moeq")
+    tokens = make_tokens()
+    with combine_fusion(combine):
+        with torch.no_grad(), moeq.calibrate(cm):
+            cm(tokens)
+        moeq.finalize(cm)
+        if not train:
+            with torch.no_grad():
+                logits, code = run_and_get_code(lambda: cm(tokens).logits)
+            return logits, None, "\n".join(code)
+        model.train()
+        loss, code = run_and_get_code(lambda: cm(tokens, labels=tokens).loss)
+        loss.backward()
+    grads = [model.get_parameter(n).grad for n in expert_parameter_names(model)]
+    return loss.detach(), grads, "\n".join(code)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
+def test_compiled_model_runs_the_combine_op(family):
+    """backend="moeq": every MoE layer's combine runs as moeq::combine_experts (one per pair of expert GEMMs);
+    the logits move from the Inductor-combined model's by rounding only (the op rounds each bf16 product to bf16
+    as eager torch does, Inductor's fused kernel does not). Weight-only quantization, so that no rounding change
+    flips an activation's FP8 code in the next layer (which moves DeepSeek-V3's logits by 1.7%)."""
+    logits, _, code = _compiled(family, combine=True, config="NVFP4_W4A16")
+    reference, _, ref_code = _compiled(family, combine=False, config="NVFP4_W4A16")
+    gemms = code.count("torch.ops.moeq.grouped_qmm.default(")
+    assert gemms >= 2 and code.count("torch.ops.moeq.combine_experts.default(") == gemms // 2
+    assert "combine_experts" not in ref_code
+    assert _rel(logits, reference) < 2.0**-7  # one bf16 step (measured 0.5% on GPT-OSS and DeepSeek-V3)
+
+
+def test_training_forward_runs_the_combine_op():
+    """A QAT training step: the forward graph's combine runs as the op (its backward is AOTAutograd's own graph);
+    loss and expert gradients as with Inductor's combine, to within rounding."""
+    loss, grads, code = _compiled("qwen3_moe", combine=True, train=True)
+    ref_loss, ref_grads, _ = _compiled("qwen3_moe", combine=False, train=True)
+    assert "torch.ops.moeq.combine_experts.default(" in code
+    assert abs(float(loss) - float(ref_loss)) < 1e-2 * abs(float(ref_loss))
+    assert all(_rel(g, r) < 5e-2 for g, r in zip(grads, ref_grads))
