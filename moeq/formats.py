@@ -20,12 +20,14 @@ import torch
 
 __all__ = [
     "E2M1_VALUES",
+    "FLOAT_DTYPES",
     "FP8_E4M3_MAX",
     "NVFP4_BLOCK",
     "FP8E4M3",
     "NVFP4",
     "QuantFormat",
     "QuantizedTensor",
+    "check_float",
     "e2m1_codes",
     "e2m1_decode",
     "e2m1_round",
@@ -75,6 +77,16 @@ _E2M1_BOUNDARIES = (
 # ----------------------------------------------------------------------------------------------
 # helpers shared by every format
 # ----------------------------------------------------------------------------------------------
+
+#: the floating dtypes moeq's ops and kernels take (weights, activations, outputs)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_float(t: torch.Tensor | torch.dtype, name: str) -> None:
+    """A tensor's (or a dtype's) float dtype is one moeq takes; the error names the argument."""
+    dtype = t if isinstance(t, torch.dtype) else t.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype}")
 
 
 def expert_amax(w: torch.Tensor, expert_dim: int = 0) -> torch.Tensor:

@@ -16,6 +16,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from moeq.lowering import ops
+from moeq.runtime.combine import check_combine_args
+from moeq.runtime.combine import combine_experts_reference as _reference
 
 __all__ = ["combine_experts", "combine_experts_reference"]
 
@@ -25,10 +27,8 @@ def combine_experts_reference(
     y: Tensor, weights: Tensor, index: Tensor, top_k: int, out_dtype: torch.dtype | None = None
 ) -> Tensor:
     """Plain torch, the model's own expression."""
-    from moeq.runtime.kernels.combine import check_combine_args, combine_experts_reference
-
     check_combine_args(y, weights, index, top_k, out_dtype)
-    return combine_experts_reference(y, weights, index, top_k, out_dtype)
+    return _reference(y, weights, index, top_k, out_dtype)
 
 
 @combine_experts_reference.register_fake

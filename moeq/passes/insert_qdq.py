@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from moeq.formats import get_format
+from moeq.formats import FLOAT_DTYPES, get_format
 from moeq.lowering.ops import single_expert_offsets
 from moeq.passes.canonicalize import canonicalize_expert_loops
 from moeq.passes.explain import GraphReport, RewrittenGemm
@@ -28,13 +28,12 @@ __all__ = ["LiftedBuffer", "insert_qdq", "rewrite_graph"]
 
 logger = logging.getLogger(__name__)
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _META_KEYS = ("val", "example_value", "tensor_meta")
 _FROZEN = ("frozen_data", "frozen_scale", "frozen_block_scale")
 
 
 def _validate(rec: ExpertGemm, state: ModelQuantState) -> None:
-    if rec.weight_dtype is not None and rec.weight_dtype not in _FLOAT_DTYPES:
+    if rec.weight_dtype is not None and rec.weight_dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"{rec.weight_fqn}: expert weight has dtype {rec.weight_dtype}; moeq quantizes float32/bfloat16/float16 "
             "weights (is this weight already quantized?)"

@@ -21,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moeq.runtime.combine import check_combine_args, combine_experts_reference
 from moeq.runtime.kernels.launch import (
-    FLOAT_DTYPES,
     cdiv,
-    check_float,
     combine_configs,
     interpreting,
     known_empty,
@@ -33,7 +32,7 @@ from moeq.runtime.kernels.launch import (
 )
 from moeq.runtime.kernels.numerics import cast_like
 
-__all__ = ["combine_experts", "combine_experts_reference"]
+__all__ = ["combine_experts"]
 
 
 @triton.autotune(configs=combine_configs(), key=["H", "TOP_K"])
@@ -68,38 +67,6 @@ def _combine_experts_kernel(
         acc += cast_like(product, y_ptr, INTERPRET).to(tl.float32) if ROUND_PRODUCT else product
     out_offs = tokens.to(tl.int64)[:, None] * stride_out + cols[None, :]
     tl.store(out_ptr + out_offs, cast_like(acc, out_ptr, INTERPRET), mask=mask)
-
-
-def combine_experts_reference(
-    y: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, top_k: int, out_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """transformers' combine in plain torch: ``(y * weights[:, None])[index].view(T, top_k, H).sum(1)``, then
-    cast to ``out_dtype``."""
-    out = (y * weights.unsqueeze(-1))[index].view(-1, top_k, y.shape[1]).sum(dim=1)
-    return out if out_dtype is None else out.to(out_dtype)
-
-
-def check_combine_args(
-    y: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, top_k: int, out_dtype: torch.dtype | None = None
-) -> None:
-    """Shapes and dtypes the combine takes; errors name the offending argument."""
-    check_float(y, "y")
-    if y.dim() != 2:
-        raise ValueError(f"combine_experts: y must be [rows, hidden], got shape {tuple(y.shape)}")
-    if weights.shape != y.shape[:1] or weights.dtype not in FLOAT_DTYPES:
-        raise ValueError(
-            f"combine_experts: weights must be one float per row of y ({y.shape[0]}), got "
-            f"{weights.dtype}{tuple(weights.shape)}"
-        )
-    if index.dtype not in (torch.int32, torch.int64) or index.shape != y.shape[:1]:
-        raise ValueError(
-            f"combine_experts: index must be int32/int64 with one entry per row of y ({y.shape[0]}), got "
-            f"{index.dtype}{tuple(index.shape)}"
-        )
-    if top_k < 1 or y.shape[0] % top_k:
-        raise ValueError(f"combine_experts: top_k ({top_k}) must be >= 1 and divide the row count ({y.shape[0]})")
-    if out_dtype is not None:
-        check_float(out_dtype, "out_dtype")
 
 
 def combine_experts(

@@ -16,20 +16,12 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
+from moeq.formats import FLOAT_DTYPES, check_float  # noqa: F401  (the launchers' input checks)
+
 log = logging.getLogger(__name__)
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 #: Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, i.e. when these modules are imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def check_float(t: torch.Tensor | torch.dtype, name: str) -> None:
-    """A tensor's (or a dtype's) float dtype is one the kernels take."""
-    dtype = t if isinstance(t, torch.dtype) else t.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype}")
 
 
 def as_fp32(t: torch.Tensor) -> torch.Tensor:
