@@ -27,6 +27,8 @@ CASES = [  # (label, tokens, top_k, hidden, routing-weight dtype)
     ("qwen3 4352", 4352, 8, 2048, torch.bfloat16),
     ("qwen3 16384", 16384, 8, 2048, torch.bfloat16),
     ("mixtral 4096", 4096, 2, 4096, torch.float32),
+    ("top-4 4352", 4352, 4, 2048, torch.bfloat16),
+    ("top-2 4352", 4352, 2, 2048, torch.bfloat16),
 ]
 
 
@@ -53,10 +55,13 @@ def float64_combine(y, weights, inv_perm, top_k: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--only", default="", help="comma-separated case labels (default: all)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows, results = [], []
     for label, tokens, top_k, hidden, w_dtype in CASES:
+        if args.only and label not in args.only.split(","):
+            continue
         y, weights, inv_perm = routed(tokens, top_k, hidden, w_dtype)
         moved = y.numel() * 2 + tokens * hidden * 2 + weights.numel() * (weights.element_size() + 8)
         want = float64_combine(y, weights, inv_perm, top_k)

@@ -11,10 +11,18 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import moeq
 from moeq.integrations.hf import expert_parameter_names, tiny_model
+from moeq.lowering import inductor
 from moeq.lowering.inductor import combine_fusion, fuse_expert_combine
 from tests.conftest import make_tokens
 
 TOP_K, HIDDEN = 2, 16
+
+
+@pytest.fixture
+def any_top_k(monkeypatch):
+    """The tiny models route top-2, where the pass leaves the combine to Inductor (as fast there, see
+    ``COMBINE_MIN_TOP_K``): these tests lower the bound to exercise the rewrite itself."""
+    monkeypatch.setattr(inductor, "COMBINE_MIN_TOP_K", 1)
 
 
 def _routed(tokens: int = 6, experts: int = 4, seed: int = 0):
@@ -63,6 +71,7 @@ def _not_experts(x, w, offs, weights, inv_perm):
 
 
 @pytest.mark.parametrize("fn", [_combine, _fp32_weights], ids=["bf16", "fp32-weights-cast"])
+@pytest.mark.usefixtures("any_top_k")
 def test_pass_fuses_the_combine_of_an_expert_gemm(fn):
     args = _routed()
     gm = _traced(fn, *args)
@@ -78,6 +87,7 @@ def test_pass_fuses_the_combine_of_an_expert_gemm(fn):
 
 
 @pytest.mark.parametrize("fn", [_keeps_weighted, _sum_in_another_dtype, _not_experts], ids=lambda f: f.__name__[1:])
+@pytest.mark.usefixtures("any_top_k")
 def test_pass_leaves_other_chains(fn):
     """An intermediate with another user, a sum in another dtype than the product's, or rows that no expert GEMM
     produced: left as they are."""
@@ -85,6 +95,18 @@ def test_pass_leaves_other_chains(fn):
     before = [n.target for n in gm.graph.nodes]
     assert fuse_expert_combine(gm.graph) == 0
     assert [n.target for n in gm.graph.nodes] == before
+
+
+def test_default_bound_fuses_top_8_only():
+    """Under the default bound a top-2 combine stays Inductor's and a top-8 one (Qwen3-30B-A3B's) is rewritten."""
+    assert inductor.COMBINE_MIN_TOP_K == 8
+    assert fuse_expert_combine(_traced(_combine, *_routed()).graph) == 0
+
+    def top_8(x, w, offs, weights, inv_perm):
+        y = torch._grouped_mm(x, w, offs)
+        return (y * weights.unsqueeze(-1))[inv_perm].view(-1, 8, y.shape[1]).sum(dim=1)
+
+    assert fuse_expert_combine(_traced(top_8, *_routed(tokens=4, experts=8)).graph) == 1
 
 
 def test_op_rejects_bad_input():
@@ -139,6 +161,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
+@pytest.mark.usefixtures("any_top_k")
 def test_compiled_model_runs_the_combine_op(family):
     """backend="moeq": every MoE layer's combine runs as moeq::combine_experts (one per pair of expert GEMMs);
     the logits move from the Inductor-combined model's by rounding only (the op rounds each bf16 product to bf16
@@ -152,6 +175,7 @@ def test_compiled_model_runs_the_combine_op(family):
     assert _rel(logits, reference) < 2.0**-7  # one bf16 step (measured 0.5% on GPT-OSS and DeepSeek-V3)
 
 
+@pytest.mark.usefixtures("any_top_k")
 def test_training_forward_runs_the_combine_op():
     """A QAT training step: the forward graph's combine runs as the op (its backward is AOTAutograd's own graph);
     loss and expert gradients as with Inductor's combine, to within rounding."""

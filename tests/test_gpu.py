@@ -782,13 +782,17 @@ def test_combine_experts_cuda(tokens, top_k, hidden, w_dtype, out_dtype):
 
 
 @pytest.mark.parametrize("freeze", [False, True], ids=["qat", "deploy"])
-def test_compiled_model_runs_the_combine_kernel_cuda(freeze):
+def test_compiled_model_runs_the_combine_kernel_cuda(freeze, monkeypatch):
     """backend="moeq" on CUDA: each MoE layer's combine is one ``_combine_experts_kernel`` launch; the logits equal
     the run with Inductor's combine to within one bf16 step (NVFP4 weight-only: no activation code of the second
-    layer can flip with the first layer's rounding)."""
+    layer can flip with the first layer's rounding). The tiny model routes top-2, below ``COMBINE_MIN_TOP_K``: the
+    bound is lowered so that the rewrite runs."""
     from torch.profiler import ProfilerActivity, profile
 
+    from moeq.lowering import inductor
     from moeq.lowering.inductor import combine_fusion
+
+    monkeypatch.setattr(inductor, "COMBINE_MIN_TOP_K", 1)
 
     tokens = make_tokens(batch=4, seq=64).cuda()
     logits = {}

@@ -47,6 +47,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
+    "COMBINE_MIN_TOP_K",
     "FUSE_MAX_ROWS_PER_EXPERT",
     "GroupedQmmPass",
     "combine_fusion",
@@ -70,6 +71,12 @@ POLICIES = ("auto", "always", "never")
 #: rows per expert and loses from 32.
 FUSE_MAX_ROWS_PER_EXPERT = {"qat": 16}
 
+#: the smallest top-k whose combine :func:`fuse_expert_combine` takes from Inductor. H200, 4352 tokens of H 2048
+#: (``benchmarks/bench_combine.py``, CUDA-graph replays, BENCHMARKS.md session 25): at top-8 Inductor's fused
+#: gather-reduction reads 0.8 TB/s and moeq's 3.8-4.2 TB/s (4.7x-5.3x, 0.201 -> 0.042 ms); at top-4 and top-2
+#: Inductor's is already at 3.7-3.9 TB/s and moeq's ties it (0.98x), so those stay Inductor's. 5-7 not measured.
+COMBINE_MIN_TOP_K = 8
+
 _POLICY = "auto"
 _COMBINE = True
 
@@ -91,7 +98,8 @@ def fusion(policy: str) -> Iterator[None]:
 @contextlib.contextmanager
 def combine_fusion(enabled: bool) -> Iterator[None]:
     """Whether graphs compiled by the ``moeq`` backend within the block run transformers' grouped-experts combine
-    as ``moeq::combine_experts`` (default on, under every fusion policy but ``"never"``)."""
+    as ``moeq::combine_experts`` where it pays (top-k of at least :data:`COMBINE_MIN_TOP_K`; default on, under
+    every fusion policy but ``"never"``)."""
     global _COMBINE
     previous, _COMBINE = _COMBINE, bool(enabled)
     try:
@@ -375,6 +383,9 @@ def _match_combine(total: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | No
         same_rows = statically_known_true(_val(index).shape[0] == y_val.shape[0])
         if not same_rows or not isinstance(top_k, int) or _val(index).dtype not in (torch.int32, torch.int64):
             return None
+        if top_k < COMBINE_MIN_TOP_K:
+            logger.info("moeq: top-%d combine left to Inductor (as fast there)", top_k)
+            return None
         if _val(total).dtype != torch.promote_types(y_val.dtype, _val(w).dtype):
             return None
         if any(len(n.users) != 1 for n in (view, gathered, weighted)):
@@ -429,7 +440,7 @@ class GroupedQmmPass(CustomGraphPass):
             fuse_expert_combine(graph)
 
     def uuid(self) -> Any:
-        return (get_hash_for_files((__file__,)), _POLICY, _COMBINE)
+        return (get_hash_for_files((__file__,)), _POLICY, _COMBINE, COMBINE_MIN_TOP_K)
 
 
 class _ComposedPass(CustomGraphPass):
