@@ -5,8 +5,9 @@ Two formats (DESIGN.md, "Checkpoints and export"):
 * ``"modelopt"``: the unified checkpoint nvidia-modelopt writes (vLLM, SGLang, TensorRT-LLM): per expert
   linear ``weight`` (NVFP4 packed uint8 / FP8 e4m3), ``weight_scale`` (e4m3 block scales / fp32 scalar),
   ``weight_scale_2`` (NVFP4 fp32 global scale) and ``input_scale``; ``hf_quant_config.json`` and a
-  ``quant_method: modelopt`` ``quantization_config`` in ``config.json``. Expert tensors are byte-identical
-  to modelopt 0.47's ``export_hf_checkpoint`` of the same model and calibration.
+  ``quant_method: modelopt`` ``quantization_config`` in ``config.json``. Byte-identical to modelopt 0.47's
+  ``export_hf_checkpoint`` of the same model and calibration for the families modelopt also writes per expert
+  (docs/export.md lists them, and where the two differ: Llama 4 and GPT-OSS, which modelopt keeps fused).
 * ``"compressed-tensors"``: ``weight_packed`` / ``weight_scale`` / ``weight_global_scale`` (= 1 /
   ``weight_scale_2``) / ``input_global_scale`` (= 1 / ``input_scale``) for NVFP4 (``nvfp4-pack-quantized``);
   ``weight`` / ``weight_scale`` / ``input_scale`` for FP8 (``float-quantized``).

@@ -6,7 +6,10 @@ through the model's checkpoint conversion mapping (``transformers.conversion_map
 that mapping to name the per-expert tensors exactly as ``save_pretrained`` does (Qwen3-MoE
 ``mlp.experts.{e}.gate_proj|up_proj|down_proj``, Mixtral ``block_sparse_moe.experts.{e}.w1|w3|w2``), and
 knows the layouts the mapping does not describe: GPT-OSS stores ``gate_up_proj [E, H, 2I]`` transposed
-(contraction dim first) with gate and up interleaved along the last dim, plus ``*_bias [E, N]``.
+(contraction dim first) with gate and up interleaved along the last dim, plus ``*_bias [E, N]``. Families
+without a conversion rule (Llama 4, GPT-OSS, GraniteMoE, JetMoE: transformers saves them fused) get the
+``gate_proj|up_proj|down_proj`` names (a stacked ``weight``: its module's name), which ``save_pretrained``
+would not write.
 
 Every per-expert weight is returned as a 2-D ``[N, K]`` tensor (contraction dim last), as ``nn.Linear``
 and the serving engines store it. A per-expert module list (``experts.{e}.w1.weight``, keyed ``experts.*.w1.weight``

@@ -51,6 +51,7 @@ __all__ = [
     "FUSE_MAX_ROWS_PER_EXPERT",
     "GroupedQmmPass",
     "combine_fusion",
+    "describe_combine",
     "describe_lowering",
     "fuse_expert_combine",
     "fuse_grouped_qmm",
@@ -169,6 +170,16 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
         return f"{one} at every size"
     bound = FUSE_MAX_ROWS_PER_EXPERT[mode]
     return f"{one} up to {bound} mean routed rows per expert; above, {unfused_path}"
+
+
+def describe_combine() -> str:
+    """What the ``moeq`` backend does with transformers' grouped-experts combine under the current settings."""
+    if _POLICY == "never" or not _COMBINE:
+        return "the MoE combine after the down projection is Inductor's"
+    return (
+        f"the MoE combine after the down projection (routing weights, un-permute, top-k sum) runs as "
+        f"moeq::combine_experts from top-{COMBINE_MIN_TOP_K} up (below, Inductor's kernel is as fast)"
+    )
 
 
 def gemm_targets() -> set[Any]:

@@ -174,7 +174,7 @@ class Explanation:
             )
         parts = [head]
         if state.finalized or state.mode == "deploy":
-            from moeq.lowering.inductor import describe_lowering, fusion_policy
+            from moeq.lowering.inductor import describe_combine, describe_lowering, fusion_policy
             from moeq.lowering.joint import describe_training
 
             mode = "deploy" if state.mode == "deploy" else "qat"
@@ -182,7 +182,7 @@ class Explanation:
             training = describe_training(mode, state.config.weight)
             parts.append(
                 f"backend='moeq' on CUDA, fusion '{fusion_policy()}': {plan} (torch._grouped_mm experts in forward-only"
-                f" graphs; {training})"
+                f" graphs; {training}); {describe_combine()}"
             )
             from moeq.passes.find import MODULE_LIST_FORM
 
