@@ -33,7 +33,7 @@ from report import print_and_save
 from moeq.lowering.inductor import combine_fusion
 
 CATEGORIES = (
-    ("expert GEMM", r"_grouped_qmm_kernel|[Gg]roup"),
+    ("expert GEMM", r"_grouped_qmm_kernel|^(?!triton_).*[Gg]roup"),  # Inductor names fused kernels after their ops
     ("quant passes", r"_fake_quant_act|_fake_quant_experts|_dequant_weight|_segment_amax|_mask_clipped|_weight_amax"),
     ("combine", r"_combine_experts_kernel"),
     ("SiLU-and-mul", r"silu|sigmoid"),
