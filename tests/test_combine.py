@@ -184,3 +184,20 @@ def test_training_forward_runs_the_combine_op():
     assert "torch.ops.moeq.combine_experts.default(" in code
     assert abs(float(loss) - float(ref_loss)) < 1e-2 * abs(float(ref_loss))
     assert all(_rel(g, r) < 5e-2 for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.usefixtures("any_top_k")
+def test_dynamic_token_count_keeps_the_combine_op():
+    """``dynamic=True``: the token count is symbolic (rows ``8 * s``); the chain still matches (the gather index
+    and the rows have the same symbolic length) and the logits follow the shape."""
+    torch._dynamo.reset()
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), moeq.NVFP4_W4A16)
+    cm = torch.compile(model, backend="moeq", dynamic=True)
+    with torch.no_grad():
+        with moeq.calibrate(cm):
+            cm(make_tokens())
+        moeq.finalize(cm)
+        for seq in (12, 20):
+            logits, code = run_and_get_code(lambda seq=seq: cm(make_tokens(seed=seq, seq=seq)).logits)
+            assert logits.shape[1] == seq
+    assert "torch.ops.moeq.combine_experts.default(" in "\n".join(code)

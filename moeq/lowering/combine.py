@@ -1,9 +1,9 @@
 """``moeq::combine_experts``: the MoE combine (routing-weight scaling, un-permute, top-k sum) as one op.
 
-``combine_experts(y, weights, index, top_k)`` computes transformers' grouped-experts epilogue
-``(y * weights[:, None])[index].view(T, top_k, H).sum(1)`` (optionally cast to ``out_dtype``) for the expert-sorted down-projection output ``y``
-``[T * top_k, H]``; :func:`moeq.lowering.inductor.fuse_expert_combine` puts it in place of that chain after the
-down projection's grouped GEMM. It is a ``torch.library.triton_op``: on CUDA the body launches
+``combine_experts(y, weights, index, top_k, out_dtype=None)`` computes transformers' grouped-experts epilogue
+``(y * weights[:, None])[index].view(T, top_k, H).sum(1)`` (cast to ``out_dtype`` when given) for the
+expert-sorted down-projection output ``y [T * top_k, H]``; :func:`moeq.lowering.inductor.fuse_expert_combine`
+puts it in place of that chain after the down projection's grouped GEMM. It is a ``torch.library.triton_op``: on CUDA the body launches
 :mod:`moeq.runtime.kernels.combine` through ``wrap_triton`` (Inductor emits it in its generated code); CPU
 tensors take the plain-torch reference op ``moeq::combine_experts_reference``. Forward only: the pass rewrites
 graphs after AOTAutograd, where the backward is its own graph.
