@@ -127,6 +127,13 @@ def use_grouped_experts(model: nn.Module) -> bool:
     setter = getattr(model, "set_experts_implementation", None)
     if setter is None:
         return False
+    switchable = getattr(type(model), "_can_set_experts_implementation", None)
+    if switchable is not None and not switchable():
+        # e.g. Llama 4 (experts as a bmm) or JetMoE (per-expert loops): moeq rewrites the form the model has
+        logger.info(
+            "moeq: %s has no experts implementation to switch; its experts run as written", type(model).__name__
+        )
+        return False
     try:
         setter("grouped_mm")
     except (ValueError, KeyError, AttributeError) as err:
