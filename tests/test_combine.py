@@ -70,7 +70,14 @@ def _not_experts(x, w, offs, weights, inv_perm):
     return (y * weights.unsqueeze(-1))[inv_perm].view(-1, TOP_K, y.shape[1]).sum(dim=1)
 
 
-@pytest.mark.parametrize("fn", [_combine, _fp32_weights], ids=["bf16", "fp32-weights-cast"])
+def _weights_as_view(x, w, offs, weights, inv_perm):
+    y = torch._grouped_mm(x, w, offs)
+    return (weights.view(-1, 1) * y)[inv_perm].view(-1, TOP_K, y.shape[1]).sum(dim=1)
+
+
+@pytest.mark.parametrize(
+    "fn", [_combine, _fp32_weights, _weights_as_view], ids=["bf16", "fp32-weights-cast", "weights-view-first"]
+)
 @pytest.mark.usefixtures("any_top_k")
 def test_pass_fuses_the_combine_of_an_expert_gemm(fn):
     args = _routed()

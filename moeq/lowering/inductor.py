@@ -352,7 +352,8 @@ def _combine_weights(node: Any, rows: Any) -> tuple[fx.Node, fx.Node | None] | N
     if not isinstance(node, fx.Node) or node.op != "call_function" or _val(node) is None:
         return None
     column = node.target == torch.ops.aten.unsqueeze.default and node.args[1] in (1, -1)
-    column |= node.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default) and _val(node).dim() == 2
+    views = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
+    column |= node.target in views and _val(node).dim() == 2 and statically_known_true(_val(node).shape[1] == 1)
     w = node.args[0] if column else None
     if not isinstance(w, fx.Node) or _val(w) is None or _val(w).dim() != 1:
         return None
