@@ -20,9 +20,11 @@ TOP_K, HIDDEN = 2, 16
 
 @pytest.fixture
 def any_top_k(monkeypatch):
-    """The tiny models route top-2, where the pass leaves the combine to Inductor (as fast there, see
-    ``COMBINE_MIN_TOP_K``): these tests lower the bound to exercise the rewrite itself."""
+    """The tiny models route top-2 over a few dozen rows, where the pass leaves the combine to Inductor (no faster
+    there, see ``COMBINE_MIN_TOP_K`` and ``COMBINE_MIN_ROWS``): these tests lower the bounds to exercise the
+    rewrite itself."""
     monkeypatch.setattr(inductor, "COMBINE_MIN_TOP_K", 1)
+    monkeypatch.setattr(inductor, "COMBINE_MIN_ROWS", 0)
 
 
 def _routed(tokens: int = 6, experts: int = 4, seed: int = 0):
@@ -104,16 +106,22 @@ def test_pass_leaves_other_chains(fn):
     assert [n.target for n in gm.graph.nodes] == before
 
 
-def test_default_bound_fuses_top_8_only():
-    """Under the default bound a top-2 combine stays Inductor's and a top-8 one (Qwen3-30B-A3B's) is rewritten."""
-    assert inductor.COMBINE_MIN_TOP_K == 8
-    assert fuse_expert_combine(_traced(_combine, *_routed()).graph) == 0
+def test_default_bounds_fuse_large_top_8_batches_only():
+    """Under the default bounds a top-2 combine and a small top-8 one stay Inductor's; a top-8 one over 32768 rows
+    (4096 tokens of Qwen3-30B-A3B) is rewritten."""
+    assert (inductor.COMBINE_MIN_TOP_K, inductor.COMBINE_MIN_ROWS) == (8, 32768)
 
     def top_8(x, w, offs, weights, inv_perm):
         y = torch._grouped_mm(x, w, offs)
         return (y * weights.unsqueeze(-1))[inv_perm].view(-1, 8, y.shape[1]).sum(dim=1)
 
-    assert fuse_expert_combine(_traced(top_8, *_routed(tokens=4, experts=8)).graph) == 1
+    def rows(n: int):  # fake shapes: only the graph is built
+        x, w, offs, weights, inv_perm = _routed()
+        return x.new_empty(n, x.shape[1]), w, offs, weights.new_empty(n), inv_perm.new_empty(n)
+
+    assert fuse_expert_combine(_traced(_combine, *rows(32768)).graph) == 0
+    assert fuse_expert_combine(_traced(top_8, *rows(32760)).graph) == 0
+    assert fuse_expert_combine(_traced(top_8, *rows(32768)).graph) == 1
 
 
 def test_op_rejects_bad_input():

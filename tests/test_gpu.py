@@ -785,14 +785,15 @@ def test_combine_experts_cuda(tokens, top_k, hidden, w_dtype, out_dtype):
 def test_compiled_model_runs_the_combine_kernel_cuda(freeze, monkeypatch):
     """backend="moeq" on CUDA: each MoE layer's combine is one ``_combine_experts_kernel`` launch; the logits equal
     the run with Inductor's combine to within one bf16 step (NVFP4 weight-only: no activation code of the second
-    layer can flip with the first layer's rounding). The tiny model routes top-2, below ``COMBINE_MIN_TOP_K``: the
-    bound is lowered so that the rewrite runs."""
+    layer can flip with the first layer's rounding). The tiny model routes top-2 over 512 rows, below
+    ``COMBINE_MIN_TOP_K`` and ``COMBINE_MIN_ROWS``: the bounds are lowered so that the rewrite runs."""
     from torch.profiler import ProfilerActivity, profile
 
     from moeq.lowering import inductor
     from moeq.lowering.inductor import combine_fusion
 
     monkeypatch.setattr(inductor, "COMBINE_MIN_TOP_K", 1)
+    monkeypatch.setattr(inductor, "COMBINE_MIN_ROWS", 0)
 
     tokens = make_tokens(batch=4, seq=64).cuda()
     logits = {}

@@ -47,6 +47,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
+    "COMBINE_MIN_ROWS",
     "COMBINE_MIN_TOP_K",
     "FUSE_MAX_ROWS_PER_EXPERT",
     "GroupedQmmPass",
@@ -77,6 +78,10 @@ FUSE_MAX_ROWS_PER_EXPERT = {"qat": 16}
 #: gather-reduction reads 0.8 TB/s and moeq's 3.8-4.2 TB/s (4.7x-5.3x, 0.201 -> 0.042 ms); at top-4 and top-2
 #: Inductor's is already at 3.7-3.9 TB/s and moeq's ties it (0.98x), so those stay Inductor's. 5-7 not measured.
 COMBINE_MIN_TOP_K = 8
+#: ... and the smallest routed row count (tokens x top-k, known when Inductor compiles): the op launches from
+#: Python (tens of microseconds of host time, like the other moeq ops), which a small batch does not earn back. At
+#: 512 rows (64 tokens) the kernel saved 1.7 us, at 34816 rows 160 us (session 25); between them not measured.
+COMBINE_MIN_ROWS = 32768
 
 _POLICY = "auto"
 _COMBINE = True
@@ -99,8 +104,8 @@ def fusion(policy: str) -> Iterator[None]:
 @contextlib.contextmanager
 def combine_fusion(enabled: bool) -> Iterator[None]:
     """Whether graphs compiled by the ``moeq`` backend within the block run transformers' grouped-experts combine
-    as ``moeq::combine_experts`` where it pays (top-k of at least :data:`COMBINE_MIN_TOP_K`; default on, under
-    every fusion policy but ``"never"``)."""
+    as ``moeq::combine_experts`` where it pays (top-k of at least :data:`COMBINE_MIN_TOP_K`, at least
+    :data:`COMBINE_MIN_ROWS` routed rows; default on, under every fusion policy but ``"never"``)."""
     global _COMBINE
     previous, _COMBINE = _COMBINE, bool(enabled)
     try:
@@ -178,7 +183,8 @@ def describe_combine() -> str:
         return "the MoE combine after the down projection is Inductor's"
     return (
         f"the MoE combine after the down projection (routing weights, un-permute, top-k sum) runs as "
-        f"moeq::combine_experts from top-{COMBINE_MIN_TOP_K} up (below, Inductor's kernel is as fast)"
+        f"moeq::combine_experts from top-{COMBINE_MIN_TOP_K} and {COMBINE_MIN_ROWS} routed rows up (below, Inductor's "
+        f"kernel is as fast)"
     )
 
 
@@ -395,8 +401,8 @@ def _match_combine(total: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | No
         same_rows = statically_known_true(_val(index).shape[0] == y_val.shape[0])
         if not same_rows or not isinstance(top_k, int) or _val(index).dtype not in (torch.int32, torch.int64):
             return None
-        if top_k < COMBINE_MIN_TOP_K:
-            logger.info("moeq: top-%d combine left to Inductor (as fast there)", top_k)
+        if top_k < COMBINE_MIN_TOP_K or not statically_known_true(y_val.shape[0] >= COMBINE_MIN_ROWS):
+            logger.info("moeq: top-%d combine over %s rows left to Inductor (no faster there)", top_k, y_val.shape[0])
             return None
         if _val(total).dtype != torch.promote_types(y_val.dtype, _val(w).dtype):
             return None
@@ -452,7 +458,7 @@ class GroupedQmmPass(CustomGraphPass):
             fuse_expert_combine(graph)
 
     def uuid(self) -> Any:
-        return (get_hash_for_files((__file__,)), _POLICY, _COMBINE, COMBINE_MIN_TOP_K)
+        return (get_hash_for_files((__file__,)), _POLICY, _COMBINE, COMBINE_MIN_TOP_K, COMBINE_MIN_ROWS)
 
 
 class _ComposedPass(CustomGraphPass):
