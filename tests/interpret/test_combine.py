@@ -55,10 +55,14 @@ def test_combine_fp32_weights(out_dtype):
 
 
 def test_combine_op_runs_the_kernel_and_takes_strided_rows():
-    """``moeq::combine_experts`` (the triton_op the Inductor pass emits) on rows with a padded stride and int32
-    indices."""
+    """``moeq::combine_experts`` (the triton_op the Inductor pass emits) on rows with a padded stride, and strided
+    weights and int32 indices."""
     y, weights, inv_perm = routed_rows(9, 2, 48, 8, torch.bfloat16, 3)
     padded = torch.zeros(y.shape[0], 64, dtype=y.dtype)
     padded[:, :48] = y
-    got = torch.ops.moeq.combine_experts(padded[:, :48], weights, inv_perm.int(), 2)
+    spread = torch.zeros(2 * weights.numel(), dtype=weights.dtype)
+    spread[::2] = weights  # weights and indices at stride 2
+    index = torch.zeros(2 * inv_perm.numel(), dtype=torch.int32)
+    index[::2] = inv_perm
+    got = torch.ops.moeq.combine_experts(padded[:, :48], spread[::2], index[::2], 2)
     assert_combine_close(got, y, weights, inv_perm, 2)

@@ -90,13 +90,14 @@ def combine_experts(
     if known_empty(tokens, hidden):
         return out
     y = y if y.stride(1) == 1 else y.contiguous()
+    weights, index = weights.contiguous(), index.contiguous()  # the kernel reads both at unit stride
 
     def launch():
         def grid(meta):
             return (cdiv(hidden, meta["BLOCK_H"]), cdiv(tokens, meta["BLOCK_T"]))
 
         kernel = wrap(_combine_experts_kernel) if wrap is not None else _combine_experts_kernel
-        launch_kernel(kernel, grid, y, weights, index.contiguous(), out, tokens, hidden, y.stride(0), out.stride(0),
+        launch_kernel(kernel, grid, y, weights, index, out, tokens, hidden, y.stride(0), out.stride(0),
                       TOP_K=top_k, ROUND_PRODUCT=product_dtype == y.dtype, INTERPRET=interpreting())  # fmt: skip
         return out
 
