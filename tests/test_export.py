@@ -574,7 +574,7 @@ def test_ep2_gloo_export_matches_single_process(workdir: Path, tmp_path: Path) -
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_gpt_oss_interleaved_transposed_biased_layout(tmp_path: Path) -> None:
+def test_gpt_oss_interleaved_transposed_biased_layout(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """GPT-OSS keeps ``gate_up_proj [E, H, 2I]`` (contraction dim first) with gate and up interleaved, as
     its forward reads them (``gate_up[..., ::2]``, ``gate_up[..., 1::2]``, ``x @ W``), and
     ``down_proj [E, I, H]``, plus ``*_bias [E, N]``. Each exported per-expert linear dequantizes to the
@@ -587,7 +587,10 @@ def test_gpt_oss_interleaved_transposed_biased_layout(tmp_path: Path) -> None:
     with torch.no_grad(), moeq.calibrate(cm):
         cm(ids)
     moeq.finalize(cm)
-    sd = _dequantize_modelopt(_load_dir(moeq.export_hf(model, tmp_path / "gpt_oss")))
+    with caplog.at_level("WARNING", logger="moeq.io.export"):
+        sd = _dequantize_modelopt(_load_dir(moeq.export_hf(model, tmp_path / "gpt_oss")))
+    # the layout vLLM's GPT-OSS loader does not read is said at export time
+    assert "vLLM's GPT-OSS loader reads only the fused, interleaved gate_up_proj" in caplog.text
     state = moeq.quant_state(model)
     experts = model.model.layers[1].mlp.experts
     prefix = "model.layers.1.mlp.experts"

@@ -369,6 +369,16 @@ def _write_configs(
 # ----------------------------------------------------------------------------------------------
 
 
+#: families whose per-expert layout a serving engine is known not to read (from its loader's source; docs/export.md)
+_ENGINE_LAYOUT_WARNINGS = {
+    "gpt_oss": (
+        "GPT-OSS experts are written per expert (experts.{e}.gate_proj|up_proj|down_proj with biases); vLLM's GPT-OSS "
+        "loader reads only the fused, interleaved gate_up_proj / down_proj layout and skips other expert names "
+        "without an error (models/gpt_oss.py), so it would run with unloaded experts"
+    ),
+}
+
+
 def export_hf(
     model: Any,
     out_dir: str | Path,
@@ -405,6 +415,9 @@ def export_hf(
     comm = _Comm(ep_group)
 
     layouts = {fqn: expert_layout(hf_model, fqn, s.expert_dim, s.contraction_dim) for fqn, s in state.items()}
+    engine_warning = _ENGINE_LAYOUT_WARNINGS.get(getattr(getattr(hf_model, "config", None), "model_type", None))
+    if engine_warning is not None and comm.rank == 0:
+        logger.warning("moeq: %s", engine_warning)
     errors = [
         e for rank_errors in comm.gather(_check_state(hf_model, state, layouts, format, comm)) for e in rank_errors
     ]
