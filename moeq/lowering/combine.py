@@ -3,10 +3,10 @@
 ``combine_experts(y, weights, index, top_k, out_dtype=None)`` computes transformers' grouped-experts epilogue
 ``(y * weights[:, None])[index].view(T, top_k, H).sum(1)`` (cast to ``out_dtype`` when given) for the
 expert-sorted down-projection output ``y [T * top_k, H]``; :func:`moeq.lowering.inductor.fuse_expert_combine`
-puts it in place of that chain after the down projection's grouped GEMM. It is a ``torch.library.triton_op``: on CUDA the body launches
-:mod:`moeq.runtime.kernels.combine` through ``wrap_triton`` (Inductor emits it in its generated code); CPU
-tensors take the plain-torch reference op ``moeq::combine_experts_reference``. Forward only: the pass rewrites
-graphs after AOTAutograd, where the backward is its own graph.
+puts it in place of that chain after the down projection's grouped GEMM. It is a ``torch.library.triton_op``:
+on CUDA the body launches :mod:`moeq.runtime.kernels.combine` through ``wrap_triton``; CPU tensors take the
+plain-torch reference op ``moeq::combine_experts_reference``. Forward only: the pass rewrites graphs after
+AOTAutograd, where the backward is its own graph.
 """
 
 from __future__ import annotations
@@ -42,10 +42,8 @@ def combine_experts(
     y: Tensor, weights: Tensor, index: Tensor, top_k: int, out_dtype: torch.dtype | None = None
 ) -> Tensor:
     """``[T, H]`` in ``out_dtype`` (default: y's and weights' promoted dtype); see the module docstring."""
-    if ops._TRITON_ENABLED and ops._triton_kernels() is not None:
+    if ops._TRITON_ENABLED and ops.runs_triton_kernel(y):
         from moeq.runtime.kernels.combine import combine_experts as launch
-        from moeq.runtime.kernels.launch import interpreting
 
-        if y.is_cuda or (y.device.type == "cpu" and interpreting()):
-            return launch(y, weights, index, top_k, out_dtype, wrap=wrap_triton)
+        return launch(y, weights, index, top_k, out_dtype, wrap=wrap_triton)
     return torch.ops.moeq.combine_experts_reference(y, weights, index, top_k, out_dtype)

@@ -19,8 +19,6 @@ reference op ``moeq::grouped_qmm_reference`` (formats.py fake quant / dequant, t
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
@@ -109,18 +107,6 @@ def _(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt):
     return x.new_empty(x.shape[0], w.shape[2])
 
 
-def _kernel_launcher(x: Tensor) -> Any:
-    """The Triton launcher for ``x``'s device (CUDA, or CPU under ``TRITON_INTERPRET=1``), or None: another
-    device, or triton not installed (then the reference op runs, as the other moeq ops do)."""
-    kernels = ops._triton_kernels()
-    if kernels is None or x.device.type not in ("cuda", "cpu"):
-        return None
-    from moeq.runtime.kernels.grouped_qmm import grouped_qmm
-    from moeq.runtime.kernels.launch import interpreting
-
-    return grouped_qmm if x.device.type == "cuda" or interpreting() else None
-
-
 def _zero_unrouted(out: Tensor, offs: Tensor) -> Tensor:
     """``torch._grouped_mm``'s output with the rows past ``offs[-1]`` (which it leaves unwritten) zero."""
     routed = torch.arange(out.shape[0], device=out.device) < offs[-1]
@@ -161,12 +147,12 @@ def grouped_qmm(
     if x.device.type == "cuda" and not ops._TRITON_ENABLED:  # ops.reference_kernels(): CPU reference, copied back
         cpu = [t.cpu() if isinstance(t, Tensor) else t for t in (x, w, offs, w_scale, w_block_scale, x_amax)]
         return torch.ops.moeq.grouped_qmm_reference(*cpu, mode, w_fmt, x_fmt).to(x.device)
-    launch = _kernel_launcher(x)
-    if launch is not None:
+    if ops.runs_triton_kernel(x):
+        from moeq.runtime.kernels.grouped_qmm import dequantizes_weight_first
+        from moeq.runtime.kernels.grouped_qmm import grouped_qmm as launch
+
         _check_args(mode, w_fmt, x_fmt)
         w_mode = f"fake_{w_fmt}" if mode == "qat" else w_fmt
-        from moeq.runtime.kernels.grouped_qmm import dequantizes_weight_first
-
         large = quantize_once is None and x.is_cuda and x.dtype == torch.bfloat16
         if large and dequantizes_weight_first(w_mode, x_fmt, x.shape[0], w.shape[0]):
             return _dequant_then_grouped_mm(x, w, offs, w_scale, w_block_scale, w_fmt)

@@ -422,8 +422,8 @@ def _cast_of(node: fx.Node) -> fx.Node | None:
 
 def fuse_expert_combine(graph: fx.Graph) -> int:
     """Replace transformers' grouped-experts combine after an expert GEMM (routing-weight scaling, un-permute,
-    top-k sum, and a cast of the sum that follows) by ``moeq::combine_experts`` (one pass over the rows, read as contiguous runs: Inductor's fused
-    gather reads them an element at a time); returns the count."""
+    top-k sum, and a cast of the sum that follows) by ``moeq::combine_experts`` (one pass over the rows, read as
+    contiguous runs: Inductor's fused gather reads them an element at a time); returns the count."""
     fused = 0
     for total in [n for n in graph.nodes if n.target == torch.ops.aten.sum.dim_IntList]:
         matched = _match_combine(total)

@@ -293,6 +293,16 @@ def _triton_kernels() -> Any:
     return kernels
 
 
+def runs_triton_kernel(t: Tensor) -> bool:
+    """Whether a fused moeq op on ``t`` can run its Triton kernel: triton installed, and ``t`` on CUDA, or on the
+    CPU under ``TRITON_INTERPRET=1`` (elsewhere the op's reference runs)."""
+    if _triton_kernels() is None or t.device.type not in ("cuda", "cpu"):
+        return False
+    from moeq.runtime.kernels.launch import interpreting
+
+    return t.is_cuda or interpreting()
+
+
 def _register_cuda_kernels() -> None:
     kernels = _triton_kernels()
     if kernels is None:
