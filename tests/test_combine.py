@@ -124,6 +124,24 @@ def test_default_bounds_fuse_large_top_8_batches_only():
     assert fuse_expert_combine(_traced(top_8, *rows(32768)).graph) == 1
 
 
+@pytest.mark.parametrize(("rows", "fused"), [(32760, 0), (32768, 1)])
+def test_symbolic_row_count_is_judged_by_the_compiled_size(rows, fused):
+    """A dynamic batch (symbolic rows, as after Dynamo's automatic-dynamic recompile): the bound reads the size the
+    graph is compiled for (its hint), so a large batch keeps the op (session 26 found a Qwen3 layer recompiled for
+    4352 tokens left on Inductor's combine) and a small one does not."""
+
+    def top_8(x, w, offs, weights, inv_perm):  # the token count from the rows, top-k a literal (as in the model)
+        y = torch._grouped_mm(x, w, offs)
+        return (y * weights.unsqueeze(-1))[inv_perm].view(y.shape[0] // 8, 8, y.shape[1]).sum(dim=1)
+
+    x, w, offs, weights, inv_perm = _routed()
+    args = x.new_empty(rows, x.shape[1]), w, offs, weights.new_empty(rows), inv_perm.new_zeros(rows)
+    gm = make_fx(top_8, tracing_mode="symbolic")(*args)
+    y_rows = next(n for n in gm.graph.nodes if n.target == torch.ops.aten._grouped_mm.default).meta["val"].shape[0]
+    assert not isinstance(y_rows, int) and inductor.compiled_size(y_rows) == rows
+    assert fuse_expert_combine(gm.graph) == fused
+
+
 def test_op_rejects_bad_input():
     y = torch.randn(12, HIDDEN).bfloat16()
     weights, index = torch.rand(12).bfloat16(), torch.randperm(12)

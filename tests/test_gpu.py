@@ -716,6 +716,28 @@ def test_megatron_sequential_mlp_qat_training_step_cuda(fmt, tmp_path):
     assert_step_matches_reference(run, atol=1e-5)
 
 
+@pytest.mark.parametrize(("counts", "tail"), [([3000, 0, 1096], 0), ([3000, 0, 1000], 96), ([0, 0], 70)])
+def test_zero_unrouted_rows_cuda(counts, tail):
+    """The tail-zeroing kernel on the GPU: rows at or past ``offs[-1]`` of a NaN-filled buffer become zero, routed
+    rows keep their bits, and it is one small kernel (no ``where`` over the whole output)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeq.runtime.kernels.zero_rows import zero_unrouted_rows_
+
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).cuda()
+    routed = int(offs[-1])
+    out = torch.randn(routed + tail, 2048, device="cuda").bfloat16()
+    out[routed:] = float("nan")
+    want = out.clone()
+    want[routed:] = 0
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        got = zero_unrouted_rows_(out, offs)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert got is out and torch.equal(out.view(torch.int16), want.view(torch.int16))
+    assert names == ["_zero_unrouted_rows_kernel"], names
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
 def test_deploy_16bit_activations_dequantize_first_at_large_batches(fmt):
     """Above ``DEQUANT_FIRST_ROWS_PER_EXPERT`` mean rows per expert, deploy W4A16 / W8A16 with the size left to

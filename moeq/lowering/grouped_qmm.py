@@ -108,7 +108,12 @@ def _(x, w, offs, w_scale, w_block_scale, x_amax, mode, w_fmt, x_fmt):
 
 
 def _zero_unrouted(out: Tensor, offs: Tensor) -> Tensor:
-    """``torch._grouped_mm``'s output with the rows past ``offs[-1]`` (which it leaves unwritten) zero."""
+    """``torch._grouped_mm``'s output with the rows past ``offs[-1]`` (which it leaves unwritten) zero: on CUDA a
+    kernel that writes only those rows (a ``torch.where`` rewrote the whole output), else plain torch."""
+    if ops._TRITON_ENABLED and ops.runs_triton_kernel(out):
+        from moeq.runtime.kernels.zero_rows import zero_unrouted_rows_
+
+        return zero_unrouted_rows_(out, offs, wrap=wrap_triton)
     routed = torch.arange(out.shape[0], device=out.device) < offs[-1]
     return torch.where(routed.unsqueeze(1), out, torch.zeros((), dtype=out.dtype, device=out.device))
 

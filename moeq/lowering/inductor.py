@@ -52,6 +52,7 @@ __all__ = [
     "FUSE_MAX_ROWS_PER_EXPERT",
     "GroupedQmmPass",
     "combine_fusion",
+    "compiled_size",
     "describe_combine",
     "describe_lowering",
     "fuse_expert_combine",
@@ -78,9 +79,10 @@ FUSE_MAX_ROWS_PER_EXPERT = {"qat": 16}
 #: gather-reduction reads 0.8 TB/s and moeq's 3.8-4.2 TB/s (4.7x-5.3x, 0.201 -> 0.042 ms); at top-4 and top-2
 #: Inductor's is already at 3.7-3.9 TB/s and moeq's ties it (0.98x), so those stay Inductor's. 5-7 not measured.
 COMBINE_MIN_TOP_K = 8
-#: ... and the smallest routed row count (tokens x top-k, known when Inductor compiles): the op launches from
-#: Python (tens of microseconds of host time, like the other moeq ops), which a small batch does not earn back. At
-#: 512 rows (64 tokens) the kernel saved 1.7 us, at 34816 rows 160 us (session 25); between them not measured.
+#: ... and the smallest routed row count (tokens x top-k) when Inductor compiles (a symbolic count: the size the
+#: graph is compiled for, its hint, as Inductor's own size-dependent choices read it): the op launches from Python
+#: (tens of microseconds of host time, like the other moeq ops), which a small batch does not earn back. At 512 rows
+#: (64 tokens) the kernel saved 1.7 us, at 34816 rows 160 us (session 25); between them not measured.
 COMBINE_MIN_ROWS = 32768
 
 _POLICY = "auto"
@@ -184,7 +186,7 @@ def describe_combine() -> str:
     return (
         f"the MoE combine after the down projection (routing weights, un-permute, top-k sum) runs as "
         f"moeq::combine_experts from top-{COMBINE_MIN_TOP_K} and {COMBINE_MIN_ROWS} routed rows up (below, Inductor's "
-        f"kernel is as fast)"
+        f"kernel is as fast; a dynamic batch is judged by the size it is compiled for)"
     )
 
 
@@ -353,6 +355,15 @@ def fuse_grouped_qmm(graph: fx.Graph) -> int:
     return fused
 
 
+def compiled_size(size: Any) -> int | None:
+    """``size`` as an int: itself when static; when symbolic, the value the graph is being compiled for (its hint,
+    which Inductor's own size-dependent choices read); None when data-dependent (no hint)."""
+    if isinstance(size, int):
+        return size
+    node = getattr(size, "node", None)
+    return int(node.hint) if node is not None and node.has_hint() else None
+
+
 def _combine_weights(node: Any, rows: Any) -> tuple[fx.Node, fx.Node | None] | None:
     """``(w, view)`` when ``node`` is ``w [rows]`` as a column (``unsqueeze(w, -1)`` or a view to ``[rows, 1]``)."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or _val(node) is None:
@@ -389,7 +400,8 @@ def _match_combine(total: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | No
     weighted, (index,) = gathered.args
     if weighted.target != aten.mul.Tensor or not isinstance(index, fx.Node) or _val(index) is None:
         return None
-    top_k = _val(view).shape[1]
+    literal = view.args[1][1] if isinstance(view.args[1], (list, tuple)) and len(view.args[1]) == 3 else None
+    top_k = literal if isinstance(literal, int) and literal > 0 else _val(view).shape[1]  # a literal when symbolic
     for y, column in (weighted.args, reversed(weighted.args)):
         y_val = _val(y)
         if not _is_expert_output(y) or y_val is None or y_val.dim() != 2:
@@ -401,7 +413,8 @@ def _match_combine(total: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | No
         same_rows = statically_known_true(_val(index).shape[0] == y_val.shape[0])
         if not same_rows or not isinstance(top_k, int) or _val(index).dtype not in (torch.int32, torch.int64):
             return None
-        if top_k < COMBINE_MIN_TOP_K or not statically_known_true(y_val.shape[0] >= COMBINE_MIN_ROWS):
+        rows = compiled_size(y_val.shape[0])
+        if top_k < COMBINE_MIN_TOP_K or rows is None or rows < COMBINE_MIN_ROWS:
             logger.info("moeq: top-%d combine over %s rows left to Inductor (no faster there)", top_k, y_val.shape[0])
             return None
         if _val(total).dtype != torch.promote_types(y_val.dtype, _val(w).dtype):

@@ -270,6 +270,23 @@ def test_dequant_stored_weight_bit_exact(shape, fmt, dtype, seed):
     assert_same_bits(got, ops._dequant_weight_reference(data, scale, block, fmt, -1, dtype), fmt)
 
 
+@pytest.mark.parametrize(("block_n", "block_k"), [(8, 256), (32, 512), (64, 128)])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequant_stored_weight_every_autotuned_tile(fmt, block_n, block_k, monkeypatch):
+    """The GPU autotunes the dequant tile (``dequant_configs``): tiles of several 128-element runs and of more
+    rows decode the same bits (K 400: a partial last run; N 37: a partial row tile)."""
+    import triton
+
+    from moeq.runtime.kernels.dequant_weight import _dequant_weight_kernel
+
+    monkeypatch.setattr(_dequant_weight_kernel, "configs", [triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k})])
+    monkeypatch.setattr(_dequant_weight_kernel, "cache", {})
+    w = _weights((2, 37, 400), torch.float32, 3)
+    data, scale, block = _stored(w, fmt, expert_amax(w))
+    got = kernels.dequant_stored_weight(data, scale, block, fmt, torch.bfloat16)
+    assert_same_bits(got, ops._dequant_weight_reference(data, scale, block, fmt, -1, torch.bfloat16), fmt)
+
+
 def test_dequant_stored_weight_every_code():
     """Every e4m3 byte (NaN included) as FP8 data and as NVFP4 block scales, every E2M1 nibble, with global
     scales from 1e-40 (subnormal products, where a flush to zero would show) to 1e30: bit for bit."""

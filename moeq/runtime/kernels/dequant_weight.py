@@ -20,15 +20,13 @@ import triton.language as tl
 
 from moeq.formats import NVFP4_RUN_BYTES
 from moeq.runtime.kernels.grouped_qmm import decode_e2m1, load_e4m3, stored_e2m1_codes
-from moeq.runtime.kernels.launch import cdiv, check_float, interpreting, launch_kernel
+from moeq.runtime.kernels.launch import cdiv, check_float, dequant_configs, interpreting, launch_kernel
 from moeq.runtime.kernels.numerics import cast_like
 
 __all__ = ["dequant_stored_weight"]
 
-#: tile of one program: rows x K (NVFP4 reads whole 128-element runs of K)
-BLOCK_N, BLOCK_K = 16, 128
 
-
+@triton.autotune(configs=dequant_configs(), key=["N", "K", "IS_NVFP4"])
 @triton.jit
 def _dequant_weight_kernel(
     data_ptr,
@@ -107,10 +105,13 @@ def dequant_stored_weight(
     out = torch.empty(num_experts, n, k, dtype=dtype, device=data.device)
     if out.numel() == 0:
         return out
-    grid = (cdiv(k, BLOCK_K), cdiv(n, BLOCK_N), num_experts)
+
+    def grid(meta):
+        return (cdiv(k, meta["BLOCK_K"]), cdiv(n, meta["BLOCK_N"]), num_experts)
+
     launch_kernel(_dequant_weight_kernel, grid,
         words, scale.float().contiguous(), block, out, n, k,
         *words.stride(), *b_strides, *out.stride(),
-        IS_NVFP4=fmt == "nvfp4", INTERPRET=interpreting(), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        IS_NVFP4=fmt == "nvfp4", INTERPRET=interpreting(),
     )  # fmt: skip
     return out

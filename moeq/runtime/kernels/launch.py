@@ -53,10 +53,12 @@ def run_kernel(t: torch.Tensor, launch: Callable[[], torch.Tensor], reference: C
     return reference()
 
 
-def _configs(names: tuple[str, str], candidates: list[tuple[int, int, int]]) -> list[triton.Config]:
+def _configs(
+    names: tuple[str, str], candidates: list[tuple[int, int, int]], interpreted: tuple[int, int] = (16, 64)
+) -> list[triton.Config]:
     """Autotuning candidates ``(block a, block b, warps)``; one small fixed tile under the interpreter."""
     if interpreting():
-        return [triton.Config(dict(zip(names, (16, 64))))]
+        return [triton.Config(dict(zip(names, interpreted)))]
     return [triton.Config(dict(zip(names, (a, b))), num_warps=w) for a, b, w in candidates]
 
 
@@ -95,6 +97,16 @@ def observer_configs() -> list[triton.Config]:
             (32, 1024, 8),
             (16, 2048, 8),
         ],
+    )
+
+
+def dequant_configs() -> list[triton.Config]:
+    """Candidates for the stored-weight dequant (rows x K tiles; K a multiple of 128: NVFP4 decodes whole runs).
+    The first is the fixed tile it had before autotuning (NVFP4 at 0.59 of copy, BENCHMARKS.md session 13)."""
+    return _configs(
+        ("BLOCK_N", "BLOCK_K"),
+        [(16, 128, 4), (32, 128, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8), (64, 256, 8)],
+        interpreted=(16, 128),
     )
 
 
