@@ -36,7 +36,12 @@ from triton.testing import do_bench
 from moeq.formats import expand_per_expert, expert_amax, get_format, stored_form
 from moeq.lowering.grouped_qmm import quantized_operands
 from moeq.runtime import kernels
-from moeq.runtime.kernels.grouped_qmm import grouped_qmm, quantizes_once, quantizes_weight_once
+from moeq.runtime.kernels.grouped_qmm import (
+    dequantizes_weight_first,
+    grouped_qmm,
+    quantizes_once,
+    quantizes_weight_once,
+)
 
 CASES = [  # (label, E, K, N, routed rows)
     *[(f"qwen3 gate_up M={m}", 128, 2048, 1536, m) for m in (64, 4096, 34816)],
@@ -205,6 +210,17 @@ def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(m[0] for m in
             rel = ((got - ref).norm() / ref.norm()).item()
             record(row_name, bench(fused), nbytes * per_expert * active, exact=rel)
             print(f"  {label} {row_name}: rel err vs reference {rel:.2e}", flush=True)
+        if (
+            not w_mode.startswith("fake_")
+            and x_fmt is None
+            and dequantizes_weight_first(w_mode, None, rows, num_experts)
+        ):
+
+            def op(args=args, fmt=fmt):  # what a compiled graph runs: the weight's dequant kernel + _grouped_mm
+                return torch.ops.moeq.grouped_qmm(x, args[0], offs, args[1], args[2], None, "deploy", fmt, None)
+
+            rel = ((op().float() - ref).norm() / ref.norm()).item()
+            record(f"{name} op (dequant first)", bench(op), nbytes * per_expert * active, exact=rel)
     return results
 
 
