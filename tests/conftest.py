@@ -144,15 +144,19 @@ def routed_rows(
 
 
 def combine_expression(y, weights, inv_perm, top_k):
-    """transformers' grouped-experts combine (integrations/moe.py), eager."""
-    return (y * weights.unsqueeze(-1))[inv_perm].view(-1, top_k, y.shape[1]).sum(dim=1)
+    """transformers' grouped-experts combine (integrations/moe.py), eager; ``weights`` None: no scaling."""
+    weighted = y if weights is None else y * weights.unsqueeze(-1)
+    return weighted[inv_perm].view(-1, top_k, y.shape[1]).sum(dim=1)
 
 
 def combine_float64(y, weights, inv_perm, top_k):
     """Each product in torch's promoted dtype (as the model computes it), summed in float64; and the sum of the
-    terms' magnitudes."""
-    product_dtype = torch.promote_types(y.dtype, weights.dtype)
-    terms = (y.double().cpu() * weights.double().cpu().unsqueeze(-1)).to(product_dtype).double()[inv_perm.cpu()]
+    terms' magnitudes. ``weights`` None: the rows themselves."""
+    if weights is None:
+        terms = y.double().cpu()[inv_perm.cpu()]
+    else:
+        product_dtype = torch.promote_types(y.dtype, weights.dtype)
+        terms = (y.double().cpu() * weights.double().cpu().unsqueeze(-1)).to(product_dtype).double()[inv_perm.cpu()]
     return terms.view(-1, top_k, y.shape[1]).sum(dim=1), terms.abs().view(-1, top_k, y.shape[1]).sum(dim=1)
 
 

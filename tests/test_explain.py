@@ -118,10 +118,11 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     assert "above, an activation codes pass, a weight codes pass and the FP8 codes GEMM" in text
     assert "a training graph quantizes each expert weight to FP8 codes once per step and saves them" in text
     assert "STE mask is applied inside its wgrad GEMM (moeq::grouped_wgrad_ste)" in text
+    assert "scatter-adds through the MoE's sort permutation run as gathers" in text
     with fusion("never"):
         never = str(moeq.explain(cm8))
         assert "a training graph saves the quantized weight for backward and keeps the Q/DQ ops" in never
-        assert "grouped_wgrad_ste" not in never
+        assert "grouped_wgrad_ste" not in never and "sort permutation" not in never
     moeq.freeze(cm8)  # deploy W8A8: no weight pass at any size
     text = str(moeq.explain(cm8))
     assert "up to 16 mean routed rows per expert; above, an activation codes pass and the FP8 codes GEMM" in text

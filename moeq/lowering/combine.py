@@ -1,7 +1,8 @@
 """``moeq::combine_experts``: the MoE combine (routing-weight scaling, un-permute, top-k sum) as one op.
 
 ``combine_experts(y, weights, index, top_k, out_dtype=None)`` computes transformers' grouped-experts epilogue
-``(y * weights[:, None])[index].view(T, top_k, H).sum(1)`` (cast to ``out_dtype`` when given) for the
+``(y * weights[:, None])[index].view(T, top_k, H).sum(1)`` (cast to ``out_dtype`` when given; no scaling when
+``weights`` is None) for the
 expert-sorted down-projection output ``y [T * top_k, H]``; :func:`moeq.lowering.inductor.fuse_expert_combine`
 puts it in place of that chain after the down projection's grouped GEMM. It is a ``torch.library.triton_op``:
 on CUDA the body launches :mod:`moeq.runtime.kernels.combine` through ``wrap_triton``; CPU tensors take the
@@ -16,7 +17,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from moeq.lowering import ops
-from moeq.runtime.combine import check_combine_args
+from moeq.runtime.combine import check_combine_args, combine_dtype
 from moeq.runtime.combine import combine_experts_reference as _reference
 
 __all__ = ["combine_experts", "combine_experts_reference"]
@@ -24,7 +25,7 @@ __all__ = ["combine_experts", "combine_experts_reference"]
 
 @torch.library.custom_op("moeq::combine_experts_reference", mutates_args=())
 def combine_experts_reference(
-    y: Tensor, weights: Tensor, index: Tensor, top_k: int, out_dtype: torch.dtype | None = None
+    y: Tensor, weights: Tensor | None, index: Tensor, top_k: int, out_dtype: torch.dtype | None = None
 ) -> Tensor:
     """Plain torch, the model's own expression."""
     check_combine_args(y, weights, index, top_k, out_dtype)
@@ -33,15 +34,16 @@ def combine_experts_reference(
 
 @combine_experts_reference.register_fake
 def _(y, weights, index, top_k, out_dtype=None):
-    dtype = out_dtype or torch.promote_types(y.dtype, weights.dtype)
+    dtype = out_dtype or combine_dtype(y, weights)
     return y.new_empty(y.shape[0] // top_k, y.shape[1], dtype=dtype)
 
 
 @triton_op("moeq::combine_experts", mutates_args=())
 def combine_experts(
-    y: Tensor, weights: Tensor, index: Tensor, top_k: int, out_dtype: torch.dtype | None = None
+    y: Tensor, weights: Tensor | None, index: Tensor, top_k: int, out_dtype: torch.dtype | None = None
 ) -> Tensor:
-    """``[T, H]`` in ``out_dtype`` (default: y's and weights' promoted dtype); see the module docstring."""
+    """``[T, H]`` in ``out_dtype`` (default: y's and weights' promoted dtype); see the module docstring.
+    ``weights`` None sums the gathered rows unscaled (the gradient of a gather, :mod:`moeq.lowering.permutation`)."""
     if ops._TRITON_ENABLED and ops.runs_triton_kernel(y):
         from moeq.runtime.kernels.combine import combine_experts as launch
 

@@ -52,6 +52,7 @@ __all__ = [
     "FUSE_MAX_ROWS_PER_EXPERT",
     "GroupedQmmPass",
     "combine_fusion",
+    "combine_fusion_enabled",
     "compiled_size",
     "describe_combine",
     "describe_lowering",
@@ -177,6 +178,11 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
         return f"{one} at every size"
     bound = FUSE_MAX_ROWS_PER_EXPERT[mode]
     return f"{one} up to {bound} mean routed rows per expert; above, {unfused_path}"
+
+
+def combine_fusion_enabled() -> bool:
+    """Whether the MoE combine rewrites run (:func:`combine_fusion` on, fusion policy not ``"never"``)."""
+    return _COMBINE and _POLICY != "never"
 
 
 def describe_combine() -> str:

@@ -44,7 +44,9 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils.checkpoint import CheckpointPolicy
 
+from moeq.lowering import inductor, permutation
 from moeq.lowering.inductor import fusion_enabled, gemm_targets
+from moeq.lowering.permutation import gather_through_permutations
 
 __all__ = ["TrainingGraphPass", "describe_training", "fuse_weight_ste_masks", "save_weight_codes"]
 
@@ -240,21 +242,33 @@ def describe_training(mode: str, w_fmt: str) -> str:
     if not fusion_enabled():
         return "a training graph saves the quantized weight for backward and keeps the Q/DQ ops"
     ste = "each weight's STE mask is applied inside its wgrad GEMM (moeq::grouped_wgrad_ste)"
+    gathers = ""
+    if inductor.combine_fusion_enabled():
+        gathers = (
+            "; the backward's scatter-adds through the MoE's sort permutation run as gathers (the top-k gather's "
+            f"gradient as moeq::combine_experts from top-{inductor.COMBINE_MIN_TOP_K} and "
+            f"{inductor.COMBINE_MIN_ROWS} routed rows up)"
+        )
     if mode == "qat" and w_fmt == "fp8":
         return (
             "a training graph quantizes each expert weight to FP8 codes once per step and saves them for backward "
             f"(not a bf16 copy); forward and dgrad run moeq::grouped_qmm on the codes; {ste}, which reads the codes"
+            f"{gathers}"
         )
-    return f"a training graph saves the quantized weight for backward and keeps the Q/DQ ops; {ste}"
+    return f"a training graph saves the quantized weight for backward and keeps the Q/DQ ops; {ste}{gathers}"
 
 
 class TrainingGraphPass(CustomGraphPass):
     """The joint-graph pass object installed by the ``moeq`` backend (``joint_custom_post_pass``): FP8 weight
-    codes saved for backward, STE weight masks applied inside the weight-gradient GEMMs."""
+    codes saved for backward, STE weight masks applied inside the weight-gradient GEMMs, and (with the combine
+    fusion on) the MoE's permutation scatter-adds as gathers (:mod:`moeq.lowering.permutation`)."""
 
     def __call__(self, graph: fx.Graph) -> None:
         save_weight_codes(graph)
         fuse_weight_ste_masks(graph)
+        if inductor.combine_fusion_enabled():
+            gather_through_permutations(graph)
 
     def uuid(self) -> Any:
-        return get_hash_for_files((__file__,))
+        combine = (inductor.combine_fusion_enabled(), inductor.COMBINE_MIN_TOP_K, inductor.COMBINE_MIN_ROWS)
+        return get_hash_for_files((__file__, permutation.__file__)), combine

@@ -54,6 +54,19 @@ def test_combine_fp32_weights(out_dtype):
     torch.testing.assert_close(got, want, rtol=torch.finfo(got.dtype).eps, atol=1e-6 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("tokens", "top_k", "hidden"), [(13, 2, 64), (5, 8, 200), (3, 1, 7)])
+def test_combine_without_weights(tokens, top_k, hidden, dtype):
+    """``weights`` None (the gradient of the gather ``hidden[perm // top_k]``): the gathered rows summed in fp32,
+    in y's dtype; the op too."""
+    y, _, inv_perm = routed_rows(tokens, top_k, hidden, max(8, top_k), dtype, 7)
+    got = combine_experts(y, None, inv_perm, top_k)
+    assert got.dtype == dtype
+    assert_combine_close(got, y, None, inv_perm, top_k)
+    op = torch.ops.moeq.combine_experts(y, None, inv_perm, top_k)
+    assert torch.equal(op, got)
+
+
 def test_combine_op_runs_the_kernel_and_takes_strided_rows():
     """``moeq::combine_experts`` (the triton_op the Inductor pass emits) on rows with a padded stride, and strided
     weights and int32 indices."""

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq.runtime.combine import check_combine_args, combine_experts_reference
+from moeq.runtime.combine import check_combine_args, combine_dtype, combine_experts_reference
 from moeq.runtime.kernels.launch import (
     cdiv,
     combine_configs,
@@ -47,6 +47,7 @@ def _combine_experts_kernel(
     stride_y,
     stride_out,
     TOP_K: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
     ROUND_PRODUCT: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -60,18 +61,21 @@ def _combine_experts_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for slot in tl.static_range(TOP_K):
         rows = tl.load(index_ptr + tokens.to(tl.int64) * TOP_K + slot, mask=t_mask, other=0)
-        weight = tl.load(w_ptr + rows, mask=t_mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], mask=mask, other=0.0)
-        # the model's product, rounded to y's dtype where eager torch's product has that dtype; the sum in fp32
-        product = y.to(tl.float32) * weight[:, None]
-        acc += cast_like(product, y_ptr, INTERPRET).to(tl.float32) if ROUND_PRODUCT else product
+        if HAS_WEIGHTS:
+            # the model's product, rounded to y's dtype where eager torch's product has that dtype; the sum in fp32
+            weight = tl.load(w_ptr + rows, mask=t_mask, other=0.0).to(tl.float32)
+            product = y.to(tl.float32) * weight[:, None]
+            acc += cast_like(product, y_ptr, INTERPRET).to(tl.float32) if ROUND_PRODUCT else product
+        else:
+            acc += y.to(tl.float32)
     out_offs = tokens.to(tl.int64)[:, None] * stride_out + cols[None, :]
     tl.store(out_ptr + out_offs, cast_like(acc, out_ptr, INTERPRET), mask=mask)
 
 
 def combine_experts(
     y: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor | None,
     index: torch.Tensor,
     top_k: int,
     out_dtype: torch.dtype | None = None,
@@ -79,26 +83,29 @@ def combine_experts(
 ) -> torch.Tensor:
     """``out[t] = sum_j y[index[t*top_k + j]] * weights[index[t*top_k + j]]`` ([T, H]), as the model's eager code
     computes it: each product in the dtype torch promotes y and weights to (rounded to y's dtype when that is it),
-    summed in fp32, cast to ``out_dtype`` (default: the promoted dtype). ``index`` holds valid row numbers of
+    summed in fp32, cast to ``out_dtype`` (default: the promoted dtype); ``weights`` None: the rows unscaled (y's
+    dtype). ``index`` holds valid row numbers of
     ``y`` (not bounds-checked on the GPU). ``wrap``: applied to the kernel before launching (``wrap_triton`` in a
     triton_op)."""
     check_combine_args(y, weights, index, top_k, out_dtype)
     rows, hidden = y.shape
     tokens = rows // top_k
-    product_dtype = torch.promote_types(y.dtype, weights.dtype)
+    product_dtype = combine_dtype(y, weights)
     out = torch.empty(tokens, hidden, dtype=out_dtype or product_dtype, device=y.device)
     if known_empty(tokens, hidden):
         return out
     y = y if y.stride(1) == 1 else y.contiguous()
-    weights, index = weights.contiguous(), index.contiguous()  # the kernel reads both at unit stride
+    index = index.contiguous()  # the kernel reads the indices and weights at unit stride
+    weights = weights.contiguous() if weights is not None else None
 
     def launch():
         def grid(meta):
             return (cdiv(hidden, meta["BLOCK_H"]), cdiv(tokens, meta["BLOCK_T"]))
 
         kernel = wrap(_combine_experts_kernel) if wrap is not None else _combine_experts_kernel
-        launch_kernel(kernel, grid, y, weights, index, out, tokens, hidden, y.stride(0), out.stride(0),
-                      TOP_K=top_k, ROUND_PRODUCT=product_dtype == y.dtype, INTERPRET=interpreting())  # fmt: skip
+        launch_kernel(kernel, grid, y, weights if weights is not None else y, index, out, tokens, hidden, y.stride(0),
+                      out.stride(0), TOP_K=top_k, HAS_WEIGHTS=weights is not None,
+                      ROUND_PRODUCT=product_dtype == y.dtype, INTERPRET=interpreting())  # fmt: skip
         return out
 
     return run_kernel(y, launch, lambda: combine_experts_reference(y, weights, index, top_k, out_dtype))

@@ -1,0 +1,146 @@
+"""The joint-graph pass that turns a training graph's scatter-adds through the MoE's sort permutation into gathers
+(:mod:`moeq.lowering.permutation`), on graphs traced from transformers' grouped-experts code and on a compiled
+model's training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import moeq
+from moeq.integrations.hf import tiny_model
+from moeq.lowering import inductor, joint
+from moeq.lowering.permutation import gather_through_permutations, inverse_permutations
+from tests.conftest import make_tokens
+
+TOKENS, TOP_K, HIDDEN, EXPERTS = 12, 2, 24, 6
+
+
+def _moe_tail(hidden, weights, ids, y, grad_out):
+    """transformers' grouped experts around their GEMMs (sort, gather, routing weights, un-permute, top-k sum) with
+    a pointwise stand-in for the experts; returns the gradients of the hidden states and the routing weights."""
+    return _given_perm(hidden, weights, torch.sort(ids)[1], y, grad_out)
+
+
+def _given_perm(hidden, weights, perm, y, grad_out):
+    def forward(hidden, weights):
+        x_sorted = hidden[perm // TOP_K]
+        w_sorted = weights[perm]
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        return ((x_sorted * y) * w_sorted.unsqueeze(-1))[inv].view(-1, TOP_K, HIDDEN).sum(dim=1)
+
+    _, backward = torch.func.vjp(forward, hidden, weights)
+    return backward(grad_out)
+
+
+def _inputs(dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(TOKENS)]).reshape(-1)
+    hidden = torch.randn(TOKENS, HIDDEN, generator=g).to(dtype)
+    weights = torch.rand(TOKENS * TOP_K, generator=g).to(dtype)
+    y = torch.randn(TOKENS * TOP_K, HIDDEN, generator=g).to(dtype)
+    grad_out = torch.randn(TOKENS, HIDDEN, generator=g).to(dtype)
+    return hidden, weights, ids, y, grad_out
+
+
+def _traced(inputs, fn=_moe_tail):
+    return make_fx(torch.func.functionalize(fn, remove="mutations_and_views"), tracing_mode="fake")(*inputs)
+
+
+def _scatter_adds(gm: torch.fx.GraphModule) -> int:
+    return sum(
+        1 for n in gm.graph.nodes if n.target == torch.ops.aten.index_put.default and len(n.args) > 3 and n.args[3]
+    )
+
+
+@pytest.fixture
+def any_size(monkeypatch):
+    """The gather's gradient runs as the combine op only above the forward combine's bounds: lowered here."""
+    monkeypatch.setattr(inductor, "COMBINE_MIN_TOP_K", 1)
+    monkeypatch.setattr(inductor, "COMBINE_MIN_ROWS", 0)
+
+
+@pytest.mark.usefixtures("any_size")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scatters_become_gathers_with_the_same_gradients(dtype, seed):
+    """The three scatter-adds (combine, routing weights, row gather) are rewritten; the routing weights' and the
+    un-permute's gradients are the same values, the hidden states' equal the float64 sum of each token's rows
+    within one rounding of the output."""
+    inputs = _inputs(dtype, seed)
+    gm = _traced(inputs)
+    assert len(inverse_permutations(gm.graph)) == 1 and _scatter_adds(gm) == 3
+    want_hidden, want_weights = _moe_tail(*inputs)
+    assert gather_through_permutations(gm.graph) == 3
+    gm.recompile()
+    assert _scatter_adds(gm) == 0
+    assert sum(n.target == torch.ops.moeq.combine_experts.default for n in gm.graph.nodes) == 1
+    got_hidden, got_weights = gm(*inputs)
+    assert torch.equal(got_weights, want_weights)
+    # the hidden gradient summed in float64 from the same (bit-identical) rows of the un-permuted gradient
+    hidden, weights, ids, y, grad_out = inputs
+    perm = torch.sort(ids)[1]
+    rows = (grad_out[perm // TOP_K] * weights[perm].unsqueeze(-1)).to(dtype) * y
+    exact = torch.zeros(TOKENS, HIDDEN, dtype=torch.float64).index_add_(0, perm // TOP_K, rows.double())
+    magnitude = torch.zeros_like(exact).index_add_(0, perm // TOP_K, rows.double().abs())
+    bound = torch.finfo(dtype).eps * exact.abs() + TOP_K * 2.0**-23 * magnitude
+    assert ((got_hidden.double() - exact).abs() <= bound).all()
+    torch.testing.assert_close(got_hidden, want_hidden, rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
+def test_default_bounds_keep_the_small_gather_gradient_a_scatter():
+    """Under the default bounds (top-8, 32768 rows) a top-2 gather's gradient stays Inductor's scatter; the two
+    permutation scatters still become gathers (no host cost: Inductor's own ops)."""
+    gm = _traced(_inputs(torch.float32, 0))
+    assert gather_through_permutations(gm.graph) == 2
+    assert _scatter_adds(gm) == 1
+    assert not any(n.target == torch.ops.moeq.combine_experts.default for n in gm.graph.nodes)
+
+
+@pytest.mark.usefixtures("any_size")
+def test_a_permutation_the_graph_does_not_show_is_left_alone():
+    """``perm`` passed in (not a sort's indices in this graph): nothing says it is a permutation, so no rewrite."""
+    hidden, weights, ids, y, grad_out = _inputs(torch.float32, 0)
+    gm = _traced((hidden, weights, torch.sort(ids)[1], y, grad_out), _given_perm)
+    assert inverse_permutations(gm.graph) == {}
+    assert gather_through_permutations(gm.graph) == 0
+    assert _scatter_adds(gm) == 3
+
+
+def training_step(rewrite: bool, device: str = "cpu"):
+    """One QAT FP8 training step of a compiled tiny two-layer Qwen3-MoE, with or without the rewrite: loss,
+    parameter gradients and the rewrite counts of the joint graphs compiled."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=2).to(device), moeq.FP8)
+    cm = torch.compile(model, backend="moeq")
+    tokens = make_tokens().to(device)
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(tokens)
+    moeq.finalize(cm)
+    model.train()
+    counts = []
+
+    def count(graph):
+        counts.append(gather_through_permutations(graph))
+        return counts[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(joint, "gather_through_permutations", count if rewrite else (lambda graph: 0))
+        loss = cm(tokens, labels=tokens).loss
+        loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, counts
+
+
+@pytest.mark.usefixtures("any_size")
+def test_training_step_gradients_equal_the_scatter_graphs():
+    """A compiled tiny Qwen3-MoE's QAT FP8 training step: with the rewrite (6 scatter-adds, two layers) every
+    parameter gradient and the loss equal the step without it."""
+    loss, grads, counts = training_step(True)
+    ref_loss, ref_grads, _ = training_step(False)
+    assert counts == [6]
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
