@@ -108,7 +108,9 @@ def fusion(policy: str) -> Iterator[None]:
 def combine_fusion(enabled: bool) -> Iterator[None]:
     """Whether graphs compiled by the ``moeq`` backend within the block run transformers' grouped-experts combine
     as ``moeq::combine_experts`` where it pays (top-k of at least :data:`COMBINE_MIN_TOP_K`, at least
-    :data:`COMBINE_MIN_ROWS` routed rows; default on, under every fusion policy but ``"never"``)."""
+    :data:`COMBINE_MIN_ROWS` routed rows; default on, under every fusion policy but ``"never"``). The same switch
+    covers training graphs' backward of it: the scatter-adds through the MoE's sort permutation run as gathers
+    (:mod:`moeq.lowering.permutation`)."""
     global _COMBINE
     previous, _COMBINE = _COMBINE, bool(enabled)
     try:
