@@ -157,7 +157,8 @@ def gather_through_permutations(graph: fx.Graph) -> int:
         if index in inverses or index in perms:
             # every row of the output receives exactly one row of values: a gather through the other permutation
             other = inverses[index] if index in inverses else perms[index]
-            if out.dtype != src.dtype or tuple(out.shape) != tuple(src.shape):
+            same_shape = out.dim() == src.dim() and all(_same(a, b) for a, b in zip(out.shape, src.shape))
+            if out.dtype != src.dtype or not same_shape:
                 continue
             _replace(graph, node, aten.index.Tensor, (values, [other]))
             rewritten += 1
