@@ -2,12 +2,12 @@
 
 ``combine_experts(y, weights, index, top_k, out_dtype=None)`` computes transformers' grouped-experts epilogue
 ``(y * weights[:, None])[index].view(T, top_k, H).sum(1)`` (cast to ``out_dtype`` when given; no scaling when
-``weights`` is None) for the
-expert-sorted down-projection output ``y [T * top_k, H]``; :func:`moeq.lowering.inductor.fuse_expert_combine`
-puts it in place of that chain after the down projection's grouped GEMM. It is a ``torch.library.triton_op``:
-on CUDA the body launches :mod:`moeq.runtime.kernels.combine` through ``wrap_triton``; CPU tensors take the
-plain-torch reference op ``moeq::combine_experts_reference``. Forward only: the pass rewrites graphs after
-AOTAutograd, where the backward is its own graph.
+``weights`` is None) for the expert-sorted down-projection output ``y [T * top_k, H]``;
+:func:`moeq.lowering.inductor.fuse_expert_combine` puts it in place of that chain after the down projection's
+grouped GEMM, and :mod:`moeq.lowering.permutation` puts it (without weights) in a training graph's backward for
+the row gather's gradient. It is a ``torch.library.triton_op``: on CUDA the body launches
+:mod:`moeq.runtime.kernels.combine` through ``wrap_triton``; CPU tensors take the plain-torch reference op
+``moeq::combine_experts_reference``. No autograd formula: both passes emit it after differentiation.
 """
 
 from __future__ import annotations

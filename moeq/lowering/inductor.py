@@ -53,6 +53,7 @@ __all__ = [
     "GroupedQmmPass",
     "combine_fusion",
     "combine_fusion_enabled",
+    "combine_pays",
     "compiled_size",
     "describe_combine",
     "describe_lowering",
@@ -187,9 +188,16 @@ def combine_fusion_enabled() -> bool:
     return _COMBINE and _POLICY != "never"
 
 
+def combine_pays(rows: Any, top_k: int) -> bool:
+    """Whether a top-``top_k`` combine over ``rows`` routed rows runs as ``moeq::combine_experts``: from
+    :data:`COMBINE_MIN_TOP_K` and :data:`COMBINE_MIN_ROWS` up (a symbolic count judged by :func:`compiled_size`)."""
+    size = compiled_size(rows)
+    return top_k >= COMBINE_MIN_TOP_K and size is not None and size >= COMBINE_MIN_ROWS
+
+
 def describe_combine() -> str:
     """What the ``moeq`` backend does with transformers' grouped-experts combine under the current settings."""
-    if _POLICY == "never" or not _COMBINE:
+    if not combine_fusion_enabled():
         return "the MoE combine after the down projection is Inductor's"
     return (
         f"the MoE combine after the down projection (routing weights, un-permute, top-k sum) runs as "
@@ -421,8 +429,7 @@ def _match_combine(total: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | No
         same_rows = statically_known_true(_val(index).shape[0] == y_val.shape[0])
         if not same_rows or not isinstance(top_k, int) or _val(index).dtype not in (torch.int32, torch.int64):
             return None
-        rows = compiled_size(y_val.shape[0])
-        if top_k < COMBINE_MIN_TOP_K or rows is None or rows < COMBINE_MIN_ROWS:
+        if not combine_pays(y_val.shape[0], top_k):
             logger.info("moeq: top-%d combine over %s rows left to Inductor (no faster there)", top_k, y_val.shape[0])
             return None
         if _val(total).dtype != torch.promote_types(y_val.dtype, _val(w).dtype):
@@ -475,7 +482,7 @@ class GroupedQmmPass(CustomGraphPass):
 
     def __call__(self, graph: fx.Graph) -> None:
         fuse_grouped_qmm(graph)
-        if _COMBINE:
+        if combine_fusion_enabled():
             fuse_expert_combine(graph)
 
     def uuid(self) -> Any:

@@ -36,18 +36,13 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from moeq.lowering import inductor
-from moeq.lowering.inductor import compiled_size
+from moeq.lowering.inductor import _val, combine_pays
 
 __all__ = ["gather_through_permutations", "inverse_permutations"]
 
 logger = logging.getLogger(__name__)
 
 aten = torch.ops.aten
-
-
-def _val(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -127,18 +122,16 @@ def _floor_div(node: Any) -> tuple[fx.Node, int] | None:
     return (node.args[0], node.args[1]) if floor else None
 
 
-def _combine_pays(rows: Any, top_k: int) -> bool:
-    size = compiled_size(rows)
-    return top_k >= inductor.COMBINE_MIN_TOP_K and size is not None and size >= inductor.COMBINE_MIN_ROWS
-
-
-def _replace(graph: fx.Graph, node: fx.Node, target: Any, args: tuple[Any, ...]) -> fx.Node:
+def _replace_scatter(graph: fx.Graph, node: fx.Node, target: Any, args: tuple[Any, ...]) -> None:
+    """Put ``target(*args)`` in place of the scatter ``node``; its zero fill goes too once nothing else reads it."""
+    zeros = node.args[0]
     with graph.inserting_before(node):
         new = graph.call_function(target, args)
     new.meta["val"] = _val(node)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-    return new
+    if not zeros.users:
+        graph.erase_node(zeros)
 
 
 def gather_through_permutations(graph: fx.Graph) -> int:
@@ -160,7 +153,7 @@ def gather_through_permutations(graph: fx.Graph) -> int:
             same_shape = out.dim() == src.dim() and all(_same(a, b) for a, b in zip(out.shape, src.shape))
             if out.dtype != src.dtype or not same_shape:
                 continue
-            _replace(graph, node, aten.index.Tensor, (values, [other]))
+            _replace_scatter(graph, node, aten.index.Tensor, (values, [other]))
             rewritten += 1
             continue
         divided = _floor_div(index)
@@ -170,12 +163,12 @@ def gather_through_permutations(graph: fx.Graph) -> int:
         rows = src.shape[0]
         if out.dim() != 2 or not _same(out.shape[0] * top_k, rows) or not _same(out.shape[1], src.shape[1]):
             continue
-        if not _combine_pays(rows, top_k):
+        if not combine_pays(rows, top_k):
             continue
-        _replace(graph, node, torch.ops.moeq.combine_experts.default, (values, None, perms[perm], top_k, src.dtype))
+        _replace_scatter(
+            graph, node, torch.ops.moeq.combine_experts.default, (values, None, perms[perm], top_k, src.dtype)
+        )
         rewritten += 1
-    for node in [n for n in graph.nodes if _zeros(n) and not n.users]:  # the scatters' zero fills
-        graph.erase_node(node)
     if rewritten:
         graph.lint()
         logger.info("moeq: %d scatter-adds through the MoE's sort permutation run as gathers", rewritten)

@@ -84,9 +84,8 @@ def combine_experts(
     """``out[t] = sum_j y[index[t*top_k + j]] * weights[index[t*top_k + j]]`` ([T, H]), as the model's eager code
     computes it: each product in the dtype torch promotes y and weights to (rounded to y's dtype when that is it),
     summed in fp32, cast to ``out_dtype`` (default: the promoted dtype); ``weights`` None: the rows unscaled (y's
-    dtype). ``index`` holds valid row numbers of
-    ``y`` (not bounds-checked on the GPU). ``wrap``: applied to the kernel before launching (``wrap_triton`` in a
-    triton_op)."""
+    dtype). ``index`` holds valid row numbers of ``y`` (not bounds-checked on the GPU). ``wrap``: applied to the
+    kernel before launching (``wrap_triton`` in a triton_op)."""
     check_combine_args(y, weights, index, top_k, out_dtype)
     rows, hidden = y.shape
     tokens = rows // top_k
