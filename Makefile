@@ -37,10 +37,10 @@ test-core:
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # Triton kernels under the interpreter: TRITON_INTERPRET must be set before triton is imported,
-# so these run in their own pytest process.
+# so these run in their own pytest session (two workers, which inherit the variable).
 test-interpret:
 	@if ls tests/interpret/test_*.py >/dev/null 2>&1; then \
-	  TRITON_INTERPRET=1 $(PY) -m pytest -q -m interpret tests/interpret -p no:cacheprovider; rc=$$?; \
+	  TRITON_INTERPRET=1 $(PY) -m pytest -q -m interpret tests/interpret -p no:cacheprovider -n 2; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "interpreter suite collected no tests: failing"; exit 1; fi; exit $$rc; \
 	else echo "no Triton interpreter tests in this tree"; fi
 
