@@ -9,6 +9,12 @@ from Python: tens of microseconds, more than the kernel at 64 tokens). Anchor in
 bytes (``torch.Tensor.copy_``). Each variant's largest relative error against the float64 combine is printed.
 
     python benchmarks/bench_combine.py --out $OUT
+    python benchmarks/bench_combine.py --backward --out $OUT   # the two gradients: moeq::combine_experts_backward
+
+``--backward`` times the combine's gradients for a token gradient ``g [T, H]``: ``dy = g[perm // k] * w[:, None]``
+and ``dw = (g[perm // k] * y).sum(1)``, as Inductor compiles them (two kernels) against the one moeq kernel. Bytes:
+y read, dy written, g read once, weights, indices and dw. Error: dw's largest relative error against float64 (dy
+must equal Inductor's bit for bit).
 """
 
 from __future__ import annotations
@@ -52,29 +58,70 @@ def float64_combine(y, weights, inv_perm, top_k: int) -> torch.Tensor:
     return terms[inv_perm].view(-1, top_k, y.shape[1]).sum(dim=1)
 
 
+def backward_pair(grad, y, weights, perm, top_k: int):
+    """The combine's gradients as the backward graph has them once the scatter is a gather (moeq's permutation
+    pass): the token gradient repeated top_k times, gathered through the sort permutation."""
+    rows = grad.unsqueeze(1).expand(-1, top_k, -1).reshape(-1, grad.shape[1])[perm]
+    return rows * weights.unsqueeze(-1), (rows * y).sum(1)
+
+
+def backward_variants(tokens: int, top_k: int, hidden: int, w_dtype: torch.dtype):
+    """``(variants, bytes moved, error of one variant's output)`` for the combine's backward."""
+    y, weights, inv_perm = routed(tokens, top_k, hidden, w_dtype)
+    perm = torch.argsort(inv_perm)
+    grad = torch.randn(tokens, hidden, device="cuda", dtype=y.dtype)
+    args = (grad, y, weights, perm, top_k)
+    dy_bytes = y.numel() * torch.promote_types(y.dtype, w_dtype).itemsize
+    moved = y.numel() * 2 + dy_bytes + grad.numel() * 2 + weights.numel() * (weights.element_size() + 8 + 2)
+    rows = grad.double()[perm // top_k]
+    want_dw = (rows * y.double()).sum(1)
+    compiled = torch.compile(backward_pair, dynamic=False)
+    want_dy = compiled(*args)[0]
+    variants = {
+        "Inductor": lambda: compiled(*args),
+        "eager torch": lambda: backward_pair(*args),
+        "moeq::combine_experts_backward": lambda: torch.ops.moeq.combine_experts_backward(*args),
+    }
+
+    def error(out) -> float:
+        dy, dw = out
+        assert torch.equal(dy, want_dy), "dy differs from Inductor's"
+        return float((dw.double() - want_dw).abs().max() / want_dw.abs().max())
+
+    return variants, moved, error, y
+
+
+def forward_variants(tokens: int, top_k: int, hidden: int, w_dtype: torch.dtype):
+    """``(variants, bytes moved, error of one variant's output)`` for the combine."""
+    y, weights, inv_perm = routed(tokens, top_k, hidden, w_dtype)
+    moved = y.numel() * 2 + tokens * hidden * 2 + weights.numel() * (weights.element_size() + 8)
+    want = float64_combine(y, weights, inv_perm, top_k)
+    compiled = torch.compile(expression, dynamic=False)
+    variants = {
+        "Inductor": lambda: compiled(y, weights, inv_perm, top_k),
+        "eager torch": lambda: expression(y, weights, inv_perm, top_k),
+        "moeq::combine_experts": lambda: torch.ops.moeq.combine_experts(y, weights, inv_perm, top_k, y.dtype),
+    }
+    return variants, moved, lambda out: float((out.double() - want).abs().max() / want.abs().max()), y
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--only", default="", help="comma-separated case labels (default: all)")
+    parser.add_argument("--backward", action="store_true", help="time the combine's gradients instead")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows, results = [], []
     for label, tokens, top_k, hidden, w_dtype in CASES:
         if args.only and label not in args.only.split(","):
             continue
-        y, weights, inv_perm = routed(tokens, top_k, hidden, w_dtype)
-        moved = y.numel() * 2 + tokens * hidden * 2 + weights.numel() * (weights.element_size() + 8)
-        want = float64_combine(y, weights, inv_perm, top_k)
         torch._dynamo.reset()
-        compiled = torch.compile(expression, dynamic=False)
-        variants = {
-            "Inductor": lambda: compiled(y, weights, inv_perm, top_k),  # noqa: B023
-            "eager torch": lambda: expression(y, weights, inv_perm, top_k),  # noqa: B023
-            "moeq::combine_experts": lambda: torch.ops.moeq.combine_experts(y, weights, inv_perm, top_k, y.dtype),  # noqa: B023
-        }
+        case = backward_variants if args.backward else forward_variants
+        variants, moved, error, y = case(tokens, top_k, hidden, w_dtype)
         # every output checked before any CUDA-graph capture (session 25's first run checked them after the copy
         # anchor's capture and read 1.2 for all three variants, eager torch included: a harness artifact)
-        errors = {name: float((fn().double() - want).abs().max() / want.abs().max()) for name, fn in variants.items()}
+        errors = {name: error(fn()) for name, fn in variants.items()}
         copy_dst = torch.empty_like(y)
         copy_ms = do_bench_cudagraph(lambda: copy_dst.copy_(y), return_mode="median")  # noqa: B023
         copy_tbs = 2 * y.numel() * 2 / copy_ms / 1e9
@@ -89,7 +136,8 @@ def main() -> None:
                          f"{timed.get('Inductor', ms) / ms:.2f}x", f"{err:.1e}"])  # fmt: skip
         print(f"  {label} done", flush=True)
     header = ["case", "variant", "ms", "TB/s", "vs copy", "vs Inductor", "max err / max |out|"]
-    print_and_save(args.out, "bench_combine", header, rows, results=results)
+    name = "bench_combine_backward" if args.backward else "bench_combine"
+    print_and_save(args.out, name, header, rows, results=results)
 
 
 if __name__ == "__main__":

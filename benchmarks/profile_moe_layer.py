@@ -9,7 +9,7 @@ calibrated, finalized, frozen; QAT: the training step), and sums each call's CUD
 
 - expert GEMM: moeq's ``_grouped_qmm_kernel``, ``torch._grouped_mm``'s CUTLASS kernels (names with "grouped");
 - quantization passes: moeq's activation / weight / dequant / mask kernels;
-- combine: ``moeq::combine_experts`` (routing-weight scaling, un-permute, top-k sum; Inductor's own fused gather-
+- combine: ``moeq::combine_experts`` and its backward (routing-weight scaling, un-permute, top-k sum; Inductor's own fused gather-
   reduction for it falls under "other");
 - SiLU-and-mul: Inductor kernels whose fused-op name has ``silu`` (the gate/up activation, and its backward);
 - routing: router GEMM, softmax, top-k, sort, histogram, offsets;
@@ -35,7 +35,7 @@ from moeq.lowering.inductor import combine_fusion
 CATEGORIES = (
     ("expert GEMM", r"_grouped_qmm_kernel|^(?!triton_).*[Gg]roup"),  # Inductor names fused kernels after their ops
     ("quant passes", r"_fake_quant_act|_fake_quant_experts|_dequant_weight|_segment_amax|_mask_clipped|_weight_amax"),
-    ("combine", r"_combine_experts_kernel"),
+    ("combine", r"_combine_experts_(backward_)?kernel"),
     ("SiLU-and-mul", r"silu|sigmoid"),
     ("routing", r"topk|sort|Sort|softmax|histc|histogram|cumsum|scan|gemm|gemv|nvjet|xmma|cutlass"),
 )

@@ -168,3 +168,23 @@ def assert_combine_close(got, y, weights, inv_perm, top_k):
     bound = torch.finfo(got.dtype).eps * want.abs() + top_k * 2.0**-23 * magnitude
     err = (got.double().cpu() - want).abs()
     assert (err <= bound).all(), f"max error {float(err.max()):.3g}, worst excess {float((err - bound).max()):.3g}"
+
+
+def combine_backward_inputs(tokens: int, top_k: int, hidden: int, dtype: torch.dtype, seed: int, w_dtype=None):
+    """The combine's backward operands: the token gradient ``[T, H]``, expert-sorted rows ``y``, their routing
+    weights and the sort permutation (``inv_perm``'s inverse)."""
+    y, weights, inv_perm = routed_rows(tokens, top_k, hidden, max(8, top_k), dtype, seed, w_dtype)
+    grad = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    return grad, y, weights, torch.argsort(inv_perm)
+
+
+def assert_combine_backward_close(dy, dw, grad, y, weights, perm, top_k):
+    """``dy`` equal to autograd's ``grad[perm // top_k] * weights[:, None]`` (one rounding of an exact product), and
+    ``dw`` within one rounding to its dtype, plus fp32 accumulation over H, of the float64 ``sum(g * y)``."""
+    rows = grad.cpu()[perm.cpu() // top_k]
+    assert torch.equal(dy.cpu(), rows * weights.cpu().unsqueeze(-1))
+    terms = rows.double() * y.double().cpu()
+    want, magnitude = terms.sum(dim=1), terms.abs().sum(dim=1)
+    bound = torch.finfo(dw.dtype).eps * want.abs() + y.shape[1] * 2.0**-23 * magnitude
+    err = (dw.double().cpu() - want).abs()
+    assert dw.shape == want.shape and (err <= bound).all(), f"dw max error {float(err.max()):.3g}"

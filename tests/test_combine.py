@@ -13,7 +13,7 @@ import moeq
 from moeq.integrations.hf import expert_parameter_names, tiny_model
 from moeq.lowering import inductor
 from moeq.lowering.inductor import combine_fusion, fuse_expert_combine
-from tests.conftest import make_tokens
+from tests.conftest import assert_combine_backward_close, combine_backward_inputs, make_tokens
 
 TOP_K, HIDDEN = 2, 16
 
@@ -160,6 +160,33 @@ def test_op_rejects_bad_input():
         op(y, weights, index, 5)
     with pytest.raises(ValueError, match="out_dtype must be float32, bfloat16 or float16"):
         op(y, weights, index, 2, torch.int8)
+
+
+def test_backward_op_rejects_bad_input():
+    """The backward's own operand (the token gradient) and the combine's shared checks, by name."""
+    y = torch.randn(12, HIDDEN).bfloat16()
+    grad, weights, perm = torch.randn(6, HIDDEN).bfloat16(), torch.rand(12).bfloat16(), torch.randperm(12)
+    op = torch.ops.moeq.combine_experts_backward
+    with pytest.raises(ValueError, match=r"grad must be \[rows / top_k, hidden\] = \[6, 16\], got shape \(4, 16\)"):
+        op(grad[:4], y, weights, perm, 2)
+    with pytest.raises(ValueError, match=r"grad must be \[rows / top_k, hidden\] = \[4, 16\], got shape \(6, 16\)"):
+        op(grad, y, weights, perm, 3)
+    with pytest.raises(ValueError, match="grad must be float32, bfloat16 or float16"):
+        op(grad.to(torch.int32), y, weights, perm, 2)
+    with pytest.raises(ValueError, match=r"weights must be one float per row of y \(12\)"):
+        op(grad, y, weights[:6], perm, 2)
+    with pytest.raises(ValueError, match="index must be int32/int64"):
+        op(grad, y, weights, perm.float(), 2)
+
+
+@pytest.mark.parametrize("w_dtype", [None, torch.float32], ids=["bf16-weights", "fp32-weights"])
+def test_backward_reference_op_matches_float64(w_dtype):
+    """The CPU path of ``moeq::combine_experts_backward`` (plain torch): ``dy`` autograd's bits, ``dw`` within one
+    rounding of the float64 row sums."""
+    grad, y, weights, perm = combine_backward_inputs(10, 4, 40, torch.bfloat16, 2, w_dtype)
+    dy, dw = torch.ops.moeq.combine_experts_backward(grad, y, weights, perm, 4)
+    assert dy.dtype == torch.promote_types(torch.bfloat16, weights.dtype) and dw.dtype == torch.bfloat16
+    assert_combine_backward_close(dy, dw, grad, y, weights, perm, 4)
 
 
 def _compiled(family: str, combine: bool, train: bool = False, config: str = "FP8"):

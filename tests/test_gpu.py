@@ -719,15 +719,16 @@ def test_megatron_sequential_mlp_qat_training_step_cuda(fmt, tmp_path):
 
 def test_training_step_with_permutation_gathers_cuda(monkeypatch):
     """The joint-graph rewrite of the MoE's permutation scatter-adds on the GPU (bounds lowered so that the top-k
-    gather's gradient runs as the combine kernel): same loss, parameter gradients within 1% of the step without it
-    (the combine sums each token's rows in fp32, the scatter adds them with bf16 atomics in any order)."""
+    gather's gradient runs as the combine kernel, and the combine's gradients as its backward kernel): same loss,
+    parameter gradients within 1% of the step without it (the combine sums each token's rows in fp32, the scatter
+    adds them with bf16 atomics in any order)."""
     from tests.test_permutation import training_step
 
     monkeypatch.setattr(inductor_module, "COMBINE_MIN_TOP_K", 1)
     monkeypatch.setattr(inductor_module, "COMBINE_MIN_ROWS", 0)
     loss, grads, counts = training_step(True, "cuda")
     ref_loss, ref_grads, _ = training_step(False, "cuda")
-    assert counts == [3] and torch.equal(loss, ref_loss)
+    assert counts == {"gathers": [3], "combine_backward": [0, 1]} and torch.equal(loss, ref_loss)
     for name, grad in grads.items():
         ref = ref_grads[name].float()
         assert (grad.float() - ref).norm() <= 1e-2 * ref.norm() + 1e-6, name
@@ -818,6 +819,35 @@ def test_combine_experts_cuda(tokens, top_k, hidden, w_dtype, out_dtype):
     assert_combine_close(got, y, weights, inv_perm, top_k)
     want = combine_expression(y, weights, inv_perm, top_k).to(got.dtype)
     torch.testing.assert_close(got, want, rtol=torch.finfo(got.dtype).eps, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "hidden", "w_dtype"), [(4352, 8, 2048, torch.bfloat16),
+                                                                    (300, 2, 4096, torch.float32), (7, 3, 100, None)])  # fmt: skip
+def test_combine_experts_backward_cuda(tokens, top_k, hidden, w_dtype):
+    """moeq::combine_experts_backward on CUDA: ``dy`` bit for bit autograd's, ``dw`` within one rounding of the
+    float64 row sums; one kernel launch; and within one bf16 step of Inductor's compiled expression."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tests.conftest import assert_combine_backward_close, combine_backward_inputs
+
+    cpu = combine_backward_inputs(tokens, top_k, hidden, torch.bfloat16, 0, w_dtype)
+    grad, y, weights, perm = (t.cuda() for t in cpu)
+    op = torch.ops.moeq.combine_experts_backward
+    op(grad, y, weights, perm, top_k)  # autotune outside the profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dy, dw = op(grad, y, weights, perm, top_k)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert kernels == ["_combine_experts_backward_kernel"], kernels
+    assert_combine_backward_close(dy, dw, grad, y, weights, perm, top_k)
+
+    def inductor_pair(grad, y, weights, perm):
+        rows = grad.unsqueeze(1).expand(-1, top_k, -1).reshape(-1, grad.shape[1])[perm]
+        return rows * weights.unsqueeze(-1), (rows * y).sum(1)
+
+    want_dy, want_dw = torch.compile(inductor_pair, backend="inductor")(grad, y, weights, perm)
+    assert torch.equal(dy, want_dy)
+    torch.testing.assert_close(dw, want_dw, rtol=2 * torch.finfo(dw.dtype).eps, atol=1e-6 * float(want_dw.abs().max()))
 
 
 @pytest.mark.parametrize("freeze", [False, True], ids=["qat", "deploy"])

@@ -12,6 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import moeq
 from moeq.integrations.hf import tiny_model
 from moeq.lowering import inductor, joint
+from moeq.lowering.inductor import fuse_combine_backward
 from moeq.lowering.permutation import gather_through_permutations, inverse_permutations
 from tests.conftest import make_tokens
 
@@ -46,8 +47,9 @@ def _inputs(dtype: torch.dtype, seed: int):
     return hidden, weights, ids, y, grad_out
 
 
-def _traced(inputs, fn=_moe_tail):
-    return make_fx(torch.func.functionalize(fn, remove="mutations_and_views"), tracing_mode="fake")(*inputs)
+def _traced(inputs, fn=_moe_tail, remove="mutations_and_views"):
+    """``fn``'s graph; ``remove="mutations"`` keeps the view ops (unsqueeze, expand, view) as Inductor's graphs have them."""
+    return make_fx(torch.func.functionalize(fn, remove=remove), tracing_mode="fake")(*inputs)
 
 
 def _scatter_adds(gm: torch.fx.GraphModule) -> int:
@@ -91,6 +93,35 @@ def test_scatters_become_gathers_with_the_same_gradients(dtype, seed):
     torch.testing.assert_close(got_hidden, want_hidden, rtol=2 * torch.finfo(dtype).eps, atol=0)
 
 
+@pytest.mark.usefixtures("any_size")
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_combine_gradients_become_one_op(dtype, seed):
+    """After the gathers, the combine's two gradients (the rows' and the routing weights') become one
+    ``moeq::combine_experts_backward``: the rows' gradient (and so the hidden states') keeps its bits, the routing
+    weights' is within one rounding of the float64 row sums (fp32 products, where eager rounds each to bf16)."""
+    inputs = _inputs(dtype, seed)
+    gm, gathers_only = _traced(inputs, remove="mutations"), _traced(inputs, remove="mutations")
+    for graph in (gm.graph, gathers_only.graph):
+        assert gather_through_permutations(graph) == 3
+    assert fuse_combine_backward(gm.graph) == 1
+    gm.recompile()
+    gathers_only.recompile()
+    ops = [n.target for n in gm.graph.nodes]
+    # one sum left: the forward's top-k sum (the routing weights' row sums are the op's now)
+    assert torch.ops.moeq.combine_experts_backward.default in ops and ops.count(torch.ops.aten.sum.dim_IntList) == 1
+    got_hidden, got_weights = gm(*inputs)
+    want_hidden, _ = gathers_only(*inputs)
+    assert torch.equal(got_hidden, want_hidden)
+    hidden, weights, ids, y, grad_out = inputs
+    perm = torch.sort(ids)[1]
+    terms = grad_out[perm // TOP_K].double() * (hidden[perm // TOP_K] * y).double()  # the rows as the model rounds them
+    exact = torch.zeros(perm.numel(), dtype=torch.float64).index_put_((perm,), terms.sum(1))
+    magnitude = torch.zeros_like(exact).index_put_((perm,), terms.abs().sum(1))
+    bound = torch.finfo(dtype).eps * exact.abs() + HIDDEN * 2.0**-23 * magnitude
+    assert ((got_weights.double() - exact).abs() <= bound).all()
+
+
 def test_default_bounds_keep_the_small_gather_gradient_a_scatter():
     """Under the default bounds (top-8, 32768 rows) a top-2 gather's gradient stays Inductor's scatter; the two
     permutation scatters still become gathers (no host cost: Inductor's own ops)."""
@@ -112,7 +143,8 @@ def test_a_permutation_the_graph_does_not_show_is_left_alone():
 
 def training_step(rewrite: bool, device: str = "cpu"):
     """One QAT FP8 training step of a compiled tiny one-layer Qwen3-MoE, with or without the rewrite: loss,
-    parameter gradients and the rewrite counts of the joint graphs compiled."""
+    parameter gradients and the rewrite counts of the graphs compiled (``gathers``: scatter-adds made gathers per
+    joint graph; ``combine_backward``: the combine's gradients made one op, per post-grad graph)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1).to(device), moeq.FP8)
@@ -122,11 +154,14 @@ def training_step(rewrite: bool, device: str = "cpu"):
         cm(tokens)
     moeq.finalize(cm)
     model.train()
-    counts = []
+    counts = {"gathers": [], "combine_backward": []}
 
-    def count(graph):
-        counts.append(gather_through_permutations(graph))
-        return counts[-1]
+    def counted(name, rewrite_pass):
+        def run(graph):
+            counts[name].append(rewrite_pass(graph))
+            return counts[name][-1]
+
+        return run
 
     # the graph caches off: a cached training graph would skip the joint pass (and the stand-in has the pass's
     # uuid); the kernel caches stay on, as they are keyed on the generated code itself
@@ -135,7 +170,9 @@ def training_step(rewrite: bool, device: str = "cpu"):
         torch._inductor.config.patch(fx_graph_cache=False),
         functorch_config.patch(enable_autograd_cache=False),
     ):
-        mp.setattr(joint, "gather_through_permutations", count if rewrite else (lambda graph: 0))
+        gathers = gather_through_permutations if rewrite else (lambda graph: 0)
+        mp.setattr(joint, "gather_through_permutations", counted("gathers", gathers))
+        mp.setattr(inductor, "fuse_combine_backward", counted("combine_backward", fuse_combine_backward))
         loss = cm(tokens, labels=tokens).loss
         loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -144,10 +181,18 @@ def training_step(rewrite: bool, device: str = "cpu"):
 
 @pytest.mark.usefixtures("any_size")
 def test_training_step_gradients_equal_the_scatter_graphs():
-    """A compiled tiny Qwen3-MoE's QAT FP8 training step: with the rewrite (3 scatter-adds) every
-    parameter gradient and the loss equal the step without it."""
+    """A compiled tiny Qwen3-MoE's QAT FP8 training step: with the rewrites (3 scatter-adds made gathers, then the
+    combine's two gradients one op) the loss equals the step without them. The expert weights' gradients keep
+    their bits (the routed rows' gradient does); the routing weights' gradient sums fp32 products in another order
+    than Inductor's scatter graph, so the router's and the layers' below it move by bf16 roundings."""
     loss, grads, counts = training_step(True)
-    ref_loss, ref_grads, _ = training_step(False)
-    assert counts == [3]
+    ref_loss, ref_grads, ref_counts = training_step(False)
+    assert counts == {"gathers": [3], "combine_backward": [0, 1]}, counts
+    assert ref_counts == {"gathers": [0], "combine_backward": [0, 0]}, ref_counts
     assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
-    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    for name, grad in grads.items():
+        ref = ref_grads[name]
+        if ".experts." in name:
+            assert torch.equal(grad, ref), name
+        else:
+            assert (grad.double() - ref.double()).norm() <= 2.0**-7 * ref.double().norm(), name

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +58,7 @@ __all__ = [
     "compiled_size",
     "describe_combine",
     "describe_lowering",
+    "fuse_combine_backward",
     "fuse_expert_combine",
     "fuse_grouped_qmm",
     "fusion",
@@ -477,6 +479,117 @@ def fuse_expert_combine(graph: fx.Graph) -> int:
     return fused
 
 
+def _repeated_rows(node: Any) -> tuple[fx.Node, int] | None:
+    """``(g, k)`` when ``node`` is ``g [T, H]`` with each row repeated ``k`` times (``[T * k, H]``): a view of
+    ``expand(unsqueeze(g, 1), [T, k, H])`` (materialized by a clone or not), the form autograd gives the gradient
+    of a top-k sum."""
+    aten = torch.ops.aten
+    views = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+    if not isinstance(node, fx.Node) or node.target not in views or _val(node) is None or _val(node).dim() != 2:
+        return None
+    expand = node.args[0]
+    if isinstance(expand, fx.Node) and expand.target == aten.clone.default:
+        expand = expand.args[0]
+    if not isinstance(expand, fx.Node) or expand.target != aten.expand.default or len(expand.args[1]) != 3:
+        return None
+    top_k, column = expand.args[1][1], expand.args[0]
+    if not isinstance(top_k, int) or column.target != aten.unsqueeze.default or column.args[1] != 1:
+        return None
+    g = column.args[0]
+    if _val(g) is None or _val(g).dim() != 2:
+        return None
+    return g, top_k
+
+
+def _weight_column(node: Any, rows: Any) -> tuple[fx.Node, None] | None:
+    """``(node, None)`` when ``node`` is a ``[rows, 1]`` float column the graph does not build from a 1-D tensor
+    (a backward graph's saved ``w[:, None]``)."""
+    val = _val(node)
+    if val is None or val.dim() != 2 or not val.is_floating_point():
+        return None
+    return (
+        (node, None)
+        if statically_known_true(val.shape[0] == rows) and statically_known_true(val.shape[1] == 1)
+        else None
+    )
+
+
+def _match_combine_backward(gathered: fx.Node) -> tuple[tuple[Any, ...], fx.Node, fx.Node, list[fx.Node]] | None:
+    """``((g, y, w, index, top_k), dy, total, dead)`` when ``gathered = g_rows[index]`` (``g_rows``: the token
+    gradient ``g`` repeated ``top_k`` times) feeds exactly the combine's two gradients: ``dy = gathered * w[:, None]``
+    and ``total = sum(gathered * y, 1)``."""
+    aten = torch.ops.aten
+    if gathered.target != aten.index.Tensor or len(gathered.args[1]) != 1 or len(gathered.users) != 2:
+        return None
+    repeated, (index,) = gathered.args
+    found = _repeated_rows(repeated)
+    rows_val = _val(gathered)
+    if found is None or rows_val is None or _val(index) is None or _val(index).dtype not in (torch.int32, torch.int64):
+        return None
+    g, top_k = found
+    dy = total = y = w = column = None
+    for mul in gathered.users:
+        if mul.target != aten.mul.Tensor or len(mul.args) != 2:
+            return None
+        other = mul.args[1] if mul.args[0] is gathered else mul.args[0]
+        weights = _combine_weights(other, rows_val.shape[0]) or _weight_column(other, rows_val.shape[0])
+        (user,) = mul.users if len(mul.users) == 1 else (None,)
+        if weights is not None:
+            dy, (w, column) = mul, weights
+        elif user is not None and user.target == aten.sum.dim_IntList and list(user.args[1]) in ([1], [-1]):
+            total, y = user, other
+        else:
+            return None
+    if dy is None or total is None or total.kwargs or _val(y) is None or _val(y).shape != rows_val.shape:
+        return None
+    if not combine_pays(rows_val.shape[0], top_k):
+        logger.info("moeq: top-%d combine backward over %s rows left to Inductor", top_k, rows_val.shape[0])
+        return None
+    g_dtype = _val(g).dtype
+    dtypes = (torch.promote_types(g_dtype, _val(w).dtype), torch.promote_types(g_dtype, _val(y).dtype))
+    if (_val(dy).dtype, _val(total).dtype) != dtypes or rows_val.dtype != g_dtype:
+        return None
+    return (g, y, w, index, top_k), dy, total, [total.args[0], gathered, *([column] if column else []), repeated]
+
+
+def fuse_combine_backward(graph: fx.Graph) -> int:
+    """Replace the combine's two gradients in a training graph's backward (the routed rows' ``dy`` and the routing
+    weights' ``dw``, each a kernel that gathers the token gradient) by one ``moeq::combine_experts_backward``;
+    returns the count. The gathered form is what :mod:`moeq.lowering.permutation` leaves of autograd's scatter."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    fused = 0
+    for gathered in [n for n in graph.nodes if n.target == torch.ops.aten.index.Tensor]:
+        matched = _match_combine_backward(gathered)
+        if matched is None:
+            continue
+        args, dy, total, dead = matched
+        first_use = min(dy, total, key=order.__getitem__)
+        if any(order[a] > order[first_use] for a in args if isinstance(a, fx.Node)):
+            continue  # an operand is computed after one of the gradients: keep Inductor's kernels
+        g, y, w, index, top_k = args
+        dw_val = _val(total).squeeze(-1) if _val(total).dim() == 2 else _val(total)
+        with graph.inserting_before(first_use):
+            if _val(w).dim() == 2:  # a saved column: its [S] view
+                w = _with_val(graph.call_function(torch.ops.aten.reshape.default, (w, [-1])), _val(w).reshape(-1))
+            both = graph.call_function(torch.ops.moeq.combine_experts_backward.default, (g, y, w, index, top_k))
+            _with_val(both, (_val(dy), dw_val))
+            dy_new = _with_val(graph.call_function(operator.getitem, (both, 0)), _val(dy))
+            dw_new = _with_val(graph.call_function(operator.getitem, (both, 1)), dw_val)
+            if _val(total).dim() == 2:
+                dw_new = _with_val(graph.call_function(torch.ops.aten.unsqueeze.default, (dw_new, -1)), _val(total))
+        dy.replace_all_uses_with(dy_new)
+        total.replace_all_uses_with(dw_new)
+        for node in [dy, total, *dead]:
+            if not node.users:
+                graph.erase_node(node)
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        fused += 1
+        logger.info("moeq: MoE combine backward over %s fused into moeq::combine_experts_backward", args[1].name)
+    if fused:
+        graph.lint()
+    return fused
+
+
 class GroupedQmmPass(CustomGraphPass):
     """The post-grad pass object installed by the ``moeq`` backend."""
 
@@ -484,6 +597,7 @@ class GroupedQmmPass(CustomGraphPass):
         fuse_grouped_qmm(graph)
         if combine_fusion_enabled():
             fuse_expert_combine(graph)
+            fuse_combine_backward(graph)
 
     def uuid(self) -> Any:
         return (get_hash_for_files((__file__,)), _POLICY, _COMBINE, COMBINE_MIN_TOP_K, COMBINE_MIN_ROWS)

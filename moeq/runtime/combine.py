@@ -6,7 +6,14 @@ import torch
 
 from moeq.formats import FLOAT_DTYPES, check_float
 
-__all__ = ["check_combine_args", "combine_dtype", "combine_experts_reference"]
+__all__ = [
+    "check_combine_args",
+    "check_combine_backward_args",
+    "combine_backward_dtypes",
+    "combine_dtype",
+    "combine_experts_backward_reference",
+    "combine_experts_reference",
+]
 
 
 def combine_experts_reference(
@@ -53,3 +60,37 @@ def check_combine_args(
         raise ValueError(f"combine_experts: top_k ({top_k}) must be >= 1 and divide the row count ({y.shape[0]})")
     if out_dtype is not None:
         check_float(out_dtype, "out_dtype")
+
+
+def combine_backward_dtypes(
+    grad: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes of the combine's two gradients: ``(dy, dweights)``, as eager torch promotes the products."""
+    return torch.promote_types(grad.dtype, weights.dtype), torch.promote_types(grad.dtype, y.dtype)
+
+
+def combine_experts_backward_reference(
+    grad: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of the combine ``(y * weights[:, None])[inv].view(T, top_k, H).sum(1)`` given ``grad`` [T, H]
+    and the sort permutation ``index`` (``inv``'s inverse), in plain torch: each routed row ``r`` takes its token's
+    gradient ``g = grad[index[r] // top_k]``; ``dy[r] = g * weights[r]`` as autograd computes it, ``dweights[r] =
+    sum(g * y[r])`` with the products and the sum in fp32, rounded once (as Inductor's fused reduction computes it;
+    eager autograd rounds each product to bf16 first)."""
+    rows = grad[index // top_k]
+    dw_dtype = combine_backward_dtypes(grad, y, weights)[1]
+    products = rows.to(torch.promote_types(dw_dtype, torch.float32)) * y
+    return rows * weights.unsqueeze(-1), products.sum(dim=1).to(dw_dtype)
+
+
+def check_combine_backward_args(
+    grad: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, top_k: int
+) -> None:
+    """Shapes and dtypes the combine's backward takes; errors name the offending argument."""
+    check_combine_args(y, weights, index, top_k)
+    check_float(grad, "grad")
+    if grad.dim() != 2 or grad.shape[1] != y.shape[1] or grad.shape[0] * top_k != y.shape[0]:
+        raise ValueError(
+            f"combine_experts_backward: grad must be [rows / top_k, hidden] = [{y.shape[0] // top_k}, {y.shape[1]}], "
+            f"got shape {tuple(grad.shape)}"
+        )

@@ -1,5 +1,6 @@
-"""The MoE combine kernel (``moeq::combine_experts``) under the Triton interpreter, against a float64 reference
-of transformers' expression and against that expression in eager torch."""
+"""The MoE combine kernel (``moeq::combine_experts``) and its backward (``moeq::combine_experts_backward``) under the
+Triton interpreter, against a float64 reference of transformers' expression and against that expression in eager
+torch."""
 
 from __future__ import annotations
 
@@ -11,8 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moeq.runtime import kernels  # noqa: F401  (registers the kernels)
-from moeq.runtime.kernels.combine import combine_experts
-from tests.conftest import assert_combine_close, combine_expression, routed_rows
+from moeq.runtime.kernels.combine import combine_experts, combine_experts_backward
+from tests.conftest import (
+    assert_combine_backward_close,
+    assert_combine_close,
+    combine_backward_inputs,
+    combine_expression,
+    routed_rows,
+)
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -79,3 +86,44 @@ def test_combine_op_runs_the_kernel_and_takes_strided_rows():
     index[::2] = inv_perm
     got = torch.ops.moeq.combine_experts(padded[:, :48], spread[::2], index[::2], 2)
     assert_combine_close(got, y, weights, inv_perm, 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(("tokens", "top_k", "hidden"), [(13, 2, 64), (5, 8, 200), (1, 1, 16), (40, 4, 97)])
+def test_combine_backward_matches_float64(tokens, top_k, hidden, dtype, seed):
+    """Both gradients of the combine in one kernel: ``dy`` bit for bit autograd's, ``dw`` within one rounding of
+    the float64 row sums (H walked in several tiles where hidden > 64)."""
+    grad, y, weights, perm = combine_backward_inputs(tokens, top_k, hidden, dtype, seed)
+    dy, dw = combine_experts_backward(grad, y, weights, perm, top_k)
+    assert dy.dtype == dw.dtype == dtype
+    assert_combine_backward_close(dy, dw, grad, y, weights, perm, top_k)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    tokens=st.integers(1, 24),
+    top_k=st.sampled_from([1, 2, 3, 8]),
+    hidden=st.integers(1, 150),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    w_dtype=st.sampled_from([None, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_combine_backward_random_shapes(tokens, top_k, hidden, dtype, w_dtype, seed):
+    """Random shapes, fp32 routing weights on bf16 rows among them (``dy`` then fp32, as torch promotes)."""
+    grad, y, weights, perm = combine_backward_inputs(tokens, top_k, hidden, dtype, seed, w_dtype)
+    dy, dw = combine_experts_backward(grad, y, weights, perm, top_k)
+    assert dy.dtype == torch.promote_types(dtype, weights.dtype) and dw.dtype == dtype
+    assert_combine_backward_close(dy, dw, grad, y, weights, perm, top_k)
+
+
+def test_combine_backward_op_runs_the_kernel_on_strided_operands():
+    """``moeq::combine_experts_backward`` (the triton_op the pass emits) on a padded gradient and int32 indices:
+    the kernel's values, the same as the launcher's on contiguous copies."""
+    grad, y, weights, perm = combine_backward_inputs(9, 2, 48, torch.bfloat16, 3)
+    padded = torch.zeros(grad.shape[0], 64, dtype=grad.dtype)
+    padded[:, :48] = grad
+    got = torch.ops.moeq.combine_experts_backward(padded[:, :48], y, weights, perm.to(torch.int32), 2)
+    want = combine_experts_backward(grad, y, weights, perm, 2)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert_combine_backward_close(*got, grad, y, weights, perm, 2)

@@ -118,6 +118,14 @@ def combine_configs() -> list[triton.Config]:
     )
 
 
+def combine_backward_configs() -> list[triton.Config]:
+    """Candidates for the combine's backward (routed rows x H tiles, H walked in a loop)."""
+    return _configs(
+        ("BLOCK_R", "BLOCK_H"),
+        [(8, 256, 4), (16, 256, 4), (32, 256, 8), (16, 512, 8), (8, 512, 4), (32, 128, 4), (64, 128, 8)],
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # launch plans: repeat launches skip Triton's per-call binding, specialization and autotuner lookup
 # ----------------------------------------------------------------------------------------------
