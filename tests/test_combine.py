@@ -160,6 +160,10 @@ def test_op_rejects_bad_input():
         op(y, weights, index, 5)
     with pytest.raises(ValueError, match="out_dtype must be float32, bfloat16 or float16"):
         op(y, weights, index, 2, torch.int8)
+    with pytest.raises(ValueError, match=r"mask must be bool of y's shape \(12, 16\), got torch.uint8\(12, 16\)"):
+        op(y, None, index, 2, None, torch.ones(12, HIDDEN, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"mask must be bool of y's shape \(12, 16\), got torch.bool\(12, 8\)"):
+        op(y, None, index, 2, None, torch.ones(12, 8, dtype=torch.bool))
 
 
 def test_backward_op_rejects_bad_input():

@@ -821,6 +821,24 @@ def test_combine_experts_cuda(tokens, top_k, hidden, w_dtype, out_dtype):
     torch.testing.assert_close(got, want, rtol=torch.finfo(got.dtype).eps, atol=1e-6 * float(want.abs().max()))
 
 
+def test_combine_experts_with_a_mask_cuda():
+    """The combine reading an STE mask (bool) in its pass on CUDA: the values of ``y * mask`` combined, a masked
+    inf or NaN NaN as torch gives it."""
+    from tests.conftest import combine_expression, routed_rows
+
+    y, _, inv_perm = routed_rows(4352, 8, 2048, 128, torch.bfloat16, 2)
+    y, inv_perm = y.cuda(), inv_perm.cuda()
+    mask = torch.rand(y.shape, device="cuda") < 0.7
+    y[0, 0], y[1, 1], mask[0, 0], mask[1, 1] = float("inf"), float("nan"), False, False
+    got = torch.ops.moeq.combine_experts(y, None, inv_perm, 8, None, mask)
+    want = torch.ops.moeq.combine_experts(y * mask, None, inv_perm, 8)
+    assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) == 2
+    finite = ~want.isnan()
+    assert torch.equal(got[finite], want[finite])
+    model = combine_expression(y * mask, None, inv_perm, 8)
+    torch.testing.assert_close(got[finite], model[finite], rtol=torch.finfo(y.dtype).eps, atol=1e-3)
+
+
 @pytest.mark.parametrize(("tokens", "top_k", "hidden", "w_dtype"), [(4352, 8, 2048, torch.bfloat16),
                                                                     (300, 2, 4096, torch.float32), (7, 3, 100, None)])  # fmt: skip
 def test_combine_experts_backward_cuda(tokens, top_k, hidden, w_dtype):

@@ -37,6 +37,46 @@ def _given_perm(hidden, weights, perm, y, grad_out):
     return backward(grad_out)
 
 
+def _masked_moe_tail(hidden, weights, ids, y, grad_out):
+    """:func:`_moe_tail` with the gathered rows multiplied by a bool mask (``|row| <= 1``): their gradient reaches
+    the row gather's scatter as ``g * mask``, the form of moeq's activation STE gradient."""
+    perm = torch.sort(ids)[1]
+
+    def forward(hidden, weights):
+        rows = hidden[perm // TOP_K]
+        x_sorted = rows * (rows.abs() <= 1.0)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        return ((x_sorted * y) * weights[perm].unsqueeze(-1))[inv].view(-1, TOP_K, HIDDEN).sum(dim=1)
+
+    _, backward = torch.func.vjp(forward, hidden, weights)
+    return backward(grad_out)
+
+
+@pytest.mark.usefixtures("any_size")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_masked_row_gradient_is_read_by_the_combine(dtype):
+    """An STE mask on the gathered rows' gradient (``g * mask``, mask bool) goes into the combine op, which reads it
+    in its own pass: no separate multiply, the same hidden-state gradient as the scatter graph's within one
+    rounding (it sums in fp32), and the masked rows' gradient exactly zero."""
+    inputs = _inputs(dtype, 4)
+    inputs = (inputs[0] * 1.5, *inputs[1:])  # about a third of the rows' elements clip
+    gm = _traced(inputs, _masked_moe_tail)
+    want_hidden, want_weights = _masked_moe_tail(*inputs)
+    assert gather_through_permutations(gm.graph) == 3
+    gm.recompile()
+    (combine,) = [n for n in gm.graph.nodes if n.target == torch.ops.moeq.combine_experts.default]
+    mask = combine.args[5]
+    assert mask.meta["val"].dtype == torch.bool
+    # the mask's only multiply left is the forward's (its users: that and the combine)
+    assert sorted(str(u.target) for u in mask.users) == ["aten.mul.Tensor", "moeq.combine_experts.default"]
+    got_hidden, got_weights = gm(*inputs)
+    assert torch.equal(got_weights, want_weights)
+    torch.testing.assert_close(got_hidden, want_hidden, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    clipped = (inputs[0].abs() > 1.0).all(dim=0)  # a column that clips in every token has no gradient at all
+    assert (got_hidden[:, clipped] == 0).all()
+
+
 def _inputs(dtype: torch.dtype, seed: int):
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(TOKENS)]).reshape(-1)

@@ -41,30 +41,41 @@ __all__ = [
 
 @torch.library.custom_op("moeq::combine_experts_reference", mutates_args=())
 def combine_experts_reference(
-    y: Tensor, weights: Tensor | None, index: Tensor, top_k: int, out_dtype: torch.dtype | None = None
+    y: Tensor,
+    weights: Tensor | None,
+    index: Tensor,
+    top_k: int,
+    out_dtype: torch.dtype | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Plain torch, the model's own expression."""
-    check_combine_args(y, weights, index, top_k, out_dtype)
-    return _reference(y, weights, index, top_k, out_dtype)
+    check_combine_args(y, weights, index, top_k, out_dtype, mask)
+    return _reference(y, weights, index, top_k, out_dtype, mask)
 
 
 @combine_experts_reference.register_fake
-def _(y, weights, index, top_k, out_dtype=None):
+def _(y, weights, index, top_k, out_dtype=None, mask=None):
     dtype = out_dtype or combine_dtype(y, weights)
     return y.new_empty(y.shape[0] // top_k, y.shape[1], dtype=dtype)
 
 
 @triton_op("moeq::combine_experts", mutates_args=())
 def combine_experts(
-    y: Tensor, weights: Tensor | None, index: Tensor, top_k: int, out_dtype: torch.dtype | None = None
+    y: Tensor,
+    weights: Tensor | None,
+    index: Tensor,
+    top_k: int,
+    out_dtype: torch.dtype | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """``[T, H]`` in ``out_dtype`` (default: y's and weights' promoted dtype); see the module docstring.
-    ``weights`` None sums the gathered rows unscaled (the gradient of a gather, :mod:`moeq.lowering.permutation`)."""
+    ``weights`` None sums the gathered rows unscaled (the gradient of a gather, :mod:`moeq.lowering.permutation`);
+    ``mask`` (bool, y's shape) multiplies ``y`` first (the STE mask of the gathered activation's quantization)."""
     if ops._TRITON_ENABLED and ops.runs_triton_kernel(y):
         from moeq.runtime.kernels.combine import combine_experts as launch
 
-        return launch(y, weights, index, top_k, out_dtype, wrap=wrap_triton)
-    return torch.ops.moeq.combine_experts_reference(y, weights, index, top_k, out_dtype)
+        return launch(y, weights, index, top_k, out_dtype, wrap=wrap_triton, mask=mask)
+    return torch.ops.moeq.combine_experts_reference(y, weights, index, top_k, out_dtype, mask)
 
 
 @torch.library.custom_op("moeq::combine_experts_backward_reference", mutates_args=())

@@ -21,7 +21,8 @@ gather or a combine:
   token's ``top_k`` rows: ``g[inv].view(T, top_k, H).sum(1)``, which runs as ``moeq::combine_experts`` without
   weights under the same bounds as the forward combine (:data:`moeq.lowering.inductor.COMBINE_MIN_TOP_K`,
   ``COMBINE_MIN_ROWS``). It sums the ``top_k`` rows in fp32 and rounds once, where the scatter rounds after each
-  add in the gradient's dtype (in an order the GPU's atomics choose).
+  add in the gradient's dtype (in an order the GPU's atomics choose). Where ``g`` is ``g' * mask`` (the STE mask of
+  the gathered rows' activation quantization, bool), the combine reads ``g'`` and the mask in its own pass.
 
 Measured on one Qwen3-30B-A3B-shaped layer's QAT FP8 training step: BENCHMARKS.md, session 26.
 """
@@ -122,6 +123,23 @@ def _floor_div(node: Any) -> tuple[fx.Node, int] | None:
     return (node.args[0], node.args[1]) if floor else None
 
 
+def _masked(node: fx.Node, scatter: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(g, mask)`` when ``node`` is ``g * mask`` (``mask`` bool, ``g``'s shape: an activation's STE mask on its
+    gradient) and ``scatter`` is its only user (besides the scatter's zero fill, which may take its shape from it),
+    so the combine can read the mask in its own pass."""
+    if node.target != aten.mul.Tensor or len(node.args) != 2:
+        return None
+    if any(user is not scatter and user is not scatter.args[0] for user in node.users):
+        return None
+    for g, mask in (node.args, reversed(node.args)):
+        g_val, mask_val = _val(g), _val(mask)
+        if g_val is None or mask_val is None or mask_val.dtype != torch.bool or g_val.dtype != _val(node).dtype:
+            continue
+        if mask_val.dim() == g_val.dim() and all(_same(a, b) for a, b in zip(mask_val.shape, g_val.shape)):
+            return g, mask
+    return None
+
+
 def _replace_scatter(graph: fx.Graph, node: fx.Node, target: Any, args: tuple[Any, ...]) -> None:
     """Put ``target(*args)`` in place of the scatter ``node``; its zero fill goes too once nothing else reads it."""
     zeros = node.args[0]
@@ -165,9 +183,12 @@ def gather_through_permutations(graph: fx.Graph) -> int:
             continue
         if not combine_pays(rows, top_k):
             continue
-        _replace_scatter(
-            graph, node, torch.ops.moeq.combine_experts.default, (values, None, perms[perm], top_k, src.dtype)
-        )
+        masked = _masked(values, node)
+        args = (values, None, perms[perm], top_k, src.dtype) if masked is None else (*masked[:1], None, perms[perm],
+                                                                                     top_k, src.dtype, masked[1])  # fmt: skip
+        _replace_scatter(graph, node, torch.ops.moeq.combine_experts.default, args)
+        if masked is not None and not values.users:
+            graph.erase_node(values)
         rewritten += 1
     if rewritten:
         graph.lint()

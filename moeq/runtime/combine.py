@@ -22,9 +22,12 @@ def combine_experts_reference(
     index: torch.Tensor,
     top_k: int,
     out_dtype: torch.dtype | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """transformers' combine in plain torch: ``(y * weights[:, None])[index].view(T, top_k, H).sum(1)``, then
-    cast to ``out_dtype``; ``weights`` None: ``y[index].view(T, top_k, H).sum(1)`` (a gather's gradient)."""
+    cast to ``out_dtype``; ``weights`` None: ``y[index].view(T, top_k, H).sum(1)`` (a gather's gradient);
+    ``mask`` (bool, y's shape): ``y * mask`` in place of ``y`` (an activation's STE mask on that gradient)."""
+    y = y if mask is None else y * mask
     weighted = y if weights is None else y * weights.unsqueeze(-1)
     out = weighted[index].view(-1, top_k, y.shape[1]).sum(dim=1)
     return out if out_dtype is None else out.to(out_dtype)
@@ -41,6 +44,7 @@ def check_combine_args(
     index: torch.Tensor,
     top_k: int,
     out_dtype: torch.dtype | None = None,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """Shapes and dtypes the combine takes; errors name the offending argument."""
     check_float(y, "y")
@@ -60,6 +64,10 @@ def check_combine_args(
         raise ValueError(f"combine_experts: top_k ({top_k}) must be >= 1 and divide the row count ({y.shape[0]})")
     if out_dtype is not None:
         check_float(out_dtype, "out_dtype")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != y.shape):
+        raise ValueError(
+            f"combine_experts: mask must be bool of y's shape {tuple(y.shape)}, got {mask.dtype}{tuple(mask.shape)}"
+        )
 
 
 def combine_backward_dtypes(

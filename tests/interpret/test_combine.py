@@ -127,3 +127,20 @@ def test_combine_backward_op_runs_the_kernel_on_strided_operands():
     want = combine_experts_backward(grad, y, weights, perm, 2)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert_combine_backward_close(*got, grad, y, weights, perm, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("tokens", "top_k", "hidden"), [(13, 2, 64), (5, 8, 200)])
+def test_combine_with_a_mask_reads_it_in_the_same_pass(tokens, top_k, hidden, dtype):
+    """``mask`` (bool): the rows multiplied by it first, as torch multiplies by a bool: masked finite values give
+    zeros, a masked inf or NaN stays NaN; the sum then as without a mask."""
+    y, _, inv_perm = routed_rows(tokens, top_k, hidden, max(8, top_k), dtype, 11)
+    mask = torch.rand(y.shape, generator=torch.Generator().manual_seed(3)) < 0.6
+    y[0, 0], y[1, 1], mask[0, 0], mask[1, 1] = float("inf"), float("nan"), False, False
+    got = combine_experts(y, None, inv_perm, top_k, mask=mask)
+    want = combine_experts(y * mask, None, inv_perm, top_k)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().sum() == 2
+    finite = ~want.isnan()
+    assert torch.equal(got[finite], want[finite])
+    op = torch.ops.moeq.combine_experts(y, None, inv_perm, top_k, None, mask)
+    assert torch.equal(op[finite], got[finite])

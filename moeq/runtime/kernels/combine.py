@@ -54,14 +54,17 @@ __all__ = ["combine_experts", "combine_experts_backward"]
 def _combine_experts_kernel(
     y_ptr,
     w_ptr,
+    mask_ptr,
     index_ptr,
     out_ptr,
     T,
     H,
     stride_y,
+    stride_mask,
     stride_out,
     TOP_K: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     ROUND_PRODUCT: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -76,6 +79,9 @@ def _combine_experts_kernel(
     for slot in tl.static_range(TOP_K):
         rows = tl.load(index_ptr + tokens.to(tl.int64) * TOP_K + slot, mask=t_mask, other=0)
         y = tl.load(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], mask=mask, other=0.0)
+        if HAS_MASK:  # y * mask as torch multiplies by a bool (0 * inf and 0 * NaN stay NaN)
+            keep = tl.load(mask_ptr + rows.to(tl.int64)[:, None] * stride_mask + cols[None, :], mask=mask, other=0)
+            y = y.to(tl.float32) * keep.to(tl.float32)  # exact; in fp32 (the interpreter's bf16 0 * inf is 0)
         if HAS_WEIGHTS:
             # the model's product, rounded to y's dtype where eager torch's product has that dtype; the sum in fp32
             weight = tl.load(w_ptr + rows, mask=t_mask, other=0.0).to(tl.float32)
@@ -94,13 +100,15 @@ def combine_experts(
     top_k: int,
     out_dtype: torch.dtype | None = None,
     wrap: Callable[[Any], Any] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_j y[index[t*top_k + j]] * weights[index[t*top_k + j]]`` ([T, H]), as the model's eager code
     computes it: each product in the dtype torch promotes y and weights to (rounded to y's dtype when that is it),
     summed in fp32, cast to ``out_dtype`` (default: the promoted dtype); ``weights`` None: the rows unscaled (y's
-    dtype). ``index`` holds valid row numbers of ``y`` (not bounds-checked on the GPU). ``wrap``: applied to the
-    kernel before launching (``wrap_triton`` in a triton_op)."""
-    check_combine_args(y, weights, index, top_k, out_dtype)
+    dtype). ``mask`` (bool, y's shape): ``y * mask`` in place of ``y``, read in the same pass (an activation's STE
+    mask on the gradient this sums). ``index`` holds valid row numbers of ``y`` (not bounds-checked on the GPU).
+    ``wrap``: applied to the kernel before launching (``wrap_triton`` in a triton_op)."""
+    check_combine_args(y, weights, index, top_k, out_dtype, mask)
     rows, hidden = y.shape
     tokens = rows // top_k
     product_dtype = combine_dtype(y, weights)
@@ -110,18 +118,26 @@ def combine_experts(
     y = y if y.stride(1) == 1 else y.contiguous()
     index = index.contiguous()  # the kernel reads the indices and weights at unit stride
     weights = weights.contiguous() if weights is not None else None
+    mask = (
+        None if mask is None else mask.view(torch.uint8) if mask.stride(1) == 1 else mask.contiguous().view(torch.uint8)
+    )
 
     def launch():
         def grid(meta):
             return (cdiv(hidden, meta["BLOCK_H"]), cdiv(tokens, meta["BLOCK_T"]))
 
         kernel = wrap(_combine_experts_kernel) if wrap is not None else _combine_experts_kernel
-        launch_kernel(kernel, grid, y, weights if weights is not None else y, index, out, tokens, hidden, y.stride(0),
-                      out.stride(0), TOP_K=top_k, HAS_WEIGHTS=weights is not None,
+        launch_kernel(kernel, grid, y, weights if weights is not None else y, mask if mask is not None else y, index,
+                      out, tokens, hidden, y.stride(0), mask.stride(0) if mask is not None else 0, out.stride(0),
+                      TOP_K=top_k, HAS_WEIGHTS=weights is not None, HAS_MASK=mask is not None,
                       ROUND_PRODUCT=product_dtype == y.dtype, INTERPRET=interpreting())  # fmt: skip
         return out
 
-    return run_kernel(y, launch, lambda: combine_experts_reference(y, weights, index, top_k, out_dtype))
+    return run_kernel(
+        y,
+        launch,
+        lambda: combine_experts_reference(y, weights, index, top_k, out_dtype, None if mask is None else mask.bool()),
+    )
 
 
 @triton.autotune(configs=combine_backward_configs(), key=["H", "TOP_K"])
