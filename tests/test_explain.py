@@ -119,6 +119,7 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     assert "a training graph quantizes each expert weight to FP8 codes once per step and saves them" in text
     assert "STE mask is applied inside its wgrad GEMM (moeq::grouped_wgrad_ste)" in text
     assert "scatter-adds through the MoE's sort permutation run as gathers" in text
+    assert "the combine's two gradients as one moeq::combine_experts_backward" in text
     with fusion("never"):
         never = str(moeq.explain(cm8))
         assert "a training graph saves the quantized weight for backward and keeps the Q/DQ ops" in never

@@ -245,9 +245,10 @@ def describe_training(mode: str, w_fmt: str) -> str:
     gathers = ""
     if inductor.combine_fusion_enabled():
         gathers = (
-            "; the backward's scatter-adds through the MoE's sort permutation run as gathers (the top-k gather's "
-            f"gradient as moeq::combine_experts from top-{inductor.COMBINE_MIN_TOP_K} and "
-            f"{inductor.COMBINE_MIN_ROWS} routed rows up)"
+            "; the backward's scatter-adds through the MoE's sort permutation run as gathers; from top-"
+            f"{inductor.COMBINE_MIN_TOP_K} and {inductor.COMBINE_MIN_ROWS} routed rows up, the top-k gather's "
+            "gradient runs as moeq::combine_experts (reading the activation's STE mask in the same pass) and the "
+            "combine's two gradients as one moeq::combine_experts_backward"
         )
     if mode == "qat" and w_fmt == "fp8":
         return (
