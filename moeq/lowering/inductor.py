@@ -540,7 +540,9 @@ def _match_combine_backward(gathered: fx.Node) -> tuple[tuple[Any, ...], fx.Node
             total, y = user, other
         else:
             return None
-    if dy is None or total is None or total.kwargs or _val(y) is None or _val(y).shape != rows_val.shape:
+    if dy is None or total is None or total.kwargs or _val(y) is None or _val(y).dim() != 2:
+        return None
+    if not all(statically_known_true(a == b) for a, b in zip(_val(y).shape, rows_val.shape)):
         return None
     if not combine_pays(rows_val.shape[0], top_k):
         logger.info("moeq: top-%d combine backward over %s rows left to Inductor", top_k, rows_val.shape[0])
