@@ -30,11 +30,10 @@ test: $(VENV)/.test
 	$(MAKE) --no-print-directory test-core
 	$(MAKE) --no-print-directory test-interpret
 
-# Two workers (CI has 2 cores; most time is single-threaded Dynamo / AOT tracing and, on a cold cache, Inductor's
-# C++ compiles). Tests are spread one by one, so no file's compiles line up on one worker; files with a
-# module-scoped fixture (e.g. the 4-process distributed run) carry an xdist_group mark and stay on one worker.
+# Two workers (CI has 2 cores; most time is single-threaded Dynamo / AOT tracing); a file's tests stay on
+# one worker so module-scoped fixtures (e.g. the 4-process distributed run) run once.
 test-core:
-	@$(PY) -m pytest -q -m "not interpret" --ignore=tests/interpret -p no:cacheprovider -n 2 --dist loadgroup; rc=$$?; \
+	@$(PY) -m pytest -q -m "not interpret" --ignore=tests/interpret -p no:cacheprovider -n 2 --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # Triton kernels under the interpreter: TRITON_INTERPRET must be set before triton is imported,

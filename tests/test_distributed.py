@@ -37,8 +37,7 @@ from moeq.io.checkpoint import CheckpointError
 STARVED = [4, 5, 6, 7]  # global experts with no layer-0 token: all of EP rank 1 (EP=2) / ranks 2, 3 (EP=4)
 TIMEOUT_S = 240
 
-# one xdist worker runs the whole file: its module-scoped fixture runs once (Makefile: --dist loadgroup)
-pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
+pytestmark = pytest.mark.distributed
 
 
 def _spawn(world: int, out_dir: Path, plan: list[tuple[Layout, list[dict[str, Any]]]]) -> float:

@@ -35,9 +35,6 @@ mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: E402
 
-# one xdist worker runs the whole file: its module-scoped fixture runs once (Makefile: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("export")
-
 VOCAB = 256
 PRESETS = {"nvfp4": moeq.NVFP4, "fp8": moeq.FP8}
 #: one decoder layer keeps the compile and modelopt passes within the CPU test budget

@@ -18,9 +18,6 @@ import moeq
 from moeq.formats import get_format
 from moeq.passes.find import listed_expert_key
 
-# one xdist worker runs the whole file: its module-scoped fixture runs once (Makefile: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("megatron_experts")
-
 megatron_experts = pytest.importorskip("megatron.core.transformer.moe.experts")
 
 E, HIDDEN, FFN = 4, 32, 64

@@ -32,8 +32,7 @@ import moeq
 pytest.importorskip("megatron.core.transformer.moe.experts")
 from test_megatron_experts import FFN, HIDDEN, E, build_sequential_mlp  # noqa: E402
 
-# one xdist worker runs the whole file: its module-scoped fixture runs once (Makefile: --dist loadgroup)
-pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("megatron_layouts")]
+pytestmark = pytest.mark.distributed
 
 WORLD = 2
 TOKENS = [[3, 0, 5, 2], [1, 4, 0, 6]]  # tokens per global expert, two calibration batches

@@ -36,9 +36,6 @@ from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
 import moeq  # noqa: E402
 from moeq.integrations.hf import tiny_model  # noqa: E402
 
-# one xdist worker runs the whole file: its module-scoped fixture runs once (Makefile: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("modelopt_parity")
-
 PROJS = ("gate_up_proj", "down_proj")
 VOCAB = 256
 
