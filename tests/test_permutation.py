@@ -162,6 +162,15 @@ def test_combine_gradients_become_one_op(dtype, seed):
     assert ((got_weights.double() - exact).abs() <= bound).all()
 
 
+def test_combine_gradients_of_a_small_batch_stay_inductors():
+    """Under the default bounds (top-8, 32768 rows) a top-2 combine's gradients are left to Inductor, as its
+    forward is."""
+    gm = _traced(_inputs(torch.float32, 0), remove="mutations")
+    gather_through_permutations(gm.graph)
+    assert fuse_combine_backward(gm.graph) == 0
+    assert not any(n.target == torch.ops.moeq.combine_experts_backward.default for n in gm.graph.nodes)
+
+
 def test_default_bounds_keep_the_small_gather_gradient_a_scatter():
     """Under the default bounds (top-8, 32768 rows) a top-2 gather's gradient stays Inductor's scatter; the two
     permutation scatters still become gathers (no host cost: Inductor's own ops)."""

@@ -496,7 +496,7 @@ def _repeated_rows(node: Any) -> tuple[fx.Node, int] | None:
     if not isinstance(top_k, int) or column.target != aten.unsqueeze.default or column.args[1] != 1:
         return None
     g = column.args[0]
-    if _val(g) is None or _val(g).dim() != 2:
+    if _val(g) is None or _val(g).dim() != 2 or not statically_known_true(_val(node).shape[1] == _val(g).shape[1]):
         return None
     return g, top_k
 
