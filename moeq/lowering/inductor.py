@@ -505,13 +505,9 @@ def _weight_column(node: Any, rows: Any) -> tuple[fx.Node, None] | None:
     """``(node, None)`` when ``node`` is a ``[rows, 1]`` float column the graph does not build from a 1-D tensor
     (a backward graph's saved ``w[:, None]``)."""
     val = _val(node)
-    if val is None or val.dim() != 2 or not val.is_floating_point():
-        return None
-    return (
-        (node, None)
-        if statically_known_true(val.shape[0] == rows) and statically_known_true(val.shape[1] == 1)
-        else None
-    )
+    column = val is not None and val.dim() == 2 and val.is_floating_point()
+    column = column and statically_known_true(val.shape[0] == rows) and statically_known_true(val.shape[1] == 1)
+    return (node, None) if column else None
 
 
 def _match_combine_backward(gathered: fx.Node) -> tuple[tuple[Any, ...], fx.Node, fx.Node, list[fx.Node]] | None:

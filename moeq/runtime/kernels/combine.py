@@ -118,26 +118,20 @@ def combine_experts(
     y = y if y.stride(1) == 1 else y.contiguous()
     index = index.contiguous()  # the kernel reads the indices and weights at unit stride
     weights = weights.contiguous() if weights is not None else None
-    mask = (
-        None if mask is None else mask.view(torch.uint8) if mask.stride(1) == 1 else mask.contiguous().view(torch.uint8)
-    )
+    mask_bytes = None if mask is None else (mask if mask.stride(1) == 1 else mask.contiguous()).view(torch.uint8)
 
     def launch():
         def grid(meta):
             return (cdiv(hidden, meta["BLOCK_H"]), cdiv(tokens, meta["BLOCK_T"]))
 
         kernel = wrap(_combine_experts_kernel) if wrap is not None else _combine_experts_kernel
-        launch_kernel(kernel, grid, y, weights if weights is not None else y, mask if mask is not None else y, index,
-                      out, tokens, hidden, y.stride(0), mask.stride(0) if mask is not None else 0, out.stride(0),
-                      TOP_K=top_k, HAS_WEIGHTS=weights is not None, HAS_MASK=mask is not None,
+        launch_kernel(kernel, grid, y, weights if weights is not None else y, mask_bytes if mask is not None else y,
+                      index, out, tokens, hidden, y.stride(0), mask_bytes.stride(0) if mask is not None else 0,
+                      out.stride(0), TOP_K=top_k, HAS_WEIGHTS=weights is not None, HAS_MASK=mask is not None,
                       ROUND_PRODUCT=product_dtype == y.dtype, INTERPRET=interpreting())  # fmt: skip
         return out
 
-    return run_kernel(
-        y,
-        launch,
-        lambda: combine_experts_reference(y, weights, index, top_k, out_dtype, None if mask is None else mask.bool()),
-    )
+    return run_kernel(y, launch, lambda: combine_experts_reference(y, weights, index, top_k, out_dtype, mask))
 
 
 @triton.autotune(configs=combine_backward_configs(), key=["H", "TOP_K"])
