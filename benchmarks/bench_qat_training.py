@@ -8,12 +8,17 @@ summed CUDA kernel time (torch.profiler; the step ms less this is CPU launch ove
 forward keeps for backward (MB allocated after the forward, less before), and the expert weight gradients'
 relative error against the bf16 layer's (the quantization's effect, a sanity check, not a target).
 
+A variant ``CONFIG:POLICY:reuse`` times its steps inside ``moeq.reuse_weight_codes`` (a gradient-accumulation
+micro-batch: the weights' codes computed once per optimizer step); "codes ms" is that once-per-step entry (every
+expert weight quantized), to be spread over the step's micro-batches.
+
     python benchmarks/bench_qat_training.py --out $OUT
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import time
@@ -63,6 +68,12 @@ def step(layer, x: torch.Tensor, grad_out: torch.Tensor) -> None:
     layer.zero_grad(set_to_none=True)
     out = layer(x)
     torch.autograd.backward(out[0] if isinstance(out, tuple) else out, grad_out)
+
+
+def quantize_weights_once(layer) -> None:
+    """What ``moeq.reuse_weight_codes`` costs once per optimizer step: entering it (every expert weight quantized)."""
+    with moeq.reuse_weight_codes(layer):
+        pass
 
 
 def saved_mb(layer, x: torch.Tensor) -> float:
@@ -124,11 +135,16 @@ def main() -> None:
         inputs[tokens] = (x, torch.randn(x.shape, device=device, dtype=torch.bfloat16, generator=gen))
     anchor_grads, anchor_ms, rows, results = {}, {}, [], []
     for variant in [None, *args.variants.split(",")]:
-        name, policy = variant.split(":") if variant else (None, "auto")
+        name, policy, *reuse = variant.split(":") if variant else (None, "auto")
         label = "bf16 (inductor)" if name is None else f"QAT {name} (moeq, fusion {policy})"
+        label += ", codes reused" if reuse else ""
         torch._dynamo.reset()  # each variant compiles afresh (the policy is read when Inductor compiles)
-        with fusion(policy):
+        with fusion(policy), contextlib.ExitStack() as block:
             layer = compiled_variant(base, name, calib)
+            codes_ms = float("nan")
+            if reuse:
+                codes_ms = time_ms(lambda: quantize_weights_once(layer), device, 30)  # noqa: B023
+                block.enter_context(moeq.reuse_weight_codes(layer))
             for tokens in sizes:
                 x, grad_out = inputs[tokens]
                 layer.zero_grad(set_to_none=True)
@@ -141,19 +157,24 @@ def main() -> None:
                 fwd_train = time_ms(lambda: layer(x), device, 30)  # noqa: B023
                 ms = time_ms(lambda: step(layer, x, grad_out), device, 60)  # noqa: B023
                 gpu_ms, kernels = kernel_ms(lambda: step(layer, x, grad_out), device)  # noqa: B023
-                slug = label.split(" (")[0].replace(" ", "_") + ("" if name is None else f"_{policy}")
+                slug = (
+                    label.split(" (")[0].replace(" ", "_")
+                    + ("" if name is None else f"_{policy}")
+                    + "_reuse" * bool(reuse)
+                )
                 with open(os.path.join(args.out, f"kernels_{slug}_{tokens}.txt"), "w") as fh:
                     fh.write(kernels)
                 kept = saved_mb(layer, x)
                 anchor_ms.setdefault(tokens, ms)
                 results.append(dict(tokens=tokens, variant=label, no_grad_fwd_ms=fwd, train_fwd_ms=fwd_train,
-                                    step_ms=ms, step_kernel_ms=gpu_ms, saved_mb=kept, grad_rel_err_vs_bf16=rel))  # fmt: skip
+                                    step_ms=ms, step_kernel_ms=gpu_ms, codes_ms=codes_ms, saved_mb=kept,
+                                    grad_rel_err_vs_bf16=rel))  # fmt: skip
                 rows.append([str(tokens), label, f"{fwd:.3f}", f"{fwd_train:.3f}", f"{ms:.3f}", f"{gpu_ms:.3f}",
-                             f"{anchor_ms[tokens] / ms:.2f}x", f"{kept:,.0f}", f"{rel:.3f}"])  # fmt: skip
+                             f"{anchor_ms[tokens] / ms:.2f}x", f"{codes_ms:.3f}", f"{kept:,.0f}", f"{rel:.3f}"])  # fmt: skip
                 print(f"  {tokens} tokens, {label} done", flush=True)
     rows.sort(key=lambda r: int(r[0]))
     header = ["tokens", "variant", "fwd ms (no grad)", "fwd ms (train)", "step ms", "step kernels ms", "vs bf16 step",
-              "kept for bwd MB", "expert grad rel err vs bf16"]  # fmt: skip
+              "codes ms (once per optimizer step)", "kept for bwd MB", "expert grad rel err vs bf16"]  # fmt: skip
     print_and_save(args.out, "bench_qat_training", header, rows, results=results, shapes=shapes)
 
 

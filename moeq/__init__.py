@@ -11,6 +11,7 @@ from moeq.lowering.backend import moeq_backend, register_backends
 from moeq.passes.explain import explain
 from moeq.passes.freeze import freeze
 from moeq.runtime.calibrate import calibrate, finalize, quant_state
+from moeq.runtime.codes import reuse_weight_codes
 from moeq.state import ExpertQuantState
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "prepare",
     "quant_state",
     "quantize_graph",
+    "reuse_weight_codes",
     "save_state",
 ]
 

@@ -84,6 +84,11 @@ class ExpertQuantState(nn.Module):
         self.register_buffer("frozen_data", torch.zeros(0, dtype=torch.uint8))
         self.register_buffer("frozen_scale", torch.zeros(0))
         self.register_buffer("frozen_block_scale", torch.zeros(0, dtype=torch.uint8))
+        # QAT (moeq.reuse_weight_codes): the weight's codes, computed once for several forwards; not saved
+        self.codes_reused = False
+        self.register_buffer("codes_data", torch.zeros(0, dtype=torch.uint8), persistent=False)
+        self.register_buffer("codes_scale", torch.zeros(0), persistent=False)
+        self.register_buffer("codes_block_scale", torch.zeros(0, dtype=torch.uint8), persistent=False)
 
     @property
     def num_experts(self) -> int:
@@ -129,6 +134,10 @@ class ExpertQuantState(nn.Module):
                 wq = torch.ops.moeq.dequant_weight(
                     self.frozen_data[pick], self.frozen_scale[pick], block, cfg.weight, self.contraction_dim, t.dtype
                 )
+            elif self.codes_reused:
+                wq = torch.ops.moeq.fake_quant_weight_from_codes(
+                    t, self.weight_amax, *self.codes(), cfg.weight, self.expert_dim, self.contraction_dim
+                )
             else:
                 w = t if expert is None else t.unsqueeze(0)
                 wq = torch.ops.moeq.fake_quant_weight(
@@ -142,6 +151,10 @@ class ExpertQuantState(nn.Module):
         elif self.mode in ("quantize", "deploy") and cfg.activation is not None:
             return torch.ops.moeq.fake_quant_act(t, offs, self.input_amax, cfg.activation, expert_dim, contraction_dim)
         return t
+
+    def codes(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The weight's reused codes (``quantize_weight``'s data, scale and block scales)."""
+        return self.codes_data, self.codes_scale, self.codes_block_scale
 
     def extra_repr(self) -> str:
         return (
@@ -186,11 +199,13 @@ class ModeBox:
     (never resetting statistics), and so does a second prepared model of the same classes under another
     config (a graph's Q/DQ formats are constants; the same config reuses the graph with its own state)."""
 
-    __slots__ = ("value", "config_key", "warned_eager")
+    __slots__ = ("codes_reused", "config_key", "value", "warned_eager")
 
     def __init__(self, config_key: str) -> None:
         self.value = "off"
         self.config_key = config_key
+        #: inside moeq.reuse_weight_codes: QAT graphs read the expert weights' codes computed on entry
+        self.codes_reused = False
         self.warned_eager: set[str] = set()
 
     def warn_eager(self, module: str) -> None:
@@ -214,9 +229,11 @@ class ModeBox:
         )
 
     def check(self) -> None:
-        """Raise on an unknown mode; reading both fields is what makes Dynamo guard on them."""
-        if self.value not in MODES or not self.config_key:
-            raise ValueError(f"invalid moeq mode {self.value!r} (config {self.config_key!r})")
+        """Raise on an unknown mode; reading the fields is what makes Dynamo guard on them."""
+        if self.value not in MODES or not self.config_key or self.codes_reused not in (False, True):
+            raise ValueError(
+                f"invalid moeq mode {self.value!r} (config {self.config_key!r}, codes reused {self.codes_reused!r})"
+            )
 
 
 class ModelQuantState(nn.Module):

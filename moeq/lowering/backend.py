@@ -79,7 +79,13 @@ def _with_state_inputs(compiled: Any, lifted: list[LiftedBuffer]) -> Any:
         extra = []
         for buf in lifted:
             est = buf.state if buf.weight_index is None else _state_for_weight(args[buf.weight_index], buf.state)
-            extra.append(getattr(est, buf.name))
+            value = getattr(est, buf.name)
+            if buf.name == "codes_data" and value.numel() == 0:
+                raise RuntimeError(
+                    f"moeq: {est.fqn}: a graph compiled inside moeq.reuse_weight_codes ran without this weight's "
+                    "codes (its quant state was not filled on entry); enter the context again"
+                )
+            extra.append(value)
         return compiled(*args, *extra)
 
     return run

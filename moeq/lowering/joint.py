@@ -48,7 +48,13 @@ from moeq.lowering import inductor, permutation
 from moeq.lowering.inductor import fusion_enabled, gemm_targets
 from moeq.lowering.permutation import gather_through_permutations
 
-__all__ = ["TrainingGraphPass", "describe_training", "fuse_weight_ste_masks", "save_weight_codes"]
+__all__ = [
+    "TrainingGraphPass",
+    "describe_training",
+    "fuse_weight_ste_masks",
+    "recompute_reused_codes",
+    "save_weight_codes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ def save_weight_codes(graph: fx.Graph) -> int:
                 part.meta["val"] = stored.meta["val"][i]
                 parts.append(part)
             dequant = graph.call_function(torch.ops.moeq.dequant_weight.default, (*parts, fmt, k_dim % 3, val.dtype))
-        dequant.meta.update(node.meta)
+        dequant.meta.update({k: v for k, v in node.meta.items() if k != "eager_input_vals"})  # not its op's args
         dequant.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         node.replace_all_uses_with(dequant)
         graph.erase_node(node)
@@ -158,25 +164,49 @@ def _view_source(node: Any) -> Any:
     return node
 
 
+_CODES_OF_WEIGHT = (torch.ops.moeq.quantize_weight.default, torch.ops.moeq.fake_quant_weight_from_codes.default)
+
+
 def _fp8_codes(graph: fx.Graph, w: fx.Node, amax: fx.Node, before: fx.Node) -> fx.Node | None:
     """``w``'s FP8 codes with this ``amax`` in ``w``'s layout, from a ``quantize_weight`` the graph already runs
-    (:func:`save_weight_codes`), or None."""
-    for stored in w.users:
-        if stored.target != torch.ops.moeq.quantize_weight.default or stored.args[2] != "fp8":
+    (:func:`save_weight_codes`) or the codes a ``fake_quant_weight_from_codes`` reads, or None."""
+    for user in w.users:
+        if user.target not in _CODES_OF_WEIGHT or user.args[0] is not w:
             continue
-        if stored.args[0] is not w or _view_source(stored.args[1]) is not _view_source(amax):
+        if _view_source(user.args[1]) is not _view_source(amax):
             continue
-        data = next((u for u in stored.users if u.target == operator.getitem and u.args[1] == 0), None)
-        with graph.inserting_before(before):
+        if user.target == torch.ops.moeq.fake_quant_weight_from_codes.default and user.args[5] == "fp8":
+            data, k_dim = user.args[2], user.args[7]
+        elif user.target == torch.ops.moeq.quantize_weight.default and user.args[2] == "fp8":
+            k_dim = user.args[4]
+            data = next((u for u in user.users if u.target == operator.getitem and u.args[1] == 0), None)
             if data is None:
-                data = graph.call_function(operator.getitem, (stored, 0))
-                data.meta["val"] = stored.meta["val"][0]
-            if stored.args[4] % 3 == 2:  # stored K-last: w's own layout
-                return data
+                with graph.inserting_before(before):
+                    data = graph.call_function(operator.getitem, (user, 0))
+                data.meta["val"] = user.meta["val"][0]
+        else:
+            continue
+        if k_dim % 3 == 2:  # stored K-last: w's own layout
+            return data
+        with graph.inserting_before(before):
             codes = graph.call_function(torch.ops.aten.permute.default, (data, [0, 2, 1]))
-            codes.meta["val"] = data.meta["val"].permute(0, 2, 1)
-            return codes
+        codes.meta["val"] = data.meta["val"].permute(0, 2, 1)
+        return codes
     return None
+
+
+def recompute_reused_codes(graph: fx.Graph) -> int:
+    """Mark every ``fake_quant_weight_from_codes`` of a joint graph (inside ``moeq.reuse_weight_codes``) to be
+    recomputed in backward: the partitioner then saves nothing for the weight (the codes are graph inputs), and
+    the forward and dgrad GEMMs each read it through their own (FP8: fused) op. Returns the count."""
+    marked = 0
+    for node in graph.nodes:
+        if node.target == torch.ops.moeq.fake_quant_weight_from_codes.default:
+            node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            marked += 1
+    if marked:
+        logger.info("moeq: training graph reads %d expert weights from reused codes", marked)
+    return marked
 
 
 def fuse_weight_ste_masks(graph: fx.Graph) -> int:
@@ -267,6 +297,7 @@ class TrainingGraphPass(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         save_weight_codes(graph)
         fuse_weight_ste_masks(graph)
+        recompute_reused_codes(graph)
         if inductor.combine_fusion_enabled():
             gather_through_permutations(graph)
 

@@ -25,12 +25,14 @@ __all__ = [
     "dequant_weight",
     "fake_quant_act",
     "fake_quant_weight",
+    "fake_quant_weight_from_codes",
     "grouped_wgrad_ste",
     "observe_segments_",
     "observe_segments_reference_",
     "quantize_weight",
     "row_expert_ids",
     "single_expert_offsets",
+    "stored_shapes",
     "segment_amax",
     "check_offsets",
     "reference_kernels",
@@ -414,15 +416,91 @@ def _quantize_weight_reference(
     return stored_form(get_format(fmt).quantize(w, expand_per_expert(amax, 3, 0), contraction_dim % 3))
 
 
+def stored_shapes(weight_shape: Any, fmt: str, contraction_dim: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The shapes of ``quantize_weight``'s uint8 ``data`` and ``block_scale`` for a 3-D weight (experts along
+    dim 0): K-last data (NVFP4: packed in whole 64-byte runs, :func:`moeq.formats.interleave_nvfp4_runs`)."""
+    k_dim = contraction_dim % 3
+    e, other, k = weight_shape[0], weight_shape[3 - k_dim], weight_shape[k_dim]
+    if fmt == "nvfp4":
+        runs = -(-k // (2 * NVFP4_RUN_BYTES)) * NVFP4_RUN_BYTES
+        return (e, other, runs), (e, other, k // 16)
+    return (e, other, k), (0,)
+
+
 @quantize_weight.register_fake
 def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    k_dim = contraction_dim % 3
-    e, other, k = w.shape[0], w.shape[3 - k_dim], w.shape[k_dim]
-    scale = w.new_empty(e, dtype=torch.float32)
-    if fmt == "nvfp4":
-        runs = -(-k // (2 * NVFP4_RUN_BYTES)) * NVFP4_RUN_BYTES  # whole 64-byte runs (interleave_nvfp4_runs)
-        return w.new_empty(e, other, runs, dtype=torch.uint8), scale, w.new_empty(e, other, k // 16, dtype=torch.uint8)
-    return w.new_empty(e, other, k, dtype=torch.uint8), scale, w.new_empty(0, dtype=torch.uint8)
+    data, block = stored_shapes(w.shape, fmt, contraction_dim)
+    scale = w.new_empty(w.shape[0], dtype=torch.float32)
+    return w.new_empty(data, dtype=torch.uint8), scale, w.new_empty(block, dtype=torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# QAT: a weight fake-quantized from codes computed earlier (moeq.reuse_weight_codes)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moeq::fake_quant_weight_from_codes", mutates_args=())
+def fake_quant_weight_from_codes(
+    w: Tensor,
+    amax: Tensor,
+    data: Tensor,
+    scale: Tensor,
+    block_scale: Tensor,
+    fmt: str,
+    expert_dim: int,
+    contraction_dim: int,
+) -> Tensor:
+    """``fake_quant_weight(w, amax, fmt, expert_dim, contraction_dim)`` read from ``w``'s codes
+    (``quantize_weight(w, amax, ...)``'s ``data, scale, block_scale``, computed once for several forwards of the
+    same weights): ``dequant_weight`` of them, bit for bit the fake quant of ``w`` while ``w`` is what they were
+    computed from. The gradient is the fake quant's straight-through estimator into ``w``; ``w``'s values are
+    not read in forward."""
+    _check_codes_of(w, data, block_scale, fmt, expert_dim, contraction_dim)
+    return dequant_weight(data, scale, block_scale, fmt, contraction_dim % w.dim(), w.dtype)
+
+
+def _check_codes_of(w: Tensor, data: Tensor, block_scale: Tensor, fmt: str, expert_dim: int, k_dim: int) -> None:
+    """Raise unless ``data`` / ``block_scale`` have the shapes ``quantize_weight(w, ...)`` gives."""
+    if w.dim() != 3 or expert_dim % 3 != 0:
+        raise ValueError(
+            f"fake_quant_weight_from_codes takes a 3-D weight with experts along dim 0, got {list(w.shape)} "
+            f"(expert dim {expert_dim})"
+        )
+    data_shape, block_shape = stored_shapes(w.shape, fmt, k_dim)
+    if (tuple(data.shape), data.dtype, tuple(block_scale.shape)) != (data_shape, torch.uint8, block_shape):
+        raise ValueError(
+            f"fake_quant_weight_from_codes: codes (data {list(data.shape)} {data.dtype}, block scales "
+            f"{list(block_scale.shape)}) are not those of the {fmt} weight {list(w.shape)} with K along dim {k_dim} "
+            f"(expected data {list(data_shape)} torch.uint8, block scales {list(block_shape)})"
+        )
+
+
+@fake_quant_weight_from_codes.register_fake
+def _(
+    w: Tensor,
+    amax: Tensor,
+    data: Tensor,
+    scale: Tensor,
+    block_scale: Tensor,
+    fmt: str,
+    expert_dim: int,
+    contraction_dim: int,
+) -> Tensor:
+    _check_codes_of(w, data, block_scale, fmt, expert_dim, contraction_dim)
+    return torch.empty_like(w)
+
+
+def _codes_weight_setup(ctx, inputs, output) -> None:
+    w, amax, *_, expert_dim, _ = inputs
+    ctx.save_for_backward(w, amax)
+    ctx.expert_dim = expert_dim
+
+
+def _codes_weight_backward(ctx, grad: Tensor):
+    return _weight_backward(ctx, grad)[:1] + (None,) * 7
+
+
+fake_quant_weight_from_codes.register_autograd(_codes_weight_backward, setup_context=_codes_weight_setup)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 _META_KEYS = ("val", "example_value", "tensor_meta")
 _FROZEN = ("frozen_data", "frozen_scale", "frozen_block_scale")
+_CODES = ("codes_data", "codes_scale", "codes_block_scale")
 
 
 def _validate(rec: ExpertGemm, state: ModelQuantState) -> None:
@@ -111,6 +112,10 @@ class _Quantizers:
             buffers = [self._expert_slice(self._buffer(est, b), expert) for b in _FROZEN]
             op = torch.ops.moeq.dequant_weight.default
             args = (*buffers, est.config.weight, est.contraction_dim, est.frozen_dtype)
+        elif est.codes_reused:  # moeq.reuse_weight_codes (stacked weights only: expert is None)
+            codes = [self._buffer(est, b) for b in _CODES]
+            op = torch.ops.moeq.fake_quant_weight_from_codes.default
+            args = (w, self._buffer(est, "weight_amax"), *codes, est.config.weight, est.expert_dim, est.contraction_dim)
         else:
             amax = self._expert_slice(self._buffer(est, "weight_amax"), expert)
             if expert is not None:

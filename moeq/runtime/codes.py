@@ -1,0 +1,134 @@
+"""``reuse_weight_codes(model)``: QAT forwards that share one set of weights quantize each expert weight once.
+
+In QAT mode every forward fake-quantizes every expert weight: a pass over the whole weight, which at 34k routed
+rows of a Qwen3-30B-A3B layer costs about as much as the FP8 GEMM it feeds. The weights change only when the
+optimizer steps, so the micro-batches of one step (gradient accumulation, pipeline schedules) and an evaluation
+pass all quantize the same weights. Inside the block each expert weight is quantized once, on entry
+(``moeq::quantize_weight``: FP8 codes or packed NVFP4, the form ``moeq.freeze`` stores), and every forward reads
+those codes (``moeq::fake_quant_weight_from_codes``: bit for bit the fake quant of the unchanged weight; the
+gradient is the same straight-through estimator into the bf16 weight). Compiled FP8 graphs multiply the codes
+with the deploy kernel (``moeq::grouped_qmm`` on a stored weight), which computes the QAT values from them; NVFP4
+graphs dequantize the codes (one Triton pass, 0.56 bytes read per weight element instead of the fake quant's 2)
+and run ``torch._grouped_mm``, because NVFP4's deploy kernel scales the fp32 product rather than each weight.
+Training graphs save nothing for the weight (the dgrad reads the codes again).
+
+The block is the caller's promise that the expert weights do not change inside it (step the optimizer after
+it). A change that bumps a weight's version counter (``optimizer.step()``, ``p.copy_()``, ``p.add_()``) is an
+error on exit naming the weight; one that bypasses it (``p.data.copy_()``) cannot be seen. Like Transformer
+Engine's FP8 weight caching (``is_first_microbatch``), scoped by a ``with`` block instead of a flag.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moeq.state import ExpertQuantState, ModelQuantState, get_state, is_listed_key
+
+__all__ = ["ReusedCodes", "reuse_weight_codes"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReusedCodes:
+    """What :func:`reuse_weight_codes` did: the weights whose codes are reused (FQN -> bytes of codes) and the
+    weights quantized at every forward as before, with the reason."""
+
+    reused: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _not_reusable(est: ExpertQuantState) -> str | None:
+    """Why ``est``'s weight cannot be read from codes, or None."""
+    if is_listed_key(est.fqn):
+        return "a per-expert module list (2-D weights, quantized expert by expert)"
+    if len(est.weight_shape) != 3 or est.expert_dim % 3 != 0:
+        return f"experts not along dim 0 of a 3-D weight (shape {list(est.weight_shape)}, expert dim {est.expert_dim})"
+    if est.mode != "quantize":
+        return f"mode {est.mode!r}"
+    return None
+
+
+def _fill(state: ModelQuantState, report: ReusedCodes) -> dict[str, tuple[torch.Tensor, int, int]]:
+    """Quantize every reusable expert weight into its state's codes buffers; returns the versions they were
+    computed at (weight, its version, its amax's version)."""
+    versions = {}
+    with torch.no_grad():
+        for fqn, est in sorted(state.items()):
+            reason = _not_reusable(est)
+            if reason is not None:
+                report.skipped[fqn] = reason
+                continue
+            w = state.weight(fqn)
+            data, scale, block = torch.ops.moeq.quantize_weight(
+                w, est.weight_amax, est.config.weight, est.expert_dim, est.contraction_dim
+            )
+            est.codes_data, est.codes_scale, est.codes_block_scale = data, scale, block
+            est.codes_reused = True
+            versions[fqn] = (w, w._version, est.weight_amax._version)
+            report.reused[fqn] = data.nbytes + scale.nbytes + block.nbytes
+    return versions
+
+
+def _release(state: ModelQuantState) -> None:
+    state.mode_box.codes_reused = False
+    for est in state.experts.values():
+        est.codes_reused = False
+        est.codes_data = est.codes_data.new_zeros(0)
+        est.codes_scale = est.codes_scale.new_zeros(0)
+        est.codes_block_scale = est.codes_block_scale.new_zeros(0)
+
+
+@contextmanager
+def reuse_weight_codes(model: Any) -> Iterator[ReusedCodes]:
+    """Within the block, QAT forwards of ``model`` (compiled with ``backend="moeq"``, rewritten by
+    ``moeq.quantize_graph`` or eager) read each expert weight's codes computed on entry instead of quantizing the
+    weight again. For the micro-batches of one optimizer step::
+
+        for batch in loader:
+            with moeq.reuse_weight_codes(model):
+                for micro in batch.chunk(accumulation_steps):
+                    cmodel(micro).loss.backward()
+            optimizer.step()
+
+    The GEMMs read the same quantized weights as without the block; on the CPU outputs and gradients are bit for
+    bit the same, on the GPU up to a kernel's accumulation order (a block-free graph may pick another tile). A
+    compiled model compiles once more (Dynamo guards on the block). The codes take 1 byte per FP8 weight element
+    (0.56 for NVFP4) until the block ends. Needs a finalized model (QAT mode); yields a :class:`ReusedCodes` report.
+    """
+    state = get_state(model)
+    if state.mode != "quantize":
+        hint = "moeq.freeze stored its weights quantized already" if state.mode == "deploy" else "call finalize()"
+        raise RuntimeError(f"reuse_weight_codes(): the model is in mode {state.mode!r}, not QAT ('quantize'): {hint}")
+    if state.mode_box.codes_reused:
+        raise RuntimeError("reuse_weight_codes(): already inside a reuse_weight_codes block of this model")
+    report = ReusedCodes()
+    try:
+        versions = _fill(state, report)
+        state.mode_box.codes_reused = True
+        logger.info(
+            "moeq: %d expert weights read from codes computed once (%.1f MB)%s",
+            len(report.reused),
+            sum(report.reused.values()) / 1e6,
+            "".join(f"; {fqn} quantized every forward: {why}" for fqn, why in report.skipped.items()),
+        )
+        yield report
+    finally:
+        _release(state)
+    changed = [
+        f"{fqn} (version {seen} -> {w._version}, amax version {amax_seen} -> {state[fqn].weight_amax._version})"
+        for fqn, (w, seen, amax_seen) in versions.items()
+        if w._version != seen or state[fqn].weight_amax._version != amax_seen
+    ]
+    if changed:
+        raise RuntimeError(
+            "moeq: expert weights changed inside reuse_weight_codes, so forwards after the change read stale codes: "
+            + ", ".join(changed)
+            + ". Step the optimizer (or load weights, or finalize) outside the block."
+        )

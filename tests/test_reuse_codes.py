@@ -1,0 +1,243 @@
+"""``moeq.reuse_weight_codes``: QAT forwards inside the block read each expert weight's codes computed on entry.
+
+Checked against the same forwards without the block (which quantize the weight every time): outputs and gradients
+over several micro-batches, compiled with ``backend="moeq"`` on tiny transformers MoEs and through
+``moeq.quantize_graph``; what the compiled graphs run (no weight quantization inside the block, the deploy kernels
+on the codes); the recompile when the block ends; and every misuse named in the errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+
+import moeq
+from moeq.formats import expert_amax
+from moeq.integrations.hf import expert_parameter_names, tiny_model
+from moeq.lowering.inductor import combine_fusion, fusion
+from tests.conftest import make_tokens
+from tests.listed_experts import listed_model
+
+
+def _quantizes_weights(code: str) -> bool:
+    """Whether Inductor's code calls an op that quantizes an expert weight."""
+    return bool(re.search(r"torch\.ops\.moeq\.(fake_quant_weight|quantize_weight)\.default\(", code))
+
+
+def _finalized(cfg_name: str, model: nn.Module | None = None) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A tiny Qwen3-MoE (one layer), prepared, compiled, calibrated and finalized: ``(model, compiled, tokens)``."""
+    torch._dynamo.reset()
+    model = moeq.prepare(model or tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), getattr(moeq, cfg_name))
+    cm = torch.compile(model, backend="moeq")
+    tokens = make_tokens()
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(tokens)
+    moeq.finalize(cm)
+    return model, cm, tokens
+
+
+def _accumulate(model, cm, tokens, reuse: bool, micro_batches: int = 3):
+    """Gradient accumulation over ``micro_batches`` (different token rows each): ``(losses, expert grads, code)``,
+    the code Inductor generated for the first micro-batch (``run_and_get_code`` compiles afresh each time)."""
+    model.zero_grad(set_to_none=True)
+    model.train()
+    block = moeq.reuse_weight_codes(cm) if reuse else contextlib.nullcontext()
+    losses, code = [], []
+    with block:
+        for i in range(micro_batches):
+            micro = tokens.roll(i, dims=1)
+
+            def step(micro=micro):
+                loss = cm(micro, labels=micro).loss
+                loss.backward()
+                return loss.detach()
+
+            if i == 0:
+                loss, code = run_and_get_code(step)
+            else:
+                loss = step()
+            losses.append(loss)
+    grads = {n: model.get_parameter(n).grad.clone() for n in expert_parameter_names(model)}
+    return losses, grads, "\n".join(code)
+
+
+@pytest.mark.parametrize(("cfg_name", "policy"), [("FP8", "never"), ("NVFP4", "never"), ("NVFP4", "auto")])
+def test_accumulated_gradients_equal_the_block_free_ones(cfg_name, policy):
+    """Three micro-batches with and without the block: losses and expert gradients equal bit for bit, and inside
+    the block no graph quantizes a weight. QAT NVFP4 training graphs run their GEMMs unfused under every policy;
+    inside the block each reads the weight through ``moeq::fake_quant_weight_from_codes`` (the dequant of the packed
+    codes, recomputed in backward rather than saved)."""
+    model, cm, tokens = _finalized(cfg_name)
+    with fusion(policy), combine_fusion(False):
+        losses_a, grads_a, code_a = _accumulate(model, cm, tokens, reuse=False)
+        losses_b, grads_b, code_b = _accumulate(model, cm, tokens, reuse=True)
+    assert _quantizes_weights(code_a) and not _quantizes_weights(code_b)
+    layers = 2  # gate_up and down
+    reads = code_b.count("torch.ops.moeq.fake_quant_weight_from_codes.default(")
+    assert reads == (layers if policy == "never" else 2 * layers)  # fused policies recompute it for the dgrad
+    assert torch.equal(torch.stack(losses_a), torch.stack(losses_b))
+    for name, grad in grads_a.items():
+        assert grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
+
+
+def test_fp8_block_runs_deploy_kernels_on_the_codes():
+    """QAT FP8, fused (the default policy): inside the block the training graph neither quantizes a weight nor saves
+    one; forward and dgrad of both expert GEMMs run ``moeq::grouped_qmm`` on the codes and each wgrad's STE mask
+    reads them. Losses and gradients equal the block-free step's bit for bit: that step runs the same kernels on
+    codes it computes itself."""
+    model, cm, tokens = _finalized("FP8")
+    with combine_fusion(False):
+        losses_a, grads_a, code_a = _accumulate(model, cm, tokens, reuse=False, micro_batches=2)
+        losses_b, grads_b, code = _accumulate(model, cm, tokens, reuse=True, micro_batches=2)
+    layers = 2  # gate_up and down
+    assert code_a.count("torch.ops.moeq.quantize_weight.default(") == layers
+    assert not _quantizes_weights(code)
+    calls = re.findall(r"torch\.ops\.moeq\.grouped_qmm\.default\((.*)\)", code)
+    assert sum("'deploy', 'fp8', 'fp8'" in c for c in calls) == layers  # forward, x quantized in the kernel
+    assert sum("'deploy', 'fp8', None" in c for c in calls) == layers  # dgrad
+    wgrads = re.findall(r"torch\.ops\.moeq\.grouped_wgrad_ste\.default\((.*)\)", code)
+    assert len(wgrads) == layers and all(w.rsplit(",", 1)[-1].strip() != "None" for w in wgrads)
+    assert torch.equal(torch.stack(losses_a), torch.stack(losses_b))
+    for name, grad in grads_a.items():
+        assert grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
+
+
+@pytest.mark.parametrize("cfg_name", ["FP8", "NVFP4"])
+def test_inference_inside_the_block_is_the_qat_forward(cfg_name):
+    """An evaluation forward (no grad) inside the block gives the block-free QAT output bit for bit, and that output
+    is quantized (not the full-precision one); after the block the model compiles back to quantizing weights."""
+    model, cm, tokens = _finalized(cfg_name)
+    model.eval()
+    with torch.no_grad(), combine_fusion(False):
+        qat, code_a = run_and_get_code(lambda: cm(tokens).logits)
+        with moeq.reuse_weight_codes(cm) as report:
+            reused, code_b = run_and_get_code(lambda: cm(tokens).logits)
+        after, code_c = run_and_get_code(lambda: cm(tokens).logits)
+    assert sorted(report.reused) == sorted(expert_parameter_names(model)) and not report.skipped
+    modes = [re.findall(r"grouped_qmm\.default\(.*'(qat|deploy)', '", "\n".join(c)) for c in (code_a, code_b, code_c)]
+    inside = ["deploy"] * 2 if cfg_name == "FP8" else []  # NVFP4: the codes' dequant, then the GEMM
+    assert modes == [["qat"] * 2, inside, ["qat"] * 2]  # and back to QAT after the block
+    assert torch.equal(qat, reused) and torch.equal(qat, after)
+    torch._dynamo.reset()
+    plain = tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1)
+    with torch.no_grad():
+        assert not torch.equal(plain(tokens).logits, qat)
+
+
+def test_quantize_graph_reads_codes_at_run_time():
+    """``moeq.quantize_graph`` (the state is called as a submodule, so the block takes effect without a recompile):
+    gradients of two micro-batches and the output equal the block-free ones bit for bit."""
+
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            gen = torch.Generator().manual_seed(1)
+            self.w = nn.Parameter((torch.randn(4, 48, 32, generator=gen) * 0.1).to(torch.bfloat16))
+
+        def forward(self, x, offs):
+            return torch._grouped_mm(x, self.w.transpose(1, 2), offs)
+
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    offs = torch.tensor([8, 15, 15, 40], dtype=torch.int32)  # expert 2 gets no rows
+    for cfg in (moeq.FP8, moeq.NVFP4):
+        qgm = moeq.quantize_graph(torch.fx.symbolic_trace(Experts()), cfg)
+        with torch.no_grad(), moeq.calibrate(qgm):
+            qgm(x, offs)
+        moeq.finalize(qgm)
+        w = qgm.get_parameter("w")
+
+        def grads(reuse, qgm=qgm, w=w):
+            w.grad = None
+            outs = []
+            with moeq.reuse_weight_codes(qgm) if reuse else contextlib.nullcontext():
+                for i in range(2):
+                    out = qgm(x.roll(i, 0), offs)
+                    out.float().square().sum().backward()
+                    outs.append(out.detach())
+            return outs, w.grad.clone()
+
+        (outs_a, grad_a), (outs_b, grad_b) = grads(False), grads(True)
+        assert all(torch.equal(a, b) for a, b in zip(outs_a, outs_b)), cfg.name
+        assert grad_a.abs().sum() > 0 and torch.equal(grad_a, grad_b), cfg.name
+        with torch.no_grad():
+            unquantized = torch._grouped_mm(x, w.transpose(1, 2), offs)
+        assert not torch.equal(outs_a[0], unquantized), cfg.name
+
+
+def test_clipped_weights_get_no_gradient_inside_the_block():
+    """The straight-through estimator inside the block is the fake quant's: weights scaled past their calibrated
+    amax get no gradient, the others do."""
+    model, cm, tokens = _finalized("FP8")
+    clipped = {}
+    with torch.no_grad():
+        for name in expert_parameter_names(model):
+            p = model.get_parameter(name)
+            amax = expert_amax(p).view(-1, 1, 1)
+            p[:, :2] *= 4
+            clipped[name] = p.abs() > amax
+    _, grads, _ = _accumulate(model, cm, tokens, reuse=True, micro_batches=1)
+    for name, grad in grads.items():
+        assert clipped[name].any() and not grad[clipped[name]].any(), name
+        assert grad[~clipped[name]].count_nonzero() > 0.5 * (~clipped[name]).sum(), name
+
+
+# ------------------------------------------------------------------------------------------------
+# misuse
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_weight_changed_inside_the_block_is_an_error_naming_it():
+    """An optimizer step inside the block makes later forwards read stale codes: the block's end raises, naming
+    each changed weight; the model leaves the block either way (the next forward quantizes again)."""
+    model, cm, tokens = _finalized("FP8")
+    opt = torch.optim.SGD([model.get_parameter(expert_parameter_names(model)[0])], lr=1e-3)
+    with pytest.raises(RuntimeError, match=r"changed inside reuse_weight_codes.*gate_up_proj \(version \d+ -> \d+"):
+        with moeq.reuse_weight_codes(cm):
+            cm(tokens, labels=tokens).loss.backward()
+            opt.step()
+    state = moeq.quant_state(cm)
+    assert all(not s.codes_reused and s.codes_data.numel() == 0 for s in state.values())
+
+
+def test_the_block_needs_a_finalized_qat_model():
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), moeq.FP8)
+    with pytest.raises(RuntimeError, match=r"mode 'off', not QAT \('quantize'\): call finalize\(\)"):
+        with moeq.reuse_weight_codes(model):
+            pass
+    model, cm, _ = _finalized("FP8")
+    with moeq.reuse_weight_codes(cm):
+        with pytest.raises(RuntimeError, match="already inside a reuse_weight_codes block"):
+            with moeq.reuse_weight_codes(cm):
+                pass
+    moeq.freeze(cm)
+    with pytest.raises(RuntimeError, match="mode 'deploy'.*moeq.freeze stored its weights quantized already"):
+        with moeq.reuse_weight_codes(cm):
+            pass
+
+
+def test_module_list_experts_are_reported_not_reused():
+    """Per-expert module lists (2-D weights) keep quantizing at every forward; the report says so and why."""
+    model, cm, tokens = _finalized("FP8", listed_model())
+    with moeq.reuse_weight_codes(cm) as report:
+        pass
+    assert not report.reused and report.skipped
+    assert all("per-expert module list" in why for why in report.skipped.values())
+
+
+def test_codes_of_another_weight_are_rejected_by_the_op():
+    w = torch.randn(4, 64, 32, dtype=torch.bfloat16)
+    amax = w.abs().amax(dim=(1, 2)).float()
+    data, scale, block = torch.ops.moeq.quantize_weight(w, amax, "fp8", 0, 2)
+    with pytest.raises(ValueError, match=r"codes \(data \[4, 64, 32\].*not those of the fp8 weight \[4, 32, 64\]"):
+        torch.ops.moeq.fake_quant_weight_from_codes(
+            w.transpose(1, 2).contiguous(), amax, data, scale, block, "fp8", 0, 2
+        )
+    with pytest.raises(ValueError, match=r"3-D weight with experts along dim 0, got \[64, 32\]"):
+        torch.ops.moeq.fake_quant_weight_from_codes(w[0], amax, data, scale, block, "fp8", 0, 1)
+    got = torch.ops.moeq.fake_quant_weight_from_codes(w, amax, data, scale, block, "fp8", 0, 2)
+    assert torch.equal(got, torch.ops.moeq.fake_quant_weight(w, amax, "fp8", 0, 2))
