@@ -3,6 +3,8 @@ tiny HF MoE gives identical outputs with the Triton kernels and with the referen
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import triton
@@ -480,6 +482,53 @@ def test_qat_fp8_training_step_saves_codes_and_fuses_cuda():
     errors = {n: (rel(grads[n], grads_f32[n]), rel(grads_ref[n], grads_f32[n])) for n in grads}
     for name, (fused_err, unfused_err) in errors.items():
         assert grads[name].abs().sum() > 0 and fused_err <= 1.5 * unfused_err + 1e-2, (name, errors)
+
+
+@pytest.mark.parametrize("config", ["FP8", "NVFP4"])
+def test_reused_weight_codes_training_cuda(config):
+    """Two gradient-accumulation micro-batches inside ``moeq.reuse_weight_codes`` on CUDA: a profiled micro-batch
+    launches no weight quantization (no ``fake_quant_experts``); FP8 runs ``grouped_qmm`` on the codes for forward
+    and dgrad (no dequant), NVFP4 dequantizes the packed codes for forward and again for the dgrad. Loss and
+    expert gradients agree with the same micro-batches without the block (same quantized weights; 5%: the bound
+    this model's gradients need under last-bit forward changes, see the QAT FP8 training-step test)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeq.integrations.hf import expert_parameter_names
+
+    tokens = make_tokens(batch=4, seq=64).cuda()
+    cm = _compiled_qwen(config, False, tokens)
+    model = cm._orig_mod
+    cm.train()
+
+    def accumulate(reuse: bool):
+        cm.zero_grad(set_to_none=True)
+        losses, names = [], []
+        with moeq.reuse_weight_codes(cm) if reuse else contextlib.nullcontext():
+            for i in range(3):  # the first compiles and autotunes; the last is profiled
+                micro = tokens.roll(i, dims=1)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    loss = cm(micro, labels=micro).loss
+                    loss.backward()
+                    torch.cuda.synchronize()
+                losses.append(loss.detach().float().cpu())
+                names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        grads = {n: model.get_parameter(n).grad.float().cpu() for n in expert_parameter_names(model)}
+        return torch.stack(losses), grads, names
+
+    losses, grads, _ = accumulate(reuse=False)
+    losses_b, grads_b, names = accumulate(reuse=True)
+    gemms = 4  # 2 MoE layers x (gate_up, down)
+    assert not [n for n in names if "fake_quant_experts" in n], names
+    dequants = [n for n in names if "dequant" in n]
+    if config == "FP8":
+        assert len([n for n in names if "grouped_qmm" in n]) == 2 * gemms and not dequants, names
+    else:
+        assert len(dequants) == 2 * gemms, names
+    torch.testing.assert_close(losses_b, losses, rtol=1e-2, atol=0)
+    for name, grad in grads.items():
+        err = ((grads_b[name].double() - grad.double()).norm() / grad.double().norm()).item()
+        assert grad.abs().sum() > 0 and err < 5e-2, (name, err)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
