@@ -30,3 +30,20 @@ def test_megatron_qat_example_runs():
     deploy = re.search(r"deploy vs QAT output, max abs difference: (\S+)", run.stdout)
     assert deploy is not None and float(deploy[1]) == 0.0
     assert "quant state saved (2 module lists)" in run.stdout
+
+
+def test_hf_qat_accumulation_example_runs():
+    """QAT of a tiny transformers Qwen3-MoE with gradient accumulation inside ``moeq.reuse_weight_codes``: the
+    example's own check (one step's gradients equal the block-free step's) holds, all four expert weights are read
+    from codes, and the training steps run."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "hf_qat_accumulation.py"), "--steps", "2", "--micro-batches", "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "accumulated expert gradients equal to the block-free step's: True" in run.stdout, run.stdout
+    assert "codes reused for 4 expert weights" in run.stdout, run.stdout
+    assert re.search(r"trained 2 steps, .* final loss \d", run.stdout), run.stdout
