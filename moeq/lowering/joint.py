@@ -196,16 +196,18 @@ def _fp8_codes(graph: fx.Graph, w: fx.Node, amax: fx.Node, before: fx.Node) -> f
 
 
 def recompute_reused_codes(graph: fx.Graph) -> int:
-    """Mark every ``fake_quant_weight_from_codes`` of a joint graph (inside ``moeq.reuse_weight_codes``) to be
-    recomputed in backward: the partitioner then saves nothing for the weight (the codes are graph inputs), and
-    the forward and dgrad GEMMs each read it through their own (FP8: fused) op. Returns the count."""
+    """Mark every FP8 ``fake_quant_weight_from_codes`` of a joint graph (inside ``moeq.reuse_weight_codes``) to be
+    recomputed in backward: the partitioner then saves nothing for the weight (the codes are graph inputs), and the
+    forward and dgrad GEMMs each fuse with their own read of the codes. An NVFP4 one stays saved: its dequant is a
+    pass of its own (0.56 bytes read and 2 written per element), which recomputing would run twice per step, and
+    its bf16 output is what a block-free graph saves too. Returns the count."""
     marked = 0
     for node in graph.nodes:
-        if node.target == torch.ops.moeq.fake_quant_weight_from_codes.default:
+        if node.target == torch.ops.moeq.fake_quant_weight_from_codes.default and node.args[5] == "fp8":
             node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
             marked += 1
     if marked:
-        logger.info("moeq: training graph reads %d expert weights from reused codes", marked)
+        logger.info("moeq: training graph reads %d FP8 expert weights from reused codes", marked)
     return marked
 
 

@@ -10,7 +10,8 @@ gradient is the same straight-through estimator into the bf16 weight). Compiled 
 with the deploy kernel (``moeq::grouped_qmm`` on a stored weight), which computes the QAT values from them; NVFP4
 graphs dequantize the codes (one Triton pass, 0.56 bytes read per weight element instead of the fake quant's 2)
 and run ``torch._grouped_mm``, because NVFP4's deploy kernel scales the fp32 product rather than each weight.
-Training graphs save nothing for the weight (the dgrad reads the codes again).
+FP8 training graphs save nothing for the weight (the dgrad reads the codes again); NVFP4 ones save the
+dequantized weight for the dgrad, as block-free graphs save the fake-quantized one.
 
 The block is the caller's promise that the expert weights do not change inside it (step the optimizer after
 it). A change that bumps a weight's version counter (``optimizer.step()``, ``p.copy_()``, ``p.add_()``) is an
