@@ -14,12 +14,14 @@ import re
 import pytest
 import torch
 from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import run_and_get_code
 
 import moeq
 from moeq.formats import expert_amax
 from moeq.integrations.hf import expert_parameter_names, tiny_model
 from moeq.lowering.inductor import combine_fusion, fusion
+from moeq.state import get_state
 from tests.conftest import make_tokens
 from tests.listed_experts import listed_model
 
@@ -186,6 +188,52 @@ def test_clipped_weights_get_no_gradient_inside_the_block():
         assert grad[~clipped[name]].count_nonzero() > 0.5 * (~clipped[name]).sum(), name
 
 
+def test_the_next_block_refills_the_same_buffers_with_the_new_weights():
+    """Blocks around optimizer steps: the second block writes the new weights' codes into the first block's buffers
+    (same addresses, as CUDA-graph replays need) and its gradients are the block-free ones of the new weights;
+    ``keep=False`` frees the buffers on exit."""
+    model, cm, tokens = _finalized("FP8")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    _accumulate(model, cm, tokens, reuse=True, micro_batches=1)
+    state = moeq.quant_state(cm)
+    addresses = {fqn: [t.data_ptr() for t in s.codes()] for fqn, s in state.items()}
+    codes_before = {fqn: s.codes_data.clone() for fqn, s in state.items()}
+    opt.step()
+    _, grads_a, _ = _accumulate(model, cm, tokens, reuse=False, micro_batches=2)
+    _, grads_b, _ = _accumulate(model, cm, tokens, reuse=True, micro_batches=2)
+    for fqn, s in state.items():
+        assert [t.data_ptr() for t in s.codes()] == addresses[fqn], fqn
+        assert not torch.equal(s.codes_data, codes_before[fqn]), fqn  # the new weights' codes
+        assert torch.equal(grads_a[fqn], grads_b[fqn]), fqn
+    with moeq.reuse_weight_codes(cm, keep=False):
+        pass
+    assert all(t.numel() == 0 for s in state.values() for t in s.codes())
+
+
+def test_state_buffers_are_static_inputs_for_cuda_graphs():
+    """Every state buffer the backend lifts to a graph input (amaxes, a frozen weight's codes and scales) is a
+    static input of the compiled graph, as Dynamo's parameters are: CUDA-graph replays read it in place instead of
+    copying it into the graph's memory (a frozen Qwen3-30B-A3B layer's codes are 603 MB)."""
+    seen = []
+
+    class Record(CustomGraphPass):
+        def __call__(self, graph):
+            context = torch._guards.TracingContext.try_get()
+            inputs = [n.name for n in graph.nodes if n.op == "placeholder"]
+            seen.append((len(inputs), set(context.fw_metadata.static_input_indices)))
+
+        def uuid(self):
+            return None
+
+    model, cm, tokens = _finalized("FP8")
+    moeq.freeze(cm)
+    with torch._inductor.config.patch(post_grad_custom_pre_pass=Record()), torch.no_grad():
+        cm(tokens)
+    count, static = seen[-1]
+    lifted = 2 * 4  # per expert weight: frozen data, scale, block scales, input amax
+    assert set(range(count - lifted, count)) <= static, (count, sorted(static))
+
+
 # ------------------------------------------------------------------------------------------------
 # misuse
 # ------------------------------------------------------------------------------------------------
@@ -200,8 +248,8 @@ def test_a_weight_changed_inside_the_block_is_an_error_naming_it():
         with moeq.reuse_weight_codes(cm):
             cm(tokens, labels=tokens).loss.backward()
             opt.step()
-    state = moeq.quant_state(cm)
-    assert all(not s.codes_reused and s.codes_data.numel() == 0 for s in state.values())
+    state = get_state(cm)
+    assert not state.mode_box.codes_reused and not any(s.codes_reused for s in state.experts.values())
 
 
 def test_the_block_needs_a_finalized_qat_model():

@@ -30,6 +30,7 @@ __all__ = [
     "observe_segments_",
     "observe_segments_reference_",
     "quantize_weight",
+    "quantize_weight_into_",
     "row_expert_ids",
     "single_expert_offsets",
     "stored_shapes",
@@ -335,10 +336,14 @@ def _register_cuda_kernels() -> None:
             return data.to(w.device), scale.to(w.device), block.to(w.device)
         if fmt != "fp8" or w.dim() != 3 or expert_dim % 3 != 0:
             return _quantize_weight_reference(w, amax, fmt, expert_dim, contraction_dim)
-        k_dim = contraction_dim % 3
-        codes = kernels.fake_quant_experts(w, amax, fmt, k_dim, codes=True).movedim(k_dim, -1).contiguous()
-        scale = get_format(fmt).scale_from_amax(amax.detach().float()).reshape(-1).contiguous()
-        return codes.view(torch.uint8), scale, codes.new_empty(0, dtype=torch.uint8)
+        data_shape, block_shape = stored_shapes(w.shape, fmt, contraction_dim)
+        stored = (
+            w.new_empty(data_shape, dtype=torch.uint8),
+            w.new_empty(w.shape[0], dtype=torch.float32),
+            w.new_empty(block_shape, dtype=torch.uint8),
+        )
+        _fp8_codes_into(w, amax, contraction_dim, stored[0], stored[1])
+        return stored
 
     @grouped_wgrad_ste.register_kernel("cuda")
     def _(
@@ -432,6 +437,30 @@ def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) 
     data, block = stored_shapes(w.shape, fmt, contraction_dim)
     scale = w.new_empty(w.shape[0], dtype=torch.float32)
     return w.new_empty(data, dtype=torch.uint8), scale, w.new_empty(block, dtype=torch.uint8)
+
+
+def _fp8_codes_into(w: Tensor, amax: Tensor, contraction_dim: int, data: Tensor, scale: Tensor) -> None:
+    """FP8 codes written by the Triton kernel straight into K-last ``data`` (seen in ``w``'s layout); the scales."""
+    k_dim = contraction_dim % 3
+    codes = data.view(torch.float8_e4m3fn).movedim(-1, k_dim)
+    _triton_kernels().fake_quant_experts(w, amax, "fp8", k_dim, codes=True, out=codes)
+    scale.copy_(get_format("fp8").scale_from_amax(amax.detach().float()).reshape(-1))
+
+
+def quantize_weight_into_(
+    w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int, data: Tensor, scale: Tensor, block: Tensor
+) -> None:
+    """``quantize_weight(w, amax, ...)`` written into existing tensors of its output shapes, so that they keep
+    their addresses (CUDA graphs replay reading them). On CUDA, FP8 codes go straight from the kernel into
+    ``data``; otherwise the op's result is copied."""
+    kernel = _TRITON_ENABLED and w.is_cuda and _triton_kernels() is not None
+    if kernel and fmt == "fp8" and w.dim() == 3 and expert_dim % 3 == 0:
+        _fp8_codes_into(w, amax, contraction_dim, data, scale)
+        return
+    for dst, src in zip(
+        (data, scale, block), torch.ops.moeq.quantize_weight(w, amax, fmt, expert_dim, contraction_dim)
+    ):
+        dst.copy_(src)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -97,6 +97,9 @@ class _Quantizers:
                 node = self.graph.placeholder(f"{graph_name(est.fqn)}_{name}")
             node.meta["example_value"] = _fake(getattr(est, name))
             node._dynamo_source = None  # type: ignore[attr-defined]  # not a user input; AOT accepts None
+            # a static input for CUDA graphs, as Dynamo marks parameters: replays read the buffer where it is
+            # (updated in place: finalize, reuse_weight_codes) instead of copying it into the graph's memory
+            node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
             self._placeholders[key] = node
             self.lifted.append(LiftedBuffer(est, name, self._weight_index.get(est.fqn)))
         return self._placeholders[key]

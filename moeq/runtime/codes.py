@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from moeq.lowering.ops import quantize_weight_into_, stored_shapes
 from moeq.state import ExpertQuantState, ModelQuantState, get_state, is_listed_key
 
 __all__ = ["ReusedCodes", "reuse_weight_codes"]
@@ -67,27 +68,31 @@ def _fill(state: ModelQuantState, report: ReusedCodes) -> dict[str, tuple[torch.
                 report.skipped[fqn] = reason
                 continue
             w = state.weight(fqn)
-            data, scale, block = torch.ops.moeq.quantize_weight(
-                w, est.weight_amax, est.config.weight, est.expert_dim, est.contraction_dim
-            )
-            est.codes_data, est.codes_scale, est.codes_block_scale = data, scale, block
+            args = (w, est.weight_amax, est.config.weight, est.expert_dim, est.contraction_dim)
+            data_shape, block_shape = stored_shapes(w.shape, est.config.weight, est.contraction_dim)
+            shapes = (data_shape, (w.shape[0],), block_shape)
+            if [(tuple(t.shape), t.device) for t in est.codes()] == [(s, w.device) for s in shapes]:
+                quantize_weight_into_(*args, *est.codes())  # the last block's buffers: same addresses
+            else:
+                est.codes_data, est.codes_scale, est.codes_block_scale = torch.ops.moeq.quantize_weight(*args)
             est.codes_reused = True
             versions[fqn] = (w, w._version, est.weight_amax._version)
-            report.reused[fqn] = data.nbytes + scale.nbytes + block.nbytes
+            report.reused[fqn] = sum(t.nbytes for t in est.codes())
     return versions
 
 
-def _release(state: ModelQuantState) -> None:
+def _release(state: ModelQuantState, keep: bool) -> None:
     state.mode_box.codes_reused = False
     for est in state.experts.values():
         est.codes_reused = False
-        est.codes_data = est.codes_data.new_zeros(0)
-        est.codes_scale = est.codes_scale.new_zeros(0)
-        est.codes_block_scale = est.codes_block_scale.new_zeros(0)
+        if not keep:
+            est.codes_data = est.codes_data.new_zeros(0)
+            est.codes_scale = est.codes_scale.new_zeros(0)
+            est.codes_block_scale = est.codes_block_scale.new_zeros(0)
 
 
 @contextmanager
-def reuse_weight_codes(model: Any) -> Iterator[ReusedCodes]:
+def reuse_weight_codes(model: Any, keep: bool = True) -> Iterator[ReusedCodes]:
     """Within the block, QAT forwards of ``model`` (compiled with ``backend="moeq"``, rewritten by
     ``moeq.quantize_graph`` or eager) read each expert weight's codes computed on entry instead of quantizing the
     weight again. For the micro-batches of one optimizer step::
@@ -101,7 +106,9 @@ def reuse_weight_codes(model: Any) -> Iterator[ReusedCodes]:
     The GEMMs read the same quantized weights as without the block; on the CPU outputs and gradients are bit for
     bit the same, on the GPU up to a kernel's accumulation order (a block-free graph may pick another tile). A
     compiled model compiles once more (Dynamo guards on the block). The codes take 1 byte per FP8 weight element
-    (0.56 for NVFP4) until the block ends. Needs a finalized model (QAT mode); yields a :class:`ReusedCodes` report.
+    (0.56 for NVFP4). ``keep`` (default) keeps that memory after the block, and the next block writes the new
+    codes into it: the same addresses, which a CUDA-graph replay needs (a new address records the graph again);
+    ``keep=False`` frees it on exit. Needs a finalized model (QAT mode); yields a :class:`ReusedCodes` report.
     """
     state = get_state(model)
     if state.mode != "quantize":
@@ -121,7 +128,7 @@ def reuse_weight_codes(model: Any) -> Iterator[ReusedCodes]:
         )
         yield report
     finally:
-        _release(state)
+        _release(state, keep)
     changed = [
         f"{fqn} (version {seen} -> {w._version}, amax version {amax_seen} -> {state[fqn].weight_amax._version})"
         for fqn, (w, seen, amax_seen) in versions.items()

@@ -156,6 +156,24 @@ def test_fp8_weight_codes_bit_exact(shape, k_dim, dtype, seed):
     assert torch.equal((got.float() * scale).to(dtype), fmt.fake_quant(w, expand_per_expert(amax, 3), k_dim))
 
 
+@pytest.mark.parametrize(("shape", "k_dim"), WEIGHT_SHAPES[:3])
+def test_fp8_weight_codes_into_a_k_last_buffer(shape, k_dim):
+    """``out=``: the kernel writes the codes into an existing K-last buffer seen in the weight's layout (what
+    ``moeq.reuse_weight_codes`` refills in place); the buffer keeps its address and holds formats' codes, and an
+    ``out`` of another shape or dtype is an error naming both."""
+    w = _weights(shape, torch.bfloat16, 3)
+    amax = expert_amax(w) * 0.9
+    expected = get_format("fp8").quantize(w, expand_per_expert(amax, 3), k_dim).data  # K-last
+    buffer = torch.zeros(expected.shape, dtype=torch.uint8)
+    address = buffer.data_ptr()
+    kernels.fake_quant_experts(
+        w, amax, "fp8", k_dim, codes=True, out=buffer.view(torch.float8_e4m3fn).movedim(-1, k_dim)
+    )
+    assert buffer.data_ptr() == address and torch.equal(buffer, expected.view(torch.uint8))
+    with pytest.raises(ValueError, match=r"out is .* torch.uint8 on cpu, needs .* torch.float8_e4m3fn on cpu"):
+        kernels.fake_quant_experts(w, amax, "fp8", k_dim, codes=True, out=buffer.movedim(-1, k_dim))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_expert"])
 @pytest.mark.parametrize("counts", COUNTS[:2], ids=lambda c: "-".join(map(str, c)))

@@ -80,12 +80,14 @@ def fake_quant_experts(
     contraction_dim: int = -1,
     codes: bool = False,
     wrap: Callable[[Any], Any] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantize a stacked expert weight ``[E, ., .]`` with per-expert amax ``[E]``; same shape/dtype.
 
     ``codes=True`` (FP8 only): the e4m3 codes (float8_e4m3fn, same shape and strides) instead; times the
     expert's ``amax / 448`` they are the fake quant (``moeq.formats`` FP8 ``quantize``'s data). ``wrap``: applied
-    to the kernel before launching (``wrap_triton`` in a triton_op)."""
+    to the kernel before launching (``wrap_triton`` in a triton_op). ``out``: written instead of a new tensor
+    (the result's shape and dtype, any strides: e.g. a K-last buffer viewed in ``w``'s layout)."""
     fmt = get_format(fmt)
     if codes and fmt.name != "fp8":
         raise ValueError(f"codes=True returns FP8 codes; format {fmt.name!r} has none")
@@ -101,7 +103,14 @@ def fake_quant_experts(
     if fmt.name not in ("fp8", "nvfp4"):
         raise NotImplementedError(f"no Triton kernel for format {fmt.name!r}")
     m_dim = 3 - k_dim
-    out = torch.empty_like(w, dtype=torch.float8_e4m3fn if codes else w.dtype)
+    out_dtype = torch.float8_e4m3fn if codes else w.dtype
+    if out is None:
+        out = torch.empty_like(w, dtype=out_dtype)
+    elif out.shape != w.shape or out.dtype != out_dtype or out.device != w.device:
+        raise ValueError(
+            f"fake_quant_experts: out is {tuple(out.shape)} {out.dtype} on {out.device}, needs {tuple(w.shape)} "
+            f"{out_dtype} on {w.device}"
+        )
     amax = as_fp32(weight_amax)
     E, M, K = w.shape[0], w.shape[m_dim], w.shape[k_dim]
 
@@ -110,8 +119,8 @@ def fake_quant_experts(
 
     def reference() -> torch.Tensor:
         if codes:
-            return fmt.quantize(w, amax.view(-1, 1, 1), k_dim).data.movedim(-1, k_dim)
-        return fmt.fake_quant(w, amax.view(-1, 1, 1), k_dim)
+            return out.copy_(fmt.quantize(w, amax.view(-1, 1, 1), k_dim).data.movedim(-1, k_dim))
+        return out.copy_(fmt.fake_quant(w, amax.view(-1, 1, 1), k_dim))
 
     def launch() -> torch.Tensor:
         if E > _MAX_GRID_YZ or cdiv(M, _MIN_BLOCK_M) > _MAX_GRID_YZ:
