@@ -286,9 +286,12 @@ def describe_training(mode: str, w_fmt: str) -> str:
         return (
             "a training graph quantizes each expert weight to FP8 codes once per step and saves them for backward "
             f"(not a bf16 copy); forward and dgrad run moeq::grouped_qmm on the codes; {ste}, which reads the codes"
-            f"{gathers}"
+            f"{gathers}; inside moeq.reuse_weight_codes the codes are computed once for all the block's micro-batches"
         )
-    return f"a training graph saves the quantized weight for backward and keeps the Q/DQ ops; {ste}{gathers}"
+    reuse = "; inside moeq.reuse_weight_codes each weight is the dequant of codes computed once per block" * (
+        mode == "qat"
+    )
+    return f"a training graph saves the quantized weight for backward and keeps the Q/DQ ops; {ste}{gathers}{reuse}"
 
 
 class TrainingGraphPass(CustomGraphPass):
