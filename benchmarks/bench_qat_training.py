@@ -8,7 +8,8 @@ summed CUDA kernel time (torch.profiler; the step ms less this is CPU launch ove
 forward keeps for backward (MB allocated after the forward, less before), and the expert weight gradients'
 relative error against the bf16 layer's (the quantization's effect, a sanity check, not a target).
 
-A variant ``CONFIG:POLICY:reuse`` times its steps inside ``moeq.reuse_weight_codes`` (a gradient-accumulation
+A variant ``CONFIG:POLICY:reuse`` (or ``...:reuse:dequantized``, which also keeps each weight's dequantized copy)
+times its steps inside ``moeq.reuse_weight_codes`` (a gradient-accumulation
 micro-batch: the weights' codes computed once per optimizer step); "codes ms" is that once-per-step entry (every
 expert weight quantized), to be spread over the step's micro-batches.
 
@@ -70,9 +71,9 @@ def step(layer, x: torch.Tensor, grad_out: torch.Tensor) -> None:
     torch.autograd.backward(out[0] if isinstance(out, tuple) else out, grad_out)
 
 
-def quantize_weights_once(layer) -> None:
+def quantize_weights_once(layer, dequantized: bool) -> None:
     """What ``moeq.reuse_weight_codes`` costs once per optimizer step: entering it (every expert weight quantized)."""
-    with moeq.reuse_weight_codes(layer):
+    with moeq.reuse_weight_codes(layer, dequantized=dequantized):
         pass
 
 
@@ -137,14 +138,15 @@ def main() -> None:
     for variant in [None, *args.variants.split(",")]:
         name, policy, *reuse = variant.split(":") if variant else (None, "auto")
         label = "bf16 (inductor)" if name is None else f"QAT {name} (moeq, fusion {policy})"
-        label += ", codes reused" if reuse else ""
+        dequantized = "dequantized" in reuse
+        label += (", codes reused" if reuse else "") + (" with dequantized copies" if dequantized else "")
         torch._dynamo.reset()  # each variant compiles afresh (the policy is read when Inductor compiles)
         with fusion(policy), contextlib.ExitStack() as block:
             layer = compiled_variant(base, name, calib)
             codes_ms = float("nan")
             if reuse:
-                codes_ms = time_ms(lambda: quantize_weights_once(layer), device, 30)  # noqa: B023
-                block.enter_context(moeq.reuse_weight_codes(layer))
+                codes_ms = time_ms(lambda: quantize_weights_once(layer, dequantized), device, 30)  # noqa: B023
+                block.enter_context(moeq.reuse_weight_codes(layer, dequantized=dequantized))
             for tokens in sizes:
                 x, grad_out = inputs[tokens]
                 layer.zero_grad(set_to_none=True)
@@ -161,6 +163,7 @@ def main() -> None:
                     label.split(" (")[0].replace(" ", "_")
                     + ("" if name is None else f"_{policy}")
                     + "_reuse" * bool(reuse)
+                    + "_dequantized" * dequantized
                 )
                 with open(os.path.join(args.out, f"kernels_{slug}_{tokens}.txt"), "w") as fh:
                     fh.write(kernels)

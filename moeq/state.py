@@ -89,6 +89,8 @@ class ExpertQuantState(nn.Module):
         self.register_buffer("codes_data", torch.zeros(0, dtype=torch.uint8), persistent=False)
         self.register_buffer("codes_scale", torch.zeros(0), persistent=False)
         self.register_buffer("codes_block_scale", torch.zeros(0, dtype=torch.uint8), persistent=False)
+        # reuse_weight_codes(dequantized=True): the codes' dequant, in the weight's layout and dtype (empty if not)
+        self.register_buffer("codes_dequantized", torch.zeros(0), persistent=False)
 
     @property
     def num_experts(self) -> int:
@@ -204,8 +206,9 @@ class ModeBox:
     def __init__(self, config_key: str) -> None:
         self.value = "off"
         self.config_key = config_key
-        #: inside moeq.reuse_weight_codes: QAT graphs read the expert weights' codes computed on entry
-        self.codes_reused = False
+        #: inside moeq.reuse_weight_codes: QAT graphs read the expert weights' codes computed on entry ("codes"),
+        #: and their dequantized copies where a 16-bit weight is read ("dequantized"); False outside
+        self.codes_reused: bool | str = False
         self.warned_eager: set[str] = set()
 
     def warn_eager(self, module: str) -> None:
@@ -230,7 +233,7 @@ class ModeBox:
 
     def check(self) -> None:
         """Raise on an unknown mode; reading the fields is what makes Dynamo guard on them."""
-        if self.value not in MODES or not self.config_key or self.codes_reused not in (False, True):
+        if self.value not in MODES or not self.config_key or self.codes_reused not in (False, "codes", "dequantized"):
             raise ValueError(
                 f"invalid moeq mode {self.value!r} (config {self.config_key!r}, codes reused {self.codes_reused!r})"
             )

@@ -484,11 +484,13 @@ def test_qat_fp8_training_step_saves_codes_and_fuses_cuda():
         assert grads[name].abs().sum() > 0 and fused_err <= 1.5 * unfused_err + 1e-2, (name, errors)
 
 
+@pytest.mark.parametrize("dequantized", [False, True], ids=["codes", "dequantized"])
 @pytest.mark.parametrize("config", ["FP8", "NVFP4"])
-def test_reused_weight_codes_training_cuda(config):
+def test_reused_weight_codes_training_cuda(config, dequantized):
     """Two gradient-accumulation micro-batches inside ``moeq.reuse_weight_codes`` on CUDA: a profiled micro-batch
     launches no weight quantization (no ``fake_quant_experts``); FP8 runs ``grouped_qmm`` on the codes for forward
-    and dgrad (no dequant), NVFP4 dequantizes the packed codes once per micro-batch. Loss and
+    and dgrad (no dequant), NVFP4 dequantizes the packed codes once per micro-batch; with ``dequantized=True`` the
+    FP8 dgrad and every NVFP4 GEMM read the block's dequantized copy (no dequant launched at all). Loss and
     expert gradients agree with the same micro-batches without the block (same quantized weights; 5%: the bound
     this model's gradients need under last-bit forward changes, see the QAT FP8 training-step test)."""
     from torch.profiler import ProfilerActivity, profile
@@ -503,7 +505,7 @@ def test_reused_weight_codes_training_cuda(config):
     def accumulate(reuse: bool):
         cm.zero_grad(set_to_none=True)
         losses, names = [], []
-        with moeq.reuse_weight_codes(cm) if reuse else contextlib.nullcontext():
+        with moeq.reuse_weight_codes(cm, dequantized=dequantized) if reuse else contextlib.nullcontext():
             for i in range(3):  # the first compiles and autotunes; the last is profiled
                 micro = tokens.roll(i, dims=1)
                 torch.cuda.synchronize()
@@ -521,10 +523,11 @@ def test_reused_weight_codes_training_cuda(config):
     gemms = 4  # 2 MoE layers x (gate_up, down)
     assert not [n for n in names if "fake_quant_experts" in n], names
     dequants = [n for n in names if "dequant" in n]
-    if config == "FP8":
-        assert len([n for n in names if "grouped_qmm" in n]) == 2 * gemms and not dequants, names
+    qmm = [n for n in names if "grouped_qmm" in n]
+    if config == "FP8":  # the forward's FP8 GEMM on the codes, and the dgrad's unless it reads the copy
+        assert len(qmm) == (1 if dequantized else 2) * gemms and not dequants, names
     else:
-        assert len(dequants) == gemms, names
+        assert len(dequants) == (0 if dequantized else gemms) and not qmm, names
     torch.testing.assert_close(losses_b, losses, rtol=1e-2, atol=0)
     for name, grad in grads.items():
         err = ((grads_b[name].double() - grad.double()).norm() / grad.double().norm()).item()

@@ -43,14 +43,13 @@ def _finalized(cfg_name: str, model: nn.Module | None = None) -> tuple[nn.Module
     return model, cm, tokens
 
 
-def _accumulate(model, cm, tokens, reuse: bool, micro_batches: int = 3):
+def _accumulate(model, cm, tokens, reuse: bool, micro_batches: int = 3, **block):
     """Gradient accumulation over ``micro_batches`` (different token rows each): ``(losses, expert grads, code)``,
     the code Inductor generated for the first micro-batch (``run_and_get_code`` compiles afresh each time)."""
     model.zero_grad(set_to_none=True)
     model.train()
-    block = moeq.reuse_weight_codes(cm) if reuse else contextlib.nullcontext()
     losses, code = [], []
-    with block:
+    with moeq.reuse_weight_codes(cm, **block) if reuse else contextlib.nullcontext():
         for i in range(micro_batches):
             micro = tokens.roll(i, dims=1)
 
@@ -107,6 +106,32 @@ def test_fp8_block_runs_deploy_kernels_on_the_codes():
     assert torch.equal(torch.stack(losses_a), torch.stack(losses_b))
     for name, grad in grads_a.items():
         assert grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
+
+
+@pytest.mark.parametrize("cfg_name", ["FP8", "NVFP4"])
+def test_dequantized_copies_feed_the_gemms_that_read_16_bit_weights(cfg_name):
+    """``dequantized=True``: each weight's dequant is computed once per block too. FP8: the dgrad multiplies that
+    copy (``torch._grouped_mm``) instead of dequantizing the codes per micro-batch, while the forward stays the
+    fused FP8 GEMM on the codes; NVFP4: every expert GEMM reads the copy, and no graph dequantizes. Gradients are
+    the block-free ones bit for bit; the report counts the copy's bytes."""
+    model, cm, tokens = _finalized(cfg_name)
+    with combine_fusion(False):
+        _, grads_a, _ = _accumulate(model, cm, tokens, reuse=False, micro_batches=2)
+        with moeq.reuse_weight_codes(cm, dequantized=True) as report:
+            pass
+        _, grads_b, code = _accumulate(model, cm, tokens, reuse=True, micro_batches=2, dequantized=True)
+    layers = 2
+    assert not re.search(r"torch\.ops\.moeq\.(fake_quant_weight_from_codes|dequant_weight|quantize_weight)", code)
+    plain = re.findall(r"extern_kernels\._grouped_mm\(", code)
+    fused = re.findall(r"torch\.ops\.moeq\.grouped_qmm\.default\(.*'deploy', 'fp8', 'fp8'", code)
+    if cfg_name == "FP8":
+        assert len(fused) == layers and len(plain) == layers, code  # forward on the codes, dgrad on the copy
+    else:
+        assert not fused and len(plain) == 2 * layers, code
+    for name, grad in grads_a.items():
+        assert grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
+        weight = model.get_parameter(name)
+        assert report.reused[name] > weight.numel() * weight.element_size(), name
 
 
 @pytest.mark.parametrize("cfg_name", ["FP8", "NVFP4"])

@@ -263,7 +263,7 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
     elif root.target == torch.ops.moeq.fake_quant_weight_from_codes.default and root.args[5] == "fp8":
         # FP8 codes times the per-expert scale: deploy's kernel computes exactly the QAT values from them. (NVFP4's
         # deploy kernel applies the global scale to the fp32 product, not to each bf16 weight: not the QAT values.)
-        _, _, w, amax, block, w_fmt, expert_dim, k_dim = root.args
+        _, _, w, amax, block, w_fmt, expert_dim, k_dim = root.args[:8]
         mode = "deploy"
     else:
         return None

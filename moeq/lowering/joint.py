@@ -52,6 +52,7 @@ __all__ = [
     "TrainingGraphPass",
     "describe_training",
     "fuse_weight_ste_masks",
+    "read_dequantized_copies",
     "recompute_reused_codes",
     "save_weight_codes",
 ]
@@ -195,6 +196,44 @@ def _fp8_codes(graph: fx.Graph, w: fx.Node, amax: fx.Node, before: fx.Node) -> f
     return None
 
 
+def _backward_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes of a joint graph that depend on a tangent (the backward's)."""
+    backward: set[fx.Node] = set()
+    for node in graph.nodes:
+        tangent = node.op == "placeholder" and node.name.startswith("tangents")
+        if tangent or any(a in backward for a in node.all_input_nodes):
+            backward.add(node)
+    return backward
+
+
+def read_dequantized_copies(graph: fx.Graph) -> int:
+    """Hand a ``fake_quant_weight_from_codes``'s ``dequantized`` copy (``moeq.reuse_weight_codes(dequantized=True)``:
+    its value, computed once per block) to the grouped GEMMs of a joint graph that would otherwise dequantize the
+    codes at every micro-batch: an FP8 weight's dgrad (its forward stays the fused FP8 GEMM on the codes), every
+    GEMM of an NVFP4 weight (which runs unfused). Returns the number of GEMMs rewired."""
+    backward = _backward_nodes(graph)
+    gemms = [n for n in graph.nodes if n.target in gemm_targets() and len(n.args) >= 2]
+    rewired = 0
+    for node in [n for n in graph.nodes if n.target == torch.ops.moeq.fake_quant_weight_from_codes.default]:
+        copy = node.args[8] if len(node.args) > 8 else node.kwargs.get("dequantized")
+        if copy is None:
+            continue
+        for gemm in gemms:
+            root, perm, views = inductor._trace_views(gemm.args[1])
+            if root is not node or (node.args[5] == "fp8" and gemm not in backward):
+                continue
+            with graph.inserting_before(gemm):
+                weight = inductor._permute(graph, copy, perm)
+            gemm.replace_input_with(gemm.args[1], weight)
+            _erase_unused(graph, [views[0]] if views else [])
+            rewired += 1
+        _erase_unused(graph, [node])  # an NVFP4 weight's read has no GEMM left
+    if rewired:
+        logger.info("moeq: training graph reads %d grouped GEMMs' weights from dequantized copies", rewired)
+        graph.lint()
+    return rewired
+
+
 def recompute_reused_codes(graph: fx.Graph) -> int:
     """Mark every FP8 ``fake_quant_weight_from_codes`` of a joint graph (inside ``moeq.reuse_weight_codes``) to be
     recomputed in backward: the partitioner then saves nothing for the weight (the codes are graph inputs), and the
@@ -302,6 +341,7 @@ class TrainingGraphPass(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         save_weight_codes(graph)
         fuse_weight_ste_masks(graph)
+        read_dequantized_copies(graph)
         recompute_reused_codes(graph)
         if inductor.combine_fusion_enabled():
             gather_through_permutations(graph)

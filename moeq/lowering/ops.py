@@ -478,12 +478,15 @@ def fake_quant_weight_from_codes(
     fmt: str,
     expert_dim: int,
     contraction_dim: int,
+    dequantized: Tensor | None = None,
 ) -> Tensor:
     """``fake_quant_weight(w, amax, fmt, expert_dim, contraction_dim)`` read from ``w``'s codes
     (``quantize_weight(w, amax, ...)``'s ``data, scale, block_scale``, computed once for several forwards of the
     same weights): ``dequant_weight`` of them, bit for bit the fake quant of ``w`` while ``w`` is what they were
     computed from. The gradient is the fake quant's straight-through estimator into ``w``; ``w``'s values are
-    not read in forward."""
+    not read in forward. ``dequantized``: that dequant computed once too (``w``'s layout and dtype), which the
+    compiled graphs' passes hand to the GEMMs that read a 16-bit weight (:mod:`moeq.lowering.joint`); the op's
+    own value does not read it."""
     _check_codes_of(w, data, block_scale, fmt, expert_dim, contraction_dim)
     return dequant_weight(data, scale, block_scale, fmt, contraction_dim % w.dim(), w.dtype)
 
@@ -514,19 +517,20 @@ def _(
     fmt: str,
     expert_dim: int,
     contraction_dim: int,
+    dequantized: Tensor | None = None,
 ) -> Tensor:
     _check_codes_of(w, data, block_scale, fmt, expert_dim, contraction_dim)
     return torch.empty_like(w)
 
 
 def _codes_weight_setup(ctx, inputs, output) -> None:
-    w, amax, *_, expert_dim, _ = inputs
+    w, amax, expert_dim = inputs[0], inputs[1], inputs[6]
     ctx.save_for_backward(w, amax)
     ctx.expert_dim = expert_dim
 
 
 def _codes_weight_backward(ctx, grad: Tensor):
-    return _weight_backward(ctx, grad)[:1] + (None,) * 7
+    return _weight_backward(ctx, grad)[:1] + (None,) * 8
 
 
 fake_quant_weight_from_codes.register_autograd(_codes_weight_backward, setup_context=_codes_weight_setup)

@@ -117,8 +117,10 @@ class _Quantizers:
             args = (*buffers, est.config.weight, est.contraction_dim, est.frozen_dtype)
         elif est.codes_reused:  # moeq.reuse_weight_codes (stacked weights only: expert is None)
             codes = [self._buffer(est, b) for b in _CODES]
+            dequantized = self._buffer(est, "codes_dequantized") if est.codes_dequantized.numel() else None
             op = torch.ops.moeq.fake_quant_weight_from_codes.default
-            args = (w, self._buffer(est, "weight_amax"), *codes, est.config.weight, est.expert_dim, est.contraction_dim)
+            amax = self._buffer(est, "weight_amax")
+            args = (w, amax, *codes, est.config.weight, est.expert_dim, est.contraction_dim, dequantized)
         else:
             amax = self._expert_slice(self._buffer(est, "weight_amax"), expert)
             if expert is not None:

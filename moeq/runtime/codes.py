@@ -57,9 +57,18 @@ def _not_reusable(est: ExpertQuantState) -> str | None:
     return None
 
 
-def _fill(state: ModelQuantState, report: ReusedCodes) -> dict[str, tuple[torch.Tensor, int, int]]:
-    """Quantize every reusable expert weight into its state's codes buffers; returns the versions they were
-    computed at (weight, its version, its amax's version)."""
+def _refill(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in ``buffer`` if it has the room (same shape, dtype and device: it keeps its address), else
+    ``value`` itself."""
+    if (buffer.shape, buffer.dtype, buffer.device) == (value.shape, value.dtype, value.device):
+        return buffer.copy_(value)
+    return value
+
+
+def _fill(state: ModelQuantState, report: ReusedCodes, dequantized: bool) -> dict[str, tuple[torch.Tensor, int, int]]:
+    """Quantize every reusable expert weight into its state's codes buffers (and, with ``dequantized``, their
+    dequant into ``codes_dequantized``); returns the versions they were computed at (weight, its version, its
+    amax's version)."""
     versions = {}
     with torch.no_grad():
         for fqn, est in sorted(state.items()):
@@ -75,9 +84,14 @@ def _fill(state: ModelQuantState, report: ReusedCodes) -> dict[str, tuple[torch.
                 quantize_weight_into_(*args, *est.codes())  # the last block's buffers: same addresses
             else:
                 est.codes_data, est.codes_scale, est.codes_block_scale = torch.ops.moeq.quantize_weight(*args)
+            if dequantized:
+                value = torch.ops.moeq.dequant_weight(*est.codes(), est.config.weight, est.contraction_dim % 3, w.dtype)
+                est.codes_dequantized = _refill(est.codes_dequantized, value)
+            elif est.codes_dequantized.numel():
+                est.codes_dequantized = est.codes_dequantized.new_zeros(0)
             est.codes_reused = True
             versions[fqn] = (w, w._version, est.weight_amax._version)
-            report.reused[fqn] = sum(t.nbytes for t in est.codes())
+            report.reused[fqn] = sum(t.nbytes for t in (*est.codes(), est.codes_dequantized))
     return versions
 
 
@@ -86,13 +100,12 @@ def _release(state: ModelQuantState, keep: bool) -> None:
     for est in state.experts.values():
         est.codes_reused = False
         if not keep:
-            est.codes_data = est.codes_data.new_zeros(0)
-            est.codes_scale = est.codes_scale.new_zeros(0)
-            est.codes_block_scale = est.codes_block_scale.new_zeros(0)
+            for name in ("codes_data", "codes_scale", "codes_block_scale", "codes_dequantized"):
+                setattr(est, name, getattr(est, name).new_zeros(0))
 
 
 @contextmanager
-def reuse_weight_codes(model: Any, keep: bool = True) -> Iterator[ReusedCodes]:
+def reuse_weight_codes(model: Any, keep: bool = True, dequantized: bool = False) -> Iterator[ReusedCodes]:
     """Within the block, QAT forwards of ``model`` (compiled with ``backend="moeq"``, rewritten by
     ``moeq.quantize_graph`` or eager) read each expert weight's codes computed on entry instead of quantizing the
     weight again. For the micro-batches of one optimizer step::
@@ -108,7 +121,10 @@ def reuse_weight_codes(model: Any, keep: bool = True) -> Iterator[ReusedCodes]:
     compiled model compiles once more (Dynamo guards on the block). The codes take 1 byte per FP8 weight element
     (0.56 for NVFP4). ``keep`` (default) keeps that memory after the block, and the next block writes the new
     codes into it: the same addresses, which a CUDA-graph replay needs (a new address records the graph again);
-    ``keep=False`` frees it on exit. Needs a finalized model (QAT mode); yields a :class:`ReusedCodes` report.
+    ``keep=False`` frees it on exit. ``dequantized``: also keep each weight's dequantized copy (2 more bytes per
+    bf16 element), which compiled training graphs read where a 16-bit weight is multiplied (FP8: the dgrad, which
+    otherwise dequantizes the codes at every micro-batch at training sizes; NVFP4: forward and dgrad). Needs a
+    finalized model (QAT mode); yields a :class:`ReusedCodes` report (bytes held per weight).
     """
     state = get_state(model)
     if state.mode != "quantize":
@@ -118,8 +134,8 @@ def reuse_weight_codes(model: Any, keep: bool = True) -> Iterator[ReusedCodes]:
         raise RuntimeError("reuse_weight_codes(): already inside a reuse_weight_codes block of this model")
     report = ReusedCodes()
     try:
-        versions = _fill(state, report)
-        state.mode_box.codes_reused = True
+        versions = _fill(state, report, dequantized)
+        state.mode_box.codes_reused = "dequantized" if dequantized else "codes"
         logger.info(
             "moeq: %d expert weights read from codes computed once (%.1f MB)%s",
             len(report.reused),
