@@ -372,12 +372,24 @@ class ModelQuantState(nn.Module):
             return obj
 
 
+def _wrapped(module: Any) -> Iterator[Any]:
+    """``module`` and the modules it wraps: torch.compile's ``_orig_mod``, (Distributed)DataParallel's ``module``,
+    in any nesting."""
+    while module is not None:
+        yield module
+        inner = getattr(module, "_orig_mod", None)
+        if inner is None and isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = module.module
+        module = inner
+
+
 def get_state(module: Any, required: bool = True) -> ModelQuantState | None:
-    """The :class:`ModelQuantState` attached to ``module`` (or to the module a torch.compile wraps)."""
+    """The :class:`ModelQuantState` attached to ``module`` (or to the module a torch.compile or (Distributed)
+    DataParallel wrapper holds)."""
     if isinstance(module, ModelQuantState):
         return module
-    for candidate in (module, getattr(module, "_orig_mod", None)):
-        state = getattr(candidate, _STATE_ATTR, None) if candidate is not None else None
+    for candidate in _wrapped(module):
+        state = getattr(candidate, _STATE_ATTR, None)
         if isinstance(state, ModelQuantState):
             return state
     if required:

@@ -314,3 +314,27 @@ def test_codes_of_another_weight_are_rejected_by_the_op():
         torch.ops.moeq.fake_quant_weight_from_codes(w[0], amax, data, scale, block, "fp8", 0, 1)
     got = torch.ops.moeq.fake_quant_weight_from_codes(w, amax, data, scale, block, "fp8", 0, 2)
     assert torch.equal(got, torch.ops.moeq.fake_quant_weight(w, amax, "fp8", 0, 2))
+
+
+def test_a_distributed_data_parallel_model(tmp_path):
+    """``torch.compile(DistributedDataParallel(prepared))`` (a gloo group of one process): the moeq API finds the
+    quant state through both wrappers, and the block's gradients equal the block-free ones bit for bit."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), moeq.FP8)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        cm = torch.compile(ddp, backend="moeq")
+        tokens = make_tokens()
+        with torch.no_grad(), moeq.calibrate(cm):
+            cm(tokens)
+        moeq.finalize(cm)
+        assert get_state(cm) is get_state(model) is get_state(torch.nn.DataParallel(model))
+        _, grads_a, _ = _accumulate(model, cm, tokens, reuse=False, micro_batches=2)
+        _, grads_b, _ = _accumulate(model, cm, tokens, reuse=True, micro_batches=2)
+        for name, grad in grads_a.items():
+            assert grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
+    finally:
+        dist.destroy_process_group()
