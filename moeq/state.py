@@ -137,8 +137,10 @@ class ExpertQuantState(nn.Module):
                     self.frozen_data[pick], self.frozen_scale[pick], block, cfg.weight, self.contraction_dim, t.dtype
                 )
             elif self.codes_reused:
+                w = t if expert is None else t.unsqueeze(0)
+                codes = [c[pick] if c.numel() else c for c in self.codes()]
                 wq = torch.ops.moeq.fake_quant_weight_from_codes(
-                    t, self.weight_amax, *self.codes(), cfg.weight, self.expert_dim, self.contraction_dim
+                    w, self.weight_amax[pick], *codes, cfg.weight, self.expert_dim, self.contraction_dim
                 )
             else:
                 w = t if expert is None else t.unsqueeze(0)

@@ -7,6 +7,8 @@ Its expert GEMMs run on separate 2-D parameters (``local_experts.{e}.linear_fc1.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -268,3 +270,59 @@ def test_sequential_mlp_qat_training_step_matches_ste_reference(world, config, f
     torch.testing.assert_close(run.calibrating, run.plain)  # calibration observes in full precision
     assert (run.want_x.grad == 0).any(), "the step's input should exceed the calibrated amax somewhere (STE clipping)"
     assert_step_matches_reference(run, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("config", "dequantized", "backend"),
+    [(moeq.FP8, False, "moeq_aot_eager"), (moeq.NVFP4, True, "moeq")],
+    ids=["fp8-codes-aot-eager", "nvfp4-dequantized-inductor"],
+)
+def test_sequential_mlp_accumulates_with_reused_codes(world, config, dequantized, backend):
+    """Gradient accumulation of a ``SequentialMLP`` inside ``moeq.reuse_weight_codes``: each module list is quantized
+    once on entry (stacked, ``local_experts.*.linear_fc1.weight``), each expert's GEMM reads its slice of the codes
+    (or, with ``dequantized``, of their dequantized copy, which the joint-graph pass hands to forward and backward),
+    and the weights' gradients over two micro-batches equal the block-free ones bit for bit."""
+    model = moeq.prepare(sequential_mlp(world), config)
+    counts = torch.tensor([3, 0, 5, 2])
+    gen = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(10, HIDDEN, generator=gen) * s, counts, torch.rand(10, generator=gen)) for s in (1, 3, 2)]
+    weights = [getattr(e, name).weight for e in model.local_experts for name in ("linear_fc1", "linear_fc2")]
+    with warnings.catch_warnings(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(model, backend=backend)
+        with moeq.calibrate(compiled):
+            compiled(*batches[0])
+        moeq.finalize(compiled)
+
+        def accumulate(block):
+            model.zero_grad(set_to_none=True)
+            with block:
+                for batch in batches[1:]:
+                    compiled(*batch)[0].square().sum().backward()
+            return [w.grad.clone() for w in weights]
+
+        grads = accumulate(contextlib.nullcontext())
+        with moeq.reuse_weight_codes(compiled, dequantized=dequantized) as report:
+            pass
+        block = moeq.reuse_weight_codes(compiled, dequantized=dequantized)
+        if backend == "moeq":  # Inductor's code: every expert weight read from its copy, none dequantized
+            from torch._inductor.utils import run_and_get_code
+
+            reused, code = run_and_get_code(accumulate, block)
+            assert code and not re.search(r"moeq\.(fake_quant_weight|dequant_weight|quantize_weight)", "\n".join(code))
+        else:
+            reused = accumulate(block)
+    assert sorted(report.reused) == ["local_experts.*.linear_fc1.weight", "local_experts.*.linear_fc2.weight"]
+    assert not report.skipped
+    assert [bool(g.abs().sum() > 0) for g in grads] == [
+        True,
+        True,
+        False,
+        False,
+        True,
+        True,
+        True,
+        True,
+    ]  # expert 1: no rows
+    for i, (got, want) in enumerate(zip(reused, grads, strict=True)):
+        assert torch.equal(got, want), i

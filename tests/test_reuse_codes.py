@@ -63,7 +63,7 @@ def _accumulate(model, cm, tokens, reuse: bool, micro_batches: int = 3, **block)
             else:
                 loss = step()
             losses.append(loss)
-    grads = {n: model.get_parameter(n).grad.clone() for n in expert_parameter_names(model)}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if ".experts." in n and p.dim() >= 2}
     return losses, grads, "\n".join(code)
 
 
@@ -293,13 +293,22 @@ def test_the_block_needs_a_finalized_qat_model():
             pass
 
 
-def test_module_list_experts_are_reported_not_reused():
-    """Per-expert module lists (2-D weights) keep quantizing at every forward; the report says so and why."""
-    model, cm, tokens = _finalized("FP8", listed_model())
-    with moeq.reuse_weight_codes(cm) as report:
-        pass
-    assert not report.reused and report.skipped
-    assert all("per-expert module list" in why for why in report.skipped.values())
+def test_module_list_experts_read_their_slice_of_the_stacked_codes():
+    """A per-expert module list (transformers-4 layout) is quantized once as its stacked state
+    (``...experts.*.gate_proj.weight``); each expert's GEMM reads its own slice of the codes, and the accumulated
+    gradients equal the block-free ones bit for bit."""
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        model, cm, tokens = _finalized("FP8", listed_model())
+        with moeq.reuse_weight_codes(cm) as report:
+            pass
+        _, grads_a, _ = _accumulate(model, cm, tokens, reuse=False, micro_batches=2)
+        _, grads_b, code = _accumulate(model, cm, tokens, reuse=True, micro_batches=2)
+    assert not report.skipped and len(report.reused) == 3 and all(".experts.*." in k for k in report.reused)
+    assert not _quantizes_weights(code) and "fake_quant_weight_from_codes" in code
+    assert len(grads_a) == 3 * 8  # gate, up and down of each of the 8 experts
+    for name, grad in grads_a.items():
+        assert torch.equal(grad, grads_b[name]), name
+    assert sum(bool(g.abs().sum() > 0) for g in grads_a.values()) >= 3 * 6
 
 
 def test_codes_of_another_weight_are_rejected_by_the_op():
@@ -321,7 +330,9 @@ def test_a_distributed_data_parallel_model(tmp_path):
     quant state through both wrappers, and the block's gradients equal the block-free ones bit for bit."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
         torch._dynamo.reset()
         model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), moeq.FP8)
@@ -337,4 +348,5 @@ def test_a_distributed_data_parallel_model(tmp_path):
         for name, grad in grads_a.items():
             assert grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()

@@ -208,9 +208,10 @@ def _backward_nodes(graph: fx.Graph) -> set[fx.Node]:
 
 def read_dequantized_copies(graph: fx.Graph) -> int:
     """Hand a ``fake_quant_weight_from_codes``'s ``dequantized`` copy (``moeq.reuse_weight_codes(dequantized=True)``:
-    its value, computed once per block) to the grouped GEMMs of a joint graph that would otherwise dequantize the
-    codes at every micro-batch: an FP8 weight's dgrad (its forward stays the fused FP8 GEMM on the codes), every
-    GEMM of an NVFP4 weight (which runs unfused). Returns the number of GEMMs rewired."""
+    its value, computed once per block) to what would otherwise dequantize the codes at every micro-batch. An FP8
+    weight whose forward is a grouped GEMM (fused on the codes) gives the copy to its backward GEMMs (the dgrad);
+    any other weight (NVFP4, a module list's expert) is read from the copy everywhere. Returns the number of reads
+    rewired."""
     backward = _backward_nodes(graph)
     gemms = [n for n in graph.nodes if n.target in gemm_targets() and len(n.args) >= 2]
     rewired = 0
@@ -218,18 +219,22 @@ def read_dequantized_copies(graph: fx.Graph) -> int:
         copy = node.args[8] if len(node.args) > 8 else node.kwargs.get("dequantized")
         if copy is None:
             continue
-        for gemm in gemms:
-            root, perm, views = inductor._trace_views(gemm.args[1])
-            if root is not node or (node.args[5] == "fp8" and gemm not in backward):
-                continue
-            with graph.inserting_before(gemm):
-                weight = inductor._permute(graph, copy, perm)
-            gemm.replace_input_with(gemm.args[1], weight)
-            _erase_unused(graph, [views[0]] if views else [])
-            rewired += 1
-        _erase_unused(graph, [node])  # an NVFP4 weight's read has no GEMM left
+        reads = [(g, *inductor._trace_views(g.args[1])) for g in gemms]
+        reads = [(g, perm, views) for g, root, perm, views in reads if root is node]
+        if node.args[5] != "fp8" or all(g in backward for g, _, _ in reads):
+            rewired += len(node.users)
+            node.replace_all_uses_with(copy)
+            graph.erase_node(node)
+            continue
+        for gemm, perm, views in reads:
+            if gemm in backward:
+                with graph.inserting_before(gemm):
+                    weight = inductor._permute(graph, copy, perm)
+                gemm.replace_input_with(gemm.args[1], weight)
+                _erase_unused(graph, views[:1])
+                rewired += 1
     if rewired:
-        logger.info("moeq: training graph reads %d grouped GEMMs' weights from dequantized copies", rewired)
+        logger.info("moeq: training graph reads %d expert weights from dequantized copies", rewired)
         graph.lint()
     return rewired
 

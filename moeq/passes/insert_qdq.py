@@ -115,18 +115,19 @@ class _Quantizers:
             buffers = [self._expert_slice(self._buffer(est, b), expert) for b in _FROZEN]
             op = torch.ops.moeq.dequant_weight.default
             args = (*buffers, est.config.weight, est.contraction_dim, est.frozen_dtype)
-        elif est.codes_reused:  # moeq.reuse_weight_codes (stacked weights only: expert is None)
-            codes = [self._buffer(est, b) for b in _CODES]
-            dequantized = self._buffer(est, "codes_dequantized") if est.codes_dequantized.numel() else None
-            op = torch.ops.moeq.fake_quant_weight_from_codes.default
-            amax = self._buffer(est, "weight_amax")
-            args = (w, amax, *codes, est.config.weight, est.expert_dim, est.contraction_dim, dequantized)
         else:
             amax = self._expert_slice(self._buffer(est, "weight_amax"), expert)
             if expert is not None:
                 w = self.graph.call_function(torch.ops.aten.unsqueeze.default, (w, 0))
-            op = torch.ops.moeq.fake_quant_weight.default
-            args = (w, amax, est.config.weight, est.expert_dim, est.contraction_dim)
+            if est.codes_reused:  # moeq.reuse_weight_codes
+                codes = [self._expert_slice(self._buffer(est, b), expert) for b in _CODES]
+                copy = self._buffer(est, "codes_dequantized") if est.codes_dequantized.numel() else None
+                dequantized = self._expert_slice(copy, expert) if copy is not None else None
+                op = torch.ops.moeq.fake_quant_weight_from_codes.default
+                args = (w, amax, *codes, est.config.weight, est.expert_dim, est.contraction_dim, dequantized)
+            else:
+                op = torch.ops.moeq.fake_quant_weight.default
+                args = (w, amax, est.config.weight, est.expert_dim, est.contraction_dim)
         wq = self.graph.call_function(op, args)
         return wq if expert is None else self.graph.call_function(torch.ops.aten.squeeze.dim, (wq, 0))
 

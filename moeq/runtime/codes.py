@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from moeq.lowering.ops import quantize_weight_into_, stored_shapes
-from moeq.state import ExpertQuantState, ModelQuantState, get_state, is_listed_key
+from moeq.state import ExpertQuantState, ModelQuantState, get_state, listed_members
 
 __all__ = ["ReusedCodes", "reuse_weight_codes"]
 
@@ -48,8 +48,6 @@ class ReusedCodes:
 
 def _not_reusable(est: ExpertQuantState) -> str | None:
     """Why ``est``'s weight cannot be read from codes, or None."""
-    if is_listed_key(est.fqn):
-        return "a per-expert module list (2-D weights, quantized expert by expert)"
     if len(est.weight_shape) != 3 or est.expert_dim % 3 != 0:
         return f"experts not along dim 0 of a 3-D weight (shape {list(est.weight_shape)}, expert dim {est.expert_dim})"
     if est.mode != "quantize":
@@ -65,10 +63,12 @@ def _refill(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _fill(state: ModelQuantState, report: ReusedCodes, dequantized: bool) -> dict[str, tuple[torch.Tensor, int, int]]:
+def _fill(
+    state: ModelQuantState, report: ReusedCodes, dequantized: bool
+) -> dict[str, tuple[list[torch.Tensor], list[int], int]]:
     """Quantize every reusable expert weight into its state's codes buffers (and, with ``dequantized``, their
-    dequant into ``codes_dequantized``); returns the versions they were computed at (weight, its version, its
-    amax's version)."""
+    dequant into ``codes_dequantized``); returns the versions they were computed at (the weight, or a module list's
+    expert weights, their versions, the amax's version)."""
     versions = {}
     with torch.no_grad():
         for fqn, est in sorted(state.items()):
@@ -90,7 +90,8 @@ def _fill(state: ModelQuantState, report: ReusedCodes, dequantized: bool) -> dic
             elif est.codes_dequantized.numel():
                 est.codes_dequantized = est.codes_dequantized.new_zeros(0)
             est.codes_reused = True
-            versions[fqn] = (w, w._version, est.weight_amax._version)
+            members = [state.weight(m) for m in listed_members(fqn, est.num_experts)] or [w]  # module list: each
+            versions[fqn] = (members, [m._version for m in members], est.weight_amax._version)
             report.reused[fqn] = sum(t.nbytes for t in (*est.codes(), est.codes_dequantized))
     return versions
 
@@ -146,9 +147,10 @@ def reuse_weight_codes(model: Any, keep: bool = True, dequantized: bool = False)
     finally:
         _release(state, keep)
     changed = [
-        f"{fqn} (version {seen} -> {w._version}, amax version {amax_seen} -> {state[fqn].weight_amax._version})"
-        for fqn, (w, seen, amax_seen) in versions.items()
-        if w._version != seen or state[fqn].weight_amax._version != amax_seen
+        f"{fqn} (version {seen} -> {now}, amax version {amax_seen} -> {state[fqn].weight_amax._version})"
+        for fqn, (members, before, amax_seen) in versions.items()
+        for seen, now in [(sum(before), sum(m._version for m in members))]
+        if now != seen or state[fqn].weight_amax._version != amax_seen
     ]
     if changed:
         raise RuntimeError(
