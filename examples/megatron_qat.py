@@ -3,7 +3,9 @@
     python examples/megatron_qat.py [--config NVFP4|FP8] [--steps 150] [--backend moeq|moeq_aot_eager]
 
 The flow: prepare -> torch.compile -> calibrate (full precision, grad enabled) -> finalize -> QAT steps (moeq
-inlines megatron's linear autograd Functions so every expert GEMM is fake-quantized with an STE backward) ->
+inlines megatron's linear autograd Functions so every expert GEMM is fake-quantized with an STE backward; each step
+accumulates ``--micro-batches`` micro-batches inside ``moeq.reuse_weight_codes``, so the expert weights are quantized
+once per optimizer step) ->
 freeze (weights stored quantized) -> deploy forward -> save_state. The student learns to match the full-precision
 module (the same seeded weights, left unquantized) on random routed tokens; the script prints the quantization error
 before and after QAT. Needs megatron-core (``pip install -e .[megatron]``); runs on CPU or one GPU.
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--config", default="NVFP4", choices=["NVFP4", "FP8"])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--micro-batches", type=int, default=2, help="gradient accumulation per optimizer step")
     parser.add_argument("--backend", default=None, help="default: moeq on CUDA, moeq_aot_eager on CPU")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,12 +94,15 @@ def main() -> None:
         print(moeq.explain(compiled))
         optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
         for _ in (bar := tqdm(range(args.steps), desc=f"QAT {args.config}")):
-            batch = routed_batch(gen, device)
-            loss = F.mse_loss(compiled(*batch)[0], teacher(*batch)[0])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with moeq.reuse_weight_codes(compiled) as reused:  # each module list quantized once for the step
+                for _ in range(args.micro_batches):
+                    batch = routed_batch(gen, device)
+                    loss = F.mse_loss(compiled(*batch)[0], teacher(*batch)[0]) / args.micro_batches
+                    loss.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.3e}")
+            bar.set_postfix(loss=f"{loss.item() * args.micro_batches:.3e}")
+        print(f"expert weights quantized once per step: {len(reused.reused)} module lists")
         after = quantization_error()
         print(f"relative quantization error on held-out batches: {before:.4e} before QAT, {after:.4e} after")
 

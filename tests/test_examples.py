@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_megatron_qat_example_runs():
-    """prepare -> compile -> calibrate -> finalize -> QAT steps -> freeze -> save_state on a megatron-core
-    SequentialMLP; after freeze the deployed output equals the QAT output exactly."""
+    """prepare -> compile -> calibrate -> finalize -> QAT steps (two micro-batches each inside
+    ``moeq.reuse_weight_codes``) -> freeze -> save_state on a megatron-core SequentialMLP; after freeze the deployed
+    output equals the QAT output exactly."""
     pytest.importorskip("megatron.core.transformer.moe.experts")
     run = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "megatron_qat.py"), "--steps", "3"],
@@ -30,6 +31,7 @@ def test_megatron_qat_example_runs():
     deploy = re.search(r"deploy vs QAT output, max abs difference: (\S+)", run.stdout)
     assert deploy is not None and float(deploy[1]) == 0.0
     assert "quant state saved (2 module lists)" in run.stdout
+    assert "expert weights quantized once per step: 2 module lists" in run.stdout
 
 
 def test_hf_qat_accumulation_example_runs():
