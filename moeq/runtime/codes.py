@@ -11,7 +11,8 @@ with the deploy kernel (``moeq::grouped_qmm`` on a stored weight), which compute
 graphs dequantize the codes (one Triton pass, 0.56 bytes read per weight element instead of the fake quant's 2)
 and run ``torch._grouped_mm``, because NVFP4's deploy kernel scales the fp32 product rather than each weight.
 FP8 training graphs save nothing for the weight (the dgrad reads the codes again); NVFP4 ones save the
-dequantized weight for the dgrad, as block-free graphs save the fake-quantized one.
+dequantized weight for the dgrad, as block-free graphs save the fake-quantized one. A per-expert module list
+(Megatron ``SequentialMLP``) is quantized as its stacked state; each expert's GEMM reads its slice.
 
 The block is the caller's promise that the expert weights do not change inside it (step the optimizer after
 it). A change that bumps a weight's version counter (``optimizer.step()``, ``p.copy_()``, ``p.add_()``) is an
@@ -112,7 +113,7 @@ def reuse_weight_codes(model: Any, keep: bool = True, dequantized: bool = False)
     weight again. For the micro-batches of one optimizer step::
 
         for batch in loader:
-            with moeq.reuse_weight_codes(model):
+            with moeq.reuse_weight_codes(cmodel):
                 for micro in batch.chunk(accumulation_steps):
                     cmodel(micro).loss.backward()
             optimizer.step()
