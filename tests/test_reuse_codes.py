@@ -23,7 +23,6 @@ from moeq.integrations.hf import expert_parameter_names, tiny_model
 from moeq.lowering.inductor import combine_fusion, fusion
 from moeq.state import get_state
 from tests.conftest import make_tokens
-from tests.listed_experts import listed_model
 
 
 def _quantizes_weights(code: str) -> bool:
@@ -67,10 +66,11 @@ def _accumulate(model, cm, tokens, reuse: bool, micro_batches: int = 3, **block)
     return losses, grads, "\n".join(code)
 
 
-@pytest.mark.parametrize(("cfg_name", "policy"), [("FP8", "never"), ("NVFP4", "never"), ("NVFP4", "auto")])
+@pytest.mark.parametrize(("cfg_name", "policy"), [("NVFP4", "never"), ("NVFP4", "auto")])
 def test_accumulated_gradients_equal_the_block_free_ones(cfg_name, policy):
     """Three micro-batches with and without the block: losses and expert gradients equal bit for bit, and inside
-    the block no graph quantizes a weight. QAT NVFP4 training graphs run their GEMMs unfused under every policy;
+    the block no graph quantizes a weight (FP8: :func:`test_fp8_block_runs_deploy_kernels_on_the_codes`; module
+    lists: ``test_megatron_experts.py::test_sequential_mlp_accumulates_with_reused_codes``). QAT NVFP4 training graphs run their GEMMs unfused under every policy;
     inside the block each reads the weight through ``moeq::fake_quant_weight_from_codes`` (the dequant of the packed
     codes, once per micro-batch)."""
     model, cm, tokens = _finalized(cfg_name)
@@ -291,24 +291,6 @@ def test_the_block_needs_a_finalized_qat_model():
     with pytest.raises(RuntimeError, match="mode 'deploy'.*moeq.freeze stored its weights quantized already"):
         with moeq.reuse_weight_codes(cm):
             pass
-
-
-def test_module_list_experts_read_their_slice_of_the_stacked_codes():
-    """A per-expert module list (transformers-4 layout) is quantized once as its stacked state
-    (``...experts.*.gate_proj.weight``); each expert's GEMM reads its own slice of the codes, and the accumulated
-    gradients equal the block-free ones bit for bit."""
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        model, cm, tokens = _finalized("FP8", listed_model())
-        with moeq.reuse_weight_codes(cm) as report:
-            pass
-        _, grads_a, _ = _accumulate(model, cm, tokens, reuse=False, micro_batches=2)
-        _, grads_b, code = _accumulate(model, cm, tokens, reuse=True, micro_batches=2)
-    assert not report.skipped and len(report.reused) == 3 and all(".experts.*." in k for k in report.reused)
-    assert not _quantizes_weights(code) and "fake_quant_weight_from_codes" in code
-    assert len(grads_a) == 3 * 8  # gate, up and down of each of the 8 experts
-    for name, grad in grads_a.items():
-        assert torch.equal(grad, grads_b[name]), name
-    assert sum(bool(g.abs().sum() > 0) for g in grads_a.values()) >= 3 * 6
 
 
 def test_codes_of_another_weight_are_rejected_by_the_op():

@@ -217,7 +217,7 @@ def gemm_targets() -> set[Any]:
     return targets
 
 
-def _trace_views(node: Any) -> tuple[Any, list[int], list[fx.Node]]:
+def trace_views(node: Any) -> tuple[Any, list[int], list[fx.Node]]:
     """Walk back through permute/transpose: (root, perm with ``node`` dim i = root dim perm[i], views)."""
     perm, views = [0, 1, 2], []
     while isinstance(node, fx.Node) and node.op == "call_function":
@@ -251,7 +251,7 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
         return None
     else:
         a, b, offs = gemm.args
-    root, perm, views = _trace_views(b)
+    root, perm, views = trace_views(b)
     if not isinstance(root, fx.Node) or root.op != "call_function":
         return None
     if root.target == torch.ops.moeq.fake_quant_weight.default:
@@ -312,7 +312,8 @@ def _with_val(node: fx.Node, val: Any) -> fx.Node:
     return node
 
 
-def _permute(graph: fx.Graph, node: fx.Node, perm: list[int]) -> fx.Node:
+def permute_node(graph: fx.Graph, node: fx.Node, perm: list[int]) -> fx.Node:
+    """``node.permute(perm)`` as a new node with its value (``node`` itself for the identity)."""
     if perm == [0, 1, 2]:
         return node
     return _with_val(graph.call_function(torch.ops.aten.permute.default, (node, perm)), _val(node).permute(perm))
@@ -354,8 +355,8 @@ def fuse_grouped_qmm(graph: fx.Graph) -> int:
         with graph.inserting_before(gemm):
             if batched:
                 x, offs = _batched_as_rows(graph, x)
-            w_view = _permute(graph, w, perm)
-            block_view = _permute(graph, block, [0, 2, 1]) if block is not None else None
+            w_view = permute_node(graph, w, perm)
+            block_view = permute_node(graph, block, [0, 2, 1]) if block is not None else None
             # "always" promises one kernel per GEMM: quantization stays in the load path at every size
             quantize_once = None if _POLICY == "auto" else False
             args = (x, w_view, offs, scale, block_view, x_amax, mode, w_fmt, x_fmt, quantize_once)

@@ -219,7 +219,7 @@ def read_dequantized_copies(graph: fx.Graph) -> int:
         copy = node.args[8] if len(node.args) > 8 else node.kwargs.get("dequantized")
         if copy is None:
             continue
-        reads = [(g, *inductor._trace_views(g.args[1])) for g in gemms]
+        reads = [(g, *inductor.trace_views(g.args[1])) for g in gemms]
         reads = [(g, perm, views) for g, root, perm, views in reads if root is node]
         if node.args[5] != "fp8" or all(g in backward for g, _, _ in reads):
             rewired += len(node.users)
@@ -229,7 +229,7 @@ def read_dequantized_copies(graph: fx.Graph) -> int:
         for gemm, perm, views in reads:
             if gemm in backward:
                 with graph.inserting_before(gemm):
-                    weight = inductor._permute(graph, copy, perm)
+                    weight = inductor.permute_node(graph, copy, perm)
                 gemm.replace_input_with(gemm.args[1], weight)
                 _erase_unused(graph, views[:1])
                 rewired += 1
