@@ -16,7 +16,10 @@ dequantized weight for the dgrad, as block-free graphs save the fake-quantized o
 
 The block is the caller's promise that the expert weights do not change inside it (step the optimizer after
 it). A change that bumps a weight's version counter (``optimizer.step()``, ``p.copy_()``, ``p.add_()``) is an
-error on exit naming the weight; one that bypasses it (``p.data.copy_()``) cannot be seen. Like Transformer
+error on exit naming the weight; one that bypasses it (``p.data.copy_()``) cannot be seen. The codes are computed
+on entry, so enter the block once the step's weight updates have landed, including an asynchronous parameter
+all-gather (a ZeRO-style optimizer that overlaps it with the next forward), and with whole expert weights on each
+rank (not FSDP shards, which are only whole inside the forward). Like Transformer
 Engine's FP8 weight caching (``is_first_microbatch``), scoped by a ``with`` block instead of a flag.
 """
 
