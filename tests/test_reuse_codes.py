@@ -146,6 +146,7 @@ def test_inference_inside_the_block_is_the_qat_forward(cfg_name):
             reused, code_b = run_and_get_code(lambda: cm(tokens).logits)
         after, code_c = run_and_get_code(lambda: cm(tokens).logits)
     assert sorted(report.reused) == sorted(expert_parameter_names(model)) and not report.skipped
+    assert str(report).startswith("2 expert weights read from codes computed once") and "gate_up_proj" in str(report)
     modes = [re.findall(r"grouped_qmm\.default\(.*'(qat|deploy)', '", "\n".join(c)) for c in (code_a, code_b, code_c)]
     inside = ["deploy"] * 2 if cfg_name == "FP8" else []  # NVFP4: the codes' dequant, then the GEMM
     assert modes == [["qat"] * 2, inside, ["qat"] * 2]  # and back to QAT after the block

@@ -49,6 +49,14 @@ class ReusedCodes:
     reused: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
+    def __str__(self) -> str:
+        lines = [
+            f"{len(self.reused)} expert weights read from codes computed once ({sum(self.reused.values()) / 1e6:.1f} MB)"
+        ]
+        lines += [f"  {fqn}: {nbytes / 1e6:.2f} MB" for fqn, nbytes in sorted(self.reused.items())]
+        lines += [f"  {fqn}: quantized at every forward ({why})" for fqn, why in sorted(self.skipped.items())]
+        return "\n".join(lines)
+
 
 def _not_reusable(est: ExpertQuantState) -> str | None:
     """Why ``est``'s weight cannot be read from codes, or None."""
@@ -141,12 +149,7 @@ def reuse_weight_codes(model: Any, keep: bool = True, dequantized: bool = False)
     try:
         versions = _fill(state, report, dequantized)
         state.mode_box.codes_reused = "dequantized" if dequantized else "codes"
-        logger.info(
-            "moeq: %d expert weights read from codes computed once (%.1f MB)%s",
-            len(report.reused),
-            sum(report.reused.values()) / 1e6,
-            "".join(f"; {fqn} quantized every forward: {why}" for fqn, why in report.skipped.items()),
-        )
+        logger.info("moeq: %s", report)
         yield report
     finally:
         _release(state, keep)
