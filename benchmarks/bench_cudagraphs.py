@@ -6,7 +6,9 @@ Qwen3-30B-A3B-shaped layer (bf16, random weights), calibrated at 2048 tokens: th
 (``moeq.freeze``) at ``--decode-tokens`` and the QAT FP8 training step (forward + backward, gradients set to
 None first) at ``--train-tokens``, each with and without CUDA graphs, next to the bf16 layer compiled by Inductor
 the same two ways. Prints median ms (``triton.testing.do_bench``) and how far the CUDA-graph run's outputs /
-expert gradients are from the eager-launched run's (relative norm).
+expert gradients are from the eager-launched run's (relative norm). One more row replays the deploy forward with
+moeq's state buffers as ordinary graph inputs (how they were before session 28), which cudagraph trees copy at
+every replay; its last column is its output's distance from the static-input run's.
 
     python benchmarks/bench_cudagraphs.py --out $OUT
 """
@@ -23,6 +25,8 @@ from bench_e2e_modelopt import qwen3_30b_a3b_layer
 from bench_qat_training import compiled_variant, expert_grads, step
 from report import print_and_save
 from triton.testing import do_bench
+
+from moeq.passes import insert_qdq
 
 
 def median_ms(fn: Callable[[], object]) -> float:
@@ -88,6 +92,8 @@ def main() -> None:
                     timings[cudagraphs], values[cudagraphs] = training_case(base, calib, name, cudagraphs, xt, grad_out)
                 else:
                     timings[cudagraphs], values[cudagraphs] = forward_case(base, calib, name, cudagraphs, x)
+                    if name and cudagraphs:
+                        static_out = values[cudagraphs]
                 print(f"  {case}, {label if name else 'bf16'}, cudagraphs={cudagraphs}: done", flush=True)
             pairs = zip(values[False], values[True]) if training else [(values[False], values[True])]
             diff = max(rel_diff(a, b) for a, b in pairs)
@@ -95,6 +101,20 @@ def main() -> None:
             rows.append([case, variant, f"{timings[False]:.3f}", f"{timings[True]:.3f}",
                          f"{timings[False] / timings[True]:.2f}x", f"{diff:.1e}"])  # fmt: skip
             results.append(dict(case=case, variant=variant, ms=timings[False], cudagraph_ms=timings[True], diff=diff))
+    # the same deploy forward with moeq's state buffers as ordinary graph inputs (before session 28): cudagraph trees
+    # then copy them (the frozen weights' codes and scales) into the graph's memory at every replay
+    insert_qdq.STATIC_STATE_INPUTS = False
+    try:
+        copied, copied_out = forward_case(base, calib, "FP8", True, x)
+    finally:
+        insert_qdq.STATIC_STATE_INPUTS = True
+    static = next(r for r in results if r["variant"] == "deploy W8A8 FP8")
+    diff = rel_diff(copied_out, static_out)
+    variant = "deploy W8A8 FP8, state copied per replay"
+    rows.append(
+        [cases[0][0], variant, "", f"{copied:.3f}", f"{copied / static['cudagraph_ms']:.2f}x slower", f"{diff:.1e}"]
+    )
+    results.append(dict(case=cases[0][0], variant=variant, cudagraph_ms=copied, diff_vs_static=diff))
     header = ["case", "variant", "ms", "ms with CUDA graphs", "speedup", "CUDA-graph vs eager rel diff"]
     print_and_save(args.out, "bench_cudagraphs", header, rows, results=results)
 

@@ -32,6 +32,10 @@ _META_KEYS = ("val", "example_value", "tensor_meta")
 _FROZEN = ("frozen_data", "frozen_scale", "frozen_block_scale")
 _CODES = ("codes_data", "codes_scale", "codes_block_scale")
 
+#: lifted state buffers are static graph inputs (CUDA-graph replays read them in place); False restores ordinary
+#: inputs, which cudagraph trees copy at every replay (for ``benchmarks/bench_cudagraphs.py``'s comparison)
+STATIC_STATE_INPUTS = True
+
 
 def _validate(rec: ExpertGemm, state: ModelQuantState) -> None:
     if rec.weight_dtype is not None and rec.weight_dtype not in FLOAT_DTYPES:
@@ -99,7 +103,8 @@ class _Quantizers:
             node._dynamo_source = None  # type: ignore[attr-defined]  # not a user input; AOT accepts None
             # a static input for CUDA graphs, as Dynamo marks parameters: replays read the buffer where it is
             # (updated in place: finalize, reuse_weight_codes) instead of copying it into the graph's memory
-            node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+            if STATIC_STATE_INPUTS:
+                node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
             self._placeholders[key] = node
             self.lifted.append(LiftedBuffer(est, name, self._weight_index.get(est.fqn)))
         return self._placeholders[key]
