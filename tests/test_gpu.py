@@ -534,6 +534,49 @@ def test_reused_weight_codes_training_cuda(config, dequantized):
         assert grad.abs().sum() > 0 and err < 5e-2, (name, err)
 
 
+def _qwen_fp8_logits(tokens, cudagraphs: bool, scales: list[float]):
+    """The tiny Qwen3-MoE, QAT FP8, compiled with or without CUDA graphs: its logits (no grad) inside one
+    ``reuse_weight_codes`` block per entry of ``scales``, the expert weights multiplied by it before each block;
+    then frozen, its deploy logits."""
+    from moeq.integrations.hf import expert_parameter_names
+
+    torch._dynamo.reset()
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16).cuda(), moeq.FP8)
+    cm = torch.compile(model, backend="moeq", options={"triton.cudagraphs": cudagraphs})
+    outs = []
+    with torch.no_grad():
+        with moeq.calibrate(cm):
+            cm(tokens, use_cache=False)
+        moeq.finalize(cm)
+        for scale in scales:
+            for name in expert_parameter_names(model):
+                model.get_parameter(name).mul_(scale)  # between blocks, as an optimizer step
+            with moeq.reuse_weight_codes(cm):
+                for _ in range(3):  # record, then replay
+                    torch.compiler.cudagraph_mark_step_begin()
+                    out = cm(tokens, use_cache=False).logits.float().clone()
+            outs.append(out)
+        moeq.freeze(cm)
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            out = cm(tokens, use_cache=False).logits.float().clone()
+        outs.append(out)
+    return outs
+
+
+def test_cuda_graph_replays_read_the_state_buffers_in_place_cuda():
+    """moeq's state buffers are static graph inputs: CUDA-graph replays read them where they are. Replays inside a
+    second ``reuse_weight_codes`` block (the codes refilled in place after the weights changed) and of the frozen
+    model give the logits of the same model compiled without CUDA graphs, bit for bit; the two blocks differ
+    (the replay read the new codes, not the first block's)."""
+    tokens = make_tokens(batch=4, seq=64).cuda()
+    graphed = _qwen_fp8_logits(tokens, True, [1.0, 0.5])
+    plain = _qwen_fp8_logits(tokens, False, [1.0, 0.5])
+    assert not torch.equal(graphed[0], graphed[1])
+    for i, (got, want) in enumerate(zip(graphed, plain, strict=True)):
+        assert torch.equal(got, want), i
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 def test_fake_quant_every_bf16_value_cuda(fmt):
     """Every finite bf16 value, under per-expert amaxes from 1e-30 to 1e30 (the kernels' fast division and
