@@ -41,6 +41,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODES = ("off", "calibrate", "quantize", "deploy")
+#: the buffers of moeq.reuse_weight_codes' codes (quantize_weight's outputs), in the op's argument order
+CODES_BUFFERS = ("codes_data", "codes_scale", "codes_block_scale")
 _STATE_ATTR = "_moeq_state"
 # parameter object -> (ModelQuantState, FQN); lets the pass map a graph input back to its state
 _PARAM_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -131,21 +133,22 @@ class ExpertQuantState(nn.Module):
             if self.mode not in ("deploy", "quantize"):
                 return t
             pick = slice(None) if expert is None else slice(expert, expert + 1)
+
+            def picked(buffer: Tensor) -> Tensor:  # this expert's slice (an empty buffer as it is)
+                return buffer[pick] if buffer.numel() else buffer
+
+            w = t if expert is None else t.unsqueeze(0)
             if self.mode == "deploy":
-                block = self.frozen_block_scale[pick] if self.frozen_block_scale.numel() else self.frozen_block_scale
-                wq = torch.ops.moeq.dequant_weight(
-                    self.frozen_data[pick], self.frozen_scale[pick], block, cfg.weight, self.contraction_dim, t.dtype
-                )
+                stored = [picked(b) for b in (self.frozen_data, self.frozen_scale, self.frozen_block_scale)]
+                wq = torch.ops.moeq.dequant_weight(*stored, cfg.weight, self.contraction_dim, t.dtype)
             elif self.codes_reused:
-                w = t if expert is None else t.unsqueeze(0)
-                codes = [c[pick] if c.numel() else c for c in self.codes()]
+                codes = [picked(c) for c in self.codes()]
                 wq = torch.ops.moeq.fake_quant_weight_from_codes(
-                    w, self.weight_amax[pick], *codes, cfg.weight, self.expert_dim, self.contraction_dim
+                    w, picked(self.weight_amax), *codes, cfg.weight, self.expert_dim, self.contraction_dim
                 )
             else:
-                w = t if expert is None else t.unsqueeze(0)
                 wq = torch.ops.moeq.fake_quant_weight(
-                    w, self.weight_amax[pick], cfg.weight, self.expert_dim, self.contraction_dim
+                    w, picked(self.weight_amax), cfg.weight, self.expert_dim, self.contraction_dim
                 )
             return wq if expert is None else wq.squeeze(0)
         if self.mode == "calibrate":
@@ -158,7 +161,7 @@ class ExpertQuantState(nn.Module):
 
     def codes(self) -> tuple[Tensor, Tensor, Tensor]:
         """The weight's reused codes (``quantize_weight``'s data, scale and block scales)."""
-        return self.codes_data, self.codes_scale, self.codes_block_scale
+        return tuple(getattr(self, name) for name in CODES_BUFFERS)
 
     def extra_repr(self) -> str:
         return (

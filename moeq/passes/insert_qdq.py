@@ -22,7 +22,7 @@ from moeq.passes.canonicalize import canonicalize_expert_loops
 from moeq.passes.explain import GraphReport, RewrittenGemm
 from moeq.passes.find import ExpertGemm, SkippedCandidate, find_expert_gemms, target_name
 from moeq.passes.inline_functions import inline_linear_functions
-from moeq.state import ExpertQuantState, ModelQuantState
+from moeq.state import CODES_BUFFERS, ExpertQuantState, ModelQuantState
 
 __all__ = ["LiftedBuffer", "insert_qdq", "rewrite_graph"]
 
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 _META_KEYS = ("val", "example_value", "tensor_meta")
 _FROZEN = ("frozen_data", "frozen_scale", "frozen_block_scale")
-_CODES = ("codes_data", "codes_scale", "codes_block_scale")
 
 #: lifted state buffers are static graph inputs (CUDA-graph replays read them in place); False restores ordinary
 #: inputs, which cudagraph trees copy at every replay (for ``benchmarks/bench_cudagraphs.py``'s comparison)
@@ -125,7 +124,7 @@ class _Quantizers:
             if expert is not None:
                 w = self.graph.call_function(torch.ops.aten.unsqueeze.default, (w, 0))
             if est.codes_reused:  # moeq.reuse_weight_codes
-                codes = [self._expert_slice(self._buffer(est, b), expert) for b in _CODES]
+                codes = [self._expert_slice(self._buffer(est, b), expert) for b in CODES_BUFFERS]
                 copy = self._buffer(est, "codes_dequantized") if est.codes_dequantized.numel() else None
                 dequantized = self._expert_slice(copy, expert) if copy is not None else None
                 op = torch.ops.moeq.fake_quant_weight_from_codes.default

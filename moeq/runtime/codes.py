@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from moeq.lowering.ops import quantize_weight_into_, stored_shapes
-from moeq.state import ExpertQuantState, ModelQuantState, get_state, listed_members
+from moeq.state import CODES_BUFFERS, ExpertQuantState, ModelQuantState, get_state, listed_members
 
 __all__ = ["ReusedCodes", "reuse_weight_codes"]
 
@@ -113,7 +113,7 @@ def _release(state: ModelQuantState, keep: bool) -> None:
     for est in state.experts.values():
         est.codes_reused = False
         if not keep:
-            for name in ("codes_data", "codes_scale", "codes_block_scale", "codes_dequantized"):
+            for name in (*CODES_BUFFERS, "codes_dequantized"):
                 setattr(est, name, getattr(est, name).new_zeros(0))
 
 
