@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import moeq.lowering.ops  # noqa: F401  (registers the moeq:: custom ops)
 from moeq.api import prepare, quantize_graph
-from moeq.config import FP8, FP8_W8A16, NVFP4, NVFP4_W4A16, QuantConfig
+from moeq.config import FP8, FP8_DYNAMIC, FP8_W8A16, NVFP4, NVFP4_W4A16, QuantConfig
 from moeq.io.checkpoint import load_state, save_state
 from moeq.io.export import export_hf
 from moeq.lowering.backend import moeq_backend, register_backends
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FP8",
+    "FP8_DYNAMIC",
     "FP8_W8A16",
     "NVFP4",
     "NVFP4_W4A16",

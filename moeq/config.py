@@ -9,9 +9,10 @@ from typing import Any
 
 from moeq.formats import available_formats
 
-__all__ = ["QuantConfig", "FP8", "NVFP4", "NVFP4_W4A16", "FP8_W8A16"]
+__all__ = ["QuantConfig", "FP8", "FP8_DYNAMIC", "NVFP4", "NVFP4_W4A16", "FP8_W8A16"]
 
-_ACT_SCALES = ("shared", "per_expert")
+_WEIGHT_SCALES = ("expert", "channel")
+_ACT_SCALES = ("shared", "per_expert", "token")
 _CALIB = ("routed",)
 _UNCALIBRATED = ("error", "weight_amax")
 # activation formats never carry fewer bits than the weight format they feed
@@ -25,8 +26,12 @@ class QuantConfig:
     weight:        weight format, ``"fp8"`` (per-expert per-tensor) or ``"nvfp4"`` (per-expert global
                    scale, e4m3 scales per 16-block along K).
     activation:    activation format or ``None`` for weight-only (W8A16 / W4A16).
+    weight_scale:  ``"expert"``: one weight scale per expert (per-tensor FP8; NVFP4's global scale);
+                   ``"channel"`` (FP8 only): one per expert and output channel, ``[E, N]``.
     act_scale:     ``"shared"``: one input amax per expert GEMM (max over experts; what serving engines
-                   load); ``"per_expert"``: one per expert, experts without tokens take the layer's max.
+                   load); ``"per_expert"``: one per expert, experts without tokens take the layer's max;
+                   ``"token"`` (FP8 only): dynamic, each routed row scaled by its own amax at run time (no
+                   calibration data needed).
     calib:         ``"routed"``: activation statistics from the tokens the model's router sends.
     uncalibrated:  what ``finalize()`` does with a GEMM whose experts saw no token at all: ``"error"``
                    (default) or ``"weight_amax"`` (use the layer's max weight amax as input amax).
@@ -35,6 +40,7 @@ class QuantConfig:
 
     weight: str = "nvfp4"
     activation: str | None = "nvfp4"
+    weight_scale: str = "expert"
     act_scale: str = "shared"
     calib: str = "routed"
     uncalibrated: str = "error"
@@ -54,12 +60,24 @@ class QuantConfig:
                 f"{self.weight!r}; W{_BITS[self.weight]}A{_BITS[self.activation]} is not a supported combination"
             )
         for name, value, allowed in (
+            ("weight_scale", self.weight_scale, _WEIGHT_SCALES),
             ("act_scale", self.act_scale, _ACT_SCALES),
             ("calib", self.calib, _CALIB),
             ("uncalibrated", self.uncalibrated, _UNCALIBRATED),
         ):
             if value not in allowed:
                 raise ValueError(f"QuantConfig.{name}={value!r} is not valid; choose one of {list(allowed)}")
+        if self.weight_scale == "channel" and self.weight != "fp8":
+            raise ValueError(
+                f"QuantConfig: weight_scale='channel' is an FP8 weight scale, not one of weight={self.weight!r} "
+                "(NVFP4 already scales every 16-block along K)"
+            )
+        if self.act_scale == "token" and self.activation != "fp8":
+            raise ValueError(
+                f"QuantConfig: act_scale='token' (dynamic per-token scales) needs activation='fp8', got "
+                f"activation={self.activation!r}"
+                + (" (weight-only configs have no activation scale)" if self.activation is None else "")
+            )
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))
         else:
@@ -87,14 +105,30 @@ class QuantConfig:
         return QuantConfig.from_dict({**self.to_dict(), **changes})
 
     @property
+    def dynamic_activations(self) -> bool:
+        """Activation scales computed at run time from each routed row (``act_scale="token"``): no static input
+        scale, no calibration data needed."""
+        return self.act_scale == "token"
+
+    @property
     def name(self) -> str:
         bits_w = _BITS.get(self.weight, 8)
         if self.activation is None:
-            return f"{self.weight.upper()} W{bits_w}A16"
-        return f"{self.weight.upper()} W{bits_w}A{_BITS.get(self.activation, 8)}"
+            name = f"{self.weight.upper()} W{bits_w}A16"
+        else:
+            name = f"{self.weight.upper()} W{bits_w}A{_BITS.get(self.activation, 8)}"
+        granularity = []
+        if self.weight_scale == "channel":
+            granularity.append("channel weights")
+        if self.dynamic_activations:
+            granularity.append("dynamic token activations")
+        return f"{name} ({', '.join(granularity)})" if granularity else name
 
 
 FP8 = QuantConfig(weight="fp8", activation="fp8")
 NVFP4 = QuantConfig(weight="nvfp4", activation="nvfp4")
 NVFP4_W4A16 = QuantConfig(weight="nvfp4", activation=None)
 FP8_W8A16 = QuantConfig(weight="fp8", activation=None)
+#: FP8 with channel-wise weight scales and dynamic per-token activation scales: what compressed-tensors calls
+#: ``FP8_DYNAMIC`` and nvidia-modelopt ``FP8_PER_CHANNEL_PER_TOKEN``; needs no calibration data
+FP8_DYNAMIC = QuantConfig(weight="fp8", activation="fp8", weight_scale="channel", act_scale="token")

@@ -31,8 +31,11 @@ __all__ = [
     "e2m1_codes",
     "e2m1_decode",
     "e2m1_round",
+    "channel_amax",
     "expand_per_expert",
+    "expand_weight_amax",
     "expert_amax",
+    "token_amax",
     "get_format",
     "pack_nibbles",
     "register_format",
@@ -97,6 +100,29 @@ def expert_amax(w: torch.Tensor, expert_dim: int = 0) -> torch.Tensor:
     return w.abs().reshape(w.shape[0], w[0].numel()).amax(dim=1).float()
 
 
+def channel_amax(w: torch.Tensor, expert_dim: int = 0, contraction_dim: int = -1) -> torch.Tensor:
+    """Per-expert, per-output-channel ``max|w|`` of a stacked 3-D weight, fp32 ``[E, N]`` (``N``: the dim that is
+    neither the experts' nor the contraction's): the amax of FP8 channel-wise weight scales."""
+    if w.dim() != 3:
+        raise ValueError(f"channel-wise weight scales need a stacked 3-D expert weight, got shape {tuple(w.shape)}")
+    e_dim, k_dim = expert_dim % 3, contraction_dim % 3
+    n_dim = 3 - e_dim - k_dim
+    w = w.detach().permute(e_dim, n_dim, k_dim)
+    if w.numel() == 0:
+        return torch.zeros(w.shape[:2], device=w.device)
+    return w.abs().amax(dim=2).float()
+
+
+def token_amax(x: torch.Tensor, contraction_dim: int = -1) -> torch.Tensor:
+    """Each row's ``max|x|`` along the contraction dim (kept as size 1), fp32: the amax of FP8 dynamic per-token
+    activation scales, computed at run time from the activation itself. A NaN in a row makes its amax NaN."""
+    if x.shape[contraction_dim] == 0:
+        shape = list(x.shape)
+        shape[contraction_dim] = 1
+        return torch.zeros(shape, device=x.device)
+    return x.detach().float().abs().amax(dim=contraction_dim, keepdim=True)
+
+
 def nvfp4_blocks(x: torch.Tensor, contraction_dim: int) -> torch.Tensor:
     """fp32 view of ``x`` with the contraction dim moved last and split into 16-blocks ``[..., K/16, 16]``."""
     xk = x.float().movedim(contraction_dim, -1)
@@ -113,6 +139,19 @@ def expand_per_expert(amax: torch.Tensor, ndim: int, expert_dim: int = 0) -> tor
     shape = [1] * ndim
     shape[expert_dim] = amax.numel()
     return amax.reshape(shape)
+
+
+def expand_weight_amax(amax: torch.Tensor, ndim: int, expert_dim: int = 0, contraction_dim: int = -1) -> torch.Tensor:
+    """View a weight amax so it broadcasts against its ``ndim``-D stacked weight: per expert ``[E]``
+    (:func:`expand_per_expert`) or per expert and output channel ``[E, N]`` (:func:`channel_amax`; size 1 along
+    the contraction dim)."""
+    if amax.dim() <= 1:
+        return expand_per_expert(amax, ndim, expert_dim)
+    if ndim != 3 or amax.dim() != 2:
+        raise ValueError(f"a channel-wise amax {tuple(amax.shape)} needs a 3-D stacked weight, got {ndim}-D")
+    e_dim, k_dim = expert_dim % 3, contraction_dim % 3
+    n_dim = 3 - e_dim - k_dim
+    return (amax if e_dim < n_dim else amax.t()).unsqueeze(k_dim)
 
 
 def _k_last(scale: torch.Tensor, ndim: int, contraction_dim: int) -> torch.Tensor:
@@ -297,10 +336,11 @@ def interleave_nvfp4_runs(packed: torch.Tensor) -> torch.Tensor:
 
 def stored_form(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The deploy buffers of a quantized weight, K-last and contiguous: the data as uint8 (NVFP4 pairs in the
-    deploy order of :func:`interleave_nvfp4_runs`), the per-tensor scale ``[E]`` in fp32, the NVFP4 block
-    scales as uint8 (empty for FP8). What ``moeq.freeze`` keeps, ``moeq::quantize_weight`` returns and the
-    fused kernel reads."""
-    data, scale = q.data.view(torch.uint8), q.scale.reshape(-1).float().contiguous()
+    deploy order of :func:`interleave_nvfp4_runs`), the scale in fp32 (per expert ``[E]``; FP8 channel-wise
+    ``[E, N]``), the NVFP4 block scales as uint8 (empty for FP8). What ``moeq.freeze`` keeps,
+    ``moeq::quantize_weight`` returns and the fused kernel reads."""
+    scale = q.scale.float().reshape(q.scale.shape[0], -1) if q.scale.dim() else q.scale.float().reshape(1, 1)
+    data, scale = q.data.view(torch.uint8), (scale.reshape(-1) if scale.shape[1] == 1 else scale).contiguous()
     if q.block_scale is None:
         return data.contiguous(), scale, data.new_zeros(0)
     return interleave_nvfp4_runs(data).contiguous(), scale, q.block_scale.view(torch.uint8).contiguous()

@@ -51,8 +51,9 @@ _PARAM_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 class ExpertQuantState(nn.Module):
     """Quant state of one stacked expert weight ``[E, ...]`` and the activation feeding its GEMM.
 
-    Buffers: ``weight_amax [E]``, ``weight_block_amax`` (NVFP4, per 16-block along K, filled by
-    ``finalize``), ``input_amax`` (``[1]`` shared or ``[E]`` per expert; what the fake quant uses),
+    Buffers: ``weight_amax [E]`` (``[E, N]`` with FP8 channel-wise scales), ``weight_block_amax`` (NVFP4, per
+    16-block along K, filled by ``finalize``), ``input_amax`` (``[1]`` shared, ``[E]`` per expert, empty for dynamic
+    per-token scales; what the fake quant uses),
     ``observed_input_amax [E]`` and ``tokens_per_expert [E]`` (raw calibration statistics),
     ``calibrated [E]`` (the expert saw at least one routed token).
     """
@@ -74,8 +75,8 @@ class ExpertQuantState(nn.Module):
         self.expert_offset = 0
         #: tensor parallelism: "column" (output dim sharded), "row" (K sharded) or None (replicated)
         self.tp_shard: str | None = None
-        n_in = 1 if config.act_scale == "shared" else num_experts
-        self.register_buffer("weight_amax", torch.zeros(num_experts))
+        n_in = {"shared": 1, "per_expert": num_experts, "token": 0}[config.act_scale]
+        self.register_buffer("weight_amax", torch.zeros(self.weight_amax_shape))
         self.register_buffer("weight_block_amax", torch.zeros(0))
         self.register_buffer("input_amax", torch.zeros(n_in))
         self.register_buffer("observed_input_amax", torch.zeros(num_experts))
@@ -97,6 +98,19 @@ class ExpertQuantState(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.weight_shape[self.expert_dim]
+
+    @property
+    def weight_amax_shape(self) -> tuple[int, ...]:
+        """``(E,)``, or ``(E, N)`` for FP8 channel-wise scales (``N``: the weight's output-channel dim)."""
+        if self.config.weight_scale != "channel":
+            return (self.num_experts,)
+        if len(self.weight_shape) != 3:
+            raise ValueError(
+                f"{self.fqn}: channel-wise weight scales need a stacked 3-D expert weight, got shape "
+                f"{list(self.weight_shape)}"
+            )
+        n_dim = 3 - self.expert_dim % 3 - self.contraction_dim % 3
+        return (self.num_experts, self.weight_shape[n_dim])
 
     def global_weight_shape(self, ep_size: int, tp_size: int) -> tuple[int, ...]:
         """The unsharded weight shape: all experts of every EP rank, TP shards joined."""
@@ -155,6 +169,8 @@ class ExpertQuantState(nn.Module):
             torch.ops.moeq.observe_segments_(
                 t, offs, self.observed_input_amax, self.tokens_per_expert, expert_dim, contraction_dim
             )
+        elif self.mode in ("quantize", "deploy") and cfg.dynamic_activations:
+            return torch.ops.moeq.fake_quant_act_dynamic(t, offs, cfg.activation, expert_dim, contraction_dim)
         elif self.mode in ("quantize", "deploy") and cfg.activation is not None:
             return torch.ops.moeq.fake_quant_act(t, offs, self.input_amax, cfg.activation, expert_dim, contraction_dim)
         return t

@@ -57,8 +57,28 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("modelopt", "compressed-tensors")
 #: (weight format, activation format) -> modelopt quant_algo
-_MODELOPT_ALGO = {("nvfp4", "nvfp4"): "NVFP4", ("nvfp4", None): "W4A16_NVFP4", ("fp8", "fp8"): "FP8"}
-_CT_SUPPORTED = {("nvfp4", "nvfp4"), ("nvfp4", None), ("fp8", "fp8"), ("fp8", None)}
+#: a checkpoint's scheme, :func:`_scheme` -> modelopt quant_algo
+_MODELOPT_ALGO = {
+    ("nvfp4", "expert", "nvfp4", "static"): "NVFP4",
+    ("nvfp4", "expert", None, None): "W4A16_NVFP4",
+    ("fp8", "expert", "fp8", "static"): "FP8",
+    ("fp8", "channel", "fp8", "dynamic"): "FP8_PER_CHANNEL_PER_TOKEN",
+}
+#: compressed-tensors: NVFP4 (W4A4, W4A16) and every FP8 weight strategy (tensor, channel) with static tensor,
+#: dynamic token or no activation quantization
+_CT_SUPPORTED = {("nvfp4", "expert", "nvfp4", "static"), ("nvfp4", "expert", None, None)} | {
+    ("fp8", w, a, kind)
+    for w in ("expert", "channel")
+    for a, kind in (("fp8", "static"), ("fp8", "dynamic"), (None, None))
+}
+
+
+def _scheme(cfg: QuantConfig) -> tuple[str, str, str | None, str | None]:
+    """(weight format, weight scale, activation format, ``"static"`` / ``"dynamic"`` activation scales)."""
+    kind = None if cfg.activation is None else ("dynamic" if cfg.dynamic_activations else "static")
+    return cfg.weight, cfg.weight_scale, cfg.activation, kind
+
+
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -106,14 +126,15 @@ def _check_state(
 ) -> list[str]:
     """Every reason this rank's quant state cannot be exported, each naming the layer and expert."""
     cfg = state.config
-    combo = (cfg.weight, cfg.activation)
-    if fmt == "modelopt" and combo not in _MODELOPT_ALGO:
+    scheme = _scheme(cfg)
+    if fmt == "modelopt" and scheme not in _MODELOPT_ALGO:
         return [
-            f"{cfg.name} (weight={cfg.weight!r}, activation={cfg.activation!r}) has no modelopt checkpoint "
-            f"algorithm; modelopt format supports {sorted(_MODELOPT_ALGO.values())}, use 'compressed-tensors'"
+            f"{cfg.name} (weight={cfg.weight!r}, weight_scale={cfg.weight_scale!r}, activation={cfg.activation!r}, "
+            f"act_scale={cfg.act_scale!r}) has no modelopt checkpoint algorithm; modelopt format supports "
+            f"{sorted(_MODELOPT_ALGO.values())}, use 'compressed-tensors'"
         ]
-    if fmt == "compressed-tensors" and combo not in _CT_SUPPORTED:
-        return [f"{cfg.name} has no compressed-tensors export (supported: NVFP4, NVFP4 W4A16, FP8, FP8 W8A16)"]
+    if fmt == "compressed-tensors" and scheme not in _CT_SUPPORTED:
+        return [f"{cfg.name} has no compressed-tensors export (supported: NVFP4, NVFP4 W4A16 and every FP8 scheme)"]
     if not state.finalized:
         return ["the quant state is not finalized: run moeq.calibrate(...) and moeq.finalize(model) before export"]
     errors: list[str] = []
@@ -149,10 +170,14 @@ def _check_experts(s: ExpertQuantState, first_id: int) -> list[str]:
     errors = []
     for e in range(s.num_experts):
         ge = first_id + e
-        w = float(s.weight_amax[e])
-        if _bad(w):
-            errors.append(f"{s.fqn} expert {ge}: weight amax {w} would give a zero, NaN or inf weight scale")
-        if cfg.activation is None:
+        amax = s.weight_amax[e].reshape(-1).tolist()
+        bad = [(c, w) for c, w in enumerate(amax) if _bad(w)]
+        if bad:
+            where = "" if s.weight_amax.dim() == 1 else f" (output channels {[c for c, _ in bad][:8]})"
+            errors.append(
+                f"{s.fqn} expert {ge}: weight amax {bad[0][1]}{where} would give a zero, NaN or inf weight scale"
+            )
+        if cfg.activation is None or cfg.dynamic_activations:
             continue
         a = float(s.input_amax[0 if s.input_amax.numel() == 1 else e])
         if _bad(a):
@@ -172,10 +197,18 @@ def _check_experts(s: ExpertQuantState, first_id: int) -> list[str]:
 
 
 def _quantize_linear(w: Tensor, amax: Tensor, input_amax: Tensor | None, cfg: QuantConfig, fmt: str) -> dict:
-    """Tensors of one per-expert linear (suffix -> tensor), ``w`` is ``[N, K]``."""
-    amax = amax.reshape(()).float()
+    """Tensors of one per-expert linear (suffix -> tensor), ``w`` is ``[N, K]``; ``amax`` one value, or ``[N]`` with
+    channel-wise scales."""
     out: dict[str, Tensor] = {}
-    if cfg.weight == "nvfp4":
+    if cfg.weight_scale == "channel":
+        # modelopt 0.47 (FP8_PC_PT) divides the 16-bit weight by an fp32 [N, 1] scale: promoted to fp32, that is
+        # the spec's own quotient, so the data is formats.quantize's; compressed-tensors keeps the scale [N, 1]
+        fp8 = get_format("fp8")
+        amax = amax.float().reshape(-1, 1)
+        s = fp8.scale_from_amax(amax)
+        out.update(weight=fp8.quantize(w, amax).data, weight_scale=s.reshape(-1) if fmt == "modelopt" else s)
+    elif cfg.weight == "nvfp4":
+        amax = amax.reshape(()).float()
         q = get_format("nvfp4").quantize(w, amax, contraction_dim=-1)
         g = q.scale.reshape(()).float()
         if fmt == "modelopt":
@@ -183,10 +216,10 @@ def _quantize_linear(w: Tensor, amax: Tensor, input_amax: Tensor | None, cfg: Qu
         else:
             out.update(weight_packed=q.data, weight_scale=q.block_scale, weight_global_scale=(1.0 / g).reshape(1))
     else:
-        s = get_format("fp8").scale_from_amax(amax).reshape(())
+        s = get_format("fp8").scale_from_amax(amax.reshape(()).float()).reshape(())
         data = fp8_export_weight(w, s)
         out.update(weight=data, weight_scale=s if fmt == "modelopt" else s.reshape(1))
-    if input_amax is not None:
+    if input_amax is not None and not cfg.dynamic_activations:
         s_in = get_format(cfg.activation).scale_from_amax(input_amax.reshape(()).float()).reshape(())
         if fmt == "modelopt":
             out["input_scale"] = s_in
@@ -202,7 +235,9 @@ def _weight_amax(state: ModelQuantState, fqn: str) -> Tensor:
     linears the max of both (serving engines fuse them with one scale per expert; modelopt 0.47 does the same)."""
     partner = gate_up_partner(fqn, state.fqns())
     amax = state[fqn].weight_amax
-    return amax if partner is None else torch.maximum(amax, state[partner].weight_amax)
+    if partner is None or amax.dim() > 1:  # channel-wise: gate's and up's channels are each their own
+        return amax
+    return torch.maximum(amax, state[partner].weight_amax)
 
 
 def _expert_tensors(state: ModelQuantState, layouts: dict[str, ExpertLayout], fmt: str, rank: int) -> dict[str, Tensor]:
@@ -219,13 +254,12 @@ def _expert_tensors(state: ModelQuantState, layouts: dict[str, ExpertLayout], fm
                 ge = rank * s.num_experts + e
                 w_nk = layout.expert_weight(weight, e)
                 input_amax = None
-                if s.config.activation is not None:
+                if s.config.activation is not None and not s.config.dynamic_activations:
                     input_amax = s.input_amax[0 if s.input_amax.numel() == 1 else e]
                 for part in layout.parts:
                     name = part.module.format(e=ge)
-                    for suffix, t in _quantize_linear(
-                        part.rows(w_nk), weight_amax[e], input_amax, s.config, fmt
-                    ).items():
+                    amax = part.rows(weight_amax[e]) if weight_amax.dim() > 1 else weight_amax[e]
+                    for suffix, t in _quantize_linear(part.rows(w_nk), amax, input_amax, s.config, fmt).items():
                         out[f"{name}.{suffix}"] = t.cpu()
                     if bias is not None:
                         out[f"{name}.bias"] = part.rows(bias.movedim(layout.expert_dim, 0)[e]).clone().cpu()
@@ -276,12 +310,15 @@ def _exclude_modules(
 
 def _modelopt_configs(cfg: QuantConfig, exclude: list[str]) -> tuple[dict, dict]:
     """(hf_quant_config.json, config.json quantization_config) in modelopt 0.47's layout."""
-    algo = _MODELOPT_ALGO[(cfg.weight, cfg.activation)]
+    algo = _MODELOPT_ALGO[_scheme(cfg)]
     producer = {"name": "moeq", "version": _version()}
     quantization: dict[str, Any] = {"quant_algo": algo, "kv_cache_quant_algo": None}
     if cfg.weight == "nvfp4":
         quantization["group_size"] = NVFP4_BLOCK
     quantization["exclude_modules"] = exclude
+    qc: dict[str, Any] = {"ignore": exclude, "quant_algo": algo, "producer": producer, "quant_method": "modelopt"}
+    if algo == "FP8_PER_CHANNEL_PER_TOKEN":  # modelopt 0.47 writes no config_groups for it
+        return {"producer": producer, "quantization": quantization}, qc
     bits = 4 if cfg.weight == "nvfp4" else 8
     args: dict[str, Any] = {"dynamic": False, "num_bits": bits, "type": "float"}
     if cfg.weight == "nvfp4":
@@ -290,13 +327,7 @@ def _modelopt_configs(cfg: QuantConfig, exclude: list[str]) -> tuple[dict, dict]
     if cfg.activation is not None:
         group["input_activations"] = dict(args)
     group.update(weights=dict(args), targets=["Linear"])
-    qc = {
-        "config_groups": {"group_0": group},
-        "ignore": exclude,
-        "quant_algo": algo,
-        "producer": producer,
-        "quant_method": "modelopt",
-    }
+    qc = {"config_groups": {"group_0": group}, **qc}
     return {"producer": producer, "quantization": quantization}, qc
 
 
@@ -318,6 +349,10 @@ def _ct_config(cfg: QuantConfig, exclude: list[str]) -> dict:
         fmt = "float-quantized"
         weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
         acts = dict(weights) if cfg.activation is not None else None
+        if cfg.weight_scale == "channel":
+            weights["strategy"] = "channel"
+        if cfg.dynamic_activations:
+            acts.update(strategy="token", dynamic=True)
     return {
         "quant_method": "compressed-tensors",
         "format": fmt,

@@ -267,6 +267,11 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
         mode = "deploy"
     else:
         return None
+    amax_val = _val(amax)
+    if amax_val is not None and amax_val.dim() > 1:
+        # FP8 channel-wise weight scales ([E, N]): grouped_qmm's kernels take one scale per expert, so the chain
+        # stays unfused (the ops' reference + torch._grouped_mm)
+        return None
     if any(len(n.users) != 1 for n in [*views, root]):
         # the quantized weight is needed elsewhere too (e.g. saved for backward in a training graph): fusing
         # would quantize it twice, so the unfused path is cheaper

@@ -19,11 +19,12 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from moeq.formats import NVFP4_RUN_BYTES, expand_per_expert, get_format, stored_form
+from moeq.formats import NVFP4_RUN_BYTES, expand_per_expert, expand_weight_amax, get_format, stored_form, token_amax
 
 __all__ = [
     "dequant_weight",
     "fake_quant_act",
+    "fake_quant_act_dynamic",
     "fake_quant_weight",
     "fake_quant_weight_from_codes",
     "grouped_wgrad_ste",
@@ -132,8 +133,10 @@ def segment_amax(
 
 
 def _fake_quant_weight_reference(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
-    """Fake-quantize a stacked expert weight with a per-expert amax ``[E]``."""
-    return get_format(fmt).fake_quant(w, expand_per_expert(amax, w.dim(), expert_dim), contraction_dim)
+    """Fake-quantize a stacked expert weight with a per-expert amax ``[E]`` (or FP8 channel-wise ``[E, N]``)."""
+    return get_format(fmt).fake_quant(
+        w, expand_weight_amax(amax, w.dim(), expert_dim, contraction_dim), contraction_dim
+    )
 
 
 fake_quant_weight = torch.library.custom_op("moeq::fake_quant_weight", mutates_args=())(_fake_quant_weight_reference)
@@ -145,15 +148,15 @@ def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) 
 
 
 def _weight_setup(ctx, inputs, output) -> None:
-    w, amax, _, expert_dim, _ = inputs
+    w, amax, _, expert_dim, contraction_dim = inputs
     ctx.save_for_backward(w, amax)
-    ctx.expert_dim = expert_dim
+    ctx.expert_dim, ctx.contraction_dim = expert_dim, contraction_dim
 
 
 def _weight_backward(ctx, grad: Tensor):
     # STE: gradient passes where |w| <= amax (values above it were clipped by the quantizer)
     w, amax = ctx.saved_tensors
-    keep = w.abs() <= expand_per_expert(amax, w.dim(), ctx.expert_dim)
+    keep = w.abs() <= expand_weight_amax(amax, w.dim(), ctx.expert_dim, ctx.contraction_dim)
     return grad * keep, None, None, None, None
 
 
@@ -210,6 +213,36 @@ def _act_backward(ctx, grad: Tensor):
 
 
 fake_quant_act.register_autograd(_act_backward, setup_context=_act_setup)
+
+
+@torch.library.custom_op("moeq::fake_quant_act_dynamic", mutates_args=())
+def fake_quant_act_dynamic(x: Tensor, offs: Tensor | None, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
+    """Fake-quantize activations with dynamic per-token scales (``act_scale="token"``): each row along
+    ``contraction_dim`` by its own amax (:func:`moeq.formats.token_amax`), computed from ``x`` itself. 2-D routed
+    rows at or past ``offs[-1]`` belong to no expert and are returned as they are. Nothing is clipped (every value
+    is within its row's amax), so the straight-through gradient is the identity."""
+    if fmt != "fp8":
+        raise ValueError(f"fake_quant_act_dynamic: dynamic per-token scales are an FP8 format, got {fmt!r}")
+    out = get_format(fmt).fake_quant(x, token_amax(x, contraction_dim), contraction_dim)
+    if offs is None:
+        return out
+    check_offsets(offs, x.shape[0], offs.numel())
+    if not offs.numel():
+        return x.clone()
+    routed = torch.arange(x.shape[0], device=x.device) < offs[-1].to(x.device)
+    return torch.where(routed.unsqueeze(1), out, x)
+
+
+@fake_quant_act_dynamic.register_fake
+def _(x: Tensor, offs: Tensor | None, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _dynamic_act_backward(ctx, grad: Tensor):
+    return grad, None, None, None, None
+
+
+fake_quant_act_dynamic.register_autograd(_dynamic_act_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +348,7 @@ def _register_cuda_kernels() -> None:
     def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
         if not _TRITON_ENABLED:
             return _fake_quant_weight_reference(w.cpu(), amax.cpu(), fmt, expert_dim, contraction_dim).to(w.device)
-        if w.dim() != 3 or expert_dim % 3 != 0:
+        if w.dim() != 3 or expert_dim % 3 != 0 or amax.dim() > 1:  # channel-wise scales: no kernel yet
             return _fake_quant_weight_reference(w, amax, fmt, expert_dim, contraction_dim)
         return kernels.fake_quant_experts(w, amax, fmt, contraction_dim)
 
@@ -334,7 +367,7 @@ def _register_cuda_kernels() -> None:
         if not _TRITON_ENABLED:
             data, scale, block = _quantize_weight_reference(w.cpu(), amax.cpu(), fmt, expert_dim, contraction_dim)
             return data.to(w.device), scale.to(w.device), block.to(w.device)
-        if fmt != "fp8" or w.dim() != 3 or expert_dim % 3 != 0:
+        if fmt != "fp8" or w.dim() != 3 or expert_dim % 3 != 0 or amax.dim() > 1:
             return _quantize_weight_reference(w, amax, fmt, expert_dim, contraction_dim)
         data_shape, block_shape = stored_shapes(w.shape, fmt, contraction_dim)
         stored = (
@@ -361,6 +394,8 @@ def _register_cuda_kernels() -> None:
         if not _TRITON_ENABLED:
             args = (data.cpu(), scale.cpu(), block_scale.cpu(), fmt, contraction_dim, dtype)
             return _dequant_weight_reference(*args).to(data.device)
+        if scale.dim() > 1:  # FP8 channel-wise scales: no kernel yet
+            return _dequant_weight_reference(data, scale, block_scale, fmt, contraction_dim, dtype)
         return kernels.dequant_stored_weight(data, scale, block_scale, fmt, dtype).movedim(-1, contraction_dim)
 
 
@@ -374,7 +409,7 @@ def dequant_weight(
     data: Tensor, scale: Tensor, block_scale: Tensor, fmt: str, contraction_dim: int, dtype: torch.dtype
 ) -> Tensor:
     """A weight stored by ``moeq.freeze`` (K-last ``data``: e4m3, or packed E2M1 in the 64-byte runs of
-    :func:`moeq.formats.interleave_nvfp4_runs`; per-expert ``scale [E]``;
+    :func:`moeq.formats.interleave_nvfp4_runs`; per-expert ``scale [E]``, or FP8 channel-wise ``[E, N]``;
     NVFP4 e4m3 ``block_scale``, empty for FP8) back in its original layout and ``dtype``, as
     ``formats.dequantize``. The fused kernel reads the stored form directly; this op is the unfused path (on
     CUDA one Triton launch, :func:`moeq.runtime.kernels.dequant_stored_weight`, bit for bit the same)."""
@@ -388,7 +423,7 @@ def _dequant_weight_reference(
 
     if fmt == "nvfp4":
         data = deinterleave_nvfp4_runs(data, 16 * block_scale.shape[-1])
-    q = QuantizedTensor(fmt, data, scale.view(-1, 1, 1), block_scale if fmt == "nvfp4" else None)
+    q = QuantizedTensor(fmt, data, scale.reshape(scale.shape[0], -1, 1), block_scale if fmt == "nvfp4" else None)
     return get_format(fmt).dequantize(q, dtype).movedim(-1, contraction_dim)
 
 
@@ -405,7 +440,8 @@ def _(data: Tensor, scale: Tensor, block_scale: Tensor, fmt: str, contraction_di
 def quantize_weight(
     w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A stacked expert weight (experts along dim 0) with per-expert ``amax [E]`` in the stored form
+    """A stacked expert weight (experts along dim 0) with per-expert ``amax [E]`` (or FP8 channel-wise ``[E, N]``)
+    in the stored form
     ``moeq.freeze`` keeps and ``moeq::dequant_weight`` reads (:func:`moeq.formats.stored_form`: K-last uint8
     data, fp32 scale ``[E]``, NVFP4 block scales or empty). ``dequant_weight`` of it equals
     ``fake_quant_weight(w, amax)`` bit for bit; a QAT training graph saves it for backward instead of the
@@ -418,7 +454,8 @@ def _quantize_weight_reference(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if w.dim() != 3 or expert_dim % 3 != 0:
         raise ValueError(f"quantize_weight takes a 3-D weight with experts along dim 0, got {tuple(w.shape)}")
-    return stored_form(get_format(fmt).quantize(w, expand_per_expert(amax, 3, 0), contraction_dim % 3))
+    amax = expand_weight_amax(amax, 3, 0, contraction_dim)
+    return stored_form(get_format(fmt).quantize(w, amax, contraction_dim % 3))
 
 
 def stored_shapes(weight_shape: Any, fmt: str, contraction_dim: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -435,7 +472,7 @@ def stored_shapes(weight_shape: Any, fmt: str, contraction_dim: int) -> tuple[tu
 @quantize_weight.register_fake
 def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     data, block = stored_shapes(w.shape, fmt, contraction_dim)
-    scale = w.new_empty(w.shape[0], dtype=torch.float32)
+    scale = w.new_empty(amax.shape, dtype=torch.float32)
     return w.new_empty(data, dtype=torch.uint8), scale, w.new_empty(block, dtype=torch.uint8)
 
 
@@ -454,7 +491,7 @@ def quantize_weight_into_(
     their addresses (CUDA graphs replay reading them). On CUDA, FP8 codes go straight from the kernel into
     ``data``; otherwise the op's result is copied."""
     kernel = _TRITON_ENABLED and w.is_cuda and _triton_kernels() is not None
-    if kernel and fmt == "fp8" and w.dim() == 3 and expert_dim % 3 == 0:
+    if kernel and fmt == "fp8" and w.dim() == 3 and expert_dim % 3 == 0 and amax.dim() == 1:
         _fp8_codes_into(w, amax, contraction_dim, data, scale)
         return
     for dst, src in zip(
@@ -524,9 +561,9 @@ def _(
 
 
 def _codes_weight_setup(ctx, inputs, output) -> None:
-    w, amax, expert_dim = inputs[0], inputs[1], inputs[6]
+    w, amax, expert_dim, contraction_dim = inputs[0], inputs[1], inputs[6], inputs[7]
     ctx.save_for_backward(w, amax)
-    ctx.expert_dim = expert_dim
+    ctx.expert_dim, ctx.contraction_dim = expert_dim, contraction_dim
 
 
 def _codes_weight_backward(ctx, grad: Tensor):

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from moeq.config import QuantConfig
+
 if TYPE_CHECKING:
     import networkx as nx
 
@@ -76,6 +80,22 @@ def _range(values: list[float]) -> str:
         return "-"
     lo, hi = min(values), max(values)
     return _fmt(lo) if lo == hi else f"{_fmt(lo)}..{_fmt(hi)}"
+
+
+def _lowering_plan(mode: str, config: QuantConfig) -> str:
+    """What the ``moeq`` backend runs on CUDA for this config's expert GEMMs (:func:`describe_lowering`, plus the
+    granularities that no fused kernel takes yet)."""
+    from moeq.lowering.inductor import describe_lowering
+
+    if config.weight_scale == "channel":
+        return (
+            "channel-wise FP8 weight scales: moeq's fake-quant ops (plain torch) + torch._grouped_mm, not fused "
+            "(grouped_qmm takes one weight scale per expert)"
+        )
+    if config.dynamic_activations:
+        plan = describe_lowering(mode, config.weight, None)
+        return f"activations fake-quantized per token first (moeq::fake_quant_act_dynamic, plain torch), then {plan}"
+    return describe_lowering(mode, config.weight, config.activation)
 
 
 class Explanation:
@@ -167,19 +187,23 @@ class Explanation:
                     str(row["contraction_dim"]),
                     f"{row['covered']}/{row['experts']}",
                     f"{min(tokens)}/{max(tokens)}" if tokens else "-",
-                    _range(row["weight_amax"]) if state.finalized else "-",
-                    _range(input_amax) if any(tokens) else "-",
+                    _range(torch.tensor(row["weight_amax"]).flatten().tolist()) if state.finalized else "-",
+                    "dynamic" if state.config.dynamic_activations else (_range(input_amax) if any(tokens) else "-"),
                     str(len(row["flags"])) if row["flags"] else "",
                 ]
             )
         parts = [head]
         if state.finalized or state.mode == "deploy":
-            from moeq.lowering.inductor import describe_combine, describe_lowering, fusion_policy
+            from moeq.lowering.inductor import describe_combine, fusion_policy
             from moeq.lowering.joint import describe_training
 
             mode = "deploy" if state.mode == "deploy" else "qat"
-            plan = describe_lowering(mode, state.config.weight, state.config.activation)
-            training = describe_training(mode, state.config.weight)
+            plan = _lowering_plan(mode, state.config)
+            training = (
+                "a training graph saves the fake-quantized weight for backward and keeps the Q/DQ ops"
+                if state.config.weight_scale == "channel"
+                else describe_training(mode, state.config.weight)
+            )
             parts.append(
                 f"backend='moeq' on CUDA, fusion '{fusion_policy()}': {plan} (torch._grouped_mm experts in forward-only"
                 f" graphs; {training}); {describe_combine()}"

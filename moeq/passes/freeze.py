@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moeq.formats import expand_per_expert, get_format, stored_form
+from moeq.formats import expand_weight_amax, get_format, stored_form
 from moeq.state import ModelQuantState, get_state, listed_members, register_owner
 
 __all__ = ["freeze", "stored_form"]
@@ -54,7 +54,7 @@ def freeze(model: Any) -> ModelQuantState:
         items = sorted(state.items())
         for fqn, s in tqdm(items, desc="moeq freeze", unit="weight", disable=len(items) < 8):
             w = state.weight(fqn)
-            amax = expand_per_expert(s.weight_amax.to(w.device), w.dim(), s.expert_dim)
+            amax = expand_weight_amax(s.weight_amax.to(w.device), w.dim(), s.expert_dim, s.contraction_dim)
             q = fmt.quantize(w.detach(), amax, s.contraction_dim)
             s.frozen_data, s.frozen_scale, s.frozen_block_scale = stored_form(q)
             s.frozen_dtype = w.dtype

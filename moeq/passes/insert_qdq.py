@@ -151,6 +151,10 @@ class _Quantizers:
             args = (rec.input, rec.offs, obs, counts, rec.input_expert_dim, rec.input_contraction_dim)
             self.graph.call_function(op, args)
             return None
+        if est.mode in ("quantize", "deploy") and est.config.dynamic_activations:
+            op = torch.ops.moeq.fake_quant_act_dynamic.default
+            args = (rec.input, rec.offs, est.config.activation, rec.input_expert_dim, rec.input_contraction_dim)
+            return self.graph.call_function(op, args)
         if est.mode in ("quantize", "deploy") and est.config.activation is not None:
             amax = self._buffer(est, "input_amax")
             op = torch.ops.moeq.fake_quant_act.default

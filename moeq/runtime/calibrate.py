@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from moeq.formats import block_amax, expert_amax
+from moeq.formats import block_amax, channel_amax, expert_amax
 from moeq.runtime.collectives import LayerStats, default_groups, sync_statistics
 from moeq.state import ExpertQuantState, ModelQuantState, get_state
 
@@ -65,6 +65,8 @@ def _input_amax(
     obs, counts = stats.observed_input_amax, stats.tokens
     first = s.expert_offset
     flags: dict[int, str] = {}
+    if cfg.dynamic_activations:  # scales computed from each row at run time: nothing to calibrate
+        return s.input_amax, flags
     bad = [first + e for e in range(s.num_experts) if not torch.isfinite(obs[e])]
     if bad or not torch.isfinite(stats.layer_input_amax):
         where = f"experts {bad}" if bad else "experts on another EP rank"
@@ -119,7 +121,7 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
             "finalize(): no expert GEMM has been rewritten yet; run the model compiled with backend='moeq' "
             "(or a graph from moeq.quantize_graph) at least once, inside moeq.calibrate()"
         )
-    needs_data = state.config.activation is not None
+    needs_data = state.config.activation is not None and not state.config.dynamic_activations
     if needs_data and state.calibration_sessions == 0:
         raise RuntimeError(
             "finalize() called before calibrate(): run forward passes inside `with moeq.calibrate(model):` first "
@@ -132,12 +134,14 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
         blocks = {}
         for fqn, s in sorted(state.items()):
             w = state.weight(fqn)
+            channels = state.config.weight_scale == "channel"
             stats[fqn] = LayerStats(
                 fqn,
                 s.weight_shape,
-                expert_amax(w, s.expert_dim).cpu(),
+                (channel_amax(w, s.expert_dim, s.contraction_dim) if channels else expert_amax(w, s.expert_dim)).cpu(),
                 s.observed_input_amax.cpu(),
                 s.tokens_per_expert.cpu(),
+                channels_sharded=channels and s.tp_shard == "column",
             )
             blocks[fqn] = block_amax(w, s.contraction_dim) if state.config.weight == "nvfp4" else None
         sync_statistics(stats, groups)
@@ -148,14 +152,15 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
             st = stats[fqn]
             input_amax, flags = _input_amax(s, st, errors, ep_size > 1)
             amax = st.weight_amax
-            for e in (e for e in range(s.num_experts) if amax[e] == 0):
+            zero = (amax == 0).reshape(s.num_experts, -1)
+            for e in torch.nonzero(zero.any(dim=1)).flatten().tolist():
                 g = s.expert_offset + e
-                flags[g] = (flags[g] + "; " if g in flags else "") + "all-zero weight: scale set to 1/448"
-                logger.warning("moeq: %s expert %d has an all-zero weight", fqn, g)
-            if not bool(torch.isfinite(amax).all()):
-                errors.append(
-                    f"{fqn}: non-finite weight amax for experts {torch.nonzero(~torch.isfinite(amax)).flatten().tolist()}"
-                )
+                what = "all-zero weight" if zero.shape[1] == 1 else f"{int(zero[e].sum())} all-zero output channels"
+                flags[g] = (flags[g] + "; " if g in flags else "") + f"{what}: scale set to 1/448"
+                logger.warning("moeq: %s expert %d has %s", fqn, g, what)
+            bad = (~torch.isfinite(amax)).reshape(s.num_experts, -1).any(dim=1)
+            if bool(bad.any()):
+                errors.append(f"{fqn}: non-finite weight amax for experts {torch.nonzero(bad).flatten().tolist()}")
             safe_amax = torch.where(amax == 0, torch.ones_like(amax), amax)
             updates[fqn] = (safe_amax, blocks[fqn], input_amax, st, flags)
         if errors:

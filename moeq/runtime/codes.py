@@ -91,7 +91,7 @@ def _fill(
             w = state.weight(fqn)
             args = (w, est.weight_amax, est.config.weight, est.expert_dim, est.contraction_dim)
             data_shape, block_shape = stored_shapes(w.shape, est.config.weight, est.contraction_dim)
-            shapes = (data_shape, (w.shape[0],), block_shape)
+            shapes = (data_shape, tuple(est.weight_amax.shape), block_shape)
             if [(tuple(t.shape), t.device) for t in est.codes()] == [(s, w.device) for s in shapes]:
                 quantize_weight_into_(*args, *est.codes())  # the last block's buffers: same addresses
             else:

@@ -102,9 +102,11 @@ class LayerStats:
 
     fqn: str
     weight_shape: tuple[int, ...]
-    weight_amax: Tensor  # [E_local] fp32
+    weight_amax: Tensor  # [E_local] fp32, or [E_local, N_local] with channel-wise scales
     observed_input_amax: Tensor  # [E_local] fp32
     tokens: Tensor  # [E_local] int64
+    #: channel-wise weight amax of a column-parallel weight: each TP rank holds its own channels (not reduced)
+    channels_sharded: bool = False
     #: layer-wide values over every EP rank (set by the EP hook; local values in one process)
     layer_input_amax: Tensor = field(default_factory=lambda: torch.zeros(()))
     layer_weight_amax: Tensor = field(default_factory=lambda: torch.zeros(()))
@@ -183,14 +185,25 @@ def check_layout(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
                 )
 
 
+def _tp_reduced(s: LayerStats) -> list[Tensor]:
+    """The statistics of one layer that TP ranks reduce with MAX: the weight amax (each shard holds part of every
+    expert's weight; not channel-wise amaxes of a column-parallel weight, whose channels are each rank's own) and
+    the observed input amax."""
+    return [s.observed_input_amax] if s.channels_sharded else [s.weight_amax, s.observed_input_amax]
+
+
 def sync_tp(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
     layers = [stats[k] for k in sorted(stats)]
-    flat = torch.cat([torch.cat([s.weight_amax, s.observed_input_amax]) for s in layers]) if layers else None
-    if flat is None:
+    if not layers:
         return
+    parts = [t for s in layers for t in _tp_reduced(s)]
+    flat = torch.cat([t.reshape(-1) for t in parts])
     _all_reduce(flat, dist.ReduceOp.MAX, groups, "tp")
-    for s, chunk in zip(layers, flat.split([2 * s.weight_amax.numel() for s in layers])):
-        s.weight_amax, s.observed_input_amax = (c.clone() for c in chunk.chunk(2))
+    reduced = iter(c.reshape(t.shape).clone() for c, t in zip(flat.split([t.numel() for t in parts]), parts))
+    for s in layers:
+        if not s.channels_sharded:
+            s.weight_amax = next(reduced)
+        s.observed_input_amax = next(reduced)
 
 
 def sync_dp(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
