@@ -8,6 +8,8 @@ Stored with ``torch.distributed.checkpoint`` in global form, so the saving layou
   holds the fp32 amaxes and the int64 token counts exactly. TP and DP replicas write identical records,
   which DCP de-duplicates;
 * ``moeq/{fqn}/input_amax``: the shared input amax (``act_scale="shared"``);
+* ``moeq/{fqn}/channel_amax/{g}``: FP8 channel-wise weight amax of global expert ``g`` over every output channel
+  (a column-parallel weight's TP shards joined; the record then holds its max);
 * ``moeq/{fqn}/flags/{first}``: explain() notes of the experts starting at global id ``first``.
 
 NVFP4 per-block amaxes are not stored: they are a function of the weights (the kernels compute block
@@ -53,6 +55,26 @@ def _expert_key(fqn: str, g: int) -> str:
     return f"moeq/{fqn}/expert/{g}"
 
 
+def _channel_key(fqn: str, g: int) -> str:
+    return f"moeq/{fqn}/channel_amax/{g}"
+
+
+def _channel_split(s: ExpertQuantState, groups: ProcessGroups) -> tuple[int, int]:
+    """(TP size, TP rank) over which a channel-wise amax is split: a column-parallel weight's channels; else (1, 0)."""
+    if s.tp_shard == "column" and groups.size("tp") > 1:
+        return groups.size("tp"), groups.rank("tp")
+    return 1, 0
+
+
+def _global_channel_amax(s: ExpertQuantState, groups: ProcessGroups) -> torch.Tensor:
+    """``[E_local, N_global]``: this rank's experts' channel amax with every TP rank's channels (all-gathered)."""
+    amax = s.weight_amax.detach().float().cpu()
+    size, _ = _channel_split(s, groups)
+    if size == 1:
+        return amax
+    return torch.cat(all_gather_objects(amax, groups.group("tp")), dim=1)
+
+
 def _layer_meta(s: ExpertQuantState, groups: ProcessGroups) -> dict[str, Any]:
     return {
         "global_weight_shape": list(s.global_weight_shape(groups.size("ep"), groups.size("tp"))),
@@ -89,10 +111,13 @@ def save_state(
         first = ep_rank * s.num_experts
         meta["layers"][fqn] = _layer_meta(s, groups)
         per_expert_input = s.input_amax.numel() == s.num_experts and s.config.act_scale == "per_expert"
+        channels = _global_channel_amax(s, groups) if s.weight_amax.dim() > 1 else None
         for e in range(s.num_experts):
+            if channels is not None:
+                sd[_channel_key(fqn, first + e)] = channels[e].clone()
             record = torch.tensor(
                 [
-                    float(s.weight_amax[e]),
+                    float(s.weight_amax[e].max()),
                     float(s.observed_input_amax[e]),
                     float(s.tokens_per_expert[e]),
                     float(s.calibrated[e]),
@@ -101,7 +126,7 @@ def save_state(
                 dtype=torch.float64,
             )
             sd[_expert_key(fqn, first + e)] = record
-        if not per_expert_input:
+        if s.config.act_scale == "shared":
             sd[f"moeq/{fqn}/input_amax"] = s.input_amax.detach().float().cpu().clone()
         sd[f"moeq/{fqn}/flags/{first}"] = json.dumps({str(g): note for g, note in s.flags.items()})
     sd["moeq/meta"] = json.dumps(meta)  # strings, not dicts: DCP would flatten a dict into many entries
@@ -172,10 +197,9 @@ def load_state(
         if saved.get("version") != FORMAT_VERSION:
             errors.append(f"checkpoint format version {saved.get('version')} != supported {FORMAT_VERSION}")
         mine = _config_dict(state.config)
-        if saved.get("config") != mine:
-            diff = {
-                k: (saved.get("config", {}).get(k), v) for k, v in mine.items() if saved.get("config", {}).get(k) != v
-            }
+        theirs = {"weight_scale": "expert", **saved.get("config", {})}  # checkpoints from before weight_scale
+        if theirs != mine:
+            diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
             errors.append(f"checkpoint was saved with another QuantConfig: (saved, model) = {diff}")
         errors += _ensure_states(state, saved.get("layers", {}), created)
     expected = _expected_layers(state, groups)
@@ -195,23 +219,25 @@ def load_state(
                 }
                 errors.append(f"{fqn}: mis-shaped entry, (checkpoint, model) = {diff}")
         tensor_keys = {k for k, v in entries.items() if isinstance(v, TensorStorageMetadata)}
-        want = set()
+        want: dict[str, list[int]] = {}
         for fqn, meta in expected.items():
             num = meta["global_weight_shape"][meta["expert_dim"]]
-            want |= {_expert_key(fqn, g) for g in range(num)}
+            want.update({_expert_key(fqn, g): [len(RECORD)] for g in range(num)})
             if meta["act_scale"] == "shared":
-                want.add(f"moeq/{fqn}/input_amax")
+                want[f"moeq/{fqn}/input_amax"] = [1]
+            if state[fqn].weight_amax.dim() > 1:
+                channels = state[fqn].weight_amax.shape[1] * _channel_split(state[fqn], groups)[0]
+                want.update({_channel_key(fqn, g): [channels] for g in range(num)})
         if not errors:
-            missing_keys, extra_keys = sorted(want - tensor_keys), sorted(tensor_keys - want)
+            missing_keys, extra_keys = sorted(set(want) - tensor_keys), sorted(tensor_keys - set(want))
             if missing_keys:
                 errors.append(f"{len(missing_keys)} missing entries: {missing_keys[:8]}")
             if extra_keys:
                 errors.append(f"{len(extra_keys)} extra entries: {extra_keys[:8]}")
-            for key in sorted(want & tensor_keys):
+            for key in sorted(set(want) & tensor_keys):
                 size = list(entries[key].size)
-                ok = size == [len(RECORD)] if "/expert/" in key else size == [1]
-                if not ok:
-                    errors.append(f"{key}: mis-shaped entry {size}")
+                if size != want[key]:
+                    errors.append(f"{key}: mis-shaped entry {size}, expected {want[key]}")
     errors = _collective_errors(errors, process_group)
     if errors:
         _forget(state, created)
@@ -223,6 +249,8 @@ def load_state(
         first = ep_rank * s.num_experts
         for e in range(s.num_experts):
             sd[_expert_key(fqn, first + e)] = torch.empty(len(RECORD), dtype=torch.float64)
+            if s.weight_amax.dim() > 1:
+                sd[_channel_key(fqn, first + e)] = torch.empty(s.weight_amax.shape[1] * _channel_split(s, groups)[0])
         if s.config.act_scale == "shared":
             sd[f"moeq/{fqn}/input_amax"] = torch.empty(1)
         for key in entries:
@@ -233,7 +261,7 @@ def load_state(
     except (Exception, CheckpointException) as err:  # noqa: BLE001  (DCP's error is a BaseException)
         _forget(state, created)
         raise CheckpointError(f"reading {path!r} failed; nothing was loaded: {err}") from err
-    _commit(state, sd, ep_rank)
+    _commit(state, sd, groups)
     state.finalized = bool(saved.get("finalized"))
     state.calibration_sessions = int(saved.get("calibration_sessions", 0))
     state.mode = "quantize" if state.finalized else "off"
@@ -246,20 +274,27 @@ def _forget(state: ModelQuantState, fqns: list[str]) -> None:
         state.forget(fqn)
 
 
-def _commit(state: ModelQuantState, sd: dict[str, Any], ep_rank: int) -> None:
+def _commit(state: ModelQuantState, sd: dict[str, Any], groups: ProcessGroups) -> None:
     with torch.no_grad():
         for fqn, s in sorted(state.items()):
-            first = ep_rank * s.num_experts
+            first = groups.rank("ep") * s.num_experts
             records = torch.stack([sd[_expert_key(fqn, first + e)] for e in range(s.num_experts)])
             device = s.weight_amax.device
             s.expert_offset = first
-            s.weight_amax.copy_(records[:, 0].float().to(device))
+            if s.weight_amax.dim() > 1:  # this rank's channels of each expert's global channel amax
+                n, (_, tp_rank) = s.weight_amax.shape[1], _channel_split(s, groups)
+                channels = [
+                    sd[_channel_key(fqn, first + e)][tp_rank * n : (tp_rank + 1) * n] for e in range(s.num_experts)
+                ]
+                s.weight_amax.copy_(torch.stack(channels).to(device))
+            else:
+                s.weight_amax.copy_(records[:, 0].float().to(device))
             s.observed_input_amax.copy_(records[:, 1].float().to(device))
             s.tokens_per_expert.copy_(records[:, 2].long().to(device))
             s.calibrated.copy_(records[:, 3].bool().to(device))
             if s.config.act_scale == "shared":
                 s.input_amax.copy_(sd[f"moeq/{fqn}/input_amax"].to(device))
-            else:
+            elif s.config.act_scale == "per_expert":
                 s.input_amax.copy_(records[:, 4].float().to(device))
             flags: dict[int, str] = {}
             for key, value in sd.items():
