@@ -40,6 +40,7 @@ CONFIGS = {
     "fp8": moeq.FP8,
     "nvfp4": moeq.NVFP4,
     "fp8_per_expert": moeq.QuantConfig(weight="fp8", activation="fp8", act_scale="per_expert"),
+    "fp8_dynamic": moeq.FP8_DYNAMIC,
 }
 
 

@@ -215,8 +215,9 @@ def _act_backward(ctx, grad: Tensor):
 fake_quant_act.register_autograd(_act_backward, setup_context=_act_setup)
 
 
-@torch.library.custom_op("moeq::fake_quant_act_dynamic", mutates_args=())
-def fake_quant_act_dynamic(x: Tensor, offs: Tensor | None, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
+def _fake_quant_act_dynamic_reference(
+    x: Tensor, offs: Tensor | None, fmt: str, expert_dim: int, contraction_dim: int
+) -> Tensor:
     """Fake-quantize activations with dynamic per-token scales (``act_scale="token"``): each row along
     ``contraction_dim`` by its own amax (:func:`moeq.formats.token_amax`), computed from ``x`` itself. 2-D routed
     rows at or past ``offs[-1]`` belong to no expert and are returned as they are. Nothing is clipped (every value
@@ -231,6 +232,11 @@ def fake_quant_act_dynamic(x: Tensor, offs: Tensor | None, fmt: str, expert_dim:
         return x.clone()
     routed = torch.arange(x.shape[0], device=x.device) < offs[-1].to(x.device)
     return torch.where(routed.unsqueeze(1), out, x)
+
+
+fake_quant_act_dynamic = torch.library.custom_op("moeq::fake_quant_act_dynamic", mutates_args=())(
+    _fake_quant_act_dynamic_reference
+)
 
 
 @fake_quant_act_dynamic.register_fake
@@ -348,7 +354,7 @@ def _register_cuda_kernels() -> None:
     def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
         if not _TRITON_ENABLED:
             return _fake_quant_weight_reference(w.cpu(), amax.cpu(), fmt, expert_dim, contraction_dim).to(w.device)
-        if w.dim() != 3 or expert_dim % 3 != 0 or amax.dim() > 1:  # channel-wise scales: no kernel yet
+        if w.dim() != 3 or expert_dim % 3 != 0:
             return _fake_quant_weight_reference(w, amax, fmt, expert_dim, contraction_dim)
         return kernels.fake_quant_experts(w, amax, fmt, contraction_dim)
 
@@ -362,17 +368,26 @@ def _register_cuda_kernels() -> None:
             return _fake_quant_act_reference(x, offs, amax, fmt, expert_dim, contraction_dim)
         return kernels.fake_quant_act(x, offs, amax, fmt)
 
+    @fake_quant_act_dynamic.register_kernel("cuda")
+    def _(x: Tensor, offs: Tensor | None, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
+        if not _TRITON_ENABLED:
+            offs_cpu = offs.cpu() if offs is not None else None
+            return fake_quant_act_dynamic(x.cpu(), offs_cpu, fmt, expert_dim, contraction_dim).to(x.device)
+        if offs is None or x.dim() != 2 or contraction_dim % 2 != 1 or fmt != "fp8":
+            return _fake_quant_act_dynamic_reference(x, offs, fmt, expert_dim, contraction_dim)
+        return kernels.fake_quant_tokens(x, offs)
+
     @quantize_weight.register_kernel("cuda")
     def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int):
         if not _TRITON_ENABLED:
             data, scale, block = _quantize_weight_reference(w.cpu(), amax.cpu(), fmt, expert_dim, contraction_dim)
             return data.to(w.device), scale.to(w.device), block.to(w.device)
-        if fmt != "fp8" or w.dim() != 3 or expert_dim % 3 != 0 or amax.dim() > 1:
+        if fmt != "fp8" or w.dim() != 3 or expert_dim % 3 != 0:
             return _quantize_weight_reference(w, amax, fmt, expert_dim, contraction_dim)
         data_shape, block_shape = stored_shapes(w.shape, fmt, contraction_dim)
         stored = (
             w.new_empty(data_shape, dtype=torch.uint8),
-            w.new_empty(w.shape[0], dtype=torch.float32),
+            w.new_empty(amax.shape, dtype=torch.float32),
             w.new_empty(block_shape, dtype=torch.uint8),
         )
         _fp8_codes_into(w, amax, contraction_dim, stored[0], stored[1])
@@ -394,8 +409,6 @@ def _register_cuda_kernels() -> None:
         if not _TRITON_ENABLED:
             args = (data.cpu(), scale.cpu(), block_scale.cpu(), fmt, contraction_dim, dtype)
             return _dequant_weight_reference(*args).to(data.device)
-        if scale.dim() > 1:  # FP8 channel-wise scales: no kernel yet
-            return _dequant_weight_reference(data, scale, block_scale, fmt, contraction_dim, dtype)
         return kernels.dequant_stored_weight(data, scale, block_scale, fmt, dtype).movedim(-1, contraction_dim)
 
 
@@ -481,7 +494,7 @@ def _fp8_codes_into(w: Tensor, amax: Tensor, contraction_dim: int, data: Tensor,
     k_dim = contraction_dim % 3
     codes = data.view(torch.float8_e4m3fn).movedim(-1, k_dim)
     _triton_kernels().fake_quant_experts(w, amax, "fp8", k_dim, codes=True, out=codes)
-    scale.copy_(get_format("fp8").scale_from_amax(amax.detach().float()).reshape(-1))
+    scale.copy_(get_format("fp8").scale_from_amax(amax.detach().float()).reshape(scale.shape))
 
 
 def quantize_weight_into_(
@@ -491,7 +504,7 @@ def quantize_weight_into_(
     their addresses (CUDA graphs replay reading them). On CUDA, FP8 codes go straight from the kernel into
     ``data``; otherwise the op's result is copied."""
     kernel = _TRITON_ENABLED and w.is_cuda and _triton_kernels() is not None
-    if kernel and fmt == "fp8" and w.dim() == 3 and expert_dim % 3 == 0 and amax.dim() == 1:
+    if kernel and fmt == "fp8" and w.dim() == 3 and expert_dim % 3 == 0:
         _fp8_codes_into(w, amax, contraction_dim, data, scale)
         return
     for dst, src in zip(

@@ -14,7 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq.formats import e2m1_round, expand_per_expert, expert_amax, get_format, round_to_e4m3
+from moeq.formats import (
+    channel_amax,
+    e2m1_round,
+    expand_per_expert,
+    expand_weight_amax,
+    expert_amax,
+    get_format,
+    round_to_e4m3,
+)
 from moeq.lowering import ops
 from moeq.runtime import kernels
 from moeq.runtime.kernels.numerics import round_e2m1, round_e4m3, round_to_bf16
@@ -455,3 +463,73 @@ def test_interpreted_launches_take_the_plain_path():
         assert_same_bits(kernels.fake_quant_experts(w, amax, "fp8", 2), want, "fp8")
     assert launch.launch_counts["plain"] - before.get("plain", 0) == 2
     assert launch.launch_counts["planned"] == before.get("planned", 0) and not launch._plans
+
+
+# -- FP8 channel-wise weight scales and dynamic per-token activation scales (moeq.FP8_DYNAMIC) --------------
+
+
+def _channel_amax(w, k_dim):
+    """Each expert's per-output-channel amax, scaled down here and there (clipping) and one channel zeroed."""
+    amax = channel_amax(w, 0, k_dim) * (0.6 + 0.4 * torch.rand(w.shape[0], w.shape[3 - k_dim]))
+    amax[0, 1] = 0.0  # a zero channel amax gives zeros, not NaN
+    return amax
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("shape", "k_dim"), WEIGHT_SHAPES)
+def test_fake_quant_experts_channel_wise_bit_exact(shape, k_dim, dtype, seed):
+    """Channel-wise amax ``[E, N]``: fake quant and e4m3 codes == formats with the amax broadcast along K."""
+    torch.manual_seed(seed)
+    w = _weights(shape, dtype, seed)
+    amax = _channel_amax(w, k_dim)
+    fmt = get_format("fp8")
+    expanded = expand_weight_amax(amax, 3, 0, k_dim)
+    got = kernels.fake_quant_experts(w, amax, "fp8", k_dim)
+    assert_same_bits(got, fmt.fake_quant(w, expanded, k_dim), "fp8")
+    codes = kernels.fake_quant_experts(w, amax, "fp8", k_dim, codes=True)
+    expected = fmt.quantize(w, expanded, k_dim).data.movedim(-1, k_dim)
+    assert torch.equal(codes.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize(("shape", "k_dim"), WEIGHT_SHAPES[:2])
+def test_channel_wise_codes_and_dequant_round_trip(shape, k_dim):
+    """``quantize_weight``'s stored form with channel scales ``[E, N]``, written by the kernel into its buffers,
+    dequantized by the dequant kernel == the fake quant, bit for bit."""
+    w = _weights(shape, torch.bfloat16, 0)
+    amax = _channel_amax(w, k_dim)
+    data, scale, block = ops._quantize_weight_reference(w, amax, "fp8", 0, k_dim)
+    assert scale.shape == amax.shape
+    buffers = (torch.zeros_like(data), torch.zeros_like(scale), torch.zeros_like(block))
+    ops._fp8_codes_into(w, amax, k_dim, buffers[0], buffers[1])
+    assert torch.equal(buffers[0], data) and torch.equal(buffers[1], scale)
+    got = kernels.dequant_stored_weight(data, scale, block, "fp8", torch.bfloat16).movedim(-1, k_dim)
+    assert torch.equal(got, get_format("fp8").fake_quant(w, expand_weight_amax(amax, 3, 0, k_dim), k_dim))
+
+
+def test_channel_wise_amax_of_the_wrong_shape():
+    w = _weights((2, 8, 16), torch.float32, 0)
+    with pytest.raises(ValueError, match=r"channel-wise weight_amax \(2, 16\) needs FP8 and shape \(2, 8\)"):
+        kernels.fake_quant_experts(w, torch.ones(2, 16), "fp8", 2)
+    with pytest.raises(ValueError, match="needs FP8"):
+        kernels.fake_quant_experts(w, torch.ones(2, 8), "nvfp4", 2)
+    with pytest.raises(ValueError, match=r"channel-wise scales must be FP8 \[2, 8\]"):
+        kernels.dequant_stored_weight(
+            torch.zeros(2, 8, 16, dtype=torch.uint8), torch.ones(2, 3), torch.zeros(0), "fp8", torch.float32
+        )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("k", [48, 100, 300])
+@pytest.mark.parametrize("counts", COUNTS[:3], ids=lambda c: "-".join(map(str, c)))
+def test_fake_quant_tokens_bit_exact(counts, k, dtype, seed):
+    """Dynamic per-token FP8: each routed row by its own amax (rows longer than one K tile: two sweeps), == the
+    reference op; a zero row stays zero, a row with a NaN is NaN, padding rows are untouched."""
+    x, offs = _routed(seed, dtype, counts, k=k)
+    x[0] = 0.0
+    x[min(2, int(offs[-1]) - 1), 7] = float("nan")
+    expected = ops._fake_quant_act_dynamic_reference(x, offs, "fp8", 0, -1)
+    got = kernels.fake_quant_tokens(x, offs)
+    assert_same_bits(got, expected, "fp8")
+    assert torch.equal(got[int(offs[-1]) :], x[int(offs[-1]) :])

@@ -26,7 +26,7 @@ from moeq.runtime.kernels.numerics import cast_like
 __all__ = ["dequant_stored_weight"]
 
 
-@triton.autotune(configs=dequant_configs(), key=["N", "K", "IS_NVFP4"])
+@triton.autotune(configs=dequant_configs(), key=["N", "K", "IS_NVFP4", "PER_CHANNEL"])
 @triton.jit
 def _dequant_weight_kernel(
     data_ptr,
@@ -45,6 +45,7 @@ def _dequant_weight_kernel(
     stride_on,
     stride_ok,
     IS_NVFP4: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -54,7 +55,10 @@ def _dequant_weight_kernel(
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask = rows < N
-    scale = tl.load(scale_ptr + expert)
+    if PER_CHANNEL:  # FP8 channel-wise scales [E, N]
+        scale = tl.load(scale_ptr + expert * N + rows, mask=row_mask, other=0.0)[:, None]
+    else:
+        scale = tl.load(scale_ptr + expert)
     if IS_NVFP4:
         # 32-bit words of the stored 64-byte runs (the last run zero-padded), codes back in K order
         kw = tl.program_id(0) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
@@ -77,7 +81,8 @@ def dequant_stored_weight(
 ) -> torch.Tensor:
     """``[E, N, K]`` in ``dtype`` from ``moeq.freeze``'s K-last buffers: e4m3 ``data [E, N, K]`` (FP8) or packed
     E2M1 ``[E, N, cdiv(K, 128) * 64]`` in the runs of :func:`moeq.formats.interleave_nvfp4_runs` with e4m3
-    ``block_scale [E, N, K/16]`` (NVFP4); fp32 ``scale [E]``. CUDA tensors, or CPU under the interpreter."""
+    ``block_scale [E, N, K/16]`` (NVFP4); fp32 ``scale [E]`` (FP8 also channel-wise, ``[E, N]``). CUDA tensors, or
+    CPU under the interpreter."""
     if fmt not in ("fp8", "nvfp4"):
         raise ValueError(f"dequant_stored_weight takes fmt 'fp8' or 'nvfp4', got {fmt!r}")
     check_float(dtype, "dtype")
@@ -86,7 +91,10 @@ def dequant_stored_weight(
             f"stored {fmt} data must be a 3-D 1-byte tensor [E, N, K'], got {data.dtype} {tuple(data.shape)}"
         )
     num_experts, n = data.shape[:2]
-    if scale.numel() != num_experts:
+    per_channel = scale.dim() == 2
+    if per_channel and (fmt != "fp8" or tuple(scale.shape) != (num_experts, n)):
+        raise ValueError(f"channel-wise scales must be FP8 [{num_experts}, {n}], got {fmt} {tuple(scale.shape)}")
+    if not per_channel and scale.numel() != num_experts:
         raise ValueError(f"scale must have one entry per expert ({num_experts}), got {scale.numel()}")
     if fmt == "nvfp4":
         k = 16 * block_scale.shape[-1]
@@ -112,6 +120,6 @@ def dequant_stored_weight(
     launch_kernel(_dequant_weight_kernel, grid,
         words, scale.float().contiguous(), block, out, n, k,
         *words.stride(), *b_strides, *out.stride(),
-        IS_NVFP4=fmt == "nvfp4", INTERPRET=interpreting(),
+        IS_NVFP4=fmt == "nvfp4", PER_CHANNEL=per_channel, INTERPRET=interpreting(),
     )  # fmt: skip
     return out

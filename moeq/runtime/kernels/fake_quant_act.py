@@ -1,4 +1,5 @@
-"""Activation fake quant of routed rows with a static amax, shared or selected per row by ``offs``."""
+"""Activation fake quant of routed rows: with a static amax, shared or selected per row by ``offs``
+(:func:`fake_quant_act`), or FP8 with dynamic per-token scales, each row's own amax (:func:`fake_quant_tokens`)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,17 @@ from moeq.runtime.kernels.launch import (
     run_kernel,
     tile_configs,
 )
-from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4, fp8_codes
+from moeq.runtime.kernels.numerics import (
+    abs_bits,
+    cast_like,
+    fake_quant_fp8,
+    fake_quant_nvfp4,
+    float_of_abs_bits,
+    fp8_codes,
+)
 from moeq.runtime.kernels.segment_amax import expert_of_rows
 
-__all__ = ["act_codes_reference", "fake_quant_act"]
+__all__ = ["act_codes_reference", "fake_quant_act", "fake_quant_tokens"]
 
 
 @triton.autotune(configs=tile_configs(), key=["K", "IS_NVFP4", "PER_EXPERT", "CODES"])
@@ -136,5 +144,72 @@ def fake_quant_act(
         if codes:
             return act_codes_reference(x, offs, amax)
         return torch.ops.moeq.fake_quant_act(x, offs, amax, fmt.name, 0, -1)
+
+    return run_kernel(x, launch, reference)
+
+
+@triton.autotune(configs=tile_configs(), key=["K"])
+@triton.jit
+def _fake_quant_tokens_kernel(
+    x_ptr,
+    out_ptr,
+    offs_ptr,
+    S,
+    K,
+    stride_xs,
+    stride_os,
+    NUM_EXPERTS: tl.constexpr,
+    X_BITS: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # one program per BLOCK_M rows: a first sweep over K takes each row's amax (an integer max of |x|'s bits,
+    # NaN above inf: it propagates), a second one (its tiles back from L2) fake-quantizes with it
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    row_mask = rows < S
+    routed = rows < tl.load(offs_ptr + NUM_EXPERTS - 1)
+    bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64) * stride_xs + cols, mask=row_mask & (cols < K), other=0.0)
+        bits = tl.maximum(bits, tl.max(abs_bits(x, X_BITS), axis=1))
+    amax = float_of_abs_bits(bits, x_ptr.dtype.element_ty, X_BITS)[:, None]
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)[None, :]
+        mask = row_mask & (cols < K)
+        x = tl.load(x_ptr + rows.to(tl.int64) * stride_xs + cols, mask=mask, other=0.0)
+        q = cast_like(fake_quant_fp8(x.to(tl.float32), amax, INTERPRET), out_ptr, INTERPRET)
+        tl.store(out_ptr + rows.to(tl.int64) * stride_os + cols, tl.where(routed, q, x), mask=mask)
+
+
+def fake_quant_tokens(x: torch.Tensor, offs: torch.Tensor, wrap: Callable[[Any], Any] | None = None) -> torch.Tensor:
+    """FP8 fake quant of routed rows ``x [S, K]`` (K last) with dynamic per-token scales: each row by its own
+    ``max|x|`` (:func:`moeq.formats.token_amax`); rows at or past ``offs[-1]`` are returned unchanged."""
+    check_float(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"routed rows must be 2-D [S, K], got shape {tuple(x.shape)}")
+    num_experts = offs.numel()
+    if offs.dtype != torch.int32 or offs.dim() != 1:
+        raise ValueError(f"offs must be int32 cumulative row counts, got {offs.dtype} {tuple(offs.shape)}")
+    x_in = x if x.stride(1) == 1 else x.contiguous()
+    out = torch.empty_like(x_in)
+
+    def launch() -> torch.Tensor:
+        if known_empty(x.shape[0], num_experts, x.shape[1]):
+            return out.copy_(x_in)
+
+        def grid(meta):
+            return (cdiv(x.shape[0], meta["BLOCK_M"]),)
+
+        kernel = wrap(_fake_quant_tokens_kernel) if wrap is not None else _fake_quant_tokens_kernel
+        launch_kernel(kernel, grid,
+            x_in, out, offs, x.shape[0], x.shape[1], x_in.stride(0), out.stride(0),
+            NUM_EXPERTS=num_experts, X_BITS=32 if x.dtype == torch.float32 else 16, INTERPRET=interpreting(),
+        )  # fmt: skip
+        return out
+
+    def reference() -> torch.Tensor:
+        return torch.ops.moeq.fake_quant_act_dynamic(x, offs, "fp8", 0, -1)
 
     return run_kernel(x, launch, reference)

@@ -32,7 +32,7 @@ _MAX_GRID_YZ = 65535  # CUDA's limit on grid dims y and z (row tiles, experts)
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in tile_configs())
 
 
-@triton.autotune(configs=tile_configs(), key=["M", "K", "IS_NVFP4", "CODES"])
+@triton.autotune(configs=tile_configs(), key=["M", "K", "IS_NVFP4", "CODES", "PER_CHANNEL"])
 @triton.jit
 def _fake_quant_experts_kernel(
     w_ptr,
@@ -48,6 +48,7 @@ def _fake_quant_experts_kernel(
     stride_ok,
     IS_NVFP4: tl.constexpr,
     CODES: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -62,7 +63,10 @@ def _fake_quant_experts_kernel(
     mask = (rows < M) & (cols < K)
     w_offs = expert.to(tl.int64) * stride_we + rows * stride_wm + cols * stride_wk
     w = tl.load(w_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.load(amax_ptr + expert)
+    if PER_CHANNEL:  # FP8 channel-wise amax [E, M]: one per row of the tile
+        amax = tl.load(amax_ptr + expert.to(tl.int64) * M + rows, mask=rows < M, other=0.0)
+    else:
+        amax = tl.load(amax_ptr + expert)
     if CODES:
         out = fp8_codes(w, amax, INTERPRET).to(out_ptr.dtype.element_ty)
     elif IS_NVFP4:
@@ -82,7 +86,8 @@ def fake_quant_experts(
     wrap: Callable[[Any], Any] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fake-quantize a stacked expert weight ``[E, ., .]`` with per-expert amax ``[E]``; same shape/dtype.
+    """Fake-quantize a stacked expert weight ``[E, ., .]`` with per-expert amax ``[E]`` (FP8 also channel-wise,
+    ``[E, N]``: one amax per expert and row along the dim that is not K); same shape/dtype.
 
     ``codes=True`` (FP8 only): the e4m3 codes (float8_e4m3fn, same shape and strides) instead; times the
     expert's ``amax / 448`` they are the fake quant (``moeq.formats`` FP8 ``quantize``'s data). ``wrap``: applied
@@ -97,12 +102,18 @@ def fake_quant_experts(
     k_dim = contraction_dim % 3
     if k_dim == 0:
         raise ValueError("contraction_dim must be 1 or 2 (dim 0 is the expert dim)")
-    if weight_amax.numel() != w.shape[0]:
+    m_dim = 3 - k_dim
+    per_channel = weight_amax.dim() == 2
+    if per_channel and (fmt.name != "fp8" or tuple(weight_amax.shape) != (w.shape[0], w.shape[m_dim])):
+        raise ValueError(
+            f"channel-wise weight_amax {tuple(weight_amax.shape)} needs FP8 and shape {(w.shape[0], w.shape[m_dim])} "
+            f"for the weight {tuple(w.shape)} (format {fmt.name!r})"
+        )
+    if not per_channel and weight_amax.numel() != w.shape[0]:
         raise ValueError(f"weight_amax has {weight_amax.numel()} entries for {w.shape[0]} experts")
     fmt.check_shape(w.shape, k_dim, "stacked expert weight")
     if fmt.name not in ("fp8", "nvfp4"):
         raise NotImplementedError(f"no Triton kernel for format {fmt.name!r}")
-    m_dim = 3 - k_dim
     out_dtype = torch.float8_e4m3fn if codes else w.dtype
     if out is None:
         out = torch.empty_like(w, dtype=out_dtype)
@@ -113,14 +124,15 @@ def fake_quant_experts(
         )
     amax = as_fp32(weight_amax)
     E, M, K = w.shape[0], w.shape[m_dim], w.shape[k_dim]
+    expanded = amax.unsqueeze(k_dim) if per_channel else amax.view(-1, 1, 1)
 
     def grid(meta):
         return (cdiv(K, meta["BLOCK_K"]), cdiv(M, meta["BLOCK_M"]), E)
 
     def reference() -> torch.Tensor:
         if codes:
-            return out.copy_(fmt.quantize(w, amax.view(-1, 1, 1), k_dim).data.movedim(-1, k_dim))
-        return out.copy_(fmt.fake_quant(w, amax.view(-1, 1, 1), k_dim))
+            return out.copy_(fmt.quantize(w, expanded, k_dim).data.movedim(-1, k_dim))
+        return out.copy_(fmt.fake_quant(w, expanded, k_dim))
 
     def launch() -> torch.Tensor:
         if E > _MAX_GRID_YZ or cdiv(M, _MIN_BLOCK_M) > _MAX_GRID_YZ:
@@ -133,7 +145,7 @@ def fake_quant_experts(
             w, out, amax, M, K,
             w.stride(0), w.stride(m_dim), w.stride(k_dim),
             out.stride(0), out.stride(m_dim), out.stride(k_dim),
-            IS_NVFP4=fmt.name == "nvfp4", CODES=codes, INTERPRET=interpreting(),
+            IS_NVFP4=fmt.name == "nvfp4", CODES=codes, PER_CHANNEL=per_channel, INTERPRET=interpreting(),
         )  # fmt: skip
         return out
 
