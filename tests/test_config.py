@@ -68,7 +68,8 @@ def test_w4a8_allowed():
 @pytest.mark.parametrize(
     ("field", "value", "choices"),
     [
-        ("act_scale", "per_token", r"\['shared', 'per_expert'\]"),
+        ("act_scale", "per_token", r"\['shared', 'per_expert', 'token'\]"),
+        ("weight_scale", "row", r"\['expert', 'channel'\]"),
         ("uncalibrated", "zero", r"\['error', 'weight_amax'\]"),
         ("calib", "all", r"\['routed'\]"),
     ],
@@ -98,6 +99,7 @@ def test_from_dict_unknown_key_lists_known():
     [
         moeq.FP8,
         moeq.NVFP4_W4A16,
+        moeq.FP8_DYNAMIC,
         QuantConfig(
             weight="fp8",
             activation="fp8",
