@@ -9,7 +9,8 @@ Stored with ``torch.distributed.checkpoint`` in global form, so the saving layou
   which DCP de-duplicates;
 * ``moeq/{fqn}/input_amax``: the shared input amax (``act_scale="shared"``);
 * ``moeq/{fqn}/channel_amax/{g}``: FP8 channel-wise weight amax of global expert ``g`` over every output channel
-  (a column-parallel weight's TP shards joined; the record then holds its max);
+  in the unsharded weight's order (a column-parallel weight's TP shards joined, a fused gate/up weight's gate and
+  up slices each in place; the record holds its max);
 * ``moeq/{fqn}/flags/{first}``: explain() notes of the experts starting at global id ``first``.
 
 NVFP4 per-block amaxes are not stored: they are a function of the weights (the kernels compute block
@@ -26,6 +27,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +38,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moeq.config import QuantConfig
 from moeq.formats import block_amax
+from moeq.io.hf_layout import expert_layout
 from moeq.runtime.collectives import ProcessGroups, all_gather_objects, default_groups
 from moeq.state import ExpertQuantState, ModelQuantState, get_state
 
@@ -66,13 +69,53 @@ def _channel_split(s: ExpertQuantState, groups: ProcessGroups) -> tuple[int, int
     return 1, 0
 
 
-def _global_channel_amax(s: ExpertQuantState, groups: ProcessGroups) -> torch.Tensor:
-    """``[E_local, N_global]``: this rank's experts' channel amax with every TP rank's channels (all-gathered)."""
+def _part_rows(state: ModelQuantState, s: ExpertQuantState) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The output-row selections of the per-expert linears a stacked weight holds (a fused gate/up weight: gate's
+    rows and up's, halves or interleaved; else all rows). Tensor parallelism splits each of them over the ranks."""
+    try:
+        return [part.rows for part in expert_layout(state._root, s.fqn, s.expert_dim, s.contraction_dim).parts]
+    except (ValueError, AttributeError, KeyError):
+        return [lambda t: t]
+
+
+def _tp_positions(parts: list[Any], n_global: int, size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global, local) channel positions of TP rank ``rank``'s channels, in matching order: each part's rows are
+    split in ``size`` contiguous chunks, chunk ``rank`` on that rank (as Megatron and transformers shard a fused
+    gate/up weight: each rank holds a slice of gate and the same slice of up)."""
+    local_all = torch.arange(n_global // size)
+    glob, loc = [], []
+    for rows in parts:
+        glob.append(rows(torch.arange(n_global)).chunk(size)[rank])
+        loc.append(rows(local_all))
+    return torch.cat(glob), torch.cat(loc)
+
+
+def _global_channel_amax(state: ModelQuantState, s: ExpertQuantState, groups: ProcessGroups) -> torch.Tensor:
+    """``[E_local, N_global]``: this rank's experts' channel amax with every TP rank's channels (all-gathered, put in
+    the unsharded weight's channel order)."""
     amax = s.weight_amax.detach().float().cpu()
     size, _ = _channel_split(s, groups)
     if size == 1:
         return amax
-    return torch.cat(all_gather_objects(amax, groups.group("tp")), dim=1)
+    out = amax.new_zeros(amax.shape[0], amax.shape[1] * size)
+    parts = _part_rows(state, s)
+    for rank, local in enumerate(all_gather_objects(amax, groups.group("tp"))):
+        glob, loc = _tp_positions(parts, out.shape[1], size, rank)
+        out[:, glob] = local[:, loc]
+    return out
+
+
+def _local_channel_amax(
+    state: ModelQuantState, s: ExpertQuantState, groups: ProcessGroups, glob_amax: torch.Tensor
+) -> torch.Tensor:
+    """This TP rank's channels ``[E_local, N_local]`` of the global channel amax ``[E_local, N_global]``."""
+    size, rank = _channel_split(s, groups)
+    if size == 1:
+        return glob_amax
+    out = glob_amax.new_zeros(glob_amax.shape[0], glob_amax.shape[1] // size)
+    glob, loc = _tp_positions(_part_rows(state, s), glob_amax.shape[1], size, rank)
+    out[:, loc] = glob_amax[:, glob]
+    return out
 
 
 def _layer_meta(s: ExpertQuantState, groups: ProcessGroups) -> dict[str, Any]:
@@ -111,7 +154,7 @@ def save_state(
         first = ep_rank * s.num_experts
         meta["layers"][fqn] = _layer_meta(s, groups)
         per_expert_input = s.input_amax.numel() == s.num_experts and s.config.act_scale == "per_expert"
-        channels = _global_channel_amax(s, groups) if s.weight_amax.dim() > 1 else None
+        channels = _global_channel_amax(state, s, groups) if s.weight_amax.dim() > 1 else None
         for e in range(s.num_experts):
             if channels is not None:
                 sd[_channel_key(fqn, first + e)] = channels[e].clone()
@@ -282,11 +325,8 @@ def _commit(state: ModelQuantState, sd: dict[str, Any], groups: ProcessGroups) -
             device = s.weight_amax.device
             s.expert_offset = first
             if s.weight_amax.dim() > 1:  # this rank's channels of each expert's global channel amax
-                n, (_, tp_rank) = s.weight_amax.shape[1], _channel_split(s, groups)
-                channels = [
-                    sd[_channel_key(fqn, first + e)][tp_rank * n : (tp_rank + 1) * n] for e in range(s.num_experts)
-                ]
-                s.weight_amax.copy_(torch.stack(channels).to(device))
+                glob_amax = torch.stack([sd[_channel_key(fqn, first + e)] for e in range(s.num_experts)])
+                s.weight_amax.copy_(_local_channel_amax(state, s, groups, glob_amax).to(device))
             else:
                 s.weight_amax.copy_(records[:, 0].float().to(device))
             s.observed_input_amax.copy_(records[:, 1].float().to(device))
