@@ -381,8 +381,8 @@ def test_more_families_compiled_cuda(family):
 @pytest.mark.parametrize("freeze", [False, True])
 def test_fp8_dynamic_compiled_cuda(freeze):
     """moeq.FP8_DYNAMIC (channel-wise weights, dynamic per-token activations) compiled with backend="moeq" on CUDA:
-    finalized without calibration data, its unfused chains (no grouped_qmm: the kernels take one weight scale per
-    expert) match the same graphs computed by the CPU reference path, in QAT and after freeze."""
+    finalized without calibration data, each expert GEMM a moeq::grouped_qmm with per-token activations, matching
+    the same graphs computed by the CPU reference path, in QAT and after freeze."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
@@ -397,7 +397,8 @@ def test_fp8_dynamic_compiled_cuda(freeze):
         out, code = run_and_get_code(lambda: cm(tokens).logits.float())
         with ops.reference_kernels():
             reference = cm(tokens).logits.float()
-    assert "torch.ops.moeq.grouped_qmm.default(" not in "\n".join(code)
+    calls = "\n".join(code)
+    assert calls.count("torch.ops.moeq.grouped_qmm.default(") == 2 * 2 and "fake_quant_act_dynamic" not in calls
     rel = ((out - reference).norm() / reference.norm()).item()
     assert rel < 2e-2, rel
 

@@ -11,7 +11,9 @@ cumulative ``offs``; rows at or past ``offs[-1]`` come out as zeros. Modes:
   or packed E2M1 pairs along K (uint8 ``[E, cdiv(K, 128) * 64, N]``, in the 64-byte runs and word bit order of
   :func:`moeq.formats.interleave_nvfp4_runs`) + e4m3 block scales ``[E, K/16, N]`` + global scale.
 
-``x_fmt`` (None: A16) fake-quantizes routed activation rows with the static amax ``x_amax`` ([1] or [E]).
+``x_fmt`` (None: A16) fake-quantizes routed activation rows with the static amax ``x_amax`` ([1] or [E]);
+``"fp8_token"``: FP8 with dynamic per-token scales (each row's own amax; ``x_amax`` None). FP8 weights also take
+channel-wise scales, ``w_scale [E, N]`` (``moeq.FP8_DYNAMIC``).
 It is a ``torch.library.triton_op``: on CUDA the body launches the Triton kernel through ``wrap_triton``
 (so a call traced by AOTAutograd is emitted by Inductor); CPU tensors go to the opaque plain-torch
 reference op ``moeq::grouped_qmm_reference`` (formats.py fake quant / dequant, then per-expert matmul).
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from moeq.formats import get_format
+from moeq.formats import expand_weight_amax, get_format
 from moeq.lowering import ops
 from moeq.lowering.ops import _per_row_amax, check_offsets
 
@@ -35,7 +37,7 @@ MODES = ("qat", "deploy")
 def _check_args(mode: str, w_fmt: str, x_fmt: str | None) -> None:
     if mode not in MODES:
         raise ValueError(f"grouped_qmm: mode must be one of {MODES}, got {mode!r}")
-    for fmt in (w_fmt, x_fmt):
+    for fmt in (w_fmt, "fp8" if x_fmt == "fp8_token" else x_fmt):
         if fmt is not None:
             get_format(fmt)
     if w_fmt not in ("fp8", "nvfp4"):
@@ -60,6 +62,8 @@ def quantized_operands(
     else:
         block = w_block_scale.transpose(1, 2) if w_block_scale is not None else w.new_zeros(0, dtype=torch.uint8)
         wq = torch.ops.moeq.dequant_weight(w.transpose(1, 2), w_scale, block, w_fmt, 1, x.dtype)
+    if x_fmt == "fp8_token":
+        return torch.ops.moeq.fake_quant_act_dynamic(x, offs, "fp8", 0, -1), wq
     xq = x if x_fmt is None else torch.ops.moeq.fake_quant_act(x, offs, x_amax, x_fmt, 0, -1)
     return xq, wq
 
@@ -206,10 +210,10 @@ def _backward(ctx, grad: Tensor):
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
         grad_x = _grouped_dgrad(grad, wq, offs)
-        if x_fmt is not None:
+        if x_fmt not in (None, "fp8_token"):  # dynamic per-token scales clip nothing
             grad_x = grad_x * (x.abs() <= _per_row_amax(x, offs, x_amax))
     if ctx.needs_input_grad[1] and mode == "qat":
-        grad_w = _grouped_wgrad(xq, grad, offs, w.shape[0]) * (w.abs() <= w_scale.view(-1, 1, 1))
+        grad_w = _grouped_wgrad(xq, grad, offs, w.shape[0]) * (w.abs() <= expand_weight_amax(w_scale, 3, 0, 1))
     return grad_x, grad_w, None, None, None, None, None, None, None, None
 
 

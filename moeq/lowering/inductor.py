@@ -268,10 +268,7 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
     else:
         return None
     amax_val = _val(amax)
-    if amax_val is not None and amax_val.dim() > 1:
-        # FP8 channel-wise weight scales ([E, N]): grouped_qmm's kernels take one scale per expert, so the chain
-        # stays unfused (the ops' reference + torch._grouped_mm)
-        return None
+    channels = amax_val is not None and amax_val.dim() > 1  # FP8 channel-wise weight scales [E, N]
     if any(len(n.users) != 1 for n in [*views, root]):
         # the quantized weight is needed elsewhere too (e.g. saved for backward in a training graph): fusing
         # would quantize it twice, so the unfused path is cheaper
@@ -280,13 +277,21 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
     if w_val is None or w_val.dim() != 3 or expert_dim % 3 != 0:
         return None
     k_dim = k_dim % 3
-    if perm[0] != 0 or (perm[1] != k_dim and w_fmt != "fp8"):
-        # NVFP4 blocks run along the quantization's K, which must be the GEMM's K; an FP8 scale is per expert,
-        # so the GEMM may contract either dim (a training graph's dgrad contracts over N)
+    if perm[0] != 0 or (perm[1] != k_dim and (w_fmt != "fp8" or channels)):
+        # NVFP4 blocks run along the quantization's K, which must be the GEMM's K, and so must channel-wise scales
+        # (one per output column); a per-expert FP8 scale lets the GEMM contract either dim (a training graph's
+        # dgrad contracts over N)
         return None
     x, x_amax, x_fmt = a, None, None
     dead: list[fx.Node] = [*views, root]
-    if isinstance(a, fx.Node) and a.target == torch.ops.moeq.fake_quant_act.default:
+    if isinstance(a, fx.Node) and a.target == torch.ops.moeq.fake_quant_act_dynamic.default:
+        xa, offs_a, fmt_a, e_a, k_a = a.args
+        # dynamic per-token FP8 (row amax, then the codes inside grouped_qmm), where x̂ has no other user: x̂'s own
+        # row amax is not always x's (448 * s rounds), so re-quantizing a saved x̂ would not be exactly the same
+        if len(a.users) == 1 and not batched and offs_a is offs and k_a % 2 == 1 and _val(xa) is not None:
+            x, x_fmt = xa, "fp8_token"
+            dead.append(a)
+    elif isinstance(a, fx.Node) and a.target == torch.ops.moeq.fake_quant_act.default:
         xa, offs_a, amax_a, fmt_a, e_a, k_a = a.args
         alone = len(a.users) == 1
         # x̂ with other users (a training graph saves it for wgrad) is computed anyway: the kernel takes it as
@@ -301,7 +306,7 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
     if _val(x) is None or (offs is not None and _val(offs) is None):
         return None
     rows = _val(x).shape[0] * _val(x).shape[1] if batched else _val(x).shape[0]
-    if _POLICY == "auto" and not _pays(mode, w_fmt, x_fmt, rows, w_val.shape[0]):
+    if _POLICY == "auto" and not _pays(mode, w_fmt, "fp8" if x_fmt == "fp8_token" else x_fmt, rows, w_val.shape[0]):
         logger.info("moeq: %s %s GEMM over %s rows left unfused (faster there)", mode, w_fmt, rows)
         return None
     if mode == "qat":

@@ -89,8 +89,6 @@ def save_weight_codes(graph: fx.Graph) -> int:
         val = node.meta.get("val")
         if fmt != "fp8" or expert_dim % 3 != 0 or val is None or val.dim() != 3:
             continue
-        if not isinstance(amax, fx.Node) or amax.meta.get("val") is None or amax.meta["val"].dim() != 1:
-            continue  # channel-wise scales: no codes kernel yet, the fake-quantized weight is saved
         users = _gemm_users(node, gemms)
         if users is None or len(users) < 2:
             continue

@@ -87,15 +87,12 @@ def _lowering_plan(mode: str, config: QuantConfig) -> str:
     granularities that no fused kernel takes yet)."""
     from moeq.lowering.inductor import describe_lowering
 
-    if config.weight_scale == "channel":
-        return (
-            "channel-wise FP8 weight scales: moeq's fake-quant ops (plain torch) + torch._grouped_mm, not fused "
-            "(grouped_qmm takes one weight scale per expert)"
-        )
+    plan = describe_lowering(mode, config.weight, config.activation)
     if config.dynamic_activations:
-        plan = describe_lowering(mode, config.weight, None)
-        return f"activations fake-quantized per token first (moeq::fake_quant_act_dynamic, plain torch), then {plan}"
-    return describe_lowering(mode, config.weight, config.activation)
+        plan += " (dynamic per-token activation scales: a row-amax pass over the activations first)"
+    if config.weight_scale == "channel":
+        plan += "; channel-wise weight scales multiply the output columns"
+    return plan
 
 
 class Explanation:
@@ -199,11 +196,12 @@ class Explanation:
 
             mode = "deploy" if state.mode == "deploy" else "qat"
             plan = _lowering_plan(mode, state.config)
-            training = (
-                "a training graph saves the fake-quantized weight for backward and keeps the Q/DQ ops"
-                if state.config.weight_scale == "channel"
-                else describe_training(mode, state.config.weight)
-            )
+            training = describe_training(mode, state.config.weight)
+            if state.config.weight_scale == "channel":
+                training += (
+                    "; with channel-wise scales the dgrad (which contracts over the channels) multiplies the codes' "
+                    "dequant with torch._grouped_mm and autograd applies the STE mask"
+                )
             parts.append(
                 f"backend='moeq' on CUDA, fusion '{fusion_policy()}': {plan} (torch._grouped_mm experts in forward-only"
                 f" graphs; {training}); {describe_combine()}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import triton
 
-from moeq.formats import expand_per_expert, expert_amax, get_format
+from moeq.formats import channel_amax, expand_per_expert, expert_amax, get_format, stored_form
 from moeq.lowering.ops import _fake_quant_act_reference
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
 from tests.conftest import deployed_weight_operand, per_expert_matmul_f64, stored_weight_args
@@ -323,3 +323,62 @@ def test_op_passes_quantize_once(quantize_once, monkeypatch):
     ref = torch.ops.moeq.grouped_qmm_reference(x, w, offs, amax, None, x_amax, "qat", "fp8", "fp8")
     assert _rel(got, ref.double()) < 1e-2
     assert len(calls) == int(quantize_once) and all(kw["codes"] and kw["wrap"] is not None for kw in calls)
+
+
+# -- FP8 channel-wise weight scales and dynamic per-token activation scales (moeq.FP8_DYNAMIC) --------------
+
+
+def _token_fake_quant(x, offs):
+    from moeq.lowering.ops import _fake_quant_act_dynamic_reference
+
+    return _fake_quant_act_dynamic_reference(x, offs, "fp8", 0, -1)
+
+
+@pytest.mark.parametrize("quantize_once", [False, True], ids=["in-load", "once"])
+@pytest.mark.parametrize("x_fmt", ["fp8_token", "fp8", None])
+@pytest.mark.parametrize("shape", SHAPES, ids=["odd", "empty-first", "E1"])
+@pytest.mark.parametrize("mode", ["qat", "deploy"])
+def test_channel_wise_weights_match_reference(mode, shape, x_fmt, quantize_once):
+    """Channel-wise weight scales ``[E, N]`` (QAT: fake-quantized as loaded or as codes; deploy: stored e4m3)
+    with per-token, static or no activation quantization == formats.py operands times a float64 matmul."""
+    counts, k, n, tail = shape
+    x, w_nk, offs = _problem(counts, k, n, tail, torch.bfloat16, 5)
+    fmt = get_format("fp8")
+    amax = channel_amax(w_nk, 0, 2) * (
+        0.7 + 0.3 * torch.rand(len(counts), n, generator=torch.Generator().manual_seed(1))
+    )
+    wq = fmt.fake_quant(w_nk, amax.unsqueeze(2), 2).transpose(1, 2)
+    if x_fmt == "fp8_token":
+        xq, x_amax = _token_fake_quant(x, offs), None
+    else:
+        xq, x_amax = _act(x, offs, x_fmt, False)
+    if mode == "qat":
+        got = grouped_qmm(
+            x, w_nk.transpose(1, 2), offs, amax, None, x_amax, "fake_fp8", x_fmt, quantize_once=quantize_once
+        )
+    else:
+        data, scale, _ = stored_form(fmt.quantize(w_nk, amax.unsqueeze(2), 2))
+        assert scale.shape == (len(counts), n)
+        got = grouped_qmm(x, data.transpose(1, 2), offs, scale, None, x_amax, "fp8", x_fmt, quantize_once=quantize_once)
+    assert _rel(got, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
+    assert torch.equal(got[int(offs[-1]) :], torch.zeros_like(got[int(offs[-1]) :]))
+
+
+def test_per_token_rows_scale_independently():
+    """One-hot weights read single activation columns back: each row's values are its own per-token fake quant
+    (a row 1000x larger than its neighbour does not change the neighbour's codes)."""
+    x = torch.randn(6, 32).to(torch.bfloat16)
+    x[2] *= 1000
+    offs = torch.tensor([4, 6], dtype=torch.int32)
+    eye = torch.eye(32).to(torch.bfloat16).expand(2, 32, 32).contiguous()
+    got = grouped_qmm(x, eye, offs, torch.ones(2, 32), None, None, "fake_fp8", "fp8_token", quantize_once=False)
+    amax = torch.ones(2, 32)
+    wq = get_format("fp8").fake_quant(eye, amax.unsqueeze(1), 1)
+    assert _rel(got, per_expert_matmul_f64(_token_fake_quant(x, offs), wq, offs)) < 1e-2
+    assert torch.equal(got[3], _token_fake_quant(x, offs)[3] * wq[0].diagonal().to(torch.bfloat16))
+
+
+def test_channel_wise_scale_of_the_wrong_shape():
+    x, w_nk, offs = _problem([3, 2], 16, 8, 0, torch.bfloat16, 0)
+    with pytest.raises(ValueError, match=r"channel-wise w_scale \(2, 16\) needs an FP8 weight and shape \(2, 8\)"):
+        grouped_qmm(x, w_nk.transpose(1, 2), offs, torch.ones(2, 16), None, None, "fake_fp8", None)

@@ -83,6 +83,10 @@ W_NVFP4 = tl.constexpr(4)
 X_FP8 = tl.constexpr(1)
 X_NVFP4 = tl.constexpr(2)
 X_FP8_CODES = tl.constexpr(3)
+#: how the activation amax is given (``X_AMAX``): one for all rows, one per expert, one per row (dynamic per-token)
+X_AMAX_SHARED = tl.constexpr(0)
+X_AMAX_PER_EXPERT = tl.constexpr(1)
+X_AMAX_PER_ROW = tl.constexpr(2)
 
 
 #: row tile of an expert's last m-tile when it has at most this many rows (``TAIL_M`` of the 128-row candidates).
@@ -497,7 +501,8 @@ def _grouped_qmm_kernel(
     E_POW2: tl.constexpr,
     W_MODE: tl.constexpr,
     X_MODE: tl.constexpr,
-    X_PER_EXPERT: tl.constexpr,
+    X_AMAX: tl.constexpr,
+    W_PER_CHANNEL: tl.constexpr,
     DOT_IEEE: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -516,19 +521,19 @@ def _grouped_qmm_kernel(
         _multiply_tile(
         x_ptr, w_ptr, out_ptr, w_scale_ptr, w_block_ptr, x_amax_ptr, expert, row_start, row_end, pid_n, N, K, NUM_EXPERTS,
         stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bk, stride_bn, stride_om, stride_on,
-        W_MODE, X_MODE, X_PER_EXPERT, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, FP8_DOT,
+        W_MODE, X_MODE, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, FP8_DOT,
         )  # fmt: skip
     elif row_end - row_start > TAIL_M:
         _multiply_tile(
         x_ptr, w_ptr, out_ptr, w_scale_ptr, w_block_ptr, x_amax_ptr, expert, row_start, row_end, pid_n, N, K, NUM_EXPERTS,
         stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bk, stride_bn, stride_om, stride_on,
-        W_MODE, X_MODE, X_PER_EXPERT, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, FP8_DOT,
+        W_MODE, X_MODE, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, FP8_DOT,
         )  # fmt: skip
     else:  # an expert's last, short m-tile: a narrower MMA (weights as its wide operand below 64 rows)
         _multiply_tile(
         x_ptr, w_ptr, out_ptr, w_scale_ptr, w_block_ptr, x_amax_ptr, expert, row_start, row_end, pid_n, N, K, NUM_EXPERTS,
         stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bk, stride_bn, stride_om, stride_on,
-        W_MODE, X_MODE, X_PER_EXPERT, DOT_IEEE, INTERPRET, TAIL_M, BLOCK_N, BLOCK_K, TAIL_M < 64, FP8_DOT,
+        W_MODE, X_MODE, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, TAIL_M, BLOCK_N, BLOCK_K, TAIL_M < 64, FP8_DOT,
         )  # fmt: skip
 
 
@@ -536,7 +541,8 @@ def _grouped_qmm_kernel(
 def _multiply_tile(
     x_ptr, w_ptr, out_ptr, w_scale_ptr, w_block_ptr, x_amax_ptr, expert, row_start, row_end, pid_n, N, K, NUM_EXPERTS,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bk, stride_bn, stride_om, stride_on,
-    W_MODE: tl.constexpr, X_MODE: tl.constexpr, X_PER_EXPERT: tl.constexpr, DOT_IEEE: tl.constexpr,
+    W_MODE: tl.constexpr, X_MODE: tl.constexpr, X_AMAX: tl.constexpr, W_PER_CHANNEL: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, FP8_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -557,11 +563,15 @@ def _multiply_tile(
     w_base = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None, None] * stride_wn
 
     if X_MODE != 0:
-        if X_PER_EXPERT:
+        if X_AMAX == X_AMAX_PER_ROW:  # dynamic per-token scales: one amax per row, [BLOCK_M, 1]
+            x_amax = tl.load(x_amax_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        elif X_AMAX == X_AMAX_PER_EXPERT:
             x_amax = tl.load(x_amax_ptr + e)
         else:
             x_amax = tl.load(x_amax_ptr)
-    if W_MODE != W_PLAIN:
+    if W_PER_CHANNEL:  # FP8 channel-wise weight scales [E, N]: one per column of the tile, [BLOCK_N, 1]
+        w_scale = tl.load(w_scale_ptr + e * N + cols_n, mask=n_mask, other=0.0)[:, None]
+    elif W_MODE != W_PLAIN:
         w_scale = tl.load(w_scale_ptr + e)
     # FP8 operands enter the dot as their e4m3 values (exact in every input dtype); their scales multiply
     # the fp32 accumulator once per tile
@@ -577,9 +587,15 @@ def _multiply_tile(
         w_s = fp8_scale(w_scale)
         w_div = safe_divisor(w_s)
         w_fast = fast_division_ok(w_div, INTERPRET)
-        acc_scale = acc_scale * w_s
+        if W_PER_CHANNEL:  # [BLOCK_N, 1] divides the weight tile's rows, [1, BLOCK_N] scales the output's columns
+            acc_scale = acc_scale * tl.trans(w_s)
+        else:
+            acc_scale = acc_scale * w_s
     if W_MODE == W_FP8:
-        acc_scale = acc_scale * w_scale
+        if W_PER_CHANNEL:
+            acc_scale = acc_scale * tl.trans(w_scale)
+        else:
+            acc_scale = acc_scale * w_scale
     if W_MODE == W_NVFP4:
         acc_scale = acc_scale * (w_scale * 256.0)  # the NVFP4 operand is 2^-8 times e2m1 * block scale
 
@@ -650,7 +666,7 @@ def _multiply_tile(
             acc = tl.dot(a, b, acc)
     if SWAP_AB:
         acc = tl.trans(acc)
-    acc = acc * acc_scale
+    acc = acc * acc_scale  # a scalar, or per row [BLOCK_M, 1] / per column [1, BLOCK_N] / both
     o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols_n[None, :] * stride_on
     tl.store(o_ptrs, cast_like(acc, out_ptr, INTERPRET), mask=row_mask[:, None] & n_mask[None, :])
 
@@ -730,7 +746,9 @@ def grouped_qmm(
     uint8) or packed E2M1 pairs along K (``nvfp4``, uint8 ``[E, cdiv(K, 128) * 64, N]`` in the runs of
     :func:`moeq.formats.interleave_nvfp4_runs`). ``w_scale [E]``: the weight amax
     for ``fake_*`` modes, the stored FP8 scale / NVFP4 global scale for ``fp8`` / ``nvfp4``.
-    ``w_block_scale``: NVFP4 e4m3 block scales ``[E, K/16, N]``. ``x_amax``: ``[1]`` or ``[E]``; with
+    ``w_block_scale``: NVFP4 e4m3 block scales ``[E, K/16, N]``. FP8 weights (``fp8`` / ``fake_fp8``) also take
+    channel-wise ``w_scale [E, N]``. ``x_mode="fp8_token"``: FP8 activations with dynamic per-token scales, each
+    row by its own ``max|x|`` (computed here; ``x_amax`` is ignored). ``x_amax``: ``[1]`` or ``[E]``; with
     ``x_mode="fp8_codes"`` x already holds the e4m3 codes of ``x / (x_amax / 448)`` (quantized once, e.g. by
     :func:`moeq.runtime.kernels.fake_quant_act` with ``codes=True``) and the kernel only scales the product.
     ``wrap``: applied to the kernel before launching (``torch.library.wrap_triton`` inside a triton_op).
@@ -742,6 +760,9 @@ def grouped_qmm(
     above :data:`WEIGHT_CODES_ROWS_PER_EXPERT` (:func:`quantizes_weight_once`), else in the load path. Every
     choice gives the same products (the codes are formats' FP8 ``quantize``).
     """
+    per_token = x_mode == "fp8_token"
+    if per_token:
+        x_mode = "fp8"
     _check(x, w, offs, w_mode, x_mode)
     num_experts, n = w.shape[0], w.shape[2]
     m, k = x.shape
@@ -759,11 +780,19 @@ def grouped_qmm(
     if known_empty(num_experts, k):
         return out.zero_()
     dummy = offs
+    per_channel = w_scale is not None and w_scale.dim() == 2
+    if per_channel and (w_mode not in ("fp8", "fake_fp8") or tuple(w_scale.shape) != (num_experts, n)):
+        raise ValueError(
+            f"channel-wise w_scale {tuple(w_scale.shape)} needs an FP8 weight and shape {(num_experts, n)}, "
+            f"got mode {w_mode!r}"
+        )
     if w_mode != "plain":
-        if w_scale is None or w_scale.numel() != num_experts:
+        if w_scale is None or (w_scale.numel() != num_experts and not per_channel):
             raise ValueError(f"w_scale must have one entry per expert ({num_experts}) in mode {w_mode!r}")
         w_scale = as_fp32(w_scale)
-    if x_mode is not None:
+    if per_token:  # one amax per row (NaN where the row has one), the rows' own
+        x_amax = x.detach().abs().amax(dim=1).float()
+    elif x_mode is not None:
         if x_amax is None or x_amax.numel() not in (1, num_experts):
             raise ValueError(f"x_amax must have 1 or {num_experts} entries for activation format {x_mode!r}")
         x_amax = as_fp32(x_amax)
@@ -772,7 +801,7 @@ def grouped_qmm(
         quantize_once = quantizes_once(w_mode, x_mode, m, num_experts)
         weight_once = quantizes_weight_once(w_mode, x_mode, m, num_experts)
     if quantize_once and x_mode == "fp8" and w_mode in ("fp8", "fake_fp8"):
-        x = fake_quant_act(x, offs, x_amax, "fp8", codes=True, wrap=wrap)
+        x = fake_quant_act(x, offs, x_amax, "fp8", codes=True, wrap=wrap, amax_per_row=per_token)
         x_mode = "fp8_codes"
         if w_mode == "fake_fp8" and weight_once:
             w = fake_quant_experts(w, w_scale, "fp8", 1, codes=True, wrap=wrap)
@@ -817,7 +846,7 @@ def grouped_qmm(
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), *b_strides, out.stride(0), out.stride(1),
         E_POW2=max(triton.next_power_of_2(num_experts), 128),
         W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode],
-        X_PER_EXPERT=x_amax is not None and x_amax.numel() > 1,
+        X_AMAX=2 if per_token else int(x_amax is not None and x_amax.numel() > 1), W_PER_CHANNEL=per_channel,
         DOT_IEEE=out.dtype == torch.float32, INTERPRET=interpreting(), **meta,
     )  # fmt: skip
     return out
