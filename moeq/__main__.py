@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from moeq.config import PRESETS
+
 
 def _inspect(args: argparse.Namespace) -> None:
     import moeq
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     inspect = sub.add_parser("inspect", help="print explain() for a built-in tiny MoE")
     inspect.add_argument("--family", default="qwen3_moe")
     inspect.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    inspect.add_argument("--config", default="NVFP4", choices=["NVFP4", "FP8", "NVFP4_W4A16", "FP8_W8A16"])
+    inspect.add_argument("--config", default="NVFP4", choices=PRESETS)
     inspect.add_argument(
         "--export", action="store_true", help="use torch.export + quantize_graph instead of torch.compile"
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 from moeq.formats import available_formats
 
-__all__ = ["QuantConfig", "FP8", "FP8_DYNAMIC", "NVFP4", "NVFP4_W4A16", "FP8_W8A16"]
+__all__ = ["QuantConfig", "FP8", "FP8_DYNAMIC", "NVFP4", "NVFP4_W4A16", "FP8_W8A16", "PRESETS"]
 
 _WEIGHT_SCALES = ("expert", "channel")
 _ACT_SCALES = ("shared", "per_expert", "token")
@@ -132,3 +132,6 @@ FP8_W8A16 = QuantConfig(weight="fp8", activation=None)
 #: FP8 with channel-wise weight scales and dynamic per-token activation scales: what compressed-tensors calls
 #: ``FP8_DYNAMIC`` and nvidia-modelopt ``FP8_PER_CHANNEL_PER_TOKEN``; needs no calibration data
 FP8_DYNAMIC = QuantConfig(weight="fp8", activation="fp8", weight_scale="channel", act_scale="token")
+
+#: the preset names (``moeq.<name>``), for command lines
+PRESETS = ["NVFP4", "FP8", "NVFP4_W4A16", "FP8_W8A16", "FP8_DYNAMIC"]

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 import moeq
+from moeq.config import PRESETS
 from moeq.integrations.hf import tiny_model
 
 __all__ = ["main", "run_quickstart"]
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--family", default="qwen3_moe", help="tiny model family (qwen3_moe, mixtral, olmoe, deepseek_v3, gpt_oss)"
     )
-    parser.add_argument("--config", default="NVFP4", choices=["NVFP4", "FP8", "NVFP4_W4A16", "FP8_W8A16"])
+    parser.add_argument("--config", default="NVFP4", choices=PRESETS)
     parser.add_argument("--backend", default="moeq", help="moeq (Inductor) or moeq_aot_eager")
     parser.add_argument("--batches", type=int, default=8)
     args = parser.parse_args(argv)

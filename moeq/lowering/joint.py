@@ -312,9 +312,9 @@ def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
             node = inputs[0]
 
 
-def describe_training(mode: str, w_fmt: str) -> str:
+def describe_training(mode: str, w_fmt: str, channels: bool = False) -> str:
     """What a training graph compiled by the ``moeq`` backend does with its expert GEMMs under the current
-    fusion policy (for ``moeq.explain``)."""
+    fusion policy (for ``moeq.explain``); ``channels``: FP8 channel-wise weight scales."""
     if not fusion_enabled():
         return "a training graph saves the quantized weight for backward and keeps the Q/DQ ops"
     ste = "each weight's STE mask is applied inside its wgrad GEMM (moeq::grouped_wgrad_ste)"
@@ -325,6 +325,14 @@ def describe_training(mode: str, w_fmt: str) -> str:
             f"{inductor.COMBINE_MIN_TOP_K} and {inductor.COMBINE_MIN_ROWS} routed rows up, the top-k gather's "
             "gradient runs as moeq::combine_experts (reading the activation's STE mask in the same pass) and the "
             "combine's two gradients as one moeq::combine_experts_backward"
+        )
+    reuse = "; inside moeq.reuse_weight_codes the codes are computed once for all the block's micro-batches"
+    if mode == "qat" and w_fmt == "fp8" and channels:
+        return (
+            "a training graph quantizes each expert weight to FP8 codes with channel-wise scales once per step and "
+            "saves them for backward (not a bf16 copy); the forward runs moeq::grouped_qmm on the codes, the dgrad "
+            "(which contracts over the channels) their dequant with torch._grouped_mm, and autograd applies the STE "
+            f"mask{gathers}{reuse}"
         )
     if mode == "qat" and w_fmt == "fp8":
         return (

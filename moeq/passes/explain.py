@@ -196,12 +196,7 @@ class Explanation:
 
             mode = "deploy" if state.mode == "deploy" else "qat"
             plan = _lowering_plan(mode, state.config)
-            training = describe_training(mode, state.config.weight)
-            if state.config.weight_scale == "channel":
-                training += (
-                    "; with channel-wise scales the dgrad (which contracts over the channels) multiplies the codes' "
-                    "dequant with torch._grouped_mm and autograd applies the STE mask"
-                )
+            training = describe_training(mode, state.config.weight, state.config.weight_scale == "channel")
             parts.append(
                 f"backend='moeq' on CUDA, fusion '{fusion_policy()}': {plan} (torch._grouped_mm experts in forward-only"
                 f" graphs; {training}); {describe_combine()}"
