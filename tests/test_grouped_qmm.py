@@ -231,14 +231,25 @@ def test_pass_composes_with_installed_pass():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines launch the kernel for real (tests/test_gpu.py)")
 @pytest.mark.parametrize(
-    ("w_mode", "x_mode"), [("fake_nvfp4", "nvfp4"), ("fake_fp8", "fp8"), ("fp8", "fp8"), ("fp8", None), ("nvfp4", None)]
+    ("w_mode", "x_mode", "granular"),
+    [
+        ("fake_nvfp4", "nvfp4", False),
+        ("fake_fp8", "fp8", False),
+        ("fp8", "fp8", False),
+        ("fp8", None, False),
+        ("nvfp4", None, False),
+        ("fake_fp8", "fp8", True),
+        ("fp8", "fp8_codes", True),
+    ],
+    ids=lambda v: {True: "channels-tokens", False: "tensor"}.get(v, str(v)),
 )
 @pytest.mark.parametrize("swap", [False, True], ids=["tile", "swap-ab"])
-def test_kernel_compiles_for_sm90(w_mode, x_mode, swap):
+def test_kernel_compiles_for_sm90(w_mode, x_mode, granular, swap):
     """Frontend + codegen for Hopper without a GPU (catches what only shows when compiling, e.g. non-constexpr
     globals); FP8 x FP8 (W8A8 and QAT FP8) must use FP8 wgmma, FP8 rounding the hardware's RNE conversion;
     the swap-AB decode tile (16 rows) must still run on wgmma. The 64-row tile compiles with a 16-row (swap-AB)
-    short-tail MMA beside it (``TAIL_M``)."""
+    short-tail MMA beside it (``TAIL_M``). ``granular``: FP8_DYNAMIC's channel-wise weight scales and per-row
+    activation amaxes (still FP8 wgmma)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -246,11 +257,13 @@ def test_kernel_compiles_for_sm90(w_mode, x_mode, swap):
 
     fn = _grouped_qmm_kernel.fn
     w_ptr = {"fp8": "*fp8e4nv", "nvfp4": "*i32"}.get(w_mode, "*bf16")
-    pointers = dict(x_ptr="*bf16", w_ptr=w_ptr, out_ptr="*bf16", offs_ptr="*i32")
+    x_ptr = "*fp8e4nv" if x_mode == "fp8_codes" else "*bf16"
+    pointers = dict(x_ptr=x_ptr, w_ptr=w_ptr, out_ptr="*bf16", offs_ptr="*i32")
     pointers.update(w_scale_ptr="*fp32", w_block_ptr="*i32", x_amax_ptr="*fp32")
     constexprs = dict(
-        E_POW2=128, W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode], X_PER_EXPERT=False,
-        FP8_DOT=w_mode in ("fp8", "fake_fp8") and x_mode == "fp8", DOT_IEEE=False, INTERPRET=False,
+        E_POW2=128, W_MODE=W_MODES[w_mode], X_MODE=X_MODES[x_mode], X_AMAX=2 if granular else 0,
+        W_PER_CHANNEL=granular, FP8_DOT=w_mode in ("fp8", "fake_fp8") and x_mode in ("fp8", "fp8_codes"),
+        DOT_IEEE=False, INTERPRET=False,
         BLOCK_M=16 if swap else 64, BLOCK_N=64 if swap else 128, BLOCK_K=128 if swap or w_mode == "nvfp4" else 64,
         SWAP_AB=swap, TAIL_M=0 if swap else 16,
     )  # fmt: skip
