@@ -139,7 +139,8 @@ def _run(family: str, workdir: Path) -> dict:
     if family in _RUNS:
         return _RUNS[family]
     ids = _tokens(0)
-    peer = tiny_model(family, torch.bfloat16, seed=0, num_hidden_layers=1)
+    layers = {"num_hidden_layers": 1, **_ONE_MOE_LAYER.get(family, {})}
+    peer = tiny_model(family, torch.bfloat16, seed=0, **layers)
     peer.config.architectures = [type(peer).__name__]
     with torch.no_grad():
         plain = peer(input_ids=ids).logits
@@ -161,7 +162,7 @@ def _run(family: str, workdir: Path) -> dict:
     peer_dir = workdir / f"modelopt-{family}"
     export_hf_checkpoint(peer, export_dir=peer_dir)
     torch._dynamo.reset()
-    model = tiny_model(family, torch.bfloat16, seed=0, num_hidden_layers=1)
+    model = tiny_model(family, torch.bfloat16, seed=0, **layers)
     moeq.prepare(model, moeq.FP8_DYNAMIC)
     cm = torch.compile(model, backend="moeq_aot_eager")
     with torch.no_grad():
@@ -184,6 +185,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 FAMILIES = ["qwen3_moe", "mixtral"]
+#: more families whose per-expert export modelopt also writes (as tests/test_export.py's FP8 and NVFP4 cases)
+EXPORT_FAMILIES = FAMILIES + ["olmoe", "deepseek_v3", "qwen2_moe", "glm4_moe"]
+#: one MoE decoder layer (DeepSeek-V3's first is dense)
+_ONE_MOE_LAYER = {"deepseek_v3": {"first_k_dense_replace": 0}}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -231,7 +236,7 @@ def test_inductor_backend_matches_aot_eager(family: str, workdir: Path) -> None:
     assert "channel-wise weight scales multiply the output columns" in str(moeq.explain(cm))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EXPORT_FAMILIES)
 def test_modelopt_export_byte_parity(family: str, workdir: Path) -> None:
     """The modelopt-format checkpoint has modelopt's tensors, byte for byte, and its configs."""
     run = _run(family, workdir)
