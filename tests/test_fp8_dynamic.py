@@ -409,8 +409,35 @@ def test_training_step_under_inductor_matches_aot_eager() -> None:
         else:
             step()
         grads.append({n: p.grad.float() for n, p in model.named_parameters() if ".experts." in n})
+        if backend == "moeq":  # the same step reading codes computed once (moeq.reuse_weight_codes): bit-equal
+            model.zero_grad()
+            with moeq.reuse_weight_codes(cm):
+                step()
+            for n, p in model.named_parameters():
+                if ".experts." in n:
+                    assert torch.equal(p.grad.float(), grads[-1][n]), n
     # Inductor's bf16 kernels already move the unquantized model's expert gradients by 1.2% from aot_eager here;
     # FP8 roundings amplify it (moeq.FP8: 10% / 3.6%; FP8_DYNAMIC: 2.8% / 3.4% for gate_up / down)
     for name, ref in grads[0].items():
         rel = (grads[1][name] - ref).norm() / ref.norm()
         assert rel < 5e-2, (name, float(rel))
+
+
+def test_transformers_loads_the_compressed_tensors_export(workdir: Path) -> None:
+    """transformers + compressed-tensors (``CompressedTensorsConfig(dequantize=True)``) load the FP8_DYNAMIC export
+    with no missing or unexpected key, and every expert weight they rebuild is the per-channel fake quant of the
+    model's own weight (the export's codes and scales are exactly the fake quant's)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    run = _run("qwen3_moe", workdir)
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        run["ct_dir"],
+        quantization_config=CompressedTensorsConfig(dequantize=True),
+        dtype=torch.bfloat16,
+        output_loading_info=True,
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    experts, theirs = run["model"].model.layers[0].mlp.experts, loaded.model.layers[0].mlp.experts
+    for proj in ("gate_up_proj", "down_proj"):
+        w = getattr(experts, proj).detach()
+        assert torch.equal(getattr(theirs, proj).detach(), _fp8_reference(w, w.float().abs().amax(2, keepdim=True)))

@@ -1019,3 +1019,63 @@ def test_compiled_model_runs_the_combine_kernel_cuda(freeze, monkeypatch):
         assert len(combines) == (2 if combine else 0), names  # the tiny Qwen3-MoE has 2 MoE layers
     rel = ((logits[True] - logits[False]).norm() / logits[False].norm()).item()
     assert rel < 2.0**-7, rel
+
+
+# -- moeq.FP8_DYNAMIC: channel-wise weight scales, dynamic per-token activation scales (session 29) ---------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fp8_dynamic_kernels_bit_exact_cuda(dtype):
+    """The per-token activation kernel and the channel-wise weight kernels (fake quant, codes into a K-last buffer,
+    dequant of stored codes) on CUDA == the CPU spec, bit for bit; a NaN row stays NaN, a zero row zero."""
+    from moeq.formats import channel_amax, expand_weight_amax
+
+    g = torch.Generator().manual_seed(7)
+    counts = torch.randint(0, 300, (16,), generator=g)
+    counts[2] = 0
+    offs = counts.cumsum(0).to(torch.int32)
+    x = (torch.randn(int(offs[-1]) + 9, 2048, generator=g) * torch.rand(int(offs[-1]) + 9, 1, generator=g) * 9).to(
+        dtype
+    )
+    x[0], x[1, 5] = 0.0, float("nan")
+    expected = ops._fake_quant_act_dynamic_reference(x, offs, "fp8", 0, -1)
+    assert_same_bits(kernels.fake_quant_tokens(x.cuda(), offs.cuda()).cpu(), expected, "fp8 tokens")
+    w = (torch.randn(16, 1536, 2048, generator=g) * 0.02).to(dtype)
+    amax = channel_amax(w, 0, 2) * 0.9
+    fmt = get_format("fp8")
+    got = kernels.fake_quant_experts(w.cuda(), amax.cuda(), "fp8", 2).cpu()
+    assert_same_bits(got, fmt.fake_quant(w, expand_weight_amax(amax, 3, 0, 2), 2), "fp8 channels")
+    data, scale, block = torch.ops.moeq.quantize_weight(w.cuda(), amax.cuda(), "fp8", 0, 2)
+    ref_data, ref_scale, _ = ops._quantize_weight_reference(w, amax, "fp8", 0, 2)
+    assert torch.equal(data.cpu(), ref_data) and torch.equal(scale.cpu(), ref_scale)
+    deq = torch.ops.moeq.dequant_weight(data, scale, block, "fp8", 2, dtype).cpu()
+    assert torch.equal(deq, fmt.fake_quant(w, expand_weight_amax(amax, 3, 0, 2), 2))
+
+
+@pytest.mark.parametrize("quantize_once", [None, False, True])
+@pytest.mark.parametrize("mode", ["qat", "deploy"])
+@pytest.mark.parametrize(("counts", "k", "n"), [([5, 0, 19, 1] * 4, 256, 128), ([300, 0, 2900, 41] * 8, 2048, 1536)])
+def test_fp8_dynamic_grouped_qmm_cuda(mode, counts, k, n, quantize_once):
+    """grouped_qmm with channel-wise weight scales and per-token activations on CUDA (FP8 wgmma; in-load, quantized
+    once, and by size) against formats.py operands and a float64 matmul; unrouted tail rows zero."""
+    from moeq.formats import channel_amax, stored_form
+
+    g = torch.Generator().manual_seed(3)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = (torch.randn(int(offs[-1]) + 7, k, generator=g) * 2).to(torch.bfloat16)
+    w_nk = (torch.randn(len(counts), n, k, generator=g) * 0.05).to(torch.bfloat16)
+    amax = channel_amax(w_nk, 0, 2) * 0.9
+    fmt = get_format("fp8")
+    wq = fmt.fake_quant(w_nk, amax.unsqueeze(2), 2).transpose(1, 2)
+    xq = ops._fake_quant_act_dynamic_reference(x, offs, "fp8", 0, -1)
+    if mode == "qat":
+        args = (w_nk.transpose(1, 2).cuda(), amax.cuda(), "fake_fp8")
+    else:
+        data, scale, _ = stored_form(fmt.quantize(w_nk, amax.unsqueeze(2), 2))
+        args = (data.transpose(1, 2).cuda(), scale.cuda(), "fp8")
+    got = launch_grouped_qmm(x.cuda(), args[0], offs.cuda(), args[1], None, None, args[2], "fp8_token",
+                             quantize_once=quantize_once).cpu()  # fmt: skip
+    ref = per_expert_matmul_f64(xq, wq, offs)
+    rel = ((got.double() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, rel
+    assert not got[int(offs[-1]) :].any()
