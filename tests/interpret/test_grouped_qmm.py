@@ -382,3 +382,13 @@ def test_channel_wise_scale_of_the_wrong_shape():
     x, w_nk, offs = _problem([3, 2], 16, 8, 0, torch.bfloat16, 0)
     with pytest.raises(ValueError, match=r"channel-wise w_scale \(2, 16\) needs an FP8 weight and shape \(2, 8\)"):
         grouped_qmm(x, w_nk.transpose(1, 2), offs, torch.ones(2, 16), None, None, "fake_fp8", None)
+
+
+def test_per_token_unrouted_rows_stay_zero_whatever_they_hold():
+    """Rows past ``offs[-1]`` with NaN / inf come out as zeros (their per-row amax is never applied)."""
+    x, w_nk, offs = _problem([3, 4], 32, 16, 3, torch.bfloat16, 0)
+    x[-1, 2], x[-2, 0] = float("nan"), float("inf")
+    amax = channel_amax(w_nk, 0, 2)
+    for once in (False, True):
+        got = grouped_qmm(x, w_nk.transpose(1, 2), offs, amax, None, None, "fake_fp8", "fp8_token", quantize_once=once)
+        assert torch.equal(got[7:], torch.zeros_like(got[7:])) and not got[:7].isnan().any()

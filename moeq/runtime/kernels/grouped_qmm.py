@@ -563,8 +563,10 @@ def _multiply_tile(
     w_base = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None, None] * stride_wn
 
     if X_MODE != 0:
-        if X_AMAX == X_AMAX_PER_ROW:  # dynamic per-token scales: one amax per row, [BLOCK_M, 1]
+        if X_AMAX == X_AMAX_PER_ROW:  # dynamic per-token scales: one amax per row, [BLOCK_M, 1] (0 for unrouted rows,
+            # whose zeros must not meet a NaN or inf amax)
             x_amax = tl.load(x_amax_ptr + rows, mask=row_mask, other=0.0)[:, None]
+            x_amax = tl.where(expert < NUM_EXPERTS, x_amax, 0.0)
         elif X_AMAX == X_AMAX_PER_EXPERT:
             x_amax = tl.load(x_amax_ptr + e)
         else:
