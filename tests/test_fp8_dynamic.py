@@ -441,3 +441,63 @@ def test_transformers_loads_the_compressed_tensors_export(workdir: Path) -> None
     for proj in ("gate_up_proj", "down_proj"):
         w = getattr(experts, proj).detach()
         assert torch.equal(getattr(theirs, proj).detach(), _fp8_reference(w, w.float().abs().amax(2, keepdim=True)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the other FP8 granularity combinations QuantConfig allows
+# ---------------------------------------------------------------------------------------------------------
+
+COMBINATIONS = {
+    "channel-static": moeq.QuantConfig(weight="fp8", activation="fp8", weight_scale="channel"),
+    "expert-token": moeq.QuantConfig(weight="fp8", activation="fp8", act_scale="token"),
+    "channel-w8a16": moeq.QuantConfig(weight="fp8", activation=None, weight_scale="channel"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMBINATIONS))
+def test_other_granularities_compile_export_and_reload(name: str, tmp_path: Path) -> None:
+    """Each combination: Inductor (grouped_qmm on the CPU) agrees with aot_eager, the compressed-tensors export has
+    the matching strategies and reloads in transformers as the fake-quantized weights, and the modelopt format
+    refuses it with a clear error (modelopt 0.47 has no algorithm for it)."""
+    from torch._inductor.utils import run_and_get_code
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    cfg = COMBINATIONS[name]
+    ids = _tokens(5)
+    logits = []
+    for backend in ("moeq_aot_eager", "moeq"):
+        torch._dynamo.reset()
+        model = tiny_model("qwen3_moe", torch.bfloat16, seed=6, num_hidden_layers=1)
+        moeq.prepare(model, cfg)
+        cm = torch.compile(model, backend=backend)
+        with torch.no_grad(), moeq.calibrate(cm):
+            cm(input_ids=ids)
+        moeq.finalize(cm)
+        with torch.no_grad():
+            out, code = run_and_get_code(lambda cm=cm: cm(input_ids=ids).logits)
+        logits.append(out.float())
+    assert "\n".join(code).count("torch.ops.moeq.grouped_qmm.default(") == 2
+    assert ((logits[1] - logits[0]).norm() / logits[0].norm()) < 0.05
+    with pytest.raises(ValueError, match="has no modelopt checkpoint algorithm"):
+        moeq.export_hf(model, tmp_path / "modelopt", "modelopt")
+    out_dir = moeq.export_hf(model, tmp_path / "ct", "compressed-tensors")
+    group = json.loads((out_dir / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == ("channel" if cfg.weight_scale == "channel" else "tensor")
+    acts = group["input_activations"]
+    if cfg.activation is None:
+        assert acts is None
+    else:
+        assert (acts["strategy"], acts["dynamic"]) == (
+            ("token", True) if cfg.dynamic_activations else ("tensor", False)
+        )
+    loaded = AutoModelForCausalLM.from_pretrained(
+        out_dir, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.bfloat16
+    )
+    w = model.model.layers[0].mlp.experts.down_proj.detach()
+    if cfg.weight_scale == "channel":  # divided in fp32: exactly the fake quant
+        expected = _fp8_reference(w, w.float().abs().amax(2, keepdim=True))
+    else:  # per tensor, divided in the weight's bf16 (the modelopt-parity export rule of the numerics spec)
+        s = (w.float().abs().amax((1, 2)).double() / 448.0).float()
+        codes = torch.stack([w[e] / s[e].reshape(()) for e in range(w.shape[0])]).float().clamp(-448.0, 448.0)
+        expected = (codes.to(torch.float8_e4m3fn).double() * s.double().view(-1, 1, 1)).float().to(w.dtype)
+    assert torch.equal(loaded.model.layers[0].mlp.experts.down_proj.detach(), expected)
