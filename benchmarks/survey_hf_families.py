@@ -21,6 +21,7 @@ import warnings
 import torch
 
 import moeq
+from moeq.config import PRESETS
 from moeq.integrations.hf import TINY_COMMON
 
 COMMON = dict(
@@ -122,7 +123,7 @@ def tiny(model_type: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module
     return model.to(dtype).eval()
 
 
-def survey(model_type: str, dtype: torch.dtype) -> dict:
+def survey(model_type: str, dtype: torch.dtype, config: moeq.QuantConfig = moeq.FP8) -> dict:
     row: dict = {"family": model_type}
     t0 = time.perf_counter()
     try:
@@ -148,7 +149,7 @@ def survey(model_type: str, dtype: torch.dtype) -> dict:
         return row
     try:
         with torch.no_grad():
-            moeq.prepare(model, moeq.FP8)
+            moeq.prepare(model, config)
             cmodel = torch.compile(model, backend="moeq_aot_eager")
             with moeq.calibrate(cmodel):
                 cmodel(tokens, use_cache=False)
@@ -177,12 +178,13 @@ def main() -> None:
     parser.add_argument("--families", default="", help="comma-separated model types (default: all MoE families)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", default="", help="write the rows here")
+    parser.add_argument("--config", default="FP8", choices=PRESETS, help="the moeq preset to quantize with")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     families = args.families.split(",") if args.families else moe_families()
     rows = []
     for family in families:
-        row = survey(family, getattr(torch, args.dtype))
+        row = survey(family, getattr(torch, args.dtype), getattr(moeq, args.config))
         rows.append(row)
         print(
             f"{family:22s} {row['status'][:70]:70s} weights={row.get('expert_weights', '-')} "

@@ -56,7 +56,6 @@ __all__ = ["FORMATS", "export_hf"]
 logger = logging.getLogger(__name__)
 
 FORMATS = ("modelopt", "compressed-tensors")
-#: (weight format, activation format) -> modelopt quant_algo
 #: a checkpoint's scheme, :func:`_scheme` -> modelopt quant_algo
 _MODELOPT_ALGO = {
     ("nvfp4", "expert", "nvfp4", "static"): "NVFP4",

@@ -132,9 +132,9 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
     with torch.no_grad():
         stats: dict[str, LayerStats] = {}
         blocks = {}
+        channels = state.config.weight_scale == "channel"
         for fqn, s in sorted(state.items()):
             w = state.weight(fqn)
-            channels = state.config.weight_scale == "channel"
             stats[fqn] = LayerStats(
                 fqn,
                 s.weight_shape,
