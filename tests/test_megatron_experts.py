@@ -286,8 +286,8 @@ def test_sequential_mlp_qat_training_step_matches_ste_reference(world, config, f
 
 @pytest.mark.parametrize(
     ("config", "dequantized", "backend"),
-    [(moeq.FP8, False, "moeq_aot_eager"), (moeq.NVFP4, True, "moeq")],
-    ids=["fp8-codes-aot-eager", "nvfp4-dequantized-inductor"],
+    [(moeq.FP8, False, "moeq_aot_eager"), (moeq.NVFP4, True, "moeq"), (moeq.FP8_DYNAMIC, True, "moeq")],
+    ids=["fp8-codes-aot-eager", "nvfp4-dequantized-inductor", "fp8-dynamic-dequantized-inductor"],
 )
 def test_sequential_mlp_accumulates_with_reused_codes(world, config, dequantized, backend):
     """Gradient accumulation of a ``SequentialMLP`` inside ``moeq.reuse_weight_codes``: each module list is quantized
