@@ -501,3 +501,35 @@ def test_other_granularities_compile_export_and_reload(name: str, tmp_path: Path
         codes = torch.stack([w[e] / s[e].reshape(()) for e in range(w.shape[0])]).float().clamp(-448.0, 448.0)
         expected = (codes.to(torch.float8_e4m3fn).double() * s.double().view(-1, 1, 1)).float().to(w.dtype)
     assert torch.equal(loaded.model.layers[0].mlp.experts.down_proj.detach(), expected)
+
+
+@pytest.mark.parametrize("layout", ["halves", "interleaved", "plain"])
+@pytest.mark.parametrize("size", [2, 4])
+def test_channel_amax_tp_join_and_split_are_inverse(layout: str, size: int) -> None:
+    """Checkpoint channel order under TP: each part of a fused weight (gate, up) is split over the ranks; joining the
+    ranks' local amaxes puts every channel at its unsharded position, and splitting gives each rank its own back."""
+    from moeq.io.checkpoint import _first_half, _second_half, _tp_positions
+
+    parts = {
+        "halves": [_first_half, _second_half],
+        "interleaved": [lambda t: t[0::2], lambda t: t[1::2]],
+        "plain": [lambda t: t],
+    }[layout]
+    n = 48
+    unsharded = torch.arange(n, dtype=torch.float32)  # channel c holds the value c
+    # what TP rank r holds: its slice of every part, parts in the weight's own (local) layout
+    local = []
+    for rank in range(size):
+        slices = [rows(unsharded).chunk(size)[rank] for rows in parts]
+        if layout == "interleaved":
+            local.append(torch.stack(slices, 1).reshape(-1))
+        else:
+            local.append(torch.cat(slices))
+    joined = torch.zeros(n)
+    for rank in range(size):
+        glob, loc = _tp_positions(parts, n, size, rank)
+        joined[glob] = local[rank][loc]
+        back = torch.zeros(n // size)
+        back[loc] = unsharded[glob]
+        assert torch.equal(back, local[rank])
+    assert torch.equal(joined, unsharded)

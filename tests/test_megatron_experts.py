@@ -338,3 +338,17 @@ def test_sequential_mlp_accumulates_with_reused_codes(world, config, dequantized
     ]  # expert 1: no rows
     for i, (got, want) in enumerate(zip(reused, grads, strict=True)):
         assert torch.equal(got, want), i
+
+
+def test_gated_fc1_channel_amax_splits_gate_and_up(world):
+    """A Megatron GLU ``linear_fc1`` module list's channel-wise amax reshards across TP sizes as gate and up slices
+    (each TP rank holds ``[gate_r; up_r]``), not as one block of rows; ``linear_fc2`` as one."""
+    from moeq.io.checkpoint import _part_rows
+
+    model = moeq.prepare(sequential_mlp(world), moeq.FP8_DYNAMIC)
+    state = moeq.state.get_state(model)
+    rows = torch.arange(8)
+    for key, parts in (("local_experts.*.linear_fc1.weight", 2), ("local_experts.*.linear_fc2.weight", 1)):
+        est = state.get_or_create(key, tuple(state.weight(key).shape), 0, 2)
+        got = [p(rows).tolist() for p in _part_rows(state, est)]
+        assert got == ([[0, 1, 2, 3], [4, 5, 6, 7]] if parts == 2 else [list(range(8))]), key

@@ -40,7 +40,7 @@ from moeq.config import QuantConfig
 from moeq.formats import block_amax
 from moeq.io.hf_layout import expert_layout
 from moeq.runtime.collectives import ProcessGroups, all_gather_objects, default_groups
-from moeq.state import ExpertQuantState, ModelQuantState, get_state
+from moeq.state import ExpertQuantState, ModelQuantState, get_state, listed_members
 
 __all__ = ["save_state", "load_state", "CheckpointError"]
 
@@ -69,9 +69,32 @@ def _channel_split(s: ExpertQuantState, groups: ProcessGroups) -> tuple[int, int
     return 1, 0
 
 
+def _first_half(t: torch.Tensor) -> torch.Tensor:
+    return t[: t.shape[0] // 2]
+
+
+def _second_half(t: torch.Tensor) -> torch.Tensor:
+    return t[t.shape[0] // 2 :]
+
+
+def _gated_module_list(state: ModelQuantState, s: ExpertQuantState) -> bool:
+    """Whether ``s`` is a per-expert module list of Megatron GLU ``linear_fc1`` weights (gate and up rows stacked in
+    each expert's weight: ``[gate; up]``, each split over the TP ranks)."""
+    members = listed_members(s.fqn, s.num_experts)
+    if not members or not members[0].endswith("linear_fc1.weight"):
+        return False
+    try:
+        mlp = state._root.get_submodule(members[0].removesuffix(".linear_fc1.weight"))
+    except AttributeError:
+        return False
+    return bool(getattr(getattr(mlp, "config", None), "gated_linear_unit", False))
+
+
 def _part_rows(state: ModelQuantState, s: ExpertQuantState) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     """The output-row selections of the per-expert linears a stacked weight holds (a fused gate/up weight: gate's
     rows and up's, halves or interleaved; else all rows). Tensor parallelism splits each of them over the ranks."""
+    if _gated_module_list(state, s):
+        return [_first_half, _second_half]
     try:
         return [part.rows for part in expert_layout(state._root, s.fqn, s.expert_dim, s.contraction_dim).parts]
     except (ValueError, AttributeError, KeyError):
