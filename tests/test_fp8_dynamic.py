@@ -234,6 +234,17 @@ def test_inductor_backend_matches_aot_eager(family: str, workdir: Path) -> None:
     # and FP8 roundings amplify that: moeq.FP8 (per tensor) 1.3%, FP8_DYNAMIC 2.1% (qwen3_moe 0.8%)
     assert rel < 0.05, float(rel)
     assert "channel-wise weight scales multiply the output columns" in str(moeq.explain(cm))
+    # the fused chains compute exactly what the unfused ops do under the same backend (on the CPU, grouped_qmm's
+    # reference path: formats.py operands, fp32 product)
+    from moeq.lowering.inductor import fusion
+
+    torch._dynamo.reset()
+    with fusion("never"), torch.no_grad():
+        unfused, code = run_and_get_code(
+            lambda: torch.compile(run["model"], backend="moeq")(input_ids=run["ids"]).logits
+        )
+    assert "torch.ops.moeq.grouped_qmm.default(" not in "\n".join(code)
+    assert torch.equal(unfused, logits)
 
 
 @pytest.mark.parametrize("family", EXPORT_FAMILIES)
