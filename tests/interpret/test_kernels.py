@@ -533,3 +533,23 @@ def test_fake_quant_tokens_bit_exact(counts, k, dtype, seed):
     got = kernels.fake_quant_tokens(x, offs)
     assert_same_bits(got, expected, "fp8")
     assert torch.equal(got[int(offs[-1]) :], x[int(offs[-1]) :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k", [48, 300])
+def test_token_codes_and_row_amax_bit_exact(k, dtype):
+    """One launch gives each row's amax (NaN-keeping, as torch.amax) and its e4m3 codes under it (zero codes past
+    ``offs[-1]``): formats' FP8 ``quantize`` with a per-row amax; ``row_amax`` alone gives the same amaxes."""
+    x, offs = _routed(3, dtype, COUNTS[0], k=k)
+    x[1, 4] = float("nan")
+    x[2] = 0.0
+    codes, amax = kernels.token_codes(x, offs)
+    expected_amax = x.float().abs().amax(dim=1)
+    assert torch.equal(amax.isnan(), expected_amax.isnan())
+    assert torch.equal(amax.nan_to_num(), expected_amax.nan_to_num())
+    assert torch.equal(kernels.row_amax(x).nan_to_num(), expected_amax.nan_to_num())
+    routed = int(offs[-1])
+    expected = get_format("fp8").quantize(x[:routed], expected_amax[:routed, None], -1).data.view(torch.uint8)
+    got = codes.view(torch.uint8)
+    assert torch.equal(got[:routed][~x[:routed].isnan().any(1)], expected[~x[:routed].isnan().any(1)])
+    assert not got[routed:].any()

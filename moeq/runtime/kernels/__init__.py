@@ -6,7 +6,7 @@ reference bit for bit.
 """
 
 from moeq.runtime.kernels.dequant_weight import dequant_stored_weight
-from moeq.runtime.kernels.fake_quant_act import fake_quant_act, fake_quant_tokens
+from moeq.runtime.kernels.fake_quant_act import fake_quant_act, fake_quant_tokens, row_amax, token_codes
 from moeq.runtime.kernels.fake_quant_experts import fake_quant_experts
 from moeq.runtime.kernels.segment_amax import segment_amax, segment_amax_
 from moeq.runtime.kernels.ste_mask import mask_clipped_grad_
@@ -17,6 +17,8 @@ __all__ = [
     "expert_weight_amax",
     "fake_quant_act",
     "fake_quant_tokens",
+    "row_amax",
+    "token_codes",
     "fake_quant_experts",
     "mask_clipped_grad_",
     "segment_amax",

@@ -31,7 +31,7 @@ from moeq.runtime.kernels.numerics import (
 )
 from moeq.runtime.kernels.segment_amax import expert_of_rows
 
-__all__ = ["act_codes_reference", "fake_quant_act", "fake_quant_tokens"]
+__all__ = ["act_codes_reference", "fake_quant_act", "fake_quant_tokens", "row_amax", "token_codes"]
 
 
 @triton.autotune(configs=tile_configs(), key=["K", "IS_NVFP4", "PER_EXPERT", "PER_ROW", "CODES"])
@@ -171,11 +171,12 @@ def fake_quant_act(
     return run_kernel(x, launch, reference)
 
 
-@triton.autotune(configs=tile_configs(), key=["K"])
+@triton.autotune(configs=tile_configs(), key=["K", "QUANTIZE", "CODES"])
 @triton.jit
 def _fake_quant_tokens_kernel(
     x_ptr,
     out_ptr,
+    amax_ptr,
     offs_ptr,
     S,
     K,
@@ -183,12 +184,15 @@ def _fake_quant_tokens_kernel(
     stride_os,
     NUM_EXPERTS: tl.constexpr,
     X_BITS: tl.constexpr,
+    QUANTIZE: tl.constexpr,
+    CODES: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     # one program per BLOCK_M rows: a first sweep over K takes each row's amax (an integer max of |x|'s bits,
-    # NaN above inf: it propagates), a second one (its tiles back from L2) fake-quantizes with it
+    # NaN above inf: it propagates) and stores it; with QUANTIZE a second one (its tiles back from L2) writes the
+    # fake quant (unrouted rows as they are) or, with CODES, the e4m3 codes (zero for unrouted rows)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     row_mask = rows < S
     routed = rows < tl.load(offs_ptr + NUM_EXPERTS - 1)
@@ -198,41 +202,90 @@ def _fake_quant_tokens_kernel(
         x = tl.load(x_ptr + rows.to(tl.int64) * stride_xs + cols, mask=row_mask & (cols < K), other=0.0)
         bits = tl.maximum(bits, tl.max(abs_bits(x, X_BITS), axis=1))
     amax = float_of_abs_bits(bits, x_ptr.dtype.element_ty, X_BITS)[:, None]
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)[None, :]
-        mask = row_mask & (cols < K)
-        x = tl.load(x_ptr + rows.to(tl.int64) * stride_xs + cols, mask=mask, other=0.0)
-        q = cast_like(fake_quant_fp8(x.to(tl.float32), amax, INTERPRET), out_ptr, INTERPRET)
-        tl.store(out_ptr + rows.to(tl.int64) * stride_os + cols, tl.where(routed, q, x), mask=mask)
+    tl.store(amax_ptr + rows, amax, mask=row_mask)
+    if QUANTIZE:
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)[None, :]
+            mask = row_mask & (cols < K)
+            x = tl.load(x_ptr + rows.to(tl.int64) * stride_xs + cols, mask=mask, other=0.0)
+            if CODES:
+                out = tl.where(routed, fp8_codes(x.to(tl.float32), amax, INTERPRET), 0.0).to(out_ptr.dtype.element_ty)
+            else:
+                out = tl.where(
+                    routed, cast_like(fake_quant_fp8(x.to(tl.float32), amax, INTERPRET), out_ptr, INTERPRET), x
+                )
+            tl.store(out_ptr + rows.to(tl.int64) * stride_os + cols, out, mask=mask)
+
+
+def _tokens(
+    x: torch.Tensor, offs: torch.Tensor | None, quantize: bool, codes: bool, wrap: Callable[[Any], Any] | None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One launch of the per-token kernel over routed rows ``x [S, K]``: (fake quant / e4m3 codes / None, row amax
+    ``[S]`` fp32)."""
+    check_float(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"routed rows must be 2-D [S, K], got shape {tuple(x.shape)}")
+    if offs is not None and (offs.dtype != torch.int32 or offs.dim() != 1):
+        raise ValueError(f"offs must be int32 cumulative row counts, got {offs.dtype} {tuple(offs.shape)}")
+    x_in = x if x.stride(1) == 1 else x.contiguous()
+    amax = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    out = torch.empty_like(x_in, dtype=torch.float8_e4m3fn if codes else x.dtype) if quantize else None
+    if known_empty(x.shape[0]) or (offs is not None and known_empty(offs.numel())):
+        return (None if out is None else out.zero_() if codes else out.copy_(x_in)), amax.zero_()
+    if known_empty(x.shape[1]):
+        return (None if out is None else out.zero_() if codes else out.copy_(x_in)), amax.zero_()
+    ends = offs if offs is not None else torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
+
+    def grid(meta):
+        return (cdiv(x.shape[0], meta["BLOCK_M"]),)
+
+    kernel = wrap(_fake_quant_tokens_kernel) if wrap is not None else _fake_quant_tokens_kernel
+    launch_kernel(kernel, grid,
+        x_in, out if out is not None else amax, amax, ends, x.shape[0], x.shape[1], x_in.stride(0),
+        out.stride(0) if out is not None else 0,
+        NUM_EXPERTS=ends.numel(), X_BITS=32 if x.dtype == torch.float32 else 16, QUANTIZE=quantize, CODES=codes,
+        INTERPRET=interpreting(),
+    )  # fmt: skip
+    return out, amax
 
 
 def fake_quant_tokens(x: torch.Tensor, offs: torch.Tensor, wrap: Callable[[Any], Any] | None = None) -> torch.Tensor:
     """FP8 fake quant of routed rows ``x [S, K]`` (K last) with dynamic per-token scales: each row by its own
     ``max|x|`` (:func:`moeq.formats.token_amax`); rows at or past ``offs[-1]`` are returned unchanged."""
-    check_float(x, "x")
-    if x.dim() != 2:
-        raise ValueError(f"routed rows must be 2-D [S, K], got shape {tuple(x.shape)}")
-    num_experts = offs.numel()
-    if offs.dtype != torch.int32 or offs.dim() != 1:
-        raise ValueError(f"offs must be int32 cumulative row counts, got {offs.dtype} {tuple(offs.shape)}")
-    x_in = x if x.stride(1) == 1 else x.contiguous()
-    out = torch.empty_like(x_in)
 
     def launch() -> torch.Tensor:
-        if known_empty(x.shape[0], num_experts, x.shape[1]):
-            return out.copy_(x_in)
-
-        def grid(meta):
-            return (cdiv(x.shape[0], meta["BLOCK_M"]),)
-
-        kernel = wrap(_fake_quant_tokens_kernel) if wrap is not None else _fake_quant_tokens_kernel
-        launch_kernel(kernel, grid,
-            x_in, out, offs, x.shape[0], x.shape[1], x_in.stride(0), out.stride(0),
-            NUM_EXPERTS=num_experts, X_BITS=32 if x.dtype == torch.float32 else 16, INTERPRET=interpreting(),
-        )  # fmt: skip
-        return out
+        return _tokens(x, offs, True, False, wrap)[0]
 
     def reference() -> torch.Tensor:
         return torch.ops.moeq.fake_quant_act_dynamic(x, offs, "fp8", 0, -1)
+
+    return run_kernel(x, launch, reference)
+
+
+def token_codes(
+    x: torch.Tensor, offs: torch.Tensor, wrap: Callable[[Any], Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The e4m3 codes of routed rows with dynamic per-token scales (zero past ``offs[-1]``) and each row's amax
+    ``[S]``, in one launch: what the quantize-once grouped GEMM multiplies (``x_mode="fp8_codes"``, per-row amax)."""
+
+    def launch() -> tuple[torch.Tensor, torch.Tensor]:
+        return _tokens(x, offs, True, True, wrap)
+
+    def reference() -> tuple[torch.Tensor, torch.Tensor]:
+        amax = x.detach().abs().amax(dim=1).float() if x.shape[1] else x.new_zeros(x.shape[0], dtype=torch.float32)
+        return _per_row_reference(x, offs, amax, codes=True), amax
+
+    return run_kernel(x, launch, reference)
+
+
+def row_amax(x: torch.Tensor, wrap: Callable[[Any], Any] | None = None) -> torch.Tensor:
+    """Each row's ``max|x|`` (fp32 ``[S]``; NaN where the row holds one) of ``x [S, K]``, one pass: the per-token
+    amax the in-load grouped GEMM scales rows with."""
+
+    def launch() -> torch.Tensor:
+        return _tokens(x, None, False, False, wrap)[1]
+
+    def reference() -> torch.Tensor:
+        return x.detach().abs().amax(dim=1).float() if x.shape[1] else x.new_zeros(x.shape[0], dtype=torch.float32)
 
     return run_kernel(x, launch, reference)

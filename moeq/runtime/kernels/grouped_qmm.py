@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from moeq.formats import NVFP4_RUN_BYTES, get_format
-from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+from moeq.runtime.kernels.fake_quant_act import fake_quant_act, row_amax, token_codes
 from moeq.runtime.kernels.fake_quant_experts import fake_quant_experts
 from moeq.runtime.kernels.launch import as_fp32, cdiv, check_float, interpreting, known_empty, launch_kernel
 from moeq.runtime.kernels.numerics import (
@@ -792,8 +792,8 @@ def grouped_qmm(
         if w_scale is None or (w_scale.numel() != num_experts and not per_channel):
             raise ValueError(f"w_scale must have one entry per expert ({num_experts}) in mode {w_mode!r}")
         w_scale = as_fp32(w_scale)
-    if per_token:  # one amax per row (NaN where the row has one), the rows' own
-        x_amax = x.detach().abs().amax(dim=1).float()
+    if per_token:  # each row's own amax (NaN where the row has one): below, with the codes or on its own
+        x_amax = None
     elif x_mode is not None:
         if x_amax is None or x_amax.numel() not in (1, num_experts):
             raise ValueError(f"x_amax must have 1 or {num_experts} entries for activation format {x_mode!r}")
@@ -803,11 +803,16 @@ def grouped_qmm(
         quantize_once = quantizes_once(w_mode, x_mode, m, num_experts)
         weight_once = quantizes_weight_once(w_mode, x_mode, m, num_experts)
     if quantize_once and x_mode == "fp8" and w_mode in ("fp8", "fake_fp8"):
-        x = fake_quant_act(x, offs, x_amax, "fp8", codes=True, wrap=wrap, amax_per_row=per_token)
+        if per_token:  # row amax and codes in one launch
+            x, x_amax = token_codes(x, offs, wrap=wrap)
+        else:
+            x = fake_quant_act(x, offs, x_amax, "fp8", codes=True, wrap=wrap)
         x_mode = "fp8_codes"
         if w_mode == "fake_fp8" and weight_once:
             w = fake_quant_experts(w, w_scale, "fp8", 1, codes=True, wrap=wrap)
             w_scale, w_mode = get_format("fp8").scale_from_amax(w_scale), "fp8"
+    if per_token and x_amax is None:  # in the load path: the kernel quantizes each row with its amax
+        x_amax = row_amax(x, wrap=wrap)
     fp8_bits = torch.uint8 if interpreting() else torch.float8_e4m3fn
     if x_mode == "fp8_codes":  # the GPU loads float8e4nv directly; the interpreter decodes the bits by hand
         x = x.view(fp8_bits)
