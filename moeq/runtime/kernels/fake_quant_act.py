@@ -34,7 +34,7 @@ from moeq.runtime.kernels.segment_amax import expert_of_rows
 __all__ = ["act_codes_reference", "fake_quant_act", "fake_quant_tokens", "row_amax", "token_codes"]
 
 
-@triton.autotune(configs=tile_configs(), key=["K", "IS_NVFP4", "PER_EXPERT", "PER_ROW", "CODES"])
+@triton.autotune(configs=tile_configs(), key=["K", "IS_NVFP4", "PER_EXPERT", "CODES"])
 @triton.jit
 def _fake_quant_act_kernel(
     x_ptr,
@@ -48,7 +48,6 @@ def _fake_quant_act_kernel(
     NUM_EXPERTS: tl.constexpr,
     E_POW2: tl.constexpr,
     PER_EXPERT: tl.constexpr,
-    PER_ROW: tl.constexpr,
     IS_NVFP4: tl.constexpr,
     CODES: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -68,9 +67,7 @@ def _fake_quant_act_kernel(
     mask = (rows < S) & (cols < K)
     x = tl.load(x_ptr + rows.to(tl.int64) * stride_xs + cols, mask=mask, other=0.0)
     routed = rows < tl.load(offs_ptr + NUM_EXPERTS - 1)
-    if PER_ROW:  # dynamic per-token scales: each row's own amax
-        amax = tl.load(amax_ptr + row_ids, mask=row_ids < S, other=0.0)[:, None, None]
-    elif PER_EXPERT:
+    if PER_EXPERT:
         expert = tl.minimum(expert_of_rows(offs_ptr, row_ids, NUM_EXPERTS, E_POW2), NUM_EXPERTS - 1)
         amax = tl.load(amax_ptr + expert)[:, None, None]
     else:
@@ -118,11 +115,10 @@ def fake_quant_act(
     fmt: str | QuantFormat,
     codes: bool = False,
     wrap: Callable[[Any], Any] | None = None,
-    amax_per_row: bool = False,
 ) -> torch.Tensor:
-    """Fake-quantize routed rows ``x [S, K]`` (K last) with amax ``[1]`` (shared) or ``[E]`` (per expert), or with
-    ``amax_per_row`` (FP8) ``[S]``, each row's own (dynamic per-token scales, the amax computed by the caller);
-    rows at or past ``offs[-1]`` are returned unchanged. NVFP4: dynamic 16-blocks, static global amax.
+    """Fake-quantize routed rows ``x [S, K]`` (K last) with amax ``[1]`` (shared) or ``[E]`` (per expert); rows at or
+    past ``offs[-1]`` are returned unchanged. NVFP4: dynamic 16-blocks, static global amax. (Dynamic per-token FP8:
+    :func:`fake_quant_tokens`, :func:`token_codes`.)
 
     ``codes=True`` (FP8 only): return the e4m3 codes (float8_e4m3fn, zero past ``offs[-1]``) instead of the
     fake-quantized values; times ``amax / 448`` they are the fake quant. The grouped GEMM takes them as
@@ -136,9 +132,7 @@ def fake_quant_act(
     num_experts = offs.numel()
     if offs.dtype != torch.int32 or offs.dim() != 1:
         raise ValueError(f"offs must be int32 cumulative row counts, got {offs.dtype} {tuple(offs.shape)}")
-    if amax_per_row and (fmt.name != "fp8" or input_amax.numel() != x.shape[0]):
-        raise ValueError(f"per-row amax takes FP8 and one entry per row ({x.shape[0]}), got {input_amax.numel()}")
-    if not amax_per_row and input_amax.numel() not in (1, num_experts):
+    if input_amax.numel() not in (1, num_experts):
         raise ValueError(f"input_amax has {input_amax.numel()} entries; expected 1 or {num_experts}")
     fmt.check_shape(x.shape, 1, "activation")
     x_in = x if x.stride(1) == 1 else x.contiguous()
@@ -156,14 +150,12 @@ def fake_quant_act(
         launch_kernel(kernel, grid,
             x_in, out, offs, amax, x.shape[0], x.shape[1], x_in.stride(0), out.stride(0),
             NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts),
-            PER_EXPERT=amax.numel() > 1 and not amax_per_row, PER_ROW=amax_per_row,
+            PER_EXPERT=amax.numel() > 1,
             IS_NVFP4=fmt.name == "nvfp4", CODES=codes, INTERPRET=interpreting(),
         )  # fmt: skip
         return out
 
     def reference() -> torch.Tensor:
-        if amax_per_row:
-            return _per_row_reference(x, offs, amax, codes)
         if codes:
             return act_codes_reference(x, offs, amax)
         return torch.ops.moeq.fake_quant_act(x, offs, amax, fmt.name, 0, -1)
