@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -188,3 +189,16 @@ def assert_combine_backward_close(dy, dw, grad, y, weights, perm, top_k):
     bound = torch.finfo(dw.dtype).eps * want.abs() + y.shape[1] * 2.0**-23 * magnitude
     err = (dw.double().cpu() - want).abs()
     assert dw.shape == want.shape and (err <= bound).all(), f"dw max error {float(err.max()):.3g}"
+
+
+def experts_only(modelopt_cfg: dict) -> dict:
+    """A copy of an nvidia-modelopt quantization config whose wildcard weight and input quantizer entries apply to
+    routed experts only (``*.experts.*``): modelopt 0.47 has experts-only presets for NVFP4, not for its FP8 ones."""
+    cfg = copy.deepcopy(modelopt_cfg)
+    renamed = 0
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") in ("*weight_quantizer", "*input_quantizer"):
+            entry["quantizer_name"] = "*.experts.*" + entry["quantizer_name"][1:]
+            renamed += 1
+    assert renamed == 2, "the modelopt config no longer has the two wildcard weight / input quantizer entries"
+    return cfg

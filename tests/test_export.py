@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import multiprocessing as mp
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: E402
 
+from tests.conftest import experts_only  # noqa: E402
+
 VOCAB = 256
 PRESETS = {"nvfp4": moeq.NVFP4, "fp8": moeq.FP8}
 #: one decoder layer keeps the compile and modelopt passes within the CPU test budget
@@ -50,11 +51,7 @@ def _modelopt_cfg(fmt: str) -> dict:
     (0.47 has no FP8 experts-only preset), as in test_modelopt_parity.py."""
     if fmt == "nvfp4":
         return mtq.NVFP4_EXPERTS_ONLY_CFG
-    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
-    for entry in cfg["quant_cfg"]:
-        if entry.get("quantizer_name") in ("*weight_quantizer", "*input_quantizer"):
-            entry["quantizer_name"] = "*.experts.*" + entry["quantizer_name"][1:]
-    return cfg
+    return experts_only(mtq.FP8_DEFAULT_CFG)
 
 
 def _calibrated(

@@ -8,7 +8,6 @@ checkpoint config.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from moeq.runtime.collectives import LayerStats, ProcessGroups, sync_tp
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
+
+from tests.conftest import experts_only  # noqa: E402
 
 VOCAB = 256
 
@@ -120,17 +121,6 @@ def test_fake_quant_act_dynamic_refuses_nvfp4() -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _modelopt_cfg() -> dict:
-    cfg = copy.deepcopy(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG)
-    renamed = 0
-    for entry in cfg["quant_cfg"]:
-        if entry.get("quantizer_name") in ("*weight_quantizer", "*input_quantizer"):
-            entry["quantizer_name"] = "*.experts.*" + entry["quantizer_name"][1:]
-            renamed += 1
-    assert renamed == 2
-    return cfg
-
-
 _RUNS: dict[str, dict] = {}
 
 
@@ -149,7 +139,7 @@ def _run(family: str, workdir: Path) -> dict:
         with torch.no_grad():
             m(input_ids=ids)
 
-    peer = mtq.quantize(peer, _modelopt_cfg(), forward_loop)
+    peer = mtq.quantize(peer, experts_only(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG), forward_loop)
     with torch.no_grad():
         peer_logits = peer(input_ids=ids).logits
     # modelopt's per-expert axis=0 weight quantizers (its export rewrites the modules, so read them first)

@@ -29,27 +29,15 @@ import pytest
 import torch
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
-
 import transformers.integrations.moe as hf_moe  # noqa: E402
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
 
 import moeq  # noqa: E402
 from moeq.integrations.hf import tiny_model  # noqa: E402
+from tests.conftest import experts_only  # noqa: E402
 
 PROJS = ("gate_up_proj", "down_proj")
 VOCAB = 256
-
-
-def _fp8_experts_only_cfg() -> dict:
-    """``mtq.FP8_DEFAULT_CFG`` restricted to routed experts (as in /tmp/modelopt_probe/probe.py)."""
-    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
-    renamed = 0
-    for entry in cfg["quant_cfg"]:
-        if entry.get("quantizer_name") in ("*weight_quantizer", "*input_quantizer"):
-            entry["quantizer_name"] = "*.experts.*" + entry["quantizer_name"][1:]
-            renamed += 1
-    assert renamed == 2, "FP8_DEFAULT_CFG no longer has the two wildcard weight/input quantizer entries"
-    return cfg
 
 
 def _tokens(seed: int, shape: tuple[int, int]) -> torch.Tensor:
@@ -103,7 +91,7 @@ def _run(case: Case) -> Result:
 
     # --- modelopt on the deepcopy, recording what its eager loop feeds the shared input quantizers
     res = Result(case, model, peer, batches, weights_before, {}, {})
-    mcfg = mtq.NVFP4_EXPERTS_ONLY_CFG if case.fmt == "nvfp4" else _fp8_experts_only_cfg()
+    mcfg = mtq.NVFP4_EXPERTS_ONLY_CFG if case.fmt == "nvfp4" else experts_only(mtq.FP8_DEFAULT_CFG)
 
     def forward_loop(m: torch.nn.Module) -> None:
         hooks = []

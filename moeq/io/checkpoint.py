@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moeq.config import QuantConfig
 from moeq.formats import block_amax
-from moeq.io.hf_layout import expert_layout
+from moeq.io.hf_layout import _first_half, _second_half, expert_layout
 from moeq.runtime.collectives import ProcessGroups, all_gather_objects, default_groups
 from moeq.state import ExpertQuantState, ModelQuantState, get_state, listed_members
 
@@ -67,14 +67,6 @@ def _channel_split(s: ExpertQuantState, groups: ProcessGroups) -> tuple[int, int
     if s.tp_shard == "column" and groups.size("tp") > 1:
         return groups.size("tp"), groups.rank("tp")
     return 1, 0
-
-
-def _first_half(t: torch.Tensor) -> torch.Tensor:
-    return t[: t.shape[0] // 2]
-
-
-def _second_half(t: torch.Tensor) -> torch.Tensor:
-    return t[t.shape[0] // 2 :]
 
 
 def _gated_module_list(state: ModelQuantState, s: ExpertQuantState) -> bool:

@@ -183,10 +183,14 @@ def _fake_quant_act_reference(
         return fmt_obj.fake_quant(x, _act_amax(x, offs, amax, expert_dim), contraction_dim)
     check_offsets(offs, x.shape[0], offs.numel())
     _check_amax(amax, offs.numel(), "fake_quant_act")
-    out = fmt_obj.fake_quant(x, _act_amax(x, offs, amax, expert_dim), contraction_dim)
-    routed = torch.arange(x.shape[0], device=x.device) < offs[-1].to(x.device) if offs.numel() else None
-    if routed is None:
+    return _routed_rows_only(x, offs, fmt_obj.fake_quant(x, _act_amax(x, offs, amax, expert_dim), contraction_dim))
+
+
+def _routed_rows_only(x: Tensor, offs: Tensor, out: Tensor) -> Tensor:
+    """``out`` for the routed rows of 2-D ``x``, ``x``'s own rows at or past ``offs[-1]`` (they belong to no expert)."""
+    if not offs.numel():
         return x.clone()
+    routed = torch.arange(x.shape[0], device=x.device) < offs[-1].to(x.device)
     return torch.where(routed.unsqueeze(1), out, x)
 
 
@@ -228,10 +232,7 @@ def _fake_quant_act_dynamic_reference(
     if offs is None:
         return out
     check_offsets(offs, x.shape[0], offs.numel())
-    if not offs.numel():
-        return x.clone()
-    routed = torch.arange(x.shape[0], device=x.device) < offs[-1].to(x.device)
-    return torch.where(routed.unsqueeze(1), out, x)
+    return _routed_rows_only(x, offs, out)
 
 
 fake_quant_act_dynamic = torch.library.custom_op("moeq::fake_quant_act_dynamic", mutates_args=())(

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq.formats import QuantFormat, get_format
+from moeq.formats import QuantFormat, get_format, token_amax
 from moeq.runtime.kernels.launch import (
     as_fp32,
     cdiv,
@@ -84,28 +84,21 @@ def _fake_quant_act_kernel(
     tl.store(out_ptr + rows.to(tl.int64) * stride_os + cols, out, mask=mask)
 
 
-def act_codes_reference(x: torch.Tensor, offs: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """:mod:`moeq.formats` FP8 codes of routed rows (each row with its expert's amax, or the shared one);
-    zero codes past ``offs[-1]``."""
-    from moeq.lowering.ops import _per_row_amax  # the reference ops' row -> expert amax (imported at call time)
-
-    codes = get_format("fp8").quantize(x, _per_row_amax(x, offs, amax.float()), -1).data
+def _routed_codes(x: torch.Tensor, offs: torch.Tensor, row_amax: torch.Tensor) -> torch.Tensor:
+    """:mod:`moeq.formats` FP8 codes of ``x``'s rows, each with its amax in ``row_amax [S, 1]``; zero codes past
+    ``offs[-1]``."""
+    codes = get_format("fp8").quantize(x, row_amax.float(), -1).data
     rows = torch.arange(x.shape[0], device=x.device)
     routed = (rows < offs[-1]) if offs.numel() else torch.zeros_like(rows, dtype=torch.bool)
     return torch.where(routed[:, None], codes.view(torch.uint8), 0).view(torch.float8_e4m3fn)
 
 
-def _per_row_reference(x: torch.Tensor, offs: torch.Tensor, amax: torch.Tensor, codes: bool) -> torch.Tensor:
-    """:mod:`moeq.formats` FP8 with one amax per row: the fake quant, or its codes (zero codes past ``offs[-1]``)."""
-    fp8, row_amax = get_format("fp8"), amax.float().reshape(-1, 1)
-    routed = (
-        (torch.arange(x.shape[0], device=x.device) < offs[-1])[:, None]
-        if offs.numel()
-        else x.new_zeros(x.shape[0], 1, dtype=torch.bool)
-    )
-    if codes:
-        return torch.where(routed, fp8.quantize(x, row_amax, -1).data.view(torch.uint8), 0).view(torch.float8_e4m3fn)
-    return torch.where(routed, fp8.fake_quant(x, row_amax, -1), x)
+def act_codes_reference(x: torch.Tensor, offs: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """:mod:`moeq.formats` FP8 codes of routed rows (each row with its expert's amax, or the shared one);
+    zero codes past ``offs[-1]``."""
+    from moeq.lowering.ops import _per_row_amax  # the reference ops' row -> expert amax (imported at call time)
+
+    return _routed_codes(x, offs, _per_row_amax(x, offs, amax.float()))
 
 
 def fake_quant_act(
@@ -264,8 +257,8 @@ def token_codes(
         return _tokens(x, offs, True, True, wrap)
 
     def reference() -> tuple[torch.Tensor, torch.Tensor]:
-        amax = x.detach().abs().amax(dim=1).float() if x.shape[1] else x.new_zeros(x.shape[0], dtype=torch.float32)
-        return _per_row_reference(x, offs, amax, codes=True), amax
+        amax = token_amax(x, -1)
+        return _routed_codes(x, offs, amax), amax.reshape(-1)
 
     return run_kernel(x, launch, reference)
 
@@ -278,6 +271,6 @@ def row_amax(x: torch.Tensor, wrap: Callable[[Any], Any] | None = None) -> torch
         return _tokens(x, None, False, False, wrap)[1]
 
     def reference() -> torch.Tensor:
-        return x.detach().abs().amax(dim=1).float() if x.shape[1] else x.new_zeros(x.shape[0], dtype=torch.float32)
+        return token_amax(x, -1).reshape(-1)
 
     return run_kernel(x, launch, reference)

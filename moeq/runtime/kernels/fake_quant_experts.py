@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq.formats import QuantFormat, get_format
+from moeq.formats import QuantFormat, expand_weight_amax, get_format
 from moeq.runtime.kernels.launch import (
     as_fp32,
     cdiv,
@@ -124,7 +124,7 @@ def fake_quant_experts(
         )
     amax = as_fp32(weight_amax)
     E, M, K = w.shape[0], w.shape[m_dim], w.shape[k_dim]
-    expanded = amax.unsqueeze(k_dim) if per_channel else amax.view(-1, 1, 1)
+    expanded = expand_weight_amax(amax, 3, 0, k_dim)
 
     def grid(meta):
         return (cdiv(K, meta["BLOCK_K"]), cdiv(M, meta["BLOCK_M"]), E)
