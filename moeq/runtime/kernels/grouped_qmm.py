@@ -218,6 +218,12 @@ def quantizes_once(w_mode: str, x_mode: str | None, rows: int, num_experts: int)
 WEIGHT_CODES_ROWS_PER_EXPERT = 48
 
 
+#: whether the quantize-once path runs a QAT FP8 weight's codes pass inside the codes GEMM's launch
+#: (:mod:`moeq.runtime.kernels.weight_pass_gemm`: one persistent kernel, the memory-bound pass overlapped with the
+#: compute-bound GEMM) rather than as a launch of its own before it. The products are the same bit for bit.
+WEIGHT_PASS_IN_GEMM = True
+
+
 def quantizes_weight_once(w_mode: str, x_mode: str | None, rows: int, num_experts: int) -> bool:
     """Whether the quantize-once path (:func:`quantizes_once`) also quantizes a QAT FP8 weight in its own pass:
     above :data:`WEIGHT_CODES_ROWS_PER_EXPERT` mean rows per expert."""
@@ -808,7 +814,7 @@ def grouped_qmm(
         else:
             x = fake_quant_act(x, offs, x_amax, "fp8", codes=True, wrap=wrap)
         x_mode = "fp8_codes"
-        if w_mode == "fake_fp8" and weight_once:
+        if w_mode == "fake_fp8" and weight_once and not WEIGHT_PASS_IN_GEMM:
             w = fake_quant_experts(w, w_scale, "fp8", 1, codes=True, wrap=wrap)
             w_scale, w_mode = get_format("fp8").scale_from_amax(w_scale), "fp8"
     if per_token and x_amax is None:  # in the load path: the kernel quantizes each row with its amax
@@ -821,6 +827,12 @@ def grouped_qmm(
     elif w_mode == "nvfp4":  # read as the 32-bit words the decode works on: K-contiguous (freeze stores it so)
         w_nk = w.view(torch.uint8).transpose(1, 2)
         w = (w_nk if w_nk.stride(2) == 1 else w_nk.contiguous()).view(torch.int32).transpose(1, 2)
+    if w_mode == "fake_fp8" and x_mode == "fp8_codes" and weight_once and WEIGHT_PASS_IN_GEMM and config is None:
+        from moeq.runtime.kernels.weight_pass_gemm import weight_pass_gemm
+
+        codes = torch.empty_like(w, dtype=torch.float8_e4m3fn)
+        scale = get_format("fp8").scale_from_amax(w_scale)
+        return weight_pass_gemm(x, w, offs, w_scale, scale, x_amax, out, codes, x_per_row=per_token, wrap=wrap)
     block = dummy
     b_strides = (0, 0, 0)
     if w_mode == "nvfp4":

@@ -1,0 +1,275 @@
+"""QAT FP8 at training sizes in one launch: the weight's e4m3 codes pass and the codes GEMM, overlapped.
+
+Above :data:`moeq.runtime.kernels.grouped_qmm.WEIGHT_CODES_ROWS_PER_EXPERT` rows per expert a QAT FP8 grouped GEMM
+quantizes its bf16 weight once (a memory-bound pass: read 2 bytes, write 1 per element) and multiplies the codes on
+the FP8 tensor cores (compute-bound). Run one after the other (two launches) they add up; this kernel runs them
+together. One persistent program per SM takes work items from an atomic ticket counter, in an order that puts the
+conversion of expert ``e + LOOKAHEAD`` beside the GEMM tiles of expert ``e``::
+
+    slot j: [convert expert j: cdiv(N, CONV_N) items] [GEMM tiles of expert j - LOOKAHEAD: m-tiles x n-tiles]
+    last slot: the tiles of the unrouted rows past offs[-1] (zeros)
+
+so the SMs that convert use the HBM bandwidth the SMs that multiply leave. A GEMM tile of expert ``e`` first waits
+until every conversion item of ``e`` has published its codes (a per-expert counter: the converting program's
+stores, a CTA barrier, then a release increment; the GEMM's acquire load). Tickets are handed out in order and a
+conversion never waits, so every wait ends: the items it waits for hold smaller tickets, taken by running programs.
+Under Triton's interpreter the programs run one after another and the first takes every ticket in order.
+
+The codes are written to ``w_codes`` (the FP8 ``quantize`` of :mod:`moeq.formats` bit for bit, as
+:func:`moeq.runtime.kernels.fake_quant_experts` with ``codes=True``), so a caller can keep them (training saves
+them for the backward). The GEMM tiles are :func:`moeq.runtime.kernels.grouped_qmm._multiply_tile` of the codes,
+so the output equals the two-launch path's bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from moeq.runtime.kernels.grouped_qmm import (
+    TAIL_ROWS,
+    W_FP8,
+    X_FP8_CODES,
+    _multiply_tile,
+    m_bucket,
+)
+from moeq.runtime.kernels.launch import cdiv, interpreting, launch_kernel
+from moeq.runtime.kernels.numerics import fp8_codes
+
+__all__ = ["weight_pass_gemm", "weight_pass_gemm_configs"]
+
+
+def weight_pass_gemm_configs() -> list[triton.Config]:
+    """The codes GEMM's training-size tile (128x256x128 FP8 dots, 64-row tails) with the conversion item
+    (``CONV_N`` weight rows of ``CONV_K`` per step) and the lookahead in experts; one tiny config under the
+    interpreter."""
+    if interpreting():
+        meta = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SWAP_AB": False, "FP8_DOT": False}
+        return [triton.Config(meta | {"CONV_N": 8, "CONV_K": 32, "LOOKAHEAD": 1})]
+    return [
+        triton.Config(
+            {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "SWAP_AB": False, "FP8_DOT": True, "TAIL_M": TAIL_ROWS}
+            | {"CONV_N": conv_n, "CONV_K": 512, "LOOKAHEAD": ahead},
+            num_warps=8,
+            num_stages=stages,
+        )
+        for stages in (3, 4)
+        for conv_n in (32, 64)
+        for ahead in (2, 4)
+    ]
+
+
+@triton.jit
+def _convert_item(w_ptr, codes_ptr, amax_ptr, sync_ptr, expert, chunk, N, K,
+                  stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
+                  W_PER_CHANNEL: tl.constexpr, INTERPRET: tl.constexpr, CONV_N: tl.constexpr,
+                  CONV_K: tl.constexpr):  # fmt: skip
+    """Weight rows ``[chunk * CONV_N, +CONV_N)`` (along N) of ``expert``, all of K, to their e4m3 codes; then
+    count the chunk as published in the expert's counter."""
+    e = expert.to(tl.int64)
+    cols_n = chunk * CONV_N + tl.arange(0, CONV_N)
+    n_mask = cols_n < N
+    if W_PER_CHANNEL:
+        amax = tl.load(amax_ptr + e * N + cols_n, mask=n_mask, other=0.0)[:, None]
+    else:
+        amax = tl.load(amax_ptr + e)
+    w_rows = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn
+    c_rows = codes_ptr + e * stride_ce + cols_n.to(tl.int64)[:, None] * stride_cn
+    for k0 in range(0, K, CONV_K):
+        ks = k0 + tl.arange(0, CONV_K)[None, :]
+        mask = n_mask[:, None] & (ks < K)
+        w = tl.load(w_rows + ks * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        codes = fp8_codes(w, amax, INTERPRET).to(codes_ptr.dtype.element_ty)
+        tl.store(c_rows + ks * stride_ck, codes, mask=mask)
+    tl.debug_barrier()  # every thread's stores before the release below (cumulative at GPU scope)
+    tl.atomic_add(sync_ptr + 1 + expert, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait_for_codes(sync_ptr, expert, chunks):
+    """Spin until all ``chunks`` conversion items of ``expert`` are published (acquire)."""
+    done = tl.atomic_add(sync_ptr + 1 + expert, 0, sem="acquire", scope="gpu")
+    while done < chunks:
+        done = tl.atomic_add(sync_ptr + 1 + expert, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.autotune(
+    configs=weight_pass_gemm_configs(),
+    key=["N", "K", "NUM_EXPERTS", "M_BUCKET", "W_PER_CHANNEL"],
+    reset_to_zero=["sync_ptr"],
+)
+@triton.jit
+def _weight_pass_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    codes_ptr,
+    codes_bits_ptr,
+    out_ptr,
+    offs_ptr,
+    w_amax_ptr,
+    w_scale_ptr,
+    x_amax_ptr,
+    sync_ptr,
+    M,
+    N,
+    K,
+    NUM_EXPERTS,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_ce,
+    stride_ck,
+    stride_cn,
+    stride_om,
+    stride_on,
+    S_POW2: tl.constexpr,
+    X_AMAX: tl.constexpr,
+    W_PER_CHANNEL: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    FP8_DOT: tl.constexpr,
+    CONV_N: tl.constexpr,
+    CONV_K: tl.constexpr,
+    LOOKAHEAD: tl.constexpr,
+    STATIC_SCHEDULE: tl.constexpr = False,
+    TAIL_M: tl.constexpr = 0,
+):
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    chunks = tl.cdiv(N, CONV_N)
+    # the work table, one entry per slot (module doc): conversion items, GEMM tiles, first row, end row, m-tiles
+    # of the experts before the slot's GEMM expert
+    slot = tl.arange(0, S_POW2)
+    ge = slot - LOOKAHEAD
+    has_gemm = (ge >= 0) & (ge < NUM_EXPERTS)
+    is_tail = ge == NUM_EXPERTS
+    routed = tl.load(offs_ptr + NUM_EXPERTS - 1)
+    ends = tl.load(offs_ptr + ge, mask=has_gemm, other=0)
+    starts = tl.load(offs_ptr + ge - 1, mask=has_gemm & (ge > 0), other=0)
+    starts = tl.where(is_tail, routed, starts)
+    ends = tl.where(is_tail, M, ends)
+    m_tiles = tl.where(has_gemm | is_tail, tl.cdiv(ends - starts, BLOCK_M), 0)
+    conv = tl.where(slot < NUM_EXPERTS, chunks, 0)
+    count = conv + m_tiles * n_tiles
+    last = tl.cumsum(count, axis=0)  # one past each slot's last ticket
+    total = tl.sum(count, axis=0)
+
+    if STATIC_SCHEDULE:  # ticket t to program t % programs, in order (no counter; all programs resident)
+        for ticket in range(tl.program_id(0), total, tl.num_programs(0)):
+            _run_item(
+            ticket, slot, last, count, conv, starts, ends, chunks, n_tiles,
+            x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr, N, K,
+            NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
+            stride_om, stride_on, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
+            FP8_DOT, CONV_N, CONV_K, LOOKAHEAD, TAIL_M,
+            )  # fmt: skip
+    else:
+        ticket = tl.atomic_add(sync_ptr, 1)
+        while ticket < total:
+            _run_item(
+            ticket, slot, last, count, conv, starts, ends, chunks, n_tiles,
+            x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr, N, K,
+            NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
+            stride_om, stride_on, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
+            FP8_DOT, CONV_N, CONV_K, LOOKAHEAD, TAIL_M,
+            )  # fmt: skip
+            ticket = tl.atomic_add(sync_ptr, 1)
+
+
+@triton.jit
+def _run_item(
+    ticket, slot, last, count, conv, starts, ends, chunks, n_tiles,
+    x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr, N, K,
+    NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
+    stride_om, stride_on, X_AMAX: tl.constexpr, W_PER_CHANNEL: tl.constexpr, DOT_IEEE: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, FP8_DOT: tl.constexpr, CONV_N: tl.constexpr, CONV_K: tl.constexpr,
+    LOOKAHEAD: tl.constexpr, TAIL_M: tl.constexpr,
+):  # fmt: skip
+    """Work item ``ticket`` of the table (module doc): a conversion item, or a GEMM tile once its expert's codes
+    are published."""
+    j = tl.sum((last <= ticket).to(tl.int32), axis=0)
+    here = slot == j
+    r = ticket - tl.sum(tl.where(here, last - count, 0), axis=0)
+    conv_j = tl.sum(tl.where(here, conv, 0), axis=0)
+    if r < conv_j:
+        _convert_item(w_ptr, codes_ptr, w_amax_ptr, sync_ptr, j, r, N, K,
+                      stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
+                      W_PER_CHANNEL, INTERPRET, CONV_N, CONV_K)  # fmt: skip
+    else:
+        g = r - conv_j
+        expert = j - LOOKAHEAD
+        row_start = tl.sum(tl.where(here, starts, 0), axis=0) + (g // n_tiles) * BLOCK_M
+        row_end = tl.sum(tl.where(here, ends, 0), axis=0)
+        pid_n = g % n_tiles
+        if expert < NUM_EXPERTS:
+            _wait_for_codes(sync_ptr, expert, chunks)
+        if TAIL_M == 0 or row_end - row_start > TAIL_M:
+            _multiply_tile(
+            x_ptr, codes_bits_ptr, out_ptr, w_scale_ptr, w_scale_ptr, x_amax_ptr, expert, row_start, row_end, pid_n,
+            N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ce, stride_ck, stride_cn, 0, 0, 0, stride_om, stride_on,
+            W_FP8, X_FP8_CODES, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, FP8_DOT,
+            )  # fmt: skip
+        else:  # an expert's last, short m-tile: a narrower MMA
+            _multiply_tile(
+            x_ptr, codes_bits_ptr, out_ptr, w_scale_ptr, w_scale_ptr, x_amax_ptr, expert, row_start, row_end, pid_n,
+            N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ce, stride_ck, stride_cn, 0, 0, 0, stride_om, stride_on,
+            W_FP8, X_FP8_CODES, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, TAIL_M, BLOCK_N, BLOCK_K, TAIL_M < 64,
+            FP8_DOT,
+            )  # fmt: skip
+
+def weight_pass_gemm(
+    x_codes: torch.Tensor,
+    w: torch.Tensor,
+    offs: torch.Tensor,
+    w_amax: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_amax: torch.Tensor,
+    out: torch.Tensor,
+    codes: torch.Tensor,
+    wrap: Callable[[Any], Any] | None = None,
+    x_per_row: bool = False,
+    config: triton.Config | None = None,
+    programs: int | None = None,
+) -> torch.Tensor:
+    """``out = x_codes @ codes(w)`` per expert, writing ``codes`` (e4m3 of ``w / (w_amax / 448)``, ``w``'s shape)
+    on the way, in one persistent launch (module doc). Arguments as the codes GEMM of
+    :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` takes them after its checks: ``x_codes`` e4m3 ``[M, K]``
+    (uint8 under the interpreter), ``w`` float ``[E, K, N]`` (any strides), ``w_amax`` / ``w_scale`` fp32 ``[E]``
+    or ``[E, N]`` (the amax and its ``amax / 448``), ``x_amax`` fp32 ``[1]``, ``[E]``, or ``[M]`` with
+    ``x_per_row`` (dynamic per-token codes). ``config``: launch with this config instead of autotuning.
+    ``programs``: the persistent grid (default: one per SM; one under the interpreter, which runs programs in turn)."""
+    m, k = x_codes.shape
+    num_experts, n = w.shape[0], w.shape[2]
+    sync = torch.zeros(1 + num_experts, dtype=torch.int32, device=w.device)
+    if programs is None:
+        programs = 1 if interpreting() else torch.cuda.get_device_properties(w.device).multi_processor_count
+    per_channel = w_amax.dim() == 2
+    x_amax_mode = 2 if x_per_row else int(x_amax.numel() > 1)
+    kernel, meta = _weight_pass_gemm_kernel, {}
+    configs = weight_pass_gemm_configs()
+    if config is not None:
+        kernel, configs = _weight_pass_gemm_kernel.fn, [config]
+        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    lookahead = max(c.kwargs["LOOKAHEAD"] for c in configs)
+    kernel = wrap(kernel) if wrap is not None else kernel
+    launch_kernel(kernel, (programs,),
+        x_codes, w, codes, codes.view(torch.uint8) if interpreting() else codes, out, offs, w_amax, w_scale, x_amax, sync,
+        m, n, k, num_experts, m_bucket(m, num_experts),
+        x_codes.stride(0), x_codes.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        codes.stride(0), codes.stride(1), codes.stride(2), out.stride(0), out.stride(1),
+        S_POW2=triton.next_power_of_2(num_experts + lookahead + 1), X_AMAX=x_amax_mode, W_PER_CHANNEL=per_channel,
+        DOT_IEEE=out.dtype == torch.float32, INTERPRET=interpreting(), **meta,
+    )  # fmt: skip
+    return out
