@@ -37,7 +37,7 @@ from moeq.runtime.kernels.grouped_qmm import (
     _multiply_tile,
     m_bucket,
 )
-from moeq.runtime.kernels.launch import cdiv, interpreting, launch_kernel
+from moeq.runtime.kernels.launch import interpreting, launch_kernel
 from moeq.runtime.kernels.numerics import fp8_codes
 
 __all__ = ["weight_pass_gemm", "weight_pass_gemm_configs"]
@@ -228,6 +228,7 @@ def _run_item(
             W_FP8, X_FP8_CODES, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, TAIL_M, BLOCK_N, BLOCK_K, TAIL_M < 64,
             FP8_DOT,
             )  # fmt: skip
+
 
 def weight_pass_gemm(
     x_codes: torch.Tensor,
