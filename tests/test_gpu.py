@@ -282,6 +282,47 @@ def test_qat_fp8_quantize_once_training_size(k_first, dtype):
     assert not got[rows:].any()
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["tickets", "static"])
+@pytest.mark.parametrize("channels", [False, True], ids=["per-expert", "channels"])
+@pytest.mark.parametrize("k_first", [False, True], ids=["hf-n-k", "k-first"])
+def test_weight_pass_in_gemm_cuda(k_first, channels, static, monkeypatch):
+    """QAT FP8 at training sizes with the weight codes pass inside the codes GEMM's launch (persistent programs,
+    GEMM tiles waiting on their expert's published codes): over five launches, every output equals the two-launch
+    path's (weight codes pass, then the codes GEMM) bit for bit, and the codes it writes equal
+    ``fake_quant_experts``' (a tile that read codes before they were published would differ)."""
+    from moeq.runtime.kernels import grouped_qmm as launcher
+    from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+    from moeq.runtime.kernels.weight_pass_gemm import weight_pass_gemm, weight_pass_gemm_configs
+
+    g = torch.Generator().manual_seed(11)
+    counts, k, n = [3000, 0, 1, 5000, 777, 0, 2900, 4100, 64, 2000], 768, 1024
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).cuda()
+    x = (torch.randn(int(offs[-1]) + 37, k, generator=g) * 2).to(torch.bfloat16).cuda()
+    w_nk = (torch.randn(len(counts), n, k, generator=g) * torch.logspace(-3, 0, len(counts)).view(-1, 1, 1)).cuda()
+    w = w_nk.to(torch.bfloat16).transpose(1, 2)
+    w = w.contiguous() if k_first else w
+    amax = w.float().abs().amax(1) if channels else w.float().abs().amax((1, 2)) * 0.9
+    x_amax = torch.tensor([6.0], device="cuda")
+    monkeypatch.setattr(launcher, "WEIGHT_PASS_IN_GEMM", False)
+    before = launch_grouped_qmm(x, w, offs, amax, None, x_amax, "fake_fp8", "fp8", quantize_once=True)
+    codes_ref = kernels.fake_quant_experts(w, amax, "fp8", 1, codes=True)
+    config = weight_pass_gemm_configs()[0]
+    config = triton.Config(dict(config.kwargs, STATIC_SCHEDULE=static), num_warps=config.num_warps,
+                           num_stages=config.num_stages)  # fmt: skip
+    x_codes = fake_quant_act(x, offs, x_amax, "fp8", codes=True)
+    scale = get_format("fp8").scale_from_amax(amax)
+    for _ in range(5):
+        codes = torch.zeros_like(w, dtype=torch.float8_e4m3fn)
+        out = torch.full_like(before, float("nan"))
+        weight_pass_gemm(x_codes, w, offs, amax, scale, x_amax, out, codes, config=config)
+        assert torch.equal(out, before)
+        assert torch.equal(codes.view(torch.uint8), codes_ref.view(torch.uint8))
+    monkeypatch.setattr(launcher, "WEIGHT_PASS_IN_GEMM", True)  # through the launcher (autotuned)
+    assert torch.equal(
+        launch_grouped_qmm(x, w, offs, amax, None, x_amax, "fake_fp8", "fp8", quantize_once=True), before
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 def test_dequant_weight_cuda_bit_exact(fmt, dtype):

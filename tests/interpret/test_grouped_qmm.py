@@ -257,14 +257,15 @@ def test_quantize_once_by_size():
 def test_quantize_once_by_size_launches(counts, passes, dtype, per_expert, monkeypatch):
     """QAT FP8 with ``quantize_once=None``: between 16 and 48 mean rows per expert only the activation codes
     pass runs and the GEMM fake-quantizes the bf16 weight as it loads it; above 48 the weight codes pass runs
-    too (the real passes, counted). Either way the output equals the in-load kernel's bit for bit and the
-    float64 product of formats' fake quants."""
+    too, in its own launch or inside the GEMM's (the real passes, counted). Either way the output equals the
+    in-load kernel's bit for bit and the float64 product of formats' fake quants."""
     from moeq.runtime.kernels import grouped_qmm as launcher
+    from moeq.runtime.kernels import weight_pass_gemm as fused
 
     calls = []
-    for name in ("fake_quant_act", "fake_quant_experts"):
-        real = getattr(launcher, name)
-        monkeypatch.setattr(launcher, name, lambda *a, _n=name, _r=real, **kw: calls.append(_n) or _r(*a, **kw))
+    for module, name in ((launcher, "fake_quant_act"), (launcher, "fake_quant_experts"), (fused, "weight_pass_gemm")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _r=real, **kw: calls.append(_n) or _r(*a, **kw))
     x, w_nk, offs = _problem(counts, 32, 24, 3, dtype, 21)
     xq, x_amax = _act(x, offs, "fp8", per_expert)
     amax = expert_amax(w_nk) * 0.9
@@ -272,7 +273,8 @@ def test_quantize_once_by_size_launches(counts, passes, dtype, per_expert, monke
     args = (w_nk.transpose(1, 2), offs, amax, None, x_amax, "fake_fp8", "fp8")
     by_size = grouped_qmm(x, *args)
     assert by_size.dtype == dtype
-    assert calls == [{"act": "fake_quant_act", "weight": "fake_quant_experts"}[p] for p in passes]
+    weight_pass = "weight_pass_gemm" if launcher.WEIGHT_PASS_IN_GEMM else "fake_quant_experts"
+    assert calls == [{"act": "fake_quant_act", "weight": weight_pass}[p] for p in passes]
     assert torch.equal(by_size, grouped_qmm(x, *args, quantize_once=False))
     assert _rel(by_size, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
 
@@ -392,3 +394,77 @@ def test_per_token_unrouted_rows_stay_zero_whatever_they_hold():
     for once in (False, True):
         got = grouped_qmm(x, w_nk.transpose(1, 2), offs, amax, None, None, "fake_fp8", "fp8_token", quantize_once=once)
         assert torch.equal(got[7:], torch.zeros_like(got[7:])) and not got[:7].isnan().any()
+
+
+# -- QAT FP8's weight codes pass inside the codes GEMM's launch (moeq.runtime.kernels.weight_pass_gemm) ---------
+
+
+def _two_launches(x, args, monkeypatch):
+    from moeq.runtime.kernels import grouped_qmm as launcher
+
+    with monkeypatch.context() as m:
+        m.setattr(launcher, "WEIGHT_PASS_IN_GEMM", False)
+        return grouped_qmm(x, *args, quantize_once=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("x_fmt", "per_expert", "channels"),
+    [("fp8", False, False), ("fp8", True, False), ("fp8_token", False, True), ("fp8", False, True)],
+    ids=["shared", "per-expert", "fp8-dynamic", "channels-static"],
+)
+@pytest.mark.parametrize("shape", SHAPES, ids=["odd", "empty-first", "E1"])
+def test_weight_pass_in_gemm_equals_two_launches(shape, x_fmt, per_expert, channels, dtype, monkeypatch):
+    """The one-launch QAT FP8 path (weight codes written by some work items, GEMM tiles waiting for their
+    expert's codes) gives the two-launch output bit for bit (per-expert or channel-wise weight scales, static or
+    per-token activations, empty experts, unrouted rows as zeros) and the float64 product of formats' fake
+    quants."""
+    from moeq.runtime.kernels import grouped_qmm as launcher
+
+    counts, k, n, tail = shape
+    x, w_nk, offs = _problem(counts, k, n, tail, dtype, 31)
+    fmt = get_format("fp8")
+    amax = channel_amax(w_nk, 0, 2) if channels else expert_amax(w_nk) * 0.9
+    wq = fmt.fake_quant(w_nk, amax.unsqueeze(2) if channels else expand_per_expert(amax, 3), 2).transpose(1, 2)
+    if x_fmt == "fp8_token":
+        xq, x_amax = _token_fake_quant(x, offs), None
+    else:
+        xq, x_amax = _act(x, offs, x_fmt, per_expert)
+    args = (w_nk.transpose(1, 2), offs, amax, None, x_amax, "fake_fp8", x_fmt)
+    calls = []
+    monkeypatch.setattr(launcher, "WEIGHT_PASS_IN_GEMM", True)
+    monkeypatch.setattr(launcher, "fake_quant_experts", lambda *a, **kw: calls.append(a) or None)
+    got = grouped_qmm(x, *args, quantize_once=True)
+    assert calls == []  # no weight codes launch of its own
+    monkeypatch.undo()
+    assert got.dtype == dtype
+    assert torch.equal(got, _two_launches(x, args, monkeypatch))
+    assert _rel(got, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
+    assert torch.equal(got[int(offs[-1]) :], torch.zeros_like(got[int(offs[-1]) :]))
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["tickets", "static"])
+@pytest.mark.parametrize("channels", [False, True], ids=["per-expert", "channels"])
+def test_weight_pass_gemm_writes_the_codes(channels, static):
+    """``weight_pass_gemm`` writes the weight's e4m3 codes in ``w``'s layout, formats' FP8 ``quantize`` bit for
+    bit (what a training step saves for backward), with either schedule; every expert's codes are written,
+    also those of experts without rows."""
+    from moeq.runtime.kernels.fake_quant_act import act_codes_reference
+    from moeq.runtime.kernels.weight_pass_gemm import weight_pass_gemm, weight_pass_gemm_configs
+
+    x, w_nk, offs = _problem([9, 0, 14, 0], 48, 40, 2, torch.bfloat16, 32)
+    fmt = get_format("fp8")
+    amax = channel_amax(w_nk, 0, 2) if channels else expert_amax(w_nk)
+    expanded = amax.unsqueeze(2) if channels else expand_per_expert(amax, 3)
+    x_amax = torch.tensor([3.0])
+    codes = torch.full_like(w_nk, 7.0, dtype=torch.float8_e4m3fn).transpose(1, 2)
+    out = torch.empty(x.shape[0], 40, dtype=torch.bfloat16)
+    config = weight_pass_gemm_configs()[0]
+    config = triton.Config(dict(config.kwargs, STATIC_SCHEDULE=static))
+    weight_pass_gemm(act_codes_reference(x, offs, x_amax), w_nk.transpose(1, 2), offs, amax, fmt.scale_from_amax(amax),
+                     x_amax, out, codes, config=config)  # fmt: skip
+    expected = fmt.quantize(w_nk, expanded, 2).data
+    assert torch.equal(codes.transpose(1, 2).view(torch.uint8), expected.view(torch.uint8))
+    wq = fmt.fake_quant(w_nk, expanded, 2).transpose(1, 2)
+    xq, _ = _act(x, offs, "fp8", False)
+    assert _rel(out, per_expert_matmul_f64(xq, wq, offs)) < 1e-2

@@ -247,11 +247,12 @@ def weight_pass_gemm(
     """``out = x_codes @ codes(w)`` per expert, writing ``codes`` (e4m3 of ``w / (w_amax / 448)``, ``w``'s shape)
     on the way, in one persistent launch (module doc). Arguments as the codes GEMM of
     :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` takes them after its checks: ``x_codes`` e4m3 ``[M, K]``
-    (uint8 under the interpreter), ``w`` float ``[E, K, N]`` (any strides), ``w_amax`` / ``w_scale`` fp32 ``[E]``
+    (float8_e4m3fn or its uint8 bits), ``w`` float ``[E, K, N]`` (any strides), ``w_amax`` / ``w_scale`` fp32 ``[E]``
     or ``[E, N]`` (the amax and its ``amax / 448``), ``x_amax`` fp32 ``[1]``, ``[E]``, or ``[M]`` with
     ``x_per_row`` (dynamic per-token codes). ``config``: launch with this config instead of autotuning.
     ``programs``: the persistent grid (default: one per SM; one under the interpreter, which runs programs in turn)."""
     m, k = x_codes.shape
+    x_codes = x_codes.view(torch.uint8 if interpreting() else torch.float8_e4m3fn)  # the interpreter decodes bits
     num_experts, n = w.shape[0], w.shape[2]
     sync = torch.zeros(1 + num_experts, dtype=torch.int32, device=w.device)
     if programs is None:
