@@ -40,12 +40,15 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
     w_scale = get_format("fp8").scale_from_amax(p.w_amax)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     variants = [(c, False) for c in weight_pass_gemm_configs()]
-    variants += [(c, True) for c in weight_pass_gemm_configs() if c.kwargs["LOOKAHEAD"] == 2 and c.num_stages == 3]
+    variants += [
+        (c, True) for c in weight_pass_gemm_configs() if c.kwargs["LOOKAHEAD"] == 2 and c.kwargs["CONV_K"] == 1024
+    ]
     for config, static in variants:
         cfg = triton.Config(dict(config.kwargs, STATIC_SCHEDULE=static), num_warps=config.num_warps,
                             num_stages=config.num_stages)  # fmt: skip
-        name = (f"fused {'static' if static else 'tickets'} {config.num_stages}st conv{config.kwargs['CONV_N']} "
-                f"ahead{config.kwargs['LOOKAHEAD']}")  # fmt: skip
+        kw = config.kwargs
+        name = (f"fused {'static' if static else 'tickets'} conv {kw['CONV_N']}x{kw['CONV_K']}x{kw['CONV_TILES']} "
+                f"{kw['CONV_STAGES']}st")  # fmt: skip
         codes = torch.empty_like(p.w, dtype=torch.float8_e4m3fn)
         out = torch.empty(p.x.shape[0], n, dtype=torch.bfloat16, device="cuda")
 

@@ -287,10 +287,10 @@ def test_qat_fp8_quantize_once_training_size(k_first, dtype):
 @pytest.mark.parametrize("k_first", [False, True], ids=["hf-n-k", "k-first"])
 def test_weight_pass_in_gemm_cuda(k_first, channels, static, monkeypatch):
     """QAT FP8 at training sizes with the weight codes pass inside the codes GEMM's launch (persistent programs,
-    GEMM tiles waiting on their expert's published codes): over five launches, every output equals the two-launch
-    path's (weight codes pass, then the codes GEMM) bit for bit, and the codes it writes equal
-    ``fake_quant_experts``' (a tile that read codes before they were published would differ)."""
-    from moeq.runtime.kernels import grouped_qmm as launcher
+    GEMM tiles waiting on their expert's published codes): over five launches, every output equals the codes GEMM
+    of the same tile on ``fake_quant_experts``' codes bit for bit (FP8 MMA sums depend on the K tile, so the
+    comparison fixes it), and the codes it writes equal them (a tile that read codes before they were published
+    would differ). Through the launcher (autotuned among configs of the same GEMM tile) too."""
     from moeq.runtime.kernels.fake_quant_act import fake_quant_act
     from moeq.runtime.kernels.weight_pass_gemm import weight_pass_gemm, weight_pass_gemm_configs
 
@@ -303,24 +303,27 @@ def test_weight_pass_in_gemm_cuda(k_first, channels, static, monkeypatch):
     w = w.contiguous() if k_first else w
     amax = w.float().abs().amax(1) if channels else w.float().abs().amax((1, 2)) * 0.9
     x_amax = torch.tensor([6.0], device="cuda")
-    monkeypatch.setattr(launcher, "WEIGHT_PASS_IN_GEMM", False)
-    before = launch_grouped_qmm(x, w, offs, amax, None, x_amax, "fake_fp8", "fp8", quantize_once=True)
-    codes_ref = kernels.fake_quant_experts(w, amax, "fp8", 1, codes=True)
     config = weight_pass_gemm_configs()[0]
+    gemm_keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB", "FP8_DOT", "TAIL_M")
+    tile = triton.Config({key: config.kwargs[key] for key in gemm_keys}, num_warps=config.num_warps,
+                         num_stages=config.num_stages)  # fmt: skip
     config = triton.Config(dict(config.kwargs, STATIC_SCHEDULE=static), num_warps=config.num_warps,
                            num_stages=config.num_stages)  # fmt: skip
     x_codes = fake_quant_act(x, offs, x_amax, "fp8", codes=True)
+    codes_ref = kernels.fake_quant_experts(w, amax, "fp8", 1, codes=True)
     scale = get_format("fp8").scale_from_amax(amax)
+    before = launch_grouped_qmm(x_codes, codes_ref, offs, scale, None, x_amax, "fp8", "fp8_codes", config=tile)
     for _ in range(5):
         codes = torch.zeros_like(w, dtype=torch.float8_e4m3fn)
         out = torch.full_like(before, float("nan"))
         weight_pass_gemm(x_codes, w, offs, amax, scale, x_amax, out, codes, config=config)
         assert torch.equal(out, before)
         assert torch.equal(codes.view(torch.uint8), codes_ref.view(torch.uint8))
-    monkeypatch.setattr(launcher, "WEIGHT_PASS_IN_GEMM", True)  # through the launcher (autotuned)
-    assert torch.equal(
-        launch_grouped_qmm(x, w, offs, amax, None, x_amax, "fake_fp8", "fp8", quantize_once=True), before
-    )
+    from moeq.runtime.kernels import grouped_qmm as launcher
+
+    monkeypatch.setattr(launcher, "WEIGHT_PASS_IN_GEMM", True)
+    got = launch_grouped_qmm(x, w, offs, amax, None, x_amax, "fake_fp8", "fp8", quantize_once=True)
+    assert torch.equal(got, before)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

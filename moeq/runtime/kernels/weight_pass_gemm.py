@@ -44,22 +44,20 @@ __all__ = ["weight_pass_gemm", "weight_pass_gemm_configs"]
 
 
 def weight_pass_gemm_configs() -> list[triton.Config]:
-    """The codes GEMM's training-size tile (128x256x128 FP8 dots, 64-row tails) with the conversion item
-    (``CONV_N`` weight rows of ``CONV_K`` per step) and the lookahead in experts; one tiny config under the
-    interpreter."""
+    """The codes GEMM's training-size tile (128x256x128 FP8 dots, 4 stages, 64-row tails) with the conversion
+    item (``CONV_TILES`` tiles of ``[CONV_N, CONV_K]`` weight elements, ``CONV_STAGES`` in flight) and the
+    lookahead in experts; one tiny config under the interpreter."""
     if interpreting():
         meta = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SWAP_AB": False, "FP8_DOT": False}
-        return [triton.Config(meta | {"CONV_N": 8, "CONV_K": 32, "LOOKAHEAD": 1})]
+        return [triton.Config(meta | {"CONV_N": 8, "CONV_K": 32, "CONV_TILES": 2, "CONV_STAGES": 2, "LOOKAHEAD": 1})]
+    gemm = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "SWAP_AB": False, "FP8_DOT": True, "TAIL_M": TAIL_ROWS}
     return [
         triton.Config(
-            {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "SWAP_AB": False, "FP8_DOT": True, "TAIL_M": TAIL_ROWS}
-            | {"CONV_N": conv_n, "CONV_K": 512, "LOOKAHEAD": ahead},
+            gemm | {"CONV_N": conv_n, "CONV_K": conv_k, "CONV_TILES": tiles, "CONV_STAGES": stages, "LOOKAHEAD": 2},
             num_warps=8,
-            num_stages=stages,
+            num_stages=4,
         )
-        for stages in (3, 4)
-        for conv_n in (32, 64)
-        for ahead in (2, 4)
+        for conv_n, conv_k, tiles, stages in ((32, 512, 2, 3), (32, 512, 4, 4), (16, 512, 8, 4), (32, 256, 4, 4))
     ]
 
 
@@ -67,23 +65,26 @@ def weight_pass_gemm_configs() -> list[triton.Config]:
 def _convert_item(w_ptr, codes_ptr, amax_ptr, sync_ptr, expert, chunk, N, K,
                   stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
                   W_PER_CHANNEL: tl.constexpr, INTERPRET: tl.constexpr, CONV_N: tl.constexpr,
-                  CONV_K: tl.constexpr):  # fmt: skip
-    """Weight rows ``[chunk * CONV_N, +CONV_N)`` (along N) of ``expert``, all of K, to their e4m3 codes; then
-    count the chunk as published in the expert's counter."""
+                  CONV_K: tl.constexpr, CONV_TILES: tl.constexpr, CONV_STAGES: tl.constexpr):  # fmt: skip
+    """Weight rows ``[chunk * CONV_TILES * CONV_N, +CONV_TILES * CONV_N)`` (along N) of ``expert``, all of K, to
+    their e4m3 codes, ``[CONV_N, CONV_K]`` tiles in one pipelined loop (``CONV_STAGES`` tiles in flight through
+    shared memory: one SM needs that many bytes outstanding to stream at several times its share of HBM
+    bandwidth); then count the chunk as published in the expert's counter."""
     e = expert.to(tl.int64)
-    cols_n = chunk * CONV_N + tl.arange(0, CONV_N)
-    n_mask = cols_n < N
-    if W_PER_CHANNEL:
-        amax = tl.load(amax_ptr + e * N + cols_n, mask=n_mask, other=0.0)[:, None]
-    else:
+    k_tiles = tl.cdiv(K, CONV_K)
+    if not W_PER_CHANNEL:
         amax = tl.load(amax_ptr + e)
-    w_rows = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn
-    c_rows = codes_ptr + e * stride_ce + cols_n.to(tl.int64)[:, None] * stride_cn
-    for k0 in range(0, K, CONV_K):
-        ks = k0 + tl.arange(0, CONV_K)[None, :]
+    for t in tl.range(0, CONV_TILES * k_tiles, num_stages=CONV_STAGES):
+        cols_n = (chunk * CONV_TILES + t // k_tiles) * CONV_N + tl.arange(0, CONV_N)
+        ks = (t % k_tiles) * CONV_K + tl.arange(0, CONV_K)[None, :]
+        n_mask = cols_n < N
         mask = n_mask[:, None] & (ks < K)
+        w_rows = w_ptr + e * stride_we + cols_n.to(tl.int64)[:, None] * stride_wn
         w = tl.load(w_rows + ks * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        if W_PER_CHANNEL:
+            amax = tl.load(amax_ptr + e * N + cols_n, mask=n_mask, other=0.0)[:, None]
         codes = fp8_codes(w, amax, INTERPRET).to(codes_ptr.dtype.element_ty)
+        c_rows = codes_ptr + e * stride_ce + cols_n.to(tl.int64)[:, None] * stride_cn
         tl.store(c_rows + ks * stride_ck, codes, mask=mask)
     tl.debug_barrier()  # every thread's stores before the release below (cumulative at GPU scope)
     tl.atomic_add(sync_ptr + 1 + expert, 1, sem="release", scope="gpu")
@@ -142,12 +143,14 @@ def _weight_pass_gemm_kernel(
     FP8_DOT: tl.constexpr,
     CONV_N: tl.constexpr,
     CONV_K: tl.constexpr,
+    CONV_TILES: tl.constexpr,
+    CONV_STAGES: tl.constexpr,
     LOOKAHEAD: tl.constexpr,
     STATIC_SCHEDULE: tl.constexpr = False,
     TAIL_M: tl.constexpr = 0,
 ):
     n_tiles = tl.cdiv(N, BLOCK_N)
-    chunks = tl.cdiv(N, CONV_N)
+    chunks = tl.cdiv(N, CONV_N * CONV_TILES)
     # the work table, one entry per slot (module doc): conversion items, GEMM tiles, first row, end row, m-tiles
     # of the experts before the slot's GEMM expert
     slot = tl.arange(0, S_POW2)
@@ -172,19 +175,19 @@ def _weight_pass_gemm_kernel(
             x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr, N, K,
             NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
             stride_om, stride_on, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
-            FP8_DOT, CONV_N, CONV_K, LOOKAHEAD, TAIL_M,
+            FP8_DOT, CONV_N, CONV_K, CONV_TILES, CONV_STAGES, LOOKAHEAD, TAIL_M,
             )  # fmt: skip
     else:
-        ticket = tl.atomic_add(sync_ptr, 1)
+        ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
         while ticket < total:
             _run_item(
             ticket, slot, last, count, conv, starts, ends, chunks, n_tiles,
             x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr, N, K,
             NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
             stride_om, stride_on, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
-            FP8_DOT, CONV_N, CONV_K, LOOKAHEAD, TAIL_M,
+            FP8_DOT, CONV_N, CONV_K, CONV_TILES, CONV_STAGES, LOOKAHEAD, TAIL_M,
             )  # fmt: skip
-            ticket = tl.atomic_add(sync_ptr, 1)
+            ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
 
 
 @triton.jit
@@ -195,7 +198,7 @@ def _run_item(
     stride_om, stride_on, X_AMAX: tl.constexpr, W_PER_CHANNEL: tl.constexpr, DOT_IEEE: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, FP8_DOT: tl.constexpr, CONV_N: tl.constexpr, CONV_K: tl.constexpr,
-    LOOKAHEAD: tl.constexpr, TAIL_M: tl.constexpr,
+    CONV_TILES: tl.constexpr, CONV_STAGES: tl.constexpr, LOOKAHEAD: tl.constexpr, TAIL_M: tl.constexpr,
 ):  # fmt: skip
     """Work item ``ticket`` of the table (module doc): a conversion item, or a GEMM tile once its expert's codes
     are published."""
@@ -206,7 +209,7 @@ def _run_item(
     if r < conv_j:
         _convert_item(w_ptr, codes_ptr, w_amax_ptr, sync_ptr, j, r, N, K,
                       stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
-                      W_PER_CHANNEL, INTERPRET, CONV_N, CONV_K)  # fmt: skip
+                      W_PER_CHANNEL, INTERPRET, CONV_N, CONV_K, CONV_TILES, CONV_STAGES)  # fmt: skip
     else:
         g = r - conv_j
         expert = j - LOOKAHEAD
