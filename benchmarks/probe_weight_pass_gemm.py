@@ -40,9 +40,7 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
     w_scale = get_format("fp8").scale_from_amax(p.w_amax)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     variants = [(c, False) for c in weight_pass_gemm_configs()]
-    variants += [
-        (c, True) for c in weight_pass_gemm_configs() if c.kwargs["LOOKAHEAD"] == 2 and c.kwargs["CONV_K"] == 1024
-    ]
+    variants += [(c, True) for c in weight_pass_gemm_configs()[:2]]
     for config, static in variants:
         cfg = triton.Config(dict(config.kwargs, STATIC_SCHEDULE=static), num_warps=config.num_warps,
                             num_stages=config.num_stages)  # fmt: skip
