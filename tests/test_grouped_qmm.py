@@ -364,13 +364,19 @@ def test_config_pruning_by_batch_size(w_mode, x_mode, rows, swapped):
         assert {c.kwargs["BLOCK_M"] for c in kept} == ({64, 128} if rows > 4096 else {16})
 
 
+@pytest.mark.parametrize("in_gemm", [False, True], ids=["weight-pass-launch", "weight-pass-in-gemm"])
 @pytest.mark.parametrize(("quantize_once", "launches"), [(None, 3), (False, 1)], ids=["by-size", "in-load"])
-def test_launcher_traces_with_a_symbolic_row_count(quantize_once, launches):
+def test_launcher_traces_with_a_symbolic_row_count(quantize_once, launches, in_gemm, monkeypatch):
     """What Inductor does to the triton_op's body after a recompile with a dynamic token count: trace the
     launcher on fake CUDA tensors (no GPU needed) whose row count is symbolic. It traces; the quantize-once
     choices become guards on the rows (``rows > 16 * E`` for the activations, ``rows > 48 * E`` for the QAT
-    weight), so 75 rows per expert give the three launches (activation codes, weight codes, codes GEMM) and
-    ``quantize_once=False`` one."""
+    weight), so 75 rows per expert give the three launches (activation codes, weight codes, codes GEMM; two when
+    the weight pass runs inside the GEMM's launch) and ``quantize_once=False`` one."""
+    from moeq.runtime.kernels import grouped_qmm as launcher
+
+    monkeypatch.setattr(launcher, "WEIGHT_PASS_IN_GEMM", in_gemm)
+    if in_gemm and quantize_once is None:
+        launches -= 1
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext

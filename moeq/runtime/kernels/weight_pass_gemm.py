@@ -233,6 +233,14 @@ def _run_item(
             )  # fmt: skip
 
 
+def _sm_count(device: torch.device) -> int:
+    """The device's SM count: one persistent program each. Without a CUDA driver (tracing on fake CUDA
+    tensors) H100 / H200's 132; the traced launch is not run there."""
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def weight_pass_gemm(
     x_codes: torch.Tensor,
     w: torch.Tensor,
@@ -259,7 +267,7 @@ def weight_pass_gemm(
     num_experts, n = w.shape[0], w.shape[2]
     sync = torch.zeros(1 + num_experts, dtype=torch.int32, device=w.device)
     if programs is None:
-        programs = 1 if interpreting() else torch.cuda.get_device_properties(w.device).multi_processor_count
+        programs = 1 if interpreting() else _sm_count(w.device)
     per_channel = w_amax.dim() == 2
     x_amax_mode = 2 if x_per_row else int(x_amax.numel() > 1)
     kernel, meta = _weight_pass_gemm_kernel, {}
