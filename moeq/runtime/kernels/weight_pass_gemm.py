@@ -151,8 +151,8 @@ def _weight_pass_gemm_kernel(
 ):
     n_tiles = tl.cdiv(N, BLOCK_N)
     chunks = tl.cdiv(N, CONV_N * CONV_TILES)
-    # the work table, one entry per slot (module doc): conversion items, GEMM tiles, first row, end row, m-tiles
-    # of the experts before the slot's GEMM expert
+    # the work table, one entry per slot (module doc): its tickets (conversion items + GEMM tiles), and one past
+    # its last ticket
     slot = tl.arange(0, S_POW2)
     ge = slot - LOOKAHEAD
     has_gemm = (ge >= 0) & (ge < NUM_EXPERTS)
@@ -171,41 +171,42 @@ def _weight_pass_gemm_kernel(
     if STATIC_SCHEDULE:  # ticket t to program t % programs, in order (no counter; all programs resident)
         for ticket in range(tl.program_id(0), total, tl.num_programs(0)):
             _run_item(
-            ticket, slot, last, count, conv, starts, ends, chunks, n_tiles,
-            x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr, N, K,
-            NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
+            ticket, last, chunks, n_tiles,
+            x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, offs_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr,
+            M, N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
             stride_om, stride_on, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
             FP8_DOT, CONV_N, CONV_K, CONV_TILES, CONV_STAGES, LOOKAHEAD, TAIL_M,
             )  # fmt: skip
     else:
         ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
         while ticket < total:
+            following = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # requested now, its latency under this item
             _run_item(
-            ticket, slot, last, count, conv, starts, ends, chunks, n_tiles,
-            x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr, N, K,
-            NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
+            ticket, last, chunks, n_tiles,
+            x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, offs_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr,
+            M, N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
             stride_om, stride_on, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
             FP8_DOT, CONV_N, CONV_K, CONV_TILES, CONV_STAGES, LOOKAHEAD, TAIL_M,
             )  # fmt: skip
-            ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+            ticket = following
 
 
 @triton.jit
 def _run_item(
-    ticket, slot, last, count, conv, starts, ends, chunks, n_tiles,
-    x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr, N, K,
-    NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
+    ticket, last, chunks, n_tiles,
+    x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, offs_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr, M,
+    N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
     stride_om, stride_on, X_AMAX: tl.constexpr, W_PER_CHANNEL: tl.constexpr, DOT_IEEE: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, FP8_DOT: tl.constexpr, CONV_N: tl.constexpr, CONV_K: tl.constexpr,
     CONV_TILES: tl.constexpr, CONV_STAGES: tl.constexpr, LOOKAHEAD: tl.constexpr, TAIL_M: tl.constexpr,
 ):  # fmt: skip
     """Work item ``ticket`` of the table (module doc): a conversion item, or a GEMM tile once its expert's codes
-    are published."""
-    j = tl.sum((last <= ticket).to(tl.int32), axis=0)
-    here = slot == j
-    r = ticket - tl.sum(tl.where(here, last - count, 0), axis=0)
-    conv_j = tl.sum(tl.where(here, conv, 0), axis=0)
+    are published. Two reductions over the table find its slot and the slot's first ticket; the rest is scalar."""
+    done = last <= ticket
+    j = tl.sum(done.to(tl.int32), axis=0)
+    r = ticket - tl.max(tl.where(done, last, 0), axis=0)
+    conv_j = tl.where(j < NUM_EXPERTS, chunks, 0)
     if r < conv_j:
         _convert_item(w_ptr, codes_ptr, w_amax_ptr, sync_ptr, j, r, N, K,
                       stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
@@ -213,8 +214,13 @@ def _run_item(
     else:
         g = r - conv_j
         expert = j - LOOKAHEAD
-        row_start = tl.sum(tl.where(here, starts, 0), axis=0) + (g // n_tiles) * BLOCK_M
-        row_end = tl.sum(tl.where(here, ends, 0), axis=0)
+        if expert < NUM_EXPERTS:
+            first = tl.load(offs_ptr + expert - 1, mask=expert > 0, other=0)
+            row_end = tl.load(offs_ptr + expert)
+        else:  # the unrouted rows
+            first = tl.load(offs_ptr + NUM_EXPERTS - 1)
+            row_end = M
+        row_start = first + (g // n_tiles) * BLOCK_M
         pid_n = g % n_tiles
         if expert < NUM_EXPERTS:
             _wait_for_codes(sync_ptr, expert, chunks)
