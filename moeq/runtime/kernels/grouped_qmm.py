@@ -219,9 +219,11 @@ WEIGHT_CODES_ROWS_PER_EXPERT = 48
 
 
 #: whether the quantize-once path runs a QAT FP8 weight's codes pass inside the codes GEMM's launch
-#: (:mod:`moeq.runtime.kernels.weight_pass_gemm`: one persistent kernel, the memory-bound pass overlapped with the
-#: compute-bound GEMM) rather than as a launch of its own before it. The products are the same bit for bit.
-WEIGHT_PASS_IN_GEMM = True
+#: (:mod:`moeq.runtime.kernels.weight_pass_gemm`: one persistent kernel meant to overlap the memory-bound pass with
+#: the compute-bound GEMM) rather than as a launch of its own before it. The products are the same bit for bit
+#: (GPU-tested), but on the H200 it is slower (BENCHMARKS.md, session 30: Qwen3 gate_up at 34k rows 0.80-1.28 ms
+#: against 0.64-0.65 ms for the two launches), so it is off.
+WEIGHT_PASS_IN_GEMM = False
 
 
 def quantizes_weight_once(w_mode: str, x_mode: str | None, rows: int, num_experts: int) -> bool:

@@ -147,6 +147,7 @@ def _weight_pass_gemm_kernel(
     CONV_STAGES: tl.constexpr,
     LOOKAHEAD: tl.constexpr,
     STATIC_SCHEDULE: tl.constexpr = False,
+    PARTS: tl.constexpr = 0,
     TAIL_M: tl.constexpr = 0,
 ):
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -163,8 +164,8 @@ def _weight_pass_gemm_kernel(
     starts = tl.where(is_tail, routed, starts)
     ends = tl.where(is_tail, M, ends)
     m_tiles = tl.where(has_gemm | is_tail, tl.cdiv(ends - starts, BLOCK_M), 0)
-    conv = tl.where(slot < NUM_EXPERTS, chunks, 0)
-    count = conv + m_tiles * n_tiles
+    conv = tl.where(slot < NUM_EXPERTS, chunks, 0) if PARTS != 1 else tl.zeros_like(slot)
+    count = conv + m_tiles * n_tiles if PARTS != 2 else conv
     last = tl.cumsum(count, axis=0)  # one past each slot's last ticket
     total = tl.sum(count, axis=0)
 
@@ -175,7 +176,7 @@ def _weight_pass_gemm_kernel(
             x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, offs_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr,
             M, N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
             stride_om, stride_on, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
-            FP8_DOT, CONV_N, CONV_K, CONV_TILES, CONV_STAGES, LOOKAHEAD, TAIL_M,
+            FP8_DOT, CONV_N, CONV_K, CONV_TILES, CONV_STAGES, LOOKAHEAD, TAIL_M, PARTS,
             )  # fmt: skip
     else:
         ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
@@ -186,7 +187,7 @@ def _weight_pass_gemm_kernel(
             x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, offs_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr,
             M, N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
             stride_om, stride_on, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
-            FP8_DOT, CONV_N, CONV_K, CONV_TILES, CONV_STAGES, LOOKAHEAD, TAIL_M,
+            FP8_DOT, CONV_N, CONV_K, CONV_TILES, CONV_STAGES, LOOKAHEAD, TAIL_M, PARTS,
             )  # fmt: skip
             ticket = following
 
@@ -200,13 +201,14 @@ def _run_item(
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, FP8_DOT: tl.constexpr, CONV_N: tl.constexpr, CONV_K: tl.constexpr,
     CONV_TILES: tl.constexpr, CONV_STAGES: tl.constexpr, LOOKAHEAD: tl.constexpr, TAIL_M: tl.constexpr,
+    PARTS: tl.constexpr,
 ):  # fmt: skip
     """Work item ``ticket`` of the table (module doc): a conversion item, or a GEMM tile once its expert's codes
     are published. Two reductions over the table find its slot and the slot's first ticket; the rest is scalar."""
     done = last <= ticket
     j = tl.sum(done.to(tl.int32), axis=0)
     r = ticket - tl.max(tl.where(done, last, 0), axis=0)
-    conv_j = tl.where(j < NUM_EXPERTS, chunks, 0)
+    conv_j = tl.where(j < NUM_EXPERTS, chunks, 0) if PARTS != 1 else 0
     if r < conv_j:
         _convert_item(w_ptr, codes_ptr, w_amax_ptr, sync_ptr, j, r, N, K,
                       stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
@@ -222,7 +224,7 @@ def _run_item(
             row_end = M
         row_start = first + (g // n_tiles) * BLOCK_M
         pid_n = g % n_tiles
-        if expert < NUM_EXPERTS:
+        if expert < NUM_EXPERTS and PARTS == 0:
             _wait_for_codes(sync_ptr, expert, chunks)
         if TAIL_M == 0 or row_end - row_start > TAIL_M:
             _multiply_tile(
