@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import networkx as nx
+import pytest
 import torch
 
 import moeq
@@ -116,6 +117,12 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     text = str(moeq.explain(cm8))
     assert "up to 48, an activation codes pass and the GEMM (weight as loaded)" in text
     assert "above, an activation codes pass, a weight codes pass and the FP8 codes GEMM" in text
+    from moeq.runtime.kernels import grouped_qmm as grouped_qmm_kernels
+
+    with pytest.MonkeyPatch.context() as patch:  # the opt-in one-launch weight pass (BENCHMARKS.md, session 30)
+        patch.setattr(grouped_qmm_kernels, "WEIGHT_PASS_IN_GEMM", True)
+        in_gemm = str(moeq.explain(cm8))
+    assert "above, an activation codes pass and one launch writing the weight's codes and multiplying them" in in_gemm
     assert "a training graph quantizes each expert weight to FP8 codes once per step and saves them" in text
     assert "STE mask is applied inside its wgrad GEMM (moeq::grouped_wgrad_ste)" in text
     assert "scatter-adds through the MoE's sort permutation run as gathers" in text

@@ -151,6 +151,7 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
     these formats under the current policy (derived from :func:`_pays`, ``quantizes_once`` and
     ``dequantizes_weight_first``, so it cannot drift)."""
     try:
+        from moeq.runtime.kernels import grouped_qmm as grouped_qmm_kernels
         from moeq.runtime.kernels.grouped_qmm import (
             DEQUANT_FIRST_ROWS_PER_EXPERT,
             QUANTIZE_ONCE_ROWS_PER_EXPERT,
@@ -174,6 +175,9 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
         small = f"{one} up to {QUANTIZE_ONCE_ROWS_PER_EXPERT} mean routed rows per expert"
         if quantizes_weight_once(w_mode, x_fmt, 2**31, 1):
             middle = f"up to {WEIGHT_CODES_ROWS_PER_EXPERT}, an activation codes pass and the GEMM (weight as loaded)"
+            if grouped_qmm_kernels.WEIGHT_PASS_IN_GEMM:
+                large = "one launch writing the weight's codes and multiplying them (weight_pass_gemm)"
+                return f"{small}; {middle}; above, an activation codes pass and {large}"
             return f"{small}; {middle}; above, an activation codes pass, a weight codes pass and the FP8 codes GEMM"
         return f"{small}; above, an activation codes pass and the FP8 codes GEMM"
     if dequantizes_weight_first(w_mode, x_fmt, 2**31, 1):
