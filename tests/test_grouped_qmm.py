@@ -285,6 +285,39 @@ def test_kernel_compiles_for_sm90(w_mode, x_mode, granular, swap):
         assert not re.search(r"ld\.global[.\w]*\.[bu]8 ", ptx)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines launch the kernel for real (tests/test_gpu.py)")
+@pytest.mark.parametrize("channels", [False, True], ids=["per-expert", "channels-tokens"])
+def test_weight_pass_gemm_compiles_for_sm90(channels):
+    """The one-launch weight pass + codes GEMM (``weight_pass_gemm``) compiles for Hopper with its GEMM tiles on FP8
+    wgmma and their K loop pipelined (``cp.async`` stages, as the one-tile kernel's) inside the ticket loop, the
+    conversion on the hardware's RNE e4m3 conversion, and the publish / wait pair as a GPU-scope release increment
+    and acquire loads. Unit strides and 16-byte alignment specialized as Triton does for the launch."""
+    from triton.backends.compiler import GPUTarget
+
+    from moeq.runtime.kernels.weight_pass_gemm import _weight_pass_gemm_kernel, weight_pass_gemm_configs
+
+    fn = _weight_pass_gemm_kernel.fn
+    pointers = dict(x_ptr="*fp8e4nv", w_ptr="*bf16", codes_ptr="*fp8e4nv", codes_bits_ptr="*fp8e4nv", out_ptr="*bf16")
+    pointers.update(offs_ptr="*i32", w_amax_ptr="*fp32", w_scale_ptr="*fp32", x_amax_ptr="*fp32", sync_ptr="*i32")
+    config = weight_pass_gemm_configs()[0]
+    constexprs = dict(config.kwargs, S_POW2=256, X_AMAX=2 if channels else 0, W_PER_CHANNEL=channels,
+                      DOT_IEEE=False, INTERPRET=False, stride_xk=1, stride_ck=1, stride_wk=1, stride_on=1)  # fmt: skip
+    signature = {name: pointers.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if signature[name] != "constexpr" and name not in ("M", "NUM_EXPERTS", "M_BUCKET")}  # fmt: skip
+    try:
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+    except TypeError:
+        pytest.skip("this Triton's ASTSource takes another signature")
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    assert "wgmma.mma_async" in ptx and ".e4m3.e4m3" in ptx
+    assert "cp.async" in ptx
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert re.search(r"(atom|red)\.global\.gpu\.release\.add", ptx)
+    assert re.search(r"(atom|ld)\.global\.gpu\.acquire\.", ptx)  # an atomic add of 0 compiles to an acquire load
+
+
 def test_block_scale_words_views_or_pads():
     """The NVFP4 block scales reach the kernel as int32 words of four K-contiguous scales: freeze's
     ``[E, N, K/16]`` storage as it is when K/16 is a multiple of 4, else a copy with each row zero-padded; the

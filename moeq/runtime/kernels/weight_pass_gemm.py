@@ -6,7 +6,7 @@ the FP8 tensor cores (compute-bound). Run one after the other (two launches) the
 together. One persistent program per SM takes work items from an atomic ticket counter, in an order that puts the
 conversion of expert ``e + LOOKAHEAD`` beside the GEMM tiles of expert ``e``::
 
-    slot j: [convert expert j: cdiv(N, CONV_N) items] [GEMM tiles of expert j - LOOKAHEAD: m-tiles x n-tiles]
+    slot j: [convert expert j: cdiv(N, CONV_N * CONV_TILES) items] [GEMM tiles of expert j - LOOKAHEAD]
     last slot: the tiles of the unrouted rows past offs[-1] (zeros)
 
 so the SMs that convert use the HBM bandwidth the SMs that multiply leave. A GEMM tile of expert ``e`` first waits
@@ -19,6 +19,14 @@ The codes are written to ``w_codes`` (the FP8 ``quantize`` of :mod:`moeq.formats
 :func:`moeq.runtime.kernels.fake_quant_experts` with ``codes=True``), so a caller can keep them (training saves
 them for the backward). The GEMM tiles are :func:`moeq.runtime.kernels.grouped_qmm._multiply_tile` of the codes,
 so the output equals the two-launch path's bit for bit.
+
+Measured on the H200 (BENCHMARKS.md, session 30): bit-exact, and slower than the two launches (Qwen3 gate_up at 34k
+rows 0.79-1.28 ms against 0.64-0.65 ms). The GEMM's program (8 warps, ~245 registers, 192 KB of shared memory)
+holds its SM alone, so an SM converts or multiplies, never both, and one such program converts at about the SM's
+average share of HBM bandwidth: splitting the SMs between the roles hides nothing. So
+:data:`moeq.runtime.kernels.grouped_qmm.WEIGHT_PASS_IN_GEMM` is off. ``STATIC_SCHEDULE`` (tickets dealt round-robin,
+no counter) and ``PARTS`` (1: GEMM tiles only, on codes written before; 2: conversion only) are for
+``benchmarks/probe_weight_pass_parts.py``.
 """
 
 from __future__ import annotations
@@ -45,8 +53,8 @@ __all__ = ["weight_pass_gemm", "weight_pass_gemm_configs"]
 
 def weight_pass_gemm_configs() -> list[triton.Config]:
     """The codes GEMM's training-size tile (128x256x128 FP8 dots, 4 stages, 64-row tails) with the conversion
-    item (``CONV_TILES`` tiles of ``[CONV_N, CONV_K]`` weight elements, ``CONV_STAGES`` in flight) and the
-    lookahead in experts; one tiny config under the interpreter."""
+    item (``CONV_TILES`` tiles of ``[CONV_N, CONV_K]`` weight elements, ``CONV_STAGES`` in flight; 1: plain loads,
+    the fastest measured, session 30) and the lookahead in experts; one tiny config under the interpreter."""
     if interpreting():
         meta = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SWAP_AB": False, "FP8_DOT": False}
         return [triton.Config(meta | {"CONV_N": 8, "CONV_K": 32, "CONV_TILES": 2, "CONV_STAGES": 2, "LOOKAHEAD": 1})]
@@ -57,7 +65,7 @@ def weight_pass_gemm_configs() -> list[triton.Config]:
             num_warps=8,
             num_stages=4,
         )
-        for conv_n, conv_k, tiles, stages in ((32, 512, 2, 3), (32, 512, 4, 4), (16, 512, 8, 4), (32, 256, 4, 4))
+        for conv_n, conv_k, tiles, stages in ((32, 512, 1, 1), (32, 512, 2, 1), (32, 512, 4, 1), (32, 512, 2, 3))
     ]
 
 
