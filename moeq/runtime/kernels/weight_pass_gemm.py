@@ -177,27 +177,23 @@ def _weight_pass_gemm_kernel(
     last = tl.cumsum(count, axis=0)  # one past each slot's last ticket
     total = tl.sum(count, axis=0)
 
-    if STATIC_SCHEDULE:  # ticket t to program t % programs, in order (no counter; all programs resident)
-        for ticket in range(tl.program_id(0), total, tl.num_programs(0)):
-            _run_item(
-            ticket, last, chunks, n_tiles,
-            x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, offs_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr,
-            M, N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
-            stride_om, stride_on, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
-            FP8_DOT, CONV_N, CONV_K, CONV_TILES, CONV_STAGES, LOOKAHEAD, TAIL_M, PARTS,
-            )  # fmt: skip
+    if STATIC_SCHEDULE:  # ticket t to program t % programs, in order (no counter; every program resident)
+        ticket = tl.program_id(0)
     else:
         ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-        while ticket < total:
+    while ticket < total:
+        if STATIC_SCHEDULE:
+            following = ticket + tl.num_programs(0)
+        else:
             following = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # requested now, its latency under this item
-            _run_item(
-            ticket, last, chunks, n_tiles,
-            x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, offs_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr,
-            M, N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
-            stride_om, stride_on, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
-            FP8_DOT, CONV_N, CONV_K, CONV_TILES, CONV_STAGES, LOOKAHEAD, TAIL_M, PARTS,
-            )  # fmt: skip
-            ticket = following
+        _run_item(
+        ticket, last, chunks, n_tiles,
+        x_ptr, w_ptr, codes_ptr, codes_bits_ptr, out_ptr, offs_ptr, w_amax_ptr, w_scale_ptr, x_amax_ptr, sync_ptr,
+        M, N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ce, stride_ck, stride_cn,
+        stride_om, stride_on, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
+        FP8_DOT, CONV_N, CONV_K, CONV_TILES, CONV_STAGES, LOOKAHEAD, TAIL_M, PARTS,
+        )  # fmt: skip
+        ticket = following
 
 
 @triton.jit
