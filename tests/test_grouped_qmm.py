@@ -285,6 +285,29 @@ def test_kernel_compiles_for_sm90(w_mode, x_mode, granular, swap):
         assert not re.search(r"ld\.global[.\w]*\.[bu]8 ", ptx)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(x=torch.zeros(5, 16, dtype=torch.float8_e4m3fn)), r"x codes \[M, K\] and w \[E, K, N\]"),
+        (dict(x=torch.zeros(5, 32)), "x_codes must be e4m3 codes"),
+        (dict(codes=torch.zeros(2, 32, 24, dtype=torch.bfloat16)), r"codes must be float8_e4m3fn \(2, 32, 24\)"),
+        (dict(out=torch.zeros(5, 23)), r"out must be \[5, 24\]"),
+        (dict(offs=torch.tensor([3, 5])), "offs must be int32"),
+    ],
+    ids=["k-mismatch", "x-not-codes", "codes-dtype", "out-shape", "offs-dtype"],
+)
+def test_weight_pass_gemm_rejects_bad_operands(change, message):
+    """The one-launch kernel's launcher names the operand that does not fit before anything is launched."""
+    from moeq.runtime.kernels.weight_pass_gemm import weight_pass_gemm
+
+    args = dict(x=torch.zeros(5, 32, dtype=torch.float8_e4m3fn), w=torch.zeros(2, 32, 24), offs=torch.tensor(
+        [3, 5], dtype=torch.int32), out=torch.zeros(5, 24), codes=torch.zeros(2, 32, 24, dtype=torch.float8_e4m3fn))  # fmt: skip
+    args.update(change)
+    amax = torch.ones(2)
+    with pytest.raises(ValueError, match=message):
+        weight_pass_gemm(args["x"], args["w"], args["offs"], amax, amax, torch.ones(1), args["out"], args["codes"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines launch the kernel for real (tests/test_gpu.py)")
 @pytest.mark.parametrize("channels", [False, True], ids=["per-expert", "channels-tokens"])
 def test_weight_pass_gemm_compiles_for_sm90(channels):

@@ -245,6 +245,23 @@ def _run_item(
             )  # fmt: skip
 
 
+def _check(x_codes: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.Tensor, codes: torch.Tensor) -> None:
+    if x_codes.dim() != 2 or w.dim() != 3 or x_codes.shape[1] != w.shape[1]:
+        raise ValueError(f"weight_pass_gemm takes x codes [M, K] and w [E, K, N], got {tuple(x_codes.shape)} and "
+                         f"{tuple(w.shape)}")  # fmt: skip
+    if x_codes.element_size() != 1:
+        raise ValueError(f"x_codes must be e4m3 codes (float8_e4m3fn or uint8), got {x_codes.dtype}")
+    if codes.shape != w.shape or codes.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"codes must be float8_e4m3fn {tuple(w.shape)} (w's shape), got {codes.dtype} "
+                         f"{tuple(codes.shape)}")  # fmt: skip
+    if out.shape != (x_codes.shape[0], w.shape[2]):
+        raise ValueError(f"out must be [{x_codes.shape[0]}, {w.shape[2]}], got {tuple(out.shape)}")
+    if offs.dtype != torch.int32 or offs.numel() != w.shape[0]:
+        raise ValueError(
+            f"offs must be int32 [{w.shape[0]}] cumulative row counts, got {offs.dtype} {tuple(offs.shape)}"
+        )
+
+
 def _sm_count(device: torch.device) -> int:
     """The device's SM count: one persistent program each. Without a CUDA driver (tracing on fake CUDA
     tensors) H100 / H200's 132; the traced launch is not run there."""
@@ -274,6 +291,7 @@ def weight_pass_gemm(
     or ``[E, N]`` (the amax and its ``amax / 448``), ``x_amax`` fp32 ``[1]``, ``[E]``, or ``[M]`` with
     ``x_per_row`` (dynamic per-token codes). ``config``: launch with this config instead of autotuning.
     ``programs``: the persistent grid (default: one per SM; one under the interpreter, which runs programs in turn)."""
+    _check(x_codes, w, offs, out, codes)
     m, k = x_codes.shape
     x_codes = x_codes.view(torch.uint8 if interpreting() else torch.float8_e4m3fn)  # the interpreter decodes bits
     num_experts, n = w.shape[0], w.shape[2]
