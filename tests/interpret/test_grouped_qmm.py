@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moeq.formats import channel_amax, expand_per_expert, expert_amax, get_format, stored_form
 from moeq.lowering.ops import _fake_quant_act_reference
@@ -468,3 +470,37 @@ def test_weight_pass_gemm_writes_the_codes(channels, static):
     wq = fmt.fake_quant(w_nk, expanded, 2).transpose(1, 2)
     xq, _ = _act(x, offs, "fp8", False)
     assert _rel(out, per_expert_matmul_f64(xq, wq, offs)) < 1e-2
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 40), min_size=1, max_size=6),
+    k=st.sampled_from([16, 32, 48, 80]),
+    n=st.sampled_from([8, 24, 40]),
+    tail=st.integers(0, 3),
+    static=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_weight_pass_gemm_random_problems(counts, k, n, tail, static, seed):
+    """Random routings (empty experts, unrouted rows), K and N: the one-launch kernel (either schedule) writes
+    formats' FP8 codes of every expert and multiplies them exactly as the codes GEMM of the same tile does on those
+    codes, bit for bit."""
+    from moeq.runtime.kernels.fake_quant_act import act_codes_reference
+    from moeq.runtime.kernels.weight_pass_gemm import weight_pass_gemm, weight_pass_gemm_configs
+
+    x, w_nk, offs = _problem(counts, k, n, tail, torch.bfloat16, seed)
+    fmt = get_format("fp8")
+    amax, x_amax = expert_amax(w_nk), torch.tensor([2.5])
+    expected = fmt.quantize(w_nk, expand_per_expert(amax, 3), 2)
+    config = weight_pass_gemm_configs()[0]
+    tile = triton.Config({key: config.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB", "FP8_DOT")})
+    x_codes = act_codes_reference(x, offs, x_amax)
+    scale = fmt.scale_from_amax(amax)
+    codes = torch.zeros_like(w_nk, dtype=torch.float8_e4m3fn).transpose(1, 2)
+    out = torch.full((x.shape[0], n), float("nan"), dtype=torch.bfloat16)
+    weight_pass_gemm(x_codes, w_nk.transpose(1, 2), offs, amax, scale, x_amax, out, codes,
+                     config=triton.Config(dict(config.kwargs, STATIC_SCHEDULE=static)))  # fmt: skip
+    assert torch.equal(codes.transpose(1, 2).view(torch.uint8), expected.data.view(torch.uint8))
+    data, _, _ = stored_weight_args(expected)
+    want = grouped_qmm(x_codes, data, offs, scale, None, x_amax, "fp8", "fp8_codes", config=tile)
+    assert torch.equal(out, want)
