@@ -17,14 +17,13 @@ from probes import probe_inputs, qwen3_probe_main
 from moeq.formats import get_format
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts
 from moeq.runtime.kernels.grouped_qmm import grouped_qmm
-from moeq.runtime.kernels.weight_pass_gemm import weight_pass_gemm, weight_pass_gemm_configs
+from moeq.runtime.kernels.weight_pass_gemm import codes_gemm_tile, weight_pass_gemm, weight_pass_gemm_configs
 
 
 def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
     p = probe_inputs(k, n, rows)
     base = weight_pass_gemm_configs()[0]
-    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB", "FP8_DOT", "TAIL_M")
-    tile = triton.Config({key: base.kwargs[key] for key in keys}, num_warps=8, num_stages=base.num_stages)
+    tile = codes_gemm_tile(base)
     xc = fake_quant_act(p.x, p.offs, p.x_amax, "fp8", codes=True)
     codes_ref = fake_quant_experts(p.w, p.w_amax, "fp8", 1, codes=True)
     w_scale = get_format("fp8").scale_from_amax(p.w_amax)

@@ -292,7 +292,7 @@ def test_weight_pass_in_gemm_cuda(k_first, channels, static, monkeypatch):
     comparison fixes it), and the codes it writes equal them (a tile that read codes before they were published
     would differ). Through the launcher (autotuned among configs of the same GEMM tile) too."""
     from moeq.runtime.kernels.fake_quant_act import fake_quant_act
-    from moeq.runtime.kernels.weight_pass_gemm import weight_pass_gemm, weight_pass_gemm_configs
+    from moeq.runtime.kernels.weight_pass_gemm import codes_gemm_tile, weight_pass_gemm, weight_pass_gemm_configs
 
     g = torch.Generator().manual_seed(11)
     counts, k, n = [3000, 0, 1, 5000, 777, 0, 2900, 4100, 64, 2000], 768, 1024
@@ -304,9 +304,7 @@ def test_weight_pass_in_gemm_cuda(k_first, channels, static, monkeypatch):
     amax = w.float().abs().amax(1) if channels else w.float().abs().amax((1, 2)) * 0.9
     x_amax = torch.tensor([6.0], device="cuda")
     config = weight_pass_gemm_configs()[0]
-    gemm_keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB", "FP8_DOT", "TAIL_M")
-    tile = triton.Config({key: config.kwargs[key] for key in gemm_keys}, num_warps=config.num_warps,
-                         num_stages=config.num_stages)  # fmt: skip
+    tile = codes_gemm_tile(config)
     config = triton.Config(dict(config.kwargs, STATIC_SCHEDULE=static), num_warps=config.num_warps,
                            num_stages=config.num_stages)  # fmt: skip
     x_codes = fake_quant_act(x, offs, x_amax, "fp8", codes=True)

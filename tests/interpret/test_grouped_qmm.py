@@ -486,14 +486,14 @@ def test_weight_pass_gemm_random_problems(counts, k, n, tail, static, seed):
     formats' FP8 codes of every expert and multiplies them exactly as the codes GEMM of the same tile does on those
     codes, bit for bit."""
     from moeq.runtime.kernels.fake_quant_act import act_codes_reference
-    from moeq.runtime.kernels.weight_pass_gemm import weight_pass_gemm, weight_pass_gemm_configs
+    from moeq.runtime.kernels.weight_pass_gemm import codes_gemm_tile, weight_pass_gemm, weight_pass_gemm_configs
 
     x, w_nk, offs = _problem(counts, k, n, tail, torch.bfloat16, seed)
     fmt = get_format("fp8")
     amax, x_amax = expert_amax(w_nk), torch.tensor([2.5])
     expected = fmt.quantize(w_nk, expand_per_expert(amax, 3), 2)
     config = weight_pass_gemm_configs()[0]
-    tile = triton.Config({key: config.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB", "FP8_DOT")})
+    tile = codes_gemm_tile(config)
     x_codes = act_codes_reference(x, offs, x_amax)
     scale = fmt.scale_from_amax(amax)
     codes = torch.zeros_like(w_nk, dtype=torch.float8_e4m3fn).transpose(1, 2)

@@ -525,6 +525,23 @@ def _grouped_qmm_kernel(
     tile_m = pid // n_tiles
     pid_n = pid % n_tiles
     expert, row_start, row_end = _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2, BLOCK_M)
+    multiply_tile_with_tail(
+    x_ptr, w_ptr, out_ptr, w_scale_ptr, w_block_ptr, x_amax_ptr, expert, row_start, row_end, pid_n, N, K, NUM_EXPERTS,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bk, stride_bn, stride_om, stride_on,
+    W_MODE, X_MODE, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, FP8_DOT, TAIL_M,
+    )  # fmt: skip
+
+
+@triton.jit
+def multiply_tile_with_tail(
+    x_ptr, w_ptr, out_ptr, w_scale_ptr, w_block_ptr, x_amax_ptr, expert, row_start, row_end, pid_n, N, K, NUM_EXPERTS,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bk, stride_bn, stride_om, stride_on,
+    W_MODE: tl.constexpr, X_MODE: tl.constexpr, X_AMAX: tl.constexpr, W_PER_CHANNEL: tl.constexpr,
+    DOT_IEEE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, FP8_DOT: tl.constexpr, TAIL_M: tl.constexpr,
+):  # fmt: skip
+    """:func:`_multiply_tile` of one m-tile, as a ``TAIL_M``-row MMA when ``TAIL_M`` is set and the tile (an
+    expert's short last one) has at most that many rows."""
     if TAIL_M == 0:
         _multiply_tile(
         x_ptr, w_ptr, out_ptr, w_scale_ptr, w_block_ptr, x_amax_ptr, expert, row_start, row_end, pid_n, N, K, NUM_EXPERTS,

@@ -17,8 +17,8 @@ Under Triton's interpreter the programs run one after another and the first take
 
 The codes are written to ``w_codes`` (the FP8 ``quantize`` of :mod:`moeq.formats` bit for bit, as
 :func:`moeq.runtime.kernels.fake_quant_experts` with ``codes=True``), so a caller can keep them (training saves
-them for the backward). The GEMM tiles are :func:`moeq.runtime.kernels.grouped_qmm._multiply_tile` of the codes,
-so the output equals the two-launch path's bit for bit.
+them for the backward). The GEMM tiles are :func:`moeq.runtime.kernels.grouped_qmm.multiply_tile_with_tail` of
+the codes, so the output equals the two-launch path's bit for bit (for the same tile, :func:`codes_gemm_tile`).
 
 Measured on the H200 (BENCHMARKS.md, session 30): bit-exact, and slower than the two launches (Qwen3 gate_up at 34k
 rows 0.79-1.28 ms against 0.64-0.65 ms). The GEMM's program (8 warps, ~245 registers, 192 KB of shared memory)
@@ -42,13 +42,13 @@ from moeq.runtime.kernels.grouped_qmm import (
     TAIL_ROWS,
     W_FP8,
     X_FP8_CODES,
-    _multiply_tile,
     m_bucket,
+    multiply_tile_with_tail,
 )
 from moeq.runtime.kernels.launch import interpreting, launch_kernel
 from moeq.runtime.kernels.numerics import fp8_codes
 
-__all__ = ["weight_pass_gemm", "weight_pass_gemm_configs"]
+__all__ = ["codes_gemm_tile", "weight_pass_gemm", "weight_pass_gemm_configs"]
 
 
 def weight_pass_gemm_configs() -> list[triton.Config]:
@@ -67,6 +67,15 @@ def weight_pass_gemm_configs() -> list[triton.Config]:
         )
         for conv_n, conv_k, tiles, stages in ((32, 512, 1, 1), (32, 512, 2, 1), (32, 512, 4, 1), (32, 512, 2, 3))
     ]
+
+
+def codes_gemm_tile(config: triton.Config) -> triton.Config:
+    """The one-tile codes GEMM config (:func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm`'s ``config``) with the
+    GEMM tile of a ``weight_pass_gemm`` config: FP8 MMA sums depend on the tile, so this is the two-launch product
+    the one launch equals bit for bit."""
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB", "FP8_DOT", "TAIL_M")
+    tile = {key: config.kwargs[key] for key in keys if key in config.kwargs}
+    return triton.Config(tile, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 @triton.jit
@@ -230,19 +239,12 @@ def _run_item(
         pid_n = g % n_tiles
         if expert < NUM_EXPERTS and PARTS == 0:
             _wait_for_codes(sync_ptr, expert, chunks)
-        if TAIL_M == 0 or row_end - row_start > TAIL_M:
-            _multiply_tile(
-            x_ptr, codes_bits_ptr, out_ptr, w_scale_ptr, w_scale_ptr, x_amax_ptr, expert, row_start, row_end, pid_n,
-            N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ce, stride_ck, stride_cn, 0, 0, 0, stride_om, stride_on,
-            W_FP8, X_FP8_CODES, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, FP8_DOT,
-            )  # fmt: skip
-        else:  # an expert's last, short m-tile: a narrower MMA
-            _multiply_tile(
-            x_ptr, codes_bits_ptr, out_ptr, w_scale_ptr, w_scale_ptr, x_amax_ptr, expert, row_start, row_end, pid_n,
-            N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ce, stride_ck, stride_cn, 0, 0, 0, stride_om, stride_on,
-            W_FP8, X_FP8_CODES, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, TAIL_M, BLOCK_N, BLOCK_K, TAIL_M < 64,
-            FP8_DOT,
-            )  # fmt: skip
+        multiply_tile_with_tail(
+        x_ptr, codes_bits_ptr, out_ptr, w_scale_ptr, w_scale_ptr, x_amax_ptr, expert, row_start, row_end, pid_n,
+        N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ce, stride_ck, stride_cn, 0, 0, 0, stride_om, stride_on,
+        W_FP8, X_FP8_CODES, X_AMAX, W_PER_CHANNEL, DOT_IEEE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, FP8_DOT,
+        TAIL_M,
+        )  # fmt: skip
 
 
 def _check(x_codes: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.Tensor, codes: torch.Tensor) -> None:
