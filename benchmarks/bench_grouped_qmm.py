@@ -18,7 +18,12 @@ against a reference first (formats.py-exact operands from the moeq quant kernels
 matmul): relative error < 1e-2.
 Prints one table; writes JSON (and the table) under ``--out`` (default $OUT or ./out).
 
+``--rounds N`` then times every target's kernel and its anchor N more times, alternately, and reports the
+median ratio with its range: one pair of medians can mislead (session 30 saw the bf16 anchor at 0.516 ms on one
+H200 and 0.581 ms on another). The GPU's clocks, power and throttle reasons are recorded before and after.
+
     python benchmarks/bench_grouped_qmm.py --out $OUT
+    python benchmarks/bench_grouped_qmm.py --only "qwen3 gate_up M=34816" --modes "QAT FP8" --rounds 7
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
+import subprocess
 import time
 
 import torch
@@ -90,6 +97,28 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / ms / 1e9
 
 
+def gpu_state() -> dict[str, str]:
+    """The GPU's clocks, power and active throttle reasons now (``nvidia-smi``), or why they are missing."""
+    fields = "clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu,clocks_throttle_reasons.active"
+    try:
+        line = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader", "-i", "0"],
+                              capture_output=True, text=True, timeout=30, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    return dict(zip(fields.split(","), (v.strip() for v in line.split(","))))
+
+
+def repeated_ratios(anchor_fn, kernel_fn, rounds: int) -> dict[str, object]:
+    """Time ``anchor_fn`` and ``kernel_fn`` alternately ``rounds`` times (:func:`bench` each): the anchor / kernel
+    ratio of every round, and its median."""
+    anchor_ms, kernel_ms = [], []
+    for _ in range(rounds):
+        anchor_ms.append(bench(anchor_fn))
+        kernel_ms.append(bench(kernel_fn))
+    ratios = [a / k for a, k in zip(anchor_ms, kernel_ms)]
+    return dict(anchor_ms=anchor_ms, kernel_ms=kernel_ms, ratios=ratios, median=statistics.median(ratios))
+
+
 def routing(rows: int, num_experts: int) -> torch.Tensor:
     """int32 cumulative offsets of ``rows`` routed rows spread roughly evenly (random) over the experts."""
     g = torch.Generator().manual_seed(rows + num_experts)
@@ -131,7 +160,7 @@ def unfused_deploy(x, offs, data, scale, block, fmt: str):
 
 def scaled_anchor(label, x, w_nk, offs, record):
     """Time the ``torch._scaled_grouped_mm`` FP8 rowwise anchor (activation quantization included) into
-    ``record(ms)``, or say why it is missing."""
+    ``record(ms, fn)``, or say why it is missing."""
     num_experts, n, k = w_nk.shape
     try:
         wq8, ws8 = rowwise_fp8(w_nk.reshape(-1, k))
@@ -143,12 +172,12 @@ def scaled_anchor(label, x, w_nk, offs, record):
             return torch._scaled_grouped_mm(xq8, wq8, xs8, ws8, offs=offs, out_dtype=torch.bfloat16)
 
         scaled()
-        record(bench(scaled))
+        record(bench(scaled), scaled)
     except Exception as err:  # report, never hide: the row says why it is missing
         print(f"  {label}: torch._scaled_grouped_mm unavailable: {type(err).__name__}: {err}"[:300], flush=True)
 
 
-def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(DEFAULT_MODES)):
+def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(DEFAULT_MODES), rounds=0):
     torch.manual_seed(0)
     offs = routing(rows, num_experts)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
@@ -159,20 +188,27 @@ def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(DEFAULT_MODES
     active = int((torch.diff(offs, prepend=offs.new_zeros(1)) > 0).sum())
     flops = 2.0 * rows * k * n
     results = []
+    timed = {}  # row name -> the callable it timed, for --rounds
 
-    def record(what, ms, weight_bytes, exact=None, anchor=None):
+    def record(what, ms, weight_bytes, exact=None, anchor=None, fn=None):
+        timed[what] = fn
         results.append(
             dict(case=label, what=what, ms=ms, TFLOPs=flops / ms / 1e9, TBps=weight_bytes / ms / 1e9, ok=exact,
                  anchor=anchor, E=num_experts, K=k, N=n, rows=rows, active_experts=active)
         )  # fmt: skip
 
     per_expert = k * n
+
     # anchors
-    record("torch._grouped_mm bf16", bench(lambda: torch._grouped_mm(x, w, offs)), 2 * per_expert * active)
+    def bf16():
+        return torch._grouped_mm(x, w, offs)
+
+    record("torch._grouped_mm bf16", bench(bf16), 2 * per_expert * active, fn=bf16)
     if "deploy W8A8 FP8" in modes or "deploy W8A8 FP8_DYNAMIC" in modes:
         scaled_anchor(
-            label, x, w_nk, offs, lambda ms: record("torch._scaled_grouped_mm FP8 rowwise", ms, per_expert * active)
-        )
+            label, x, w_nk, offs,
+            lambda ms, fn: record("torch._scaled_grouped_mm FP8 rowwise", ms, per_expert * active, fn=fn),
+        )  # fmt: skip
     for fmt in [f for f in ("fp8", "nvfp4") if f"QAT {f.upper()}" in modes]:
 
         def unfused(fmt=fmt):
@@ -180,7 +216,8 @@ def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(DEFAULT_MODES
             wq = kernels.fake_quant_experts(w_nk, amax, fmt, -1)
             return torch._grouped_mm(xq, wq.transpose(1, 2), offs)
 
-        record(f"unfused QAT {fmt.upper()} (moeq kernels + _grouped_mm)", bench(unfused), 2 * per_expert * active)
+        record(f"unfused QAT {fmt.upper()} (moeq kernels + _grouped_mm)", bench(unfused), 2 * per_expert * active,
+               fn=unfused)  # fmt: skip
     deploy = {fmt: stored(w_nk, amax, fmt) for fmt in ("fp8", "nvfp4")}
     if any("DYNAMIC" in m for m in modes):
         amax_channels = channel_amax(w_nk, 0, 2)
@@ -221,7 +258,7 @@ def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(DEFAULT_MODES
 
             got = fused().float()
             rel = ((got - ref).norm() / ref.norm()).item()
-            record(row_name, bench(fused), nbytes * per_expert * active, exact=rel)
+            record(row_name, bench(fused), nbytes * per_expert * active, exact=rel, fn=fused)
             print(f"  {label} {row_name}: rel err vs reference {rel:.2e}", flush=True)
         if (
             not w_mode.startswith("fake_")
@@ -233,7 +270,11 @@ def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(DEFAULT_MODES
                 return torch.ops.moeq.grouped_qmm(x, args[0], offs, args[1], args[2], None, "deploy", fmt, None)
 
             rel = ((op().float() - ref).norm() / ref.norm()).item()
-            record(f"{name} op (dequant first)", bench(op), nbytes * per_expert * active, exact=rel)
+            record(f"{name} op (dequant first)", bench(op), nbytes * per_expert * active, exact=rel, fn=op)
+    for r in results if rounds else []:
+        for mode, anchor, _, at_rows in TARGETS:
+            if r["what"] == mode and rows == at_rows and timed.get(anchor) is not None:
+                r.setdefault("rounds", {})[anchor] = repeated_ratios(timed[anchor], timed[mode], rounds)
     return results
 
 
@@ -257,15 +298,17 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the cases whose label starts with this (e.g. qwen3)")
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
                         help="comma-separated kernel rows to run (their anchors come with them; bf16 always)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="then time each target's kernel and anchor this many more times, alternately")  # fmt: skip
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     copy_tbs = copy_bandwidth()
     details = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   python=platform.python_version(), copy_TBps=copy_tbs, results=[])  # fmt: skip
+                   python=platform.python_version(), copy_TBps=copy_tbs, gpu_before=gpu_state(), results=[])  # fmt: skip
     print(f"HBM copy: {copy_tbs:.2f} TB/s", flush=True)
     for case in [c for c in CASES if c[0].startswith(args.only)]:
-        details["results"] += run_case(*case, copy_tbs, modes=args.modes.split(","))
+        details["results"] += run_case(*case, copy_tbs, modes=args.modes.split(","), rounds=args.rounds)
         print(f"  done {case[0]} ({time.time() - started:.0f} s)", flush=True)
     by_key = {(r["case"], r["what"]): r for r in details["results"]}
     rows = [["HBM copy", "-", "-", "-", f"{copy_tbs:.2f}", "-", "-", "-", "-"]]
@@ -295,6 +338,14 @@ def main() -> None:
             rows.append([r["case"], r["what"], f"{r['ms']:.4f}", f"{r['TFLOPs']:.1f}", f"{r['TBps']:.2f}",
                          "-" if r["ok"] is None else f"{r['ok']:.1e}", vs, "-", "-"])  # fmt: skip
     details["verdicts"] = verdicts
+    details["gpu_after"] = gpu_state()
+    repeats = [
+        [r["case"], r["what"], anchor.split(" (")[0], str(len(rr["ratios"])), f"{rr['median']:.2f}x",
+         f"{min(rr['ratios']):.2f}x..{max(rr['ratios']):.2f}x",
+         f"{min(rr['anchor_ms']):.4f}..{max(rr['anchor_ms']):.4f}", f"{min(rr['kernel_ms']):.4f}..{max(rr['kernel_ms']):.4f}"]
+        for r in details["results"]
+        for anchor, rr in r.get("rounds", {}).items()
+    ]  # fmt: skip
     from moeq.passes.explain import format_table
 
     header = ["case", "kernel", "ms", "TFLOP/s", "weight TB/s", "rel err", "ratio to anchor", "target", "met"]
@@ -302,6 +353,12 @@ def main() -> None:
     bad = [r for r in details["results"] if r["ok"] is not None and not r["ok"] < 1e-2]
     print(f"\n{details['device']}  torch {details['torch']}  triton {details['triton']}  {time.strftime('%Y-%m-%d')}")
     print(table)
+    if repeats:
+        print(f"\nrepeated, alternating ({args.rounds} rounds):")
+        print(format_table(["case", "kernel", "anchor", "rounds", "median ratio", "range", "anchor ms", "kernel ms"],
+                           repeats))  # fmt: skip
+    for when in ("gpu_before", "gpu_after"):
+        print(f"{when}: {details[when]}")
     print(f"correctness: {'all kernels within 1e-2 of the reference' if not bad else f'{len(bad)} FAILED'}")
     print(f"wall time {time.time() - started:.0f} s")
     save_report(args.out, "bench_grouped_qmm", details, table)
