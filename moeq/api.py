@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from moeq.config import NVFP4, QuantConfig
-from moeq.integrations.hf import use_grouped_experts
+from moeq.integrations.hf import is_routed_experts_module, route_to_all_experts, use_grouped_experts
 from moeq.passes.insert_qdq import rewrite_graph
 from moeq.state import ModelQuantState, attach_state, get_state, listed_expert_key, owner_of
 
@@ -93,6 +93,8 @@ def prepare(
         raise TypeError(
             f"config must be a moeq.QuantConfig (or preset such as moeq.NVFP4), got {type(config).__name__}"
         )
+    if config.calib == "all_experts":
+        _check_all_experts_routable(model)
     existing = get_state(model, required=False)
     if existing is not None and existing.config == config:
         _set_tp_sharding(existing, tp_sharding)
@@ -112,7 +114,27 @@ def prepare(
                 module.register_forward_pre_hook(_mode_guard)
                 module.__class__ = _mode_reading_class(type(module), expert_params)
                 object.__setattr__(module, "_moeq_guard_installed", True)
+            if config.calib == "all_experts" and not getattr(module, "_moeq_all_experts_installed", False):
+                module.register_forward_pre_hook(route_to_all_experts, with_kwargs=True)
+                object.__setattr__(module, "_moeq_all_experts_installed", True)
     return model
+
+
+def _check_all_experts_routable(model: nn.Module) -> None:
+    """Raise, naming them, if modules own expert weights that ``calib="all_experts"`` cannot route every token
+    to (anything but a transformers experts module: a bmm or per-expert-loop form, a Megatron expert linear)."""
+    others = [
+        f"{prefix or '<root>'} ({type(module).__name__})"
+        for prefix, module in model.named_modules()
+        if _expert_params(prefix, module) and not is_routed_experts_module(module)
+    ]
+    if others:
+        shown = ", ".join(others[:4]) + (f", ... ({len(others) - 4} more)" if len(others) > 4 else "")
+        raise ValueError(
+            "QuantConfig(calib='all_experts') runs every calibration token through every expert at transformers' "
+            "experts modules (experts(hidden_states, top_k_index, top_k_weights)); these modules own expert weights "
+            f"but route their tokens otherwise: {shown}. Use calib='routed' for this model"
+        )
 
 
 def _set_tp_sharding(state: ModelQuantState, tp_sharding: dict[str, str] | None) -> None:
@@ -151,6 +173,13 @@ def quantize_graph(gm: Any, config: QuantConfig | None = None) -> fx.GraphModule
             raise ValueError(
                 f"quantize_graph: this graph's parameters belong to a model prepared with {state.config}, not {config}"
             )
+    if (state.config if states else config or NVFP4).calib == "all_experts":
+        raise ValueError(
+            "quantize_graph: QuantConfig(calib='all_experts') reroutes tokens at transformers' experts modules while "
+            "calibrate() runs, and a traced graph's routing is fixed when it is traced; use moeq.prepare(model, cfg) "
+            "with torch.compile(model, backend='moeq'), or calib='routed'"
+        )
+    if states:
         object.__setattr__(gm, "_moeq_state", state)
     else:
         state = attach_state(gm, config or NVFP4)

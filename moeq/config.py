@@ -13,7 +13,7 @@ __all__ = ["QuantConfig", "FP8", "FP8_DYNAMIC", "NVFP4", "NVFP4_W4A16", "FP8_W8A
 
 _WEIGHT_SCALES = ("expert", "channel")
 _ACT_SCALES = ("shared", "per_expert", "token")
-_CALIB = ("routed",)
+_CALIB = ("routed", "all_experts")
 _UNCALIBRATED = ("error", "weight_amax")
 # activation formats never carry fewer bits than the weight format they feed
 _BITS = {"fp8": 8, "nvfp4": 4}
@@ -32,7 +32,10 @@ class QuantConfig:
                    load); ``"per_expert"``: one per expert, experts without tokens take the layer's max;
                    ``"token"`` (FP8 only): dynamic, each routed row scaled by its own amax at run time (no
                    calibration data needed).
-    calib:         ``"routed"``: activation statistics from the tokens the model's router sends.
+    calib:         ``"routed"``: activation statistics from the tokens the model's router sends;
+                   ``"all_experts"``: while calibrating, every token also runs through every expert (transformers
+                   experts modules; the output stays the routed one), so no expert lacks statistics, as
+                   nvidia-modelopt's ``moe_calib_experts_ratio=1.0``. Costs ``E / top_k`` times the expert work.
     uncalibrated:  what ``finalize()`` does with a GEMM whose experts saw no token at all: ``"error"``
                    (default) or ``"weight_amax"`` (use the layer's max weight amax as input amax).
     exclude:       fnmatch patterns of weight FQNs to leave unquantized (reported by ``explain()``).
@@ -77,6 +80,16 @@ class QuantConfig:
                 f"QuantConfig: act_scale='token' (dynamic per-token scales) needs activation='fp8', got "
                 f"activation={self.activation!r}"
                 + (" (weight-only configs have no activation scale)" if self.activation is None else "")
+            )
+        if self.calib == "all_experts" and (self.activation is None or self.act_scale == "token"):
+            scales = (
+                "a weight-only config (activation=None) has none"
+                if self.activation is None
+                else "act_scale='token' computes them from each row at run time, without calibration"
+            )
+            raise ValueError(
+                f"QuantConfig: calib='all_experts' changes which tokens calibrate the activation scales, and {scales}; "
+                "use calib='routed'"
             )
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))

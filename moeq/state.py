@@ -54,8 +54,9 @@ class ExpertQuantState(nn.Module):
     Buffers: ``weight_amax [E]`` (``[E, N]`` with FP8 channel-wise scales), ``weight_block_amax`` (NVFP4, per
     16-block along K, filled by ``finalize``), ``input_amax`` (``[1]`` shared, ``[E]`` per expert, empty for dynamic
     per-token scales; what the fake quant uses),
-    ``observed_input_amax [E]`` and ``tokens_per_expert [E]`` (raw calibration statistics),
-    ``calibrated [E]`` (the expert saw at least one routed token).
+    ``observed_input_amax [E]`` and ``tokens_per_expert [E]`` (raw calibration statistics: the rows each expert
+    observed, under ``calib="all_experts"`` every calibration token once plus the routed ones),
+    ``calibrated [E]`` (the expert observed at least one token).
     """
 
     def __init__(
@@ -222,11 +223,13 @@ class ModeBox:
     (never resetting statistics), and so does a second prepared model of the same classes under another
     config (a graph's Q/DQ formats are constants; the same config reuses the graph with its own state)."""
 
-    __slots__ = ("codes_reused", "config_key", "value", "warned_eager")
+    __slots__ = ("all_experts", "codes_reused", "config_key", "value", "warned_eager")
 
-    def __init__(self, config_key: str) -> None:
+    def __init__(self, config_key: str, all_experts: bool = False) -> None:
         self.value = "off"
         self.config_key = config_key
+        #: QuantConfig(calib="all_experts"): calibration forwards run every token through every expert too
+        self.all_experts = all_experts
         #: inside moeq.reuse_weight_codes: QAT graphs read the expert weights' codes computed on entry ("codes"),
         #: and their dequantized copies where a 16-bit weight is read ("dequantized"); False outside
         self.codes_reused: bool | str = False
@@ -267,7 +270,7 @@ class ModelQuantState(nn.Module):
         super().__init__()
         self.config = config
         self.experts = nn.ModuleDict()
-        self.mode_box = ModeBox(repr(config))
+        self.mode_box = ModeBox(repr(config), all_experts=config.calib == "all_experts")
         self.finalized = False
         #: the finalized statistics already hold the sum over data-parallel ranks
         self.synced_over_dp = False

@@ -71,7 +71,7 @@ def test_w4a8_allowed():
         ("act_scale", "per_token", r"\['shared', 'per_expert', 'token'\]"),
         ("weight_scale", "row", r"\['expert', 'channel'\]"),
         ("uncalibrated", "zero", r"\['error', 'weight_amax'\]"),
-        ("calib", "all", r"\['routed'\]"),
+        ("calib", "all", r"\['routed', 'all_experts'\]"),
     ],
 )
 def test_bad_policy_values(field, value, choices):
@@ -104,6 +104,7 @@ def test_from_dict_unknown_key_lists_known():
             weight="fp8",
             activation="fp8",
             act_scale="per_expert",
+            calib="all_experts",
             uncalibrated="weight_amax",
             exclude=("*.layers.0.*", "*shared*"),
         ),

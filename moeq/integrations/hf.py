@@ -12,7 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TINY_COMMON", "TINY_FAMILIES", "expert_parameter_names", "tiny_model", "use_grouped_experts"]
+__all__ = [
+    "TINY_COMMON",
+    "TINY_FAMILIES",
+    "expert_parameter_names",
+    "is_routed_experts_module",
+    "route_to_all_experts",
+    "tiny_model",
+    "use_grouped_experts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +148,41 @@ def use_grouped_experts(model: nn.Module) -> bool:
         logger.warning("moeq: could not switch %s experts to grouped_mm: %s", type(model).__name__, err)
         return False
     return True
+
+
+def is_routed_experts_module(module: nn.Module) -> bool:
+    """A transformers 5 experts module (``@use_experts_implementation``): ``num_experts`` stacked experts called
+    as ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``, whichever implementation."""
+    return (
+        hasattr(module, "num_experts")
+        and hasattr(module, "has_gate")
+        and callable(getattr(module, "_apply_gate", None))
+    )
+
+
+def route_to_all_experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook (``with_kwargs=True``) on a transformers experts module for ``QuantConfig(calib=
+    "all_experts")``: while the model calibrates, first run the experts on every token for every expert (the
+    output is dropped), so each expert's observers see every calibration token; then the routed call runs as
+    usual and gives the output. As nvidia-modelopt's ``moe_calib_experts_ratio=1.0``: statistics over both
+    calls, the routed rows being a subset; the model's output is the routed one, unchanged.
+
+    ``module._moeq_mode`` (moeq's mode box) is read here, so Dynamo traces the extra call only into graphs
+    compiled for calibration."""
+    box = module._moeq_mode
+    box.check()
+    if box.value != "calibrate" or not box.all_experts:
+        return None
+    if getattr(module, "_is_expert_parallel", False):
+        raise RuntimeError(
+            f"moeq: calib='all_experts' on {type(module).__name__} under transformers' expert parallelism: this rank "
+            "holds only its experts and sees only the tokens routed to it; calibrate with calib='routed'"
+        )
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    tokens, experts = hidden.shape[0], module.num_experts
+    every_expert = torch.arange(experts, device=hidden.device).expand(tokens, experts)
+    type(module).forward(module, hidden, every_expert, hidden.new_zeros(tokens, experts))
+    return None
 
 
 def tiny_model(

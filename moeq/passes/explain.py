@@ -157,7 +157,9 @@ class Explanation:
             status = f"deploy: expert weights stored quantized, {stored / 2**20:.2f} MiB"
         head = (
             f"moeq: {len(self.rewritten)} expert GEMMs rewritten, {len(self.skipped)} candidates not rewritten "
-            f"[{state.config.name}, act_scale={state.config.act_scale}, {status}]"
+            f"[{state.config.name}, act_scale={state.config.act_scale}"
+            + (f", calib={state.config.calib}" if state.config.calib != "routed" else "")
+            + f", {status}]"
         )
         header = [
             "expert weight",

@@ -1,0 +1,214 @@
+"""``QuantConfig(calib="all_experts")``: while calibrating, every token also runs through every expert.
+
+DESIGN.md's calibration semantics: cold experts see no routed tokens, so this option routes every calibration token
+to every expert, during calibration only. Checked against float64 math on transformers' own expert MLP
+(``_apply_gate`` of the expert's up projection, in the weight's stored layout) and against the export bytes of
+nvidia-modelopt 0.47 calibrated with ``moe_calib_experts_ratio=1.0``, which does the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import fx, nn
+
+import moeq
+from moeq.integrations.hf import is_routed_experts_module, tiny_model
+from moeq.state import get_state
+from tests.conftest import make_tokens
+
+ALL_EXPERTS_FP8 = moeq.FP8.replace(act_scale="per_expert", calib="all_experts")
+#: one MoE decoder layer per family (GPT-OSS ties its layer count to layer_types)
+ONE_LAYER = {
+    "qwen3_moe": {"num_hidden_layers": 1},
+    "gpt_oss": {"num_hidden_layers": 1, "layer_types": ["full_attention"]},
+}
+
+
+def _experts(model: nn.Module) -> nn.Module:
+    (experts,) = [m for m in model.modules() if is_routed_experts_module(m)]
+    return experts
+
+
+def _expert_mlp_f64(experts: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert ``e``'s down-projection input for rows ``x`` in float64: the up projection in the weight's stored
+    layout (``is_transposed``: ``[E, K, N]``), its bias, then transformers' own gate (SiLU-and-mul, GPT-OSS's
+    clamped GLU)."""
+    w = experts.gate_up_proj[e].double()
+    h = x.double() @ (w if experts.is_transposed else w.T)
+    if experts.has_bias:
+        h = h + experts.gate_up_proj_bias[e].double()
+    return experts._apply_gate(h)
+
+
+def _eager_block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> tuple[list, list, list]:
+    """An unquantized eager run: per batch, the experts module's input rows and top-k expert ids, and the logits."""
+    inputs, topk = [], []
+
+    def record(module: nn.Module, args: tuple) -> None:
+        inputs.append(args[0])
+        topk.append(args[1])
+
+    hook = _experts(model).register_forward_pre_hook(record)
+    with torch.no_grad():
+        logits = [model(ids, use_cache=False).logits for ids in batches]
+    hook.remove()
+    return inputs, topk, logits
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_every_expert_observes_every_token(family: str) -> None:
+    """Under ``backend="moeq"`` each expert's observers see every calibration token, plus the tokens routed to it:
+    the down projection's per-expert input amax equals float64 math over all tokens, the up projection's is the max
+    over all tokens for every expert, token counts are ``tokens + routed`` per expert. The calibrating forward's
+    output is the routed model's, and finalize() calibrates every expert."""
+    batches = [make_tokens(seed=1), make_tokens(seed=2, batch=3, seq=7)]
+    model = tiny_model(family, torch.float32, **ONE_LAYER[family])
+    inputs, topk, reference_logits = _eager_block_inputs(copy.deepcopy(model), batches)
+    moeq.prepare(model, ALL_EXPERTS_FP8)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), moeq.calibrate(cm):
+        logits = [cm(ids, use_cache=False).logits for ids in batches]
+    moeq.finalize(cm)
+    for got, want in zip(logits, reference_logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    experts = _experts(model)
+    num_experts = experts.num_experts
+    up_amax = max(float(x.abs().max()) for x in inputs)
+    down_all = torch.zeros(num_experts, dtype=torch.float64)
+    down_routed = torch.zeros(num_experts, dtype=torch.float64)
+    tokens = torch.zeros(num_experts, dtype=torch.int64)
+    with torch.no_grad():
+        for x, ids in zip(inputs, topk):
+            tokens += x.shape[0] + torch.bincount(ids.flatten(), minlength=num_experts)
+            for e in range(num_experts):
+                act = _expert_mlp_f64(experts, x, e).abs()
+                down_all[e] = max(down_all[e], act.max())
+                routed = (ids == e).any(dim=-1)
+                if routed.any():
+                    down_routed[e] = max(down_routed[e], act[routed].max())
+    state = moeq.quant_state(model)
+    prefix = next(iter(state)).rsplit(".", 1)[0]
+    up, down = state[f"{prefix}.gate_up_proj"], state[f"{prefix}.down_proj"]
+    for s in (up, down):
+        assert torch.equal(s.tokens_per_expert, tokens), (s.fqn, s.tokens_per_expert, tokens)
+        assert bool(s.calibrated.all()) and not s.flags, s.flags
+    torch.testing.assert_close(
+        up.observed_input_amax.double(), torch.full((num_experts,), up_amax, dtype=torch.float64)
+    )
+    torch.testing.assert_close(down.observed_input_amax.double(), down_all, rtol=1e-5, atol=0)
+    # not vacuous: tokens the router did not send raise some expert's amax above its routed-only one
+    assert bool((down_all > down_routed * (1 + 1e-3)).any()), (down_all, down_routed)
+    assert "calib=all_experts" in str(moeq.explain(cm))
+
+
+def test_the_extra_call_is_traced_into_calibration_graphs_only() -> None:
+    """Dynamo's calibration graph holds each expert weight's grouped GEMM twice (every token to every expert, then
+    the routed call); after finalize() the recompiled graph holds it once, as with routed calibration."""
+    model = tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1)
+    moeq.prepare(model, moeq.FP8.replace(calib="all_experts"))
+    graphs: dict[str, list[str]] = {}
+    moeq_backend = torch._dynamo.lookup_backend("moeq_aot_eager")
+
+    def spy(gm: fx.GraphModule, example_inputs: list) -> object:
+        calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "grouped_mm" in str(n.target)]
+        graphs[get_state(model).mode] = calls
+        return moeq_backend(gm, example_inputs)
+
+    cm = torch.compile(model, backend=spy)
+    ids = make_tokens(seed=3)
+    with torch.no_grad():
+        with moeq.calibrate(cm):
+            cm(ids)
+        moeq.finalize(cm)
+        cm(ids)
+    assert len(graphs["calibrate"]) == 4 and len(graphs["quantize"]) == 2, graphs
+
+
+def test_all_experts_refuses_what_it_cannot_route() -> None:
+    """Each refusal names what is wrong and leaves nothing attached."""
+    with pytest.raises(ValueError, match=r"calib='all_experts' .* weight-only config \(activation=None\) has none"):
+        moeq.FP8_W8A16.replace(calib="all_experts")
+    with pytest.raises(ValueError, match=r"act_scale='token' computes them from each row at run time"):
+        moeq.FP8_DYNAMIC.replace(calib="all_experts")
+    with pytest.raises(ValueError, match=r"calib='everything' is not valid; choose one of \['routed', 'all_experts'\]"):
+        moeq.FP8.replace(calib="everything")
+    llama4 = tiny_model("llama4", torch.bfloat16, num_hidden_layers=1)
+    with pytest.raises(ValueError, match=r"route their tokens otherwise: model\.layers\.0\.feed_forward\.experts "):
+        moeq.prepare(llama4, ALL_EXPERTS_FP8)
+    assert get_state(llama4, required=False) is None
+
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 16, 8, dtype=torch.bfloat16))
+
+        def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+            return torch._grouped_mm(x, self.w, offs)
+
+    gm = fx.symbolic_trace(Experts())
+    with pytest.raises(ValueError, match=r"quantize_graph: .*calib='all_experts'.* routing is fixed when it is traced"):
+        moeq.quantize_graph(gm, ALL_EXPERTS_FP8)
+    assert get_state(gm, required=False) is None
+
+
+def test_expert_parallel_experts_module_is_refused_at_calibration() -> None:
+    """transformers' expert parallelism leaves each rank its own experts: routing every token to every expert is
+    not something one rank can do, so the calibrating forward raises with the reason."""
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1), ALL_EXPERTS_FP8)
+    _experts(model)._is_expert_parallel = True
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with pytest.raises(RuntimeError, match=r"calib='all_experts' on Qwen3MoeExperts under transformers' expert"):
+        with torch.no_grad(), moeq.calibrate(cm):
+            cm(make_tokens(seed=4))
+
+
+mtq = pytest.importorskip("modelopt.torch.quantization")
+from listed_experts import listed_model  # noqa: E402
+from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
+from test_export import _differing_bytes, _load_dir, _modelopt_cfg  # noqa: E402
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_modelopt_all_experts_calibration_byte_parity(fmt: str, tmp_path: Path) -> None:
+    """moeq with ``calib="all_experts"`` exports the same bytes as modelopt 0.47 calibrated with
+    ``moe_calib_experts_ratio=1.0`` on the same model and batch (every expert tensor, input scales included) and the
+    same ``hf_quant_config.json`` quantization section.
+
+    modelopt applies the ratio to MoE blocks whose experts are a module list (transformers 5's fused experts are
+    not iterable), so its side runs the module-list copy of the tiny Qwen3-MoE (same weights and logits as the
+    fused one, ``listed_experts.py``); under a ratio it keeps each expert's input amax (no cross-expert sync), which
+    is moeq's ``act_scale="per_expert"``. moeq's routed calibration of the same model differs from both, so the
+    comparison is not vacuous."""
+    ids = make_tokens(seed=0)
+    cfg = {**copy.deepcopy(_modelopt_cfg(fmt)), "algorithm": {"method": "max", "moe_calib_experts_ratio": 1.0}}
+    peer = mtq.quantize(listed_model(), cfg, lambda m: m(input_ids=ids))
+    export_hf_checkpoint(peer, export_dir=tmp_path / "modelopt")
+    theirs = _load_dir(tmp_path / "modelopt")
+
+    preset = (moeq.NVFP4 if fmt == "nvfp4" else moeq.FP8).replace(act_scale="per_expert")
+    ours = {}
+    for calib in ("all_experts", "routed"):
+        torch._dynamo.reset()
+        model = moeq.prepare(
+            tiny_model("qwen3_moe", torch.bfloat16, seed=0, num_hidden_layers=1), preset.replace(calib=calib)
+        )
+        cm = torch.compile(model, backend="moeq_aot_eager")
+        with torch.no_grad(), moeq.calibrate(cm):
+            cm(ids)
+        moeq.finalize(cm)
+        ours[calib] = _load_dir(moeq.export_hf(model, tmp_path / f"moeq-{calib}", "modelopt"))
+    assert sorted(ours["all_experts"]) == sorted(theirs)
+    assert _differing_bytes(ours["all_experts"], theirs) == {}
+    quant = [
+        json.loads((tmp_path / d / "hf_quant_config.json").read_text())["quantization"]
+        for d in ("moeq-all_experts", "modelopt")
+    ]
+    assert quant[0] == quant[1]
+    differ = _differing_bytes(ours["routed"], theirs)
+    assert differ and all(k.endswith("input_scale") for k in differ), differ
