@@ -445,6 +445,31 @@ def test_fp8_dynamic_compiled_cuda(freeze):
     assert rel < 2e-2, rel
 
 
+def test_all_experts_calibration_cuda():
+    """``calib="all_experts"`` under backend="moeq" on CUDA (Inductor, the Triton observer kernels): token counts
+    equal the CPU run's of the same fp32 model and batch, input amaxes agree within fp32 GEMM rounding, and the
+    finalized model runs."""
+    config = moeq.FP8.replace(act_scale="per_expert", calib="all_experts")
+    tokens = make_tokens(batch=4, seq=64)
+    states = {}
+    for device in ("cpu", "cuda"):
+        torch._dynamo.reset()
+        model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1).to(device), config)
+        cm = torch.compile(model, backend="moeq" if device == "cuda" else "moeq_aot_eager")
+        with torch.no_grad():
+            with moeq.calibrate(cm):
+                cm(tokens.to(device))
+            moeq.finalize(cm)
+            assert torch.isfinite(cm(tokens.to(device)).logits).all()
+        states[device] = {
+            k: (s.tokens_per_expert.cpu(), s.input_amax.cpu()) for k, s in moeq.quant_state(model).items()
+        }
+    for fqn, (count, amax) in states["cpu"].items():
+        assert torch.equal(states["cuda"][fqn][0], count), fqn
+        assert count.min() > tokens.numel(), fqn  # every token, plus the routed ones
+        torch.testing.assert_close(states["cuda"][fqn][1], amax, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize(("config", "freeze"), [("NVFP4", False), ("FP8", True), ("NVFP4_W4A16", True)])
 @pytest.mark.usefixtures("fuse_always")
 def test_profiler_one_triton_kernel_per_expert_gemm(config, freeze):
