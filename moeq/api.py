@@ -114,7 +114,8 @@ def prepare(
                 module.register_forward_pre_hook(_mode_guard)
                 module.__class__ = _mode_reading_class(type(module), expert_params)
                 object.__setattr__(module, "_moeq_guard_installed", True)
-            if config.calib == "all_experts" and not getattr(module, "_moeq_all_experts_installed", False):
+            routed = is_routed_experts_module(module)
+            if config.calib == "all_experts" and routed and not getattr(module, "_moeq_all_experts_installed", False):
                 module.register_forward_pre_hook(route_to_all_experts, with_kwargs=True)
                 object.__setattr__(module, "_moeq_all_experts_installed", True)
     return model
@@ -122,11 +123,14 @@ def prepare(
 
 def _check_all_experts_routable(model: nn.Module) -> None:
     """Raise, naming them, if modules own expert weights that ``calib="all_experts"`` cannot route every token
-    to (anything but a transformers experts module: a bmm or per-expert-loop form, a Megatron expert linear)."""
+    to (anything but a transformers experts module: a bmm or per-expert-loop form, a Megatron expert linear).
+    Convolutions' 3-D weights are not experts."""
     others = [
         f"{prefix or '<root>'} ({type(module).__name__})"
         for prefix, module in model.named_modules()
-        if _expert_params(prefix, module) and not is_routed_experts_module(module)
+        if _expert_params(prefix, module)
+        and not is_routed_experts_module(module)
+        and not isinstance(module, nn.modules.conv._ConvNd)
     ]
     if others:
         shown = ", ".join(others[:4]) + (f", ... ({len(others) - 4} more)" if len(others) > 4 else "")

@@ -107,6 +107,40 @@ def test_every_expert_observes_every_token(family: str) -> None:
     assert "calib=all_experts" in str(moeq.explain(cm))
 
 
+#: the other transformers 5 families whose experts modules take (hidden_states, top_k_index, top_k_weights), with
+#: one MoE decoder layer each (DeepSeek-V3 / GLM-4-MoE: no dense first layer; Qwen3-Next: a full-attention layer)
+MORE_FAMILIES = {
+    "mixtral": {},
+    "olmoe": {},
+    "deepseek_v3": {"first_k_dense_replace": 0},
+    "qwen2_moe": {},
+    "qwen3_next": {"layer_types": ["full_attention"]},
+    "glm4_moe": {},
+    "granitemoe": {},
+    "phimoe": {},
+}
+
+
+@pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
+def test_more_families_calibrate_every_expert_on_every_token(family: str) -> None:
+    """Every expert weight of each family counts every calibration token plus the tokens its router sent (read from
+    an eager copy's experts calls), and every expert is calibrated."""
+    ids = make_tokens(seed=5)
+    model = tiny_model(family, torch.float32, num_hidden_layers=1, **MORE_FAMILIES[family])
+    _, topk, _ = _eager_block_inputs(copy.deepcopy(model), [ids])
+    moeq.prepare(model, ALL_EXPERTS_FP8)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(ids, use_cache=False)
+    moeq.finalize(cm)
+    experts = _experts(model)
+    want = ids.numel() + torch.bincount(topk[0].flatten(), minlength=experts.num_experts)
+    state = moeq.quant_state(model)
+    assert len(state) == 2
+    for s in state.values():
+        assert torch.equal(s.tokens_per_expert, want) and bool(s.calibrated.all()), (s.fqn, s.tokens_per_expert, want)
+
+
 def test_the_extra_call_is_traced_into_calibration_graphs_only() -> None:
     """Dynamo's calibration graph holds each expert weight's grouped GEMM twice (every token to every expert, then
     the routed call); after finalize() the recompiled graph holds it once, as with routed calibration."""
@@ -142,6 +176,11 @@ def test_all_experts_refuses_what_it_cannot_route() -> None:
     with pytest.raises(ValueError, match=r"route their tokens otherwise: model\.layers\.0\.feed_forward\.experts "):
         moeq.prepare(llama4, ALL_EXPERTS_FP8)
     assert get_state(llama4, required=False) is None
+    # a convolution's 3-D weight is no expert: Qwen3-Next's linear attention is accepted, only experts get the hook
+    hybrid = moeq.prepare(tiny_model("qwen3_next", torch.float32), ALL_EXPERTS_FP8)
+    hooked = {n for n, m in hybrid.named_modules() if getattr(m, "_moeq_all_experts_installed", False)}
+    assert hooked == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    assert any(isinstance(m, nn.Conv1d) for m in hybrid.modules())
 
     class Experts(nn.Module):
         def __init__(self) -> None:
