@@ -161,7 +161,10 @@ def survey(model_type: str, dtype: torch.dtype, config: moeq.QuantConfig = moeq.
         row["missed"] = sorted(set(expert_weights) - {r.fqn for r in report.rewritten})
         row["not_rewritten"] = sorted({s.reason for s in report.skipped if not s.reason.startswith(DENSE)})
         row["rel_err"] = float((out.float() - ref.float()).norm() / ref.float().norm())
+        row["min_tokens_per_expert"] = min(int(s.tokens_per_expert.min()) for s in moeq.quant_state(model).values())
         row["status"] = "ok" if row["rewritten"] and not row["missed"] else "expert weights missed"
+        if row["status"] == "ok" and config.calib == "all_experts" and row["min_tokens_per_expert"] < tokens.numel():
+            row["status"] = "an expert saw fewer rows than calibration tokens under calib='all_experts'"
         if row["status"] == "ok" and row["rel_err"] == 0:  # look closer: are the experts in the output path?
             row["status"] = "ok, but the quantized output equals the unquantized one"
     except Exception as err:  # noqa: BLE001
@@ -179,16 +182,18 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", default="", help="write the rows here")
     parser.add_argument("--config", default="FP8", choices=PRESETS, help="the moeq preset to quantize with")
+    parser.add_argument("--calib", default="routed", choices=["routed", "all_experts"], help="QuantConfig.calib")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     families = args.families.split(",") if args.families else moe_families()
     rows = []
     for family in families:
-        row = survey(family, getattr(torch, args.dtype), getattr(moeq, args.config))
+        row = survey(family, getattr(torch, args.dtype), getattr(moeq, args.config).replace(calib=args.calib))
         rows.append(row)
         print(
             f"{family:22s} {row['status'][:70]:70s} weights={row.get('expert_weights', '-')} "
             f"rewritten={row.get('rewritten', '-')} rel_err={row.get('rel_err', float('nan')):.3g} "
+            f"min_tokens={row.get('min_tokens_per_expert', '-')} "
             f"{row.get('forms', '')} {row.get('missed', '')} {row.get('not_rewritten', '')}",
             flush=True,
         )

@@ -141,6 +141,26 @@ def test_more_families_calibrate_every_expert_on_every_token(family: str) -> Non
         assert torch.equal(s.tokens_per_expert, want) and bool(s.calibrated.all()), (s.fqn, s.tokens_per_expert, want)
 
 
+def test_checkpoint_loads_into_a_model_prepared_for_routed_calibration(tmp_path: Path) -> None:
+    """``calib`` says how statistics were gathered, not what the quantized model computes: a finalized state saved
+    under ``all_experts`` loads into the same model prepared with ``calib="routed"``, every amax and count equal."""
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1), ALL_EXPERTS_FP8)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(make_tokens(seed=6))
+    moeq.finalize(cm)
+    moeq.save_state(model, tmp_path / "state")
+    other = moeq.prepare(
+        tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1), ALL_EXPERTS_FP8.replace(calib="routed")
+    )
+    moeq.load_state(other, tmp_path / "state")
+    saved, loaded = moeq.quant_state(model), moeq.quant_state(other)
+    assert sorted(saved) == sorted(loaded)
+    for fqn, s in saved.items():
+        for name in ("weight_amax", "input_amax", "tokens_per_expert"):
+            assert torch.equal(getattr(loaded[fqn], name), getattr(s, name)), (fqn, name)
+
+
 def test_the_extra_call_is_traced_into_calibration_graphs_only() -> None:
     """Dynamo's calibration graph holds each expert weight's grouped GEMM twice (every token to every expert, then
     the routed call); after finalize() the recompiled graph holds it once, as with routed calibration."""

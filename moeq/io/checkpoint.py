@@ -149,6 +149,11 @@ def _config_dict(config: QuantConfig) -> dict[str, Any]:
     return out
 
 
+#: QuantConfig fields that say how statistics were gathered, not what the quantized model computes: a checkpoint
+#: loads into a model prepared with other values of them
+_CALIBRATION_ONLY = ("calib",)
+
+
 def save_state(
     model: Any, path: str | os.PathLike, ep_group: Any = None, tp_group: Any = None, process_group: Any = None
 ) -> None:
@@ -256,6 +261,8 @@ def load_state(
             errors.append(f"checkpoint format version {saved.get('version')} != supported {FORMAT_VERSION}")
         mine = _config_dict(state.config)
         theirs = {"weight_scale": "expert", **saved.get("config", {})}  # checkpoints from before weight_scale
+        for key in _CALIBRATION_ONLY:
+            mine.pop(key, None), theirs.pop(key, None)
         if theirs != mine:
             diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
             errors.append(f"checkpoint was saved with another QuantConfig: (saved, model) = {diff}")
