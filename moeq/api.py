@@ -63,7 +63,9 @@ def _mode_reading_class(cls: type, names: tuple[str, ...]) -> type:
 
 def _expert_params(prefix: str, module: nn.Module) -> tuple[str, ...]:
     """The module's own expert weights: stacked ``[E, ...]`` parameters, or the 2-D weight of one expert of a
-    per-expert module list (``experts.3.w1``, Megatron's ``local_experts.3.linear_fc1``)."""
+    per-expert module list (``experts.3.w1``, Megatron's ``local_experts.3.linear_fc1``). A convolution owns none."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return ()
     return tuple(
         sorted(
             n
@@ -123,14 +125,11 @@ def prepare(
 
 def _check_all_experts_routable(model: nn.Module) -> None:
     """Raise, naming them, if modules own expert weights that ``calib="all_experts"`` cannot route every token
-    to (anything but a transformers experts module: a bmm or per-expert-loop form, a Megatron expert linear).
-    Convolutions' 3-D weights are not experts."""
+    to (anything but a transformers experts module: a bmm or per-expert-loop form, a Megatron expert linear)."""
     others = [
         f"{prefix or '<root>'} ({type(module).__name__})"
         for prefix, module in model.named_modules()
-        if _expert_params(prefix, module)
-        and not is_routed_experts_module(module)
-        and not isinstance(module, nn.modules.conv._ConvNd)
+        if _expert_params(prefix, module) and not is_routed_experts_module(module)
     ]
     if others:
         shown = ", ".join(others[:4]) + (f", ... ({len(others) - 4} more)" if len(others) > 4 else "")

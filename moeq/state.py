@@ -36,6 +36,7 @@ __all__ = [
     "owner_of",
     "attach_state",
     "register_owner",
+    "stacked_expert_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,18 @@ class ExpertQuantState(nn.Module):
 #: a 2-D weight of one expert in a module list (HF ``experts.3.w1.weight``, Megatron SequentialMLP's
 #: ``local_experts.3.linear_fc1.weight``)
 _LISTED_EXPERT = re.compile(r"((?:^|\.)(?:local_)?experts\.)(\d+)(\.)")
+
+
+def stacked_expert_weights(root: nn.Module) -> list[str]:
+    """FQNs of the stacked expert weights under ``root``: parameters of 3 or more dims (``[E, ...]``). A
+    convolution's weight (Qwen3-Next's linear attention has a ``Conv1d``) is 3-D and no expert."""
+    return [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in root.named_modules()
+        if not isinstance(module, nn.modules.conv._ConvNd)
+        for name, p in module.named_parameters(recurse=False)
+        if p.dim() >= 3
+    ]
 
 
 def listed_expert_key(fqn: str) -> tuple[str, int] | None:

@@ -354,6 +354,29 @@ def test_checkpoint_into_model_with_fewer_layers(saved: Path) -> None:
         moeq.load_state(model, saved)
 
 
+def test_checkpoint_of_a_model_with_a_convolution(tmp_path: Path) -> None:
+    """A convolution's 3-D weight is no expert weight: Qwen3-Next (linear attention with a ``Conv1d``) saves and
+    loads its experts' state without the checkpoint asking for the convolution (it did until session 31)."""
+    from moeq.integrations.hf import tiny_model
+
+    def calibrated() -> torch.nn.Module:
+        model = moeq.prepare(tiny_model("qwen3_next", torch.float32), moeq.FP8)
+        cm = torch.compile(model, backend="moeq_aot_eager")
+        with torch.no_grad(), moeq.calibrate(cm):
+            cm(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), use_cache=False)
+        moeq.finalize(cm)
+        return model
+
+    model = calibrated()
+    assert any(isinstance(m, torch.nn.Conv1d) for m in model.modules())
+    moeq.save_state(model, tmp_path / "state")
+    fresh = moeq.prepare(tiny_model("qwen3_next", torch.float32), moeq.FP8)
+    moeq.load_state(fresh, tmp_path / "state")
+    want = _snapshot(model)
+    assert len(want) > 0 and _snapshot(fresh).keys() == want.keys()
+    _assert_unchanged(fresh, want)
+
+
 def test_checkpoint_mis_shaped(saved: Path) -> None:
     model = _fresh(num_experts=16)
     with pytest.raises(CheckpointError, match=r"mis-shaped entry.*global_weight_shape.*\[8, 64, 64\].*\[16, 64, 64\]"):

@@ -40,7 +40,7 @@ from moeq.config import QuantConfig
 from moeq.formats import block_amax
 from moeq.io.hf_layout import _first_half, _second_half, expert_layout
 from moeq.runtime.collectives import ProcessGroups, all_gather_objects, default_groups
-from moeq.state import ExpertQuantState, ModelQuantState, get_state, listed_members
+from moeq.state import ExpertQuantState, ModelQuantState, get_state, listed_members, stacked_expert_weights
 
 __all__ = ["save_state", "load_state", "CheckpointError"]
 
@@ -270,7 +270,7 @@ def load_state(
     expected = _expected_layers(state, groups)
     saved_layers = saved.get("layers", {})
     if saved:
-        untraced = {n for n, p in state._root.named_parameters() if p.dim() >= 3 and not state.excluded(n)}
+        untraced = {n for n in stacked_expert_weights(state._root) if not state.excluded(n)}
         missing = sorted((set(expected) | untraced) - set(saved_layers))
         extra = sorted(set(saved_layers) - set(expected))
         if missing:
