@@ -11,11 +11,19 @@ import torch
 from moeq.config import PRESETS
 
 
-def _inspect(args: argparse.Namespace) -> None:
+def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     import moeq
     from moeq.integrations.hf import tiny_model
 
-    model = moeq.prepare(tiny_model(args.family, getattr(torch, args.dtype)), getattr(moeq, args.config))
+    if args.export and args.calib == "all_experts":
+        parser.error(
+            "--calib all_experts reroutes tokens while the model runs, so it needs torch.compile, not --export"
+        )
+    try:
+        config = getattr(moeq, args.config).replace(calib=args.calib)
+    except ValueError as err:
+        parser.error(str(err))
+    model = moeq.prepare(tiny_model(args.family, getattr(torch, args.dtype)), config)
     tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     kwargs = {"use_cache": False}
     if args.export:
@@ -66,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     inspect.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     inspect.add_argument("--config", default="NVFP4", choices=PRESETS)
     inspect.add_argument(
+        "--calib", default="routed", choices=["routed", "all_experts"], help="QuantConfig.calib (default: routed)"
+    )
+    inspect.add_argument(
         "--export", action="store_true", help="use torch.export + quantize_graph instead of torch.compile"
     )
     inspect.add_argument("--svg", default=None, help="also draw the rewritten regions to this SVG file")
@@ -76,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
 
         demo_main(args.rest)
     elif args.command == "inspect":
-        _inspect(args)
+        _inspect(args, inspect)
     else:
         _bench(args)
 

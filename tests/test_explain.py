@@ -76,16 +76,35 @@ def test_graph_views(tmp_path):
 
 
 def test_inspect_command_prints_the_table():
-    """`python -m moeq inspect` prints the explain() table for the built-in tiny model."""
+    """`python -m moeq inspect` prints the explain() table for the built-in tiny model (here calibrated with every
+    token through every expert)."""
     out = subprocess.run(
-        [sys.executable, "-m", "moeq", "inspect", "--config", "FP8"],
+        [sys.executable, "-m", "moeq", "inspect", "--config", "FP8", "--calib", "all_experts"],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     ).stdout
     assert "4 expert GEMMs rewritten" in out
+    assert "calib=all_experts" in out
     assert "model.layers.1.mlp.experts.down_proj" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--calib", "all_experts", "--export"], "needs torch.compile, not --export"),
+        (["--config", "NVFP4_W4A16", "--calib", "all_experts"], "weight-only config"),
+    ],
+)
+def test_inspect_command_refuses_calib_it_cannot_run(argv, message, capsys):
+    """Impossible --calib combinations end in argparse's usage error with the reason, not a traceback."""
+    from moeq.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_report_says_how_the_backend_lowers_the_gemms():
