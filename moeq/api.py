@@ -116,20 +116,23 @@ def prepare(
                 module.register_forward_pre_hook(_mode_guard)
                 module.__class__ = _mode_reading_class(type(module), expert_params)
                 object.__setattr__(module, "_moeq_guard_installed", True)
-            routed = is_routed_experts_module(module)
-            if config.calib == "all_experts" and routed and not getattr(module, "_moeq_all_experts_installed", False):
-                module.register_forward_pre_hook(route_to_all_experts, with_kwargs=True)
-                object.__setattr__(module, "_moeq_all_experts_installed", True)
+            if config.calib == "all_experts" and is_routed_experts_module(module):
+                if not getattr(module, "_moeq_all_experts_installed", False):
+                    module.register_forward_pre_hook(route_to_all_experts, with_kwargs=True)
+                    object.__setattr__(module, "_moeq_all_experts_installed", True)
+                state.all_experts_modules.add(prefix)
     return model
 
 
 def _check_all_experts_routable(model: nn.Module) -> None:
-    """Raise, naming them, if modules own expert weights that ``calib="all_experts"`` cannot route every token
-    to (anything but a transformers experts module: a bmm or per-expert-loop form, a Megatron expert linear)."""
+    """Raise, naming them, if expert modules own weights that ``calib="all_experts"`` cannot route every token to
+    (anything but a transformers experts module: a bmm or per-expert-loop form, a Megatron expert linear). Only
+    modules named ``*expert*`` are judged here (a 3-D parameter elsewhere, such as Kimi-Linear's ``A_log``, need
+    not be an expert weight); ``finalize()`` refuses any expert GEMM the pass found on another module."""
     others = [
         f"{prefix or '<root>'} ({type(module).__name__})"
         for prefix, module in model.named_modules()
-        if _expert_params(prefix, module) and not is_routed_experts_module(module)
+        if "expert" in prefix.lower() and _expert_params(prefix, module) and not is_routed_experts_module(module)
     ]
     if others:
         shown = ", ".join(others[:4]) + (f", ... ({len(others) - 4} more)" if len(others) > 4 else "")

@@ -294,6 +294,9 @@ class ModelQuantState(nn.Module):
         self.reused_graphs: dict[str, str] = {}
         #: weight FQN pattern -> "column" | "row": how tensor parallelism shards each expert weight
         self.tp_sharding: dict[str, str] = {}
+        #: QuantConfig(calib="all_experts"): the modules whose calibration forwards run every token through every
+        #: expert (moeq.prepare hooked them); finalize() refuses an expert weight owned by any other
+        self.all_experts_modules: set[str] = set()
         self._root: Any = None
 
     # -- lookup ----------------------------------------------------------------------------------

@@ -201,6 +201,36 @@ def test_all_experts_refuses_what_it_cannot_route() -> None:
     hooked = {n for n, m in hybrid.named_modules() if getattr(m, "_moeq_all_experts_installed", False)}
     assert hooked == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
     assert any(isinstance(m, nn.Conv1d) for m in hybrid.modules())
+    # nor is a 3-D parameter outside an expert module (Kimi-Linear's forget gate has a 4-D ``A_log``)
+    gated = tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1)
+    gated.model.layers[0].self_attn.register_parameter("A_log", nn.Parameter(torch.zeros(1, 1, 4, 1)))
+    moeq.prepare(gated, ALL_EXPERTS_FP8)
+
+
+class HandWrittenMoE(nn.Module):
+    """Stacked expert weights on a module that is not a transformers experts module (and not named like one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 16, 8))
+
+    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x.bfloat16(), self.w.bfloat16(), offs).float()
+
+
+def test_finalize_refuses_expert_gemms_it_could_not_route() -> None:
+    """An expert GEMM the pass finds on any other module saw routed tokens only: finalize() names its weight and
+    changes nothing, rather than passing routed statistics off as all-experts ones."""
+    model = moeq.prepare(HandWrittenMoE(), ALL_EXPERTS_FP8)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(torch.randn(10, 16), torch.tensor([3, 5, 5, 10], dtype=torch.int32))
+    with pytest.raises(
+        RuntimeError, match=r"finalize\(\): QuantConfig\(calib='all_experts'\).*routed tokens alone: \['w'\]"
+    ):
+        moeq.finalize(cm)
+    state = get_state(model)
+    assert not state.finalized and state.mode == "off"
 
     class Experts(nn.Module):
         def __init__(self) -> None:
