@@ -86,13 +86,16 @@ def test_qat_gradients_flow_through_ste():
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def test_regional_compile_reuses_one_graph_with_each_layers_state():
+@pytest.mark.parametrize("calib", ["routed", "all_experts"])
+def test_regional_compile_reuses_one_graph_with_each_layers_state(calib):
     """Compiling each experts module in place makes Dynamo reuse one compiled frame for every layer; the
     state buffers are bound per call from the weight passed, so every layer keeps its own statistics,
-    equal to those of a whole-model compile (checked against independent hooks in test_calibration)."""
+    equal to those of a whole-model compile (checked against independent hooks in test_calibration). With
+    ``calib="all_experts"`` the experts module's pre-hook runs inside its compiled frame, with the same result."""
     tokens = make_tokens(seed=3, batch=2, seq=12)
-    whole = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=4), moeq.FP8)
-    regional = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=4), moeq.FP8)
+    config = moeq.FP8.replace(calib=calib)
+    whole = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=4), config)
+    regional = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=4), config)
     for module in regional.modules():
         if type(module).__name__ == "Qwen3MoeExperts":
             module.compile(backend="moeq_aot_eager")
@@ -108,6 +111,8 @@ def test_regional_compile_reuses_one_graph_with_each_layers_state():
         for fqn in want:
             for name in ("observed_input_amax", "tokens_per_expert", "input_amax", "weight_amax"):
                 assert torch.equal(getattr(got[fqn], name), getattr(want[fqn], name)), (fqn, name)
+        if calib == "all_experts":  # every token reached every expert, plus the routed ones
+            assert all(int(s.tokens_per_expert.min()) > tokens.numel() for s in got.values())
         layer0, layer1 = (got[f"model.layers.{i}.mlp.experts.down_proj"].observed_input_amax for i in (0, 1))
         assert not torch.equal(layer0, layer1)
         assert torch.equal(regional(tokens).logits, compiled(tokens).logits)
