@@ -9,7 +9,13 @@ import torch
 from torch import fx, nn
 
 from moeq.config import NVFP4, QuantConfig
-from moeq.integrations.hf import is_routed_experts_module, route_to_all_experts, use_grouped_experts
+from moeq.integrations.hf import (
+    is_module_list_moe_block,
+    is_routed_experts_module,
+    route_block_to_all_experts,
+    route_to_all_experts,
+    use_grouped_experts,
+)
 from moeq.passes.insert_qdq import rewrite_graph
 from moeq.state import ModelQuantState, attach_state, get_state, listed_expert_key, owner_of
 
@@ -96,7 +102,7 @@ def prepare(
             f"config must be a moeq.QuantConfig (or preset such as moeq.NVFP4), got {type(config).__name__}"
         )
     if config.calib == "all_experts":
-        _check_all_experts_routable(model)
+        _check_all_experts_routable(model, _all_experts_routes(model))
     existing = get_state(model, required=False)
     if existing is not None and existing.config == config:
         _set_tp_sharding(existing, tp_sharding)
@@ -116,30 +122,49 @@ def prepare(
                 module.register_forward_pre_hook(_mode_guard)
                 module.__class__ = _mode_reading_class(type(module), expert_params)
                 object.__setattr__(module, "_moeq_guard_installed", True)
-            if config.calib == "all_experts" and is_routed_experts_module(module):
-                if not getattr(module, "_moeq_all_experts_installed", False):
-                    module.register_forward_pre_hook(route_to_all_experts, with_kwargs=True)
-                    object.__setattr__(module, "_moeq_all_experts_installed", True)
-                state.all_experts_modules.add(prefix)
+    if config.calib == "all_experts":
+        for prefix, (module, hook) in _all_experts_routes(model).items():
+            object.__setattr__(module, "_moeq_mode", state.mode_box)
+            if not getattr(module, "_moeq_all_experts_installed", False):
+                module.register_forward_pre_hook(hook, with_kwargs=True)
+                object.__setattr__(module, "_moeq_all_experts_installed", True)
+            state.all_experts_modules.add(prefix)
     return model
 
 
-def _check_all_experts_routable(model: nn.Module) -> None:
+def _all_experts_routes(model: nn.Module) -> dict[str, tuple[nn.Module, Any]]:
+    """Where ``calib="all_experts"`` sends every token to every expert: ``{prefix: (module, pre-hook)}`` for each
+    transformers experts module and each module-list MoE block (the experts of a block go through the block)."""
+    routes: dict[str, tuple[nn.Module, Any]] = {}
+    for prefix, module in model.named_modules():
+        if is_routed_experts_module(module):
+            routes[prefix] = (module, route_to_all_experts)
+        elif is_module_list_moe_block(module):
+            routes[prefix] = (module, route_block_to_all_experts)
+    return routes
+
+
+def _covered(prefix: str, routes: Any) -> bool:
+    return any(prefix == r or prefix.startswith(f"{r}.") for r in routes)
+
+
+def _check_all_experts_routable(model: nn.Module, routes: dict[str, Any]) -> None:
     """Raise, naming them, if expert modules own weights that ``calib="all_experts"`` cannot route every token to
-    (anything but a transformers experts module: a bmm or per-expert-loop form, a Megatron expert linear). Only
-    modules named ``*expert*`` are judged here (a 3-D parameter elsewhere, such as Kimi-Linear's ``A_log``, need
-    not be an expert weight); ``finalize()`` refuses any expert GEMM the pass found on another module."""
+    (outside ``routes``: bmm experts, per-expert loops inside one module, Megatron expert linears). Only modules
+    named ``*expert*`` are judged here (a 3-D parameter elsewhere, such as Kimi-Linear's ``A_log``, need not be an
+    expert weight); ``finalize()`` refuses any expert GEMM the pass found outside ``routes``."""
     others = [
         f"{prefix or '<root>'} ({type(module).__name__})"
         for prefix, module in model.named_modules()
-        if "expert" in prefix.lower() and _expert_params(prefix, module) and not is_routed_experts_module(module)
+        if "expert" in prefix.lower() and _expert_params(prefix, module) and not _covered(prefix, routes)
     ]
     if others:
         shown = ", ".join(others[:4]) + (f", ... ({len(others) - 4} more)" if len(others) > 4 else "")
         raise ValueError(
             "QuantConfig(calib='all_experts') runs every calibration token through every expert at transformers' "
-            "experts modules (experts(hidden_states, top_k_index, top_k_weights)); these modules own expert weights "
-            f"but route their tokens otherwise: {shown}. Use calib='routed' for this model"
+            "experts modules (experts(hidden_states, top_k_index, top_k_weights)) and at MoE blocks with a module "
+            "list of experts and an integer top_k; these modules own expert weights but route their tokens "
+            f"otherwise: {shown}. Use calib='routed' for this model"
         )
 
 

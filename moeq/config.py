@@ -34,9 +34,9 @@ class QuantConfig:
                    calibration data needed).
     calib:         ``"routed"``: activation statistics from the tokens the model's router sends;
                    ``"all_experts"``: while calibrating, every token also runs through every expert (transformers
-                   experts modules; the output stays the routed one), so no expert lacks statistics, as
-                   nvidia-modelopt's ``moe_calib_experts_ratio=1.0``. Costs ``E / top_k`` times the expert work and
-                   activation memory of a calibration forward.
+                   experts modules, module-list MoE blocks; the output stays the routed one), so no expert lacks
+                   statistics, as nvidia-modelopt's ``moe_calib_experts_ratio=1.0``. Costs ``E / top_k`` times the
+                   expert work and activation memory of a calibration forward.
     uncalibrated:  what ``finalize()`` does with a GEMM whose experts saw no token at all: ``"error"``
                    (default) or ``"weight_amax"`` (use the layer's max weight amax as input amax).
     exclude:       fnmatch patterns of weight FQNs to leave unquantized (reported by ``explain()``).

@@ -262,9 +262,11 @@ from listed_experts import listed_model  # noqa: E402
 from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
 from test_export import _differing_bytes, _load_dir, _modelopt_cfg  # noqa: E402
 
+PARITY = [("nvfp4", "fused"), ("fp8", "fused"), ("fp8", "listed")]
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
-def test_modelopt_all_experts_calibration_byte_parity(fmt: str, tmp_path: Path) -> None:
+
+@pytest.mark.parametrize(("fmt", "layout"), PARITY, ids=[f"{f}-{lay}" for f, lay in PARITY])
+def test_modelopt_all_experts_calibration_byte_parity(fmt: str, layout: str, tmp_path: Path) -> None:
     """moeq with ``calib="all_experts"`` exports the same bytes as modelopt 0.47 calibrated with
     ``moe_calib_experts_ratio=1.0`` on the same model and batch (every expert tensor, input scales included) and the
     same ``hf_quant_config.json`` quantization section.
@@ -272,8 +274,9 @@ def test_modelopt_all_experts_calibration_byte_parity(fmt: str, tmp_path: Path) 
     modelopt applies the ratio to MoE blocks whose experts are a module list (transformers 5's fused experts are
     not iterable), so its side runs the module-list copy of the tiny Qwen3-MoE (same weights and logits as the
     fused one, ``listed_experts.py``); under a ratio it keeps each expert's input amax (no cross-expert sync), which
-    is moeq's ``act_scale="per_expert"``. moeq's routed calibration of the same model differs from both, so the
-    comparison is not vacuous."""
+    is moeq's ``act_scale="per_expert"``. moeq runs the fused model (its experts module's hook) or the same
+    module-list model (the block's hook raises ``top_k``, as modelopt does). moeq's routed calibration of the same
+    model differs from both, so the comparison is not vacuous."""
     ids = make_tokens(seed=0)
     cfg = {**copy.deepcopy(_modelopt_cfg(fmt)), "algorithm": {"method": "max", "moe_calib_experts_ratio": 1.0}}
     peer = mtq.quantize(listed_model(), cfg, lambda m: m(input_ids=ids))
@@ -284,13 +287,15 @@ def test_modelopt_all_experts_calibration_byte_parity(fmt: str, tmp_path: Path) 
     ours = {}
     for calib in ("all_experts", "routed"):
         torch._dynamo.reset()
-        model = moeq.prepare(
-            tiny_model("qwen3_moe", torch.bfloat16, seed=0, num_hidden_layers=1), preset.replace(calib=calib)
-        )
+        model = listed_model() if layout == "listed" else tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1)
+        moeq.prepare(model, preset.replace(calib=calib))
         cm = torch.compile(model, backend="moeq_aot_eager")
-        with torch.no_grad(), moeq.calibrate(cm):
+        with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True), moeq.calibrate(cm):
             cm(ids)
         moeq.finalize(cm)
+        if layout == "listed":
+            assert model.model.layers[0].mlp.gate.top_k == 2  # restored after the all-experts forward
+            assert {r.form for r in moeq.explain(cm).rewritten} == {"per-expert module list"}
         ours[calib] = _load_dir(moeq.export_hf(model, tmp_path / f"moeq-{calib}", "modelopt"))
     assert sorted(ours["all_experts"]) == sorted(theirs)
     assert _differing_bytes(ours["all_experts"], theirs) == {}

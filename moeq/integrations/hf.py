@@ -16,7 +16,9 @@ __all__ = [
     "TINY_COMMON",
     "TINY_FAMILIES",
     "expert_parameter_names",
+    "is_module_list_moe_block",
     "is_routed_experts_module",
+    "route_block_to_all_experts",
     "route_to_all_experts",
     "tiny_model",
     "use_grouped_experts",
@@ -182,6 +184,52 @@ def route_to_all_experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[
     tokens, experts = hidden.shape[0], module.num_experts
     every_expert = torch.arange(experts, device=hidden.device).expand(tokens, experts)
     type(module).forward(module, hidden, every_expert, hidden.new_zeros(tokens, experts))
+    return None
+
+
+def _top_k_owner(block: nn.Module) -> nn.Module | None:
+    """Where a MoE block keeps its routing ``top_k``: its gate (transformers 5 routers, remote-code ``MoEGate``s) or
+    the block itself (transformers 4's Mixtral / Qwen-MoE blocks)."""
+    for owner in (getattr(block, "gate", None), block):
+        if isinstance(getattr(owner, "top_k", None), int):
+            return owner
+    return None
+
+
+def _num_routed_experts(block: nn.Module) -> int:
+    """How many experts the block's router chooses from: its gate's or its own ``num_experts`` /
+    ``n_routed_experts`` (the global count under expert parallelism), else the list's length."""
+    for owner in (block.gate, block):
+        for name in ("num_experts", "n_routed_experts"):
+            if isinstance(getattr(owner, name, None), int):
+                return getattr(owner, name)
+    return len(block.experts)
+
+
+def is_module_list_moe_block(module: nn.Module) -> bool:
+    """A MoE block whose experts are a module list called from the block's own forward, routed by an integer
+    ``top_k`` on its gate or on itself (transformers 4 layouts, remote-code models): the structure nvidia-modelopt
+    calls a sparse sequential MoE."""
+    experts, gate = getattr(module, "experts", None), getattr(module, "gate", None)
+    return isinstance(experts, nn.ModuleList) and isinstance(gate, nn.Module) and _top_k_owner(module) is not None
+
+
+def route_block_to_all_experts(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook (``with_kwargs=True``) on a module-list MoE block for ``QuantConfig(calib="all_experts")``:
+    while the model calibrates, first run the block with ``top_k`` raised to the number of experts (the output is
+    dropped), then the routed forward runs as usual, as nvidia-modelopt's ``moe_calib_experts_ratio=1.0`` does
+    for these blocks. The mode box read makes Dynamo trace the extra forward into calibration graphs only."""
+    box = block._moeq_mode
+    box.check()
+    if box.value != "calibrate" or not box.all_experts:
+        return None
+    owner = _top_k_owner(block)
+    top_k = owner.top_k
+    owner.top_k = _num_routed_experts(block)
+    try:
+        type(block).forward(block, *args, **kwargs)
+    finally:
+        owner.top_k = top_k
     return None
 
 

@@ -8,7 +8,8 @@ with a reason for every other GEMM-like node it looked at.
 
 Experts kept as a module list of separate 2-D weights (``local_experts.3.linear_fc1.weight``) are found GEMM by GEMM
 on the list's stacked view: ``weight_fqn`` is the list's key with ``*`` for the expert index, ``weight_shape``
-``[E, *weight]`` and ``listed_expert`` the GEMM's expert, when the graph multiplies each expert of the list once.
+``[E, *weight]`` and ``listed_expert`` the GEMM's expert, when the graph multiplies every expert of the list the same
+number of times (once per pass over the list; ``calib="all_experts"`` runs a calibration pass before the routed one).
 """
 
 from __future__ import annotations
@@ -559,7 +560,8 @@ def _match_listed(node: fx.Node, x: Any, trace: _WeightTrace, op_k_dim: int, fou
 
 def _group_listed_experts(found: list[ExpertGemm], skip) -> list[ExpertGemm]:
     """Give the GEMMs of each module list one stacked view ``[E, *weight]`` (E: the experts the graph multiplies,
-    which must be 0..E-1, each once, with one weight shape); a list that is not whole is reported GEMM by GEMM."""
+    which must be 0..E-1, each the same number of times, with one weight shape); a list that is not whole is
+    reported GEMM by GEMM."""
     lists: dict[str, list[ExpertGemm]] = {}
     for rec in found:
         if rec.listed_expert is not None:
@@ -568,10 +570,11 @@ def _group_listed_experts(found: list[ExpertGemm], skip) -> list[ExpertGemm]:
     for key, recs in lists.items():
         experts = sorted(r.listed_expert for r in recs)
         shapes = {r.weight_shape for r in recs}
-        total = recs[0].listed_total or len(recs)
+        total = recs[0].listed_total or len(set(experts))
+        passes = len(recs) // total
         why = None
-        if experts != list(range(total)):
-            why = f"the graph multiplies experts {experts} of the {total} in {key}, not each of them once"
+        if experts != sorted(list(range(total)) * passes) or len(recs) % total:
+            why = f"the graph multiplies experts {experts} of the {total} in {key}, not each of them as often"
             if len(set(experts)) == len(experts) < total:
                 why += (
                     " (the expert loop may be split over several graphs by graph breaks, e.g. at a data-dependent "
@@ -585,7 +588,7 @@ def _group_listed_experts(found: list[ExpertGemm], skip) -> list[ExpertGemm]:
                 dropped.add(id(r))
                 _skip_2d(r.node, key.replace("*", str(r.listed_expert), 1), 2, skip, why)
             else:
-                r.weight_shape = (len(recs), *r.weight_shape)
+                r.weight_shape = (total, *r.weight_shape)
     return [r for r in found if id(r) not in dropped]
 
 

@@ -129,13 +129,15 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
             f"({len(state)} expert GEMMs are waiting for activation statistics)"
         )
     if state.config.calib == "all_experts":
-        unrouted = sorted(fqn for fqn in state.fqns() if fqn.rsplit(".", 1)[0] not in state.all_experts_modules)
+        unrouted = sorted(
+            fqn for fqn in state.fqns() if not any(fqn.startswith(f"{m}.") for m in state.all_experts_modules)
+        )
         if unrouted:
             raise RuntimeError(
                 "finalize(): QuantConfig(calib='all_experts') ran every calibration token through every expert only "
-                "at transformers' experts modules, and these expert weights sit elsewhere, so their statistics came "
-                f"from routed tokens alone: {unrouted}. Nothing was changed; prepare the model with calib='routed' and calibrate "
-                "again"
+                "at transformers' experts modules and module-list MoE blocks, and these expert weights sit elsewhere, "
+                f"so their statistics came from routed tokens alone: {unrouted}. Nothing was changed; prepare the "
+                "model with calib='routed' and calibrate again"
             )
     groups = default_groups(ep_group, tp_group, dp_group)
     ep_rank, ep_size = groups.rank("ep"), groups.size("ep")
