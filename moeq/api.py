@@ -17,7 +17,7 @@ from moeq.integrations.hf import (
     use_grouped_experts,
 )
 from moeq.passes.insert_qdq import rewrite_graph
-from moeq.state import ModelQuantState, attach_state, get_state, listed_expert_key, owner_of
+from moeq.state import ModelQuantState, attach_state, get_state, is_under, listed_expert_key, owner_of
 
 __all__ = ["prepare", "quantize_graph"]
 
@@ -144,10 +144,6 @@ def _all_experts_routes(model: nn.Module) -> dict[str, tuple[nn.Module, Any]]:
     return routes
 
 
-def _covered(prefix: str, routes: Any) -> bool:
-    return any(prefix == r or prefix.startswith(f"{r}.") for r in routes)
-
-
 def _check_all_experts_routable(model: nn.Module, routes: dict[str, Any]) -> None:
     """Raise, naming them, if expert modules own weights that ``calib="all_experts"`` cannot route every token to
     (outside ``routes``: bmm experts, per-expert loops inside one module, Megatron expert linears). Only modules
@@ -156,7 +152,7 @@ def _check_all_experts_routable(model: nn.Module, routes: dict[str, Any]) -> Non
     others = [
         f"{prefix or '<root>'} ({type(module).__name__})"
         for prefix, module in model.named_modules()
-        if "expert" in prefix.lower() and _expert_params(prefix, module) and not _covered(prefix, routes)
+        if "expert" in prefix.lower() and _expert_params(prefix, module) and not is_under(prefix, routes)
     ]
     if others:
         shown = ", ".join(others[:4]) + (f", ... ({len(others) - 4} more)" if len(others) > 4 else "")

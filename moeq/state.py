@@ -23,7 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from moeq.config import QuantConfig
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
 __all__ = [
     "ExpertQuantState",
@@ -31,6 +31,7 @@ __all__ = [
     "MODES",
     "get_state",
     "is_listed_key",
+    "is_under",
     "listed_expert_key",
     "listed_members",
     "owner_of",
@@ -203,6 +204,12 @@ def stacked_expert_weights(root: nn.Module) -> list[str]:
         for name, p in module.named_parameters(recurse=False)
         if p.dim() >= 3
     ]
+
+
+def is_under(name: str, prefixes: Iterable[str]) -> bool:
+    """Whether the module or parameter ``name`` is one of the modules ``prefixes`` or inside one (``""``: the root,
+    which holds everything)."""
+    return any(p == "" or name == p or name.startswith(f"{p}.") for p in prefixes)
 
 
 def listed_expert_key(fqn: str) -> tuple[str, int] | None:

@@ -20,6 +20,7 @@ import moeq
 from moeq.integrations.hf import is_routed_experts_module, tiny_model
 from moeq.state import get_state
 from tests.conftest import make_tokens
+from tests.listed_experts import ExpertMLP, ListedExperts
 
 ALL_EXPERTS_FP8 = moeq.FP8.replace(act_scale="per_expert", calib="all_experts")
 #: one MoE decoder layer per family (GPT-OSS ties its layer count to layer_types)
@@ -159,6 +160,47 @@ def test_checkpoint_loads_into_a_model_prepared_for_routed_calibration(tmp_path:
     for fqn, s in saved.items():
         for name in ("weight_amax", "input_amax", "tokens_per_expert"):
             assert torch.equal(getattr(loaded[fqn], name), getattr(s, name)), (fqn, name)
+
+
+class Transformers4Block(nn.Module):
+    """A MoE block as transformers 4's Mixtral wrote it: a linear gate, ``top_k`` on the block itself, the experts a
+    module list called from the block's forward (through ``ListedExperts``' sorted split)."""
+
+    def __init__(self, hidden: int = 16, inter: int = 8, experts: int = 4, top_k: int = 1) -> None:
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.top_k = top_k
+        self.experts = ListedExperts(ExpertMLP(hidden, inter, nn.SiLU()) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, chosen = torch.topk(self.gate(x).softmax(dim=-1), self.top_k, dim=-1)
+        return self.experts(x, chosen, weights)
+
+
+def test_block_with_top_k_on_itself_runs_every_token_through_every_expert() -> None:
+    """The block's hook raises the block's own ``top_k`` to the expert count for one forward, then restores it:
+    each expert's down-projection input amax equals float64 math over every token, counts are tokens + routed, and
+    the calibrating output is the top-1 block's."""
+    torch.manual_seed(0)
+    block = Transformers4Block()
+    x = torch.randn(24, 16)
+    with torch.no_grad():
+        want = block(x)
+        _, chosen = torch.topk(block.gate(x), 1, dim=-1)
+    moeq.prepare(block, ALL_EXPERTS_FP8)
+    cm = torch.compile(block, backend="moeq_aot_eager")
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True), moeq.calibrate(cm):
+        got = cm(x)
+    moeq.finalize(cm)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert block.top_k == 1
+    state = moeq.quant_state(block)
+    down = state["experts.*.down_proj.weight"]
+    with torch.no_grad():
+        act = torch.stack([e.act_fn(e.gate_proj(x).double()) * e.up_proj(x).double() for e in block.experts])
+    torch.testing.assert_close(down.observed_input_amax.double(), act.abs().amax(dim=(1, 2)), rtol=1e-6, atol=0)
+    counts = x.shape[0] + torch.bincount(chosen.flatten(), minlength=4)
+    assert all(torch.equal(s.tokens_per_expert, counts) for s in state.values()), counts
 
 
 def test_the_extra_call_is_traced_into_calibration_graphs_only() -> None:

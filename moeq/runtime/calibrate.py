@@ -17,7 +17,7 @@ import torch
 
 from moeq.formats import block_amax, channel_amax, expert_amax
 from moeq.runtime.collectives import LayerStats, default_groups, sync_statistics
-from moeq.state import ExpertQuantState, ModelQuantState, get_state
+from moeq.state import ExpertQuantState, ModelQuantState, get_state, is_under
 
 __all__ = ["calibrate", "finalize", "quant_state"]
 
@@ -129,9 +129,7 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
             f"({len(state)} expert GEMMs are waiting for activation statistics)"
         )
     if state.config.calib == "all_experts":
-        unrouted = sorted(
-            fqn for fqn in state.fqns() if not any(fqn.startswith(f"{m}.") for m in state.all_experts_modules)
-        )
+        unrouted = sorted(fqn for fqn in state.fqns() if not is_under(fqn, state.all_experts_modules))
         if unrouted:
             raise RuntimeError(
                 "finalize(): QuantConfig(calib='all_experts') ran every calibration token through every expert only "
