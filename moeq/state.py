@@ -275,6 +275,12 @@ class ModeBox:
             consequence,
         )
 
+    def calibrating_all_experts(self) -> bool:
+        """Inside ``calibrate()`` under ``QuantConfig(calib="all_experts")`` (read in traced hooks: Dynamo guards on
+        the fields)."""
+        self.check()
+        return self.value == "calibrate" and self.all_experts
+
     def check(self) -> None:
         """Raise on an unknown mode; reading the fields is what makes Dynamo guard on them."""
         if self.value not in MODES or not self.config_key or self.codes_reused not in (False, "codes", "dequantized"):

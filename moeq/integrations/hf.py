@@ -171,9 +171,7 @@ def route_to_all_experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[
 
     ``module._moeq_mode`` (moeq's mode box) is read here, so Dynamo traces the extra call only into graphs
     compiled for calibration."""
-    box = module._moeq_mode
-    box.check()
-    if box.value != "calibrate" or not box.all_experts:
+    if not module._moeq_mode.calibrating_all_experts():
         return None
     if getattr(module, "_is_expert_parallel", False):
         raise RuntimeError(
@@ -219,9 +217,7 @@ def route_block_to_all_experts(block: nn.Module, args: tuple[Any, ...], kwargs: 
     while the model calibrates, first run the block with ``top_k`` raised to the number of experts (the output is
     dropped), then the routed forward runs as usual, as nvidia-modelopt's ``moe_calib_experts_ratio=1.0`` does
     for these blocks. The mode box read makes Dynamo trace the extra forward into calibration graphs only."""
-    box = block._moeq_mode
-    box.check()
-    if box.value != "calibrate" or not box.all_experts:
+    if not block._moeq_mode.calibrating_all_experts():
         return None
     owner = _top_k_owner(block)
     top_k = owner.top_k
