@@ -65,10 +65,14 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options (argparse's REMAINDER drops a leading --option)
+        from moeq.demo import main as demo_main
+
+        return demo_main(argv[1:])
     parser = argparse.ArgumentParser(prog="moeq", description="per-expert quantization of MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the quickstart on a built-in tiny MoE")
-    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("demo", help="run the quickstart on a built-in tiny MoE (moeq demo -h: its options)")
     inspect = sub.add_parser("inspect", help="print explain() for a built-in tiny MoE")
     inspect.add_argument("--family", default="qwen3_moe")
     inspect.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -82,11 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     inspect.add_argument("--svg", default=None, help="also draw the rewritten regions to this SVG file")
     sub.add_parser("bench", help="time the reference fake-quant ops on this machine")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from moeq.demo import main as demo_main
-
-        demo_main(args.rest)
-    elif args.command == "inspect":
+    if args.command == "inspect":
         _inspect(args, inspect)
     else:
         _bench(args)

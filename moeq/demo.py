@@ -59,7 +59,10 @@ def run_quickstart(
     print()
     print(f"relative output error vs the unquantized model: {rel:.4f}")
     print(f"next-token argmax agreement: {agree:.1%}")
-    print("per-expert calibration coverage (tokens routed to each expert):")
+    if config.calib == "all_experts":
+        print("per-expert calibration coverage (rows each expert observed: every token, plus those routed to it):")
+    else:
+        print("per-expert calibration coverage (tokens routed to each expert):")
     for fqn, state in moeq.quant_state(model).items():
         if fqn.endswith("gate_up_proj") or fqn.endswith("w1"):
             print(f"  {fqn}: {state.tokens_per_expert.tolist()}")
@@ -75,8 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="NVFP4", choices=PRESETS)
     parser.add_argument("--backend", default="moeq", help="moeq (Inductor) or moeq_aot_eager")
     parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--calib", default="routed", choices=["routed", "all_experts"], help="QuantConfig.calib")
     args = parser.parse_args(argv)
-    run_quickstart(args.family, getattr(moeq, args.config), args.backend, args.batches)
+    try:
+        config = getattr(moeq, args.config).replace(calib=args.calib)
+    except ValueError as err:
+        parser.error(str(err))
+    run_quickstart(args.family, config, args.backend, args.batches)
 
 
 if __name__ == "__main__":

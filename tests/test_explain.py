@@ -90,6 +90,19 @@ def test_inspect_command_prints_the_table():
     assert "model.layers.1.mlp.experts.down_proj" in out
 
 
+def test_demo_command_passes_its_options_to_the_quickstart(monkeypatch):
+    """`moeq demo --family mixtral --calib all_experts ...` reaches the quickstart with those options (a leading
+    option used to be dropped by argparse's REMAINDER: "unrecognized arguments")."""
+    import moeq.demo
+    from moeq.__main__ import main
+
+    calls = []
+    monkeypatch.setattr(moeq.demo, "run_quickstart", lambda *args: calls.append(args))
+    main(["demo", "--family", "mixtral", "--config", "FP8", "--calib", "all_experts", "--batches", "1"])
+    ((family, config, backend, batches),) = calls
+    assert (family, config, backend, batches) == ("mixtral", moeq.FP8.replace(calib="all_experts"), "moeq", 1)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
