@@ -122,13 +122,14 @@ def prepare(
                 module.register_forward_pre_hook(_mode_guard)
                 module.__class__ = _mode_reading_class(type(module), expert_params)
                 object.__setattr__(module, "_moeq_guard_installed", True)
-    if config.calib == "all_experts":
-        for prefix, (module, hook) in _all_experts_routes(model).items():
-            object.__setattr__(module, "_moeq_mode", state.mode_box)
+    for prefix, (module, hook) in _all_experts_routes(model).items():
+        if config.calib == "all_experts":
+            state.all_experts_modules.add(prefix)
             if not getattr(module, "_moeq_all_experts_installed", False):
                 module.register_forward_pre_hook(hook, with_kwargs=True)
                 object.__setattr__(module, "_moeq_all_experts_installed", True)
-            state.all_experts_modules.add(prefix)
+        if getattr(module, "_moeq_all_experts_installed", False):  # its hook reads this state's mode and config
+            object.__setattr__(module, "_moeq_mode", state.mode_box)
     return model
 
 

@@ -203,6 +203,24 @@ def test_block_with_top_k_on_itself_runs_every_token_through_every_expert() -> N
     assert all(torch.equal(s.tokens_per_expert, counts) for s in state.values()), counts
 
 
+def test_re_prepared_with_routed_calibration_routes_as_the_model_does() -> None:
+    """The hooks stay on the modules after a re-prepare with ``calib="routed"``, and follow the new state: the
+    next calibration counts routed tokens only."""
+    torch.manual_seed(0)
+    block = Transformers4Block()
+    x = torch.randn(24, 16)
+    with torch.no_grad():
+        _, chosen = torch.topk(block.gate(x), 1, dim=-1)
+    routed = torch.bincount(chosen.flatten(), minlength=4)
+    for config, want in ((ALL_EXPERTS_FP8, x.shape[0] + routed), (ALL_EXPERTS_FP8.replace(calib="routed"), routed)):
+        moeq.prepare(block, config)
+        cm = torch.compile(block, backend="moeq_aot_eager")
+        with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True), moeq.calibrate(cm):
+            cm(x)
+        for s in moeq.quant_state(block).values():
+            assert torch.equal(s.tokens_per_expert, want), (config.calib, s.tokens_per_expert, want)
+
+
 def test_the_extra_call_is_traced_into_calibration_graphs_only() -> None:
     """Dynamo's calibration graph holds each expert weight's grouped GEMM twice (every token to every expert, then
     the routed call); after finalize() the recompiled graph holds it once, as with routed calibration."""
