@@ -153,6 +153,18 @@ def test_listed_expert_keys():
     assert listed_expert_key("model.layers.1.shared_expert.gate_proj.weight") is None
 
 
+def test_all_experts_calibration_is_refused_by_name(world):
+    """``calib="all_experts"`` cannot send every token to every expert of a ``SequentialMLP`` (megatron's router and
+    token dispatcher route outside it): prepare() names its expert linears and attaches nothing."""
+    model = sequential_mlp(world)
+    config = moeq.FP8.replace(act_scale="per_expert", calib="all_experts")
+    with pytest.raises(
+        ValueError, match=r"route their tokens otherwise: local_experts\.0\.linear_fc1 \(ColumnParallelLinear\)"
+    ):
+        moeq.prepare(model, config)
+    assert moeq.state.get_state(model, required=False) is None
+
+
 class SteFakeQuant(torch.autograd.Function):
     """The reference STE, written from DESIGN.md: forward ``formats``' fake quant with a fixed amax, backward the
     gradient where ``|v| <= amax`` (the quantizer clipped the rest)."""
