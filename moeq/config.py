@@ -36,7 +36,7 @@ class QuantConfig:
                    ``"all_experts"``: while calibrating, every token also runs through every expert (transformers
                    experts modules, module-list MoE blocks; the output stays the routed one), so no expert lacks
                    statistics, as nvidia-modelopt's ``moe_calib_experts_ratio=1.0``. Costs ``E / top_k`` times the
-                   expert work and activation memory of a calibration forward.
+                   expert work of a calibration forward (in calls of ``4 * top_k`` experts at experts modules).
     uncalibrated:  what ``finalize()`` does with a GEMM whose experts saw no token at all: ``"error"``
                    (default) or ``"weight_amax"`` (use the layer's max weight amax as input amax).
     exclude:       fnmatch patterns of weight FQNs to leave unquantized (reported by ``explain()``).

@@ -221,6 +221,36 @@ def test_re_prepared_with_routed_calibration_routes_as_the_model_does() -> None:
             assert torch.equal(s.tokens_per_expert, want), (config.calib, s.tokens_per_expert, want)
 
 
+def test_all_experts_calls_in_chunks_observe_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``ALL_EXPERTS_CALL_WIDTH = 1`` the extra experts calls take ``top_k`` experts each (4 calls of 2 of the
+    8 experts, bounding their activation memory to the routed call's): statistics bit-equal to one call of all 8."""
+    import moeq.integrations.hf as hf
+
+    ids = make_tokens(seed=7)
+    states = {}
+    moeq_backend = torch._dynamo.lookup_backend("moeq_aot_eager")
+    for width in (hf.ALL_EXPERTS_CALL_WIDTH, 1):
+        monkeypatch.setattr(hf, "ALL_EXPERTS_CALL_WIDTH", width)
+        torch._dynamo.reset()
+        model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1), ALL_EXPERTS_FP8)
+        calls: list[int] = []
+
+        def spy(gm: fx.GraphModule, example_inputs: list, calls: list[int] = calls) -> object:
+            calls.append(sum("grouped_mm" in str(n.target) for n in gm.graph.nodes if n.op == "call_function"))
+            return moeq_backend(gm, example_inputs)
+
+        cm = torch.compile(model, backend=spy)
+        with torch.no_grad(), moeq.calibrate(cm):
+            cm(ids)
+        moeq.finalize(cm)
+        states[width] = moeq.quant_state(model)
+        assert calls == [2 * (1 + 8 // min(8, 2 * width))], calls
+    for fqn, want in states[hf.ALL_EXPERTS_CALL_WIDTH].items():
+        got = states[1][fqn]
+        for name in ("observed_input_amax", "tokens_per_expert", "input_amax"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (fqn, name)
+
+
 def test_the_extra_call_is_traced_into_calibration_graphs_only() -> None:
     """Dynamo's calibration graph holds each expert weight's grouped GEMM twice (every token to every expert, then
     the routed call); after finalize() the recompiled graph holds it once, as with routed calibration."""

@@ -162,12 +162,19 @@ def is_routed_experts_module(module: nn.Module) -> bool:
     )
 
 
+#: ``calib="all_experts"`` sends every token to this many times ``top_k`` experts per extra experts call (so the
+#: call holds at most that many times the routed call's rows: DeepSeek-V3's 256 experts at top-8 take 8 calls of
+#: 32 experts each, not one call with 32x the activation memory)
+ALL_EXPERTS_CALL_WIDTH = 4
+
+
 def route_to_all_experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Forward pre-hook (``with_kwargs=True``) on a transformers experts module for ``QuantConfig(calib=
-    "all_experts")``: while the model calibrates, first run the experts on every token for every expert (the
-    output is dropped), so each expert's observers see every calibration token; then the routed call runs as
-    usual and gives the output. As nvidia-modelopt's ``moe_calib_experts_ratio=1.0``: statistics over both
-    calls, the routed rows being a subset; the model's output is the routed one, unchanged.
+    "all_experts")``: while the model calibrates, first run the experts on every token for every expert (outputs
+    dropped; ``ALL_EXPERTS_CALL_WIDTH * top_k`` experts per call), so each expert's observers see every calibration
+    token; then the routed call runs as usual and gives the output. As nvidia-modelopt's
+    ``moe_calib_experts_ratio=1.0``: statistics over both, the routed rows being a subset; the model's output is the
+    routed one, unchanged.
 
     ``module._moeq_mode`` (moeq's mode box) is read here, so Dynamo traces the extra call only into graphs
     compiled for calibration."""
@@ -179,9 +186,12 @@ def route_to_all_experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[
             "holds only its experts and sees only the tokens routed to it; calibrate with calib='routed'"
         )
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    top_k_index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
     tokens, experts = hidden.shape[0], module.num_experts
-    every_expert = torch.arange(experts, device=hidden.device).expand(tokens, experts)
-    type(module).forward(module, hidden, every_expert, hidden.new_zeros(tokens, experts))
+    width = min(experts, ALL_EXPERTS_CALL_WIDTH * top_k_index.shape[-1])
+    for first in range(0, experts, width):
+        chosen = torch.arange(first, min(first + width, experts), device=hidden.device).expand(tokens, -1)
+        type(module).forward(module, hidden, chosen, hidden.new_zeros(chosen.shape))
     return None
 
 
