@@ -251,6 +251,34 @@ def test_all_experts_calls_in_chunks_observe_the_same(monkeypatch: pytest.Monkey
             assert torch.equal(getattr(got, name), getattr(want, name)), (fqn, name)
 
 
+def test_data_parallel_ranks_sync_to_the_single_process_statistics(tmp_path: Path) -> None:
+    """Two gloo data-parallel ranks, each calibrating its own batch with every token through every expert, finalize
+    (``dp_group``) to the statistics of one process that calibrated on both batches: input amaxes bit-equal (max
+    over ranks), token counts equal (summed over ranks)."""
+    import multiprocessing as mp
+
+    from all_experts_dp_worker import STATISTICS, calibration_batch, run_rank
+
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1), ALL_EXPERTS_FP8)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), moeq.calibrate(cm):
+        for rank in range(2):
+            cm(calibration_batch(rank))
+    moeq.finalize(cm)
+    procs = [mp.get_context("spawn").Process(target=run_rank, args=(r, 2, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert sorted(got) == sorted(moeq.quant_state(model))
+        for fqn, s in moeq.quant_state(model).items():
+            for name in STATISTICS:
+                assert torch.equal(got[fqn][name], getattr(s, name)), (rank, fqn, name)
+
+
 def test_the_extra_call_is_traced_into_calibration_graphs_only() -> None:
     """Dynamo's calibration graph holds each expert weight's grouped GEMM twice (every token to every expert, then
     the routed call); after finalize() the recompiled graph holds it once, as with routed calibration."""
