@@ -1,4 +1,6 @@
-"""transformers integration: switch experts to ``grouped_mm`` and build tiny MoE models from config.
+"""transformers integration: switch experts to ``grouped_mm``, route every calibration token to every expert
+(``QuantConfig(calib="all_experts")``: pre-hooks on experts modules and module-list MoE blocks), and build tiny
+MoE models from config.
 
 The tiny models have random weights and tiny hidden sizes; nothing is downloaded. They are what
 ``moeq demo`` / ``moeq inspect`` and the test-suite run on.
