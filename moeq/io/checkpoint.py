@@ -262,7 +262,8 @@ def load_state(
         mine = _config_dict(state.config)
         theirs = {"weight_scale": "expert", **saved.get("config", {})}  # checkpoints from before weight_scale
         for key in _CALIBRATION_ONLY:
-            mine.pop(key, None), theirs.pop(key, None)
+            mine.pop(key, None)
+            theirs.pop(key, None)
         if theirs != mine:
             diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
             errors.append(f"checkpoint was saved with another QuantConfig: (saved, model) = {diff}")

@@ -573,7 +573,7 @@ def _group_listed_experts(found: list[ExpertGemm], skip) -> list[ExpertGemm]:
         total = recs[0].listed_total or len(set(experts))
         passes = len(recs) // total
         why = None
-        if experts != sorted(list(range(total)) * passes) or len(recs) % total:
+        if experts != sorted(list(range(total)) * passes):
             why = f"the graph multiplies experts {experts} of the {total} in {key}, not each of them as often"
             if len(set(experts)) == len(experts) < total:
                 why += (

@@ -34,8 +34,9 @@ def calibrate(model: Any, reset: bool | None = None) -> Iterator[ModelQuantState
     """Within the block, forwards run in full precision and observers record per-expert statistics.
 
     Statistics accumulate over several ``calibrate()`` blocks; ``reset=True`` (the default after a
-    ``finalize()``) starts over. Under ``QuantConfig(calib="all_experts")`` each transformers experts module first
-    runs every token through every expert (output dropped), then its routed call (the model's output).
+    ``finalize()``) starts over. Under ``QuantConfig(calib="all_experts")`` each transformers experts module (or
+    module-list MoE block) first runs every token through every expert (output dropped), then its routed call (the
+    model's output).
     """
     state = get_state(model)
     _not_frozen(state, "calibrate")
