@@ -17,7 +17,15 @@ from moeq.integrations.hf import (
     use_grouped_experts,
 )
 from moeq.passes.insert_qdq import rewrite_graph
-from moeq.state import ModelQuantState, attach_state, get_state, is_under, listed_expert_key, owner_of
+from moeq.state import (
+    ModelQuantState,
+    attach_state,
+    get_state,
+    is_under,
+    listed_expert_key,
+    owner_of,
+    stacked_expert_params,
+)
 
 __all__ = ["prepare", "quantize_graph"]
 
@@ -69,16 +77,11 @@ def _mode_reading_class(cls: type, names: tuple[str, ...]) -> type:
 
 def _expert_params(prefix: str, module: nn.Module) -> tuple[str, ...]:
     """The module's own expert weights: stacked ``[E, ...]`` parameters, or the 2-D weight of one expert of a
-    per-expert module list (``experts.3.w1``, Megatron's ``local_experts.3.linear_fc1``). A convolution owns none."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return ()
-    return tuple(
-        sorted(
-            n
-            for n, p in module.named_parameters(recurse=False)
-            if p.dim() >= 3 or (p.dim() == 2 and listed_expert_key(f"{prefix}.{n}") is not None)
-        )
-    )
+    per-expert module list (``experts.3.w1``, Megatron's ``local_experts.3.linear_fc1``)."""
+    listed = [
+        n for n, p in module.named_parameters(recurse=False) if p.dim() == 2 and listed_expert_key(f"{prefix}.{n}")
+    ]
+    return tuple(sorted(stacked_expert_params(module) + listed))
 
 
 def prepare(

@@ -37,6 +37,7 @@ __all__ = [
     "owner_of",
     "attach_state",
     "register_owner",
+    "stacked_expert_params",
     "stacked_expert_weights",
 ]
 
@@ -194,15 +195,20 @@ class ExpertQuantState(nn.Module):
 _LISTED_EXPERT = re.compile(r"((?:^|\.)(?:local_)?experts\.)(\d+)(\.)")
 
 
+def stacked_expert_params(module: nn.Module) -> list[str]:
+    """The module's own stacked expert weights: parameters of 3 or more dims (``[E, ...]``). A convolution's weight
+    (Qwen3-Next's linear attention has a ``Conv1d``) is 3-D and no expert."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return []
+    return [name for name, p in module.named_parameters(recurse=False) if p.dim() >= 3]
+
+
 def stacked_expert_weights(root: nn.Module) -> list[str]:
-    """FQNs of the stacked expert weights under ``root``: parameters of 3 or more dims (``[E, ...]``). A
-    convolution's weight (Qwen3-Next's linear attention has a ``Conv1d``) is 3-D and no expert."""
+    """FQNs of the stacked expert weights under ``root`` (:func:`stacked_expert_params` of every module)."""
     return [
         f"{prefix}.{name}" if prefix else name
         for prefix, module in root.named_modules()
-        if not isinstance(module, nn.modules.conv._ConvNd)
-        for name, p in module.named_parameters(recurse=False)
-        if p.dim() >= 3
+        for name in stacked_expert_params(module)
     ]
 
 
