@@ -21,7 +21,7 @@ import warnings
 import torch
 
 import moeq
-from moeq.config import PRESETS
+from moeq.config import CALIB_MODES, PRESETS
 from moeq.integrations.hf import TINY_COMMON
 
 COMMON = dict(
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", default="", help="write the rows here")
     parser.add_argument("--config", default="FP8", choices=PRESETS, help="the moeq preset to quantize with")
-    parser.add_argument("--calib", default="routed", choices=["routed", "all_experts"], help="QuantConfig.calib")
+    parser.add_argument("--calib", default="routed", choices=CALIB_MODES, help="QuantConfig.calib")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     families = args.families.split(",") if args.families else moe_families()

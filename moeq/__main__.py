@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from moeq.config import PRESETS
+from moeq.demo import add_config_arguments, config_from_args
 
 
 def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -19,11 +19,7 @@ def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(
             "--calib all_experts reroutes tokens while the model runs, so it needs torch.compile, not --export"
         )
-    try:
-        config = getattr(moeq, args.config).replace(calib=args.calib)
-    except ValueError as err:
-        parser.error(str(err))
-    model = moeq.prepare(tiny_model(args.family, getattr(torch, args.dtype)), config)
+    model = moeq.prepare(tiny_model(args.family, getattr(torch, args.dtype)), config_from_args(parser, args))
     tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     kwargs = {"use_cache": False}
     if args.export:
@@ -76,10 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     inspect = sub.add_parser("inspect", help="print explain() for a built-in tiny MoE")
     inspect.add_argument("--family", default="qwen3_moe")
     inspect.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    inspect.add_argument("--config", default="NVFP4", choices=PRESETS)
-    inspect.add_argument(
-        "--calib", default="routed", choices=["routed", "all_experts"], help="QuantConfig.calib (default: routed)"
-    )
+    add_config_arguments(inspect, "NVFP4")
     inspect.add_argument(
         "--export", action="store_true", help="use torch.export + quantize_graph instead of torch.compile"
     )

@@ -9,11 +9,12 @@ from typing import Any
 
 from moeq.formats import available_formats
 
-__all__ = ["QuantConfig", "FP8", "FP8_DYNAMIC", "NVFP4", "NVFP4_W4A16", "FP8_W8A16", "PRESETS"]
+__all__ = ["QuantConfig", "FP8", "FP8_DYNAMIC", "NVFP4", "NVFP4_W4A16", "FP8_W8A16", "PRESETS", "CALIB_MODES"]
 
 _WEIGHT_SCALES = ("expert", "channel")
 _ACT_SCALES = ("shared", "per_expert", "token")
-_CALIB = ("routed", "all_experts")
+#: the values of QuantConfig.calib (command lines offer them as --calib)
+CALIB_MODES = ("routed", "all_experts")
 _UNCALIBRATED = ("error", "weight_amax")
 # activation formats never carry fewer bits than the weight format they feed
 _BITS = {"fp8": 8, "nvfp4": 4}
@@ -66,7 +67,7 @@ class QuantConfig:
         for name, value, allowed in (
             ("weight_scale", self.weight_scale, _WEIGHT_SCALES),
             ("act_scale", self.act_scale, _ACT_SCALES),
-            ("calib", self.calib, _CALIB),
+            ("calib", self.calib, CALIB_MODES),
             ("uncalibrated", self.uncalibrated, _UNCALIBRATED),
         ):
             if value not in allowed:

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 import moeq
-from moeq.config import PRESETS
+from moeq.config import CALIB_MODES, PRESETS
 from moeq.integrations.hf import tiny_model
 
 __all__ = ["main", "run_quickstart"]
@@ -70,21 +70,30 @@ def run_quickstart(
     return {"relative_error": rel, "argmax_agreement": agree, "seconds": elapsed}
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--config`` (a preset name) and ``--calib`` (``QuantConfig.calib``), read back by :func:`config_from_args`."""
+    parser.add_argument("--config", default=default, choices=PRESETS)
+    parser.add_argument("--calib", default="routed", choices=CALIB_MODES, help="QuantConfig.calib (default: routed)")
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> moeq.QuantConfig:
+    """The preset ``--config`` with ``--calib``; an impossible pair ends in the parser's usage error."""
+    try:
+        return getattr(moeq, args.config).replace(calib=args.calib)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--family", default="qwen3_moe", help="tiny model family (qwen3_moe, mixtral, olmoe, deepseek_v3, gpt_oss)"
     )
-    parser.add_argument("--config", default="NVFP4", choices=PRESETS)
+    add_config_arguments(parser, "NVFP4")
     parser.add_argument("--backend", default="moeq", help="moeq (Inductor) or moeq_aot_eager")
     parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--calib", default="routed", choices=["routed", "all_experts"], help="QuantConfig.calib")
     args = parser.parse_args(argv)
-    try:
-        config = getattr(moeq, args.config).replace(calib=args.calib)
-    except ValueError as err:
-        parser.error(str(err))
-    run_quickstart(args.family, config, args.backend, args.batches)
+    run_quickstart(args.family, config_from_args(parser, args), args.backend, args.batches)
 
 
 if __name__ == "__main__":
