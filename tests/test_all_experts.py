@@ -221,6 +221,19 @@ def test_re_prepared_with_routed_calibration_routes_as_the_model_does() -> None:
             assert torch.equal(s.tokens_per_expert, want), (config.calib, s.tokens_per_expert, want)
 
 
+def _counting_grouped_gemms(model: nn.Module, counts: list[tuple[str, int]]) -> object:
+    """A ``moeq_aot_eager`` backend that first records the model's mode and how many grouped GEMMs Dynamo's graph
+    holds, per graph compiled."""
+    moeq_backend = torch._dynamo.lookup_backend("moeq_aot_eager")
+
+    def backend(gm: fx.GraphModule, example_inputs: list) -> object:
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and "grouped_mm" in str(n.target)]
+        counts.append((get_state(model).mode, len(nodes)))
+        return moeq_backend(gm, example_inputs)
+
+    return backend
+
+
 def test_all_experts_calls_in_chunks_observe_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``ALL_EXPERTS_CALL_WIDTH = 1`` the extra experts calls take ``top_k`` experts each (4 calls of 2 of the
     8 experts, bounding their activation memory to the routed call's): statistics bit-equal to one call of all 8."""
@@ -228,23 +241,17 @@ def test_all_experts_calls_in_chunks_observe_the_same(monkeypatch: pytest.Monkey
 
     ids = make_tokens(seed=7)
     states = {}
-    moeq_backend = torch._dynamo.lookup_backend("moeq_aot_eager")
     for width in (hf.ALL_EXPERTS_CALL_WIDTH, 1):
         monkeypatch.setattr(hf, "ALL_EXPERTS_CALL_WIDTH", width)
         torch._dynamo.reset()
         model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1), ALL_EXPERTS_FP8)
-        calls: list[int] = []
-
-        def spy(gm: fx.GraphModule, example_inputs: list, calls: list[int] = calls) -> object:
-            calls.append(sum("grouped_mm" in str(n.target) for n in gm.graph.nodes if n.op == "call_function"))
-            return moeq_backend(gm, example_inputs)
-
-        cm = torch.compile(model, backend=spy)
+        counts: list[tuple[str, int]] = []
+        cm = torch.compile(model, backend=_counting_grouped_gemms(model, counts))
         with torch.no_grad(), moeq.calibrate(cm):
             cm(ids)
         moeq.finalize(cm)
         states[width] = moeq.quant_state(model)
-        assert calls == [2 * (1 + 8 // min(8, 2 * width))], calls
+        assert counts == [("calibrate", 2 * (1 + 8 // min(8, 2 * width)))], counts
     for fqn, want in states[hf.ALL_EXPERTS_CALL_WIDTH].items():
         got = states[1][fqn]
         for name in ("observed_input_amax", "tokens_per_expert", "input_amax"):
@@ -284,22 +291,16 @@ def test_the_extra_call_is_traced_into_calibration_graphs_only() -> None:
     the routed call); after finalize() the recompiled graph holds it once, as with routed calibration."""
     model = tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1)
     moeq.prepare(model, moeq.FP8.replace(calib="all_experts"))
-    graphs: dict[str, list[str]] = {}
-    moeq_backend = torch._dynamo.lookup_backend("moeq_aot_eager")
-
-    def spy(gm: fx.GraphModule, example_inputs: list) -> object:
-        calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "grouped_mm" in str(n.target)]
-        graphs[get_state(model).mode] = calls
-        return moeq_backend(gm, example_inputs)
-
-    cm = torch.compile(model, backend=spy)
+    counts: list[tuple[str, int]] = []
+    cm = torch.compile(model, backend=_counting_grouped_gemms(model, counts))
     ids = make_tokens(seed=3)
     with torch.no_grad():
         with moeq.calibrate(cm):
             cm(ids)
         moeq.finalize(cm)
         cm(ids)
-    assert len(graphs["calibrate"]) == 4 and len(graphs["quantize"]) == 2, graphs
+    graphs = dict(counts)
+    assert graphs["calibrate"] == 4 and graphs["quantize"] == 2, counts
 
 
 def test_all_experts_refuses_what_it_cannot_route() -> None:
