@@ -104,8 +104,9 @@ def prepare(
         raise TypeError(
             f"config must be a moeq.QuantConfig (or preset such as moeq.NVFP4), got {type(config).__name__}"
         )
+    routes = _all_experts_routes(model)
     if config.calib == "all_experts":
-        _check_all_experts_routable(model, _all_experts_routes(model))
+        _check_all_experts_routable(model, routes)
     existing = get_state(model, required=False)
     if existing is not None and existing.config == config:
         _set_tp_sharding(existing, tp_sharding)
@@ -125,7 +126,7 @@ def prepare(
                 module.register_forward_pre_hook(_mode_guard)
                 module.__class__ = _mode_reading_class(type(module), expert_params)
                 object.__setattr__(module, "_moeq_guard_installed", True)
-    for prefix, (module, hook) in _all_experts_routes(model).items():
+    for prefix, (module, hook) in routes.items():
         if config.calib == "all_experts":
             state.all_experts_modules.add(prefix)
             if not getattr(module, "_moeq_all_experts_installed", False):
