@@ -128,3 +128,23 @@ def test_nvfp4_fast_path_gives_the_e2m1_code_of_the_ieee_quotient():
             assert not differ.any(), (float(g), float(s_b), x[differ][:5].tolist(), got[differ][:5].tolist())
             checked += x.numel()
     assert checked > 5_000_000
+
+
+def clipped_quotient(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The quotient an MMA operand may take instead (``lean_quotient`` in ``benchmarks/probe_gluon_qat_fp8.py``):
+    x clipped to ``+-2^64 s`` (NaN kept), then Markstein's q1; no overflow select, no zero-sign fix."""
+    clip = s * 2.0**64
+    return markstein_quotient(torch.where(x.isnan(), x, x.clamp(-clip, clip)), s)[1]
+
+
+def test_clipped_markstein_quotient_gives_the_e4m3_value_of_the_ieee_quotient():
+    """Every bf16 value, +-inf and NaN, over the divisors above (all in the fast range [2^-60, 2^60]): the e4m3
+    value of the clipped quotient equals that of torch's IEEE ``x / s`` (compared as values, so a zero's sign may
+    differ: it does not change a dot product that starts from +0), and NaN stays NaN."""
+    x = torch.cat([_all_bf16(), torch.tensor([float("inf"), -float("inf"), float("nan")])])
+    for s in _divisors(40, seed=4):
+        want = _e4m3_bits(x / s).view(torch.float8_e4m3fn).float()
+        got = _e4m3_bits(clipped_quotient(x, s)).view(torch.float8_e4m3fn).float()
+        same = (got == want) | (got.isnan() & want.isnan())
+        assert same.all(), (float(s), x[~same][:5].tolist(), got[~same][:5].tolist(), want[~same][:5].tolist())
+    assert torch.isnan(clipped_quotient(torch.tensor([float("nan")]), torch.tensor(0.5))).all()
