@@ -13,6 +13,10 @@ So the CUDA-core conversion overlaps the tensor-core MMA instead of preceding it
 tile once per 256 routed rows. The activation codes come from moeq's own pass (``fake_quant_act(codes=True)``).
 ``--compile-only`` compiles every variant for sm_90 on a machine without a GPU.
 
+Session 32 ran the first form (one m-tile of 256 or 128 rows per program, commit b8175d3) on the H200: bit-exact and
+slower than the two launches (BENCHMARKS.md). This form, with up to 64 or 128 tail rows in a second accumulator so
+that one conversion serves an expert's rows, has only been compiled.
+
     python benchmarks/probe_gluon_qat_fp8.py --out $OUT/gluon_qat_fp8.json
 """
 
