@@ -295,19 +295,30 @@ TARGETS = [  # (mode, anchor, ratio, rows) on both Qwen3 projections
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
-    parser.add_argument("--only", default="", help="run only the cases whose label starts with this (e.g. qwen3)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="run only the cases whose label starts with this (e.g. qwen3; several: comma-separated)",
+    )
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
                         help="comma-separated kernel rows to run (their anchors come with them; bf16 always)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=0,
                         help="then time each target's kernel and anchor this many more times, alternately")  # fmt: skip
+    parser.add_argument("--gluon", action="store_true",
+                        help="QAT FP8 above 48 rows per expert with the warp-specialized Gluon kernel (GLUON_QAT_FP8)")  # fmt: skip
     args = parser.parse_args()
+    if args.gluon:
+        from moeq.runtime.kernels import grouped_qmm as launcher
+
+        launcher.GLUON_QAT_FP8 = True
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     copy_tbs = copy_bandwidth()
     details = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   python=platform.python_version(), copy_TBps=copy_tbs, gpu_before=gpu_state(), results=[])  # fmt: skip
+                   python=platform.python_version(), copy_TBps=copy_tbs, gpu_before=gpu_state(), gluon=args.gluon,
+                   results=[])  # fmt: skip
     print(f"HBM copy: {copy_tbs:.2f} TB/s", flush=True)
-    for case in [c for c in CASES if c[0].startswith(args.only)]:
+    for case in [c for c in CASES if any(c[0].startswith(only) for only in args.only.split(","))]:
         details["results"] += run_case(*case, copy_tbs, modes=args.modes.split(","), rounds=args.rounds)
         print(f"  done {case[0]} ({time.time() - started:.0f} s)", flush=True)
     by_key = {(r["case"], r["what"]): r for r in details["results"]}

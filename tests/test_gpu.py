@@ -324,6 +324,71 @@ def test_weight_pass_in_gemm_cuda(k_first, channels, static, monkeypatch):
     assert torch.equal(got, before)
 
 
+@pytest.fixture
+def gluon_qat_fp8(monkeypatch):
+    """QAT FP8 above 48 rows per expert through the warp-specialized Gluon kernel (Hopper only)."""
+    from moeq.runtime.kernels import grouped_qmm as launcher
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon QAT FP8 kernel needs sm_90")
+    monkeypatch.setattr(launcher, "GLUON_QAT_FP8", True)
+
+
+@pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per-expert"])
+@pytest.mark.parametrize(
+    ("counts", "k", "n"),
+    [([300, 0, 1, 330, 64, 0, 257, 700, 17, 320, 321], 768, 1024), ([5, 400, 0], 2000, 200)],
+    ids=["tails-and-second-groups", "k-and-n-not-tile-multiples"],
+)
+@pytest.mark.usefixtures("gluon_qat_fp8")
+def test_qat_fp8_gluon_gemm_cuda(counts, k, n, per_expert):
+    """The Gluon QAT FP8 kernel: its weight codes (of experts with rows) equal formats' FP8 ``quantize`` (CPU) bit
+    for bit; its output
+    equals the two-launch path's (codes pass, then the codes GEMM) bit for bit, and the float64 product of the same
+    codes within the FP8 MMA's accumulation bound (see ``test_codes_gemm_training_size``). Experts with 256 rows
+    or fewer, with a tail (257-320), with a second group (321+), empty ones; unrouted tail rows zero; K and N not
+    multiples of the tiles. ``grouped_qmm`` with ``GLUON_QAT_FP8`` takes this kernel (its launch is in the profile,
+    no weight codes pass)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+    from moeq.runtime.kernels.qat_fp8_gluon import qat_fp8_gluon_gemm
+
+    g = torch.Generator().manual_seed(7)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    num_experts, rows = len(counts), int(offs[-1])
+    x = (torch.randn(rows + 37, k, generator=g) * 2).to(torch.bfloat16)
+    w_nk = (torch.randn(num_experts, n, k, generator=g) * torch.logspace(-3, 0, num_experts).view(-1, 1, 1)).to(
+        torch.bfloat16
+    )
+    amax = w_nk.float().abs().amax((1, 2)) * 0.9  # the largest values saturate
+    x_amax = torch.rand(num_experts if per_expert else 1, generator=g) * 4 + 4
+    fp8 = get_format("fp8")
+    codes_ref = fp8.quantize(w_nk, amax.view(-1, 1, 1)).data
+    x_codes = fake_quant_act(x.cuda(), offs.cuda(), x_amax.cuda(), "fp8", codes=True)
+    w = w_nk.cuda().transpose(1, 2)
+    codes = torch.zeros(num_experts, n, k, dtype=torch.float8_e4m3fn, device="cuda")
+    got = qat_fp8_gluon_gemm(x_codes, w, offs.cuda(), amax.cuda(), x_amax.cuda(), codes=codes)
+    routed = torch.tensor(counts) > 0  # the kernel converts the weights of experts with rows
+    assert_same_bits(codes.cpu()[routed], codes_ref[routed])
+    two_launches = launch_grouped_qmm(x_codes, codes_ref.cuda().transpose(1, 2), offs.cuda(),
+                                      fp8.scale_from_amax(amax).cuda(), None, x_amax.cuda(), "fp8", "fp8_codes")  # fmt: skip
+    assert torch.equal(got, two_launches)
+    scales = fp8.scale_from_amax(x_amax).double().expand(num_experts) * fp8.scale_from_amax(amax).double()
+    ref, magnitude = _codes_product(x_codes.cpu(), codes_ref, offs, scales)
+    err = (got.cpu().double() - ref).abs()
+    assert (err <= 2.0**-8 * magnitude + 2.0**-8 * ref.abs() + 1e-30).all()  # sums, then the bf16 rounding
+    assert not got[rows:].any()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fused = launch_grouped_qmm(x.cuda(), w, offs.cuda(), amax.cuda(), None, x_amax.cuda(), "fake_fp8", "fp8",
+                                   quantize_once=True)  # fmt: skip
+        torch.cuda.synchronize()
+    assert torch.equal(fused, two_launches)
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len([n for n in names if "qat_fp8_ws_kernel" in n]) == 1, names
+    assert not [n for n in names if "fake_quant_experts" in n or "grouped_qmm" in n], names
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 def test_dequant_weight_cuda_bit_exact(fmt, dtype):
@@ -492,16 +557,22 @@ def test_profiler_one_triton_kernel_per_expert_gemm(config, freeze):
 
 
 @pytest.mark.parametrize(
-    ("config", "freeze", "seq", "weight_passes"),
-    [("FP8", False, 64, 4), ("FP8", True, 64, 0), ("FP8", False, 24, 0)],
-    ids=["qat-fp8", "deploy-w8a8", "qat-fp8-24-rows"],
-)
-def test_compiled_model_quantize_once_matches_cpu_reference(config, freeze, seq, weight_passes):
+    ("config", "freeze", "seq", "weight_passes", "gluon"),
+    [("FP8", False, 64, 4, False), ("FP8", True, 64, 0, False), ("FP8", False, 24, 0, False),
+     ("FP8", False, 64, 0, True)],
+    ids=["qat-fp8", "deploy-w8a8", "qat-fp8-24-rows", "qat-fp8-gluon"],
+)  # fmt: skip
+def test_compiled_model_quantize_once_matches_cpu_reference(config, freeze, seq, weight_passes, gluon, request):
     """Policy "auto" at 64 routed rows per expert (8 experts, top-2, 4 x ``seq`` tokens): each FP8 x FP8 GEMM
     quantizes once (an activation codes pass, a weight codes pass in QAT, then the codes GEMM); at 24 rows per
-    expert QAT keeps the weight in the GEMM's load path (no weight codes pass). Matches the CPU reference path;
-    the profile shows exactly those launches: no fake-quantized bf16 copies, one GEMM kernel per expert GEMM."""
+    expert QAT keeps the weight in the GEMM's load path (no weight codes pass); with ``GLUON_QAT_FP8`` the Gluon
+    kernel converts the weight in shared memory (no weight codes pass; its launch is the GEMM). Matches the CPU
+    reference path; the profile shows exactly those launches: no fake-quantized bf16 copies, one GEMM kernel per
+    expert GEMM."""
     from torch.profiler import ProfilerActivity, profile
+
+    if gluon:
+        request.getfixturevalue("gluon_qat_fp8")
 
     tokens = make_tokens(batch=4, seq=seq).cuda()
     cm = _compiled_qwen(config, freeze, tokens)
@@ -516,7 +587,8 @@ def test_compiled_model_quantize_once_matches_cpu_reference(config, freeze, seq,
     rel = ((got - reference).norm() / reference.norm()).item()
     assert rel < 2e-2, rel
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert len([n for n in names if "grouped_qmm" in n]) == 4, names
+    gemm = "qat_fp8_ws_kernel" if gluon else "grouped_qmm"
+    assert len([n for n in names if gemm in n]) == 4, names
     assert len([n for n in names if "fake_quant_act" in n]) == 4, names
     assert len([n for n in names if "fake_quant_experts" in n]) == weight_passes, names
     assert not [n for n in names if "GroupMM" in n or "grouped_mm" in n or "dequant" in n], names

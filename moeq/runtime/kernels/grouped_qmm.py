@@ -32,6 +32,7 @@ before it), which is what the tests check (one-hot rows recover the operand exac
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,8 @@ from moeq.runtime.kernels.numerics import (
     negate_where,
     safe_divisor,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEQUANT_FIRST_ROWS_PER_EXPERT",
@@ -226,6 +229,15 @@ WEIGHT_CODES_ROWS_PER_EXPERT = 48
 WEIGHT_PASS_IN_GEMM = False
 
 
+#: whether the quantize-once path multiplies a QAT FP8 weight (above :data:`WEIGHT_CODES_ROWS_PER_EXPERT`) with the
+#: warp-specialized Gluon kernel of :mod:`moeq.runtime.kernels.qat_fp8_gluon` on Hopper, converting the bf16 weight
+#: to its codes in shared memory, instead of a codes pass to HBM and then the codes GEMM (same products bit for
+#: bit). Operands it cannot take (:func:`~moeq.runtime.kernels.qat_fp8_gluon.unsupported_reason`) keep the two
+#: launches.
+GLUON_QAT_FP8 = False
+_GLUON_REASONS_LOGGED: set[str] = set()
+
+
 def quantizes_weight_once(w_mode: str, x_mode: str | None, rows: int, num_experts: int) -> bool:
     """Whether the quantize-once path (:func:`quantizes_once`) also quantizes a QAT FP8 weight in its own pass:
     above :data:`WEIGHT_CODES_ROWS_PER_EXPERT` mean rows per expert."""
@@ -247,6 +259,32 @@ def dequantizes_weight_first(w_mode: str, x_mode: str | None, rows: int, num_exp
     :data:`DEQUANT_FIRST_ROWS_PER_EXPERT` mean rows per expert."""
     bound = DEQUANT_FIRST_ROWS_PER_EXPERT.get(w_mode) if x_mode is None else None
     return bound is not None and rows > bound * max(1, num_experts)
+
+
+def gluon_takes(x_codes: torch.Tensor, w: torch.Tensor, w_amax: torch.Tensor, x_amax: torch.Tensor) -> bool:
+    """Whether :data:`GLUON_QAT_FP8` is on and the Gluon kernel takes these operands (logged once when not)."""
+    if not GLUON_QAT_FP8 or interpreting() or not x_codes.is_cuda:
+        return False
+    from moeq.runtime.kernels.qat_fp8_gluon import unsupported_reason
+
+    reason = unsupported_reason(x_codes, w, w_amax, x_amax)
+    if reason:
+        if reason not in _GLUON_REASONS_LOGGED:
+            _GLUON_REASONS_LOGGED.add(reason)
+            log.info(
+                "QAT FP8: the Gluon kernel is not used (%s); a weight codes pass and the codes GEMM instead", reason
+            )
+    return reason is None
+
+
+def gluon_gemm(x_codes, w, offs, w_amax, x_amax, wrap) -> torch.Tensor:
+    """The Gluon kernel's product, through the opaque op ``moeq::qat_fp8_gluon_gemm`` while a graph is traced
+    (``wrap`` set: Inductor cannot trace a Gluon kernel) and directly otherwise."""
+    from moeq.runtime.kernels import qat_fp8_gluon
+
+    if wrap is not None:
+        return torch.ops.moeq.qat_fp8_gluon_gemm(x_codes, w, offs, w_amax, x_amax)
+    return qat_fp8_gluon.qat_fp8_gluon_gemm(x_codes, w, offs, w_amax, x_amax)
 
 
 def m_bucket(rows: int, num_experts: int) -> int:
@@ -793,6 +831,7 @@ def grouped_qmm(
     _check(x, w, offs, w_mode, x_mode)
     num_experts, n = w.shape[0], w.shape[2]
     m, k = x.shape
+    caller_out = out
     if out is not None:
         out_dtype = out.dtype
     if out_dtype is None:
@@ -833,6 +872,14 @@ def grouped_qmm(
         else:
             x = fake_quant_act(x, offs, x_amax, "fp8", codes=True, wrap=wrap)
         x_mode = "fp8_codes"
+        if (
+            w_mode == "fake_fp8"
+            and weight_once
+            and caller_out is None
+            and not per_token
+            and gluon_takes(x, w, w_scale, x_amax)
+        ):
+            return gluon_gemm(x, w, offs, w_scale, x_amax, wrap)
         if w_mode == "fake_fp8" and weight_once and not WEIGHT_PASS_IN_GEMM:
             w = fake_quant_experts(w, w_scale, "fp8", 1, codes=True, wrap=wrap)
             w_scale, w_mode = get_format("fp8").scale_from_amax(w_scale), "fp8"

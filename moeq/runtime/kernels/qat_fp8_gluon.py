@@ -1,0 +1,427 @@
+"""QAT FP8's codes GEMM as one warp-specialized Gluon kernel (Hopper): the bf16 weight becomes its e4m3 codes in
+shared memory while the tensor cores multiply.
+
+Above :data:`moeq.runtime.kernels.grouped_qmm.WEIGHT_CODES_ROWS_PER_EXPERT` rows per expert the plain-Triton path
+quantizes a QAT FP8 weight in a pass of its own (it reads the bf16 weight and writes its codes to HBM, then the
+codes GEMM reads them back): converting in the GEMM's load path costs more than the MMA it feeds, because the same
+warps convert and multiply (BENCHMARKS.md, sessions 14-30). Here one launch has three warp roles on an SM:
+
+- a 1-warp loader issues TMA copies of the activation codes and the bf16 weight tile into shared-memory rings;
+- converter warps divide each weight tile by the expert's FP8 scale exactly as :mod:`moeq.formats` (Markstein's
+  quotient on the clipped value, :func:`lean_quotient`, or ``numerics.divide``), round to e4m3 (``cvt.rn.satfinite``)
+  and store the codes into a third ring;
+- the default partition runs FP8 ``wgmma`` on the activation codes and the weight codes.
+
+A program multiplies a group of up to ``BM + BT`` routed rows of one expert (a second accumulator holds the ``BT``
+tail rows), so one conversion of a weight tile serves all of an expert's rows at Qwen3-30B-A3B's ~272 rows per
+expert. Products equal the two-launch path's bit for bit: the same codes, fp32 sums of exact e4m3 products, and the
+scales applied to the accumulator once.
+
+Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
+this kernel, and :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` then keeps the two launches. The kernel is
+opaque to Inductor (``wrap_triton`` traces only ``@triton.jit`` kernels), so a compiled graph calls it through the
+custom op ``moeq::qat_fp8_gluon_gemm``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from moeq.runtime.kernels.grouped_qmm import m_bucket
+from moeq.runtime.kernels.launch import cdiv, interpreting
+from moeq.runtime.kernels.numerics import FAST_DIVISOR_MAX, FAST_DIVISOR_MIN, divide, fp8_scale, safe_divisor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONFIGS", "GluonConfig", "qat_fp8_gluon_gemm", "tuned_config", "unsupported_reason"]
+
+#: TMA global-to-shared copy (renamed ``async_load`` after Triton 3.6; same arguments)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2: gl.constexpr, BLOCK_M: gl.constexpr):
+    """moeq.runtime.kernels.grouped_qmm._tile_of_program in Gluon: (expert, first row, end row) of m-tile ``tile_m``."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    e_idx = gl.arange(0, E_POW2, layout=layout)
+    valid = e_idx < NUM_EXPERTS
+    ends = gl.load(offs_ptr + e_idx, mask=valid, other=0)
+    starts = gl.load(offs_ptr + e_idx - 1, mask=valid & (e_idx > 0), other=0)
+    tiles = gl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    cum = gl.associative_scan(tiles, 0, _add)
+    expert = gl.sum((cum <= tile_m).to(gl.int32), axis=0)
+    here = e_idx == expert
+    first_tile = gl.sum(gl.where(here, cum - tiles, 0), axis=0)
+    routed = gl.sum(gl.where(e_idx == NUM_EXPERTS - 1, ends, 0), axis=0)
+    row_start = gl.where(
+        expert < NUM_EXPERTS,
+        gl.sum(gl.where(here, starts, 0), axis=0) + (tile_m - first_tile) * BLOCK_M,
+        routed + (tile_m - gl.sum(tiles, axis=0)) * BLOCK_M,
+    )
+    row_end = gl.where(expert < NUM_EXPERTS, gl.sum(gl.where(here, ends, 0), axis=0), M)
+    return expert, row_start, row_end
+
+
+@gluon.jit
+def lean_quotient(x, d, y, clip, FAST):
+    """Markstein's quotient ``fma(fma(-q0, d, x), y, q0)``, ``q0 = x y``, for an MMA operand (``d`` in the fast range,
+    ``y = RN(1/d)``): ``x`` is first clipped to ``+-2^64 d`` keeping NaN (two instructions instead of the overflow
+    select), and the sign of a zero quotient is not restored (a signed zero multiplies to the same sums). Its e4m3
+    code equals ``divide``'s for every non-zero quotient. Outside the fast range, IEEE division."""
+    if FAST:
+        xc = gl.minimum(gl.maximum(x, clip * -1.0, propagate_nan=tl.PropagateNan.ALL), clip,
+                        propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
+        q0 = xc * y
+        q = gl.fma(gl.fma(q0, d * -1.0, xc), y, q0)
+    else:
+        q = gl.div_rn(x, d)
+    return q
+
+
+@gluon.jit
+def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, row_start, w_row, k_tiles, has_tail):
+    """TMA: the bf16 weight tile, then the activation codes tile (and the tail rows' tile where the group has them)."""
+    BK: gl.constexpr = x_desc.block_type.shape[1]
+    BM: gl.constexpr = x_desc.block_type.shape[0]
+    SX: gl.constexpr = x8.shape[0]
+    S16: gl.constexpr = w16.shape[0]
+    for i in range(k_tiles):
+        s = i % S16
+        mbarrier.wait(e16.index(s), ((i // S16) & 1) ^ 1)
+        mbarrier.expect(r16.index(s), w_desc.block_type.nbytes)
+        _tma_load(w_desc, [w_row, i * BK], r16.index(s), w16.index(s))
+        sx = i % SX
+        mbarrier.wait(ex.index(sx), ((i // SX) & 1) ^ 1)
+        if has_tail:
+            mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes + xt_desc.block_type.nbytes)
+        else:
+            mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes)
+        _tma_load(x_desc, [row_start, i * BK], rx.index(sx), x8.index(sx))
+        _tma_load(xt_desc, [row_start + BM, i * BK], rx.index(sx), xt8.index(sx), pred=has_tail)
+
+
+@gluon.jit
+def _convert_partition(w16, r16, e16, c8, r8, e8, k_tiles, w_div, w_fast, w_inv, w_clip, codes_ptr, codes_row,
+                       codes_end, K,
+                       SPLIT: gl.constexpr, WRITE_CODES: gl.constexpr, EXACT: gl.constexpr):  # fmt: skip
+    S16: gl.constexpr = w16.shape[0]
+    S8: gl.constexpr = c8.shape[0]
+    BN: gl.constexpr = w16.shape[1]
+    BK: gl.constexpr = w16.shape[2]
+    PART: gl.constexpr = BN // SPLIT
+    L: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BK // 8), BK // 8], [gl.num_warps(), 1], [1, 0])
+    for i in range(k_tiles):
+        s = i % S16
+        t = i % S8
+        mbarrier.wait(r16.index(s), (i // S16) & 1)
+        mbarrier.wait(e8.index(t), ((i // S8) & 1) ^ 1)
+        for h in gl.static_range(SPLIT):
+            v = w16.index(s).slice(h * PART, PART, dim=0).load(L).to(gl.float32)
+            if EXACT == 1:
+                q = divide(v, w_div, w_fast).to(gl.float8e4nv, fp_downcast_rounding="rtne")
+            elif EXACT == 2:
+                q = lean_quotient(v, w_div, w_inv, w_clip, w_fast).to(gl.float8e4nv, fp_downcast_rounding="rtne")
+            else:  # the probe's ceiling: one multiply by the reciprocal (not the spec's division)
+                q = (v * w_inv).to(gl.float8e4nv, fp_downcast_rounding="rtne")
+            c8.index(t).slice(h * PART, PART, dim=0).store(q)
+            if WRITE_CODES:
+                r = codes_row + h * PART + gl.arange(0, PART, layout=gl.SliceLayout(1, L))
+                c = i * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, L))
+                mask = (r < codes_end)[:, None] & (c < K)[None, :]  # this expert's rows, K's columns
+                gl.store(codes_ptr + r.to(gl.int64)[:, None] * K + c[None, :], q, mask=mask)
+        fence_async_shared()
+        mbarrier.arrive(e16.index(s))
+        mbarrier.arrive(r8.index(t))
+
+
+@gluon.constexpr_function
+def acc_layout(num_warps, bn):
+    """The wgmma accumulator layout (FP8: k = 32) the MMA partition and the epilogue share."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, bn, 32])
+
+
+@gluon.jit
+def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, k_tiles, has_tail, BM: gl.constexpr, BT: gl.constexpr,
+                   BN: gl.constexpr):  # fmt: skip
+    """FP8 wgmma of each k-step's codes tile against the group's BM rows and, where it has them, its BT tail rows: one
+    conversion of the weight serves up to BM + BT routed rows."""
+    SX: gl.constexpr = x8.shape[0]
+    S8: gl.constexpr = c8.shape[0]
+    layout: gl.constexpr = acc_layout(gl.num_warps(), BN)
+    acc = gl.zeros([BM, BN], gl.float32, layout)
+    acc_t = gl.zeros([BT, BN], gl.float32, layout)
+    if has_tail:
+        for i in range(k_tiles):
+            sx = i % SX
+            t = i % S8
+            mbarrier.wait(rx.index(sx), (i // SX) & 1)
+            mbarrier.wait(r8.index(t), (i // S8) & 1)
+            b = c8.index(t).permute((1, 0))
+            acc = warpgroup_mma(x8.index(sx), b, acc, is_async=True)
+            acc_t = warpgroup_mma(xt8.index(sx), b, acc_t, is_async=True)
+            acc, acc_t = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_t))
+            mbarrier.arrive(ex.index((i + SX - 1) % SX), pred=i > 0)
+            mbarrier.arrive(e8.index((i + S8 - 1) % S8), pred=i > 0)
+    else:
+        for i in range(k_tiles):
+            sx = i % SX
+            t = i % S8
+            mbarrier.wait(rx.index(sx), (i // SX) & 1)
+            mbarrier.wait(r8.index(t), (i // S8) & 1)
+            acc = warpgroup_mma(x8.index(sx), c8.index(t).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(ex.index((i + SX - 1) % SX), pred=i > 0)
+            mbarrier.arrive(e8.index((i + S8 - 1) % S8), pred=i > 0)
+    acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
+    return (acc, acc_t)
+
+
+@gluon.jit
+def _store_rows(out_ptr, acc, first, row_end, pid_n, N, stride_om, scale, ROWS: gl.constexpr, BN: gl.constexpr,
+                num_warps: gl.constexpr):  # fmt: skip
+    layout: gl.constexpr = acc_layout(num_warps, BN)
+    rows = first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+    mask = (rows < row_end)[:, None] & (cols < N)[None, :]
+    gl.store(out_ptr + rows.to(gl.int64)[:, None] * stride_om + cols[None, :], (acc * scale).to(gl.bfloat16), mask=mask)
+
+
+@gluon.jit
+def qat_fp8_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, codes_ptr, M, N, K,
+                      NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
+                      S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr, CONV_REGS: gl.constexpr,
+                      WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
+                      num_warps: gl.constexpr):  # fmt: skip
+    """One program per (group of up to BM + BT routed rows of one expert, n-tile): the rows' FP8 codes times the
+    weight tile's e4m3 codes, converted once per k-step by the converter warps; ``(acc * x_s * w_s)`` stored bf16."""
+    BM: gl.constexpr = x_desc.block_type.shape[0]
+    BT: gl.constexpr = xt_desc.block_type.shape[0]
+    BK: gl.constexpr = x_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    n_tiles = gl.cdiv(N, BN)
+    tile_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    expert, row_start, row_end = _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2, BM + BT)
+    e = gl.minimum(expert, NUM_EXPERTS - 1)
+    k_tiles = gl.where(expert < NUM_EXPERTS, gl.cdiv(K, BK), 0)  # the unrouted tail and spare programs: zeros
+    has_tail = row_end - row_start > BM
+    w_amax = gl.load(w_amax_ptr + e)
+    w_s = fp8_scale(w_amax)
+    w_div = safe_divisor(w_s)
+    w_fast = (w_div >= FAST_DIVISOR_MIN) & (w_div <= FAST_DIVISOR_MAX)
+    w_inv = gl.div_rn(1.0, w_div)
+    w_clip = w_div * 18446744073709551616.0  # 2^64 d: clipped quotients stay finite and saturate alike
+    if X_PER_EXPERT:
+        x_amax = gl.load(x_amax_ptr + e)
+    else:
+        x_amax = gl.load(x_amax_ptr)
+    out_scale = fp8_scale(x_amax) * w_s
+    w_row = e * N + pid_n * BN
+
+    x8 = gl.allocate_shared_memory(gl.float8e4nv, [SX, BM, BK], x_desc.layout)
+    xt8 = gl.allocate_shared_memory(gl.float8e4nv, [SX, BT, BK], xt_desc.layout)
+    w16 = gl.allocate_shared_memory(gl.bfloat16, [S16, BN, BK], w_desc.layout)
+    c8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.float8e4nv)
+    c8 = gl.allocate_shared_memory(gl.float8e4nv, [S8, BN, BK], c8_layout)
+    rx = gl.allocate_shared_memory(gl.int64, [SX, 1], mbarrier.MBarrierLayout())
+    ex = gl.allocate_shared_memory(gl.int64, [SX, 1], mbarrier.MBarrierLayout())
+    r16 = gl.allocate_shared_memory(gl.int64, [S16, 1], mbarrier.MBarrierLayout())
+    e16 = gl.allocate_shared_memory(gl.int64, [S16, 1], mbarrier.MBarrierLayout())
+    r8 = gl.allocate_shared_memory(gl.int64, [S8, 1], mbarrier.MBarrierLayout())
+    e8 = gl.allocate_shared_memory(gl.int64, [S8, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(SX):
+        mbarrier.init(rx.index(s), count=1)
+        mbarrier.init(ex.index(s), count=1)
+    for s in gl.static_range(S16):
+        mbarrier.init(r16.index(s), count=1)
+        mbarrier.init(e16.index(s), count=1)
+    for s in gl.static_range(S8):
+        mbarrier.init(r8.index(s), count=1)
+        mbarrier.init(e8.index(s), count=1)
+
+    acc, acc_t = gl.warp_specialize(
+        [
+            (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, k_tiles, has_tail, BM, BT, BN)),
+            (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, row_start, w_row, k_tiles,
+                               has_tail)),
+            (_convert_partition, (w16, r16, e16, c8, r8, e8, k_tiles, w_div, w_fast, w_inv, w_clip, codes_ptr,
+                                  w_row, e * N + N, K, SPLIT, WRITE_CODES, EXACT)),
+        ],
+        [1, CONV_WARPS],
+        [24, CONV_REGS],
+    )  # fmt: skip
+    _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, out_scale, BM, BN, num_warps)
+    if has_tail:
+        _store_rows(out_ptr, acc_t, row_start + BM, row_end, pid_n, N, stride_om, out_scale, BT, BN, num_warps)
+
+
+class GluonConfig(NamedTuple):
+    """One launch configuration of :func:`qat_fp8_ws_kernel`."""
+
+    bm: int  # rows multiplied in the main accumulator
+    bt: int  # tail rows in the second accumulator (a group holds up to bm + bt routed rows of one expert)
+    bn: int
+    bk: int
+    sx: int  # activation codes stages
+    s16: int  # bf16 weight stages
+    s8: int  # weight codes stages
+    split: int  # the converter's passes over a tile (register pressure)
+    conv_warps: int
+    conv_regs: int
+    mma_warps: int
+    maxnreg: int
+    exact: int  # 1: numerics.divide, 2: lean_quotient (both the spec's codes); 0: reciprocal multiply (NOT the spec:
+    # a probe's speed ceiling, never chosen by grouped_qmm)
+
+    @property
+    def name(self) -> str:
+        return (f"gluon ws {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16}/{self.s8} "
+                f"split {self.split} conv {self.conv_warps}w/{self.conv_regs}r mma {self.mma_warps}w "
+                f"maxnreg {self.maxnreg}" + [" RECIPROCAL (not exact)", " divide", " lean"][self.exact])  # fmt: skip
+
+    def layouts(self):
+        """Shared layouts of the activation codes, tail codes and bf16 weight TMA blocks."""
+        return (gl.NVMMASharedLayout.get_default_for([self.bm, self.bk], gl.float8e4nv),
+                gl.NVMMASharedLayout.get_default_for([self.bt, self.bk], gl.float8e4nv),
+                gl.NVMMASharedLayout.get_default_for([self.bn, self.bk], gl.bfloat16))  # fmt: skip
+
+    def constexprs(self, write_codes: bool = False, x_per_expert: bool = False) -> dict:
+        return dict(E_POW2=128, SX=self.sx, S16=self.s16, S8=self.s8, SPLIT=self.split, CONV_WARPS=self.conv_warps,
+                    CONV_REGS=self.conv_regs, WRITE_CODES=write_codes, EXACT=self.exact, X_PER_EXPERT=x_per_expert,
+                    num_warps=self.mma_warps)  # fmt: skip
+
+
+#: the configurations :func:`qat_fp8_gluon_gemm` times once per shape key (:func:`tuned_config`) and picks from:
+#: groups of 256 + 64 rows on 64 x 64 tiles (4 MMA warps) or 256 + 128 rows on 128 x 64 tiles (8 MMA warps), all with
+#: the lean exact quotient (``benchmarks/probe_gluon_qat_fp8.py`` also times the inexact reciprocal ceilings)
+CONFIGS = (
+    GluonConfig(256, 64, 64, 64, 3, 3, 3, 1, 4, 96, 4, 168, 2),
+    GluonConfig(256, 64, 64, 128, 2, 2, 2, 2, 4, 96, 4, 168, 2),
+    GluonConfig(256, 128, 128, 64, 3, 3, 2, 2, 4, 96, 8, 128, 2),
+    GluonConfig(256, 64, 64, 64, 3, 4, 4, 1, 4, 96, 4, 168, 2),
+)
+_TUNED: dict[tuple[int, ...], GluonConfig] = {}
+
+
+def tuned_config(key: tuple[int, ...], launch: Callable[[GluonConfig], object]) -> GluonConfig:
+    """The fastest of :data:`CONFIGS` for ``key`` (experts, N, K, rows bucket): each is timed with
+    ``triton.testing.do_bench`` on the first call of a key (as Triton's autotuner does), then remembered."""
+    if key not in _TUNED:
+        from triton.testing import do_bench
+
+        times = {config: do_bench(lambda config=config: launch(config), warmup=5, rep=25) for config in CONFIGS}
+        _TUNED[key] = min(times, key=times.get)
+        log.info("qat_fp8_gluon_gemm %s: %s (%s)", key, _TUNED[key].name,
+                 ", ".join(f"{ms:.4f} ms" for ms in times.values()))  # fmt: skip
+    return _TUNED[key]
+
+
+@functools.cache
+def _device_ok(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def unsupported_reason(
+    x_codes: torch.Tensor, w: torch.Tensor, w_amax: torch.Tensor, x_amax: torch.Tensor
+) -> str | None:
+    """Why :func:`qat_fp8_gluon_gemm` cannot multiply these operands (None: it can). ``x_codes [M, K]`` e4m3,
+    ``w`` a bf16 ``[E, K, N]`` view of a contiguous ``[E, N, K]`` weight (HF's layout; TMA reads K-major tiles),
+    ``w_amax [E]``, ``x_amax`` ``[1]`` or ``[E]``."""
+    num_experts, k, n = w.shape
+    if interpreting() or not x_codes.is_cuda:
+        return "needs a CUDA device (Gluon has no interpreter)"
+    if not _device_ok(x_codes.device.index if x_codes.device.index is not None else torch.cuda.current_device()):
+        return "needs sm_90 (Hopper wgmma)"
+    if w.dtype != torch.bfloat16 or x_codes.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        return f"needs a bf16 weight and e4m3 activation codes, got {w.dtype} and {x_codes.dtype}"
+    if not w.transpose(1, 2).is_contiguous():
+        return f"needs the weight as a [E, K, N] view of a contiguous [E, N, K] tensor, got strides {w.stride()}"
+    if not x_codes.is_contiguous() or k % 16:
+        return f"needs contiguous activation codes with K a multiple of 16 (TMA rows), got K={k}"
+    if w_amax.dim() != 1 or w_amax.numel() != num_experts or x_amax.numel() not in (1, num_experts):
+        return f"needs per-expert weight amax [{num_experts}] and x_amax [1] or [{num_experts}]"
+    return None
+
+
+def qat_fp8_gluon_gemm(x_codes: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.Tensor,
+                       x_amax: torch.Tensor, out: torch.Tensor | None = None, config: GluonConfig | None = None,
+                       codes: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``out[rows of e] = (x_codes[rows] @ q(w[e])) * x_s * w_s[e]`` in bf16 (rows past ``offs[-1]``: zeros), where
+    ``q`` is formats' FP8 quantization by the amax ``w_amax[e]`` and ``x_s = x_amax / 448`` (shared or per expert).
+    ``codes`` (``[E, N, K]`` e4m3, optional): also written with the codes of the weights of experts with rows
+    (tests). ``config``: launch with it instead of :func:`tuned_config`'s choice.
+    Raises ``ValueError`` with :func:`unsupported_reason`'s text for operands it cannot take."""
+    reason = unsupported_reason(x_codes, w, w_amax, x_amax)
+    if reason:
+        raise ValueError(f"qat_fp8_gluon_gemm: {reason}")
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    num_experts, k, n = w.shape
+    m = x_codes.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=x_codes.device)
+    if m == 0 or n == 0:
+        return out
+    xc = x_codes.view(torch.float8_e4m3fn)
+    w_rows = w.transpose(1, 2).reshape(num_experts * n, k)  # a view: the check above asked for [E, N, K] storage
+
+    def launch(config: GluonConfig) -> None:
+        xl, tl_, wl = config.layouts()
+        x_desc = TensorDescriptor.from_tensor(xc, [config.bm, config.bk], xl)
+        xt_desc = TensorDescriptor.from_tensor(xc, [config.bt, config.bk], tl_)
+        w_desc = TensorDescriptor.from_tensor(w_rows, [config.bn, config.bk], wl)
+        grid = ((cdiv(m, config.bm + config.bt) + min(num_experts, m)) * cdiv(n, config.bn),)
+        consts = config.constexprs(write_codes=codes is not None, x_per_expert=x_amax.numel() > 1)
+        qat_fp8_ws_kernel[grid](x_desc, xt_desc, w_desc, out, offs, w_amax, x_amax,
+                                codes if codes is not None else out, m, n, k, num_experts, out.stride(0),
+                                maxnreg=config.maxnreg, **consts)  # fmt: skip
+
+    if config is None:
+        config = tuned_config((num_experts, n, k, m_bucket(m, num_experts)), launch)
+    launch(config)
+    return out
+
+
+@torch.library.custom_op("moeq::qat_fp8_gluon_gemm", mutates_args=())
+def qat_fp8_gluon_gemm_op(x_codes: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.Tensor,
+                          x_amax: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """:func:`qat_fp8_gluon_gemm` as an opaque op, so a graph Inductor compiles can call the Gluon kernel. Operands
+    that reach it in a form the kernel cannot take (e.g. a weight whose layout changed after tracing) get the same
+    product from the weight's codes pass and the codes GEMM."""
+    reason = unsupported_reason(x_codes, w, w_amax, x_amax)
+    if reason is None:
+        return qat_fp8_gluon_gemm(x_codes, w, offs, w_amax, x_amax)
+    from moeq.formats import get_format
+    from moeq.runtime.kernels.fake_quant_experts import fake_quant_experts
+    from moeq.runtime.kernels.grouped_qmm import grouped_qmm
+
+    log.warning("moeq::qat_fp8_gluon_gemm: %s; running the weight codes pass and the codes GEMM instead", reason)
+    codes = fake_quant_experts(w, w_amax, "fp8", 1, codes=True)
+    scale = get_format("fp8").scale_from_amax(w_amax)
+    return grouped_qmm(x_codes, codes, offs, scale, None, x_amax, "fp8", "fp8_codes", out_dtype=torch.bfloat16)
+
+
+@qat_fp8_gluon_gemm_op.register_fake
+def _(x_codes, w, offs, w_amax, x_amax):
+    return x_codes.new_empty(x_codes.shape[0], w.shape[2], dtype=torch.bfloat16)

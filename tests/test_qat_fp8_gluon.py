@@ -1,0 +1,81 @@
+"""The warp-specialized Gluon QAT FP8 kernel without a GPU: every configuration moeq may launch compiles for sm_90
+with this Triton's compiler and ptxas and fits Hopper's shared memory without register spills; operands it cannot
+take are named; the opaque op's fake gives the output a compiled graph plans for. Its numerics run on the GPU
+(``tests/test_gpu.py::test_qat_fp8_gluon_gemm_cuda``): Gluon has no interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeq.runtime.kernels import grouped_qmm as launcher
+
+gluon_module = pytest.importorskip("moeq.runtime.kernels.qat_fp8_gluon", reason="this Triton has no Gluon")
+
+#: dynamic shared memory an sm_90 block may use (227 KB)
+HOPPER_SHARED_BYTES = 232448
+
+
+def _compile_for_sm90(config):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    xl, tl_, wl = config.layouts()
+    signature = {
+        "x_desc": f"tensordesc<fp8e4nv{[config.bm, config.bk]},{xl!r}>",
+        "xt_desc": f"tensordesc<fp8e4nv{[config.bt, config.bk]},{tl_!r}>",
+        "w_desc": f"tensordesc<bf16{[config.bn, config.bk]},{wl!r}>",
+        **dict.fromkeys(["out_ptr"], "*bf16"),
+        **dict.fromkeys(["offs_ptr"], "*i32"),
+        **dict.fromkeys(["w_amax_ptr", "x_amax_ptr"], "*fp32"),
+        "codes_ptr": "*fp8e4nv",
+        **dict.fromkeys(["M", "N", "K", "NUM_EXPERTS", "stride_om"], "i32"),
+    }
+    constants = config.constexprs(x_per_expert=True)
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    source = GluonASTSource(gluon_module.qat_fp8_ws_kernel, signature, constants)
+    options = {"num_warps": config.mma_warps, "maxnreg": config.maxnreg}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@pytest.mark.parametrize("config", gluon_module.CONFIGS, ids=lambda c: c.name)
+def test_every_config_compiles_for_sm90(config, tmp_path, monkeypatch):
+    """Each configuration ``tuned_config`` chooses from: shared memory within Hopper's 227 KB, the converter's
+    e4m3 conversions and the MMA partition's FP8 wgmma in the PTX, one register budget per warp role
+    (``setmaxnreg``), nothing spilled to local memory, and the exact quotient (no reciprocal-only variant)."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = _compile_for_sm90(config)
+    ptx = kernel.asm["ptx"]
+    assert config.exact in (1, 2), config
+    assert kernel.metadata.shared <= HOPPER_SHARED_BYTES, kernel.metadata.shared
+    assert "wgmma.mma_async.sync.aligned" in ptx and ".e4m3.e4m3" in ptx
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert "fma.rn.f32" in ptx  # Markstein's quotient
+    assert "setmaxnreg" in ptx
+    assert "st.local" not in ptx
+
+
+def test_unsupported_operands_are_named():
+    """On the CPU the kernel is never taken, and its launcher says why; ``grouped_qmm`` keeps the two launches."""
+    x_codes = torch.zeros(8, 64, dtype=torch.float8_e4m3fn)
+    w = torch.zeros(2, 32, 64, dtype=torch.bfloat16).transpose(1, 2)
+    amax = torch.ones(2)
+    assert "CUDA" in gluon_module.unsupported_reason(x_codes, w, amax, torch.ones(1))
+    offs = torch.tensor([4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="qat_fp8_gluon_gemm: needs a CUDA device"):
+        gluon_module.qat_fp8_gluon_gemm(x_codes, w, offs, amax, torch.ones(1))
+    assert not launcher.gluon_takes(x_codes, w, amax, torch.ones(1))
+
+
+def test_fake_output_is_bf16_rows_by_n():
+    """The opaque op's fake (what Inductor plans the graph's buffers with): ``[M, N]`` bf16 for ``[E, K, N]`` w."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x_codes = torch.empty(40, 64, dtype=torch.float8_e4m3fn)
+        w = torch.empty(3, 24, 64, dtype=torch.bfloat16).transpose(1, 2)
+        out = torch.ops.moeq.qat_fp8_gluon_gemm(
+            x_codes, w, torch.empty(3, dtype=torch.int32), torch.empty(3), torch.empty(1)
+        )
+    assert out.shape == (40, 24) and out.dtype == torch.bfloat16
