@@ -36,7 +36,7 @@ from moeq.runtime.kernels.qat_fp8_gluon import CONFIGS, GluonConfig, qat_fp8_glu
 VARIANTS = [
     *CONFIGS,
     GluonConfig(256, 64, 64, 64, 3, 3, 3, 1, 4, 96, 4, 168, 0),
-    GluonConfig(256, 128, 128, 64, 3, 3, 2, 2, 4, 96, 8, 128, 0),
+    GluonConfig(256, 64, 128, 64, 3, 3, 3, 2, 4, 80, 8, 128, 0),
 ]
 
 
@@ -97,6 +97,11 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
             print(f"{label:14s} {v.name}: ERROR {str(exc)[:300]}", flush=True)
             continue
         table.record(v.name, op)
+    xc = fake_quant_act(p.x, p.offs, p.x_amax, "fp8", codes=True)
+    for v in (CONFIGS[0], CONFIGS[2]):  # where the time goes (the kernel alone): roles that only pass the barriers
+        for skip, what in ((0, "kernel only"), (1, "no conversion"), (2, "no MMA"), (3, "loads only")):
+            table.record(f"{v.name} [{what}]", lambda v=v, skip=skip: qat_fp8_gluon_gemm(
+                xc, p.w, p.offs, p.w_amax, p.x_amax, config=v, skip=skip), checked=skip == 0)  # fmt: skip
     table.record("gluon, tuned_config's choice", lambda: qat_fp8_gluon_gemm(
         fake_quant_act(p.x, p.offs, p.x_amax, "fp8", codes=True), p.w, p.offs, p.w_amax, p.x_amax))  # fmt: skip
     return table.print()

@@ -122,8 +122,8 @@ def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, row
 
 @gluon.jit
 def _convert_partition(w16, r16, e16, c8, r8, e8, k_tiles, w_div, w_fast, w_inv, w_clip, codes_ptr, codes_row,
-                       codes_end, K,
-                       SPLIT: gl.constexpr, WRITE_CODES: gl.constexpr, EXACT: gl.constexpr):  # fmt: skip
+                       codes_end, K, SPLIT: gl.constexpr, WRITE_CODES: gl.constexpr, EXACT: gl.constexpr,
+                       SKIP: gl.constexpr):  # fmt: skip
     S16: gl.constexpr = w16.shape[0]
     S8: gl.constexpr = c8.shape[0]
     BN: gl.constexpr = w16.shape[1]
@@ -135,7 +135,7 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, k_tiles, w_div, w_fast, w_inv,
         t = i % S8
         mbarrier.wait(r16.index(s), (i // S16) & 1)
         mbarrier.wait(e8.index(t), ((i // S8) & 1) ^ 1)
-        for h in gl.static_range(SPLIT):
+        for h in gl.static_range(SPLIT if SKIP % 2 == 0 else 0):
             v = w16.index(s).slice(h * PART, PART, dim=0).load(L).to(gl.float32)
             if EXACT == 1:
                 q = divide(v, w_div, w_fast).to(gl.float8e4nv, fp_downcast_rounding="rtne")
@@ -156,13 +156,16 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, k_tiles, w_div, w_fast, w_inv,
 
 @gluon.constexpr_function
 def acc_layout(num_warps, bn):
-    """The wgmma accumulator layout (FP8: k = 32) the MMA partition and the epilogue share."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, bn, 32])
+    """The wgmma accumulator layout (FP8: k = 32) the MMA partition and the epilogue share: warpgroups side by side
+    along N (8 warps: two 64-row-granular warpgroups, each with half the columns), so a 64-row tail still fits."""
+    groups = max(1, num_warps // 4)
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps // groups, groups],
+                                     instr_shape=[16, bn // groups, 32])  # fmt: skip
 
 
 @gluon.jit
 def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, k_tiles, has_tail, BM: gl.constexpr, BT: gl.constexpr,
-                   BN: gl.constexpr):  # fmt: skip
+                   BN: gl.constexpr, SKIP: gl.constexpr):  # fmt: skip
     """FP8 wgmma of each k-step's codes tile against the group's BM rows and, where it has them, its BT tail rows: one
     conversion of the weight serves up to BM + BT routed rows."""
     SX: gl.constexpr = x8.shape[0]
@@ -170,7 +173,13 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, k_tiles, has_tail, BM: gl.conste
     layout: gl.constexpr = acc_layout(gl.num_warps(), BN)
     acc = gl.zeros([BM, BN], gl.float32, layout)
     acc_t = gl.zeros([BT, BN], gl.float32, layout)
-    if has_tail:
+    if SKIP >= 2:  # a probe's decomposition: the barriers only
+        for i in range(k_tiles):
+            mbarrier.wait(rx.index(i % SX), (i // SX) & 1)
+            mbarrier.wait(r8.index(i % S8), (i // S8) & 1)
+            mbarrier.arrive(ex.index(i % SX))
+            mbarrier.arrive(e8.index(i % S8))
+    elif has_tail:
         for i in range(k_tiles):
             sx = i % SX
             t = i % S8
@@ -211,9 +220,11 @@ def qat_fp8_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_
                       NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
                       S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr, CONV_REGS: gl.constexpr,
                       WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
-                      num_warps: gl.constexpr):  # fmt: skip
+                      SKIP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """One program per (group of up to BM + BT routed rows of one expert, n-tile): the rows' FP8 codes times the
-    weight tile's e4m3 codes, converted once per k-step by the converter warps; ``(acc * x_s * w_s)`` stored bf16."""
+    weight tile's e4m3 codes, converted once per k-step by the converter warps; ``(acc * x_s * w_s)`` stored bf16.
+    ``SKIP`` (``benchmarks/probe_gluon_qat_fp8.py --decompose`` only; wrong products): 1 the converter, 2 the MMA, 3
+    both only pass the barriers, to time each role's share."""
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BT: gl.constexpr = xt_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
@@ -262,11 +273,11 @@ def qat_fp8_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_
 
     acc, acc_t = gl.warp_specialize(
         [
-            (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, k_tiles, has_tail, BM, BT, BN)),
+            (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, k_tiles, has_tail, BM, BT, BN, SKIP)),
             (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, row_start, w_row, k_tiles,
                                has_tail)),
             (_convert_partition, (w16, r16, e16, c8, r8, e8, k_tiles, w_div, w_fast, w_inv, w_clip, codes_ptr,
-                                  w_row, e * N + N, K, SPLIT, WRITE_CODES, EXACT)),
+                                  w_row, e * N + N, K, SPLIT, WRITE_CODES, EXACT, SKIP)),
         ],
         [1, CONV_WARPS],
         [24, CONV_REGS],
@@ -306,10 +317,10 @@ class GluonConfig(NamedTuple):
                 gl.NVMMASharedLayout.get_default_for([self.bt, self.bk], gl.float8e4nv),
                 gl.NVMMASharedLayout.get_default_for([self.bn, self.bk], gl.bfloat16))  # fmt: skip
 
-    def constexprs(self, write_codes: bool = False, x_per_expert: bool = False) -> dict:
+    def constexprs(self, write_codes: bool = False, x_per_expert: bool = False, skip: int = 0) -> dict:
         return dict(E_POW2=128, SX=self.sx, S16=self.s16, S8=self.s8, SPLIT=self.split, CONV_WARPS=self.conv_warps,
                     CONV_REGS=self.conv_regs, WRITE_CODES=write_codes, EXACT=self.exact, X_PER_EXPERT=x_per_expert,
-                    num_warps=self.mma_warps)  # fmt: skip
+                    SKIP=skip, num_warps=self.mma_warps)  # fmt: skip
 
 
 #: the configurations :func:`qat_fp8_gluon_gemm` times once per shape key (:func:`tuned_config`) and picks from:
@@ -318,7 +329,7 @@ class GluonConfig(NamedTuple):
 CONFIGS = (
     GluonConfig(256, 64, 64, 64, 3, 3, 3, 1, 4, 96, 4, 168, 2),
     GluonConfig(256, 64, 64, 128, 2, 2, 2, 2, 4, 96, 4, 168, 2),
-    GluonConfig(256, 128, 128, 64, 3, 3, 2, 2, 4, 96, 8, 128, 2),
+    GluonConfig(256, 64, 128, 64, 3, 3, 3, 2, 4, 80, 8, 128, 2),
     GluonConfig(256, 64, 64, 64, 3, 4, 4, 1, 4, 96, 4, 168, 2),
 )
 _TUNED: dict[tuple[int, ...], GluonConfig] = {}
@@ -366,11 +377,12 @@ def unsupported_reason(
 
 def qat_fp8_gluon_gemm(x_codes: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.Tensor,
                        x_amax: torch.Tensor, out: torch.Tensor | None = None, config: GluonConfig | None = None,
-                       codes: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                       codes: torch.Tensor | None = None, skip: int = 0) -> torch.Tensor:  # fmt: skip
     """``out[rows of e] = (x_codes[rows] @ q(w[e])) * x_s * w_s[e]`` in bf16 (rows past ``offs[-1]``: zeros), where
     ``q`` is formats' FP8 quantization by the amax ``w_amax[e]`` and ``x_s = x_amax / 448`` (shared or per expert).
     ``codes`` (``[E, N, K]`` e4m3, optional): also written with the codes of the weights of experts with rows
-    (tests). ``config``: launch with it instead of :func:`tuned_config`'s choice.
+    (tests). ``config``: launch with it instead of :func:`tuned_config`'s choice. ``skip``: the kernel's ``SKIP``
+    (a probe's decomposition; not the product).
     Raises ``ValueError`` with :func:`unsupported_reason`'s text for operands it cannot take."""
     reason = unsupported_reason(x_codes, w, w_amax, x_amax)
     if reason:
@@ -392,7 +404,7 @@ def qat_fp8_gluon_gemm(x_codes: torch.Tensor, w: torch.Tensor, offs: torch.Tenso
         xt_desc = TensorDescriptor.from_tensor(xc, [config.bt, config.bk], tl_)
         w_desc = TensorDescriptor.from_tensor(w_rows, [config.bn, config.bk], wl)
         grid = ((cdiv(m, config.bm + config.bt) + min(num_experts, m)) * cdiv(n, config.bn),)
-        consts = config.constexprs(write_codes=codes is not None, x_per_expert=x_amax.numel() > 1)
+        consts = config.constexprs(write_codes=codes is not None, x_per_expert=x_amax.numel() > 1, skip=skip)
         qat_fp8_ws_kernel[grid](x_desc, xt_desc, w_desc, out, offs, w_amax, x_amax,
                                 codes if codes is not None else out, m, n, k, num_experts, out.stride(0),
                                 maxnreg=config.maxnreg, **consts)  # fmt: skip
