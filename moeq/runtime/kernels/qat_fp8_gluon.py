@@ -323,14 +323,17 @@ class GluonConfig(NamedTuple):
                     SKIP=skip, num_warps=self.mma_warps)  # fmt: skip
 
 
-#: the configurations :func:`qat_fp8_gluon_gemm` times once per shape key (:func:`tuned_config`) and picks from:
-#: groups of 256 + 64 rows on 64 x 64 tiles (4 MMA warps) or 256 + 128 rows on 128 x 64 tiles (8 MMA warps), all with
-#: the lean exact quotient (``benchmarks/probe_gluon_qat_fp8.py`` also times the inexact reciprocal ceilings)
+#: the configurations :func:`qat_fp8_gluon_gemm` times once per shape key (:func:`tuned_config`) and picks from, all
+#: with the lean exact quotient: groups of 256 + 64 rows on 64 x 64 tiles (4 MMA warps) with 3, 6 or 8 activation
+#: stages (the activation slot of step i is released only when step i - 2's MMA is done, so the stages bound the
+#: activation loads in flight), on 64 x 128 tiles, and on 128 x 64 tiles (8 MMA warps as two warpgroups side by
+#: side along N). ``benchmarks/probe_gluon_qat_fp8.py`` also times the inexact reciprocal ceilings.
 CONFIGS = (
     GluonConfig(256, 64, 64, 64, 3, 3, 3, 1, 4, 96, 4, 168, 2),
-    GluonConfig(256, 64, 64, 128, 2, 2, 2, 2, 4, 96, 4, 168, 2),
-    GluonConfig(256, 64, 128, 64, 3, 3, 3, 2, 4, 80, 8, 128, 2),
-    GluonConfig(256, 64, 64, 64, 3, 4, 4, 1, 4, 96, 4, 168, 2),
+    GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2),
+    GluonConfig(256, 64, 64, 64, 8, 4, 4, 1, 4, 96, 4, 168, 2),
+    GluonConfig(256, 64, 64, 128, 4, 2, 2, 2, 4, 96, 4, 168, 2),
+    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2),
 )
 _TUNED: dict[tuple[int, ...], GluonConfig] = {}
 
