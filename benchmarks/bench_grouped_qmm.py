@@ -304,18 +304,18 @@ def main() -> None:
                         help="comma-separated kernel rows to run (their anchors come with them; bf16 always)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=0,
                         help="then time each target's kernel and anchor this many more times, alternately")  # fmt: skip
-    parser.add_argument("--gluon", action="store_true",
-                        help="QAT FP8 above 48 rows per expert with the warp-specialized Gluon kernel (GLUON_QAT_FP8)")  # fmt: skip
+    parser.add_argument("--no-gluon", action="store_true",
+                        help="QAT FP8 as two launches instead of the Gluon kernel (GLUON_QAT_FP8 off)")  # fmt: skip
     args = parser.parse_args()
-    if args.gluon:
+    if args.no_gluon:
         from moeq.runtime.kernels import grouped_qmm as launcher
 
-        launcher.GLUON_QAT_FP8 = True
+        launcher.GLUON_QAT_FP8 = False
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     copy_tbs = copy_bandwidth()
     details = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   python=platform.python_version(), copy_TBps=copy_tbs, gpu_before=gpu_state(), gluon=args.gluon,
+                   python=platform.python_version(), copy_TBps=copy_tbs, gpu_before=gpu_state(), gluon=not args.no_gluon,
                    results=[])  # fmt: skip
     print(f"HBM copy: {copy_tbs:.2f} TB/s", flush=True)
     for case in [c for c in CASES if any(c[0].startswith(only) for only in args.only.split(","))]:

@@ -148,9 +148,13 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     _, cm8 = _finalized_qwen(moeq.FP8)
     text = str(moeq.explain(cm8))
     assert "up to 48, an activation codes pass and the GEMM (weight as loaded)" in text
-    assert "above, an activation codes pass, a weight codes pass and the FP8 codes GEMM" in text
+    assert "up to 320 on sm_90, an activation codes pass and the warp-specialized Gluon kernel" in text
+    assert "else an activation codes pass, a weight codes pass and the FP8 codes GEMM" in text
     from moeq.runtime.kernels import grouped_qmm as grouped_qmm_kernels
 
+    with pytest.MonkeyPatch.context() as patch:  # the Gluon kernel switched off: the two launches above 48
+        patch.setattr(grouped_qmm_kernels, "GLUON_QAT_FP8", False)
+        assert "above, an activation codes pass, a weight codes pass and the FP8 codes GEMM" in str(moeq.explain(cm8))
     with pytest.MonkeyPatch.context() as patch:  # the opt-in one-launch weight pass (BENCHMARKS.md, session 30)
         patch.setattr(grouped_qmm_kernels, "WEIGHT_PASS_IN_GEMM", True)
         in_gemm = str(moeq.explain(cm8))

@@ -320,13 +320,15 @@ def test_weight_pass_in_gemm_cuda(k_first, channels, static, monkeypatch):
     from moeq.runtime.kernels import grouped_qmm as launcher
 
     monkeypatch.setattr(launcher, "WEIGHT_PASS_IN_GEMM", True)
+    monkeypatch.setattr(launcher, "GLUON_QAT_FP8", False)
     got = launch_grouped_qmm(x, w, offs, amax, None, x_amax, "fake_fp8", "fp8", quantize_once=True)
     assert torch.equal(got, before)
 
 
 @pytest.fixture
 def gluon_qat_fp8(monkeypatch):
-    """QAT FP8 above 48 rows per expert through the warp-specialized Gluon kernel (Hopper only)."""
+    """QAT FP8 from 48 to 320 rows per expert through the warp-specialized Gluon kernel (Hopper only; the default
+    there, set here so that the test says what it runs)."""
     from moeq.runtime.kernels import grouped_qmm as launcher
 
     if torch.cuda.get_device_capability() != (9, 0):
@@ -562,7 +564,8 @@ def test_profiler_one_triton_kernel_per_expert_gemm(config, freeze):
      ("FP8", False, 64, 0, True)],
     ids=["qat-fp8", "deploy-w8a8", "qat-fp8-24-rows", "qat-fp8-gluon"],
 )  # fmt: skip
-def test_compiled_model_quantize_once_matches_cpu_reference(config, freeze, seq, weight_passes, gluon, request):
+def test_compiled_model_quantize_once_matches_cpu_reference(config, freeze, seq, weight_passes, gluon, request,
+                                                            monkeypatch):  # fmt: skip
     """Policy "auto" at 64 routed rows per expert (8 experts, top-2, 4 x ``seq`` tokens): each FP8 x FP8 GEMM
     quantizes once (an activation codes pass, a weight codes pass in QAT, then the codes GEMM); at 24 rows per
     expert QAT keeps the weight in the GEMM's load path (no weight codes pass); with ``GLUON_QAT_FP8`` the Gluon
@@ -573,6 +576,10 @@ def test_compiled_model_quantize_once_matches_cpu_reference(config, freeze, seq,
 
     if gluon:
         request.getfixturevalue("gluon_qat_fp8")
+    else:  # the two launches (the Gluon kernel is on by default on sm_90)
+        from moeq.runtime.kernels import grouped_qmm as launcher
+
+        monkeypatch.setattr(launcher, "GLUON_QAT_FP8", False)
 
     tokens = make_tokens(batch=4, seq=seq).cuda()
     cm = _compiled_qwen(config, freeze, tokens)

@@ -178,7 +178,14 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
             if grouped_qmm_kernels.WEIGHT_PASS_IN_GEMM:
                 large = "one launch writing the weight's codes and multiplying them (weight_pass_gemm)"
                 return f"{small}; {middle}; above, an activation codes pass and {large}"
-            return f"{small}; {middle}; above, an activation codes pass, a weight codes pass and the FP8 codes GEMM"
+            two = "an activation codes pass, a weight codes pass and the FP8 codes GEMM"
+            if grouped_qmm_kernels.GLUON_QAT_FP8 and w_mode == "fake_fp8":
+                bound = grouped_qmm_kernels.GLUON_ROWS_PER_EXPERT
+                gluon = (
+                    "an activation codes pass and the warp-specialized Gluon kernel (weight converted in shared memory)"
+                )
+                return f"{small}; {middle}; up to {bound} on sm_90, {gluon}; else {two}"
+            return f"{small}; {middle}; above, {two}"
         return f"{small}; above, an activation codes pass and the FP8 codes GEMM"
     if dequantizes_weight_first(w_mode, x_fmt, 2**31, 1):
         bound = DEQUANT_FIRST_ROWS_PER_EXPERT[w_mode]

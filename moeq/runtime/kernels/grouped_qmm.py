@@ -229,12 +229,17 @@ WEIGHT_CODES_ROWS_PER_EXPERT = 48
 WEIGHT_PASS_IN_GEMM = False
 
 
-#: whether the quantize-once path multiplies a QAT FP8 weight (above :data:`WEIGHT_CODES_ROWS_PER_EXPERT`) with the
-#: warp-specialized Gluon kernel of :mod:`moeq.runtime.kernels.qat_fp8_gluon` on Hopper, converting the bf16 weight
-#: to its codes in shared memory, instead of a codes pass to HBM and then the codes GEMM (same products bit for
-#: bit). Operands it cannot take (:func:`~moeq.runtime.kernels.qat_fp8_gluon.unsupported_reason`) keep the two
-#: launches.
-GLUON_QAT_FP8 = False
+#: whether the quantize-once path multiplies a QAT FP8 weight (above :data:`WEIGHT_CODES_ROWS_PER_EXPERT` mean rows
+#: per expert, up to :data:`GLUON_ROWS_PER_EXPERT`) with the warp-specialized Gluon kernel of
+#: :mod:`moeq.runtime.kernels.qat_fp8_gluon` on Hopper, converting the bf16 weight to its codes in shared memory,
+#: instead of a codes pass to HBM and then the codes GEMM (same products bit for bit). H100, Qwen3-30B-A3B shapes at
+#: 34k rows (BENCHMARKS.md, session 33): gate_up 0.570 vs 0.718 ms, down 0.392 vs 0.408 ms for the whole op.
+#: Operands it cannot take (:func:`~moeq.runtime.kernels.qat_fp8_gluon.unsupported_reason`) keep the two launches.
+GLUON_QAT_FP8 = True
+#: mean routed rows per expert up to which the Gluon kernel is used: a program takes up to 256 + 64 rows of one
+#: expert and converts its weight tile once for them, so above this an expert's weight is converted once per group
+#: of rows, where the two launches convert it once in all. Measured at 272 (Qwen3 at 34k rows) only.
+GLUON_ROWS_PER_EXPERT = 320
 _GLUON_REASONS_LOGGED: set[str] = set()
 
 
@@ -262,12 +267,19 @@ def dequantizes_weight_first(w_mode: str, x_mode: str | None, rows: int, num_exp
 
 
 def gluon_takes(x_codes: torch.Tensor, w: torch.Tensor, w_amax: torch.Tensor, x_amax: torch.Tensor) -> bool:
-    """Whether :data:`GLUON_QAT_FP8` is on and the Gluon kernel takes these operands (logged once when not)."""
+    """Whether :data:`GLUON_QAT_FP8` is on, the mean rows per expert are at most :data:`GLUON_ROWS_PER_EXPERT`, and
+    the Gluon kernel takes these operands (why not is logged once)."""
+    num_experts = w.shape[0]
     if not GLUON_QAT_FP8 or interpreting() or not x_codes.is_cuda:
         return False
-    from moeq.runtime.kernels.qat_fp8_gluon import unsupported_reason
-
-    reason = unsupported_reason(x_codes, w, w_amax, x_amax)
+    if x_codes.shape[0] > GLUON_ROWS_PER_EXPERT * max(1, num_experts):
+        return False
+    try:
+        from moeq.runtime.kernels.qat_fp8_gluon import unsupported_reason
+    except ImportError as exc:  # a Triton without Gluon
+        reason = f"Gluon could not be imported ({exc})"
+    else:
+        reason = unsupported_reason(x_codes, w, w_amax, x_amax)
     if reason:
         if reason not in _GLUON_REASONS_LOGGED:
             _GLUON_REASONS_LOGGED.add(reason)
@@ -875,6 +887,7 @@ def grouped_qmm(
         if (
             w_mode == "fake_fp8"
             and weight_once
+            and config is None
             and caller_out is None
             and not per_token
             and gluon_takes(x, w, w_scale, x_amax)
