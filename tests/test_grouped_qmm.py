@@ -431,8 +431,38 @@ def test_launcher_traces_with_a_symbolic_row_count(quantize_once, launches, in_g
     from moeq.runtime.kernels import grouped_qmm as launcher
 
     monkeypatch.setattr(launcher, "WEIGHT_PASS_IN_GEMM", in_gemm)
+    monkeypatch.setattr(launcher, "GLUON_QAT_FP8", False)  # the Triton launches (Gluon: the test below)
     if in_gemm and quantize_once is None:
         launches -= 1
+    gm, rows, guards = _trace_launcher_with_symbolic_rows(quantize_once)
+    assert isinstance(rows, torch.SymInt)
+    assert sum("triton_kernel_wrapper" in str(n.target) for n in gm.graph.nodes) == launches
+    if quantize_once is None:
+        assert {f"{rows.node.expr} > 64", f"{rows.node.expr} > 192"} <= guards
+
+
+def test_launcher_traces_the_gluon_kernel_as_an_opaque_op(monkeypatch):
+    """On sm_90 (faked here: the trace needs no GPU) QAT FP8 from 48 to 320 rows per expert traces to the
+    activation codes kernel and the opaque ``moeq::qat_fp8_gluon_gemm`` (no weight codes pass, no codes GEMM), with
+    the row bounds as guards; with the Gluon kernel switched off, to the three Triton launches."""
+    pytest.importorskip("moeq.runtime.kernels.qat_fp8_gluon", reason="this Triton has no Gluon")
+    from moeq.runtime.kernels import grouped_qmm as launcher
+    from moeq.runtime.kernels import qat_fp8_gluon
+
+    monkeypatch.setattr(launcher, "GLUON_QAT_FP8", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(qat_fp8_gluon, "_device_ok", lambda index: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    gm, rows, guards = _trace_launcher_with_symbolic_rows(None, hf_layout=True)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum("triton_kernel_wrapper" in t for t in targets) == 1, targets
+    assert sum("qat_fp8_gluon_gemm" in t for t in targets) == 1, targets
+    assert {f"{rows.node.expr} > 64", f"{rows.node.expr} > 192", f"{rows.node.expr} <= 1280"} <= guards, guards
+
+
+def _trace_launcher_with_symbolic_rows(quantize_once, hf_layout=False):
+    """The QAT FP8 launcher traced by ``make_fx`` on fake CUDA tensors of 300 symbolic rows, 4 experts: (graph, the
+    row count, the guards' expressions). ``hf_layout``: the weight a ``[E, K, N]`` view of ``[E, N, K]``."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
@@ -450,7 +480,8 @@ def test_launcher_traces_with_a_symbolic_row_count(quantize_once, launches, in_g
         return FakeTensor(mode, meta.new_empty(sym.shape), torch.device("cuda"))
 
     x = fake_cuda((300, 32), torch.bfloat16, dynamic_rows=True)
-    w, offs = fake_cuda((4, 32, 16), torch.bfloat16), fake_cuda((4,), torch.int32)
+    w = fake_cuda((4, 16, 32), torch.bfloat16).transpose(1, 2) if hf_layout else fake_cuda((4, 32, 16), torch.bfloat16)
+    offs = fake_cuda((4,), torch.int32)
     amax, x_amax = fake_cuda((4,), torch.float32), fake_cuda((1,), torch.float32)
 
     def forward(x, w, offs, amax, x_amax):
@@ -459,11 +490,7 @@ def test_launcher_traces_with_a_symbolic_row_count(quantize_once, launches, in_g
     with mode:
         gm = make_fx(forward, tracing_mode="real")(x, w, offs, amax, x_amax)
     rows = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
-    assert isinstance(rows, torch.SymInt)
-    assert sum("triton_kernel_wrapper" in str(n.target) for n in gm.graph.nodes) == launches
-    if quantize_once is None:
-        guards = {str(g.expr) for g in shape_env.guards}
-        assert {f"{rows.node.expr} > 64", f"{rows.node.expr} > 192"} <= guards
+    return gm, rows, {str(g.expr) for g in shape_env.guards}
 
 
 def _wgrad_with_mask(a, b, offs, w, amax):

@@ -363,7 +363,7 @@ def unsupported_reason(
     ``w`` a bf16 ``[E, K, N]`` view of a contiguous ``[E, N, K]`` weight (HF's layout; TMA reads K-major tiles),
     ``w_amax [E]``, ``x_amax`` ``[1]`` or ``[E]``."""
     num_experts, k, n = w.shape
-    if interpreting() or not x_codes.is_cuda:
+    if interpreting() or not x_codes.is_cuda or not torch.cuda.is_available():
         return "needs a CUDA device (Gluon has no interpreter)"
     if not _device_ok(x_codes.device.index if x_codes.device.index is not None else torch.cuda.current_device()):
         return "needs sm_90 (Hopper wgmma)"
