@@ -15,7 +15,13 @@ warps convert and multiply (BENCHMARKS.md, sessions 14-30). Here one launch has 
 A program multiplies a group of up to ``BM + BT`` routed rows of one expert (a second accumulator holds the ``BT``
 tail rows), so one conversion of a weight tile serves all of an expert's rows at Qwen3-30B-A3B's ~272 rows per
 expert. Products equal the two-launch path's bit for bit: the same codes, fp32 sums of exact e4m3 products, and the
-scales applied to the accumulator once.
+scales applied to the accumulator once (``tests/test_division.py`` proves the lean quotient's codes by exact
+emulation).
+
+Its limit is the TMA traffic of the activation codes, which every n-tile reads again, so the tile that wins is 128
+wide, with 8 MMA warps as two warpgroups side by side along N. H100, Qwen3-30B-A3B at 34k rows (BENCHMARKS.md,
+session 33): gate_up 0.57 ms against 0.72 ms for the two launches (bf16 ``torch._grouped_mm`` 0.56), down 0.39
+against 0.41 (0.33).
 
 Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
 this kernel, and :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` then keeps the two launches. The kernel is
