@@ -834,7 +834,9 @@ def grouped_qmm(
     and a ``fake_fp8`` weight to its codes in another, then multiplies the codes (three launches); ``False``
     quantizes both in the GEMM's load path (one launch); ``None`` (default) chooses by size: x once above
     :data:`QUANTIZE_ONCE_ROWS_PER_EXPERT` mean rows per expert (:func:`quantizes_once`), a QAT weight once
-    above :data:`WEIGHT_CODES_ROWS_PER_EXPERT` (:func:`quantizes_weight_once`), else in the load path. Every
+    above :data:`WEIGHT_CODES_ROWS_PER_EXPERT` (:func:`quantizes_weight_once`), else in the load path. Where the
+    weight would get its own pass, on sm_90 up to :data:`GLUON_ROWS_PER_EXPERT` mean rows per expert, the Gluon
+    kernel (:mod:`moeq.runtime.kernels.qat_fp8_gluon`) converts it in shared memory instead: two launches. Every
     choice gives the same products (the codes are formats' FP8 ``quantize``).
     """
     per_token = x_mode == "fp8_token"
