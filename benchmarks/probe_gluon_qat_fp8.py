@@ -1,22 +1,15 @@
-"""Probe: QAT FP8 above 48 rows per expert as one warp-specialized Gluon kernel (Hopper), Qwen3 shapes at 34k rows.
+"""Probe: the warp-specialized Gluon QAT FP8 kernel (``moeq.runtime.kernels.qat_fp8_gluon``), Qwen3 shapes at 34k rows.
 
-The shipped op runs the weight's e4m3 codes pass (memory-bound, ~0.31 ms at 34k rows on gate_up) and then the codes
-GEMM (compute-bound, ~0.27 ms). Sessions 14-30 found that converting the bf16 weight tile in the GEMM's load path
-costs more than the MMA it feeds, because the same warps convert and multiply. Here three warp roles share an SM:
+Times, against bf16 ``torch._grouped_mm`` and the two launches (weight codes pass + codes GEMM, ``GLUON_QAT_FP8``
+off), every configuration ``grouped_qmm`` may choose (``CONFIGS``), other exact candidates, and two inexact
+reciprocal ceilings (what the spec's division costs). Each variant's weight codes and output are first checked
+bit-equal to the shipped op's. Then the kernel alone is timed with roles that only pass their barriers (``SKIP``:
+no conversion, no MMA, loads only), to see where the time goes. ``--compile-only`` compiles every variant for sm_90
+on a machine without a GPU.
 
-- a 1-warp loader issues TMA copies of the activation codes tile and the bf16 weight tile into shared-memory rings;
-- converter warps read each bf16 weight tile, divide by the expert's FP8 scale exactly as :mod:`moeq.formats`
-  (``numerics.divide``), convert to e4m3 (``cvt.rn.satfinite``) and store the codes into a third ring;
-- the default partition runs FP8 ``wgmma`` on the activation codes and the weight codes.
-
-So the CUDA-core conversion overlaps the tensor-core MMA instead of preceding it. A program multiplies a group of up
-to BM + BT routed rows of one expert (a second accumulator holds the BT tail rows), so one conversion of a weight
-tile serves all of them. The activation codes come from moeq's own pass (``fake_quant_act(codes=True)``).
-``--compile-only`` compiles every variant for sm_90 on a machine without a GPU.
-
-Session 32 ran the first form (one m-tile of 256 or 128 rows per program, commit b8175d3) on the H200: bit-exact and
-slower than the two launches (BENCHMARKS.md). This form, with up to 64 or 128 tail rows in a second accumulator so
-that one conversion serves an expert's rows, has only been compiled.
+Session 32 ran a first form (one m-tile per program) on the H200: bit-exact and slower. Session 33 (H100,
+BENCHMARKS.md) ran the row-group form: the loads were the limit, and a 128-wide tile with two warpgroups side by
+side brought gate_up to 0.99x bf16, down to 0.85x.
 
     python benchmarks/probe_gluon_qat_fp8.py --out $OUT/gluon_qat_fp8.json
 """
@@ -72,14 +65,13 @@ def compile_only() -> None:
 
 def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
     import torch
-    from probes import qat_fp8_table
+    from probes import qat_fp8_table, qat_fp8_two_launches
 
     from moeq.runtime.kernels import fake_quant_act, fake_quant_experts
-    from moeq.runtime.kernels.grouped_qmm import grouped_qmm
 
     p, table = qat_fp8_table(label, k, n, rows)
     num_experts = p.w_nk.shape[0]
-    shipped = grouped_qmm(p.x, p.w, p.offs, p.w_amax, None, p.x_amax, "fake_fp8", "fp8")
+    shipped = qat_fp8_two_launches(p)
     codes_ref = fake_quant_experts(p.w, p.w_amax, "fp8", 1, codes=True)  # [E, K, N] view of [E, N, K] codes
 
     for v in VARIANTS:

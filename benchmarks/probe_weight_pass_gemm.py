@@ -13,22 +13,16 @@ from __future__ import annotations
 
 import torch
 import triton
-from probes import qat_fp8_table, qwen3_probe_main
+from probes import qat_fp8_table, qat_fp8_two_launches, qwen3_probe_main
 
 from moeq.formats import get_format
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts
-from moeq.runtime.kernels import grouped_qmm as gq
 from moeq.runtime.kernels.weight_pass_gemm import weight_pass_gemm, weight_pass_gemm_configs
 
 
 def _whole_op(p, in_gemm: bool):
     """The whole QAT FP8 op with the weight codes pass in its own launch or inside the GEMM's (autotuned)."""
-    default = gq.WEIGHT_PASS_IN_GEMM
-    gq.WEIGHT_PASS_IN_GEMM = in_gemm
-    try:
-        return gq.grouped_qmm(p.x, p.w, p.offs, p.w_amax, None, p.x_amax, "fake_fp8", "fp8")
-    finally:
-        gq.WEIGHT_PASS_IN_GEMM = default
+    return qat_fp8_two_launches(p, WEIGHT_PASS_IN_GEMM=in_gemm)
 
 
 def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
