@@ -158,6 +158,23 @@ def divide(x, divisor, FAST):
 
 
 @triton.jit
+def lean_quotient(x, d, y, clip, FAST):
+    """Markstein's quotient ``fma(fma(-q0, d, x), y, q0)``, ``q0 = x y``, for an MMA operand (``d`` in the fast range,
+    ``y = RN(1/d)``, ``clip = 2^64 d``): ``x`` is first clipped to ``+-clip`` keeping NaN (two instructions instead of
+    :func:`divide`'s overflow select), and the sign of a zero quotient is not restored (a signed zero multiplies to
+    the same sums). Its e4m3 code equals :func:`divide`'s for every non-zero quotient (``tests/test_division.py``).
+    Outside the fast range, IEEE division."""
+    if FAST:
+        xc = tl.minimum(tl.maximum(x, clip * -1.0, propagate_nan=tl.PropagateNan.ALL), clip,
+                        propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
+        q0 = xc * y
+        q = tl.fma(tl.fma(q0, d * -1.0, xc), y, q0)
+    else:
+        q = tl.math.div_rn(x, d)
+    return q
+
+
+@triton.jit
 def fp8_scale(amax):
     """The FP8 per-tensor scale ``s = amax / 448``."""
     return tl.math.div_rn(amax, FP8_MAX)

@@ -8,7 +8,7 @@ warps convert and multiply (BENCHMARKS.md, sessions 14-30). Here one launch has 
 
 - a 1-warp loader issues TMA copies of the activation codes and the bf16 weight tile into shared-memory rings;
 - converter warps divide each weight tile by the expert's FP8 scale exactly as :mod:`moeq.formats` (Markstein's
-  quotient on the clipped value, :func:`lean_quotient`, or ``numerics.divide``), round to e4m3 (``cvt.rn.satfinite``)
+  quotient on the clipped value, ``numerics.lean_quotient``, or ``numerics.divide``), round to e4m3 (``cvt.rn.satfinite``)
   and store the codes into a third ring;
 - the default partition runs FP8 ``wgmma`` on the activation codes and the weight codes.
 
@@ -37,7 +37,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -50,7 +49,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from moeq.runtime.kernels.grouped_qmm import m_bucket
 from moeq.runtime.kernels.launch import cdiv, interpreting
-from moeq.runtime.kernels.numerics import FAST_DIVISOR_MAX, FAST_DIVISOR_MIN, divide, fp8_scale, safe_divisor
+from moeq.runtime.kernels.numerics import (
+    FAST_DIVISOR_MAX,
+    FAST_DIVISOR_MIN,
+    divide,
+    fp8_scale,
+    lean_quotient,
+    safe_divisor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +92,6 @@ def _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2: gl.constexpr, BLO
     )
     row_end = gl.where(expert < NUM_EXPERTS, gl.sum(gl.where(here, ends, 0), axis=0), M)
     return expert, row_start, row_end
-
-
-@gluon.jit
-def lean_quotient(x, d, y, clip, FAST):
-    """Markstein's quotient ``fma(fma(-q0, d, x), y, q0)``, ``q0 = x y``, for an MMA operand (``d`` in the fast range,
-    ``y = RN(1/d)``): ``x`` is first clipped to ``+-2^64 d`` keeping NaN (two instructions instead of the overflow
-    select), and the sign of a zero quotient is not restored (a signed zero multiplies to the same sums). Its e4m3
-    code equals ``divide``'s for every non-zero quotient. Outside the fast range, IEEE division."""
-    if FAST:
-        xc = gl.minimum(gl.maximum(x, clip * -1.0, propagate_nan=tl.PropagateNan.ALL), clip,
-                        propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
-        q0 = xc * y
-        q = gl.fma(gl.fma(q0, d * -1.0, xc), y, q0)
-    else:
-        q = gl.div_rn(x, d)
-    return q
 
 
 @gluon.jit
