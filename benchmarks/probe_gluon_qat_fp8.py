@@ -20,10 +20,8 @@ import argparse
 import os
 import sys
 
-import triton
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from moeq.runtime.kernels.qat_fp8_gluon import CONFIGS, GluonConfig, qat_fp8_gluon_gemm, qat_fp8_ws_kernel  # noqa: E402
+from moeq.runtime.kernels.qat_fp8_gluon import CONFIGS, GluonConfig, qat_fp8_gluon_gemm  # noqa: E402
 
 #: moeq's configurations, other exact candidates (session 33: slower, or not yet run), then two inexact
 #: reciprocal ceilings (not the spec: what the division costs)
@@ -39,20 +37,9 @@ VARIANTS = [
 
 def compile_only() -> None:
     """Compile every variant for sm_90 (no GPU needed) and print shared memory, registers and instruction counts."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     for v in VARIANTS:
-        xl, tl_, wl = v.layouts()
-        sig = {"x_desc": f"tensordesc<fp8e4nv{[v.bm, v.bk]},{xl!r}>", "xt_desc": f"tensordesc<fp8e4nv{[v.bt, v.bk]},{tl_!r}>",
-               "w_desc": f"tensordesc<bf16{[v.bn, v.bk]},{wl!r}>",
-               "out_ptr": "*bf16", "offs_ptr": "*i32", "w_amax_ptr": "*fp32", "x_amax_ptr": "*fp32",
-               "codes_ptr": "*fp8e4nv", "M": "i32", "N": "i32", "K": "i32", "NUM_EXPERTS": "i32", "stride_om": "i32"}  # fmt: skip
-        consts = v.constexprs()
-        sig.update({k: "constexpr" for k in consts})
         try:
-            k = triton.compile(GluonASTSource(qat_fp8_ws_kernel, sig, consts),
-                               target=GPUTarget("cuda", 90, 32), options={"num_warps": v.mma_warps, "maxnreg": v.maxnreg})  # fmt: skip
+            k = v.compile_for_sm90()
         except Exception as exc:
             print(f"{v.name}: ERROR {str(exc)[-600:]}")
             continue

@@ -16,36 +16,13 @@ gluon_module = pytest.importorskip("moeq.runtime.kernels.qat_fp8_gluon", reason=
 HOPPER_SHARED_BYTES = 232448
 
 
-def _compile_for_sm90(config):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    xl, tl_, wl = config.layouts()
-    signature = {
-        "x_desc": f"tensordesc<fp8e4nv{[config.bm, config.bk]},{xl!r}>",
-        "xt_desc": f"tensordesc<fp8e4nv{[config.bt, config.bk]},{tl_!r}>",
-        "w_desc": f"tensordesc<bf16{[config.bn, config.bk]},{wl!r}>",
-        **dict.fromkeys(["out_ptr"], "*bf16"),
-        **dict.fromkeys(["offs_ptr"], "*i32"),
-        **dict.fromkeys(["w_amax_ptr", "x_amax_ptr"], "*fp32"),
-        "codes_ptr": "*fp8e4nv",
-        **dict.fromkeys(["M", "N", "K", "NUM_EXPERTS", "stride_om"], "i32"),
-    }
-    constants = config.constexprs(x_per_expert=True)
-    signature.update(dict.fromkeys(constants, "constexpr"))
-    source = GluonASTSource(gluon_module.qat_fp8_ws_kernel, signature, constants)
-    options = {"num_warps": config.mma_warps, "maxnreg": config.maxnreg}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-
-
 @pytest.mark.parametrize("config", gluon_module.CONFIGS, ids=lambda c: c.name)
 def test_every_config_compiles_for_sm90(config, tmp_path, monkeypatch):
     """Each configuration ``tuned_config`` chooses from: shared memory within Hopper's 227 KB, the converter's
     e4m3 conversions and the MMA partition's FP8 wgmma in the PTX, one register budget per warp role
     (``setmaxnreg``), nothing spilled to local memory, and the exact quotient (no reciprocal-only variant)."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    kernel = _compile_for_sm90(config)
+    kernel = config.compile_for_sm90(x_per_expert=True)
     ptx = kernel.asm["ptx"]
     assert config.exact in (1, 2), config
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES, kernel.metadata.shared

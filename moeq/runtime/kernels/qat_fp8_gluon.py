@@ -318,6 +318,30 @@ class GluonConfig(NamedTuple):
                     CONV_REGS=self.conv_regs, WRITE_CODES=write_codes, EXACT=self.exact, X_PER_EXPERT=x_per_expert,
                     SKIP=skip, num_warps=self.mma_warps)  # fmt: skip
 
+    def compile_for_sm90(self, x_per_expert: bool = False):
+        """This configuration's kernel compiled ahead of time for sm_90 (no GPU needed): shared memory, register
+        budgets and PTX, for tests and the probe."""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        xl, tl_, wl = self.layouts()
+        signature = {
+            "x_desc": f"tensordesc<fp8e4nv{[self.bm, self.bk]},{xl!r}>",
+            "xt_desc": f"tensordesc<fp8e4nv{[self.bt, self.bk]},{tl_!r}>",
+            "w_desc": f"tensordesc<bf16{[self.bn, self.bk]},{wl!r}>",
+            "out_ptr": "*bf16",
+            "offs_ptr": "*i32",
+            **dict.fromkeys(["w_amax_ptr", "x_amax_ptr"], "*fp32"),
+            "codes_ptr": "*fp8e4nv",
+            **dict.fromkeys(["M", "N", "K", "NUM_EXPERTS", "stride_om"], "i32"),
+        }
+        constants = self.constexprs(x_per_expert=x_per_expert)
+        signature.update(dict.fromkeys(constants, "constexpr"))
+        source = GluonASTSource(qat_fp8_ws_kernel, signature, constants)
+        options = {"num_warps": self.mma_warps, "maxnreg": self.maxnreg}
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
 
 #: the configurations :func:`qat_fp8_gluon_gemm` times once per shape key (:func:`tuned_config`) and picks from, both
 #: with the lean exact quotient and groups of 256 + 64 rows: 128 x 64 tiles with 8 MMA warps as two warpgroups side by
