@@ -289,14 +289,15 @@ def gluon_takes(x_codes: torch.Tensor, w: torch.Tensor, w_amax: torch.Tensor, x_
     return reason is None
 
 
-def gluon_gemm(x_codes, w, offs, w_amax, x_amax, wrap) -> torch.Tensor:
-    """The Gluon kernel's product, through the opaque op ``moeq::qat_fp8_gluon_gemm`` while a graph is traced
-    (``wrap`` set: Inductor cannot trace a Gluon kernel) and directly otherwise."""
+def gluon_gemm(x_codes, w, offs, w_amax, x_amax, out, wrap) -> torch.Tensor:
+    """The Gluon kernel's product (operands :func:`gluon_takes` accepted): through the opaque op
+    ``moeq::qat_fp8_gluon_gemm`` while a graph is traced (``wrap`` set: Inductor cannot trace a Gluon kernel), else
+    launched directly into ``out`` (the launcher's own output: contiguous)."""
     from moeq.runtime.kernels import qat_fp8_gluon
 
     if wrap is not None:
         return torch.ops.moeq.qat_fp8_gluon_gemm(x_codes, w, offs, w_amax, x_amax)
-    return qat_fp8_gluon.qat_fp8_gluon_gemm(x_codes, w, offs, w_amax, x_amax)
+    return qat_fp8_gluon.qat_fp8_gluon_gemm(x_codes, w, offs, w_amax, x_amax, out=out, check=False)
 
 
 def m_bucket(rows: int, num_experts: int) -> int:
@@ -894,7 +895,7 @@ def grouped_qmm(
             and not per_token
             and gluon_takes(x, w, w_scale, x_amax)
         ):
-            return gluon_gemm(x, w, offs, w_scale, x_amax, wrap)
+            return gluon_gemm(x, w, offs, w_scale, x_amax, out, wrap)
         if w_mode == "fake_fp8" and weight_once and not WEIGHT_PASS_IN_GEMM:
             w = fake_quant_experts(w, w_scale, "fp8", 1, codes=True, wrap=wrap)
             w_scale, w_mode = get_format("fp8").scale_from_amax(w_scale), "fp8"

@@ -46,6 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from moeq.runtime.kernels.grouped_qmm import m_bucket
 from moeq.runtime.kernels.launch import cdiv, interpreting
@@ -398,17 +399,17 @@ def unsupported_reason(
 
 def qat_fp8_gluon_gemm(x_codes: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.Tensor,
                        x_amax: torch.Tensor, out: torch.Tensor | None = None, config: GluonConfig | None = None,
-                       codes: torch.Tensor | None = None, skip: int = 0) -> torch.Tensor:  # fmt: skip
+                       codes: torch.Tensor | None = None, skip: int = 0, check: bool = True) -> torch.Tensor:  # fmt: skip
     """``out[rows of e] = (x_codes[rows] @ q(w[e])) * x_s * w_s[e]`` in bf16 (rows past ``offs[-1]``: zeros), where
     ``q`` is formats' FP8 quantization by the amax ``w_amax[e]`` and ``x_s = x_amax / 448`` (shared or per expert).
     ``codes`` (``[E, N, K]`` e4m3, optional): also written with the codes of the weights of experts with rows
     (tests). ``config``: launch with it instead of :func:`tuned_config`'s choice. ``skip``: the kernel's ``SKIP``
     (a probe's decomposition; not the product).
-    Raises ``ValueError`` with :func:`unsupported_reason`'s text for operands it cannot take."""
-    reason = unsupported_reason(x_codes, w, w_amax, x_amax)
+    Raises ``ValueError`` with :func:`unsupported_reason`'s text for operands it cannot take (``check=False``:
+    the caller has asked already)."""
+    reason = unsupported_reason(x_codes, w, w_amax, x_amax) if check else None
     if reason:
         raise ValueError(f"qat_fp8_gluon_gemm: {reason}")
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     num_experts, k, n = w.shape
     m = x_codes.shape[0]
@@ -444,7 +445,7 @@ def qat_fp8_gluon_gemm_op(x_codes: torch.Tensor, w: torch.Tensor, offs: torch.Te
     product from the weight's codes pass and the codes GEMM."""
     reason = unsupported_reason(x_codes, w, w_amax, x_amax)
     if reason is None:
-        return qat_fp8_gluon_gemm(x_codes, w, offs, w_amax, x_amax)
+        return qat_fp8_gluon_gemm(x_codes, w, offs, w_amax, x_amax, check=False)
     from moeq.formats import get_format
     from moeq.runtime.kernels.fake_quant_experts import fake_quant_experts
     from moeq.runtime.kernels.grouped_qmm import grouped_qmm
