@@ -131,7 +131,7 @@ def test_nvfp4_fast_path_gives_the_e2m1_code_of_the_ieee_quotient():
 
 
 def clipped_quotient(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The quotient an MMA operand may take instead (``lean_quotient`` in ``moeq/runtime/kernels/qat_fp8_gluon.py``):
+    """The quotient an MMA operand may take instead (``numerics.lean_quotient``, which the Gluon kernel uses):
     x clipped to ``+-2^64 s`` (NaN kept), then Markstein's q1; no overflow select, no zero-sign fix."""
     clip = s * 2.0**64
     return markstein_quotient(torch.where(x.isnan(), x, x.clamp(-clip, clip)), s)[1]
