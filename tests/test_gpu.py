@@ -339,22 +339,26 @@ def gluon_qat_fp8(monkeypatch):
 @pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per-expert"])
 @pytest.mark.parametrize(
     ("counts", "k", "n"),
-    [([300, 0, 1, 330, 64, 0, 257, 700, 17, 320, 321], 768, 1024), ([5, 400, 0], 2000, 200)],
-    ids=["tails-and-second-groups", "k-and-n-not-tile-multiples"],
+    [
+        ([300, 0, 1, 330, 64, 0, 257, 700, 17, 320, 321], 768, 1024),
+        ([5, 400, 0], 2000, 200),
+        ([(e * 37) % 300 for e in range(200)], 256, 192),
+    ],
+    ids=["tails-and-second-groups", "k-and-n-not-tile-multiples", "200-experts"],
 )
 @pytest.mark.usefixtures("gluon_qat_fp8")
 def test_qat_fp8_gluon_gemm_cuda(counts, k, n, per_expert):
     """The Gluon QAT FP8 kernel: its weight codes (of experts with rows) equal formats' FP8 ``quantize`` (CPU) bit
-    for bit; its output
-    equals the two-launch path's (codes pass, then the codes GEMM) bit for bit, and the float64 product of the same
+    for bit; its output equals the two-launch path's (codes pass, then the codes GEMM) bit for bit, and the float64 product of the same
     codes within the FP8 MMA's accumulation bound (see ``test_codes_gemm_training_size``). Experts with 256 rows
     or fewer, with a tail (257-320), with a second group (321+), empty ones; unrouted tail rows zero; K and N not
-    multiples of the tiles. ``grouped_qmm`` with ``GLUON_QAT_FP8`` takes this kernel (its launch is in the profile,
-    no weight codes pass)."""
+    multiples of the tiles; more experts than 128. Every configuration of ``CONFIGS`` (one program per tile and
+    persistent) and ``tuned_config``'s choice. ``grouped_qmm`` with ``GLUON_QAT_FP8`` takes this kernel (its launch is in the profile, no weight
+    codes pass)."""
     from torch.profiler import ProfilerActivity, profile
 
     from moeq.runtime.kernels.fake_quant_act import fake_quant_act
-    from moeq.runtime.kernels.qat_fp8_gluon import qat_fp8_gluon_gemm
+    from moeq.runtime.kernels.qat_fp8_gluon import CONFIGS, qat_fp8_gluon_gemm
 
     g = torch.Generator().manual_seed(7)
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
@@ -369,13 +373,14 @@ def test_qat_fp8_gluon_gemm_cuda(counts, k, n, per_expert):
     codes_ref = fp8.quantize(w_nk, amax.view(-1, 1, 1)).data
     x_codes = fake_quant_act(x.cuda(), offs.cuda(), x_amax.cuda(), "fp8", codes=True)
     w = w_nk.cuda().transpose(1, 2)
-    codes = torch.zeros(num_experts, n, k, dtype=torch.float8_e4m3fn, device="cuda")
-    got = qat_fp8_gluon_gemm(x_codes, w, offs.cuda(), amax.cuda(), x_amax.cuda(), codes=codes)
-    routed = torch.tensor(counts) > 0  # the kernel converts the weights of experts with rows
-    assert_same_bits(codes.cpu()[routed], codes_ref[routed])
     two_launches = launch_grouped_qmm(x_codes, codes_ref.cuda().transpose(1, 2), offs.cuda(),
                                       fp8.scale_from_amax(amax).cuda(), None, x_amax.cuda(), "fp8", "fp8_codes")  # fmt: skip
-    assert torch.equal(got, two_launches)
+    routed = torch.tensor(counts) > 0  # the kernel converts the weights of experts with rows
+    for config in (*CONFIGS, None):
+        codes = torch.zeros(num_experts, n, k, dtype=torch.float8_e4m3fn, device="cuda")
+        got = qat_fp8_gluon_gemm(x_codes, w, offs.cuda(), amax.cuda(), x_amax.cuda(), config=config, codes=codes)
+        assert_same_bits(codes.cpu()[routed], codes_ref[routed])
+        assert torch.equal(got, two_launches), config
     scales = fp8.scale_from_amax(x_amax).double().expand(num_experts) * fp8.scale_from_amax(amax).double()
     ref, magnitude = _codes_product(x_codes.cpu(), codes_ref, offs, scales)
     err = (got.cpu().double() - ref).abs()

@@ -16,13 +16,19 @@ gluon_module = pytest.importorskip("moeq.runtime.kernels.qat_fp8_gluon", reason=
 HOPPER_SHARED_BYTES = 232448
 
 
-@pytest.mark.parametrize("config", gluon_module.CONFIGS, ids=lambda c: c.name)
-def test_every_config_compiles_for_sm90(config, tmp_path, monkeypatch):
+#: the kernels ``tuned_config`` chooses from (a persistent configuration launches the same kernel on fewer programs)
+KERNELS = sorted({config._replace(persistent=False) for config in gluon_module.CONFIGS})
+
+
+@pytest.mark.parametrize("num_experts", [128, 256])
+@pytest.mark.parametrize("config", KERNELS, ids=lambda c: c.name)
+def test_every_config_compiles_for_sm90(config, num_experts, tmp_path, monkeypatch):
     """Each configuration ``tuned_config`` chooses from: shared memory within Hopper's 227 KB, the converter's
     e4m3 conversions and the MMA partition's FP8 wgmma in the PTX, one register budget per warp role
-    (``setmaxnreg``), nothing spilled to local memory, and the exact quotient (no reciprocal-only variant)."""
+    (``setmaxnreg``), nothing spilled to local memory, and the exact quotient (no reciprocal-only variant); with
+    up to 128 experts and with 256 (DeepSeek-V3: every partition scans the offsets of all experts)."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    kernel = config.compile_for_sm90(x_per_expert=True)
+    kernel = config.compile_for_sm90(x_per_expert=True, num_experts=num_experts)
     ptx = kernel.asm["ptx"]
     assert config.exact in (1, 2), config
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES, kernel.metadata.shared

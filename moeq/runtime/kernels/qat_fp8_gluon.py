@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -73,14 +74,29 @@ def _add(a, b):
 
 
 @gluon.jit
-def _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2: gl.constexpr, BLOCK_M: gl.constexpr):
-    """moeq.runtime.kernels.grouped_qmm._tile_of_program in Gluon: (expert, first row, end row) of m-tile ``tile_m``."""
+def _expert_row_tiles(offs_ptr, NUM_EXPERTS, E_POW2: gl.constexpr, BLOCK_M: gl.constexpr):
+    """Every expert's first and end row and its number of ``BLOCK_M``-row groups (lanes past the last expert: 0)."""
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     e_idx = gl.arange(0, E_POW2, layout=layout)
     valid = e_idx < NUM_EXPERTS
     ends = gl.load(offs_ptr + e_idx, mask=valid, other=0)
     starts = gl.load(offs_ptr + e_idx - 1, mask=valid & (e_idx > 0), other=0)
     tiles = gl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    return e_idx, starts, ends, tiles
+
+
+@gluon.jit
+def _group_count(offs_ptr, M, NUM_EXPERTS, E_POW2: gl.constexpr, BLOCK_M: gl.constexpr):
+    """How many row groups the routed rows make (none straddles two experts), plus the unrouted rows' groups."""
+    e_idx, starts, ends, tiles = _expert_row_tiles(offs_ptr, NUM_EXPERTS, E_POW2, BLOCK_M)
+    routed = gl.sum(gl.where(e_idx == NUM_EXPERTS - 1, ends, 0), axis=0)
+    return gl.sum(tiles, axis=0) + gl.cdiv(M - routed, BLOCK_M)
+
+
+@gluon.jit
+def _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2: gl.constexpr, BLOCK_M: gl.constexpr):
+    """moeq.runtime.kernels.grouped_qmm._tile_of_program in Gluon: (expert, first row, end row) of m-tile ``tile_m``."""
+    e_idx, starts, ends, tiles = _expert_row_tiles(offs_ptr, NUM_EXPERTS, E_POW2, BLOCK_M)
     cum = gl.associative_scan(tiles, 0, _add)
     expert = gl.sum((cum <= tile_m).to(gl.int32), axis=0)
     here = e_idx == expert
@@ -96,59 +112,93 @@ def _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2: gl.constexpr, BLO
 
 
 @gluon.jit
-def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, row_start, w_row, k_tiles, has_tail):
-    """TMA: the bf16 weight tile, then the activation codes tile (and the tail rows' tile where the group has them)."""
-    BK: gl.constexpr = x_desc.block_type.shape[1]
-    BM: gl.constexpr = x_desc.block_type.shape[0]
-    SX: gl.constexpr = x8.shape[0]
-    S16: gl.constexpr = w16.shape[0]
-    for i in range(k_tiles):
-        s = i % S16
-        mbarrier.wait(e16.index(s), ((i // S16) & 1) ^ 1)
-        mbarrier.expect(r16.index(s), w_desc.block_type.nbytes)
-        _tma_load(w_desc, [w_row, i * BK], r16.index(s), w16.index(s))
-        sx = i % SX
-        mbarrier.wait(ex.index(sx), ((i // SX) & 1) ^ 1)
-        if has_tail:
-            mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes + xt_desc.block_type.nbytes)
-        else:
-            mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes)
-        _tma_load(x_desc, [row_start, i * BK], rx.index(sx), x8.index(sx))
-        _tma_load(xt_desc, [row_start + BM, i * BK], rx.index(sx), xt8.index(sx), pred=has_tail)
+def _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2: gl.constexpr, BLOCK_M: gl.constexpr, BN: gl.constexpr,
+          BK: gl.constexpr):  # fmt: skip
+    """Tile ``tile`` (row group major, n-tile minor): its expert (clamped: the unrouted rows' groups multiply
+    nothing), first and end row, n-tile and k-steps (0 for unrouted rows: their output is zeros)."""
+    n_tiles = gl.cdiv(N, BN)
+    expert, row_start, row_end = _tile_of_program(offs_ptr, tile // n_tiles, M, NUM_EXPERTS, E_POW2, BLOCK_M)
+    k_tiles = gl.where(expert < NUM_EXPERTS, gl.cdiv(K, BK), 0)
+    return gl.minimum(expert, NUM_EXPERTS - 1), row_start, row_end, tile % n_tiles, k_tiles
 
 
 @gluon.jit
-def _convert_partition(w16, r16, e16, c8, r8, e8, k_tiles, w_div, w_fast, w_inv, w_clip, codes_ptr, codes_row,
-                       codes_end, K, SPLIT: gl.constexpr, WRITE_CODES: gl.constexpr, EXACT: gl.constexpr,
-                       SKIP: gl.constexpr):  # fmt: skip
+def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K, NUM_EXPERTS,
+                    E_POW2: gl.constexpr):  # fmt: skip
+    """TMA: the bf16 weight tile, then the activation codes tile (and the tail rows' tile where the group has them),
+    for every k-step of every tile of this program."""
+    BK: gl.constexpr = x_desc.block_type.shape[1]
+    BM: gl.constexpr = x_desc.block_type.shape[0]
+    BT: gl.constexpr = xt_desc.block_type.shape[0]
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    SX: gl.constexpr = x8.shape[0]
+    S16: gl.constexpr = w16.shape[0]
+    total = _group_count(offs_ptr, M, NUM_EXPERTS, E_POW2, BM + BT) * gl.cdiv(N, BN)
+    it = 0  # k-steps issued by this program: the rings' slot and phase
+    for tile in range(gl.program_id(0), total, gl.num_programs(0)):
+        e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BM + BT, BN, BK)
+        has_tail = row_end - row_start > BM
+        w_row = e * N + pid_n * BN
+        for i in range(k_tiles):
+            s = it % S16
+            mbarrier.wait(e16.index(s), ((it // S16) & 1) ^ 1)
+            mbarrier.expect(r16.index(s), w_desc.block_type.nbytes)
+            _tma_load(w_desc, [w_row, i * BK], r16.index(s), w16.index(s))
+            sx = it % SX
+            mbarrier.wait(ex.index(sx), ((it // SX) & 1) ^ 1)
+            if has_tail:
+                mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes + xt_desc.block_type.nbytes)
+            else:
+                mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes)
+            _tma_load(x_desc, [row_start, i * BK], rx.index(sx), x8.index(sx))
+            _tma_load(xt_desc, [row_start + BM, i * BK], rx.index(sx), xt8.index(sx), pred=has_tail)
+            it += 1
+
+
+@gluon.jit
+def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
+                       E_POW2: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT: gl.constexpr, WRITE_CODES: gl.constexpr,
+                       EXACT: gl.constexpr, SKIP: gl.constexpr):  # fmt: skip
+    """Each bf16 weight tile divided by its expert's FP8 scale as formats does, rounded to e4m3, stored into the
+    codes ring (``WRITE_CODES``: also to ``codes_ptr``, for tests)."""
     S16: gl.constexpr = w16.shape[0]
     S8: gl.constexpr = c8.shape[0]
     BN: gl.constexpr = w16.shape[1]
     BK: gl.constexpr = w16.shape[2]
     PART: gl.constexpr = BN // SPLIT
     L: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BK // 8), BK // 8], [gl.num_warps(), 1], [1, 0])
-    for i in range(k_tiles):
-        s = i % S16
-        t = i % S8
-        mbarrier.wait(r16.index(s), (i // S16) & 1)
-        mbarrier.wait(e8.index(t), ((i // S8) & 1) ^ 1)
-        for h in gl.static_range(SPLIT if SKIP % 2 == 0 else 0):
-            v = w16.index(s).slice(h * PART, PART, dim=0).load(L).to(gl.float32)
-            if EXACT == 1:
-                q = divide(v, w_div, w_fast).to(gl.float8e4nv, fp_downcast_rounding="rtne")
-            elif EXACT == 2:
-                q = lean_quotient(v, w_div, w_inv, w_clip, w_fast).to(gl.float8e4nv, fp_downcast_rounding="rtne")
-            else:  # the probe's ceiling: one multiply by the reciprocal (not the spec's division)
-                q = (v * w_inv).to(gl.float8e4nv, fp_downcast_rounding="rtne")
-            c8.index(t).slice(h * PART, PART, dim=0).store(q)
-            if WRITE_CODES:
-                r = codes_row + h * PART + gl.arange(0, PART, layout=gl.SliceLayout(1, L))
-                c = i * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, L))
-                mask = (r < codes_end)[:, None] & (c < K)[None, :]  # this expert's rows, K's columns
-                gl.store(codes_ptr + r.to(gl.int64)[:, None] * K + c[None, :], q, mask=mask)
-        fence_async_shared()
-        mbarrier.arrive(e16.index(s))
-        mbarrier.arrive(r8.index(t))
+    total = _group_count(offs_ptr, M, NUM_EXPERTS, E_POW2, BLOCK_M) * gl.cdiv(N, BN)
+    it = 0
+    for tile in range(gl.program_id(0), total, gl.num_programs(0)):
+        e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BLOCK_M, BN, BK)
+        w_div = safe_divisor(fp8_scale(gl.load(w_amax_ptr + e)))
+        w_fast = (w_div >= FAST_DIVISOR_MIN) & (w_div <= FAST_DIVISOR_MAX)
+        w_inv = gl.div_rn(1.0, w_div)
+        w_clip = w_div * 18446744073709551616.0  # 2^64 d: clipped quotients stay finite and saturate alike
+        codes_row = e * N + pid_n * BN
+        for i in range(k_tiles):
+            s = it % S16
+            t = it % S8
+            mbarrier.wait(r16.index(s), (it // S16) & 1)
+            mbarrier.wait(e8.index(t), ((it // S8) & 1) ^ 1)
+            for h in gl.static_range(SPLIT if SKIP % 2 == 0 else 0):
+                v = w16.index(s).slice(h * PART, PART, dim=0).load(L).to(gl.float32)
+                if EXACT == 1:
+                    q = divide(v, w_div, w_fast).to(gl.float8e4nv, fp_downcast_rounding="rtne")
+                elif EXACT == 2:
+                    q = lean_quotient(v, w_div, w_inv, w_clip, w_fast).to(gl.float8e4nv, fp_downcast_rounding="rtne")
+                else:  # the probe's ceiling: one multiply by the reciprocal (not the spec's division)
+                    q = (v * w_inv).to(gl.float8e4nv, fp_downcast_rounding="rtne")
+                c8.index(t).slice(h * PART, PART, dim=0).store(q)
+                if WRITE_CODES:
+                    r = codes_row + h * PART + gl.arange(0, PART, layout=gl.SliceLayout(1, L))
+                    c = i * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, L))
+                    mask = (r < e * N + N)[:, None] & (c < K)[None, :]  # this expert's rows, K's columns
+                    gl.store(codes_ptr + r.to(gl.int64)[:, None] * K + c[None, :], q, mask=mask)
+            fence_async_shared()
+            mbarrier.arrive(e16.index(s))
+            mbarrier.arrive(r8.index(t))
+            it += 1
 
 
 @gluon.constexpr_function
@@ -158,48 +208,6 @@ def acc_layout(num_warps, bn):
     groups = max(1, num_warps // 4)
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps // groups, groups],
                                      instr_shape=[16, bn // groups, 32])  # fmt: skip
-
-
-@gluon.jit
-def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, k_tiles, has_tail, BM: gl.constexpr, BT: gl.constexpr,
-                   BN: gl.constexpr, SKIP: gl.constexpr):  # fmt: skip
-    """FP8 wgmma of each k-step's codes tile against the group's BM rows and, where it has them, its BT tail rows: one
-    conversion of the weight serves up to BM + BT routed rows."""
-    SX: gl.constexpr = x8.shape[0]
-    S8: gl.constexpr = c8.shape[0]
-    layout: gl.constexpr = acc_layout(gl.num_warps(), BN)
-    acc = gl.zeros([BM, BN], gl.float32, layout)
-    acc_t = gl.zeros([BT, BN], gl.float32, layout)
-    if SKIP >= 2:  # a probe's decomposition: the barriers only
-        for i in range(k_tiles):
-            mbarrier.wait(rx.index(i % SX), (i // SX) & 1)
-            mbarrier.wait(r8.index(i % S8), (i // S8) & 1)
-            mbarrier.arrive(ex.index(i % SX))
-            mbarrier.arrive(e8.index(i % S8))
-    elif has_tail:
-        for i in range(k_tiles):
-            sx = i % SX
-            t = i % S8
-            mbarrier.wait(rx.index(sx), (i // SX) & 1)
-            mbarrier.wait(r8.index(t), (i // S8) & 1)
-            b = c8.index(t).permute((1, 0))
-            acc = warpgroup_mma(x8.index(sx), b, acc, is_async=True)
-            acc_t = warpgroup_mma(xt8.index(sx), b, acc_t, is_async=True)
-            acc, acc_t = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_t))
-            mbarrier.arrive(ex.index((i + SX - 1) % SX), pred=i > 0)
-            mbarrier.arrive(e8.index((i + S8 - 1) % S8), pred=i > 0)
-    else:
-        for i in range(k_tiles):
-            sx = i % SX
-            t = i % S8
-            mbarrier.wait(rx.index(sx), (i // SX) & 1)
-            mbarrier.wait(r8.index(t), (i // S8) & 1)
-            acc = warpgroup_mma(x8.index(sx), c8.index(t).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            mbarrier.arrive(ex.index((i + SX - 1) % SX), pred=i > 0)
-            mbarrier.arrive(e8.index((i + S8 - 1) % S8), pred=i > 0)
-    acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
-    return (acc, acc_t)
 
 
 @gluon.jit
@@ -213,40 +221,86 @@ def _store_rows(out_ptr, acc, first, row_end, pid_n, N, stride_om, scale, ROWS: 
 
 
 @gluon.jit
+def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K, NUM_EXPERTS,
+                   stride_om, E_POW2: gl.constexpr, BN: gl.constexpr, X_PER_EXPERT: gl.constexpr,
+                   SKIP: gl.constexpr):  # fmt: skip
+    """FP8 wgmma of each k-step's codes tile against the group's BM rows and, where it has them, its BT tail rows (one
+    conversion of the weight serves up to BM + BT routed rows), then the epilogue: ``acc * x_s * w_s`` stored bf16.
+    In a persistent launch the loader and the converter fill the rings for the next tile meanwhile."""
+    SX: gl.constexpr = x8.shape[0]
+    S8: gl.constexpr = c8.shape[0]
+    BM: gl.constexpr = x8.shape[1]
+    BT: gl.constexpr = xt8.shape[1]
+    BK: gl.constexpr = x8.shape[2]
+    layout: gl.constexpr = acc_layout(gl.num_warps(), BN)
+    total = _group_count(offs_ptr, M, NUM_EXPERTS, E_POW2, BM + BT) * gl.cdiv(N, BN)
+    it = 0
+    for tile in range(gl.program_id(0), total, gl.num_programs(0)):
+        e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BM + BT, BN, BK)
+        has_tail = row_end - row_start > BM
+        acc = gl.zeros([BM, BN], gl.float32, layout)
+        acc_t = gl.zeros([BT, BN], gl.float32, layout)
+        if SKIP >= 2:  # a probe's decomposition: the barriers only
+            for _i in range(k_tiles):
+                mbarrier.wait(rx.index(it % SX), (it // SX) & 1)
+                mbarrier.wait(r8.index(it % S8), (it // S8) & 1)
+                mbarrier.arrive(ex.index(it % SX))
+                mbarrier.arrive(e8.index(it % S8))
+                it += 1
+        elif has_tail:
+            for i in range(k_tiles):
+                sx = it % SX
+                t = it % S8
+                mbarrier.wait(rx.index(sx), (it // SX) & 1)
+                mbarrier.wait(r8.index(t), (it // S8) & 1)
+                b = c8.index(t).permute((1, 0))
+                acc = warpgroup_mma(x8.index(sx), b, acc, is_async=True)
+                acc_t = warpgroup_mma(xt8.index(sx), b, acc_t, is_async=True)
+                acc, acc_t = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_t))
+                mbarrier.arrive(ex.index((it + SX - 1) % SX), pred=i > 0)  # step it - 1's MMAs are done
+                mbarrier.arrive(e8.index((it + S8 - 1) % S8), pred=i > 0)
+                it += 1
+        else:
+            for i in range(k_tiles):
+                sx = it % SX
+                t = it % S8
+                mbarrier.wait(rx.index(sx), (it // SX) & 1)
+                mbarrier.wait(r8.index(t), (it // S8) & 1)
+                acc = warpgroup_mma(x8.index(sx), c8.index(t).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                mbarrier.arrive(ex.index((it + SX - 1) % SX), pred=i > 0)
+                mbarrier.arrive(e8.index((it + S8 - 1) % S8), pred=i > 0)
+                it += 1
+        acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
+        if SKIP < 2:  # the tile's last step: its slots are free once its MMAs are done
+            mbarrier.arrive(ex.index((it + SX - 1) % SX), pred=k_tiles > 0)
+            mbarrier.arrive(e8.index((it + S8 - 1) % S8), pred=k_tiles > 0)
+
+        if X_PER_EXPERT:
+            x_amax = gl.load(x_amax_ptr + e)
+        else:
+            x_amax = gl.load(x_amax_ptr)
+        scale = fp8_scale(x_amax) * fp8_scale(gl.load(w_amax_ptr + e))
+        _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale, BM, BN, gl.num_warps())
+        if has_tail:
+            _store_rows(out_ptr, acc_t, row_start + BM, row_end, pid_n, N, stride_om, scale, BT, BN, gl.num_warps())
+
+
+@gluon.jit
 def qat_fp8_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, codes_ptr, M, N, K,
                       NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
                       S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr, CONV_REGS: gl.constexpr,
                       WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
                       SKIP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """One program per (group of up to BM + BT routed rows of one expert, n-tile): the rows' FP8 codes times the
-    weight tile's e4m3 codes, converted once per k-step by the converter warps; ``(acc * x_s * w_s)`` stored bf16.
-    ``SKIP`` (``benchmarks/probe_gluon_qat_fp8.py --decompose`` only; wrong products): 1 the converter, 2 the MMA, 3
-    both only pass the barriers, to time each role's share."""
+    """Tiles are (group of up to BM + BT routed rows of one expert, n-tile); a program takes tiles ``pid``,
+    ``pid + programs``, ... (one each when launched with one program per tile; persistent when launched with one per
+    SM): the rows' FP8 codes times the weight tile's e4m3 codes, converted once per k-step by the converter warps;
+    ``(acc * x_s * w_s)`` stored bf16. ``SKIP`` (``benchmarks/probe_gluon_qat_fp8.py`` only; wrong products): 1 the
+    converter, 2 the MMA, 3 both only pass the barriers, to time each role's share."""
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BT: gl.constexpr = xt_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
-    pid = gl.program_id(0)
-    n_tiles = gl.cdiv(N, BN)
-    tile_m = pid // n_tiles
-    pid_n = pid % n_tiles
-    expert, row_start, row_end = _tile_of_program(offs_ptr, tile_m, M, NUM_EXPERTS, E_POW2, BM + BT)
-    e = gl.minimum(expert, NUM_EXPERTS - 1)
-    k_tiles = gl.where(expert < NUM_EXPERTS, gl.cdiv(K, BK), 0)  # the unrouted tail and spare programs: zeros
-    has_tail = row_end - row_start > BM
-    w_amax = gl.load(w_amax_ptr + e)
-    w_s = fp8_scale(w_amax)
-    w_div = safe_divisor(w_s)
-    w_fast = (w_div >= FAST_DIVISOR_MIN) & (w_div <= FAST_DIVISOR_MAX)
-    w_inv = gl.div_rn(1.0, w_div)
-    w_clip = w_div * 18446744073709551616.0  # 2^64 d: clipped quotients stay finite and saturate alike
-    if X_PER_EXPERT:
-        x_amax = gl.load(x_amax_ptr + e)
-    else:
-        x_amax = gl.load(x_amax_ptr)
-    out_scale = fp8_scale(x_amax) * w_s
-    w_row = e * N + pid_n * BN
-
     x8 = gl.allocate_shared_memory(gl.float8e4nv, [SX, BM, BK], x_desc.layout)
     xt8 = gl.allocate_shared_memory(gl.float8e4nv, [SX, BT, BK], xt_desc.layout)
     w16 = gl.allocate_shared_memory(gl.bfloat16, [S16, BN, BK], w_desc.layout)
@@ -268,20 +322,18 @@ def qat_fp8_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_
         mbarrier.init(r8.index(s), count=1)
         mbarrier.init(e8.index(s), count=1)
 
-    acc, acc_t = gl.warp_specialize(
+    gl.warp_specialize(
         [
-            (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, k_tiles, has_tail, BM, BT, BN, SKIP)),
-            (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, row_start, w_row, k_tiles,
-                               has_tail)),
-            (_convert_partition, (w16, r16, e16, c8, r8, e8, k_tiles, w_div, w_fast, w_inv, w_clip, codes_ptr,
-                                  w_row, e * N + N, K, SPLIT, WRITE_CODES, EXACT, SKIP)),
+            (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K,
+                              NUM_EXPERTS, stride_om, E_POW2, BN, X_PER_EXPERT, SKIP)),
+            (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
+                               NUM_EXPERTS, E_POW2)),
+            (_convert_partition, (w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
+                                  E_POW2, BM + BT, SPLIT, WRITE_CODES, EXACT, SKIP)),
         ],
         [1, CONV_WARPS],
         [24, CONV_REGS],
     )  # fmt: skip
-    _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, out_scale, BM, BN, num_warps)
-    if has_tail:
-        _store_rows(out_ptr, acc_t, row_start + BM, row_end, pid_n, N, stride_om, out_scale, BT, BN, num_warps)
 
 
 class GluonConfig(NamedTuple):
@@ -301,12 +353,14 @@ class GluonConfig(NamedTuple):
     maxnreg: int
     exact: int  # 1: numerics.divide, 2: lean_quotient (both the spec's codes); 0: reciprocal multiply (NOT the spec:
     # a probe's speed ceiling, never chosen by grouped_qmm)
+    persistent: bool = False  # one program per SM looping over the tiles (else one per tile)
 
     @property
     def name(self) -> str:
         return (f"gluon ws {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16}/{self.s8} "
                 f"split {self.split} conv {self.conv_warps}w/{self.conv_regs}r mma {self.mma_warps}w "
-                f"maxnreg {self.maxnreg}" + [" RECIPROCAL (not exact)", " divide", " lean"][self.exact])  # fmt: skip
+                f"maxnreg {self.maxnreg}" + [" RECIPROCAL (not exact)", " divide", " lean"][self.exact]
+                + " persistent" * self.persistent)  # fmt: skip
 
     def layouts(self):
         """Shared layouts of the activation codes, tail codes and bf16 weight TMA blocks."""
@@ -314,15 +368,15 @@ class GluonConfig(NamedTuple):
                 gl.NVMMASharedLayout.get_default_for([self.bt, self.bk], gl.float8e4nv),
                 gl.NVMMASharedLayout.get_default_for([self.bn, self.bk], gl.bfloat16))  # fmt: skip
 
-    def constexprs(self, write_codes: bool = False, x_per_expert: bool = False, skip: int = 0) -> dict:
-        return dict(E_POW2=128, SX=self.sx, S16=self.s16, S8=self.s8, SPLIT=self.split, CONV_WARPS=self.conv_warps,
+    def constexprs(self, num_experts: int, write_codes: bool = False, x_per_expert: bool = False,
+                   skip: int = 0) -> dict:  # fmt: skip
+        return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16, S8=self.s8, SPLIT=self.split, CONV_WARPS=self.conv_warps,
                     CONV_REGS=self.conv_regs, WRITE_CODES=write_codes, EXACT=self.exact, X_PER_EXPERT=x_per_expert,
                     SKIP=skip, num_warps=self.mma_warps)  # fmt: skip
 
-    def compile_for_sm90(self, x_per_expert: bool = False):
+    def compile_for_sm90(self, x_per_expert: bool = False, num_experts: int = 128):
         """This configuration's kernel compiled ahead of time for sm_90 (no GPU needed): shared memory, register
         budgets and PTX, for tests and the probe."""
-        import triton
         from triton.backends.compiler import GPUTarget
         from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -337,22 +391,26 @@ class GluonConfig(NamedTuple):
             "codes_ptr": "*fp8e4nv",
             **dict.fromkeys(["M", "N", "K", "NUM_EXPERTS", "stride_om"], "i32"),
         }
-        constants = self.constexprs(x_per_expert=x_per_expert)
+        constants = self.constexprs(num_experts, x_per_expert=x_per_expert)
         signature.update(dict.fromkeys(constants, "constexpr"))
         source = GluonASTSource(qat_fp8_ws_kernel, signature, constants)
         options = {"num_warps": self.mma_warps, "maxnreg": self.maxnreg}
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-#: the configurations :func:`qat_fp8_gluon_gemm` times once per shape key (:func:`tuned_config`) and picks from, both
+#: the configurations :func:`qat_fp8_gluon_gemm` times once per shape key (:func:`tuned_config`) and picks from, all
 #: with the lean exact quotient and groups of 256 + 64 rows: 128 x 64 tiles with 8 MMA warps as two warpgroups side by
 #: side along N (the fastest measured: the activation codes, read again for every n-tile, are what limits the
 #: kernel), and 64 x 64 tiles with 4 MMA warps and 6 activation stages (the activation slot of step i is released
-#: only when step i - 2's MMA is done). Both are bit-exact on the H100 at Qwen3 shapes; the probe,
-#: ``benchmarks/probe_gluon_qat_fp8.py``, times more candidates and the inexact reciprocal ceilings.
+#: only when step i - 2's MMA is done), each launched with one program per tile (bit-exact on the H100 at Qwen3
+#: shapes, session 33) and persistent, one program per SM (the loader and the converter fill the rings for the next
+#: tile while the MMA warps store the last; no programs for the spare row groups of the grid's upper bound). The
+#: probe, ``benchmarks/probe_gluon_qat_fp8.py``, times more candidates and the inexact reciprocal ceilings.
 CONFIGS = (
     GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2),
     GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2),
+    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True),
+    GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, persistent=True),
 )
 _TUNED: dict[tuple[int, ...], GluonConfig] = {}
 
@@ -373,6 +431,13 @@ def tuned_config(key: tuple[int, ...], launch: Callable[[GluonConfig], object]) 
 @functools.cache
 def _device_ok(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(
+        index if index is not None else torch.cuda.current_device()
+    ).multi_processor_count
 
 
 def unsupported_reason(
@@ -425,8 +490,9 @@ def qat_fp8_gluon_gemm(x_codes: torch.Tensor, w: torch.Tensor, offs: torch.Tenso
         x_desc = TensorDescriptor.from_tensor(xc, [config.bm, config.bk], xl)
         xt_desc = TensorDescriptor.from_tensor(xc, [config.bt, config.bk], tl_)
         w_desc = TensorDescriptor.from_tensor(w_rows, [config.bn, config.bk], wl)
-        grid = ((cdiv(m, config.bm + config.bt) + min(num_experts, m)) * cdiv(n, config.bn),)
-        consts = config.constexprs(write_codes=codes is not None, x_per_expert=x_amax.numel() > 1, skip=skip)
+        tiles = (cdiv(m, config.bm + config.bt) + min(num_experts, m)) * cdiv(n, config.bn)  # at most
+        grid = (min(tiles, _sm_count(xc.device.index)) if config.persistent else tiles,)
+        consts = config.constexprs(num_experts, codes is not None, x_amax.numel() > 1, skip)
         qat_fp8_ws_kernel[grid](x_desc, xt_desc, w_desc, out, offs, w_amax, x_amax,
                                 codes if codes is not None else out, m, n, k, num_experts, out.stride(0),
                                 maxnreg=config.maxnreg, **consts)  # fmt: skip
