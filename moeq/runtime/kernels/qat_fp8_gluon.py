@@ -402,15 +402,18 @@ class GluonConfig(NamedTuple):
 #: with the lean exact quotient and groups of 256 + 64 rows: 128 x 64 tiles with 8 MMA warps as two warpgroups side by
 #: side along N (the fastest measured: the activation codes, read again for every n-tile, are what limits the
 #: kernel), and 64 x 64 tiles with 4 MMA warps and 6 activation stages (the activation slot of step i is released
-#: only when step i - 2's MMA is done), each launched with one program per tile (bit-exact on the H100 at Qwen3
-#: shapes, session 33) and persistent, one program per SM (the loader and the converter fill the rings for the next
-#: tile while the MMA warps store the last; no programs for the spare row groups of the grid's upper bound). The
-#: probe, ``benchmarks/probe_gluon_qat_fp8.py``, times more candidates and the inexact reciprocal ceilings.
+#: only when step i - 2's MMA is done), each launched with one program per tile (session 33) and persistent, one
+#: program per SM (the loader and the converter fill the rings for the next tile while the MMA warps store the last;
+#: no programs for the spare row groups of the grid's upper bound), and the 128-wide tile persistent with 7
+#: activation stages. All bit-exact on the H100 at Qwen3 shapes (session 34: the persistent 128-wide tiles bring down
+#: from 0.370 to 0.353 / 0.347 ms). The probe, ``benchmarks/probe_gluon_qat_fp8.py``, times more candidates and the
+#: inexact reciprocal ceilings.
 CONFIGS = (
     GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2),
     GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2),
     GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True),
     GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, persistent=True),
+    GluonConfig(256, 64, 128, 64, 7, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True),
 )
 _TUNED: dict[tuple[int, ...], GluonConfig] = {}
 
