@@ -23,8 +23,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from moeq.runtime.kernels.qat_fp8_gluon import CONFIGS, GluonConfig, qat_fp8_gluon_gemm  # noqa: E402
 
-#: moeq's configurations (session 34's slower 128-deep candidates are in BENCHMARKS.md), then an inexact reciprocal ceiling (not the spec: what the division costs).
-#: Session 33's slower 64-wide candidates (3/3/3 and 128-deep 4/2/2 stages) are in BENCHMARKS.md.
+#: moeq's configurations, then an inexact reciprocal ceiling (not the spec: what the division costs). The slower
+#: candidates of sessions 33 and 34 (64-wide 3/3/3 stages, 128-deep k-steps) are in BENCHMARKS.md.
 VARIANTS = [
     *CONFIGS,
     GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 0, persistent=True),

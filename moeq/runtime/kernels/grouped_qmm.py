@@ -233,12 +233,13 @@ WEIGHT_PASS_IN_GEMM = False
 #: per expert, up to :data:`GLUON_ROWS_PER_EXPERT`) with the warp-specialized Gluon kernel of
 #: :mod:`moeq.runtime.kernels.qat_fp8_gluon` on Hopper, converting the bf16 weight to its codes in shared memory,
 #: instead of a codes pass to HBM and then the codes GEMM (same products bit for bit). H100, Qwen3-30B-A3B shapes at
-#: 34k rows (BENCHMARKS.md, session 33): gate_up 0.570 vs 0.718 ms, down 0.392 vs 0.408 ms for the whole op.
+#: 34k rows (BENCHMARKS.md, session 34): gate_up 0.573 vs 0.75 ms, down 0.349 vs 0.417 ms for the whole op (bf16
+#: ``torch._grouped_mm``: 0.579 / 0.341); at 16k rows 1.25-1.35x faster than the two launches.
 #: Operands it cannot take (:func:`~moeq.runtime.kernels.qat_fp8_gluon.unsupported_reason`) keep the two launches.
 GLUON_QAT_FP8 = True
 #: mean routed rows per expert up to which the Gluon kernel is used: a program takes up to 256 + 64 rows of one
 #: expert and converts its weight tile once for them, so above this an expert's weight is converted once per group
-#: of rows, where the two launches convert it once in all. Measured at 272 (Qwen3 at 34k rows) only.
+#: of rows, where the two launches convert it once in all. Measured at 128 and 272 (Qwen3 at 16k and 34k rows).
 GLUON_ROWS_PER_EXPERT = 320
 _GLUON_REASONS_LOGGED: set[str] = set()
 

@@ -19,9 +19,11 @@ scales applied to the accumulator once (``tests/test_division.py`` proves the le
 emulation).
 
 Its limit is the TMA traffic of the activation codes, which every n-tile reads again, so the tile that wins is 128
-wide, with 8 MMA warps as two warpgroups side by side along N. H100, Qwen3-30B-A3B at 34k rows (BENCHMARKS.md,
-session 33): gate_up 0.57 ms against 0.72 ms for the two launches (bf16 ``torch._grouped_mm`` 0.56), down 0.39
-against 0.41 (0.33).
+wide, with 8 MMA warps as two warpgroups side by side along N. Every role loops over tiles, so the kernel also runs
+persistent (one program per SM): the loader and the converter fill the rings for the next tile while the MMA warps
+store the last, which down's short K loop (12 k-steps) needs. H100, Qwen3-30B-A3B at 34k rows (BENCHMARKS.md,
+session 34): gate_up 0.57 ms against 0.75 ms for the two launches (bf16 ``torch._grouped_mm`` 0.58), down 0.35
+against 0.42 (0.34).
 
 Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
 this kernel, and :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` then keeps the two launches. The kernel is
