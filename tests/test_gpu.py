@@ -396,6 +396,43 @@ def test_qat_fp8_gluon_gemm_cuda(counts, k, n, per_expert):
     assert not [n for n in names if "fake_quant_experts" in n or "grouped_qmm" in n], names
 
 
+@pytest.mark.parametrize(
+    ("counts", "k", "n"),
+    [([300, 0, 1, 330, 64, 0, 257, 700, 17, 320, 321], 768, 1024), ([5, 400, 0], 2000, 200)],
+    ids=["tails-and-second-groups", "k-and-n-not-tile-multiples"],
+)
+def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
+    """The Gluon kernel in QAT NVFP4 form: the weight values it makes in shared memory (of experts with rows) equal
+    formats' NVFP4 ``fake_quant`` (CPU) bit for bit, blocks with a saturating value included; its output, from bf16
+    ``wgmma`` of those values and the fake-quantized activations, is within the fp32 accumulation bound of their
+    float64 product, for every configuration of ``NVFP4_CONFIGS`` and the tuned choice; unrouted rows are zero."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel needs sm_90")
+    from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+    from moeq.runtime.kernels.qat_fp8_gluon import NVFP4_CONFIGS, qat_nvfp4_gluon_gemm
+
+    g = torch.Generator().manual_seed(11)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    num_experts, rows = len(counts), int(offs[-1])
+    x = (torch.randn(rows + 37, k, generator=g) * 2).to(torch.bfloat16)
+    w_nk = (torch.randn(num_experts, n, k, generator=g) * torch.logspace(-3, 0, num_experts).view(-1, 1, 1)).to(
+        torch.bfloat16
+    )
+    amax = w_nk.float().abs().amax((1, 2)) * 0.9  # the largest values saturate
+    wq_ref = get_format("nvfp4").fake_quant(w_nk, amax.view(-1, 1, 1))
+    x_fq = fake_quant_act(x.cuda(), offs.cuda(), torch.tensor([3.0], device="cuda"), "nvfp4")
+    ref, magnitude = _codes_product(x_fq.cpu(), wq_ref, offs, torch.ones(num_experts, dtype=torch.float64))
+    routed = torch.tensor(counts) > 0
+    for config in (*NVFP4_CONFIGS, None):
+        codes = torch.zeros(num_experts, n, k, dtype=torch.bfloat16, device="cuda")
+        got = qat_nvfp4_gluon_gemm(x_fq, w_nk.cuda().transpose(1, 2), offs.cuda(), amax.cuda(), config=config,
+                                   codes=codes)  # fmt: skip
+        assert_same_bits(codes.cpu()[routed], wq_ref[routed])
+        err = (got.cpu().double() - ref).abs()
+        assert (err <= 2.0**-8 * magnitude + 2.0**-8 * ref.abs() + 1e-30).all(), config  # sums, then bf16
+        assert not got[rows:].any(), config
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 def test_dequant_weight_cuda_bit_exact(fmt, dtype):

@@ -212,20 +212,27 @@ _TWO_MINUS_75 = tl.constexpr(2.6469779601696886e-23)  # 2**-75
 @triton.jit
 def fake_quant_nvfp4(blocks, amax, INTERPRET: tl.constexpr):
     """NVFP4 fake quant of a ``[BLOCK_M, BLOCK_K // 16, 16]`` tile (16-blocks along the last axis);
-    ``amax`` is the global amax, a scalar or per row ``[BLOCK_M, 1, 1]``.
-
-    The spec is ``e2m1(x / d) * d`` with ``d`` the block scale times ``g``. Where every ``g`` of the tile
-    lies in ``[2^-40, 2^40]`` (a scalar branch) the quotient is :func:`markstein_quotient`'s, the
-    reciprocal once per block, and its E2M1 code is the IEEE quotient's: exact wherever the code depends on
-    it (``tests/test_division.py``), an overflow's NaN saturates through minNum, and the sign of a zero code
-    (the spec's ``x / d < 0``, false once the quotient underflows) is the exact test ``x 2^150 < -d``.
-    Elsewhere ``div_rn`` per element. The sign rides on the per-block scale.
-    """
+    ``amax`` is the global amax, a scalar or per row ``[BLOCK_M, 1, 1]``: :func:`fake_quant_nvfp4_blocks` with
+    ``g = amax / 2688``, the fast quotient where every ``g`` of the tile lies in ``[2^-40, 2^40]``."""
     g = tl.math.div_rn(amax, NVFP4_GLOBAL_DIVISOR)
+    return fake_quant_nvfp4_blocks(blocks, g, all_within(g, NVFP4_FAST_G_MIN, NVFP4_FAST_G_MAX, INTERPRET), INTERPRET)
+
+
+@triton.jit
+def fake_quant_nvfp4_blocks(blocks, g, FAST, INTERPRET: tl.constexpr):
+    """NVFP4 fake quant of 16-blocks along the last axis of ``blocks`` with global scale ``g`` (broadcasting).
+
+    The spec is ``e2m1(x / d) * d`` with ``d`` the block scale times ``g``. With ``FAST`` (a scalar branch: every
+    ``g`` in ``[2^-40, 2^40]``) the quotient is :func:`markstein_quotient`'s, the reciprocal once per block, and
+    its E2M1 code is the IEEE quotient's: exact wherever the code depends on it (``tests/test_division.py``), an
+    overflow's NaN saturates through minNum, and the sign of a zero code (the spec's ``x / d < 0``, false once the
+    quotient underflows) is the exact test ``x 2^150 < -d``. Else ``div_rn`` per element. The sign rides on the
+    per-block scale.
+    """
     block_amax = tl.reduce(tl.abs(blocks), 2, max_keeping_nan, keep_dims=True)
     scale = nvfp4_block_scale(block_amax, g, INTERPRET) * g
     d = safe_divisor(scale)
-    if all_within(g, NVFP4_FAST_G_MIN, NVFP4_FAST_G_MAX, INTERPRET):
+    if FAST:
         q = markstein_quotient(blocks, d)[1]
         negative = blocks * _TWO_75 < d * -_TWO_MINUS_75
     else:

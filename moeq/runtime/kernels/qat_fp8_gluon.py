@@ -56,7 +56,11 @@ from moeq.runtime.kernels.launch import cdiv, interpreting
 from moeq.runtime.kernels.numerics import (
     FAST_DIVISOR_MAX,
     FAST_DIVISOR_MIN,
+    NVFP4_FAST_G_MAX,
+    NVFP4_FAST_G_MIN,
+    NVFP4_GLOBAL_DIVISOR,
     divide,
+    fake_quant_nvfp4_blocks,
     fp8_scale,
     lean_quotient,
     safe_divisor,
@@ -64,7 +68,15 @@ from moeq.runtime.kernels.numerics import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIGS", "GluonConfig", "qat_fp8_gluon_gemm", "tuned_config", "unsupported_reason"]
+__all__ = [
+    "CONFIGS",
+    "NVFP4_CONFIGS",
+    "GluonConfig",
+    "qat_fp8_gluon_gemm",
+    "qat_nvfp4_gluon_gemm",
+    "tuned_config",
+    "unsupported_reason",
+]
 
 #: TMA global-to-shared copy (renamed ``async_load`` after Triton 3.6; same arguments)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -160,20 +172,25 @@ def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, off
 @gluon.jit
 def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
                        E_POW2: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT: gl.constexpr, WRITE_CODES: gl.constexpr,
-                       EXACT: gl.constexpr, SKIP: gl.constexpr):  # fmt: skip
+                       EXACT: gl.constexpr, NVFP4: gl.constexpr, SKIP: gl.constexpr):  # fmt: skip
     """Each bf16 weight tile divided by its expert's FP8 scale as formats does, rounded to e4m3, stored into the
-    codes ring (``WRITE_CODES``: also to ``codes_ptr``, for tests)."""
+    codes ring; ``NVFP4``: fake-quantized as formats' NVFP4 (16-blocks along K, the expert's global scale) and
+    stored as bf16 values (``WRITE_CODES``: also to ``codes_ptr``, for tests)."""
     S16: gl.constexpr = w16.shape[0]
     S8: gl.constexpr = c8.shape[0]
     BN: gl.constexpr = w16.shape[1]
     BK: gl.constexpr = w16.shape[2]
     PART: gl.constexpr = BN // SPLIT
-    L: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BK // 8), BK // 8], [gl.num_warps(), 1], [1, 0])
+    VEC: gl.constexpr = 16 if NVFP4 else 8  # NVFP4: a thread holds whole 16-blocks
+    L: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // (BK // VEC), BK // VEC], [gl.num_warps(), 1], [1, 0])
     total = _group_count(offs_ptr, M, NUM_EXPERTS, E_POW2, BLOCK_M) * gl.cdiv(N, BN)
     it = 0
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BLOCK_M, BN, BK)
-        w_div = safe_divisor(fp8_scale(gl.load(w_amax_ptr + e)))
+        w_amax = gl.load(w_amax_ptr + e)
+        g = gl.div_rn(w_amax, NVFP4_GLOBAL_DIVISOR)
+        g_fast = (g >= NVFP4_FAST_G_MIN) & (g <= NVFP4_FAST_G_MAX)
+        w_div = safe_divisor(fp8_scale(w_amax))
         w_fast = (w_div >= FAST_DIVISOR_MIN) & (w_div <= FAST_DIVISOR_MAX)
         w_inv = gl.div_rn(1.0, w_div)
         w_clip = w_div * 18446744073709551616.0  # 2^64 d: clipped quotients stay finite and saturate alike
@@ -185,7 +202,10 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
             mbarrier.wait(e8.index(t), ((it // S8) & 1) ^ 1)
             for h in gl.static_range(SPLIT if SKIP % 2 == 0 else 0):
                 v = w16.index(s).slice(h * PART, PART, dim=0).load(L).to(gl.float32)
-                if EXACT == 1:
+                if NVFP4:
+                    q = fake_quant_nvfp4_blocks(v.reshape([PART, BK // 16, 16]), g, g_fast, False)
+                    q = gl.convert_layout(q.reshape([PART, BK]), L).to(gl.bfloat16)
+                elif EXACT == 1:
                     q = divide(v, w_div, w_fast).to(gl.float8e4nv, fp_downcast_rounding="rtne")
                 elif EXACT == 2:
                     q = lean_quotient(v, w_div, w_inv, w_clip, w_fast).to(gl.float8e4nv, fp_downcast_rounding="rtne")
@@ -204,18 +224,19 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
 
 
 @gluon.constexpr_function
-def acc_layout(num_warps, bn):
-    """The wgmma accumulator layout (FP8: k = 32) the MMA partition and the epilogue share: warpgroups side by side
-    along N (8 warps: two 64-row-granular warpgroups, each with half the columns), so a 64-row tail still fits."""
+def acc_layout(num_warps, bn, instr_k):
+    """The wgmma accumulator layout (k = 32 for FP8, 16 for bf16 operands) the MMA partition and the epilogue share:
+    warpgroups side by side along N (8 warps: two 64-row-granular warpgroups, each with half the columns), so a
+    64-row tail still fits."""
     groups = max(1, num_warps // 4)
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps // groups, groups],
-                                     instr_shape=[16, bn // groups, 32])  # fmt: skip
+                                     instr_shape=[16, bn // groups, instr_k])  # fmt: skip
 
 
 @gluon.jit
 def _store_rows(out_ptr, acc, first, row_end, pid_n, N, stride_om, scale, ROWS: gl.constexpr, BN: gl.constexpr,
-                num_warps: gl.constexpr):  # fmt: skip
-    layout: gl.constexpr = acc_layout(num_warps, BN)
+                num_warps: gl.constexpr, INSTR_K: gl.constexpr):  # fmt: skip
+    layout: gl.constexpr = acc_layout(num_warps, BN, INSTR_K)
     rows = first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
     cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
     mask = (rows < row_end)[:, None] & (cols < N)[None, :]
@@ -225,7 +246,7 @@ def _store_rows(out_ptr, acc, first, row_end, pid_n, N, stride_om, scale, ROWS: 
 @gluon.jit
 def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K, NUM_EXPERTS,
                    stride_om, E_POW2: gl.constexpr, BN: gl.constexpr, X_PER_EXPERT: gl.constexpr,
-                   SKIP: gl.constexpr):  # fmt: skip
+                   NVFP4: gl.constexpr, SKIP: gl.constexpr):  # fmt: skip
     """FP8 wgmma of each k-step's codes tile against the group's BM rows and, where it has them, its BT tail rows (one
     conversion of the weight serves up to BM + BT routed rows), then the epilogue: ``acc * x_s * w_s`` stored bf16.
     In a persistent launch the loader and the converter fill the rings for the next tile meanwhile."""
@@ -234,7 +255,8 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
     BM: gl.constexpr = x8.shape[1]
     BT: gl.constexpr = xt8.shape[1]
     BK: gl.constexpr = x8.shape[2]
-    layout: gl.constexpr = acc_layout(gl.num_warps(), BN)
+    INSTR_K: gl.constexpr = 16 if NVFP4 else 32
+    layout: gl.constexpr = acc_layout(gl.num_warps(), BN, INSTR_K)
     total = _group_count(offs_ptr, M, NUM_EXPERTS, E_POW2, BM + BT) * gl.cdiv(N, BN)
     it = 0
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
@@ -278,14 +300,16 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
             mbarrier.arrive(ex.index((it + SX - 1) % SX), pred=k_tiles > 0)
             mbarrier.arrive(e8.index((it + S8 - 1) % S8), pred=k_tiles > 0)
 
-        if X_PER_EXPERT:
-            x_amax = gl.load(x_amax_ptr + e)
+        if NVFP4:  # both operands hold their fake-quantized values
+            scale = 1.0
+        elif X_PER_EXPERT:
+            scale = fp8_scale(gl.load(x_amax_ptr + e)) * fp8_scale(gl.load(w_amax_ptr + e))
         else:
-            x_amax = gl.load(x_amax_ptr)
-        scale = fp8_scale(x_amax) * fp8_scale(gl.load(w_amax_ptr + e))
-        _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale, BM, BN, gl.num_warps())
+            scale = fp8_scale(gl.load(x_amax_ptr)) * fp8_scale(gl.load(w_amax_ptr + e))
+        _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale, BM, BN, gl.num_warps(), INSTR_K)
         if has_tail:
-            _store_rows(out_ptr, acc_t, row_start + BM, row_end, pid_n, N, stride_om, scale, BT, BN, gl.num_warps())
+            _store_rows(out_ptr, acc_t, row_start + BM, row_end, pid_n, N, stride_om, scale, BT, BN, gl.num_warps(),
+                        INSTR_K)  # fmt: skip
 
 
 @gluon.jit
@@ -293,7 +317,7 @@ def qat_fp8_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_
                       NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
                       S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr, CONV_REGS: gl.constexpr,
                       WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
-                      SKIP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                      NVFP4: gl.constexpr, SKIP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Tiles are (group of up to BM + BT routed rows of one expert, n-tile); a program takes tiles ``pid``,
     ``pid + programs``, ... (one each when launched with one program per tile; persistent when launched with one per
     SM): the rows' FP8 codes times the weight tile's e4m3 codes, converted once per k-step by the converter warps;
@@ -303,11 +327,12 @@ def qat_fp8_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_
     BT: gl.constexpr = xt_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
-    x8 = gl.allocate_shared_memory(gl.float8e4nv, [SX, BM, BK], x_desc.layout)
-    xt8 = gl.allocate_shared_memory(gl.float8e4nv, [SX, BT, BK], xt_desc.layout)
+    XT: gl.constexpr = x_desc.block_type.element_ty  # e4m3 codes (FP8) or bf16 fake-quantized values (NVFP4)
+    x8 = gl.allocate_shared_memory(XT, [SX, BM, BK], x_desc.layout)
+    xt8 = gl.allocate_shared_memory(XT, [SX, BT, BK], xt_desc.layout)
     w16 = gl.allocate_shared_memory(gl.bfloat16, [S16, BN, BK], w_desc.layout)
-    c8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.float8e4nv)
-    c8 = gl.allocate_shared_memory(gl.float8e4nv, [S8, BN, BK], c8_layout)
+    c8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], XT)
+    c8 = gl.allocate_shared_memory(XT, [S8, BN, BK], c8_layout)  # the weight as the MMA takes it, same type as x
     rx = gl.allocate_shared_memory(gl.int64, [SX, 1], mbarrier.MBarrierLayout())
     ex = gl.allocate_shared_memory(gl.int64, [SX, 1], mbarrier.MBarrierLayout())
     r16 = gl.allocate_shared_memory(gl.int64, [S16, 1], mbarrier.MBarrierLayout())
@@ -327,11 +352,11 @@ def qat_fp8_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_
     gl.warp_specialize(
         [
             (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K,
-                              NUM_EXPERTS, stride_om, E_POW2, BN, X_PER_EXPERT, SKIP)),
+                              NUM_EXPERTS, stride_om, E_POW2, BN, X_PER_EXPERT, NVFP4, SKIP)),
             (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
                                NUM_EXPERTS, E_POW2)),
             (_convert_partition, (w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
-                                  E_POW2, BM + BT, SPLIT, WRITE_CODES, EXACT, SKIP)),
+                                  E_POW2, BM + BT, SPLIT, WRITE_CODES, EXACT, NVFP4, SKIP)),
         ],
         [1, CONV_WARPS],
         [24, CONV_REGS],
@@ -356,25 +381,28 @@ class GluonConfig(NamedTuple):
     exact: int  # 1: numerics.divide, 2: lean_quotient (both the spec's codes); 0: reciprocal multiply (NOT the spec:
     # a probe's speed ceiling, never chosen by grouped_qmm)
     persistent: bool = False  # one program per SM looping over the tiles (else one per tile)
+    nvfp4: bool = False  # QAT NVFP4: bf16 fake-quantized activations, the weight fake-quantized to bf16, bf16 wgmma
 
     @property
     def name(self) -> str:
         return (f"gluon ws {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16}/{self.s8} "
                 f"split {self.split} conv {self.conv_warps}w/{self.conv_regs}r mma {self.mma_warps}w "
-                f"maxnreg {self.maxnreg}" + [" RECIPROCAL (not exact)", " divide", " lean"][self.exact]
+                f"maxnreg {self.maxnreg}"
+                + (" NVFP4" if self.nvfp4 else [" RECIPROCAL (not exact)", " divide", " lean"][self.exact])
                 + " persistent" * self.persistent)  # fmt: skip
 
     def layouts(self):
-        """Shared layouts of the activation codes, tail codes and bf16 weight TMA blocks."""
-        return (gl.NVMMASharedLayout.get_default_for([self.bm, self.bk], gl.float8e4nv),
-                gl.NVMMASharedLayout.get_default_for([self.bt, self.bk], gl.float8e4nv),
+        """Shared layouts of the activation (codes or bf16 values), tail and bf16 weight TMA blocks."""
+        x_type = gl.bfloat16 if self.nvfp4 else gl.float8e4nv
+        return (gl.NVMMASharedLayout.get_default_for([self.bm, self.bk], x_type),
+                gl.NVMMASharedLayout.get_default_for([self.bt, self.bk], x_type),
                 gl.NVMMASharedLayout.get_default_for([self.bn, self.bk], gl.bfloat16))  # fmt: skip
 
     def constexprs(self, num_experts: int, write_codes: bool = False, x_per_expert: bool = False,
                    skip: int = 0) -> dict:  # fmt: skip
         return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16, S8=self.s8, SPLIT=self.split, CONV_WARPS=self.conv_warps,
                     CONV_REGS=self.conv_regs, WRITE_CODES=write_codes, EXACT=self.exact, X_PER_EXPERT=x_per_expert,
-                    SKIP=skip, num_warps=self.mma_warps)  # fmt: skip
+                    NVFP4=self.nvfp4, SKIP=skip, num_warps=self.mma_warps)  # fmt: skip
 
     def compile_for_sm90(self, x_per_expert: bool = False, num_experts: int = 128):
         """This configuration's kernel compiled ahead of time for sm_90 (no GPU needed): shared memory, register
@@ -383,14 +411,15 @@ class GluonConfig(NamedTuple):
         from triton.experimental.gluon._runtime import GluonASTSource
 
         xl, tl_, wl = self.layouts()
+        x_type = "bf16" if self.nvfp4 else "fp8e4nv"
         signature = {
-            "x_desc": f"tensordesc<fp8e4nv{[self.bm, self.bk]},{xl!r}>",
-            "xt_desc": f"tensordesc<fp8e4nv{[self.bt, self.bk]},{tl_!r}>",
+            "x_desc": f"tensordesc<{x_type}{[self.bm, self.bk]},{xl!r}>",
+            "xt_desc": f"tensordesc<{x_type}{[self.bt, self.bk]},{tl_!r}>",
             "w_desc": f"tensordesc<bf16{[self.bn, self.bk]},{wl!r}>",
             "out_ptr": "*bf16",
             "offs_ptr": "*i32",
             **dict.fromkeys(["w_amax_ptr", "x_amax_ptr"], "*fp32"),
-            "codes_ptr": "*fp8e4nv",
+            "codes_ptr": f"*{x_type}",
             **dict.fromkeys(["M", "N", "K", "NUM_EXPERTS", "stride_om"], "i32"),
         }
         constants = self.constexprs(num_experts, x_per_expert=x_per_expert)
@@ -417,18 +446,25 @@ CONFIGS = (
     GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, persistent=True),
     GluonConfig(256, 64, 128, 64, 7, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True),
 )
-_TUNED: dict[tuple[int, ...], GluonConfig] = {}
+#: QAT NVFP4's candidates (:func:`qat_nvfp4_gluon_gemm`): bf16 activations and bf16 weight values in shared memory,
+#: so half the stages of FP8's at the same depth; a converter thread holds one 16-block per pass
+NVFP4_CONFIGS = (
+    GluonConfig(256, 64, 128, 64, 3, 3, 2, 4, 4, 80, 8, 128, 2, persistent=True, nvfp4=True),
+    GluonConfig(256, 64, 128, 32, 5, 4, 3, 2, 4, 80, 8, 128, 2, persistent=True, nvfp4=True),
+    GluonConfig(256, 64, 128, 64, 3, 3, 2, 4, 4, 80, 8, 128, 2, nvfp4=True),
+)
+_TUNED: dict[tuple, GluonConfig] = {}
 
 
-def tuned_config(key: tuple[int, ...], launch: Callable[[GluonConfig], object]) -> GluonConfig:
-    """The fastest of :data:`CONFIGS` for ``key`` (experts, N, K, rows bucket): each is timed with
+def tuned_config(key: tuple, launch: Callable[[GluonConfig], object], configs=CONFIGS) -> GluonConfig:
+    """The fastest of ``configs`` for ``key`` (format, experts, N, K, rows bucket): each is timed with
     ``triton.testing.do_bench`` on the first call of a key (as Triton's autotuner does), then remembered."""
     if key not in _TUNED:
         from triton.testing import do_bench
 
-        times = {config: do_bench(lambda config=config: launch(config), warmup=5, rep=25) for config in CONFIGS}
+        times = {config: do_bench(lambda config=config: launch(config), warmup=5, rep=25) for config in configs}
         _TUNED[key] = min(times, key=times.get)
-        log.info("qat_fp8_gluon_gemm %s: %s (%s)", key, _TUNED[key].name,
+        log.info("Gluon QAT GEMM %s: %s (%s)", key, _TUNED[key].name,
                  ", ".join(f"{ms:.4f} ms" for ms in times.values()))  # fmt: skip
     return _TUNED[key]
 
@@ -446,24 +482,29 @@ def _sm_count(index: int | None) -> int:
 
 
 def unsupported_reason(
-    x_codes: torch.Tensor, w: torch.Tensor, w_amax: torch.Tensor, x_amax: torch.Tensor
+    x_codes: torch.Tensor, w: torch.Tensor, w_amax: torch.Tensor, x_amax: torch.Tensor | None, nvfp4: bool = False
 ) -> str | None:
-    """Why :func:`qat_fp8_gluon_gemm` cannot multiply these operands (None: it can). ``x_codes [M, K]`` e4m3,
-    ``w`` a bf16 ``[E, K, N]`` view of a contiguous ``[E, N, K]`` weight (HF's layout; TMA reads K-major tiles),
-    ``w_amax [E]``, ``x_amax`` ``[1]`` or ``[E]``."""
+    """Why :func:`qat_fp8_gluon_gemm` (``nvfp4``: :func:`qat_nvfp4_gluon_gemm`) cannot multiply these operands
+    (None: it can). ``x_codes [M, K]`` e4m3 (``nvfp4``: the bf16 fake-quantized activations), ``w`` a bf16
+    ``[E, K, N]`` view of a contiguous ``[E, N, K]`` weight (HF's layout; TMA reads K-major tiles), ``w_amax [E]``,
+    ``x_amax`` ``[1]`` or ``[E]`` (FP8)."""
     num_experts, k, n = w.shape
     if interpreting() or not x_codes.is_cuda or not torch.cuda.is_available():
         return "needs a CUDA device (Gluon has no interpreter)"
     if not _device_ok(x_codes.device.index if x_codes.device.index is not None else torch.cuda.current_device()):
         return "needs sm_90 (Hopper wgmma)"
-    if w.dtype != torch.bfloat16 or x_codes.dtype not in (torch.float8_e4m3fn, torch.uint8):
+    if nvfp4 and (w.dtype != torch.bfloat16 or x_codes.dtype != torch.bfloat16):
+        return f"needs a bf16 weight and bf16 fake-quantized activations, got {w.dtype} and {x_codes.dtype}"
+    if not nvfp4 and (w.dtype != torch.bfloat16 or x_codes.dtype not in (torch.float8_e4m3fn, torch.uint8)):
         return f"needs a bf16 weight and e4m3 activation codes, got {w.dtype} and {x_codes.dtype}"
     if not w.transpose(1, 2).is_contiguous():
         return f"needs the weight as a [E, K, N] view of a contiguous [E, N, K] tensor, got strides {w.stride()}"
     if not x_codes.is_contiguous() or k % 16:
         return f"needs contiguous activation codes with K a multiple of 16 (TMA rows), got K={k}"
-    if w_amax.dim() != 1 or w_amax.numel() != num_experts or x_amax.numel() not in (1, num_experts):
-        return f"needs per-expert weight amax [{num_experts}] and x_amax [1] or [{num_experts}]"
+    if w_amax.dim() != 1 or w_amax.numel() != num_experts:
+        return f"needs per-expert weight amax [{num_experts}], got shape {tuple(w_amax.shape)}"
+    if not nvfp4 and (x_amax is None or x_amax.numel() not in (1, num_experts)):
+        return f"needs x_amax [1] or [{num_experts}]"
     return None
 
 
@@ -480,30 +521,50 @@ def qat_fp8_gluon_gemm(x_codes: torch.Tensor, w: torch.Tensor, offs: torch.Tenso
     reason = unsupported_reason(x_codes, w, w_amax, x_amax) if check else None
     if reason:
         raise ValueError(f"qat_fp8_gluon_gemm: {reason}")
+    return _launch(x_codes.view(torch.float8_e4m3fn), w, offs, w_amax, x_amax, out, config, codes, skip, CONFIGS)
 
+
+def qat_nvfp4_gluon_gemm(x_fq: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.Tensor,
+                         out: torch.Tensor | None = None, config: GluonConfig | None = None,
+                         codes: torch.Tensor | None = None, skip: int = 0, check: bool = True) -> torch.Tensor:  # fmt: skip
+    """QAT NVFP4: ``out[rows of e] = x_fq[rows] @ fq(w[e])`` in bf16 (rows past ``offs[-1]``: zeros), where ``fq`` is
+    formats' NVFP4 fake quant with the expert's amax ``w_amax[e]`` (16-blocks along K), made in shared memory and
+    multiplied by bf16 ``wgmma``, and ``x_fq`` the activations already fake-quantized (``fake_quant_act``). Hopper has
+    no FP4 MMA and NVFP4 values are not e4m3 values, so the operands are bf16 (exact for NVFP4 values times g).
+    ``codes`` (``[E, N, K]`` bf16, optional): also written with the fake-quantized weights of experts with rows."""
+    reason = unsupported_reason(x_fq, w, w_amax, None, nvfp4=True) if check else None
+    if reason:
+        raise ValueError(f"qat_nvfp4_gluon_gemm: {reason}")
+    return _launch(x_fq, w, offs, w_amax, w_amax[:1], out, config, codes, skip, NVFP4_CONFIGS)  # x_amax unused
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.Tensor, x_amax: torch.Tensor,
+            out: torch.Tensor | None, config: GluonConfig | None, codes: torch.Tensor | None, skip: int,
+            configs: tuple[GluonConfig, ...]) -> torch.Tensor:  # fmt: skip
+    """One launch of :func:`qat_fp8_ws_kernel` with ``config`` or the tuned one of ``configs``."""
     num_experts, k, n = w.shape
-    m = x_codes.shape[0]
+    m = x.shape[0]
     if out is None:
-        out = torch.empty(m, n, dtype=torch.bfloat16, device=x_codes.device)
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     if m == 0 or n == 0:
         return out
-    xc = x_codes.view(torch.float8_e4m3fn)
-    w_rows = w.transpose(1, 2).reshape(num_experts * n, k)  # a view: the check above asked for [E, N, K] storage
+    w_rows = w.transpose(1, 2).reshape(num_experts * n, k)  # a view: the check asked for [E, N, K] storage
 
     def launch(config: GluonConfig) -> None:
         xl, tl_, wl = config.layouts()
-        x_desc = TensorDescriptor.from_tensor(xc, [config.bm, config.bk], xl)
-        xt_desc = TensorDescriptor.from_tensor(xc, [config.bt, config.bk], tl_)
+        x_desc = TensorDescriptor.from_tensor(x, [config.bm, config.bk], xl)
+        xt_desc = TensorDescriptor.from_tensor(x, [config.bt, config.bk], tl_)
         w_desc = TensorDescriptor.from_tensor(w_rows, [config.bn, config.bk], wl)
         tiles = (cdiv(m, config.bm + config.bt) + min(num_experts, m)) * cdiv(n, config.bn)  # at most
-        grid = (min(tiles, _sm_count(xc.device.index)) if config.persistent else tiles,)
+        grid = (min(tiles, _sm_count(x.device.index)) if config.persistent else tiles,)
         consts = config.constexprs(num_experts, codes is not None, x_amax.numel() > 1, skip)
         qat_fp8_ws_kernel[grid](x_desc, xt_desc, w_desc, out, offs, w_amax, x_amax,
                                 codes if codes is not None else out, m, n, k, num_experts, out.stride(0),
                                 maxnreg=config.maxnreg, **consts)  # fmt: skip
 
     if config is None:
-        config = tuned_config((num_experts, n, k, m_bucket(m, num_experts)), launch)
+        key = (configs[0].nvfp4, num_experts, n, k, m_bucket(m, num_experts))
+        config = tuned_config(key, launch, configs)
     launch(config)
     return out
 

@@ -1,0 +1,78 @@
+"""Probe: QAT NVFP4 through the warp-specialized Gluon kernel (``qat_nvfp4_gluon_gemm``), Qwen3 shapes at 34k rows.
+
+Hopper has no FP4 MMA, and an NVFP4 value (E2M1 times an e4m3 block scale) is not an e4m3 value, so the unfused
+path fake-quantizes the weight to bf16 in a pass of its own (805 MB read and written for gate_up) before
+``torch._grouped_mm``. Here the converter warps fake-quantize each bf16 weight tile in shared memory (formats' NVFP4:
+16-blocks along K, the expert's global scale) and the MMA warps multiply bf16 by ``wgmma``; the activations are
+fake-quantized by their own pass first, as in the unfused path. Rows: bf16 ``torch._grouped_mm``, the unfused path
+(``fake_quant_act`` + ``fake_quant_experts`` + ``torch._grouped_mm``), and each ``NVFP4_CONFIGS`` entry as the whole
+op (activation pass included) and alone, then the first one's decomposition (``SKIP``). Every output is checked
+against the float64 product of formats' fake-quantized operands, and each configuration's weight values are checked
+bit-equal to ``fake_quant_experts``.
+
+    python benchmarks/probe_gluon_qat_nvfp4.py --out $OUT/gluon_qat_nvfp4.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from probes import ProbeTable, probe_inputs, qwen3_probe_main  # noqa: E402
+
+from moeq.formats import get_format  # noqa: E402
+from moeq.runtime.kernels import fake_quant_act, fake_quant_experts  # noqa: E402
+from moeq.runtime.kernels.qat_fp8_gluon import NVFP4_CONFIGS, qat_nvfp4_gluon_gemm  # noqa: E402
+
+
+def nvfp4_reference(p) -> torch.Tensor:
+    """formats' NVFP4 fake quant of both operands (activations: the shared amax; weights: per expert), multiplied
+    per expert in float64."""
+    fmt = get_format("nvfp4")
+    xq = fmt.fake_quant(p.x, p.x_amax).double()
+    wq = fmt.fake_quant(p.w_nk, p.w_amax.view(-1, 1, 1)).double()
+    ref = torch.zeros(p.x.shape[0], p.w_nk.shape[1], dtype=torch.float64, device="cuda")
+    bounds = [0] + p.offs.tolist()
+    for e in range(p.w_nk.shape[0]):
+        ref[bounds[e] : bounds[e + 1]] = xq[bounds[e] : bounds[e + 1]] @ wq[e].T
+    return ref
+
+
+def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
+    p = probe_inputs(k, n, rows)
+    table = ProbeTable(label, nvfp4_reference(p), p.flops)
+    wq_ref = fake_quant_experts(p.w_nk, p.w_amax, "nvfp4", -1)
+
+    def unfused():
+        xq = fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4")
+        return torch._grouped_mm(xq, fake_quant_experts(p.w_nk, p.w_amax, "nvfp4", -1).transpose(1, 2), p.offs)
+
+    table.record("torch._grouped_mm bf16", lambda: torch._grouped_mm(p.x, p.w, p.offs))
+    table.record("unfused QAT NVFP4 (fake-quant passes + _grouped_mm)", unfused)
+    xq = fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4")
+    for v in NVFP4_CONFIGS:
+        try:
+            codes = torch.zeros_like(p.w_nk)
+            qat_nvfp4_gluon_gemm(xq, p.w, p.offs, p.w_amax, config=v, codes=codes)
+            torch.cuda.synchronize()
+            same = torch.equal(codes.view(torch.int16), wq_ref.view(torch.int16))
+            print(f"{label:14s} {v.name}: weight values bit-equal to fake_quant_experts: {same}", flush=True)
+        except Exception as exc:
+            print(f"{label:14s} {v.name}: ERROR {str(exc)[:300]}", flush=True)
+            continue
+        table.record(v.name, lambda v=v: qat_nvfp4_gluon_gemm(
+            fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4"), p.w, p.offs, p.w_amax, config=v))  # fmt: skip
+        table.record(f"{v.name} [kernel only]", lambda v=v: qat_nvfp4_gluon_gemm(xq, p.w, p.offs, p.w_amax, config=v))
+    v = NVFP4_CONFIGS[0]
+    for skip, what in ((1, "no conversion"), (2, "no MMA"), (3, "loads only")):
+        table.record(f"{v.name} [{what}]", lambda skip=skip: qat_nvfp4_gluon_gemm(
+            xq, p.w, p.offs, p.w_amax, config=v, skip=skip), checked=False)  # fmt: skip
+    table.record("fake_quant_act NVFP4 alone", lambda: fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4"), checked=False)
+    return table.print()
+
+
+if __name__ == "__main__":
+    qwen3_probe_main(run_case)
