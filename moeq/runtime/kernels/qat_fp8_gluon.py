@@ -449,9 +449,8 @@ CONFIGS = (
 #: QAT NVFP4's candidates (:func:`qat_nvfp4_gluon_gemm`): bf16 activations and bf16 weight values in shared memory,
 #: so half the stages of FP8's at the same depth; a converter thread holds one 16-block per pass
 NVFP4_CONFIGS = (
-    GluonConfig(256, 64, 128, 64, 3, 3, 2, 4, 4, 80, 8, 128, 2, persistent=True, nvfp4=True),
     GluonConfig(256, 64, 128, 32, 5, 4, 3, 2, 4, 80, 8, 128, 2, persistent=True, nvfp4=True),
-    GluonConfig(256, 64, 128, 64, 3, 3, 2, 4, 4, 80, 8, 128, 2, nvfp4=True),
+    GluonConfig(256, 64, 128, 64, 3, 3, 2, 4, 4, 80, 8, 128, 2, persistent=True, nvfp4=True),
 )
 _TUNED: dict[tuple, GluonConfig] = {}
 
