@@ -46,6 +46,7 @@ from moeq.runtime import kernels
 from moeq.runtime.kernels.grouped_qmm import (
     dequantizes_weight_first,
     grouped_qmm,
+    quantizes_nvfp4_once,
     quantizes_once,
     quantizes_weight_once,
 )
@@ -251,6 +252,7 @@ def run_case(label, num_experts, k, n, rows, copy_tbs, modes=tuple(DEFAULT_MODES
         # by size (the default), and for FP8 x FP8 batches that quantize once also the one-launch kernel (and
         # where the default keeps a QAT weight in the load path, the three-launch path that writes its codes)
         once = quantizes_once(w_mode, "fp8" if dynamic else x_fmt, rows, num_experts)
+        once = once or quantizes_nvfp4_once(w_mode, x_fmt, rows, num_experts)
         variants = [(name, None)] + ([(f"{name} in-load (1 launch)", False)] if once else [])
         if once and w_mode == "fake_fp8" and not quantizes_weight_once(w_mode, "fp8", rows, num_experts):
             variants.append((f"{name} weight codes pass too (3 launches)", True))

@@ -1,4 +1,4 @@
-"""Probe: the warp-specialized Gluon QAT FP8 kernel (``moeq.runtime.kernels.qat_fp8_gluon``), Qwen3 shapes at 34k rows.
+"""Probe: the warp-specialized Gluon QAT FP8 kernel (``moeq.runtime.kernels.qat_gluon``), Qwen3 shapes at 34k rows.
 
 Times, against bf16 ``torch._grouped_mm`` and the two launches (weight codes pass + codes GEMM, ``GLUON_QAT_FP8``
 off), every configuration ``grouped_qmm`` may choose (``CONFIGS``), other exact candidates, and two inexact
@@ -21,7 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from moeq.runtime.kernels.qat_fp8_gluon import CONFIGS, GluonConfig, qat_fp8_gluon_gemm  # noqa: E402
+from moeq.runtime.kernels.qat_gluon import CONFIGS, GluonConfig, qat_fp8_gluon_gemm  # noqa: E402
 
 #: moeq's configurations, then an inexact reciprocal ceiling (not the spec: what the division costs). The slower
 #: candidates of sessions 33 and 34 (64-wide 3/3/3 stages, 128-deep k-steps) are in BENCHMARKS.md.

@@ -26,7 +26,7 @@ from probes import ProbeTable, probe_inputs, qwen3_probe_main  # noqa: E402
 
 from moeq.formats import get_format  # noqa: E402
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts  # noqa: E402
-from moeq.runtime.kernels.qat_fp8_gluon import NVFP4_CONFIGS, GluonConfig, qat_nvfp4_gluon_gemm  # noqa: E402
+from moeq.runtime.kernels.qat_gluon import NVFP4_CONFIGS, GluonConfig, qat_nvfp4_gluon_gemm  # noqa: E402
 
 #: moeq's configurations, then candidates with more converter warps (session 34: the conversion limits the kernel;
 #: its 4 converter warps issue about a third of the time): 64-wide tiles with 4 MMA warps, then 8 MMA warps and 8

@@ -122,7 +122,8 @@ def test_inspect_command_refuses_calib_it_cannot_run(argv, message, capsys):
 
 def test_report_says_how_the_backend_lowers_the_gemms():
     """After finalize() the report says what backend="moeq" runs on CUDA for these formats under the fusion
-    policy: QAT NVFP4 fused up to 16 rows per expert then unfused, QAT FP8 with its codes passes at large
+    policy: QAT NVFP4 fused up to 16 rows per expert, then an activation pass and the Gluon kernel on sm_90, else
+    the unfused path's kernels (unfused with the Gluon kernel off), QAT FP8 with its codes passes at large
     sizes, deploy W4A4 fused at every size, deploy W4A16 fused up to 384 rows per expert then dequantized first;
     "always" / "never" say so. Nothing is claimed before finalize()."""
     from moeq.lowering.inductor import fusion
@@ -132,7 +133,13 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     _, cm = _finalized_qwen(moeq.NVFP4)
     text = str(moeq.explain(cm))
     assert "fusion 'auto': one moeq::grouped_qmm Triton kernel per expert GEMM up to 16 mean routed rows" in text
-    assert "above, moeq's fake-quant kernels + torch._grouped_mm" in text
+    assert "above, an activation fake-quant pass and, up to 320 on sm_90, the warp-specialized Gluon kernel" in text
+    assert "else moeq's fake-quant kernels + torch._grouped_mm" in text
+    from moeq.runtime.kernels import grouped_qmm as grouped_qmm_kernels
+
+    with pytest.MonkeyPatch.context() as patch:  # the Gluon kernel switched off: the unfused path above 16
+        patch.setattr(grouped_qmm_kernels, "GLUON_QAT_NVFP4", False)
+        assert "above, moeq's fake-quant kernels + torch._grouped_mm" in str(moeq.explain(cm))
     assert "a training graph saves the quantized weight for backward and keeps the Q/DQ ops; each weight's STE" in text
     with fusion("always"):
         assert "fusion 'always': one moeq::grouped_qmm Triton kernel per expert GEMM at every size" in str(
@@ -150,7 +157,6 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     assert "up to 48, an activation codes pass and the GEMM (weight as loaded)" in text
     assert "up to 320 on sm_90, an activation codes pass and the warp-specialized Gluon kernel" in text
     assert "else an activation codes pass, a weight codes pass and the FP8 codes GEMM" in text
-    from moeq.runtime.kernels import grouped_qmm as grouped_qmm_kernels
 
     with pytest.MonkeyPatch.context() as patch:  # the Gluon kernel switched off: the two launches above 48
         patch.setattr(grouped_qmm_kernels, "GLUON_QAT_FP8", False)

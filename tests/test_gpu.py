@@ -358,7 +358,7 @@ def test_qat_fp8_gluon_gemm_cuda(counts, k, n, per_expert):
     from torch.profiler import ProfilerActivity, profile
 
     from moeq.runtime.kernels.fake_quant_act import fake_quant_act
-    from moeq.runtime.kernels.qat_fp8_gluon import CONFIGS, qat_fp8_gluon_gemm
+    from moeq.runtime.kernels.qat_gluon import CONFIGS, qat_fp8_gluon_gemm
 
     g = torch.Generator().manual_seed(7)
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
@@ -392,7 +392,7 @@ def test_qat_fp8_gluon_gemm_cuda(counts, k, n, per_expert):
         torch.cuda.synchronize()
     assert torch.equal(fused, two_launches)
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert len([n for n in names if "qat_fp8_ws_kernel" in n]) == 1, names
+    assert len([n for n in names if "qat_ws_kernel" in n]) == 1, names
     assert not [n for n in names if "fake_quant_experts" in n or "grouped_qmm" in n], names
 
 
@@ -409,7 +409,7 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernel needs sm_90")
     from moeq.runtime.kernels.fake_quant_act import fake_quant_act
-    from moeq.runtime.kernels.qat_fp8_gluon import NVFP4_CONFIGS, qat_nvfp4_gluon_gemm
+    from moeq.runtime.kernels.qat_gluon import NVFP4_CONFIGS, qat_nvfp4_gluon_gemm
 
     g = torch.Generator().manual_seed(11)
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
@@ -636,11 +636,43 @@ def test_compiled_model_quantize_once_matches_cpu_reference(config, freeze, seq,
     rel = ((got - reference).norm() / reference.norm()).item()
     assert rel < 2e-2, rel
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gemm = "qat_fp8_ws_kernel" if gluon else "grouped_qmm"
+    gemm = "qat_ws_kernel" if gluon else "grouped_qmm"
     assert len([n for n in names if gemm in n]) == 4, names
     assert len([n for n in names if "fake_quant_act" in n]) == 4, names
     assert len([n for n in names if "fake_quant_experts" in n]) == weight_passes, names
     assert not [n for n in names if "GroupMM" in n or "grouped_mm" in n or "dequant" in n], names
+
+
+@pytest.mark.parametrize("gluon", [True, False], ids=["gluon", "weight-pass"])
+def test_compiled_qat_nvfp4_once_matches_cpu_reference(gluon, monkeypatch):
+    """Policy "auto", QAT NVFP4 at 64 routed rows per expert (above the in-load bound of 16): each GEMM fake-quantizes
+    its activations once, then on sm_90 the Gluon kernel fake-quantizes the weight in shared memory and multiplies
+    (one launch, no bf16 weight copy); with ``GLUON_QAT_NVFP4`` off, the weight's fake-quant pass and
+    ``torch._grouped_mm``. Matches the CPU reference path; the profile shows those launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeq.runtime.kernels import grouped_qmm as launcher
+
+    if gluon and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel needs sm_90")
+    monkeypatch.setattr(launcher, "GLUON_QAT_NVFP4", gluon)
+    tokens = make_tokens(batch=4, seq=64).cuda()
+    cm = _compiled_qwen("NVFP4", False, tokens)
+    with torch.no_grad():
+        got = cm(tokens).logits.float()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            cm(tokens)
+            torch.cuda.synchronize()
+        with ops.reference_kernels():
+            reference = cm(tokens).logits.float()
+    rel = ((got - reference).norm() / reference.norm()).item()
+    assert rel < 2e-2, rel
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len([n for n in names if "fake_quant_act" in n]) == 4, names
+    assert len([n for n in names if "qat_ws_kernel" in n]) == (4 if gluon else 0), names
+    assert len([n for n in names if "fake_quant_experts" in n]) == (0 if gluon else 4), names
+    assert not [n for n in names if "grouped_qmm_kernel" in n], names
 
 
 def _qat_fp8_training_step(policy: str, dtype: torch.dtype = torch.bfloat16):

@@ -445,13 +445,13 @@ def test_launcher_traces_the_gluon_kernel_as_an_opaque_op(monkeypatch):
     """On sm_90 (faked here: the trace needs no GPU) QAT FP8 from 48 to 320 rows per expert traces to the
     activation codes kernel and the opaque ``moeq::qat_fp8_gluon_gemm`` (no weight codes pass, no codes GEMM), with
     the row bounds as guards; with the Gluon kernel switched off, to the three Triton launches."""
-    pytest.importorskip("moeq.runtime.kernels.qat_fp8_gluon", reason="this Triton has no Gluon")
+    pytest.importorskip("moeq.runtime.kernels.qat_gluon", reason="this Triton has no Gluon")
     from moeq.runtime.kernels import grouped_qmm as launcher
-    from moeq.runtime.kernels import qat_fp8_gluon
+    from moeq.runtime.kernels import qat_gluon
 
     monkeypatch.setattr(launcher, "GLUON_QAT_FP8", True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(qat_fp8_gluon, "_device_ok", lambda index: True)
+    monkeypatch.setattr(qat_gluon, "_device_ok", lambda index: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     gm, rows, guards = _trace_launcher_with_symbolic_rows(None, hf_layout=True)
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
@@ -460,9 +460,40 @@ def test_launcher_traces_the_gluon_kernel_as_an_opaque_op(monkeypatch):
     assert {f"{rows.node.expr} > 64", f"{rows.node.expr} > 192", f"{rows.node.expr} <= 1280"} <= guards, guards
 
 
-def _trace_launcher_with_symbolic_rows(quantize_once, hf_layout=False):
-    """The QAT FP8 launcher traced by ``make_fx`` on fake CUDA tensors of 300 symbolic rows, 4 experts: (graph, the
-    row count, the guards' expressions). ``hf_layout``: the weight a ``[E, K, N]`` view of ``[E, N, K]``."""
+@pytest.mark.parametrize("gluon", [True, False], ids=["gluon", "weight-pass"])
+def test_qat_nvfp4_launcher_traces_once_paths(gluon, monkeypatch):
+    """QAT NVFP4 above 16 rows per expert (75 here, symbolic): the activations' fake-quant kernel, then on sm_90
+    (faked) the opaque ``moeq::qat_nvfp4_gluon_gemm``, with the Gluon kernel off the weight's fake-quant kernel,
+    ``torch._grouped_mm`` and the unrouted rows' zeroing; the row bounds become guards. At most 16 rows per expert
+    (``quantize_once=False`` forces it) the one in-load launch stays."""
+    pytest.importorskip("moeq.runtime.kernels.qat_gluon", reason="this Triton has no Gluon")
+    from moeq.runtime.kernels import grouped_qmm as launcher
+    from moeq.runtime.kernels import qat_gluon
+
+    monkeypatch.setattr(launcher, "GLUON_QAT_NVFP4", gluon)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(qat_gluon, "_device_ok", lambda index: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    gm, rows, guards = _trace_launcher_with_symbolic_rows(None, hf_layout=True, fmt="nvfp4")
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    kernels = [t for t in targets if "triton_kernel_wrapper" in t]
+    assert f"{rows.node.expr} > 64" in guards, guards
+    if gluon:
+        assert len(kernels) == 1 and sum("qat_nvfp4_gluon_gemm" in t for t in targets) == 1, targets
+        assert f"{rows.node.expr} <= 1280" in guards, guards
+    else:
+        assert len(kernels) == 3 and sum("_grouped_mm" in t for t in targets) == 1, targets
+        assert not any("gluon" in t for t in targets), targets
+    gm, _, _ = _trace_launcher_with_symbolic_rows(False, hf_layout=True, fmt="nvfp4")
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum("triton_kernel_wrapper" in t for t in targets) == 1, targets
+    assert not any("gluon" in t or "_grouped_mm" in t for t in targets), targets
+
+
+def _trace_launcher_with_symbolic_rows(quantize_once, hf_layout=False, fmt="fp8"):
+    """The QAT FP8 (``fmt``: or NVFP4) launcher traced by ``make_fx`` on fake CUDA tensors of 300 symbolic rows, 4
+    experts: (graph, the row count, the guards' expressions). ``hf_layout``: the weight a ``[E, K, N]`` view of
+    ``[E, N, K]``."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
@@ -485,7 +516,7 @@ def _trace_launcher_with_symbolic_rows(quantize_once, hf_layout=False):
     amax, x_amax = fake_cuda((4,), torch.float32), fake_cuda((1,), torch.float32)
 
     def forward(x, w, offs, amax, x_amax):
-        return launch(x, w, offs, amax, None, x_amax, "fake_fp8", "fp8", wrap=wrap_triton, quantize_once=quantize_once)
+        return launch(x, w, offs, amax, None, x_amax, f"fake_{fmt}", fmt, wrap=wrap_triton, quantize_once=quantize_once)
 
     with mode:
         gm = make_fx(forward, tracing_mode="real")(x, w, offs, amax, x_amax)

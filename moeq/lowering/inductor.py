@@ -21,7 +21,10 @@ quantizes the raw activation again for FP8 MMAs. Which chains fuse is a policy (
 ``"auto"`` (default) fuses a chain only where ``moeq::grouped_qmm`` measured faster than the unfused path
 (BENCHMARKS.md). The in-load kernel re-quantizes each operand tile once per output tile it feeds, CUDA-core
 work that grows with the rows per expert, so QAT NVFP4 chains fuse up to :data:`FUSE_MAX_ROWS_PER_EXPERT`
-mean routed rows per expert (decode-size batches). FP8 x FP8 chains (QAT FP8, deploy W8A8) always fuse: above
+mean routed rows per expert (decode-size batches), except QAT NVFP4 x NVFP4 on CUDA, which always fuses: above that
+bound the op fake-quantizes the activations once and multiplies with the Gluon kernel on sm_90 (the weight
+fake-quantized in shared memory), elsewhere with the unfused path's kernels
+(:func:`moeq.runtime.kernels.grouped_qmm.quantizes_nvfp4_once`). FP8 x FP8 chains (QAT FP8, deploy W8A8) always fuse: above
 a few rows per expert the op quantizes the activations once in their own pass and multiplies codes, and above a
 few dozen a QAT weight too (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`, ``quantizes_weight_once``).
 Deploy chains always fuse: their unfused path (``moeq::dequant_weight``'s Triton kernel, then ``torch._grouped_mm``)
@@ -135,15 +138,29 @@ def fusion_enabled() -> bool:
     return _POLICY != "never"
 
 
-def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int) -> bool:
-    """Whether policy ``auto`` fuses a chain over ``rows`` routed rows (symbolic rows: deploy and FP8 x FP8)."""
+def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int, cuda: bool = True) -> bool:
+    """Whether policy ``auto`` fuses a chain over ``rows`` routed rows (symbolic rows: deploy, FP8 x FP8 and, on
+    CUDA, QAT NVFP4 x NVFP4)."""
     if mode == "deploy" or (w_fmt == "fp8" and x_fmt == "fp8"):
         # deploy: the unfused path (dequant kernel + torch._grouped_mm) measured slower at every size (1.04-1.11x
         # at 34k rows, 3.1-3.6x at 4k); FP8 x FP8 quantizes once at large sizes (quantizes_once)
         return True
+    if cuda and mode == "qat" and w_fmt == "nvfp4" and x_fmt == "nvfp4" and _gluon_qat_nvfp4():
+        # above the in-load bound the op fake-quantizes x once and multiplies with the Gluon kernel on sm_90 (1.10-1.18x
+        # the unfused path at 34k rows), elsewhere with the unfused path's own kernels (quantizes_nvfp4_once)
+        return True
     if not isinstance(rows, int):
         return False
     return rows <= FUSE_MAX_ROWS_PER_EXPERT[mode] * max(1, num_experts)
+
+
+def _gluon_qat_nvfp4() -> bool:
+    """Whether ``moeq::grouped_qmm`` runs large QAT NVFP4 GEMMs itself (``grouped_qmm.GLUON_QAT_NVFP4``)."""
+    try:
+        from moeq.runtime.kernels import grouped_qmm as grouped_qmm_kernels
+    except ImportError:  # no triton: the reference ops
+        return False
+    return grouped_qmm_kernels.GLUON_QAT_NVFP4
 
 
 def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
@@ -190,6 +207,11 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
     if dequantizes_weight_first(w_mode, x_fmt, 2**31, 1):
         bound = DEQUANT_FIRST_ROWS_PER_EXPERT[w_mode]
         return f"{one} up to {bound} mean routed rows per expert; above, {unfused_path}"
+    if mode == "qat" and w_fmt == "nvfp4" and x_fmt == "nvfp4" and _gluon_qat_nvfp4():
+        bound = grouped_qmm_kernels.QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT
+        gluon = "the warp-specialized Gluon kernel (weight fake-quantized in shared memory, bf16 wgmma)"
+        return (f"{one} up to {bound} mean routed rows per expert; above, an activation fake-quant pass and, up to "
+                f"{grouped_qmm_kernels.GLUON_ROWS_PER_EXPERT} on sm_90, {gluon}; else {unfused_path}")  # fmt: skip
     if _pays(mode, w_fmt, x_fmt, None, 1):
         return f"{one} at every size"
     bound = FUSE_MAX_ROWS_PER_EXPERT[mode]
@@ -317,7 +339,8 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
     if _val(x) is None or (offs is not None and _val(offs) is None):
         return None
     rows = _val(x).shape[0] * _val(x).shape[1] if batched else _val(x).shape[0]
-    if _POLICY == "auto" and not _pays(mode, w_fmt, "fp8" if x_fmt == "fp8_token" else x_fmt, rows, w_val.shape[0]):
+    x_fmt_paid = "fp8" if x_fmt == "fp8_token" else x_fmt
+    if _POLICY == "auto" and not _pays(mode, w_fmt, x_fmt_paid, rows, w_val.shape[0], w_val.device.type == "cuda"):
         logger.info("moeq: %s %s GEMM over %s rows left unfused (faster there)", mode, w_fmt, rows)
         return None
     if mode == "qat":

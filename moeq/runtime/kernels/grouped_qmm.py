@@ -231,17 +231,17 @@ WEIGHT_PASS_IN_GEMM = False
 
 #: whether the quantize-once path multiplies a QAT FP8 weight (above :data:`WEIGHT_CODES_ROWS_PER_EXPERT` mean rows
 #: per expert, up to :data:`GLUON_ROWS_PER_EXPERT`) with the warp-specialized Gluon kernel of
-#: :mod:`moeq.runtime.kernels.qat_fp8_gluon` on Hopper, converting the bf16 weight to its codes in shared memory,
+#: :mod:`moeq.runtime.kernels.qat_gluon` on Hopper, converting the bf16 weight to its codes in shared memory,
 #: instead of a codes pass to HBM and then the codes GEMM (same products bit for bit). H100, Qwen3-30B-A3B shapes at
 #: 34k rows (BENCHMARKS.md, session 34): gate_up 0.573 vs 0.75 ms, down 0.349 vs 0.417 ms for the whole op (bf16
 #: ``torch._grouped_mm``: 0.579 / 0.341); at 16k rows 1.25-1.35x faster than the two launches.
-#: Operands it cannot take (:func:`~moeq.runtime.kernels.qat_fp8_gluon.unsupported_reason`) keep the two launches.
+#: Operands it cannot take (:func:`~moeq.runtime.kernels.qat_gluon.unsupported_reason`) keep the two launches.
 GLUON_QAT_FP8 = True
 #: mean routed rows per expert up to which the Gluon kernel is used: a program takes up to 256 + 64 rows of one
 #: expert and converts its weight tile once for them, so above this an expert's weight is converted once per group
 #: of rows, where the two launches convert it once in all. Measured at 128 and 272 (Qwen3 at 16k and 34k rows).
 GLUON_ROWS_PER_EXPERT = 320
-_GLUON_REASONS_LOGGED: set[str] = set()
+_GLUON_REASONS_LOGGED: set[tuple[bool, str]] = set()
 
 
 def quantizes_weight_once(w_mode: str, x_mode: str | None, rows: int, num_experts: int) -> bool:
@@ -267,38 +267,74 @@ def dequantizes_weight_first(w_mode: str, x_mode: str | None, rows: int, num_exp
     return bound is not None and rows > bound * max(1, num_experts)
 
 
-def gluon_takes(x_codes: torch.Tensor, w: torch.Tensor, w_amax: torch.Tensor, x_amax: torch.Tensor) -> bool:
-    """Whether :data:`GLUON_QAT_FP8` is on, the mean rows per expert are at most :data:`GLUON_ROWS_PER_EXPERT`, and
-    the Gluon kernel takes these operands (why not is logged once)."""
+#: mean routed rows per expert above which QAT NVFP4 (NVFP4 weights and activations) fake-quantizes the activations
+#: once in their own pass instead of in the GEMM's load path, where every activation and weight tile is quantized
+#: again for each output tile it feeds (0.13x / 0.16x bf16 at Qwen3's 34k rows, BENCHMARKS.md session 17). Then the
+#: Gluon kernel of :mod:`moeq.runtime.kernels.qat_gluon` (:data:`GLUON_QAT_NVFP4`, up to
+#: :data:`GLUON_ROWS_PER_EXPERT`) fake-quantizes the weight in shared memory, else the weight's own pass and
+#: ``torch._grouped_mm`` (:func:`qat_nvfp4_weight_pass_gemm`, the unfused path's kernels).
+QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT = 16
+#: whether QAT NVFP4 above :data:`QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT` rows per expert multiplies with the Gluon kernel
+#: on Hopper (bf16 ``wgmma`` on NVFP4 values made in shared memory). H100, Qwen3-30B-A3B shapes at 34k rows
+#: (BENCHMARKS.md, session 34): gate_up 1.02 ms against 1.20 ms for the weight pass + ``torch._grouped_mm``, down
+#: 0.57 against 0.63 (bf16 ``torch._grouped_mm`` 0.58 / 0.34).
+GLUON_QAT_NVFP4 = True
+
+
+def quantizes_nvfp4_once(w_mode: str, x_mode: str | None, rows: int, num_experts: int) -> bool:
+    """Whether :func:`grouped_qmm` fake-quantizes QAT NVFP4 activations once, in their own pass: above
+    :data:`QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT` mean rows per expert."""
+    nvfp4 = w_mode == "fake_nvfp4" and x_mode == "nvfp4"
+    return nvfp4 and rows > QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT * max(1, num_experts)
+
+
+def qat_nvfp4_weight_pass_gemm(x_fq: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.Tensor,
+                               wrap: Callable[[Any], Any] | None = None) -> torch.Tensor:  # fmt: skip
+    """QAT NVFP4 with fake-quantized activations ``x_fq``: the weight ``[E, K, N]`` fake-quantized in its own pass,
+    then ``torch._grouped_mm`` (the unfused path's kernels); rows past ``offs[-1]`` zero."""
+    from moeq.runtime.kernels.zero_rows import zero_unrouted_rows_
+
+    wq = fake_quant_experts(w, w_amax, "nvfp4", 1, wrap=wrap)
+    return zero_unrouted_rows_(torch._grouped_mm(x_fq, wq, offs), offs, wrap=wrap)
+
+
+def gluon_takes(x: torch.Tensor, w: torch.Tensor, w_amax: torch.Tensor, x_amax: torch.Tensor | None,
+                nvfp4: bool = False) -> bool:  # fmt: skip
+    """Whether :data:`GLUON_QAT_FP8` (``nvfp4``: :data:`GLUON_QAT_NVFP4`) is on, the mean rows per expert are at
+    most :data:`GLUON_ROWS_PER_EXPERT`, and the Gluon kernel takes these operands (why not is logged once)."""
     num_experts = w.shape[0]
-    if not GLUON_QAT_FP8 or interpreting() or not x_codes.is_cuda:
+    if not (GLUON_QAT_NVFP4 if nvfp4 else GLUON_QAT_FP8) or interpreting() or not x.is_cuda:
         return False
-    if x_codes.shape[0] > GLUON_ROWS_PER_EXPERT * max(1, num_experts):
+    if x.shape[0] > GLUON_ROWS_PER_EXPERT * max(1, num_experts):
         return False
     try:
-        from moeq.runtime.kernels.qat_fp8_gluon import unsupported_reason
+        from moeq.runtime.kernels.qat_gluon import unsupported_reason
     except ImportError as exc:  # a Triton without Gluon
         reason = f"Gluon could not be imported ({exc})"
     else:
-        reason = unsupported_reason(x_codes, w, w_amax, x_amax)
-    if reason:
-        if reason not in _GLUON_REASONS_LOGGED:
-            _GLUON_REASONS_LOGGED.add(reason)
-            log.info(
-                "QAT FP8: the Gluon kernel is not used (%s); a weight codes pass and the codes GEMM instead", reason
-            )
+        reason = unsupported_reason(x, w, w_amax, x_amax, nvfp4=nvfp4)
+    if reason and (nvfp4, reason) not in _GLUON_REASONS_LOGGED:
+        _GLUON_REASONS_LOGGED.add((nvfp4, reason))
+        instead = (
+            "the weight's fake-quant pass and torch._grouped_mm" if nvfp4 else "a weight codes pass and the codes GEMM"
+        )
+        log.info("QAT %s: the Gluon kernel is not used (%s); %s instead", "NVFP4" if nvfp4 else "FP8", reason, instead)
     return reason is None
 
 
-def gluon_gemm(x_codes, w, offs, w_amax, x_amax, out, wrap) -> torch.Tensor:
+def gluon_gemm(x, w, offs, w_amax, x_amax, out, wrap, nvfp4: bool = False) -> torch.Tensor:
     """The Gluon kernel's product (operands :func:`gluon_takes` accepted): through the opaque op
-    ``moeq::qat_fp8_gluon_gemm`` while a graph is traced (``wrap`` set: Inductor cannot trace a Gluon kernel), else
-    launched directly into ``out`` (the launcher's own output: contiguous)."""
-    from moeq.runtime.kernels import qat_fp8_gluon
+    ``moeq::qat_fp8_gluon_gemm`` / ``moeq::qat_nvfp4_gluon_gemm`` while a graph is traced (``wrap`` set: Inductor
+    cannot trace a Gluon kernel), else launched directly into ``out`` (the launcher's own output: contiguous)."""
+    from moeq.runtime.kernels import qat_gluon
 
+    if nvfp4 and wrap is not None:
+        return torch.ops.moeq.qat_nvfp4_gluon_gemm(x, w, offs, w_amax)
+    if nvfp4:
+        return qat_gluon.qat_nvfp4_gluon_gemm(x, w, offs, w_amax, out=out, check=False)
     if wrap is not None:
-        return torch.ops.moeq.qat_fp8_gluon_gemm(x_codes, w, offs, w_amax, x_amax)
-    return qat_fp8_gluon.qat_fp8_gluon_gemm(x_codes, w, offs, w_amax, x_amax, out=out, check=False)
+        return torch.ops.moeq.qat_fp8_gluon_gemm(x, w, offs, w_amax, x_amax)
+    return qat_gluon.qat_fp8_gluon_gemm(x, w, offs, w_amax, x_amax, out=out, check=False)
 
 
 def m_bucket(rows: int, num_experts: int) -> int:
@@ -838,8 +874,11 @@ def grouped_qmm(
     :data:`QUANTIZE_ONCE_ROWS_PER_EXPERT` mean rows per expert (:func:`quantizes_once`), a QAT weight once
     above :data:`WEIGHT_CODES_ROWS_PER_EXPERT` (:func:`quantizes_weight_once`), else in the load path. Where the
     weight would get its own pass, on sm_90 up to :data:`GLUON_ROWS_PER_EXPERT` mean rows per expert, the Gluon
-    kernel (:mod:`moeq.runtime.kernels.qat_fp8_gluon`) converts it in shared memory instead: two launches. Every
-    choice gives the same products (the codes are formats' FP8 ``quantize``).
+    kernel (:mod:`moeq.runtime.kernels.qat_gluon`) converts it in shared memory instead: two launches. Every
+    choice gives the same products (the codes are formats' FP8 ``quantize``). QAT NVFP4 (both operands) above
+    :data:`QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT` mean rows per expert (``quantize_once`` None, or True) fake-quantizes
+    the activations once, then multiplies with the Gluon kernel on sm_90 (:data:`GLUON_QAT_NVFP4`), else runs the
+    weight's fake-quant pass and ``torch._grouped_mm``; the same operand values, multiplied in fp32.
     """
     per_token = x_mode == "fp8_token"
     if per_token:
@@ -879,7 +918,9 @@ def grouped_qmm(
             raise ValueError(f"x_amax must have 1 or {num_experts} entries for activation format {x_mode!r}")
         x_amax = as_fp32(x_amax)
     weight_once = quantize_once
+    nvfp4_once = quantize_once
     if quantize_once is None:
+        nvfp4_once = quantizes_nvfp4_once(w_mode, x_mode, m, num_experts)
         quantize_once = quantizes_once(w_mode, x_mode, m, num_experts)
         weight_once = quantizes_weight_once(w_mode, x_mode, m, num_experts)
     if quantize_once and x_mode == "fp8" and w_mode in ("fp8", "fake_fp8"):
@@ -900,6 +941,14 @@ def grouped_qmm(
         if w_mode == "fake_fp8" and weight_once and not WEIGHT_PASS_IN_GEMM:
             w = fake_quant_experts(w, w_scale, "fp8", 1, codes=True, wrap=wrap)
             w_scale, w_mode = get_format("fp8").scale_from_amax(w_scale), "fp8"
+    if nvfp4_once and w_mode == "fake_nvfp4" and x_mode == "nvfp4" and x.is_cuda and config is None:
+        x = fake_quant_act(x, offs, x_amax, "nvfp4", wrap=wrap)
+        if caller_out is None and x.dtype == torch.bfloat16 and gluon_takes(x, w, w_scale, None, nvfp4=True):
+            return gluon_gemm(x, w, offs, w_scale, None, out, wrap, nvfp4=True)
+        if x.dtype == torch.bfloat16:
+            product = qat_nvfp4_weight_pass_gemm(x, w, offs, w_scale, wrap)
+            return product if caller_out is None else out.copy_(product)
+        x_mode = None  # torch._grouped_mm takes bf16 only: the kernel multiplies the fake-quantized rows as they are
     if per_token and x_amax is None:  # in the load path: the kernel quantizes each row with its amax
         x_amax = row_amax(x, wrap=wrap)
     fp8_bits = torch.uint8 if interpreting() else torch.float8_e4m3fn

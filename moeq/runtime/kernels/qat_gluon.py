@@ -313,7 +313,7 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
 
 
 @gluon.jit
-def qat_fp8_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, codes_ptr, M, N, K,
+def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, codes_ptr, M, N, K,
                       NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
                       S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr, CONV_REGS: gl.constexpr,
                       WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
@@ -364,7 +364,7 @@ def qat_fp8_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_
 
 
 class GluonConfig(NamedTuple):
-    """One launch configuration of :func:`qat_fp8_ws_kernel`."""
+    """One launch configuration of :func:`qat_ws_kernel`."""
 
     bm: int  # rows multiplied in the main accumulator
     bt: int  # tail rows in the second accumulator (a group holds up to bm + bt routed rows of one expert)
@@ -424,7 +424,7 @@ class GluonConfig(NamedTuple):
         }
         constants = self.constexprs(num_experts, x_per_expert=x_per_expert)
         signature.update(dict.fromkeys(constants, "constexpr"))
-        source = GluonASTSource(qat_fp8_ws_kernel, signature, constants)
+        source = GluonASTSource(qat_ws_kernel, signature, constants)
         options = {"num_warps": self.mma_warps, "maxnreg": self.maxnreg}
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -540,7 +540,7 @@ def qat_nvfp4_gluon_gemm(x_fq: torch.Tensor, w: torch.Tensor, offs: torch.Tensor
 def _launch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.Tensor, x_amax: torch.Tensor,
             out: torch.Tensor | None, config: GluonConfig | None, codes: torch.Tensor | None, skip: int,
             configs: tuple[GluonConfig, ...]) -> torch.Tensor:  # fmt: skip
-    """One launch of :func:`qat_fp8_ws_kernel` with ``config`` or the tuned one of ``configs``."""
+    """One launch of :func:`qat_ws_kernel` with ``config`` or the tuned one of ``configs``."""
     num_experts, k, n = w.shape
     m = x.shape[0]
     if out is None:
@@ -557,7 +557,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.
         tiles = (cdiv(m, config.bm + config.bt) + min(num_experts, m)) * cdiv(n, config.bn)  # at most
         grid = (min(tiles, _sm_count(x.device.index)) if config.persistent else tiles,)
         consts = config.constexprs(num_experts, codes is not None, x_amax.numel() > 1, skip)
-        qat_fp8_ws_kernel[grid](x_desc, xt_desc, w_desc, out, offs, w_amax, x_amax,
+        qat_ws_kernel[grid](x_desc, xt_desc, w_desc, out, offs, w_amax, x_amax,
                                 codes if codes is not None else out, m, n, k, num_experts, out.stride(0),
                                 maxnreg=config.maxnreg, **consts)  # fmt: skip
 
@@ -590,3 +590,23 @@ def qat_fp8_gluon_gemm_op(x_codes: torch.Tensor, w: torch.Tensor, offs: torch.Te
 @qat_fp8_gluon_gemm_op.register_fake
 def _(x_codes, w, offs, w_amax, x_amax):
     return x_codes.new_empty(x_codes.shape[0], w.shape[2], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("moeq::qat_nvfp4_gluon_gemm", mutates_args=())
+def qat_nvfp4_gluon_gemm_op(
+    x_fq: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.Tensor
+) -> torch.Tensor:
+    """:func:`qat_nvfp4_gluon_gemm` as an opaque op for compiled graphs. Operands the kernel cannot take at run time
+    get the same operand values multiplied by the weight's fake-quant pass and ``torch._grouped_mm``."""
+    reason = unsupported_reason(x_fq, w, w_amax, None, nvfp4=True)
+    if reason is None:
+        return qat_nvfp4_gluon_gemm(x_fq, w, offs, w_amax, check=False)
+    from moeq.runtime.kernels.grouped_qmm import qat_nvfp4_weight_pass_gemm
+
+    log.warning("moeq::qat_nvfp4_gluon_gemm: %s; running the weight's fake-quant pass and torch._grouped_mm", reason)
+    return qat_nvfp4_weight_pass_gemm(x_fq, w, offs, w_amax)
+
+
+@qat_nvfp4_gluon_gemm_op.register_fake
+def _(x_fq, w, offs, w_amax):
+    return x_fq.new_empty(x_fq.shape[0], w.shape[2], dtype=torch.bfloat16)

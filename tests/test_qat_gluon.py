@@ -10,7 +10,7 @@ import torch
 
 from moeq.runtime.kernels import grouped_qmm as launcher
 
-gluon_module = pytest.importorskip("moeq.runtime.kernels.qat_fp8_gluon", reason="this Triton has no Gluon")
+gluon_module = pytest.importorskip("moeq.runtime.kernels.qat_gluon", reason="this Triton has no Gluon")
 
 #: dynamic shared memory an sm_90 block may use (227 KB)
 HOPPER_SHARED_BYTES = 232448
@@ -39,6 +39,21 @@ def test_every_config_compiles_for_sm90(config, num_experts, tmp_path, monkeypat
     assert "st.local" not in ptx
 
 
+@pytest.mark.parametrize("config", sorted({c._replace(persistent=False) for c in gluon_module.NVFP4_CONFIGS}),
+                         ids=lambda c: c.name)  # fmt: skip
+def test_every_nvfp4_config_compiles_for_sm90(config, tmp_path, monkeypatch):
+    """The QAT NVFP4 form: within Hopper's shared memory, bf16 wgmma, Markstein's quotient and the e4m3 block
+    scales' conversion in the converter, one register budget per role, nothing spilled."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = config.compile_for_sm90()
+    ptx = kernel.asm["ptx"]
+    assert config.nvfp4 and kernel.metadata.shared <= HOPPER_SHARED_BYTES, kernel.metadata.shared
+    assert "wgmma.mma_async.sync.aligned" in ptx and ".bf16.bf16" in ptx
+    assert "fma.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert "setmaxnreg" in ptx
+    assert "st.local" not in ptx
+
+
 def test_unsupported_operands_are_named():
     """On the CPU the kernel is never taken, and its launcher says why; ``grouped_qmm`` keeps the two launches."""
     x_codes = torch.zeros(8, 64, dtype=torch.float8_e4m3fn)
@@ -49,6 +64,11 @@ def test_unsupported_operands_are_named():
     with pytest.raises(ValueError, match="qat_fp8_gluon_gemm: needs a CUDA device"):
         gluon_module.qat_fp8_gluon_gemm(x_codes, w, offs, amax, torch.ones(1))
     assert not launcher.gluon_takes(x_codes, w, amax, torch.ones(1))
+    x_fq = torch.zeros(8, 64, dtype=torch.bfloat16)
+    assert "CUDA" in gluon_module.unsupported_reason(x_fq, w, amax, None, nvfp4=True)
+    with pytest.raises(ValueError, match="qat_nvfp4_gluon_gemm: needs a CUDA device"):
+        gluon_module.qat_nvfp4_gluon_gemm(x_fq, w, offs, amax)
+    assert not launcher.gluon_takes(x_fq, w, amax, None, nvfp4=True)
 
 
 def test_fake_output_is_bf16_rows_by_n():
@@ -61,4 +81,8 @@ def test_fake_output_is_bf16_rows_by_n():
         out = torch.ops.moeq.qat_fp8_gluon_gemm(
             x_codes, w, torch.empty(3, dtype=torch.int32), torch.empty(3), torch.empty(1)
         )
+        out_nvfp4 = torch.ops.moeq.qat_nvfp4_gluon_gemm(
+            torch.empty(40, 64, dtype=torch.bfloat16), w, torch.empty(3, dtype=torch.int32), torch.empty(3)
+        )
     assert out.shape == (40, 24) and out.dtype == torch.bfloat16
+    assert out_nvfp4.shape == (40, 24) and out_nvfp4.dtype == torch.bfloat16
