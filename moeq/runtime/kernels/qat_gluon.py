@@ -1,5 +1,5 @@
-"""QAT FP8's codes GEMM as one warp-specialized Gluon kernel (Hopper): the bf16 weight becomes its e4m3 codes in
-shared memory while the tensor cores multiply.
+"""QAT's expert GEMM as one warp-specialized Gluon kernel (Hopper): the bf16 weight becomes its e4m3 codes (QAT FP8)
+or its NVFP4 fake-quantized bf16 values (QAT NVFP4) in shared memory while the tensor cores multiply.
 
 Above :data:`moeq.runtime.kernels.grouped_qmm.WEIGHT_CODES_ROWS_PER_EXPERT` rows per expert the plain-Triton path
 quantizes a QAT FP8 weight in a pass of its own (it reads the bf16 weight and writes its codes to HBM, then the
@@ -25,10 +25,19 @@ store the last, which down's short K loop (12 k-steps) needs. H100, Qwen3-30B-A3
 session 34): gate_up 0.57 ms against 0.75 ms for the two launches (bf16 ``torch._grouped_mm`` 0.58), down 0.35
 against 0.42 (0.34).
 
+The QAT NVFP4 form (``NVFP4`` constexpr, :func:`qat_nvfp4_gluon_gemm`): Hopper has no FP4 MMA and an NVFP4 value
+(E2M1 times an e4m3 block scale) is not an e4m3 value, so the activations arrive fake-quantized in bf16 (their own
+pass), the converter writes the weight's fake-quantized bf16 values (``numerics.fake_quant_nvfp4_blocks``: a thread
+holds whole 16-blocks along K) and the MMA is bf16 ``wgmma``. Its converter is the limit there (about 2.5x FP8's
+instructions per element; more converter warps leave the MMA warps too few registers): H100, 34k rows (session
+34), gate_up 1.03 ms against 1.22 ms for the weight pass + ``torch._grouped_mm``, down 0.58 against 0.64 (bf16
+0.59 / 0.35).
+
 Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
-this kernel, and :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` then keeps the two launches. The kernel is
-opaque to Inductor (``wrap_triton`` traces only ``@triton.jit`` kernels), so a compiled graph calls it through the
-custom op ``moeq::qat_fp8_gluon_gemm``.
+this kernel, and :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` then keeps the two launches (NVFP4: the
+weight's pass and ``torch._grouped_mm``). The kernel is opaque to Inductor (``wrap_triton`` traces only
+``@triton.jit`` kernels), so a compiled graph calls it through the custom ops ``moeq::qat_fp8_gluon_gemm`` and
+``moeq::qat_nvfp4_gluon_gemm``.
 """
 
 from __future__ import annotations
@@ -447,7 +456,9 @@ CONFIGS = (
     GluonConfig(256, 64, 128, 64, 7, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True),
 )
 #: QAT NVFP4's candidates (:func:`qat_nvfp4_gluon_gemm`): bf16 activations and bf16 weight values in shared memory,
-#: so half the stages of FP8's at the same depth; a converter thread holds one 16-block per pass
+#: so half the stages of FP8's at the same depth; a converter thread holds one 16-block per pass. 32-deep k-steps
+#: were the faster on the H100 (session 34: gate_up kernel 0.94 vs 1.16 ms); 64-wide tiles and 8 converter warps
+#: were slower (``benchmarks/probe_gluon_qat_nvfp4.py``).
 NVFP4_CONFIGS = (
     GluonConfig(256, 64, 128, 32, 5, 4, 3, 2, 4, 80, 8, 128, 2, persistent=True, nvfp4=True),
     GluonConfig(256, 64, 128, 64, 3, 3, 2, 4, 4, 80, 8, 128, 2, persistent=True, nvfp4=True),
