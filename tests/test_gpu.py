@@ -336,6 +336,18 @@ def gluon_qat_fp8(monkeypatch):
     monkeypatch.setattr(launcher, "GLUON_QAT_FP8", True)
 
 
+def _gluon_operands(counts: list[int], k: int, n: int, g: torch.Generator):
+    """A Gluon kernel test's CPU operands: int32 cumulative ``offs`` of ``counts``, bf16 ``x`` with 37 unrouted rows
+    past them, experts' ``w [E, N, K]`` spanning three decades, and amax 0.9 of each expert's max (the largest
+    values saturate)."""
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    num_experts, rows = len(counts), int(offs[-1])
+    x = (torch.randn(rows + 37, k, generator=g) * 2).to(torch.bfloat16)
+    scale = torch.logspace(-3, 0, num_experts).view(-1, 1, 1)
+    w_nk = (torch.randn(num_experts, n, k, generator=g) * scale).to(torch.bfloat16)
+    return offs, x, w_nk, w_nk.float().abs().amax((1, 2)) * 0.9
+
+
 @pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per-expert"])
 @pytest.mark.parametrize(
     ("counts", "k", "n"),
@@ -349,25 +361,20 @@ def gluon_qat_fp8(monkeypatch):
 @pytest.mark.usefixtures("gluon_qat_fp8")
 def test_qat_fp8_gluon_gemm_cuda(counts, k, n, per_expert):
     """The Gluon QAT FP8 kernel: its weight codes (of experts with rows) equal formats' FP8 ``quantize`` (CPU) bit
-    for bit; its output equals the two-launch path's (codes pass, then the codes GEMM) bit for bit, and the float64 product of the same
-    codes within the FP8 MMA's accumulation bound (see ``test_codes_gemm_training_size``). Experts with 256 rows
-    or fewer, with a tail (257-320), with a second group (321+), empty ones; unrouted tail rows zero; K and N not
-    multiples of the tiles; more experts than 128. Every configuration of ``CONFIGS`` (one program per tile and
-    persistent) and ``tuned_config``'s choice. ``grouped_qmm`` with ``GLUON_QAT_FP8`` takes this kernel (its launch is in the profile, no weight
-    codes pass)."""
+    for bit; its output equals the two-launch path's (codes pass, then the codes GEMM) bit for bit, and the float64
+    product of the same codes within the FP8 MMA's accumulation bound (see ``test_codes_gemm_training_size``).
+    Experts with 256 rows or fewer, with a tail (257-320), with a second group (321+), empty ones; unrouted tail rows
+    zero; K and N not multiples of the tiles; more experts than 128. Every configuration of ``CONFIGS`` (one program
+    per tile and persistent) and ``tuned_config``'s choice. ``grouped_qmm`` with ``GLUON_QAT_FP8`` takes this kernel
+    (its launch is in the profile, no weight codes pass)."""
     from torch.profiler import ProfilerActivity, profile
 
     from moeq.runtime.kernels.fake_quant_act import fake_quant_act
     from moeq.runtime.kernels.qat_gluon import CONFIGS, qat_fp8_gluon_gemm
 
     g = torch.Generator().manual_seed(7)
-    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    offs, x, w_nk, amax = _gluon_operands(counts, k, n, g)
     num_experts, rows = len(counts), int(offs[-1])
-    x = (torch.randn(rows + 37, k, generator=g) * 2).to(torch.bfloat16)
-    w_nk = (torch.randn(num_experts, n, k, generator=g) * torch.logspace(-3, 0, num_experts).view(-1, 1, 1)).to(
-        torch.bfloat16
-    )
-    amax = w_nk.float().abs().amax((1, 2)) * 0.9  # the largest values saturate
     x_amax = torch.rand(num_experts if per_expert else 1, generator=g) * 4 + 4
     fp8 = get_format("fp8")
     codes_ref = fp8.quantize(w_nk, amax.view(-1, 1, 1)).data
@@ -411,14 +418,8 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
     from moeq.runtime.kernels.fake_quant_act import fake_quant_act
     from moeq.runtime.kernels.qat_gluon import NVFP4_CONFIGS, qat_nvfp4_gluon_gemm
 
-    g = torch.Generator().manual_seed(11)
-    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    offs, x, w_nk, amax = _gluon_operands(counts, k, n, torch.Generator().manual_seed(11))
     num_experts, rows = len(counts), int(offs[-1])
-    x = (torch.randn(rows + 37, k, generator=g) * 2).to(torch.bfloat16)
-    w_nk = (torch.randn(num_experts, n, k, generator=g) * torch.logspace(-3, 0, num_experts).view(-1, 1, 1)).to(
-        torch.bfloat16
-    )
-    amax = w_nk.float().abs().amax((1, 2)) * 0.9  # the largest values saturate
     wq_ref = get_format("nvfp4").fake_quant(w_nk, amax.view(-1, 1, 1))
     x_fq = fake_quant_act(x.cuda(), offs.cuda(), torch.tensor([3.0], device="cuda"), "nvfp4")
     ref, magnitude = _codes_product(x_fq.cpu(), wq_ref, offs, torch.ones(num_experts, dtype=torch.float64))
@@ -600,6 +601,24 @@ def test_profiler_one_triton_kernel_per_expert_gemm(config, freeze):
     assert not [n for n in names if "fake_quant" in n or "dequant" in n or "GroupMM" in n or "grouped_mm" in n], names
 
 
+def _kernels_of_a_forward_matching_the_reference(cm, tokens) -> list[str]:
+    """The CUDA kernel names of one compiled forward (after a first, compiling one), having checked its logits
+    against the same graph with every moeq op on the CPU reference path (relative error below 2e-2)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        got = cm(tokens).logits.float()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            cm(tokens)
+            torch.cuda.synchronize()
+        with ops.reference_kernels():
+            reference = cm(tokens).logits.float()
+    rel = ((got - reference).norm() / reference.norm()).item()
+    assert rel < 2e-2, rel
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 @pytest.mark.parametrize(
     ("config", "freeze", "seq", "weight_passes", "gluon"),
     [("FP8", False, 64, 4, False), ("FP8", True, 64, 0, False), ("FP8", False, 24, 0, False),
@@ -614,8 +633,6 @@ def test_compiled_model_quantize_once_matches_cpu_reference(config, freeze, seq,
     kernel converts the weight in shared memory (no weight codes pass; its launch is the GEMM). Matches the CPU
     reference path; the profile shows exactly those launches: no fake-quantized bf16 copies, one GEMM kernel per
     expert GEMM."""
-    from torch.profiler import ProfilerActivity, profile
-
     if gluon:
         request.getfixturevalue("gluon_qat_fp8")
     else:  # the two launches (the Gluon kernel is on by default on sm_90)
@@ -625,17 +642,7 @@ def test_compiled_model_quantize_once_matches_cpu_reference(config, freeze, seq,
 
     tokens = make_tokens(batch=4, seq=seq).cuda()
     cm = _compiled_qwen(config, freeze, tokens)
-    with torch.no_grad():
-        got = cm(tokens).logits.float()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            cm(tokens)
-            torch.cuda.synchronize()
-        with ops.reference_kernels():
-            reference = cm(tokens).logits.float()
-    rel = ((got - reference).norm() / reference.norm()).item()
-    assert rel < 2e-2, rel
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = _kernels_of_a_forward_matching_the_reference(cm, tokens)
     gemm = "qat_ws_kernel" if gluon else "grouped_qmm"
     assert len([n for n in names if gemm in n]) == 4, names
     assert len([n for n in names if "fake_quant_act" in n]) == 4, names
@@ -649,8 +656,6 @@ def test_compiled_qat_nvfp4_once_matches_cpu_reference(gluon, monkeypatch):
     its activations once, then on sm_90 the Gluon kernel fake-quantizes the weight in shared memory and multiplies
     (one launch, no bf16 weight copy); with ``GLUON_QAT_NVFP4`` off, the weight's fake-quant pass and
     ``torch._grouped_mm``. Matches the CPU reference path; the profile shows those launches."""
-    from torch.profiler import ProfilerActivity, profile
-
     from moeq.runtime.kernels import grouped_qmm as launcher
 
     if gluon and torch.cuda.get_device_capability() != (9, 0):
@@ -658,17 +663,7 @@ def test_compiled_qat_nvfp4_once_matches_cpu_reference(gluon, monkeypatch):
     monkeypatch.setattr(launcher, "GLUON_QAT_NVFP4", gluon)
     tokens = make_tokens(batch=4, seq=64).cuda()
     cm = _compiled_qwen("NVFP4", False, tokens)
-    with torch.no_grad():
-        got = cm(tokens).logits.float()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            cm(tokens)
-            torch.cuda.synchronize()
-        with ops.reference_kernels():
-            reference = cm(tokens).logits.float()
-    rel = ((got - reference).norm() / reference.norm()).item()
-    assert rel < 2e-2, rel
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = _kernels_of_a_forward_matching_the_reference(cm, tokens)
     assert len([n for n in names if "fake_quant_act" in n]) == 4, names
     assert len([n for n in names if "qat_ws_kernel" in n]) == (4 if gluon else 0), names
     assert len([n for n in names if "fake_quant_experts" in n]) == (0 if gluon else 4), names
