@@ -276,8 +276,8 @@ def dequantizes_weight_first(w_mode: str, x_mode: str | None, rows: int, num_exp
 QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT = 16
 #: whether QAT NVFP4 above :data:`QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT` rows per expert multiplies with the Gluon kernel
 #: on Hopper (bf16 ``wgmma`` on NVFP4 values made in shared memory). H100, Qwen3-30B-A3B shapes at 34k rows
-#: (BENCHMARKS.md, session 34): gate_up 1.02 ms against 1.20 ms for the weight pass + ``torch._grouped_mm``, down
-#: 0.57 against 0.63 (bf16 ``torch._grouped_mm`` 0.58 / 0.34).
+#: (BENCHMARKS.md, session 34): gate_up 1.03 ms against 1.22 ms for the weight pass + ``torch._grouped_mm``, down
+#: 0.58 against 0.64 (bf16 ``torch._grouped_mm`` 0.59 / 0.35).
 GLUON_QAT_NVFP4 = True
 
 
