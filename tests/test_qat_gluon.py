@@ -1,7 +1,8 @@
-"""The warp-specialized Gluon QAT FP8 kernel without a GPU: every configuration moeq may launch compiles for sm_90
-with this Triton's compiler and ptxas and fits Hopper's shared memory without register spills; operands it cannot
-take are named; the opaque op's fake gives the output a compiled graph plans for. Its numerics run on the GPU
-(``tests/test_gpu.py::test_qat_fp8_gluon_gemm_cuda``): Gluon has no interpreter."""
+"""The warp-specialized Gluon QAT kernel (FP8 and NVFP4 forms) without a GPU: every configuration moeq may launch
+compiles for sm_90 with this Triton's compiler and ptxas and fits Hopper's shared memory without register spills;
+operands it cannot take are named; the opaque ops' fakes give the output a compiled graph plans for. Its numerics
+run on the GPU (``tests/test_gpu.py::test_qat_fp8_gluon_gemm_cuda`` and ``test_qat_nvfp4_gluon_gemm_cuda``): Gluon
+has no interpreter."""
 
 from __future__ import annotations
 
