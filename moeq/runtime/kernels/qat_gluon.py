@@ -197,12 +197,14 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BLOCK_M, BN, BK)
         w_amax = gl.load(w_amax_ptr + e)
-        g = gl.div_rn(w_amax, NVFP4_GLOBAL_DIVISOR)
-        g_fast = (g >= NVFP4_FAST_G_MIN) & (g <= NVFP4_FAST_G_MAX)
-        w_div = safe_divisor(fp8_scale(w_amax))
-        w_fast = (w_div >= FAST_DIVISOR_MIN) & (w_div <= FAST_DIVISOR_MAX)
-        w_inv = gl.div_rn(1.0, w_div)
-        w_clip = w_div * 18446744073709551616.0  # 2^64 d: clipped quotients stay finite and saturate alike
+        if NVFP4:  # the expert's global scale
+            g = gl.div_rn(w_amax, NVFP4_GLOBAL_DIVISOR)
+            g_fast = (g >= NVFP4_FAST_G_MIN) & (g <= NVFP4_FAST_G_MAX)
+        else:  # the expert's FP8 scale, its reciprocal and clip
+            w_div = safe_divisor(fp8_scale(w_amax))
+            w_fast = (w_div >= FAST_DIVISOR_MIN) & (w_div <= FAST_DIVISOR_MAX)
+            w_inv = gl.div_rn(1.0, w_div)
+            w_clip = w_div * 18446744073709551616.0  # 2^64 d: clipped quotients stay finite and saturate alike
         codes_row = e * N + pid_n * BN
         for i in range(k_tiles):
             s = it % S16
@@ -323,10 +325,10 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
 
 @gluon.jit
 def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, codes_ptr, M, N, K,
-                      NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
-                      S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr, CONV_REGS: gl.constexpr,
-                      WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
-                      NVFP4: gl.constexpr, SKIP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                  NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
+                  S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr, CONV_REGS: gl.constexpr,
+                  WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
+                  NVFP4: gl.constexpr, SKIP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Tiles are (group of up to BM + BT routed rows of one expert, n-tile); a program takes tiles ``pid``,
     ``pid + programs``, ... (one each when launched with one program per tile; persistent when launched with one per
     SM): the rows' FP8 codes times the weight tile's e4m3 codes, converted once per k-step by the converter warps;
@@ -409,8 +411,8 @@ class GluonConfig(NamedTuple):
 
     def constexprs(self, num_experts: int, write_codes: bool = False, x_per_expert: bool = False,
                    skip: int = 0) -> dict:  # fmt: skip
-        return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16, S8=self.s8, SPLIT=self.split, CONV_WARPS=self.conv_warps,
-                    CONV_REGS=self.conv_regs, WRITE_CODES=write_codes, EXACT=self.exact, X_PER_EXPERT=x_per_expert,
+        return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16, S8=self.s8,
+                    SPLIT=self.split, CONV_WARPS=self.conv_warps, CONV_REGS=self.conv_regs, WRITE_CODES=write_codes, EXACT=self.exact, X_PER_EXPERT=x_per_expert,
                     NVFP4=self.nvfp4, SKIP=skip, num_warps=self.mma_warps)  # fmt: skip
 
     def compile_for_sm90(self, x_per_expert: bool = False, num_experts: int = 128):
@@ -569,8 +571,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.
         grid = (min(tiles, _sm_count(x.device.index)) if config.persistent else tiles,)
         consts = config.constexprs(num_experts, codes is not None, x_amax.numel() > 1, skip)
         qat_ws_kernel[grid](x_desc, xt_desc, w_desc, out, offs, w_amax, x_amax,
-                                codes if codes is not None else out, m, n, k, num_experts, out.stride(0),
-                                maxnreg=config.maxnreg, **consts)  # fmt: skip
+                            codes if codes is not None else out, m, n, k, num_experts, out.stride(0),
+                            maxnreg=config.maxnreg, **consts)  # fmt: skip
 
     if config is None:
         key = (configs[0].nvfp4, num_experts, n, k, m_bucket(m, num_experts))
