@@ -387,20 +387,20 @@ def test_auto_policy_fuses_where_it_pays(cfg, freeze, mode, cases):
 
 
 def test_auto_policy_fuses_qat_nvfp4_on_cuda_at_every_size(monkeypatch):
-    """On CUDA a QAT NVFP4 x NVFP4 chain fuses at every size (above 16 rows per expert the op itself runs the
-    activation pass and the Gluon kernel, or the weight pass and ``torch._grouped_mm``); on the CPU, or with
+    """With bf16 activations on CUDA a QAT NVFP4 x NVFP4 chain fuses at every size (above 16 rows per expert the op itself runs the
+    activation pass and the Gluon kernel, or the weight pass and ``torch._grouped_mm``); elsewhere (CPU, other dtypes), or with
     ``GLUON_QAT_NVFP4`` off, only up to the in-load bound, as the compiled test above shows."""
     from moeq.lowering import inductor
     from moeq.runtime.kernels import grouped_qmm as launcher
 
     bound = FUSE_MAX_ROWS_PER_EXPERT["qat"]
     assert bound == launcher.QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT
-    assert inductor._pays("qat", "nvfp4", "nvfp4", 272 * 128, 128, cuda=True)
-    assert not inductor._pays("qat", "nvfp4", "nvfp4", 272 * 128, 128, cuda=False)
-    assert inductor._pays("qat", "nvfp4", "nvfp4", bound * 128, 128, cuda=False)
-    assert not inductor._pays("qat", "nvfp4", None, 272 * 128, 128, cuda=True)  # weight-only QAT: unchanged
+    assert inductor._pays("qat", "nvfp4", "nvfp4", 272 * 128, 128, bf16_cuda=True)
+    assert not inductor._pays("qat", "nvfp4", "nvfp4", 272 * 128, 128, bf16_cuda=False)
+    assert inductor._pays("qat", "nvfp4", "nvfp4", bound * 128, 128, bf16_cuda=False)
+    assert not inductor._pays("qat", "nvfp4", None, 272 * 128, 128, bf16_cuda=True)  # weight-only QAT: unchanged
     monkeypatch.setattr(launcher, "GLUON_QAT_NVFP4", False)
-    assert not inductor._pays("qat", "nvfp4", "nvfp4", 272 * 128, 128, cuda=True)
+    assert not inductor._pays("qat", "nvfp4", "nvfp4", 272 * 128, 128, bf16_cuda=True)
 
 
 def test_unknown_fusion_policy_is_an_error():

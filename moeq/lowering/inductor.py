@@ -21,7 +21,7 @@ quantizes the raw activation again for FP8 MMAs. Which chains fuse is a policy (
 ``"auto"`` (default) fuses a chain only where ``moeq::grouped_qmm`` measured faster than the unfused path
 (BENCHMARKS.md). The in-load kernel re-quantizes each operand tile once per output tile it feeds, CUDA-core
 work that grows with the rows per expert, so QAT NVFP4 chains fuse up to :data:`FUSE_MAX_ROWS_PER_EXPERT`
-mean routed rows per expert (decode-size batches), except QAT NVFP4 x NVFP4 on CUDA, which always fuses: above that
+mean routed rows per expert (decode-size batches), except bf16 QAT NVFP4 x NVFP4 on CUDA, which always fuses: above that
 bound the op fake-quantizes the activations once and multiplies with the Gluon kernel on sm_90 (the weight
 fake-quantized in shared memory), elsewhere with the unfused path's kernels
 (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_nvfp4_once`). FP8 x FP8 chains (QAT FP8, deploy W8A8) always fuse: above
@@ -138,14 +138,14 @@ def fusion_enabled() -> bool:
     return _POLICY != "never"
 
 
-def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int, cuda: bool = True) -> bool:
-    """Whether policy ``auto`` fuses a chain over ``rows`` routed rows (symbolic rows: deploy, FP8 x FP8 and, on
-    CUDA, QAT NVFP4 x NVFP4)."""
+def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int, bf16_cuda: bool = True) -> bool:
+    """Whether policy ``auto`` fuses a chain over ``rows`` routed rows (symbolic rows: deploy, FP8 x FP8 and, with
+    bf16 activations on CUDA, QAT NVFP4 x NVFP4)."""
     if mode == "deploy" or (w_fmt == "fp8" and x_fmt == "fp8"):
         # deploy: the unfused path (dequant kernel + torch._grouped_mm) measured slower at every size (1.04-1.11x
         # at 34k rows, 3.1-3.6x at 4k); FP8 x FP8 quantizes once at large sizes (quantizes_once)
         return True
-    if cuda and mode == "qat" and w_fmt == "nvfp4" and x_fmt == "nvfp4" and _gluon_qat_nvfp4():
+    if bf16_cuda and mode == "qat" and w_fmt == "nvfp4" and x_fmt == "nvfp4" and _gluon_qat_nvfp4():
         # above the in-load bound the op fake-quantizes x once and multiplies with the Gluon kernel on sm_90 (1.10-1.18x
         # the unfused path at 34k rows), elsewhere with the unfused path's own kernels (quantizes_nvfp4_once)
         return True
@@ -340,7 +340,8 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
         return None
     rows = _val(x).shape[0] * _val(x).shape[1] if batched else _val(x).shape[0]
     x_fmt_paid = "fp8" if x_fmt == "fp8_token" else x_fmt
-    if _POLICY == "auto" and not _pays(mode, w_fmt, x_fmt_paid, rows, w_val.shape[0], w_val.device.type == "cuda"):
+    bf16_cuda = _val(x).is_cuda and _val(x).dtype == torch.bfloat16
+    if _POLICY == "auto" and not _pays(mode, w_fmt, x_fmt_paid, rows, w_val.shape[0], bf16_cuda):
         logger.info("moeq: %s %s GEMM over %s rows left unfused (faster there)", mode, w_fmt, rows)
         return None
     if mode == "qat":

@@ -876,7 +876,8 @@ def grouped_qmm(
     weight would get its own pass, on sm_90 up to :data:`GLUON_ROWS_PER_EXPERT` mean rows per expert, the Gluon
     kernel (:mod:`moeq.runtime.kernels.qat_gluon`) converts it in shared memory instead: two launches. Every
     choice gives the same products (the codes are formats' FP8 ``quantize``). QAT NVFP4 (both operands) above
-    :data:`QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT` mean rows per expert (``quantize_once`` None, or True) fake-quantizes
+    :data:`QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT` mean rows per expert (``quantize_once`` None, or True; bf16 on CUDA)
+    fake-quantizes
     the activations once, then multiplies with the Gluon kernel on sm_90 (:data:`GLUON_QAT_NVFP4`), else runs the
     weight's fake-quant pass and ``torch._grouped_mm``; the same operand values, multiplied in fp32.
     """
@@ -941,14 +942,13 @@ def grouped_qmm(
         if w_mode == "fake_fp8" and weight_once and not WEIGHT_PASS_IN_GEMM:
             w = fake_quant_experts(w, w_scale, "fp8", 1, codes=True, wrap=wrap)
             w_scale, w_mode = get_format("fp8").scale_from_amax(w_scale), "fp8"
-    if nvfp4_once and w_mode == "fake_nvfp4" and x_mode == "nvfp4" and x.is_cuda and config is None:
+    bf16_cuda = x.is_cuda and x.dtype == torch.bfloat16  # the Gluon kernel and torch._grouped_mm take bf16
+    if nvfp4_once and w_mode == "fake_nvfp4" and x_mode == "nvfp4" and bf16_cuda and config is None:
         x = fake_quant_act(x, offs, x_amax, "nvfp4", wrap=wrap)
-        if caller_out is None and x.dtype == torch.bfloat16 and gluon_takes(x, w, w_scale, None, nvfp4=True):
+        if caller_out is None and gluon_takes(x, w, w_scale, None, nvfp4=True):
             return gluon_gemm(x, w, offs, w_scale, None, out, wrap, nvfp4=True)
-        if x.dtype == torch.bfloat16:
-            product = qat_nvfp4_weight_pass_gemm(x, w, offs, w_scale, wrap)
-            return product if caller_out is None else out.copy_(product)
-        x_mode = None  # torch._grouped_mm takes bf16 only: the kernel multiplies the fake-quantized rows as they are
+        product = qat_nvfp4_weight_pass_gemm(x, w, offs, w_scale, wrap)
+        return product if caller_out is None else out.copy_(product)
     if per_token and x_amax is None:  # in the load path: the kernel quantizes each row with its amax
         x_amax = row_amax(x, wrap=wrap)
     fp8_bits = torch.uint8 if interpreting() else torch.float8_e4m3fn
