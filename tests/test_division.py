@@ -148,3 +148,53 @@ def test_clipped_markstein_quotient_gives_the_e4m3_value_of_the_ieee_quotient():
         same = (got == want) | (got.isnan() & want.isnan())
         assert same.all(), (float(s), x[~same][:5].tolist(), got[~same][:5].tolist(), want[~same][:5].tolist())
     assert torch.isnan(clipped_quotient(torch.tensor([float("nan")]), torch.tensor(0.5))).all()
+
+
+def _e4m3_block_scale(quotient: torch.Tensor) -> torch.Tensor:
+    """The spec's e4m3 block scale from the quotient ``a_b / (6 g)``: 1 for a zero quotient, at least 2^-9."""
+    s = torch.where(quotient == 0, torch.ones_like(quotient), quotient)
+    return torch.maximum(s, torch.tensor(2.0**-9)).clamp(max=448).to(torch.float8_e4m3fn).float()
+
+
+def test_nvfp4_block_scale_by_markstein_quotient():
+    """The block scale's division ``a_b / (6 g)`` by Markstein's quotient (``numerics.nvfp4_block_scale`` with
+    ``FAST``): for every finite bf16 block amax, +inf, and random fp32 ones, over global scales across the fast range
+    [2^-40, 2^40], the e4m3 scale equals the IEEE quotient's, and the quotient is zero exactly where IEEE's is (a
+    zero block takes scale 1, a tiny one 2^-9)."""
+    gen = torch.Generator().manual_seed(6)
+    amax = torch.cat([_all_bf16().abs().unique(), torch.tensor([float("inf")]),
+                      (torch.randn(200_000, generator=gen) * torch.exp(torch.randn(200_000, generator=gen) * 8)).abs()])  # fmt: skip
+    globals_ = torch.cat([torch.tensor([2.0**-40, 2.0**40, 1.0]), 2.0 ** (torch.rand(12, generator=gen) * 80 - 40)])
+    for g in globals_.float():
+        six_g = 6.0 * g
+        truth = amax / six_g
+        fast = guarded_quotient(amax, six_g)
+        assert torch.equal(fast == 0, truth == 0), float(g)
+        assert torch.equal(_e4m3_block_scale(fast), _e4m3_block_scale(truth)), float(g)
+
+
+def nvfp4_operand_codes(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The E2M1 value ``numerics.fake_quant_nvfp4_operand`` takes from ``x / d``: x clipped to ``+-RN(6 d)``,
+    Markstein's q1 (exact emulation), then the magic-number rounding of the signed quotient in fp32."""
+    bound = d * 6.0
+    q = markstein_quotient(torch.minimum(torch.maximum(x, -bound), bound), d)[1]
+    unit = (q.abs().clamp(min=1.0).view(torch.int32) & -8388608).view(torch.float32)
+    magic = unit * 6291456.0
+    return (q + magic) - magic
+
+
+def test_nvfp4_operand_path_gives_the_e2m1_value_of_the_ieee_quotient():
+    """Every finite bf16 value and +-inf divided by NVFP4 block divisors ``d = RN(s_b g)`` over the fast range (as in
+    the fast path's test above, x independent of d, so far beyond the block's saturation too): the operand path's
+    E2M1 value equals ``e2m1_round(x / d)`` of torch's IEEE division, compared as values (a zero's sign may
+    differ)."""
+    x = torch.cat([_all_bf16(), torch.tensor([float("inf"), -float("inf")])])
+    gen = torch.Generator().manual_seed(7)
+    globals_ = torch.cat([torch.tensor([2.0**-40, 2.0**40, 1.0]), 2.0 ** (torch.rand(5, generator=gen) * 80 - 40)])
+    block_scales = _e4m3_values_in(2.0**-9, 448.0)
+    for g in globals_.float():
+        for s_b in block_scales[torch.randperm(block_scales.numel(), generator=gen)[:12]]:
+            d = s_b * g
+            want = e2m1_round(x / d)
+            got = nvfp4_operand_codes(x, d)
+            assert torch.equal(got, want), (float(g), float(s_b), x[got != want][:5].tolist())

@@ -410,9 +410,10 @@ def test_qat_fp8_gluon_gemm_cuda(counts, k, n, per_expert):
 )
 def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
     """The Gluon kernel in QAT NVFP4 form: the weight values it makes in shared memory (of experts with rows) equal
-    formats' NVFP4 ``fake_quant`` (CPU) bit for bit, blocks with a saturating value included; its output, from bf16
-    ``wgmma`` of those values and the fake-quantized activations, is within the fp32 accumulation bound of their
-    float64 product, for every configuration of ``NVFP4_CONFIGS`` and the tuned choice; unrouted rows are zero."""
+    formats' NVFP4 ``fake_quant`` (CPU), blocks with a saturating value included: as values for the operand path
+    of ``NVFP4_CONFIGS`` (a zero's sign is not kept) and bit for bit with the exact converter (``exact=1``); its
+    output, from bf16 ``wgmma`` of those values and the fake-quantized activations, is within the fp32 accumulation
+    bound of their float64 product, for every configuration and the tuned choice; unrouted rows are zero."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernel needs sm_90")
     from moeq.runtime.kernels.fake_quant_act import fake_quant_act
@@ -424,11 +425,14 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
     x_fq = fake_quant_act(x.cuda(), offs.cuda(), torch.tensor([3.0], device="cuda"), "nvfp4")
     ref, magnitude = _codes_product(x_fq.cpu(), wq_ref, offs, torch.ones(num_experts, dtype=torch.float64))
     routed = torch.tensor(counts) > 0
-    for config in (*NVFP4_CONFIGS, None):
+    for config in (*NVFP4_CONFIGS, NVFP4_CONFIGS[0]._replace(exact=1), None):
         codes = torch.zeros(num_experts, n, k, dtype=torch.bfloat16, device="cuda")
         got = qat_nvfp4_gluon_gemm(x_fq, w_nk.cuda().transpose(1, 2), offs.cuda(), amax.cuda(), config=config,
                                    codes=codes)  # fmt: skip
-        assert_same_bits(codes.cpu()[routed], wq_ref[routed])
+        if config is not None and config.exact == 1:
+            assert_same_bits(codes.cpu()[routed], wq_ref[routed])
+        else:
+            assert torch.equal(codes.cpu()[routed], wq_ref[routed]), config
         err = (got.cpu().double() - ref).abs()
         assert (err <= 2.0**-8 * magnitude + 2.0**-8 * ref.abs() + 1e-30).all(), config  # sums, then bf16
         assert not got[rows:].any(), config
@@ -831,6 +835,28 @@ def test_fake_quant_every_bf16_value_cuda(fmt):
     bad = (got.view(torch.int16) != want.view(torch.int16)).nonzero().tolist()
     examples = [(amax[e].item(), w[e, r, c].item(), got[e, r, c].item(), want[e, r, c].item()) for e, r, c in bad[:5]]
     assert not bad, f"{len(bad)} elements differ (amax, x, got, want): {examples}"
+
+
+def test_nvfp4_operand_values_cuda():
+    """numerics.fake_quant_nvfp4_operand on the GPU (the Gluon QAT NVFP4 converter's MMA operand, with the
+    ``rcp.approx`` reciprocal): formats' NVFP4 values, signed zeros aside, on every bf16 value, blocks spanning the
+    fp32 range, NaN and inf."""
+    from tests.numerics_kernels import check_nvfp4_operand_values
+
+    check_nvfp4_operand_values("cuda")
+
+
+def test_reciprocal_is_div_rn_for_every_significand_cuda():
+    """numerics.reciprocal (``rcp.approx`` and two Newton steps, no branch) equals ``div_rn(1, d)`` bit for bit for
+    every fp32 significand at exponents across the NVFP4 fast range of block divisors (2^-49 to 2^49)."""
+    from tests.numerics_kernels import reciprocal_and_div_rn
+
+    significands = torch.arange(1 << 23, dtype=torch.int32, device="cuda")
+    for exponent in (-49, -40, -9, -1, 0, 1, 8, 40, 48):
+        d = ((exponent + 127) << 23 | significands).view(torch.float32)
+        got, want = reciprocal_and_div_rn(d)
+        differ = got.view(torch.int32) != want.view(torch.int32)
+        assert not differ.any(), (exponent, d[differ][:5].tolist(), got[differ][:5].tolist())
 
 
 def test_nvfp4_negative_values_far_below_their_block_cuda():

@@ -17,6 +17,15 @@ gluon_module = pytest.importorskip("moeq.runtime.kernels.qat_gluon", reason="thi
 HOPPER_SHARED_BYTES = 232448
 
 
+def assert_wgmma_pipelined(kernel) -> None:
+    """ptxas kept the MMA partition's wgmmas in flight: the SASS waits for all of them (``WARPGROUP.DEPBAR.LE gsb0,
+    0x0``) only after each branch's k-loop, two in all. Serialized, it waits after every wgmma (ptxas's C7514 /
+    C7515 notes, which an accumulator copied across a branch once caused)."""
+    from triton.tools.disasm import get_sass
+
+    assert get_sass(kernel.asm["cubin"]).count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2
+
+
 #: the kernels ``tuned_config`` chooses from (a persistent configuration launches the same kernel on fewer programs)
 KERNELS = sorted({config._replace(persistent=False) for config in gluon_module.CONFIGS})
 
@@ -26,8 +35,9 @@ KERNELS = sorted({config._replace(persistent=False) for config in gluon_module.C
 def test_every_config_compiles_for_sm90(config, num_experts, tmp_path, monkeypatch):
     """Each configuration ``tuned_config`` chooses from: shared memory within Hopper's 227 KB, the converter's
     e4m3 conversions and the MMA partition's FP8 wgmma in the PTX, one register budget per warp role
-    (``setmaxnreg``), nothing spilled to local memory, and the exact quotient (no reciprocal-only variant); with
-    up to 128 experts and with 256 (DeepSeek-V3: every partition scans the offsets of all experts)."""
+    (``setmaxnreg``), nothing spilled to local memory, the exact quotient (no reciprocal-only variant), and wgmmas
+    not serialized; with up to 128 experts and with 256 (DeepSeek-V3: every partition scans the offsets of all
+    experts)."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = config.compile_for_sm90(x_per_expert=True, num_experts=num_experts)
     ptx = kernel.asm["ptx"]
@@ -38,13 +48,14 @@ def test_every_config_compiles_for_sm90(config, num_experts, tmp_path, monkeypat
     assert "fma.rn.f32" in ptx  # Markstein's quotient
     assert "setmaxnreg" in ptx
     assert "st.local" not in ptx
+    assert_wgmma_pipelined(kernel)
 
 
 @pytest.mark.parametrize("config", sorted({c._replace(persistent=False) for c in gluon_module.NVFP4_CONFIGS}),
                          ids=lambda c: c.name)  # fmt: skip
 def test_every_nvfp4_config_compiles_for_sm90(config, tmp_path, monkeypatch):
     """The QAT NVFP4 form: within Hopper's shared memory, bf16 wgmma, Markstein's quotient and the e4m3 block
-    scales' conversion in the converter, one register budget per role, nothing spilled."""
+    scales' conversion in the converter, one register budget per role, nothing spilled, wgmmas not serialized."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = config.compile_for_sm90()
     ptx = kernel.asm["ptx"]
@@ -53,6 +64,7 @@ def test_every_nvfp4_config_compiles_for_sm90(config, tmp_path, monkeypatch):
     assert "fma.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert "setmaxnreg" in ptx
     assert "st.local" not in ptx
+    assert_wgmma_pipelined(kernel)
 
 
 def test_unsupported_operands_are_named():

@@ -268,6 +268,15 @@ def test_nvfp4_negative_values_far_below_their_block():
     assert expected.signbit().any() and not expected[w < 0].signbit().all()
 
 
+def test_nvfp4_operand_values():
+    """numerics.fake_quant_nvfp4_operand (the Gluon QAT NVFP4 converter's MMA operand): formats' NVFP4 values,
+    signed zeros aside, on every bf16 value, blocks spanning the fp32 range, NaN and inf (fast quotients where
+    the interpreter's fma rounds once)."""
+    from tests.numerics_kernels import check_nvfp4_operand_values
+
+    check_nvfp4_operand_values("cpu")
+
+
 # ---- dequant_stored_weight: moeq::dequant_weight's CUDA kernel (the unfused deploy path)
 
 

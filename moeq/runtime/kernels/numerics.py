@@ -130,13 +130,25 @@ def fast_division_ok(divisor, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def markstein_quotient(x, divisor):
+def markstein_quotient(x, divisor, y):
     """``(q0, q1)``: ``q0 = RN(x y)`` and Markstein's ``q1 = fma(fma(-q0, d, x), y, q0)`` with ``y = RN(1/d)``
     (once per divisor: scalars and per-block divisors broadcast). ``-d`` is formed on the divisor: Triton
     compiles ``-q0`` as ``0 - q0``, which LLVM contracts into one more per-element fma."""
-    y = tl.math.div_rn(1.0, divisor)
     q0 = x * y
     return q0, tl.fma(tl.fma(q0, divisor * -1.0, x), y, q0)
+
+
+@triton.jit
+def divide_by_reciprocal(x, divisor, y, FAST):
+    """:func:`divide` with the fast path's reciprocal ``y = RN(1 / divisor)`` computed by the caller (once per
+    tile where the divisor is a tile's scalar)."""
+    if FAST:
+        q0, q1 = markstein_quotient(x, divisor, y)
+        q = tl.where(tl.abs(q0) < 1.8446744073709552e19, q1, q0)
+        out = tl.where(q == 0.0, x * 0.0, q)
+    else:
+        out = tl.math.div_rn(x, divisor)
+    return out
 
 
 @triton.jit
@@ -148,13 +160,7 @@ def divide(x, divisor, FAST):
     the same e4m3 / E2M1 code everywhere (``tests/test_division.py`` checks this with exact emulation). Else
     ``div_rn``.
     """
-    if FAST:
-        q0, q1 = markstein_quotient(x, divisor)
-        q = tl.where(tl.abs(q0) < 1.8446744073709552e19, q1, q0)
-        out = tl.where(q == 0.0, x * 0.0, q)
-    else:
-        out = tl.math.div_rn(x, divisor)
-    return out
+    return divide_by_reciprocal(x, divisor, tl.math.div_rn(1.0, divisor), FAST)
 
 
 @triton.jit
@@ -195,10 +201,38 @@ def fake_quant_fp8(x, amax, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def nvfp4_block_scale(block_amax, g, INTERPRET: tl.constexpr):
+def reciprocal(d, INTERPRET: tl.constexpr):
+    """``RN(1 / d)`` for a normal ``d`` whose reciprocal is normal (the NVFP4 fast range's block divisors, ``2^-49``
+    to ``2^49``), with no branch: ``rcp.approx`` then two Newton-Raphson steps in fma, the sequence ``div.rn``'s
+    fast path runs before its range check and slow-path call, which a per-block reciprocal would otherwise pay for
+    on every block. ``tests/test_gpu.py`` checks it against ``div_rn`` for every fp32 significand at exponents across
+    that range. Under the interpreter, ``div_rn``."""
+    if INTERPRET:
+        return tl.math.div_rn(1.0, d)
+    else:
+        y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [d], dtype=tl.float32, is_pure=True,
+                                      pack=1)  # fmt: skip
+        minus_d = d * -1.0
+        y = tl.fma(tl.fma(minus_d, y, 1.0), y, y)
+        return tl.fma(tl.fma(minus_d, y, 1.0), y, y)
+
+
+@triton.jit
+def nvfp4_block_divisor(g):
+    """``(6 g, RN(1 / (6 g)))``: the divisor of the block scales (a zero ``g`` divides by 6) and its reciprocal,
+    which :func:`nvfp4_block_scale` takes so that a kernel computes them once per global scale."""
+    six_g = 6.0 * safe_divisor(g)
+    return six_g, tl.math.div_rn(1.0, six_g)
+
+
+@triton.jit
+def nvfp4_block_scale(block_amax, g, six_g, inv_six_g, FAST, INTERPRET: tl.constexpr):
     """e4m3 block scale ``clamp(a_b / (6 g), 2^-9, 448)``, 1.0 for a zero block or zero ``g``; NaN for a
-    block holding a NaN (``block_amax`` NaN), as the spec's clamp keeps it."""
-    s = tl.math.div_rn(block_amax, 6.0 * safe_divisor(g))
+    block holding a NaN (``block_amax`` NaN), as the spec's clamp keeps it. ``six_g, inv_six_g`` from
+    :func:`nvfp4_block_divisor`. ``FAST`` (``g`` in the fast range): Markstein's quotient by ``6 g``
+    (:func:`divide_by_reciprocal`: the same e4m3 scale as the IEEE quotient, and zero exactly where it is zero,
+    ``tests/test_division.py``), with no per-block division."""
+    s = divide_by_reciprocal(block_amax, six_g, inv_six_g, FAST)
     s = tl.where(s == 0.0, 1.0, tl.where(g == 0.0, 1.0, s))
     return e4m3_codes(max_keeping_nan(s, NVFP4_SCALE_MIN), INTERPRET).to(tl.float32)
 
@@ -230,15 +264,59 @@ def fake_quant_nvfp4_blocks(blocks, g, FAST, INTERPRET: tl.constexpr):
     per-block scale.
     """
     block_amax = tl.reduce(tl.abs(blocks), 2, max_keeping_nan, keep_dims=True)
-    scale = nvfp4_block_scale(block_amax, g, INTERPRET) * g
+    six_g, inv_six_g = nvfp4_block_divisor(g)
+    scale = nvfp4_block_scale(block_amax, g, six_g, inv_six_g, FAST, INTERPRET) * g
     d = safe_divisor(scale)
     if FAST:
-        q = markstein_quotient(blocks, d)[1]
+        y = reciprocal(d, INTERPRET)
+        q0 = blocks * y
+        q = tl.fma(tl.fma(q0, d * -1.0, blocks), y, q0)
         negative = blocks * _TWO_75 < d * -_TWO_MINUS_75
     else:
         q = tl.math.div_rn(blocks, d)
         negative = q < 0
     return e2m1_grid(min_number(tl.abs(q), 6.0, INTERPRET)) * negate_where(negative, scale)
+
+
+@triton.jit
+def block_amax16(blocks):
+    """``max |x|`` over the last axis of ``blocks [P, B, 16]`` (kept as ``[P, B, 1]``), NaN propagating, as a tree of
+    pairwise maxima: four dependent steps instead of a reduction's chain of fifteen."""
+    P: tl.constexpr = blocks.shape[0]
+    B: tl.constexpr = blocks.shape[1]
+    a = tl.abs(blocks)
+    lo, hi = tl.split(tl.reshape(a, [P, B, 8, 2]))
+    lo, hi = tl.split(tl.reshape(max_keeping_nan(lo, hi), [P, B, 4, 2]))
+    lo, hi = tl.split(tl.reshape(max_keeping_nan(lo, hi), [P, B, 2, 2]))
+    lo, hi = tl.split(tl.reshape(max_keeping_nan(lo, hi), [P, B, 1, 2]))
+    return max_keeping_nan(lo, hi)
+
+
+@triton.jit
+def fake_quant_nvfp4_operand(blocks, block_amax, g, six_g, inv_six_g, FAST, INTERPRET: tl.constexpr):
+    """:func:`fake_quant_nvfp4_blocks` for an MMA operand: the same values except that a zero keeps no sign (the
+    spec's ``-0`` for a negative ``x`` whose code is zero comes out ``+0``, which changes no dot product that starts
+    from ``+0``), in about two thirds of the instructions. With ``FAST``: ``x`` is first clipped to ``+-RN(6 d)``
+    (the quotient then saturates at the E2M1 maximum without an overflow), Markstein's quotient by the block's
+    reciprocal, and :func:`e2m1_grid`'s magic-number rounding applied to the signed quotient (the grid is symmetric,
+    so the sign needs no test and no select). ``tests/test_division.py`` checks the values against the IEEE
+    quotient's for every bf16 value over the fast range. ``block_amax``: :func:`block_amax16` of ``blocks`` (a Gluon
+    caller converts its layout back to the blocks'); ``six_g, inv_six_g``: :func:`nvfp4_block_divisor` of ``g``,
+    computed once per global scale. Else :func:`fake_quant_nvfp4_blocks`."""
+    if FAST:
+        scale = nvfp4_block_scale(block_amax, g, six_g, inv_six_g, FAST, INTERPRET) * g
+        d = safe_divisor(scale)
+        y = reciprocal(d, INTERPRET)
+        bound = d * 6.0
+        clipped = min_number(tl.maximum(blocks, bound * -1.0), bound, INTERPRET)
+        q0 = clipped * y
+        q = tl.fma(tl.fma(q0, d * -1.0, clipped), y, q0)
+        unit = (tl.maximum(tl.abs(q), 1.0).to(tl.int32, bitcast=True) & -8388608).to(tl.float32, bitcast=True)
+        magic = unit * _E2M1_MAGIC
+        out = ((q + magic) - magic) * scale
+    else:
+        out = fake_quant_nvfp4_blocks(blocks, g, False, INTERPRET)
+    return out
 
 
 @triton.jit

@@ -21,17 +21,22 @@ emulation).
 Its limit is the TMA traffic of the activation codes, which every n-tile reads again, so the tile that wins is 128
 wide, with 8 MMA warps as two warpgroups side by side along N. Every role loops over tiles, so the kernel also runs
 persistent (one program per SM): the loader and the converter fill the rings for the next tile while the MMA warps
-store the last, which down's short K loop (12 k-steps) needs. H100, Qwen3-30B-A3B at 34k rows (BENCHMARKS.md,
-session 34): gate_up 0.57 ms against 0.75 ms for the two launches (bf16 ``torch._grouped_mm`` 0.58), down 0.35
-against 0.42 (0.34).
+store the last, which down's short K loop (12 k-steps) needs. Each branch of the MMA partition (groups with and
+without tail rows) holds its own accumulators: one live across the other branch's loop is copied at its back edge,
+and ptxas then serializes every ``wgmma`` of the kernel (its C7514 / C7515 notes; session 35). H100, Qwen3-30B-A3B
+at 34k rows (BENCHMARKS.md, session 35): gate_up 0.55 ms against 1.18 ms for the unfused path (bf16
+``torch._grouped_mm`` 0.58), down 0.34 against 0.62 (0.35).
 
 The QAT NVFP4 form (``NVFP4`` constexpr, :func:`qat_nvfp4_gluon_gemm`): Hopper has no FP4 MMA and an NVFP4 value
 (E2M1 times an e4m3 block scale) is not an e4m3 value, so the activations arrive fake-quantized in bf16 (their own
-pass), the converter writes the weight's fake-quantized bf16 values (``numerics.fake_quant_nvfp4_blocks``: a thread
-holds whole 16-blocks along K) and the MMA is bf16 ``wgmma``. Its converter is the limit there (about 2.5x FP8's
-instructions per element; more converter warps leave the MMA warps too few registers): H100, 34k rows (session
-34), gate_up 1.03 ms against 1.22 ms for the weight pass + ``torch._grouped_mm``, down 0.58 against 0.64 (bf16
-0.59 / 0.35).
+pass), the converter writes the weight's fake-quantized bf16 values and the MMA is bf16 ``wgmma``. The converter
+(``exact=2``) takes the operand form ``numerics.fake_quant_nvfp4_operand``: formats' values (a zero's sign aside,
+which no dot product from ``+0`` sees) in about two thirds of the exact form's instructions; it reads the bf16 tile
+as 32-bit words, and a thread holds two whole 16-blocks along K per pass. ``exact=1`` is the bit-for-bit form
+(``numerics.fake_quant_nvfp4_blocks``, the tests' and the probe's reference). H100, 34k rows (session 35): gate_up
+0.83-0.89 ms against 1.19-1.20 ms for the weight pass + ``torch._grouped_mm`` (bf16 0.56-0.58), down 0.49-0.50
+against 0.63 (0.33-0.35). Alone, the loads take 0.43 / 0.26 ms (every n-tile reads the bf16 activations again), so
+0.9x bf16 is out of reach with bf16 MMAs.
 
 Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
 this kernel, and :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` then keeps the two launches (NVFP4: the
@@ -68,10 +73,13 @@ from moeq.runtime.kernels.numerics import (
     NVFP4_FAST_G_MAX,
     NVFP4_FAST_G_MIN,
     NVFP4_GLOBAL_DIVISOR,
+    block_amax16,
     divide,
     fake_quant_nvfp4_blocks,
+    fake_quant_nvfp4_operand,
     fp8_scale,
     lean_quotient,
+    nvfp4_block_divisor,
     safe_divisor,
 )
 
@@ -89,6 +97,20 @@ __all__ = [
 
 #: TMA global-to-shared copy (renamed ``async_load`` after Triton 3.6; same arguments)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def _words_public(tile, shape: gl.constexpr, layout: gl.constexpr):
+    return tile.reinterpret(gl.int32, shape, layout)
+
+
+@gluon.jit
+def _words_private(tile, shape: gl.constexpr, layout: gl.constexpr):
+    return tile._reinterpret(gl.int32, shape, layout)
+
+
+#: a shared-memory tile viewed as 32-bit words (``_reinterpret`` in Triton 3.6, ``reinterpret`` later)
+_as_words = _words_public if hasattr(gl.shared_memory_descriptor, "reinterpret") else _words_private
 
 
 @gluon.jit
@@ -192,6 +214,10 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
     PART: gl.constexpr = BN // SPLIT
     VEC: gl.constexpr = 16 if NVFP4 else 8  # NVFP4: a thread holds whole 16-blocks
     L: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // (BK // VEC), BK // VEC], [gl.num_warps(), 1], [1, 0])
+    # NVFP4's operand converter reads the bf16 tile as 32-bit words, two values each (a shift and a mask make them
+    # fp32: one instruction a value instead of the conversion's one and a half)
+    L32: gl.constexpr = gl.BlockedLayout([1, VEC // 2], [32 // (BK // VEC), BK // VEC], [gl.num_warps(), 1], [1, 0])
+    W32: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK // 2], gl.int32)
     total = _group_count(offs_ptr, M, NUM_EXPERTS, E_POW2, BLOCK_M) * gl.cdiv(N, BN)
     it = 0
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
@@ -200,6 +226,7 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
         if NVFP4:  # the expert's global scale
             g = gl.div_rn(w_amax, NVFP4_GLOBAL_DIVISOR)
             g_fast = (g >= NVFP4_FAST_G_MIN) & (g <= NVFP4_FAST_G_MAX)
+            six_g, inv_six_g = nvfp4_block_divisor(g)
         else:  # the expert's FP8 scale, its reciprocal and clip
             w_div = safe_divisor(fp8_scale(w_amax))
             w_fast = (w_div >= FAST_DIVISOR_MIN) & (w_div <= FAST_DIVISOR_MAX)
@@ -212,16 +239,27 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
             mbarrier.wait(r16.index(s), (it // S16) & 1)
             mbarrier.wait(e8.index(t), ((it // S8) & 1) ^ 1)
             for h in gl.static_range(SPLIT if SKIP % 2 == 0 else 0):
-                v = w16.index(s).slice(h * PART, PART, dim=0).load(L).to(gl.float32)
-                if NVFP4:
-                    q = fake_quant_nvfp4_blocks(v.reshape([PART, BK // 16, 16]), g, g_fast, False)
+                if NVFP4 and EXACT == 2:  # the MMA operand's values (a zero's sign not kept)
+                    words = _as_words(w16.index(s), [BN, BK // 2], W32)
+                    words = words.slice(h * PART, PART, dim=0).load(L32)
+                    v = gl.join((words << 16).to(gl.float32, bitcast=True),
+                                (words & -65536).to(gl.float32, bitcast=True))  # fmt: skip
+                    b = v.reshape([PART, BK // 16, 16])
+                    block_amax = gl.convert_layout(block_amax16(b), b.type.layout)
+                    q = fake_quant_nvfp4_operand(b, block_amax, g, six_g, inv_six_g, g_fast, False)
                     q = gl.convert_layout(q.reshape([PART, BK]), L).to(gl.bfloat16)
-                elif EXACT == 1:
-                    q = divide(v, w_div, w_fast).to(gl.float8e4nv, fp_downcast_rounding="rtne")
-                elif EXACT == 2:
-                    q = lean_quotient(v, w_div, w_inv, w_clip, w_fast).to(gl.float8e4nv, fp_downcast_rounding="rtne")
-                else:  # the probe's ceiling: one multiply by the reciprocal (not the spec's division)
-                    q = (v * w_inv).to(gl.float8e4nv, fp_downcast_rounding="rtne")
+                else:
+                    v = w16.index(s).slice(h * PART, PART, dim=0).load(L).to(gl.float32)
+                    if NVFP4:  # bit for bit
+                        q = fake_quant_nvfp4_blocks(v.reshape([PART, BK // 16, 16]), g, g_fast, False)
+                        q = gl.convert_layout(q.reshape([PART, BK]), L).to(gl.bfloat16)
+                    elif EXACT == 1:
+                        q = divide(v, w_div, w_fast).to(gl.float8e4nv, fp_downcast_rounding="rtne")
+                    elif EXACT == 2:
+                        q = lean_quotient(v, w_div, w_inv, w_clip, w_fast).to(gl.float8e4nv,
+                                                                              fp_downcast_rounding="rtne")  # fmt: skip
+                    else:  # the probe's ceiling: one multiply by the reciprocal (not the spec's division)
+                        q = (v * w_inv).to(gl.float8e4nv, fp_downcast_rounding="rtne")
                 c8.index(t).slice(h * PART, PART, dim=0).store(q)
                 if WRITE_CODES:
                     r = codes_row + h * PART + gl.arange(0, PART, layout=gl.SliceLayout(1, L))
@@ -273,8 +311,14 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BM + BT, BN, BK)
         has_tail = row_end - row_start > BM
-        acc = gl.zeros([BM, BN], gl.float32, layout)
-        acc_t = gl.zeros([BT, BN], gl.float32, layout)
+        if NVFP4:  # both operands hold their fake-quantized values
+            scale = 1.0
+        elif X_PER_EXPERT:
+            scale = fp8_scale(gl.load(x_amax_ptr + e)) * fp8_scale(gl.load(w_amax_ptr + e))
+        else:
+            scale = fp8_scale(gl.load(x_amax_ptr)) * fp8_scale(gl.load(w_amax_ptr + e))
+        # each branch holds its own accumulators up to its stores: an accumulator live across the other branch's
+        # loop is copied at its back edge, and ptxas then serializes every wgmma of the kernel (C7514 / C7515)
         if SKIP >= 2:  # a probe's decomposition: the barriers only
             for _i in range(k_tiles):
                 mbarrier.wait(rx.index(it % SX), (it // SX) & 1)
@@ -282,7 +326,11 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
                 mbarrier.arrive(ex.index(it % SX))
                 mbarrier.arrive(e8.index(it % S8))
                 it += 1
+            acc = gl.zeros([BM, BN], gl.float32, layout)
+            _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale, BM, BN, gl.num_warps(), INSTR_K)
         elif has_tail:
+            acc = gl.zeros([BM, BN], gl.float32, layout)
+            acc_t = gl.zeros([BT, BN], gl.float32, layout)
             for i in range(k_tiles):
                 sx = it % SX
                 t = it % S8
@@ -292,10 +340,15 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
                 acc = warpgroup_mma(x8.index(sx), b, acc, is_async=True)
                 acc_t = warpgroup_mma(xt8.index(sx), b, acc_t, is_async=True)
                 acc, acc_t = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_t))
-                mbarrier.arrive(ex.index((it + SX - 1) % SX), pred=i > 0)  # step it - 1's MMAs are done
-                mbarrier.arrive(e8.index((it + S8 - 1) % S8), pred=i > 0)
+                _release_step(ex, e8, it - 1, i > 0)  # step it - 1's MMAs are done
                 it += 1
+            acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
+            _release_step(ex, e8, it - 1, k_tiles > 0)  # the tile's last step
+            _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale, BM, BN, gl.num_warps(), INSTR_K)
+            _store_rows(out_ptr, acc_t, row_start + BM, row_end, pid_n, N, stride_om, scale, BT, BN, gl.num_warps(),
+                        INSTR_K)  # fmt: skip
         else:
+            acc = gl.zeros([BM, BN], gl.float32, layout)
             for i in range(k_tiles):
                 sx = it % SX
                 t = it % S8
@@ -303,24 +356,20 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
                 mbarrier.wait(r8.index(t), (it // S8) & 1)
                 acc = warpgroup_mma(x8.index(sx), c8.index(t).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-                mbarrier.arrive(ex.index((it + SX - 1) % SX), pred=i > 0)
-                mbarrier.arrive(e8.index((it + S8 - 1) % S8), pred=i > 0)
+                _release_step(ex, e8, it - 1, i > 0)
                 it += 1
-        acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
-        if SKIP < 2:  # the tile's last step: its slots are free once its MMAs are done
-            mbarrier.arrive(ex.index((it + SX - 1) % SX), pred=k_tiles > 0)
-            mbarrier.arrive(e8.index((it + S8 - 1) % S8), pred=k_tiles > 0)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            _release_step(ex, e8, it - 1, k_tiles > 0)
+            _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale, BM, BN, gl.num_warps(), INSTR_K)
 
-        if NVFP4:  # both operands hold their fake-quantized values
-            scale = 1.0
-        elif X_PER_EXPERT:
-            scale = fp8_scale(gl.load(x_amax_ptr + e)) * fp8_scale(gl.load(w_amax_ptr + e))
-        else:
-            scale = fp8_scale(gl.load(x_amax_ptr)) * fp8_scale(gl.load(w_amax_ptr + e))
-        _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale, BM, BN, gl.num_warps(), INSTR_K)
-        if has_tail:
-            _store_rows(out_ptr, acc_t, row_start + BM, row_end, pid_n, N, stride_om, scale, BT, BN, gl.num_warps(),
-                        INSTR_K)  # fmt: skip
+
+@gluon.jit
+def _release_step(ex, e8, step, pred):
+    """Free k-step ``step``'s activation and weight slots (its MMAs are done) where ``pred``."""
+    SX: gl.constexpr = ex.shape[0]
+    S8: gl.constexpr = e8.shape[0]
+    mbarrier.arrive(ex.index((step + SX) % SX), pred=pred)
+    mbarrier.arrive(e8.index((step + S8) % S8), pred=pred)
 
 
 @gluon.jit
@@ -389,7 +438,8 @@ class GluonConfig(NamedTuple):
     conv_regs: int
     mma_warps: int
     maxnreg: int
-    exact: int  # 1: numerics.divide, 2: lean_quotient (both the spec's codes); 0: reciprocal multiply (NOT the spec:
+    exact: int  # 1: numerics.divide, 2: lean_quotient (both the spec's codes); NVFP4: 1 fake_quant_nvfp4_blocks (bit
+    # for bit), 2 fake_quant_nvfp4_operand (the values, a zero's sign not kept); 0: reciprocal multiply (NOT the spec:
     # a probe's speed ceiling, never chosen by grouped_qmm)
     persistent: bool = False  # one program per SM looping over the tiles (else one per tile)
     nvfp4: bool = False  # QAT NVFP4: bf16 fake-quantized activations, the weight fake-quantized to bf16, bf16 wgmma
@@ -399,7 +449,8 @@ class GluonConfig(NamedTuple):
         return (f"gluon ws {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16}/{self.s8} "
                 f"split {self.split} conv {self.conv_warps}w/{self.conv_regs}r mma {self.mma_warps}w "
                 f"maxnreg {self.maxnreg}"
-                + (" NVFP4" if self.nvfp4 else [" RECIPROCAL (not exact)", " divide", " lean"][self.exact])
+                + ([" NVFP4", " NVFP4 exact", " NVFP4 operand"] if self.nvfp4 else [" RECIPROCAL (not exact)", " divide",
+                                                                        " lean"])[self.exact]
                 + " persistent" * self.persistent)  # fmt: skip
 
     def layouts(self):
@@ -458,12 +509,14 @@ CONFIGS = (
     GluonConfig(256, 64, 128, 64, 7, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True),
 )
 #: QAT NVFP4's candidates (:func:`qat_nvfp4_gluon_gemm`): bf16 activations and bf16 weight values in shared memory,
-#: so half the stages of FP8's at the same depth; a converter thread holds one 16-block per pass. 32-deep k-steps
-#: were the faster on the H100 (session 34: gate_up kernel 0.94 vs 1.16 ms); 64-wide tiles and 8 converter warps
-#: were slower (``benchmarks/probe_gluon_qat_nvfp4.py``).
+#: so fewer stages than FP8's at the same depth, and the operand converter (``numerics.fake_quant_nvfp4_operand``)
+#: with 104 registers and two 16-blocks a thread per pass, as 64-deep k-steps in two passes (three converted stages)
+#: and 32-deep ones in one (H100, session 35: kernel alone gate_up 0.77 / 0.82 ms, down 0.44 / 0.48, against 0.85 /
+#: 0.49 with one 16-block a thread; 8 converter warps leave the MMA warps 160 registers and spill;
+#: ``benchmarks/probe_gluon_qat_nvfp4.py``).
 NVFP4_CONFIGS = (
-    GluonConfig(256, 64, 128, 32, 5, 4, 3, 2, 4, 80, 8, 128, 2, persistent=True, nvfp4=True),
-    GluonConfig(256, 64, 128, 64, 3, 3, 2, 4, 4, 80, 8, 128, 2, persistent=True, nvfp4=True),
+    GluonConfig(256, 64, 128, 64, 3, 3, 3, 2, 4, 104, 8, 128, 2, persistent=True, nvfp4=True),
+    GluonConfig(256, 64, 128, 32, 5, 4, 3, 1, 4, 104, 8, 128, 2, persistent=True, nvfp4=True),
 )
 _TUNED: dict[tuple, GluonConfig] = {}
 
