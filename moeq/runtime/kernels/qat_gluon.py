@@ -35,8 +35,8 @@ which no dot product from ``+0`` sees) in about two thirds of the exact form's i
 as 32-bit words, and a thread holds two whole 16-blocks along K per pass. ``exact=1`` is the bit-for-bit form
 (``numerics.fake_quant_nvfp4_blocks``, the tests' and the probe's reference). H100, 34k rows (session 35): gate_up
 0.83-0.89 ms against 1.19-1.20 ms for the weight pass + ``torch._grouped_mm`` (bf16 0.56-0.58), down 0.49-0.50
-against 0.63 (0.33-0.35). Alone, the loads take 0.43 / 0.26 ms (every n-tile reads the bf16 activations again), so
-0.9x bf16 is out of reach with bf16 MMAs.
+against 0.63 (0.33-0.35). Alone, the loads take 0.43 / 0.26 ms (every n-tile reads the bf16 activations again):
+0.9x bf16 would need the conversion and the MMA hidden almost entirely behind them.
 
 Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
 this kernel, and :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` then keeps the two launches (NVFP4: the
