@@ -69,13 +69,15 @@ def max_keeping_nan(a, b):
 
 @triton.jit
 def e2m1_grid(a):
-    """Round ``a`` in ``[0, 6]`` to the E2M1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to the even code.
+    """Round ``a`` in ``[-6, 6]`` to the E2M1 values {0, .5, 1, 1.5, 2, 3, 4, 6} and their negatives, ties to the
+    even code (a zero comes out ``+0``).
 
     The grid's step is 1/2 below 2, 1 below 4 and 2 above, and on each piece the even codes are the even
-    multiples of the step. Adding ``M = 1.5 * 2^22 * u`` (``u`` the power of two of ``max(a, 1)``, its
+    multiples of the step. Adding ``M = 1.5 * 2^22 * u`` (``u`` the power of two of ``max(|a|, 1)``, its
     exponent bits) rounds ``a`` to a multiple of M's ulp, which is that step, ties to even (the fp32
-    adder's RNE), and subtracting M is exact: five instructions, no compare-select chain."""
-    unit = (tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & -8388608).to(tl.float32, bitcast=True)
+    adder's RNE; ``a + M`` stays in M's binade for either sign, and M is an even multiple of the step, so the grid
+    is symmetric), and subtracting M is exact: five instructions, no compare-select chain."""
+    unit = (tl.maximum(tl.abs(a), 1.0).to(tl.int32, bitcast=True) & -8388608).to(tl.float32, bitcast=True)
     magic = unit * _E2M1_MAGIC
     return (a + magic) - magic
 
@@ -268,9 +270,7 @@ def fake_quant_nvfp4_blocks(blocks, g, FAST, INTERPRET: tl.constexpr):
     scale = nvfp4_block_scale(block_amax, g, six_g, inv_six_g, FAST, INTERPRET) * g
     d = safe_divisor(scale)
     if FAST:
-        y = reciprocal(d, INTERPRET)
-        q0 = blocks * y
-        q = tl.fma(tl.fma(q0, d * -1.0, blocks), y, q0)
+        q = markstein_quotient(blocks, d, reciprocal(d, INTERPRET))[1]
         negative = blocks * _TWO_75 < d * -_TWO_MINUS_75
     else:
         q = tl.math.div_rn(blocks, d)
@@ -306,14 +306,9 @@ def fake_quant_nvfp4_operand(blocks, block_amax, g, six_g, inv_six_g, FAST, INTE
     if FAST:
         scale = nvfp4_block_scale(block_amax, g, six_g, inv_six_g, FAST, INTERPRET) * g
         d = safe_divisor(scale)
-        y = reciprocal(d, INTERPRET)
         bound = d * 6.0
         clipped = min_number(tl.maximum(blocks, bound * -1.0), bound, INTERPRET)
-        q0 = clipped * y
-        q = tl.fma(tl.fma(q0, d * -1.0, clipped), y, q0)
-        unit = (tl.maximum(tl.abs(q), 1.0).to(tl.int32, bitcast=True) & -8388608).to(tl.float32, bitcast=True)
-        magic = unit * _E2M1_MAGIC
-        out = ((q + magic) - magic) * scale
+        out = e2m1_grid(markstein_quotient(clipped, d, reciprocal(d, INTERPRET))[1]) * scale
     else:
         out = fake_quant_nvfp4_blocks(blocks, g, False, INTERPRET)
     return out
