@@ -446,12 +446,12 @@ class GluonConfig(NamedTuple):
 
     @property
     def name(self) -> str:
+        kinds = (
+            ("NVFP4", "NVFP4 exact", "NVFP4 operand") if self.nvfp4 else ("RECIPROCAL (not exact)", "divide", "lean")
+        )
         return (f"gluon ws {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16}/{self.s8} "
                 f"split {self.split} conv {self.conv_warps}w/{self.conv_regs}r mma {self.mma_warps}w "
-                f"maxnreg {self.maxnreg}"
-                + ([" NVFP4", " NVFP4 exact", " NVFP4 operand"] if self.nvfp4 else [" RECIPROCAL (not exact)", " divide",
-                                                                        " lean"])[self.exact]
-                + " persistent" * self.persistent)  # fmt: skip
+                f"maxnreg {self.maxnreg} {kinds[self.exact]}" + " persistent" * self.persistent)  # fmt: skip
 
     def layouts(self):
         """Shared layouts of the activation (codes or bf16 values), tail and bf16 weight TMA blocks."""
