@@ -134,6 +134,7 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     text = str(moeq.explain(cm))
     assert "fusion 'auto': one moeq::grouped_qmm Triton kernel per expert GEMM up to 16 mean routed rows" in text
     assert "above, an activation fake-quant pass and, up to 320 on sm_90, the warp-specialized Gluon kernel" in text
+    assert "a zero's sign aside" in text
     assert "else moeq's fake-quant kernels + torch._grouped_mm" in text
     from moeq.runtime.kernels import grouped_qmm as grouped_qmm_kernels
 

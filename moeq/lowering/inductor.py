@@ -209,7 +209,10 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
         return f"{one} up to {bound} mean routed rows per expert; above, {unfused_path}"
     if mode == "qat" and w_fmt == "nvfp4" and x_fmt == "nvfp4" and _gluon_qat_nvfp4():
         bound = grouped_qmm_kernels.QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT
-        gluon = "the warp-specialized Gluon kernel (weight fake-quantized in shared memory, bf16 wgmma)"
+        gluon = (
+            "the warp-specialized Gluon kernel (weight fake-quantized in shared memory to formats' values, a "
+            "zero's sign aside, which no product sees; bf16 wgmma)"
+        )
         return (f"{one} up to {bound} mean routed rows per expert; above, an activation fake-quant pass and, up to "
                 f"{grouped_qmm_kernels.GLUON_ROWS_PER_EXPERT} on sm_90, {gluon}; else {unfused_path}")  # fmt: skip
     if _pays(mode, w_fmt, x_fmt, None, 1):
