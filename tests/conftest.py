@@ -83,6 +83,15 @@ def far_below_block_weights() -> torch.Tensor:
     return w
 
 
+def every_bf16_block_weights() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w [8, 255, 256], amax [8])``: every finite bf16 value (bf16), under per-expert global amaxes from 1e-30 to
+    1e30 (inside and outside the kernels' fast division range)."""
+    values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    values = values[torch.isfinite(values.float())][: 255 * 256]
+    amax = torch.tensor([1e-30, 3e-12, 0.02, 1.0, 7.5, 448.0, 3e9, 1e30])
+    return values.reshape(1, 255, 256).expand(amax.numel(), 255, 256).contiguous(), amax
+
+
 def nonfinite_weights(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w [3, 4, 32], amax [3])``: NaN and +-inf in some 16-blocks of every expert, finite blocks beside
     them; expert 0's amax is its finite max, expert 1's is 0 and expert 2's is 1."""

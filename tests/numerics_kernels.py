@@ -64,21 +64,12 @@ def reciprocal_and_div_rn(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, ref
 
 
-def every_bf16_block_weights() -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w [8, 255, 256], amax [8])``: every finite bf16 value in 16-blocks, under per-expert global amaxes from
-    1e-30 to 1e30 (inside and outside the kernels' fast range)."""
-    values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    values = values[torch.isfinite(values.float())][: 255 * 256]
-    amax = torch.tensor([1e-30, 3e-12, 0.02, 1.0, 7.5, 448.0, 3e9, 1e30])
-    return values.reshape(1, 255, 256).expand(amax.numel(), 255, 256).contiguous(), amax
-
-
 def check_nvfp4_operand_values(device: str) -> None:
     """``fake_quant_nvfp4_operand`` equals formats' NVFP4 ``fake_quant`` as values (a zero's sign may differ, NaN
     stands where NaN stands): every bf16 value under eight global amaxes, blocks spanning the fp32 range, and
     blocks holding NaN and +-inf."""
     from moeq.formats import expand_per_expert, expert_amax, get_format
-    from tests.conftest import far_below_block_weights, nonfinite_weights
+    from tests.conftest import every_bf16_block_weights, far_below_block_weights, nonfinite_weights
 
     far = far_below_block_weights()
     nvfp4 = get_format("nvfp4")

@@ -20,6 +20,7 @@ from moeq.runtime.kernels.grouped_qmm import grouped_qmm as launch_grouped_qmm
 from tests.conftest import (
     assert_same_bits,
     deployed_weight_operand,
+    every_bf16_block_weights,
     far_below_block_weights,
     gradients_with_clipped_weights,
     make_tokens,
@@ -825,10 +826,7 @@ def test_cuda_graph_replays_read_the_state_buffers_in_place_cuda():
 def test_fake_quant_every_bf16_value_cuda(fmt):
     """Every finite bf16 value, under per-expert amaxes from 1e-30 to 1e30 (the kernels' fast division and
     its exact fallback), fake-quantized on the GPU equals formats.py on the CPU bit for bit."""
-    values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    values = values[torch.isfinite(values.float())][: 255 * 256]
-    amax = torch.tensor([1e-30, 3e-12, 0.02, 1.0, 7.5, 448.0, 3e9, 1e30])
-    w = values.reshape(1, 255, 256).expand(amax.numel(), 255, 256).contiguous()
+    w, amax = every_bf16_block_weights()
     f = get_format(fmt)
     want = f.fake_quant(w, expand_per_expert(amax, 3), -1)
     got = kernels.fake_quant_experts(w.cuda(), amax.cuda(), fmt, -1).cpu()

@@ -21,12 +21,13 @@ quantizes the raw activation again for FP8 MMAs. Which chains fuse is a policy (
 ``"auto"`` (default) fuses a chain only where ``moeq::grouped_qmm`` measured faster than the unfused path
 (BENCHMARKS.md). The in-load kernel re-quantizes each operand tile once per output tile it feeds, CUDA-core
 work that grows with the rows per expert, so QAT NVFP4 chains fuse up to :data:`FUSE_MAX_ROWS_PER_EXPERT`
-mean routed rows per expert (decode-size batches), except bf16 QAT NVFP4 x NVFP4 on CUDA, which always fuses: above that
-bound the op fake-quantizes the activations once and multiplies with the Gluon kernel on sm_90 (the weight
-fake-quantized in shared memory), elsewhere with the unfused path's kernels
-(:func:`moeq.runtime.kernels.grouped_qmm.quantizes_nvfp4_once`). FP8 x FP8 chains (QAT FP8, deploy W8A8) always fuse: above
-a few rows per expert the op quantizes the activations once in their own pass and multiplies codes, and above a
-few dozen a QAT weight too (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`, ``quantizes_weight_once``).
+mean routed rows per expert (decode-size batches), except bf16 QAT NVFP4 x NVFP4 on CUDA, which always fuses:
+above that bound the op fake-quantizes the activations once and multiplies with the Gluon kernel on sm_90 (the
+weight fake-quantized in shared memory), elsewhere with the unfused path's kernels
+(:func:`moeq.runtime.kernels.grouped_qmm.quantizes_nvfp4_once`). FP8 x FP8 chains (QAT FP8, deploy W8A8) always
+fuse: above a few rows per expert the op quantizes the activations once in their own pass and multiplies codes,
+and above a few dozen a QAT weight too (:func:`moeq.runtime.kernels.grouped_qmm.quantizes_once`,
+``quantizes_weight_once``).
 Deploy chains always fuse: their unfused path (``moeq::dequant_weight``'s Triton kernel, then ``torch._grouped_mm``)
 was slower up to a few hundred rows per expert (W4A16 / W8A16: 1.04-1.11x at 272, 3.1-3.6x at 32; BENCHMARKS.md,
 session 13), and above those (W4A16 / W8A16 past 384 / 256 rows per expert, session 24) the op itself runs that

@@ -878,9 +878,8 @@ def grouped_qmm(
     kernel (:mod:`moeq.runtime.kernels.qat_gluon`) converts it in shared memory instead: two launches. Every
     choice gives the same products (the codes are formats' FP8 ``quantize``). QAT NVFP4 (both operands) above
     :data:`QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT` mean rows per expert (``quantize_once`` None, or True; bf16 on CUDA)
-    fake-quantizes
-    the activations once, then multiplies with the Gluon kernel on sm_90 (:data:`GLUON_QAT_NVFP4`), else runs the
-    weight's fake-quant pass and ``torch._grouped_mm``; the same operand values, multiplied in fp32.
+    fake-quantizes the activations once, then multiplies with the Gluon kernel on sm_90 (:data:`GLUON_QAT_NVFP4`),
+    else runs the weight's fake-quant pass and ``torch._grouped_mm``; the same operand values, multiplied in fp32.
     """
     per_token = x_mode == "fp8_token"
     if per_token:

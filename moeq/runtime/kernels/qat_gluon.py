@@ -299,8 +299,6 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
     """FP8 wgmma of each k-step's codes tile against the group's BM rows and, where it has them, its BT tail rows (one
     conversion of the weight serves up to BM + BT routed rows), then the epilogue: ``acc * x_s * w_s`` stored bf16.
     In a persistent launch the loader and the converter fill the rings for the next tile meanwhile."""
-    SX: gl.constexpr = x8.shape[0]
-    S8: gl.constexpr = c8.shape[0]
     BM: gl.constexpr = x8.shape[1]
     BT: gl.constexpr = xt8.shape[1]
     BK: gl.constexpr = x8.shape[2]
@@ -321,10 +319,9 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
         # loop is copied at its back edge, and ptxas then serializes every wgmma of the kernel (C7514 / C7515)
         if SKIP >= 2:  # a probe's decomposition: the barriers only
             for _i in range(k_tiles):
-                mbarrier.wait(rx.index(it % SX), (it // SX) & 1)
-                mbarrier.wait(r8.index(it % S8), (it // S8) & 1)
-                mbarrier.arrive(ex.index(it % SX))
-                mbarrier.arrive(e8.index(it % S8))
+                sx, t = _await_step(rx, r8, it)
+                mbarrier.arrive(ex.index(sx))
+                mbarrier.arrive(e8.index(t))
                 it += 1
             acc = gl.zeros([BM, BN], gl.float32, layout)
             _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale, BM, BN, gl.num_warps(), INSTR_K)
@@ -332,10 +329,7 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
             acc = gl.zeros([BM, BN], gl.float32, layout)
             acc_t = gl.zeros([BT, BN], gl.float32, layout)
             for i in range(k_tiles):
-                sx = it % SX
-                t = it % S8
-                mbarrier.wait(rx.index(sx), (it // SX) & 1)
-                mbarrier.wait(r8.index(t), (it // S8) & 1)
+                sx, t = _await_step(rx, r8, it)
                 b = c8.index(t).permute((1, 0))
                 acc = warpgroup_mma(x8.index(sx), b, acc, is_async=True)
                 acc_t = warpgroup_mma(xt8.index(sx), b, acc_t, is_async=True)
@@ -350,10 +344,7 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
         else:
             acc = gl.zeros([BM, BN], gl.float32, layout)
             for i in range(k_tiles):
-                sx = it % SX
-                t = it % S8
-                mbarrier.wait(rx.index(sx), (it // SX) & 1)
-                mbarrier.wait(r8.index(t), (it // S8) & 1)
+                sx, t = _await_step(rx, r8, it)
                 acc = warpgroup_mma(x8.index(sx), c8.index(t).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
                 _release_step(ex, e8, it - 1, i > 0)
@@ -361,6 +352,18 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             _release_step(ex, e8, it - 1, k_tiles > 0)
             _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale, BM, BN, gl.num_warps(), INSTR_K)
+
+
+@gluon.jit
+def _await_step(rx, r8, step):
+    """Wait until k-step ``step``'s activation and weight tiles are in their ring slots; the slots."""
+    SX: gl.constexpr = rx.shape[0]
+    S8: gl.constexpr = r8.shape[0]
+    sx = step % SX
+    t = step % S8
+    mbarrier.wait(rx.index(sx), (step // SX) & 1)
+    mbarrier.wait(r8.index(t), (step // S8) & 1)
+    return sx, t
 
 
 @gluon.jit
