@@ -23,12 +23,18 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from moeq.runtime.kernels.qat_gluon import CONFIGS, GluonConfig, qat_fp8_gluon_gemm  # noqa: E402
 
-#: moeq's configurations, then an inexact reciprocal ceiling (not the spec: what the division costs). The slower
-#: candidates of sessions 33 and 34 (64-wide 3/3/3 stages, 128-deep k-steps) are in BENCHMARKS.md.
+#: moeq's configurations, then an inexact reciprocal ceiling (not the spec: what the division costs), then the
+#: persistent 128-wide ones with session 35's accumulator layout (warpgroups side by side along N, not stacked). The
+#: slower candidates of sessions 33 and 34 (64-wide 3/3/3 stages, 128-deep k-steps) are in BENCHMARKS.md.
 VARIANTS = [
     *CONFIGS,
-    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 0, persistent=True),
+    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 0, persistent=True, stacked=True),
+    CONFIGS[2]._replace(stacked=False),
+    CONFIGS[4]._replace(stacked=False),
 ]
+#: indices into VARIANTS to time (``--variants``), and those decomposed with roles that only pass their barriers
+CHOSEN = list(range(len(VARIANTS)))
+DECOMPOSED = [i for i, v in enumerate(VARIANTS) if v in CONFIGS and v.bn == 128 and v.persistent]
 
 
 def compile_only() -> None:
@@ -57,7 +63,7 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
     shipped = qat_fp8_two_launches(p)
     codes_ref = fake_quant_experts(p.w, p.w_amax, "fp8", 1, codes=True)  # [E, K, N] view of [E, N, K] codes
 
-    for v in VARIANTS:
+    for v in [VARIANTS[i] for i in CHOSEN]:
 
         def op(codes=None, v=v):
             xc = fake_quant_act(p.x, p.offs, p.x_amax, "fp8", codes=True)
@@ -77,8 +83,8 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
             continue
         table.record(v.name, op)
     xc = fake_quant_act(p.x, p.offs, p.x_amax, "fp8", codes=True)
-    for v in [c for c in CONFIGS if c.bn == 128 and c.persistent]:  # where the time goes (the kernel alone): roles
-        # that only pass the barriers
+    for v in [VARIANTS[i] for i in DECOMPOSED]:  # where the time goes (the kernel alone): roles that only pass the
+        # barriers
         for skip, what in ((0, "kernel only"), (1, "no conversion"), (2, "no MMA"), (3, "loads only")):
             table.record(f"{v.name} [{what}]", lambda v=v, skip=skip: qat_fp8_gluon_gemm(
                 xc, p.w, p.offs, p.w_amax, p.x_amax, config=v, skip=skip), checked=skip == 0)  # fmt: skip
@@ -90,7 +96,15 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--variants", default=None, help="comma-separated indices into VARIANTS (default: all)")
+    parser.add_argument("--decompose", default=None, help="VARIANTS indices decomposed (default: the shipped "
+                        "persistent 128-wide ones)")  # fmt: skip
     args, rest = parser.parse_known_args()
+    global CHOSEN, DECOMPOSED
+    if args.variants is not None:
+        CHOSEN = [int(i) for i in args.variants.split(",") if i]
+    if args.decompose is not None:
+        DECOMPOSED = [int(i) for i in args.decompose.split(",") if i]
     if args.compile_only:
         os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/moeq_gluon_cache")
         compile_only()

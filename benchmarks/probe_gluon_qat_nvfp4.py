@@ -29,12 +29,15 @@ from moeq.runtime.kernels import fake_quant_act, fake_quant_experts  # noqa: E40
 from moeq.runtime.kernels.qat_gluon import NVFP4_CONFIGS, GluonConfig, qat_nvfp4_gluon_gemm  # noqa: E402
 
 #: moeq's configurations (the operand converter, ``numerics.fake_quant_nvfp4_operand``), the first with the exact
-#: converter, the first with two converted stages, and session 34's configuration (one 16-block a thread)
+#: converter, the first with two converted stages, session 34's configuration (one 16-block a thread), and both
+#: configurations with session 35's accumulator layout (warpgroups side by side along N, not stacked)
 VARIANTS = [
     *NVFP4_CONFIGS,
     NVFP4_CONFIGS[0]._replace(exact=1),
     NVFP4_CONFIGS[0]._replace(s8=2),
     GluonConfig(256, 64, 128, 32, 5, 4, 3, 2, 4, 80, 8, 128, 2, persistent=True, nvfp4=True),
+    NVFP4_CONFIGS[0]._replace(stacked=False),
+    NVFP4_CONFIGS[1]._replace(stacked=False),
 ]
 
 
@@ -82,10 +85,10 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
         table.record(v.name, lambda v=v: qat_nvfp4_gluon_gemm(
             fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4"), p.w, p.offs, p.w_amax, config=v))  # fmt: skip
         table.record(f"{v.name} [kernel only]", lambda v=v: qat_nvfp4_gluon_gemm(xq, p.w, p.offs, p.w_amax, config=v))
-    v = NVFP4_CONFIGS[0]
-    for skip, what in ((1, "no conversion"), (2, "no MMA"), (3, "loads only")) if 0 in CHOSEN else ():
-        table.record(f"{v.name} [{what}]", lambda skip=skip: qat_nvfp4_gluon_gemm(
-            xq, p.w, p.offs, p.w_amax, config=v, skip=skip), checked=False)  # fmt: skip
+    for v in [VARIANTS[i] for i in DECOMPOSED]:
+        for skip, what in (1, "no conversion"), (2, "no MMA"), (3, "loads only"):
+            table.record(f"{v.name} [{what}]", lambda v=v, skip=skip: qat_nvfp4_gluon_gemm(
+                xq, p.w, p.offs, p.w_amax, config=v, skip=skip), checked=False)  # fmt: skip
     table.record("fake_quant_act NVFP4 alone", lambda: fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4"), checked=False)
     return table.print()
 
@@ -93,7 +96,9 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", default=None, help="comma-separated indices into VARIANTS (default: all)")
+    parser.add_argument("--decompose", default="0", help="VARIANTS indices timed with roles that only pass barriers")
     args, rest = parser.parse_known_args()
     CHOSEN = [int(i) for i in args.variants.split(",")] if args.variants else list(range(len(VARIANTS)))
+    DECOMPOSED = [int(i) for i in args.decompose.split(",") if i]
     sys.argv = [sys.argv[0], *rest]
     qwen3_probe_main(run_case)

@@ -26,6 +26,18 @@ def assert_wgmma_pipelined(kernel) -> None:
     assert get_sass(kernel.asm["cubin"]).count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2
 
 
+def assert_wgmma_width(kernel, config) -> None:
+    """A stacked configuration's main rows run wgmmas as wide as the tile (``64 x bn``), its tail rows as wide as a
+    warpgroup's share of the columns (warpgroups side by side); otherwise every wgmma is that share."""
+    import re
+
+    from triton.tools.disasm import get_sass
+
+    widths = {int(n) for n in re.findall(r"[HQ]GMMA\.64x(\d+)x", get_sass(kernel.asm["cubin"]))}
+    share = config.bn // max(1, config.mma_warps // 4)
+    assert widths == ({config.bn, share} if config.stacked else {share}), widths
+
+
 #: the kernels ``tuned_config`` chooses from (a persistent configuration launches the same kernel on fewer programs)
 KERNELS = sorted({config._replace(persistent=False) for config in gluon_module.CONFIGS})
 
@@ -49,6 +61,7 @@ def test_every_config_compiles_for_sm90(config, num_experts, tmp_path, monkeypat
     assert "setmaxnreg" in ptx
     assert "st.local" not in ptx
     assert_wgmma_pipelined(kernel)
+    assert_wgmma_width(kernel, config)
 
 
 @pytest.mark.parametrize("config", sorted({c._replace(persistent=False) for c in gluon_module.NVFP4_CONFIGS}),
@@ -65,6 +78,7 @@ def test_every_nvfp4_config_compiles_for_sm90(config, tmp_path, monkeypatch):
     assert "setmaxnreg" in ptx
     assert "st.local" not in ptx
     assert_wgmma_pipelined(kernel)
+    assert_wgmma_width(kernel, config)
 
 
 def test_unsupported_operands_are_named():

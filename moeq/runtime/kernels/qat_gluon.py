@@ -19,13 +19,15 @@ scales applied to the accumulator once (``tests/test_division.py`` proves the le
 emulation).
 
 Its limit is the TMA traffic of the activation codes, which every n-tile reads again, so the tile that wins is 128
-wide, with 8 MMA warps as two warpgroups side by side along N. Every role loops over tiles, so the kernel also runs
-persistent (one program per SM): the loader and the converter fill the rings for the next tile while the MMA warps
-store the last, which down's short K loop (12 k-steps) needs. Each branch of the MMA partition (groups with and
-without tail rows) holds its own accumulators: one live across the other branch's loop is copied at its back edge,
-and ptxas then serializes every ``wgmma`` of the kernel (its C7514 / C7515 notes; session 35). H100, Qwen3-30B-A3B
-at 34k rows (BENCHMARKS.md, session 35): gate_up 0.55 ms against 1.18 ms for the unfused path (bf16
-``torch._grouped_mm`` 0.58), down 0.34 against 0.62 (0.35).
+wide, with 8 MMA warps: two warpgroups stacked along M for the group's main rows (each wgmma 128 columns wide: a
+64-column wgmma reads its operands from shared memory at the memory's full rate, and the converter's reads of the
+same memory then wait behind it; session 36) and side by side along N for its 64-row tail. Every role loops over
+tiles, so the kernel also runs persistent (one program per SM): the loader and the converter fill the rings for the
+next tile while the MMA warps store the last, which down's short K loop (12 k-steps) needs. Each branch of the MMA
+partition (groups with and without tail rows) holds its own accumulators: one live across the other branch's loop is
+copied at its back edge, and ptxas then serializes every ``wgmma`` of the kernel (its C7514 / C7515 notes; session
+35). H100, Qwen3-30B-A3B at 34k rows (BENCHMARKS.md, session 36 probe): gate_up 0.53 ms against 0.72 ms for the two
+launches (bf16 ``torch._grouped_mm`` 0.57), down 0.34 against 0.41 (0.34).
 
 The QAT NVFP4 form (``NVFP4`` constexpr, :func:`qat_nvfp4_gluon_gemm`): Hopper has no FP4 MMA and an NVFP4 value
 (E2M1 times an e4m3 block scale) is not an e4m3 value, so the activations arrive fake-quantized in bf16 (their own
@@ -33,10 +35,11 @@ pass), the converter writes the weight's fake-quantized bf16 values and the MMA 
 (``exact=2``) takes the operand form ``numerics.fake_quant_nvfp4_operand``: formats' values (a zero's sign aside,
 which no dot product from ``+0`` sees) in about two thirds of the exact form's instructions; it reads the bf16 tile
 as 32-bit words, and a thread holds two whole 16-blocks along K per pass. ``exact=1`` is the bit-for-bit form
-(``numerics.fake_quant_nvfp4_blocks``, the tests' and the probe's reference). H100, 34k rows (session 35): gate_up
-0.83-0.89 ms against 1.19-1.20 ms for the weight pass + ``torch._grouped_mm`` (bf16 0.56-0.58), down 0.49-0.50
-against 0.63 (0.33-0.35). Alone, the loads take 0.43 / 0.26 ms (every n-tile reads the bf16 activations again):
-0.9x bf16 would need the conversion and the MMA hidden almost entirely behind them.
+(``numerics.fake_quant_nvfp4_blocks``, the tests' and the probe's reference). H100, 34k rows (session 36 probe, the
+activations' pass included): gate_up 0.81 ms against 1.19 ms for the weight pass + ``torch._grouped_mm`` (bf16
+0.57), down 0.45 against 0.63 (0.33). Alone, the loads take 0.42 / 0.26 ms (every n-tile reads the bf16 activations
+again) and the kernel 0.69 / 0.41: the converter's four warps, one a scheduler, issue a third of the time and wait
+on shared memory the rest, and more converter warps would take registers the MMA warps' accumulators need.
 
 Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
 this kernel, and :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` then keeps the two launches (NVFP4: the
@@ -273,19 +276,25 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
 
 
 @gluon.constexpr_function
-def acc_layout(num_warps, bn, instr_k):
-    """The wgmma accumulator layout (k = 32 for FP8, 16 for bf16 operands) the MMA partition and the epilogue share:
-    warpgroups side by side along N (8 warps: two 64-row-granular warpgroups, each with half the columns), so a
-    64-row tail still fits."""
+def acc_layout(num_warps, bn, instr_k, stacked=False):
+    """The wgmma accumulator layout (k = 32 for FP8, 16 for bf16 operands): warpgroups side by side along N (8 warps:
+    two 64-row-granular warpgroups, each with half the columns), so a 64-row tail still fits; ``stacked``:
+    warpgroups stacked along M, each with all ``bn`` columns, so each wgmma is twice as wide and reads half as many
+    operand bytes from shared memory per product (the main rows of a group; its 64-row tail keeps the side-by-side
+    layout)."""
     groups = max(1, num_warps // 4)
+    if stacked:
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, bn, instr_k])
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps // groups, groups],
                                      instr_shape=[16, bn // groups, instr_k])  # fmt: skip
 
 
 @gluon.jit
-def _store_rows(out_ptr, acc, first, row_end, pid_n, N, stride_om, scale, ROWS: gl.constexpr, BN: gl.constexpr,
-                num_warps: gl.constexpr, INSTR_K: gl.constexpr):  # fmt: skip
-    layout: gl.constexpr = acc_layout(num_warps, BN, INSTR_K)
+def _store_rows(out_ptr, acc, first, row_end, pid_n, N, stride_om, scale):
+    """``acc * scale`` stored bf16 into rows ``first..`` (below ``row_end``) of n-tile ``pid_n``."""
+    layout: gl.constexpr = acc.type.layout
+    ROWS: gl.constexpr = acc.shape[0]
+    BN: gl.constexpr = acc.shape[1]
     rows = first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
     cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
     mask = (rows < row_end)[:, None] & (cols < N)[None, :]
@@ -295,7 +304,7 @@ def _store_rows(out_ptr, acc, first, row_end, pid_n, N, stride_om, scale, ROWS: 
 @gluon.jit
 def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K, NUM_EXPERTS,
                    stride_om, E_POW2: gl.constexpr, BN: gl.constexpr, X_PER_EXPERT: gl.constexpr,
-                   NVFP4: gl.constexpr, SKIP: gl.constexpr):  # fmt: skip
+                   NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr):  # fmt: skip
     """FP8 wgmma of each k-step's codes tile against the group's BM rows and, where it has them, its BT tail rows (one
     conversion of the weight serves up to BM + BT routed rows), then the epilogue: ``acc * x_s * w_s`` stored bf16.
     In a persistent launch the loader and the converter fill the rings for the next tile meanwhile."""
@@ -303,7 +312,8 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
     BT: gl.constexpr = xt8.shape[1]
     BK: gl.constexpr = x8.shape[2]
     INSTR_K: gl.constexpr = 16 if NVFP4 else 32
-    layout: gl.constexpr = acc_layout(gl.num_warps(), BN, INSTR_K)
+    layout: gl.constexpr = acc_layout(gl.num_warps(), BN, INSTR_K, STACKED)  # the main rows'
+    tail_layout: gl.constexpr = acc_layout(gl.num_warps(), BN, INSTR_K)
     total = _group_count(offs_ptr, M, NUM_EXPERTS, E_POW2, BM + BT) * gl.cdiv(N, BN)
     it = 0
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
@@ -324,10 +334,10 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
                 mbarrier.arrive(e8.index(t))
                 it += 1
             acc = gl.zeros([BM, BN], gl.float32, layout)
-            _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale, BM, BN, gl.num_warps(), INSTR_K)
+            _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale)
         elif has_tail:
             acc = gl.zeros([BM, BN], gl.float32, layout)
-            acc_t = gl.zeros([BT, BN], gl.float32, layout)
+            acc_t = gl.zeros([BT, BN], gl.float32, tail_layout)
             for i in range(k_tiles):
                 sx, t = _await_step(rx, r8, it)
                 b = c8.index(t).permute((1, 0))
@@ -338,9 +348,8 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
                 it += 1
             acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
             _release_step(ex, e8, it - 1, k_tiles > 0)  # the tile's last step
-            _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale, BM, BN, gl.num_warps(), INSTR_K)
-            _store_rows(out_ptr, acc_t, row_start + BM, row_end, pid_n, N, stride_om, scale, BT, BN, gl.num_warps(),
-                        INSTR_K)  # fmt: skip
+            _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale)
+            _store_rows(out_ptr, acc_t, row_start + BM, row_end, pid_n, N, stride_om, scale)
         else:
             acc = gl.zeros([BM, BN], gl.float32, layout)
             for i in range(k_tiles):
@@ -351,7 +360,7 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
                 it += 1
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             _release_step(ex, e8, it - 1, k_tiles > 0)
-            _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale, BM, BN, gl.num_warps(), INSTR_K)
+            _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale)
 
 
 @gluon.jit
@@ -380,7 +389,7 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
                   NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
                   S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr, CONV_REGS: gl.constexpr,
                   WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
-                  NVFP4: gl.constexpr, SKIP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                  NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Tiles are (group of up to BM + BT routed rows of one expert, n-tile); a program takes tiles ``pid``,
     ``pid + programs``, ... (one each when launched with one program per tile; persistent when launched with one per
     SM): the rows' FP8 codes times the weight tile's e4m3 codes, converted once per k-step by the converter warps;
@@ -415,7 +424,7 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
     gl.warp_specialize(
         [
             (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K,
-                              NUM_EXPERTS, stride_om, E_POW2, BN, X_PER_EXPERT, NVFP4, SKIP)),
+                              NUM_EXPERTS, stride_om, E_POW2, BN, X_PER_EXPERT, NVFP4, SKIP, STACKED)),
             (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
                                NUM_EXPERTS, E_POW2)),
             (_convert_partition, (w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
@@ -446,6 +455,7 @@ class GluonConfig(NamedTuple):
     # a probe's speed ceiling, never chosen by grouped_qmm)
     persistent: bool = False  # one program per SM looping over the tiles (else one per tile)
     nvfp4: bool = False  # QAT NVFP4: bf16 fake-quantized activations, the weight fake-quantized to bf16, bf16 wgmma
+    stacked: bool = False  # the main rows' warpgroups stacked along M, each wgmma all bn columns wide (acc_layout)
 
     @property
     def name(self) -> str:
@@ -454,7 +464,8 @@ class GluonConfig(NamedTuple):
         )
         return (f"gluon ws {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16}/{self.s8} "
                 f"split {self.split} conv {self.conv_warps}w/{self.conv_regs}r mma {self.mma_warps}w "
-                f"maxnreg {self.maxnreg} {kinds[self.exact]}" + " persistent" * self.persistent)  # fmt: skip
+                f"maxnreg {self.maxnreg} {kinds[self.exact]}" + " persistent" * self.persistent
+                + " stacked" * self.stacked)  # fmt: skip
 
     def layouts(self):
         """Shared layouts of the activation (codes or bf16 values), tail and bf16 weight TMA blocks."""
@@ -467,7 +478,7 @@ class GluonConfig(NamedTuple):
                    skip: int = 0) -> dict:  # fmt: skip
         return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16, S8=self.s8,
                     SPLIT=self.split, CONV_WARPS=self.conv_warps, CONV_REGS=self.conv_regs, WRITE_CODES=write_codes, EXACT=self.exact, X_PER_EXPERT=x_per_expert,
-                    NVFP4=self.nvfp4, SKIP=skip, num_warps=self.mma_warps)  # fmt: skip
+                    NVFP4=self.nvfp4, SKIP=skip, STACKED=self.stacked, num_warps=self.mma_warps)  # fmt: skip
 
     def compile_for_sm90(self, x_per_expert: bool = False, num_experts: int = 128):
         """This configuration's kernel compiled ahead of time for sm_90 (no GPU needed): shared memory, register
@@ -495,31 +506,33 @@ class GluonConfig(NamedTuple):
 
 
 #: the configurations :func:`qat_fp8_gluon_gemm` times once per shape key (:func:`tuned_config`) and picks from, all
-#: with the lean exact quotient and groups of 256 + 64 rows: 128 x 64 tiles with 8 MMA warps as two warpgroups side by
-#: side along N (the fastest measured: the activation codes, read again for every n-tile, are what limits the
-#: kernel), and 64 x 64 tiles with 4 MMA warps and 6 activation stages (the activation slot of step i is released
-#: only when step i - 2's MMA is done), each launched with one program per tile (session 33) and persistent, one
-#: program per SM (the loader and the converter fill the rings for the next tile while the MMA warps store the last;
-#: no programs for the spare row groups of the grid's upper bound), and the 128-wide tile persistent with 7
-#: activation stages. All bit-exact on the H100 at Qwen3 shapes (session 34: the persistent 128-wide tiles bring down
-#: from 0.370 to 0.353 / 0.347 ms). The probe, ``benchmarks/probe_gluon_qat_fp8.py``, times more candidates and the
-#: inexact reciprocal ceilings.
+#: with the lean exact quotient and groups of 256 + 64 rows: 128 x 64 tiles with 8 MMA warps (the fastest measured:
+#: the activation codes, read again for every n-tile, are what limits the kernel), and 64 x 64 tiles with 4 MMA warps
+#: and 6 activation stages (the activation slot of step i is released only when step i - 2's MMA is done), each
+#: launched with one program per tile (session 33) and persistent, one program per SM (the loader and the converter
+#: fill the rings for the next tile while the MMA warps store the last; no programs for the spare row groups of the
+#: grid's upper bound), and the 128-wide tile persistent with 7 activation stages. The 128-wide tiles' main rows run
+#: on warpgroups stacked along M (``stacked``: each wgmma 128 columns wide, half the shared-memory operand reads per
+#: product; H100 session 36, persistent 7 stages: gate_up 0.549 -> 0.527 ms, down 0.344 -> 0.336). All bit-exact on
+#: the H100 at Qwen3 shapes. The probe, ``benchmarks/probe_gluon_qat_fp8.py``, times more candidates and the inexact
+#: reciprocal ceilings.
 CONFIGS = (
-    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2),
+    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, stacked=True),
     GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2),
-    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True),
+    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, stacked=True),
     GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, persistent=True),
-    GluonConfig(256, 64, 128, 64, 7, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True),
+    GluonConfig(256, 64, 128, 64, 7, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, stacked=True),
 )
 #: QAT NVFP4's candidates (:func:`qat_nvfp4_gluon_gemm`): bf16 activations and bf16 weight values in shared memory,
 #: so fewer stages than FP8's at the same depth, and the operand converter (``numerics.fake_quant_nvfp4_operand``)
 #: with 104 registers and two 16-blocks a thread per pass, as 64-deep k-steps in two passes (three converted stages)
-#: and 32-deep ones in one (H100, session 35: kernel alone gate_up 0.77 / 0.82 ms, down 0.44 / 0.48, against 0.85 /
-#: 0.49 with one 16-block a thread; 8 converter warps leave the MMA warps 160 registers and spill;
-#: ``benchmarks/probe_gluon_qat_nvfp4.py``).
+#: and 32-deep ones in one; the main rows on stacked warpgroups. H100, kernel alone, gate_up / down: session 35
+#: (side by side) 0.77 / 0.44 ms; session 36 (stacked) 0.69 / 0.41 ms. The converter is the limit: its shared-memory
+#: reads wait behind the wgmmas' operand reads (Nsight Compute, BENCHMARKS.md session 36), and 8 converter warps would
+#: leave the MMA warps too few registers for their 160 accumulator registers (``benchmarks/probe_gluon_qat_nvfp4.py``).
 NVFP4_CONFIGS = (
-    GluonConfig(256, 64, 128, 64, 3, 3, 3, 2, 4, 104, 8, 128, 2, persistent=True, nvfp4=True),
-    GluonConfig(256, 64, 128, 32, 5, 4, 3, 1, 4, 104, 8, 128, 2, persistent=True, nvfp4=True),
+    GluonConfig(256, 64, 128, 64, 3, 3, 3, 2, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, stacked=True),
+    GluonConfig(256, 64, 128, 32, 5, 4, 3, 1, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, stacked=True),
 )
 _TUNED: dict[tuple, GluonConfig] = {}
 
