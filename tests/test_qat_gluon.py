@@ -81,6 +81,26 @@ def test_every_nvfp4_config_compiles_for_sm90(config, tmp_path, monkeypatch):
     assert_wgmma_width(kernel, config)
 
 
+def test_every_shipped_config_is_valid_and_bad_configs_are_named():
+    """``GluonConfig.problem`` passes every configuration moeq ships, and names what is wrong with one that cannot
+    build (compiling it raises with that text) instead of leaving it to a Gluon layout error."""
+    for config in (*gluon_module.CONFIGS, *gluon_module.NVFP4_CONFIGS):
+        assert config.problem() is None, config
+    good = gluon_module.CONFIGS[0]
+    cases = {
+        good._replace(mma_warps=6): "mma_warps must be 4 or 8",
+        good._replace(bm=192): "bm must be a multiple of 128",
+        good._replace(bt=32): "bt of 64",
+        good._replace(bn=20, stacked=False): "every wgmma must be 8 to 256 columns wide",
+        good._replace(bn=512): "8 to 256 columns wide",
+        good._replace(bk=48): "bk must be a multiple of 32",
+    }
+    for config, message in cases.items():
+        assert message in config.problem(), (config, config.problem())
+    with pytest.raises(ValueError, match=r"GluonConfig gluon ws 256\+64x128x48 .*bk must be a multiple of 32"):
+        good._replace(bk=48).compile_for_sm90()
+
+
 def test_unsupported_operands_are_named():
     """On the CPU the kernel is never taken, and its launcher says why; ``grouped_qmm`` keeps the two launches."""
     x_codes = torch.zeros(8, 64, dtype=torch.float8_e4m3fn)

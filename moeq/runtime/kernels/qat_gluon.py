@@ -467,6 +467,24 @@ class GluonConfig(NamedTuple):
                 f"maxnreg {self.maxnreg} {kinds[self.exact]}" + " persistent" * self.persistent
                 + " stacked" * self.stacked)  # fmt: skip
 
+    def problem(self) -> str | None:
+        """Why this configuration cannot build (None: it can): the MMA warps must make whole warpgroups, every
+        accumulator's rows whole 64-row wgmma blocks per warpgroup (``stacked``: the main rows split between the
+        warpgroups) and every wgmma 8 to 256 columns wide."""
+        groups = self.mma_warps // 4
+        if self.mma_warps % 4 or groups not in (1, 2):
+            return f"mma_warps must be 4 or 8 (one or two warpgroups), got {self.mma_warps}"
+        if self.bm % (64 * (groups if self.stacked else 1)) or self.bt % 64:
+            return (f"bm must be a multiple of {64 * (groups if self.stacked else 1)} and bt of 64 "
+                    f"(64-row wgmma blocks{' per stacked warpgroup' if self.stacked else ''}), got {self.bm}, "
+                    f"{self.bt}")  # fmt: skip
+        widths = {self.bn // groups} | ({self.bn} if self.stacked else set())
+        if any(w % 8 or not 8 <= w <= 256 for w in widths) or self.bn % groups:
+            return f"every wgmma must be 8 to 256 columns wide, a multiple of 8: bn={self.bn} gives {sorted(widths)}"
+        if self.bk % (16 if self.nvfp4 else 32):
+            return f"bk must be a multiple of {16 if self.nvfp4 else 32} (the wgmma's k), got {self.bk}"
+        return None
+
     def layouts(self):
         """Shared layouts of the activation (codes or bf16 values), tail and bf16 weight TMA blocks."""
         x_type = gl.bfloat16 if self.nvfp4 else gl.float8e4nv
@@ -485,6 +503,9 @@ class GluonConfig(NamedTuple):
         budgets and PTX, for tests and the probe."""
         from triton.backends.compiler import GPUTarget
         from triton.experimental.gluon._runtime import GluonASTSource
+
+        if self.problem():
+            raise ValueError(f"GluonConfig {self.name}: {self.problem()}")
 
         xl, tl_, wl = self.layouts()
         x_type = "bf16" if self.nvfp4 else "fp8e4nv"
@@ -632,6 +653,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.
     w_rows = w.transpose(1, 2).reshape(num_experts * n, k)  # a view: the check asked for [E, N, K] storage
 
     def launch(config: GluonConfig) -> None:
+        if config.problem():
+            raise ValueError(f"GluonConfig {config.name}: {config.problem()}")
         xl, tl_, wl = config.layouts()
         x_desc = TensorDescriptor.from_tensor(x, [config.bm, config.bk], xl)
         xt_desc = TensorDescriptor.from_tensor(x, [config.bt, config.bk], tl_)
