@@ -279,7 +279,7 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
 def acc_layout(num_warps, bn, instr_k, stacked=False):
     """The wgmma accumulator layout (k = 32 for FP8, 16 for bf16 operands): warpgroups side by side along N (8 warps:
     two 64-row-granular warpgroups, each with half the columns), so a 64-row tail still fits; ``stacked``:
-    warpgroups stacked along M, each with all ``bn`` columns, so each wgmma is twice as wide and reads half as many
+    warpgroups stacked along M, each with all ``bn`` columns, so each wgmma is twice as wide and reads a quarter fewer
     operand bytes from shared memory per product (the main rows of a group; its 64-row tail keeps the side-by-side
     layout)."""
     groups = max(1, num_warps // 4)
@@ -533,8 +533,8 @@ class GluonConfig(NamedTuple):
 #: launched with one program per tile (session 33) and persistent, one program per SM (the loader and the converter
 #: fill the rings for the next tile while the MMA warps store the last; no programs for the spare row groups of the
 #: grid's upper bound), and the 128-wide tile persistent with 7 activation stages. The 128-wide tiles' main rows run
-#: on warpgroups stacked along M (``stacked``: each wgmma 128 columns wide, half the shared-memory operand reads per
-#: product; H100 session 36, persistent 7 stages: gate_up 0.549 -> 0.527 ms, down 0.344 -> 0.336). All bit-exact on
+#: on warpgroups stacked along M (``stacked``: each wgmma 128 columns wide, a quarter fewer shared-memory operand
+#: bytes per product; H100 session 36, persistent 7 stages: gate_up 0.549 -> 0.527 ms, down 0.344 -> 0.336). All bit-exact on
 #: the H100 at Qwen3 shapes. The probe, ``benchmarks/probe_gluon_qat_fp8.py``, times more candidates and the inexact
 #: reciprocal ceilings.
 CONFIGS = (
