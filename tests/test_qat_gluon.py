@@ -17,23 +17,21 @@ gluon_module = pytest.importorskip("moeq.runtime.kernels.qat_gluon", reason="thi
 HOPPER_SHARED_BYTES = 232448
 
 
-def assert_wgmma_pipelined(kernel) -> None:
-    """ptxas kept the MMA partition's wgmmas in flight: the SASS waits for all of them (``WARPGROUP.DEPBAR.LE gsb0,
-    0x0``) only after each branch's k-loop, two in all. Serialized, it waits after every wgmma (ptxas's C7514 /
-    C7515 notes, which an accumulator copied across a branch once caused)."""
-    from triton.tools.disasm import get_sass
+def assert_wgmmas(kernel, config) -> None:
+    """In the SASS (disassembled once):
 
-    assert get_sass(kernel.asm["cubin"]).count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2
-
-
-def assert_wgmma_width(kernel, config) -> None:
-    """A stacked configuration's main rows run wgmmas as wide as the tile (``64 x bn``), its tail rows as wide as a
-    warpgroup's share of the columns (warpgroups side by side); otherwise every wgmma is that share."""
+    - ptxas kept the MMA partition's wgmmas in flight: it waits for all of them (``WARPGROUP.DEPBAR.LE gsb0, 0x0``)
+      only after each branch's k-loop, two in all. Serialized, it waits after every wgmma (ptxas's C7514 / C7515
+      notes, which an accumulator copied across a branch once caused);
+    - a stacked configuration's main rows run wgmmas as wide as the tile (``64 x bn``), its tail rows as wide as a
+      warpgroup's share of the columns (warpgroups side by side); otherwise every wgmma is that share."""
     import re
 
     from triton.tools.disasm import get_sass
 
-    widths = {int(n) for n in re.findall(r"[HQ]GMMA\.64x(\d+)x", get_sass(kernel.asm["cubin"]))}
+    sass = get_sass(kernel.asm["cubin"])
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2
+    widths = {int(n) for n in re.findall(r"[HQ]GMMA\.64x(\d+)x", sass)}
     share = config.bn // max(1, config.mma_warps // 4)
     assert widths == ({config.bn, share} if config.stacked else {share}), widths
 
@@ -60,8 +58,7 @@ def test_every_config_compiles_for_sm90(config, num_experts, tmp_path, monkeypat
     assert "fma.rn.f32" in ptx  # Markstein's quotient
     assert "setmaxnreg" in ptx
     assert "st.local" not in ptx
-    assert_wgmma_pipelined(kernel)
-    assert_wgmma_width(kernel, config)
+    assert_wgmmas(kernel, config)
 
 
 @pytest.mark.parametrize("config", sorted({c._replace(persistent=False) for c in gluon_module.NVFP4_CONFIGS}),
@@ -77,8 +74,7 @@ def test_every_nvfp4_config_compiles_for_sm90(config, tmp_path, monkeypatch):
     assert "fma.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert "setmaxnreg" in ptx
     assert "st.local" not in ptx
-    assert_wgmma_pipelined(kernel)
-    assert_wgmma_width(kernel, config)
+    assert_wgmmas(kernel, config)
 
 
 def test_every_shipped_config_is_valid_and_bad_configs_are_named():

@@ -147,8 +147,8 @@ def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int,
         # at 34k rows, 3.1-3.6x at 4k); FP8 x FP8 quantizes once at large sizes (quantizes_once)
         return True
     if bf16_cuda and mode == "qat" and w_fmt == "nvfp4" and x_fmt == "nvfp4" and _gluon_qat_nvfp4():
-        # above the in-load bound the op fake-quantizes x once and multiplies with the Gluon kernel on sm_90 (1.27-1.44x
-        # the unfused path at 34k rows, session 35), elsewhere with the unfused path's own kernels (quantizes_nvfp4_once)
+        # above the in-load bound the op fake-quantizes x once and multiplies with the Gluon kernel on sm_90 (1.37-1.58x
+        # the unfused path at 34k rows, session 36), elsewhere with the unfused path's own kernels (quantizes_nvfp4_once)
         return True
     if not isinstance(rows, int):
         return False

@@ -234,8 +234,8 @@ WEIGHT_PASS_IN_GEMM = False
 #: :mod:`moeq.runtime.kernels.qat_gluon` on Hopper, converting the bf16 weight to its codes in shared memory,
 #: instead of a codes pass to HBM and then the codes GEMM (same products bit for bit). H100, Qwen3-30B-A3B shapes at
 #: 34k rows (BENCHMARKS.md, session 34): gate_up 0.573 vs 0.75 ms, down 0.349 vs 0.417 ms for the whole op (bf16
-#: ``torch._grouped_mm``: 0.579 / 0.341); at 16k rows 1.25-1.35x faster than the two launches. Session 35: 0.548 /
-#: 0.343 ms (1.06x / 1.03x bf16 in that run).
+#: ``torch._grouped_mm``: 0.579 / 0.341); at 16k rows 1.25-1.35x faster than the two launches. Session 36 (stacked
+#: MMA warpgroups): 0.521 / 0.335 ms (1.13x / 1.01x bf16, medians of 3 rounds).
 #: Operands it cannot take (:func:`~moeq.runtime.kernels.qat_gluon.unsupported_reason`) keep the two launches.
 GLUON_QAT_FP8 = True
 #: mean routed rows per expert up to which the Gluon kernel is used: a program takes up to 256 + 64 rows of one
@@ -277,8 +277,8 @@ def dequantizes_weight_first(w_mode: str, x_mode: str | None, rows: int, num_exp
 QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT = 16
 #: whether QAT NVFP4 above :data:`QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT` rows per expert multiplies with the Gluon kernel
 #: on Hopper (bf16 ``wgmma`` on NVFP4 values made in shared memory). H100, Qwen3-30B-A3B shapes at 34k rows
-#: (BENCHMARKS.md, session 35): gate_up 0.83 ms against 1.19 ms for the weight pass + ``torch._grouped_mm``, down
-#: 0.49 against 0.63 (bf16 ``torch._grouped_mm`` 0.56 / 0.33).
+#: (BENCHMARKS.md, session 36): gate_up 0.78 ms against 1.21 ms for the weight pass + ``torch._grouped_mm``, down
+#: 0.45 against 0.64 (bf16 ``torch._grouped_mm`` 0.58 / 0.34).
 GLUON_QAT_NVFP4 = True
 
 
