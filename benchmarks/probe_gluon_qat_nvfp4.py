@@ -26,11 +26,17 @@ from probes import ProbeTable, probe_inputs, qwen3_probe_main  # noqa: E402
 
 from moeq.formats import get_format  # noqa: E402
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts  # noqa: E402
-from moeq.runtime.kernels.qat_gluon import NVFP4_CONFIGS, GluonConfig, qat_nvfp4_gluon_gemm  # noqa: E402
+from moeq.runtime.kernels.qat_gluon import (  # noqa: E402
+    NVFP4_CONFIGS,
+    REGISTER_A_CONFIGS,
+    GluonConfig,
+    qat_nvfp4_gluon_gemm,
+)
 
 #: moeq's configurations (the operand converter, ``numerics.fake_quant_nvfp4_operand``), the first with the exact
 #: converter, the first with two converted stages, session 34's configuration (one 16-block a thread), and both
-#: configurations with session 35's accumulator layout (warpgroups side by side along N, not stacked)
+#: configurations with session 35's accumulator layout (warpgroups side by side along N, not stacked), then the
+#: experimental register-operand form (indices 7-9)
 VARIANTS = [
     *NVFP4_CONFIGS,
     NVFP4_CONFIGS[0]._replace(exact=1),
@@ -38,6 +44,7 @@ VARIANTS = [
     GluonConfig(256, 64, 128, 32, 5, 4, 3, 2, 4, 80, 8, 128, 2, persistent=True, nvfp4=True),
     NVFP4_CONFIGS[0]._replace(stacked=False),
     NVFP4_CONFIGS[1]._replace(stacked=False),
+    *REGISTER_A_CONFIGS,
 ]
 
 

@@ -77,6 +77,27 @@ def test_every_nvfp4_config_compiles_for_sm90(config, tmp_path, monkeypatch):
     assert_wgmmas(kernel, config)
 
 
+@pytest.mark.parametrize("config", [c._replace(persistent=False) for c in gluon_module.REGISTER_A_CONFIGS],
+                         ids=lambda c: c.name)  # fmt: skip
+def test_register_operand_configs_compile_for_sm90(config, tmp_path, monkeypatch):
+    """The experimental register-operand form: within Hopper's shared memory, the weight as wgmma's A operand from
+    registers (``HGMMA.64x256x16.F32.BF16 Rd, Ra, gdesc``: A is a register, B a shared-memory descriptor) for the
+    main rows and 64 wide for the tail, Markstein's quotient, wgmmas in flight across the k-loop."""
+    import re
+
+    from triton.tools.disasm import get_sass
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    assert config.problem() is None
+    kernel = config.compile_for_sm90()
+    assert kernel.metadata.shared <= HOPPER_SHARED_BYTES, kernel.metadata.shared
+    assert "fma.rn.f32" in kernel.asm["ptx"] and "setmaxnreg" in kernel.asm["ptx"]
+    sass = get_sass(kernel.asm["cubin"])
+    assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, R\d+, gdesc", sass)
+    assert re.search(r"HGMMA\.64x64x16\.F32\.BF16 R\d+, R\d+, gdesc", sass)
+    assert_wgmma_pipelined(kernel)
+
+
 def test_every_shipped_config_is_valid_and_bad_configs_are_named():
     """``GluonConfig.problem`` passes every configuration moeq ships, and names what is wrong with one that cannot
     build (compiling it raises with that text) instead of leaving it to a Gluon layout error."""

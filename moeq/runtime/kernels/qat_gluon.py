@@ -82,6 +82,7 @@ from moeq.runtime.kernels.numerics import (
     fake_quant_nvfp4_operand,
     fp8_scale,
     lean_quotient,
+    max_keeping_nan,
     nvfp4_block_divisor,
     safe_divisor,
 )
@@ -435,6 +436,145 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
     )  # fmt: skip
 
 
+@gluon.jit
+def _store_codes(codes_ptr, q, first_row, end_row, first_col, K, L: gl.constexpr):
+    """Write a converted tile ``q`` (rows from ``first_row``, columns from ``first_col``) to ``codes_ptr`` (tests),
+    within the expert's rows (``end_row``) and K's columns."""
+    r = first_row + gl.arange(0, q.shape[0], layout=gl.SliceLayout(1, L))
+    c = first_col + gl.arange(0, q.shape[1], layout=gl.SliceLayout(0, L))
+    mask = (r < end_row)[:, None] & (c < K)[None, :]
+    gl.store(codes_ptr + r.to(gl.int64)[:, None] * K + c[None, :], q, mask=mask)
+
+
+@gluon.jit
+def _nvfp4_in_registers(w, g, six_g, inv_six_g, g_fast):
+    """A bf16 weight tile held as the wgmma's register operand, fake-quantized in place (``numerics.
+    fake_quant_nvfp4_operand``): each 16-block's amax is a shuffle reduction across the four lanes that hold it."""
+    BN: gl.constexpr = w.shape[0]
+    BK: gl.constexpr = w.shape[1]
+    b = w.to(gl.float32).reshape([BN, BK // 16, 16])
+    block_amax = gl.reduce(gl.abs(b), 2, max_keeping_nan)[:, :, None]
+    q = fake_quant_nvfp4_operand(b, block_amax, g, six_g, inv_six_g, g_fast, False)
+    return gl.convert_layout(q.reshape([BN, BK]), w.type.layout).to(gl.bfloat16)
+
+
+@gluon.jit
+def _store_transposed(out_ptr, acc, first, row_end, pid_n, N, stride_om):
+    """``acc [BN, rows]`` (the product's transpose) stored bf16 into rows ``first..`` (below ``row_end``)."""
+    layout: gl.constexpr = acc.type.layout
+    cols = pid_n * acc.shape[0] + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
+    rows = first + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
+    mask = (cols < N)[:, None] & (rows < row_end)[None, :]
+    gl.store(out_ptr + rows.to(gl.int64)[None, :] * stride_om + cols[:, None], acc.to(gl.bfloat16), mask=mask)
+
+
+@gluon.jit
+def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N, K,
+                           NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, WRITE_CODES: gl.constexpr):  # fmt: skip
+    """QAT NVFP4 with the weight as the register operand (``out^T = fq(w)^T x^T``, CUTLASS's mixed-input form): the
+    same warps load each bf16 weight tile from shared memory into the wgmma's A-operand layout, fake-quantize it in
+    registers and multiply it by the activation tiles (B, in shared memory), converting step i + 1 while step i's
+    wgmmas run. No converter warps, no shared-memory round trip of the converted values."""
+    BM: gl.constexpr = x8.shape[1]
+    BT: gl.constexpr = xt8.shape[1]
+    BK: gl.constexpr = x8.shape[2]
+    BN: gl.constexpr = w16.shape[1]
+    S16: gl.constexpr = w16.shape[0]
+    main_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                     instr_shape=[16, BM, 16])  # fmt: skip
+    tail_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                     instr_shape=[16, BT, 16])  # fmt: skip
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=main_l, k_width=2)
+    a_tail_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=tail_l, k_width=2)
+    total = _group_count(offs_ptr, M, NUM_EXPERTS, E_POW2, BM + BT) * gl.cdiv(N, BN)
+    it = 0
+    for tile in range(gl.program_id(0), total, gl.num_programs(0)):
+        e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BM + BT, BN, BK)
+        has_tail = row_end - row_start > BM
+        g = gl.div_rn(gl.load(w_amax_ptr + e), NVFP4_GLOBAL_DIVISOR)
+        g_fast = (g >= NVFP4_FAST_G_MIN) & (g <= NVFP4_FAST_G_MAX)
+        six_g, inv_six_g = nvfp4_block_divisor(g)
+        codes_row = e * N + pid_n * BN
+        q_prev = gl.zeros([BN, BK], gl.bfloat16, a_l)  # the registers the wgmma in flight reads
+        if has_tail:
+            acc = gl.zeros([BN, BM], gl.float32, main_l)
+            acc_t = gl.zeros([BN, BT], gl.float32, tail_l)
+            for i in range(k_tiles):
+                s = it % S16
+                mbarrier.wait(r16.index(s), (it // S16) & 1)
+                q = _nvfp4_in_registers(w16.index(s).load(a_l), g, six_g, inv_six_g, g_fast)
+                mbarrier.arrive(e16.index(s))
+                if WRITE_CODES:
+                    _store_codes(codes_ptr, q, codes_row, e * N + N, i * BK, K, a_l)
+                sx = it % x8.shape[0]
+                mbarrier.wait(rx.index(sx), (it // x8.shape[0]) & 1)
+                acc = warpgroup_mma(q, x8.index(sx).permute((1, 0)), acc, is_async=True)
+                acc_t = warpgroup_mma(gl.convert_layout(q, a_tail_l), xt8.index(sx).permute((1, 0)), acc_t,
+                                      is_async=True)  # fmt: skip
+                acc, acc_t, q_prev, q = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_t, q_prev, q))
+                mbarrier.arrive(ex.index((it - 1 + x8.shape[0]) % x8.shape[0]), pred=i > 0)
+                q_prev = q
+                it += 1
+            acc, acc_t, q_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t, q_prev))
+            mbarrier.arrive(ex.index((it - 1 + x8.shape[0]) % x8.shape[0]), pred=k_tiles > 0)
+            _store_transposed(out_ptr, acc, row_start, row_end, pid_n, N, stride_om)
+            _store_transposed(out_ptr, acc_t, row_start + BM, row_end, pid_n, N, stride_om)
+        else:
+            acc = gl.zeros([BN, BM], gl.float32, main_l)
+            for i in range(k_tiles):
+                s = it % S16
+                mbarrier.wait(r16.index(s), (it // S16) & 1)
+                q = _nvfp4_in_registers(w16.index(s).load(a_l), g, six_g, inv_six_g, g_fast)
+                mbarrier.arrive(e16.index(s))
+                if WRITE_CODES:
+                    _store_codes(codes_ptr, q, codes_row, e * N + N, i * BK, K, a_l)
+                sx = it % x8.shape[0]
+                mbarrier.wait(rx.index(sx), (it // x8.shape[0]) & 1)
+                acc = warpgroup_mma(q, x8.index(sx).permute((1, 0)), acc, is_async=True)
+                acc, q_prev, q = warpgroup_mma_wait(num_outstanding=1, deps=(acc, q_prev, q))
+                mbarrier.arrive(ex.index((it - 1 + x8.shape[0]) % x8.shape[0]), pred=i > 0)
+                q_prev = q
+                it += 1
+            acc, q_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, q_prev))
+            mbarrier.arrive(ex.index((it - 1 + x8.shape[0]) % x8.shape[0]), pred=k_tiles > 0)
+            _store_transposed(out_ptr, acc, row_start, row_end, pid_n, N, stride_om)
+
+
+@gluon.jit
+def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
+                          stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
+                          WRITE_CODES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """QAT NVFP4 with the weight as wgmma's register operand: a 1-warp TMA loader and the ``num_warps`` warps of
+    :func:`_convert_mma_partition`, which convert and multiply (experimental; session 36)."""
+    BM: gl.constexpr = x_desc.block_type.shape[0]
+    BT: gl.constexpr = xt_desc.block_type.shape[0]
+    BK: gl.constexpr = x_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    x8 = gl.allocate_shared_memory(gl.bfloat16, [SX, BM, BK], x_desc.layout)
+    xt8 = gl.allocate_shared_memory(gl.bfloat16, [SX, BT, BK], xt_desc.layout)
+    w16 = gl.allocate_shared_memory(gl.bfloat16, [S16, BN, BK], w_desc.layout)
+    rx = gl.allocate_shared_memory(gl.int64, [SX, 1], mbarrier.MBarrierLayout())
+    ex = gl.allocate_shared_memory(gl.int64, [SX, 1], mbarrier.MBarrierLayout())
+    r16 = gl.allocate_shared_memory(gl.int64, [S16, 1], mbarrier.MBarrierLayout())
+    e16 = gl.allocate_shared_memory(gl.int64, [S16, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(SX):
+        mbarrier.init(rx.index(s), count=1)
+        mbarrier.init(ex.index(s), count=1)
+    for s in gl.static_range(S16):
+        mbarrier.init(r16.index(s), count=1)
+        mbarrier.init(e16.index(s), count=1)
+    gl.warp_specialize(
+        [
+            (_convert_mma_partition, (x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N,
+                                      K, NUM_EXPERTS, stride_om, E_POW2, WRITE_CODES)),
+            (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
+                               NUM_EXPERTS, E_POW2)),
+        ],
+        [1],
+        [24],
+    )  # fmt: skip
+
+
 class GluonConfig(NamedTuple):
     """One launch configuration of :func:`qat_ws_kernel`."""
 
@@ -456,9 +596,13 @@ class GluonConfig(NamedTuple):
     persistent: bool = False  # one program per SM looping over the tiles (else one per tile)
     nvfp4: bool = False  # QAT NVFP4: bf16 fake-quantized activations, the weight fake-quantized to bf16, bf16 wgmma
     stacked: bool = False  # the main rows' warpgroups stacked along M, each wgmma all bn columns wide (acc_layout)
+    register_a: bool = False  # NVFP4, experimental: the weight as wgmma's register operand (qat_nvfp4_rega_kernel)
 
     @property
     def name(self) -> str:
+        if self.register_a:
+            return (f"gluon register-A NVFP4 {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16} "
+                    f"mma {self.mma_warps}w maxnreg {self.maxnreg}" + " persistent" * self.persistent)  # fmt: skip
         kinds = (
             ("NVFP4", "NVFP4 exact", "NVFP4 operand") if self.nvfp4 else ("RECIPROCAL (not exact)", "divide", "lean")
         )
@@ -472,6 +616,10 @@ class GluonConfig(NamedTuple):
         accumulator's rows whole 64-row wgmma blocks per warpgroup (``stacked``: the main rows split between the
         warpgroups) and every wgmma 8 to 256 columns wide."""
         groups = self.mma_warps // 4
+        if self.register_a and not (self.nvfp4 and self.bn == 64 * groups and self.bm <= 256 and self.bt <= 256):
+            return (f"register_a is QAT NVFP4 with 64 weight rows per warpgroup (bn = {64 * groups}) and at most 256 "
+                    f"main and 256 tail rows (wgmma's n), got nvfp4={self.nvfp4}, bn={self.bn}, bm={self.bm}, "
+                    f"bt={self.bt}")  # fmt: skip
         if self.mma_warps % 4 or groups not in (1, 2):
             return f"mma_warps must be 4 or 8 (one or two warpgroups), got {self.mma_warps}"
         if self.bm % (64 * (groups if self.stacked else 1)) or self.bt % 64:
@@ -500,6 +648,9 @@ class GluonConfig(NamedTuple):
 
     def constexprs(self, num_experts: int, write_codes: bool = False, x_per_expert: bool = False,
                    skip: int = 0) -> dict:  # fmt: skip
+        if self.register_a:
+            return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16,
+                        WRITE_CODES=write_codes, num_warps=self.mma_warps)  # fmt: skip
         return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16, S8=self.s8,
                     SPLIT=self.split, CONV_WARPS=self.conv_warps, CONV_REGS=self.conv_regs, WRITE_CODES=write_codes,
                     EXACT=self.exact, X_PER_EXPERT=x_per_expert, NVFP4=self.nvfp4, SKIP=skip, STACKED=self.stacked,
@@ -524,9 +675,11 @@ class GluonConfig(NamedTuple):
             "codes_ptr": f"*{x_type}",
             **dict.fromkeys(["M", "N", "K", "NUM_EXPERTS", "stride_om"], "i32"),
         }
+        if self.register_a:
+            del signature["x_amax_ptr"]
         constants = self.constexprs(num_experts, x_per_expert=x_per_expert)
         signature.update(dict.fromkeys(constants, "constexpr"))
-        source = GluonASTSource(qat_ws_kernel, signature, constants)
+        source = GluonASTSource(qat_nvfp4_rega_kernel if self.register_a else qat_ws_kernel, signature, constants)
         options = {"num_warps": self.mma_warps, "maxnreg": self.maxnreg}
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -548,6 +701,12 @@ CONFIGS = (
     GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, stacked=True),
     GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, persistent=True),
     GluonConfig(256, 64, 128, 64, 7, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, stacked=True),
+)
+#: the experimental register-operand form of QAT NVFP4 (:func:`qat_nvfp4_rega_kernel`; compiled, not yet run on a GPU,
+#: so :func:`tuned_config` never picks it): 8 converting-and-multiplying warps at 240 registers, a 1-warp loader
+REGISTER_A_CONFIGS = tuple(
+    GluonConfig(256, 64, 128, bk, sx, s16, 0, 0, 0, 0, 8, 168, 2, persistent=True, nvfp4=True, register_a=True)
+    for bk, sx, s16 in ((64, 3, 4), (64, 4, 3), (32, 6, 8))
 )
 #: QAT NVFP4's candidates (:func:`qat_nvfp4_gluon_gemm`): bf16 activations and bf16 weight values in shared memory,
 #: so fewer stages than FP8's at the same depth, and the operand converter (``numerics.fake_quant_nvfp4_operand``)
@@ -665,6 +824,11 @@ def _launch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.
         tiles = (cdiv(m, config.bm + config.bt) + min(num_experts, m)) * cdiv(n, config.bn)  # at most
         grid = (min(tiles, _sm_count(x.device.index)) if config.persistent else tiles,)
         consts = config.constexprs(num_experts, codes is not None, x_amax.numel() > 1, skip)
+        if config.register_a:
+            qat_nvfp4_rega_kernel[grid](x_desc, xt_desc, w_desc, out, offs, w_amax,
+                                        codes if codes is not None else out, m, n, k, num_experts, out.stride(0),
+                                        maxnreg=config.maxnreg, **consts)  # fmt: skip
+            return
         qat_ws_kernel[grid](x_desc, xt_desc, w_desc, out, offs, w_amax, x_amax,
                             codes if codes is not None else out, m, n, k, num_experts, out.stride(0),
                             maxnreg=config.maxnreg, **consts)  # fmt: skip
