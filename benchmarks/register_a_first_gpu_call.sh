@@ -6,5 +6,5 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
-timeout -s INT 240 python benchmarks/probe_gluon_qat_nvfp4.py --variants 0,7,8,9 --decompose "" --out $OUT/probe.json > $OUT/probe.log 2>&1; echo probe rc $?
+timeout -s INT 240 python benchmarks/probe_gluon_qat_nvfp4.py --variants 0,7,8,9 --decompose 7 --out $OUT/probe.json > $OUT/probe.log 2>&1; echo probe rc $?
 grep -v launching $OUT/probe.log | cut -c1-200 | tail -30

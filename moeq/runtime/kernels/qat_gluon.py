@@ -459,6 +459,15 @@ def _nvfp4_in_registers(w, g, six_g, inv_six_g, g_fast):
 
 
 @gluon.jit
+def _register_operand(w, g, six_g, inv_six_g, g_fast, SKIP: gl.constexpr):
+    """The wgmma's A operand: the weight tile fake-quantized (``SKIP`` 1, a probe's decomposition: as loaded)."""
+    gl.static_assert(SKIP <= 1, "the register-operand kernel decomposes only as SKIP=1 (no conversion)")
+    if SKIP == 1:
+        return w
+    return _nvfp4_in_registers(w, g, six_g, inv_six_g, g_fast)
+
+
+@gluon.jit
 def _store_transposed(out_ptr, acc, first, row_end, pid_n, N, stride_om):
     """``acc [BN, rows]`` (the product's transpose) stored bf16 into rows ``first..`` (below ``row_end``)."""
     layout: gl.constexpr = acc.type.layout
@@ -470,7 +479,8 @@ def _store_transposed(out_ptr, acc, first, row_end, pid_n, N, stride_om):
 
 @gluon.jit
 def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N, K,
-                           NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, WRITE_CODES: gl.constexpr):  # fmt: skip
+                           NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, WRITE_CODES: gl.constexpr,
+                           SKIP: gl.constexpr):  # fmt: skip
     """QAT NVFP4 with the weight as the register operand (``out^T = fq(w)^T x^T``, CUTLASS's mixed-input form): the
     same warps load each bf16 weight tile from shared memory into the wgmma's A-operand layout, fake-quantize it in
     registers and multiply it by the activation tiles (B, in shared memory), converting step i + 1 while step i's
@@ -502,7 +512,7 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_
             for i in range(k_tiles):
                 s = it % S16
                 mbarrier.wait(r16.index(s), (it // S16) & 1)
-                q = _nvfp4_in_registers(w16.index(s).load(a_l), g, six_g, inv_six_g, g_fast)
+                q = _register_operand(w16.index(s).load(a_l), g, six_g, inv_six_g, g_fast, SKIP)
                 mbarrier.arrive(e16.index(s))
                 if WRITE_CODES:
                     _store_codes(codes_ptr, q, codes_row, e * N + N, i * BK, K, a_l)
@@ -524,7 +534,7 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_
             for i in range(k_tiles):
                 s = it % S16
                 mbarrier.wait(r16.index(s), (it // S16) & 1)
-                q = _nvfp4_in_registers(w16.index(s).load(a_l), g, six_g, inv_six_g, g_fast)
+                q = _register_operand(w16.index(s).load(a_l), g, six_g, inv_six_g, g_fast, SKIP)
                 mbarrier.arrive(e16.index(s))
                 if WRITE_CODES:
                     _store_codes(codes_ptr, q, codes_row, e * N + N, i * BK, K, a_l)
@@ -543,7 +553,7 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_
 @gluon.jit
 def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
                           stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
-                          WRITE_CODES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                          WRITE_CODES: gl.constexpr, SKIP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """QAT NVFP4 with the weight as wgmma's register operand: a 1-warp TMA loader and the ``num_warps`` warps of
     :func:`_convert_mma_partition`, which convert and multiply (experimental; session 36)."""
     BM: gl.constexpr = x_desc.block_type.shape[0]
@@ -566,7 +576,7 @@ def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr
     gl.warp_specialize(
         [
             (_convert_mma_partition, (x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N,
-                                      K, NUM_EXPERTS, stride_om, E_POW2, WRITE_CODES)),
+                                      K, NUM_EXPERTS, stride_om, E_POW2, WRITE_CODES, SKIP)),
             (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
                                NUM_EXPERTS, E_POW2)),
         ],
@@ -650,7 +660,7 @@ class GluonConfig(NamedTuple):
                    skip: int = 0) -> dict:  # fmt: skip
         if self.register_a:
             return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16,
-                        WRITE_CODES=write_codes, num_warps=self.mma_warps)  # fmt: skip
+                        WRITE_CODES=write_codes, SKIP=skip, num_warps=self.mma_warps)  # fmt: skip
         return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16, S8=self.s8,
                     SPLIT=self.split, CONV_WARPS=self.conv_warps, CONV_REGS=self.conv_regs, WRITE_CODES=write_codes,
                     EXACT=self.exact, X_PER_EXPERT=x_per_expert, NVFP4=self.nvfp4, SKIP=skip, STACKED=self.stacked,
