@@ -36,7 +36,7 @@ from moeq.runtime.kernels.qat_gluon import (  # noqa: E402
 #: moeq's configurations (the operand converter, ``numerics.fake_quant_nvfp4_operand``), the first with the exact
 #: converter, the first with two converted stages, session 34's configuration (one 16-block a thread), and both
 #: configurations with session 35's accumulator layout (warpgroups side by side along N, not stacked), then the
-#: experimental register-operand form (indices 7-9)
+#: experimental register-operand forms (indices 7-11: 7-8 whole 16-blocks a lane, K permuted; 9-11 the plain A layout)
 VARIANTS = [
     *NVFP4_CONFIGS,
     NVFP4_CONFIGS[0]._replace(exact=1),
@@ -73,11 +73,22 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
     table.record("torch._grouped_mm bf16", lambda: torch._grouped_mm(p.x, p.w, p.offs))
     table.record("unfused QAT NVFP4 (fake-quant passes + _grouped_mm)", unfused)
     xq = fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4")
+    xq_permuted = fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4", in_wgmma_k_order=True)
+
+    def gemm(v, x_fq=None, **kw):
+        """``x_fq`` (else the fake-quant pass, timed with the op) in the order configuration ``v`` takes."""
+        permuted = v.register_a == 2
+        if x_fq is None:
+            x_fq = fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4", in_wgmma_k_order=permuted)
+        elif permuted:
+            x_fq = xq_permuted
+        return qat_nvfp4_gluon_gemm(x_fq, p.w, p.offs, p.w_amax, config=v, x_in_wgmma_k_order=permuted, **kw)
+
     for v in [VARIANTS[i] for i in CHOSEN]:
         print(f"{label:14s} {v.name}: launching", flush=True)
         try:
             codes = torch.zeros_like(p.w_nk)
-            qat_nvfp4_gluon_gemm(xq, p.w, p.offs, p.w_amax, config=v, codes=codes)
+            gemm(v, xq, codes=codes)
             torch.cuda.synchronize()
             if v.exact == 1:  # bit for bit; the operand converter's values (a zero's sign not kept)
                 same = torch.equal(codes.view(torch.int16), wq_ref.view(torch.int16))
@@ -89,15 +100,18 @@ def run_case(label: str, k: int, n: int, rows: int) -> list[dict]:
         except Exception as exc:
             print(f"{label:14s} {v.name}: ERROR {str(exc)[:300]}", flush=True)
             continue
-        table.record(v.name, lambda v=v: qat_nvfp4_gluon_gemm(
-            fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4"), p.w, p.offs, p.w_amax, config=v))  # fmt: skip
-        table.record(f"{v.name} [kernel only]", lambda v=v: qat_nvfp4_gluon_gemm(xq, p.w, p.offs, p.w_amax, config=v))
+        table.record(v.name, lambda v=v: gemm(v))
+        table.record(f"{v.name} [kernel only]", lambda v=v: gemm(v, xq))
     for v in [VARIANTS[i] for i in DECOMPOSED]:
         decomposition = ((1, "no conversion"), (2, "no MMA"), (3, "loads only"))
         for skip, what in decomposition[:1] if v.register_a else decomposition:  # one role does both
-            table.record(f"{v.name} [{what}]", lambda v=v, skip=skip: qat_nvfp4_gluon_gemm(
-                xq, p.w, p.offs, p.w_amax, config=v, skip=skip), checked=False)  # fmt: skip
+            table.record(f"{v.name} [{what}]", lambda v=v, skip=skip: gemm(v, xq, skip=skip), checked=False)
     table.record("fake_quant_act NVFP4 alone", lambda: fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4"), checked=False)
+    table.record(
+        "fake_quant_act NVFP4 alone, wgmma k order",
+        lambda: fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4", in_wgmma_k_order=True),
+        checked=False,
+    )
     return table.print()
 
 

@@ -1,10 +1,15 @@
-# Session 36 left branch gluon-register-a: QAT NVFP4 with the weight as wgmma's register operand
-# (qat_gluon.qat_nvfp4_rega_kernel, REGISTER_A_CONFIGS), compiled for sm_90 but never run. On that branch
-# (git checkout gluon-register-a), its first GPU call: the probe checks each variant's weight values against
-# fake_quant_experts and its output against the float64 reference, then times it beside the shipped configuration.
-# If a variant hangs, the timeout kills it: look for a barrier phase error in _convert_mma_partition.
+# Branch gluon-register-a: QAT NVFP4 with the weight as wgmma's register operand (qat_gluon.qat_nvfp4_rega_kernel,
+# REGISTER_A_CONFIGS), compiled for sm_90 but never run. Its first GPU call (git checkout gluon-register-a; carry
+# .whl): the GPU tests check the weight values against formats' fake quant and the output against float64, then the
+# probe checks the same at Qwen3 shapes and times variants 7-8 (whole 16-blocks a lane, K permuted: 15.7 instructions a
+# weight element in the k-loop's SASS), 9 (the plain A layout: 20.2) beside the shipped configuration 0, and
+# decomposes 7 (SKIP=1, no conversion). A hang is the timeout's: look for a barrier phase error in
+# _convert_mma_partition.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
+timeout -s INT 150 python -m pytest -p no:cacheprovider tests/test_gpu.py -rA --tb=short -q \
+  -k "register_operand or qat_nvfp4_gluon_gemm_cuda" > $OUT/tests.log 2>&1; echo tests rc $?
+grep -E "passed|failed|^FAILED|^E " $OUT/tests.log | cut -c1-200 | head -12
 timeout -s INT 240 python benchmarks/probe_gluon_qat_nvfp4.py --variants 0,7,8,9 --decompose 7 --out $OUT/probe.json > $OUT/probe.log 2>&1; echo probe rc $?
-grep -v launching $OUT/probe.log | cut -c1-200 | tail -30
+grep -v launching $OUT/probe.log | cut -c1-200 | tail -34

@@ -439,6 +439,43 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
         assert not got[rows:].any(), config
 
 
+@pytest.mark.parametrize(
+    ("counts", "k", "n"),
+    [([300, 0, 1, 330, 64, 0, 257, 700, 17, 320, 321], 768, 1024), ([5, 400, 0], 2000, 200)],
+    ids=["tails-and-second-groups", "k-and-n-not-tile-multiples"],
+)
+def test_qat_nvfp4_register_operand_cuda(counts, k, n):
+    """The experimental register-operand QAT NVFP4 kernel (``REGISTER_A_CONFIGS``): the weight values it makes in
+    registers equal formats' NVFP4 ``fake_quant`` as values, and its output is within the fp32 accumulation bound of
+    the float64 product, unrouted rows zero; the whole-16-blocks-a-lane form with the activations in ``wgmma_k_order``
+    (written so by ``fake_quant_act``, or permuted by the launcher), which needs K a multiple of 64."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel needs sm_90")
+    from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+    from moeq.runtime.kernels.qat_gluon import REGISTER_A_CONFIGS, qat_nvfp4_gluon_gemm
+
+    offs, x, w_nk, amax = _gluon_operands(counts, k, n, torch.Generator().manual_seed(11))
+    num_experts, rows = len(counts), int(offs[-1])
+    wq_ref = get_format("nvfp4").fake_quant(w_nk, amax.view(-1, 1, 1))
+    x_amax = torch.tensor([3.0], device="cuda")
+    x_fq = fake_quant_act(x.cuda(), offs.cuda(), x_amax, "nvfp4")
+    ref, magnitude = _codes_product(x_fq.cpu(), wq_ref, offs, torch.ones(num_experts, dtype=torch.float64))
+    routed = torch.tensor(counts) > 0
+    for config in REGISTER_A_CONFIGS:
+        if config.register_a == 2 and k % 64:
+            continue
+        for permuted_by_act_pass in (False, True)[: 1 + (config.register_a == 2)]:
+            codes = torch.zeros(num_experts, n, k, dtype=torch.bfloat16, device="cuda")
+            x_in = fake_quant_act(x.cuda(), offs.cuda(), x_amax, "nvfp4", in_wgmma_k_order=True) \
+                if permuted_by_act_pass else x_fq  # fmt: skip
+            got = qat_nvfp4_gluon_gemm(x_in, w_nk.cuda().transpose(1, 2), offs.cuda(), amax.cuda(), config=config,
+                                       codes=codes, x_in_wgmma_k_order=permuted_by_act_pass)  # fmt: skip
+            assert torch.equal(codes.cpu()[routed], wq_ref[routed]), config
+            err = (got.cpu().double() - ref).abs()
+            assert (err <= 2.0**-8 * magnitude + 2.0**-8 * ref.abs() + 1e-30).all(), config
+            assert not got[rows:].any(), config
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 def test_dequant_weight_cuda_bit_exact(fmt, dtype):

@@ -77,12 +77,34 @@ def test_every_nvfp4_config_compiles_for_sm90(config, tmp_path, monkeypatch):
     assert_wgmmas(kernel, config)
 
 
+def k_loops(sass: str) -> list[list[str]]:
+    """The instructions of each k-loop in ``sass`` (``triton.tools.disasm.get_sass``'s listing: ``LBB<n>:`` labels, one
+    instruction a line after its control codes): a backward branch's body that issues wgmmas and loads nothing from
+    global memory (the tile loop around it loads the expert's offsets and amax)."""
+    import re
+
+    code, labels, loops = [], {}, []
+    for line in sass.splitlines():
+        if re.fullmatch(r"\w+:", line.strip()):
+            labels[line.strip()[:-1]] = len(code)
+        elif "\t" in line:
+            code.append(line.split("\t", 1)[1].strip())
+            target = re.search(r"BRA\W*(\w+)", code[-1])
+            if target and target.group(1) in labels:
+                body = code[labels[target.group(1)] :]
+                if any("GMMA" in t for t in body) and not any("LDG" in t for t in body):
+                    loops.append(body)
+    return loops
+
+
 @pytest.mark.parametrize("config", [c._replace(persistent=False) for c in gluon_module.REGISTER_A_CONFIGS],
                          ids=lambda c: c.name)  # fmt: skip
 def test_register_operand_configs_compile_for_sm90(config, tmp_path, monkeypatch):
     """The experimental register-operand form: within Hopper's shared memory, the weight as wgmma's A operand from
     registers (``HGMMA.64x256x16.F32.BF16 Rd, Ra, gdesc``: A is a register, B a shared-memory descriptor) for the
-    main rows and 64 wide for the tail, Markstein's quotient, wgmmas in flight across the k-loop."""
+    main rows and 64 wide for the tail, Markstein's quotient, wgmmas in flight across the k-loop. With whole
+    16-blocks a lane (``register_a=2``) the k-loops load the weight with 16-byte shared loads and move no data between
+    lanes: no shuffle, no shared-memory store, so the permuted K order costs nothing in the loop."""
     import re
 
     from triton.tools.disasm import get_sass
@@ -96,6 +118,35 @@ def test_register_operand_configs_compile_for_sm90(config, tmp_path, monkeypatch
     assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, R\d+, gdesc", sass)
     assert re.search(r"HGMMA\.64x64x16\.F32\.BF16 R\d+, R\d+, gdesc", sass)
     assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2  # in flight across the k-loop (assert_wgmmas)
+    loops = k_loops(sass)
+    assert loops
+    for body in loops:
+        text = "\n".join(body)
+        if config.register_a == 2:
+            assert "LDS.128" in text and not re.search(r"SHFL|STS|LDSM", text), text
+        else:
+            assert "LDSM" in text and "SHFL.BFLY" in text
+
+
+def test_wgmma_k_order_gives_each_lane_whole_blocks():
+    """``fake_quant_act.wgmma_k_order``: in each 64-chunk, the wgmma A-operand slots of lane ``t`` of a quad (``16 c + 2
+    t + {0, 1, 8, 9}`` of each 16-chunk ``c``, PTX's register fragment for ``wgmma .bf16``) hold the whole 16-block
+    ``t``, and the permuted activations times the weight permuted alike is the product (float64)."""
+    from moeq.runtime.kernels.fake_quant_act import wgmma_k_order
+
+    k_at_slot = wgmma_k_order(torch.arange(128).view(1, 128))[0]
+    for chunk in range(2):
+        for lane in range(4):
+            slots = [64 * chunk + 16 * c + 2 * lane + d for c in range(4) for d in (0, 1, 8, 9)]
+            assert sorted(k_at_slot[slots].tolist()) == list(range(64 * chunk + 16 * lane, 64 * chunk + 16 * lane + 16))
+    gen = torch.Generator().manual_seed(3)
+    x, w = (
+        torch.randn(5, 192, generator=gen, dtype=torch.float64),
+        torch.randn(192, 7, generator=gen, dtype=torch.float64),
+    )
+    torch.testing.assert_close(wgmma_k_order(x) @ wgmma_k_order(w.T).T, x @ w)
+    with pytest.raises(ValueError, match="K = 96 is not a multiple of 64"):
+        wgmma_k_order(torch.zeros(2, 96))
 
 
 def test_every_shipped_config_is_valid_and_bad_configs_are_named():

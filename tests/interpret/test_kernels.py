@@ -146,6 +146,23 @@ def test_fake_quant_act_bit_exact(counts, shared, fmt, dtype, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fake_quant_act_in_wgmma_k_order(fmt, seed):
+    """``in_wgmma_k_order=True``: the same values as the reference op, each 64-chunk of K in ``wgmma_k_order`` (the
+    register-operand QAT NVFP4 kernel's order; the permutation applied by torch to the reference's output); a K that
+    is not a multiple of 64 is refused with the figure."""
+    from moeq.runtime.kernels.fake_quant_act import wgmma_k_order
+
+    x, offs = _routed(seed, torch.bfloat16, COUNTS[0], k=128)
+    amax = torch.linspace(0.5, 6.0, len(COUNTS[0]))
+    expected = wgmma_k_order(ops._fake_quant_act_reference(x, offs, amax, fmt, 0, -1))
+    assert_same_bits(kernels.fake_quant_act(x, offs, amax, fmt, in_wgmma_k_order=True), expected, fmt)
+    x48, offs48 = _routed(seed, torch.bfloat16, COUNTS[0], k=48)
+    with pytest.raises(ValueError, match="K = 48 is not a multiple of 64"):
+        kernels.fake_quant_act(x48, offs48, amax, fmt, in_wgmma_k_order=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("shape", "k_dim"), WEIGHT_SHAPES[:3])
 def test_fp8_weight_codes_bit_exact(shape, k_dim, dtype, seed):

@@ -31,10 +31,21 @@ from moeq.runtime.kernels.numerics import (
 )
 from moeq.runtime.kernels.segment_amax import expert_of_rows
 
-__all__ = ["act_codes_reference", "fake_quant_act", "fake_quant_tokens", "row_amax", "token_codes"]
+__all__ = ["act_codes_reference", "fake_quant_act", "fake_quant_tokens", "row_amax", "token_codes", "wgmma_k_order"]
 
 
-@triton.autotune(configs=tile_configs(), key=["K", "IS_NVFP4", "PER_EXPERT", "CODES"])
+def wgmma_k_order(x: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` with K permuted within each 64-chunk: column ``16 c + 8 h + 2 t + b`` holds ``k = 16 t + 4 c + 2 h +
+    b``. It is the order in which the register-operand QAT NVFP4 kernel (``qat_gluon.lane_block_layout``) hands the
+    weight's k to the wgmma, so that each lane holds whole 16-blocks; a dot product over K does not depend on the
+    order of k, so activations in this order times the weight in this order is the product."""
+    m, k = x.shape
+    if k % 64:
+        raise ValueError(f"wgmma_k_order permutes 64-chunks of K; K = {k} is not a multiple of 64")
+    return x.reshape(m, k // 64, 4, 4, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, k)
+
+
+@triton.autotune(configs=tile_configs(), key=["K", "IS_NVFP4", "PER_EXPERT", "CODES", "WGMMA_K_ORDER"])
 @triton.jit
 def _fake_quant_act_kernel(
     x_ptr,
@@ -50,6 +61,7 @@ def _fake_quant_act_kernel(
     PER_EXPERT: tl.constexpr,
     IS_NVFP4: tl.constexpr,
     CODES: tl.constexpr,
+    WGMMA_K_ORDER: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -81,6 +93,9 @@ def _fake_quant_act_kernel(
         else:
             q = fake_quant_fp8(xf, amax, INTERPRET)
         out = tl.where(routed, cast_like(q, out_ptr, INTERPRET), x)
+    if WGMMA_K_ORDER:  # k = 16 t + 4 c + 2 h + b of each 64-chunk to column 16 c + 8 h + 2 t + b (wgmma_k_order)
+        j = cols % 16
+        cols = (cols // 64) * 64 + (j // 4) * 16 + ((j // 2) % 2) * 8 + ((cols % 64) // 16) * 2 + j % 2
     tl.store(out_ptr + rows.to(tl.int64) * stride_os + cols, out, mask=mask)
 
 
@@ -108,6 +123,7 @@ def fake_quant_act(
     fmt: str | QuantFormat,
     codes: bool = False,
     wrap: Callable[[Any], Any] | None = None,
+    in_wgmma_k_order: bool = False,
 ) -> torch.Tensor:
     """Fake-quantize routed rows ``x [S, K]`` (K last) with amax ``[1]`` (shared) or ``[E]`` (per expert); rows at or
     past ``offs[-1]`` are returned unchanged. NVFP4: dynamic 16-blocks, static global amax. (Dynamic per-token FP8:
@@ -115,7 +131,9 @@ def fake_quant_act(
 
     ``codes=True`` (FP8 only): return the e4m3 codes (float8_e4m3fn, zero past ``offs[-1]``) instead of the
     fake-quantized values; times ``amax / 448`` they are the fake quant. The grouped GEMM takes them as
-    ``x_mode="fp8_codes"``. ``wrap``: applied to the kernel before launching (``wrap_triton`` in a triton_op)."""
+    ``x_mode="fp8_codes"``. ``wrap``: applied to the kernel before launching (``wrap_triton`` in a triton_op).
+    ``in_wgmma_k_order``: the result's columns in :func:`wgmma_k_order` (K a multiple of 64), for the register-operand
+    QAT NVFP4 kernel."""
     fmt = get_format(fmt)
     if codes and fmt.name != "fp8":
         raise ValueError(f"codes=True returns FP8 codes; format {fmt.name!r} has none")
@@ -128,6 +146,8 @@ def fake_quant_act(
     if input_amax.numel() not in (1, num_experts):
         raise ValueError(f"input_amax has {input_amax.numel()} entries; expected 1 or {num_experts}")
     fmt.check_shape(x.shape, 1, "activation")
+    if in_wgmma_k_order and x.shape[1] % 64:
+        raise ValueError(f"in_wgmma_k_order permutes 64-chunks of K; K = {x.shape[1]} is not a multiple of 64")
     x_in = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty_like(x_in, dtype=torch.float8_e4m3fn if codes else x.dtype)
     amax = as_fp32(input_amax)
@@ -144,14 +164,16 @@ def fake_quant_act(
             x_in, out, offs, amax, x.shape[0], x.shape[1], x_in.stride(0), out.stride(0),
             NUM_EXPERTS=num_experts, E_POW2=triton.next_power_of_2(num_experts),
             PER_EXPERT=amax.numel() > 1,
-            IS_NVFP4=fmt.name == "nvfp4", CODES=codes, INTERPRET=interpreting(),
+            IS_NVFP4=fmt.name == "nvfp4", CODES=codes, WGMMA_K_ORDER=in_wgmma_k_order, INTERPRET=interpreting(),
         )  # fmt: skip
         return out
 
     def reference() -> torch.Tensor:
         if codes:
-            return act_codes_reference(x, offs, amax)
-        return torch.ops.moeq.fake_quant_act(x, offs, amax, fmt.name, 0, -1)
+            result = act_codes_reference(x, offs, amax)
+        else:
+            result = torch.ops.moeq.fake_quant_act(x, offs, amax, fmt.name, 0, -1)
+        return wgmma_k_order(result) if in_wgmma_k_order else result
 
     return run_kernel(x, launch, reference)
 

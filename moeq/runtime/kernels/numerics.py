@@ -293,6 +293,25 @@ def block_amax16(blocks):
 
 
 @triton.jit
+def nvfp4_operand_scale(block_amax, g, six_g, inv_six_g, INTERPRET: tl.constexpr):
+    """``(scale, RN(1 / scale))``: an NVFP4 block's scale ``e4m3 * g`` and its reciprocal, for ``g`` in the fast range
+    ``[2^-40, 2^40]`` (:func:`fake_quant_nvfp4_operand`). There the e4m3 factor is at least ``2^-9`` (or NaN), so the
+    scale is never zero and is its own divisor (:func:`safe_divisor` is the identity)."""
+    scale = nvfp4_block_scale(block_amax, g, six_g, inv_six_g, True, INTERPRET) * g
+    return scale, reciprocal(scale, INTERPRET)
+
+
+@triton.jit
+def nvfp4_operand_values(blocks, scale, inv_scale, INTERPRET: tl.constexpr):
+    """The per-element half of :func:`fake_quant_nvfp4_operand`'s fast path: ``x`` clipped to ``+-RN(6 d)``, Markstein's
+    quotient by ``d = scale`` with ``inv_scale = RN(1 / d)`` (:func:`nvfp4_operand_scale`), rounded by
+    :func:`e2m1_grid` and multiplied back. ``scale`` and ``inv_scale`` broadcast against ``blocks``."""
+    bound = scale * 6.0
+    clipped = min_number(tl.maximum(blocks, bound * -1.0), bound, INTERPRET)
+    return e2m1_grid(markstein_quotient(clipped, scale, inv_scale)[1]) * scale
+
+
+@triton.jit
 def fake_quant_nvfp4_operand(blocks, block_amax, g, six_g, inv_six_g, FAST, INTERPRET: tl.constexpr):
     """:func:`fake_quant_nvfp4_blocks` for an MMA operand: the same values except that a zero keeps no sign (the
     spec's ``-0`` for a negative ``x`` whose code is zero comes out ``+0``, which changes no dot product that starts
@@ -302,13 +321,12 @@ def fake_quant_nvfp4_operand(blocks, block_amax, g, six_g, inv_six_g, FAST, INTE
     so the sign needs no test and no select). ``tests/test_division.py`` checks the values against the IEEE
     quotient's for every bf16 value over the fast range. ``block_amax``: :func:`block_amax16` of ``blocks`` (a Gluon
     caller converts its layout back to the blocks'); ``six_g, inv_six_g``: :func:`nvfp4_block_divisor` of ``g``,
-    computed once per global scale. Else :func:`fake_quant_nvfp4_blocks`."""
+    computed once per global scale. The fast path is :func:`nvfp4_operand_scale` (per block) then
+    :func:`nvfp4_operand_values` (per element), which a caller may also call apart. Else
+    :func:`fake_quant_nvfp4_blocks`."""
     if FAST:
-        scale = nvfp4_block_scale(block_amax, g, six_g, inv_six_g, FAST, INTERPRET) * g
-        d = safe_divisor(scale)
-        bound = d * 6.0
-        clipped = min_number(tl.maximum(blocks, bound * -1.0), bound, INTERPRET)
-        out = e2m1_grid(markstein_quotient(clipped, d, reciprocal(d, INTERPRET))[1]) * scale
+        scale, inv_scale = nvfp4_operand_scale(block_amax, g, six_g, inv_six_g, INTERPRET)
+        out = nvfp4_operand_values(blocks, scale, inv_scale, INTERPRET)
     else:
         out = fake_quant_nvfp4_blocks(blocks, g, False, INTERPRET)
     return out

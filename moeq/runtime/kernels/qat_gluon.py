@@ -68,6 +68,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from moeq.runtime.kernels.fake_quant_act import wgmma_k_order
 from moeq.runtime.kernels.grouped_qmm import m_bucket
 from moeq.runtime.kernels.launch import cdiv, interpreting
 from moeq.runtime.kernels.numerics import (
@@ -84,6 +85,8 @@ from moeq.runtime.kernels.numerics import (
     lean_quotient,
     max_keeping_nan,
     nvfp4_block_divisor,
+    nvfp4_operand_scale,
+    nvfp4_operand_values,
     safe_divisor,
 )
 
@@ -436,35 +439,79 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
     )  # fmt: skip
 
 
+@gluon.constexpr_function
+def lane_block_layout(rows, bk, num_warps):
+    """A ``[rows, 64]`` bf16 weight tile with each lane holding whole 16-blocks: lane ``l`` of warp ``w`` holds block
+    ``l % 4`` of rows ``16 w + l / 4`` and ``16 w + l / 4 + 8``, the rows the wgmma A operand gives it. The block amax
+    is then a reduction within the thread and each block's scale is computed once (in the A operand's own layout a
+    block is spread over the four lanes of a quad, so every lane computes all four blocks' scales)."""
+    assert bk == 64, f"lane_block_layout takes 64-deep k-steps (four 16-blocks, one a lane of a quad), got {bk}"
+    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [8, 0]],
+                                      lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]],
+                                      warp_bases=[[16 << i, 0] for i in range(num_warps.bit_length() - 1)],
+                                      block_bases=[], shape=[rows, bk])  # fmt: skip
+
+
 @gluon.jit
-def _store_codes(codes_ptr, q, first_row, end_row, first_col, K, L: gl.constexpr):
-    """Write a converted tile ``q`` (rows from ``first_row``, columns from ``first_col``) to ``codes_ptr`` (tests),
-    within the expert's rows (``end_row``) and K's columns."""
-    r = first_row + gl.arange(0, q.shape[0], layout=gl.SliceLayout(1, L))
-    c = first_col + gl.arange(0, q.shape[1], layout=gl.SliceLayout(0, L))
-    mask = (r < end_row)[:, None] & (c < K)[None, :]
-    gl.store(codes_ptr + r.to(gl.int64)[:, None] * K + c[None, :], q, mask=mask)
+def _to_wgmma_slots(q):
+    """A ``[BN, 64]`` tile in :func:`lane_block_layout` as the wgmma A operand with K permuted (``fake_quant_act.
+    wgmma_k_order``): A-operand slot ``16 c + 8 h + 2 t + b`` of lane ``t`` of a quad is ``k = 16 t + 4 c + 2 h + b``,
+    a register the lane already holds, so the layout conversion moves no data."""
+    BN: gl.constexpr = q.shape[0]
+    return gl.permute(q.reshape([BN, 4, 4, 2, 2]), [0, 2, 3, 1, 4]).reshape([BN, 64])
+
+
+@gluon.jit
+def _bf16_to_f32(w):
+    """bf16 -> fp32 as bits, one instruction a value: a shift for the low half of each 32-bit register, a mask for
+    the high half (the conversion's code takes a permute and a shift for the high half)."""
+    return gl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [w],
+                                     dtype=gl.float32, is_pure=True, pack=2)  # fmt: skip
 
 
 @gluon.jit
 def _nvfp4_in_registers(w, g, six_g, inv_six_g, g_fast):
-    """A bf16 weight tile held as the wgmma's register operand, fake-quantized in place (``numerics.
-    fake_quant_nvfp4_operand``): each 16-block's amax is a shuffle reduction across the four lanes that hold it."""
+    """A bf16 weight tile in registers fake-quantized in place (``numerics.fake_quant_nvfp4_operand``): each
+    16-block's amax a reduction over the lanes and registers that hold it, then its scale and reciprocal, then the
+    values. Returned bf16 in ``w``'s layout."""
     BN: gl.constexpr = w.shape[0]
     BK: gl.constexpr = w.shape[1]
-    b = w.to(gl.float32).reshape([BN, BK // 16, 16])
-    block_amax = gl.reduce(gl.abs(b), 2, max_keeping_nan)[:, :, None]
-    q = fake_quant_nvfp4_operand(b, block_amax, g, six_g, inv_six_g, g_fast, False)
+    b = _bf16_to_f32(w).reshape([BN, BK // 16, 16])
+    block_amax = gl.reduce(gl.abs(b), 2, max_keeping_nan)
+    if g_fast:
+        scale, inv_scale = nvfp4_operand_scale(block_amax, g, six_g, inv_six_g, False)
+        q = nvfp4_operand_values(b, scale[:, :, None], inv_scale[:, :, None], False)
+    else:
+        q = fake_quant_nvfp4_operand(b, block_amax[:, :, None], g, six_g, inv_six_g, False, False)
     return gl.convert_layout(q.reshape([BN, BK]), w.type.layout).to(gl.bfloat16)
 
 
 @gluon.jit
-def _register_operand(w, g, six_g, inv_six_g, g_fast, SKIP: gl.constexpr):
-    """The wgmma's A operand: the weight tile fake-quantized (``SKIP`` 1, a probe's decomposition: as loaded)."""
+def _register_operand(w_tile, a_l: gl.constexpr, g, six_g, inv_six_g, g_fast, SKIP: gl.constexpr,
+                      LANE_BLOCKS: gl.constexpr):  # fmt: skip
+    """``(operand, values)``: the wgmma A operand (layout ``a_l``) of the bf16 weight tile ``w_tile`` in shared memory,
+    fake-quantized, and the fake-quantized tile in K's own order (for the tests' codes). ``LANE_BLOCKS``: loaded in
+    :func:`lane_block_layout`, the operand's K permuted (``fake_quant_act.wgmma_k_order``). ``SKIP`` 1 (a probe's
+    decomposition): the tile as loaded."""
     gl.static_assert(SKIP <= 1, "the register-operand kernel decomposes only as SKIP=1 (no conversion)")
-    if SKIP == 1:
-        return w
-    return _nvfp4_in_registers(w, g, six_g, inv_six_g, g_fast)
+    if LANE_BLOCKS:
+        w = w_tile.load(lane_block_layout(w_tile.shape[0], w_tile.shape[1], gl.num_warps()))
+    else:
+        w = w_tile.load(a_l)
+    q = w if SKIP == 1 else _nvfp4_in_registers(w, g, six_g, inv_six_g, g_fast)
+    operand = gl.convert_layout(_to_wgmma_slots(q), a_l) if LANE_BLOCKS else q
+    return operand, q
+
+
+@gluon.jit
+def _store_codes(codes_ptr, q, first_row, end_row, first_col, K):
+    """Write a converted tile ``q`` (rows from ``first_row``, columns from ``first_col``) to ``codes_ptr`` (tests),
+    within the expert's rows (``end_row``) and K's columns."""
+    L: gl.constexpr = q.type.layout
+    r = first_row + gl.arange(0, q.shape[0], layout=gl.SliceLayout(1, L))
+    c = first_col + gl.arange(0, q.shape[1], layout=gl.SliceLayout(0, L))
+    mask = (r < end_row)[:, None] & (c < K)[None, :]
+    gl.store(codes_ptr + r.to(gl.int64)[:, None] * K + c[None, :], q, mask=mask)
 
 
 @gluon.jit
@@ -480,7 +527,7 @@ def _store_transposed(out_ptr, acc, first, row_end, pid_n, N, stride_om):
 @gluon.jit
 def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N, K,
                            NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, WRITE_CODES: gl.constexpr,
-                           SKIP: gl.constexpr):  # fmt: skip
+                           SKIP: gl.constexpr, LANE_BLOCKS: gl.constexpr):  # fmt: skip
     """QAT NVFP4 with the weight as the register operand (``out^T = fq(w)^T x^T``, CUTLASS's mixed-input form): the
     same warps load each bf16 weight tile from shared memory into the wgmma's A-operand layout, fake-quantize it in
     registers and multiply it by the activation tiles (B, in shared memory), converting step i + 1 while step i's
@@ -512,10 +559,10 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_
             for i in range(k_tiles):
                 s = it % S16
                 mbarrier.wait(r16.index(s), (it // S16) & 1)
-                q = _register_operand(w16.index(s).load(a_l), g, six_g, inv_six_g, g_fast, SKIP)
+                q, values = _register_operand(w16.index(s), a_l, g, six_g, inv_six_g, g_fast, SKIP, LANE_BLOCKS)
                 mbarrier.arrive(e16.index(s))
                 if WRITE_CODES:
-                    _store_codes(codes_ptr, q, codes_row, e * N + N, i * BK, K, a_l)
+                    _store_codes(codes_ptr, values, codes_row, e * N + N, i * BK, K)
                 sx = it % x8.shape[0]
                 mbarrier.wait(rx.index(sx), (it // x8.shape[0]) & 1)
                 acc = warpgroup_mma(q, x8.index(sx).permute((1, 0)), acc, is_async=True)
@@ -534,10 +581,10 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_
             for i in range(k_tiles):
                 s = it % S16
                 mbarrier.wait(r16.index(s), (it // S16) & 1)
-                q = _register_operand(w16.index(s).load(a_l), g, six_g, inv_six_g, g_fast, SKIP)
+                q, values = _register_operand(w16.index(s), a_l, g, six_g, inv_six_g, g_fast, SKIP, LANE_BLOCKS)
                 mbarrier.arrive(e16.index(s))
                 if WRITE_CODES:
-                    _store_codes(codes_ptr, q, codes_row, e * N + N, i * BK, K, a_l)
+                    _store_codes(codes_ptr, values, codes_row, e * N + N, i * BK, K)
                 sx = it % x8.shape[0]
                 mbarrier.wait(rx.index(sx), (it // x8.shape[0]) & 1)
                 acc = warpgroup_mma(q, x8.index(sx).permute((1, 0)), acc, is_async=True)
@@ -553,7 +600,8 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_
 @gluon.jit
 def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
                           stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
-                          WRITE_CODES: gl.constexpr, SKIP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                          WRITE_CODES: gl.constexpr, SKIP: gl.constexpr, LANE_BLOCKS: gl.constexpr,
+                          num_warps: gl.constexpr):  # fmt: skip
     """QAT NVFP4 with the weight as wgmma's register operand: a 1-warp TMA loader and the ``num_warps`` warps of
     :func:`_convert_mma_partition`, which convert and multiply (experimental; session 36)."""
     BM: gl.constexpr = x_desc.block_type.shape[0]
@@ -576,7 +624,7 @@ def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr
     gl.warp_specialize(
         [
             (_convert_mma_partition, (x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N,
-                                      K, NUM_EXPERTS, stride_om, E_POW2, WRITE_CODES, SKIP)),
+                                      K, NUM_EXPERTS, stride_om, E_POW2, WRITE_CODES, SKIP, LANE_BLOCKS)),
             (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
                                NUM_EXPERTS, E_POW2)),
         ],
@@ -606,13 +654,15 @@ class GluonConfig(NamedTuple):
     persistent: bool = False  # one program per SM looping over the tiles (else one per tile)
     nvfp4: bool = False  # QAT NVFP4: bf16 fake-quantized activations, the weight fake-quantized to bf16, bf16 wgmma
     stacked: bool = False  # the main rows' warpgroups stacked along M, each wgmma all bn columns wide (acc_layout)
-    register_a: bool = False  # NVFP4, experimental: the weight as wgmma's register operand (qat_nvfp4_rega_kernel)
+    register_a: int = 0  # NVFP4, experimental: the weight as wgmma's register operand (qat_nvfp4_rega_kernel); 2:
+    # each lane holds whole 16-blocks (lane_block_layout) and K is permuted (wgmma_k_order), 1: the plain A layout
 
     @property
     def name(self) -> str:
         if self.register_a:
             return (f"gluon register-A NVFP4 {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16} "
-                    f"mma {self.mma_warps}w maxnreg {self.maxnreg}" + " persistent" * self.persistent)  # fmt: skip
+                    f"mma {self.mma_warps}w maxnreg {self.maxnreg}" + " persistent" * self.persistent
+                    + " lane blocks" * (self.register_a == 2))  # fmt: skip
         kinds = (
             ("NVFP4", "NVFP4 exact", "NVFP4 operand") if self.nvfp4 else ("RECIPROCAL (not exact)", "divide", "lean")
         )
@@ -630,6 +680,8 @@ class GluonConfig(NamedTuple):
             return (f"register_a is QAT NVFP4 with 64 weight rows per warpgroup (bn = {64 * groups}) and at most 256 "
                     f"main and 256 tail rows (wgmma's n), got nvfp4={self.nvfp4}, bn={self.bn}, bm={self.bm}, "
                     f"bt={self.bt}")  # fmt: skip
+        if self.register_a == 2 and self.bk != 64:
+            return f"register_a=2 (whole 16-blocks a lane) takes 64-deep k-steps, got bk={self.bk}"
         if self.mma_warps % 4 or groups not in (1, 2):
             return f"mma_warps must be 4 or 8 (one or two warpgroups), got {self.mma_warps}"
         if self.bm % (64 * (groups if self.stacked else 1)) or self.bt % 64:
@@ -660,7 +712,8 @@ class GluonConfig(NamedTuple):
                    skip: int = 0) -> dict:  # fmt: skip
         if self.register_a:
             return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16,
-                        WRITE_CODES=write_codes, SKIP=skip, num_warps=self.mma_warps)  # fmt: skip
+                        WRITE_CODES=write_codes, SKIP=skip, LANE_BLOCKS=self.register_a == 2,
+                        num_warps=self.mma_warps)  # fmt: skip
         return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16, S8=self.s8,
                     SPLIT=self.split, CONV_WARPS=self.conv_warps, CONV_REGS=self.conv_regs, WRITE_CODES=write_codes,
                     EXACT=self.exact, X_PER_EXPERT=x_per_expert, NVFP4=self.nvfp4, SKIP=skip, STACKED=self.stacked,
@@ -715,8 +768,8 @@ CONFIGS = (
 #: the experimental register-operand form of QAT NVFP4 (:func:`qat_nvfp4_rega_kernel`; compiled, not yet run on a GPU,
 #: so :func:`tuned_config` never picks it): 8 converting-and-multiplying warps at 240 registers, a 1-warp loader
 REGISTER_A_CONFIGS = tuple(
-    GluonConfig(256, 64, 128, bk, sx, s16, 0, 0, 0, 0, 8, 168, 2, persistent=True, nvfp4=True, register_a=True)
-    for bk, sx, s16 in ((64, 3, 4), (64, 4, 3), (32, 6, 8))
+    GluonConfig(256, 64, 128, bk, sx, s16, 0, 0, 0, 0, 8, 168, 2, persistent=True, nvfp4=True, register_a=form)
+    for form, bk, sx, s16 in ((2, 64, 3, 4), (2, 64, 4, 3), (1, 64, 3, 4), (1, 64, 4, 3), (1, 32, 6, 8))
 )
 #: QAT NVFP4's candidates (:func:`qat_nvfp4_gluon_gemm`): bf16 activations and bf16 weight values in shared memory,
 #: so fewer stages than FP8's at the same depth, and the operand converter (``numerics.fake_quant_nvfp4_operand``)
@@ -802,15 +855,24 @@ def qat_fp8_gluon_gemm(x_codes: torch.Tensor, w: torch.Tensor, offs: torch.Tenso
 
 def qat_nvfp4_gluon_gemm(x_fq: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.Tensor,
                          out: torch.Tensor | None = None, config: GluonConfig | None = None,
-                         codes: torch.Tensor | None = None, skip: int = 0, check: bool = True) -> torch.Tensor:  # fmt: skip
+                         codes: torch.Tensor | None = None, skip: int = 0, check: bool = True,
+                         x_in_wgmma_k_order: bool = False) -> torch.Tensor:  # fmt: skip
     """QAT NVFP4: ``out[rows of e] = x_fq[rows] @ fq(w[e])`` in bf16 (rows past ``offs[-1]``: zeros), where ``fq`` is
     formats' NVFP4 fake quant with the expert's amax ``w_amax[e]`` (16-blocks along K), made in shared memory and
     multiplied by bf16 ``wgmma``, and ``x_fq`` the activations already fake-quantized (``fake_quant_act``). Hopper has
     no FP4 MMA and NVFP4 values are not e4m3 values, so the operands are bf16 (exact for NVFP4 values times g).
-    ``codes`` (``[E, N, K]`` bf16, optional): also written with the fake-quantized weights of experts with rows."""
+    ``codes`` (``[E, N, K]`` bf16, optional): also written with the fake-quantized weights of experts with rows.
+    A ``register_a=2`` configuration takes ``x_fq`` in ``fake_quant_act.wgmma_k_order`` (``x_in_wgmma_k_order``: the
+    caller's ``fake_quant_act(..., in_wgmma_k_order=True)`` wrote it so; else it is permuted here, a copy)."""
     reason = unsupported_reason(x_fq, w, w_amax, None, nvfp4=True) if check else None
     if reason:
         raise ValueError(f"qat_nvfp4_gluon_gemm: {reason}")
+    lane_blocks = config is not None and config.register_a == 2
+    if x_in_wgmma_k_order and not lane_blocks:
+        raise ValueError(f"qat_nvfp4_gluon_gemm: x_fq in wgmma_k_order needs a register_a=2 configuration, got "
+                         f"{config.name if config is not None else 'the tuned one'}")  # fmt: skip
+    if lane_blocks and not x_in_wgmma_k_order:
+        x_fq = wgmma_k_order(x_fq)
     return _launch(x_fq, w, offs, w_amax, w_amax[:1], out, config, codes, skip, NVFP4_CONFIGS)  # x_amax unused
 
 
