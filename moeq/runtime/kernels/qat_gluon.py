@@ -515,17 +515,48 @@ def _store_codes(codes_ptr, q, first_row, end_row, first_col, K):
 
 
 @gluon.jit
-def _store_transposed(out_ptr, acc, first, row_end, pid_n, N, stride_om):
-    """``acc [BN, rows]`` (the product's transpose) stored bf16 into rows ``first..`` (below ``row_end``)."""
-    layout: gl.constexpr = acc.type.layout
-    cols = pid_n * acc.shape[0] + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
-    rows = first + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
+def _store_chunk(out_ptr, values, stage, first, row_end, pid_n, N, stride_om):
+    """``values [BN, 64]`` bf16 (a chunk of the product's transpose) stored into rows ``first..`` (below ``row_end``)
+    through ``stage`` in shared memory, read back with each thread holding eight consecutive output columns of one row:
+    16-byte stores (in the accumulator's layout a thread's neighbouring columns are another lane's)."""
+    BN: gl.constexpr = values.shape[0]
+    layout: gl.constexpr = gl.BlockedLayout([8, 1], [BN // 8, 256 // BN], [1, gl.num_warps()], [0, 1])
+    stage.store(values)
+    values = stage.load(layout)
+    cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
+    rows = first + gl.arange(0, values.shape[1], layout=gl.SliceLayout(0, layout))
     mask = (cols < N)[:, None] & (rows < row_end)[None, :]
-    gl.store(out_ptr + rows.to(gl.int64)[None, :] * stride_om + cols[:, None], acc.to(gl.bfloat16), mask=mask)
+    gl.store(out_ptr + rows.to(gl.int64)[None, :] * stride_om + cols[:, None], values, mask=mask)
 
 
 @gluon.jit
-def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N, K,
+def _halves(t):
+    """A register tensor ``[R, C]`` split along its columns into ``[R, C / 2]`` halves (a register selection)."""
+    R: gl.constexpr = t.shape[0]
+    C: gl.constexpr = t.shape[1]
+    return gl.split(gl.permute(t.reshape([R, 2, C // 2]), [0, 2, 1]))
+
+
+@gluon.jit
+def _store_transposed(out_ptr, acc, stage, first, row_end, pid_n, N, stride_om):
+    """``acc [BN, rows]`` (the product's transpose, 64 or 256 rows) stored bf16 into rows ``first..`` (below
+    ``row_end``) in 64-row chunks (:func:`_store_chunk`)."""
+    values = acc.to(gl.bfloat16)
+    if acc.shape[1] == 64:
+        _store_chunk(out_ptr, values, stage, first, row_end, pid_n, N, stride_om)
+    else:
+        gl.static_assert(acc.shape[1] == 256, "the register-operand kernel stores 64- or 256-row accumulators")
+        low, high = _halves(values)
+        first_q, second_q = _halves(low)
+        _store_chunk(out_ptr, first_q, stage, first, row_end, pid_n, N, stride_om)
+        _store_chunk(out_ptr, second_q, stage, first + 64, row_end, pid_n, N, stride_om)
+        third_q, fourth_q = _halves(high)
+        _store_chunk(out_ptr, third_q, stage, first + 128, row_end, pid_n, N, stride_om)
+        _store_chunk(out_ptr, fourth_q, stage, first + 192, row_end, pid_n, N, stride_om)
+
+
+@gluon.jit
+def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N, K,
                            NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, WRITE_CODES: gl.constexpr,
                            SKIP: gl.constexpr, LANE_BLOCKS: gl.constexpr):  # fmt: skip
     """QAT NVFP4 with the weight as the register operand (``out^T = fq(w)^T x^T``, CUTLASS's mixed-input form): the
@@ -574,8 +605,8 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_
                 it += 1
             acc, acc_t, q_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t, q_prev))
             mbarrier.arrive(ex.index((it - 1 + x8.shape[0]) % x8.shape[0]), pred=k_tiles > 0)
-            _store_transposed(out_ptr, acc, row_start, row_end, pid_n, N, stride_om)
-            _store_transposed(out_ptr, acc_t, row_start + BM, row_end, pid_n, N, stride_om)
+            _store_transposed(out_ptr, acc, stage, row_start, row_end, pid_n, N, stride_om)
+            _store_transposed(out_ptr, acc_t, stage, row_start + BM, row_end, pid_n, N, stride_om)
         else:
             acc = gl.zeros([BN, BM], gl.float32, main_l)
             for i in range(k_tiles):
@@ -594,7 +625,7 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_
                 it += 1
             acc, q_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, q_prev))
             mbarrier.arrive(ex.index((it - 1 + x8.shape[0]) % x8.shape[0]), pred=k_tiles > 0)
-            _store_transposed(out_ptr, acc, row_start, row_end, pid_n, N, stride_om)
+            _store_transposed(out_ptr, acc, stage, row_start, row_end, pid_n, N, stride_om)
 
 
 @gluon.jit
@@ -611,6 +642,8 @@ def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr
     x8 = gl.allocate_shared_memory(gl.bfloat16, [SX, BM, BK], x_desc.layout)
     xt8 = gl.allocate_shared_memory(gl.bfloat16, [SX, BT, BK], xt_desc.layout)
     w16 = gl.allocate_shared_memory(gl.bfloat16, [S16, BN, BK], w_desc.layout)
+    stage_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[0, 1])
+    stage = gl.allocate_shared_memory(gl.bfloat16, [BN, 64], stage_layout)  # the epilogue's 64-row chunks
     rx = gl.allocate_shared_memory(gl.int64, [SX, 1], mbarrier.MBarrierLayout())
     ex = gl.allocate_shared_memory(gl.int64, [SX, 1], mbarrier.MBarrierLayout())
     r16 = gl.allocate_shared_memory(gl.int64, [S16, 1], mbarrier.MBarrierLayout())
@@ -623,7 +656,7 @@ def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr
         mbarrier.init(e16.index(s), count=1)
     gl.warp_specialize(
         [
-            (_convert_mma_partition, (x8, xt8, rx, ex, w16, r16, e16, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N,
+            (_convert_mma_partition, (x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N,
                                       K, NUM_EXPERTS, stride_om, E_POW2, WRITE_CODES, SKIP, LANE_BLOCKS)),
             (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
                                NUM_EXPERTS, E_POW2)),
@@ -721,7 +754,8 @@ class GluonConfig(NamedTuple):
 
     def compile_for_sm90(self, x_per_expert: bool = False, num_experts: int = 128):
         """This configuration's kernel compiled ahead of time for sm_90 (no GPU needed): shared memory, register
-        budgets and PTX, for tests and the probe."""
+        budgets and PTX, for tests and the probe. Specialized as a launch at model shapes is (Triton's JIT marks
+        16-byte-aligned pointers and integers that are multiples of 16; vectorized stores depend on it)."""
         from triton.backends.compiler import GPUTarget
         from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -742,7 +776,10 @@ class GluonConfig(NamedTuple):
             del signature["x_amax_ptr"]
         constants = self.constexprs(num_experts, x_per_expert=x_per_expert)
         signature.update(dict.fromkeys(constants, "constexpr"))
-        source = GluonASTSource(qat_nvfp4_rega_kernel if self.register_a else qat_ws_kernel, signature, constants)
+        aligned = [i for i, (name, kind) in enumerate(signature.items()) if kind.startswith("*") or kind == "i32"]
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+        kernel = qat_nvfp4_rega_kernel if self.register_a else qat_ws_kernel
+        source = GluonASTSource(kernel, signature, constants, attrs)
         options = {"num_warps": self.mma_warps, "maxnreg": self.maxnreg}
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
