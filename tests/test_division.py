@@ -198,3 +198,24 @@ def test_nvfp4_operand_path_gives_the_e2m1_value_of_the_ieee_quotient():
             want = e2m1_round(x / d)
             got = nvfp4_operand_codes(x, d)
             assert torch.equal(got, want), (float(g), float(s_b), x[got != want][:5].tolist())
+
+
+def test_nvfp4_operand_clip_in_bf16_gives_the_same_e2m1_value():
+    """The register-operand kernel clips the bf16 weight to ``+-B`` in bf16 pairs, ``B = RZ_bf16(RN(6 d))`` (the upper
+    half of the fp32 bound's bits), instead of clipping the fp32 value to ``+-RN(6 d)``: a bf16 ``x`` at most ``RN(6
+    d)`` is at most ``B``, so it is untouched either way, and a larger one becomes ``B``, whose quotient lies in ``(5,
+    6]`` and rounds to the E2M1 maximum as ``RN(6 d)``'s does. Checked for every finite bf16 value and +-inf over
+    divisors across the fast range, as E2M1 values after Markstein's quotient (exact emulation)."""
+    x = torch.cat([_all_bf16(), torch.tensor([float("inf"), -float("inf")])])
+    gen = torch.Generator().manual_seed(11)
+    globals_ = torch.cat([torch.tensor([2.0**-40, 2.0**40, 1.0]), 2.0 ** (torch.rand(5, generator=gen) * 80 - 40)])
+    block_scales = _e4m3_values_in(2.0**-9, 448.0)
+    for g in globals_.float():
+        for s_b in block_scales[torch.randperm(block_scales.numel(), generator=gen)[:12]]:
+            d = s_b * g
+            bound = d * 6.0
+            bound_bf16 = (bound.view(torch.int32) & -65536).view(torch.float32)  # RZ to bf16: the upper half
+            clipped = torch.minimum(torch.maximum(x, -bound_bf16), bound_bf16)
+            assert torch.equal(clipped.bfloat16().float(), clipped)  # the clip stays in bf16
+            got = nvfp4_operand_codes(clipped, d)  # clips again to +-RN(6 d): a no-op, all |clipped| <= B <= 6 d
+            assert torch.equal(got, nvfp4_operand_codes(x, d)), (float(g), float(s_b))

@@ -307,7 +307,15 @@ def nvfp4_operand_values(blocks, scale, inv_scale, INTERPRET: tl.constexpr):
     quotient by ``d = scale`` with ``inv_scale = RN(1 / d)`` (:func:`nvfp4_operand_scale`), rounded by
     :func:`e2m1_grid` and multiplied back. ``scale`` and ``inv_scale`` broadcast against ``blocks``."""
     bound = scale * 6.0
-    clipped = min_number(tl.maximum(blocks, bound * -1.0), bound, INTERPRET)
+    return nvfp4_clipped_operand_values(
+        min_number(tl.maximum(blocks, bound * -1.0), bound, INTERPRET), scale, inv_scale
+    )
+
+
+@triton.jit
+def nvfp4_clipped_operand_values(clipped, scale, inv_scale):
+    """:func:`nvfp4_operand_values` of values already clipped to ``+-RN(6 d)``, or to its bf16 truncation for bf16
+    values (the same E2M1 value, ``tests/test_division.py``): Markstein's quotient, :func:`e2m1_grid`, the scale."""
     return e2m1_grid(markstein_quotient(clipped, scale, inv_scale)[1]) * scale
 
 

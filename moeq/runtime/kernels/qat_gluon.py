@@ -85,6 +85,7 @@ from moeq.runtime.kernels.numerics import (
     lean_quotient,
     max_keeping_nan,
     nvfp4_block_divisor,
+    nvfp4_clipped_operand_values,
     nvfp4_operand_scale,
     nvfp4_operand_values,
     safe_divisor,
@@ -440,16 +441,18 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
 
 
 @gluon.constexpr_function
-def lane_block_layout(rows, bk, num_warps):
-    """A ``[rows, 64]`` bf16 weight tile with each lane holding whole 16-blocks: lane ``l`` of warp ``w`` holds block
-    ``l % 4`` of rows ``16 w + l / 4`` and ``16 w + l / 4 + 8``, the rows the wgmma A operand gives it. The block amax
-    is then a reduction within the thread and each block's scale is computed once (in the A operand's own layout a
-    block is spread over the four lanes of a quad, so every lane computes all four blocks' scales)."""
-    assert bk == 64, f"lane_block_layout takes 64-deep k-steps (four 16-blocks, one a lane of a quad), got {bk}"
-    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [8, 0]],
-                                      lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]],
+def lane_block_layout(rows, columns, num_warps):
+    """A ``[rows, columns]`` tile of a 64-deep k-step (64 bf16 values or 32 words of two) with each lane holding whole
+    16-blocks: lane ``l`` of warp ``w`` holds block ``l % 4`` of rows ``16 w + l / 4`` and ``16 w + l / 4 + 8``, the
+    rows the wgmma A operand gives it. The block amax is then a reduction within the thread and each block's scale is
+    computed once (in the A operand's own layout a block is spread over the four lanes of a quad, so every lane
+    computes all four blocks' scales)."""
+    assert columns in (32, 64), f"lane_block_layout takes 64-deep k-steps (64 values or 32 words), got {columns}"
+    per_block = columns // 4
+    return gl.DistributedLinearLayout(reg_bases=[[0, 1 << i] for i in range(per_block.bit_length() - 1)] + [[8, 0]],
+                                      lane_bases=[[0, per_block], [0, 2 * per_block], [1, 0], [2, 0], [4, 0]],
                                       warp_bases=[[16 << i, 0] for i in range(num_warps.bit_length() - 1)],
-                                      block_bases=[], shape=[rows, bk])  # fmt: skip
+                                      block_bases=[], shape=[rows, columns])  # fmt: skip
 
 
 @gluon.jit
@@ -467,6 +470,72 @@ def _bf16_to_f32(w):
     the high half (the conversion's code takes a permute and a shift for the high half)."""
     return gl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [w],
                                      dtype=gl.float32, is_pure=True, pack=2)  # fmt: skip
+
+
+@gluon.jit
+def _max_abs_pairs(a, b):
+    """Per 32-bit word of two bf16: ``max(|a|, |b|)`` of each half, NaN if either is NaN (the sign is the xor of the
+    operands' signs: callers take the magnitude). One instruction for two values."""
+    return gl.inline_asm_elementwise("max.NaN.xorsign.abs.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.int32,
+                                     is_pure=True, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _words_block_amax(words):
+    """``max |x|`` (fp32, NaN kept) of each 16-block of ``words [BN, 4, 8]`` (two bf16 a word, a block's words in one
+    thread): a tree of packed maxima, then the larger half."""
+    BN: gl.constexpr = words.shape[0]
+    m = _max_abs_pairs(*gl.split(words.reshape([BN, 4, 4, 2])))
+    m = _max_abs_pairs(*gl.split(m.reshape([BN, 4, 2, 2])))
+    m = _max_abs_pairs(*gl.split(m))
+    m = gl.inline_asm_elementwise("{ .reg .b32 t; prmt.b32 t, $1, 0, 0x1032; max.NaN.xorsign.abs.bf16x2 $0, $1, t; }",
+                                  "=r,r", [m], dtype=gl.int32, is_pure=True, pack=1)  # fmt: skip
+    amax = (m & 0x7FFF0000).to(gl.float32, bitcast=True)
+    return gl.convert_layout(amax, gl.SliceLayout(2, words.type.layout))  # the same registers, named as words' blocks
+
+
+@gluon.jit
+def _clip_pairs(words, bound):
+    """Each bf16 half of ``words`` clipped to ``+-B``, ``B = RZ_bf16(bound)`` (fp32 ``bound`` per block, broadcast):
+    two instructions for two values (``numerics.nvfp4_clipped_operand_values``: the same E2M1 values as the fp32
+    clip to ``+-bound``)."""
+    upper = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, 0x3232;", "=r,r", [bound.to(gl.int32, bitcast=True)],
+                                      dtype=gl.int32, is_pure=True, pack=1)  # fmt: skip
+    lower = upper | -2147450880  # 0x80008000: both halves negated
+    return gl.inline_asm_elementwise("{ .reg .b32 t; max.bf16x2 t, $1, $2; min.bf16x2 $0, t, $3; }", "=r,r,r,r",
+                                     [words, lower[:, :, None], upper[:, :, None]], dtype=gl.int32, is_pure=True,
+                                     pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _unpack_words(words):
+    """``words [BN, B, W]`` of two bf16 as fp32 ``[BN, B, 2 W]`` in K's order (the low half first)."""
+    BN: gl.constexpr = words.shape[0]
+    B: gl.constexpr = words.shape[1]
+    W: gl.constexpr = words.shape[2]
+    v = gl.join((words << 16).to(gl.float32, bitcast=True), (words & -65536).to(gl.float32, bitcast=True))
+    return v.reshape([BN, B, 2 * W])
+
+
+@gluon.jit
+def _nvfp4_words_in_registers(words, g, six_g, inv_six_g, g_fast):
+    """A bf16 weight tile held as 32-bit words ``[BN, 32]`` (:func:`lane_block_layout`, whole blocks a thread)
+    fake-quantized as ``numerics.fake_quant_nvfp4_operand``'s values, bf16 ``[BN, 64]`` in K's order: the block amax
+    and the clip on bf16 pairs (:func:`_words_block_amax`, :func:`_clip_pairs`), the rest in fp32."""
+    BN: gl.constexpr = words.shape[0]
+    w = words.reshape([BN, 4, 8])
+    block_amax = _words_block_amax(w)
+    if g_fast:
+        scale, inv_scale = nvfp4_operand_scale(block_amax, g, six_g, inv_six_g, False)
+        clipped = _unpack_words(_clip_pairs(w, scale * 6.0))
+        blocks_l: gl.constexpr = gl.SliceLayout(2, clipped.type.layout)  # the same registers, named as values' blocks
+        scale = gl.convert_layout(scale, blocks_l)[:, :, None]
+        q = nvfp4_clipped_operand_values(clipped, scale, gl.convert_layout(inv_scale, blocks_l)[:, :, None])
+    else:
+        values = _unpack_words(w)
+        values_amax = gl.convert_layout(block_amax, gl.SliceLayout(2, values.type.layout))[:, :, None]
+        q = fake_quant_nvfp4_operand(values, values_amax, g, six_g, inv_six_g, False, False)
+    return q.reshape([BN, 64]).to(gl.bfloat16)
 
 
 @gluon.jit
@@ -490,16 +559,25 @@ def _nvfp4_in_registers(w, g, six_g, inv_six_g, g_fast):
 def _register_operand(w_tile, a_l: gl.constexpr, g, six_g, inv_six_g, g_fast, SKIP: gl.constexpr,
                       LANE_BLOCKS: gl.constexpr):  # fmt: skip
     """``(operand, values)``: the wgmma A operand (layout ``a_l``) of the bf16 weight tile ``w_tile`` in shared memory,
-    fake-quantized, and the fake-quantized tile in K's own order (for the tests' codes). ``LANE_BLOCKS``: loaded in
-    :func:`lane_block_layout`, the operand's K permuted (``fake_quant_act.wgmma_k_order``). ``SKIP`` 1 (a probe's
-    decomposition): the tile as loaded."""
+    fake-quantized, and the fake-quantized tile in K's own order (for the tests' codes). ``LANE_BLOCKS``: loaded as
+    32-bit words in :func:`lane_block_layout` (:func:`_nvfp4_words_in_registers`), the operand's K permuted
+    (``fake_quant_act.wgmma_k_order``). ``SKIP`` 1 (a probe's decomposition): the tile as loaded."""
     gl.static_assert(SKIP <= 1, "the register-operand kernel decomposes only as SKIP=1 (no conversion)")
+    BN: gl.constexpr = w_tile.shape[0]
+    BK: gl.constexpr = w_tile.shape[1]
     if LANE_BLOCKS:
-        w = w_tile.load(lane_block_layout(w_tile.shape[0], w_tile.shape[1], gl.num_warps()))
+        if SKIP == 1:
+            q = w_tile.load(lane_block_layout(BN, BK, gl.num_warps()))
+        else:
+            W32: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK // 2], gl.int32)
+            words = _as_words(w_tile, [BN, BK // 2], W32).load(lane_block_layout(BN, BK // 2, gl.num_warps()))
+            q = _nvfp4_words_in_registers(words, g, six_g, inv_six_g, g_fast)
+        operand = gl.convert_layout(_to_wgmma_slots(q), a_l)
     else:
-        w = w_tile.load(a_l)
-    q = w if SKIP == 1 else _nvfp4_in_registers(w, g, six_g, inv_six_g, g_fast)
-    operand = gl.convert_layout(_to_wgmma_slots(q), a_l) if LANE_BLOCKS else q
+        q = w_tile.load(a_l)
+        if SKIP == 0:
+            q = _nvfp4_in_registers(q, g, six_g, inv_six_g, g_fast)
+        operand = q
     return operand, q
 
 
