@@ -313,16 +313,19 @@ def main() -> None:
                         help="then time each target's kernel and anchor this many more times, alternately")  # fmt: skip
     parser.add_argument("--no-gluon", action="store_true",
                         help="QAT FP8 as two launches instead of the Gluon kernel (GLUON_QAT_FP8 off)")  # fmt: skip
+    parser.add_argument("--register-operand", action="store_true",
+                        help="QAT NVFP4 by the experimental register-operand kernel (GLUON_QAT_NVFP4_REGISTER_OPERAND)")  # fmt: skip
     args = parser.parse_args()
-    if args.no_gluon:
-        from moeq.runtime.kernels import grouped_qmm as launcher
+    from moeq.runtime.kernels import grouped_qmm as launcher
 
-        launcher.GLUON_QAT_FP8 = False
+    launcher.GLUON_QAT_FP8 = not args.no_gluon
+    launcher.GLUON_QAT_NVFP4_REGISTER_OPERAND = args.register_operand
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     copy_tbs = copy_bandwidth()
     details = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    python=platform.python_version(), copy_TBps=copy_tbs, gpu_before=gpu_state(), gluon=not args.no_gluon,
+                   register_operand=args.register_operand,
                    results=[])  # fmt: skip
     print(f"HBM copy: {copy_tbs:.2f} TB/s", flush=True)
     named = CASES + EXTRA_CASES if args.only else CASES

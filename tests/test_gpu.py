@@ -476,6 +476,30 @@ def test_qat_nvfp4_register_operand_cuda(counts, k, n):
             assert not got[rows:].any(), config
 
 
+def test_grouped_qmm_register_operand_switch_cuda(monkeypatch):
+    """``GLUON_QAT_NVFP4_REGISTER_OPERAND`` on: ``grouped_qmm`` in QAT NVFP4 above the one-pass threshold runs the
+    register-operand kernel (its activations written in ``wgmma_k_order``) and its product is within the fp32
+    accumulation bound of the float64 product of formats' fake-quantized operands, as with the switch off."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel needs sm_90")
+    from moeq.runtime.kernels import grouped_qmm as launcher
+    from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+
+    counts = [100, 0, 130, 64, 257, 90, 33, 120]
+    offs, x, w_nk, amax = _gluon_operands(counts, 512, 384, torch.Generator().manual_seed(5))
+    x_amax = torch.tensor([3.0], device="cuda")
+    wq_ref = get_format("nvfp4").fake_quant(w_nk, amax.view(-1, 1, 1))
+    x_fq = fake_quant_act(x.cuda(), offs.cuda(), x_amax, "nvfp4").cpu()
+    ref, magnitude = _codes_product(x_fq, wq_ref, offs, torch.ones(len(counts), dtype=torch.float64))
+    for switch in (False, True):
+        monkeypatch.setattr(launcher, "GLUON_QAT_NVFP4_REGISTER_OPERAND", switch)
+        got = launch_grouped_qmm(x.cuda(), w_nk.cuda().transpose(1, 2), offs.cuda(), amax.cuda(), None, x_amax,
+                                 "fake_nvfp4", "nvfp4")  # fmt: skip
+        err = (got.cpu().double() - ref).abs()
+        assert (err <= 2.0**-8 * magnitude + 2.0**-8 * ref.abs() + 1e-30).all(), switch
+        assert not got[int(offs[-1]) :].any(), switch
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 def test_dequant_weight_cuda_bit_exact(fmt, dtype):

@@ -280,6 +280,11 @@ QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT = 16
 #: (BENCHMARKS.md, session 36): gate_up 0.78 ms against 1.21 ms for the weight pass + ``torch._grouped_mm``, down
 #: 0.45 against 0.64 (bf16 ``torch._grouped_mm`` 0.58 / 0.34).
 GLUON_QAT_NVFP4 = True
+#: experimental, off: :data:`GLUON_QAT_NVFP4`'s product by the register-operand kernel (``qat_gluon.
+#: REGISTER_A_CONFIGS[0]``: the weight fake-quantized in the MMA warps' registers, whole 16-blocks a lane, the
+#: activations written in ``fake_quant_act.wgmma_k_order``) where K is a multiple of 64, in eager launches (a traced
+#: graph keeps the opaque op). Not yet run on a GPU (session 37): ``bench_grouped_qmm.py --register-operand``.
+GLUON_QAT_NVFP4_REGISTER_OPERAND = False
 
 
 def quantizes_nvfp4_once(w_mode: str, x_mode: str | None, rows: int, num_experts: int) -> bool:
@@ -944,6 +949,13 @@ def grouped_qmm(
             w_scale, w_mode = get_format("fp8").scale_from_amax(w_scale), "fp8"
     bf16_cuda = x.is_cuda and x.dtype == torch.bfloat16  # the Gluon kernel and torch._grouped_mm take bf16
     if nvfp4_once and w_mode == "fake_nvfp4" and x_mode == "nvfp4" and bf16_cuda and config is None:
+        register_operand = GLUON_QAT_NVFP4_REGISTER_OPERAND and wrap is None and caller_out is None and k % 64 == 0
+        if register_operand and gluon_takes(x, w, w_scale, None, nvfp4=True):
+            from moeq.runtime.kernels import qat_gluon
+
+            x = fake_quant_act(x, offs, x_amax, "nvfp4", in_wgmma_k_order=True)
+            return qat_gluon.qat_nvfp4_gluon_gemm(x, w, offs, w_scale, out=out, check=False,
+                                                  config=qat_gluon.REGISTER_A_CONFIGS[0], x_in_wgmma_k_order=True)  # fmt: skip
         x = fake_quant_act(x, offs, x_amax, "nvfp4", wrap=wrap)
         if caller_out is None and gluon_takes(x, w, w_scale, None, nvfp4=True):
             return gluon_gemm(x, w, offs, w_scale, None, out, wrap, nvfp4=True)
