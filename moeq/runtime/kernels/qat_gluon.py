@@ -77,7 +77,6 @@ from moeq.runtime.kernels.numerics import (
     NVFP4_FAST_G_MAX,
     NVFP4_FAST_G_MIN,
     NVFP4_GLOBAL_DIVISOR,
-    block_amax16,
     divide,
     fake_quant_nvfp4_blocks,
     fake_quant_nvfp4_operand,
@@ -250,12 +249,7 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
                 if NVFP4 and EXACT == 2:  # the MMA operand's values (a zero's sign not kept)
                     words = _as_words(w16.index(s), [BN, BK // 2], W32)
                     words = words.slice(h * PART, PART, dim=0).load(L32)
-                    v = gl.join((words << 16).to(gl.float32, bitcast=True),
-                                (words & -65536).to(gl.float32, bitcast=True))  # fmt: skip
-                    b = v.reshape([PART, BK // 16, 16])
-                    block_amax = gl.convert_layout(block_amax16(b), b.type.layout)
-                    q = fake_quant_nvfp4_operand(b, block_amax, g, six_g, inv_six_g, g_fast, False)
-                    q = gl.convert_layout(q.reshape([PART, BK]), L).to(gl.bfloat16)
+                    q = gl.convert_layout(_nvfp4_words_in_registers(words, g, six_g, inv_six_g, g_fast), L)
                 else:
                     v = w16.index(s).slice(h * PART, PART, dim=0).load(L).to(gl.float32)
                     if NVFP4:  # bit for bit
@@ -482,11 +476,12 @@ def _max_abs_pairs(a, b):
 
 @gluon.jit
 def _words_block_amax(words):
-    """``max |x|`` (fp32, NaN kept) of each 16-block of ``words [BN, 4, 8]`` (two bf16 a word, a block's words in one
+    """``max |x|`` (fp32, NaN kept) of each 16-block of ``words [R, B, 8]`` (two bf16 a word, a block's words in one
     thread): a tree of packed maxima, then the larger half."""
-    BN: gl.constexpr = words.shape[0]
-    m = _max_abs_pairs(*gl.split(words.reshape([BN, 4, 4, 2])))
-    m = _max_abs_pairs(*gl.split(m.reshape([BN, 4, 2, 2])))
+    R: gl.constexpr = words.shape[0]
+    B: gl.constexpr = words.shape[1]
+    m = _max_abs_pairs(*gl.split(words.reshape([R, B, 4, 2])))
+    m = _max_abs_pairs(*gl.split(m.reshape([R, B, 2, 2])))
     m = _max_abs_pairs(*gl.split(m))
     m = gl.inline_asm_elementwise("{ .reg .b32 t; prmt.b32 t, $1, 0, 0x1032; max.NaN.xorsign.abs.bf16x2 $0, $1, t; }",
                                   "=r,r", [m], dtype=gl.int32, is_pure=True, pack=1)  # fmt: skip
@@ -519,11 +514,13 @@ def _unpack_words(words):
 
 @gluon.jit
 def _nvfp4_words_in_registers(words, g, six_g, inv_six_g, g_fast):
-    """A bf16 weight tile held as 32-bit words ``[BN, 32]`` (:func:`lane_block_layout`, whole blocks a thread)
-    fake-quantized as ``numerics.fake_quant_nvfp4_operand``'s values, bf16 ``[BN, 64]`` in K's order: the block amax
-    and the clip on bf16 pairs (:func:`_words_block_amax`, :func:`_clip_pairs`), the rest in fp32."""
-    BN: gl.constexpr = words.shape[0]
-    w = words.reshape([BN, 4, 8])
+    """A bf16 weight tile held as 32-bit words ``[R, BK / 2]`` (a thread holds whole 16-blocks: the converter's
+    layout, or :func:`lane_block_layout`) fake-quantized as ``numerics.fake_quant_nvfp4_operand``'s values, bf16 ``[R,
+    BK]`` in K's order: the block amax and the clip on bf16 pairs (:func:`_words_block_amax`, :func:`_clip_pairs`),
+    the rest in fp32."""
+    R: gl.constexpr = words.shape[0]
+    BK: gl.constexpr = 2 * words.shape[1]
+    w = words.reshape([R, BK // 16, 8])
     block_amax = _words_block_amax(w)
     if g_fast:
         scale, inv_scale = nvfp4_operand_scale(block_amax, g, six_g, inv_six_g, False)
@@ -535,7 +532,7 @@ def _nvfp4_words_in_registers(words, g, six_g, inv_six_g, g_fast):
         values = _unpack_words(w)
         values_amax = gl.convert_layout(block_amax, gl.SliceLayout(2, values.type.layout))[:, :, None]
         q = fake_quant_nvfp4_operand(values, values_amax, g, six_g, inv_six_g, False, False)
-    return q.reshape([BN, 64]).to(gl.bfloat16)
+    return q.reshape([R, BK]).to(gl.bfloat16)
 
 
 @gluon.jit
