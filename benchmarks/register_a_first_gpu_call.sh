@@ -1,7 +1,7 @@
 # Branch gluon-register-a: QAT NVFP4 with the weight as wgmma's register operand (qat_gluon.qat_nvfp4_rega_kernel,
 # REGISTER_A_CONFIGS), compiled for sm_90 but never run. Its first GPU call (git checkout gluon-register-a; carry
 # .whl): the GPU tests check the weight values against formats' fake quant and the output against float64, then the
-# probe checks the same at Qwen3 shapes and times variants 7-8 (whole 16-blocks a lane, K permuted: 15.7 instructions a
+# probe checks the same at Qwen3 shapes and times variants 7-8 (whole 16-blocks a lane, K permuted: 14.5 instructions a
 # weight element in the k-loop's SASS), 9 (the plain A layout: 20.2) beside the shipped configuration 0, and
 # decomposes 7 (SKIP=1, no conversion). Variant 0, the shipped kernel, has the branch's converter (block amax and clip
 # on bf16 pairs: 13.25 instructions a value, was 14.5; session 36's figures for it: 0.6865 / 0.4051 ms kernel alone).
