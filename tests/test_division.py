@@ -183,21 +183,27 @@ def nvfp4_operand_codes(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return (q + magic) - magic
 
 
+def _fast_range_block_divisors(seed: int):
+    """``(g, s_b, d = RN(s_b g))`` for 8 global scales across the NVFP4 fast range (its ends, 1 and 5 random) times 12
+    random e4m3 block scales each."""
+    gen = torch.Generator().manual_seed(seed)
+    globals_ = torch.cat([torch.tensor([2.0**-40, 2.0**40, 1.0]), 2.0 ** (torch.rand(5, generator=gen) * 80 - 40)])
+    block_scales = _e4m3_values_in(2.0**-9, 448.0)
+    for g in globals_.float():
+        for s_b in block_scales[torch.randperm(block_scales.numel(), generator=gen)[:12]]:
+            yield g, s_b, s_b * g
+
+
 def test_nvfp4_operand_path_gives_the_e2m1_value_of_the_ieee_quotient():
     """Every finite bf16 value and +-inf divided by NVFP4 block divisors ``d = RN(s_b g)`` over the fast range (as in
     the fast path's test above, x independent of d, so far beyond the block's saturation too): the operand path's
     E2M1 value equals ``e2m1_round(x / d)`` of torch's IEEE division, compared as values (a zero's sign may
     differ)."""
     x = torch.cat([_all_bf16(), torch.tensor([float("inf"), -float("inf")])])
-    gen = torch.Generator().manual_seed(7)
-    globals_ = torch.cat([torch.tensor([2.0**-40, 2.0**40, 1.0]), 2.0 ** (torch.rand(5, generator=gen) * 80 - 40)])
-    block_scales = _e4m3_values_in(2.0**-9, 448.0)
-    for g in globals_.float():
-        for s_b in block_scales[torch.randperm(block_scales.numel(), generator=gen)[:12]]:
-            d = s_b * g
-            want = e2m1_round(x / d)
-            got = nvfp4_operand_codes(x, d)
-            assert torch.equal(got, want), (float(g), float(s_b), x[got != want][:5].tolist())
+    for g, s_b, d in _fast_range_block_divisors(seed=7):
+        want = e2m1_round(x / d)
+        got = nvfp4_operand_codes(x, d)
+        assert torch.equal(got, want), (float(g), float(s_b), x[got != want][:5].tolist())
 
 
 def test_nvfp4_operand_clip_in_bf16_gives_the_same_e2m1_value():
@@ -207,15 +213,9 @@ def test_nvfp4_operand_clip_in_bf16_gives_the_same_e2m1_value():
     6]`` and rounds to the E2M1 maximum as ``RN(6 d)``'s does. Checked for every finite bf16 value and +-inf over
     divisors across the fast range, as E2M1 values after Markstein's quotient (exact emulation)."""
     x = torch.cat([_all_bf16(), torch.tensor([float("inf"), -float("inf")])])
-    gen = torch.Generator().manual_seed(11)
-    globals_ = torch.cat([torch.tensor([2.0**-40, 2.0**40, 1.0]), 2.0 ** (torch.rand(5, generator=gen) * 80 - 40)])
-    block_scales = _e4m3_values_in(2.0**-9, 448.0)
-    for g in globals_.float():
-        for s_b in block_scales[torch.randperm(block_scales.numel(), generator=gen)[:12]]:
-            d = s_b * g
-            bound = d * 6.0
-            bound_bf16 = (bound.view(torch.int32) & -65536).view(torch.float32)  # RZ to bf16: the upper half
-            clipped = torch.minimum(torch.maximum(x, -bound_bf16), bound_bf16)
-            assert torch.equal(clipped.bfloat16().float(), clipped)  # the clip stays in bf16
-            got = nvfp4_operand_codes(clipped, d)  # clips again to +-RN(6 d): a no-op, all |clipped| <= B <= 6 d
-            assert torch.equal(got, nvfp4_operand_codes(x, d)), (float(g), float(s_b))
+    for g, s_b, d in _fast_range_block_divisors(seed=11):
+        bound_bf16 = ((d * 6.0).view(torch.int32) & -65536).view(torch.float32)  # RZ to bf16: the upper half
+        clipped = torch.minimum(torch.maximum(x, -bound_bf16), bound_bf16)
+        assert torch.equal(clipped.bfloat16().float(), clipped)  # the clip stays in bf16
+        got = nvfp4_operand_codes(clipped, d)  # clips again to +-RN(6 d): a no-op, all |clipped| <= B <= 6 d
+        assert torch.equal(got, nvfp4_operand_codes(x, d)), (float(g), float(s_b))

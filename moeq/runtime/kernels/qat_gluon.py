@@ -175,6 +175,25 @@ def _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2: gl.constexpr, BLOCK_M: g
 
 
 @gluon.jit
+def _ring(STAGES: gl.constexpr):
+    """``(ready, empty)``: one mbarrier each per stage of a ring, initialized for one arrival."""
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    return ready, empty
+
+
+@gluon.jit
+def _load_rings(SX: gl.constexpr, S16: gl.constexpr):
+    """:func:`_load_partition`'s rings: ``(rx, ex)`` for the activation stages, ``(r16, e16)`` for the bf16 weight."""
+    rx, ex = _ring(SX)
+    r16, e16 = _ring(S16)
+    return rx, ex, r16, e16
+
+
+@gluon.jit
 def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K, NUM_EXPERTS,
                     E_POW2: gl.constexpr):  # fmt: skip
     """TMA: the bf16 weight tile, then the activation codes tile (and the tail rows' tile where the group has them),
@@ -404,21 +423,8 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
     w16 = gl.allocate_shared_memory(gl.bfloat16, [S16, BN, BK], w_desc.layout)
     c8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], XT)
     c8 = gl.allocate_shared_memory(XT, [S8, BN, BK], c8_layout)  # the weight as the MMA takes it, same type as x
-    rx = gl.allocate_shared_memory(gl.int64, [SX, 1], mbarrier.MBarrierLayout())
-    ex = gl.allocate_shared_memory(gl.int64, [SX, 1], mbarrier.MBarrierLayout())
-    r16 = gl.allocate_shared_memory(gl.int64, [S16, 1], mbarrier.MBarrierLayout())
-    e16 = gl.allocate_shared_memory(gl.int64, [S16, 1], mbarrier.MBarrierLayout())
-    r8 = gl.allocate_shared_memory(gl.int64, [S8, 1], mbarrier.MBarrierLayout())
-    e8 = gl.allocate_shared_memory(gl.int64, [S8, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(SX):
-        mbarrier.init(rx.index(s), count=1)
-        mbarrier.init(ex.index(s), count=1)
-    for s in gl.static_range(S16):
-        mbarrier.init(r16.index(s), count=1)
-        mbarrier.init(e16.index(s), count=1)
-    for s in gl.static_range(S8):
-        mbarrier.init(r8.index(s), count=1)
-        mbarrier.init(e8.index(s), count=1)
+    rx, ex, r16, e16 = _load_rings(SX, S16)
+    r8, e8 = _ring(S8)
 
     gl.warp_specialize(
         [
@@ -631,6 +637,25 @@ def _store_transposed(out_ptr, acc, stage, first, row_end, pid_n, N, stride_om):
 
 
 @gluon.jit
+def _operand_step(w16, r16, e16, rx, it, a_l: gl.constexpr, g, six_g, inv_six_g, g_fast, codes_ptr, codes_row,
+                  codes_end, first_col, K, SKIP: gl.constexpr, LANE_BLOCKS: gl.constexpr,
+                  WRITE_CODES: gl.constexpr):  # fmt: skip
+    """k-step ``it``'s wgmma A operand (:func:`_register_operand`; its weight slot released once read, its values
+    written to ``codes_ptr`` for tests) and the activation slot ``sx``, once its tiles have landed."""
+    S16: gl.constexpr = w16.shape[0]
+    SX: gl.constexpr = rx.shape[0]
+    s = it % S16
+    mbarrier.wait(r16.index(s), (it // S16) & 1)
+    q, values = _register_operand(w16.index(s), a_l, g, six_g, inv_six_g, g_fast, SKIP, LANE_BLOCKS)
+    mbarrier.arrive(e16.index(s))
+    if WRITE_CODES:
+        _store_codes(codes_ptr, values, codes_row, codes_end, first_col, K)
+    sx = it % SX
+    mbarrier.wait(rx.index(sx), (it // SX) & 1)
+    return q, sx
+
+
+@gluon.jit
 def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N, K,
                            NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, WRITE_CODES: gl.constexpr,
                            SKIP: gl.constexpr, LANE_BLOCKS: gl.constexpr):  # fmt: skip
@@ -642,7 +667,6 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_
     BT: gl.constexpr = xt8.shape[1]
     BK: gl.constexpr = x8.shape[2]
     BN: gl.constexpr = w16.shape[1]
-    S16: gl.constexpr = w16.shape[0]
     main_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                      instr_shape=[16, BM, 16])  # fmt: skip
     tail_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
@@ -663,14 +687,8 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_
             acc = gl.zeros([BN, BM], gl.float32, main_l)
             acc_t = gl.zeros([BN, BT], gl.float32, tail_l)
             for i in range(k_tiles):
-                s = it % S16
-                mbarrier.wait(r16.index(s), (it // S16) & 1)
-                q, values = _register_operand(w16.index(s), a_l, g, six_g, inv_six_g, g_fast, SKIP, LANE_BLOCKS)
-                mbarrier.arrive(e16.index(s))
-                if WRITE_CODES:
-                    _store_codes(codes_ptr, values, codes_row, e * N + N, i * BK, K)
-                sx = it % x8.shape[0]
-                mbarrier.wait(rx.index(sx), (it // x8.shape[0]) & 1)
+                q, sx = _operand_step(w16, r16, e16, rx, it, a_l, g, six_g, inv_six_g, g_fast, codes_ptr, codes_row,
+                                      e * N + N, i * BK, K, SKIP, LANE_BLOCKS, WRITE_CODES)  # fmt: skip
                 acc = warpgroup_mma(q, x8.index(sx).permute((1, 0)), acc, is_async=True)
                 acc_t = warpgroup_mma(gl.convert_layout(q, a_tail_l), xt8.index(sx).permute((1, 0)), acc_t,
                                       is_async=True)  # fmt: skip
@@ -685,14 +703,8 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_
         else:
             acc = gl.zeros([BN, BM], gl.float32, main_l)
             for i in range(k_tiles):
-                s = it % S16
-                mbarrier.wait(r16.index(s), (it // S16) & 1)
-                q, values = _register_operand(w16.index(s), a_l, g, six_g, inv_six_g, g_fast, SKIP, LANE_BLOCKS)
-                mbarrier.arrive(e16.index(s))
-                if WRITE_CODES:
-                    _store_codes(codes_ptr, values, codes_row, e * N + N, i * BK, K)
-                sx = it % x8.shape[0]
-                mbarrier.wait(rx.index(sx), (it // x8.shape[0]) & 1)
+                q, sx = _operand_step(w16, r16, e16, rx, it, a_l, g, six_g, inv_six_g, g_fast, codes_ptr, codes_row,
+                                      e * N + N, i * BK, K, SKIP, LANE_BLOCKS, WRITE_CODES)  # fmt: skip
                 acc = warpgroup_mma(q, x8.index(sx).permute((1, 0)), acc, is_async=True)
                 acc, q_prev, q = warpgroup_mma_wait(num_outstanding=1, deps=(acc, q_prev, q))
                 mbarrier.arrive(ex.index((it - 1 + x8.shape[0]) % x8.shape[0]), pred=i > 0)
@@ -719,16 +731,7 @@ def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr
     w16 = gl.allocate_shared_memory(gl.bfloat16, [S16, BN, BK], w_desc.layout)
     stage_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[0, 1])
     stage = gl.allocate_shared_memory(gl.bfloat16, [BN, 64], stage_layout)  # the epilogue's 64-row chunks
-    rx = gl.allocate_shared_memory(gl.int64, [SX, 1], mbarrier.MBarrierLayout())
-    ex = gl.allocate_shared_memory(gl.int64, [SX, 1], mbarrier.MBarrierLayout())
-    r16 = gl.allocate_shared_memory(gl.int64, [S16, 1], mbarrier.MBarrierLayout())
-    e16 = gl.allocate_shared_memory(gl.int64, [S16, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(SX):
-        mbarrier.init(rx.index(s), count=1)
-        mbarrier.init(ex.index(s), count=1)
-    for s in gl.static_range(S16):
-        mbarrier.init(r16.index(s), count=1)
-        mbarrier.init(e16.index(s), count=1)
+    rx, ex, r16, e16 = _load_rings(SX, S16)
     gl.warp_specialize(
         [
             (_convert_mma_partition, (x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N,
