@@ -10,7 +10,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 timeout -s INT 150 python -m pytest -p no:cacheprovider tests/test_gpu.py -rA --tb=short -q \
-  -k "register_operand or qat_nvfp4_gluon_gemm_cuda or nvfp4_operand_values" > $OUT/tests.log 2>&1; echo tests rc $?
+  -k "register_operand or qat_nvfp4_gluon_gemm_cuda or nvfp4_operand_values or nan_and_inf_weights" > $OUT/tests.log 2>&1; echo tests rc $?
 grep -E "passed|failed|^FAILED|^E " $OUT/tests.log | cut -c1-200 | head -12
 timeout -s INT 240 python benchmarks/probe_gluon_qat_nvfp4.py --variants 0,7,8,9 --decompose 7 --out $OUT/probe.json > $OUT/probe.log 2>&1; echo probe rc $?
 grep -v launching $OUT/probe.log | cut -c1-200 | tail -34

@@ -476,6 +476,37 @@ def test_qat_nvfp4_register_operand_cuda(counts, k, n):
             assert not got[rows:].any(), config
 
 
+def test_qat_nvfp4_gluon_nan_and_inf_weights_cuda():
+    """A NaN in a weight's 16-block makes that block NaN and +-inf saturates to the block's largest value, as formats'
+    NVFP4 ``fake_quant`` does, in the Gluon kernels' weight values (the block amax and clip on bf16 pairs): the
+    shipped configuration and the register-operand one; the outputs are NaN exactly where the float64 product is."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel needs sm_90")
+    from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+    from moeq.runtime.kernels.qat_gluon import NVFP4_CONFIGS, REGISTER_A_CONFIGS, qat_nvfp4_gluon_gemm
+
+    counts = [200, 70, 0, 300]
+    offs, x, w_nk, amax = _gluon_operands(counts, 256, 256, torch.Generator().manual_seed(17))
+    w_nk[0, 5, 16:32] = torch.linspace(-1, 1, 16).bfloat16()
+    w_nk[0, 5, 20] = float("nan")
+    w_nk[1, 100, 40] = float("inf")
+    w_nk[3, 7, 200] = -float("inf")
+    wq_ref = get_format("nvfp4").fake_quant(w_nk, amax.view(-1, 1, 1))
+    x_fq = fake_quant_act(x.cuda(), offs.cuda(), torch.tensor([3.0], device="cuda"), "nvfp4")
+    ref, magnitude = _codes_product(x_fq.cpu(), wq_ref, offs, torch.ones(len(counts), dtype=torch.float64))
+    routed = torch.tensor(counts) > 0
+    assert wq_ref[0, 5, 16:32].isnan().all() and wq_ref[1, 100, 40].isfinite()
+    for config in (NVFP4_CONFIGS[0], REGISTER_A_CONFIGS[0]):
+        codes = torch.zeros(len(counts), 256, 256, dtype=torch.bfloat16, device="cuda")
+        got = qat_nvfp4_gluon_gemm(x_fq, w_nk.cuda().transpose(1, 2), offs.cuda(), amax.cuda(), config=config,
+                                   codes=codes).cpu().double()  # fmt: skip
+        torch.testing.assert_close(codes.cpu()[routed], wq_ref[routed], rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(got.isnan(), ref.isnan()), config
+        finite = ~ref.isnan()
+        err = (got[finite] - ref[finite]).abs()
+        assert (err <= 2.0**-8 * magnitude[finite] + 2.0**-8 * ref[finite].abs() + 1e-30).all(), config
+
+
 def test_grouped_qmm_register_operand_switch_cuda(monkeypatch):
     """``GLUON_QAT_NVFP4_REGISTER_OPERAND`` on: ``grouped_qmm`` in QAT NVFP4 above the one-pass threshold runs the
     register-operand kernel (its activations written in ``wgmma_k_order``) and its product is within the fp32
