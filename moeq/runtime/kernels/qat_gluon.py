@@ -34,12 +34,19 @@ The QAT NVFP4 form (``NVFP4`` constexpr, :func:`qat_nvfp4_gluon_gemm`): Hopper h
 pass), the converter writes the weight's fake-quantized bf16 values and the MMA is bf16 ``wgmma``. The converter
 (``exact=2``) takes the operand form ``numerics.fake_quant_nvfp4_operand``: formats' values (a zero's sign aside,
 which no dot product from ``+0`` sees) in about two thirds of the exact form's instructions; it reads the bf16 tile
-as 32-bit words, and a thread holds two whole 16-blocks along K per pass. ``exact=1`` is the bit-for-bit form
+as 32-bit words, a thread holds two whole 16-blocks along K per pass, and the block amax and the clip work on bf16
+pairs (:func:`_nvfp4_words_in_registers`; session 37, not yet run on a GPU). ``exact=1`` is the bit-for-bit form
 (``numerics.fake_quant_nvfp4_blocks``, the tests' and the probe's reference). H100, 34k rows (session 36 probe, the
 activations' pass included): gate_up 0.81 ms against 1.19 ms for the weight pass + ``torch._grouped_mm`` (bf16
 0.57), down 0.45 against 0.63 (0.33). Alone, the loads take 0.42 / 0.26 ms (every n-tile reads the bf16 activations
 again) and the kernel 0.69 / 0.41: the converter's four warps, one a scheduler, issue a third of the time and wait
 on shared memory the rest, and more converter warps would take registers the MMA warps' accumulators need.
+
+Experimental (session 37, compiled, never run on a GPU): :func:`qat_nvfp4_rega_kernel` puts the weight in the MMA
+warps' own registers as ``wgmma``'s A operand, with no converter warps and no shared-memory round trip. K is permuted
+within each 64-chunk (``fake_quant_act.wgmma_k_order``; the activations' pass writes that order) so that each lane
+holds whole 16-blocks (:func:`lane_block_layout`); ``REGISTER_A_CONFIGS``, ``grouped_qmm.
+GLUON_QAT_NVFP4_REGISTER_OPERAND`` (off).
 
 Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
 this kernel, and :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` then keeps the two launches (NVFP4: the
@@ -510,12 +517,12 @@ def _clip_pairs(words, bound):
 
 @gluon.jit
 def _unpack_words(words):
-    """``words [BN, B, W]`` of two bf16 as fp32 ``[BN, B, 2 W]`` in K's order (the low half first)."""
-    BN: gl.constexpr = words.shape[0]
+    """``words [R, B, W]`` of two bf16 as fp32 ``[R, B, 2 W]`` in K's order (the low half first)."""
+    R: gl.constexpr = words.shape[0]
     B: gl.constexpr = words.shape[1]
     W: gl.constexpr = words.shape[2]
     v = gl.join((words << 16).to(gl.float32, bitcast=True), (words & -65536).to(gl.float32, bitcast=True))
-    return v.reshape([BN, B, 2 * W])
+    return v.reshape([R, B, 2 * W])
 
 
 @gluon.jit
@@ -660,9 +667,10 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_
                            NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, WRITE_CODES: gl.constexpr,
                            SKIP: gl.constexpr, LANE_BLOCKS: gl.constexpr):  # fmt: skip
     """QAT NVFP4 with the weight as the register operand (``out^T = fq(w)^T x^T``, CUTLASS's mixed-input form): the
-    same warps load each bf16 weight tile from shared memory into the wgmma's A-operand layout, fake-quantize it in
-    registers and multiply it by the activation tiles (B, in shared memory), converting step i + 1 while step i's
-    wgmmas run. No converter warps, no shared-memory round trip of the converted values."""
+    same warps load each bf16 weight tile from shared memory into registers (``LANE_BLOCKS``: whole 16-blocks a lane,
+    K permuted; else the A-operand layout), fake-quantize it there and multiply it by the activation tiles (B, in
+    shared memory), converting step i + 1 while step i's wgmmas run. No converter warps, no shared-memory round trip
+    of the converted values."""
     BM: gl.constexpr = x8.shape[1]
     BT: gl.constexpr = xt8.shape[1]
     BK: gl.constexpr = x8.shape[2]
@@ -721,7 +729,8 @@ def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr
                           WRITE_CODES: gl.constexpr, SKIP: gl.constexpr, LANE_BLOCKS: gl.constexpr,
                           num_warps: gl.constexpr):  # fmt: skip
     """QAT NVFP4 with the weight as wgmma's register operand: a 1-warp TMA loader and the ``num_warps`` warps of
-    :func:`_convert_mma_partition`, which convert and multiply (experimental; session 36)."""
+    :func:`_convert_mma_partition`, which convert and multiply, and a 16 KB stage for the transposed epilogue
+    (experimental, never run on a GPU; sessions 36-37)."""
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BT: gl.constexpr = xt_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
@@ -734,8 +743,9 @@ def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr
     rx, ex, r16, e16 = _load_rings(SX, S16)
     gl.warp_specialize(
         [
-            (_convert_mma_partition, (x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N,
-                                      K, NUM_EXPERTS, stride_om, E_POW2, WRITE_CODES, SKIP, LANE_BLOCKS)),
+            (_convert_mma_partition, (x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_ptr, w_amax_ptr,
+                                      codes_ptr, M, N, K, NUM_EXPERTS, stride_om, E_POW2, WRITE_CODES, SKIP,
+                                      LANE_BLOCKS)),
             (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
                                NUM_EXPERTS, E_POW2)),
         ],
