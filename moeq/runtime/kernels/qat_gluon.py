@@ -665,7 +665,7 @@ def _operand_step(w16, r16, e16, rx, it, a_l: gl.constexpr, g, six_g, inv_six_g,
 @gluon.jit
 def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N, K,
                            NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, WRITE_CODES: gl.constexpr,
-                           SKIP: gl.constexpr, LANE_BLOCKS: gl.constexpr):  # fmt: skip
+                           SKIP: gl.constexpr, LANE_BLOCKS: gl.constexpr, SYNC: gl.constexpr):  # fmt: skip
     """QAT NVFP4 with the weight as the register operand (``out^T = fq(w)^T x^T``, CUTLASS's mixed-input form): the
     same warps load each bf16 weight tile from shared memory into registers (``LANE_BLOCKS``: whole 16-blocks a lane,
     K permuted; else the A-operand layout), fake-quantize it there and multiply it by the activation tiles (B, in
@@ -694,17 +694,21 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_
         if has_tail:
             acc = gl.zeros([BN, BM], gl.float32, main_l)
             acc_t = gl.zeros([BN, BT], gl.float32, tail_l)
+            qt_prev = gl.zeros([BN, BK], gl.bfloat16, a_tail_l)  # the tail wgmma's operand: a value of its own
             for i in range(k_tiles):
                 q, sx = _operand_step(w16, r16, e16, rx, it, a_l, g, six_g, inv_six_g, g_fast, codes_ptr, codes_row,
                                       e * N + N, i * BK, K, SKIP, LANE_BLOCKS, WRITE_CODES)  # fmt: skip
+                qt = gl.convert_layout(q, a_tail_l)
                 acc = warpgroup_mma(q, x8.index(sx).permute((1, 0)), acc, is_async=True)
-                acc_t = warpgroup_mma(gl.convert_layout(q, a_tail_l), xt8.index(sx).permute((1, 0)), acc_t,
-                                      is_async=True)  # fmt: skip
-                acc, acc_t, q_prev, q = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_t, q_prev, q))
+                acc_t = warpgroup_mma(qt, xt8.index(sx).permute((1, 0)), acc_t, is_async=True)
+                acc, acc_t, q_prev, q, qt_prev, qt = warpgroup_mma_wait(
+                    num_outstanding=0 if SYNC else 2, deps=(acc, acc_t, q_prev, q, qt_prev, qt)
+                )
                 mbarrier.arrive(ex.index((it - 1 + x8.shape[0]) % x8.shape[0]), pred=i > 0)
                 q_prev = q
+                qt_prev = qt
                 it += 1
-            acc, acc_t, q_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t, q_prev))
+            acc, acc_t, q_prev, qt_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t, q_prev, qt_prev))
             mbarrier.arrive(ex.index((it - 1 + x8.shape[0]) % x8.shape[0]), pred=k_tiles > 0)
             _store_transposed(out_ptr, acc, stage, row_start, row_end, pid_n, N, stride_om)
             _store_transposed(out_ptr, acc_t, stage, row_start + BM, row_end, pid_n, N, stride_om)
@@ -714,7 +718,7 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_
                 q, sx = _operand_step(w16, r16, e16, rx, it, a_l, g, six_g, inv_six_g, g_fast, codes_ptr, codes_row,
                                       e * N + N, i * BK, K, SKIP, LANE_BLOCKS, WRITE_CODES)  # fmt: skip
                 acc = warpgroup_mma(q, x8.index(sx).permute((1, 0)), acc, is_async=True)
-                acc, q_prev, q = warpgroup_mma_wait(num_outstanding=1, deps=(acc, q_prev, q))
+                acc, q_prev, q = warpgroup_mma_wait(num_outstanding=0 if SYNC else 1, deps=(acc, q_prev, q))
                 mbarrier.arrive(ex.index((it - 1 + x8.shape[0]) % x8.shape[0]), pred=i > 0)
                 q_prev = q
                 it += 1
@@ -727,7 +731,7 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_
 def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
                           stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
                           WRITE_CODES: gl.constexpr, SKIP: gl.constexpr, LANE_BLOCKS: gl.constexpr,
-                          num_warps: gl.constexpr):  # fmt: skip
+                          SYNC: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """QAT NVFP4 with the weight as wgmma's register operand: a 1-warp TMA loader and the ``num_warps`` warps of
     :func:`_convert_mma_partition`, which convert and multiply, and a 16 KB stage for the transposed epilogue
     (experimental, never run on a GPU; sessions 36-37)."""
@@ -745,13 +749,19 @@ def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr
         [
             (_convert_mma_partition, (x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_ptr, w_amax_ptr,
                                       codes_ptr, M, N, K, NUM_EXPERTS, stride_om, E_POW2, WRITE_CODES, SKIP,
-                                      LANE_BLOCKS)),
+                                      LANE_BLOCKS, SYNC)),
             (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
                                NUM_EXPERTS, E_POW2)),
         ],
         [1],
         [24],
     )  # fmt: skip
+
+
+#: :func:`qat_nvfp4_rega_kernel` waits for each k-step's wgmmas before converting the next step's weight: no overlap of
+#: conversion and MMA within a warpgroup, but safe from ptxas before CUDA 13.3, which may reuse an in-flight wgmma's A
+#: registers (triton issue #9433, PR #11781; session 37 saw wrong tail rows without it)
+RS_WGMMA_SYNC = False
 
 
 class GluonConfig(NamedTuple):
@@ -833,7 +843,7 @@ class GluonConfig(NamedTuple):
                    skip: int = 0) -> dict:  # fmt: skip
         if self.register_a:
             return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16,
-                        WRITE_CODES=write_codes, SKIP=skip, LANE_BLOCKS=self.register_a == 2,
+                        WRITE_CODES=write_codes, SKIP=skip, LANE_BLOCKS=self.register_a == 2, SYNC=RS_WGMMA_SYNC,
                         num_warps=self.mma_warps)  # fmt: skip
         return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16, S8=self.s8,
                     SPLIT=self.split, CONV_WARPS=self.conv_warps, CONV_REGS=self.conv_regs, WRITE_CODES=write_codes,
