@@ -201,3 +201,25 @@ def test_fake_output_is_bf16_rows_by_n():
         )
     assert out.shape == (40, 24) and out.dtype == torch.bfloat16
     assert out_nvfp4.shape == (40, 24) and out_nvfp4.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("ptxas", "hazard"),
+    [("release 12.8, V12.8.93", True), ("release 12.9, V12.9.86", True), ("release 13.3, V13.3.1", False),
+     ("release 13.10, V13.10.0", False), ("no version line", True)],
+)  # fmt: skip
+def test_wgmma_operand_hazard_follows_the_ptxas_release(ptxas, hazard, monkeypatch):
+    """The register-operand kernel waits for each step's wgmmas (``SYNC``) exactly where Triton's ptxas predates CUDA
+    13.3, which may reuse an in-flight wgmma's A registers; ``RS_WGMMA_SYNC`` True / False overrides the choice."""
+    from triton.backends.nvidia import compiler
+
+    monkeypatch.setattr(compiler, "get_ptxas_version", lambda arch=80: f"ptxas\nCuda compilation tools, {ptxas}\n")
+    gluon_module.wgmma_operand_hazard.cache_clear()
+    try:
+        assert gluon_module.wgmma_operand_hazard() is hazard
+        assert gluon_module.REGISTER_A_CONFIGS[0].constexprs(128)["SYNC"] is hazard
+        for forced in (True, False):
+            monkeypatch.setattr(gluon_module, "RS_WGMMA_SYNC", forced)
+            assert gluon_module.REGISTER_A_CONFIGS[0].constexprs(128)["SYNC"] is forced
+    finally:
+        gluon_module.wgmma_operand_hazard.cache_clear()

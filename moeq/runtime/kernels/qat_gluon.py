@@ -758,10 +758,24 @@ def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr
     )  # fmt: skip
 
 
-#: :func:`qat_nvfp4_rega_kernel` waits for each k-step's wgmmas before converting the next step's weight: no overlap of
-#: conversion and MMA within a warpgroup, but safe from ptxas before CUDA 13.3, which may reuse an in-flight wgmma's A
-#: registers (triton issue #9433, PR #11781; session 37 saw wrong tail rows without it)
-RS_WGMMA_SYNC = False
+#: whether :func:`qat_nvfp4_rega_kernel` waits for each k-step's wgmmas before converting the next step's weight (no
+#: overlap of conversion and MMA within a warpgroup). None: only where :func:`wgmma_operand_hazard` says ptxas may
+#: reuse an in-flight wgmma's A registers (session 37 saw wrong tail rows from it); True / False force it.
+RS_WGMMA_SYNC: bool | None = None
+
+
+@functools.cache
+def wgmma_operand_hazard() -> bool:
+    """Whether the ptxas Triton uses for sm_90 predates CUDA 13.3: before it, ptxas may give an asynchronous
+    register-operand wgmma's A registers to other values before the wgmma has read them (triton issue #9433, PR
+    #11781), so the register-operand kernel must not convert the next step while a wgmma runs. Triton 3.6 bundles
+    ptxas 12.8; ``TRITON_PTXAS_PATH`` may name a newer one (``nvidia-cuda-nvcc`` 13.3 or later)."""
+    import re
+
+    from triton.backends.nvidia.compiler import get_ptxas_version
+
+    release = re.search(r"release (\d+)\.(\d+)", get_ptxas_version(90))
+    return release is None or (int(release[1]), int(release[2])) < (13, 3)
 
 
 class GluonConfig(NamedTuple):
@@ -843,7 +857,8 @@ class GluonConfig(NamedTuple):
                    skip: int = 0) -> dict:  # fmt: skip
         if self.register_a:
             return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16,
-                        WRITE_CODES=write_codes, SKIP=skip, LANE_BLOCKS=self.register_a == 2, SYNC=RS_WGMMA_SYNC,
+                        WRITE_CODES=write_codes, SKIP=skip, LANE_BLOCKS=self.register_a == 2,
+                        SYNC=wgmma_operand_hazard() if RS_WGMMA_SYNC is None else RS_WGMMA_SYNC,
                         num_warps=self.mma_warps)  # fmt: skip
         return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16, S8=self.s8,
                     SPLIT=self.split, CONV_WARPS=self.conv_warps, CONV_REGS=self.conv_regs, WRITE_CODES=write_codes,
