@@ -34,14 +34,19 @@ from moeq.runtime.kernels.segment_amax import expert_of_rows
 __all__ = ["act_codes_reference", "fake_quant_act", "fake_quant_tokens", "row_amax", "token_codes", "wgmma_k_order"]
 
 
+def check_wgmma_k_order(k: int) -> None:
+    """Raise ``ValueError`` unless K can be permuted into :func:`wgmma_k_order` (whole 64-chunks)."""
+    if k % 64:
+        raise ValueError(f"wgmma_k_order permutes 64-chunks of K; K = {k} is not a multiple of 64")
+
+
 def wgmma_k_order(x: torch.Tensor) -> torch.Tensor:
     """``x [M, K]`` with K permuted within each 64-chunk: column ``16 c + 8 h + 2 t + b`` holds ``k = 16 t + 4 c + 2 h +
     b``. It is the order in which the register-operand QAT NVFP4 kernel (``qat_gluon.lane_block_layout``) hands the
     weight's k to the wgmma, so that each lane holds whole 16-blocks; a dot product over K does not depend on the
     order of k, so activations in this order times the weight in this order is the product."""
     m, k = x.shape
-    if k % 64:
-        raise ValueError(f"wgmma_k_order permutes 64-chunks of K; K = {k} is not a multiple of 64")
+    check_wgmma_k_order(k)
     return x.reshape(m, k // 64, 4, 4, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, k)
 
 
@@ -146,8 +151,8 @@ def fake_quant_act(
     if input_amax.numel() not in (1, num_experts):
         raise ValueError(f"input_amax has {input_amax.numel()} entries; expected 1 or {num_experts}")
     fmt.check_shape(x.shape, 1, "activation")
-    if in_wgmma_k_order and x.shape[1] % 64:
-        raise ValueError(f"in_wgmma_k_order permutes 64-chunks of K; K = {x.shape[1]} is not a multiple of 64")
+    if in_wgmma_k_order:
+        check_wgmma_k_order(x.shape[1])
     x_in = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty_like(x_in, dtype=torch.float8_e4m3fn if codes else x.dtype)
     amax = as_fp32(input_amax)

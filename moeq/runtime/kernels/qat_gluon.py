@@ -35,18 +35,19 @@ pass), the converter writes the weight's fake-quantized bf16 values and the MMA 
 (``exact=2``) takes the operand form ``numerics.fake_quant_nvfp4_operand``: formats' values (a zero's sign aside,
 which no dot product from ``+0`` sees) in about two thirds of the exact form's instructions; it reads the bf16 tile
 as 32-bit words, a thread holds two whole 16-blocks along K per pass, and the block amax and the clip work on bf16
-pairs (:func:`_nvfp4_words_in_registers`; session 37, not yet run on a GPU). ``exact=1`` is the bit-for-bit form
+pairs (:func:`_nvfp4_words_in_registers`; session 37, exact on the H100). ``exact=1`` is the bit-for-bit form
 (``numerics.fake_quant_nvfp4_blocks``, the tests' and the probe's reference). H100, 34k rows (session 36 probe, the
 activations' pass included): gate_up 0.81 ms against 1.19 ms for the weight pass + ``torch._grouped_mm`` (bf16
 0.57), down 0.45 against 0.63 (0.33). Alone, the loads take 0.42 / 0.26 ms (every n-tile reads the bf16 activations
 again) and the kernel 0.69 / 0.41: the converter's four warps, one a scheduler, issue a third of the time and wait
 on shared memory the rest, and more converter warps would take registers the MMA warps' accumulators need.
 
-Experimental (session 37, compiled, never run on a GPU): :func:`qat_nvfp4_rega_kernel` puts the weight in the MMA
-warps' own registers as ``wgmma``'s A operand, with no converter warps and no shared-memory round trip. K is permuted
-within each 64-chunk (``fake_quant_act.wgmma_k_order``; the activations' pass writes that order) so that each lane
-holds whole 16-blocks (:func:`lane_block_layout`); ``REGISTER_A_CONFIGS``, ``grouped_qmm.
-GLUON_QAT_NVFP4_REGISTER_OPERAND`` (off).
+Experimental (session 37): :func:`qat_nvfp4_rega_kernel` puts the weight in the MMA warps' own registers as
+``wgmma``'s A operand, with no converter warps and no shared-memory round trip. K is permuted within each 64-chunk
+(``fake_quant_act.wgmma_k_order``; the activations' pass writes that order) so that each lane holds whole 16-blocks
+(:func:`lane_block_layout`). On the H100 its weight values are exact and it is 3-4% faster than the shipped kernel;
+where ptxas predates CUDA 13.3 it waits for each step's wgmmas (``SYNC``, :func:`wgmma_operand_hazard`).
+``REGISTER_A_CONFIGS``, ``grouped_qmm.GLUON_QAT_NVFP4_REGISTER_OPERAND`` (off).
 
 Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
 this kernel, and :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` then keeps the two launches (NVFP4: the
@@ -734,7 +735,7 @@ def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr
                           SYNC: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """QAT NVFP4 with the weight as wgmma's register operand: a 1-warp TMA loader and the ``num_warps`` warps of
     :func:`_convert_mma_partition`, which convert and multiply, and a 16 KB stage for the transposed epilogue
-    (experimental, never run on a GPU; sessions 36-37)."""
+    (experimental; sessions 36-37)."""
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BT: gl.constexpr = xt_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
@@ -915,8 +916,9 @@ CONFIGS = (
     GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, persistent=True),
     GluonConfig(256, 64, 128, 64, 7, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, stacked=True),
 )
-#: the experimental register-operand form of QAT NVFP4 (:func:`qat_nvfp4_rega_kernel`; compiled, not yet run on a GPU,
-#: so :func:`tuned_config` never picks it): 8 converting-and-multiplying warps at 240 registers, a 1-warp loader
+#: the experimental register-operand form of QAT NVFP4 (:func:`qat_nvfp4_rega_kernel`; :func:`tuned_config` never picks
+#: it: 3-4% faster than the shipped kernel on the H100, session 37): 8 converting-and-multiplying warps at 240
+#: registers, a 1-warp loader
 REGISTER_A_CONFIGS = tuple(
     GluonConfig(256, 64, 128, bk, sx, s16, 0, 0, 0, 0, 8, 168, 2, persistent=True, nvfp4=True, register_a=form)
     for form, bk, sx, s16 in ((2, 64, 3, 4), (2, 64, 4, 3), (1, 64, 3, 4), (1, 64, 4, 3), (1, 32, 6, 8))
