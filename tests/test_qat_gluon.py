@@ -97,6 +97,43 @@ def k_loops(sass: str) -> list[list[str]]:
     return loops
 
 
+#: opcodes whose first operand is not a register they write
+_NO_REGISTER_DESTINATION = ("ST", "BRA", "BAR", "SYNCS", "RED", "ATOM", "HGMMA", "WARP", "NOP", "DEPBAR", "EXIT", "RET",
+                            "CALL", "BSYNC", "BSSY", "ISETP", "FSETP", "HSETP", "PLOP", "R2UR", "UMOV", "ULDC")  # fmt: skip
+
+
+def writes_to_in_flight_a_registers(loop: list[str]) -> list[str]:
+    """The instructions of a k-loop (twice around it) that write a register an issued, not yet retired register-operand
+    ``HGMMA`` reads as its A operand. A wgmma group ends at the ``HGMMA`` marked ``gsb0``; ``WARPGROUP.DEPBAR.LE
+    gsb0, N`` retires all but the newest N groups. PTX leaves such a write undefined; sessions 37-38 saw it corrupt
+    products on the H100."""
+    import re
+
+    groups, current, hits = [], set(), []
+    for instruction in loop + loop:
+        operand = re.search(r"HGMMA\S* R\d+, R(\d+),", instruction)
+        if operand:
+            current |= set(range(int(operand[1]), int(operand[1]) + 4))
+            if "gsb0" in instruction:
+                groups, current = [*groups, current], set()
+            continue
+        wait = re.search(r"DEPBAR\.LE gsb0, 0x(\d+)", instruction)
+        if wait:
+            keep = int(wait[1], 16)
+            groups = groups[len(groups) - keep :] if keep else []
+            continue
+        words = instruction.rstrip(";").split()
+        words = words[1:] if words and words[0].startswith("@") else words
+        if len(words) < 2 or words[0].startswith(_NO_REGISTER_DESTINATION):
+            continue
+        destination = re.fullmatch(r"R(\d+),?", words[1])
+        width = 4 if ".128" in words[0] else 2 if ".64" in words[0] else 1
+        in_flight = set().union(*groups)
+        if destination and in_flight & set(range(int(destination[1]), int(destination[1]) + width)):
+            hits.append(instruction)
+    return hits
+
+
 @pytest.mark.parametrize("config", [c._replace(persistent=False) for c in gluon_module.REGISTER_A_CONFIGS],
                          ids=lambda c: c.name)  # fmt: skip
 def test_register_operand_configs_compile_for_sm90(config, tmp_path, monkeypatch):
@@ -123,6 +160,7 @@ def test_register_operand_configs_compile_for_sm90(config, tmp_path, monkeypatch
     for body in loops:
         text = "\n".join(body)
         assert "WARPGROUP.DEPBAR.LE gsb0, 0x0" in text, text
+        assert not writes_to_in_flight_a_registers(body), writes_to_in_flight_a_registers(body)[:4]
         if config.register_a == 2:
             assert "LDS.128" in text and not re.search(r"SHFL|STS|LDSM", text), text
         else:
@@ -204,10 +242,19 @@ def test_fake_output_is_bf16_rows_by_n():
     assert out_nvfp4.shape == (40, 24) and out_nvfp4.dtype == torch.bfloat16
 
 
-def test_register_operand_kernel_waits_for_its_wgmmas_by_default(monkeypatch):
+def test_register_operand_kernel_waits_for_its_wgmmas_by_default(tmp_path, monkeypatch):
     """The register-operand kernel waits for each step's wgmmas before converting the next (``SYNC``) unless
-    ``RS_WGMMA_SYNC`` is turned off: without the wait, ptxas 12.8 and 13.5 reused in-flight A registers (session 38)."""
+    ``RS_WGMMA_SYNC`` is turned off. The reason, in this Triton's ptxas: without the wait, the next step's conversion
+    writes registers that the previous step's wgmmas, still in flight, read as their A operand (ptxas 12.8, 13.4 and
+    13.5 all do; session 38 saw wrong tail rows on the H100 from it)."""
+    from triton.tools.disasm import get_sass
+
     assert gluon_module.RS_WGMMA_SYNC is True
     assert gluon_module.REGISTER_A_CONFIGS[0].constexprs(128)["SYNC"] is True
     monkeypatch.setattr(gluon_module, "RS_WGMMA_SYNC", False)
     assert gluon_module.REGISTER_A_CONFIGS[0].constexprs(128)["SYNC"] is False
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    sass = get_sass(gluon_module.REGISTER_A_CONFIGS[0]._replace(persistent=False).compile_for_sm90().asm["cubin"])
+    assert any(writes_to_in_flight_a_registers(loop) for loop in k_loops(sass)), (
+        "this ptxas keeps in-flight wgmma A registers intact without the wait: RS_WGMMA_SYNC could be revisited"
+    )
