@@ -283,8 +283,8 @@ GLUON_QAT_NVFP4 = True
 #: experimental, off: :data:`GLUON_QAT_NVFP4`'s product by the register-operand kernel (``qat_gluon.
 #: REGISTER_A_CONFIGS[0]``: the weight fake-quantized in the MMA warps' registers, whole 16-blocks a lane, the
 #: activations written in ``fake_quant_act.wgmma_k_order``) where K is a multiple of 64, in eager launches (a traced
-#: graph keeps the opaque op). H100, session 37: 0.74x / 0.78x bf16 at 34k rows; ``bench_grouped_qmm.py
-#: --register-operand``.
+#: graph keeps the opaque op). H100, session 38, through this op at 34k rows: 0.75x / 0.79x bf16 against the
+#: shipped kernel's 0.75x / 0.78x in the same call, within the run's spread; ``bench_grouped_qmm.py --register-operand``.
 GLUON_QAT_NVFP4_REGISTER_OPERAND = False
 
 
