@@ -531,6 +531,32 @@ def test_grouped_qmm_register_operand_switch_cuda(monkeypatch):
         assert not got[int(offs[-1]) :].any(), switch
 
 
+def test_grouped_qmm_qat_nvfp4_takes_quantized_rows_as_given_cuda():
+    """QAT NVFP4 above the one-pass bound with ``x_mode`` None (rows already fake-quantized, as
+    ``moeq.lowering.gather_quant`` leaves them before the routing gather): the same Gluon kernel on the same values
+    as with ``x_mode`` "nvfp4" on the raw rows, so the same bits; its launch is in the profile and no activation
+    pass runs."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel needs sm_90")
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+
+    counts = [100, 0, 130, 64, 257, 90, 33, 120]
+    offs, x, w_nk, amax = _gluon_operands(counts, 512, 384, torch.Generator().manual_seed(6))
+    x_amax = torch.tensor([3.0], device="cuda")
+    offs, x, w, amax = offs.cuda(), x.cuda(), w_nk.cuda().transpose(1, 2), amax.cuda()
+    raw = launch_grouped_qmm(x, w, offs, amax, None, x_amax, "fake_nvfp4", "nvfp4")
+    x_fq = fake_quant_act(x, offs, x_amax, "nvfp4")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        given = launch_grouped_qmm(x_fq, w, offs, amax, None, None, "fake_nvfp4", None)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len([n for n in names if "qat_ws_kernel" in n]) == 1, names
+    assert not any("fake_quant_act" in n for n in names), names
+    assert torch.equal(given, raw)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 def test_dequant_weight_cuda_bit_exact(fmt, dtype):

@@ -146,9 +146,10 @@ def _pays(mode: str, w_fmt: str, x_fmt: str | None, rows: Any, num_experts: int,
         # deploy: the unfused path (dequant kernel + torch._grouped_mm) measured slower at every size (1.04-1.11x
         # at 34k rows, 3.1-3.6x at 4k); FP8 x FP8 quantizes once at large sizes (quantizes_once)
         return True
-    if bf16_cuda and mode == "qat" and w_fmt == "nvfp4" and x_fmt == "nvfp4" and _gluon_qat_nvfp4():
-        # above the in-load bound the op fake-quantizes x once and multiplies with the Gluon kernel on sm_90 (1.37-1.58x
-        # the unfused path at 34k rows, session 36), elsewhere with the unfused path's own kernels (quantizes_nvfp4_once)
+    if bf16_cuda and mode == "qat" and w_fmt == "nvfp4" and x_fmt in ("nvfp4", None) and _gluon_qat_nvfp4():
+        # above the in-load bound the op fake-quantizes x once (x_fmt None: x as given) and multiplies with the Gluon
+        # kernel on sm_90 (1.37-1.58x the unfused path at 34k rows, session 36), elsewhere with the unfused path's own
+        # kernels (quantizes_nvfp4_once)
         return True
     if not isinstance(rows, int):
         return False
@@ -208,13 +209,14 @@ def describe_lowering(mode: str, w_fmt: str, x_fmt: str | None) -> str:
     if dequantizes_weight_first(w_mode, x_fmt, 2**31, 1):
         bound = DEQUANT_FIRST_ROWS_PER_EXPERT[w_mode]
         return f"{one} up to {bound} mean routed rows per expert; above, {unfused_path}"
-    if mode == "qat" and w_fmt == "nvfp4" and x_fmt == "nvfp4" and _gluon_qat_nvfp4():
+    if mode == "qat" and w_fmt == "nvfp4" and x_fmt in ("nvfp4", None) and _gluon_qat_nvfp4():
         bound = grouped_qmm_kernels.QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT
         gluon = (
             "the warp-specialized Gluon kernel (weight fake-quantized in shared memory to formats' values, a "
             "zero's sign aside, which no product sees; bf16 wgmma)"
         )
-        return (f"{one} up to {bound} mean routed rows per expert; above, an activation fake-quant pass and, up to "
+        act = "an activation fake-quant pass and, " if x_fmt == "nvfp4" else ""
+        return (f"{one} up to {bound} mean routed rows per expert; above, {act}up to "
                 f"{grouped_qmm_kernels.GLUON_ROWS_PER_EXPERT} on sm_90, {gluon}; else {unfused_path}")  # fmt: skip
     if _pays(mode, w_fmt, x_fmt, None, 1):
         return f"{one} at every size"
@@ -647,13 +649,20 @@ class GroupedQmmPass(CustomGraphPass):
     """The post-grad pass object installed by the ``moeq`` backend."""
 
     def __call__(self, graph: fx.Graph) -> None:
+        from moeq.lowering.gather_quant import quantize_before_gather
+
+        quantize_before_gather(graph)
         fuse_grouped_qmm(graph)
         if combine_fusion_enabled():
             fuse_expert_combine(graph)
             fuse_combine_backward(graph)
 
     def uuid(self) -> Any:
-        return (get_hash_for_files((__file__,)), _POLICY, _COMBINE, COMBINE_MIN_TOP_K, COMBINE_MIN_ROWS)
+        from moeq.lowering import gather_quant
+
+        files = (__file__, gather_quant.__file__)
+        bounds = (COMBINE_MIN_TOP_K, COMBINE_MIN_ROWS, gather_quant.OWN_PASS_ROWS_PER_EXPERT)
+        return (get_hash_for_files(files), _POLICY, _COMBINE, *bounds)
 
 
 class _ComposedPass(CustomGraphPass):

@@ -289,9 +289,10 @@ GLUON_QAT_NVFP4_REGISTER_OPERAND = False
 
 
 def quantizes_nvfp4_once(w_mode: str, x_mode: str | None, rows: int, num_experts: int) -> bool:
-    """Whether :func:`grouped_qmm` fake-quantizes QAT NVFP4 activations once, in their own pass: above
-    :data:`QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT` mean rows per expert."""
-    nvfp4 = w_mode == "fake_nvfp4" and x_mode == "nvfp4"
+    """Whether :func:`grouped_qmm` multiplies a QAT NVFP4 weight with bf16 operands as they are (the activations
+    fake-quantized once, in their own pass, or taken as given with ``x_mode`` None) rather than quantizing tiles in
+    the load path: above :data:`QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT` mean rows per expert."""
+    nvfp4 = w_mode == "fake_nvfp4" and x_mode in ("nvfp4", None)
     return nvfp4 and rows > QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT * max(1, num_experts)
 
 
@@ -949,15 +950,18 @@ def grouped_qmm(
             w = fake_quant_experts(w, w_scale, "fp8", 1, codes=True, wrap=wrap)
             w_scale, w_mode = get_format("fp8").scale_from_amax(w_scale), "fp8"
     bf16_cuda = x.is_cuda and x.dtype == torch.bfloat16  # the Gluon kernel and torch._grouped_mm take bf16
-    if nvfp4_once and w_mode == "fake_nvfp4" and x_mode == "nvfp4" and bf16_cuda and config is None:
+    if nvfp4_once and w_mode == "fake_nvfp4" and bf16_cuda and config is None:
+        # x_mode "nvfp4": the activations' own pass first; None: x is multiplied as given (e.g. already fake-quantized
+        # before the routing gather, moeq.lowering.gather_quant)
         register_operand = GLUON_QAT_NVFP4_REGISTER_OPERAND and wrap is None and caller_out is None and k % 64 == 0
-        if register_operand and gluon_takes(x, w, w_scale, None, nvfp4=True):
+        if register_operand and x_mode == "nvfp4" and gluon_takes(x, w, w_scale, None, nvfp4=True):
             from moeq.runtime.kernels import qat_gluon
 
             x = fake_quant_act(x, offs, x_amax, "nvfp4", in_wgmma_k_order=True)
             return qat_gluon.qat_nvfp4_gluon_gemm(x, w, offs, w_scale, out=out, check=False,
                                                   config=qat_gluon.REGISTER_A_CONFIGS[0], x_in_wgmma_k_order=True)  # fmt: skip
-        x = fake_quant_act(x, offs, x_amax, "nvfp4", wrap=wrap)
+        if x_mode == "nvfp4":
+            x = fake_quant_act(x, offs, x_amax, "nvfp4", wrap=wrap)
         if caller_out is None and gluon_takes(x, w, w_scale, None, nvfp4=True):
             return gluon_gemm(x, w, offs, w_scale, None, out, wrap, nvfp4=True)
         product = qat_nvfp4_weight_pass_gemm(x, w, offs, w_scale, wrap)

@@ -1,0 +1,86 @@
+"""``moeq.lowering.gather_quant``: a shared-scale NVFP4 activation fake-quant moved before the routing gather of real
+transformers MoE models compiled with backend="moeq" (CPU, random weights), compared with the graph left as it was."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import moeq
+from moeq.integrations.hf import tiny_model
+from moeq.lowering import gather_quant
+from moeq.lowering.inductor import combine_fusion, fusion
+from tests.conftest import make_tokens
+
+MOVED = "moved before its routing gather"
+
+
+def _logits(family: str, cfg: moeq.QuantConfig, caplog, policy: str = "auto", seq: int = 64, **overrides):
+    """Logits of a one-layer tiny ``family`` model prepared with ``cfg``, calibrated, finalized and compiled, and
+    the pass's log lines."""
+    torch._dynamo.reset()
+    caplog.clear()
+    torch.manual_seed(0)
+    model = moeq.prepare(tiny_model(family, torch.bfloat16, num_hidden_layers=1, **overrides), cfg)
+    cm = torch.compile(model, backend="moeq")
+    tokens = make_tokens(batch=2, seq=seq)
+    with caplog.at_level(logging.INFO, logger="moeq.lowering.gather_quant"):
+        with torch.no_grad(), fusion(policy), combine_fusion(False):
+            with moeq.calibrate(cm):
+                cm(tokens)
+            moeq.finalize(cm)
+            logits, _ = run_and_get_code(lambda: cm(tokens).logits)
+    return logits, [r.getMessage() for r in caplog.records if MOVED in r.getMessage()]
+
+
+def test_bound_is_the_ops_own_pass_bound():
+    """The pass moves the quantization only where ``moeq::grouped_qmm`` would run the activations' own pass anyway."""
+    from moeq.runtime.kernels.grouped_qmm import QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT
+
+    assert gather_quant.OWN_PASS_ROWS_PER_EXPERT == QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe"])
+def test_nvfp4_activation_quant_moves_before_the_gather_bit_for_bit(family, caplog, monkeypatch):
+    """QAT NVFP4 with one activation amax (the default): the gate/up input is fake-quantized per token, then
+    gathered, and the logits equal those of the graph left as it was, bit for bit (the quantization is row-local)."""
+    monkeypatch.setattr(gather_quant, "OWN_PASS_ROWS_PER_EXPERT", 1)
+    moved, lines = _logits(family, moeq.NVFP4, caplog)
+    top_k = tiny_model(family).config.num_experts_per_tok
+    assert len(lines) == 1 and f"({2 * 64} rows instead of {2 * 64 * top_k})" in lines[0], lines
+    monkeypatch.setattr(gather_quant, "OWN_PASS_ROWS_PER_EXPERT", 10**9)
+    kept, lines = _logits(family, moeq.NVFP4, caplog)
+    assert not lines
+    assert torch.equal(moved, kept)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "policy", "why"),
+    [
+        (moeq.QuantConfig(weight="nvfp4", activation="nvfp4", act_scale="per_expert"), "auto", "per-expert amax"),
+        (moeq.FP8, "auto", "FP8 activations feed FP8 MMAs inside the op"),
+        (moeq.NVFP4, "always", "policy always: one kernel per GEMM"),
+    ],
+    ids=["per-expert-amax", "fp8", "policy-always"],
+)
+def test_quantization_stays_after_the_gather(cfg, policy, why, caplog, monkeypatch):
+    """Not moved where the result would differ (a per-expert amax depends on the row's expert) or where the op
+    quantizes the gathered rows itself (FP8 x FP8; policy "always")."""
+    monkeypatch.setattr(gather_quant, "OWN_PASS_ROWS_PER_EXPERT", 1)
+    _, lines = _logits("qwen3_moe", cfg, caplog, policy=policy)
+    assert not lines, why
+
+
+def test_quantization_stays_at_or_below_the_bound(caplog, monkeypatch):
+    """At or below the bound the op quantizes x in its load path (one kernel per expert GEMM): nothing moves."""
+    config = tiny_model("qwen3_moe").config
+    rows = 2 * 64 * config.num_experts_per_tok
+    monkeypatch.setattr(gather_quant, "OWN_PASS_ROWS_PER_EXPERT", rows // config.num_experts)
+    _, lines = _logits("qwen3_moe", moeq.NVFP4, caplog)
+    assert not lines
+    monkeypatch.setattr(gather_quant, "OWN_PASS_ROWS_PER_EXPERT", rows // config.num_experts - 1)
+    _, lines = _logits("qwen3_moe", moeq.NVFP4, caplog)
+    assert len(lines) == 1
