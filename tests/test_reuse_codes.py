@@ -308,28 +308,40 @@ def test_codes_of_another_weight_are_rejected_by_the_op():
     assert torch.equal(got, torch.ops.moeq.fake_quant_weight(w, amax, "fp8", 0, 2))
 
 
+def _ddp_compiled_gradients() -> None:
+    """The body of :func:`test_a_distributed_data_parallel_model`, in its own frame: the DDP wrapper (its reducer
+    holds the process group) dies when this returns, before the group is destroyed."""
+    torch._dynamo.reset()
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), moeq.FP8)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    cm = torch.compile(ddp, backend="moeq")
+    tokens = make_tokens()
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(tokens)
+    moeq.finalize(cm)
+    assert get_state(cm) is get_state(model) is get_state(torch.nn.DataParallel(model))
+    _, grads_a, _ = _accumulate(model, cm, tokens, reuse=False, micro_batches=2)
+    _, grads_b, _ = _accumulate(model, cm, tokens, reuse=True, micro_batches=2)
+    for name, grad in grads_a.items():
+        assert grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
+
+
 def test_a_distributed_data_parallel_model(tmp_path):
     """``torch.compile(DistributedDataParallel(prepared))`` (a gloo group of one process): the moeq API finds the
-    quant state through both wrappers, and the block's gradients equal the block-free ones bit for bit."""
+    quant state through both wrappers, and the block's gradients equal the block-free ones bit for bit. The DDP
+    reducer is freed (Dynamo's caches dropped, collected) while its gloo group lives: freed after
+    ``destroy_process_group``, the group's destructor hung once joining its threads (a clean-clone run, session 38)."""
+    import gc
+
     import torch.distributed as dist
 
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
-        torch._dynamo.reset()
-        model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), moeq.FP8)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        cm = torch.compile(ddp, backend="moeq")
-        tokens = make_tokens()
-        with torch.no_grad(), moeq.calibrate(cm):
-            cm(tokens)
-        moeq.finalize(cm)
-        assert get_state(cm) is get_state(model) is get_state(torch.nn.DataParallel(model))
-        _, grads_a, _ = _accumulate(model, cm, tokens, reuse=False, micro_batches=2)
-        _, grads_b, _ = _accumulate(model, cm, tokens, reuse=True, micro_batches=2)
-        for name, grad in grads_a.items():
-            assert grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
+        _ddp_compiled_gradients()
     finally:
+        torch._dynamo.reset()
+        gc.collect()
         if created:
             dist.destroy_process_group()
