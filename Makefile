@@ -31,16 +31,21 @@ test: $(VENV)/.test
 	$(MAKE) --no-print-directory test-interpret
 
 # Two workers (CI has 2 cores; most time is single-threaded Dynamo / AOT tracing); a file's tests stay on
-# one worker so module-scoped fixtures (e.g. the 4-process distributed run) run once.
+# one worker so module-scoped fixtures (e.g. the 4-process distributed run) run once. A test still running after
+# $(TEST_TIMEOUT) s is a hang: pytest-timeout dumps every thread's stack and ends that worker (a failure, not a CI
+# run that waits out its limit).
+TEST_TIMEOUT ?= 600
 test-core:
-	@$(PY) -m pytest -q -m "not interpret" --ignore=tests/interpret -p no:cacheprovider -n 2 --dist loadfile; rc=$$?; \
+	@$(PY) -m pytest -q -m "not interpret" --ignore=tests/interpret -p no:cacheprovider -n 2 --dist loadfile \
+	  --timeout $(TEST_TIMEOUT) --timeout-method thread; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # Triton kernels under the interpreter: TRITON_INTERPRET must be set before triton is imported,
 # so these run in their own pytest session (two workers, which inherit the variable).
 test-interpret:
 	@if ls tests/interpret/test_*.py >/dev/null 2>&1; then \
-	  TRITON_INTERPRET=1 $(PY) -m pytest -q -m interpret tests/interpret -p no:cacheprovider -n 2; rc=$$?; \
+	  TRITON_INTERPRET=1 $(PY) -m pytest -q -m interpret tests/interpret -p no:cacheprovider -n 2 \
+	    --timeout $(TEST_TIMEOUT) --timeout-method thread; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "interpreter suite collected no tests: failing"; exit 1; fi; exit $$rc; \
 	else echo "no Triton interpreter tests in this tree"; fi
 
