@@ -136,6 +136,9 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     assert "above, an activation fake-quant pass and, up to 320 on sm_90, the warp-specialized Gluon kernel" in text
     assert "a zero's sign aside" in text
     assert "else moeq's fake-quant kernels + torch._grouped_mm" in text
+    moved = "runs per token before the routing gather: the same bits on top_k times fewer rows"
+    assert "above 16 rows per expert, the NVFP4 fake quant of an input gathered from the tokens" in text
+    assert moved in text
     from moeq.runtime.kernels import grouped_qmm as grouped_qmm_kernels
 
     with pytest.MonkeyPatch.context() as patch:  # the Gluon kernel switched off: the unfused path above 16
@@ -146,6 +149,7 @@ def test_report_says_how_the_backend_lowers_the_gemms():
         assert "fusion 'always': one moeq::grouped_qmm Triton kernel per expert GEMM at every size" in str(
             moeq.explain(cm)
         )
+        assert moved not in str(moeq.explain(cm))
     assert "runs as moeq::combine_experts from top-8 and 32768 routed rows up (below, Inductor's kernel" in text
     with fusion("never"):
         assert "fusion 'never': moeq's fake-quant kernels + torch._grouped_mm" in str(moeq.explain(cm))
@@ -158,6 +162,7 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     assert "up to 48, an activation codes pass and the GEMM (weight as loaded)" in text
     assert "up to 320 on sm_90, an activation codes pass and the warp-specialized Gluon kernel" in text
     assert "else an activation codes pass, a weight codes pass and the FP8 codes GEMM" in text
+    assert moved not in text
 
     with pytest.MonkeyPatch.context() as patch:  # the Gluon kernel switched off: the two launches above 48
         patch.setattr(grouped_qmm_kernels, "GLUON_QAT_FP8", False)
