@@ -26,9 +26,9 @@ import logging
 import torch
 from torch import fx
 
-from moeq.lowering.inductor import _val, fusion_policy, gemm_targets
+from moeq.lowering.inductor import _val, _with_val, fusion_policy, gemm_targets
 
-__all__ = ["quantize_before_gather"]
+__all__ = ["describe_quantize_before_gather", "quantize_before_gather"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,18 @@ def _movable(quant: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return gather
 
 
+def describe_quantize_before_gather(mode: str, x_fmt: str | None, shared_amax: bool) -> str:
+    """What this pass does to a config's expert GEMMs under the current policy, for ``moeq.explain`` ("" where it
+    does nothing: the conditions of :func:`_movable` that a config decides)."""
+    if mode != "qat" or x_fmt != "nvfp4" or not shared_amax or fusion_policy() != "auto":
+        return ""
+    return (
+        f"above {OWN_PASS_ROWS_PER_EXPERT} rows per expert, the NVFP4 fake quant of an input gathered from the tokens "
+        "(transformers' grouped experts) runs per token before the routing gather: the same bits on top_k times fewer "
+        "rows"
+    )
+
+
 def quantize_before_gather(graph: fx.Graph) -> int:
     """Move every movable shared-scale NVFP4 activation fake-quant of ``graph`` before its routing gather; returns the
     count."""
@@ -83,8 +95,8 @@ def quantize_before_gather(graph: fx.Graph) -> int:
         if found is None:
             continue
         source, index = found
-        gather, source_val = quant.args[0], _val(source)
-        _, _, amax, fmt, _, contraction_dim = quant.args
+        gather, _, amax, fmt, _, contraction_dim = quant.args
+        source_val = _val(source)
         with graph.inserting_before(gather):
             with source_val.fake_mode:
                 offs_val = torch.full([1], source_val.shape[0], dtype=torch.int32, device=source_val.device)
@@ -93,13 +105,12 @@ def quantize_before_gather(graph: fx.Graph) -> int:
                 ([1], source_val.shape[0]),
                 {"dtype": torch.int32, "device": source_val.device, "pin_memory": False},
             )
-            offs.meta["val"] = offs_val
+            _with_val(offs, offs_val)
             whole = graph.call_function(
                 torch.ops.moeq.fake_quant_act.default, (source, offs, amax, fmt, 0, contraction_dim)
             )
-            whole.meta["val"] = source_val.new_empty(source_val.shape)
-            gathered = graph.call_function(aten.index.Tensor, (whole, [index]))
-            gathered.meta["val"] = _val(quant)
+            _with_val(whole, source_val.new_empty(source_val.shape))
+            gathered = _with_val(graph.call_function(aten.index.Tensor, (whole, [index])), _val(quant))
         quant.replace_all_uses_with(gathered)
         graph.erase_node(quant)
         graph.erase_node(gather)

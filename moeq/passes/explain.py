@@ -85,17 +85,13 @@ def _range(values: list[float]) -> str:
 def _lowering_plan(mode: str, config: QuantConfig) -> str:
     """What the ``moeq`` backend runs on CUDA for this config's expert GEMMs (:func:`describe_lowering`, plus the
     granularities that no fused kernel takes yet)."""
-    from moeq.lowering import gather_quant
-    from moeq.lowering.inductor import describe_lowering, fusion_policy
+    from moeq.lowering.gather_quant import describe_quantize_before_gather
+    from moeq.lowering.inductor import describe_lowering
 
     plan = describe_lowering(mode, config.weight, config.activation)
-    shared_nvfp4 = mode == "qat" and config.activation == "nvfp4" and config.act_scale == "shared"
-    if shared_nvfp4 and fusion_policy() == "auto":
-        plan += (
-            f"; above {gather_quant.OWN_PASS_ROWS_PER_EXPERT} rows per expert, the NVFP4 fake quant of an input "
-            "gathered from the tokens (transformers' grouped experts) runs per token before the routing gather: the "
-            "same bits on top_k times fewer rows"
-        )
+    moved = describe_quantize_before_gather(mode, config.activation, config.act_scale == "shared")
+    if moved:
+        plan += f"; {moved}"
     if config.dynamic_activations:
         plan += " (dynamic per-token activation scales: a row-amax pass over the activations first)"
     if config.weight_scale == "channel":

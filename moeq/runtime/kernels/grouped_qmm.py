@@ -953,8 +953,8 @@ def grouped_qmm(
     if nvfp4_once and w_mode == "fake_nvfp4" and bf16_cuda and config is None:
         # x_mode "nvfp4": the activations' own pass first; None: x is multiplied as given (e.g. already fake-quantized
         # before the routing gather, moeq.lowering.gather_quant)
-        register_operand = GLUON_QAT_NVFP4_REGISTER_OPERAND and wrap is None and caller_out is None and k % 64 == 0
-        if register_operand and x_mode == "nvfp4" and gluon_takes(x, w, w_scale, None, nvfp4=True):
+        register_operand = GLUON_QAT_NVFP4_REGISTER_OPERAND and x_mode == "nvfp4" and k % 64 == 0
+        if register_operand and wrap is None and caller_out is None and gluon_takes(x, w, w_scale, None, nvfp4=True):
             from moeq.runtime.kernels import qat_gluon
 
             x = fake_quant_act(x, offs, x_amax, "nvfp4", in_wgmma_k_order=True)

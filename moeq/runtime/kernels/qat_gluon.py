@@ -46,8 +46,9 @@ Experimental (session 37): :func:`qat_nvfp4_rega_kernel` puts the weight in the 
 ``wgmma``'s A operand, with no converter warps and no shared-memory round trip. K is permuted within each 64-chunk
 (``fake_quant_act.wgmma_k_order``; the activations' pass writes that order) so that each lane holds whole 16-blocks
 (:func:`lane_block_layout`). On the H100 its products are exact and, kernel alone at 34k rows, it is 1% (gate_up) and
-7% (down) faster than the shipped kernel (session 38). It waits for each step's wgmmas before converting the next (``SYNC``, ``RS_WGMMA_SYNC``): without the wait ptxas
-reused an in-flight wgmma's A registers (12.8 and 13.5), and the wait cost nothing measurable.
+7% (down) faster than the shipped kernel (session 38). It waits for each step's wgmmas before converting the next
+(``SYNC``, ``RS_WGMMA_SYNC``): without the wait ptxas (12.8, 13.4 and 13.5) reuses an in-flight wgmma's A registers,
+and the wait cost nothing measurable.
 ``REGISTER_A_CONFIGS``, ``grouped_qmm.GLUON_QAT_NVFP4_REGISTER_OPERAND`` (off).
 
 Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
@@ -671,8 +672,9 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_
     """QAT NVFP4 with the weight as the register operand (``out^T = fq(w)^T x^T``, CUTLASS's mixed-input form): the
     same warps load each bf16 weight tile from shared memory into registers (``LANE_BLOCKS``: whole 16-blocks a lane,
     K permuted; else the A-operand layout), fake-quantize it there and multiply it by the activation tiles (B, in
-    shared memory), converting step i + 1 while step i's wgmmas run. No converter warps, no shared-memory round trip
-    of the converted values."""
+    shared memory). ``SYNC`` (the default, ``RS_WGMMA_SYNC``) retires each step's wgmmas before the next step's
+    conversion; without it step i + 1 is converted while step i's wgmmas run, which ptxas miscompiles. No converter
+    warps, no shared-memory round trip of the converted values."""
     BM: gl.constexpr = x8.shape[1]
     BT: gl.constexpr = xt8.shape[1]
     BK: gl.constexpr = x8.shape[2]
