@@ -404,6 +404,33 @@ def test_qat_fp8_gluon_gemm_cuda(counts, k, n, per_expert):
     assert not [n for n in names if "fake_quant_experts" in n or "grouped_qmm" in n], names
 
 
+@pytest.mark.parametrize("nvfp4", [False, True], ids=["fp8", "nvfp4"])
+def test_qat_gluon_tail_boxes_equal_whole_tail_copies_cuda(nvfp4):
+    """A group's tail rows copied in ``tail_box``-row TMA boxes, only as many as it has, give the bits of the whole
+    64-row tail copy (the slots' other rows are stale; no store reads their products): tails of 1, 15, 16, 17, 44,
+    63 and 64 rows, a second group, empty experts, unrouted rows, for every configuration with 0, 8, 16 and 32-row
+    boxes."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernels need sm_90")
+    from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+    from moeq.runtime.kernels.qat_gluon import CONFIGS, NVFP4_CONFIGS, qat_fp8_gluon_gemm, qat_nvfp4_gluon_gemm
+
+    counts = [257, 0, 271, 272, 273, 300, 319, 320, 5, 321, 700, 256]
+    offs, x, w_nk, amax = _gluon_operands(counts, 512, 384, torch.Generator().manual_seed(5))
+    offs, w, amax, x_amax = offs.cuda(), w_nk.cuda().transpose(1, 2), amax.cuda(), torch.tensor([3.0]).cuda()
+    if nvfp4:
+        x_in = fake_quant_act(x.cuda(), offs, x_amax, "nvfp4")
+        configs, gemm = NVFP4_CONFIGS, lambda c: qat_nvfp4_gluon_gemm(x_in, w, offs, amax, config=c)
+    else:
+        x_in = fake_quant_act(x.cuda(), offs, x_amax, "fp8", codes=True)
+        configs, gemm = CONFIGS, lambda c: qat_fp8_gluon_gemm(x_in, w, offs, amax, x_amax, config=c)
+    for config in configs:
+        want = gemm(config._replace(tail_box=0))
+        assert want[: int(offs[-1])].any() and not want[int(offs[-1]) :].any()
+        for box in (8, 16, 32):
+            assert torch.equal(gemm(config._replace(tail_box=box)), want), (config.name, box)
+
+
 @pytest.mark.parametrize(
     ("counts", "k", "n"),
     [([300, 0, 1, 330, 64, 0, 257, 700, 17, 320, 321], 768, 1024), ([5, 400, 0], 2000, 200)],

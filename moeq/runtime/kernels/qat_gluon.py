@@ -206,11 +206,14 @@ def _load_rings(SX: gl.constexpr, S16: gl.constexpr):
 @gluon.jit
 def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K, NUM_EXPERTS,
                     E_POW2: gl.constexpr):  # fmt: skip
-    """TMA: the bf16 weight tile, then the activation codes tile (and the tail rows' tile where the group has them),
-    for every k-step of every tile of this program."""
+    """TMA: the bf16 weight tile, then the activation tile and as many of the tail's ``TB``-row boxes as the group
+    has tail rows (``xt_desc``'s block; the tail slots' other rows keep stale values, which only the rows no store
+    reads multiply), for every k-step of every tile of this program. At Qwen3-30B-A3B's ~272 rows per expert a tail
+    holds ~16 rows: one 16-row box instead of 64 rows cuts the activation bytes read ~11%."""
     BK: gl.constexpr = x_desc.block_type.shape[1]
     BM: gl.constexpr = x_desc.block_type.shape[0]
-    BT: gl.constexpr = xt_desc.block_type.shape[0]
+    TB: gl.constexpr = xt_desc.block_type.shape[0]
+    BT: gl.constexpr = xt8.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
     SX: gl.constexpr = x8.shape[0]
     S16: gl.constexpr = w16.shape[0]
@@ -218,7 +221,7 @@ def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, off
     it = 0  # k-steps issued by this program: the rings' slot and phase
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BM + BT, BN, BK)
-        has_tail = row_end - row_start > BM
+        boxes = gl.maximum(gl.cdiv(row_end - row_start - BM, TB), 0)  # the tail's boxes (at most BT / TB)
         w_row = e * N + pid_n * BN
         for i in range(k_tiles):
             s = it % S16
@@ -227,12 +230,13 @@ def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, off
             _tma_load(w_desc, [w_row, i * BK], r16.index(s), w16.index(s))
             sx = it % SX
             mbarrier.wait(ex.index(sx), ((it // SX) & 1) ^ 1)
-            if has_tail:
-                mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes + xt_desc.block_type.nbytes)
-            else:
-                mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes)
+            for j in gl.static_range(BT // TB + 1):  # one expect (an arrive) with this step's bytes
+                mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes + j * xt_desc.block_type.nbytes,
+                                pred=boxes == j)  # fmt: skip
             _tma_load(x_desc, [row_start, i * BK], rx.index(sx), x8.index(sx))
-            _tma_load(xt_desc, [row_start + BM, i * BK], rx.index(sx), xt8.index(sx), pred=has_tail)
+            for j in gl.static_range(BT // TB):
+                _tma_load(xt_desc, [row_start + BM + j * TB, i * BK], rx.index(sx),
+                          xt8.index(sx).slice(j * TB, TB, dim=0), pred=j < boxes)  # fmt: skip
             it += 1
 
 
@@ -414,9 +418,9 @@ def _release_step(ex, e8, step, pred):
 
 @gluon.jit
 def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, codes_ptr, M, N, K,
-                  NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
-                  S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr, CONV_REGS: gl.constexpr,
-                  WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
+                  NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, BT: gl.constexpr, SX: gl.constexpr,
+                  S16: gl.constexpr, S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr,
+                  CONV_REGS: gl.constexpr, WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
                   NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Tiles are (group of up to BM + BT routed rows of one expert, n-tile); a program takes tiles ``pid``,
     ``pid + programs``, ... (one each when launched with one program per tile; persistent when launched with one per
@@ -424,7 +428,6 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
     ``(acc * x_s * w_s)`` stored bf16. ``SKIP`` (``benchmarks/probe_gluon_qat_fp8.py`` only; wrong products): 1 the
     converter, 2 the MMA, 3 both only pass the barriers, to time each role's share."""
     BM: gl.constexpr = x_desc.block_type.shape[0]
-    BT: gl.constexpr = xt_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
     XT: gl.constexpr = x_desc.block_type.element_ty  # e4m3 codes (FP8) or bf16 fake-quantized values (NVFP4)
@@ -733,14 +736,13 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_
 
 @gluon.jit
 def qat_nvfp4_rega_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
-                          stride_om, E_POW2: gl.constexpr, SX: gl.constexpr, S16: gl.constexpr,
-                          WRITE_CODES: gl.constexpr, SKIP: gl.constexpr, LANE_BLOCKS: gl.constexpr,
+                          stride_om, E_POW2: gl.constexpr, BT: gl.constexpr, SX: gl.constexpr,
+                          S16: gl.constexpr, WRITE_CODES: gl.constexpr, SKIP: gl.constexpr, LANE_BLOCKS: gl.constexpr,
                           SYNC: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """QAT NVFP4 with the weight as wgmma's register operand: a 1-warp TMA loader and the ``num_warps`` warps of
     :func:`_convert_mma_partition`, which convert and multiply, and a 16 KB stage for the transposed epilogue
     (experimental; sessions 36-37)."""
     BM: gl.constexpr = x_desc.block_type.shape[0]
-    BT: gl.constexpr = xt_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
     x8 = gl.allocate_shared_memory(gl.bfloat16, [SX, BM, BK], x_desc.layout)
@@ -793,20 +795,26 @@ class GluonConfig(NamedTuple):
     stacked: bool = False  # the main rows' warpgroups stacked along M, each wgmma all bn columns wide (acc_layout)
     register_a: int = 0  # NVFP4, experimental: the weight as wgmma's register operand (qat_nvfp4_rega_kernel); 2:
     # each lane holds whole 16-blocks (lane_block_layout) and K is permuted (wgmma_k_order), 1: the plain A layout
+    tail_box: int = 0  # rows a TMA copy of the tail brings (only the group's tail rows' boxes are copied); 0: bt
+
+    @property
+    def tail_rows_a_copy(self) -> int:
+        return self.tail_box or self.bt
 
     @property
     def name(self) -> str:
         if self.register_a:
             return (f"gluon register-A NVFP4 {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16} "
                     f"mma {self.mma_warps}w maxnreg {self.maxnreg}" + " persistent" * self.persistent
-                    + " lane blocks" * (self.register_a == 2))  # fmt: skip
+                    + " lane blocks" * (self.register_a == 2)
+                    + f" tail box {self.tail_box}" * bool(self.tail_box))  # fmt: skip
         kinds = (
             ("NVFP4", "NVFP4 exact", "NVFP4 operand") if self.nvfp4 else ("RECIPROCAL (not exact)", "divide", "lean")
         )
         return (f"gluon ws {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16}/{self.s8} "
                 f"split {self.split} conv {self.conv_warps}w/{self.conv_regs}r mma {self.mma_warps}w "
                 f"maxnreg {self.maxnreg} {kinds[self.exact]}" + " persistent" * self.persistent
-                + " stacked" * self.stacked)  # fmt: skip
+                + " stacked" * self.stacked + f" tail box {self.tail_box}" * bool(self.tail_box))  # fmt: skip
 
     def problem(self) -> str | None:
         """Why this configuration cannot build (None: it can): the MMA warps must make whole warpgroups, every
@@ -828,6 +836,8 @@ class GluonConfig(NamedTuple):
         widths = {self.bn // groups} | ({self.bn} if self.stacked else set())
         if any(w % 8 or not 8 <= w <= 256 for w in widths) or self.bn % groups:
             return f"every wgmma must be 8 to 256 columns wide, a multiple of 8: bn={self.bn} gives {sorted(widths)}"
+        if self.tail_box and (self.tail_box % 8 or self.bt % self.tail_box):
+            return f"tail_box must divide bt and be a multiple of 8 (swizzled rows), got {self.tail_box}, bt={self.bt}"
         if self.bk % (16 if self.nvfp4 else 32):
             return f"bk must be a multiple of {16 if self.nvfp4 else 32} (the wgmma's k), got {self.bk}"
         return None
@@ -848,11 +858,12 @@ class GluonConfig(NamedTuple):
     def constexprs(self, num_experts: int, write_codes: bool = False, x_per_expert: bool = False,
                    skip: int = 0) -> dict:  # fmt: skip
         if self.register_a:
-            return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16,
+            return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), BT=self.bt, SX=self.sx, S16=self.s16,
                         WRITE_CODES=write_codes, SKIP=skip, LANE_BLOCKS=self.register_a == 2,
                         SYNC=RS_WGMMA_SYNC,
                         num_warps=self.mma_warps)  # fmt: skip
-        return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), SX=self.sx, S16=self.s16, S8=self.s8,
+        return dict(E_POW2=max(32, triton.next_power_of_2(num_experts)), BT=self.bt, SX=self.sx, S16=self.s16,
+                    S8=self.s8,
                     SPLIT=self.split, CONV_WARPS=self.conv_warps, CONV_REGS=self.conv_regs, WRITE_CODES=write_codes,
                     EXACT=self.exact, X_PER_EXPERT=x_per_expert, NVFP4=self.nvfp4, SKIP=skip, STACKED=self.stacked,
                     num_warps=self.mma_warps)  # fmt: skip
@@ -869,7 +880,7 @@ class GluonConfig(NamedTuple):
         x_type = "bf16" if self.nvfp4 else "fp8e4nv"
         signature = {
             "x_desc": f"tensordesc<{x_type}{[self.bm, self.bk]},{xl!r}>",
-            "xt_desc": f"tensordesc<{x_type}{[self.bt, self.bk]},{tl_!r}>",
+            "xt_desc": f"tensordesc<{x_type}{[self.tail_rows_a_copy, self.bk]},{tl_!r}>",
             "w_desc": f"tensordesc<bf16{[self.bn, self.bk]},{wl!r}>",
             "out_ptr": "*bf16",
             "offs_ptr": "*i32",
@@ -901,17 +912,19 @@ class GluonConfig(NamedTuple):
 #: the H100 at Qwen3 shapes. The probe, ``benchmarks/probe_gluon_qat_fp8.py``, times more candidates and the inexact
 #: reciprocal ceilings.
 CONFIGS = (
-    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, stacked=True),
-    GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2),
-    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, stacked=True),
-    GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, persistent=True),
-    GluonConfig(256, 64, 128, 64, 7, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, stacked=True),
+    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, stacked=True, tail_box=16),
+    GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, tail_box=16),
+    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, stacked=True, tail_box=16),
+    GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, persistent=True, tail_box=16),
+    GluonConfig(256, 64, 128, 64, 7, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, stacked=True, tail_box=16),
 )
 #: the experimental register-operand form of QAT NVFP4 (:func:`qat_nvfp4_rega_kernel`; :func:`tuned_config` never picks
 #: it: 3-4% faster than the shipped kernel on the H100, session 37): 8 converting-and-multiplying warps at 240
 #: registers, a 1-warp loader
 REGISTER_A_CONFIGS = tuple(
-    GluonConfig(256, 64, 128, bk, sx, s16, 0, 0, 0, 0, 8, 168, 2, persistent=True, nvfp4=True, register_a=form)
+    GluonConfig(
+        256, 64, 128, bk, sx, s16, 0, 0, 0, 0, 8, 168, 2, persistent=True, nvfp4=True, register_a=form, tail_box=16
+    )
     for form, bk, sx, s16 in ((2, 64, 3, 4), (2, 64, 4, 3), (1, 64, 3, 4), (1, 64, 4, 3), (1, 32, 6, 8))
 )
 #: QAT NVFP4's candidates (:func:`qat_nvfp4_gluon_gemm`): bf16 activations and bf16 weight values in shared memory,
@@ -922,8 +935,12 @@ REGISTER_A_CONFIGS = tuple(
 #: reads wait behind the wgmmas' operand reads (Nsight Compute, BENCHMARKS.md session 36), and 8 converter warps would
 #: leave the MMA warps too few registers for their 160 accumulator registers (``benchmarks/probe_gluon_qat_nvfp4.py``).
 NVFP4_CONFIGS = (
-    GluonConfig(256, 64, 128, 64, 3, 3, 3, 2, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, stacked=True),
-    GluonConfig(256, 64, 128, 32, 5, 4, 3, 1, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, stacked=True),
+    GluonConfig(
+        256, 64, 128, 64, 3, 3, 3, 2, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, stacked=True, tail_box=16
+    ),
+    GluonConfig(
+        256, 64, 128, 32, 5, 4, 3, 1, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, stacked=True, tail_box=16
+    ),
 )
 _TUNED: dict[tuple, GluonConfig] = {}
 
@@ -1034,7 +1051,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.
     def launch(config: GluonConfig) -> None:
         xl, tl_, wl = config.layouts()
         x_desc = TensorDescriptor.from_tensor(x, [config.bm, config.bk], xl)
-        xt_desc = TensorDescriptor.from_tensor(x, [config.bt, config.bk], tl_)
+        xt_desc = TensorDescriptor.from_tensor(x, [config.tail_rows_a_copy, config.bk], tl_)
         w_desc = TensorDescriptor.from_tensor(w_rows, [config.bn, config.bk], wl)
         tiles = (cdiv(m, config.bm + config.bt) + min(num_experts, m)) * cdiv(n, config.bn)  # at most
         grid = (min(tiles, _sm_count(x.device.index)) if config.persistent else tiles,)

@@ -1,0 +1,112 @@
+"""Probe: the Gluon QAT kernels' tail rows copied in ``tail_box``-row TMA boxes, only as many as a group has.
+
+A group multiplies up to ``bm + bt`` = 256 + 64 routed rows of one expert; at Qwen3-30B-A3B's 34816 routed rows an
+expert has ~272 (random routing, ``bench_grouped_qmm.routing``), so the 64-row tail copy brings ~48 rows no store
+reads. The kernel alone is bound by its copies (BENCHMARKS.md session 36: loads only 0.42 of 0.69 ms on gate_up), and
+the activations are most of them (every n-tile reads them again). Per projection: bf16 ``torch._grouped_mm``, then
+each configuration and its ``tail_box`` variants, kernel alone, in interleaved rounds (QAT NVFP4 on activations
+fake-quantized first; QAT FP8 on activation codes), each variant's output checked bit-equal to its base's and the base
+against float64; the loads-only decomposition (``skip=3``); and the activations' NVFP4 pass on the routed rows and on
+the tokens (``rows / 8``: the compiled graph quantizes before the routing gather, ``moeq.lowering.gather_quant``).
+
+    python benchmarks/probe_tail_boxes.py --out $OUT/tail_boxes.json [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from probe_gluon_qat_nvfp4 import nvfp4_reference  # noqa: E402
+from probes import ProbeTable, fp8_codes_reference, probe_inputs, save_probe  # noqa: E402
+
+from moeq.runtime.kernels import fake_quant_act  # noqa: E402
+from moeq.runtime.kernels.qat_gluon import (  # noqa: E402
+    CONFIGS,
+    NVFP4_CONFIGS,
+    qat_fp8_gluon_gemm,
+    qat_nvfp4_gluon_gemm,
+)
+
+#: (base, variants): moeq's QAT NVFP4 configurations and its 7-stage QAT FP8 one copying whole 64-row tails (as
+#: before session 39), with 16- and 32-row tail boxes
+FAMILIES = [
+    ("nvfp4", NVFP4_CONFIGS[0]._replace(tail_box=0), (16, 32)),
+    ("nvfp4", NVFP4_CONFIGS[1]._replace(tail_box=0), (16,)),
+    ("fp8", CONFIGS[4]._replace(tail_box=0), (16, 32)),
+]
+
+
+def run_case(label: str, k: int, n: int, rows: int, rounds: int) -> list[dict]:
+    p = probe_inputs(k, n, rows)
+    nv_table = ProbeTable(label, nvfp4_reference(p), p.flops)
+    fp8_table = ProbeTable(label, fp8_codes_reference(p), p.flops)
+    nv_table.record("torch._grouped_mm bf16", lambda: torch._grouped_mm(p.x, p.w, p.offs))
+    fp8_table.rows.append(nv_table.rows[0])
+    xq = fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4")
+    x_codes = (p.x.float() / (p.x_amax / 448)).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+    def gemm(fmt, config, skip=0):
+        if fmt == "nvfp4":
+            return lambda: qat_nvfp4_gluon_gemm(xq, p.w, p.offs, p.w_amax, config=config, skip=skip)
+        return lambda: qat_fp8_gluon_gemm(x_codes, p.w, p.offs, p.w_amax, p.x_amax, config=config, skip=skip)
+
+    timed = []
+    for fmt, base, boxes in FAMILIES:
+        want = gemm(fmt, base)()
+        torch.cuda.synchronize()
+        timed.append((fmt, base))
+        for box in boxes:
+            variant = base._replace(tail_box=box)
+            same = torch.equal(gemm(fmt, variant)(), want)
+            print(f"{label:8s} {variant.name}: output bit-equal to the base's: {same}", flush=True)
+            if same:
+                timed.append((fmt, variant))
+    for r in range(rounds):
+        for fmt, config in timed:
+            table = nv_table if fmt == "nvfp4" else fp8_table
+            table.record(f"{config.name} [kernel only] round {r}", gemm(fmt, config), checked=r == 0)
+    for fmt, base, boxes in FAMILIES[:1] + FAMILIES[2:]:
+        for config in (base, base._replace(tail_box=boxes[0])):
+            table = nv_table if fmt == "nvfp4" else fp8_table
+            table.record(f"{config.name} [loads only]", gemm(fmt, config, skip=3), checked=False)
+    tokens = rows // 8
+    x_tokens, token_offs = p.x[:tokens].contiguous(), torch.tensor([tokens], dtype=torch.int32, device="cuda")
+    nv_table.record("fake_quant_act NVFP4, routed rows", lambda: fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4"), False)
+    nv_table.record(
+        f"fake_quant_act NVFP4, {tokens} tokens (before the gather)",
+        lambda: fake_quant_act(x_tokens, token_offs, p.x_amax, "nvfp4"),
+        checked=False,
+    )
+    results = nv_table.print() + fp8_table.print()[1:]
+    summary = {}
+    for row in results:
+        if "round" in row.get("what", "") and "ms" in row:
+            summary.setdefault(row["what"].split(" round")[0], []).append(row["ms"])
+    bf16 = results[0]["ms"]
+    print(f"\n{label}: medians of {rounds} rounds (bf16 {bf16:.4f} ms)")
+    for what, times in summary.items():
+        ms = statistics.median(times)
+        print(f"{label:8s} {what:100s} {ms:.4f} ms  {bf16 / ms:.3f}x bf16  ({min(times):.4f}-{max(times):.4f})")
+        results.append(dict(case=label, what=f"{what} median", ms=ms, bf16_ratio=bf16 / ms, times=times))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--rows", type=int, default=34816)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    results = run_case("gate_up", 2048, 1536, args.rows, args.rounds)
+    results += run_case("down", 768, 2048, args.rows, args.rounds)
+    save_probe(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
