@@ -33,12 +33,24 @@ from moeq.runtime.kernels.qat_gluon import (  # noqa: E402
     qat_nvfp4_gluon_gemm,
 )
 
-#: (base, variants): moeq's QAT NVFP4 configurations and its 7-stage QAT FP8 one copying whole 64-row tails (as
-#: before session 39), with 16- and 32-row tail boxes
-FAMILIES = [
-    ("nvfp4", NVFP4_CONFIGS[0]._replace(tail_box=0), (16, 32)),
-    ("nvfp4", NVFP4_CONFIGS[1]._replace(tail_box=0), (16,)),
-    ("fp8", CONFIGS[4]._replace(tail_box=0), (16, 32)),
+#: (format, base, variants): moeq's QAT NVFP4 configurations and its 7-stage QAT FP8 one copying whole 64-row tails
+#: (as before session 39), with 16- and 32-row tail boxes
+TAIL_BOXES = [
+    ("nvfp4", NVFP4_CONFIGS[0]._replace(tail_box=0), [NVFP4_CONFIGS[0]._replace(tail_box=b) for b in (16, 32)]),
+    ("nvfp4", NVFP4_CONFIGS[1]._replace(tail_box=0), [NVFP4_CONFIGS[1]]),
+    ("fp8", CONFIGS[4]._replace(tail_box=0), [CONFIGS[4]._replace(tail_box=b) for b in (16, 32)]),
+]
+#: ``--converters``: QAT NVFP4 with 8 converter warps (two a scheduler, not one) at fewer registers each, the MMA warps
+#: keeping theirs (the launch's 96-register cap over 20 warps)
+CONVERTERS = [
+    (
+        "nvfp4",
+        NVFP4_CONFIGS[0],
+        [
+            NVFP4_CONFIGS[0]._replace(conv_warps=8, conv_regs=r, split=s, maxnreg=96)
+            for r, s in ((64, 2), (56, 2), (64, 4))
+        ],
+    ),
 ]
 
 
@@ -57,12 +69,11 @@ def run_case(label: str, k: int, n: int, rows: int, rounds: int) -> list[dict]:
         return lambda: qat_fp8_gluon_gemm(x_codes, p.w, p.offs, p.w_amax, p.x_amax, config=config, skip=skip)
 
     timed = []
-    for fmt, base, boxes in FAMILIES:
+    for fmt, base, variants in FAMILIES:
         want = gemm(fmt, base)()
         torch.cuda.synchronize()
         timed.append((fmt, base))
-        for box in boxes:
-            variant = base._replace(tail_box=box)
+        for variant in variants:
             same = torch.equal(gemm(fmt, variant)(), want)
             print(f"{label:8s} {variant.name}: output bit-equal to the base's: {same}", flush=True)
             if same:
@@ -71,10 +82,11 @@ def run_case(label: str, k: int, n: int, rows: int, rounds: int) -> list[dict]:
         for fmt, config in timed:
             table = nv_table if fmt == "nvfp4" else fp8_table
             table.record(f"{config.name} [kernel only] round {r}", gemm(fmt, config), checked=r == 0)
-    for fmt, base, boxes in FAMILIES[:1] + FAMILIES[2:]:
-        for config in (base, base._replace(tail_box=boxes[0])):
+    for fmt, base, variants in FAMILIES[:1] + FAMILIES[2:]:
+        for config in (base, variants[0]):
             table = nv_table if fmt == "nvfp4" else fp8_table
-            table.record(f"{config.name} [loads only]", gemm(fmt, config, skip=3), checked=False)
+            skip, what = DECOMPOSITION
+            table.record(f"{config.name} [{what}]", gemm(fmt, config, skip=skip), checked=False)
     tokens = rows // 8
     x_tokens, token_offs = p.x[:tokens].contiguous(), torch.tensor([tokens], dtype=torch.int32, device="cuda")
     nv_table.record("fake_quant_act NVFP4, routed rows", lambda: fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4"), False)
@@ -102,7 +114,11 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows", type=int, default=34816)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--converters", action="store_true", help="time CONVERTERS instead of TAIL_BOXES")
     args = parser.parse_args()
+    global FAMILIES, DECOMPOSITION
+    FAMILIES = CONVERTERS if args.converters else TAIL_BOXES
+    DECOMPOSITION = (2, "no MMA") if args.converters else (3, "loads only")
     results = run_case("gate_up", 2048, 1536, args.rows, args.rounds)
     results += run_case("down", 768, 2048, args.rows, args.rounds)
     save_probe(args.out, results)
