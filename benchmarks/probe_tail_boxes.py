@@ -114,13 +114,14 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows", type=int, default=34816)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cases", default="gate_up,down")
     parser.add_argument("--converters", action="store_true", help="time CONVERTERS instead of TAIL_BOXES")
     args = parser.parse_args()
     global FAMILIES, DECOMPOSITION
     FAMILIES = CONVERTERS if args.converters else TAIL_BOXES
     DECOMPOSITION = (2, "no MMA") if args.converters else (3, "loads only")
-    results = run_case("gate_up", 2048, 1536, args.rows, args.rounds)
-    results += run_case("down", 768, 2048, args.rows, args.rounds)
+    shapes = {"gate_up": (2048, 1536), "down": (768, 2048)}
+    results = [row for case in args.cases.split(",") for row in run_case(case, *shapes[case], args.rows, args.rounds)]
     save_probe(args.out, results)
 
 
