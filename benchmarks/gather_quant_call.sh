@@ -1,4 +1,4 @@
-# Next GPU session (after session 38; carry .whl). Session 38 left, untested on a GPU: the QAT NVFP4 activation
+# Session 39's first GPU call (carry .whl). Session 38 left, untested on a GPU: the QAT NVFP4 activation
 # fake-quant moved before the routing gather (moeq/lowering/gather_quant.py) and grouped_qmm's x_fmt None path through
 # the Gluon kernel. (1) their GPU tests + the compiled-model tests; (2) the layer end to end (bench_e2e_modelopt.py:
 # the moved quantization applies at 4096 and 16384 tokens; compare with session 12's moeq_ms); then, in later calls:

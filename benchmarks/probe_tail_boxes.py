@@ -37,7 +37,7 @@ from moeq.runtime.kernels.qat_gluon import (  # noqa: E402
 #: (as before session 39), with 16- and 32-row tail boxes
 TAIL_BOXES = [
     ("nvfp4", NVFP4_CONFIGS[0]._replace(tail_box=0), [NVFP4_CONFIGS[0]._replace(tail_box=b) for b in (16, 32)]),
-    ("nvfp4", NVFP4_CONFIGS[1]._replace(tail_box=0), [NVFP4_CONFIGS[1]]),
+    ("nvfp4", NVFP4_CONFIGS[1]._replace(tail_box=0), [NVFP4_CONFIGS[1]._replace(tail_box=16)]),
     ("fp8", CONFIGS[4]._replace(tail_box=0), [CONFIGS[4]._replace(tail_box=b) for b in (16, 32)]),
 ]
 #: ``--converters``: QAT NVFP4 with 8 converter warps (two a scheduler, not one) at fewer registers each, the MMA warps

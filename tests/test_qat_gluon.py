@@ -77,6 +77,26 @@ def test_every_nvfp4_config_compiles_for_sm90(config, tmp_path, monkeypatch):
     assert_wgmmas(kernel, config)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [c._replace(tail_box=16) for c in (gluon_module.CONFIGS[4], gluon_module.NVFP4_CONFIGS[0])]
+    + [gluon_module.NVFP4_CONFIGS[1]._replace(tail_box=32)],
+    ids=lambda c: c.name,
+)
+def test_tail_box_configs_compile_for_sm90(config, tmp_path, monkeypatch):
+    """Tail rows in ``tail_box``-row TMA boxes: the loader issues the main tile's copy and one per box (each
+    predicated on the group's tail rows), one ``expect`` per possible box count (one fires), and the weight's; the
+    rest of the kernel compiles as the shipped configuration's (shared memory, no spills)."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = config.compile_for_sm90()
+    ptx = kernel.asm["ptx"]
+    boxes = config.bt // config.tail_box
+    assert ptx.count("cp.async.bulk.tensor") == 2 + boxes
+    assert ptx.count("expect_tx") == 1 + boxes + 1
+    assert kernel.metadata.shared == config._replace(tail_box=0).compile_for_sm90().metadata.shared
+    assert "st.local" not in ptx
+
+
 def k_loops(sass: str) -> list[list[str]]:
     """The instructions of each k-loop in ``sass`` (``triton.tools.disasm.get_sass``'s listing: ``LBB<n>:`` labels, one
     instruction a line after its control codes): a backward branch's body that issues wgmmas and loads nothing from
@@ -201,6 +221,8 @@ def test_every_shipped_config_is_valid_and_bad_configs_are_named():
         good._replace(bn=20, stacked=False): "every wgmma must be 8 to 256 columns wide",
         good._replace(bn=512): "8 to 256 columns wide",
         good._replace(bk=48): "bk must be a multiple of 32",
+        good._replace(tail_box=12): "tail_box must divide bt and be a multiple of 8",
+        good._replace(tail_box=24): "got 24, bt=64",
     }
     for config, message in cases.items():
         assert message in config.problem(), (config, config.problem())
