@@ -4,7 +4,7 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,power.limit --format=csv,noheader
-timeout -s INT 240 python benchmarks/probe_tail_boxes.py --out $OUT/tail_boxes.json > $OUT/tail_boxes.log 2>&1; echo probe rc $?
+timeout -s INT 240 python benchmarks/probe_gluon_variants.py --family tail_boxes --out $OUT/tail_boxes.json > $OUT/tail_boxes.log 2>&1; echo probe rc $?
 grep -E "bit-equal|medians|median|loads only|fake_quant|bf16  |ERROR" $OUT/tail_boxes.log | cut -c1-210 | tail -40
 timeout -s INT 150 python benchmarks/bench_grouped_qmm.py --only "qwen3 gate_up M=34816,qwen3 down M=34816" \
   --modes "QAT NVFP4,QAT FP8" --out $OUT > $OUT/bench.log 2>&1; echo bench rc $?

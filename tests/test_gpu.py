@@ -441,11 +441,12 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
     formats' NVFP4 ``fake_quant`` (CPU), blocks with a saturating value included: as values for the operand path
     of ``NVFP4_CONFIGS`` (a zero's sign is not kept) and bit for bit with the exact converter (``exact=1``); its
     output, from bf16 ``wgmma`` of those values and the fake-quantized activations, is within the fp32 accumulation
-    bound of their float64 product, for every configuration and the tuned choice; unrouted rows are zero."""
+    bound of their float64 product, for every configuration and the tuned choice; unrouted rows are zero. The
+    experimental ``MMA_SHARE_CONFIGS`` (the MMA warps convert half of each tile) give the shipped kernel's bits."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernel needs sm_90")
     from moeq.runtime.kernels.fake_quant_act import fake_quant_act
-    from moeq.runtime.kernels.qat_gluon import NVFP4_CONFIGS, qat_nvfp4_gluon_gemm
+    from moeq.runtime.kernels.qat_gluon import MMA_SHARE_CONFIGS, NVFP4_CONFIGS, qat_nvfp4_gluon_gemm
 
     offs, x, w_nk, amax = _gluon_operands(counts, k, n, torch.Generator().manual_seed(11))
     num_experts, rows = len(counts), int(offs[-1])
@@ -453,7 +454,8 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
     x_fq = fake_quant_act(x.cuda(), offs.cuda(), torch.tensor([3.0], device="cuda"), "nvfp4")
     ref, magnitude = _codes_product(x_fq.cpu(), wq_ref, offs, torch.ones(num_experts, dtype=torch.float64))
     routed = torch.tensor(counts) > 0
-    for config in (*NVFP4_CONFIGS, NVFP4_CONFIGS[0]._replace(exact=1), None):
+    outputs = {}
+    for config in (*NVFP4_CONFIGS, NVFP4_CONFIGS[0]._replace(exact=1), *MMA_SHARE_CONFIGS, None):
         codes = torch.zeros(num_experts, n, k, dtype=torch.bfloat16, device="cuda")
         got = qat_nvfp4_gluon_gemm(x_fq, w_nk.cuda().transpose(1, 2), offs.cuda(), amax.cuda(), config=config,
                                    codes=codes)  # fmt: skip
@@ -464,6 +466,9 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
         err = (got.cpu().double() - ref).abs()
         assert (err <= 2.0**-8 * magnitude + 2.0**-8 * ref.abs() + 1e-30).all(), config  # sums, then bf16
         assert not got[rows:].any(), config
+        outputs[config] = got
+    for config in MMA_SHARE_CONFIGS:
+        assert torch.equal(outputs[config], outputs[NVFP4_CONFIGS[0]]), config.name
 
 
 @pytest.mark.parametrize(

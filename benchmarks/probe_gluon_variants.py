@@ -1,4 +1,6 @@
-"""Probe: the Gluon QAT kernels' tail rows copied in ``tail_box``-row TMA boxes, only as many as a group has.
+"""Probe: variants of the Gluon QAT kernels against moeq's configurations, kernel alone (session 39).
+
+``--family tail_boxes`` (default): the tail rows copied in ``tail_box``-row TMA boxes, only as many as a group has.
 
 A group multiplies up to ``bm + bt`` = 256 + 64 routed rows of one expert; at Qwen3-30B-A3B's 34816 routed rows an
 expert has ~272 (random routing, ``bench_grouped_qmm.routing``), so the 64-row tail copy brings ~48 rows no store
@@ -9,7 +11,12 @@ fake-quantized first; QAT FP8 on activation codes), each variant's output checke
 against float64; the loads-only decomposition (``skip=3``); and the activations' NVFP4 pass on the routed rows and on
 the tokens (``rows / 8``: the compiled graph quantizes before the routing gather, ``moeq.lowering.gather_quant``).
 
-    python benchmarks/probe_tail_boxes.py --out $OUT/tail_boxes.json [--rounds 3]
+``--family converters``: QAT NVFP4 with 8 converter warps at fewer registers (``CONVERTERS``). ``--family hybrid``:
+the MMA warps convert half of each weight tile themselves (``qat_gluon.MMA_SHARE_CONFIGS``). For QAT NVFP4 every
+variant's weight values are also checked equal to ``fake_quant_experts``', and the whole op is estimated as the
+kernel's median plus the activations' pass (on the routed rows, and on the tokens).
+
+    python benchmarks/probe_gluon_variants.py --family hybrid --out $OUT/hybrid.json [--rounds 3] [--cases gate_up]
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from probe_gluon_qat_nvfp4 import nvfp4_reference  # noqa: E402
 from probes import ProbeTable, fp8_codes_reference, probe_inputs, save_probe  # noqa: E402
 
-from moeq.runtime.kernels import fake_quant_act  # noqa: E402
+from moeq.runtime.kernels import fake_quant_act, fake_quant_experts  # noqa: E402
 from moeq.runtime.kernels.qat_gluon import (  # noqa: E402
     CONFIGS,
+    MMA_SHARE_CONFIGS,
     NVFP4_CONFIGS,
     qat_fp8_gluon_gemm,
     qat_nvfp4_gluon_gemm,
@@ -54,6 +62,11 @@ CONVERTERS = [
 ]
 
 
+#: ``--family hybrid``: the MMA warps convert the weight tile's last 64 rows, the converter warps the first 64
+HYBRID = [("nvfp4", NVFP4_CONFIGS[0], list(MMA_SHARE_CONFIGS))]
+FAMILY_NAMES = {"tail_boxes": TAIL_BOXES, "converters": CONVERTERS, "hybrid": HYBRID}
+
+
 def run_case(label: str, k: int, n: int, rows: int, rounds: int) -> list[dict]:
     p = probe_inputs(k, n, rows)
     nv_table = ProbeTable(label, nvfp4_reference(p), p.flops)
@@ -63,9 +76,11 @@ def run_case(label: str, k: int, n: int, rows: int, rounds: int) -> list[dict]:
     xq = fake_quant_act(p.x, p.offs, p.x_amax, "nvfp4")
     x_codes = (p.x.float() / (p.x_amax / 448)).clamp(-448, 448).to(torch.float8_e4m3fn)
 
-    def gemm(fmt, config, skip=0):
+    wq_ref = fake_quant_experts(p.w_nk, p.w_amax, "nvfp4", -1)
+
+    def gemm(fmt, config, skip=0, codes=None):
         if fmt == "nvfp4":
-            return lambda: qat_nvfp4_gluon_gemm(xq, p.w, p.offs, p.w_amax, config=config, skip=skip)
+            return lambda: qat_nvfp4_gluon_gemm(xq, p.w, p.offs, p.w_amax, config=config, skip=skip, codes=codes)
         return lambda: qat_fp8_gluon_gemm(x_codes, p.w, p.offs, p.w_amax, p.x_amax, config=config, skip=skip)
 
     timed = []
@@ -74,7 +89,17 @@ def run_case(label: str, k: int, n: int, rows: int, rounds: int) -> list[dict]:
         torch.cuda.synchronize()
         timed.append((fmt, base))
         for variant in variants:
-            same = torch.equal(gemm(fmt, variant)(), want)
+            try:
+                same = torch.equal(gemm(fmt, variant)(), want)
+                if fmt == "nvfp4":
+                    codes = torch.zeros_like(p.w_nk)
+                    gemm(fmt, variant, codes=codes)()
+                    values = torch.equal(codes, wq_ref)
+                    print(f"{label:8s} {variant.name}: weight values equal fake_quant_experts': {values}", flush=True)
+                    same = same and values
+            except Exception as exc:  # a variant that cannot launch (resources) is reported, the probe goes on
+                print(f"{label:8s} {variant.name}: ERROR {str(exc)[:300]}", flush=True)
+                continue
             print(f"{label:8s} {variant.name}: output bit-equal to the base's: {same}", flush=True)
             if same:
                 timed.append((fmt, variant))
@@ -101,10 +126,15 @@ def run_case(label: str, k: int, n: int, rows: int, rounds: int) -> list[dict]:
         if "round" in row.get("what", "") and "ms" in row:
             summary.setdefault(row["what"].split(" round")[0], []).append(row["ms"])
     bf16 = results[0]["ms"]
+    act = {r["what"]: r["ms"] for r in results if r.get("what", "").startswith("fake_quant_act") and "ms" in r}
+    act_rows, act_tokens = act.get("fake_quant_act NVFP4, routed rows"), min(act.values(), default=None)
     print(f"\n{label}: medians of {rounds} rounds (bf16 {bf16:.4f} ms)")
     for what, times in summary.items():
         ms = statistics.median(times)
-        print(f"{label:8s} {what:100s} {ms:.4f} ms  {bf16 / ms:.3f}x bf16  ({min(times):.4f}-{max(times):.4f})")
+        line = f"{label:8s} {what:100s} {ms:.4f} ms  {bf16 / ms:.3f}x bf16  ({min(times):.4f}-{max(times):.4f})"
+        if "NVFP4" in what and act_rows and act_tokens:  # sums of medians, not timed together
+            line += f"  + act pass: rows {bf16 / (ms + act_rows):.3f}x, tokens {bf16 / (ms + act_tokens):.3f}x"
+        print(line)
         results.append(dict(case=label, what=f"{what} median", ms=ms, bf16_ratio=bf16 / ms, times=times))
     return results
 
@@ -115,11 +145,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=34816)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cases", default="gate_up,down")
-    parser.add_argument("--converters", action="store_true", help="time CONVERTERS instead of TAIL_BOXES")
+    parser.add_argument("--family", choices=sorted(FAMILY_NAMES), default="tail_boxes")
     args = parser.parse_args()
     global FAMILIES, DECOMPOSITION
-    FAMILIES = CONVERTERS if args.converters else TAIL_BOXES
-    DECOMPOSITION = (2, "no MMA") if args.converters else (3, "loads only")
+    FAMILIES = FAMILY_NAMES[args.family]
+    DECOMPOSITION = (3, "loads only") if args.family == "tail_boxes" else (2, "no MMA")
     shapes = {"gate_up": (2048, 1536), "down": (768, 2048)}
     results = [row for case in args.cases.split(",") for row in run_case(case, *shapes[case], args.rows, args.rounds)]
     save_probe(args.out, results)

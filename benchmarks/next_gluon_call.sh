@@ -1,0 +1,17 @@
+# The next GPU call for the Gluon QAT kernels (written in session 39, not yet run; carry .whl). (1) The GPU tests of
+# the tail boxes (the box-count clamp for experts past 320 rows has never run) and of QAT NVFP4 with the experimental
+# MMA share (MMA_SHARE_CONFIGS: weight values, float64 bound, bits equal to the shipped kernel's); (2) the MMA share
+# timed against the shipped kernel, kernel alone, with the whole op estimated (probe_gluon_variants.py --family
+# hybrid); (3) 8 converter warps (--family converters), gate_up only. Each step has its own time limit: a hang (as
+# the first tail boxes had) ends that step, not the call.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,power.limit --format=csv,noheader
+timeout -s INT 200 python -m pytest -p no:cacheprovider tests/test_gpu.py -n 4 -rA --tb=short -q \
+  -k "tail_boxes or qat_nvfp4_gluon_gemm_cuda" > $OUT/tests.log 2>&1; echo tests rc $?
+grep -E "PASSED|FAILED|ERROR|passed|failed|^E " $OUT/tests.log | cut -c1-200 | tail -12
+timeout -s INT 200 python benchmarks/probe_gluon_variants.py --family hybrid --out $OUT/hybrid.json > $OUT/hybrid.log 2>&1
+echo hybrid rc $?; grep -E "bit-equal|values equal|medians|median|no MMA|ERROR" $OUT/hybrid.log | grep -v round | cut -c1-240 | tail -20
+timeout -s INT 120 python benchmarks/probe_gluon_variants.py --family converters --cases gate_up --rounds 2 \
+  --out $OUT/converters.json > $OUT/converters.log 2>&1; echo converters rc $?
+grep -E "bit-equal|medians|no MMA|ERROR" $OUT/converters.log | grep -v round | cut -c1-200 | tail -10
