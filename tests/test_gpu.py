@@ -441,12 +441,11 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
     formats' NVFP4 ``fake_quant`` (CPU), blocks with a saturating value included: as values for the operand path
     of ``NVFP4_CONFIGS`` (a zero's sign is not kept) and bit for bit with the exact converter (``exact=1``); its
     output, from bf16 ``wgmma`` of those values and the fake-quantized activations, is within the fp32 accumulation
-    bound of their float64 product, for every configuration and the tuned choice; unrouted rows are zero. The
-    experimental ``MMA_SHARE_CONFIGS`` (the MMA warps convert half of each tile) give the shipped kernel's bits."""
+    bound of their float64 product, for every configuration and the tuned choice; unrouted rows are zero."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernel needs sm_90")
     from moeq.runtime.kernels.fake_quant_act import fake_quant_act
-    from moeq.runtime.kernels.qat_gluon import MMA_SHARE_CONFIGS, NVFP4_CONFIGS, qat_nvfp4_gluon_gemm
+    from moeq.runtime.kernels.qat_gluon import NVFP4_CONFIGS, qat_nvfp4_gluon_gemm
 
     offs, x, w_nk, amax = _gluon_operands(counts, k, n, torch.Generator().manual_seed(11))
     num_experts, rows = len(counts), int(offs[-1])
@@ -454,8 +453,7 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
     x_fq = fake_quant_act(x.cuda(), offs.cuda(), torch.tensor([3.0], device="cuda"), "nvfp4")
     ref, magnitude = _codes_product(x_fq.cpu(), wq_ref, offs, torch.ones(num_experts, dtype=torch.float64))
     routed = torch.tensor(counts) > 0
-    outputs = {}
-    for config in (*NVFP4_CONFIGS, NVFP4_CONFIGS[0]._replace(exact=1), *MMA_SHARE_CONFIGS, None):
+    for config in (*NVFP4_CONFIGS, NVFP4_CONFIGS[0]._replace(exact=1), None):
         codes = torch.zeros(num_experts, n, k, dtype=torch.bfloat16, device="cuda")
         got = qat_nvfp4_gluon_gemm(x_fq, w_nk.cuda().transpose(1, 2), offs.cuda(), amax.cuda(), config=config,
                                    codes=codes)  # fmt: skip
@@ -466,9 +464,36 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
         err = (got.cpu().double() - ref).abs()
         assert (err <= 2.0**-8 * magnitude + 2.0**-8 * ref.abs() + 1e-30).all(), config  # sums, then bf16
         assert not got[rows:].any(), config
-        outputs[config] = got
+
+
+@pytest.mark.parametrize(
+    ("counts", "k", "n"),
+    [([300, 0, 1, 330, 64, 0, 257, 700, 17, 320, 321], 768, 1024), ([5, 400, 0], 2000, 200)],
+    ids=["tails-and-second-groups", "k-and-n-not-tile-multiples"],
+)
+def test_qat_nvfp4_mma_share_cuda(counts, k, n):
+    """The experimental QAT NVFP4 kernel whose MMA warps convert each weight tile's last 64 rows themselves
+    (``MMA_SHARE_CONFIGS``): its weight values equal formats' NVFP4 ``fake_quant`` (CPU) as the operand values, and
+    its output equals the shipped configuration's bit for bit (the same values, the same wgmmas); unrouted rows
+    zero."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel needs sm_90")
+    from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+    from moeq.runtime.kernels.qat_gluon import MMA_SHARE_CONFIGS, NVFP4_CONFIGS, qat_nvfp4_gluon_gemm
+
+    offs, x, w_nk, amax = _gluon_operands(counts, k, n, torch.Generator().manual_seed(13))
+    num_experts, rows = len(counts), int(offs[-1])
+    wq_ref = get_format("nvfp4").fake_quant(w_nk, amax.view(-1, 1, 1))
+    x_fq = fake_quant_act(x.cuda(), offs.cuda(), torch.tensor([3.0], device="cuda"), "nvfp4")
+    w, offs, amax = w_nk.cuda().transpose(1, 2), offs.cuda(), amax.cuda()
+    want = qat_nvfp4_gluon_gemm(x_fq, w, offs, amax, config=NVFP4_CONFIGS[0])
+    routed = torch.tensor(counts) > 0
     for config in MMA_SHARE_CONFIGS:
-        assert torch.equal(outputs[config], outputs[NVFP4_CONFIGS[0]]), config.name
+        codes = torch.zeros(num_experts, n, k, dtype=torch.bfloat16, device="cuda")
+        got = qat_nvfp4_gluon_gemm(x_fq, w, offs, amax, config=config, codes=codes)
+        assert torch.equal(codes.cpu()[routed], wq_ref[routed]), config.name
+        assert torch.equal(got, want), config.name
+        assert not got[rows:].any(), config.name
 
 
 @pytest.mark.parametrize(

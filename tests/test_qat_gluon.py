@@ -58,6 +58,7 @@ def test_every_config_compiles_for_sm90(config, num_experts, tmp_path, monkeypat
     assert "fma.rn.f32" in ptx  # Markstein's quotient
     assert "setmaxnreg" in ptx
     assert "st.local" not in ptx
+    assert ptx.count("cp.async.bulk.tensor") == 3 and ptx.count("expect_tx") == 3  # whole tails (tail_box 0)
     assert_wgmmas(kernel, config)
 
 
@@ -74,6 +75,7 @@ def test_every_nvfp4_config_compiles_for_sm90(config, tmp_path, monkeypatch):
     assert "fma.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert "setmaxnreg" in ptx
     assert "st.local" not in ptx
+    assert ptx.count("cp.async.bulk.tensor") == 3 and ptx.count("expect_tx") == 3  # whole tails (tail_box 0)
     assert_wgmmas(kernel, config)
 
 

@@ -223,6 +223,7 @@ def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, off
     it = 0  # k-steps issued by this program: the rings' slot and phase
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BM + BT, BN, BK)
+        has_tail = row_end - row_start > BM
         # the tail's boxes: row_end is the expert's end, past this group's BM + BT rows where the expert has more
         boxes = gl.minimum(gl.maximum(gl.cdiv(row_end - row_start - BM, TB), 0), BT // TB)
         w_row = e * N + pid_n * BN
@@ -233,13 +234,21 @@ def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, off
             _tma_load(w_desc, [w_row, i * BK], r16.index(s), w16.index(s))
             sx = it % SX
             mbarrier.wait(ex.index(sx), ((it // SX) & 1) ^ 1)
-            for j in gl.static_range(BT // TB + 1):  # one expect (an arrive) with this step's bytes
-                mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes + j * xt_desc.block_type.nbytes,
-                                pred=boxes == j)  # fmt: skip
-            _tma_load(x_desc, [row_start, i * BK], rx.index(sx), x8.index(sx))
-            for j in gl.static_range(BT // TB):
-                _tma_load(xt_desc, [row_start + BM + j * TB, i * BK], rx.index(sx),
-                          xt8.index(sx).slice(j * TB, TB, dim=0), pred=j < boxes)  # fmt: skip
+            if TB == BT:  # the whole tail in one copy (every shipped configuration)
+                if has_tail:
+                    mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes + xt_desc.block_type.nbytes)
+                else:
+                    mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes)
+                _tma_load(x_desc, [row_start, i * BK], rx.index(sx), x8.index(sx))
+                _tma_load(xt_desc, [row_start + BM, i * BK], rx.index(sx), xt8.index(sx), pred=has_tail)
+            else:
+                for j in gl.static_range(BT // TB + 1):  # one expect (an arrive) with this step's bytes
+                    mbarrier.expect(rx.index(sx), x_desc.block_type.nbytes + j * xt_desc.block_type.nbytes,
+                                    pred=boxes == j)  # fmt: skip
+                _tma_load(x_desc, [row_start, i * BK], rx.index(sx), x8.index(sx))
+                for j in gl.static_range(BT // TB):
+                    _tma_load(xt_desc, [row_start + BM + j * TB, i * BK], rx.index(sx),
+                              xt8.index(sx).slice(j * TB, TB, dim=0), pred=j < boxes)  # fmt: skip
             it += 1
 
 
