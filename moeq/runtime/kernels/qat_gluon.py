@@ -51,6 +51,13 @@ Experimental (session 37): :func:`qat_nvfp4_rega_kernel` puts the weight in the 
 and the wait cost nothing measurable.
 ``REGISTER_A_CONFIGS``, ``grouped_qmm.GLUON_QAT_NVFP4_REGISTER_OPERAND`` (off).
 
+Experimental, not yet run on a GPU (session 39): ``GluonConfig.mma_share`` (``MMA_SHARE_CONFIGS``) has the MMA warps
+convert the weight tile's last 64 rows themselves while the previous step's wgmmas run, so the converter warps
+convert half the tile (their k-loop 441 SASS instructions instead of 848; the MMA warps' 284 / 312 instead of 65 /
+96, nothing spilled). ``GluonConfig.tail_box`` copies a group's tail rows in boxes, only as many as it has (bit-equal
+and 1.5-2% faster loads on the H200 in its first form, which hung on experts past ``bm + bt`` rows; clamped since).
+Every shipped configuration has neither, and compiles to session 38's PTX.
+
 Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
 this kernel, and :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` then keeps the two launches (NVFP4: the
 weight's pass and ``torch._grouped_mm``). The kernel is opaque to Inductor (``wrap_triton`` traces only
