@@ -10,8 +10,10 @@ bf16, random weights). Both sides quantize the same copy of it and calibrate on 
   run eagerly (modelopt switches them to the per-expert loop) with its NVFP4 fake quantizers.
 
 Both outputs are compared with the unquantized layer (relative error, reported), then each forward is timed
-with ``triton.testing.do_bench`` (median) at several token counts. Prints one table, writes JSON under
-``--out`` (default $OUT or ./out).
+with ``triton.testing.do_bench`` (median) at several token counts. Two more layers give moeq's cost in context: the
+unquantized layer compiled by Inductor (same ``grouped_mm`` experts; "vs bf16" is its time over moeq's) and, with
+``--ab-gather``, moeq with the activations' fake quant left after the routing gather
+(``moeq.lowering.gather_quant`` off). Prints one table, writes JSON under ``--out`` (default $OUT or ./out).
 
     python benchmarks/bench_e2e_modelopt.py --out $OUT
 """
@@ -78,6 +80,28 @@ def moeq_layer(layer, calib):
     return compiled
 
 
+def bf16_layer(layer):
+    """The unquantized layer with the same ``grouped_mm`` experts, compiled by Inductor."""
+    set_experts_implementation(layer, "grouped_mm")
+    return torch.compile(layer)
+
+
+def moeq_layer_quant_after_gather(layer, calib, batches):
+    """moeq's layer with ``gather_quant`` off (``ENABLED``, part of the pass's ``uuid``, so Inductor's graph cache
+    tells the two compilations apart), compiled for ``batches`` (the pass runs when a graph compiles)."""
+    from moeq.lowering import gather_quant
+
+    gather_quant.ENABLED = False
+    try:
+        compiled = moeq_layer(layer, calib)
+        with torch.no_grad():
+            for x in batches:
+                compiled(x)
+        return compiled
+    finally:
+        gather_quant.ENABLED = True
+
+
 def modelopt_layer(layer, calib):
     import modelopt.torch.quantization as mtq
 
@@ -106,6 +130,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--tokens", default="512,4096,16384")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run of the plumbing)")
+    parser.add_argument("--ab-gather", action="store_true", help="also time moeq with gather_quant off")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,25 +140,35 @@ def main() -> None:
     hidden = base.mlp.gate.weight.shape[1]
     calib = torch.randn(4, 512, hidden, device=device, dtype=torch.bfloat16)
     ours = moeq_layer(copy.deepcopy(base), calib)
+    plain = bf16_layer(copy.deepcopy(base))
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    batches = [torch.randn(1, t, hidden, device=device, dtype=torch.bfloat16) for t in token_counts]
+    after_gather = moeq_layer_quant_after_gather(copy.deepcopy(base), calib, batches) if args.ab_gather else None
     peer = modelopt_layer(copy.deepcopy(base), calib)
     rows, results = [], []
-    for tokens in [int(t) for t in args.tokens.split(",")]:
-        x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
+    for tokens, x in zip(token_counts, batches):
         with torch.no_grad():
             ref = output(base(x)).float()
             got_ours, got_peer = output(ours(x)).float(), output(peer(x)).float()
             rel_ours = ((got_ours - ref).norm() / ref.norm()).item()
             rel_peer = ((got_peer - ref).norm() / ref.norm()).item()
             rel_between = ((got_ours - got_peer).norm() / got_peer.norm()).item()
+            if after_gather is not None:  # the same bits either way
+                assert torch.equal(output(after_gather(x)).float(), got_ours), "gather_quant changed the output"
             ms_ours, ms_peer = forward_ms(ours, x, device, 30), forward_ms(peer, x, device, 10)
+            ms_plain = forward_ms(plain, x, device, 30)
+            ms_after = forward_ms(after_gather, x, device, 30) if after_gather is not None else float("nan")
         ratio = ms_peer / ms_ours
         results.append(dict(tokens=tokens, moeq_ms=ms_ours, modelopt_ms=ms_peer, speedup=ratio, rel_err_moeq=rel_ours,
-                            rel_err_modelopt=rel_peer, rel_moeq_vs_modelopt=rel_between))  # fmt: skip
+                            rel_err_modelopt=rel_peer, rel_moeq_vs_modelopt=rel_between, bf16_ms=ms_plain,
+                            moeq_quant_after_gather_ms=ms_after))  # fmt: skip
         rows.append([str(tokens), f"{ms_ours:.3f}", f"{tokens / ms_ours * 1e3:,.0f}", f"{ms_peer:.3f}",
                      f"{tokens / ms_peer * 1e3:,.0f}", f"{ratio:.1f}x", "met" if ratio >= 3 else "MISSED",
+                     f"{ms_plain:.3f} ({ms_plain / ms_ours:.2f}x)", f"{ms_after:.3f}",
                      f"{rel_ours:.3f} / {rel_peer:.3f} / {rel_between:.3f}"])  # fmt: skip
         print(f"  {tokens} tokens done ({time.time() - started:.0f} s)", flush=True)
     header = ["tokens", "moeq ms", "moeq tok/s", "modelopt ms", "modelopt tok/s", "speedup", ">= 3x",
+              "bf16 compiled ms (vs bf16)", "moeq, quant after gather ms",
               "rel err vs bf16: moeq / modelopt / between"]  # fmt: skip
     print_and_save(args.out, "bench_e2e_modelopt", header, rows, results=results, shapes=shapes)
 

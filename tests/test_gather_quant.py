@@ -19,9 +19,10 @@ from tests.conftest import make_tokens
 MOVED = "moved before its routing gather"
 
 
-def _logits(family: str, cfg: moeq.QuantConfig, caplog, policy: str = "auto", seq: int = 64, **overrides):
-    """Logits of a one-layer tiny ``family`` model prepared with ``cfg``, calibrated, finalized and compiled, and
-    the pass's log lines."""
+def _logits(family: str, cfg: moeq.QuantConfig, caplog, policy: str = "auto", seq: int = 64, dynamic=None,
+            **overrides):  # fmt: skip
+    """Logits of a one-layer tiny ``family`` model prepared with ``cfg``, calibrated, finalized and compiled
+    (``dynamic``: ``torch.compile``'s), and the pass's log lines."""
     torch._dynamo.reset()
     caplog.clear()
     torch.manual_seed(0)
@@ -29,7 +30,7 @@ def _logits(family: str, cfg: moeq.QuantConfig, caplog, policy: str = "auto", se
     overrides = {**{"gpt_oss": {"layer_types": ["full_attention"]}, "deepseek_v3": {"first_k_dense_replace": 0}}.get(
         family, {}), **overrides}  # fmt: skip
     model = moeq.prepare(tiny_model(family, torch.bfloat16, num_hidden_layers=1, **overrides), cfg)
-    cm = torch.compile(model, backend="moeq")
+    cm = torch.compile(model, backend="moeq", dynamic=dynamic)
     tokens = make_tokens(batch=2, seq=seq)
     # the pass logs what it moved when it runs: not on a cached graph
     with (
@@ -61,6 +62,18 @@ def test_nvfp4_activation_quant_moves_before_the_gather_bit_for_bit(family, capl
     assert len(lines) == 1 and f"({2 * 64} rows instead of {2 * 64 * top_k})" in lines[0], lines
     monkeypatch.setattr(gather_quant, "OWN_PASS_ROWS_PER_EXPERT", 10**9)
     kept, lines = _logits(family, moeq.NVFP4, caplog)
+    assert not lines
+    assert torch.equal(moved, kept)
+
+
+def test_moves_with_a_dynamic_batch_bit_for_bit(caplog, monkeypatch):
+    """A dynamic token count (Dynamo's usual graph once a second batch shape is seen) is moved too: the graph serves
+    every batch size. The logits equal those with the pass off, bit for bit."""
+    moved, lines = _logits("qwen3_moe", moeq.NVFP4, caplog, dynamic=True)
+    top_k = tiny_model("qwen3_moe").config.num_experts_per_tok
+    assert len(lines) == 1 and f"rows instead of {top_k}*s" in lines[0], lines  # a symbolic count
+    monkeypatch.setattr(gather_quant, "ENABLED", False)
+    kept, lines = _logits("qwen3_moe", moeq.NVFP4, caplog, dynamic=True)
     assert not lines
     assert torch.equal(moved, kept)
 

@@ -12,9 +12,11 @@ NVFP4 under one global amax is row-local: each 16-block's scale comes from its o
 (routed to no expert) the op leaves unquantized, the moved one does not; only GEMMs read ``x_hat`` here, and no GEMM
 reads those rows.
 
-Applied only where ``moeq::grouped_qmm`` would run the activations' own pass anyway: policy "auto" and a static row
-count above ``QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT`` mean rows per expert. Below it the op quantizes x in its load path
-(one kernel per expert GEMM). The GEMM then takes the gathered, already quantized rows as they are (``x_fmt`` None).
+Applied under policy "auto" where ``moeq::grouped_qmm`` would run the activations' own pass anyway: a static row
+count above ``QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT`` mean rows per expert (below it the op quantizes x in its load path,
+one kernel per expert GEMM). A dynamic row count (Dynamo marks the token count dynamic from the second batch shape
+it sees, so this is the usual case) is moved too: the graph serves every batch size, and the move saves ``top_k - 1``
+of every ``top_k`` rows' quantization at large batches while costing one small kernel at decode sizes. The GEMM then takes the gathered, already quantized rows as they are (``x_fmt`` None).
 Training graphs keep it where it is: their forward saves ``x_hat`` for the weight gradient, a user this pass leaves
 alone.
 """
@@ -38,6 +40,8 @@ aten = torch.ops.aten
 #: ``moeq.runtime.kernels.grouped_qmm.QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT``, which a test checks; the lowering does not
 #: import the runtime)
 OWN_PASS_ROWS_PER_EXPERT = 16
+#: the pass's switch (A/B runs, ``benchmarks/bench_e2e_modelopt.py --ab-gather``); part of the post-grad pass's uuid
+ENABLED = True
 
 
 def _row_gather(node: object) -> tuple[fx.Node, fx.Node] | None:
@@ -62,9 +66,9 @@ def _movable(quant: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if gather is None or fmt != "nvfp4" or contraction_dim % 2 != 1 or len(x.users) != 1:
         return None
     amax_val, offs_val, rows = _val(amax), _val(offs), _val(x).shape[0]
-    if amax_val is None or amax_val.numel() != 1 or offs_val is None or not isinstance(rows, int):
+    if amax_val is None or amax_val.numel() != 1 or offs_val is None:
         return None
-    if rows <= OWN_PASS_ROWS_PER_EXPERT * max(1, offs_val.numel()):
+    if isinstance(rows, int) and rows <= OWN_PASS_ROWS_PER_EXPERT * max(1, offs_val.numel()):
         return None
     targets = gemm_targets()
     if not all(user.op == "call_function" and user.target in targets for user in quant.users):
@@ -78,16 +82,16 @@ def describe_quantize_before_gather(mode: str, x_fmt: str | None, shared_amax: b
     if mode != "qat" or x_fmt != "nvfp4" or not shared_amax or fusion_policy() != "auto":
         return ""
     return (
-        f"above {OWN_PASS_ROWS_PER_EXPERT} rows per expert, the NVFP4 fake quant of an input gathered from the tokens "
-        "(transformers' grouped experts) runs per token before the routing gather: the same bits on top_k times fewer "
-        "rows"
+        f"above {OWN_PASS_ROWS_PER_EXPERT} rows per expert or with a dynamic batch size, the NVFP4 fake quant of an "
+        "input gathered from the tokens (transformers' grouped experts) runs per token before the routing gather: the "
+        "same bits on top_k times fewer rows"
     )
 
 
 def quantize_before_gather(graph: fx.Graph) -> int:
     """Move every movable shared-scale NVFP4 activation fake-quant of ``graph`` before its routing gather; returns the
     count."""
-    if fusion_policy() != "auto":
+    if fusion_policy() != "auto" or not ENABLED:
         return 0
     moved = 0
     for quant in [n for n in graph.nodes if n.target == torch.ops.moeq.fake_quant_act.default]:
@@ -100,9 +104,12 @@ def quantize_before_gather(graph: fx.Graph) -> int:
         with graph.inserting_before(gather):
             with source_val.fake_mode:
                 offs_val = torch.full([1], source_val.shape[0], dtype=torch.int32, device=source_val.device)
+            tokens = source_val.shape[0]
+            if not isinstance(tokens, int):  # a dynamic batch: the graph reads the size, not a Python SymInt
+                tokens = _with_val(graph.call_function(aten.sym_size.int, (source, 0)), source_val.shape[0])
             offs = graph.call_function(
                 aten.full.default,
-                ([1], source_val.shape[0]),
+                ([1], tokens),
                 {"dtype": torch.int32, "device": source_val.device, "pin_memory": False},
             )
             _with_val(offs, offs_val)

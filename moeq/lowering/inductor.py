@@ -661,7 +661,7 @@ class GroupedQmmPass(CustomGraphPass):
         from moeq.lowering import gather_quant
 
         files = (__file__, gather_quant.__file__)
-        bounds = (COMBINE_MIN_TOP_K, COMBINE_MIN_ROWS, gather_quant.OWN_PASS_ROWS_PER_EXPERT)
+        bounds = (COMBINE_MIN_TOP_K, COMBINE_MIN_ROWS, gather_quant.OWN_PASS_ROWS_PER_EXPERT, gather_quant.ENABLED)
         return (get_hash_for_files(files), _POLICY, _COMBINE, *bounds)
 
 
