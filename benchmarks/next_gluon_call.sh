@@ -2,7 +2,8 @@
 # the tail boxes (the box-count clamp for experts past 320 rows has never run) and of QAT NVFP4 with the experimental
 # MMA share (MMA_SHARE_CONFIGS: weight values, float64 bound, bits equal to the shipped kernel's); (2) the MMA share
 # timed against the shipped kernel, kernel alone, with the whole op estimated (probe_gluon_variants.py --family
-# hybrid); (3) 8 converter warps (--family converters), gate_up only. Each step has its own time limit: a hang (as
+# hybrid); (3) 8 converter warps (--family converters), gate_up only; (4) the layer end to end with gather_quant on
+# and off and the bf16 layer (bench_e2e_modelopt.py --ab-gather). Each step has its own time limit: a hang (as
 # the first tail boxes had) ends that step, not the call.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
@@ -15,3 +16,5 @@ echo hybrid rc $?; grep -E "bit-equal|values equal|medians|median|no MMA|ERROR" 
 timeout -s INT 120 python benchmarks/probe_gluon_variants.py --family converters --cases gate_up --rounds 2 \
   --out $OUT/converters.json > $OUT/converters.log 2>&1; echo converters rc $?
 grep -E "bit-equal|medians|no MMA|ERROR" $OUT/converters.log | grep -v round | cut -c1-200 | tail -10
+timeout -s INT 240 python benchmarks/bench_e2e_modelopt.py --tokens 4096,16384 --ab-gather --out $OUT > $OUT/e2e.log 2>&1
+echo e2e rc $?; tail -5 $OUT/e2e.log | cut -c1-220
