@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,power.limit --format=csv,noheader
 timeout -s INT 200 python -m pytest -p no:cacheprovider tests/test_gpu.py -n 4 -rA --tb=short -q \
-  -k "tail_boxes or qat_nvfp4_gluon_gemm_cuda or mma_share" > $OUT/tests.log 2>&1; echo tests rc $?
+  -k "tail_boxes or qat_nvfp4_gluon_gemm_cuda or mma_share or takes_quantized_rows" > $OUT/tests.log 2>&1; echo tests rc $?
 grep -E "PASSED|FAILED|ERROR|passed|failed|^E " $OUT/tests.log | cut -c1-200 | tail -12
 timeout -s INT 200 python benchmarks/probe_gluon_variants.py --family hybrid --out $OUT/hybrid.json > $OUT/hybrid.log 2>&1
 echo hybrid rc $?; grep -E "bit-equal|values equal|medians|median|no MMA|ERROR" $OUT/hybrid.log | grep -v round | cut -c1-240 | tail -20

@@ -614,6 +614,32 @@ def test_grouped_qmm_qat_nvfp4_takes_quantized_rows_as_given_cuda():
     assert torch.equal(given, raw)
 
 
+def test_grouped_qmm_qat_nvfp4_takes_quantized_rows_at_decode_sizes_cuda():
+    """QAT NVFP4 at or below 16 rows per expert with ``x_mode`` None: what a dynamic-batch graph runs at decode sizes
+    since ``gather_quant`` moves the activations' fake quant before the gather for a dynamic token count. The op
+    multiplies the rows as given (no activation pass in the profile), within the fp32 accumulation bound of the
+    float64 product of formats' values; unrouted rows zero."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+
+    counts = [3, 0, 5, 16, 1, 9, 2, 12]
+    offs, x, w_nk, amax = _gluon_operands(counts, 512, 384, torch.Generator().manual_seed(8))
+    x_amax = torch.tensor([3.0], device="cuda")
+    x_fq = fake_quant_act(x.cuda(), offs.cuda(), x_amax, "nvfp4")
+    wq = get_format("nvfp4").fake_quant(w_nk, amax.view(-1, 1, 1))
+    ref, magnitude = _codes_product(x_fq.cpu(), wq, offs, torch.ones(len(counts), dtype=torch.float64))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        given = launch_grouped_qmm(x_fq, w_nk.cuda().transpose(1, 2), offs.cuda(), amax.cuda(), None, None,
+                                   "fake_nvfp4", None)  # fmt: skip
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert not any("fake_quant_act" in n for n in names), names
+    err = (given.cpu().double() - ref).abs()
+    assert (err <= 2.0**-8 * magnitude + 2.0**-8 * ref.abs() + 1e-30).all()
+    assert not given[int(offs[-1]) :].any()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 def test_dequant_weight_cuda_bit_exact(fmt, dtype):
