@@ -146,6 +146,10 @@ def test_mma_share_configs_compile_for_sm90(config, tmp_path, monkeypatch):
     for loop in loops:
         assert any(t.split()[0].startswith("STS") for t in loop if t and not t.startswith("@"))
         assert not any("STL" in t or "LDL" in t for t in loop)
+        # the share's conversion runs while the previous step's wgmmas are in flight: none of it lands in their
+        # accumulators
+        hits = writes_to_in_flight_registers(loop, _accumulator_registers)
+        assert not hits, hits[:4]
 
 
 #: opcodes whose first operand is not a register they write
@@ -153,18 +157,33 @@ _NO_REGISTER_DESTINATION = ("ST", "BRA", "BAR", "SYNCS", "RED", "ATOM", "HGMMA",
                             "CALL", "BSYNC", "BSSY", "ISETP", "FSETP", "HSETP", "PLOP", "R2UR", "UMOV", "ULDC")  # fmt: skip
 
 
-def writes_to_in_flight_a_registers(loop: list[str]) -> list[str]:
-    """The instructions of a k-loop (twice around it) that write a register an issued, not yet retired register-operand
-    ``HGMMA`` reads as its A operand. A wgmma group ends at the ``HGMMA`` marked ``gsb0``; ``WARPGROUP.DEPBAR.LE
-    gsb0, N`` retires all but the newest N groups. PTX leaves such a write undefined; sessions 37-38 saw it corrupt
-    products on the H100."""
+def _a_registers(hgmma: str) -> set[int]:
+    """The registers a register-operand ``HGMMA`` reads as its A operand (four a thread)."""
+    import re
+
+    operand = re.search(r"HGMMA\S* R\d+, R(\d+),", hgmma)
+    return set(range(int(operand[1]), int(operand[1]) + 4)) if operand else set()
+
+
+def _accumulator_registers(hgmma: str) -> set[int]:
+    """The fp32 accumulator registers an ``HGMMA.64xN`` reads and writes (64 x N over a warpgroup's 128 threads)."""
+    import re
+
+    found = re.search(r"HGMMA\.64x(\d+)x\d+\S* R(\d+),", hgmma)
+    return set(range(int(found[2]), int(found[2]) + int(found[1]) // 2)) if found else set()
+
+
+def writes_to_in_flight_registers(loop: list[str], operand=_a_registers) -> list[str]:
+    """The instructions of a k-loop (twice around it) that write a register an issued, not yet retired ``HGMMA`` still
+    uses (``operand``: its register A operand, or :func:`_accumulator_registers`). A wgmma group ends at the ``HGMMA``
+    marked ``gsb0``; ``WARPGROUP.DEPBAR.LE gsb0, N`` retires all but the newest N groups. PTX leaves such a write
+    undefined; sessions 37-38 saw one corrupt products on the H100 (the A operand)."""
     import re
 
     groups, current, hits = [], set(), []
     for instruction in loop + loop:
-        operand = re.search(r"HGMMA\S* R\d+, R(\d+),", instruction)
-        if operand:
-            current |= set(range(int(operand[1]), int(operand[1]) + 4))
+        if "HGMMA" in instruction:
+            current |= operand(instruction)
             if "gsb0" in instruction:
                 groups, current = [*groups, current], set()
             continue
@@ -183,6 +202,20 @@ def writes_to_in_flight_a_registers(loop: list[str]) -> list[str]:
         if destination and in_flight & set(range(int(destination[1]), int(destination[1]) + width)):
             hits.append(instruction)
     return hits
+
+
+def test_in_flight_register_checks_find_a_write():
+    """The SASS checks above flag a write into an in-flight wgmma's accumulators or A operand, before its wait only."""
+    loop = [
+        "HGMMA.64x128x16.F32.BF16 R24, R100, gdesc[UR4], R24, gsb0 ;",
+        "FADD R30, R1, R2 ;",  # an accumulator register (R24..R87)
+        "FADD R101, R1, R2 ;",  # an A operand register (R100..R103)
+        "FADD R90, R1, R2 ;",  # neither
+        "WARPGROUP.DEPBAR.LE gsb0, 0x0 ;",
+        "FADD R31, R1, R2 ;",  # retired
+    ]
+    assert writes_to_in_flight_registers(loop[:-1], _accumulator_registers) == ["FADD R30, R1, R2 ;"] * 2
+    assert writes_to_in_flight_registers(loop[:-1]) == ["FADD R101, R1, R2 ;"] * 2
 
 
 @pytest.mark.parametrize("config", [c._replace(persistent=False) for c in gluon_module.REGISTER_A_CONFIGS],
@@ -211,7 +244,7 @@ def test_register_operand_configs_compile_for_sm90(config, tmp_path, monkeypatch
     for body in loops:
         text = "\n".join(body)
         assert "WARPGROUP.DEPBAR.LE gsb0, 0x0" in text, text
-        assert not writes_to_in_flight_a_registers(body), writes_to_in_flight_a_registers(body)[:4]
+        assert not writes_to_in_flight_registers(body), writes_to_in_flight_registers(body)[:4]
         if config.register_a == 2:
             assert "LDS.128" in text and not re.search(r"SHFL|STS|LDSM", text), text
         else:
@@ -311,6 +344,6 @@ def test_register_operand_kernel_waits_for_its_wgmmas_by_default(tmp_path, monke
     assert gluon_module.REGISTER_A_CONFIGS[0].constexprs(128)["SYNC"] is False
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     sass = get_sass(gluon_module.REGISTER_A_CONFIGS[0]._replace(persistent=False).compile_for_sm90().asm["cubin"])
-    assert any(writes_to_in_flight_a_registers(loop) for loop in k_loops(sass)), (
+    assert any(writes_to_in_flight_registers(loop) for loop in k_loops(sass)), (
         "this ptxas keeps in-flight wgmma A registers intact without the wait: RS_WGMMA_SYNC could be revisited"
     )
