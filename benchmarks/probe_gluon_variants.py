@@ -67,7 +67,11 @@ HYBRID = [("nvfp4", NVFP4_CONFIGS[0], list(MMA_SHARE_CONFIGS))]
 FAMILY_NAMES = {"tail_boxes": TAIL_BOXES, "converters": CONVERTERS, "hybrid": HYBRID}
 
 
-def run_case(label: str, k: int, n: int, rows: int, rounds: int) -> list[dict]:
+def run_case(label: str, k: int, n: int, rows: int, rounds: int, family: str) -> list[dict]:
+    """One projection's table for ``family`` (:data:`FAMILY_NAMES`): the tail boxes decompose as loads only, the
+    converter variants as no MMA."""
+    families = FAMILY_NAMES[family]
+    decomposition = (3, "loads only") if family == "tail_boxes" else (2, "no MMA")
     p = probe_inputs(k, n, rows)
     nv_table = ProbeTable(label, nvfp4_reference(p), p.flops)
     fp8_table = ProbeTable(label, fp8_codes_reference(p), p.flops)
@@ -84,7 +88,7 @@ def run_case(label: str, k: int, n: int, rows: int, rounds: int) -> list[dict]:
         return lambda: qat_fp8_gluon_gemm(x_codes, p.w, p.offs, p.w_amax, p.x_amax, config=config, skip=skip)
 
     timed = []
-    for fmt, base, variants in FAMILIES:
+    for fmt, base, variants in families:
         want = gemm(fmt, base)()
         torch.cuda.synchronize()
         timed.append((fmt, base))
@@ -107,10 +111,10 @@ def run_case(label: str, k: int, n: int, rows: int, rounds: int) -> list[dict]:
         for fmt, config in timed:
             table = nv_table if fmt == "nvfp4" else fp8_table
             table.record(f"{config.name} [kernel only] round {r}", gemm(fmt, config), checked=r == 0)
-    for fmt, base, variants in FAMILIES[:1] + FAMILIES[2:]:
+    for fmt, base, variants in families[:1] + families[2:]:
         for config in (base, variants[0]):
             table = nv_table if fmt == "nvfp4" else fp8_table
-            skip, what = DECOMPOSITION
+            skip, what = decomposition
             table.record(f"{config.name} [{what}]", gemm(fmt, config, skip=skip), checked=False)
     tokens = rows // 8
     x_tokens, token_offs = p.x[:tokens].contiguous(), torch.tensor([tokens], dtype=torch.int32, device="cuda")
@@ -147,11 +151,12 @@ def main() -> None:
     parser.add_argument("--cases", default="gate_up,down")
     parser.add_argument("--family", choices=sorted(FAMILY_NAMES), default="tail_boxes")
     args = parser.parse_args()
-    global FAMILIES, DECOMPOSITION
-    FAMILIES = FAMILY_NAMES[args.family]
-    DECOMPOSITION = (3, "loads only") if args.family == "tail_boxes" else (2, "no MMA")
     shapes = {"gate_up": (2048, 1536), "down": (768, 2048)}
-    results = [row for case in args.cases.split(",") for row in run_case(case, *shapes[case], args.rows, args.rounds)]
+    results = [
+        row
+        for case in args.cases.split(",")
+        for row in run_case(case, *shapes[case], args.rows, args.rounds, args.family)
+    ]
     save_probe(args.out, results)
 
 

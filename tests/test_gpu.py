@@ -337,6 +337,15 @@ def gluon_qat_fp8(monkeypatch):
     monkeypatch.setattr(launcher, "GLUON_QAT_FP8", True)
 
 
+#: the QAT NVFP4 Gluon kernels' GPU cases: experts with 256 rows or fewer, with a tail (257-320), with a second group
+#: (321+), empty ones; then K and N not multiples of the tiles
+NVFP4_GLUON_SHAPES = pytest.mark.parametrize(
+    ("counts", "k", "n"),
+    [([300, 0, 1, 330, 64, 0, 257, 700, 17, 320, 321], 768, 1024), ([5, 400, 0], 2000, 200)],
+    ids=["tails-and-second-groups", "k-and-n-not-tile-multiples"],
+)
+
+
 def _gluon_operands(counts: list[int], k: int, n: int, g: torch.Generator):
     """A Gluon kernel test's CPU operands: int32 cumulative ``offs`` of ``counts``, bf16 ``x`` with 37 unrouted rows
     past them, experts' ``w [E, N, K]`` spanning three decades, and amax 0.9 of each expert's max (the largest
@@ -431,11 +440,7 @@ def test_qat_gluon_tail_boxes_equal_whole_tail_copies_cuda(nvfp4):
             assert torch.equal(gemm(config._replace(tail_box=box)), want), (config.name, box)
 
 
-@pytest.mark.parametrize(
-    ("counts", "k", "n"),
-    [([300, 0, 1, 330, 64, 0, 257, 700, 17, 320, 321], 768, 1024), ([5, 400, 0], 2000, 200)],
-    ids=["tails-and-second-groups", "k-and-n-not-tile-multiples"],
-)
+@NVFP4_GLUON_SHAPES
 def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
     """The Gluon kernel in QAT NVFP4 form: the weight values it makes in shared memory (of experts with rows) equal
     formats' NVFP4 ``fake_quant`` (CPU), blocks with a saturating value included: as values for the operand path
@@ -466,11 +471,7 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
         assert not got[rows:].any(), config
 
 
-@pytest.mark.parametrize(
-    ("counts", "k", "n"),
-    [([300, 0, 1, 330, 64, 0, 257, 700, 17, 320, 321], 768, 1024), ([5, 400, 0], 2000, 200)],
-    ids=["tails-and-second-groups", "k-and-n-not-tile-multiples"],
-)
+@NVFP4_GLUON_SHAPES
 def test_qat_nvfp4_mma_share_cuda(counts, k, n):
     """The experimental QAT NVFP4 kernel whose MMA warps convert each weight tile's last 64 rows themselves
     (``MMA_SHARE_CONFIGS``): its weight values equal formats' NVFP4 ``fake_quant`` (CPU) as the operand values, and
@@ -496,11 +497,7 @@ def test_qat_nvfp4_mma_share_cuda(counts, k, n):
         assert not got[rows:].any(), config.name
 
 
-@pytest.mark.parametrize(
-    ("counts", "k", "n"),
-    [([300, 0, 1, 330, 64, 0, 257, 700, 17, 320, 321], 768, 1024), ([5, 400, 0], 2000, 200)],
-    ids=["tails-and-second-groups", "k-and-n-not-tile-multiples"],
-)
+@NVFP4_GLUON_SHAPES
 def test_qat_nvfp4_register_operand_cuda(counts, k, n):
     """The experimental register-operand QAT NVFP4 kernel (``REGISTER_A_CONFIGS``): the weight values it makes in
     registers equal formats' NVFP4 ``fake_quant`` as values, and its output is within the fp32 accumulation bound of

@@ -193,6 +193,16 @@ def _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2: gl.constexpr, BLOCK_M: g
 
 
 @gluon.jit
+def _nvfp4_global_scale(w_amax):
+    """``(g, g_fast, six_g, inv_six_g)``: an expert's NVFP4 global scale from its amax, whether it is in the fast
+    division's range, and the block scales' divisor and its reciprocal (``numerics.nvfp4_block_divisor``)."""
+    g = gl.div_rn(w_amax, NVFP4_GLOBAL_DIVISOR)
+    g_fast = (g >= NVFP4_FAST_G_MIN) & (g <= NVFP4_FAST_G_MAX)
+    six_g, inv_six_g = nvfp4_block_divisor(g)
+    return g, g_fast, six_g, inv_six_g
+
+
+@gluon.jit
 def _ring(STAGES: gl.constexpr, READERS: gl.constexpr = 1):
     """``(ready, empty)``: one mbarrier each per stage of a ring, ready for one arrival, empty for ``READERS``."""
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -285,9 +295,7 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
         e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BLOCK_M, BN, BK)
         w_amax = gl.load(w_amax_ptr + e)
         if NVFP4:  # the expert's global scale
-            g = gl.div_rn(w_amax, NVFP4_GLOBAL_DIVISOR)
-            g_fast = (g >= NVFP4_FAST_G_MIN) & (g <= NVFP4_FAST_G_MAX)
-            six_g, inv_six_g = nvfp4_block_divisor(g)
+            g, g_fast, six_g, inv_six_g = _nvfp4_global_scale(w_amax)
         else:  # the expert's FP8 scale, its reciprocal and clip
             w_div = safe_divisor(fp8_scale(w_amax))
             w_fast = (w_div >= FAST_DIVISOR_MIN) & (w_div <= FAST_DIVISOR_MAX)
@@ -380,9 +388,7 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, w16, r16, e16, out_ptr, offs_ptr
         six_g = 6.0
         inv_six_g = 1.0 / 6.0
         if MMA_SHARE > 0:  # the expert's global scale, as the converter takes it
-            g = gl.div_rn(gl.load(w_amax_ptr + e), NVFP4_GLOBAL_DIVISOR)
-            g_fast = (g >= NVFP4_FAST_G_MIN) & (g <= NVFP4_FAST_G_MAX)
-            six_g, inv_six_g = nvfp4_block_divisor(g)
+            g, g_fast, six_g, inv_six_g = _nvfp4_global_scale(gl.load(w_amax_ptr + e))
         codes_row = e * N + pid_n * BN
         if NVFP4:  # both operands hold their fake-quantized values
             scale = 1.0
@@ -458,10 +464,7 @@ def _convert_mma_share(w16, r16, e16, c8, step, g, six_g, inv_six_g, g_fast, cod
             q = gl.convert_layout(_nvfp4_words_in_registers(words, g, six_g, inv_six_g, g_fast), L)
             c8.index(step % S8).slice(FIRST, MMA_SHARE, dim=0).store(q)
             if WRITE_CODES:
-                r = codes_row + FIRST + gl.arange(0, MMA_SHARE, layout=gl.SliceLayout(1, L))
-                c = k0 + gl.arange(0, BK, layout=gl.SliceLayout(0, L))
-                mask = (r < codes_end)[:, None] & (c < K)[None, :]  # this expert's rows, K's columns
-                gl.store(codes_ptr + r.to(gl.int64)[:, None] * K + c[None, :], q, mask=mask)
+                _store_codes(codes_ptr, q, codes_row + FIRST, codes_end, k0, K)
             fence_async_shared()
         mbarrier.arrive(e16.index(s))
 
@@ -766,9 +769,7 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BM + BT, BN, BK)
         has_tail = row_end - row_start > BM
-        g = gl.div_rn(gl.load(w_amax_ptr + e), NVFP4_GLOBAL_DIVISOR)
-        g_fast = (g >= NVFP4_FAST_G_MIN) & (g <= NVFP4_FAST_G_MAX)
-        six_g, inv_six_g = nvfp4_block_divisor(g)
+        g, g_fast, six_g, inv_six_g = _nvfp4_global_scale(gl.load(w_amax_ptr + e))
         codes_row = e * N + pid_n * BN
         q_prev = gl.zeros([BN, BK], gl.bfloat16, a_l)  # the registers the wgmma in flight reads
         if has_tail:
