@@ -5,7 +5,8 @@
 #    with the experimental MMA share (MMA_SHARE_CONFIGS: weight values, bits equal to the shipped kernel's) and of
 #    quantized rows given at decode sizes; (2) the MMA share against the shipped kernel, kernel alone, the whole op
 #    estimated (probe_gluon_variants.py --family hybrid); (3) 8 converter warps (--family converters), gate_up only.
-# b: (1) the acceptance bench's QAT NVFP4 at 34k rows through the op with the MMA share (--mma-share, 3 rounds);
+# b: (1) the acceptance bench's QAT NVFP4 and QAT FP8 at 34k rows through the op (3 rounds; session 40 call 1 found
+#    the MMA share slower, so it is no longer timed here);
 #    (2) the layer end to end with gather_quant on and off and the bf16 layer (bench_e2e_modelopt.py --ab-gather).
 PART=${1:?usage: next_gluon_call.sh a|b}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -24,8 +25,8 @@ if [ "$PART" = a ]; then
   echo converters rc $?; grep -E "bit-equal|medians|no MMA|ERROR" $OUT/converters.log | grep -v round | cut -c1-200 \
     | tail -10
 else
-  timeout -s INT 250 python benchmarks/bench_grouped_qmm.py --only "qwen3 gate_up M=34816,qwen3 down M=34816" \
-    --modes "QAT NVFP4" --rounds 3 --mma-share --out $OUT > $OUT/bench.log 2>&1
+  timeout -s INT 300 python benchmarks/bench_grouped_qmm.py --only "qwen3 gate_up M=34816,qwen3 down M=34816" \
+    --modes "QAT NVFP4,QAT FP8" --rounds 3 --out $OUT > $OUT/bench.log 2>&1
   echo bench rc $?; grep -vE "Warning|warn" $OUT/bench.log | tail -16 | cut -c1-200
   timeout -s INT 240 python benchmarks/bench_e2e_modelopt.py --tokens 4096,16384 --ab-gather --out $OUT \
     > $OUT/e2e.log 2>&1
