@@ -1,6 +1,7 @@
-"""Why moeq's QAT NVFP4 layer times the same with ``gather_quant`` on and off (session 40, H100: 1.820 vs 1.809 ms at
-4096 tokens, 4.336 vs 4.343 at 16384), though the move should save the activations' pass over ``top_k - 1`` of
-every ``top_k`` rows (~0.09 ms at 4096 tokens).
+"""Where moeq's QAT NVFP4 layer spends its time with ``gather_quant`` on and off, beside the bf16 layer. Session 40
+wrote it when its first A/B timed the two the same (H100: 1.820 vs 1.809 ms at 4096 tokens): the kernel lists were
+identical, because Dynamo had served the second instance the first's graph. Each layer is therefore built after
+``torch._dynamo.reset()``.
 
 Builds the layers as ``bench_e2e_modelopt.py --ab-gather`` does, then for each: the wall time per forward
 (``do_bench``), the GPU kernels' summed time per forward (torch.profiler, ``--calls`` forwards), the host's time per
@@ -58,14 +59,16 @@ def main() -> None:
     calib = torch.randn(4, 512, hidden, device="cuda", dtype=torch.bfloat16)
     token_counts = [int(t) for t in args.tokens.split(",")]
     batches = [torch.randn(1, t, hidden, device="cuda", dtype=torch.bfloat16) for t in token_counts]
-    layers = {
-        "moeq (gather_quant on)": moeq_layer(copy.deepcopy(base), calib),
-        "moeq (gather_quant off)": moeq_layer_quant_after_gather(copy.deepcopy(base), calib, batches),
-        "bf16 (Inductor)": bf16_layer(copy.deepcopy(base)),
+    builders = {  # each built after torch._dynamo.reset(): Dynamo would serve a later instance the first's graph
+        "moeq (gather_quant on)": lambda: moeq_layer(copy.deepcopy(base), calib),
+        "moeq (gather_quant off)": lambda: moeq_layer_quant_after_gather(copy.deepcopy(base), calib, batches),
+        "bf16 (Inductor)": lambda: bf16_layer(copy.deepcopy(base)),
     }
     rows, results = [], []
-    for tokens, x in zip(token_counts, batches):
-        for name, layer in layers.items():
+    for name, build in builders.items():
+        torch._dynamo.reset()
+        layer = build()
+        for tokens, x in zip(token_counts, batches):
             with torch.no_grad():
                 layer(x)
                 wall = do_bench(lambda layer=layer, x=x: layer(x), warmup=3, rep=30, return_mode="median")
