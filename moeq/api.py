@@ -16,6 +16,7 @@ from moeq.integrations.hf import (
     route_to_all_experts,
     use_grouped_experts,
 )
+from moeq.lowering.inductor import check_compile_switches
 from moeq.passes.insert_qdq import rewrite_graph
 from moeq.state import (
     ModelQuantState,
@@ -35,9 +36,11 @@ logger = logging.getLogger(__name__)
 def _mode_guard(module: nn.Module, args: Any) -> None:
     """Forward pre-hook on modules that own expert weights. Dynamo traces it, so comparing the mode here
     makes Dynamo guard on its value and on the model's config: a mode change recompiles the graph (statistics
-    live on the model), and so does another prepared model under another config. Run eagerly (not traced), it
+    live on the model), and so does another prepared model under another config or lowering switches
+    (:func:`~moeq.lowering.inductor.check_compile_switches`). Run eagerly (not traced), it
     warns once per mode that the expert GEMMs are not quantized there."""
     module._moeq_mode.check()
+    check_compile_switches()
     if not torch.compiler.is_compiling():
         module._moeq_mode.warn_eager(type(module).__name__)
 

@@ -188,6 +188,58 @@ def test_second_model_gets_its_own_graph_and_state():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_lowering_switches_are_guarded(monkeypatch):
+    """A second instance of the same classes, calibrated alike, is served the first's compiled graph (Dynamo reuses
+    a frame's graph for any instance whose guards pass). Under another fusion policy, or with gather_quant off, it
+    gets a graph of its own: the pre-hook reads the lowering switches, so Dynamo guards on them. Before, session
+    40's end-to-end A/B (one layer per switch setting) timed the first layer's graph twice."""
+    from moeq.lowering import gather_quant
+    from moeq.lowering.backend import moeq_aot_eager_backend
+    from moeq.lowering.inductor import fusion
+
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(len(compiles))
+        return moeq_aot_eager_backend(gm, example_inputs)
+
+    tokens = make_tokens(seed=3)
+    compiled = []
+    for _ in range(2):
+        model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5), moeq.NVFP4)
+        compiled.append(torch.compile(model, backend=counting_backend))
+        with torch.no_grad():
+            with moeq.calibrate(compiled[-1]):
+                compiled[-1](tokens)
+            moeq.finalize(compiled[-1])
+    first, second = compiled
+    with torch.no_grad():
+        first(tokens)
+        before = len(compiles)
+        second(tokens)
+        assert len(compiles) == before, "the second instance was expected to reuse the first's graph"
+        with fusion("never"):
+            second(tokens)
+        assert len(compiles) == before + 1
+        monkeypatch.setattr(gather_quant, "ENABLED", False)
+        second(tokens)
+        assert len(compiles) == before + 2
+        monkeypatch.setattr(gather_quant, "ENABLED", True)
+        second(tokens)
+        assert len(compiles) == before + 2  # back to the first graph's switches: its graph again
+
+
+def test_lowering_switches_are_checked():
+    from moeq.lowering import inductor
+
+    with pytest.raises(ValueError, match="invalid moeq lowering switches: policy 'sometimes'"):
+        inductor._POLICY = "sometimes"
+        try:
+            inductor.check_compile_switches()
+        finally:
+            inductor._POLICY = "auto"
+
+
 def test_eager_run_of_a_prepared_model_warns_once_per_mode(caplog):
     """A prepared model run outside a moeq-compiled graph (e.g. Dynamo fell back to eager) says so, once per
     mode; compiled runs do not warn."""

@@ -135,6 +135,21 @@ def fusion_policy() -> str:
     return _POLICY
 
 
+def check_compile_switches() -> None:
+    """Read the switches a graph is lowered under: the fusion policy, the combine fusion and
+    :data:`moeq.lowering.gather_quant.ENABLED`. A prepared model's forward pre-hook calls this while Dynamo traces
+    it, so Dynamo guards on their values. Without that, another instance of a module class compiled under other
+    switches (an A/B of two policies in one process) would be served the first instance's graph: Dynamo reuses a
+    frame's graph for any instance whose guards pass, and the switches are read only when Inductor lowers."""
+    from moeq.lowering import gather_quant
+
+    if _POLICY not in POLICIES or _COMBINE not in (False, True) or gather_quant.ENABLED not in (False, True):
+        raise ValueError(
+            f"invalid moeq lowering switches: policy {_POLICY!r}, combine {_COMBINE!r}, "
+            f"gather_quant {gather_quant.ENABLED!r}"
+        )
+
+
 def fusion_enabled() -> bool:
     return _POLICY != "never"
 
