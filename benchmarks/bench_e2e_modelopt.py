@@ -13,11 +13,10 @@ Both outputs are compared with the unquantized layer (relative error, reported),
 with ``triton.testing.do_bench`` (median) at several token counts. Two more layers give moeq's cost in context: the
 unquantized layer compiled by Inductor (same ``grouped_mm`` experts; "vs bf16" is its time over moeq's) and, with
 ``--ab-gather``, moeq with the activations' fake quant left after the routing gather
-(``moeq.lowering.gather_quant`` off), built and timed last after ``torch._dynamo.reset()``. Dynamo serves another
-instance of a module class with a graph compiled for the first whose guards pass (parameters are graph inputs; moeq
-then feeds the state of the weights passed), so a layer compiled with the pass off would otherwise run in place of
-moeq's own: session 40's first A/B timed that one graph twice. Prints one table, writes JSON under ``--out``
-(default $OUT or ./out).
+(``moeq.lowering.gather_quant.enabled(False)``), built and timed last after ``torch._dynamo.reset()``, inside the
+switch's block. Session 40's first A/B timed one graph twice: Dynamo had served the second instance of the layer's
+class the first's graph, before moeq's pre-hook made compiled graphs guard on the lowering switches. Prints one table,
+writes JSON under ``--out`` (default $OUT or ./out).
 
     python benchmarks/bench_e2e_modelopt.py --out $OUT
 """
@@ -90,22 +89,6 @@ def bf16_layer(layer):
     return torch.compile(layer)
 
 
-def moeq_layer_quant_after_gather(layer, calib, batches):
-    """moeq's layer with ``gather_quant`` off (``ENABLED``, part of the pass's ``uuid``, so Inductor's graph cache
-    tells the two compilations apart), compiled for ``batches`` (the pass runs when a graph compiles)."""
-    from moeq.lowering import gather_quant
-
-    gather_quant.ENABLED = False
-    try:
-        compiled = moeq_layer(layer, calib)
-        with torch.no_grad():
-            for x in batches:
-                compiled(x)
-        return compiled
-    finally:
-        gather_quant.ENABLED = True
-
-
 def modelopt_layer(layer, calib):
     import modelopt.torch.quantization as mtq
 
@@ -165,13 +148,16 @@ def main() -> None:
                             moeq_quant_after_gather_ms=float("nan")))  # fmt: skip
         outputs.append(got_ours if args.ab_gather else None)
         print(f"  {tokens} tokens done ({time.time() - started:.0f} s)", flush=True)
-    if args.ab_gather:  # last, on graphs of its own (the module docstring says why)
+    if args.ab_gather:  # last, on graphs of its own (the module docstring says why), the switch held while timing
+        from moeq.lowering import gather_quant
+
         torch._dynamo.reset()
-        after_gather = moeq_layer_quant_after_gather(copy.deepcopy(base), calib, batches)
-        for r, x, got_ours in zip(results, batches, outputs):
-            with torch.no_grad():
-                assert torch.equal(output(after_gather(x)).float(), got_ours), "gather_quant changed the output"
-                r["moeq_quant_after_gather_ms"] = forward_ms(after_gather, x, device, 30)
+        with gather_quant.enabled(False):
+            after_gather = moeq_layer(copy.deepcopy(base), calib)
+            for r, x, got_ours in zip(results, batches, outputs):
+                with torch.no_grad():
+                    assert torch.equal(output(after_gather(x)).float(), got_ours), "gather_quant changed the output"
+                    r["moeq_quant_after_gather_ms"] = forward_ms(after_gather, x, device, 30)
     rows = [[str(r["tokens"]), f"{r['moeq_ms']:.3f}", f"{r['tokens'] / r['moeq_ms'] * 1e3:,.0f}",
              f"{r['modelopt_ms']:.3f}", f"{r['tokens'] / r['modelopt_ms'] * 1e3:,.0f}", f"{r['speedup']:.1f}x",
              "met" if r["speedup"] >= 3 else "MISSED", f"{r['bf16_ms']:.3f} ({r['bf16_ms'] / r['moeq_ms']:.2f}x)",

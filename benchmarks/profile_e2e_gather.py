@@ -14,12 +14,13 @@ its host (launches, syncs), and a GPU saving does not show.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 from collections import defaultdict
 
 import torch
-from bench_e2e_modelopt import bf16_layer, moeq_layer, moeq_layer_quant_after_gather, qwen3_30b_a3b_layer
+from bench_e2e_modelopt import bf16_layer, moeq_layer, qwen3_30b_a3b_layer
 from report import print_and_save
 from triton.testing import do_bench
 
@@ -47,6 +48,22 @@ def kernel_times(layer, x: torch.Tensor, calls: int) -> tuple[dict[str, float], 
     return dict(by_name), sum(by_name.values()), host_us / 1e3 / calls
 
 
+def time_layer(name, layer, token_counts, batches, args, rows, results) -> None:
+    """Wall, kernel and host time of ``layer`` at each token count, appended to ``rows`` and ``results``."""
+    for tokens, x in zip(token_counts, batches):
+        with torch.no_grad():
+            layer(x)
+            wall = do_bench(lambda layer=layer, x=x: layer(x), warmup=3, rep=30, return_mode="median")
+        kernels, kernel_ms, host_ms = kernel_times(layer, x, args.calls)
+        top = sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]
+        results.append(dict(tokens=tokens, layer=name, wall_ms=wall, kernel_ms=kernel_ms, host_ms=host_ms,
+                            kernels=kernels))  # fmt: skip
+        rows.append([str(tokens), name, f"{wall:.3f}", f"{kernel_ms:.3f}", f"{host_ms:.3f}", str(len(kernels))])
+        print(f"{tokens} tokens, {name}: wall {wall:.3f} ms, kernels {kernel_ms:.3f} ms, host {host_ms:.3f} ms")
+        for key, ms in top:
+            print(f"    {ms:8.4f} ms  {key[:150]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -59,27 +76,22 @@ def main() -> None:
     calib = torch.randn(4, 512, hidden, device="cuda", dtype=torch.bfloat16)
     token_counts = [int(t) for t in args.tokens.split(",")]
     batches = [torch.randn(1, t, hidden, device="cuda", dtype=torch.bfloat16) for t in token_counts]
-    builders = {  # each built after torch._dynamo.reset(): Dynamo would serve a later instance the first's graph
-        "moeq (gather_quant on)": lambda: moeq_layer(copy.deepcopy(base), calib),
-        "moeq (gather_quant off)": lambda: moeq_layer_quant_after_gather(copy.deepcopy(base), calib, batches),
-        "bf16 (Inductor)": lambda: bf16_layer(copy.deepcopy(base)),
+    from moeq.lowering import gather_quant
+
+    builders = {  # (switch held while building and timing, build); each after torch._dynamo.reset()
+        "moeq (gather_quant on)": (contextlib.nullcontext, lambda: moeq_layer(copy.deepcopy(base), calib)),
+        "moeq (gather_quant off)": (
+            lambda: gather_quant.enabled(False),
+            lambda: moeq_layer(copy.deepcopy(base), calib),
+        ),
+        "bf16 (Inductor)": (contextlib.nullcontext, lambda: bf16_layer(copy.deepcopy(base))),
     }
     rows, results = [], []
-    for name, build in builders.items():
+    for name, (switch, build) in builders.items():
         torch._dynamo.reset()
-        layer = build()
-        for tokens, x in zip(token_counts, batches):
-            with torch.no_grad():
-                layer(x)
-                wall = do_bench(lambda layer=layer, x=x: layer(x), warmup=3, rep=30, return_mode="median")
-            kernels, kernel_ms, host_ms = kernel_times(layer, x, args.calls)
-            top = sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]
-            results.append(dict(tokens=tokens, layer=name, wall_ms=wall, kernel_ms=kernel_ms, host_ms=host_ms,
-                                kernels=kernels))  # fmt: skip
-            rows.append([str(tokens), name, f"{wall:.3f}", f"{kernel_ms:.3f}", f"{host_ms:.3f}", str(len(kernels))])
-            print(f"{tokens} tokens, {name}: wall {wall:.3f} ms, kernels {kernel_ms:.3f} ms, host {host_ms:.3f} ms")
-            for key, ms in top:
-                print(f"    {ms:8.4f} ms  {key[:150]}")
+        with switch():
+            layer = build()
+            time_layer(name, layer, token_counts, batches, args, rows, results)
     print_and_save(args.out, "profile_e2e_gather", ["tokens", "layer", "wall ms", "kernels ms", "host ms", "kernels"],
                    rows, results=results)  # fmt: skip
 

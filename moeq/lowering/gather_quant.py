@@ -23,14 +23,16 @@ alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import fx
 
 from moeq.lowering.inductor import _val, _with_val, fusion_policy, gemm_targets
 
-__all__ = ["describe_quantize_before_gather", "quantize_before_gather"]
+__all__ = ["describe_quantize_before_gather", "enabled", "quantize_before_gather"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,19 @@ aten = torch.ops.aten
 OWN_PASS_ROWS_PER_EXPERT = 16
 #: the pass's switch (A/B runs, ``benchmarks/bench_e2e_modelopt.py --ab-gather``); part of the post-grad pass's uuid
 ENABLED = True
+
+
+@contextlib.contextmanager
+def enabled(flag: bool) -> Iterator[None]:
+    """Graphs compiled and run by the ``moeq`` backend within the block move (or keep) the quantization before the
+    gather (:data:`ENABLED`; an A/B switch). Compiled graphs guard on it, so run the graphs inside the block too: a
+    call outside recompiles under the switch then in force."""
+    global ENABLED
+    previous, ENABLED = ENABLED, bool(flag)
+    try:
+        yield
+    finally:
+        ENABLED = previous
 
 
 def _row_gather(node: object) -> tuple[fx.Node, fx.Node] | None:
