@@ -348,24 +348,17 @@ def main() -> None:
                         help="QAT FP8 as two launches instead of the Gluon kernel (GLUON_QAT_FP8 off)")  # fmt: skip
     parser.add_argument("--register-operand", action="store_true",
                         help="QAT NVFP4 by the experimental register-operand kernel (GLUON_QAT_NVFP4_REGISTER_OPERAND)")  # fmt: skip
-    parser.add_argument("--mma-share", action="store_true",
-                        help="QAT NVFP4's Gluon kernel tuned among the experimental MMA_SHARE_CONFIGS (the MMA warps "
-                             "convert half of each weight tile) instead of NVFP4_CONFIGS")  # fmt: skip
     args = parser.parse_args()
     from moeq.runtime.kernels import grouped_qmm as launcher
 
     launcher.GLUON_QAT_FP8 = not args.no_gluon
     launcher.GLUON_QAT_NVFP4_REGISTER_OPERAND = args.register_operand
-    if args.mma_share:
-        from moeq.runtime.kernels import qat_gluon
-
-        qat_gluon.NVFP4_CONFIGS = qat_gluon.MMA_SHARE_CONFIGS
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     copy_tbs = copy_bandwidth()
     details = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    python=platform.python_version(), copy_TBps=copy_tbs, gpu_before=gpu_state(), gluon=not args.no_gluon,
-                   register_operand=args.register_operand, mma_share=args.mma_share,
+                   register_operand=args.register_operand,
                    results=[])  # fmt: skip
     print(f"HBM copy: {copy_tbs:.2f} TB/s", flush=True)
     named = CASES + EXTRA_CASES if args.only else CASES

@@ -1,12 +1,10 @@
 # The next GPU calls for the Gluon QAT kernels (written in session 39, not yet run; carry .whl), in two parts that
 # each fit one 10-minute call: `bash benchmarks/next_gluon_call.sh a`, then `... b`. Each step has its own time limit:
 # a hang (as the first tail boxes had) ends that step, not the call.
-# a: (1) the GPU tests of the tail boxes (the box-count clamp for experts past 320 rows has never run), of QAT NVFP4
-#    with the experimental MMA share (MMA_SHARE_CONFIGS: weight values, bits equal to the shipped kernel's) and of
-#    quantized rows given at decode sizes; (2) the MMA share against the shipped kernel, kernel alone, the whole op
-#    estimated (probe_gluon_variants.py --family hybrid); (3) 8 converter warps (--family converters), gate_up only.
-# b: (1) the acceptance bench's QAT NVFP4 and QAT FP8 at 34k rows through the op (3 rounds; session 40 call 1 found
-#    the MMA share slower, so it is no longer timed here);
+# a: (1) the GPU tests of the tail boxes (the box-count clamp for experts past 320 rows has never run) and of
+#    quantized rows given at decode sizes; (2) 8 converter warps (probe_gluon_variants.py --family converters),
+#    gate_up only.
+# b: (1) the acceptance bench's QAT NVFP4 and QAT FP8 at 34k rows through the op (3 rounds);
 #    (2) the layer end to end with gather_quant on and off and the bf16 layer (bench_e2e_modelopt.py --ab-gather).
 PART=${1:?usage: next_gluon_call.sh a|b}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -14,12 +12,8 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,power.limit --format=csv,noheader
 if [ "$PART" = a ]; then
   timeout -s INT 200 python -m pytest -p no:cacheprovider tests/test_gpu.py -n 4 -rA --tb=short -q \
-    -k "tail_boxes or qat_nvfp4_gluon_gemm_cuda or mma_share or takes_quantized_rows" > $OUT/tests.log 2>&1
+    -k "tail_boxes or qat_nvfp4_gluon_gemm_cuda or takes_quantized_rows" > $OUT/tests.log 2>&1
   echo tests rc $?; grep -E "PASSED|FAILED|ERROR|passed|failed|^E " $OUT/tests.log | cut -c1-200 | tail -14
-  timeout -s INT 200 python benchmarks/probe_gluon_variants.py --family hybrid --out $OUT/hybrid.json \
-    > $OUT/hybrid.log 2>&1
-  echo hybrid rc $?; grep -E "bit-equal|values equal|medians|median|no MMA|ERROR" $OUT/hybrid.log | grep -v round \
-    | cut -c1-240 | tail -20
   timeout -s INT 120 python benchmarks/probe_gluon_variants.py --family converters --cases gate_up --rounds 2 \
     --out $OUT/converters.json > $OUT/converters.log 2>&1
   echo converters rc $?; grep -E "bit-equal|medians|no MMA|ERROR" $OUT/converters.log | grep -v round | cut -c1-200 \

@@ -11,12 +11,11 @@ fake-quantized first; QAT FP8 on activation codes), each variant's output checke
 against float64; the loads-only decomposition (``skip=3``); and the activations' NVFP4 pass on the routed rows and on
 the tokens (``rows / 8``: the compiled graph quantizes before the routing gather, ``moeq.lowering.gather_quant``).
 
-``--family converters``: QAT NVFP4 with 8 converter warps at fewer registers (``CONVERTERS``). ``--family hybrid``:
-the MMA warps convert half of each weight tile themselves (``qat_gluon.MMA_SHARE_CONFIGS``). For QAT NVFP4 every
+``--family converters``: QAT NVFP4 with 8 converter warps at fewer registers (``CONVERTERS``). For QAT NVFP4 every
 variant's weight values are also checked equal to ``fake_quant_experts``', and the whole op is estimated as the
 kernel's median plus the activations' pass (on the routed rows, and on the tokens).
 
-    python benchmarks/probe_gluon_variants.py --family hybrid --out $OUT/hybrid.json [--rounds 3] [--cases gate_up]
+    python benchmarks/probe_gluon_variants.py [--family converters] [--rounds 3] [--cases gate_up] --out $OUT/v.json
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from probes import ProbeTable, fp8_codes_reference, probe_inputs, save_probe  # 
 from moeq.runtime.kernels import fake_quant_act, fake_quant_experts  # noqa: E402
 from moeq.runtime.kernels.qat_gluon import (  # noqa: E402
     CONFIGS,
-    MMA_SHARE_CONFIGS,
     NVFP4_CONFIGS,
     qat_fp8_gluon_gemm,
     qat_nvfp4_gluon_gemm,
@@ -61,10 +59,7 @@ CONVERTERS = [
     ),
 ]
 
-
-#: ``--family hybrid``: the MMA warps convert the weight tile's last 64 rows, the converter warps the first 64
-HYBRID = [("nvfp4", NVFP4_CONFIGS[0], list(MMA_SHARE_CONFIGS))]
-FAMILY_NAMES = {"tail_boxes": TAIL_BOXES, "converters": CONVERTERS, "hybrid": HYBRID}
+FAMILY_NAMES = {"tail_boxes": TAIL_BOXES, "converters": CONVERTERS}
 
 
 def run_case(label: str, k: int, n: int, rows: int, rounds: int, family: str) -> list[dict]:

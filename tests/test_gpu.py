@@ -472,32 +472,6 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
 
 
 @NVFP4_GLUON_SHAPES
-def test_qat_nvfp4_mma_share_cuda(counts, k, n):
-    """The experimental QAT NVFP4 kernel whose MMA warps convert each weight tile's last 64 rows themselves
-    (``MMA_SHARE_CONFIGS``): its weight values equal formats' NVFP4 ``fake_quant`` (CPU) as the operand values, and
-    its output equals the shipped configuration's bit for bit (the same values, the same wgmmas); unrouted rows
-    zero."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon kernel needs sm_90")
-    from moeq.runtime.kernels.fake_quant_act import fake_quant_act
-    from moeq.runtime.kernels.qat_gluon import MMA_SHARE_CONFIGS, NVFP4_CONFIGS, qat_nvfp4_gluon_gemm
-
-    offs, x, w_nk, amax = _gluon_operands(counts, k, n, torch.Generator().manual_seed(13))
-    num_experts, rows = len(counts), int(offs[-1])
-    wq_ref = get_format("nvfp4").fake_quant(w_nk, amax.view(-1, 1, 1))
-    x_fq = fake_quant_act(x.cuda(), offs.cuda(), torch.tensor([3.0], device="cuda"), "nvfp4")
-    w, offs, amax = w_nk.cuda().transpose(1, 2), offs.cuda(), amax.cuda()
-    want = qat_nvfp4_gluon_gemm(x_fq, w, offs, amax, config=NVFP4_CONFIGS[0])
-    routed = torch.tensor(counts) > 0
-    for config in MMA_SHARE_CONFIGS:
-        codes = torch.zeros(num_experts, n, k, dtype=torch.bfloat16, device="cuda")
-        got = qat_nvfp4_gluon_gemm(x_fq, w, offs, amax, config=config, codes=codes)
-        assert torch.equal(codes.cpu()[routed], wq_ref[routed]), config.name
-        assert torch.equal(got, want), config.name
-        assert not got[rows:].any(), config.name
-
-
-@NVFP4_GLUON_SHAPES
 def test_qat_nvfp4_register_operand_cuda(counts, k, n):
     """The experimental register-operand QAT NVFP4 kernel (``REGISTER_A_CONFIGS``): the weight values it makes in
     registers equal formats' NVFP4 ``fake_quant`` as values, and its output is within the fp32 accumulation bound of

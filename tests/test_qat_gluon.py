@@ -117,41 +117,6 @@ def k_loops(sass: str) -> list[list[str]]:
     return loops
 
 
-@pytest.mark.parametrize("config", gluon_module.MMA_SHARE_CONFIGS[:1], ids=lambda c: c.name)
-def test_mma_share_configs_compile_for_sm90(config, tmp_path, monkeypatch):
-    """The experimental QAT NVFP4 kernel whose MMA warps convert the tile's last rows themselves: within Hopper's
-    shared memory, bf16 wgmma not serialized, one register budget per role, and each MMA k-loop stores its share of
-    the tile to shared memory. On the fast path (every realistic global scale: ``sass_k_loop_counts``' copy of the
-    module with ``if g_fast:`` always taken) those k-loops spill nothing: the MMA warps keep their accumulators in
-    registers. (The full kernel also carries the out-of-range scales' slower conversion, which costs a few spills at
-    the loop's head.)"""
-    import importlib.util
-    import pathlib
-
-    from triton.tools.disasm import get_sass
-
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    kernel = config._replace(persistent=False).compile_for_sm90()
-    ptx = kernel.asm["ptx"]
-    assert kernel.metadata.shared <= HOPPER_SHARED_BYTES, kernel.metadata.shared
-    assert "wgmma.mma_async.sync.aligned" in ptx and ".bf16.bf16" in ptx and "setmaxnreg" in ptx
-    assert_wgmmas(kernel, config._replace(persistent=False))
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "sass_k_loop_counts.py"
-    spec = importlib.util.spec_from_file_location("sass_k_loop_counts", path)
-    counts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(counts)
-    fast = counts.fast_path_module().GluonConfig(*config)
-    loops = k_loops(get_sass(fast._replace(persistent=False).compile_for_sm90().asm["cubin"]))
-    assert len(loops) == 2, len(loops)  # groups with and without tail rows
-    for loop in loops:
-        assert any(t.split()[0].startswith("STS") for t in loop if t and not t.startswith("@"))
-        assert not any("STL" in t or "LDL" in t for t in loop)
-        # the share's conversion runs while the previous step's wgmmas are in flight: none of it lands in their
-        # accumulators
-        hits = writes_to_in_flight_registers(loop, _accumulator_registers)
-        assert not hits, hits[:4]
-
-
 #: opcodes whose first operand is not a register they write
 _NO_REGISTER_DESTINATION = ("ST", "BRA", "BAR", "SYNCS", "RED", "ATOM", "HGMMA", "WARP", "NOP", "DEPBAR", "EXIT", "RET",
                             "CALL", "BSYNC", "BSSY", "ISETP", "FSETP", "HSETP", "PLOP", "R2UR", "UMOV", "ULDC")  # fmt: skip
@@ -275,7 +240,7 @@ def test_wgmma_k_order_gives_each_lane_whole_blocks():
 def test_every_shipped_config_is_valid_and_bad_configs_are_named():
     """``GluonConfig.problem`` passes every configuration moeq ships, and names what is wrong with one that cannot
     build (compiling it raises with that text) instead of leaving it to a Gluon layout error."""
-    for config in (*gluon_module.CONFIGS, *gluon_module.NVFP4_CONFIGS, *gluon_module.MMA_SHARE_CONFIGS):
+    for config in (*gluon_module.CONFIGS, *gluon_module.NVFP4_CONFIGS):
         assert config.problem() is None, config
     good = gluon_module.CONFIGS[0]
     cases = {
@@ -287,9 +252,6 @@ def test_every_shipped_config_is_valid_and_bad_configs_are_named():
         good._replace(bk=48): "bk must be a multiple of 32",
         good._replace(tail_box=12): "tail_box must divide bt and be a multiple of 8",
         good._replace(tail_box=24): "got 24, bt=64",
-        good._replace(mma_share=64): "mma_share is QAT NVFP4's operand converter",
-        gluon_module.NVFP4_CONFIGS[0]._replace(mma_share=32): "a multiple of 64 rows below bn=128",
-        gluon_module.NVFP4_CONFIGS[1]._replace(mma_share=64): "a multiple of 128 rows below bn=128",
     }
     for config, message in cases.items():
         assert message in config.problem(), (config, config.problem())

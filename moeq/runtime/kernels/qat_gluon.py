@@ -51,12 +51,10 @@ Experimental (session 37): :func:`qat_nvfp4_rega_kernel` puts the weight in the 
 and the wait cost nothing measurable.
 ``REGISTER_A_CONFIGS``, ``grouped_qmm.GLUON_QAT_NVFP4_REGISTER_OPERAND`` (off).
 
-Experimental, not yet run on a GPU (session 39): ``GluonConfig.mma_share`` (``MMA_SHARE_CONFIGS``) has the MMA warps
-convert the weight tile's last 64 rows themselves while the previous step's wgmmas run, so the converter warps
-convert half the tile (their k-loop 441 SASS instructions instead of 848; the MMA warps' 284 / 312 instead of 65 /
-96, nothing spilled). ``GluonConfig.tail_box`` copies a group's tail rows in boxes, only as many as it has (bit-equal
-and 1.5-2% faster loads on the H200 in its first form, which hung on experts past ``bm + bt`` rows; clamped since).
-Every shipped configuration has neither, and compiles to session 38's PTX.
+Experimental (session 39): ``GluonConfig.tail_box`` copies a group's tail rows in boxes, only as many as it has
+(bit-equal and 1.5-2% faster loads on the H200 in its first form, which hung on experts past ``bm + bt`` rows; clamped
+since). Every shipped configuration copies whole tails, and compiles to session 38's PTX. (Session 39's MMA share, the
+MMA warps converting part of each weight tile themselves, was slower on the H200 in session 40 and is gone.)
 
 Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
 this kernel, and :func:`moeq.runtime.kernels.grouped_qmm.grouped_qmm` then keeps the two launches (NVFP4: the
@@ -111,7 +109,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CONFIGS",
-    "MMA_SHARE_CONFIGS",
     "NVFP4_CONFIGS",
     "GluonConfig",
     "qat_fp8_gluon_gemm",
@@ -203,22 +200,21 @@ def _nvfp4_global_scale(w_amax):
 
 
 @gluon.jit
-def _ring(STAGES: gl.constexpr, READERS: gl.constexpr = 1):
-    """``(ready, empty)``: one mbarrier each per stage of a ring, ready for one arrival, empty for ``READERS``."""
+def _ring(STAGES: gl.constexpr):
+    """``(ready, empty)``: one mbarrier each per stage of a ring, initialized for one arrival."""
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=READERS)
+        mbarrier.init(empty.index(s), count=1)
     return ready, empty
 
 
 @gluon.jit
-def _load_rings(SX: gl.constexpr, S16: gl.constexpr, W_READERS: gl.constexpr = 1):
-    """:func:`_load_partition`'s rings: ``(rx, ex)`` for the activation stages, ``(r16, e16)`` for the bf16 weight
-    (freed by ``W_READERS`` partitions)."""
+def _load_rings(SX: gl.constexpr, S16: gl.constexpr):
+    """:func:`_load_partition`'s rings: ``(rx, ex)`` for the activation stages, ``(r16, e16)`` for the bf16 weight."""
     rx, ex = _ring(SX)
-    r16, e16 = _ring(S16, W_READERS)
+    r16, e16 = _ring(S16)
     return rx, ex, r16, e16
 
 
@@ -272,17 +268,15 @@ def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, off
 @gluon.jit
 def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
                        E_POW2: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT: gl.constexpr, WRITE_CODES: gl.constexpr,
-                       EXACT: gl.constexpr, NVFP4: gl.constexpr, SKIP: gl.constexpr,
-                       MMA_SHARE: gl.constexpr):  # fmt: skip
+                       EXACT: gl.constexpr, NVFP4: gl.constexpr, SKIP: gl.constexpr):  # fmt: skip
     """Each bf16 weight tile divided by its expert's FP8 scale as formats does, rounded to e4m3, stored into the
     codes ring; ``NVFP4``: fake-quantized as formats' NVFP4 (16-blocks along K, the expert's global scale) and
-    stored as bf16 values (``WRITE_CODES``: also to ``codes_ptr``, for tests). The tile's last ``MMA_SHARE`` rows are
-    the MMA warps' to convert (:func:`_convert_mma_share`)."""
+    stored as bf16 values (``WRITE_CODES``: also to ``codes_ptr``, for tests)."""
     S16: gl.constexpr = w16.shape[0]
     S8: gl.constexpr = c8.shape[0]
     BN: gl.constexpr = w16.shape[1]
     BK: gl.constexpr = w16.shape[2]
-    PART: gl.constexpr = (BN - MMA_SHARE) // SPLIT
+    PART: gl.constexpr = BN // SPLIT
     VEC: gl.constexpr = 16 if NVFP4 else 8  # NVFP4: a thread holds whole 16-blocks
     L: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // (BK // VEC), BK // VEC], [gl.num_warps(), 1], [1, 0])
     # NVFP4's operand converter reads the bf16 tile as 32-bit words, two values each (a shift and a mask make them
@@ -363,15 +357,12 @@ def _store_rows(out_ptr, acc, first, row_end, pid_n, N, stride_om, scale):
 
 
 @gluon.jit
-def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, w16, r16, e16, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, codes_ptr,
-                   M, N, K, NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, BN: gl.constexpr,
-                   X_PER_EXPERT: gl.constexpr, NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr,
-                   MMA_SHARE: gl.constexpr, WRITE_CODES: gl.constexpr):  # fmt: skip
+def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K, NUM_EXPERTS,
+                   stride_om, E_POW2: gl.constexpr, BN: gl.constexpr, X_PER_EXPERT: gl.constexpr,
+                   NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr):  # fmt: skip
     """FP8 wgmma of each k-step's codes tile against the group's BM rows and, where it has them, its BT tail rows (one
     conversion of the weight serves up to BM + BT routed rows), then the epilogue: ``acc * x_s * w_s`` stored bf16.
-    In a persistent launch the loader and the converter fill the rings for the next tile meanwhile. ``MMA_SHARE``
-    (QAT NVFP4): before each step's wgmmas these warps convert the tile's last ``MMA_SHARE`` rows themselves
-    (:func:`_convert_mma_share`), while the previous step's wgmmas run."""
+    In a persistent launch the loader and the converter fill the rings for the next tile meanwhile."""
     BM: gl.constexpr = x8.shape[1]
     BT: gl.constexpr = xt8.shape[1]
     BK: gl.constexpr = x8.shape[2]
@@ -383,13 +374,6 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, w16, r16, e16, out_ptr, offs_ptr
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BM + BT, BN, BK)
         has_tail = row_end - row_start > BM
-        g = 1.0
-        g_fast = False
-        six_g = 6.0
-        inv_six_g = 1.0 / 6.0
-        if MMA_SHARE > 0:  # the expert's global scale, as the converter takes it
-            g, g_fast, six_g, inv_six_g = _nvfp4_global_scale(gl.load(w_amax_ptr + e))
-        codes_row = e * N + pid_n * BN
         if NVFP4:  # both operands hold their fake-quantized values
             scale = 1.0
         elif X_PER_EXPERT:
@@ -399,9 +383,7 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, w16, r16, e16, out_ptr, offs_ptr
         # each branch holds its own accumulators up to its stores: an accumulator live across the other branch's
         # loop is copied at its back edge, and ptxas then serializes every wgmma of the kernel (C7514 / C7515)
         if SKIP >= 2:  # a probe's decomposition: the barriers only
-            for i in range(k_tiles):
-                _convert_mma_share(w16, r16, e16, c8, it, g, six_g, inv_six_g, g_fast, codes_ptr, codes_row,
-                                   e * N + N, i * BK, K, MMA_SHARE, WRITE_CODES, SKIP % 2 == 1)  # fmt: skip
+            for _i in range(k_tiles):
                 sx, t = _await_step(rx, r8, it)
                 mbarrier.arrive(ex.index(sx))
                 mbarrier.arrive(e8.index(t))
@@ -412,8 +394,6 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, w16, r16, e16, out_ptr, offs_ptr
             acc = gl.zeros([BM, BN], gl.float32, layout)
             acc_t = gl.zeros([BT, BN], gl.float32, tail_layout)
             for i in range(k_tiles):
-                _convert_mma_share(w16, r16, e16, c8, it, g, six_g, inv_six_g, g_fast, codes_ptr, codes_row,
-                                   e * N + N, i * BK, K, MMA_SHARE, WRITE_CODES, SKIP % 2 == 1)  # fmt: skip
                 sx, t = _await_step(rx, r8, it)
                 b = c8.index(t).permute((1, 0))
                 acc = warpgroup_mma(x8.index(sx), b, acc, is_async=True)
@@ -428,8 +408,6 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, w16, r16, e16, out_ptr, offs_ptr
         else:
             acc = gl.zeros([BM, BN], gl.float32, layout)
             for i in range(k_tiles):
-                _convert_mma_share(w16, r16, e16, c8, it, g, six_g, inv_six_g, g_fast, codes_ptr, codes_row,
-                                   e * N + N, i * BK, K, MMA_SHARE, WRITE_CODES, SKIP % 2 == 1)  # fmt: skip
                 sx, t = _await_step(rx, r8, it)
                 acc = warpgroup_mma(x8.index(sx), c8.index(t).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
@@ -438,35 +416,6 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, w16, r16, e16, out_ptr, offs_ptr
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             _release_step(ex, e8, it - 1, k_tiles > 0)
             _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale)
-
-
-@gluon.jit
-def _convert_mma_share(w16, r16, e16, c8, step, g, six_g, inv_six_g, g_fast, codes_ptr, codes_row, codes_end, k0,
-                       K, MMA_SHARE: gl.constexpr, WRITE_CODES: gl.constexpr, SKIP: gl.constexpr):  # fmt: skip
-    """The MMA warps' share of k-step ``step``'s QAT NVFP4 weight tile (its last ``MMA_SHARE`` rows): fake-quantized
-    as the converter does into the step's MMA slot, then the bf16 slot released (``e16`` takes this arrival and the
-    converter's). The arrival's barrier over this partition's warps, after the fence, makes every warp's rows visible
-    to both warpgroups' wgmmas. Nothing where ``MMA_SHARE`` is 0; ``SKIP``: the barriers only (a probe's
-    decomposition)."""
-    if MMA_SHARE > 0:
-        S16: gl.constexpr = w16.shape[0]
-        S8: gl.constexpr = c8.shape[0]
-        BN: gl.constexpr = w16.shape[1]
-        BK: gl.constexpr = w16.shape[2]
-        FIRST: gl.constexpr = BN - MMA_SHARE
-        L: gl.constexpr = gl.BlockedLayout([1, 16], [32 // (BK // 16), BK // 16], [gl.num_warps(), 1], [1, 0])
-        L32: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BK // 16), BK // 16], [gl.num_warps(), 1], [1, 0])
-        W32: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK // 2], gl.int32)
-        s = step % S16
-        mbarrier.wait(r16.index(s), (step // S16) & 1)
-        if not SKIP:
-            words = _as_words(w16.index(s), [BN, BK // 2], W32).slice(FIRST, MMA_SHARE, dim=0).load(L32)
-            q = gl.convert_layout(_nvfp4_words_in_registers(words, g, six_g, inv_six_g, g_fast), L)
-            c8.index(step % S8).slice(FIRST, MMA_SHARE, dim=0).store(q)
-            if WRITE_CODES:
-                _store_codes(codes_ptr, q, codes_row + FIRST, codes_end, k0, K)
-            fence_async_shared()
-        mbarrier.arrive(e16.index(s))
 
 
 @gluon.jit
@@ -495,8 +444,7 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
                   NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, BT: gl.constexpr, SX: gl.constexpr,
                   S16: gl.constexpr, S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr,
                   CONV_REGS: gl.constexpr, WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
-                  NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr, MMA_SHARE: gl.constexpr,
-                  num_warps: gl.constexpr):  # fmt: skip
+                  NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Tiles are (group of up to BM + BT routed rows of one expert, n-tile); a program takes tiles ``pid``,
     ``pid + programs``, ... (one each when launched with one program per tile; persistent when launched with one per
     SM): the rows' FP8 codes times the weight tile's e4m3 codes, converted once per k-step by the converter warps;
@@ -511,18 +459,17 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
     w16 = gl.allocate_shared_memory(gl.bfloat16, [S16, BN, BK], w_desc.layout)
     c8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], XT)
     c8 = gl.allocate_shared_memory(XT, [S8, BN, BK], c8_layout)  # the weight as the MMA takes it, same type as x
-    rx, ex, r16, e16 = _load_rings(SX, S16, 2 if MMA_SHARE > 0 else 1)
+    rx, ex, r16, e16 = _load_rings(SX, S16)
     r8, e8 = _ring(S8)
 
     gl.warp_specialize(
         [
-            (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, w16, r16, e16, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr,
-                              codes_ptr, M, N, K, NUM_EXPERTS, stride_om, E_POW2, BN, X_PER_EXPERT, NVFP4, SKIP,
-                              STACKED, MMA_SHARE, WRITE_CODES)),
+            (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K,
+                              NUM_EXPERTS, stride_om, E_POW2, BN, X_PER_EXPERT, NVFP4, SKIP, STACKED)),
             (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
                                NUM_EXPERTS, E_POW2)),
             (_convert_partition, (w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
-                                  E_POW2, BM + BT, SPLIT, WRITE_CODES, EXACT, NVFP4, SKIP, MMA_SHARE)),
+                                  E_POW2, BM + BT, SPLIT, WRITE_CODES, EXACT, NVFP4, SKIP)),
         ],
         [1, CONV_WARPS],
         [24, CONV_REGS],
@@ -873,9 +820,6 @@ class GluonConfig(NamedTuple):
     # whole bt rows (every shipped configuration: the boxes are bit-equal and ~2% faster on the loads, but the
     # clamp for experts past bm + bt rows has not run on a GPU yet; docs/grouped_qmm.md, session 39)
 
-    mma_share: int = 0  # QAT NVFP4, experimental: weight-tile rows the MMA warps convert themselves, before each step's
-    # wgmmas while the previous step's run (the converter warps convert the rest; session 39)
-
     @property
     def tail_rows_a_copy(self) -> int:
         return self.tail_box or self.bt
@@ -893,8 +837,7 @@ class GluonConfig(NamedTuple):
         return (f"gluon ws {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16}/{self.s8} "
                 f"split {self.split} conv {self.conv_warps}w/{self.conv_regs}r mma {self.mma_warps}w "
                 f"maxnreg {self.maxnreg} {kinds[self.exact]}" + " persistent" * self.persistent
-                + " stacked" * self.stacked + f" tail box {self.tail_box}" * bool(self.tail_box)
-                + f" mma share {self.mma_share}" * bool(self.mma_share))  # fmt: skip
+                + " stacked" * self.stacked + f" tail box {self.tail_box}" * bool(self.tail_box))  # fmt: skip
 
     def problem(self) -> str | None:
         """Why this configuration cannot build (None: it can): the MMA warps must make whole warpgroups, every
@@ -916,13 +859,6 @@ class GluonConfig(NamedTuple):
         widths = {self.bn // groups} | ({self.bn} if self.stacked else set())
         if any(w % 8 or not 8 <= w <= 256 for w in widths) or self.bn % groups:
             return f"every wgmma must be 8 to 256 columns wide, a multiple of 8: bn={self.bn} gives {sorted(widths)}"
-        share_rows = self.mma_warps * 32 // max(1, self.bk // 16)  # rows the MMA warps cover, whole 16-blocks a thread
-        if self.mma_share and not (self.nvfp4 and self.exact == 2 and not self.register_a
-                                   and self.mma_share % share_rows == 0 and self.mma_share < self.bn
-                                   and (self.bn - self.mma_share) % self.split == 0):  # fmt: skip
-            return (f"mma_share is QAT NVFP4's operand converter (exact 2) with a multiple of {share_rows} rows below "
-                    f"bn={self.bn}, the rest split in {self.split}; got mma_share={self.mma_share}, nvfp4={self.nvfp4}, "
-                    f"exact={self.exact}")  # fmt: skip
         if self.tail_box and (self.tail_box % 8 or self.bt % self.tail_box):
             return f"tail_box must divide bt and be a multiple of 8 (swizzled rows), got {self.tail_box}, bt={self.bt}"
         if self.bk % (16 if self.nvfp4 else 32):
@@ -953,7 +889,6 @@ class GluonConfig(NamedTuple):
                     S8=self.s8,
                     SPLIT=self.split, CONV_WARPS=self.conv_warps, CONV_REGS=self.conv_regs, WRITE_CODES=write_codes,
                     EXACT=self.exact, X_PER_EXPERT=x_per_expert, NVFP4=self.nvfp4, SKIP=skip, STACKED=self.stacked,
-                    MMA_SHARE=self.mma_share,
                     num_warps=self.mma_warps)  # fmt: skip
 
     def compile_for_sm90(self, x_per_expert: bool = False, num_experts: int = 128):
@@ -1023,15 +958,6 @@ REGISTER_A_CONFIGS = tuple(
 NVFP4_CONFIGS = (
     GluonConfig(256, 64, 128, 64, 3, 3, 3, 2, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, stacked=True),
     GluonConfig(256, 64, 128, 32, 5, 4, 3, 1, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, stacked=True),
-)
-#: experimental (session 39, compiled but not yet run on a GPU; :func:`tuned_config` never picks them): QAT NVFP4 with
-#: the MMA warps converting the weight tile's last 64 rows themselves while the previous step's wgmmas run, the
-#: converter warps the first 64 in one pass. In the SASS the converter's k-loop is 441 instructions (848 for the whole
-#: tile), the MMA warps' 284 / 312 (65 / 96 without a share), nothing spilled, the MMA warps keeping 232 registers
-#: (``benchmarks/probe_gluon_variants.py --family hybrid`` times them)
-MMA_SHARE_CONFIGS = (
-    NVFP4_CONFIGS[0]._replace(mma_share=64, split=1),
-    NVFP4_CONFIGS[0]._replace(mma_share=64, split=1, conv_regs=80),
 )
 _TUNED: dict[tuple, GluonConfig] = {}
 
