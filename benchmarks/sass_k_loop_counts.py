@@ -23,7 +23,6 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from triton.tools.disasm import get_sass  # noqa: E402
 
 from moeq.runtime.kernels import qat_gluon  # noqa: E402
 
@@ -65,7 +64,7 @@ def opcode(instruction: str) -> str:
 def count(config) -> list[tuple[int, collections.Counter]]:
     """(instructions, opcode counts) of each k-loop of ``config``'s fast path."""
     kernel = config._replace(persistent=False).compile_for_sm90()
-    loops = [body for body in innermost_loops(get_sass(kernel.asm["cubin"])) if not any("LDG" in t for t in body)]
+    loops = [body for body in innermost_loops(qat_gluon.sass(kernel.asm["cubin"])) if not any("LDG" in t for t in body)]
     if config.register_a:
         loops = [body for body in loops if any("GMMA" in t for t in body)]
     else:  # the converter: no wgmma, stores the converted tile to shared memory

@@ -27,9 +27,7 @@ def assert_wgmmas(kernel, config) -> None:
       warpgroup's share of the columns (warpgroups side by side); otherwise every wgmma is that share."""
     import re
 
-    from triton.tools.disasm import get_sass
-
-    sass = get_sass(kernel.asm["cubin"])
+    sass = gluon_module.sass(kernel.asm["cubin"])
     assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2
     widths = {int(n) for n in re.findall(r"[HQ]GMMA\.64x(\d+)x", sass)}
     share = config.bn // max(1, config.mma_warps // 4)
@@ -194,14 +192,12 @@ def test_register_operand_configs_compile_for_sm90(config, tmp_path, monkeypatch
     lanes: no shuffle, no shared-memory store, so the permuted K order costs nothing in the loop."""
     import re
 
-    from triton.tools.disasm import get_sass
-
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     assert config.problem() is None
     kernel = config.compile_for_sm90()
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES, kernel.metadata.shared
     assert "fma.rn.f32" in kernel.asm["ptx"] and "setmaxnreg" in kernel.asm["ptx"]
-    sass = get_sass(kernel.asm["cubin"])
+    sass = gluon_module.sass(kernel.asm["cubin"])
     assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, R\d+, gdesc", sass)
     assert re.search(r"HGMMA\.64x64x16\.F32\.BF16 R\d+, R\d+, gdesc", sass)
     loops = k_loops(sass)
@@ -298,14 +294,14 @@ def test_register_operand_kernel_waits_for_its_wgmmas_by_default(tmp_path, monke
     ``RS_WGMMA_SYNC`` is turned off. The reason, in this Triton's ptxas: without the wait, the next step's conversion
     writes registers that the previous step's wgmmas, still in flight, read as their A operand (ptxas 12.8, 13.4 and
     13.5 all do; session 38 saw wrong tail rows on the H100 from it)."""
-    from triton.tools.disasm import get_sass
-
     assert gluon_module.RS_WGMMA_SYNC is True
     assert gluon_module.REGISTER_A_CONFIGS[0].constexprs(128)["SYNC"] is True
     monkeypatch.setattr(gluon_module, "RS_WGMMA_SYNC", False)
     assert gluon_module.REGISTER_A_CONFIGS[0].constexprs(128)["SYNC"] is False
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    sass = get_sass(gluon_module.REGISTER_A_CONFIGS[0]._replace(persistent=False).compile_for_sm90().asm["cubin"])
+    sass = gluon_module.sass(
+        gluon_module.REGISTER_A_CONFIGS[0]._replace(persistent=False).compile_for_sm90().asm["cubin"]
+    )
     assert any(writes_to_in_flight_registers(loop) for loop in k_loops(sass)), (
         "this ptxas keeps in-flight wgmma A registers intact without the wait: RS_WGMMA_SYNC could be revisited"
     )

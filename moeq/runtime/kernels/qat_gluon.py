@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -921,6 +922,17 @@ class GluonConfig(NamedTuple):
         source = GluonASTSource(kernel, signature, constants, attrs)
         options = {"num_warps": self.mma_warps, "maxnreg": self.maxnreg}
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def sass(cubin: bytes) -> str:
+    """The SASS listing of a compiled kernel's cubin (``triton.tools.disasm.get_sass``), whole. Triton 3.6's listing
+    stops at the first instruction past 64 KB of code: its address pattern takes four hex digits (Triton 3.9's takes
+    more). The QAT NVFP4 kernel's tail-row loop lies past that, so under 3.6 it looked absent (session 40: 8 of the 20
+    ``HGMMA`` in its cubin listed, all 20 by ``nvdisasm``). The pattern is widened here as 3.9 has it."""
+    from triton.tools import disasm
+
+    disasm.FLINE_RE = re.compile(r"\s*/\*\w{4,}\*/\s*([^;]*;)\s*/\* 0x(\w{16}) \*/\s*")
+    return disasm.get_sass(cubin)
 
 
 #: the configurations :func:`qat_fp8_gluon_gemm` times once per shape key (:func:`tuned_config`) and picks from, all
