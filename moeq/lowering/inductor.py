@@ -100,7 +100,9 @@ _COMBINE = True
 @contextlib.contextmanager
 def fusion(policy: str) -> Iterator[None]:
     """Graphs compiled by the ``moeq`` backend within the block use fusion ``policy``: ``"auto"``,
-    ``"always"`` (one fused kernel per expert GEMM) or ``"never"`` (unfused Q/DQ + GEMM)."""
+    ``"always"`` (one fused kernel per expert GEMM) or ``"never"`` (unfused Q/DQ + GEMM). Compiled graphs guard on
+    the policy (:func:`check_compile_switches`), so a call outside the block runs (or compiles) the graph of the
+    policy in force there."""
     global _POLICY
     if policy not in POLICIES:
         raise ValueError(f"unknown fusion policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -117,7 +119,7 @@ def combine_fusion(enabled: bool) -> Iterator[None]:
     as ``moeq::combine_experts`` where it pays (top-k of at least :data:`COMBINE_MIN_TOP_K`, at least
     :data:`COMBINE_MIN_ROWS` routed rows; default on, under every fusion policy but ``"never"``). The same switch
     covers training graphs' backward of it: the scatter-adds through the MoE's sort permutation run as gathers
-    (:mod:`moeq.lowering.permutation`)."""
+    (:mod:`moeq.lowering.permutation`). Compiled graphs guard on the switch, as on the fusion policy."""
     global _COMBINE
     previous, _COMBINE = _COMBINE, bool(enabled)
     try:
