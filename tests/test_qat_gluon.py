@@ -97,8 +97,9 @@ def test_tail_box_configs_compile_for_sm90(config, tmp_path, monkeypatch):
 
 def k_loops(sass: str) -> list[list[str]]:
     """The instructions of each k-loop in ``sass`` (``triton.tools.disasm.get_sass``'s listing: ``LBB<n>:`` labels, one
-    instruction a line after its control codes): a backward branch's body that issues wgmmas and loads nothing from
-    global memory (the tile loop around it loads the expert's offsets and amax)."""
+    instruction a line after its control codes): a backward branch's body that issues wgmmas, loads nothing from
+    global memory and stores nothing (the tile loop around it loads the expert's offsets and amax and stores the
+    tile; under Triton 3.6 its loads may be hoisted out, so its stores tell it apart)."""
     import re
 
     code, labels, loops = [], {}, []
@@ -110,7 +111,8 @@ def k_loops(sass: str) -> list[list[str]]:
             target = re.search(r"BRA\W*(\w+)", code[-1])
             if target and target.group(1) in labels:
                 body = code[labels[target.group(1)] :]
-                if any("GMMA" in t for t in body) and not any("LDG" in t for t in body):
+                stores = any(re.match(r"(@!?\w+ )?(STG|STSM)\b", t) for t in body)
+                if any("GMMA" in t for t in body) and not any("LDG" in t for t in body) and not stores:
                     loops.append(body)
     return loops
 
