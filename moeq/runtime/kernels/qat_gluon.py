@@ -52,8 +52,9 @@ and the wait cost nothing measurable.
 ``REGISTER_A_CONFIGS``, ``grouped_qmm.GLUON_QAT_NVFP4_REGISTER_OPERAND`` (off).
 
 Experimental (session 39): ``GluonConfig.tail_box`` copies a group's tail rows in boxes, only as many as it has
-(bit-equal and 1.5-2% faster loads on the H200 in its first form, which hung on experts past ``bm + bt`` rows; clamped
-since). Every shipped configuration copies whole tails, and compiles to session 38's PTX. (Session 39's MMA share, the
+(bit-equal and 1.5-2% faster loads on the H200 in its first form, which hung on experts past ``bm + bt`` rows; the
+clamped form passes its GPU test, session 40). Every shipped configuration copies whole tails (the kernels' gain was
+within the rounds' spread), and compiles to session 38's PTX code. (Session 39's MMA share, the
 MMA warps converting part of each weight tile themselves, was slower on the H200 in session 40 and is gone.)
 
 Gluon needs Triton's NVIDIA backend and sm_90 (``wgmma``); :func:`unsupported_reason` says why a call cannot take
