@@ -1,9 +1,9 @@
 """Are moeq's QAT NVFP4 layer outputs the same bits with ``gather_quant`` on and off on the GPU? Session 40's
 ``bench_e2e_modelopt.py --ab-gather`` (H100) found them different once each side ran its own graph. This prints, per
 token count: whether each side is deterministic (two calls), how many output elements differ between the sides and
-by how much, and the same for the gate/up GEMM's input (the quantized activations, taken from a forward hook on the
-eager modules is not possible in a compiled graph, so the activations are compared directly:
-``fake_quant_act(hidden)[i]`` against ``fake_quant_act(hidden[i])`` with the layer's calibrated amax).
+by how much, and whether the quantized activations themselves differ: ``fake_quant_act(tokens)[i]`` against
+``fake_quant_act(tokens[i])`` on the batch with its own amax (a compiled graph's intermediate cannot be read, so the
+two orders are computed directly).
 
     python benchmarks/diag_gather_quant_bits.py --tokens 4096,16384
 """

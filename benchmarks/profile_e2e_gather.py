@@ -48,9 +48,10 @@ def kernel_times(layer, x: torch.Tensor, calls: int) -> tuple[dict[str, float], 
     return dict(by_name), sum(by_name.values()), host_us / 1e3 / calls
 
 
-def time_layer(name, layer, token_counts, batches, args, rows, results) -> None:
-    """Wall, kernel and host time of ``layer`` at each token count, appended to ``rows`` and ``results``."""
-    for tokens, x in zip(token_counts, batches):
+def time_layer(name, layer, batches, args, rows, results) -> None:
+    """Wall, kernel and host time of ``layer`` on each batch, appended to ``rows`` and ``results``."""
+    for x in batches:
+        tokens = x.shape[1]
         with torch.no_grad():
             layer(x)
             wall = do_bench(lambda layer=layer, x=x: layer(x), warmup=3, rep=30, return_mode="median")
@@ -74,8 +75,7 @@ def main() -> None:
     base = qwen3_30b_a3b_layer("cuda")
     hidden = base.mlp.gate.weight.shape[1]
     calib = torch.randn(4, 512, hidden, device="cuda", dtype=torch.bfloat16)
-    token_counts = [int(t) for t in args.tokens.split(",")]
-    batches = [torch.randn(1, t, hidden, device="cuda", dtype=torch.bfloat16) for t in token_counts]
+    batches = [torch.randn(1, int(t), hidden, device="cuda", dtype=torch.bfloat16) for t in args.tokens.split(",")]
     from moeq.lowering import gather_quant
 
     builders = {  # (switch held while building and timing, build); each after torch._dynamo.reset()
@@ -91,7 +91,7 @@ def main() -> None:
         torch._dynamo.reset()
         with switch():
             layer = build()
-            time_layer(name, layer, token_counts, batches, args, rows, results)
+            time_layer(name, layer, batches, args, rows, results)
     print_and_save(args.out, "profile_e2e_gather", ["tokens", "layer", "wall ms", "kernels ms", "host ms", "kernels"],
                    rows, results=results)  # fmt: skip
 

@@ -16,7 +16,8 @@ Applied under policy "auto" where ``moeq::grouped_qmm`` would run the activation
 count above ``QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT`` mean rows per expert (below it the op quantizes x in its load path,
 one kernel per expert GEMM). A dynamic row count (Dynamo marks the token count dynamic from the second batch shape
 it sees, so this is the usual case) is moved too: the graph serves every batch size, and the move saves ``top_k - 1``
-of every ``top_k`` rows' quantization at large batches while costing one small kernel at decode sizes. The GEMM then takes the gathered, already quantized rows as they are (``x_fmt`` None).
+of every ``top_k`` rows' quantization at large batches while costing one small kernel at decode sizes. The GEMM then
+takes the gathered, already quantized rows as they are (``x_fmt`` None).
 Training graphs keep it where it is: their forward saves ``x_hat`` for the weight gradient, a user this pass leaves
 alone.
 """

@@ -819,8 +819,8 @@ class GluonConfig(NamedTuple):
     register_a: int = 0  # NVFP4, experimental: the weight as wgmma's register operand (qat_nvfp4_rega_kernel); 2:
     # each lane holds whole 16-blocks (lane_block_layout) and K is permuted (wgmma_k_order), 1: the plain A layout
     tail_box: int = 0  # rows a TMA copy of the tail brings (only the boxes holding the group's tail rows); 0: the
-    # whole bt rows (every shipped configuration: the boxes are bit-equal and ~2% faster on the loads, but the
-    # clamp for experts past bm + bt rows has not run on a GPU yet; docs/grouped_qmm.md, session 39)
+    # whole bt rows (every shipped configuration: the boxes are bit-equal and ~2% faster on the loads, the kernels'
+    # gain within the rounds' spread; docs/grouped_qmm.md, sessions 39-40)
 
     @property
     def tail_rows_a_copy(self) -> int:
