@@ -5,11 +5,19 @@
 #    timed inside gather_quant.enabled(False), now that graphs guard on the switch), then each layer's kernels
 #    (profile_e2e_gather.py) and the on/off bits (diag_gather_quant_bits.py: 16384 tokens differed in 1356 outputs).
 # b: the acceptance bench's QAT NVFP4 and QAT FP8 at 34k rows through the op (3 rounds), with the "as compiled" row.
-PART=${1:?usage: next_gluon_call.sh a|b}
+# s: the swapped kernel (session 41): its GPU tests, then probe_gluon_variants.py --family swap.
+PART=${1:?usage: next_gluon_call.sh a|b|s}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,power.limit --format=csv,noheader
-if [ "$PART" = a ]; then
+if [ "$PART" = s ]; then
+  timeout -s INT 200 python -m pytest -q -x tests/test_gpu.py -k "swapped or test_qat_nvfp4_gluon_gemm_cuda" \
+    -p no:cacheprovider > $OUT/tests.log 2>&1
+  echo tests rc $?; tail -3 $OUT/tests.log | cut -c1-300
+  timeout -s INT 300 python benchmarks/probe_gluon_variants.py --family swap --rounds 3 --out $OUT/swap.json \
+    > $OUT/probe.log 2>&1
+  echo probe rc $?; grep -E "median|ERROR|bit-equal|weight values| ms " $OUT/probe.log | cut -c1-230 | tail -40
+elif [ "$PART" = a ]; then
   cd benchmarks
   timeout -s INT 240 python bench_e2e_modelopt.py --tokens 4096,16384 --ab-gather --out $OUT > $OUT/e2e.log 2>&1
   echo e2e rc $?; tail -5 $OUT/e2e.log | cut -c1-220

@@ -11,6 +11,10 @@ fake-quantized first; QAT FP8 on activation codes), each variant's output checke
 against float64; the loads-only decomposition (``skip=3``); and the activations' NVFP4 pass on the routed rows and on
 the tokens (``rows / 8``: the compiled graph quantizes before the routing gather, ``moeq.lowering.gather_quant``).
 
+``--family swap``: the kernel computing the product's transpose (``GluonConfig.swap``; session 41), QAT NVFP4 and
+QAT FP8, decomposed as loads plus MMA (``skip=1``: no conversion). Outputs are checked against float64 (the sums'
+order differs from the base's).
+
 ``--family converters``: QAT NVFP4 with 8 converter warps at fewer registers (``CONVERTERS``). For QAT NVFP4 every
 variant's weight values are also checked equal to ``fake_quant_experts``', and the whole op is estimated as the
 kernel's median plus the activations' pass (on the routed rows, and on the tokens).
@@ -59,14 +63,25 @@ CONVERTERS = [
     ),
 ]
 
-FAMILY_NAMES = {"tail_boxes": TAIL_BOXES, "converters": CONVERTERS}
+#: ``--family swap``: the product's transpose (``GluonConfig.swap``): the converted weight tile the A operand, each
+#: group's rows B, the tail's wgmma only as wide as its rows (16, 32 or 64), whole tails and 16-row tail boxes
+SWAP = [
+    (
+        "nvfp4",
+        NVFP4_CONFIGS[0],
+        [NVFP4_CONFIGS[0]._replace(swap=True, stacked=False, tail_box=b) for b in (0, 16)],
+    ),
+    ("fp8", CONFIGS[4], [CONFIGS[4]._replace(swap=True, stacked=False, tail_box=b) for b in (0, 16)]),
+]
+
+FAMILY_NAMES = {"tail_boxes": TAIL_BOXES, "converters": CONVERTERS, "swap": SWAP}
 
 
 def run_case(label: str, k: int, n: int, rows: int, rounds: int, family: str) -> list[dict]:
     """One projection's table for ``family`` (:data:`FAMILY_NAMES`): the tail boxes decompose as loads only, the
     converter variants as no MMA."""
     families = FAMILY_NAMES[family]
-    decomposition = (3, "loads only") if family == "tail_boxes" else (2, "no MMA")
+    decomposition = {"tail_boxes": (3, "loads only"), "swap": (1, "no conversion")}.get(family, (2, "no MMA"))
     p = probe_inputs(k, n, rows)
     nv_table = ProbeTable(label, nvfp4_reference(p), p.flops)
     fp8_table = ProbeTable(label, fp8_codes_reference(p), p.flops)
@@ -100,13 +115,13 @@ def run_case(label: str, k: int, n: int, rows: int, rounds: int, family: str) ->
                 print(f"{label:8s} {variant.name}: ERROR {str(exc)[:300]}", flush=True)
                 continue
             print(f"{label:8s} {variant.name}: output bit-equal to the base's: {same}", flush=True)
-            if same:
+            if same or family == "swap":  # the transpose sums in another order: checked against float64 instead
                 timed.append((fmt, variant))
     for r in range(rounds):
         for fmt, config in timed:
             table = nv_table if fmt == "nvfp4" else fp8_table
             table.record(f"{config.name} [kernel only] round {r}", gemm(fmt, config), checked=r == 0)
-    for fmt, base, variants in families[:1] + families[2:]:
+    for fmt, base, variants in families[:1] + families[2:] if family != "swap" else families:
         for config in (base, variants[0]):
             table = nv_table if fmt == "nvfp4" else fp8_table
             skip, what = decomposition

@@ -471,6 +471,60 @@ def test_qat_nvfp4_gluon_gemm_cuda(counts, k, n):
         assert not got[rows:].any(), config
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize(
+    ("counts", "k", "n"),
+    [
+        ([256, 257, 272, 273, 288, 289, 319, 320, 321, 700, 0, 5, 100], 768, 1024),
+        ([5, 400, 0, 270], 2000, 200),
+    ],
+    ids=["every-tail-width", "k-and-n-not-tile-multiples"],
+)
+def test_qat_gluon_swapped_cuda(fmt, counts, k, n):
+    """``GluonConfig.swap`` (the product's transpose: the weight tile the A operand, the rows B, the tail's wgmma 16,
+    32 or 64 rows wide): groups without tail rows, with tails of each width, experts past one group, empty ones, K
+    and N not tile multiples; whole tails and 16-row tail boxes. The output is within the fp32 accumulation bound of
+    the float64 product of the operands' values (NVFP4: the fake-quantized values; FP8: the codes times the scales),
+    unrouted rows zero, and the weight values it makes equal formats'."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel needs sm_90")
+    from moeq.runtime.kernels.fake_quant_act import fake_quant_act
+    from moeq.runtime.kernels.qat_gluon import CONFIGS, NVFP4_CONFIGS, qat_fp8_gluon_gemm, qat_nvfp4_gluon_gemm
+
+    offs, x, w_nk, amax = _gluon_operands(counts, k, n, torch.Generator().manual_seed(13))
+    num_experts, rows = len(counts), int(offs[-1])
+    routed = torch.tensor(counts) > 0
+    w, offs_cuda, amax_cuda = w_nk.cuda().transpose(1, 2), offs.cuda(), amax.cuda()
+    if fmt == "nvfp4":
+        wq_ref = get_format("nvfp4").fake_quant(w_nk, amax.view(-1, 1, 1))
+        x_in = fake_quant_act(x.cuda(), offs_cuda, torch.tensor([3.0], device="cuda"), "nvfp4")
+        ref, magnitude = _codes_product(x_in.cpu(), wq_ref, offs, torch.ones(num_experts, dtype=torch.float64))
+        base, codes_type = NVFP4_CONFIGS[0], torch.bfloat16
+    else:
+        fp8 = get_format("fp8")
+        wq_ref = fp8.quantize(w_nk, amax.view(-1, 1, 1)).data
+        x_amax = torch.tensor([5.0])
+        x_in = fake_quant_act(x.cuda(), offs_cuda, x_amax.cuda(), "fp8", codes=True)
+        scales = fp8.scale_from_amax(x_amax).double() * fp8.scale_from_amax(amax).double()
+        ref, magnitude = _codes_product(x_in.cpu(), wq_ref, offs, scales)
+        base, codes_type = CONFIGS[4], torch.float8_e4m3fn
+    for box in (0, 16):
+        config = base._replace(swap=True, stacked=False, tail_box=box)
+        codes = torch.zeros(num_experts, n, k, dtype=codes_type, device="cuda")
+        if fmt == "nvfp4":
+            got = qat_nvfp4_gluon_gemm(x_in, w, offs_cuda, amax_cuda, config=config, codes=codes)
+        else:
+            got = qat_fp8_gluon_gemm(x_in, w, offs_cuda, amax_cuda, x_amax.cuda(), config=config, codes=codes)
+        if fmt == "nvfp4":  # the operand's values: a zero's sign is not kept
+            assert torch.equal(codes.cpu()[routed], wq_ref[routed]), config.name
+        else:
+            assert_same_bits(codes.cpu()[routed], wq_ref[routed], config.name)
+        err = (got.cpu().double() - ref).abs()
+        bad = ~(err <= 2.0**-8 * magnitude + 2.0**-8 * ref.abs() + 1e-30)
+        assert not bad.any(), (config.name, int(bad.sum()), bad.nonzero()[:5].tolist())
+        assert not got[rows:].any(), config.name
+
+
 @NVFP4_GLUON_SHAPES
 def test_qat_nvfp4_register_operand_cuda(counts, k, n):
     """The experimental register-operand QAT NVFP4 kernel (``REGISTER_A_CONFIGS``): the weight values it makes in

@@ -359,9 +359,75 @@ def _store_rows(out_ptr, acc, first, row_end, pid_n, N, stride_om, scale):
 
 
 @gluon.jit
+def _store_columns(out_ptr, acc_t, first, row_end, pid_n, N, stride_om, scale):
+    """``acc_t * scale`` (the product's transpose, ``[BN, rows]``) stored bf16 into rows ``first..`` (below
+    ``row_end``) of n-tile ``pid_n``: a warp's store writes eight consecutive output columns of four rows."""
+    layout: gl.constexpr = acc_t.type.layout
+    BN: gl.constexpr = acc_t.shape[0]
+    ROWS: gl.constexpr = acc_t.shape[1]
+    cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
+    rows = first + gl.arange(0, ROWS, layout=gl.SliceLayout(0, layout))
+    mask = (cols < N)[:, None] & (rows < row_end)[None, :]
+    gl.store(out_ptr + rows.to(gl.int64)[None, :] * stride_om + cols[:, None], (acc_t * scale).to(gl.bfloat16),
+             mask=mask)  # fmt: skip
+
+
+@gluon.constexpr_function
+def _at_least_8(n):
+    """``max(n, 8)``: the narrowest wgmma (a group without tail rows still declares its tail accumulator)."""
+    return max(n, 8)
+
+
+@gluon.jit
+def _swapped_step(a, x, xt, acc_lo, acc_hi, acc_t, TN: gl.constexpr):
+    """One k-step's wgmmas of :func:`_swapped_group` (issued, not waited for): the weight tile ``a`` times the main
+    rows ``x`` in two halves and the tail's first ``TN`` rows (``TN`` 0: none)."""
+    H: gl.constexpr = x.shape[0] // 2
+    acc_lo = warpgroup_mma(a, x.slice(0, H, dim=0).permute((1, 0)), acc_lo, is_async=True)
+    acc_hi = warpgroup_mma(a, x.slice(H, H, dim=0).permute((1, 0)), acc_hi, is_async=True)
+    if TN > 0:
+        acc_t = warpgroup_mma(a, xt.slice(0, TN, dim=0).permute((1, 0)), acc_t, is_async=True)
+    return acc_lo, acc_hi, acc_t
+
+
+@gluon.jit
+def _swapped_group(x8, xt8, rx, ex, c8, r8, e8, out_ptr, it, k_tiles, row_start, row_end, pid_n, N, stride_om, scale,
+                   INSTR_K: gl.constexpr, TN: gl.constexpr):  # fmt: skip
+    """One group as ``out^T = q(w) x^T`` (``GluonConfig.swap``): the converted weight tile is each wgmma's A operand
+    and the group's rows its B operand, so the tail's wgmma spans only ``TN`` rows (n is any multiple of 8, m is 64:
+    a 16-row tail no longer costs a 64-row MMA; ``TN`` 0: no tail). The main rows go in two halves: one wgmma over all
+    ``BM`` rows needs 154 registers at the instruction, past the 128 a thread a 16-warp launch allows. Returns the
+    step count."""
+    BM: gl.constexpr = x8.shape[1]
+    BN: gl.constexpr = c8.shape[1]
+    H: gl.constexpr = BM // 2
+    main_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                     instr_shape=[16, H, INSTR_K])  # fmt: skip
+    tail_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                     instr_shape=[16, _at_least_8(TN), INSTR_K])  # fmt: skip
+    acc_lo = gl.zeros([BN, H], gl.float32, main_l)
+    acc_hi = gl.zeros([BN, H], gl.float32, main_l)
+    acc_t = gl.zeros([BN, _at_least_8(TN)], gl.float32, tail_l)
+    OUTSTANDING: gl.constexpr = 3 if TN > 0 else 2
+    for i in range(k_tiles):
+        sx, t = _await_step(rx, r8, it)
+        acc_lo, acc_hi, acc_t = _swapped_step(c8.index(t), x8.index(sx), xt8.index(sx), acc_lo, acc_hi, acc_t, TN)
+        acc_lo, acc_hi, acc_t = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(acc_lo, acc_hi, acc_t))
+        _release_step(ex, e8, it - 1, i > 0)
+        it += 1
+    acc_lo, acc_hi, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_lo, acc_hi, acc_t))
+    _release_step(ex, e8, it - 1, k_tiles > 0)
+    _store_columns(out_ptr, acc_lo, row_start, row_end, pid_n, N, stride_om, scale)
+    _store_columns(out_ptr, acc_hi, row_start + H, row_end, pid_n, N, stride_om, scale)
+    if TN > 0:
+        _store_columns(out_ptr, acc_t, row_start + BM, row_end, pid_n, N, stride_om, scale)
+    return it
+
+
+@gluon.jit
 def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K, NUM_EXPERTS,
                    stride_om, E_POW2: gl.constexpr, BN: gl.constexpr, X_PER_EXPERT: gl.constexpr,
-                   NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr):  # fmt: skip
+                   NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
     """FP8 wgmma of each k-step's codes tile against the group's BM rows and, where it has them, its BT tail rows (one
     conversion of the weight serves up to BM + BT routed rows), then the epilogue: ``acc * x_s * w_s`` stored bf16.
     In a persistent launch the loader and the converter fill the rings for the next tile meanwhile."""
@@ -392,6 +458,20 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
                 it += 1
             acc = gl.zeros([BM, BN], gl.float32, layout)
             _store_rows(out_ptr, acc, row_start, row_end, pid_n, N, stride_om, scale)
+        elif SWAP:  # the tail's MMA as wide as its rows, in steps of 16 (each branch its own accumulators)
+            tail = gl.minimum(row_end - row_start - BM, BT)
+            if tail <= 0:
+                it = _swapped_group(x8, xt8, rx, ex, c8, r8, e8, out_ptr, it, k_tiles, row_start, row_end, pid_n, N,
+                                    stride_om, scale, INSTR_K, 0)  # fmt: skip
+            elif tail <= 16:
+                it = _swapped_group(x8, xt8, rx, ex, c8, r8, e8, out_ptr, it, k_tiles, row_start, row_end, pid_n, N,
+                                    stride_om, scale, INSTR_K, 16)  # fmt: skip
+            elif tail <= 32:
+                it = _swapped_group(x8, xt8, rx, ex, c8, r8, e8, out_ptr, it, k_tiles, row_start, row_end, pid_n, N,
+                                    stride_om, scale, INSTR_K, 32)  # fmt: skip
+            else:
+                it = _swapped_group(x8, xt8, rx, ex, c8, r8, e8, out_ptr, it, k_tiles, row_start, row_end, pid_n, N,
+                                    stride_om, scale, INSTR_K, BT)  # fmt: skip
         elif has_tail:
             acc = gl.zeros([BM, BN], gl.float32, layout)
             acc_t = gl.zeros([BT, BN], gl.float32, tail_layout)
@@ -446,7 +526,8 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
                   NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, BT: gl.constexpr, SX: gl.constexpr,
                   S16: gl.constexpr, S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr,
                   CONV_REGS: gl.constexpr, WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
-                  NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                  NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr, SWAP: gl.constexpr,
+                  num_warps: gl.constexpr):  # fmt: skip
     """Tiles are (group of up to BM + BT routed rows of one expert, n-tile); a program takes tiles ``pid``,
     ``pid + programs``, ... (one each when launched with one program per tile; persistent when launched with one per
     SM): the rows' FP8 codes times the weight tile's e4m3 codes, converted once per k-step by the converter warps;
@@ -467,7 +548,7 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
     gl.warp_specialize(
         [
             (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K,
-                              NUM_EXPERTS, stride_om, E_POW2, BN, X_PER_EXPERT, NVFP4, SKIP, STACKED)),
+                              NUM_EXPERTS, stride_om, E_POW2, BN, X_PER_EXPERT, NVFP4, SKIP, STACKED, SWAP)),
             (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
                                NUM_EXPERTS, E_POW2)),
             (_convert_partition, (w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
@@ -818,6 +899,8 @@ class GluonConfig(NamedTuple):
     stacked: bool = False  # the main rows' warpgroups stacked along M, each wgmma all bn columns wide (acc_layout)
     register_a: int = 0  # NVFP4, experimental: the weight as wgmma's register operand (qat_nvfp4_rega_kernel); 2:
     # each lane holds whole 16-blocks (lane_block_layout) and K is permuted (wgmma_k_order), 1: the plain A layout
+    swap: bool = False  # out^T = q(w) x^T: the weight tile the A operand, the rows B (each wgmma bm rows wide, the
+    # tail's as wide as its rows in steps of 16; _swapped_group)
     tail_box: int = 0  # rows a TMA copy of the tail brings (only the boxes holding the group's tail rows); 0: the
     # whole bt rows (every shipped configuration: the boxes are bit-equal and ~2% faster on the loads, the kernels'
     # gain within the rounds' spread; docs/grouped_qmm.md, sessions 39-40)
@@ -839,7 +922,8 @@ class GluonConfig(NamedTuple):
         return (f"gluon ws {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16}/{self.s8} "
                 f"split {self.split} conv {self.conv_warps}w/{self.conv_regs}r mma {self.mma_warps}w "
                 f"maxnreg {self.maxnreg} {kinds[self.exact]}" + " persistent" * self.persistent
-                + " stacked" * self.stacked + f" tail box {self.tail_box}" * bool(self.tail_box))  # fmt: skip
+                + " stacked" * self.stacked + " swapped" * self.swap
+                + f" tail box {self.tail_box}" * bool(self.tail_box))  # fmt: skip
 
     def problem(self) -> str | None:
         """Why this configuration cannot build (None: it can): the MMA warps must make whole warpgroups, every
@@ -849,6 +933,11 @@ class GluonConfig(NamedTuple):
         if self.register_a and not (self.nvfp4 and self.bn == 64 * groups and self.bm <= 256 and self.bt <= 256):
             return (f"register_a is QAT NVFP4 with 64 weight rows per warpgroup (bn = {64 * groups}) and at most 256 "
                     f"main and 256 tail rows (wgmma's n), got nvfp4={self.nvfp4}, bn={self.bn}, bm={self.bm}, "
+                    f"bt={self.bt}")  # fmt: skip
+        if self.swap and not (self.bn == 16 * self.mma_warps and self.bm % 8 == 0 and self.bm <= 256
+                              and self.bt == 64):  # fmt: skip
+            return (f"swap takes 64 weight rows per MMA warpgroup (bn = {16 * self.mma_warps}), bm a multiple of 8 up "
+                    f"to 256 (wgmma's n) and bt = 64 (tails of 16, 32 or 64 rows), got bn={self.bn}, bm={self.bm}, "
                     f"bt={self.bt}")  # fmt: skip
         if self.register_a == 2 and self.bk != 64:
             return f"register_a=2 (whole 16-blocks a lane) takes 64-deep k-steps, got bk={self.bk}"
@@ -891,6 +980,7 @@ class GluonConfig(NamedTuple):
                     S8=self.s8,
                     SPLIT=self.split, CONV_WARPS=self.conv_warps, CONV_REGS=self.conv_regs, WRITE_CODES=write_codes,
                     EXACT=self.exact, X_PER_EXPERT=x_per_expert, NVFP4=self.nvfp4, SKIP=skip, STACKED=self.stacked,
+                    SWAP=self.swap,
                     num_warps=self.mma_warps)  # fmt: skip
 
     def compile_for_sm90(self, x_per_expert: bool = False, num_experts: int = 128):
