@@ -24,12 +24,18 @@ def assert_wgmmas(kernel, config) -> None:
       only after each branch's k-loop, two in all. Serialized, it waits after every wgmma (ptxas's C7514 / C7515
       notes, which an accumulator copied across a branch once caused);
     - a stacked configuration's main rows run wgmmas as wide as the tile (``64 x bn``), its tail rows as wide as a
-      warpgroup's share of the columns (warpgroups side by side); otherwise every wgmma is that share."""
+      warpgroup's share of the columns (warpgroups side by side); otherwise every wgmma is that share;
+    - a swapped one (the product's transpose) waits once after each of its four branches' k-loops, and its wgmmas
+      are half the main rows wide, and 16, 32 or 64 rows for the tails."""
     import re
 
     sass = gluon_module.sass(kernel.asm["cubin"])
-    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2
     widths = {int(n) for n in re.findall(r"[HQ]GMMA\.64x(\d+)x", sass)}
+    if config.swap:  # four branches (no tail, tails of 16, 32 and 64 rows); the main rows in two halves
+        assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 4
+        assert widths == {config.bm // 2, 16, 32, config.bt}, widths
+        return
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2
     share = config.bn // max(1, config.mma_warps // 4)
     assert widths == ({config.bn, share} if config.stacked else {share}), widths
 
@@ -240,8 +246,11 @@ def test_every_shipped_config_is_valid_and_bad_configs_are_named():
     build (compiling it raises with that text) instead of leaving it to a Gluon layout error."""
     for config in (*gluon_module.CONFIGS, *gluon_module.NVFP4_CONFIGS):
         assert config.problem() is None, config
-    good = gluon_module.CONFIGS[0]
+    good = gluon_module.CONFIGS[0]._replace(swap=False, stacked=True)
     cases = {
+        good._replace(swap=True): "swap and stacked are two accumulator arrangements",
+        good._replace(swap=True, stacked=False, bn=64): "swap takes 64 weight rows per MMA warpgroup (bn = 128)",
+        good._replace(swap=True, stacked=False, bt=128): "bt = 64 (tails of 16, 32 or 64 rows), got bn=128",
         good._replace(mma_warps=6): "mma_warps must be 4 or 8",
         good._replace(bm=192): "bm must be a multiple of 128",
         good._replace(bt=32): "bt of 64",

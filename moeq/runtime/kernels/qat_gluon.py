@@ -934,6 +934,8 @@ class GluonConfig(NamedTuple):
             return (f"register_a is QAT NVFP4 with 64 weight rows per warpgroup (bn = {64 * groups}) and at most 256 "
                     f"main and 256 tail rows (wgmma's n), got nvfp4={self.nvfp4}, bn={self.bn}, bm={self.bm}, "
                     f"bt={self.bt}")  # fmt: skip
+        if self.swap and self.stacked:
+            return "swap and stacked are two accumulator arrangements; choose one"
         if self.swap and not (self.bn == 16 * self.mma_warps and self.bm % 8 == 0 and self.bm <= 256
                               and self.bt == 64):  # fmt: skip
             return (f"swap takes 64 weight rows per MMA warpgroup (bn = {16 * self.mma_warps}), bm a multiple of 8 up "
@@ -1038,11 +1040,11 @@ def sass(cubin: bytes) -> str:
 #: the H100 at Qwen3 shapes. The probe, ``benchmarks/probe_gluon_qat_fp8.py``, times more candidates and the inexact
 #: reciprocal ceilings.
 CONFIGS = (
-    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, stacked=True),
-    GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2),
-    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, stacked=True),
-    GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, persistent=True),
-    GluonConfig(256, 64, 128, 64, 7, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, stacked=True),
+    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, swap=True),
+    GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, swap=True),
+    GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, swap=True),
+    GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, persistent=True, swap=True),
+    GluonConfig(256, 64, 128, 64, 7, 3, 3, 2, 4, 80, 8, 128, 2, persistent=True, swap=True),
 )
 #: the experimental register-operand form of QAT NVFP4 (:func:`qat_nvfp4_rega_kernel`; :func:`tuned_config` never picks
 #: it: 3-4% faster than the shipped kernel on the H100, session 37): 8 converting-and-multiplying warps at 240
@@ -1059,8 +1061,8 @@ REGISTER_A_CONFIGS = tuple(
 #: reads wait behind the wgmmas' operand reads (Nsight Compute, BENCHMARKS.md session 36), and 8 converter warps would
 #: leave the MMA warps too few registers for their 160 accumulator registers (``benchmarks/probe_gluon_qat_nvfp4.py``).
 NVFP4_CONFIGS = (
-    GluonConfig(256, 64, 128, 64, 3, 3, 3, 2, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, stacked=True),
-    GluonConfig(256, 64, 128, 32, 5, 4, 3, 1, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, stacked=True),
+    GluonConfig(256, 64, 128, 64, 3, 3, 3, 2, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, swap=True),
+    GluonConfig(256, 64, 128, 32, 5, 4, 3, 1, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, swap=True),
 )
 _TUNED: dict[tuple, GluonConfig] = {}
 
