@@ -15,9 +15,6 @@ the tokens (``rows / 8``: the compiled graph quantizes before the routing gather
 QAT FP8, decomposed as loads plus MMA (``skip=1``: no conversion). Outputs are checked against float64 (the sums'
 order differs from the base's).
 
-``--family prefetch``: the QAT NVFP4 converter software-pipelined across its parts and k-steps (``GluonConfig.
-prefetch``; session 41), decomposed as loads plus conversion (``skip=2``: no MMA).
-
 ``--family converters``: QAT NVFP4 with 8 converter warps at fewer registers (``CONVERTERS``). For QAT NVFP4 every
 variant's weight values are also checked equal to ``fake_quant_experts``', and the whole op is estimated as the
 kernel's median plus the activations' pass (on the routed rows, and on the tokens).
@@ -77,14 +74,7 @@ SWAP = [
     ("fp8", CONFIGS[4], [CONFIGS[4]._replace(swap=True, stacked=False, tail_box=b) for b in (0, 16)]),
 ]
 
-#: ``--family prefetch``: the QAT NVFP4 converter software-pipelined (``GluonConfig.prefetch``): each part's words
-#: loaded while the part before converts, the next k-step's first part during this step's last
-PREFETCH = [
-    ("nvfp4", NVFP4_CONFIGS[0], [NVFP4_CONFIGS[0]._replace(prefetch=True, split=s) for s in (2, 4)]),
-    ("nvfp4", NVFP4_CONFIGS[1], [NVFP4_CONFIGS[1]._replace(prefetch=True)]),
-]
-
-FAMILY_NAMES = {"tail_boxes": TAIL_BOXES, "converters": CONVERTERS, "swap": SWAP, "prefetch": PREFETCH}
+FAMILY_NAMES = {"tail_boxes": TAIL_BOXES, "converters": CONVERTERS, "swap": SWAP}
 
 
 def run_case(label: str, k: int, n: int, rows: int, rounds: int, family: str) -> list[dict]:

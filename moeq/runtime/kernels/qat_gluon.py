@@ -268,59 +268,9 @@ def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, off
 
 
 @gluon.jit
-def _weight_words(w16, s, h, PART: gl.constexpr, L32: gl.constexpr, W32: gl.constexpr):
-    """Rows ``h * PART ..`` of weight slot ``s`` as 32-bit words (two bf16 each) in layout ``L32``."""
-    BN: gl.constexpr = w16.shape[1]
-    BK: gl.constexpr = w16.shape[2]
-    return _as_words(w16.index(s), [BN, BK // 2], W32).slice(h * PART, PART, dim=0).load(L32)
-
-
-@gluon.jit
-def _convert_nvfp4_tile_prefetched(w16, r16, e16, c8, r8, e8, codes_ptr, it, k_tiles, codes_row, codes_end, K, g,
-                                   six_g, inv_six_g, g_fast, SPLIT: gl.constexpr, WRITE_CODES: gl.constexpr,
-                                   L: gl.constexpr, L32: gl.constexpr, W32: gl.constexpr):  # fmt: skip
-    """One tile's k-steps of the QAT NVFP4 operand converter (``GluonConfig.prefetch``), software-pipelined: each
-    part's shared-memory words are loaded while the part before it converts, and the next k-step's first part while
-    this step's last converts, so only a tile's first load waits its whole latency (otherwise every k-step's first
-    part does, behind the wgmmas' operand reads). Returns the step count."""
-    S16: gl.constexpr = w16.shape[0]
-    S8: gl.constexpr = c8.shape[0]
-    BN: gl.constexpr = w16.shape[1]
-    BK: gl.constexpr = w16.shape[2]
-    PART: gl.constexpr = BN // SPLIT
-    words = gl.zeros([PART, BK // 2], gl.int32, L32)
-    if k_tiles > 0:
-        mbarrier.wait(r16.index(it % S16), (it // S16) & 1)
-        words = _weight_words(w16, it % S16, 0, PART, L32, W32)
-    for i in range(k_tiles):
-        s = it % S16
-        t = it % S8
-        mbarrier.wait(e8.index(t), ((it // S8) & 1) ^ 1)
-        for h in gl.static_range(SPLIT):
-            if h + 1 < SPLIT:
-                upcoming = _weight_words(w16, s, h + 1, PART, L32, W32)
-            else:
-                upcoming = words
-                if i + 1 < k_tiles:
-                    mbarrier.wait(r16.index((it + 1) % S16), ((it + 1) // S16) & 1)
-                    upcoming = _weight_words(w16, (it + 1) % S16, 0, PART, L32, W32)
-            q = gl.convert_layout(_nvfp4_words_in_registers(words, g, six_g, inv_six_g, g_fast), L)
-            c8.index(t).slice(h * PART, PART, dim=0).store(q)
-            if WRITE_CODES:
-                _store_codes(codes_ptr, q, codes_row + h * PART, codes_end, i * BK, K)
-            words = upcoming
-        fence_async_shared()
-        mbarrier.arrive(e16.index(s))
-        mbarrier.arrive(r8.index(t))
-        it += 1
-    return it
-
-
-@gluon.jit
 def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
                        E_POW2: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT: gl.constexpr, WRITE_CODES: gl.constexpr,
-                       EXACT: gl.constexpr, NVFP4: gl.constexpr, SKIP: gl.constexpr,
-                       PREFETCH: gl.constexpr):  # fmt: skip
+                       EXACT: gl.constexpr, NVFP4: gl.constexpr, SKIP: gl.constexpr):  # fmt: skip
     """Each bf16 weight tile divided by its expert's FP8 scale as formats does, rounded to e4m3, stored into the
     codes ring; ``NVFP4``: fake-quantized as formats' NVFP4 (16-blocks along K, the expert's global scale) and
     stored as bf16 values (``WRITE_CODES``: also to ``codes_ptr``, for tests)."""
@@ -348,11 +298,6 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
             w_inv = gl.div_rn(1.0, w_div)
             w_clip = w_div * 18446744073709551616.0  # 2^64 d: clipped quotients stay finite and saturate alike
         codes_row = e * N + pid_n * BN
-        if PREFETCH and NVFP4 and EXACT == 2 and SKIP % 2 == 0:
-            it = _convert_nvfp4_tile_prefetched(w16, r16, e16, c8, r8, e8, codes_ptr, it, k_tiles, codes_row,
-                                                e * N + N, K, g, six_g, inv_six_g, g_fast, SPLIT, WRITE_CODES, L,
-                                                L32, W32)  # fmt: skip
-            k_tiles = 0  # done
         for i in range(k_tiles):
             s = it % S16
             t = it % S8
@@ -582,7 +527,7 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
                   S16: gl.constexpr, S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr,
                   CONV_REGS: gl.constexpr, WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
                   NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr, SWAP: gl.constexpr,
-                  PREFETCH: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                  num_warps: gl.constexpr):  # fmt: skip
     """Tiles are (group of up to BM + BT routed rows of one expert, n-tile); a program takes tiles ``pid``,
     ``pid + programs``, ... (one each when launched with one program per tile; persistent when launched with one per
     SM): the rows' FP8 codes times the weight tile's e4m3 codes, converted once per k-step by the converter warps;
@@ -607,7 +552,7 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
             (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
                                NUM_EXPERTS, E_POW2)),
             (_convert_partition, (w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
-                                  E_POW2, BM + BT, SPLIT, WRITE_CODES, EXACT, NVFP4, SKIP, PREFETCH)),
+                                  E_POW2, BM + BT, SPLIT, WRITE_CODES, EXACT, NVFP4, SKIP)),
         ],
         [1, CONV_WARPS],
         [24, CONV_REGS],
@@ -956,8 +901,6 @@ class GluonConfig(NamedTuple):
     # each lane holds whole 16-blocks (lane_block_layout) and K is permuted (wgmma_k_order), 1: the plain A layout
     swap: bool = False  # out^T = q(w) x^T: the weight tile the A operand, the rows B (each wgmma bm rows wide, the
     # tail's as wide as its rows in steps of 16; _swapped_group)
-    prefetch: bool = False  # QAT NVFP4: the converter loads each part's words while the part before converts
-    # (_convert_nvfp4_tile_prefetched)
     tail_box: int = 0  # rows a TMA copy of the tail brings (only the boxes holding the group's tail rows); 0: the
     # whole bt rows (every shipped configuration: the boxes are bit-equal and ~2% faster on the loads, the kernels'
     # gain within the rounds' spread; docs/grouped_qmm.md, sessions 39-40)
@@ -979,7 +922,7 @@ class GluonConfig(NamedTuple):
         return (f"gluon ws {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16}/{self.s8} "
                 f"split {self.split} conv {self.conv_warps}w/{self.conv_regs}r mma {self.mma_warps}w "
                 f"maxnreg {self.maxnreg} {kinds[self.exact]}" + " persistent" * self.persistent
-                + " stacked" * self.stacked + " swapped" * self.swap + " prefetch" * self.prefetch
+                + " stacked" * self.stacked + " swapped" * self.swap
                 + f" tail box {self.tail_box}" * bool(self.tail_box))  # fmt: skip
 
     def problem(self) -> str | None:
@@ -1039,7 +982,7 @@ class GluonConfig(NamedTuple):
                     S8=self.s8,
                     SPLIT=self.split, CONV_WARPS=self.conv_warps, CONV_REGS=self.conv_regs, WRITE_CODES=write_codes,
                     EXACT=self.exact, X_PER_EXPERT=x_per_expert, NVFP4=self.nvfp4, SKIP=skip, STACKED=self.stacked,
-                    SWAP=self.swap, PREFETCH=self.prefetch,
+                    SWAP=self.swap,
                     num_warps=self.mma_warps)  # fmt: skip
 
     def compile_for_sm90(self, x_per_expert: bool = False, num_experts: int = 128):
