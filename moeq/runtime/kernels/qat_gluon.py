@@ -29,6 +29,12 @@ copied at its back edge, and ptxas then serializes every ``wgmma`` of the kernel
 35). H100, Qwen3-30B-A3B at 34k rows (BENCHMARKS.md, session 36 probe): gate_up 0.53 ms against 0.72 ms for the two
 launches (bf16 ``torch._grouped_mm`` 0.57), down 0.34 against 0.41 (0.34).
 
+Every shipped configuration computes the product's transpose (``GluonConfig.swap``, session 41): the converted weight
+tile is each ``wgmma``'s A operand and the group's rows its B operand, so the tail's ``wgmma`` is only as wide as the
+tail (16, 32 or 64 rows; :func:`_swapped_group`) instead of 64 rows for ~16. Bit-equal to the stacked arrangement
+and, kernel alone on the H100 at 34k rows, 1-4% faster (QAT NVFP4 gate_up 0.688 -> 0.677 ms, down 0.397 -> 0.387;
+QAT FP8 0.483 -> 0.479, 0.311 -> 0.299).
+
 The QAT NVFP4 form (``NVFP4`` constexpr, :func:`qat_nvfp4_gluon_gemm`): Hopper has no FP4 MMA and an NVFP4 value
 (E2M1 times an e4m3 block scale) is not an e4m3 value, so the activations arrive fake-quantized in bf16 (their own
 pass), the converter writes the weight's fake-quantized bf16 values and the MMA is bf16 ``wgmma``. The converter
@@ -1034,10 +1040,10 @@ def sass(cubin: bytes) -> str:
 #: and 6 activation stages (the activation slot of step i is released only when step i - 2's MMA is done), each
 #: launched with one program per tile (session 33) and persistent, one program per SM (the loader and the converter
 #: fill the rings for the next tile while the MMA warps store the last; no programs for the spare row groups of the
-#: grid's upper bound), and the 128-wide tile persistent with 7 activation stages. The 128-wide tiles' main rows run
-#: on warpgroups stacked along M (``stacked``: each wgmma 128 columns wide, a quarter fewer shared-memory operand
-#: bytes per product; H100 session 36, persistent 7 stages: gate_up 0.549 -> 0.527 ms, down 0.344 -> 0.336). All bit-exact on
-#: the H100 at Qwen3 shapes. The probe, ``benchmarks/probe_gluon_qat_fp8.py``, times more candidates and the inexact
+#: grid's upper bound), and the 128-wide tile persistent with 7 activation stages. Each computes the product's
+#: transpose (``swap``, session 41: the tail's wgmma as wide as its rows; H100, 7 stages: gate_up 0.483 -> 0.479 ms,
+#: down 0.311 -> 0.299 against the stacked warpgroups of session 36, themselves 0.549 -> 0.527 / 0.344 -> 0.336
+#: against side by side). All bit-exact on the H100 at Qwen3 shapes. The probe, ``benchmarks/probe_gluon_qat_fp8.py``, times more candidates and the inexact
 #: reciprocal ceilings.
 CONFIGS = (
     GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, swap=True),
@@ -1056,8 +1062,8 @@ REGISTER_A_CONFIGS = tuple(
 #: QAT NVFP4's candidates (:func:`qat_nvfp4_gluon_gemm`): bf16 activations and bf16 weight values in shared memory,
 #: so fewer stages than FP8's at the same depth, and the operand converter (``numerics.fake_quant_nvfp4_operand``)
 #: with 104 registers and two 16-blocks a thread per pass, as 64-deep k-steps in two passes (three converted stages)
-#: and 32-deep ones in one; the main rows on stacked warpgroups. H100, kernel alone, gate_up / down: session 35
-#: (side by side) 0.77 / 0.44 ms; session 36 (stacked) 0.69 / 0.41 ms. The converter is the limit: its shared-memory
+#: and 32-deep ones in one; the product's transpose (``swap``). H100, kernel alone, gate_up / down: session 35
+#: (side by side) 0.77 / 0.44 ms; session 36 (stacked) 0.69 / 0.41 ms; session 41 (swapped) 0.677 / 0.387 ms. The converter is the limit: its shared-memory
 #: reads wait behind the wgmmas' operand reads (Nsight Compute, BENCHMARKS.md session 36), and 8 converter warps would
 #: leave the MMA warps too few registers for their 160 accumulator registers (``benchmarks/probe_gluon_qat_nvfp4.py``).
 NVFP4_CONFIGS = (
