@@ -66,11 +66,16 @@ def test_every_config_compiles_for_sm90(config, num_experts, tmp_path, monkeypat
     assert_wgmmas(kernel, config)
 
 
-@pytest.mark.parametrize("config", sorted({c._replace(persistent=False) for c in gluon_module.NVFP4_CONFIGS}),
-                         ids=lambda c: c.name)  # fmt: skip
+@pytest.mark.parametrize(
+    "config",
+    sorted({c._replace(persistent=False) for c in gluon_module.NVFP4_CONFIGS})
+    + [gluon_module.NVFP4_CONFIGS[0]._replace(swap=False, stacked=True)],
+    ids=lambda c: c.name,
+)
 def test_every_nvfp4_config_compiles_for_sm90(config, tmp_path, monkeypatch):
     """The QAT NVFP4 form: within Hopper's shared memory, bf16 wgmma, Markstein's quotient and the e4m3 block
-    scales' conversion in the converter, one register budget per role, nothing spilled, wgmmas not serialized."""
+    scales' conversion in the converter, one register budget per role, nothing spilled, wgmmas not serialized. Also
+    the stacked arrangement (shipped until session 41, the swap probe's base)."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = config.compile_for_sm90()
     ptx = kernel.asm["ptx"]
