@@ -436,7 +436,8 @@ def _mma_partition(x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x
                    NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
     """FP8 wgmma of each k-step's codes tile against the group's BM rows and, where it has them, its BT tail rows (one
     conversion of the weight serves up to BM + BT routed rows), then the epilogue: ``acc * x_s * w_s`` stored bf16.
-    In a persistent launch the loader and the converter fill the rings for the next tile meanwhile."""
+    In a persistent launch the loader and the converter fill the rings for the next tile meanwhile. ``SWAP`` (every
+    shipped configuration): the product's transpose, :func:`_swapped_group`."""
     BM: gl.constexpr = x8.shape[1]
     BT: gl.constexpr = xt8.shape[1]
     BK: gl.constexpr = x8.shape[2]
@@ -905,8 +906,8 @@ class GluonConfig(NamedTuple):
     stacked: bool = False  # the main rows' warpgroups stacked along M, each wgmma all bn columns wide (acc_layout)
     register_a: int = 0  # NVFP4, experimental: the weight as wgmma's register operand (qat_nvfp4_rega_kernel); 2:
     # each lane holds whole 16-blocks (lane_block_layout) and K is permuted (wgmma_k_order), 1: the plain A layout
-    swap: bool = False  # out^T = q(w) x^T: the weight tile the A operand, the rows B (each wgmma bm rows wide, the
-    # tail's as wide as its rows in steps of 16; _swapped_group)
+    swap: bool = False  # out^T = q(w) x^T: the weight tile the A operand, the rows B (the main rows in two wgmmas
+    # bm / 2 rows wide, the tail's as wide as its rows: 16, 32 or 64; _swapped_group)
     tail_box: int = 0  # rows a TMA copy of the tail brings (only the boxes holding the group's tail rows); 0: the
     # whole bt rows (every shipped configuration: the boxes are bit-equal and ~2% faster on the loads, the kernels'
     # gain within the rounds' spread; docs/grouped_qmm.md, sessions 39-40)
@@ -1043,8 +1044,8 @@ def sass(cubin: bytes) -> str:
 #: grid's upper bound), and the 128-wide tile persistent with 7 activation stages. Each computes the product's
 #: transpose (``swap``, session 41: the tail's wgmma as wide as its rows; H100, 7 stages: gate_up 0.483 -> 0.479 ms,
 #: down 0.311 -> 0.299 against the stacked warpgroups of session 36, themselves 0.549 -> 0.527 / 0.344 -> 0.336
-#: against side by side). All bit-exact on the H100 at Qwen3 shapes. The probe, ``benchmarks/probe_gluon_qat_fp8.py``, times more candidates and the inexact
-#: reciprocal ceilings.
+#: against side by side). All bit-exact on the H100 at Qwen3 shapes. The probe, ``benchmarks/probe_gluon_qat_fp8.py``,
+#: times more candidates and the inexact reciprocal ceilings.
 CONFIGS = (
     GluonConfig(256, 64, 128, 64, 5, 3, 3, 2, 4, 80, 8, 128, 2, swap=True),
     GluonConfig(256, 64, 64, 64, 6, 4, 3, 1, 4, 96, 4, 168, 2, swap=True),
@@ -1063,9 +1064,10 @@ REGISTER_A_CONFIGS = tuple(
 #: so fewer stages than FP8's at the same depth, and the operand converter (``numerics.fake_quant_nvfp4_operand``)
 #: with 104 registers and two 16-blocks a thread per pass, as 64-deep k-steps in two passes (three converted stages)
 #: and 32-deep ones in one; the product's transpose (``swap``). H100, kernel alone, gate_up / down: session 35
-#: (side by side) 0.77 / 0.44 ms; session 36 (stacked) 0.69 / 0.41 ms; session 41 (swapped) 0.677 / 0.387 ms. The converter is the limit: its shared-memory
-#: reads wait behind the wgmmas' operand reads (Nsight Compute, BENCHMARKS.md session 36), and 8 converter warps would
-#: leave the MMA warps too few registers for their 160 accumulator registers (``benchmarks/probe_gluon_qat_nvfp4.py``).
+#: (side by side) 0.77 / 0.44 ms; session 36 (stacked) 0.69 / 0.41 ms; session 41 (swapped) 0.677 / 0.387 ms. The
+#: converter is the limit: the MMA warps wait for its tiles (Nsight Compute, BENCHMARKS.md sessions 36 and 41), and 8
+#: converter warps would leave the MMA warps too few registers for their 160 accumulator registers
+#: (``benchmarks/probe_gluon_qat_nvfp4.py``).
 NVFP4_CONFIGS = (
     GluonConfig(256, 64, 128, 64, 3, 3, 3, 2, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, swap=True),
     GluonConfig(256, 64, 128, 32, 5, 4, 3, 1, 4, 104, 8, 128, 2, persistent=True, nvfp4=True, swap=True),
