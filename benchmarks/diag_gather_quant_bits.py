@@ -5,16 +5,25 @@ by how much, and whether the quantized activations themselves differ: ``fake_qua
 ``fake_quant_act(tokens[i])`` on the batch with its own amax (a compiled graph's intermediate cannot be read, so the
 two orders are computed directly).
 
-    python benchmarks/diag_gather_quant_bits.py --tokens 4096,16384
+    python benchmarks/diag_gather_quant_bits.py --tokens 4096,16384 [--output-code $OUT/code]
+
+``--output-code DIR`` (session 41) saves the code Inductor generates for each side's first call at each token count
+(``DIR/<on|off>_<tokens>.py``) and prints the kernels and ops each side's code calls that the other's does not: at
+16384 tokens the op's weight pass and ``torch._grouped_mm`` are nodes of each side's graph (Inductor traces the
+``triton_op``'s body), so the two graphs' code is where their outputs' last-bit differences should show.
+``--device cpu --tiny`` runs the script's own check on a small layer without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import re
 
 import torch
 from bench_e2e_modelopt import moeq_layer, output, qwen3_30b_a3b_layer
+from torch._inductor.utils import run_and_get_code
 
 from moeq.lowering import gather_quant
 from moeq.runtime.kernels import fake_quant_act
@@ -27,25 +36,52 @@ def differ(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"{int(bad.sum())} of {bad.numel()} differ, max |diff| {(a.float() - b.float()).abs().max().item():.3e}"
 
 
+#: what a generated module calls: extern kernels, custom ops, and the Triton kernels it defines
+CALLS = re.compile(r"extern_kernels\.\w+|torch\.ops\.\w+\.\w+|^def (triton_\w+)|(\w+_kernel)\b", re.MULTILINE)
+
+
+def calls(code: str) -> set[str]:
+    """The extern kernels, custom ops and Triton kernels named in generated code (kernel names without their
+    Inductor-assigned numbers)."""
+    return {re.sub(r"_\d+$", "", next(g for g in m.groups() if g) if any(m.groups()) else m.group(0))
+            for m in CALLS.finditer(code)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="4096,16384")
+    parser.add_argument("--output-code", default=None, help="save each side's generated code here")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="hidden 64, 8 experts of 32 (a check of the script)")
     args = parser.parse_args()
-    base = qwen3_30b_a3b_layer("cuda")
+    device = args.device
+    base = qwen3_30b_a3b_layer(device, 64, 32, 8) if args.tiny else qwen3_30b_a3b_layer(device)
     hidden = base.mlp.gate.weight.shape[1]
-    calib = torch.randn(4, 512, hidden, device="cuda", dtype=torch.bfloat16)
-    batches = [torch.randn(1, int(t), hidden, device="cuda", dtype=torch.bfloat16) for t in args.tokens.split(",")]
-    outs = {}
+    calib = torch.randn(4, 512, hidden, device=device, dtype=torch.bfloat16)
+    batches = [torch.randn(1, int(t), hidden, device=device, dtype=torch.bfloat16) for t in args.tokens.split(",")]
+    outs, codes = {}, {}
     for name, flag in (("on", True), ("off", False)):
         torch._dynamo.reset()
         with gather_quant.enabled(flag), torch.no_grad():
             layer = moeq_layer(copy.deepcopy(base), calib)
             for x in batches:
-                first, second = output(layer(x)), output(layer(x))
-                outs[name, x.shape[1]] = first
+                first, code = run_and_get_code(lambda x=x, layer=layer: output(layer(x)))
+                second = output(layer(x))
+                outs[name, x.shape[1]], codes[name, x.shape[1]] = first, "\n".join(code)
                 print(f"{name} {x.shape[1]} tokens: two calls {differ(first, second)}", flush=True)
+    if args.output_code:
+        os.makedirs(args.output_code, exist_ok=True)
+        for (name, tokens), code in codes.items():
+            with open(os.path.join(args.output_code, f"{name}_{tokens}.py"), "w") as f:
+                f.write(code)
     for x in batches:
-        print(f"{x.shape[1]} tokens: on vs off {differ(outs['on', x.shape[1]], outs['off', x.shape[1]])}", flush=True)
+        t = x.shape[1]
+        print(f"{t} tokens: on vs off {differ(outs['on', t], outs['off', t])}", flush=True)
+        on_calls, off_calls = calls(codes["on", t]), calls(codes["off", t])
+        print(f"  called only with the move: {sorted(on_calls - off_calls)}; only without: "
+              f"{sorted(off_calls - on_calls)}", flush=True)  # fmt: skip
+        if device != "cuda":
+            continue
         tokens = x.reshape(-1, hidden)
         index = torch.randint(tokens.shape[0], (8 * tokens.shape[0],), device="cuda")
         amax = tokens.abs().amax().float().reshape(1)

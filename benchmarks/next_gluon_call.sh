@@ -3,7 +3,8 @@
 # 25 tests then needed more than 260 s: now 540, alone) and a's end-to-end step.
 # a: the end-to-end gather_quant A/B within one run (bench_e2e_modelopt.py --ab-gather: the pass-off layer built and
 #    timed inside gather_quant.enabled(False), now that graphs guard on the switch), then each layer's kernels
-#    (profile_e2e_gather.py) and the on/off bits (diag_gather_quant_bits.py: 16384 tokens differed in 1356 outputs).
+#    (profile_e2e_gather.py) and the on/off bits (diag_gather_quant_bits.py: 16384 tokens differed in 1356 outputs;
+#    --output-code saves both sides' generated code and prints what only one side calls).
 # b: the acceptance bench's QAT NVFP4 and QAT FP8 at 34k rows through the op (3 rounds), with the "as compiled" row.
 # s: the swapped kernel (session 41): its GPU tests, then probe_gluon_variants.py --family swap.
 # t: every Gluon GPU test (the shipped configurations are swapped since session 41); ~8 minutes on a fresh machine.
@@ -28,8 +29,8 @@ elif [ "$PART" = a ]; then
   echo e2e rc $?; tail -5 $OUT/e2e.log | cut -c1-220
   timeout -s INT 150 python profile_e2e_gather.py --tokens 4096,16384 --out $OUT > $OUT/profile.log 2>&1
   echo profile rc $?; grep -E "tokens,|fake_quant|qat_ws|cutlass|_grouped_mm" $OUT/profile.log | cut -c1-160
-  timeout -s INT 120 python diag_gather_quant_bits.py --tokens 4096,16384 > $OUT/bits.log 2>&1
-  echo bits rc $?; grep -E "tokens|fake_quant_act\(" $OUT/bits.log | cut -c1-200
+  timeout -s INT 180 python diag_gather_quant_bits.py --tokens 4096,16384 --output-code $OUT/code > $OUT/bits.log 2>&1
+  echo bits rc $?; grep -E "tokens|called only|fake_quant_act\(" $OUT/bits.log | cut -c1-300
 else
   timeout -s INT 300 python benchmarks/bench_grouped_qmm.py --only "qwen3 gate_up M=34816,qwen3 down M=34816" \
     --modes "QAT NVFP4,QAT FP8" --rounds 3 --out $OUT > $OUT/bench.log 2>&1
