@@ -43,8 +43,7 @@ CALLS = re.compile(r"extern_kernels\.\w+|torch\.ops\.\w+\.\w+|^def (triton_\w+)|
 def calls(code: str) -> set[str]:
     """The extern kernels, custom ops and Triton kernels named in generated code (kernel names without their
     Inductor-assigned numbers)."""
-    return {re.sub(r"_\d+$", "", next(g for g in m.groups() if g) if any(m.groups()) else m.group(0))
-            for m in CALLS.finditer(code)}  # fmt: skip
+    return {re.sub(r"_\d+$", "", m.group(1) or m.group(2) or m.group(0)) for m in CALLS.finditer(code)}
 
 
 def main() -> None:

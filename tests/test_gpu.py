@@ -511,13 +511,11 @@ def test_qat_gluon_swapped_cuda(fmt, counts, k, n):
     for box in (0, 16):
         config = base._replace(swap=True, stacked=False, tail_box=box)
         codes = torch.zeros(num_experts, n, k, dtype=codes_type, device="cuda")
-        if fmt == "nvfp4":
-            got = qat_nvfp4_gluon_gemm(x_in, w, offs_cuda, amax_cuda, config=config, codes=codes)
-        else:
-            got = qat_fp8_gluon_gemm(x_in, w, offs_cuda, amax_cuda, x_amax.cuda(), config=config, codes=codes)
         if fmt == "nvfp4":  # the operand's values: a zero's sign is not kept
+            got = qat_nvfp4_gluon_gemm(x_in, w, offs_cuda, amax_cuda, config=config, codes=codes)
             assert torch.equal(codes.cpu()[routed], wq_ref[routed]), config.name
         else:
+            got = qat_fp8_gluon_gemm(x_in, w, offs_cuda, amax_cuda, x_amax.cuda(), config=config, codes=codes)
             assert_same_bits(codes.cpu()[routed], wq_ref[routed], config.name)
         err = (got.cpu().double() - ref).abs()
         bad = ~(err <= 2.0**-8 * magnitude + 2.0**-8 * ref.abs() + 1e-30)
