@@ -14,7 +14,8 @@ with ``triton.testing.do_bench`` (median) at several token counts. Two more laye
 unquantized layer compiled by Inductor (same ``grouped_mm`` experts; "vs bf16" is its time over moeq's) and, with
 ``--ab-gather``, moeq with the activations' fake quant left after the routing gather
 (``moeq.lowering.gather_quant.enabled(False)``), built and timed last after ``torch._dynamo.reset()``, inside the
-switch's block. Session 40's first A/B timed one graph twice: Dynamo had served the second instance of the layer's
+switch's block; then moeq's layer runs again on a graph compiled after the reset, and the number of outputs
+that differ from its first output and from the pass-off layer's is reported. Session 40's first A/B timed one graph twice: Dynamo had served the second instance of the layer's
 class the first's graph, before moeq's pre-hook made compiled graphs guard on the lowering switches. Prints one table,
 writes JSON under ``--out`` (default $OUT or ./out).
 
@@ -161,6 +162,15 @@ def main() -> None:
                     if bad:
                         print(f"  {r['tokens']} tokens: {bad} outputs differ with gather_quant off", flush=True)
                     r["moeq_quant_after_gather_ms"] = forward_ms(after_gather, x, device, 30)
+                    r["_off"] = output(after_gather(x)).float()
+        for r, x, got_ours in zip(results, batches, outputs):  # moeq's layer again, on a fresh graph (after the reset)
+            with torch.no_grad():
+                again = output(ours(x)).float()
+            r["moeq_rerun_differing_outputs"] = int((again != got_ours).sum())
+            r["moeq_rerun_vs_off_differing_outputs"] = int((again != r.pop("_off")).sum())
+            print(f"  {r['tokens']} tokens: moeq's layer again differs from its first output in "
+                  f"{r['moeq_rerun_differing_outputs']}, from the pass-off layer's in "
+                  f"{r['moeq_rerun_vs_off_differing_outputs']} outputs", flush=True)  # fmt: skip
     rows = [[str(r["tokens"]), f"{r['moeq_ms']:.3f}", f"{r['tokens'] / r['moeq_ms'] * 1e3:,.0f}",
              f"{r['modelopt_ms']:.3f}", f"{r['tokens'] / r['modelopt_ms'] * 1e3:,.0f}", f"{r['speedup']:.1f}x",
              "met" if r["speedup"] >= 3 else "MISSED", f"{r['bf16_ms']:.3f} ({r['bf16_ms'] / r['moeq_ms']:.2f}x)",

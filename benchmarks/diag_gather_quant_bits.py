@@ -11,7 +11,8 @@ two orders are computed directly).
 (``DIR/<on|off>_<tokens>.py``) and prints the kernels and ops each side's code calls that the other's does not: at
 16384 tokens the op's weight pass and ``torch._grouped_mm`` are nodes of each side's graph (Inductor traces the
 ``triton_op``'s body), so the two graphs' code is where their outputs' last-bit differences should show.
-``--device cpu --tiny`` runs the script's own check on a small layer without a GPU.
+``--between modelopt`` (or ``bf16``) builds and runs that layer between the two sides, as the end-to-end bench
+does, and prints the process-wide settings it changed. ``--device cpu --tiny`` runs the script's own check on a small layer without a GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import re
 
 import torch
-from bench_e2e_modelopt import moeq_layer, output, qwen3_30b_a3b_layer
+from bench_e2e_modelopt import bf16_layer, modelopt_layer, moeq_layer, output, qwen3_30b_a3b_layer
 from torch._inductor.utils import run_and_get_code
 
 from moeq.lowering import gather_quant
@@ -46,12 +47,35 @@ def calls(code: str) -> set[str]:
     return {re.sub(r"_\d+$", "", m.group(1) or m.group(2) or m.group(0)) for m in CALLS.finditer(code)}
 
 
+def global_switches() -> dict:
+    """Process-wide settings a layer built in between could change: matmul precision flags, determinism, and every
+    Inductor and Dynamo config value."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    matmul = torch.backends.cuda.matmul
+    switches = {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "matmul.allow_tf32": matmul.allow_tf32,
+        "matmul.allow_bf16_reduced_precision_reduction": matmul.allow_bf16_reduced_precision_reduction,
+        "matmul.allow_fp16_reduced_precision_reduction": matmul.allow_fp16_reduced_precision_reduction,
+        "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+    for name, config in (("inductor", inductor_config), ("dynamo", dynamo_config)):
+        switches.update({f"{name}.{k}": repr(v) for k, v in config.get_config_copy().items()})
+    return switches
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="4096,16384")
     parser.add_argument("--output-code", default=None, help="save each side's generated code here")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="hidden 64, 8 experts of 32 (a check of the script)")
+    parser.add_argument("--between", choices=["none", "modelopt", "bf16"], default="none",
+                        help="build and run this layer after the pass-on side, before the pass-off side (as "
+                        "bench_e2e_modelopt.py does), and print the process-wide settings it changed")  # fmt: skip
     args = parser.parse_args()
     device = args.device
     base = qwen3_30b_a3b_layer(device, 64, 32, 8) if args.tiny else qwen3_30b_a3b_layer(device)
@@ -60,6 +84,17 @@ def main() -> None:
     batches = [torch.randn(1, int(t), hidden, device=device, dtype=torch.bfloat16) for t in args.tokens.split(",")]
     outs, codes = {}, {}
     for name, flag in (("on", True), ("off", False)):
+        if name == "off" and args.between != "none":
+            before = global_switches()
+            with torch.no_grad():
+                peer = modelopt_layer(copy.deepcopy(base), calib) if args.between == "modelopt" else bf16_layer(
+                    copy.deepcopy(base))  # fmt: skip
+                for x in batches:
+                    output(peer(x))
+            after = global_switches()
+            changed = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()
+                       if before.get(k) != after.get(k)}  # fmt: skip
+            print(f"{args.between} layer in between changed: {changed or 'nothing'}", flush=True)
         torch._dynamo.reset()
         with gather_quant.enabled(flag), torch.no_grad():
             layer = moeq_layer(copy.deepcopy(base), calib)
