@@ -3,8 +3,8 @@
 # 25 tests then needed more than 260 s: now 540, alone) and a's end-to-end step.
 # a: the end-to-end gather_quant A/B within one run (bench_e2e_modelopt.py --ab-gather: the pass-off layer built and
 #    timed inside gather_quant.enabled(False), now that graphs guard on the switch), then each layer's kernels
-#    (profile_e2e_gather.py) and the on/off bits (diag_gather_quant_bits.py: 16384 tokens differed in 1356 outputs;
-#    --output-code saves both sides' generated code and prints what only one side calls).
+#    (profile_e2e_gather.py) and the on/off bits (diag_gather_quant_bits.py: 16384 tokens differed in 1356 outputs in
+#    sessions 40-41, in none in session 42's three runs; --output-code saves both sides' generated code).
 # b: the acceptance bench's QAT NVFP4 and QAT FP8 at 34k rows through the op (3 rounds), with the "as compiled" row.
 # s: the swapped kernel (session 41): its GPU tests, then probe_gluon_variants.py --family swap.
 # t: every Gluon GPU test (the shipped configurations are swapped since session 41); ~8 minutes on a fresh machine.
