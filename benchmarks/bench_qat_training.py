@@ -114,6 +114,10 @@ def time_ms(fn, device: str, rep: int) -> float:
     return (time.perf_counter() - started) * 1e3
 
 
+HEADER = ["tokens", "variant", "fwd ms (no grad)", "fwd ms (train)", "step ms", "step kernels ms", "vs bf16 step",
+          "codes ms (once per optimizer step)", "kept for bwd MB", "expert grad rel err vs bf16"]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -174,11 +178,10 @@ def main() -> None:
                                     grad_rel_err_vs_bf16=rel))  # fmt: skip
                 rows.append([str(tokens), label, f"{fwd:.3f}", f"{fwd_train:.3f}", f"{ms:.3f}", f"{gpu_ms:.3f}",
                              f"{anchor_ms[tokens] / ms:.2f}x", f"{codes_ms:.3f}", f"{kept:,.0f}", f"{rel:.3f}"])  # fmt: skip
-                print(f"  {tokens} tokens, {label} done", flush=True)
+                print(f"  {tokens} tokens, {label}: " + " | ".join(f"{h} {v}" for h, v in zip(HEADER[2:], rows[-1][2:])),
+                      flush=True)  # fmt: skip
     rows.sort(key=lambda r: int(r[0]))
-    header = ["tokens", "variant", "fwd ms (no grad)", "fwd ms (train)", "step ms", "step kernels ms", "vs bf16 step",
-              "codes ms (once per optimizer step)", "kept for bwd MB", "expert grad rel err vs bf16"]  # fmt: skip
-    print_and_save(args.out, "bench_qat_training", header, rows, results=results, shapes=shapes)
+    print_and_save(args.out, "bench_qat_training", HEADER, rows, results=results, shapes=shapes)
 
 
 if __name__ == "__main__":
