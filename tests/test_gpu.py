@@ -50,6 +50,42 @@ def test_fake_quant_experts_bit_exact_cuda(shape, k_dim, fmt, dtype, seed):
     assert_same_bits(got, expected, fmt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("shape", "k_dim"), [((8, 96, 256), 2), ((4, 2048, 96), 1), ((2, 24, 400), 2)])
+def test_nvfp4_weight_codes_cuda(shape, k_dim, dtype):
+    """nvfp4_weight_codes on CUDA == formats' NVFP4 stored form on the CPU, bit for bit (NaN, infinities and blocks
+    spanning the fp32 range included: the GPU's e4m3 conversion writes NaN as 0x7F, as torch's cast does), and
+    ``moeq::quantize_weight`` of an NVFP4 weight on CUDA launches it (session 42: the torch reference took 54.7 ms
+    for one Qwen3-30B-A3B layer's experts on entering ``reuse_weight_codes``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeq.formats import stored_form
+    from moeq.runtime import kernels
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(shape, generator=g) * torch.logspace(-2, 1, shape[0]).view(-1, 1, 1)
+    amax = expert_amax(w) * 0.8
+    w[0].view(-1)[[3, 40]] = float("nan")
+    w[1].view(-1)[[5, 77]] = torch.tensor([float("inf"), -float("inf")])
+    w = w.to(dtype)
+    want = stored_form(get_format("nvfp4").quantize(w, expand_per_expert(amax, 3), k_dim))
+    got = kernels.nvfp4_weight_codes(w.cuda(), amax.cuda(), k_dim)
+    for name, a, b in zip(("data", "scale", "block_scale"), got, want):
+        assert_same_bits(a.cpu(), b, name)
+    blocks, amax_wide = far_below_block_weights(), torch.tensor([3e38, 1e15])
+    want = stored_form(get_format("nvfp4").quantize(blocks, expand_per_expert(amax_wide, 3), 2))
+    for name, a, b in zip(
+        ("data", "scale", "block_scale"), kernels.nvfp4_weight_codes(blocks.cuda(), amax_wide.cuda(), 2), want
+    ):
+        assert_same_bits(a.cpu(), b, name)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        stored = torch.ops.moeq.quantize_weight(w.cuda(), amax.cuda(), "nvfp4", 0, k_dim)
+        torch.cuda.synchronize()
+    assert [e.name for e in prof.events() if "_nvfp4_codes_kernel" in e.name], "quantize_weight did not launch it"
+    for a, b in zip(stored, got):
+        assert_same_bits(a, b)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_segment_amax_and_act_bit_exact_cuda(dtype, seed):

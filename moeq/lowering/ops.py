@@ -383,7 +383,7 @@ def _register_cuda_kernels() -> None:
         if not _TRITON_ENABLED:
             data, scale, block = _quantize_weight_reference(w.cpu(), amax.cpu(), fmt, expert_dim, contraction_dim)
             return data.to(w.device), scale.to(w.device), block.to(w.device)
-        if fmt != "fp8" or w.dim() != 3 or expert_dim % 3 != 0:
+        if not _quantizes_in_a_kernel(w, amax, fmt, expert_dim):
             return _quantize_weight_reference(w, amax, fmt, expert_dim, contraction_dim)
         data_shape, block_shape = stored_shapes(w.shape, fmt, contraction_dim)
         stored = (
@@ -391,7 +391,7 @@ def _register_cuda_kernels() -> None:
             w.new_empty(amax.shape, dtype=torch.float32),
             w.new_empty(block_shape, dtype=torch.uint8),
         )
-        _fp8_codes_into(w, amax, contraction_dim, stored[0], stored[1])
+        _codes_into(w, amax, fmt, contraction_dim, *stored)
         return stored
 
     @grouped_wgrad_ste.register_kernel("cuda")
@@ -490,9 +490,21 @@ def _(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) 
     return w.new_empty(data, dtype=torch.uint8), scale, w.new_empty(block, dtype=torch.uint8)
 
 
-def _fp8_codes_into(w: Tensor, amax: Tensor, contraction_dim: int, data: Tensor, scale: Tensor) -> None:
-    """FP8 codes written by the Triton kernel straight into K-last ``data`` (seen in ``w``'s layout); the scales."""
+def _quantizes_in_a_kernel(w: Tensor, amax: Tensor, fmt: str, expert_dim: int) -> bool:
+    """Whether ``quantize_weight`` of these operands runs a Triton kernel: a 3-D weight with experts along dim 0, FP8
+    (per-expert or channel-wise amax) or NVFP4 (per-expert amax)."""
+    shaped = w.dim() == 3 and expert_dim % 3 == 0
+    return shaped and (fmt == "fp8" or (fmt == "nvfp4" and amax.numel() == w.shape[0]))
+
+
+def _codes_into(w: Tensor, amax: Tensor, fmt: str, contraction_dim: int, data: Tensor, scale: Tensor,
+                block: Tensor) -> None:  # fmt: skip
+    """The stored form written by a Triton kernel straight into ``data``, ``scale``, ``block``: FP8 codes into K-last
+    ``data`` (seen in ``w``'s layout), NVFP4 (:func:`moeq.runtime.kernels.nvfp4_weight_codes`) into all three."""
     k_dim = contraction_dim % 3
+    if fmt == "nvfp4":
+        _triton_kernels().nvfp4_weight_codes(w, amax, k_dim, out=(data, scale.view(-1), block))
+        return
     codes = data.view(torch.float8_e4m3fn).movedim(-1, k_dim)
     _triton_kernels().fake_quant_experts(w, amax, "fp8", k_dim, codes=True, out=codes)
     scale.copy_(get_format("fp8").scale_from_amax(amax.detach().float()).reshape(scale.shape))
@@ -502,11 +514,11 @@ def quantize_weight_into_(
     w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int, data: Tensor, scale: Tensor, block: Tensor
 ) -> None:
     """``quantize_weight(w, amax, ...)`` written into existing tensors of its output shapes, so that they keep
-    their addresses (CUDA graphs replay reading them). On CUDA, FP8 codes go straight from the kernel into
+    their addresses (CUDA graphs replay reading them). On CUDA, the codes go straight from the kernel into
     ``data``; otherwise the op's result is copied."""
     kernel = _TRITON_ENABLED and w.is_cuda and _triton_kernels() is not None
-    if kernel and fmt == "fp8" and w.dim() == 3 and expert_dim % 3 == 0:
-        _fp8_codes_into(w, amax, contraction_dim, data, scale)
+    if kernel and _quantizes_in_a_kernel(w, amax, fmt, expert_dim):
+        _codes_into(w, amax, fmt, contraction_dim, data, scale, block)
         return
     for dst, src in zip(
         (data, scale, block), torch.ops.moeq.quantize_weight(w, amax, fmt, expert_dim, contraction_dim)

@@ -22,6 +22,7 @@ from moeq.formats import (
     expert_amax,
     get_format,
     round_to_e4m3,
+    stored_form,
 )
 from moeq.lowering import ops
 from moeq.runtime import kernels
@@ -92,6 +93,69 @@ def test_fake_quant_experts_rejects_bad_input():
     many = torch.zeros(65536, 1, 16)
     with pytest.raises(ValueError, match="more than 65535 experts or row tiles"):
         kernels.fake_quant_experts(many, torch.ones(65536), "fp8")
+
+
+def _stored_nvfp4(w, amax, k_dim):
+    """formats' NVFP4 quantization in the stored form (the reference of ``nvfp4_weight_codes``)."""
+    return stored_form(get_format("nvfp4").quantize(w, expand_per_expert(amax, 3), k_dim))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("shape", "k_dim"), [*WEIGHT_SHAPES, ((2, 144, 24), 1), ((1, 8, 400), 2)])
+def test_nvfp4_weight_codes_bit_exact(shape, k_dim, dtype, seed):
+    """nvfp4_weight_codes == formats' NVFP4 quantize in the stored form (packed E2M1 pairs in the deploy order,
+    e4m3 block scales, the global scale) bit for bit: K past whole 128-element runs (the last run's padding bytes
+    zero), both contraction dims, an expert with a zero amax, saturating values, signed zeros and tiny values."""
+    w = _weights(shape, dtype, seed)
+    if w.shape[k_dim] % 16:
+        pytest.skip("NVFP4 needs K % 16 == 0 (rejection is tested below)")
+    amax = expert_amax(w) * torch.tensor([0.7, 1.0, 1.0, 1.0])[: shape[0]]
+    if shape[0] > 2:
+        amax[1] = 0.0
+    got, want = kernels.nvfp4_weight_codes(w, amax, k_dim), _stored_nvfp4(w, amax, k_dim)
+    for name, g, e in zip(("data", "scale", "block_scale"), got, want):
+        assert_same_bits(g, e, name)
+
+
+def test_nvfp4_weight_codes_extreme_values():
+    """Blocks spanning the whole fp32 range (quotients that are -0 or underflow; global amaxes inside and outside
+    the fast quotient's range) and infinities (saturating at +-6): the same bits as formats. (NaN blocks: the GPU
+    test; the interpreter's e4m3 store writes NaN as 0x7C.)"""
+    w = far_below_block_weights()
+    amax = torch.tensor([3e38, 1e15])
+    got, want = kernels.nvfp4_weight_codes(w, amax, 2), _stored_nvfp4(w, amax, 2)
+    for name, g, e in zip(("data", "scale", "block_scale"), got, want):
+        assert_same_bits(g, e, name)
+    w = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(3))
+    w[:, 1, 20], w[:, 2, 7] = float("inf"), -float("inf")
+    amax = torch.tensor([2.0, 0.0])
+    got, want = kernels.nvfp4_weight_codes(w, amax, 2), _stored_nvfp4(w, amax, 2)
+    for name, g, e in zip(("data", "scale", "block_scale"), got, want):
+        assert_same_bits(g, e, name)
+
+
+def test_nvfp4_weight_codes_into_existing_tensors():
+    """``out=``: the three tensors are written in place (their storage kept); wrong shapes, dtypes or layouts,
+    K not a multiple of 16, a 2-D weight and a wrong amax length are errors that say what was expected."""
+    w = torch.randn(2, 32, 48)
+    amax = expert_amax(w)
+    out = tuple(torch.full_like(t, 7) for t in _stored_nvfp4(w, amax, 1))
+    pointers = [t.data_ptr() for t in out]
+    got = kernels.nvfp4_weight_codes(w, amax, 1, out=out)
+    assert [t.data_ptr() for t in got] == pointers
+    for g, e in zip(got, _stored_nvfp4(w, amax, 1)):
+        assert_same_bits(g, e)
+    with pytest.raises(ValueError, match=r"nvfp4_weight_codes: out is .* needs"):
+        kernels.nvfp4_weight_codes(w, amax, 1, out=(out[0][:, :, :32], out[1], out[2]))
+    with pytest.raises(ValueError, match="multiple of the block size 16"):
+        kernels.nvfp4_weight_codes(torch.randn(2, 8, 24), amax, 2)
+    with pytest.raises(ValueError, match="3-D"):
+        kernels.nvfp4_weight_codes(w[0], amax, 1)
+    with pytest.raises(ValueError, match="entries for 2 experts"):
+        kernels.nvfp4_weight_codes(w, torch.ones(3), 1)
+    with pytest.raises(ValueError, match="contraction_dim must be 1 or 2"):
+        kernels.nvfp4_weight_codes(w, amax, 0)
 
 
 def _routed(seed, dtype, counts, k=64):
@@ -527,10 +591,24 @@ def test_channel_wise_codes_and_dequant_round_trip(shape, k_dim):
     data, scale, block = ops._quantize_weight_reference(w, amax, "fp8", 0, k_dim)
     assert scale.shape == amax.shape
     buffers = (torch.zeros_like(data), torch.zeros_like(scale), torch.zeros_like(block))
-    ops._fp8_codes_into(w, amax, k_dim, buffers[0], buffers[1])
+    ops._codes_into(w, amax, "fp8", k_dim, *buffers)
     assert torch.equal(buffers[0], data) and torch.equal(buffers[1], scale)
     got = kernels.dequant_stored_weight(data, scale, block, "fp8", torch.bfloat16).movedim(-1, k_dim)
     assert torch.equal(got, get_format("fp8").fake_quant(w, expand_weight_amax(amax, 3, 0, k_dim), k_dim))
+
+
+@pytest.mark.parametrize(("shape", "k_dim"), [((3, 40, 64), 2), ((2, 144, 24), 1)])
+def test_nvfp4_codes_into_and_dequant_round_trip(shape, k_dim):
+    """NVFP4's stored form written by the kernel into existing buffers (what ``reuse_weight_codes`` refills each
+    optimizer step), dequantized by the dequant kernel == the fake quant, bit for bit."""
+    w = _weights(shape, torch.bfloat16, 1)
+    amax = expert_amax(w) * 0.9
+    buffers = tuple(torch.zeros_like(t) for t in ops._quantize_weight_reference(w, amax, "nvfp4", 0, k_dim))
+    ops._codes_into(w, amax, "nvfp4", k_dim, *buffers)
+    for got, want in zip(buffers, ops._quantize_weight_reference(w, amax, "nvfp4", 0, k_dim)):
+        assert_same_bits(got, want)
+    got = kernels.dequant_stored_weight(*buffers, "nvfp4", torch.bfloat16).movedim(-1, k_dim)
+    assert_same_bits(got, get_format("nvfp4").fake_quant(w, expand_per_expert(amax, 3), k_dim))
 
 
 def test_channel_wise_amax_of_the_wrong_shape():

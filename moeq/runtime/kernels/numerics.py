@@ -265,9 +265,20 @@ def fake_quant_nvfp4_blocks(blocks, g, FAST, INTERPRET: tl.constexpr):
     quotient underflows) is the exact test ``x 2^150 < -d``. Else ``div_rn`` per element. The sign rides on the
     per-block scale.
     """
+    magnitude, negative, scale, _ = nvfp4_block_quotients(blocks, g, FAST, INTERPRET)
+    return magnitude * negate_where(negative, scale)
+
+
+@triton.jit
+def nvfp4_block_quotients(blocks, g, FAST, INTERPRET: tl.constexpr):
+    """:func:`fake_quant_nvfp4_blocks`' parts: ``(magnitude, negative, scale, block_scale)``, the quotient's E2M1
+    magnitude (on the grid, saturated), whether its code is negative, the block's scale ``e4m3 * g`` and its e4m3
+    factor (``[P, B, 1]``). The fake quant is ``magnitude * (-scale if negative else scale)``; the codes
+    (:mod:`moeq.runtime.kernels.nvfp4_codes`) are the magnitude's index and the sign."""
     block_amax = tl.reduce(tl.abs(blocks), 2, max_keeping_nan, keep_dims=True)
     six_g, inv_six_g = nvfp4_block_divisor(g)
-    scale = nvfp4_block_scale(block_amax, g, six_g, inv_six_g, FAST, INTERPRET) * g
+    block_scale = nvfp4_block_scale(block_amax, g, six_g, inv_six_g, FAST, INTERPRET)
+    scale = block_scale * g
     d = safe_divisor(scale)
     if FAST:
         q = markstein_quotient(blocks, d, reciprocal(d, INTERPRET))[1]
@@ -275,7 +286,7 @@ def fake_quant_nvfp4_blocks(blocks, g, FAST, INTERPRET: tl.constexpr):
     else:
         q = tl.math.div_rn(blocks, d)
         negative = q < 0
-    return e2m1_grid(min_number(tl.abs(q), 6.0, INTERPRET)) * negate_where(negative, scale)
+    return e2m1_grid(min_number(tl.abs(q), 6.0, INTERPRET)), negative, scale, block_scale
 
 
 @triton.jit
