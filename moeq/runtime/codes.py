@@ -4,7 +4,8 @@ In QAT mode every forward fake-quantizes every expert weight: a pass over the wh
 rows of a Qwen3-30B-A3B layer costs about as much as the FP8 GEMM it feeds. The weights change only when the
 optimizer steps, so the micro-batches of one step (gradient accumulation, pipeline schedules) and an evaluation
 pass all quantize the same weights. Inside the block each expert weight is quantized once, on entry
-(``moeq::quantize_weight``: FP8 codes or packed NVFP4, the form ``moeq.freeze`` stores), and every forward reads
+(``moeq::quantize_weight``: FP8 codes or packed NVFP4, the form ``moeq.freeze`` stores, one Triton kernel each on
+CUDA), and every forward reads
 those codes (``moeq::fake_quant_weight_from_codes``: bit for bit the fake quant of the unchanged weight; the
 gradient is the same straight-through estimator into the bf16 weight). Compiled FP8 graphs multiply the codes
 with the deploy kernel (``moeq::grouped_qmm`` on a stored weight), which computes the QAT values from them; NVFP4
