@@ -8,7 +8,9 @@
 # b: the acceptance bench's QAT NVFP4 and QAT FP8 at 34k rows through the op (3 rounds), with the "as compiled" row.
 # s: the swapped kernel (session 41): its GPU tests, then probe_gluon_variants.py --family swap.
 # t: every Gluon GPU test (the shipped configurations are swapped since session 41); ~8 minutes on a fresh machine.
-PART=${1:?usage: next_gluon_call.sh a|b|s|t}
+# c: session 42's NVFP4 codes kernel (first run on a GPU): its test, the reused-codes and freeze tests that go through
+#    it, then the reuse_weight_codes entry timed again (session 42 call 8: 54.7 ms through the torch reference).
+PART=${1:?usage: next_gluon_call.sh a|b|c|s|t}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,power.limit --format=csv,noheader
@@ -23,6 +25,14 @@ elif [ "$PART" = t ]; then
   timeout -s INT 540 python -m pytest -q -rA tests/test_gpu.py -k "gluon or quantize_once or qat_nvfp4_once" \
     -p no:cacheprovider > $OUT/tests.log 2>&1
   echo tests rc $?; grep -E "passed|failed|FAILED|Error" $OUT/tests.log | tail -8 | cut -c1-300
+elif [ "$PART" = c ]; then
+  timeout -s INT 380 python -m pytest -q -rA tests/test_gpu.py -n 8 -p no:cacheprovider \
+    -k "nvfp4_weight_codes or reused_weight_codes or freeze or w4a16" > $OUT/tests.log 2>&1
+  echo tests rc $?; grep -E "passed|failed|FAILED|Error" $OUT/tests.log | tail -8 | cut -c1-300
+  cd benchmarks
+  timeout -s INT 180 python bench_qat_training.py --tokens 4352 \
+    --variants NVFP4:auto,NVFP4:auto:reuse,NVFP4:auto:reuse:dequantized --out $OUT > $OUT/train.log 2>&1
+  echo train rc $?; grep -E "tokens," $OUT/train.log | cut -c1-300
 elif [ "$PART" = a ]; then
   cd benchmarks
   timeout -s INT 240 python bench_e2e_modelopt.py --tokens 4096,16384 --ab-gather --out $OUT > $OUT/e2e.log 2>&1
