@@ -91,12 +91,12 @@ def _nvfp4_codes_kernel(
     magnitude, negative, scale, block_scale = nvfp4_block_quotients(w, g, fast, INTERPRET)
     codes = e2m1_code(magnitude, negative, scale == scale)
     # the run's block scales, K-last [E, M, K/16]
-    b_rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    out_rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     b_cols = tile_k * (RUN // 16) + tl.arange(0, RUN // 16)[None, :]
     scales = tl.reshape(block_scale, [BLOCK_M, RUN // 16]).to(tl.float8e4nv, fp_downcast_rounding="rtne")
     scales = scales.to(tl.uint8, bitcast=True)
-    tl.store(block_ptr + (expert.to(tl.int64) * M + b_rows) * tl.cdiv(K, 16) + b_cols, scales,
-             mask=(b_rows < M) & (b_cols < tl.cdiv(K, 16)))  # fmt: skip
+    tl.store(block_ptr + (expert.to(tl.int64) * M + out_rows) * tl.cdiv(K, 16) + b_cols, scales,
+             mask=(out_rows < M) & (b_cols < tl.cdiv(K, 16)))  # fmt: skip
     # pairs (element 2k low nibble), then the run's byte order: byte 8j + 4h + c at 16c + 2j + h
     lo, hi = tl.split(tl.reshape(codes, [BLOCK_M, RUN // 2, 2]))
     pairs = tl.permute(tl.reshape(lo | (hi << 4), [BLOCK_M, 8, 2, 4]), [0, 3, 1, 2])  # (row, c, j, h)
@@ -104,10 +104,9 @@ def _nvfp4_codes_kernel(
     b0, b2 = tl.split(even)
     b1, b3 = tl.split(odd)
     words = deploy_word_bits(b0 | (b1 << 8) | (b2 << 16) | (b3 << 24))
-    w_rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     w_cols = tile_k * (RUN // 8) + tl.arange(0, RUN // 8)[None, :]
-    tl.store(data_ptr + (expert.to(tl.int64) * M + w_rows) * WORDS + w_cols, words.to(tl.int32, bitcast=True),
-             mask=w_rows < M)  # fmt: skip
+    tl.store(data_ptr + (expert.to(tl.int64) * M + out_rows) * WORDS + w_cols, words.to(tl.int32, bitcast=True),
+             mask=out_rows < M)  # fmt: skip
 
 
 def nvfp4_weight_codes(
