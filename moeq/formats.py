@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,6 +47,7 @@ __all__ = [
     "unpack_nibbles",
     "interleave_nvfp4_runs",
     "stored_form",
+    "stored_shapes",
     "deinterleave_nvfp4_runs",
     "NVFP4_RUN_BYTES",
     "NVFP4_WORD_BITS",
@@ -344,6 +346,17 @@ def stored_form(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     if q.block_scale is None:
         return data.contiguous(), scale, data.new_zeros(0)
     return interleave_nvfp4_runs(data).contiguous(), scale, q.block_scale.view(torch.uint8).contiguous()
+
+
+def stored_shapes(weight_shape: Any, fmt: str, contraction_dim: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The shapes of :func:`stored_form`'s uint8 ``data`` and ``block_scale`` for a 3-D weight (experts along
+    dim 0): K-last data (NVFP4: packed in whole 64-byte runs, :func:`interleave_nvfp4_runs`)."""
+    k_dim = contraction_dim % 3
+    e, other, k = weight_shape[0], weight_shape[3 - k_dim], weight_shape[k_dim]
+    if fmt == "nvfp4":
+        runs = -(-k // (2 * NVFP4_RUN_BYTES)) * NVFP4_RUN_BYTES
+        return (e, other, runs), (e, other, k // 16)
+    return (e, other, k), (0,)
 
 
 def deinterleave_nvfp4_runs(stored: torch.Tensor, k: int) -> torch.Tensor:

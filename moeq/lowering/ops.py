@@ -19,7 +19,14 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from moeq.formats import NVFP4_RUN_BYTES, expand_per_expert, expand_weight_amax, get_format, stored_form, token_amax
+from moeq.formats import (
+    expand_per_expert,
+    expand_weight_amax,
+    get_format,
+    stored_form,
+    stored_shapes,
+    token_amax,
+)
 
 __all__ = [
     "dequant_weight",
@@ -470,17 +477,6 @@ def _quantize_weight_reference(
         raise ValueError(f"quantize_weight takes a 3-D weight with experts along dim 0, got {tuple(w.shape)}")
     amax = expand_weight_amax(amax, 3, 0, contraction_dim)
     return stored_form(get_format(fmt).quantize(w, amax, contraction_dim % 3))
-
-
-def stored_shapes(weight_shape: Any, fmt: str, contraction_dim: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """The shapes of ``quantize_weight``'s uint8 ``data`` and ``block_scale`` for a 3-D weight (experts along
-    dim 0): K-last data (NVFP4: packed in whole 64-byte runs, :func:`moeq.formats.interleave_nvfp4_runs`)."""
-    k_dim = contraction_dim % 3
-    e, other, k = weight_shape[0], weight_shape[3 - k_dim], weight_shape[k_dim]
-    if fmt == "nvfp4":
-        runs = -(-k // (2 * NVFP4_RUN_BYTES)) * NVFP4_RUN_BYTES
-        return (e, other, runs), (e, other, k // 16)
-    return (e, other, k), (0,)
 
 
 @quantize_weight.register_fake

@@ -18,17 +18,17 @@ from moeq.formats import QuantFormat, expand_weight_amax, get_format
 from moeq.runtime.kernels.launch import (
     as_fp32,
     cdiv,
-    check_float,
+    check_expert_grid,
     interpreting,
     launch_kernel,
     run_kernel,
+    stacked_weight_dims,
     tile_configs,
 )
 from moeq.runtime.kernels.numerics import cast_like, fake_quant_fp8, fake_quant_nvfp4, fp8_codes
 
 __all__ = ["fake_quant_experts"]
 
-_MAX_GRID_YZ = 65535  # CUDA's limit on grid dims y and z (row tiles, experts)
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in tile_configs())
 
 
@@ -96,13 +96,7 @@ def fake_quant_experts(
     fmt = get_format(fmt)
     if codes and fmt.name != "fp8":
         raise ValueError(f"codes=True returns FP8 codes; format {fmt.name!r} has none")
-    check_float(w, "w")
-    if w.dim() != 3:
-        raise ValueError(f"fake_quant_experts expects a stacked 3-D expert weight, got shape {tuple(w.shape)}")
-    k_dim = contraction_dim % 3
-    if k_dim == 0:
-        raise ValueError("contraction_dim must be 1 or 2 (dim 0 is the expert dim)")
-    m_dim = 3 - k_dim
+    k_dim, m_dim = stacked_weight_dims(w, contraction_dim, "fake_quant_experts")
     per_channel = weight_amax.dim() == 2
     if per_channel and (fmt.name != "fp8" or tuple(weight_amax.shape) != (w.shape[0], w.shape[m_dim])):
         raise ValueError(
@@ -135,11 +129,7 @@ def fake_quant_experts(
         return out.copy_(fmt.fake_quant(w, expanded, k_dim))
 
     def launch() -> torch.Tensor:
-        if E > _MAX_GRID_YZ or cdiv(M, _MIN_BLOCK_M) > _MAX_GRID_YZ:
-            raise ValueError(
-                f"fake_quant_experts: stacked weight {tuple(w.shape)} needs more than {_MAX_GRID_YZ} experts or "
-                f"row tiles of {_MIN_BLOCK_M} rows (CUDA's grid limit); split the experts or the rows"
-            )
+        check_expert_grid("fake_quant_experts", w, M, _MIN_BLOCK_M)
         kernel = wrap(_fake_quant_experts_kernel) if wrap is not None else _fake_quant_experts_kernel
         launch_kernel(kernel, grid,
             w, out, amax, M, K,

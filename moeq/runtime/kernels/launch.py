@@ -46,6 +46,31 @@ def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+#: CUDA's limit on grid dims y and z (the stacked-weight kernels' row tiles and experts)
+MAX_GRID_YZ = 65535
+
+
+def stacked_weight_dims(w: torch.Tensor, contraction_dim: int, what: str) -> tuple[int, int]:
+    """``(k_dim, m_dim)`` of a stacked expert weight ``[E, ., .]`` (experts along dim 0) after checking it: a float
+    tensor of three dims whose contraction dim is 1 or 2. ``what`` names the launcher in the errors."""
+    check_float(w, "w")
+    if w.dim() != 3:
+        raise ValueError(f"{what} expects a stacked 3-D expert weight, got shape {tuple(w.shape)}")
+    k_dim = contraction_dim % 3
+    if k_dim == 0:
+        raise ValueError("contraction_dim must be 1 or 2 (dim 0 is the expert dim)")
+    return k_dim, 3 - k_dim
+
+
+def check_expert_grid(what: str, w: torch.Tensor, rows: int, block_m: int) -> None:
+    """Raise unless a grid of (K tiles, ``rows / block_m`` row tiles, experts) fits CUDA's limits."""
+    if w.shape[0] > MAX_GRID_YZ or cdiv(rows, block_m) > MAX_GRID_YZ:
+        raise ValueError(
+            f"{what}: stacked weight {tuple(w.shape)} needs more than {MAX_GRID_YZ} experts or row tiles of "
+            f"{block_m} rows (CUDA's grid limit); split the experts or the rows"
+        )
+
+
 def run_kernel(t: torch.Tensor, launch: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor]):
     """CUDA tensors run the Triton kernel; CPU tensors run it under TRITON_INTERPRET=1, else the reference."""
     if t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()):

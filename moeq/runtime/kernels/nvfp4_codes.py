@@ -16,8 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq.formats import NVFP4_BLOCK, NVFP4_RUN_BYTES, get_format
-from moeq.runtime.kernels.launch import as_fp32, cdiv, check_float, interpreting, launch_kernel, run_kernel
+from moeq.formats import NVFP4_RUN_BYTES, get_format, stored_form, stored_shapes
+from moeq.runtime.kernels.launch import (
+    as_fp32,
+    cdiv,
+    check_expert_grid,
+    interpreting,
+    launch_kernel,
+    run_kernel,
+    stacked_weight_dims,
+)
 from moeq.runtime.kernels.numerics import (
     NVFP4_FAST_G_MAX,
     NVFP4_FAST_G_MIN,
@@ -29,7 +37,6 @@ from moeq.runtime.kernels.numerics import (
 __all__ = ["nvfp4_weight_codes"]
 
 _RUN_K = 2 * NVFP4_RUN_BYTES  # K elements per 64-byte run
-_MAX_GRID_YZ = 65535  # CUDA's limit on grid dims y and z (row tiles, experts)
 
 
 @triton.jit
@@ -118,20 +125,14 @@ def nvfp4_weight_codes(
     """``stored_form(formats NVFP4.quantize(w, amax))`` of a stacked expert weight ``[E, ., .]`` with per-expert
     ``weight_amax [E]``: ``(data uint8 [E, N, K/2 padded to 64-byte runs], scale fp32 [E], block_scale uint8
     [E, N, K/16])``, bit for bit. ``out``: written into these three tensors instead (their addresses kept)."""
-    check_float(w, "w")
-    if w.dim() != 3:
-        raise ValueError(f"nvfp4_weight_codes expects a stacked 3-D expert weight, got shape {tuple(w.shape)}")
-    k_dim = contraction_dim % 3
-    if k_dim == 0:
-        raise ValueError("contraction_dim must be 1 or 2 (dim 0 is the expert dim)")
+    k_dim, m_dim = stacked_weight_dims(w, contraction_dim, "nvfp4_weight_codes")
     if weight_amax.numel() != w.shape[0]:
         raise ValueError(f"weight_amax has {weight_amax.numel()} entries for {w.shape[0]} experts")
     fmt = get_format("nvfp4")
     fmt.check_shape(w.shape, k_dim, "stacked expert weight")
-    m_dim = 3 - k_dim
     E, M, K = w.shape[0], w.shape[m_dim], w.shape[k_dim]
-    row_bytes = cdiv(K // 2, NVFP4_RUN_BYTES) * NVFP4_RUN_BYTES
-    shapes = ((E, M, row_bytes), (E,), (E, M, K // NVFP4_BLOCK))
+    data_shape, block_shape = stored_shapes(w.shape, "nvfp4", k_dim)
+    shapes = (data_shape, (E,), block_shape)
     if out is None:
         out = tuple(w.new_empty(s, dtype=t) for s, t in zip(shapes, (torch.uint8, torch.float32, torch.uint8)))
     got = [(tuple(t.shape), t.dtype, t.device, t.is_contiguous()) for t in out]
@@ -143,8 +144,6 @@ def nvfp4_weight_codes(
     scale.copy_(fmt.scale_from_amax(amax))
 
     def reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from moeq.formats import stored_form
-
         stored = stored_form(fmt.quantize(w, amax.view(-1, 1, 1), k_dim))
         data.copy_(stored[0])
         block.copy_(stored[2])
@@ -152,14 +151,10 @@ def nvfp4_weight_codes(
 
     def launch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         block_m = 4 if interpreting() else 32
-        if E > _MAX_GRID_YZ or cdiv(M, block_m) > _MAX_GRID_YZ:
-            raise ValueError(
-                f"nvfp4_weight_codes: stacked weight {tuple(w.shape)} needs more than {_MAX_GRID_YZ} experts or row "
-                f"tiles of {block_m} rows (CUDA's grid limit); split the experts or the rows"
-            )
+        check_expert_grid("nvfp4_weight_codes", w, M, block_m)
         launch_kernel(_nvfp4_codes_kernel, (cdiv(K, _RUN_K), cdiv(M, block_m), E),
             w, data.view(torch.int32), block, amax, M, K, w.stride(0), w.stride(m_dim), w.stride(k_dim),
-            WORDS=row_bytes // 4, INTERPRET=interpreting(), BLOCK_M=block_m, num_warps=4,
+            WORDS=data_shape[-1] // 4, INTERPRET=interpreting(), BLOCK_M=block_m, num_warps=4,
         )  # fmt: skip
         return out
 
