@@ -1609,3 +1609,18 @@ def test_fp8_dynamic_grouped_qmm_cuda(mode, counts, k, n, quantize_once):
     rel = ((got.double() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, rel
     assert not got[int(offs[-1]) :].any()
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_expert", "channel"])
+def test_fp8_scale_out_keeps_extreme_amaxes_cuda(per_channel):
+    """The FP8 codes kernel's ``scale_out`` on the GPU (``quantize_weight``'s scale since session 43) is formats'
+    ``amax / 448`` bit for bit: zero, an amax whose quotient is subnormal, huge, infinite and NaN amaxes."""
+    w = torch.randn(4, 32, 48)
+    extremes = torch.tensor([0.0, 1e-40, 3.0e38, float("inf")])
+    amax = torch.stack([extremes, extremes.roll(1)], dim=1).repeat(1, 16) if per_channel else extremes
+    if per_channel:
+        amax[0, 3] = float("nan")
+    scale_out = torch.zeros_like(amax).cuda()
+    kernels.fake_quant_experts(w.cuda(), amax.cuda(), "fp8", 2, codes=True, scale_out=scale_out)
+    want = get_format("fp8").scale_from_amax(amax)
+    torch.testing.assert_close(scale_out.cpu(), want, rtol=0, atol=0, equal_nan=True)  # a NaN's payload may differ

@@ -502,8 +502,7 @@ def _codes_into(w: Tensor, amax: Tensor, fmt: str, contraction_dim: int, data: T
         _triton_kernels().nvfp4_weight_codes(w, amax, k_dim, out=(data, scale.view(-1), block))
         return
     codes = data.view(torch.float8_e4m3fn).movedim(-1, k_dim)
-    _triton_kernels().fake_quant_experts(w, amax, "fp8", k_dim, codes=True, out=codes)
-    scale.copy_(get_format("fp8").scale_from_amax(amax.detach().float()).reshape(scale.shape))
+    _triton_kernels().fake_quant_experts(w, amax, "fp8", k_dim, codes=True, out=codes, scale_out=scale)
 
 
 def quantize_weight_into_(

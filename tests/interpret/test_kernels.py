@@ -238,9 +238,11 @@ def test_fp8_weight_codes_bit_exact(shape, k_dim, dtype, seed):
         amax[1] = 0.0
     fmt = get_format("fp8")
     expected = fmt.quantize(w, expand_per_expert(amax, 3), k_dim).data.movedim(-1, k_dim)
-    got = kernels.fake_quant_experts(w, amax, "fp8", k_dim, codes=True)
+    scale_out = torch.full_like(amax, -1.0)
+    got = kernels.fake_quant_experts(w, amax, "fp8", k_dim, codes=True, scale_out=scale_out)
     assert got.dtype == torch.float8_e4m3fn and got.shape == w.shape
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(scale_out, fmt.scale_from_amax(amax))  # written by the same launch
     scale = expand_per_expert(fmt.scale_from_amax(amax), 3)
     assert torch.equal((got.float() * scale).to(dtype), fmt.fake_quant(w, expand_per_expert(amax, 3), k_dim))
 
@@ -280,6 +282,28 @@ def test_fp8_act_codes_bit_exact(counts, shared, dtype):
         assert torch.equal(got[start:end].view(torch.uint8), expected.view(torch.uint8)), f"expert {e}"
         start = end
     assert not got[int(offs[-1]) :].view(torch.uint8).any()
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_expert", "channel"])
+def test_fp8_scale_out_keeps_extreme_amaxes(per_channel):
+    """``scale_out``: the scales ``amax / 448`` are formats', bit for bit, for zero, subnormal-quotient, huge,
+    infinite and NaN amaxes; a ``scale_out`` without codes, or of the wrong size or dtype, is an error saying
+    what it needs."""
+    w = _weights((4, 32, 48), torch.float32, 5)
+    extremes = torch.tensor([0.0, 1e-40, 3.0e38, float("inf")])
+    amax = torch.stack([extremes, extremes.roll(1)], dim=1).repeat(1, 16) if per_channel else extremes
+    if per_channel:
+        amax[0, 3] = float("nan")
+    scale_out = torch.zeros_like(amax)
+    kernels.fake_quant_experts(w, amax, "fp8", 2, codes=True, scale_out=scale_out)
+    want = get_format("fp8").scale_from_amax(amax)
+    torch.testing.assert_close(scale_out, want, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match=r"scale_out .* needs codes=True and a contiguous float32 tensor of 4"):
+        kernels.fake_quant_experts(w, extremes, "fp8", 2, scale_out=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"scale_out \(\(3,\) torch.float32 on cpu\) needs codes=True"):
+        kernels.fake_quant_experts(w, extremes, "fp8", 2, codes=True, scale_out=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"scale_out \(\(4,\) torch.float64 on cpu\)"):
+        kernels.fake_quant_experts(w, extremes, "fp8", 2, codes=True, scale_out=torch.zeros(4, dtype=torch.float64))
 
 
 def test_codes_are_fp8_only():
