@@ -8,6 +8,9 @@ summed CUDA kernel time (torch.profiler; the step ms less this is CPU launch ove
 forward keeps for backward (MB allocated after the forward, less before), and the expert weight gradients'
 relative error against the bf16 layer's (the quantization's effect, a sanity check, not a target).
 
+``--cudagraphs`` compiles every variant with Inductor's CUDA graphs (``options={"triton.cudagraphs": True}``,
+``torch.compiler.cudagraph_mark_step_begin()`` before each call): the steps without the host's launch overhead.
+
 A variant ``CONFIG:POLICY:reuse`` (or ``...:reuse:dequantized``, which also keeps each weight's dequantized copy)
 times its steps inside ``moeq.reuse_weight_codes`` (a gradient-accumulation
 micro-batch: the weights' codes computed once per optimizer step); "codes ms" is that once-per-step entry (every
@@ -106,6 +109,16 @@ def kernel_ms(fn, device: str) -> tuple[float, str]:
     return total, averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
 
 
+def marking_steps(fn):
+    """``fn`` preceded by ``torch.compiler.cudagraph_mark_step_begin()`` (each call a new CUDA-graph step)."""
+
+    def marked():
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn()
+
+    return marked
+
+
 def time_ms(fn, device: str, rep: int) -> float:
     if device == "cuda":
         return do_bench(fn, warmup=3, rep=rep, return_mode="median")
@@ -125,9 +138,12 @@ def main() -> None:
     parser.add_argument("--variants", default="FP8:auto,FP8:never,NVFP4:auto",
                         help="moeq CONFIG:fusion-policy pairs next to the bf16 anchor")  # fmt: skip
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run of the plumbing)")
+    parser.add_argument("--cudagraphs", action="store_true", help="compile with Inductor's CUDA graphs")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = {"triton.cudagraphs": True} if args.cudagraphs else None
+    call = marking_steps if args.cudagraphs else (lambda fn: fn)
     shapes = dict(hidden=64, intermediate=32, experts=8) if args.small else {}
     base = qwen3_30b_a3b_layer(device, **shapes)
     hidden = base.mlp.gate.weight.shape[1]
@@ -144,9 +160,10 @@ def main() -> None:
         label = "bf16 (inductor)" if name is None else f"QAT {name} (moeq, fusion {policy})"
         dequantized = "dequantized" in reuse
         label += (", codes reused" if reuse else "") + (" with dequantized copies" if dequantized else "")
+        label += ", CUDA graphs" * args.cudagraphs
         torch._dynamo.reset()  # each variant compiles afresh (the policy is read when Inductor compiles)
         with fusion(policy), contextlib.ExitStack() as block:
-            layer = compiled_variant(base, name, calib)
+            layer = compiled_variant(base, name, calib, options)
             codes_ms = float("nan")
             if reuse:
                 codes_ms = time_ms(lambda: quantize_weights_once(layer, dequantized), device, 30)  # noqa: B023
@@ -154,24 +171,25 @@ def main() -> None:
             for tokens in sizes:
                 x, grad_out = inputs[tokens]
                 layer.zero_grad(set_to_none=True)
-                step(layer, x, grad_out)
+                call(lambda: step(layer, x, grad_out))()  # noqa: B023
                 grads = [g.float() for g in expert_grads(layer)]
                 anchor_grads.setdefault(tokens, grads)
                 rel = max(((g - a).norm() / a.norm()).item() for g, a in zip(grads, anchor_grads[tokens]))
                 with torch.no_grad():
-                    fwd = time_ms(lambda: layer(x), device, 30)  # noqa: B023
-                fwd_train = time_ms(lambda: layer(x), device, 30)  # noqa: B023
-                ms = time_ms(lambda: step(layer, x, grad_out), device, 60)  # noqa: B023
-                gpu_ms, kernels = kernel_ms(lambda: step(layer, x, grad_out), device)  # noqa: B023
+                    fwd = time_ms(call(lambda: layer(x)), device, 30)  # noqa: B023
+                fwd_train = time_ms(call(lambda: layer(x)), device, 30)  # noqa: B023
+                ms = time_ms(call(lambda: step(layer, x, grad_out)), device, 60)  # noqa: B023
+                gpu_ms, kernels = kernel_ms(call(lambda: step(layer, x, grad_out)), device)  # noqa: B023
                 slug = (
                     label.split(" (")[0].replace(" ", "_")
                     + ("" if name is None else f"_{policy}")
                     + "_reuse" * bool(reuse)
                     + "_dequantized" * dequantized
+                    + "_cudagraphs" * args.cudagraphs
                 )
                 with open(os.path.join(args.out, f"kernels_{slug}_{tokens}.txt"), "w") as fh:
                     fh.write(kernels)
-                kept = saved_mb(layer, x)
+                kept = float("nan") if args.cudagraphs else saved_mb(layer, x)  # replays keep outputs in their pool
                 anchor_ms.setdefault(tokens, ms)
                 results.append(dict(tokens=tokens, variant=label, no_grad_fwd_ms=fwd, train_fwd_ms=fwd_train,
                                     step_ms=ms, step_kernel_ms=gpu_ms, codes_ms=codes_ms, saved_mb=kept,
