@@ -76,8 +76,9 @@ def main() -> None:
         "quantize_weight nvfp4 (op)": lambda: ops.quantize_weight(w, amax, "nvfp4", 0, 1),
         "grouped_qmm qat fp8 (op)": lambda: ops.grouped_qmm(x, w, offs, amax, None, x_amax, "qat", "fp8", "fp8"),
         "grouped_qmm qat fp8 (launcher)": lambda: launch_grouped_qmm(x, w, offs, amax, None, x_amax, "fake_fp8", "fp8"),
-        "grouped_qmm codes fp8 (op)": lambda: ops.grouped_qmm(x, stored[0], offs, stored[1], None, x_amax, "deploy",
-                                                              "fp8", "fp8"),  # fmt: skip
+        "grouped_qmm codes fp8 (op)": lambda: ops.grouped_qmm(
+            x, stored[0], offs, stored[1], None, x_amax, "deploy", "fp8", "fp8"
+        ),  # fmt: skip
     }
     lines = [f"{'call':<34} {'host us':>8}  (no grad)   {'host us':>8}  (grad enabled)"]
     for name, fn in cases.items():

@@ -85,7 +85,7 @@ def main() -> None:
             layer = compiled_variant(base, name, calib)
             if reuse:
                 block.enter_context(moeq.reuse_weight_codes(layer, dequantized="dequantized" in reuse))
-            run = lambda: step(layer, x, grad_out)  # noqa: E731
+            run = lambda: step(layer, x, grad_out)  # noqa: E731, B023
             for _ in range(3):
                 run()
             ms = time_ms(run, device, 60)
