@@ -21,8 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from bench_e2e_modelopt import qwen3_30b_a3b_layer
-from bench_qat_training import compiled_variant, expert_grads, step
+from bench_qat_training import compiled_variant, expert_grads, layer_and_calibration, marking_steps, step
 from report import print_and_save
 from triton.testing import do_bench
 
@@ -30,10 +29,7 @@ from moeq.passes import insert_qdq
 
 
 def median_ms(fn: Callable[[], object]) -> float:
-    def once():
-        torch.compiler.cudagraph_mark_step_begin()
-        return fn()
-
+    once = marking_steps(fn)
     if not torch.cuda.is_available():  # --small on the CPU: one timed call (a smoke run of the plumbing)
         started = time.perf_counter()
         once()
@@ -75,9 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = qwen3_30b_a3b_layer(device, **(dict(hidden=64, intermediate=32, experts=8) if args.small else {}))
+    base, calib = layer_and_calibration(device, args.small)
     hidden = base.mlp.gate.weight.shape[1]
-    calib = torch.randn(4, 512, hidden, device=device, dtype=torch.bfloat16)
     x = torch.randn(1, args.decode_tokens, hidden, device=device, dtype=torch.bfloat16)
     xt = torch.randn(1, args.train_tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.randn_like(xt)

@@ -35,6 +35,23 @@ from triton.testing import do_bench
 import moeq
 from moeq.lowering.inductor import fusion
 
+#: ``--small``: the layer's tiny shapes (a CPU smoke run of a benchmark's plumbing)
+SMALL_SHAPES = dict(hidden=64, intermediate=32, experts=8)
+
+
+def layer_and_calibration(device: str, small: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The Qwen3-30B-A3B-shaped layer (``SMALL_SHAPES`` with ``small``) and the 2048 tokens moeq calibrates on."""
+    base = qwen3_30b_a3b_layer(device, **(SMALL_SHAPES if small else {}))
+    hidden = base.mlp.gate.weight.shape[1]
+    return base, torch.randn(4, 512, hidden, device=device, dtype=torch.bfloat16)
+
+
+def step_inputs(tokens: int, hidden: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's input ``[1, tokens, hidden]`` (requiring grad) and output gradient, seeded by ``tokens``."""
+    gen = torch.Generator(device=device).manual_seed(tokens)
+    x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    return x, torch.randn(x.shape, device=device, dtype=torch.bfloat16, generator=gen)
+
 
 def compiled_variant(
     base: torch.nn.Module,
@@ -144,16 +161,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     options = {"triton.cudagraphs": True} if args.cudagraphs else None
     call = marking_steps if args.cudagraphs else (lambda fn: fn)
-    shapes = dict(hidden=64, intermediate=32, experts=8) if args.small else {}
-    base = qwen3_30b_a3b_layer(device, **shapes)
+    shapes = SMALL_SHAPES if args.small else {}
+    base, calib = layer_and_calibration(device, args.small)
     hidden = base.mlp.gate.weight.shape[1]
-    calib = torch.randn(4, 512, hidden, device=device, dtype=torch.bfloat16)
     sizes = [int(t) for t in args.tokens.split(",")]
-    inputs = {}
-    for tokens in sizes:
-        gen = torch.Generator(device=device).manual_seed(tokens)
-        x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
-        inputs[tokens] = (x, torch.randn(x.shape, device=device, dtype=torch.bfloat16, generator=gen))
+    inputs = {tokens: step_inputs(tokens, hidden, device) for tokens in sizes}
     anchor_grads, anchor_ms, rows, results = {}, {}, [], []
     for variant in [None, *args.variants.split(",")]:
         name, policy, *reuse = variant.split(":") if variant else (None, "auto")

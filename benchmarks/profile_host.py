@@ -20,8 +20,7 @@ import pstats
 import time
 
 import torch
-from bench_e2e_modelopt import qwen3_30b_a3b_layer
-from bench_qat_training import compiled_variant, kernel_ms, step, time_ms
+from bench_qat_training import compiled_variant, kernel_ms, layer_and_calibration, step, step_inputs, time_ms
 
 import moeq
 from moeq.lowering.inductor import fusion
@@ -71,12 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = qwen3_30b_a3b_layer(device, **(dict(hidden=64, intermediate=32, experts=8) if args.small else {}))
-    hidden = base.mlp.gate.weight.shape[1]
-    calib = torch.randn(4, 512, hidden, device=device, dtype=torch.bfloat16)
-    gen = torch.Generator(device=device).manual_seed(args.tokens)
-    x = torch.randn(1, args.tokens, hidden, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
-    grad_out = torch.randn(x.shape, device=device, dtype=torch.bfloat16, generator=gen)
+    base, calib = layer_and_calibration(device, args.small)
+    x, grad_out = step_inputs(args.tokens, base.mlp.gate.weight.shape[1], device)
     print(f"{'variant':<32} {'step ms':>8} {'host ms':>8} {'kernels ms':>10}", flush=True)
     for variant in args.variants.split(","):
         name, policy, *reuse = variant.split(":") if variant != "bf16" else (None, "auto")
