@@ -1611,6 +1611,21 @@ def test_fp8_dynamic_grouped_qmm_cuda(mode, counts, k, n, quantize_once):
     assert not got[int(offs[-1]) :].any()
 
 
+def test_nvfp4_weight_codes_global_scale_of_extreme_amaxes_cuda():
+    """The NVFP4 codes kernel's stored global scale (since session 44, one program an expert) is formats'
+    ``amax / 2688`` bit for bit for zero, subnormal-quotient, huge, infinite and NaN amaxes, and each expert's codes
+    and block scales (NaN's included) are formats' stored form."""
+    from moeq.formats import stored_form
+
+    w = torch.randn(5, 40, 64, generator=torch.Generator().manual_seed(6))
+    amax = torch.tensor([0.0, 1e-40, 3.0e38, float("inf"), float("nan")])
+    got = kernels.nvfp4_weight_codes(w.cuda(), amax.cuda(), 2)
+    want = stored_form(get_format("nvfp4").quantize(w, expand_per_expert(amax, 3), 2))
+    torch.testing.assert_close(got[1].cpu(), want[1].reshape(-1), rtol=0, atol=0, equal_nan=True)
+    for name, a, b in zip(("data", "block_scale"), got[::2], want[::2]):
+        assert_same_bits(a.cpu(), b, name)
+
+
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_expert", "channel"])
 def test_fp8_scale_out_keeps_extreme_amaxes_cuda(per_channel):
     """The FP8 codes kernel's ``scale_out`` on the GPU (``quantize_weight``'s scale since session 43) is formats'

@@ -135,6 +135,18 @@ def test_nvfp4_weight_codes_extreme_values():
         assert_same_bits(g, e, name)
 
 
+def test_nvfp4_weight_codes_global_scale_of_extreme_amaxes():
+    """The kernel stores each expert's global scale ``amax / 2688`` (one program an expert): formats' bits for zero,
+    subnormal-quotient, huge, infinite and NaN amaxes, with every expert's codes and block scales still formats'
+    (NaN's codes: the GPU test; the interpreter's e4m3 store writes NaN as 0x7C)."""
+    w = _weights((5, 40, 64), torch.float32, 6)
+    amax = torch.tensor([0.0, 1e-40, 3.0e38, float("inf"), float("nan")])
+    got, want = kernels.nvfp4_weight_codes(w, amax, 2), _stored_nvfp4(w, amax, 2)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0, equal_nan=True)
+    for name, g, e in zip(("data", "block_scale"), got[::2], want[::2]):
+        assert_same_bits(g[:4], e[:4], name)
+
+
 def test_nvfp4_weight_codes_into_existing_tensors():
     """``out=``: the three tensors are written in place (their storage kept); wrong shapes, dtypes or layouts,
     K not a multiple of 16, a 2-D weight and a wrong amax length are errors that say what was expected."""

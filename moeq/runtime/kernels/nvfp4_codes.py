@@ -76,6 +76,7 @@ def _nvfp4_codes_kernel(
     data_ptr,
     block_ptr,
     amax_ptr,
+    scale_ptr,
     M,
     K,
     stride_we,
@@ -94,6 +95,8 @@ def _nvfp4_codes_kernel(
     w = tl.load(w_ptr + expert.to(tl.int64) * stride_we + rows * stride_wm + cols * stride_wk,
                 mask=(rows < M) & (cols < K), other=0.0).to(tl.float32)  # fmt: skip
     g = tl.math.div_rn(tl.load(amax_ptr + expert), NVFP4_GLOBAL_DIVISOR)
+    if (tile_k == 0) & (tile_m == 0):  # one program per expert stores its global scale
+        tl.store(scale_ptr + expert, g)
     fast = all_within(g, NVFP4_FAST_G_MIN, NVFP4_FAST_G_MAX, INTERPRET)
     magnitude, negative, scale, block_scale = nvfp4_block_quotients(w, g, fast, INTERPRET)
     codes = e2m1_code(magnitude, negative, scale == scale)
@@ -141,11 +144,11 @@ def nvfp4_weight_codes(
         raise ValueError(f"nvfp4_weight_codes: out is {got}, needs {want}")
     data, scale, block = out
     amax = as_fp32(weight_amax).reshape(-1)
-    scale.copy_(fmt.scale_from_amax(amax))
 
     def reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         stored = stored_form(fmt.quantize(w, amax.view(-1, 1, 1), k_dim))
         data.copy_(stored[0])
+        scale.copy_(fmt.scale_from_amax(amax))
         block.copy_(stored[2])
         return out
 
@@ -153,11 +156,12 @@ def nvfp4_weight_codes(
         block_m = 4 if interpreting() else 32
         check_expert_grid("nvfp4_weight_codes", w, M, block_m)
         launch_kernel(_nvfp4_codes_kernel, (cdiv(K, _RUN_K), cdiv(M, block_m), E),
-            w, data.view(torch.int32), block, amax, M, K, w.stride(0), w.stride(m_dim), w.stride(k_dim),
+            w, data.view(torch.int32), block, amax, scale, M, K, w.stride(0), w.stride(m_dim), w.stride(k_dim),
             WORDS=data_shape[-1] // 4, INTERPRET=interpreting(), BLOCK_M=block_m, num_warps=4,
         )  # fmt: skip
         return out
 
     if w.numel() == 0:
+        scale.copy_(fmt.scale_from_amax(amax))
         return out
     return run_kernel(w, launch, reference)
