@@ -1,6 +1,7 @@
 # The GPU suite in two calls (session 38: with -n 12 the whole of tests/test_gpu.py no longer fits one 10-minute
 # device call). `bash benchmarks/gpu_suite.sh a` runs the three large parametrized bit-exactness tests (152 cases);
-# `... b` runs every other test function. Carry .whl (git-ignored wheels: transformers, megatron-core, modelopt).
+# `... b` runs every other test function. Carry .whl (git-ignored wheels: transformers, megatron-core, modelopt
+# and what they import; a fresh checkout fills it with `bash benchmarks/fetch_gpu_wheels.sh`).
 # Writes $OUT/gpu_suite_<part>.log with the 15 slowest tests.
 PART=${1:?usage: gpu_suite.sh a|b}
 HEAVY="fake_quant_experts_bit_exact_cuda or grouped_qmm_cuda_matches_reference or grouped_qmm_cuda_weight_operand_bit_exact"
