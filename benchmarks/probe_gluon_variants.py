@@ -15,6 +15,9 @@ the tokens (``rows / 8``: the compiled graph quantizes before the routing gather
 QAT FP8, decomposed as loads plus MMA (``skip=1``: no conversion). The operands swap roles, so bit-equality with
 the base is reported, not required; every output is checked against float64 (session 41 found them bit-equal).
 
+``--family stages``: QAT NVFP4 with deeper activation / weight / converted rings (``STAGES``), kernel alone, no
+decomposition.
+
 ``--family converters``: QAT NVFP4 with 8 converter warps at fewer registers (``CONVERTERS``). For QAT NVFP4 every
 variant's weight values are also checked equal to ``fake_quant_experts``', and the whole op is estimated as the
 kernel's median plus the activations' pass (on the routed rows, and on the tokens).
@@ -74,14 +77,28 @@ SWAP = [
     ("fp8", CONFIGS[4], [CONFIGS[4]._replace(swap=True, stacked=False, tail_box=b) for b in (0, 16)]),
 ]
 
-FAMILY_NAMES = {"tail_boxes": TAIL_BOXES, "converters": CONVERTERS, "swap": SWAP}
+#: ``--family stages`` (session 44): QAT NVFP4 with deeper rings, as far as Hopper's 227 KB of shared memory go: the
+#: 32-deep configuration's activation / bf16 weight / converted stages from 5 / 4 / 3 up (160 KB) to 212-230 KB, and
+#: the 64-deep one with a fourth activation stage for one weight stage less of each kind (230 KB)
+STAGES = [
+    (
+        "nvfp4",
+        NVFP4_CONFIGS[1],
+        [NVFP4_CONFIGS[1]._replace(sx=a, s16=b, s8=c) for a, b, c in ((7, 5, 4), (6, 6, 4), (8, 4, 4), (7, 4, 3))],
+    ),
+    ("nvfp4", NVFP4_CONFIGS[0], [NVFP4_CONFIGS[0]._replace(sx=4, s16=2, s8=2)]),
+]
+
+FAMILY_NAMES = {"tail_boxes": TAIL_BOXES, "converters": CONVERTERS, "swap": SWAP, "stages": STAGES}
 
 
 def run_case(label: str, k: int, n: int, rows: int, rounds: int, family: str) -> list[dict]:
     """One projection's table for ``family`` (:data:`FAMILY_NAMES`): the tail boxes decompose as loads only, the
     swapped kernel as no conversion, the converter variants as no MMA."""
     families = FAMILY_NAMES[family]
-    decomposition = {"tail_boxes": (3, "loads only"), "swap": (1, "no conversion")}.get(family, (2, "no MMA"))
+    decomposition = {"tail_boxes": (3, "loads only"), "swap": (1, "no conversion"), "stages": None}.get(
+        family, (2, "no MMA")
+    )
     p = probe_inputs(k, n, rows)
     nv_table = ProbeTable(label, nvfp4_reference(p), p.flops)
     fp8_table = ProbeTable(label, fp8_codes_reference(p), p.flops)
@@ -121,7 +138,7 @@ def run_case(label: str, k: int, n: int, rows: int, rounds: int, family: str) ->
         for fmt, config in timed:
             table = nv_table if fmt == "nvfp4" else fp8_table
             table.record(f"{config.name} [kernel only] round {r}", gemm(fmt, config), checked=r == 0)
-    for fmt, base, variants in families[:1] + families[2:] if family != "swap" else families:
+    for fmt, base, variants in (families[:1] + families[2:] if family != "swap" else families) * bool(decomposition):
         for config in (base, variants[0]):
             table = nv_table if fmt == "nvfp4" else fp8_table
             skip, what = decomposition

@@ -431,7 +431,8 @@ def test_dequant_of_quantize_weight_is_fake_quant_weight_nonfinite(k_dim):
 def test_nvfp4_codes_kernel_compiles_for_sm90(w_type, tmp_path, monkeypatch):
     """The NVFP4 weight codes kernel (``moeq::quantize_weight`` on CUDA) compiles for sm_90 with this Triton's
     compiler and ptxas, no GPU needed: the block scales' e4m3 conversion and Markstein's quotient in the PTX, nothing
-    in local memory. (Its values: ``tests/interpret/test_kernels.py``; on the GPU: ``tests/test_gpu.py``.)"""
+    in local memory, and the global scale's IEEE division. (Its values: ``tests/interpret/test_kernels.py``; on the
+    GPU: ``tests/test_gpu.py``.)"""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -439,12 +440,19 @@ def test_nvfp4_codes_kernel_compiles_for_sm90(w_type, tmp_path, monkeypatch):
     from moeq.runtime.kernels.nvfp4_codes import _nvfp4_codes_kernel
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    signature = {"w_ptr": f"*{w_type}", "data_ptr": "*i32", "block_ptr": "*u8", "amax_ptr": "*fp32"}
+    signature = {
+        "w_ptr": f"*{w_type}",
+        "data_ptr": "*i32",
+        "block_ptr": "*u8",
+        "amax_ptr": "*fp32",
+        "scale_ptr": "*fp32",
+    }
     signature |= dict.fromkeys(["M", "K", "stride_we", "stride_wm", "stride_wk"], "i32")
     constants = {"WORDS": 384, "INTERPRET": False, "BLOCK_M": 32}
     source = ASTSource(_nvfp4_codes_kernel, signature | dict.fromkeys(constants, "constexpr"), constants)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = kernel.asm["ptx"]
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "fma.rn.f32" in ptx
+    assert "div.rn.f32" in ptx, "the global scale amax / 2688 is IEEE division (formats' bits)"
     assert "st.local" not in ptx and "ld.local" not in ptx
     assert kernel.asm["cubin"]
