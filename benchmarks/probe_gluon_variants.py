@@ -138,7 +138,8 @@ def run_case(label: str, k: int, n: int, rows: int, rounds: int, family: str) ->
         for fmt, config in timed:
             table = nv_table if fmt == "nvfp4" else fp8_table
             table.record(f"{config.name} [kernel only] round {r}", gemm(fmt, config), checked=r == 0)
-    for fmt, base, variants in (families[:1] + families[2:] if family != "swap" else families) * bool(decomposition):
+    decomposed = [] if decomposition is None else families[:1] + families[2:] if family != "swap" else families
+    for fmt, base, variants in decomposed:
         for config in (base, variants[0]):
             table = nv_table if fmt == "nvfp4" else fp8_table
             skip, what = decomposition

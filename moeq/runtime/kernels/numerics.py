@@ -246,11 +246,17 @@ _TWO_MINUS_75 = tl.constexpr(2.6469779601696886e-23)  # 2**-75
 
 
 @triton.jit
+def nvfp4_global_scale(amax):
+    """The NVFP4 global scale ``g = amax / 2688`` (``6 * 448``), IEEE division as ``formats``' ``scale_from_amax``."""
+    return tl.math.div_rn(amax, NVFP4_GLOBAL_DIVISOR)
+
+
+@triton.jit
 def fake_quant_nvfp4(blocks, amax, INTERPRET: tl.constexpr):
     """NVFP4 fake quant of a ``[BLOCK_M, BLOCK_K // 16, 16]`` tile (16-blocks along the last axis);
     ``amax`` is the global amax, a scalar or per row ``[BLOCK_M, 1, 1]``: :func:`fake_quant_nvfp4_blocks` with
     ``g = amax / 2688``, the fast quotient where every ``g`` of the tile lies in ``[2^-40, 2^40]``."""
-    g = tl.math.div_rn(amax, NVFP4_GLOBAL_DIVISOR)
+    g = nvfp4_global_scale(amax)
     return fake_quant_nvfp4_blocks(blocks, g, all_within(g, NVFP4_FAST_G_MIN, NVFP4_FAST_G_MAX, INTERPRET), INTERPRET)
 
 

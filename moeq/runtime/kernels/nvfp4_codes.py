@@ -29,9 +29,9 @@ from moeq.runtime.kernels.launch import (
 from moeq.runtime.kernels.numerics import (
     NVFP4_FAST_G_MAX,
     NVFP4_FAST_G_MIN,
-    NVFP4_GLOBAL_DIVISOR,
     all_within,
     nvfp4_block_quotients,
+    nvfp4_global_scale,
 )
 
 __all__ = ["nvfp4_weight_codes"]
@@ -94,7 +94,7 @@ def _nvfp4_codes_kernel(
     cols = tile_k * RUN + tl.arange(0, RUN // 16)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
     w = tl.load(w_ptr + expert.to(tl.int64) * stride_we + rows * stride_wm + cols * stride_wk,
                 mask=(rows < M) & (cols < K), other=0.0).to(tl.float32)  # fmt: skip
-    g = tl.math.div_rn(tl.load(amax_ptr + expert), NVFP4_GLOBAL_DIVISOR)
+    g = nvfp4_global_scale(tl.load(amax_ptr + expert))
     if (tile_k == 0) & (tile_m == 0):  # one program per expert stores its global scale
         tl.store(scale_ptr + expert, g)
     fast = all_within(g, NVFP4_FAST_G_MIN, NVFP4_FAST_G_MAX, INTERPRET)
@@ -147,9 +147,8 @@ def nvfp4_weight_codes(
 
     def reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         stored = stored_form(fmt.quantize(w, amax.view(-1, 1, 1), k_dim))
-        data.copy_(stored[0])
-        scale.copy_(fmt.scale_from_amax(amax))
-        block.copy_(stored[2])
+        for tensor, value in zip(out, stored):
+            tensor.copy_(value)
         return out
 
     def launch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
