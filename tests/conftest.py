@@ -9,6 +9,11 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Inductor's CPU kernels compile as scalar C++ here (set TORCHINDUCTOR_VEC_ISA_OK=1 to test the vectorized form):
+# moeq's ops are opaque custom ops either way, and without the vector variants each graph's kernels generate and
+# compile about a fifth faster (tests/test_combine.py on a cold cache: 150 -> 118 s), which CI's two cores need.
+# Subprocesses the tests start (examples, distributed ranks) inherit it.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 # one intra-op thread per pytest-xdist worker (two workers share the CI's two cores)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
