@@ -18,9 +18,6 @@ the base is reported, not required; every output is checked against float64 (ses
 ``--family stages``: QAT NVFP4 with deeper activation / weight / converted rings (``STAGES``), kernel alone, no
 decomposition.
 
-``--family w_global``: QAT NVFP4 with the converter loading the weight from global memory (``W_GLOBAL``), kernel
-alone, no decomposition.
-
 ``--family converters``: QAT NVFP4 with 8 converter warps at fewer registers (``CONVERTERS``). For QAT NVFP4 every
 variant's weight values are also checked equal to ``fake_quant_experts``', and the whole op is estimated as the
 kernel's median plus the activations' pass (on the routed rows, and on the tokens).
@@ -92,37 +89,16 @@ STAGES = [
     ("nvfp4", NVFP4_CONFIGS[0], [NVFP4_CONFIGS[0]._replace(sx=4, s16=2, s8=2)]),
 ]
 
-#: ``--family w_global`` (session 45): QAT NVFP4's converter loading the bf16 weight from global memory into its
-#: registers (``GluonConfig.w_global``), not through a TMA ring in shared memory: the weight's bytes cross shared
-#: memory once instead of three times (TMA write, converter read, converted write), which the MMA's operand reads
-#: contend with. The freed 48 KB as a fourth activation or converted stage.
-W_GLOBAL = [
-    (
-        "nvfp4",
-        NVFP4_CONFIGS[0],
-        [NVFP4_CONFIGS[0]._replace(w_global=True, s16=1, sx=a, s8=c) for a, c in ((3, 3), (4, 3), (3, 4))],
-    ),
-]
-
-FAMILY_NAMES = {
-    "tail_boxes": TAIL_BOXES,
-    "converters": CONVERTERS,
-    "swap": SWAP,
-    "stages": STAGES,
-    "w_global": W_GLOBAL,
-}
+FAMILY_NAMES = {"tail_boxes": TAIL_BOXES, "converters": CONVERTERS, "swap": SWAP, "stages": STAGES}
 
 
 def run_case(label: str, k: int, n: int, rows: int, rounds: int, family: str) -> list[dict]:
     """One projection's table for ``family`` (:data:`FAMILY_NAMES`): the tail boxes decompose as loads only, the
     swapped kernel as no conversion, the converter variants as no MMA."""
     families = FAMILY_NAMES[family]
-    decomposition = {
-        "tail_boxes": (3, "loads only"),
-        "swap": (1, "no conversion"),
-        "stages": None,
-        "w_global": None,
-    }.get(family, (2, "no MMA"))
+    decomposition = {"tail_boxes": (3, "loads only"), "swap": (1, "no conversion"), "stages": None}.get(
+        family, (2, "no MMA")
+    )
     p = probe_inputs(k, n, rows)
     nv_table = ProbeTable(label, nvfp4_reference(p), p.flops)
     fp8_table = ProbeTable(label, fp8_codes_reference(p), p.flops)

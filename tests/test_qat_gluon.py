@@ -106,21 +106,6 @@ def test_tail_box_configs_compile_for_sm90(config, tmp_path, monkeypatch):
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES and "st.local" not in ptx
 
 
-def test_weight_by_ldg_config_compiles_for_sm90(tmp_path, monkeypatch):
-    """The experimental converter that loads the bf16 weight from global memory (``w_global``): the loader issues
-    only the activations' two TMA copies (main rows and tail), the converter's 16-byte global loads carry the weight,
-    and the kernel fits Hopper's shared memory with nothing spilled in the PTX; other formats are refused by name."""
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    config = gluon_module.NVFP4_CONFIGS[0]._replace(w_global=True, s16=1, sx=4)
-    kernel = config.compile_for_sm90()
-    ptx = kernel.asm["ptx"]
-    assert ptx.count("cp.async.bulk.tensor") == 2 and ptx.count("expect_tx") == 2
-    assert "ld.global.L1::evict_first.L2::cache_hint.v4.b32" in ptx, "the weight's 16-byte loads"
-    assert kernel.metadata.shared <= HOPPER_SHARED_BYTES and "st.local" not in ptx
-    with pytest.raises(ValueError, match="w_global is QAT NVFP4's operand converter"):
-        gluon_module.CONFIGS[4]._replace(w_global=True).check()
-
-
 def k_loops(sass: str) -> list[list[str]]:
     """The instructions of each k-loop in ``sass`` (``triton.tools.disasm.get_sass``'s listing: ``LBB<n>:`` labels, one
     instruction a line after its control codes): a backward branch's body that issues wgmmas, loads nothing from

@@ -228,7 +228,7 @@ def _load_rings(SX: gl.constexpr, S16: gl.constexpr):
 
 @gluon.jit
 def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K, NUM_EXPERTS,
-                    E_POW2: gl.constexpr, W_GLOBAL: gl.constexpr = False):  # fmt: skip
+                    E_POW2: gl.constexpr):  # fmt: skip
     """TMA: the bf16 weight tile, then the activation tile and as many of the tail's ``TB``-row boxes as the group
     has tail rows (``xt_desc``'s block; the tail slots' other rows keep stale values, which only the rows no store
     reads multiply), for every k-step of every tile of this program. At Qwen3-30B-A3B's ~272 rows per expert a tail
@@ -249,11 +249,10 @@ def _load_partition(x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, off
         boxes = gl.minimum(gl.maximum(gl.cdiv(row_end - row_start - BM, TB), 0), BT // TB)
         w_row = e * N + pid_n * BN
         for i in range(k_tiles):
-            if not W_GLOBAL:  # (W_GLOBAL: the converter reads the weight itself)
-                s = it % S16
-                mbarrier.wait(e16.index(s), ((it // S16) & 1) ^ 1)
-                mbarrier.expect(r16.index(s), w_desc.block_type.nbytes)
-                _tma_load(w_desc, [w_row, i * BK], r16.index(s), w16.index(s))
+            s = it % S16
+            mbarrier.wait(e16.index(s), ((it // S16) & 1) ^ 1)
+            mbarrier.expect(r16.index(s), w_desc.block_type.nbytes)
+            _tma_load(w_desc, [w_row, i * BK], r16.index(s), w16.index(s))
             sx = it % SX
             mbarrier.wait(ex.index(sx), ((it // SX) & 1) ^ 1)
             if TB == BT:  # the whole tail in one copy (every shipped configuration)
@@ -335,63 +334,6 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
                     gl.store(codes_ptr + r.to(gl.int64)[:, None] * K + c[None, :], q, mask=mask)
             fence_async_shared()
             mbarrier.arrive(e16.index(s))
-            mbarrier.arrive(r8.index(t))
-            it += 1
-
-
-@gluon.jit
-def _weight_words(w_ptr, tile_row, rows_left, k_word, K, PART: gl.constexpr, WORDS: gl.constexpr,
-                  layout: gl.constexpr):  # fmt: skip
-    """``PART`` rows of the bf16 weight (``w_ptr``: its ``[E * N, K]`` rows as 32-bit words) from ``tile_row``, words
-    ``k_word..`` of K's ``K / 2`` (rows past ``rows_left`` and words past K read as 0), loaded from global memory."""
-    r = gl.arange(0, PART, layout=gl.SliceLayout(1, layout))
-    c = k_word + gl.arange(0, WORDS, layout=gl.SliceLayout(0, layout))
-    mask = (r < rows_left)[:, None] & (c < K // 2)[None, :]
-    offsets = (tile_row + r).to(gl.int64)[:, None] * (K // 2) + c[None, :]
-    return gl.load(w_ptr + offsets, mask=mask, other=0, eviction_policy="evict_first")
-
-
-@gluon.jit
-def _convert_global_partition(w_ptr, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
-                              E_POW2: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT: gl.constexpr,
-                              WRITE_CODES: gl.constexpr):  # fmt: skip
-    """QAT NVFP4's operand converter (:func:`_convert_partition`, ``EXACT=2``) reading the bf16 weight from global
-    memory into registers instead of a TMA-filled shared-memory ring (``GluonConfig.w_global``, experimental): the
-    weight's bytes cross shared memory once (the converted tile) instead of three times, at the cost of the load
-    latency, hidden by loading the next pass's words before converting this one's."""
-    BN: gl.constexpr = c8.shape[1]
-    BK: gl.constexpr = c8.shape[2]
-    S8: gl.constexpr = c8.shape[0]
-    PART: gl.constexpr = BN // SPLIT
-    L: gl.constexpr = gl.BlockedLayout([1, 16], [32 // (BK // 16), BK // 16], [gl.num_warps(), 1], [1, 0])
-    L32: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BK // 16), BK // 16], [gl.num_warps(), 1], [1, 0])
-    total = _group_count(offs_ptr, M, NUM_EXPERTS, E_POW2, BLOCK_M) * gl.cdiv(N, BN)
-    it = 0
-    for tile in range(gl.program_id(0), total, gl.num_programs(0)):
-        e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BLOCK_M, BN, BK)
-        g, g_fast, six_g, inv_six_g = _nvfp4_global_scale(gl.load(w_amax_ptr + e))
-        tile_row = e * N + pid_n * BN
-        rows_left = N - pid_n * BN
-        nxt = _weight_words(w_ptr, tile_row, rows_left, 0, K, PART, BK // 2, L32)
-        for i in range(k_tiles):
-            t = it % S8
-            for h in gl.static_range(SPLIT):
-                words = nxt
-                if h + 1 < SPLIT:  # the next pass's words, loaded while this one converts
-                    nxt = _weight_words(w_ptr, tile_row + (h + 1) * PART, rows_left - (h + 1) * PART, i * (BK // 2),
-                                        K, PART, BK // 2, L32)  # fmt: skip
-                else:
-                    nxt = _weight_words(w_ptr, tile_row, rows_left, (i + 1) * (BK // 2), K, PART, BK // 2, L32)
-                if h == 0:
-                    mbarrier.wait(e8.index(t), ((it // S8) & 1) ^ 1)
-                q = gl.convert_layout(_nvfp4_words_in_registers(words, g, six_g, inv_six_g, g_fast), L)
-                c8.index(t).slice(h * PART, PART, dim=0).store(q)
-                if WRITE_CODES:
-                    r = tile_row + h * PART + gl.arange(0, PART, layout=gl.SliceLayout(1, L))
-                    c = i * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, L))
-                    mask = (r < e * N + N)[:, None] & (c < K)[None, :]
-                    gl.store(codes_ptr + r.to(gl.int64)[:, None] * K + c[None, :], q, mask=mask)
-            fence_async_shared()
             mbarrier.arrive(r8.index(t))
             it += 1
 
@@ -587,12 +529,12 @@ def _release_step(ex, e8, step, pred):
 
 
 @gluon.jit
-def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, codes_ptr, w_ptr, M, N, K,
+def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, codes_ptr, M, N, K,
                   NUM_EXPERTS, stride_om, E_POW2: gl.constexpr, BT: gl.constexpr, SX: gl.constexpr,
                   S16: gl.constexpr, S8: gl.constexpr, SPLIT: gl.constexpr, CONV_WARPS: gl.constexpr,
                   CONV_REGS: gl.constexpr, WRITE_CODES: gl.constexpr, EXACT: gl.constexpr, X_PER_EXPERT: gl.constexpr,
                   NVFP4: gl.constexpr, SKIP: gl.constexpr, STACKED: gl.constexpr, SWAP: gl.constexpr,
-                  W_GLOBAL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                  num_warps: gl.constexpr):  # fmt: skip
     """Tiles are (group of up to BM + BT routed rows of one expert, n-tile); a program takes tiles ``pid``,
     ``pid + programs``, ... (one each when launched with one program per tile; persistent when launched with one per
     SM): the rows' FP8 codes times the weight tile's e4m3 codes, converted once per k-step by the converter warps;
@@ -610,33 +552,18 @@ def qat_ws_kernel(x_desc, xt_desc, w_desc, out_ptr, offs_ptr, w_amax_ptr, x_amax
     rx, ex, r16, e16 = _load_rings(SX, S16)
     r8, e8 = _ring(S8)
 
-    if W_GLOBAL:  # experimental: the converter loads the weight from global memory (GluonConfig.w_global)
-        gl.static_assert(NVFP4 and EXACT == 2 and SKIP == 0, "w_global is QAT NVFP4's operand converter")
-        gl.warp_specialize(
-            [
-                (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K,
-                                  NUM_EXPERTS, stride_om, E_POW2, BN, X_PER_EXPERT, NVFP4, SKIP, STACKED, SWAP)),
-                (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
-                                   NUM_EXPERTS, E_POW2, True)),
-                (_convert_global_partition, (w_ptr, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
-                                             E_POW2, BM + BT, SPLIT, WRITE_CODES)),
-            ],
-            [1, CONV_WARPS],
-            [24, CONV_REGS],
-        )  # fmt: skip
-    else:
-        gl.warp_specialize(
-            [
-                (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K,
-                                  NUM_EXPERTS, stride_om, E_POW2, BN, X_PER_EXPERT, NVFP4, SKIP, STACKED, SWAP)),
-                (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
-                                   NUM_EXPERTS, E_POW2)),
-                (_convert_partition, (w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K,
-                                      NUM_EXPERTS, E_POW2, BM + BT, SPLIT, WRITE_CODES, EXACT, NVFP4, SKIP)),
-            ],
-            [1, CONV_WARPS],
-            [24, CONV_REGS],
-        )  # fmt: skip
+    gl.warp_specialize(
+        [
+            (_mma_partition, (x8, xt8, rx, ex, c8, r8, e8, out_ptr, offs_ptr, w_amax_ptr, x_amax_ptr, M, N, K,
+                              NUM_EXPERTS, stride_om, E_POW2, BN, X_PER_EXPERT, NVFP4, SKIP, STACKED, SWAP)),
+            (_load_partition, (x_desc, xt_desc, w_desc, x8, xt8, rx, ex, w16, r16, e16, offs_ptr, M, N, K,
+                               NUM_EXPERTS, E_POW2)),
+            (_convert_partition, (w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_ptr, M, N, K, NUM_EXPERTS,
+                                  E_POW2, BM + BT, SPLIT, WRITE_CODES, EXACT, NVFP4, SKIP)),
+        ],
+        [1, CONV_WARPS],
+        [24, CONV_REGS],
+    )  # fmt: skip
 
 
 @gluon.constexpr_function
@@ -981,8 +908,6 @@ class GluonConfig(NamedTuple):
     # each lane holds whole 16-blocks (lane_block_layout) and K is permuted (wgmma_k_order), 1: the plain A layout
     swap: bool = False  # out^T = q(w) x^T: the weight tile the A operand, the rows B (the main rows in two wgmmas
     # bm / 2 rows wide, the tail's as wide as its rows: 16, 32 or 64; _swapped_group)
-    w_global: bool = False  # QAT NVFP4, experimental (session 45): the converter loads the bf16 weight from global
-    # memory into registers (no TMA ring for it: s16 unused; _convert_global_partition)
     tail_box: int = 0  # rows a TMA copy of the tail brings (only the boxes holding the group's tail rows); 0: the
     # whole bt rows (every shipped configuration: the boxes are bit-equal and ~2% faster on the loads, the kernels'
     # gain within the rounds' spread; docs/grouped_qmm.md, sessions 39-40)
@@ -1004,7 +929,7 @@ class GluonConfig(NamedTuple):
         return (f"gluon ws {self.bm}+{self.bt}x{self.bn}x{self.bk} st {self.sx}/{self.s16}/{self.s8} "
                 f"split {self.split} conv {self.conv_warps}w/{self.conv_regs}r mma {self.mma_warps}w "
                 f"maxnreg {self.maxnreg} {kinds[self.exact]}" + " persistent" * self.persistent
-                + " stacked" * self.stacked + " swapped" * self.swap + " weight by LDG" * self.w_global
+                + " stacked" * self.stacked + " swapped" * self.swap
                 + f" tail box {self.tail_box}" * bool(self.tail_box))  # fmt: skip
 
     def problem(self) -> str | None:
@@ -1036,8 +961,6 @@ class GluonConfig(NamedTuple):
             return f"every wgmma must be 8 to 256 columns wide, a multiple of 8: bn={self.bn} gives {sorted(widths)}"
         if self.tail_box and (self.tail_box % 8 or self.bt % self.tail_box):
             return f"tail_box must divide bt and be a multiple of 8 (swizzled rows), got {self.tail_box}, bt={self.bt}"
-        if self.w_global and not (self.nvfp4 and self.exact == 2 and not self.register_a):
-            return "w_global is QAT NVFP4's operand converter (nvfp4, exact=2, no register_a)"
         if self.bk % (16 if self.nvfp4 else 32):
             return f"bk must be a multiple of {16 if self.nvfp4 else 32} (the wgmma's k), got {self.bk}"
         return None
@@ -1066,7 +989,7 @@ class GluonConfig(NamedTuple):
                     S8=self.s8,
                     SPLIT=self.split, CONV_WARPS=self.conv_warps, CONV_REGS=self.conv_regs, WRITE_CODES=write_codes,
                     EXACT=self.exact, X_PER_EXPERT=x_per_expert, NVFP4=self.nvfp4, SKIP=skip, STACKED=self.stacked,
-                    SWAP=self.swap, W_GLOBAL=self.w_global,
+                    SWAP=self.swap,
                     num_warps=self.mma_warps)  # fmt: skip
 
     def compile_for_sm90(self, x_per_expert: bool = False, num_experts: int = 128):
@@ -1087,11 +1010,10 @@ class GluonConfig(NamedTuple):
             "offs_ptr": "*i32",
             **dict.fromkeys(["w_amax_ptr", "x_amax_ptr"], "*fp32"),
             "codes_ptr": f"*{x_type}",
-            "w_ptr": "*i32",
             **dict.fromkeys(["M", "N", "K", "NUM_EXPERTS", "stride_om"], "i32"),
         }
         if self.register_a:
-            del signature["x_amax_ptr"], signature["w_ptr"]
+            del signature["x_amax_ptr"]
         constants = self.constexprs(num_experts, x_per_expert=x_per_expert)
         signature.update(dict.fromkeys(constants, "constexpr"))
         aligned = [i for i, (name, kind) in enumerate(signature.items()) if kind.startswith("*") or kind == "i32"]
@@ -1255,7 +1177,6 @@ def _launch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.
     if m == 0 or n == 0:
         return out
     w_rows = w.transpose(1, 2).reshape(num_experts * n, k)  # a view: the check asked for [E, N, K] storage
-    w_words = w_rows.view(torch.int32)  # w_global's converter reads 32-bit words (K is a multiple of 16)
 
     def launch(config: GluonConfig) -> None:
         xl, tl_, wl = config.layouts()
@@ -1271,7 +1192,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, w_amax: torch.
                                         maxnreg=config.maxnreg, **consts)  # fmt: skip
             return
         qat_ws_kernel[grid](x_desc, xt_desc, w_desc, out, offs, w_amax, x_amax,
-                            codes if codes is not None else out, w_words, m, n, k, num_experts, out.stride(0),
+                            codes if codes is not None else out, m, n, k, num_experts, out.stride(0),
                             maxnreg=config.maxnreg, **consts)  # fmt: skip
 
     if config is None:  # one of moeq's configurations (tests/test_qat_gluon.py checks each)
