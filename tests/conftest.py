@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import zlib
 
 import pytest
 import torch
@@ -27,6 +28,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng(request):
+    """torch's global RNG seeded from the test's id: a test that draws from it gets the same inputs whichever tests
+    ran before it on its xdist worker, so a failure reproduces alone (session 45's 1-ulp failure did not)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(autouse=True)
