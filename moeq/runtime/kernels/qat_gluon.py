@@ -99,7 +99,6 @@ from moeq.runtime.kernels.numerics import (
     FAST_DIVISOR_MIN,
     NVFP4_FAST_G_MAX,
     NVFP4_FAST_G_MIN,
-    NVFP4_GLOBAL_DIVISOR,
     divide,
     fake_quant_nvfp4_blocks,
     fake_quant_nvfp4_operand,
@@ -108,6 +107,7 @@ from moeq.runtime.kernels.numerics import (
     max_keeping_nan,
     nvfp4_block_divisor,
     nvfp4_clipped_operand_values,
+    nvfp4_global_scale,
     nvfp4_operand_scale,
     nvfp4_operand_values,
     safe_divisor,
@@ -198,10 +198,10 @@ def _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2: gl.constexpr, BLOCK_M: g
 
 
 @gluon.jit
-def _nvfp4_global_scale(w_amax):
+def _nvfp4_expert_scales(w_amax):
     """``(g, g_fast, six_g, inv_six_g)``: an expert's NVFP4 global scale from its amax, whether it is in the fast
     division's range, and the block scales' divisor and its reciprocal (``numerics.nvfp4_block_divisor``)."""
-    g = gl.div_rn(w_amax, NVFP4_GLOBAL_DIVISOR)
+    g = nvfp4_global_scale(w_amax)
     g_fast = (g >= NVFP4_FAST_G_MIN) & (g <= NVFP4_FAST_G_MAX)
     six_g, inv_six_g = nvfp4_block_divisor(g)
     return g, g_fast, six_g, inv_six_g
@@ -297,7 +297,7 @@ def _convert_partition(w16, r16, e16, c8, r8, e8, offs_ptr, w_amax_ptr, codes_pt
         e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BLOCK_M, BN, BK)
         w_amax = gl.load(w_amax_ptr + e)
         if NVFP4:  # the expert's global scale
-            g, g_fast, six_g, inv_six_g = _nvfp4_global_scale(w_amax)
+            g, g_fast, six_g, inv_six_g = _nvfp4_expert_scales(w_amax)
         else:  # the expert's FP8 scale, its reciprocal and clip
             w_div = safe_divisor(fp8_scale(w_amax))
             w_fast = (w_div >= FAST_DIVISOR_MIN) & (w_div <= FAST_DIVISOR_MAX)
@@ -806,7 +806,7 @@ def _convert_mma_partition(x8, xt8, rx, ex, w16, r16, e16, stage, out_ptr, offs_
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         e, row_start, row_end, pid_n, k_tiles = _tile(offs_ptr, tile, M, N, K, NUM_EXPERTS, E_POW2, BM + BT, BN, BK)
         has_tail = row_end - row_start > BM
-        g, g_fast, six_g, inv_six_g = _nvfp4_global_scale(gl.load(w_amax_ptr + e))
+        g, g_fast, six_g, inv_six_g = _nvfp4_expert_scales(gl.load(w_amax_ptr + e))
         codes_row = e * N + pid_n * BN
         q_prev = gl.zeros([BN, BK], gl.bfloat16, a_l)  # the registers the wgmma in flight reads
         if has_tail:
