@@ -138,7 +138,12 @@ def run_case(label: str, k: int, n: int, rows: int, rounds: int, family: str) ->
         for fmt, config in timed:
             table = nv_table if fmt == "nvfp4" else fp8_table
             table.record(f"{config.name} [kernel only] round {r}", gemm(fmt, config), checked=r == 0)
-    decomposed = [] if decomposition is None else families[:1] + families[2:] if family != "swap" else families
+    if decomposition is None:
+        decomposed = []
+    elif family == "swap":
+        decomposed = families
+    else:
+        decomposed = families[:1] + families[2:]
     for fmt, base, variants in decomposed:
         for config in (base, variants[0]):
             table = nv_table if fmt == "nvfp4" else fp8_table
