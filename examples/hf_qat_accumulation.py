@@ -46,11 +46,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--layers", type=int, default=2, help="decoder layers of the tiny model (two expert weights each)"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     model = moeq.prepare(
-        tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=2).to(device), getattr(moeq, args.config)
+        tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=args.layers).to(device), getattr(moeq, args.config)
     )
     compiled = torch.compile(model, backend="moeq")
     gen = torch.Generator().manual_seed(0)

@@ -158,7 +158,7 @@ def test_batched_experts_fuse_with_a_dynamic_token_count():
     outs, codes = [], []
     for policy in ("always", "never"):
         torch._dynamo.reset()
-        model = moeq.prepare(tiny_model("llama4", torch.bfloat16), moeq.FP8)
+        model = moeq.prepare(tiny_model("llama4", torch.bfloat16, num_hidden_layers=1), moeq.FP8)
         cm = torch.compile(model, backend="moeq", dynamic=True)
         with torch.no_grad(), fusion(policy):
             with moeq.calibrate(cm):
@@ -169,7 +169,7 @@ def test_batched_experts_fuse_with_a_dynamic_token_count():
         outs.append(logits)
         codes.append("\n".join(code))
     calls = [line for line in codes[0].splitlines() if "torch.ops.moeq.grouped_qmm.default(" in line]
-    assert len(calls) == 4 and any(re.search(r"\(8\*s\d+\*s\d+, 32\)", line) for line in calls), calls
+    assert len(calls) == 2 and any(re.search(r"\(8\*s\d+\*s\d+, 32\)", line) for line in calls), calls
     assert _rel(outs[0], outs[1]) < 1e-2
 
 
