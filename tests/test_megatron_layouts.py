@@ -102,7 +102,9 @@ def calibrate(model: torch.nn.Module, experts: range, **groups: Any) -> tuple[di
     return params, outputs
 
 
-def worker(rank: int, layout: str, config: str, init_file: str, out_dir: str) -> None:
+def worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Every config under every layout, one after another in one process group (one spawn: a rank's start-up, the
+    imports of torch, moeq and megatron, costs more than its calibrations)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -110,50 +112,55 @@ def worker(rank: int, layout: str, config: str, init_file: str, out_dir: str) ->
     try:
         world = dist.group.WORLD
         alone = [dist.new_group([r]) for r in range(WORLD)][rank]  # every rank creates every group, in order
-        if layout == "ep2":
-            local = E // WORLD
-            experts = range(rank * local, (rank + 1) * local)
-            model = prepare(sequential_mlp(alone, ep=world, experts=experts), config)
-            groups = {"ep_group": world}
-        else:
-            experts = range(E)
-            model = prepare(sequential_mlp(alone, tp=world, tp_rank=rank, tp_size=WORLD), config)
-            groups = {"tp_group": world}
-        params, outputs = calibrate(model, experts, **groups)
-        if layout == "tp2":  # the dispatcher's reduction of the row-parallel partial sums
-            for out in outputs:
-                dist.all_reduce(out)
-        moeq.save_state(model, Path(out_dir) / f"ckpt-{config}-{layout}", **groups)
-        torch.save({"params": params, "outputs": outputs}, Path(out_dir) / f"{config}-{layout}-rank{rank}.pt")
+        for config in CONFIGS:
+            for layout in LAYOUTS:
+                torch._dynamo.reset()
+                if layout == "ep2":
+                    local = E // WORLD
+                    experts = range(rank * local, (rank + 1) * local)
+                    model = prepare(sequential_mlp(alone, ep=world, experts=experts), config)
+                    groups = {"ep_group": world}
+                else:
+                    experts = range(E)
+                    model = prepare(sequential_mlp(alone, tp=world, tp_rank=rank, tp_size=WORLD), config)
+                    groups = {"tp_group": world}
+                params, outputs = calibrate(model, experts, **groups)
+                if layout == "tp2":  # the dispatcher's reduction of the row-parallel partial sums
+                    for out in outputs:
+                        dist.all_reduce(out)
+                moeq.save_state(model, Path(out_dir) / f"ckpt-{config}-{layout}", **groups)
+                torch.save({"params": params, "outputs": outputs}, Path(out_dir) / f"{config}-{layout}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(layout: str, config: str, out: Path) -> None:
-    args = (layout, config, str(out / f"pg-{config}-{layout}"), str(out))
-    ctx = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
+@pytest.fixture(scope="module")
+def rank_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory where both ranks wrote every config's and layout's results and checkpoints."""
+    out = tmp_path_factory.mktemp("megatron-layouts")
+    ctx = mp.start_processes(worker, args=(str(out / "pg"), str(out)), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.perf_counter() + TIMEOUT_S
     while not ctx.join(timeout=max(1.0, deadline - time.perf_counter())):
         if time.perf_counter() > deadline:
             for p in ctx.processes:
                 p.kill()
             raise TimeoutError(f"workers did not finish in {TIMEOUT_S}s (deadlock?)")
+    return out
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def runs(request: pytest.FixtureRequest, rank_outputs: Path) -> dict[str, Any]:
     import torch.distributed as dist
 
-    config = request.param
-    out = tmp_path_factory.mktemp(f"megatron-layouts-{config}")
-    ranks = {}
-    for layout in LAYOUTS:
-        _spawn(layout, config, out)
-        ranks[layout] = [torch.load(out / f"{config}-{layout}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    config, out = request.param, rank_outputs
+    ranks = {
+        layout: [torch.load(out / f"{config}-{layout}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        for layout in LAYOUTS
+    }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers
     try:
-        dist.init_process_group("gloo", init_method=f"file://{out / 'pg-ref'}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"file://{out / f'pg-ref-{config}'}", rank=0, world_size=1)
         world = dist.group.WORLD
         reference = calibrate(prepare(sequential_mlp(world), config), range(E))
         loaded = {
