@@ -124,7 +124,7 @@ import sys
 sys.modules["triton"] = None  # as on a machine without triton: every import of it fails
 import torch, moeq
 from moeq.integrations.hf import tiny_model
-model = moeq.prepare(tiny_model("qwen3_moe", torch.float32), moeq.FP8)
+model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1), moeq.FP8)
 cm = torch.compile(model, backend="moeq")
 tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 with torch.no_grad(), moeq.calibrate(cm):
@@ -149,7 +149,7 @@ def test_cpu_path_needs_no_triton():
 
 
 def _calibrated(cfg, tokens):
-    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5), cfg)
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5, num_hidden_layers=1), cfg)
     compiled = torch.compile(model, backend="moeq_aot_eager")
     with torch.no_grad():
         with moeq.calibrate(compiled):
@@ -206,7 +206,7 @@ def test_lowering_switches_are_guarded(monkeypatch):
     tokens = make_tokens(seed=3)
     compiled = []
     for _ in range(2):
-        model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5), moeq.NVFP4)
+        model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5, num_hidden_layers=1), moeq.NVFP4)
         compiled.append(torch.compile(model, backend=counting_backend))
         with torch.no_grad():
             with moeq.calibrate(compiled[-1]):

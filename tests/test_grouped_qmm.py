@@ -96,8 +96,10 @@ def test_op_rejects_bad_input():
 def _compiled(
     cfg, dtype=torch.bfloat16, fuse=True, freeze=False, policy=None, tokens=None, family="qwen3_moe", **overrides
 ):
+    """``(model, logits, Inductor's code)`` of a tiny ``family`` model, one decoder layer unless ``overrides`` say
+    otherwise, prepared with ``cfg``, calibrated, finalized (and frozen) and compiled by ``backend="moeq"``."""
     torch._dynamo.reset()
-    model = moeq.prepare(tiny_model(family, dtype, **overrides), cfg)
+    model = moeq.prepare(tiny_model(family, dtype, **{"num_hidden_layers": 1, **overrides}), cfg)
     cm = torch.compile(model, backend="moeq")
     tokens = make_tokens() if tokens is None else tokens
     # the combine's own fusion (tests/test_combine.py) rounds as eager torch does, not as Inductor: off here, so
@@ -123,8 +125,8 @@ def test_compiled_model_calls_grouped_qmm(config, freeze):
     op multiplies exact ``e2m1 * block scale`` operands and applies the global scale to the fp32 product,
     where the unfused path rounds each dequantized weight to bf16 before ``_grouped_mm``."""
     cfg = getattr(moeq, config)
-    _, fused, code = _compiled(cfg, freeze=freeze)
-    _, reference, ref_code = _compiled(cfg, fuse=False, freeze=freeze)
+    _, fused, code = _compiled(cfg, freeze=freeze, num_hidden_layers=2)
+    _, reference, ref_code = _compiled(cfg, fuse=False, freeze=freeze, num_hidden_layers=2)
     assert code.count("torch.ops.moeq.grouped_qmm.default(") == 4  # 2 MoE layers x (gate_up, down)
     assert "fake_quant_weight" not in code and "fake_quant_act" not in code and "dequant_weight" not in code
     assert "grouped_qmm" not in ref_code
@@ -146,7 +148,7 @@ def test_batched_experts_call_grouped_qmm(config, freeze):
     cfg = getattr(moeq, config)
     _, fused, code = _compiled(cfg, freeze=freeze, family="llama4")
     _, reference, ref_code = _compiled(cfg, fuse=False, freeze=freeze, family="llama4")
-    assert code.count("torch.ops.moeq.grouped_qmm.default(") == 4  # 2 MoE layers x (gate_up, down)
+    assert code.count("torch.ops.moeq.grouped_qmm.default(") == 2  # gate_up and down
     assert "fake_quant_weight" not in code and "fake_quant_act" not in code and "dequant_weight" not in code
     assert "grouped_qmm" not in ref_code and "bmm" in ref_code
     assert _rel(fused, reference) < 1e-2
@@ -380,7 +382,7 @@ def test_auto_policy_fuses_where_it_pays(cfg, freeze, mode, cases):
     seq = FUSE_MAX_ROWS_PER_EXPERT["qat"] * config.num_experts // config.num_experts_per_tok
     for batch, policy, fused in cases:  # batch 1: exactly at the bound; batch 2: twice the bound
         tokens = make_tokens(batch=batch, seq=seq)
-        _, _, code = _compiled(getattr(moeq, cfg), freeze=freeze, policy=policy, tokens=tokens, num_hidden_layers=1)
+        _, _, code = _compiled(getattr(moeq, cfg), freeze=freeze, policy=policy, tokens=tokens)
         calls = [line for line in code.splitlines() if "torch.ops.moeq.grouped_qmm.default(" in line]
         assert len(calls) == (2 if fused else 0), (batch, policy)
         assert all(line.rstrip().endswith(", None)" if policy == "auto" else ", False)") for line in calls), calls
