@@ -79,6 +79,20 @@ def deployed_weight_operand(q, dtype: torch.dtype) -> torch.Tensor:
     return (unit * q.scale).to(dtype)
 
 
+#: what makes a tiny model of a family one MoE decoder layer besides ``num_hidden_layers=1``: GPT-OSS and Qwen3-Next
+#: tie their layer count to ``layer_types``, DeepSeek-V3's first layer is dense unless told otherwise
+_ONE_MOE_LAYER = {
+    "gpt_oss": {"layer_types": ["full_attention"]},
+    "qwen3_next": {"layer_types": ["full_attention"]},
+    "deepseek_v3": {"first_k_dense_replace": 0},
+}
+
+
+def one_moe_layer(family: str) -> dict:
+    """``tiny_model`` overrides for one decoder layer of ``family``, an MoE one."""
+    return {"num_hidden_layers": 1, **_ONE_MOE_LAYER.get(family, {})}
+
+
 def make_tokens(seed: int = 0, batch: int = 2, seq: int = 16, vocab: int = 256) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)

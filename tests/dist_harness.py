@@ -18,6 +18,7 @@ pytest process compares.
 from __future__ import annotations
 
 import os
+import time
 import types
 from dataclasses import dataclass
 from datetime import timedelta
@@ -66,6 +67,17 @@ class Layout:
 
 
 DEVICE = torch.device("cpu")
+
+
+def join_within(ctx: Any, timeout_s: float) -> None:
+    """Wait for the processes of ``ctx`` (``torch.multiprocessing.start_processes(..., join=False)``); past
+    ``timeout_s`` seconds kill them all and raise: a deadlock fails the test instead of waiting out CI's limit."""
+    deadline = time.perf_counter() + timeout_s
+    while not ctx.join(timeout=max(1.0, deadline - time.perf_counter())):
+        if time.perf_counter() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"workers did not finish in {timeout_s}s (deadlock?)")
 
 
 def init_process_group(rank: int, world: int, init_file: str, backend: str = "gloo") -> None:

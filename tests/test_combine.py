@@ -13,7 +13,7 @@ import moeq
 from moeq.integrations.hf import expert_parameter_names, tiny_model
 from moeq.lowering import inductor
 from moeq.lowering.inductor import combine_fusion, fuse_expert_combine
-from tests.conftest import assert_combine_backward_close, combine_backward_inputs, make_tokens
+from tests.conftest import assert_combine_backward_close, combine_backward_inputs, make_tokens, one_moe_layer
 
 TOP_K, HIDDEN = 2, 16
 
@@ -197,12 +197,7 @@ def _compiled(family: str, combine: bool, train: bool = False, config: str = "FP
     """A tiny model prepared with ``config``, compiled with backend="moeq", calibrated and finalized; its logits (and, with
     ``train``, loss and expert gradients of one step) and Inductor's code."""
     torch._dynamo.reset()
-    # one decoder layer, an MoE one (GPT-OSS ties its layer count to layer_types; DeepSeek-V3's first is dense)
-    layers = {"num_hidden_layers": 1}
-    layers.update(
-        {"gpt_oss": {"layer_types": ["full_attention"]}, "deepseek_v3": {"first_k_dense_replace": 0}}.get(family, {})
-    )
-    model = moeq.prepare(tiny_model(family, torch.bfloat16, **layers), getattr(moeq, config))
+    model = moeq.prepare(tiny_model(family, torch.bfloat16, **one_moe_layer(family)), getattr(moeq, config))
     cm = torch.compile(model, backend="moeq")
     tokens = make_tokens()
     with combine_fusion(combine):

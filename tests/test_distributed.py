@@ -25,6 +25,7 @@ from dist_harness import (
     calibrate_and_finalize,
     compile_experts,
     eval_batch,
+    join_within,
     per_expert_params,
     starve_experts,
     synthetic_finalize,
@@ -46,12 +47,7 @@ def _spawn(world: int, out_dir: Path, plan: list[tuple[Layout, list[dict[str, An
     ctx = mp.start_processes(
         worker, args=(world, str(init_file), str(out_dir), plan), nprocs=world, join=False, start_method="spawn"
     )
-    deadline = start + TIMEOUT_S
-    while not ctx.join(timeout=max(1.0, deadline - time.perf_counter())):
-        if time.perf_counter() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"workers did not finish in {TIMEOUT_S}s (deadlock?)")
+    join_within(ctx, TIMEOUT_S)
     return time.perf_counter() - start
 
 

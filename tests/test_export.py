@@ -34,7 +34,7 @@ mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: E402
 
-from tests.conftest import experts_only  # noqa: E402
+from tests.conftest import experts_only, one_moe_layer  # noqa: E402
 
 VOCAB = 256
 PRESETS = {"nvfp4": moeq.NVFP4, "fp8": moeq.FP8}
@@ -122,11 +122,6 @@ _CASES = [("qwen3_moe", "nvfp4"), ("qwen3_moe", "fp8"), ("mixtral", "nvfp4"), ("
 _MORE_FAMILIES = ["olmoe", "deepseek_v3", "qwen2_moe", "qwen3_next", "glm4_moe"]
 _CONFIG_CASES = _CASES + [(f, q) for f in _MORE_FAMILIES for q in ("nvfp4", "fp8")]
 _BYTE_CASES = _CONFIG_CASES + [(f, q) for f in ("granitemoe", "phimoe") for q in ("nvfp4", "fp8")]
-#: one MoE decoder layer (DeepSeek-V3's first is dense; Qwen3-Next ties its layer count to layer_types)
-_ONE_MOE_LAYER = {
-    "deepseek_v3": {"first_k_dense_replace": 0},
-    "qwen3_next": {"layer_types": ["full_attention"]},
-}
 _CACHE: dict[tuple[str, str], Exported] = {}
 
 
@@ -135,7 +130,7 @@ def _exported(family: str, fmt: str, workdir: Path) -> Exported:
     if (family, fmt) in _CACHE:
         return _CACHE[(family, fmt)]
     ids = _tokens(0)
-    layers = {**LAYERS, **_ONE_MOE_LAYER.get(family, {})}
+    layers = one_moe_layer(family)
     peer = tiny_model(family, torch.bfloat16, seed=0, **layers)
     peer.config.architectures = [type(peer).__name__]  # modelopt's export reads it; from_pretrained models have it
 

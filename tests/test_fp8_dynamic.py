@@ -24,7 +24,7 @@ from moeq.runtime.collectives import LayerStats, ProcessGroups, sync_tp
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
 
-from tests.conftest import experts_only  # noqa: E402
+from tests.conftest import experts_only, one_moe_layer  # noqa: E402
 
 VOCAB = 256
 
@@ -129,7 +129,7 @@ def _run(family: str, workdir: Path) -> dict:
     if family in _RUNS:
         return _RUNS[family]
     ids = _tokens(0)
-    layers = {"num_hidden_layers": 1, **_ONE_MOE_LAYER.get(family, {})}
+    layers = one_moe_layer(family)
     peer = tiny_model(family, torch.bfloat16, seed=0, **layers)
     peer.config.architectures = [type(peer).__name__]
     with torch.no_grad():
@@ -177,8 +177,6 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 FAMILIES = ["qwen3_moe", "mixtral"]
 #: more families whose per-expert export modelopt also writes (as tests/test_export.py's FP8 and NVFP4 cases)
 EXPORT_FAMILIES = FAMILIES + ["olmoe", "deepseek_v3", "qwen2_moe", "glm4_moe"]
-#: one MoE decoder layer (DeepSeek-V3's first is dense)
-_ONE_MOE_LAYER = {"deepseek_v3": {"first_k_dense_replace": 0}}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

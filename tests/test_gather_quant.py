@@ -14,7 +14,7 @@ import moeq
 from moeq.integrations.hf import tiny_model
 from moeq.lowering import gather_quant
 from moeq.lowering.inductor import combine_fusion, fusion
-from tests.conftest import make_tokens
+from tests.conftest import make_tokens, one_moe_layer
 
 MOVED = "moved before its routing gather"
 
@@ -26,10 +26,7 @@ def _logits(family: str, cfg: moeq.QuantConfig, caplog, policy: str = "auto", se
     torch._dynamo.reset()
     caplog.clear()
     torch.manual_seed(0)
-    # GPT-OSS ties its layer count to layer_types; DeepSeek-V3's first layer is dense unless told otherwise
-    overrides = {**{"gpt_oss": {"layer_types": ["full_attention"]}, "deepseek_v3": {"first_k_dense_replace": 0}}.get(
-        family, {}), **overrides}  # fmt: skip
-    model = moeq.prepare(tiny_model(family, torch.bfloat16, num_hidden_layers=1, **overrides), cfg)
+    model = moeq.prepare(tiny_model(family, torch.bfloat16, **{**one_moe_layer(family), **overrides}), cfg)
     cm = torch.compile(model, backend="moeq", dynamic=dynamic)
     tokens = make_tokens(batch=2, seq=seq)
     # the pass logs what it moved when it runs: not on a cached graph

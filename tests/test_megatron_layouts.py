@@ -21,7 +21,6 @@ fc1 shard's gate and up channels, and the checkpoint joins them back into the un
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch.multiprocessing as mp
 import moeq
 
 pytest.importorskip("megatron.core.transformer.moe.experts")
+from dist_harness import join_within  # noqa: E402
 from test_megatron_experts import FFN, HIDDEN, E, build_sequential_mlp  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -139,12 +139,7 @@ def rank_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The directory where both ranks wrote every config's and layout's results and checkpoints."""
     out = tmp_path_factory.mktemp("megatron-layouts")
     ctx = mp.start_processes(worker, args=(str(out / "pg"), str(out)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.perf_counter() + TIMEOUT_S
-    while not ctx.join(timeout=max(1.0, deadline - time.perf_counter())):
-        if time.perf_counter() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"workers did not finish in {TIMEOUT_S}s (deadlock?)")
+    join_within(ctx, TIMEOUT_S)
     return out
 
 

@@ -16,7 +16,7 @@ import moeq
 from moeq.formats import expert_amax
 from moeq.integrations.hf import expert_parameter_names, tiny_model
 from moeq.lowering.inductor import combine_fusion, fusion
-from tests.conftest import make_tokens
+from tests.conftest import make_tokens, one_moe_layer
 
 
 def _clip_some_weights(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -37,9 +37,8 @@ def _training_step(cfg_name: str, policy: str, dtype=torch.bfloat16, family: str
     """One QAT training step of a compiled tiny MoE: (loss, expert gradients, Inductor's code, clipped weight
     positions). ``clip``: some weights are scaled past their amax after calibration (:func:`_clip_some_weights`)."""
     torch._dynamo.reset()
-    # one layer (GPT-OSS ties its layer count to layer_types): a second layer adds compile time, not coverage
-    layers = {"num_hidden_layers": 1, **({"layer_types": ["full_attention"]} if family == "gpt_oss" else {})}
-    model = moeq.prepare(tiny_model(family, dtype, **layers), getattr(moeq, cfg_name))
+    # one layer: a second adds compile time, not coverage
+    model = moeq.prepare(tiny_model(family, dtype, **one_moe_layer(family)), getattr(moeq, cfg_name))
     cm = torch.compile(model, backend="moeq")
     tokens = make_tokens()
     with fusion(policy), combine_fusion(False):  # fused vs unfused GEMMs, bit for bit (see test_grouped_qmm._compiled)
