@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from moeq.lowering import ops
 from moeq.runtime.combine import (
@@ -59,7 +59,7 @@ def _(y, weights, index, top_k, out_dtype=None, mask=None):
     return y.new_empty(y.shape[0] // top_k, y.shape[1], dtype=dtype)
 
 
-@triton_op("moeq::combine_experts", mutates_args=())
+@ops.moeq_triton_op("moeq::combine_experts", mutates_args=())
 def combine_experts(
     y: Tensor,
     weights: Tensor | None,
@@ -93,7 +93,7 @@ def _(grad, y, weights, index, top_k):
     return y.new_empty(y.shape, dtype=dy_dtype), y.new_empty(y.shape[:1], dtype=dw_dtype)
 
 
-@triton_op("moeq::combine_experts_backward", mutates_args=())
+@ops.moeq_triton_op("moeq::combine_experts_backward", mutates_args=())
 def combine_experts_backward(
     grad: Tensor, y: Tensor, weights: Tensor, index: Tensor, top_k: int
 ) -> tuple[Tensor, Tensor]:

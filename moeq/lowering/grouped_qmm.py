@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from moeq.formats import expand_weight_amax, get_format
 from moeq.lowering import ops
@@ -131,7 +131,7 @@ def _dequant_then_grouped_mm(
     return _zero_unrouted(torch._grouped_mm(x, wq, offs), offs)
 
 
-@triton_op("moeq::grouped_qmm", mutates_args=())
+@ops.moeq_triton_op("moeq::grouped_qmm", mutates_args=())
 def grouped_qmm(
     x: Tensor,
     w: Tensor,

@@ -12,7 +12,8 @@ past ``offs[-1]`` belong to no expert: they are neither observed nor quantized (
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -289,7 +290,28 @@ def _(
     return None
 
 
-@triton_op("moeq::observe_segments_", mutates_args=("running_amax", "running_counts"))
+class _TritonAbsentNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Triton not available" not in record.getMessage()
+
+
+def moeq_triton_op(name: str, *, mutates_args: tuple[str, ...]) -> Callable[[Callable], Any]:
+    """``torch.library.triton_op``, minus torch's "Triton not available" warning that defining one logs where
+    triton is not installed: moeq's ops then run their plain-torch reference, and ``moeq.explain`` says so."""
+
+    def define(fn: Callable) -> Any:
+        log = logging.getLogger("torch._library.triton")
+        notice = _TritonAbsentNotice()
+        log.addFilter(notice)
+        try:
+            return triton_op(name, mutates_args=mutates_args)(fn)
+        finally:
+            log.removeFilter(notice)
+
+    return define
+
+
+@moeq_triton_op("moeq::observe_segments_", mutates_args=("running_amax", "running_counts"))
 def observe_segments_(
     x: Tensor, offs: Tensor | None, running_amax: Tensor, running_counts: Tensor, expert_dim: int, contraction_dim: int
 ) -> None:
