@@ -491,7 +491,11 @@ def fp8_export_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 @register_format
 class NVFP4(QuantFormat):
-    """NVFP4: E2M1 values, e4m3 scales per 16-block along K, fp32 global scale ``g = amax / (6 * 448)``."""
+    """NVFP4: E2M1 values, e4m3 scales per 16-block along K, fp32 global scale ``g = amax / (6 * 448)``.
+
+    Quantize divides by, and dequantize multiplies by, the one fp32 product ``s_b * g``: DESIGN's
+    ``e2m1(q) * float(s_b) * g_e`` is ``e2m1(q) * (float(s_b) * g_e)``, the order of modelopt's dequantize
+    (multiplying left to right differs from it by an ulp now and then)."""
 
     name = "nvfp4"
     block_size = NVFP4_BLOCK
