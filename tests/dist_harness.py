@@ -266,20 +266,16 @@ def per_expert_params(model: nn.Module, layout: Layout, rank: int) -> dict[str, 
     return out
 
 
-def synthetic_finalize(layers: int, experts: int, groups: ProcessGroups | None, seed: int) -> tuple[dict, float]:
-    """Finalize a ``layers``-layer model with ``experts`` local experts per GEMM (tiny hidden size,
-    synthetic statistics): the collectives issued and the wall time."""
-    import time
-
-    from moeq.runtime.collectives import collective_log
-
+def synthetic_model(layers: int, experts: int, seed: int, config: moeq.QuantConfig = moeq.NVFP4) -> nn.Module:
+    """A prepared ``layers``-layer model with ``experts`` local experts per GEMM (tiny hidden size) whose quant
+    state holds synthetic calibration statistics, ready for ``finalize()`` without a compile."""
     model = nn.Module()
     for i in range(layers):
         block = nn.Module()
         block.gate_up_proj = nn.Parameter(torch.randn(experts, 32, 16))
         block.down_proj = nn.Parameter(torch.randn(experts, 16, 16))
         model.add_module(f"layer{i}", block)
-    moeq.prepare(model, moeq.NVFP4)
+    moeq.prepare(model, config)
     state = moeq.runtime.calibrate.get_state(model)
     g = torch.Generator().manual_seed(seed)
     for fqn, p in model.named_parameters():
@@ -287,10 +283,55 @@ def synthetic_finalize(layers: int, experts: int, groups: ProcessGroups | None, 
         s.observed_input_amax.copy_(torch.rand(experts, generator=g))
         s.tokens_per_expert.copy_(torch.randint(0, 5, (experts,), generator=g))
     state.calibration_sessions = 1
+    return model
+
+
+def synthetic_finalize(layers: int, experts: int, groups: ProcessGroups | None, seed: int) -> tuple[dict, float]:
+    """Finalize a :func:`synthetic_model`: the collectives issued and the wall time."""
+    import time
+
+    from moeq.runtime.collectives import collective_log
+
+    model = synthetic_model(layers, experts, seed)
     groups = groups or ProcessGroups()
     start = time.perf_counter()
     moeq.finalize(model, ep_group=groups.ep, tp_group=groups.tp, dp_group=groups.dp)
     return dict(collective_log), time.perf_counter() - start
+
+
+#: one rank cannot finalize (the case, the rank); every rank of the job must raise, none may wait in a collective
+REFUSALS = {
+    "uncalibrated": 1,  # this rank never ran calibrate()
+    "nothing-rewritten": 2,  # this rank's model never ran: no expert GEMM in its state
+    "extra-layer": 3,  # this rank holds one more expert GEMM pair than its peers
+    "nan-weight": 0,  # a NaN in one of this rank's experts (its EP peers hold other experts)
+    "nan-column-shard": 1,  # a NaN in this rank's channels of a column-parallel weight with channel-wise scales
+}
+
+
+def refusal_outcome(case: str, rank: int, groups: ProcessGroups) -> str:
+    """Finalize a synthetic model with ``case``'s defect on rank ``REFUSALS[case]``: the exception raised, as
+    ``"Type: message"``, or ``"finalized"``."""
+    culprit = rank == REFUSALS[case]
+    config = moeq.FP8_DYNAMIC if case == "nan-column-shard" else moeq.NVFP4
+    model = synthetic_model(3 if case == "extra-layer" and culprit else 2, 4, rank, config)
+    state = moeq.runtime.calibrate.get_state(model)
+    if case == "nan-column-shard":
+        state["layer0.gate_up_proj"].tp_shard = "column"
+        state["layer1.gate_up_proj"].tp_shard = "column"
+    if culprit:
+        if case == "uncalibrated":
+            state.calibration_sessions = 0
+        elif case == "nothing-rewritten":
+            model = synthetic_model(0, 4, rank)
+        elif case.startswith("nan"):
+            with torch.no_grad():
+                model.layer0.gate_up_proj[1, 2, 3] = float("nan")
+    try:
+        moeq.finalize(model, ep_group=groups.ep, tp_group=groups.tp, dp_group=groups.dp)
+    except (RuntimeError, ValueError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "finalized"
 
 
 def run_jobs(rank: int, layout: Layout, out_dir: str, jobs: list[dict[str, Any]]) -> None:
@@ -301,6 +342,10 @@ def run_jobs(rank: int, layout: Layout, out_dir: str, jobs: list[dict[str, Any]]
     if groups is None:
         return
     for job in jobs:
+        if job.get("refusals"):
+            outcomes = {case: refusal_outcome(case, rank, groups) for case in REFUSALS}
+            torch.save(outcomes, os.path.join(out_dir, f"{job['name']}-rank{rank}.pt"))
+            continue
         if job.get("synthetic"):
             result: dict[Any, Any] = {n: synthetic_finalize(n, job["experts"], groups, rank) for n in job["layers"]}
             torch.save(result, os.path.join(out_dir, f"{job['name']}-rank{rank}.pt"))

@@ -90,6 +90,25 @@ def test_non_finite_activations_named_at_finalize(bad):
         moeq.finalize(cm)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_non_finite_expert_weight_named_at_finalize(bad):
+    """NaN/inf in an expert weight: finalize() names the GEMM and the expert, and commits nothing."""
+    model, cm = _compiled(moeq.NVFP4)
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(make_tokens())
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.gate_up_proj[3, 5, 7] = bad
+    before = {k: s.weight_amax.clone() for k, s in moeq.quant_state(model).items()}
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj: non-finite \(NaN/inf\) weight amax for experts \[3\]",
+    ):
+        moeq.finalize(cm)
+    for fqn, state in moeq.quant_state(model).items():
+        assert torch.equal(state.weight_amax, before[fqn])
+    assert not moeq.explain(cm).state.finalized
+
+
 def test_all_zero_expert_weight_gets_a_safe_scale():
     """An all-zero expert (pruned) keeps a finite, non-zero scale, is flagged, and outputs stay finite."""
     model, cm = _compiled(moeq.NVFP4)
@@ -99,7 +118,7 @@ def test_all_zero_expert_weight_gets_a_safe_scale():
             cm(make_tokens())
     moeq.finalize(cm)
     state = moeq.quant_state(model)["model.layers.0.mlp.experts.gate_up_proj"]
-    assert state.weight_amax[2] == 1.0 and "all-zero weight" in state.flags[2]
+    assert state.weight_amax[2] == 1.0 and state.flags[2] == f"all-zero weight: scale set to 1/{6 * 448}"
     with torch.no_grad():
         assert torch.isfinite(cm(make_tokens()).logits).all()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from dist_harness import (
+    REFUSALS,
     Layout,
     build,
     calibrate_and_finalize,
@@ -98,7 +100,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             jobs += [{"name": f"{layout}-load-{c}", "fmt": "nvfp4", "load": str(ckpt[c])} for c in ("ep2", "tp2")]
             if HAVE_MEGATRON:
                 jobs.append({"name": f"{layout}-megatron", "fmt": "nvfp4", "megatron": True})
-        if layout == Layout(ep=2, tp=2):
+        if layout == Layout(ep=2, tp=2):  # the refusals first: the synthetic finalize then proves the ranks in step
+            jobs.append({"name": "refusals", "refusals": True})
             jobs.append({"name": "synthetic", "synthetic": True, "layers": [2, 48], "experts": 64})
         if layout in (Layout(ep=4), Layout(ep=2, tp=2)):  # after Layout(tp=2) saved it
             jobs.append({"name": f"{layout}-load-tp2-dynamic", "fmt": "fp8_dynamic", "load": str(ckpt["tp2-dynamic"])})
@@ -294,6 +297,27 @@ def test_collectives_per_finalize_do_not_grow_with_layers(runs: dict[str, Any]) 
         assert small == large, f"collectives grew with the layer count: {small} vs {large}"
         assert sum(large.values()) == 4, large  # layout check over EP and TP + one MAX over TP + one over EP
     print(f"48 layers x 2 GEMMs x 128 experts: {sum(large.values())} collectives {large}, finalize {seconds:.2f}s")
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_one_rank_that_cannot_finalize_makes_every_rank_raise(runs: dict[str, Any], case: str) -> None:
+    """EP=2 x TP=2: one rank with a defect (no calibrate(), nothing rewritten, another layout, a NaN weight in its
+    experts or in its shard of a column-parallel weight) makes finalize() raise on all four ranks, before any
+    rank changed anything, instead of leaving its peers waiting in a collective or committing without it."""
+    outcomes = [r[case] for r in _load(runs["dir"], "refusals", Layout(ep=2, tp=2))]
+    culprit = REFUSALS[case]
+    expected = {
+        "uncalibrated": rf"RuntimeError: .*rank {culprit}: finalize\(\) called before calibrate\(\)",
+        "nothing-rewritten": rf"RuntimeError: .*rank {culprit}: finalize\(\): no expert GEMM has been rewritten yet",
+        "extra-layer": rf"RuntimeError: .*ranks hold different expert GEMMs: rank 0 has \[\] that rank {culprit} lacks, "
+        r"which has \[\('layer2\.down_proj', \(4, 16, 16\)\), \('layer2\.gate_up_proj', \(4, 32, 16\)\)\]",
+        "nan-weight": r"ValueError: .*layer0\.gate_up_proj: non-finite \(NaN/inf\) weight amax for experts",
+        "nan-column-shard": r"ValueError: .*layer0\.gate_up_proj: non-finite \(NaN/inf\) weight amax for experts",
+    }[case]
+    for rank, outcome in enumerate(outcomes):
+        assert re.match(expected, outcome, re.DOTALL), f"rank {rank}: {outcome}"
+    if case not in ("nan-weight", "nan-column-shard"):  # raised before the sync: the same words on every rank
+        assert len(set(outcomes)) == 1, outcomes
 
 
 def test_single_process_collectives_is_zero() -> None:

@@ -637,6 +637,15 @@ def test_quantize_graph_fp8_bmm(how, cls):
     assert rel_err(out, ref) < 0.1
 
 
+def test_quantize_graph_names_a_float64_expert_weight():
+    """An expert weight of a dtype moeq does not quantize is an error naming the weight and its dtype."""
+    model = Model(BmmActFirst()).double()
+    (x,) = batched_args()
+    gm = torch.export.export(model, (x.double(),)).module()
+    with pytest.raises(ValueError, match=rf"{FQN}: expert weight has dtype torch.float64; moeq quantizes float32"):
+        moeq.quantize_graph(gm, moeq.FP8)
+
+
 def _nvfp4(model: nn.Module, args: tuple, how: str):
     """Quantize ``model``'s graph with NVFP4, calibrate and finalize on ``args``; ``(graph, output)``."""
     qgm = moeq.quantize_graph(_graph(model, args, how), moeq.NVFP4)

@@ -270,8 +270,28 @@ def test_fake_quant_act_bad_offsets():
 def test_fake_quant_act_amax_length_mismatch_raises():
     """A per-expert amax whose length differs from the number of experts in offs is an error."""
     x = torch.ones(6, 16)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"fake_quant_act: amax has 2 entries; expected 1 \(shared\) or 3"):
         fq_act(x, offs_of([2, 2, 2]), torch.tensor([1.0, 2.0]), "fp8", 0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float64, torch.uint8])
+def test_ops_reject_non_float_inputs_by_name(dtype):
+    """The ops take float32 / bfloat16 / float16 tensors; anything else (an already-quantized or integer tensor,
+    float64) is an error naming the op and the argument, not a silently cast result."""
+    w = torch.ones(2, 8, 16, dtype=dtype)
+    x = torch.ones(6, 16, dtype=dtype)
+    amax = torch.ones(2)
+    want = rf"must be float32, bfloat16 or float16, got {dtype}"
+    with pytest.raises(ValueError, match=rf"fake_quant_weight: w {want}"):
+        torch.ops.moeq.fake_quant_weight(w, amax, "fp8", 0, 2)
+    with pytest.raises(ValueError, match=rf"quantize_weight: w {want}"):
+        torch.ops.moeq.quantize_weight(w, amax, "nvfp4", 0, 2)
+    with pytest.raises(ValueError, match=rf"fake_quant_act: x {want}"):
+        fq_act(x, offs_of([3, 3]), amax, "fp8", 0, 1)
+    with pytest.raises(ValueError, match=rf"fake_quant_act_dynamic: x {want}"):
+        torch.ops.moeq.fake_quant_act_dynamic(x, offs_of([3, 3]), "fp8", 0, 1)
+    with pytest.raises(ValueError, match=rf"observe_segments: x {want}"):
+        torch.ops.moeq.observe_segments_(x, offs_of([3, 3]), torch.zeros(2), torch.zeros(2, dtype=torch.int64), 0, 1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from moeq.formats import (
+    check_float,
     expand_per_expert,
     expand_weight_amax,
     get_format,
@@ -142,6 +143,7 @@ def segment_amax(
 
 def _fake_quant_weight_reference(w: Tensor, amax: Tensor, fmt: str, expert_dim: int, contraction_dim: int) -> Tensor:
     """Fake-quantize a stacked expert weight with a per-expert amax ``[E]`` (or FP8 channel-wise ``[E, N]``)."""
+    check_float(w, "fake_quant_weight: w")
     return get_format(fmt).fake_quant(
         w, expand_weight_amax(amax, w.dim(), expert_dim, contraction_dim), contraction_dim
     )
@@ -184,6 +186,7 @@ def _fake_quant_act_reference(
     2-D routed rows pick their expert's amax through ``offs``; batched inputs (``offs=None``) through
     ``expert_dim``. NVFP4 uses dynamic 16-block scales along ``contraction_dim`` under this global amax.
     """
+    check_float(x, "fake_quant_act: x")
     fmt_obj = get_format(fmt)
     if offs is None:
         if amax.numel() != 1:
@@ -236,6 +239,7 @@ def _fake_quant_act_dynamic_reference(
     is within its row's amax), so the straight-through gradient is the identity."""
     if fmt != "fp8":
         raise ValueError(f"fake_quant_act_dynamic: dynamic per-token scales are an FP8 format, got {fmt!r}")
+    check_float(x, "fake_quant_act_dynamic: x")
     out = get_format(fmt).fake_quant(x, token_amax(x, contraction_dim), contraction_dim)
     if offs is None:
         return out
@@ -270,6 +274,7 @@ def _observe_segments_reference(
 ) -> None:
     """Update running per-expert amax (max) and token counts (sum) in place, without a host sync."""
     num_experts = running_amax.numel()
+    check_float(x, "observe_segments: x")
     if offs is not None:
         check_offsets(offs, x.shape[0], num_experts)
     amax, counts = segment_amax(x, offs, num_experts, expert_dim, contraction_dim)
@@ -497,6 +502,7 @@ def _quantize_weight_reference(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if w.dim() != 3 or expert_dim % 3 != 0:
         raise ValueError(f"quantize_weight takes a 3-D weight with experts along dim 0, got {tuple(w.shape)}")
+    check_float(w, "quantize_weight: w")
     amax = expand_weight_amax(amax, 3, 0, contraction_dim)
     return stored_form(get_format(fmt).quantize(w, amax, contraction_dim % 3))
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from moeq.formats import block_amax, channel_amax, expert_amax
-from moeq.runtime.collectives import LayerStats, default_groups, sync_statistics
+from moeq.runtime.collectives import LayerStats, agree_before_sync, default_groups, sync_statistics
 from moeq.state import ExpertQuantState, ModelQuantState, get_state, is_under
 
 __all__ = ["calibrate", "finalize", "quant_state"]
@@ -24,9 +24,15 @@ __all__ = ["calibrate", "finalize", "quant_state"]
 logger = logging.getLogger(__name__)
 
 
-def _not_frozen(state: ModelQuantState, what: str) -> None:
+def _frozen(state: ModelQuantState, what: str) -> str | None:
     if state.mode == "deploy":
-        raise RuntimeError(f"{what}(): the model is frozen (moeq.freeze stored its expert weights quantized)")
+        return f"{what}(): the model is frozen (moeq.freeze stored its expert weights quantized)"
+    return None
+
+
+def _not_frozen(state: ModelQuantState, what: str) -> None:
+    if message := _frozen(state, what):
+        raise RuntimeError(message)
 
 
 @contextmanager
@@ -101,6 +107,39 @@ def _input_amax(
     return torch.where(stats.covered(), obs, layer_max), flags
 
 
+def _finalize_preconditions(state: ModelQuantState) -> list[str]:
+    """Why ``finalize()`` cannot start on this rank (empty when it can)."""
+    if message := _frozen(state, "finalize"):
+        return [message]
+    if len(state) == 0:
+        experts = [s for report in state.reports.values() for s in report.skipped if s.category == "expert"]
+        if experts:
+            return [
+                f"finalize(): the compiled graphs hold {len(experts)} expert GEMMs, none of which moeq can rewrite; "
+                f"the first, on {experts[0].weight_fqn}: {experts[0].reason}. moeq.explain(model) lists them all"
+            ]
+        return [
+            "finalize(): no expert GEMM has been rewritten yet; run the model compiled with backend='moeq' "
+            "(or a graph from moeq.quantize_graph) at least once, inside moeq.calibrate()"
+        ]
+    needs_data = state.config.activation is not None and not state.config.dynamic_activations
+    if needs_data and state.calibration_sessions == 0:
+        return [
+            "finalize() called before calibrate(): run forward passes inside `with moeq.calibrate(model):` first "
+            f"({len(state)} expert GEMMs are waiting for activation statistics)"
+        ]
+    if state.config.calib == "all_experts":
+        unrouted = sorted(fqn for fqn in state.fqns() if not is_under(fqn, state.all_experts_modules))
+        if unrouted:
+            return [
+                "finalize(): QuantConfig(calib='all_experts') ran every calibration token through every expert only "
+                "at transformers' experts modules and module-list MoE blocks, and these expert weights sit elsewhere, "
+                f"so their statistics came from routed tokens alone: {unrouted}. Nothing was changed; prepare the "
+                "model with calib='routed' and calibrate again"
+            ]
+    return []
+
+
 def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: Any = None) -> ModelQuantState:
     """Fix every quantization parameter and switch the model to fake quantization.
 
@@ -111,34 +150,13 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
     statistics are not finite. Returns the model's quant state.
     """
     state = get_state(model)
-    _not_frozen(state, "finalize")
-    if len(state) == 0:
-        experts = [s for report in state.reports.values() for s in report.skipped if s.category == "expert"]
-        if experts:
-            raise RuntimeError(
-                f"finalize(): the compiled graphs hold {len(experts)} expert GEMMs, none of which moeq can rewrite; "
-                f"the first, on {experts[0].weight_fqn}: {experts[0].reason}. moeq.explain(model) lists them all"
-            )
-        raise RuntimeError(
-            "finalize(): no expert GEMM has been rewritten yet; run the model compiled with backend='moeq' "
-            "(or a graph from moeq.quantize_graph) at least once, inside moeq.calibrate()"
-        )
-    needs_data = state.config.activation is not None and not state.config.dynamic_activations
-    if needs_data and state.calibration_sessions == 0:
-        raise RuntimeError(
-            "finalize() called before calibrate(): run forward passes inside `with moeq.calibrate(model):` first "
-            f"({len(state)} expert GEMMs are waiting for activation statistics)"
-        )
-    if state.config.calib == "all_experts":
-        unrouted = sorted(fqn for fqn in state.fqns() if not is_under(fqn, state.all_experts_modules))
-        if unrouted:
-            raise RuntimeError(
-                "finalize(): QuantConfig(calib='all_experts') ran every calibration token through every expert only "
-                "at transformers' experts modules and module-list MoE blocks, and these expert weights sit elsewhere, "
-                f"so their statistics came from routed tokens alone: {unrouted}. Nothing was changed; prepare the "
-                "model with calib='routed' and calibrate again"
-            )
     groups = default_groups(ep_group, tp_group, dp_group)
+    layout = [(fqn, tuple(s.weight_shape)) for fqn, s in sorted(state.items())]
+    errors = agree_before_sync(layout, _finalize_preconditions(state), groups)
+    if errors:
+        if not groups.distributed:
+            raise RuntimeError(errors[0])
+        raise RuntimeError("finalize() failed on every rank; nothing was changed:\n  " + "\n  ".join(errors))
     ep_rank, ep_size = groups.rank("ep"), groups.size("ep")
     with torch.no_grad():
         stats: dict[str, LayerStats] = {}
@@ -158,6 +176,7 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
         sync_statistics(stats, groups)
         errors: list[str] = []
         updates = {}
+        scale_of_one = "1/2688" if state.config.weight == "nvfp4" else "1/448"  # amax 1: g = 1 / (6 * 448)
         for fqn, s in sorted(state.items()):
             s.expert_offset = ep_rank * s.num_experts
             st = stats[fqn]
@@ -167,11 +186,14 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
             for e in torch.nonzero(zero.any(dim=1)).flatten().tolist():
                 g = s.expert_offset + e
                 what = "all-zero weight" if zero.shape[1] == 1 else f"{int(zero[e].sum())} all-zero output channels"
-                flags[g] = (flags[g] + "; " if g in flags else "") + f"{what}: scale set to 1/448"
+                flags[g] = (flags[g] + "; " if g in flags else "") + f"{what}: scale set to {scale_of_one}"
                 logger.warning("moeq: %s expert %d has %s", fqn, g, what)
             bad = (~torch.isfinite(amax)).reshape(s.num_experts, -1).any(dim=1)
             if bool(bad.any()):
-                errors.append(f"{fqn}: non-finite weight amax for experts {torch.nonzero(bad).flatten().tolist()}")
+                bad_experts = (s.expert_offset + torch.nonzero(bad).flatten()).tolist()
+                errors.append(f"{fqn}: non-finite (NaN/inf) weight amax for experts {bad_experts}")
+            elif not bool(torch.isfinite(st.layer_weight_amax)):
+                errors.append(f"{fqn}: non-finite (NaN/inf) weight amax for experts on another EP or TP rank")
             safe_amax = torch.where(amax == 0, torch.ones_like(amax), amax)
             updates[fqn] = (safe_amax, blocks[fqn], input_amax, st, flags)
         if errors:

@@ -8,8 +8,11 @@ experts saw no token contributes neutral values: no deadlock).
 
 Built-in hooks (semantics of DESIGN.md "Collective hooks"):
 
-* ``00-layout``: every group agrees on the expert GEMMs and their local shapes (one all_gather_object per
-  group), so a mismatch is a clear error instead of a hang or a silently wrong reduction.
+Before them, :func:`agree_before_sync` (one all_gather_object per group) checks that every rank holds the same
+expert GEMMs with the same local shapes and passes every rank's precondition errors (finalize before
+calibrate, nothing rewritten, ...) to every rank: a rank that cannot finalize makes all ranks raise the same
+error, instead of raising alone while its peers wait in a collective it never joins.
+
 * ``10-tp``: MAX over TP of per-expert weight amax (column- or row-parallel shards hold parts of the
   same expert) and of per-expert input amax (a row-parallel GEMM's input is sharded along K).
 * ``20-dp``: MAX over DP of per-expert input amax, SUM over DP of per-expert token counts.
@@ -36,6 +39,7 @@ from torch import Tensor
 
 __all__ = [
     "LayerStats",
+    "agree_before_sync",
     "all_gather_objects",
     "ProcessGroups",
     "collective_log",
@@ -111,6 +115,8 @@ class LayerStats:
     layer_input_amax: Tensor = field(default_factory=lambda: torch.zeros(()))
     layer_weight_amax: Tensor = field(default_factory=lambda: torch.zeros(()))
     layer_covered: Tensor = field(default_factory=lambda: torch.zeros(()))
+    #: a column-parallel weight's largest channel amax over its TP ranks (set by the TP hook)
+    sharded_weight_max: Tensor = field(default_factory=lambda: torch.zeros(()))
 
     def __post_init__(self) -> None:
         self.weight_amax = _finite_or_inf(self.weight_amax.float())
@@ -123,7 +129,8 @@ class LayerStats:
     def update_layer_values(self) -> None:
         covered = self.covered()
         self.layer_input_amax = self.observed_input_amax[covered].max() if bool(covered.any()) else torch.zeros(())
-        self.layer_weight_amax = self.weight_amax.max() if self.weight_amax.numel() else torch.zeros(())
+        local = self.weight_amax.max() if self.weight_amax.numel() else torch.zeros(())
+        self.layer_weight_amax = torch.maximum(local, self.sharded_weight_max)
         self.layer_covered = covered.any().float()
 
 
@@ -163,33 +170,50 @@ def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
     return gathered
 
 
-def check_layout(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
-    """Every rank of every group must hold the same expert GEMMs with the same local shapes."""
-    mine = [(fqn, tuple(s.weight_shape)) for fqn, s in sorted(stats.items())]
+def agree_before_sync(layout: list[tuple[str, tuple[int, ...]]], errors: list[str], groups: ProcessGroups) -> list[str]:
+    """Every rank's errors, the same sorted list on each rank (``errors`` as they are in one process).
+
+    ``layout`` is this rank's ``(weight FQN, local shape)`` per expert GEMM. One all_gather_object per group, in
+    role order, carries the errors and the distinct layouts each rank has heard of; the EP, TP and DP groups form
+    a grid, so after the three hops every rank has heard of every rank. Ranks that hold different expert GEMMs
+    become one more error, phrased alike everywhere. Clears :data:`collective_log` (a finalize's first collective).
+    """
+    collective_log.clear()
+    if not groups.distributed:
+        return list(errors)
+    me = dist.get_rank()
+    heard = {f"rank {me}: {e}" for e in errors}
+    layouts = {tuple(layout): me}
     seen: set[int] = set()
     for role in ROLES:
         group = groups.group(role)
         if groups.size(role) == 1 or id(group) in seen:
             continue
         seen.add(id(group))
-        gathered = all_gather_objects(mine, group)
+        for their_errors, their_layouts in all_gather_objects((heard, layouts), group):
+            heard |= their_errors
+            for theirs, rank in their_layouts.items():
+                layouts[theirs] = min(rank, layouts.get(theirs, rank))
         collective_log[(role, "all_gather_object")] += 1
-        for peer, theirs in enumerate(gathered):
-            if theirs != mine:
-                only_mine = sorted(set(mine) - set(theirs))[:4]
-                only_theirs = sorted(set(theirs) - set(mine))[:4]
-                raise RuntimeError(
-                    f"finalize(): ranks of the {role.upper()} group hold different expert GEMMs: rank "
-                    f"{groups.rank(role)} has {only_mine} that {role} rank {peer} lacks, which has {only_theirs}. "
-                    "Run the same model (and at least one calibration forward) on every rank before finalize()"
-                )
+    if len(layouts) > 1 and not heard:
+        (first, a), (second, b) = sorted(layouts.items(), key=lambda item: item[1])[:2]
+        heard.add(
+            f"ranks hold different expert GEMMs: rank {a} has {sorted(set(first) - set(second))[:4]} that rank {b} "
+            f"lacks, which has {sorted(set(second) - set(first))[:4]}. Run the same model (and at least one "
+            "calibration forward) on every rank before finalize()"
+        )
+    return sorted(heard)
 
 
 def _tp_reduced(s: LayerStats) -> list[Tensor]:
     """The statistics of one layer that TP ranks reduce with MAX: the weight amax (each shard holds part of every
-    expert's weight; not channel-wise amaxes of a column-parallel weight, whose channels are each rank's own) and
-    the observed input amax."""
-    return [s.observed_input_amax] if s.channels_sharded else [s.weight_amax, s.observed_input_amax]
+    expert's weight) and the observed input amax. A column-parallel weight's channel-wise amaxes are each rank's
+    own; only their largest is reduced, so that the layer-wide weight amax (a fallback input amax, the check for
+    NaN/inf) is the same on every TP rank."""
+    if s.channels_sharded:
+        local_max = s.weight_amax.max() if s.weight_amax.numel() else torch.zeros(())
+        return [local_max.reshape(1), s.observed_input_amax]
+    return [s.weight_amax, s.observed_input_amax]
 
 
 def sync_tp(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
@@ -201,7 +225,9 @@ def sync_tp(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
     _all_reduce(flat, dist.ReduceOp.MAX, groups, "tp")
     reduced = iter(c.reshape(t.shape).clone() for c, t in zip(flat.split([t.numel() for t in parts]), parts))
     for s in layers:
-        if not s.channels_sharded:
+        if s.channels_sharded:
+            s.sharded_weight_max = next(reduced).reshape(())
+        else:
             s.weight_amax = next(reduced)
         s.observed_input_amax = next(reduced)
 
@@ -232,12 +258,12 @@ def sync_ep(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
 
 
 SyncHook = Callable[[dict[str, LayerStats], ProcessGroups], None]
-_HOOKS: dict[str, SyncHook] = {"00-layout": check_layout, "10-tp": sync_tp, "20-dp": sync_dp, "30-ep": sync_ep}
+_HOOKS: dict[str, SyncHook] = {"10-tp": sync_tp, "20-dp": sync_dp, "30-ep": sync_ep}
 
 
 def register_sync_hook(name: str, hook: SyncHook) -> None:
     """Register ``hook(stats, groups)`` to run inside ``finalize()``; hooks run sorted by ``name``
-    (built-ins: ``00-layout``, ``10-tp``, ``20-dp``, ``30-ep``)."""
+    (built-ins: ``10-tp``, ``20-dp``, ``30-ep``; they run after :func:`agree_before_sync`)."""
     _HOOKS[name] = hook
 
 
@@ -247,7 +273,6 @@ def registered_sync_hooks() -> list[str]:
 
 def sync_statistics(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
     """Run every hook in a fixed, rank-independent order; afterwards ``stats`` hold global values."""
-    collective_log.clear()
     with torch.no_grad():
         for name in sorted(_HOOKS):
             _HOOKS[name](stats, groups)
