@@ -51,7 +51,12 @@ __all__ = [
 
 
 def check_offsets(offs: Tensor, num_rows: int, num_experts: int) -> None:
-    """Validate grouped-GEMM offsets; raises ValueError naming what is wrong."""
+    """Validate grouped-GEMM offsets; raises ValueError naming what is wrong.
+
+    The dtype and shape are checked everywhere; the values (non-decreasing, >= 0, within the rows) only on the
+    CPU: reading a CUDA tensor's values would stall the host on every op and break CUDA-graph capture. On the GPU,
+    offsets that break those rules give unspecified results, as ``torch._grouped_mm``'s do; run a batch on the
+    CPU to check them."""
     if offs.dtype != torch.int32:
         raise ValueError(
             f"expert offsets must be int32 cumulative row counts (as torch._grouped_mm takes), got {offs.dtype}"
