@@ -31,6 +31,7 @@ import torch
 mtq = pytest.importorskip("modelopt.torch.quantization")
 import transformers.integrations.moe as hf_moe  # noqa: E402
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
+from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor  # noqa: E402
 
 import moeq  # noqa: E402
 from moeq.integrations.hf import tiny_model  # noqa: E402
@@ -330,3 +331,20 @@ def test_modelopt_does_not_touch_moeq_model(result: Result) -> None:
     assert type(experts).__name__ == "Qwen3MoeExperts"
     assert res.model.config._experts_implementation == "grouped_mm"
     assert res.peer.config._experts_implementation == "eager"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("amax_factor", [1.0, 0.3, 5.0])
+def test_nvfp4_dequantize_multiplies_as_modelopt(seed, amax_factor):
+    """DESIGN's ``e2m1(q) * float(s_b) * g_e`` is computed as ``e2m1(q) * (float(s_b) * g_e)``, the order of
+    nvidia-modelopt's ``NVFP4QTensor.dequantize`` (the two orders differ by an ulp now and then): moeq's packed
+    codes and scales, dequantized by modelopt, give moeq's values bit for bit (modelopt's table decodes the
+    negative-zero code as +0; adding +0 makes both zeros +0)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(24, 64, generator=gen) * torch.rand(24, 1, generator=gen) * 10.0 ** (seed - 1)
+    fmt = moeq.formats.get_format("nvfp4")
+    q = fmt.quantize(w, (w.abs().amax() * amax_factor).view(1, 1))
+    packed = NVFP4QTensor(w.shape, torch.float32, q.data)
+    theirs = packed.dequantize(torch.float32, scale=q.block_scale, double_scale=q.scale, block_sizes={-1: 16})
+    ours = fmt.dequantize(q, dtype=torch.float32) + 0.0
+    assert torch.equal((theirs + 0.0).view(torch.int32), ours.view(torch.int32))
