@@ -152,11 +152,11 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
     state = get_state(model)
     groups = default_groups(ep_group, tp_group, dp_group)
     layout = [(fqn, tuple(s.weight_shape)) for fqn, s in sorted(state.items())]
-    errors = agree_before_sync(layout, _finalize_preconditions(state), groups)
-    if errors:
+    refusals = agree_before_sync(layout, _finalize_preconditions(state), groups)
+    if refusals:
         if not groups.distributed:
-            raise RuntimeError(errors[0])
-        raise RuntimeError("finalize() failed on every rank; nothing was changed:\n  " + "\n  ".join(errors))
+            raise RuntimeError(refusals[0])
+        raise RuntimeError("finalize() failed on every rank; nothing was changed:\n  " + "\n  ".join(refusals))
     ep_rank, ep_size = groups.rank("ep"), groups.size("ep")
     with torch.no_grad():
         stats: dict[str, LayerStats] = {}
