@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # The CPU install pins torch 2.13.0 (a local wheel on the dev/CI machines); the GPU machines run 2.11.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test test-core test-interpret lint format clean
+.PHONY: demo test test-core test-interpret check-ep4-tp2 lint format clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ test-interpret:
 	    --timeout $(TEST_TIMEOUT) --timeout-method thread; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "interpreter suite collected no tests: failing"; exit 1; fi; exit $$rc; \
 	else echo "no Triton interpreter tests in this tree"; fi
+
+# The one layout of DESIGN's EP x TP matrix that needs 8 processes (about a minute on 2 cores; not in `make test`).
+check-ep4-tp2: $(VENV)/.test
+	$(PY) tests/check_ep4_tp2.py
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check moeq tests examples benchmarks
