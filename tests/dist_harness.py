@@ -288,8 +288,6 @@ def synthetic_model(layers: int, experts: int, seed: int, config: moeq.QuantConf
 
 def synthetic_finalize(layers: int, experts: int, groups: ProcessGroups | None, seed: int) -> tuple[dict, float]:
     """Finalize a :func:`synthetic_model`: the collectives issued and the wall time."""
-    import time
-
     from moeq.runtime.collectives import collective_log
 
     model = synthetic_model(layers, experts, seed)
@@ -337,7 +335,8 @@ def refusal_outcome(case: str, rank: int, groups: ProcessGroups) -> str:
 def run_jobs(rank: int, layout: Layout, out_dir: str, jobs: list[dict[str, Any]]) -> None:
     """Run ``jobs`` on this rank of ``layout``. Each job: ``name``, ``fmt``; optional ``starve`` (global
     experts that get no token in layer 0), ``save`` / ``load`` (checkpoint paths); or ``synthetic`` with
-    ``layers`` and ``experts`` (count the collectives of a large synthetic finalize)."""
+    ``layers`` and ``experts`` (count the collectives of a large synthetic finalize); or ``refusals`` (every case
+    of :data:`REFUSALS`)."""
     groups, world_group = make_groups(layout, rank)
     if groups is None:
         return

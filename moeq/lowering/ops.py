@@ -300,9 +300,8 @@ def _(
     return None
 
 
-class _TritonAbsentNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Triton not available" not in record.getMessage()
+def _not_triton_absent_notice(record: logging.LogRecord) -> bool:
+    return "Triton not available" not in record.getMessage()
 
 
 def moeq_triton_op(name: str, *, mutates_args: tuple[str, ...]) -> Callable[[Callable], Any]:
@@ -311,12 +310,11 @@ def moeq_triton_op(name: str, *, mutates_args: tuple[str, ...]) -> Callable[[Cal
 
     def define(fn: Callable) -> Any:
         log = logging.getLogger("torch._library.triton")
-        notice = _TritonAbsentNotice()
-        log.addFilter(notice)
+        log.addFilter(_not_triton_absent_notice)
         try:
             return triton_op(name, mutates_args=mutates_args)(fn)
         finally:
-            log.removeFilter(notice)
+            log.removeFilter(_not_triton_absent_notice)
 
     return define
 

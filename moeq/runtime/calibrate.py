@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from moeq.formats import block_amax, channel_amax, expert_amax
+from moeq.formats import block_amax, channel_amax, expert_amax, get_format
 from moeq.runtime.collectives import LayerStats, agree_before_sync, default_groups, sync_statistics
 from moeq.state import ExpertQuantState, ModelQuantState, get_state, is_under
 
@@ -176,7 +176,7 @@ def finalize(model: Any, ep_group: Any = None, tp_group: Any = None, dp_group: A
         sync_statistics(stats, groups)
         errors: list[str] = []
         updates = {}
-        scale_of_one = "1/2688" if state.config.weight == "nvfp4" else "1/448"  # amax 1: g = 1 / (6 * 448)
+        scale_of_one = f"1/{round(1 / float(get_format(state.config.weight).scale_from_amax(torch.ones(()))))}"
         for fqn, s in sorted(state.items()):
             s.expert_offset = ep_rank * s.num_experts
             st = stats[fqn]

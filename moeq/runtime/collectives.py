@@ -6,12 +6,12 @@ flat buffer per collective**, so a finalize issues O(number of groups) collectiv
 and experts the model has, and every rank issues the same collectives in the same order (a rank whose
 experts saw no token contributes neutral values: no deadlock).
 
-Built-in hooks (semantics of DESIGN.md "Collective hooks"):
-
-Before them, :func:`agree_before_sync` (one all_gather_object per group) checks that every rank holds the same
-expert GEMMs with the same local shapes and passes every rank's precondition errors (finalize before
+Before the hooks, :func:`agree_before_sync` (one all_gather_object per group) checks that every rank holds the
+same expert GEMMs with the same local shapes and passes every rank's precondition errors (finalize before
 calibrate, nothing rewritten, ...) to every rank: a rank that cannot finalize makes all ranks raise the same
 error, instead of raising alone while its peers wait in a collective it never joins.
+
+Built-in hooks (semantics of DESIGN.md "Collective hooks"):
 
 * ``10-tp``: MAX over TP of per-expert weight amax (column- or row-parallel shards hold parts of the
   same expert) and of per-expert input amax (a row-parallel GEMM's input is sharded along K).
@@ -129,9 +129,13 @@ class LayerStats:
     def update_layer_values(self) -> None:
         covered = self.covered()
         self.layer_input_amax = self.observed_input_amax[covered].max() if bool(covered.any()) else torch.zeros(())
-        local = self.weight_amax.max() if self.weight_amax.numel() else torch.zeros(())
-        self.layer_weight_amax = torch.maximum(local, self.sharded_weight_max)
+        self.layer_weight_amax = torch.maximum(_max_or_zero(self.weight_amax), self.sharded_weight_max)
         self.layer_covered = covered.any().float()
+
+
+def _max_or_zero(t: Tensor) -> Tensor:
+    """The largest entry of ``t`` (0-d), 0 for an empty ``t`` (a rank with no local experts)."""
+    return t.max() if t.numel() else torch.zeros(())
 
 
 def _finite_or_inf(t: Tensor) -> Tensor:
@@ -211,8 +215,7 @@ def _tp_reduced(s: LayerStats) -> list[Tensor]:
     own; only their largest is reduced, so that the layer-wide weight amax (a fallback input amax, the check for
     NaN/inf) is the same on every TP rank."""
     if s.channels_sharded:
-        local_max = s.weight_amax.max() if s.weight_amax.numel() else torch.zeros(())
-        return [local_max.reshape(1), s.observed_input_amax]
+        return [_max_or_zero(s.weight_amax).reshape(1), s.observed_input_amax]
     return [s.weight_amax, s.observed_input_amax]
 
 
