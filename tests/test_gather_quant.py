@@ -29,15 +29,18 @@ def _logits(family: str, cfg: moeq.QuantConfig, caplog, policy: str = "auto", se
     model = moeq.prepare(tiny_model(family, torch.bfloat16, **{**one_moe_layer(family), **overrides}), cfg)
     cm = torch.compile(model, backend="moeq", dynamic=dynamic)
     tokens = make_tokens(batch=2, seq=seq)
-    # the pass logs what it moved when it runs: not on a cached graph
     with (
         caplog.at_level(logging.INFO, logger="moeq.lowering.gather_quant"),
-        inductor_config.patch(fx_graph_cache=False),
+        torch.no_grad(),
+        fusion(policy),
+        combine_fusion(False),
     ):
-        with torch.no_grad(), fusion(policy), combine_fusion(False):
-            with moeq.calibrate(cm):
-                cm(tokens)
-            moeq.finalize(cm)
+        with moeq.calibrate(cm):
+            cm(tokens)
+        moeq.finalize(cm)
+        # the pass logs what it moved when it runs: not on a cached graph (the calibration graph, which the pass
+        # does not touch, may come from the cache)
+        with inductor_config.patch(fx_graph_cache=False):
             logits, _ = run_and_get_code(lambda: cm(tokens).logits)
     return logits, [r.getMessage() for r in caplog.records if MOVED in r.getMessage()]
 
@@ -49,7 +52,8 @@ def test_bound_is_the_ops_own_pass_bound():
     assert gather_quant.OWN_PASS_ROWS_PER_EXPERT == QAT_NVFP4_IN_LOAD_ROWS_PER_EXPERT
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"])
+#: OLMoE is left out: its sparse MoE block, router and experts are Qwen3-MoE's code under other names (transformers 5)
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
 def test_nvfp4_activation_quant_moves_before_the_gather_bit_for_bit(family, caplog, monkeypatch):
     """QAT NVFP4 with one activation amax (the default): the gate/up input is fake-quantized per token, then
     gathered, and the logits equal those of the graph left as it was, bit for bit (the quantization is row-local)."""
