@@ -231,6 +231,47 @@ def test_pass_composes_with_installed_pass():
     assert _Counting.calls > 0 and "moeq.grouped_qmm" in code
 
 
+def test_fingerprint_follows_every_setting_the_lowering_reads(monkeypatch):
+    """The passes' ``uuid`` (Inductor's cache key for their effect) changes with each setting read while a graph is
+    compiled: the policy, a fusion bound, the launcher's kernel switches and the reference ops."""
+    from moeq.lowering import ops
+    from moeq.lowering.inductor import compile_fingerprint
+    from moeq.lowering.joint import TrainingGraphPass
+    from moeq.runtime.kernels import grouped_qmm as launcher
+
+    base = compile_fingerprint()
+    assert GroupedQmmPass().uuid() == TrainingGraphPass().uuid() == base
+    with fusion("always"):
+        assert compile_fingerprint() != base
+    with ops.reference_kernels():
+        assert compile_fingerprint() != base
+    for module, name, value in [
+        (launcher, "GLUON_QAT_NVFP4", not launcher.GLUON_QAT_NVFP4),
+        (launcher, "QUANTIZE_ONCE_ROWS_PER_EXPERT", launcher.QUANTIZE_ONCE_ROWS_PER_EXPERT + 1),
+        (launcher, "DEQUANT_FIRST_ROWS_PER_EXPERT", {"nvfp4": 1, "fp8": 1}),
+    ]:
+        with monkeypatch.context() as m:
+            m.setattr(module, name, value)
+            assert compile_fingerprint() != base, name
+    monkeypatch.setitem(FUSE_MAX_ROWS_PER_EXPERT, "qat", 10**6)
+    assert compile_fingerprint() != base
+
+
+def test_cached_graph_never_outlives_a_changed_bound(monkeypatch):
+    """Inductor's FX graph and AOTAutograd caches stay on: a model compiled again after a fusion bound changed gets
+    the code of the new bound, not the cached graph of the old one (session 48: a GPU test got the weight-pass code
+    cached by its sibling with the Gluon kernel switched off)."""
+    config = tiny_model("qwen3_moe").config
+    seq = 2 * FUSE_MAX_ROWS_PER_EXPERT["qat"] * config.num_experts // config.num_experts_per_tok
+    tokens = make_tokens(batch=1, seq=seq)
+    _, unfused, code = _compiled(moeq.NVFP4, policy="auto", tokens=tokens)
+    assert "torch.ops.moeq.grouped_qmm.default(" not in code
+    monkeypatch.setitem(FUSE_MAX_ROWS_PER_EXPERT, "qat", 10**6)
+    _, fused, code = _compiled(moeq.NVFP4, policy="auto", tokens=tokens)
+    assert code.count("torch.ops.moeq.grouped_qmm.default(") == 2
+    assert torch.equal(fused, unfused)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines launch the kernel for real (tests/test_gpu.py)")
 @pytest.mark.parametrize(
     ("w_mode", "x_mode", "granular"),

@@ -41,9 +41,12 @@ installed in ``post_grad_custom_post_pass`` (torch 2.11 holds one object there; 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import operator
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +62,7 @@ __all__ = [
     "combine_fusion",
     "combine_fusion_enabled",
     "combine_pays",
+    "compile_fingerprint",
     "compiled_size",
     "describe_combine",
     "describe_lowering",
@@ -662,6 +666,46 @@ def fuse_combine_backward(graph: fx.Graph) -> int:
     return fused
 
 
+def _switches(module: Any, *private: str) -> tuple[tuple[str, str], ...]:
+    """A module's public upper-case settings of plain types (bounds, on/off switches, mode tables) and the named
+    private ones (those a context manager sets), as reprs."""
+    plain = (bool, int, float, str, dict, tuple)
+    items = sorted(vars(module).items())
+    return tuple(
+        (name, repr(value))
+        for name, value in items
+        if (name.isupper() and not name.startswith("_") or name in private) and type(value) in plain
+    )
+
+
+@functools.cache
+def _lowering_sources() -> bytes:
+    """One hash of every moeq source file whose code runs while Inductor compiles a moeq graph: the passes, the
+    ``triton_op`` bodies traced into the graph, the launchers they call and the numerics they read
+    (``moeq/lowering``, ``moeq/runtime``, ``moeq/formats.py``)."""
+    package = Path(__file__).resolve().parents[1]
+    files = [package / "formats.py", *(f for d in ("lowering", "runtime") for f in (package / d).rglob("*.py"))]
+    return get_hash_for_files(tuple(sorted(map(str, files))))
+
+
+def compile_fingerprint() -> tuple[Any, ...]:
+    """The ``uuid`` of moeq's Inductor passes: everything beyond the graph itself that decides the code Inductor
+    generates for a moeq graph, so that its FX graph and AOTAutograd caches never serve code compiled under other
+    settings. The source of the passes and of the ``triton_op`` bodies they trace, the fusion policy and combine
+    switch, and the settings read at trace time: fusion bounds, the launchers' kernel choices (e.g.
+    ``grouped_qmm.GLUON_QAT_NVFP4``, which decides between the Gluon kernel and a weight pass) and
+    :func:`moeq.lowering.ops.reference_kernels`."""
+    from moeq.lowering import gather_quant, ops
+
+    settings = [_switches(sys.modules[__name__], "_POLICY", "_COMBINE"), _switches(gather_quant)]
+    settings.append(_switches(ops, "_TRITON_ENABLED"))
+    with contextlib.suppress(ImportError):  # without triton the reference ops run and nothing else decides
+        from moeq.runtime.kernels import grouped_qmm as launcher
+
+        settings.append(_switches(launcher))
+    return (_lowering_sources(), *settings)
+
+
 class GroupedQmmPass(CustomGraphPass):
     """The post-grad pass object installed by the ``moeq`` backend."""
 
@@ -675,11 +719,7 @@ class GroupedQmmPass(CustomGraphPass):
             fuse_combine_backward(graph)
 
     def uuid(self) -> Any:
-        from moeq.lowering import gather_quant
-
-        files = (__file__, gather_quant.__file__)
-        bounds = (COMBINE_MIN_TOP_K, COMBINE_MIN_ROWS, gather_quant.OWN_PASS_ROWS_PER_EXPERT, gather_quant.ENABLED)
-        return (get_hash_for_files(files), _POLICY, _COMBINE, *bounds)
+        return compile_fingerprint()
 
 
 class _ComposedPass(CustomGraphPass):

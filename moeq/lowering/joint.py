@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils.checkpoint import CheckpointPolicy
 
-from moeq.lowering import inductor, permutation
+from moeq.lowering import inductor
 from moeq.lowering.inductor import fusion_enabled, gemm_targets
 from moeq.lowering.permutation import gather_through_permutations
 
@@ -360,5 +360,4 @@ class TrainingGraphPass(CustomGraphPass):
             gather_through_permutations(graph)
 
     def uuid(self) -> Any:
-        combine = (inductor.combine_fusion_enabled(), inductor.COMBINE_MIN_TOP_K, inductor.COMBINE_MIN_ROWS)
-        return get_hash_for_files((__file__, permutation.__file__)), combine
+        return inductor.compile_fingerprint()
