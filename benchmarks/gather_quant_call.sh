@@ -4,8 +4,7 @@
 # the moved quantization applies at 4096 and 16384 tokens; compare with session 12's moeq_ms); then, in later calls:
 # bash benchmarks/gpu_suite.sh b (117 tests, 71 not run in session 38), gate_up at 64 rows and Mixtral 8k
 # (bench_grouped_qmm.py --only "qwen3 gate_up M=64" / --only mixtral, ~110 s a case with autotuning).
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+. benchmarks/gpu_env.sh || exit
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 timeout -s INT 240 python -m pytest -p no:cacheprovider tests/test_gpu.py -n 8 -rfE --tb=short -q \
   -k "takes_quantized_rows or compiled_model or qmm_cuda_matches_reference" > $OUT/tests.log 2>&1; echo tests rc $?

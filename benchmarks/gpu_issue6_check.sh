@@ -1,8 +1,7 @@
 # Issue 6's GPU acceptance tests in one short call (carry .whl): the compiled tiny Qwen3-MoE in every mode against
 # the CPU reference, the profiler's one Triton kernel per expert GEMM, the Gluon QAT NVFP4 kernel, the observer and
 # the combine (the triton_ops whose registration changed in session 47). Writes $OUT/issue6_check.log.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+. benchmarks/gpu_env.sh || exit
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 timeout -s INT ${1:-420} python -m pytest -p no:cacheprovider tests/test_gpu.py -n 8 -q -rfE --tb=short --durations=8 \

@@ -6,8 +6,7 @@
 PART=${1:?usage: gpu_suite.sh a|b}
 HEAVY="fake_quant_experts_bit_exact_cuda or grouped_qmm_cuda_matches_reference or grouped_qmm_cuda_weight_operand_bit_exact"
 [ "$PART" = a ] && K="$HEAVY" || K="not ($HEAVY)"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+. benchmarks/gpu_env.sh || exit
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 timeout -s INT 540 python -m pytest -p no:cacheprovider tests/test_gpu.py -n 12 -rfE --tb=short -q --durations=15 \
   -k "$K" > "$OUT/gpu_suite_$PART.log" 2>&1

@@ -11,8 +11,7 @@
 # c: session 42's NVFP4 codes kernel (first run on a GPU in session 43: 12 passed, entry 1.0 ms): its test, the reused-codes and freeze tests that go through
 #    it, then the reuse_weight_codes entry timed again (session 42 call 8: 54.7 ms through the torch reference).
 PART=${1:?usage: next_gluon_call.sh a|b|c|s|t}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+. benchmarks/gpu_env.sh || exit
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,power.limit --format=csv,noheader
 if [ "$PART" = s ]; then
   timeout -s INT 200 python -m pytest -q -x tests/test_gpu.py -k "swapped or test_qat_nvfp4_gluon_gemm_cuda" \

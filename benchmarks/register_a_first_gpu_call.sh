@@ -6,8 +6,7 @@
 # decomposes 7 (SKIP=1, no conversion). Variant 0, the shipped kernel, has the branch's converter (block amax and clip
 # on bf16 pairs: 13.25 instructions a value, was 14.5; session 36's figures for it: 0.6865 / 0.4051 ms kernel alone).
 # A hang is the timeout's: look for a barrier phase error in _convert_mma_partition.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+. benchmarks/gpu_env.sh || exit
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 timeout -s INT 150 python -m pytest -p no:cacheprovider tests/test_gpu.py -rA --tb=short -q \
   -k "register_operand or qat_nvfp4_gluon_gemm_cuda or nvfp4_operand_values or nan_and_inf_weights" > $OUT/tests.log 2>&1; echo tests rc $?

@@ -3,8 +3,7 @@
 # different tail rows). Here: (1) the overlapped form compiled by ptxas 13.5 (TRITON_PTXAS_PATH), (2) the SYNC form
 # (wait for each step's wgmmas) under the bundled ptxas -- correctness over three runs against float64, then
 # kernel-alone timings at Qwen3 34k rows; (3) the branch's GPU tests under both ptxas (auto SYNC picks by version).
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+. benchmarks/gpu_env.sh || exit
 mkdir -p /tmp/p13 && gunzip -c .ptxas13/ptxas.gz > /tmp/p13/ptxas && chmod +x /tmp/p13/ptxas && /tmp/p13/ptxas --version | tail -1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 TRITON_PTXAS_PATH=/tmp/p13/ptxas timeout -s INT 150 python benchmarks/diag_register_operand.py 0 > $OUT/diag_ptxas135_overlap.log 2>&1; echo diag13.5 rc $?

@@ -1,8 +1,7 @@
 # Session 39's GPU call for the tail boxes (carry .whl): (1) the probe (kernel alone, bit-equality to whole tail
 # copies, loads only, the activations' pass on rows and on tokens); (2) the acceptance bench's 34k QAT rows (whole op,
 # tail boxes now the default); (3) the Gluon GPU tests, the new tail-box equality test among them.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+. benchmarks/gpu_env.sh || exit
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,power.limit --format=csv,noheader
 timeout -s INT 240 python benchmarks/probe_gluon_variants.py --family tail_boxes --out $OUT/tail_boxes.json > $OUT/tail_boxes.log 2>&1; echo probe rc $?
 grep -E "bit-equal|medians|median|loads only|fake_quant|bf16  |ERROR" $OUT/tail_boxes.log | cut -c1-210 | tail -40

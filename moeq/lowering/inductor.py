@@ -697,8 +697,11 @@ def compile_fingerprint() -> tuple[Any, ...]:
     :func:`moeq.lowering.ops.reference_kernels`."""
     from moeq.lowering import gather_quant, ops
 
-    settings = [_switches(sys.modules[__name__], "_POLICY", "_COMBINE"), _switches(gather_quant)]
-    settings.append(_switches(ops, "_TRITON_ENABLED"))
+    settings = [
+        _switches(sys.modules[__name__], "_POLICY", "_COMBINE"),
+        _switches(gather_quant),
+        _switches(ops, "_TRITON_ENABLED"),
+    ]
     with contextlib.suppress(ImportError):  # without triton the reference ops run and nothing else decides
         from moeq.runtime.kernels import grouped_qmm as launcher
 
