@@ -219,7 +219,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
+#: Mixtral is left out: its experts, whose combine the op takes, are Qwen3-MoE's code under other names (transformers 5)
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 @pytest.mark.usefixtures("any_top_k")
 def test_compiled_model_runs_the_combine_op(family):
     """backend="moeq": every MoE layer's combine runs as moeq::combine_experts (one per pair of expert GEMMs);
@@ -248,7 +249,7 @@ def test_training_forward_runs_the_combine_op():
 @pytest.mark.usefixtures("any_top_k")
 def test_dynamic_token_count_keeps_the_combine_op():
     """``dynamic=True``: the token count is symbolic (rows ``8 * s``); the chain still matches (the gather index
-    and the rows have the same symbolic length) and the logits follow the shape."""
+    and the rows have the same symbolic length), the logits follow the shape and one graph serves every size."""
     torch._dynamo.reset()
     model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), moeq.NVFP4_W4A16)
     cm = torch.compile(model, backend="moeq", dynamic=True)
@@ -256,7 +257,8 @@ def test_dynamic_token_count_keeps_the_combine_op():
         with moeq.calibrate(cm):
             cm(make_tokens())
         moeq.finalize(cm)
-        for seq in (12, 20):
-            logits, code = run_and_get_code(lambda seq=seq: cm(make_tokens(seed=seq, seq=seq)).logits)
-            assert logits.shape[1] == seq
+        logits, code = run_and_get_code(lambda: cm(make_tokens(seed=12, seq=12)).logits)
+        assert logits.shape[1] == 12
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert cm(make_tokens(seed=20, seq=20)).logits.shape[1] == 20
     assert "torch.ops.moeq.combine_experts.default(" in "\n".join(code)

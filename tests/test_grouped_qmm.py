@@ -166,8 +166,9 @@ def test_batched_experts_fuse_with_a_dynamic_token_count():
             with moeq.calibrate(cm):
                 cm(make_tokens(seed=1))
             moeq.finalize(cm)
-            cm(make_tokens(seed=2, seq=12))
             logits, code = run_and_get_code(lambda cm=cm: cm(make_tokens(seed=3, seq=20)).logits)
+            with torch._dynamo.config.patch(error_on_recompile=True):  # one graph serves every token count
+                assert cm(make_tokens(seed=2, seq=12)).logits.shape[1] == 12
         outs.append(logits)
         codes.append("\n".join(code))
     calls = [line for line in codes[0].splitlines() if "torch.ops.moeq.grouped_qmm.default(" in line]
@@ -262,8 +263,8 @@ def test_cached_graph_never_outlives_a_changed_bound(monkeypatch):
     the code of the new bound, not the cached graph of the old one (session 48: a GPU test got the weight-pass code
     cached by its sibling with the Gluon kernel switched off)."""
     config = tiny_model("qwen3_moe").config
-    seq = 2 * FUSE_MAX_ROWS_PER_EXPERT["qat"] * config.num_experts // config.num_experts_per_tok
-    tokens = make_tokens(batch=1, seq=seq)
+    seq = FUSE_MAX_ROWS_PER_EXPERT["qat"] * config.num_experts // config.num_experts_per_tok
+    tokens = make_tokens(batch=2, seq=seq)  # twice the bound: test_auto_policy_fuses_where_it_pays's unfused case
     _, unfused, code = _compiled(moeq.NVFP4, policy="auto", tokens=tokens)
     assert "torch.ops.moeq.grouped_qmm.default(" not in code
     monkeypatch.setitem(FUSE_MAX_ROWS_PER_EXPERT, "qat", 10**6)

@@ -83,32 +83,33 @@ def test_training_step_matches_unfused(family):
         assert grad[~clipped[name]].count_nonzero() > 0.5 * (~clipped[name]).sum(), name
 
 
-@pytest.mark.parametrize("policy", ["auto", "always"])
-def test_fp8_training_step_saves_weight_codes(policy):
-    """A QAT FP8 training step: the joint-graph pass makes the forward save each expert weight as e4m3 codes
-    (``moeq::quantize_weight``) instead of its fake-quantized bf16 copy, and both GEMMs that read it fuse into
-    ``moeq::grouped_qmm`` (forward: FP8 x FP8 on the codes; backward's dgrad: the gradient times the stored codes).
-    Loss and expert gradients equal the unfused path's (``fusion("never")``) within bf16 rounding: the fused
-    GEMMs scale fp32 products of codes where the unfused ones multiply bf16-rounded fake-quant values. Some
-    weights are clipped: each wgrad's STE mask is given the weight's codes, and clipped weights get no gradient."""
-    loss_a, grads_a, code, clipped = _training_step("FP8", policy, clip=True)
-    assert _wgrad_ste_codes(code) == ["codes"] * 2, code
+def test_fp8_training_step_saves_weight_codes():
+    """A QAT FP8 training step, under policy "auto" and "always": the joint-graph pass makes the forward save each
+    expert weight as e4m3 codes (``moeq::quantize_weight``) instead of its fake-quantized bf16 copy, and both GEMMs
+    that read it fuse into ``moeq::grouped_qmm`` (forward: FP8 x FP8 on the codes; backward's dgrad: the gradient
+    times the stored codes). Loss and expert gradients equal the unfused path's (``fusion("never")``) within bf16
+    rounding: the fused GEMMs scale fp32 products of codes where the unfused ones multiply bf16-rounded fake-quant
+    values. Some weights are clipped: each wgrad's STE mask is given the weight's codes, and clipped weights get no
+    gradient."""
     loss_b, grads_b, code_b, _ = _training_step("FP8", "never", clip=True)
     layers = 2  # gate_up and down of one layer
-    assert code.count("torch.ops.moeq.quantize_weight.default(") == layers
-    assert code.count("torch.ops.moeq.grouped_wgrad_ste.default(") == layers
-    assert "fake_quant_weight" not in code
-    calls = re.findall(r"torch\.ops\.moeq\.grouped_qmm\.default\((.*)\)", code)
-    assert len(calls) == 2 * layers, calls  # forward and dgrad of each
-    assert sum("'deploy', 'fp8', 'fp8'" in c for c in calls) == layers  # forward: x quantized in the kernel
-    assert sum("'deploy', 'fp8', None" in c for c in calls) == layers  # dgrad: bf16 gradient x codes
     assert "grouped_qmm" not in code_b and code_b.count("fake_quant_weight.default(") == layers
-    torch.testing.assert_close(loss_a, loss_b, rtol=1e-2, atol=0)
-    for name, grad in grads_a.items():
-        ref = grads_b[name].double()
-        assert grad is not None and grad.abs().sum() > 0, name
-        assert ((grad.double() - ref).norm() / ref.norm()).item() < 1e-2, name
-        assert clipped[name].any() and not grad[clipped[name]].any(), name
+    for policy in ("auto", "always"):
+        loss_a, grads_a, code, clipped = _training_step("FP8", policy, clip=True)
+        assert _wgrad_ste_codes(code) == ["codes"] * 2, (policy, code)
+        assert code.count("torch.ops.moeq.quantize_weight.default(") == layers, policy
+        assert code.count("torch.ops.moeq.grouped_wgrad_ste.default(") == layers, policy
+        assert "fake_quant_weight" not in code, policy
+        calls = re.findall(r"torch\.ops\.moeq\.grouped_qmm\.default\((.*)\)", code)
+        assert len(calls) == 2 * layers, (policy, calls)  # forward and dgrad of each
+        assert sum("'deploy', 'fp8', 'fp8'" in c for c in calls) == layers  # forward: x quantized in the kernel
+        assert sum("'deploy', 'fp8', None" in c for c in calls) == layers  # dgrad: bf16 gradient x codes
+        torch.testing.assert_close(loss_a, loss_b, rtol=1e-2, atol=0)
+        for name, grad in grads_a.items():
+            ref = grads_b[name].double()
+            assert grad is not None and grad.abs().sum() > 0, (policy, name)
+            assert ((grad.double() - ref).norm() / ref.norm()).item() < 1e-2, (policy, name)
+            assert clipped[name].any() and not grad[clipped[name]].any(), (policy, name)
 
 
 @pytest.mark.parametrize("family", ["gpt_oss"])
