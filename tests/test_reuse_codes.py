@@ -66,15 +66,15 @@ def _accumulate(model, cm, tokens, reuse: bool, micro_batches: int = 3, **block)
     return losses, grads, "\n".join(code)
 
 
-@pytest.mark.parametrize(("cfg_name", "policy"), [("NVFP4", "never"), ("NVFP4", "auto")])
-def test_accumulated_gradients_equal_the_block_free_ones(cfg_name, policy):
+def test_accumulated_gradients_equal_the_block_free_ones():
     """Three micro-batches with and without the block: losses and expert gradients equal bit for bit, and inside
     the block no graph quantizes a weight (FP8: :func:`test_fp8_block_runs_deploy_kernels_on_the_codes`; module
-    lists: ``test_megatron_experts.py::test_sequential_mlp_accumulates_with_reused_codes``). QAT NVFP4 training graphs run their GEMMs unfused under every policy;
-    inside the block each reads the weight through ``moeq::fake_quant_weight_from_codes`` (the dequant of the packed
-    codes, once per micro-batch)."""
-    model, cm, tokens = _finalized(cfg_name)
-    with fusion(policy), combine_fusion(False):
+    lists: ``test_megatron_experts.py::test_sequential_mlp_accumulates_with_reused_codes``). QAT NVFP4 training
+    graphs run their GEMMs unfused under every policy (policy "auto", the default, here); inside the block each
+    reads the weight through ``moeq::fake_quant_weight_from_codes`` (the dequant of the packed codes, once per
+    micro-batch)."""
+    model, cm, tokens = _finalized("NVFP4")
+    with fusion("auto"), combine_fusion(False):
         losses_a, grads_a, code_a = _accumulate(model, cm, tokens, reuse=False)
         losses_b, grads_b, code_b = _accumulate(model, cm, tokens, reuse=True)
     assert _quantizes_weights(code_a) and not _quantizes_weights(code_b)
