@@ -193,22 +193,30 @@ def test_backward_reference_op_matches_float64(w_dtype):
     assert_combine_backward_close(dy, dw, grad, y, weights, perm, 4)
 
 
-def _compiled(family: str, combine: bool, train: bool = False, config: str = "FP8"):
-    """A tiny model prepared with ``config``, compiled with backend="moeq", calibrated and finalized; its logits (and, with
-    ``train``, loss and expert gradients of one step) and Inductor's code."""
+def _finalized(family: str, config: str = "FP8") -> torch.nn.Module:
+    """A tiny model prepared with ``config``, compiled with backend="moeq", calibrated and finalized."""
     torch._dynamo.reset()
     model = moeq.prepare(tiny_model(family, torch.bfloat16, **one_moe_layer(family)), getattr(moeq, config))
     cm = torch.compile(model, backend="moeq")
-    tokens = make_tokens()
-    with combine_fusion(combine):
-        with torch.no_grad(), moeq.calibrate(cm):
-            cm(tokens)
+    with combine_fusion(False), torch.no_grad():
+        with moeq.calibrate(cm):
+            cm(make_tokens())
         moeq.finalize(cm)
+    return cm
+
+
+def _run(cm: torch.nn.Module, combine: bool, train: bool = False):
+    """``cm`` compiled afresh (``run_and_get_code`` resets Dynamo) with the combine fusion on or off: its logits (and,
+    with ``train``, loss and expert gradients of one step) and Inductor's code. One calibration serves both settings
+    a test compares, so they read the same statistics."""
+    model, tokens = cm._orig_mod, make_tokens()
+    with combine_fusion(combine):
         if not train:
             with torch.no_grad():
                 logits, code = run_and_get_code(lambda: cm(tokens).logits)
             return logits, None, "\n".join(code)
         model.train()
+        model.zero_grad(set_to_none=True)
         loss, code = run_and_get_code(lambda: cm(tokens, labels=tokens).loss)
         loss.backward()
     grads = [model.get_parameter(n).grad for n in expert_parameter_names(model)]
@@ -227,8 +235,8 @@ def test_compiled_model_runs_the_combine_op(family):
     the logits move from the Inductor-combined model's by rounding only (the op rounds each bf16 product to bf16
     as eager torch does, Inductor's fused kernel does not). Weight-only quantization, so that no rounding change
     flips an activation's FP8 code in the next layer (which moves DeepSeek-V3's logits by 1.7%)."""
-    logits, _, code = _compiled(family, combine=True, config="NVFP4_W4A16")
-    reference, _, ref_code = _compiled(family, combine=False, config="NVFP4_W4A16")
+    cm = _finalized(family, config="NVFP4_W4A16")
+    (logits, _, code), (reference, _, ref_code) = _run(cm, combine=True), _run(cm, combine=False)
     gemms = code.count("torch.ops.moeq.grouped_qmm.default(")
     assert gemms >= 2 and code.count("torch.ops.moeq.combine_experts.default(") == gemms // 2
     assert "combine_experts" not in ref_code
@@ -239,8 +247,8 @@ def test_compiled_model_runs_the_combine_op(family):
 def test_training_forward_runs_the_combine_op():
     """A QAT training step: the forward graph's combine runs as the op (its backward is AOTAutograd's own graph);
     loss and expert gradients as with Inductor's combine, to within rounding."""
-    loss, grads, code = _compiled("qwen3_moe", combine=True, train=True)
-    ref_loss, ref_grads, _ = _compiled("qwen3_moe", combine=False, train=True)
+    cm = _finalized("qwen3_moe")
+    (loss, grads, code), (ref_loss, ref_grads, _) = _run(cm, combine=True, train=True), _run(cm, False, train=True)
     assert "torch.ops.moeq.combine_experts.default(" in code
     assert abs(float(loss) - float(ref_loss)) < 1e-2 * abs(float(ref_loss))
     assert all(_rel(g, r) < 5e-2 for g, r in zip(grads, ref_grads))

@@ -19,29 +19,31 @@ from tests.conftest import make_tokens, one_moe_layer
 MOVED = "moved before its routing gather"
 
 
-def _logits(family: str, cfg: moeq.QuantConfig, caplog, policy: str = "auto", seq: int = 64, dynamic=None,
-            **overrides):  # fmt: skip
-    """Logits of a one-layer tiny ``family`` model prepared with ``cfg``, calibrated, finalized and compiled
-    (``dynamic``: ``torch.compile``'s), and the pass's log lines."""
+def _finalized(family: str, cfg: moeq.QuantConfig, dynamic=None, **overrides) -> torch.nn.Module:
+    """A one-layer tiny ``family`` model prepared with ``cfg``, compiled (``dynamic``: ``torch.compile``'s),
+    calibrated and finalized."""
     torch._dynamo.reset()
-    caplog.clear()
     torch.manual_seed(0)
     model = moeq.prepare(tiny_model(family, torch.bfloat16, **{**one_moe_layer(family), **overrides}), cfg)
     cm = torch.compile(model, backend="moeq", dynamic=dynamic)
-    tokens = make_tokens(batch=2, seq=seq)
+    with torch.no_grad(), combine_fusion(False), moeq.calibrate(cm):
+        cm(make_tokens(batch=2, seq=64))
+    moeq.finalize(cm)
+    return cm
+
+
+def _logits(cm: torch.nn.Module, caplog, policy: str = "auto") -> tuple[torch.Tensor, list[str]]:
+    """Logits of ``cm`` compiled afresh (``run_and_get_code`` resets Dynamo; one calibration serves every setting a
+    test compares) under fusion ``policy``, and the pass's log lines."""
+    caplog.clear()
     with (
         caplog.at_level(logging.INFO, logger="moeq.lowering.gather_quant"),
         torch.no_grad(),
         fusion(policy),
         combine_fusion(False),
+        inductor_config.patch(fx_graph_cache=False),  # the pass logs what it moved when it runs: not on a cached graph
     ):
-        with moeq.calibrate(cm):
-            cm(tokens)
-        moeq.finalize(cm)
-        # the pass logs what it moved when it runs: not on a cached graph (the calibration graph, which the pass
-        # does not touch, may come from the cache)
-        with inductor_config.patch(fx_graph_cache=False):
-            logits, _ = run_and_get_code(lambda: cm(tokens).logits)
+        logits, _ = run_and_get_code(lambda: cm(make_tokens(batch=2, seq=64)).logits)
     return logits, [r.getMessage() for r in caplog.records if MOVED in r.getMessage()]
 
 
@@ -59,11 +61,12 @@ def test_nvfp4_activation_quant_moves_before_the_gather_bit_for_bit(family, capl
     """QAT NVFP4 with one activation amax (the default): the gate/up input is fake-quantized per token, then
     gathered, and the logits equal those of the graph left as it was, bit for bit (the quantization is row-local)."""
     monkeypatch.setattr(gather_quant, "OWN_PASS_ROWS_PER_EXPERT", 1)
-    moved, lines = _logits(family, moeq.NVFP4, caplog)
+    cm = _finalized(family, moeq.NVFP4)
+    moved, lines = _logits(cm, caplog)
     top_k = tiny_model(family).config.num_experts_per_tok
     assert len(lines) == 1 and f"({2 * 64} rows instead of {2 * 64 * top_k})" in lines[0], lines
     monkeypatch.setattr(gather_quant, "OWN_PASS_ROWS_PER_EXPERT", 10**9)
-    kept, lines = _logits(family, moeq.NVFP4, caplog)
+    kept, lines = _logits(cm, caplog)
     assert not lines
     assert torch.equal(moved, kept)
 
@@ -71,11 +74,12 @@ def test_nvfp4_activation_quant_moves_before_the_gather_bit_for_bit(family, capl
 def test_moves_with_a_dynamic_batch_bit_for_bit(caplog, monkeypatch):
     """A dynamic token count (Dynamo's usual graph once a second batch shape is seen) is moved too: the graph serves
     every batch size. The logits equal those with the pass off, bit for bit."""
-    moved, lines = _logits("qwen3_moe", moeq.NVFP4, caplog, dynamic=True)
+    cm = _finalized("qwen3_moe", moeq.NVFP4, dynamic=True)
+    moved, lines = _logits(cm, caplog)
     top_k = tiny_model("qwen3_moe").config.num_experts_per_tok
     assert len(lines) == 1 and f"rows instead of {top_k}*s" in lines[0], lines  # a symbolic count
     monkeypatch.setattr(gather_quant, "ENABLED", False)
-    kept, lines = _logits("qwen3_moe", moeq.NVFP4, caplog, dynamic=True)
+    kept, lines = _logits(cm, caplog)
     assert not lines
     assert torch.equal(moved, kept)
 
@@ -93,7 +97,7 @@ def test_quantization_stays_after_the_gather(cfg, policy, why, caplog, monkeypat
     """Not moved where the result would differ (a per-expert amax depends on the row's expert) or where the op
     quantizes the gathered rows itself (FP8 x FP8; policy "always")."""
     monkeypatch.setattr(gather_quant, "OWN_PASS_ROWS_PER_EXPERT", 1)
-    _, lines = _logits("qwen3_moe", cfg, caplog, policy=policy)
+    _, lines = _logits(_finalized("qwen3_moe", cfg), caplog, policy=policy)
     assert not lines, why
 
 
@@ -101,9 +105,10 @@ def test_quantization_stays_at_or_below_the_bound(caplog, monkeypatch):
     """At or below the bound the op quantizes x in its load path (one kernel per expert GEMM): nothing moves."""
     config = tiny_model("qwen3_moe").config
     rows = 2 * 64 * config.num_experts_per_tok
+    cm = _finalized("qwen3_moe", moeq.NVFP4)
     monkeypatch.setattr(gather_quant, "OWN_PASS_ROWS_PER_EXPERT", rows // config.num_experts)
-    _, lines = _logits("qwen3_moe", moeq.NVFP4, caplog)
+    _, lines = _logits(cm, caplog)
     assert not lines
     monkeypatch.setattr(gather_quant, "OWN_PASS_ROWS_PER_EXPERT", rows // config.num_experts - 1)
-    _, lines = _logits("qwen3_moe", moeq.NVFP4, caplog)
+    _, lines = _logits(cm, caplog)
     assert len(lines) == 1

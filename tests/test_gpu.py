@@ -1372,12 +1372,13 @@ def test_training_step_with_permutation_gathers_cuda(monkeypatch):
     gather's gradient runs as the combine kernel, and the combine's gradients as its backward kernel): same loss,
     parameter gradients within 1% of the step without it (the combine sums each token's rows in fp32, the scatter
     adds them with bf16 atomics in any order)."""
-    from tests.test_permutation import training_step
+    from tests.test_permutation import finalized_for_training, training_step
 
     monkeypatch.setattr(inductor_module, "COMBINE_MIN_TOP_K", 1)
     monkeypatch.setattr(inductor_module, "COMBINE_MIN_ROWS", 0)
-    loss, grads, counts = training_step(True, "cuda")
-    ref_loss, ref_grads, _ = training_step(False, "cuda")
+    cm = finalized_for_training("cuda")
+    loss, grads, counts = training_step(cm, True)
+    ref_loss, ref_grads, _ = training_step(cm, False)
     assert counts == {"gathers": [3], "combine_backward": [0, 1]} and torch.equal(loss, ref_loss)
     for name, grad in grads.items():
         ref = ref_grads[name].float()

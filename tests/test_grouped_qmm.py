@@ -93,25 +93,36 @@ def test_op_rejects_bad_input():
         torch.ops.moeq.grouped_qmm(x, w, offs.long(), amax, None, None, "qat", "fp8", None)
 
 
-def _compiled(
-    cfg, dtype=torch.bfloat16, fuse=True, freeze=False, policy=None, tokens=None, family="qwen3_moe", **overrides
-):
-    """``(model, logits, Inductor's code)`` of a tiny ``family`` model, one decoder layer unless ``overrides`` say
-    otherwise, prepared with ``cfg``, calibrated, finalized (and frozen) and compiled by ``backend="moeq"``."""
+def _finalized(cfg, dtype=torch.bfloat16, freeze=False, tokens=None, family="qwen3_moe", **overrides):
+    """A tiny ``family`` model, one decoder layer unless ``overrides`` say otherwise, prepared with ``cfg``, compiled
+    by ``backend="moeq"``, calibrated on ``tokens``, finalized (and frozen): the compiled model."""
     torch._dynamo.reset()
     model = moeq.prepare(tiny_model(family, dtype, **{"num_hidden_layers": 1, **overrides}), cfg)
     cm = torch.compile(model, backend="moeq")
-    tokens = make_tokens() if tokens is None else tokens
-    # the combine's own fusion (tests/test_combine.py) rounds as eager torch does, not as Inductor: off here, so
-    # that fused and unfused GEMMs are compared bit for bit
-    with torch.no_grad(), fusion(policy or ("always" if fuse else "never")), combine_fusion(False):
+    with torch.no_grad(), combine_fusion(False):
         with moeq.calibrate(cm):
-            cm(tokens)
+            cm(make_tokens() if tokens is None else tokens)
         moeq.finalize(cm)
         if freeze:
             moeq.freeze(cm)
-        logits, code = run_and_get_code(lambda: cm(tokens).logits)
-    return model, logits, "\n".join(code)
+    return cm
+
+
+def _run(cm, policy="always", tokens=None):
+    """``(logits, Inductor's code)`` of ``cm`` compiled afresh under fusion ``policy`` (``run_and_get_code`` resets
+    Dynamo): one calibration serves every policy a test compares (the calibration graph, Inductor's costliest,
+    compiles once), and the paths compared read the same statistics."""
+    # the combine's own fusion (tests/test_combine.py) rounds as eager torch does, not as Inductor: off here, so
+    # that fused and unfused GEMMs are compared bit for bit
+    with torch.no_grad(), fusion(policy), combine_fusion(False):
+        logits, code = run_and_get_code(lambda: cm(make_tokens() if tokens is None else tokens).logits)
+    return logits, "\n".join(code)
+
+
+def _compiled(cfg, fuse=True, policy=None, tokens=None, **kw):
+    """``(model, logits, Inductor's code)``: :func:`_finalized` run once under ``policy``."""
+    cm = _finalized(cfg, tokens=tokens, **kw)
+    return (cm._orig_mod, *_run(cm, policy or ("always" if fuse else "never"), tokens))
 
 
 @pytest.mark.parametrize(
@@ -124,9 +135,8 @@ def test_compiled_model_calls_grouped_qmm(config, freeze):
     separate Q/DQ op left) and the logits equal the unfused path's. Deploy NVFP4 to within rounding: the fused
     op multiplies exact ``e2m1 * block scale`` operands and applies the global scale to the fp32 product,
     where the unfused path rounds each dequantized weight to bf16 before ``_grouped_mm``."""
-    cfg = getattr(moeq, config)
-    _, fused, code = _compiled(cfg, freeze=freeze, num_hidden_layers=2)
-    _, reference, ref_code = _compiled(cfg, fuse=False, freeze=freeze, num_hidden_layers=2)
+    cm = _finalized(getattr(moeq, config), freeze=freeze, num_hidden_layers=2)
+    (fused, code), (reference, ref_code) = _run(cm, "always"), _run(cm, "never")
     assert code.count("torch.ops.moeq.grouped_qmm.default(") == 4  # 2 MoE layers x (gate_up, down)
     assert "fake_quant_weight" not in code and "fake_quant_act" not in code and "dequant_weight" not in code
     assert "grouped_qmm" not in ref_code
@@ -145,9 +155,8 @@ def test_batched_experts_call_grouped_qmm(config, freeze):
     """Llama 4's experts are a ``bmm`` over ``[E, tokens, K]``: the pass runs it as ``moeq.grouped_qmm`` on the
     rows as E equal segments (activation and weight Q/DQ inside), and the logits match the unfused bmm path's
     within bf16 rounding (the fused op rounds each expert's fp32 product once, like the bmm)."""
-    cfg = getattr(moeq, config)
-    _, fused, code = _compiled(cfg, freeze=freeze, family="llama4")
-    _, reference, ref_code = _compiled(cfg, fuse=False, freeze=freeze, family="llama4")
+    cm = _finalized(getattr(moeq, config), freeze=freeze, family="llama4")
+    (fused, code), (reference, ref_code) = _run(cm, "always"), _run(cm, "never")
     assert code.count("torch.ops.moeq.grouped_qmm.default(") == 2  # gate_up and down
     assert "fake_quant_weight" not in code and "fake_quant_act" not in code and "dequant_weight" not in code
     assert "grouped_qmm" not in ref_code and "bmm" in ref_code
@@ -157,16 +166,17 @@ def test_batched_experts_call_grouped_qmm(config, freeze):
 def test_batched_experts_fuse_with_a_dynamic_token_count():
     """Compiled with dynamic shapes, Llama 4's token count is symbolic: the bmm still becomes ``moeq.grouped_qmm``
     (its offsets built in the graph from the symbolic size) and matches the unfused path."""
+    torch._dynamo.reset()
+    model = moeq.prepare(tiny_model("llama4", torch.bfloat16, num_hidden_layers=1), moeq.FP8)
+    cm = torch.compile(model, backend="moeq", dynamic=True)
+    with torch.no_grad():
+        with moeq.calibrate(cm):
+            cm(make_tokens(seed=1))
+        moeq.finalize(cm)
     outs, codes = [], []
-    for policy in ("always", "never"):
-        torch._dynamo.reset()
-        model = moeq.prepare(tiny_model("llama4", torch.bfloat16, num_hidden_layers=1), moeq.FP8)
-        cm = torch.compile(model, backend="moeq", dynamic=True)
+    for policy in ("always", "never"):  # one calibration; run_and_get_code recompiles under each policy
         with torch.no_grad(), fusion(policy):
-            with moeq.calibrate(cm):
-                cm(make_tokens(seed=1))
-            moeq.finalize(cm)
-            logits, code = run_and_get_code(lambda cm=cm: cm(make_tokens(seed=3, seq=20)).logits)
+            logits, code = run_and_get_code(lambda: cm(make_tokens(seed=3, seq=20)).logits)
             with torch._dynamo.config.patch(error_on_recompile=True):  # one graph serves every token count
                 assert cm(make_tokens(seed=2, seq=12)).logits.shape[1] == 12
         outs.append(logits)
@@ -265,10 +275,11 @@ def test_cached_graph_never_outlives_a_changed_bound(monkeypatch):
     config = tiny_model("qwen3_moe").config
     seq = FUSE_MAX_ROWS_PER_EXPERT["qat"] * config.num_experts // config.num_experts_per_tok
     tokens = make_tokens(batch=2, seq=seq)  # twice the bound: test_auto_policy_fuses_where_it_pays's unfused case
-    _, unfused, code = _compiled(moeq.NVFP4, policy="auto", tokens=tokens)
+    cm = _finalized(moeq.NVFP4, tokens=tokens)
+    unfused, code = _run(cm, "auto", tokens)
     assert "torch.ops.moeq.grouped_qmm.default(" not in code
     monkeypatch.setitem(FUSE_MAX_ROWS_PER_EXPERT, "qat", 10**6)
-    _, fused, code = _compiled(moeq.NVFP4, policy="auto", tokens=tokens)
+    fused, code = _run(cm, "auto", tokens)
     assert code.count("torch.ops.moeq.grouped_qmm.default(") == 2
     assert torch.equal(fused, unfused)
 
@@ -422,9 +433,9 @@ def test_auto_policy_fuses_where_it_pays(cfg, freeze, mode, cases):
     assert fusion_policy() == "auto"
     config = tiny_model("qwen3_moe").config
     seq = FUSE_MAX_ROWS_PER_EXPERT["qat"] * config.num_experts // config.num_experts_per_tok
+    cm = _finalized(getattr(moeq, cfg), freeze=freeze, tokens=make_tokens(seq=seq))
     for batch, policy, fused in cases:  # batch 1: exactly at the bound; batch 2: twice the bound
-        tokens = make_tokens(batch=batch, seq=seq)
-        _, _, code = _compiled(getattr(moeq, cfg), freeze=freeze, policy=policy, tokens=tokens)
+        _, code = _run(cm, policy, make_tokens(batch=batch, seq=seq))
         calls = [line for line in code.splitlines() if "torch.ops.moeq.grouped_qmm.default(" in line]
         assert len(calls) == (2 if fused else 0), (batch, policy)
         assert all(line.rstrip().endswith(", None)" if policy == "auto" else ", False)") for line in calls), calls

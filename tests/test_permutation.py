@@ -190,19 +190,28 @@ def test_a_permutation_the_graph_does_not_show_is_left_alone():
     assert _scatter_adds(gm) == 3
 
 
-def training_step(rewrite: bool, device: str = "cpu"):
-    """One QAT FP8 training step of a compiled tiny one-layer Qwen3-MoE, with or without the rewrite: loss,
-    parameter gradients and the rewrite counts of the graphs compiled (``gathers``: scatter-adds made gathers per
-    joint graph; ``combine_backward``: the combine's gradients made one op, per post-grad graph)."""
+def finalized_for_training(device: str = "cpu") -> torch.nn.Module:
+    """A tiny one-layer Qwen3-MoE prepared for QAT FP8, compiled, calibrated and finalized, in training mode."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1).to(device), moeq.FP8)
     cm = torch.compile(model, backend="moeq")
-    tokens = make_tokens().to(device)
     with torch.no_grad(), moeq.calibrate(cm):
-        cm(tokens)
+        cm(make_tokens().to(device))
     moeq.finalize(cm)
     model.train()
+    return cm
+
+
+def training_step(cm: torch.nn.Module, rewrite: bool):
+    """One training step of ``cm`` (:func:`finalized_for_training`) compiled afresh, with or without the rewrite:
+    loss, parameter gradients and the rewrite counts of the graphs compiled (``gathers``: scatter-adds made gathers
+    per joint graph; ``combine_backward``: the combine's gradients made one op, per post-grad graph). One
+    calibration serves both steps a test compares."""
+    torch._dynamo.reset()
+    model = cm._orig_mod
+    model.zero_grad(set_to_none=True)
+    tokens = make_tokens().to(next(model.parameters()).device)
     counts = {"gathers": [], "combine_backward": []}
 
     def counted(name, rewrite_pass):
@@ -234,8 +243,9 @@ def test_training_step_gradients_equal_the_scatter_graphs():
     combine's two gradients one op) the loss equals the step without them. The expert weights' gradients keep
     their bits (the routed rows' gradient does); the routing weights' gradient sums fp32 products in another order
     than Inductor's scatter graph, so the router's and the layers' below it move by bf16 roundings."""
-    loss, grads, counts = training_step(True)
-    ref_loss, ref_grads, ref_counts = training_step(False)
+    cm = finalized_for_training()
+    loss, grads, counts = training_step(cm, True)
+    ref_loss, ref_grads, ref_counts = training_step(cm, False)
     assert counts == {"gathers": [3], "combine_backward": [0, 1]}, counts
     assert ref_counts == {"gathers": [0], "combine_backward": [0, 0]}, ref_counts
     assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()

@@ -33,29 +33,36 @@ def _clip_some_weights(model: torch.nn.Module, seed: int = 0) -> dict[str, torch
     return clipped
 
 
-def _training_step(cfg_name: str, policy: str, dtype=torch.bfloat16, family: str = "qwen3_moe", clip: bool = False):
-    """One QAT training step of a compiled tiny MoE: (loss, expert gradients, Inductor's code, clipped weight
-    positions). ``clip``: some weights are scaled past their amax after calibration (:func:`_clip_some_weights`)."""
+def _finalized(cfg_name: str, dtype=torch.bfloat16, family: str = "qwen3_moe", clip: bool = False):
+    """A compiled tiny MoE, calibrated and finalized, in training mode, and the clipped weight positions. ``clip``:
+    some weights are scaled past their amax after calibration (:func:`_clip_some_weights`)."""
     torch._dynamo.reset()
     # one layer: a second adds compile time, not coverage
     model = moeq.prepare(tiny_model(family, dtype, **one_moe_layer(family)), getattr(moeq, cfg_name))
     cm = torch.compile(model, backend="moeq")
-    tokens = make_tokens()
-    with fusion(policy), combine_fusion(False):  # fused vs unfused GEMMs, bit for bit (see test_grouped_qmm._compiled)
-        with torch.no_grad(), moeq.calibrate(cm):
-            cm(tokens)
-        moeq.finalize(cm)
-        clipped = _clip_some_weights(model) if clip else {}
-        model.train()
+    with combine_fusion(False), torch.no_grad(), moeq.calibrate(cm):
+        cm(make_tokens())
+    moeq.finalize(cm)
+    clipped = _clip_some_weights(model) if clip else {}
+    model.train()
+    return cm, clipped
 
-        def step():
-            loss = cm(tokens, labels=tokens).loss
-            loss.backward()
-            return loss
 
+def _training_step(cm: torch.nn.Module, policy: str):
+    """One QAT training step of ``cm`` compiled afresh under fusion ``policy`` (``run_and_get_code`` resets Dynamo;
+    one calibration serves every policy a test compares): (loss, expert gradients, Inductor's code)."""
+    model, tokens = cm._orig_mod, make_tokens()
+    model.zero_grad(set_to_none=True)
+
+    def step():
+        loss = cm(tokens, labels=tokens).loss
+        loss.backward()
+        return loss
+
+    with fusion(policy), combine_fusion(False):  # fused vs unfused GEMMs, bit for bit (see test_grouped_qmm._run)
         loss, code = run_and_get_code(step)
     grads = {n: model.get_parameter(n).grad for n in expert_parameter_names(model)}
-    return loss.detach(), grads, "\n".join(code), clipped
+    return loss.detach(), grads, "\n".join(code)
 
 
 def _wgrad_ste_codes(code: str) -> list[str]:
@@ -72,8 +79,9 @@ def test_training_step_matches_unfused(family):
     Some weights are clipped: each weight's STE mask runs inside its wgrad (``moeq::grouped_wgrad_ste``) where
     the unfused graph multiplies the gradient by ``|w| <= amax``, and the clipped weights get no gradient.
     GPT-OSS stores its expert weights K-first."""
-    loss_a, grads_a, code_a, clipped = _training_step("NVFP4", "always", family=family, clip=True)
-    loss_b, grads_b, code_b, _ = _training_step("NVFP4", "never", family=family, clip=True)
+    cm, clipped = _finalized("NVFP4", family=family, clip=True)
+    loss_a, grads_a, code_a = _training_step(cm, "always")
+    loss_b, grads_b, code_b = _training_step(cm, "never")
     assert _wgrad_ste_codes(code_a) == ["none"] * len(grads_a) and len(grads_a) >= 2
     assert "grouped_wgrad_ste" not in code_b
     assert torch.equal(loss_a, loss_b)
@@ -91,11 +99,12 @@ def test_fp8_training_step_saves_weight_codes():
     rounding: the fused GEMMs scale fp32 products of codes where the unfused ones multiply bf16-rounded fake-quant
     values. Some weights are clipped: each wgrad's STE mask is given the weight's codes, and clipped weights get no
     gradient."""
-    loss_b, grads_b, code_b, _ = _training_step("FP8", "never", clip=True)
+    cm, clipped = _finalized("FP8", clip=True)
+    loss_b, grads_b, code_b = _training_step(cm, "never")
     layers = 2  # gate_up and down of one layer
     assert "grouped_qmm" not in code_b and code_b.count("fake_quant_weight.default(") == layers
     for policy in ("auto", "always"):
-        loss_a, grads_a, code, clipped = _training_step("FP8", policy, clip=True)
+        loss_a, grads_a, code = _training_step(cm, policy)
         assert _wgrad_ste_codes(code) == ["codes"] * 2, (policy, code)
         assert code.count("torch.ops.moeq.quantize_weight.default(") == layers, policy
         assert code.count("torch.ops.moeq.grouped_wgrad_ste.default(") == layers, policy
@@ -118,9 +127,10 @@ def test_fp8_training_step_saves_weight_codes_every_family(family):
     wgrad's STE mask reads them through a permuted view, and the step's expert gradients are those of the
     unfused path within bf16 rounding, zero where weights are clipped. (Mixtral, OLMoE and DeepSeek-V3 share
     Qwen3's layout; checked by hand in session 15, too slow for CI.)"""
-    _, grads, code, clipped = _training_step("FP8", "auto", family=family, clip=True)
+    cm, clipped = _finalized("FP8", family=family, clip=True)
+    _, grads, code = _training_step(cm, "auto")
     assert _wgrad_ste_codes(code) == ["codes"] * len(grads), code
-    _, grads_ref, _, _ = _training_step("FP8", "never", family=family, clip=True)
+    _, grads_ref, _ = _training_step(cm, "never")
     assert code.count("torch.ops.moeq.quantize_weight.default(") == len(grads) and "fake_quant_weight" not in code
     for name, grad in grads.items():
         ref = grads_ref[name].double()
@@ -145,8 +155,9 @@ def test_fp8_training_forward_saves_codes_not_weights():
 
     model = tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1)
     shapes = {tuple(p.shape) for n, p in model.named_parameters() if "experts" in n}
+    cm, _ = _finalized("FP8")
     with torch._inductor.config.patch(post_grad_custom_pre_pass=Record()):
-        _training_step("FP8", "auto")
+        _training_step(cm, "auto")
     forward = saved[-2]  # the forward graph is compiled before the backward graph
     kept = [v for v in forward if isinstance(v, torch.Tensor)]
     assert not any(tuple(v.shape) in shapes and v.dtype == torch.bfloat16 for v in kept)
