@@ -19,7 +19,7 @@ from torch import fx, nn
 import moeq
 from moeq.integrations.hf import is_routed_experts_module, tiny_model
 from moeq.state import get_state
-from tests.conftest import make_tokens, one_moe_layer
+from tests.conftest import make_tokens, one_moe_layer, rank_context
 from tests.listed_experts import ExpertMLP, ListedExperts
 
 ALL_EXPERTS_FP8 = moeq.FP8.replace(act_scale="per_expert", calib="all_experts")
@@ -248,8 +248,6 @@ def test_data_parallel_ranks_sync_to_the_single_process_statistics(tmp_path: Pat
     """Two gloo data-parallel ranks, each calibrating its own batch with every token through every expert, finalize
     (``dp_group``) to the statistics of one process that calibrated on both batches: input amaxes bit-equal (max
     over ranks), token counts equal (summed over ranks)."""
-    import multiprocessing as mp
-
     from all_experts_dp_worker import STATISTICS, calibration_batch, run_rank
 
     model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1), ALL_EXPERTS_FP8)
@@ -258,7 +256,7 @@ def test_data_parallel_ranks_sync_to_the_single_process_statistics(tmp_path: Pat
         for rank in range(2):
             cm(calibration_batch(rank))
     moeq.finalize(cm)
-    procs = [mp.get_context("spawn").Process(target=run_rank, args=(r, 2, str(tmp_path))) for r in range(2)]
+    procs = [rank_context().Process(target=run_rank, args=(r, 2, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

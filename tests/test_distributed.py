@@ -36,6 +36,7 @@ from dist_harness import (
 
 import moeq
 from moeq.io.checkpoint import CheckpointError
+from tests.conftest import start_ranks
 
 STARVED = [4, 5, 6, 7]  # global experts with no layer-0 token: all of EP rank 1 (EP=2) / ranks 2, 3 (EP=4)
 TIMEOUT_S = 240
@@ -46,10 +47,7 @@ pytestmark = pytest.mark.distributed
 def _spawn(world: int, out_dir: Path, plan: list[tuple[Layout, list[dict[str, Any]]]]) -> float:
     init_file = out_dir / "pg"
     start = time.perf_counter()
-    ctx = mp.start_processes(
-        worker, args=(world, str(init_file), str(out_dir), plan), nprocs=world, join=False, start_method="spawn"
-    )
-    join_within(ctx, TIMEOUT_S)
+    join_within(start_ranks(worker, (world, str(init_file), str(out_dir), plan), nprocs=world), TIMEOUT_S)
     return time.perf_counter() - start
 
 

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: E402
 
-from tests.conftest import experts_only, one_moe_layer  # noqa: E402
+from tests.conftest import experts_only, one_moe_layer, rank_context  # noqa: E402
 
 VOCAB = 256
 PRESETS = {"nvfp4": moeq.NVFP4, "fp8": moeq.FP8}
@@ -542,7 +541,7 @@ def test_ep2_gloo_export_matches_single_process(workdir: Path, tmp_path: Path) -
         saved[fqn] = entry
     torch.save(saved, tmp_path / "state.pt")
     out = tmp_path / "ep"
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     args = (str(tmp_path), "qwen3_moe", "nvfp4", str(tmp_path / "state.pt"), str(out), LAYERS)
     procs = [ctx.Process(target=run_rank, args=(r, 2, *args)) for r in range(2)]
     for p in procs:

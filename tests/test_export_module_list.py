@@ -11,7 +11,6 @@ every expert of a projection one input scale.
 from __future__ import annotations
 
 import copy
-import multiprocessing as mp
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from moeq.integrations.hf import tiny_model
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
+
+from tests.conftest import rank_context  # noqa: E402
 
 PRESETS = {"nvfp4": moeq.NVFP4, "fp8": moeq.FP8}
 
@@ -148,7 +149,7 @@ def test_module_list_ep2_gloo_export_matches_single_process(tmp_path: Path) -> N
         entry.update(input_amax=s.input_amax.clone(), expert_dim=s.expert_dim, contraction_dim=s.contraction_dim)
         saved[key] = entry
     torch.save(saved, tmp_path / "state.pt")
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     args = (str(tmp_path), "nvfp4", str(tmp_path / "state.pt"), str(tmp_path / "ep"))
     procs = [ctx.Process(target=run_listed_rank, args=(r, 2, *args)) for r in range(2)]
     for p in procs:

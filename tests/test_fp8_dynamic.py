@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import moeq
@@ -24,7 +23,7 @@ from moeq.runtime.collectives import LayerStats, ProcessGroups, sync_tp
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
 
-from tests.conftest import experts_only, one_moe_layer  # noqa: E402
+from tests.conftest import experts_only, one_moe_layer, start_ranks  # noqa: E402
 
 VOCAB = 256
 
@@ -374,7 +373,7 @@ def _tp_worker(rank: int, init_file: str, out: str) -> None:
 
 
 def test_tp_sync_keeps_column_parallel_channel_amax_local(tmp_path: Path) -> None:
-    mp.spawn(_tp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    start_ranks(_tp_worker, (str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     base = torch.arange(12, dtype=torch.float32).reshape(2, 6)
     for rank in range(2):
         got = torch.load(tmp_path / f"tp{rank}.pt")

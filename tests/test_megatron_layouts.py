@@ -27,13 +27,14 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import moeq
 
 pytest.importorskip("megatron.core.transformer.moe.experts")
 from dist_harness import join_within  # noqa: E402
 from test_megatron_experts import FFN, HIDDEN, E, build_sequential_mlp  # noqa: E402
+
+from tests.conftest import start_ranks  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -138,7 +139,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
 def rank_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The directory where both ranks wrote every config's and layout's results and checkpoints."""
     out = tmp_path_factory.mktemp("megatron-layouts")
-    ctx = mp.start_processes(worker, args=(str(out / "pg"), str(out)), nprocs=WORLD, join=False, start_method="spawn")
+    ctx = start_ranks(worker, (str(out / "pg"), str(out)), nprocs=WORLD)
     join_within(ctx, TIMEOUT_S)
     return out
 
