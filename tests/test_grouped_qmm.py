@@ -110,8 +110,8 @@ def _finalized(cfg, dtype=torch.bfloat16, freeze=False, tokens=None, family="qwe
 
 def _run(cm, policy="always", tokens=None):
     """``(logits, Inductor's code)`` of ``cm`` compiled afresh under fusion ``policy`` (``run_and_get_code`` resets
-    Dynamo): one calibration serves every policy a test compares (the calibration graph, Inductor's costliest,
-    compiles once), and the paths compared read the same statistics."""
+    Dynamo): one calibration serves every policy a test compares (one calibration compile, a
+    whole flow's worth of Dynamo tracing, less), and the paths compared read the same statistics."""
     # the combine's own fusion (tests/test_combine.py) rounds as eager torch does, not as Inductor: off here, so
     # that fused and unfused GEMMs are compared bit for bit
     with torch.no_grad(), fusion(policy), combine_fusion(False):
