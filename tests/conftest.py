@@ -117,6 +117,23 @@ def make_tokens(seed: int = 0, batch: int = 2, seq: int = 16, vocab: int = 256) 
     return torch.randint(0, vocab, (batch, seq), generator=g)
 
 
+def compiled_and_finalized(model: torch.nn.Module, tokens: torch.Tensor, **compile_kw) -> torch.nn.Module:
+    """A prepared ``model`` compiled with backend="moeq" (``compile_kw``: ``torch.compile``'s), calibrated on ``tokens``
+    with the combine fusion off (its rounding would move a later layer's inputs) and finalized. Tests that compare two
+    lowerings compile the result again under each (``run_and_get_code`` resets Dynamo): one calibration, and both
+    sides read the same statistics."""
+    import moeq
+    from moeq.lowering.inductor import combine_fusion
+
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend="moeq", **compile_kw)
+    with torch.no_grad(), combine_fusion(False):
+        with moeq.calibrate(cm):
+            cm(tokens)
+        moeq.finalize(cm)
+    return cm
+
+
 def far_below_block_weights() -> torch.Tensor:
     """[2, 4, 16] weights whose 16-blocks span the whole fp32 range: a large value, then negative ones down
     to subnormals, so some quotients by the NVFP4 block scale are -0 in fp32 and some underflow to +0.

@@ -13,7 +13,13 @@ import moeq
 from moeq.integrations.hf import expert_parameter_names, tiny_model
 from moeq.lowering import inductor
 from moeq.lowering.inductor import combine_fusion, fuse_expert_combine
-from tests.conftest import assert_combine_backward_close, combine_backward_inputs, make_tokens, one_moe_layer
+from tests.conftest import (
+    assert_combine_backward_close,
+    combine_backward_inputs,
+    compiled_and_finalized,
+    make_tokens,
+    one_moe_layer,
+)
 
 TOP_K, HIDDEN = 2, 16
 
@@ -195,14 +201,8 @@ def test_backward_reference_op_matches_float64(w_dtype):
 
 def _finalized(family: str, config: str = "FP8") -> torch.nn.Module:
     """A tiny model prepared with ``config``, compiled with backend="moeq", calibrated and finalized."""
-    torch._dynamo.reset()
     model = moeq.prepare(tiny_model(family, torch.bfloat16, **one_moe_layer(family)), getattr(moeq, config))
-    cm = torch.compile(model, backend="moeq")
-    with combine_fusion(False), torch.no_grad():
-        with moeq.calibrate(cm):
-            cm(make_tokens())
-        moeq.finalize(cm)
-    return cm
+    return compiled_and_finalized(model, make_tokens())
 
 
 def _run(cm: torch.nn.Module, combine: bool, train: bool = False):

@@ -14,22 +14,17 @@ import moeq
 from moeq.integrations.hf import tiny_model
 from moeq.lowering import gather_quant
 from moeq.lowering.inductor import combine_fusion, fusion
-from tests.conftest import make_tokens, one_moe_layer
+from tests.conftest import compiled_and_finalized, make_tokens, one_moe_layer
 
 MOVED = "moved before its routing gather"
 
 
-def _finalized(family: str, cfg: moeq.QuantConfig, dynamic=None, **overrides) -> torch.nn.Module:
+def _finalized(family: str, cfg: moeq.QuantConfig, dynamic=None) -> torch.nn.Module:
     """A one-layer tiny ``family`` model prepared with ``cfg``, compiled (``dynamic``: ``torch.compile``'s),
     calibrated and finalized."""
-    torch._dynamo.reset()
     torch.manual_seed(0)
-    model = moeq.prepare(tiny_model(family, torch.bfloat16, **{**one_moe_layer(family), **overrides}), cfg)
-    cm = torch.compile(model, backend="moeq", dynamic=dynamic)
-    with torch.no_grad(), combine_fusion(False), moeq.calibrate(cm):
-        cm(make_tokens(batch=2, seq=64))
-    moeq.finalize(cm)
-    return cm
+    model = moeq.prepare(tiny_model(family, torch.bfloat16, **one_moe_layer(family)), cfg)
+    return compiled_and_finalized(model, make_tokens(batch=2, seq=64), dynamic=dynamic)
 
 
 def _logits(cm: torch.nn.Module, caplog, policy: str = "auto") -> tuple[torch.Tensor, list[str]]:

@@ -25,7 +25,13 @@ from moeq.lowering.inductor import (
     with_grouped_qmm_pass,
 )
 from moeq.lowering.ops import _fake_quant_act_reference
-from tests.conftest import assert_same_bits, make_tokens, per_expert_matmul_f64, stored_weight_args
+from tests.conftest import (
+    assert_same_bits,
+    compiled_and_finalized,
+    make_tokens,
+    per_expert_matmul_f64,
+    stored_weight_args,
+)
 
 COUNTS = [7, 0, 30, 1]
 
@@ -96,15 +102,10 @@ def test_op_rejects_bad_input():
 def _finalized(cfg, dtype=torch.bfloat16, freeze=False, tokens=None, family="qwen3_moe", **overrides):
     """A tiny ``family`` model, one decoder layer unless ``overrides`` say otherwise, prepared with ``cfg``, compiled
     by ``backend="moeq"``, calibrated on ``tokens``, finalized (and frozen): the compiled model."""
-    torch._dynamo.reset()
     model = moeq.prepare(tiny_model(family, dtype, **{"num_hidden_layers": 1, **overrides}), cfg)
-    cm = torch.compile(model, backend="moeq")
-    with torch.no_grad(), combine_fusion(False):
-        with moeq.calibrate(cm):
-            cm(make_tokens() if tokens is None else tokens)
-        moeq.finalize(cm)
-        if freeze:
-            moeq.freeze(cm)
+    cm = compiled_and_finalized(model, make_tokens() if tokens is None else tokens)
+    if freeze:
+        moeq.freeze(cm)
     return cm
 
 
@@ -166,13 +167,8 @@ def test_batched_experts_call_grouped_qmm(config, freeze):
 def test_batched_experts_fuse_with_a_dynamic_token_count():
     """Compiled with dynamic shapes, Llama 4's token count is symbolic: the bmm still becomes ``moeq.grouped_qmm``
     (its offsets built in the graph from the symbolic size) and matches the unfused path."""
-    torch._dynamo.reset()
     model = moeq.prepare(tiny_model("llama4", torch.bfloat16, num_hidden_layers=1), moeq.FP8)
-    cm = torch.compile(model, backend="moeq", dynamic=True)
-    with torch.no_grad():
-        with moeq.calibrate(cm):
-            cm(make_tokens(seed=1))
-        moeq.finalize(cm)
+    cm = compiled_and_finalized(model, make_tokens(seed=1), dynamic=True)
     outs, codes = [], []
     for policy in ("always", "never"):  # one calibration; run_and_get_code recompiles under each policy
         with torch.no_grad(), fusion(policy):

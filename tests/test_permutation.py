@@ -14,7 +14,7 @@ from moeq.integrations.hf import tiny_model
 from moeq.lowering import inductor, joint
 from moeq.lowering.inductor import fuse_combine_backward
 from moeq.lowering.permutation import gather_through_permutations, inverse_permutations
-from tests.conftest import make_tokens
+from tests.conftest import compiled_and_finalized, make_tokens
 
 TOKENS, TOP_K, HIDDEN, EXPERTS = 12, 2, 24, 6
 
@@ -192,13 +192,9 @@ def test_a_permutation_the_graph_does_not_show_is_left_alone():
 
 def finalized_for_training(device: str = "cpu") -> torch.nn.Module:
     """A tiny one-layer Qwen3-MoE prepared for QAT FP8, compiled, calibrated and finalized, in training mode."""
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1).to(device), moeq.FP8)
-    cm = torch.compile(model, backend="moeq")
-    with torch.no_grad(), moeq.calibrate(cm):
-        cm(make_tokens().to(device))
-    moeq.finalize(cm)
+    cm = compiled_and_finalized(model, make_tokens().to(device))
     model.train()
     return cm
 

@@ -22,7 +22,7 @@ from moeq.formats import expert_amax
 from moeq.integrations.hf import expert_parameter_names, tiny_model
 from moeq.lowering.inductor import combine_fusion, fusion
 from moeq.state import get_state
-from tests.conftest import make_tokens
+from tests.conftest import compiled_and_finalized, make_tokens
 
 
 def _quantizes_weights(code: str) -> bool:
@@ -32,14 +32,9 @@ def _quantizes_weights(code: str) -> bool:
 
 def _finalized(cfg_name: str, model: nn.Module | None = None) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """A tiny Qwen3-MoE (one layer), prepared, compiled, calibrated and finalized: ``(model, compiled, tokens)``."""
-    torch._dynamo.reset()
     model = moeq.prepare(model or tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), getattr(moeq, cfg_name))
-    cm = torch.compile(model, backend="moeq")
     tokens = make_tokens()
-    with torch.no_grad(), moeq.calibrate(cm):
-        cm(tokens)
-    moeq.finalize(cm)
-    return model, cm, tokens
+    return model, compiled_and_finalized(model, tokens), tokens
 
 
 def _accumulate(model, cm, tokens, reuse: bool, micro_batches: int = 3, **block):

@@ -16,7 +16,7 @@ import moeq
 from moeq.formats import expert_amax
 from moeq.integrations.hf import expert_parameter_names, tiny_model
 from moeq.lowering.inductor import combine_fusion, fusion
-from tests.conftest import make_tokens, one_moe_layer
+from tests.conftest import compiled_and_finalized, make_tokens, one_moe_layer
 
 
 def _clip_some_weights(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -36,13 +36,9 @@ def _clip_some_weights(model: torch.nn.Module, seed: int = 0) -> dict[str, torch
 def _finalized(cfg_name: str, dtype=torch.bfloat16, family: str = "qwen3_moe", clip: bool = False):
     """A compiled tiny MoE, calibrated and finalized, in training mode, and the clipped weight positions. ``clip``:
     some weights are scaled past their amax after calibration (:func:`_clip_some_weights`)."""
-    torch._dynamo.reset()
     # one layer: a second adds compile time, not coverage
     model = moeq.prepare(tiny_model(family, dtype, **one_moe_layer(family)), getattr(moeq, cfg_name))
-    cm = torch.compile(model, backend="moeq")
-    with combine_fusion(False), torch.no_grad(), moeq.calibrate(cm):
-        cm(make_tokens())
-    moeq.finalize(cm)
+    cm = compiled_and_finalized(model, make_tokens())
     clipped = _clip_some_weights(model) if clip else {}
     model.train()
     return cm, clipped
