@@ -822,6 +822,7 @@ def test_more_families_compiled_cuda(family):
     assert rel < 2e-2, rel
 
 
+@pytest.mark.slow  # minutes on the GPU machine: `benchmarks/gpu_suite.sh c` runs these
 @pytest.mark.parametrize("freeze", [False, True])
 def test_fp8_dynamic_compiled_cuda(freeze):
     """moeq.FP8_DYNAMIC (channel-wise weights, dynamic per-token activations) compiled with backend="moeq" on CUDA:
@@ -847,6 +848,7 @@ def test_fp8_dynamic_compiled_cuda(freeze):
     assert rel < 2e-2, rel
 
 
+@pytest.mark.slow  # minutes on the GPU machine: `benchmarks/gpu_suite.sh c` runs these
 def test_all_experts_calibration_cuda():
     """``calib="all_experts"`` under backend="moeq" on CUDA (Inductor, the Triton observer kernels): token counts
     equal the CPU run's of the same fp32 model and batch, input amaxes agree within fp32 GEMM rounding, and the
@@ -911,6 +913,7 @@ def _kernels_of_a_forward_matching_the_reference(cm, tokens) -> list[str]:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+@pytest.mark.slow  # minutes on the GPU machine: `benchmarks/gpu_suite.sh c` runs these
 @pytest.mark.parametrize(
     ("config", "freeze", "seq", "weight_passes", "gluon"),
     [("FP8", False, 64, 4, False), ("FP8", True, 64, 0, False), ("FP8", False, 24, 0, False),
@@ -991,6 +994,7 @@ def _qat_fp8_training_step(policy: str, dtype: torch.dtype = torch.bfloat16):
     return loss.detach().float().cpu(), grads, names
 
 
+@pytest.mark.slow  # minutes on the GPU machine: `benchmarks/gpu_suite.sh c` runs these
 def test_qat_fp8_training_step_saves_codes_and_fuses_cuda():
     """A QAT FP8 training step on CUDA (moeq.lowering.joint): each expert weight is quantized to codes once
     (one ``fake_quant_experts`` codes launch), forward and dgrad run ``grouped_qmm`` on the codes, nothing
@@ -1020,6 +1024,7 @@ def test_qat_fp8_training_step_saves_codes_and_fuses_cuda():
         assert grads[name].abs().sum() > 0 and fused_err <= 1.5 * unfused_err + 1e-2, (name, errors)
 
 
+@pytest.mark.slow  # minutes on the GPU machine: `benchmarks/gpu_suite.sh c` runs these
 @pytest.mark.parametrize("dequantized", [False, True], ids=["codes", "dequantized"])
 @pytest.mark.parametrize("config", ["FP8", "NVFP4"])
 def test_reused_weight_codes_training_cuda(config, dequantized):
@@ -1100,6 +1105,7 @@ def _qwen_fp8_logits(tokens, cudagraphs: bool, scales: list[float]):
     return outs
 
 
+@pytest.mark.slow  # minutes on the GPU machine: `benchmarks/gpu_suite.sh c` runs these
 def test_cuda_graph_replays_read_the_state_buffers_in_place_cuda():
     """moeq's state buffers are static graph inputs: CUDA-graph replays read them where they are. Replays inside a
     second ``reuse_weight_codes`` block (the codes refilled in place after the weights changed) and of the frozen
@@ -1367,6 +1373,7 @@ def test_megatron_sequential_mlp_qat_training_step_cuda(fmt, tmp_path):
     assert_step_matches_reference(run, atol=1e-5)
 
 
+@pytest.mark.slow  # minutes on the GPU machine: `benchmarks/gpu_suite.sh c` runs these
 def test_training_step_with_permutation_gathers_cuda(monkeypatch):
     """The joint-graph rewrite of the MoE's permutation scatter-adds on the GPU (bounds lowered so that the top-k
     gather's gradient runs as the combine kernel, and the combine's gradients as its backward kernel): same loss,
