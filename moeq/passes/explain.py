@@ -11,6 +11,7 @@ import dataclasses
 import html
 import shutil
 import subprocess
+import textwrap
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,8 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     """A plain-text table with aligned columns."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     line = "  ".join("-" * w for w in widths)
-    out = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)), line]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    out = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)).rstrip(), line]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(out)
 
 
@@ -82,21 +83,47 @@ def _range(values: list[float]) -> str:
     return _fmt(lo) if lo == hi else f"{_fmt(lo)}..{_fmt(hi)}"
 
 
-def _lowering_plan(mode: str, config: QuantConfig) -> str:
-    """What the ``moeq`` backend runs on CUDA for this config's expert GEMMs (:func:`describe_lowering`, plus the
-    granularities that no fused kernel takes yet)."""
+def _lowering_lines(mode: str, config: QuantConfig, module_lists: bool) -> list[str]:
+    """What the ``moeq`` backend runs on CUDA for this config's expert GEMMs, one labelled and wrapped line per part
+    of the model (the describe functions of :mod:`moeq.lowering`, which read the live policy, so the text cannot
+    drift from what the backend does)."""
     from moeq.lowering.gather_quant import describe_quantize_before_gather
-    from moeq.lowering.inductor import describe_lowering
+    from moeq.lowering.inductor import describe_combine, describe_lowering, fusion_policy
+    from moeq.lowering.joint import describe_training
 
-    plan = describe_lowering(mode, config.weight, config.activation)
-    moved = describe_quantize_before_gather(mode, config.activation, config.act_scale == "shared")
-    if moved:
-        plan += f"; {moved}"
+    forward = describe_lowering(mode, config.weight, config.activation)
     if config.dynamic_activations:
-        plan += " (dynamic per-token activation scales: a row-amax pass over the activations first)"
+        forward += " (dynamic per-token activation scales: a row-amax pass over the activations first)"
     if config.weight_scale == "channel":
-        plan += "; channel-wise weight scales multiply the output columns"
-    return plan
+        forward += "; channel-wise weight scales multiply the output columns"
+    parts = [
+        ("forward", f"{forward} (torch._grouped_mm and bmm experts)"),
+        ("activations", describe_quantize_before_gather(mode, config.activation, config.act_scale == "shared")),
+        ("training", describe_training(mode, config.weight, config.weight_scale == "channel")),
+        ("combine", describe_combine()),
+    ]
+    if module_lists:
+        parts.append(
+            (
+                "module lists",
+                "not fused: each expert's GEMM stays the model's own, fed by moeq's quantizer ops (fake quant, or the "
+                "stored weight dequantized after freeze)",
+            )
+        )
+    lines = [f"Lowering by backend='moeq', fusion '{fusion_policy()}', on CUDA (on the CPU each moeq op runs its torch "
+             "reference):"]  # fmt: skip
+    for label, text in parts:
+        if text:
+            lines.append(
+                textwrap.fill(
+                    text,
+                    width=116,
+                    initial_indent=f"  {label + ':':<14}",
+                    subsequent_indent=" " * 16,
+                    break_on_hyphens=False,
+                )
+            )
+    return lines
 
 
 class Explanation:
@@ -197,23 +224,11 @@ class Explanation:
             )
         parts = [head]
         if state.finalized or state.mode == "deploy":
-            from moeq.lowering.inductor import describe_combine, fusion_policy
-            from moeq.lowering.joint import describe_training
-
-            mode = "deploy" if state.mode == "deploy" else "qat"
-            plan = _lowering_plan(mode, state.config)
-            training = describe_training(mode, state.config.weight, state.config.weight_scale == "channel")
-            parts.append(
-                f"backend='moeq' on CUDA, fusion '{fusion_policy()}': {plan} (torch._grouped_mm experts in forward-only"
-                f" graphs; {training}); {describe_combine()}"
-            )
             from moeq.passes.find import MODULE_LIST_FORM
 
-            if any(row["form"].startswith(MODULE_LIST_FORM) for row in table):
-                parts.append(
-                    "per-expert module lists are not fused: each expert's GEMM stays the model's own, fed by moeq's "
-                    "quantizer ops (fake quant, or the stored weight dequantized after freeze)"
-                )
+            mode = "deploy" if state.mode == "deploy" else "qat"
+            module_lists = any(row["form"].startswith(MODULE_LIST_FORM) for row in table)
+            parts += ["", *_lowering_lines(mode, state.config, module_lists)]
         parts += ["", format_table(header, rows)]
         flagged = [(row["fqn"], e, note) for row in table for e, note in sorted(row["flags"].items())]
         if flagged:
@@ -232,7 +247,8 @@ class Explanation:
             for reason, items in sorted(by_reason.items(), key=lambda kv: (kv[1][0].category != "expert", kv[0])):
                 names = [f"{s.node}({s.weight_fqn})" if s.weight_fqn else s.node for s in items]
                 shown = ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
-                parts.append(f"  [{len(items)}] {reason}: {shown}")
+                parts.append(f"  [{len(items)}] {reason}:")
+                parts.append(textwrap.fill(shown, width=116, initial_indent=" " * 6, subsequent_indent=" " * 6))
         return "\n".join(parts)
 
     def __repr__(self) -> str:
