@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import moeq.lowering.ops  # noqa: F401  (registers the moeq:: custom ops)
-from moeq.api import prepare, quantize_graph
+from moeq.api import explain, prepare, quantize_graph
 from moeq.config import FP8, FP8_DYNAMIC, FP8_W8A16, NVFP4, NVFP4_W4A16, QuantConfig
 from moeq.io.checkpoint import load_state, save_state
 from moeq.io.export import export_hf
 from moeq.lowering.backend import moeq_backend, register_backends
-from moeq.passes.explain import explain
 from moeq.passes.freeze import freeze
 from moeq.runtime.calibrate import calibrate, finalize, quant_state
 from moeq.runtime.codes import reuse_weight_codes

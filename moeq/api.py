@@ -16,7 +16,9 @@ from moeq.integrations.hf import (
     route_to_all_experts,
     use_grouped_experts,
 )
+from moeq.lowering.describe import lowering_lines
 from moeq.lowering.inductor import check_compile_switches
+from moeq.passes.explain import Explanation
 from moeq.passes.insert_qdq import rewrite_graph
 from moeq.state import (
     ModelQuantState,
@@ -28,7 +30,7 @@ from moeq.state import (
     stacked_expert_params,
 )
 
-__all__ = ["prepare", "quantize_graph"]
+__all__ = ["explain", "prepare", "quantize_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -220,3 +222,9 @@ def quantize_graph(gm: Any, config: QuantConfig | None = None) -> fx.GraphModule
         state = attach_state(gm, config or NVFP4)
     rewrite_graph(gm, state, None, kind=kind)
     return gm
+
+
+def explain(model: Any) -> Explanation:
+    """Explain what moeq did to ``model`` (a prepared model, its ``torch.compile`` wrapper, or a graph
+    returned by ``quantize_graph``): ``str()`` of the result gives the report."""
+    return Explanation(get_state(model), lowering=lowering_lines)

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import textwrap
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,13 @@ if TYPE_CHECKING:
     from moeq.passes.find import SkippedCandidate
     from moeq.state import ExpertQuantState, ModelQuantState
 
-__all__ = ["Explanation", "GraphReport", "RewrittenGemm", "explain", "format_table"]
+__all__ = ["Explanation", "GraphReport", "LoweringLines", "RewrittenGemm", "format_table"]
+
+#: ``(mode, config, has_module_lists) -> lines``: the report's "Lowering" section. The lowering describes itself
+#: (``moeq.lowering.describe``) and ``moeq.explain`` hands it in, so this module imports nothing from the lowering.
+LoweringLines = Callable[[str, QuantConfig, bool], list[str]]
+#: the width the report wraps its prose to (its tables' lines are about this wide)
+REPORT_WIDTH = 116
 
 
 _COLORS = {"parameter": "#dae8fc", "quantizer": "#f8cecc", "gemm": "#d5e8d4", "view": "#f5f5f5", "input": "#fff2cc"}
@@ -83,54 +90,13 @@ def _range(values: list[float]) -> str:
     return _fmt(lo) if lo == hi else f"{_fmt(lo)}..{_fmt(hi)}"
 
 
-def _lowering_lines(mode: str, config: QuantConfig, module_lists: bool) -> list[str]:
-    """What the ``moeq`` backend runs on CUDA for this config's expert GEMMs, one labelled and wrapped line per part
-    of the model (the describe functions of :mod:`moeq.lowering`, which read the live policy, so the text cannot
-    drift from what the backend does)."""
-    from moeq.lowering.gather_quant import describe_quantize_before_gather
-    from moeq.lowering.inductor import describe_combine, describe_lowering, fusion_policy
-    from moeq.lowering.joint import describe_training
-
-    forward = describe_lowering(mode, config.weight, config.activation)
-    if config.dynamic_activations:
-        forward += " (dynamic per-token activation scales: a row-amax pass over the activations first)"
-    if config.weight_scale == "channel":
-        forward += "; channel-wise weight scales multiply the output columns"
-    parts = [
-        ("forward", f"{forward} (torch._grouped_mm and bmm experts)"),
-        ("activations", describe_quantize_before_gather(mode, config.activation, config.act_scale == "shared")),
-        ("training", describe_training(mode, config.weight, config.weight_scale == "channel")),
-        ("combine", describe_combine()),
-    ]
-    if module_lists:
-        parts.append(
-            (
-                "module lists",
-                "not fused: each expert's GEMM stays the model's own, fed by moeq's quantizer ops (fake quant, or the "
-                "stored weight dequantized after freeze)",
-            )
-        )
-    lines = [f"Lowering by backend='moeq', fusion '{fusion_policy()}', on CUDA (on the CPU each moeq op runs its torch "
-             "reference):"]  # fmt: skip
-    for label, text in parts:
-        if text:
-            lines.append(
-                textwrap.fill(
-                    text,
-                    width=116,
-                    initial_indent=f"  {label + ':':<14}",
-                    subsequent_indent=" " * 16,
-                    break_on_hyphens=False,
-                )
-            )
-    return lines
-
-
 class Explanation:
     """The report object returned by :func:`explain`; ``str()`` gives the tables."""
 
-    def __init__(self, state: ModelQuantState) -> None:
+    def __init__(self, state: ModelQuantState, lowering: LoweringLines | None = None) -> None:
         self.state = state
+        #: what writes the "Lowering" section (``moeq.lowering.describe.lowering_lines``; ``moeq.explain`` passes it)
+        self.lowering = lowering
         rewritten: dict[str, RewrittenGemm] = {}
         skipped: dict[tuple[str, str], SkippedCandidate] = {}
         self.graph_kinds: list[str] = []
@@ -223,12 +189,12 @@ class Explanation:
                 ]
             )
         parts = [head]
-        if state.finalized or state.mode == "deploy":
+        if self.lowering is not None and (state.finalized or state.mode == "deploy"):
             from moeq.passes.find import MODULE_LIST_FORM
 
             mode = "deploy" if state.mode == "deploy" else "qat"
             module_lists = any(row["form"].startswith(MODULE_LIST_FORM) for row in table)
-            parts += ["", *_lowering_lines(mode, state.config, module_lists)]
+            parts += ["", *self.lowering(mode, state.config, module_lists)]
         parts += ["", format_table(header, rows)]
         flagged = [(row["fqn"], e, note) for row in table for e, note in sorted(row["flags"].items())]
         if flagged:
@@ -248,7 +214,9 @@ class Explanation:
                 names = [f"{s.node}({s.weight_fqn})" if s.weight_fqn else s.node for s in items]
                 shown = ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
                 parts.append(f"  [{len(items)}] {reason}:")
-                parts.append(textwrap.fill(shown, width=116, initial_indent=" " * 6, subsequent_indent=" " * 6))
+                parts.append(
+                    textwrap.fill(shown, width=REPORT_WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6)
+                )
         return "\n".join(parts)
 
     def __repr__(self) -> str:
@@ -351,11 +319,3 @@ def _layered_svg(g: nx.DiGraph) -> str:
             out.append(f'<text x="{x + 6}" y="{y + 17 + 14 * i}">{html.escape(text)}</text>')
     out.append("</svg>")
     return "\n".join(out)
-
-
-def explain(model: Any) -> Explanation:
-    """Explain what moeq did to ``model`` (a prepared model, its ``torch.compile`` wrapper, or a graph
-    returned by ``quantize_graph``)."""
-    from moeq.state import get_state
-
-    return Explanation(get_state(model))
