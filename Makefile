@@ -39,14 +39,15 @@ test: $(VENV)/.test
 	$(MAKE) --no-print-directory test-core
 	$(MAKE) --no-print-directory test-interpret
 
-# Two workers (CI has 2 cores; most time is single-threaded Dynamo / AOT tracing); a file's tests stay on
+# Two workers (CI has 2 cores; most time is single-threaded Dynamo / AOT tracing; the 15 slowest tests are listed at
+# the end, so a CI log shows where its minutes went); a file's tests stay on
 # one worker so module-scoped fixtures (e.g. the 4-process distributed run) run once. A test still running after
 # $(TEST_TIMEOUT) s is a hang: pytest-timeout dumps every thread's stack and ends that worker (a failure, not a CI
 # run that waits out its limit).
 TEST_TIMEOUT ?= 600
 test-core:
 	@$(PY) -m pytest -q -m "not interpret" --ignore=tests/interpret -p no:cacheprovider -n 2 --dist loadfile \
-	  --timeout $(TEST_TIMEOUT) --timeout-method thread; rc=$$?; \
+	  --timeout $(TEST_TIMEOUT) --timeout-method thread --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # Triton kernels under the interpreter: TRITON_INTERPRET must be set before triton is imported,
