@@ -91,7 +91,7 @@ def _range(values: list[float]) -> str:
 
 
 class Explanation:
-    """The report object returned by :func:`explain`; ``str()`` gives the tables."""
+    """The report object returned by :func:`moeq.explain`; ``str()`` gives the tables."""
 
     def __init__(self, state: ModelQuantState, lowering: LoweringLines | None = None) -> None:
         self.state = state
