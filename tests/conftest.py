@@ -134,6 +134,13 @@ def compiled_and_finalized(model: torch.nn.Module, tokens: torch.Tensor, **compi
     return cm
 
 
+def explain_text(model: torch.nn.Module) -> str:
+    """``str(moeq.explain(model))`` with its line wrapping undone (single spaces), for phrase checks."""
+    import moeq
+
+    return " ".join(str(moeq.explain(model)).split())
+
+
 def far_below_block_weights() -> torch.Tensor:
     """[2, 4, 16] weights whose 16-blocks span the whole fp32 range: a large value, then negative ones down
     to subnormals, so some quotients by the NVFP4 block scale are -0 in fp32 and some underflow to +0.

@@ -11,7 +11,7 @@ import torch
 
 import moeq
 from moeq.integrations.hf import tiny_model
-from tests.conftest import make_tokens
+from tests.conftest import explain_text, make_tokens
 
 
 def _finalized_qwen(config=moeq.NVFP4):
@@ -120,11 +120,6 @@ def test_inspect_command_refuses_calib_it_cannot_run(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def _report(compiled) -> str:
-    """``str(moeq.explain(compiled))`` with its line wrapping undone (single spaces), for phrase checks."""
-    return " ".join(str(moeq.explain(compiled)).split())
-
-
 def test_report_says_how_the_backend_lowers_the_gemms():
     """After finalize() the report says what backend="moeq" runs on CUDA for these formats under the fusion
     policy: QAT NVFP4 fused up to 16 rows per expert, then an activation pass and the Gluon kernel on sm_90, else
@@ -134,7 +129,7 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     from moeq.lowering.inductor import fusion
 
     model = moeq.prepare(tiny_model("qwen3_moe", torch.float32), moeq.NVFP4)
-    assert "backend='moeq'" not in _report(model)
+    assert "backend='moeq'" not in explain_text(model)
     _, cm = _finalized_qwen(moeq.NVFP4)
     lines = str(moeq.explain(cm)).splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("Lowering by"))
@@ -142,7 +137,7 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     labels = [line.split(":")[0].strip() for line in section[1:] if line.startswith("  ") and line[2] != " "]
     assert labels == ["forward", "activations", "training", "combine"], section
     assert all(len(line) <= 116 for line in section[1:]), section  # wrapped to the width of the tables
-    text = _report(cm)
+    text = explain_text(cm)
     assert "Lowering by backend='moeq', fusion 'auto', on CUDA" in text
     assert "forward: one moeq::grouped_qmm Triton kernel per expert GEMM up to 16 mean routed rows" in text
     assert "above, an activation fake-quant pass and, up to 320 on sm_90, the warp-specialized Gluon kernel" in text
@@ -155,23 +150,23 @@ def test_report_says_how_the_backend_lowers_the_gemms():
 
     with pytest.MonkeyPatch.context() as patch:  # the Gluon kernel switched off: the unfused path above 16
         patch.setattr(grouped_qmm_kernels, "GLUON_QAT_NVFP4", False)
-        assert "above, moeq's fake-quant kernels + torch._grouped_mm" in _report(cm)
+        assert "above, moeq's fake-quant kernels + torch._grouped_mm" in explain_text(cm)
     assert "a training graph saves the quantized weight for backward and keeps the Q/DQ ops; each weight's STE" in text
     with fusion("always"):
-        always = _report(cm)
+        always = explain_text(cm)
         assert "fusion 'always'" in always
         assert "forward: one moeq::grouped_qmm Triton kernel per expert GEMM at every size" in always
-        assert moved not in _report(cm)
+        assert moved not in explain_text(cm)
     assert "runs as moeq::combine_experts from top-8 and 32768 routed rows up (below, Inductor's kernel" in text
     with fusion("never"):
-        never = _report(cm)
+        never = explain_text(cm)
         assert "fusion 'never'" in never and "forward: moeq's fake-quant kernels + torch._grouped_mm" in never
         assert "combine: the MoE combine after the down projection is Inductor's" in never
     moeq.freeze(cm)
-    assert "forward: one moeq::grouped_qmm Triton kernel per expert GEMM at every size" in _report(cm)
+    assert "forward: one moeq::grouped_qmm Triton kernel per expert GEMM at every size" in explain_text(cm)
     torch._dynamo.reset()  # a second model: compile afresh
     _, cm8 = _finalized_qwen(moeq.FP8)
-    text = _report(cm8)
+    text = explain_text(cm8)
     assert "up to 48, an activation codes pass and the GEMM (weight as loaded)" in text
     assert "up to 320 on sm_90, an activation codes pass and the warp-specialized Gluon kernel" in text
     assert "else an activation codes pass, a weight codes pass and the FP8 codes GEMM" in text
@@ -179,26 +174,26 @@ def test_report_says_how_the_backend_lowers_the_gemms():
 
     with pytest.MonkeyPatch.context() as patch:  # the Gluon kernel switched off: the two launches above 48
         patch.setattr(grouped_qmm_kernels, "GLUON_QAT_FP8", False)
-        assert "above, an activation codes pass, a weight codes pass and the FP8 codes GEMM" in _report(cm8)
+        assert "above, an activation codes pass, a weight codes pass and the FP8 codes GEMM" in explain_text(cm8)
     with pytest.MonkeyPatch.context() as patch:  # the opt-in one-launch weight pass (BENCHMARKS.md, session 30)
         patch.setattr(grouped_qmm_kernels, "WEIGHT_PASS_IN_GEMM", True)
-        in_gemm = _report(cm8)
+        in_gemm = explain_text(cm8)
     assert "above, an activation codes pass and one launch writing the weight's codes and multiplying them" in in_gemm
     assert "a training graph quantizes each expert weight to FP8 codes once per step and saves them" in text
     assert "STE mask is applied inside its wgrad GEMM (moeq::grouped_wgrad_ste)" in text
     assert "scatter-adds through the MoE's sort permutation run as gathers" in text
     assert "the combine's two gradients as one moeq::combine_experts_backward" in text
     with fusion("never"):
-        never = _report(cm8)
+        never = explain_text(cm8)
         assert "a training graph saves the quantized weight for backward and keeps the Q/DQ ops" in never
         assert "grouped_wgrad_ste" not in never and "sort permutation" not in never
     moeq.freeze(cm8)  # deploy W8A8: no weight pass at any size
-    text = _report(cm8)
+    text = explain_text(cm8)
     assert "up to 16 mean routed rows per expert; above, an activation codes pass and the FP8 codes GEMM" in text
     torch._dynamo.reset()
     _, cm4 = _finalized_qwen(moeq.NVFP4_W4A16)
     moeq.freeze(cm4)
-    text = _report(cm4)
+    text = explain_text(cm4)
     assert "up to 384 mean routed rows per expert; above, moeq::dequant_weight's kernel + torch._grouped_mm" in text
 
 
