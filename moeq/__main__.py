@@ -61,11 +61,12 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The ``moeq`` console script: ``demo``, ``inspect`` or ``bench`` (``argv``: the arguments after the program)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["demo"]:  # the demo parses its own options (argparse's REMAINDER drops a leading --option)
         from moeq.demo import main as demo_main
 
-        return demo_main(argv[1:])
+        return demo_main(argv[1:], prog="moeq demo")
     parser = argparse.ArgumentParser(prog="moeq", description="per-expert quantization of MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the quickstart on a built-in tiny MoE (moeq demo -h: its options)")

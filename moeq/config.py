@@ -112,11 +112,15 @@ class QuantConfig:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able fields (``exclude`` as a list), the form checkpoints and exports store; ``from_dict``
+        reads it back."""
         data = dataclasses.asdict(self)
         data["exclude"] = list(self.exclude)
         return data
 
     def replace(self, **changes: Any) -> QuantConfig:
+        """A copy with ``changes`` applied, validated as a new config (an unknown key or an impossible combination
+        raises ``ValueError``)."""
         return QuantConfig.from_dict({**self.to_dict(), **changes})
 
     @property
@@ -127,6 +131,7 @@ class QuantConfig:
 
     @property
     def name(self) -> str:
+        """A short human name, e.g. ``"NVFP4 W4A4"`` plus its scale granularity, as reports print it."""
         bits_w = _BITS.get(self.weight, 8)
         if self.activation is None:
             name = f"{self.weight.upper()} W{bits_w}A16"

@@ -25,12 +25,18 @@ def run_quickstart(
     backend: str = "moeq",
     batches: int = 8,
     seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, float]:
+    """Prepare, compile, calibrate and finalize a tiny ``family`` MoE, then print ``moeq.explain`` and the output
+    error against the unquantized model. On ``device="cuda"`` the model runs in bf16 and the expert GEMMs run moeq's
+    Triton kernels (the report's lowering section says which); on the CPU (float32) each moeq op runs its torch
+    reference."""
     torch.manual_seed(seed)
-    model = tiny_model(family, torch.float32, seed=seed)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = tiny_model(family, dtype, seed=seed).to(device)
     vocab = model.config.vocab_size
-    calib = [torch.randint(0, vocab, (4, 32)) for _ in range(batches)]
-    test = torch.randint(0, vocab, (4, 32))
+    calib = [torch.randint(0, vocab, (4, 32), device=device) for _ in range(batches)]
+    test = torch.randint(0, vocab, (4, 32), device=device)
     with torch.no_grad():
         reference = model(test).logits
 
@@ -54,6 +60,7 @@ def run_quickstart(
 
     print()
     print(moeq.explain(cmodel))
+    quantized, reference = quantized.float(), reference.float()
     rel = ((quantized - reference).norm() / reference.norm()).item()
     agree = (quantized.argmax(-1) == reference.argmax(-1)).float().mean().item()
     print()
@@ -84,16 +91,23 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(str(err))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument(
         "--family", default="qwen3_moe", help="tiny model family (qwen3_moe, mixtral, olmoe, deepseek_v3, gpt_oss)"
     )
     add_config_arguments(parser, "NVFP4")
     parser.add_argument("--backend", default="moeq", help="moeq (Inductor) or moeq_aot_eager")
     parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (float32, the torch reference of each moeq op; default) or cuda (bf16, moeq's Triton kernels)",
+    )
     args = parser.parse_args(argv)
-    run_quickstart(args.family, config_from_args(parser, args), args.backend, args.batches)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch build sees no CUDA device")
+    run_quickstart(args.family, config_from_args(parser, args), args.backend, args.batches, device=args.device)
 
 
 if __name__ == "__main__":

@@ -346,6 +346,8 @@ class ModelQuantState(nn.Module):
         del self.experts[_module_key(fqn)]
 
     def note_reused_graph(self, compiled_for: str, fqn: str) -> None:
+        """Record (and log once) that the graph rewritten for ``compiled_for`` also runs the GEMM ``fqn``: Dynamo
+        serves one frame's graph to every instance of a module class whose guards pass."""
         if fqn not in self.reused_graphs:
             where = "another model's " if compiled_for == fqn else ""
             logger.info("moeq: graph rewritten for %s%s also runs %s (Dynamo reused it)", where, compiled_for, fqn)

@@ -144,3 +144,40 @@ def test_calibration_accumulates_and_recompiles_keep_state():
         quantized = cm(a).logits
     assert torch.isfinite(quantized).all()
     assert moeq.explain(cm).state.finalized
+
+
+def test_registered_sync_hook_runs_in_name_order_and_its_changes_reach_the_state(monkeypatch):
+    """A hook registered with ``register_sync_hook`` runs inside ``finalize()`` between the built-ins by name, sees
+    every expert GEMM's statistics, and what it writes is what finalize() keeps: here the observed input amax
+    doubled, so each covered expert's input amax is twice the router-derived reference's."""
+    from moeq.runtime import collectives
+
+    hooks = dict(collectives._HOOKS)
+    monkeypatch.setattr(collectives, "_HOOKS", hooks)
+    order, seen = [], {}
+    for name, hook in list(hooks.items()):
+        hooks[name] = lambda stats, groups, name=name, hook=hook: (order.append(name), hook(stats, groups))
+
+    def double_input_amax(stats, groups):
+        order.append("25-double")
+        for fqn, s in stats.items():
+            seen[fqn] = groups.distributed
+            s.observed_input_amax = s.observed_input_amax * 2
+
+    collectives.register_sync_hook("25-double", double_input_amax)
+    assert collectives.registered_sync_hooks() == ["10-tp", "20-dp", "25-double", "30-ep"]
+    model = tiny_model("qwen3_moe", torch.float32, seed=7)
+    batches = [make_tokens(seed=8, batch=2, seq=8)]
+    reference = _router_reference(copy.deepcopy(model), batches)
+    moeq.finalize(_calibrate(model, batches, moeq.QuantConfig(act_scale="per_expert")))
+    assert order == ["10-tp", "20-dp", "25-double", "30-ep"]
+    states = moeq.quant_state(model)
+    assert seen == dict.fromkeys(states, False)
+    for module_name, ref in reference.items():
+        for gemm in ("gate_up", "down"):
+            state = states[f"{module_name}.{gemm}_proj"]
+            covered = state.tokens_per_expert > 0
+            assert covered.any()
+            torch.testing.assert_close(
+                state.input_amax[covered].double(), 2 * ref[gemm][covered], rtol=1e-6, atol=0, msg=gemm
+            )

@@ -97,10 +97,22 @@ def test_demo_command_passes_its_options_to_the_quickstart(monkeypatch):
     from moeq.__main__ import main
 
     calls = []
-    monkeypatch.setattr(moeq.demo, "run_quickstart", lambda *args: calls.append(args))
+    monkeypatch.setattr(moeq.demo, "run_quickstart", lambda *args, **kwargs: calls.append((args, kwargs)))
     main(["demo", "--family", "mixtral", "--config", "FP8", "--calib", "all_experts", "--batches", "1"])
-    ((family, config, backend, batches),) = calls
+    (((family, config, backend, batches), kwargs),) = calls
     assert (family, config, backend, batches) == ("mixtral", moeq.FP8.replace(calib="all_experts"), "moeq", 1)
+    assert kwargs == {"device": "cpu"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_demo_command_refuses_cuda_without_a_device(capsys):
+    """`moeq demo --device cuda` on a CPU-only torch ends in the usage error naming the option, not a traceback."""
+    from moeq.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "moeq demo: error: --device cuda: this torch build sees no CUDA device" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

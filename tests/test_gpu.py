@@ -10,6 +10,7 @@ import torch
 import triton
 
 import moeq
+from moeq import segments
 from moeq.formats import expand_per_expert, expert_amax, get_format
 from moeq.integrations.hf import tiny_model
 from moeq.lowering import inductor as inductor_module
@@ -97,7 +98,7 @@ def test_segment_amax_and_act_bit_exact_cuda(dtype, seed):
     counts[3] = 0
     offs = counts.cumsum(0).to(torch.int32)
     x = (torch.randn(int(offs[-1]) + 5, 256, generator=g) * 3).to(dtype)
-    amax_ref, counts_ref = ops.segment_amax(x, offs, 16)
+    amax_ref, counts_ref = segments.segment_amax(x, offs, 16)
     amax, got_counts = kernels.segment_amax(x.cuda(), offs.cuda(), 16)
     assert torch.equal(amax.cpu(), amax_ref) and torch.equal(got_counts.cpu(), counts_ref)
     for fmt in ("fp8", "nvfp4"):
@@ -872,6 +873,22 @@ def test_all_experts_calibration_cuda():
         assert torch.equal(states["cuda"][fqn][0], count), fqn
         assert count.min() > tokens.numel(), fqn  # every token, plus the routed ones
         torch.testing.assert_close(states["cuda"][fqn][1], amax, rtol=1e-5, atol=0)
+
+
+def test_demo_runs_on_cuda(capsys):
+    """`moeq demo --device cuda`: the quickstart in bf16 with moeq's CUDA kernels, its report saying so, and its
+    quantization error within a factor of two of the same quickstart on the CPU (float32, the torch reference ops)."""
+    from moeq.demo import run_quickstart
+
+    torch._dynamo.reset()
+    cpu = run_quickstart(batches=2, device="cpu")
+    torch._dynamo.reset()
+    capsys.readouterr()
+    cuda = run_quickstart(batches=2, device="cuda")
+    out = capsys.readouterr().out
+    assert "4 expert GEMMs rewritten" in out and "on CUDA" in out
+    assert 0.5 * cpu["relative_error"] < cuda["relative_error"] < 2 * cpu["relative_error"], (cpu, cuda)
+    assert cuda["argmax_agreement"] > 0.75, cuda
 
 
 @pytest.mark.parametrize(("config", "freeze"), [("NVFP4", False), ("FP8", True), ("NVFP4_W4A16", True)])

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import moeq  # noqa: F401  (registers the moeq:: ops)
 from moeq.formats import get_format
-from moeq.lowering.ops import check_offsets, row_expert_ids, segment_amax
+from moeq.segments import check_offsets, row_expert_ids, segment_amax
 
 SETTINGS = settings(
     max_examples=50,

@@ -244,7 +244,7 @@ def load_state(
     created: list[str] = []
     try:
         metadata = dcp.FileSystemReader(path).read_metadata()
-    except Exception as err:  # noqa: BLE001  (any unreadable checkpoint)
+    except Exception as err:  # any unreadable checkpoint
         raise CheckpointError(f"cannot read a moeq quant-state checkpoint at {path!r}: {err}") from err
     entries = metadata.state_dict_metadata
     saved: dict[str, Any] = {}
@@ -255,7 +255,7 @@ def load_state(
         try:
             dcp.load(holder, checkpoint_id=path, no_dist=True)
             saved = json.loads(holder["moeq/meta"])
-        except (Exception, CheckpointException) as err:  # noqa: BLE001  (a truncated or corrupt data file)
+        except (Exception, CheckpointException) as err:  # a truncated or corrupt data file
             raise CheckpointError(f"reading {path!r} failed; nothing was loaded: {err}") from err
         if saved.get("version") != FORMAT_VERSION:
             errors.append(f"checkpoint format version {saved.get('version')} != supported {FORMAT_VERSION}")
@@ -324,7 +324,7 @@ def load_state(
                 sd[key] = ""
     try:
         dcp.load(sd, checkpoint_id=path, process_group=process_group)
-    except (Exception, CheckpointException) as err:  # noqa: BLE001  (DCP's error is a BaseException)
+    except (Exception, CheckpointException) as err:  # DCP's error is a BaseException
         _forget(state, created)
         raise CheckpointError(f"reading {path!r} failed; nothing was loaded: {err}") from err
     _commit(state, sd, groups)

@@ -148,6 +148,8 @@ def moeq_aot_eager_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwar
 
 
 def register_backends() -> None:
+    """Register ``"moeq"`` and ``"moeq_aot_eager"`` with Dynamo (idempotent; the ``torch_dynamo_backends`` entry
+    points let ``torch.compile`` find both without an ``import moeq``)."""
     from torch._dynamo import list_backends, register_backend
 
     known = set(list_backends(exclude_tags=()))

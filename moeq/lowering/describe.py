@@ -10,14 +10,13 @@ from moeq.config import QuantConfig
 from moeq.lowering.gather_quant import describe_quantize_before_gather
 from moeq.lowering.inductor import describe_combine, describe_lowering, fusion_policy
 from moeq.lowering.joint import describe_training
-from moeq.passes.explain import REPORT_WIDTH
 
 __all__ = ["lowering_lines"]
 
 
-def lowering_lines(mode: str, config: QuantConfig, module_lists: bool) -> list[str]:
+def lowering_lines(mode: str, config: QuantConfig, module_lists: bool, width: int) -> list[str]:
     """The report's "Lowering" section for ``mode`` ("qat" / "deploy") and ``config``: a header with the fusion
-    policy, then one labelled line per part of the model, wrapped to the report's width; ``module_lists``: the model's
+    policy, then one labelled line per part of the model, wrapped to ``width`` columns; ``module_lists``: the model's
     experts include per-expert module lists (which no fused kernel takes)."""
     forward = describe_lowering(mode, config.weight, config.activation)
     if config.dynamic_activations:
@@ -45,7 +44,7 @@ def lowering_lines(mode: str, config: QuantConfig, module_lists: bool) -> list[s
             lines.append(
                 textwrap.fill(
                     text,
-                    width=REPORT_WIDTH,
+                    width=width,
                     initial_indent=f"  {label + ':':<14}",
                     subsequent_indent=" " * 16,
                     break_on_hyphens=False,

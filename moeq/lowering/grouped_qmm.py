@@ -27,7 +27,7 @@ from torch.library import wrap_triton
 
 from moeq.formats import expand_weight_amax, get_format
 from moeq.lowering import ops
-from moeq.lowering.ops import _per_row_amax, check_offsets
+from moeq.segments import check_offsets, per_row_amax
 
 __all__ = ["grouped_qmm", "grouped_qmm_reference", "quantized_operands"]
 
@@ -211,7 +211,7 @@ def _backward(ctx, grad: Tensor):
     if ctx.needs_input_grad[0]:
         grad_x = _grouped_dgrad(grad, wq, offs)
         if x_fmt not in (None, "fp8_token"):  # dynamic per-token scales clip nothing
-            grad_x = grad_x * (x.abs() <= _per_row_amax(x, offs, x_amax))
+            grad_x = grad_x * (x.abs() <= per_row_amax(x, offs, x_amax))
     if ctx.needs_input_grad[1] and mode == "qat":
         grad_w = _grouped_wgrad(xq, grad, offs, w.shape[0]) * (w.abs() <= expand_weight_amax(w_scale, 3, 0, 1))
     return grad_x, grad_w, None, None, None, None, None, None, None, None

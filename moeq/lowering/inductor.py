@@ -138,6 +138,7 @@ def unfused() -> contextlib.AbstractContextManager[None]:
 
 
 def fusion_policy() -> str:
+    """The policy in force (:func:`fusion`): ``"auto"``, ``"always"`` or ``"never"``."""
     return _POLICY
 
 
@@ -157,6 +158,7 @@ def check_compile_switches() -> None:
 
 
 def fusion_enabled() -> bool:
+    """Whether the lowering may fuse at all (any policy but ``"never"``)."""
     return _POLICY != "never"
 
 

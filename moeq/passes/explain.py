@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Explanation", "GraphReport", "LoweringLines", "RewrittenGemm", "format_table"]
 
-#: ``(mode, config, has_module_lists) -> lines``: the report's "Lowering" section. The lowering describes itself
+#: ``(mode, config, has_module_lists, width) -> lines``: the report's "Lowering" section. The lowering describes itself
 #: (``moeq.lowering.describe``) and ``moeq.explain`` hands it in, so this module imports nothing from the lowering.
-LoweringLines = Callable[[str, QuantConfig, bool], list[str]]
+LoweringLines = Callable[[str, QuantConfig, bool, int], list[str]]
 #: the width the report wraps its prose to (its tables' lines are about this wide)
 REPORT_WIDTH = 116
 
@@ -194,7 +194,7 @@ class Explanation:
 
             mode = "deploy" if state.mode == "deploy" else "qat"
             module_lists = any(row["form"].startswith(MODULE_LIST_FORM) for row in table)
-            parts += ["", *self.lowering(mode, state.config, module_lists)]
+            parts += ["", *self.lowering(mode, state.config, module_lists, REPORT_WIDTH)]
         parts += ["", format_table(header, rows)]
         flagged = [(row["fqn"], e, note) for row in table for e, note in sorted(row["flags"].items())]
         if flagged:

@@ -17,11 +17,11 @@ import torch
 from torch import fx
 
 from moeq.formats import FLOAT_DTYPES, get_format
-from moeq.lowering.ops import single_expert_offsets
 from moeq.passes.canonicalize import canonicalize_expert_loops
 from moeq.passes.explain import GraphReport, RewrittenGemm
 from moeq.passes.find import ExpertGemm, SkippedCandidate, find_expert_gemms, target_name
 from moeq.passes.inline_functions import inline_linear_functions
+from moeq.segments import single_expert_offsets
 from moeq.state import CODES_BUFFERS, ExpertQuantState, ModelQuantState
 
 __all__ = ["LiftedBuffer", "insert_qdq", "rewrite_graph"]

@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from moeq.lowering.ops import quantize_weight_into_, stored_shapes
+from moeq.formats import stored_shapes
+from moeq.lowering.ops import quantize_weight_into_
 from moeq.state import CODES_BUFFERS, ExpertQuantState, ModelQuantState, get_state, listed_members
 
 __all__ = ["ReusedCodes", "reuse_weight_codes"]

@@ -127,6 +127,8 @@ class LayerStats:
         return (self.tokens > 0) & (self.observed_input_amax > 0)
 
     def update_layer_values(self) -> None:
+        """This rank's layer-wide values from its experts: the largest covered input amax, the weight amax, and
+        whether any expert saw a token (what ``sync_ep`` reduces)."""
         covered = self.covered()
         self.layer_input_amax = self.observed_input_amax[covered].max() if bool(covered.any()) else torch.zeros(())
         self.layer_weight_amax = torch.maximum(_max_or_zero(self.weight_amax), self.sharded_weight_max)
@@ -220,6 +222,8 @@ def _tp_reduced(s: LayerStats) -> list[Tensor]:
 
 
 def sync_tp(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
+    """Built-in hook ``10-tp``: MAX-reduce over the TP group what each shard holds part of (:func:`_tp_reduced`), in
+    one flat collective."""
     layers = [stats[k] for k in sorted(stats)]
     if not layers:
         return
@@ -236,6 +240,8 @@ def sync_tp(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
 
 
 def sync_dp(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
+    """Built-in hook ``20-dp``: replicas saw different tokens, so MAX-reduce the observed input amax and SUM the
+    per-expert token counts over the DP group (one collective each)."""
     layers = [stats[k] for k in sorted(stats)]
     if not layers:
         return
@@ -249,6 +255,8 @@ def sync_dp(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
 
 
 def sync_ep(stats: dict[str, LayerStats], groups: ProcessGroups) -> None:
+    """Built-in hook ``30-ep``: each EP rank owns other experts, so only the layer-wide values (input and weight
+    amax, whether any expert was covered), which fallbacks and shared scales read, are MAX-reduced over the group."""
     layers = [stats[k] for k in sorted(stats)]
     for s in layers:
         s.update_layer_values()
@@ -271,6 +279,7 @@ def register_sync_hook(name: str, hook: SyncHook) -> None:
 
 
 def registered_sync_hooks() -> list[str]:
+    """The names of the hooks ``finalize()`` runs, in the order it runs them."""
     return sorted(_HOOKS)
 
 

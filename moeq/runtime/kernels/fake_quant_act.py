@@ -30,6 +30,7 @@ from moeq.runtime.kernels.numerics import (
     fp8_codes,
 )
 from moeq.runtime.kernels.segment_amax import expert_of_rows
+from moeq.segments import per_row_amax
 
 __all__ = ["act_codes_reference", "fake_quant_act", "fake_quant_tokens", "row_amax", "token_codes", "wgmma_k_order"]
 
@@ -116,9 +117,7 @@ def _routed_codes(x: torch.Tensor, offs: torch.Tensor, row_amax: torch.Tensor) -
 def act_codes_reference(x: torch.Tensor, offs: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """:mod:`moeq.formats` FP8 codes of routed rows (each row with its expert's amax, or the shared one);
     zero codes past ``offs[-1]``."""
-    from moeq.lowering.ops import _per_row_amax  # the reference ops' row -> expert amax (imported at call time)
-
-    return _routed_codes(x, offs, _per_row_amax(x, offs, amax.float()))
+    return _routed_codes(x, offs, per_row_amax(x, offs, amax.float()))
 
 
 def fake_quant_act(

@@ -11,6 +11,7 @@ import triton.language as tl
 
 from moeq.runtime.kernels.launch import cdiv, check_float, known_empty, launch_kernel, observer_configs, run_kernel
 from moeq.runtime.kernels.numerics import abs_bits, float_of_abs_bits
+from moeq.segments import segment_amax as reference_segment_amax
 
 __all__ = ["segment_amax", "segment_amax_"]
 
@@ -112,8 +113,6 @@ def segment_amax_(
         )  # fmt: skip
 
     def reference() -> None:
-        from moeq.lowering.ops import segment_amax as reference_segment_amax
-
         amax, counts = reference_segment_amax(x, offs, num_experts)
         running_amax.copy_(torch.maximum(running_amax, amax))
         running_counts.add_(counts)
