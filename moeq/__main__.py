@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from moeq.demo import add_config_arguments, config_from_args
+from moeq.demo import add_config_arguments, add_family_argument, config_from_args
 
 
 def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the quickstart on a built-in tiny MoE (moeq demo -h: its options)")
     inspect = sub.add_parser("inspect", help="print explain() for a built-in tiny MoE")
-    inspect.add_argument("--family", default="qwen3_moe")
-    inspect.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_family_argument(inspect)
+    inspect.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype")
     add_config_arguments(inspect, "NVFP4")
     inspect.add_argument(
         "--export", action="store_true", help="use torch.export + quantize_graph instead of torch.compile"

@@ -18,6 +18,7 @@ from moeq.integrations.hf import (
 )
 from moeq.lowering.describe import lowering_lines
 from moeq.lowering.inductor import check_compile_switches
+from moeq.lowering.ops import remove_expert_module_entries
 from moeq.passes.explain import Explanation
 from moeq.passes.insert_qdq import rewrite_graph
 from moeq.state import (
@@ -35,16 +36,22 @@ __all__ = ["explain", "prepare", "quantize_graph"]
 logger = logging.getLogger(__name__)
 
 
-def _mode_guard(module: nn.Module, args: Any) -> None:
+def _mode_guard(module: nn.Module, args: Any) -> tuple[Any, ...] | None:
     """Forward pre-hook on modules that own expert weights. Dynamo traces it, so comparing the mode here
     makes Dynamo guard on its value and on the model's config: a mode change recompiles the graph (statistics
     live on the model), and so does another prepared model under another config or lowering switches
     (:func:`~moeq.lowering.inductor.check_compile_switches`). Run eagerly (not traced), it
-    warns once per mode that the expert GEMMs are not quantized there."""
-    module._moeq_mode.check()
+    warns once per mode that the expert GEMMs are not quantized there. Traced outside mode "off", it passes the
+    first input through ``moeq::expert_module_entry``, which the moeq backends remove and which warns where another
+    backend compiled the graph (those run the expert GEMMs unquantized too)."""
+    mode = module._moeq_mode
+    mode.check()
     check_compile_switches()
     if not torch.compiler.is_compiling():
-        module._moeq_mode.warn_eager(type(module).__name__)
+        mode.warn_eager(type(module).__name__)
+    elif mode.value != "off" and args and isinstance(args[0], torch.Tensor):
+        return (torch.ops.moeq.expert_module_entry(args[0], type(module).__name__, mode.value), *args[1:])
+    return None
 
 
 TP_SHARD_KINDS = ("column", "row")
@@ -123,8 +130,10 @@ def prepare(
     state = attach_state(model, config)
     _set_tp_sharding(state, tp_sharding)
     use_grouped_experts(model)
+    owners = 0
     for prefix, module in model.named_modules():
         expert_params = _expert_params(prefix, module)
+        owners += bool(expert_params)
         if expert_params:
             object.__setattr__(module, "_moeq_mode", state.mode_box)
             if not getattr(module, "_moeq_guard_installed", False):
@@ -139,6 +148,12 @@ def prepare(
                 object.__setattr__(module, "_moeq_all_experts_installed", True)
         if getattr(module, "_moeq_all_experts_installed", False):  # its hook reads this state's mode and config
             object.__setattr__(module, "_moeq_mode", state.mode_box)
+    if not owners:
+        logger.warning(
+            "moeq.prepare: %s has no expert weights (no parameter of 3 or more dims [E, ...], no per-expert module "
+            "list such as experts.0.w1): nothing will be quantized. moeq quantizes the routed experts of MoE models",
+            type(model).__name__,
+        )
     return model
 
 
@@ -220,6 +235,7 @@ def quantize_graph(gm: Any, config: QuantConfig | None = None) -> fx.GraphModule
         object.__setattr__(gm, "_moeq_state", state)
     else:
         state = attach_state(gm, config or NVFP4)
+    remove_expert_module_entries(gm)
     rewrite_graph(gm, state, None, kind=kind)
     return gm
 

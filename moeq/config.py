@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,9 @@ class QuantConfig:
 
     weight:        weight format, ``"fp8"`` (per-expert per-tensor) or ``"nvfp4"`` (per-expert global
                    scale, e4m3 scales per 16-block along K).
-    activation:    activation format or ``None`` for weight-only (W8A16 / W4A16).
+    activation:    activation format or ``None`` for weight-only (W8A16 / W4A16); default ``"nvfp4"``, so an FP8
+                   weight needs ``activation="fp8"`` or ``None``. NVFP4 weights with FP8 activations (W4A8)
+                   calibrate and fake-quantize, but no export format (modelopt, compressed-tensors) holds them.
     weight_scale:  ``"expert"``: one weight scale per expert (per-tensor FP8; NVFP4's global scale);
                    ``"channel"`` (FP8 only): one per expert and output channel, ``[E, N]``.
     act_scale:     ``"shared"``: one input amax per expert GEMM (max over experts; what serving engines
@@ -62,7 +65,10 @@ class QuantConfig:
         if self.activation is not None and _BITS.get(self.activation, 8) < _BITS.get(self.weight, 8):
             raise ValueError(
                 f"QuantConfig: activation format {self.activation!r} has fewer bits than weight format "
-                f"{self.weight!r}; W{_BITS[self.weight]}A{_BITS[self.activation]} is not a supported combination"
+                f"{self.weight!r}; W{_BITS[self.weight]}A{_BITS[self.activation]} is not a supported combination. "
+                f"The activation format defaults to 'nvfp4': set activation={self.weight!r} "
+                f"(W{_BITS[self.weight]}A{_BITS[self.weight]}) or activation=None (weight-only), or use a preset "
+                "such as moeq.FP8"
             )
         for name, value, allowed in (
             ("weight_scale", self.weight_scale, _WEIGHT_SCALES),
@@ -101,14 +107,9 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         """Build from a plain dict (e.g. JSON); unknown keys are an error that names them."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, known, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(f"unknown QuantConfig keys: {', '.join(hints)}; known keys: {known}")
+        message = _unknown_keys_message(data)
+        if message:
+            raise ValueError(message)
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +144,31 @@ class QuantConfig:
         if self.dynamic_activations:
             granularity.append("dynamic token activations")
         return f"{name} ({', '.join(granularity)})" if granularity else name
+
+
+def _unknown_keys_message(keys: Any) -> str:
+    """What is wrong with ``keys`` that are no QuantConfig field (each with its closest field), or ``""``."""
+    known = [f.name for f in dataclasses.fields(QuantConfig)]
+    hints = []
+    for k in (k for k in keys if k not in known):
+        close = difflib.get_close_matches(k, known, n=1)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown QuantConfig keys: {', '.join(hints)}; known keys: {known}" if hints else ""
+
+
+_dataclass_init = QuantConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_naming_unknown_keys(self: QuantConfig, *args: Any, **kwargs: Any) -> None:
+    """The dataclass ``__init__``, whose ``TypeError`` for a misspelt keyword also names the field it meant."""
+    message = _unknown_keys_message(kwargs)
+    if message:
+        raise TypeError(message)
+    _dataclass_init(self, *args, **kwargs)
+
+
+QuantConfig.__init__ = _init_naming_unknown_keys  # type: ignore[method-assign]
 
 
 FP8 = QuantConfig(weight="fp8", activation="fp8")

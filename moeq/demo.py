@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import moeq
 from moeq.config import CALIB_MODES, PRESETS
-from moeq.integrations.hf import tiny_model
+from moeq.integrations.hf import TINY_FAMILIES, tiny_model
 
 __all__ = ["main", "run_quickstart"]
 
@@ -26,13 +26,14 @@ def run_quickstart(
     batches: int = 8,
     seed: int = 0,
     device: str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Prepare, compile, calibrate and finalize a tiny ``family`` MoE, then print ``moeq.explain`` and the output
     error against the unquantized model. On ``device="cuda"`` the model runs in bf16 and the expert GEMMs run moeq's
     Triton kernels (the report's lowering section says which); on the CPU (float32) each moeq op runs its torch
-    reference."""
+    reference. ``dtype`` overrides that choice (bf16 on the CPU: the models whose experts are per-expert loops)."""
     torch.manual_seed(seed)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model = tiny_model(family, dtype, seed=seed).to(device)
     vocab = model.config.vocab_size
     calib = [torch.randint(0, vocab, (4, 32), device=device) for _ in range(batches)]
@@ -77,9 +78,16 @@ def run_quickstart(
     return {"relative_error": rel, "argmax_agreement": agree, "seconds": elapsed}
 
 
+def add_family_argument(parser: argparse.ArgumentParser) -> None:
+    """``--family``: one of the built-in tiny transformers MoE models (random weights, no download)."""
+    parser.add_argument(
+        "--family", default="qwen3_moe", choices=sorted(TINY_FAMILIES), help="tiny model family (default: qwen3_moe)"
+    )
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     """``--config`` (a preset name) and ``--calib`` (``QuantConfig.calib``), read back by :func:`config_from_args`."""
-    parser.add_argument("--config", default=default, choices=PRESETS)
+    parser.add_argument("--config", default=default, choices=PRESETS, help=f"a moeq preset (default: {default})")
     parser.add_argument("--calib", default="routed", choices=CALIB_MODES, help="QuantConfig.calib (default: routed)")
 
 
@@ -93,21 +101,26 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
-    parser.add_argument(
-        "--family", default="qwen3_moe", help="tiny model family (qwen3_moe, mixtral, olmoe, deepseek_v3, gpt_oss)"
-    )
+    add_family_argument(parser)
     add_config_arguments(parser, "NVFP4")
-    parser.add_argument("--backend", default="moeq", help="moeq (Inductor) or moeq_aot_eager")
+    parser.add_argument(
+        "--backend", default="moeq", choices=["moeq", "moeq_aot_eager"], help="moeq (Inductor) or moeq_aot_eager"
+    )
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument(
         "--device",
         default="cpu",
         help="cpu (float32, the torch reference of each moeq op; default) or cuda (bf16, moeq's Triton kernels)",
     )
+    parser.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on the CPU, bfloat16 on CUDA"
+    )
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this torch build sees no CUDA device")
-    run_quickstart(args.family, config_from_args(parser, args), args.backend, args.batches, device=args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    config = config_from_args(parser, args)
+    run_quickstart(args.family, config, args.backend, args.batches, device=args.device, dtype=dtype)
 
 
 if __name__ == "__main__":

@@ -256,6 +256,34 @@ def test_eager_run_of_a_prepared_model_warns_once_per_mode(caplog):
     assert "Qwen3MoeExperts ran eagerly in mode 'quantize': its expert GEMMs run unquantized" in warnings[0]
 
 
+def test_graph_of_another_backend_warns_once_per_mode(caplog, monkeypatch):
+    """A finalized model compiled with another backend (here aot_eager) runs its expert GEMMs unquantized: it says
+    so once, naming the module, the mode and what to do; the moeq backends' graphs carry no trace of the marker
+    that warns (Inductor's code on the CPU calls no moeq.expert_module_entry)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from moeq.lowering import ops
+
+    monkeypatch.setattr(ops, "_WARNED_OUTSIDE", set())
+    model, compiled = _calibrated(moeq.FP8, make_tokens(seed=1))
+    tokens = make_tokens(seed=2)
+    with caplog.at_level("WARNING", logger="moeq"), torch.no_grad():
+        torch._dynamo.reset()
+        _, code = run_and_get_code(torch.compile(model, backend="moeq"), tokens)
+        assert "expert_module_entry" not in "\n".join(code)
+        assert "backend other than" not in caplog.text
+        torch._dynamo.reset()
+        other = torch.compile(model, backend="aot_eager")
+        other(tokens)
+        other(tokens)
+    warnings = [r.getMessage() for r in caplog.records if "backend other than" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert (
+        "Qwen3MoeExperts ran in mode 'quantize' inside a graph compiled by a backend other than 'moeq': its expert "
+        "GEMMs run unquantized. Compile the prepared model with torch.compile(model, backend='moeq')"
+    ) in warnings[0]
+
+
 @pytest.mark.parametrize("freeze", [False, True], ids=["qat", "deploy"])
 def test_new_batch_sizes_after_finalize_recompile_dynamic(freeze):
     """Calibrated at one batch size, the model then runs at others: Dynamo recompiles with a dynamic token count.

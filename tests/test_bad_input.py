@@ -26,11 +26,38 @@ def test_finalize_before_calibrate():
     assert not moeq.explain(cm).state.finalized
 
 
-def test_finalize_before_any_graph():
-    """finalize() on a prepared model that never ran says no expert GEMM was rewritten."""
-    model = moeq.prepare(tiny_model("qwen3_moe"), moeq.FP8)
-    with pytest.raises(RuntimeError, match="no expert GEMM has been rewritten"):
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [
+        ("FP8", r"at least once inside moeq.calibrate\(\)"),
+        ("FP8_DYNAMIC", r"at least once \(no calibrate\(\) needed: FP8 W8A8 \(channel weights, dynamic token"),
+        ("NVFP4_W4A16", r"at least once \(no calibrate\(\) needed: NVFP4 W4A16 has no static activation scale\)"),
+    ],
+)
+def test_finalize_before_any_graph(config, where):
+    """finalize() on a prepared model that never ran says no expert GEMM was rewritten, and whether the forward it
+    needs first must run inside calibrate() (static activation scales) or not (dynamic or weight-only)."""
+    model = moeq.prepare(tiny_model("qwen3_moe"), getattr(moeq, config))
+    with pytest.raises(
+        RuntimeError,
+        match=r"no expert GEMM has been rewritten yet; run the model compiled with backend='moeq' \(or a graph from "
+        r"moeq.quantize_graph\) " + where,
+    ):
         moeq.finalize(model)
+
+
+def test_model_without_experts_warns_at_prepare_and_finalize_says_what_the_graphs_held(caplog):
+    """A dense model: prepare() warns that it found no expert weight; after a moeq-compiled calibration forward,
+    finalize() says the rewritten graph held no expert GEMM and points at explain()."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with caplog.at_level("WARNING", logger="moeq"):
+        moeq.prepare(model, moeq.FP8)
+    assert "moeq.prepare: Sequential has no expert weights" in caplog.text
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(torch.randn(2, 8))
+    with pytest.raises(RuntimeError, match=r"moeq rewrote 1 compiled or traced graph\(s\) and found no expert GEMM"):
+        moeq.finalize(cm)
 
 
 def test_weight_only_config_needs_no_calibration():

@@ -59,6 +59,18 @@ def test_activation_fewer_bits_than_weight():
         QuantConfig(weight="fp8", activation="nvfp4")
 
 
+def test_weight_alone_says_the_activation_default_and_the_fix():
+    """QuantConfig(weight="fp8") keeps the default NVFP4 activations (W8A4): the error says so and names the fixes."""
+    with pytest.raises(ValueError, match=r"defaults to 'nvfp4': set activation='fp8' \(W8A8\) or activation=None"):
+        QuantConfig(weight="fp8")
+
+
+def test_constructor_misspelled_keyword_names_the_field():
+    """A misspelt keyword of the constructor is a TypeError (as for any dataclass) that also names the field meant."""
+    with pytest.raises(TypeError, match=r"'act_scales' \(did you mean 'act_scale'\?\); known keys: \['weight'"):
+        QuantConfig(weight="fp8", activation="fp8", act_scales="token")
+
+
 def test_w4a8_allowed():
     """nvfp4 weights with fp8 activations are a valid combination."""
     cfg = QuantConfig(weight="nvfp4", activation="fp8")

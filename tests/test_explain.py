@@ -101,7 +101,7 @@ def test_demo_command_passes_its_options_to_the_quickstart(monkeypatch):
     main(["demo", "--family", "mixtral", "--config", "FP8", "--calib", "all_experts", "--batches", "1"])
     (((family, config, backend, batches), kwargs),) = calls
     assert (family, config, backend, batches) == ("mixtral", moeq.FP8.replace(calib="all_experts"), "moeq", 1)
-    assert kwargs == {"device": "cpu"}
+    assert kwargs == {"device": "cpu", "dtype": None}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -141,7 +141,9 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     from moeq.lowering.inductor import fusion
 
     model = moeq.prepare(tiny_model("qwen3_moe", torch.float32), moeq.NVFP4)
-    assert "backend='moeq'" not in explain_text(model)
+    before = explain_text(model)
+    assert "Lowering by" not in before
+    assert "Nothing rewritten yet: run the model compiled with torch.compile(model, backend='moeq') once" in before
     _, cm = _finalized_qwen(moeq.NVFP4)
     lines = str(moeq.explain(cm)).splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("Lowering by"))
@@ -249,3 +251,10 @@ def test_weight_rewritten_in_one_graph_and_not_in_another_is_called_out():
     assert "Rewritten in some compiled graphs only (where not, these GEMMs run unquantized):" in text
     assert "  experts.w: 1 GEMM(s) not rewritten" in text
     assert text.index("Rewritten in some compiled graphs only") < text.index("Not rewritten:")
+
+
+def test_weight_only_rows_show_no_input_amax():
+    """A weight-only config quantizes no activation: its rows' "input amax" cell says so instead of a range."""
+    _, cm = _finalized_qwen(moeq.NVFP4_W4A16)
+    rows = [line for line in str(moeq.explain(cm)).splitlines() if line.startswith("model.layers.")]
+    assert len(rows) == 4 and all("- (W only)" in row for row in rows), rows

@@ -31,6 +31,8 @@ from moeq.formats import (
 )
 from moeq.segments import check_offsets, per_row_amax, segment_amax
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "dequant_weight",
     "fake_quant_act",
@@ -38,6 +40,8 @@ __all__ = [
     "fake_quant_weight",
     "fake_quant_weight_from_codes",
     "grouped_wgrad_ste",
+    "expert_module_entry",
+    "remove_expert_module_entries",
     "observe_segments_",
     "observe_segments_reference_",
     "quantize_weight",
@@ -577,6 +581,58 @@ def _(a: Tensor, b: Tensor, offs: Tensor, w: Tensor, amax: Tensor, perm: list[in
 
 
 _register_cuda_kernels()
+
+
+# ----------------------------------------------------------------------------------------------
+# a marker for graphs that another backend compiled
+# ----------------------------------------------------------------------------------------------
+
+_WARNED_OUTSIDE: set[tuple[str, str]] = set()
+
+_OUTSIDE_CONSEQUENCE = {
+    "calibrate": "its expert GEMMs are not observed",
+    "quantize": "its expert GEMMs run unquantized",
+    "deploy": "its expert weights are freeze()'s zero stand-ins, so the output is wrong",
+}
+
+
+@torch.library.custom_op("moeq::expert_module_entry", mutates_args=())
+def expert_module_entry(x: Tensor, module: str, mode: str) -> Tensor:
+    """Identity on the first input of a prepared module with expert weights, put into every graph Dynamo traces
+    outside mode "off" (:func:`moeq.api.prepare`'s pre-hook). The ``moeq`` backends and ``quantize_graph`` remove it
+    before rewriting; it runs only in a graph that another backend compiled, and then warns once per module class
+    and mode that nothing there is quantized."""
+    if (module, mode) not in _WARNED_OUTSIDE:
+        _WARNED_OUTSIDE.add((module, mode))
+        logger.warning(
+            "moeq: %s ran in mode %r inside a graph compiled by a backend other than 'moeq': %s. Compile the "
+            "prepared model with torch.compile(model, backend='moeq') (or 'moeq_aot_eager'), or rewrite a traced "
+            "graph with moeq.quantize_graph",
+            module,
+            mode,
+            _OUTSIDE_CONSEQUENCE.get(mode, "it is not quantized"),
+        )
+    return x.clone()
+
+
+@expert_module_entry.register_fake
+def _(x: Tensor, module: str, mode: str) -> Tensor:
+    return torch.empty_like(x)
+
+
+expert_module_entry.register_autograd(lambda ctx, grad: (grad, None, None))
+
+
+def remove_expert_module_entries(gm: torch.fx.GraphModule) -> int:
+    """Drop every :func:`expert_module_entry` of ``gm`` (its uses read its input again); returns how many."""
+    targets = (torch.ops.moeq.expert_module_entry, torch.ops.moeq.expert_module_entry.default)
+    marks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
+    for node in marks:
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    if marks:
+        gm.recompile()
+    return len(marks)
 
 
 # the fused grouped GEMM op (moeq::grouped_qmm) and the MoE combine (moeq::combine_experts) live in their own

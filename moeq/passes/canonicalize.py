@@ -242,7 +242,8 @@ def _rewrite_cat(
     if dtype != torch.bfloat16:  # torch._grouped_mm's meta kernel (so every compiled graph) takes bf16 only
         for g in gemms:
             g.node.meta[LOOP_KEPT_META] = (
-                f"not rewritten into torch._grouped_mm, which takes bf16 only (weight {dtype})"
+                f"not rewritten into torch._grouped_mm, which takes bf16 only (weight {dtype}; run the model in "
+                "bf16 to quantize it)"
             )
         return None
     device = value.device

@@ -70,6 +70,15 @@ class GraphReport:
         return "|".join(parts)
 
 
+def _input_amax_cell(config: QuantConfig, input_amax: list[float], tokens: list[int]) -> str:
+    """The "input amax" column: none for weight-only configs, "dynamic" for per-token scales, else the range."""
+    if config.activation is None:
+        return "- (W only)"
+    if config.dynamic_activations:
+        return "dynamic"
+    return _range(input_amax) if any(tokens) else "-"
+
+
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     """A plain-text table with aligned columns."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
@@ -184,11 +193,19 @@ class Explanation:
                     f"{row['covered']}/{row['experts']}",
                     f"{min(tokens)}/{max(tokens)}" if tokens else "-",
                     _range(torch.tensor(row["weight_amax"]).flatten().tolist()) if state.finalized else "-",
-                    "dynamic" if state.config.dynamic_activations else (_range(input_amax) if any(tokens) else "-"),
+                    _input_amax_cell(state.config, input_amax, tokens),
                     str(len(row["flags"])) if row["flags"] else "",
                 ]
             )
         parts = [head]
+        if not state.reports:
+            parts.append(
+                textwrap.fill(
+                    "Nothing rewritten yet: run the model compiled with torch.compile(model, backend='moeq') once "
+                    "(or rewrite a traced graph with moeq.quantize_graph); this report then lists each expert GEMM.",
+                    width=REPORT_WIDTH,
+                )
+            )
         if self.lowering is not None and (state.finalized or state.mode == "deploy"):
             from moeq.passes.find import MODULE_LIST_FORM
 

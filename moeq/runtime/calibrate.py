@@ -118,9 +118,20 @@ def _finalize_preconditions(state: ModelQuantState) -> list[str]:
                 f"finalize(): the compiled graphs hold {len(experts)} expert GEMMs, none of which moeq can rewrite; "
                 f"the first, on {experts[0].weight_fqn}: {experts[0].reason}. moeq.explain(model) lists them all"
             ]
+        if state.reports:
+            return [
+                f"finalize(): moeq rewrote {len(state.reports)} compiled or traced graph(s) and found no expert GEMM in them; "
+                "moeq.explain(model) lists the GEMM candidates each graph had and why none was taken"
+            ]
+        needs_data = state.config.activation is not None and not state.config.dynamic_activations
+        where = (
+            "inside moeq.calibrate()"
+            if needs_data
+            else f"(no calibrate() needed: {state.config.name} has no static activation scale)"
+        )
         return [
             "finalize(): no expert GEMM has been rewritten yet; run the model compiled with backend='moeq' "
-            "(or a graph from moeq.quantize_graph) at least once, inside moeq.calibrate()"
+            f"(or a graph from moeq.quantize_graph) at least once {where}"
         ]
     needs_data = state.config.activation is not None and not state.config.dynamic_activations
     if needs_data and state.calibration_sessions == 0:
