@@ -59,8 +59,10 @@ def segment_amax(
     """Per-expert ``max|x|`` (fp32 ``[E]``) and row counts (int64 ``[E]``) in one pass over ``x``.
 
     2-D routed rows use ``offs``; with ``offs=None``, ``x`` is batched over experts along ``expert_dim``
-    and each expert's count is its number of rows (elements per expert / contraction size).
-    A NaN anywhere in an expert's rows makes its amax NaN (``finalize()`` reports it).
+    and each expert's count is its number of rows that are not all zero: a zero row moves no amax, and batched
+    experts that run every token (Llama 4's bmm experts) get zero rows for the tokens the router did not send them,
+    so the count is the routed tokens and a cold expert shows as uncovered. A NaN anywhere in an expert's rows makes
+    its amax NaN (``finalize()`` reports it).
     """
     if offs is None:
         num = x.shape[expert_dim]
@@ -71,9 +73,10 @@ def segment_amax(
         flat = xe.reshape(num, per_expert).float()
         amax = flat.abs().amax(dim=1) if per_expert else torch.zeros(num, device=x.device)
         amax = torch.where(flat.isnan().any(dim=1), torch.full_like(amax, float("nan")), amax)
-        k = x.shape[contraction_dim]
-        rows = per_expert // k if k else 0
-        return amax, torch.full((num,), rows, dtype=torch.int64, device=x.device)
+        k_dim, e_dim = contraction_dim % x.dim(), expert_dim % x.dim()
+        nonzero_rows = (x.detach() != 0).any(dim=k_dim)  # False for every row when K == 0
+        per_row = nonzero_rows.movedim(e_dim - (k_dim < e_dim), 0).reshape(num, -1)
+        return amax, per_row.sum(dim=1, dtype=torch.int64)
     ids = row_expert_ids(offs, x.shape[0])
     xf = x.detach().float()
     row_amax = xf.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)

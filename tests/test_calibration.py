@@ -181,3 +181,33 @@ def test_registered_sync_hook_runs_in_name_order_and_its_changes_reach_the_state
             torch.testing.assert_close(
                 state.input_amax[covered].double(), 2 * ref[gemm][covered], rtol=1e-6, atol=0, msg=gemm
             )
+
+
+def test_bmm_experts_count_the_routed_tokens():
+    """Llama 4's bmm experts run every token through every expert, the tokens its router did not pick scaled to
+    zero rows: each expert's count is the tokens its router's top-k sent it (from the router's logits), so cold
+    experts show as uncovered and, per expert, take the layer's max."""
+    model = tiny_model("llama4", torch.float32, seed=2)
+    tokens = make_tokens(seed=3, batch=1, seq=3)
+    routed = {}
+
+    def count(module, args, output):
+        _, logits = output
+        picked = logits.topk(module.top_k, dim=1).indices.flatten()
+        routed[len(routed)] = torch.bincount(picked, minlength=module.num_experts)
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if type(m).__name__ == "Llama4Router"]
+    with torch.no_grad():
+        model(tokens, use_cache=False)
+    for h in handles:
+        h.remove()
+    cm = _calibrate(model, [tokens], moeq.QuantConfig(weight="fp8", activation="fp8", act_scale="per_expert"))
+    moeq.finalize(cm)
+    states = moeq.quant_state(model)
+    for layer, want in routed.items():
+        for gemm in ("gate_up_proj", "down_proj"):
+            state = states[f"model.layers.{layer}.feed_forward.experts.{gemm}"]
+            assert torch.equal(state.tokens_per_expert, want), (gemm, state.tokens_per_expert, want)
+            cold = want == 0
+            assert cold.any() and not state.calibrated[cold].any()
+            assert (state.input_amax[cold] == state.observed_input_amax.max()).all()
