@@ -506,10 +506,11 @@ def test_other_granularities_compile_export_and_reload(name: str, tmp_path: Path
 def test_channel_amax_tp_join_and_split_are_inverse(layout: str, size: int) -> None:
     """Checkpoint channel order under TP: each part of a fused weight (gate, up) is split over the ranks; joining the
     ranks' local amaxes puts every channel at its unsharded position, and splitting gives each rank its own back."""
-    from moeq.io.checkpoint import _first_half, _second_half, _tp_positions
+    from moeq.io.checkpoint import _tp_positions
+    from moeq.io.hf_layout import first_half, second_half
 
     parts = {
-        "halves": [_first_half, _second_half],
+        "halves": [first_half, second_half],
         "interleaved": [lambda t: t[0::2], lambda t: t[1::2]],
         "plain": [lambda t: t],
     }[layout]

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moeq.config import QuantConfig
 from moeq.formats import block_amax
-from moeq.io.hf_layout import _first_half, _second_half, expert_layout
+from moeq.io.hf_layout import expert_layout, first_half, second_half
 from moeq.runtime.collectives import ProcessGroups, all_gather_objects, default_groups
 from moeq.state import ExpertQuantState, ModelQuantState, get_state, listed_members, stacked_expert_weights
 
@@ -86,7 +86,7 @@ def _part_rows(state: ModelQuantState, s: ExpertQuantState) -> list[Callable[[to
     """The output-row selections of the per-expert linears a stacked weight holds (a fused gate/up weight: gate's
     rows and up's, halves or interleaved; else all rows). Tensor parallelism splits each of them over the ranks."""
     if _gated_module_list(state, s):
-        return [_first_half, _second_half]
+        return [first_half, second_half]
     try:
         return [part.rows for part in expert_layout(state._root, s.fqn, s.expert_dim, s.contraction_dim).parts]
     except (ValueError, AttributeError, KeyError):

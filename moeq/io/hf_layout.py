@@ -68,11 +68,13 @@ class ExpertLayout:
         return len(self.parts) == 2
 
 
-def _first_half(t: Tensor) -> Tensor:
+def first_half(t: Tensor) -> Tensor:
+    """The first half along dim 0 (gate of a fused ``gate_up`` weight in the half-split layout)."""
     return t[: t.shape[0] // 2]
 
 
-def _second_half(t: Tensor) -> Tensor:
+def second_half(t: Tensor) -> Tensor:
+    """The second half along dim 0 (up of a fused ``gate_up`` weight in the half-split layout)."""
     return t[t.shape[0] // 2 :]
 
 
@@ -141,7 +143,7 @@ def expert_layout(model: nn.Module, fqn: str, expert_dim: int, contraction_dim: 
     if gated:
         if len(names) != 2:
             raise ValueError(f"{fqn}: expected two per-expert names for a fused gate/up weight, got {names}")
-        rows = (_even_rows, _odd_rows) if _is_interleaved(model) else (_first_half, _second_half)
+        rows = (_even_rows, _odd_rows) if _is_interleaved(model) else (first_half, second_half)
         parts = tuple(ExpertPart(f"{prefix}.{{e}}.{n}", r) for n, r in zip(names, rows, strict=True))
     else:
         if len(names) != 1:

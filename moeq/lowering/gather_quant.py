@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import torch
 from torch import fx
 
-from moeq.lowering.inductor import _val, _with_val, fusion_policy, gemm_targets
+from moeq.lowering.inductor import fusion_policy, gemm_targets, node_value, with_node_value
 
 __all__ = ["describe_quantize_before_gather", "enabled", "quantize_before_gather"]
 
@@ -67,7 +67,7 @@ def _row_gather(node: object) -> tuple[fx.Node, fx.Node] | None:
     source, indices = node.args
     if len(indices) != 1 or not isinstance(indices[0], fx.Node):
         return None
-    source_val, index_val = _val(source), _val(indices[0])
+    source_val, index_val = node_value(source), node_value(indices[0])
     if source_val is None or index_val is None or source_val.dim() != 2 or index_val.dim() != 1:
         return None
     if index_val.dtype not in (torch.int32, torch.int64):
@@ -81,7 +81,7 @@ def _movable(quant: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     gather = _row_gather(x)
     if gather is None or fmt != "nvfp4" or contraction_dim % 2 != 1 or len(x.users) != 1:
         return None
-    amax_val, offs_val, rows = _val(amax), _val(offs), _val(x).shape[0]
+    amax_val, offs_val, rows = node_value(amax), node_value(offs), node_value(x).shape[0]
     if amax_val is None or amax_val.numel() != 1 or offs_val is None:
         return None
     if isinstance(rows, int) and rows <= OWN_PASS_ROWS_PER_EXPERT * max(1, offs_val.numel()):
@@ -116,31 +116,31 @@ def quantize_before_gather(graph: fx.Graph) -> int:
             continue
         source, index = found
         gather, _, amax, fmt, _, contraction_dim = quant.args
-        source_val = _val(source)
+        source_val = node_value(source)
         with graph.inserting_before(gather):
             with source_val.fake_mode:
                 offs_val = torch.full([1], source_val.shape[0], dtype=torch.int32, device=source_val.device)
             tokens = source_val.shape[0]
             if not isinstance(tokens, int):  # a dynamic batch: the graph reads the size, not a Python SymInt
-                tokens = _with_val(graph.call_function(aten.sym_size.int, (source, 0)), source_val.shape[0])
+                tokens = with_node_value(graph.call_function(aten.sym_size.int, (source, 0)), source_val.shape[0])
             offs = graph.call_function(
                 aten.full.default,
                 ([1], tokens),
                 {"dtype": torch.int32, "device": source_val.device, "pin_memory": False},
             )
-            _with_val(offs, offs_val)
+            with_node_value(offs, offs_val)
             whole = graph.call_function(
                 torch.ops.moeq.fake_quant_act.default, (source, offs, amax, fmt, 0, contraction_dim)
             )
-            _with_val(whole, source_val.new_empty(source_val.shape))
-            gathered = _with_val(graph.call_function(aten.index.Tensor, (whole, [index])), _val(quant))
+            with_node_value(whole, source_val.new_empty(source_val.shape))
+            gathered = with_node_value(graph.call_function(aten.index.Tensor, (whole, [index])), node_value(quant))
         quant.replace_all_uses_with(gathered)
         graph.erase_node(quant)
         graph.erase_node(gather)
         moved += 1
         logger.info(
             "moeq: NVFP4 activation fake-quant of %s moved before its routing gather (%s rows instead of %s)",
-            source.name, source_val.shape[0], _val(gathered).shape[0],
+            source.name, source_val.shape[0], node_value(gathered).shape[0],
         )  # fmt: skip
     if moved:
         graph.lint()

@@ -297,7 +297,8 @@ def trace_views(node: Any) -> tuple[Any, list[int], list[fx.Node]]:
     return node, perm, views
 
 
-def _val(node: Any) -> Any:
+def node_value(node: Any) -> Any:
+    """The fake tensor (or SymInt) a node's ``meta["val"]`` holds; None for a non-node or a node without one."""
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
@@ -329,13 +330,13 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
         mode = "deploy"
     else:
         return None
-    amax_val = _val(amax)
+    amax_val = node_value(amax)
     channels = amax_val is not None and amax_val.dim() > 1  # FP8 channel-wise weight scales [E, N]
     if any(len(n.users) != 1 for n in [*views, root]):
         # the quantized weight is needed elsewhere too (e.g. saved for backward in a training graph): fusing
         # would quantize it twice, so the unfused path is cheaper
         return None
-    w_val = _val(w)
+    w_val = node_value(w)
     if w_val is None or w_val.dim() != 3 or expert_dim % 3 != 0:
         return None
     k_dim = k_dim % 3
@@ -350,7 +351,7 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
         xa, offs_a, fmt_a, e_a, k_a = a.args
         # dynamic per-token FP8 (row amax, then the codes inside grouped_qmm), where x̂ has no other user: x̂'s own
         # row amax is not always x's (448 * s rounds), so re-quantizing a saved x̂ would not be exactly the same
-        if len(a.users) == 1 and not batched and offs_a is offs and k_a % 2 == 1 and _val(xa) is not None:
+        if len(a.users) == 1 and not batched and offs_a is offs and k_a % 2 == 1 and node_value(xa) is not None:
             x, x_fmt = xa, "fp8_token"
             dead.append(a)
     elif isinstance(a, fx.Node) and a.target == torch.ops.moeq.fake_quant_act.default:
@@ -361,15 +362,15 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
         requantize = alone or (fmt_a == "fp8" and w_fmt == "fp8")
         rank = 3 if batched else 2  # batched: [E, M, K] quantized with the expert dim 0, K last
         layout = (e_a % 3, k_a % 3) == (0, 2) if batched else k_a % 2 == 1
-        if requantize and offs_a is offs and layout and _val(xa) is not None and _val(xa).dim() == rank:
+        if requantize and offs_a is offs and layout and node_value(xa) is not None and node_value(xa).dim() == rank:
             x, x_amax, x_fmt = xa, amax_a, fmt_a
             if alone:
                 dead.append(a)
-    if _val(x) is None or (offs is not None and _val(offs) is None):
+    if node_value(x) is None or (offs is not None and node_value(offs) is None):
         return None
-    rows = _val(x).shape[0] * _val(x).shape[1] if batched else _val(x).shape[0]
+    rows = node_value(x).shape[0] * node_value(x).shape[1] if batched else node_value(x).shape[0]
     x_fmt_paid = "fp8" if x_fmt == "fp8_token" else x_fmt
-    bf16_cuda = _val(x).is_cuda and _val(x).dtype == torch.bfloat16
+    bf16_cuda = node_value(x).is_cuda and node_value(x).dtype == torch.bfloat16
     if _POLICY == "auto" and not _pays(mode, w_fmt, x_fmt_paid, rows, w_val.shape[0], bf16_cuda):
         logger.info("moeq: %s %s GEMM over %s rows left unfused (faster there)", mode, w_fmt, rows)
         return None
@@ -381,7 +382,9 @@ def _match(gemm: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | None:
     return ("deploy", w, data_perm, amax, block if w_fmt == "nvfp4" else None, x, offs, x_amax, w_fmt, x_fmt), dead
 
 
-def _with_val(node: fx.Node, val: Any) -> fx.Node:
+def with_node_value(node: fx.Node, val: Any) -> fx.Node:
+    """Give ``node`` (one the pass created) its ``meta["val"]``, which later passes and Inductor's lowering read;
+    returns ``node``."""
     node.meta["val"] = val
     return node
 
@@ -390,22 +393,24 @@ def permute_node(graph: fx.Graph, node: fx.Node, perm: list[int]) -> fx.Node:
     """``node.permute(perm)`` as a new node with its value (``node`` itself for the identity)."""
     if perm == [0, 1, 2]:
         return node
-    return _with_val(graph.call_function(torch.ops.aten.permute.default, (node, perm)), _val(node).permute(perm))
+    return with_node_value(
+        graph.call_function(torch.ops.aten.permute.default, (node, perm)), node_value(node).permute(perm)
+    )
 
 
 def _batched_as_rows(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, fx.Node]:
     """``bmm``'s ``[E, M, K]`` operand as grouped_qmm's ``[E * M, K]`` rows and offsets ``M, 2M, ..., E * M``."""
     aten = torch.ops.aten
-    x_val = _val(x)
+    x_val = node_value(x)
     num_experts, m, k = x_val.shape
     if not x_val.is_contiguous():
-        x = _with_val(
+        x = with_node_value(
             graph.call_function(aten.clone.default, (x,), {"memory_format": torch.contiguous_format}),
             x_val.contiguous(),
         )
-    rows = _with_val(graph.call_function(aten.view.default, (x, [-1, k])), x_val.reshape(-1, k))
+    rows = with_node_value(graph.call_function(aten.view.default, (x, [-1, k])), x_val.reshape(-1, k))
     if not isinstance(m, int):
-        m = _with_val(graph.call_function(aten.sym_size.int, (x, 1)), m)
+        m = with_node_value(graph.call_function(aten.sym_size.int, (x, 1)), m)
     with x_val.fake_mode:
         offs_val = torch.arange(1, num_experts + 1, dtype=torch.int32, device=x_val.device) * x_val.shape[1]
     iota = graph.call_function(
@@ -413,7 +418,7 @@ def _batched_as_rows(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, fx.Node]:
         (num_experts,),
         {"start": m, "step": m, "dtype": torch.int32, "device": x_val.device, "requires_grad": False},
     )
-    return rows, _with_val(iota, offs_val)
+    return rows, with_node_value(iota, offs_val)
 
 
 def fuse_grouped_qmm(graph: fx.Graph) -> int:
@@ -435,13 +440,13 @@ def fuse_grouped_qmm(graph: fx.Graph) -> int:
             quantize_once = None if _POLICY == "auto" else False
             args = (x, w_view, offs, scale, block_view, x_amax, mode, w_fmt, x_fmt, quantize_once)
             qmm = graph.call_function(torch.ops.moeq.grouped_qmm.default, args)
-        x_val, gemm_val = _val(x), _val(gemm)
-        out = _with_val(qmm, x_val.new_empty((x_val.shape[0], gemm_val.shape[-1])))
+        x_val, gemm_val = node_value(x), node_value(gemm)
+        out = with_node_value(qmm, x_val.new_empty((x_val.shape[0], gemm_val.shape[-1])))
         if batched:
             with graph.inserting_after(qmm):
                 num_experts, _, n = gemm_val.shape
                 out = graph.call_function(torch.ops.aten.view.default, (qmm, [num_experts, -1, n]))
-            _with_val(out, _val(qmm).view(gemm_val.shape))
+            with_node_value(out, node_value(qmm).view(gemm_val.shape))
         gemm.replace_all_uses_with(out)
         graph.erase_node(gemm)
         for node in dead:  # GEMM side first, so each is erased after its users
@@ -464,15 +469,17 @@ def compiled_size(size: Any) -> int | None:
 
 def _combine_weights(node: Any, rows: Any) -> tuple[fx.Node, fx.Node | None] | None:
     """``(w, view)`` when ``node`` is ``w [rows]`` as a column (``unsqueeze(w, -1)`` or a view to ``[rows, 1]``)."""
-    if not isinstance(node, fx.Node) or node.op != "call_function" or _val(node) is None:
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node_value(node) is None:
         return None
     column = node.target == torch.ops.aten.unsqueeze.default and node.args[1] in (1, -1)
     views = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
-    column |= node.target in views and _val(node).dim() == 2 and statically_known_true(_val(node).shape[1] == 1)
+    column |= (
+        node.target in views and node_value(node).dim() == 2 and statically_known_true(node_value(node).shape[1] == 1)
+    )
     w = node.args[0] if column else None
-    if not isinstance(w, fx.Node) or _val(w) is None or _val(w).dim() != 1:
+    if not isinstance(w, fx.Node) or node_value(w) is None or node_value(w).dim() != 1:
         return None
-    return (w, node) if statically_known_true(_val(w).shape[0] == rows) else None
+    return (w, node) if statically_known_true(node_value(w).shape[0] == rows) else None
 
 
 def _is_expert_output(node: Any) -> bool:
@@ -490,31 +497,37 @@ def _match_combine(total: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | No
     if total.target != aten.sum.dim_IntList or list(total.args[1:]) != [[1]] or total.kwargs:
         return None
     view = total.args[0]
-    if view.target not in (aten.view.default, aten.reshape.default) or _val(view) is None or _val(view).dim() != 3:
+    if (
+        view.target not in (aten.view.default, aten.reshape.default)
+        or node_value(view) is None
+        or node_value(view).dim() != 3
+    ):
         return None
     gathered = view.args[0]
     if gathered.target != aten.index.Tensor or len(gathered.args[1]) != 1:
         return None
     weighted, (index,) = gathered.args
-    if weighted.target != aten.mul.Tensor or not isinstance(index, fx.Node) or _val(index) is None:
+    if weighted.target != aten.mul.Tensor or not isinstance(index, fx.Node) or node_value(index) is None:
         return None
     literal = view.args[1][1] if isinstance(view.args[1], (list, tuple)) and len(view.args[1]) == 3 else None
-    top_k = literal if isinstance(literal, int) and literal > 0 else _val(view).shape[1]  # a literal when symbolic
+    top_k = (
+        literal if isinstance(literal, int) and literal > 0 else node_value(view).shape[1]
+    )  # a literal when symbolic
     for y, column in (weighted.args, reversed(weighted.args)):
-        y_val = _val(y)
+        y_val = node_value(y)
         if not _is_expert_output(y) or y_val is None or y_val.dim() != 2:
             continue
         found = _combine_weights(column, y_val.shape[0])
         if found is None:
             continue
         w, column = found
-        same_rows = statically_known_true(_val(index).shape[0] == y_val.shape[0])
-        if not same_rows or not isinstance(top_k, int) or _val(index).dtype not in (torch.int32, torch.int64):
+        same_rows = statically_known_true(node_value(index).shape[0] == y_val.shape[0])
+        if not same_rows or not isinstance(top_k, int) or node_value(index).dtype not in (torch.int32, torch.int64):
             return None
         if not combine_pays(y_val.shape[0], top_k):
             logger.info("moeq: top-%d combine over %s rows left to Inductor (no faster there)", top_k, y_val.shape[0])
             return None
-        if _val(total).dtype != torch.promote_types(y_val.dtype, _val(w).dtype):
+        if node_value(total).dtype != torch.promote_types(y_val.dtype, node_value(w).dtype):
             return None
         if any(len(n.users) != 1 for n in (view, gathered, weighted)):
             return None
@@ -527,7 +540,11 @@ def _cast_of(node: fx.Node) -> fx.Node | None:
     combine)."""
     (user,) = node.users if len(node.users) == 1 else (None,)
     cast = user is not None and user.target == torch.ops.prims.convert_element_type.default
-    return user if cast and _val(user) is not None and _val(user).dtype in (torch.bfloat16, torch.float16) else None
+    return (
+        user
+        if cast and node_value(user) is not None and node_value(user).dtype in (torch.bfloat16, torch.float16)
+        else None
+    )
 
 
 def fuse_expert_combine(graph: fx.Graph) -> int:
@@ -543,8 +560,8 @@ def fuse_expert_combine(graph: fx.Graph) -> int:
         cast = _cast_of(total)
         result = cast or total
         with graph.inserting_before(total):
-            combine = graph.call_function(torch.ops.moeq.combine_experts.default, (*args, _val(result).dtype))
-        _with_val(combine, _val(result))
+            combine = graph.call_function(torch.ops.moeq.combine_experts.default, (*args, node_value(result).dtype))
+        with_node_value(combine, node_value(result))
         result.replace_all_uses_with(combine)
         graph.erase_node(result)
         if cast is not None:
@@ -565,7 +582,12 @@ def _repeated_rows(node: Any) -> tuple[fx.Node, int] | None:
     of a top-k sum."""
     aten = torch.ops.aten
     views = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-    if not isinstance(node, fx.Node) or node.target not in views or _val(node) is None or _val(node).dim() != 2:
+    if (
+        not isinstance(node, fx.Node)
+        or node.target not in views
+        or node_value(node) is None
+        or node_value(node).dim() != 2
+    ):
         return None
     expand = node.args[0]
     if isinstance(expand, fx.Node) and expand.target == aten.clone.default:
@@ -576,7 +598,11 @@ def _repeated_rows(node: Any) -> tuple[fx.Node, int] | None:
     if not isinstance(top_k, int) or column.target != aten.unsqueeze.default or column.args[1] != 1:
         return None
     g = column.args[0]
-    if _val(g) is None or _val(g).dim() != 2 or not statically_known_true(_val(node).shape[1] == _val(g).shape[1]):
+    if (
+        node_value(g) is None
+        or node_value(g).dim() != 2
+        or not statically_known_true(node_value(node).shape[1] == node_value(g).shape[1])
+    ):
         return None
     return g, top_k
 
@@ -584,7 +610,7 @@ def _repeated_rows(node: Any) -> tuple[fx.Node, int] | None:
 def _weight_column(node: Any, rows: Any) -> tuple[fx.Node, None] | None:
     """``(node, None)`` when ``node`` is a ``[rows, 1]`` float column the graph does not build from a 1-D tensor
     (a backward graph's saved ``w[:, None]``)."""
-    val = _val(node)
+    val = node_value(node)
     column = val is not None and val.dim() == 2 and val.is_floating_point()
     column = column and statically_known_true(val.shape[0] == rows) and statically_known_true(val.shape[1] == 1)
     return (node, None) if column else None
@@ -599,8 +625,13 @@ def _match_combine_backward(gathered: fx.Node) -> tuple[tuple[Any, ...], fx.Node
         return None
     repeated, (index,) = gathered.args
     found = _repeated_rows(repeated)
-    rows_val = _val(gathered)
-    if found is None or rows_val is None or _val(index) is None or _val(index).dtype not in (torch.int32, torch.int64):
+    rows_val = node_value(gathered)
+    if (
+        found is None
+        or rows_val is None
+        or node_value(index) is None
+        or node_value(index).dtype not in (torch.int32, torch.int64)
+    ):
         return None
     g, top_k = found
     dy = total = y = w = column = None
@@ -616,16 +647,16 @@ def _match_combine_backward(gathered: fx.Node) -> tuple[tuple[Any, ...], fx.Node
             total, y = user, other
         else:
             return None
-    if dy is None or total is None or total.kwargs or _val(y) is None or _val(y).dim() != 2:
+    if dy is None or total is None or total.kwargs or node_value(y) is None or node_value(y).dim() != 2:
         return None
-    if not all(statically_known_true(a == b) for a, b in zip(_val(y).shape, rows_val.shape)):
+    if not all(statically_known_true(a == b) for a, b in zip(node_value(y).shape, rows_val.shape)):
         return None
     if not combine_pays(rows_val.shape[0], top_k):
         logger.info("moeq: top-%d combine backward over %s rows left to Inductor", top_k, rows_val.shape[0])
         return None
-    g_dtype = _val(g).dtype
-    dtypes = (torch.promote_types(g_dtype, _val(w).dtype), torch.promote_types(g_dtype, _val(y).dtype))
-    if (_val(dy).dtype, _val(total).dtype) != dtypes or rows_val.dtype != g_dtype:
+    g_dtype = node_value(g).dtype
+    dtypes = (torch.promote_types(g_dtype, node_value(w).dtype), torch.promote_types(g_dtype, node_value(y).dtype))
+    if (node_value(dy).dtype, node_value(total).dtype) != dtypes or rows_val.dtype != g_dtype:
         return None
     return (g, y, w, index, top_k), dy, total, [total.args[0], gathered, *([column] if column else []), repeated]
 
@@ -645,16 +676,20 @@ def fuse_combine_backward(graph: fx.Graph) -> int:
         if any(order[a] > order[first_use] for a in args if isinstance(a, fx.Node)):
             continue  # an operand is computed after one of the gradients: keep Inductor's kernels
         g, y, w, index, top_k = args
-        dw_val = _val(total).squeeze(-1) if _val(total).dim() == 2 else _val(total)
+        dw_val = node_value(total).squeeze(-1) if node_value(total).dim() == 2 else node_value(total)
         with graph.inserting_before(first_use):
-            if _val(w).dim() == 2:  # a saved column: its [S] view
-                w = _with_val(graph.call_function(torch.ops.aten.reshape.default, (w, [-1])), _val(w).reshape(-1))
+            if node_value(w).dim() == 2:  # a saved column: its [S] view
+                w = with_node_value(
+                    graph.call_function(torch.ops.aten.reshape.default, (w, [-1])), node_value(w).reshape(-1)
+                )
             both = graph.call_function(torch.ops.moeq.combine_experts_backward.default, (g, y, w, index, top_k))
-            _with_val(both, (_val(dy), dw_val))
-            dy_new = _with_val(graph.call_function(operator.getitem, (both, 0)), _val(dy))
-            dw_new = _with_val(graph.call_function(operator.getitem, (both, 1)), dw_val)
-            if _val(total).dim() == 2:
-                dw_new = _with_val(graph.call_function(torch.ops.aten.unsqueeze.default, (dw_new, -1)), _val(total))
+            with_node_value(both, (node_value(dy), dw_val))
+            dy_new = with_node_value(graph.call_function(operator.getitem, (both, 0)), node_value(dy))
+            dw_new = with_node_value(graph.call_function(operator.getitem, (both, 1)), dw_val)
+            if node_value(total).dim() == 2:
+                dw_new = with_node_value(
+                    graph.call_function(torch.ops.aten.unsqueeze.default, (dw_new, -1)), node_value(total)
+                )
         dy.replace_all_uses_with(dy_new)
         total.replace_all_uses_with(dw_new)
         for node in [dy, total, *dead]:

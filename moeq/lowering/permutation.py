@@ -37,7 +37,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from moeq.lowering.inductor import _val, combine_pays
+from moeq.lowering.inductor import combine_pays, node_value
 
 __all__ = ["gather_through_permutations", "inverse_permutations"]
 
@@ -58,14 +58,14 @@ def _sort_indices(node: Any) -> bool:
     return (
         isinstance(sort, fx.Node)
         and sort.target in (aten.sort.default, aten.sort.stable)
-        and _val(sort.args[0]) is not None
-        and _val(sort.args[0]).dim() == 1
+        and node_value(sort.args[0]) is not None
+        and node_value(sort.args[0]).dim() == 1
     )
 
 
 def _iota(node: Any, length: Any) -> bool:
     """``node`` is ``0, 1, ..., length - 1``."""
-    if not isinstance(node, fx.Node) or _val(node) is None or _val(node).dim() != 1:
+    if not isinstance(node, fx.Node) or node_value(node) is None or node_value(node).dim() != 1:
         return False
     if node.target == torch.ops.prims.iota.default:
         start, step = node.kwargs.get("start", 0), node.kwargs.get("step", 1)
@@ -75,7 +75,7 @@ def _iota(node: Any, length: Any) -> bool:
         start, step = node.args[0], node.args[2] if len(node.args) > 2 else 1
     else:
         return False
-    return start == 0 and step == 1 and _same(_val(node).shape[0], length)
+    return start == 0 and step == 1 and _same(node_value(node).shape[0], length)
 
 
 def inverse_permutations(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
@@ -87,10 +87,10 @@ def inverse_permutations(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
             continue
         base, (perm,), values = node.args[:3]
         accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
-        if accumulate or not _sort_indices(perm) or _val(base) is None or _val(base).dim() != 1:
+        if accumulate or not _sort_indices(perm) or node_value(base) is None or node_value(base).dim() != 1:
             continue
-        length = _val(perm).shape[0]
-        if _same(_val(base).shape[0], length) and _iota(values, length):
+        length = node_value(perm).shape[0]
+        if _same(node_value(base).shape[0], length) and _iota(values, length):
             found[node] = perm
     return found
 
@@ -109,7 +109,7 @@ def _scatter_add(node: fx.Node) -> tuple[fx.Node, Any] | None:
     if node.target != aten.index_put.default or len(node.args) < 4 or node.args[3] is not True:
         return None
     base, indices, values = node.args[:3]
-    if len(indices) != 1 or not _zeros(base) or _val(values) is None or _val(base) is None:
+    if len(indices) != 1 or not _zeros(base) or node_value(values) is None or node_value(base) is None:
         return None
     return indices[0], values
 
@@ -132,8 +132,8 @@ def _masked(node: fx.Node, scatter: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if any(user is not scatter and user is not scatter.args[0] for user in node.users):
         return None
     for g, mask in (node.args, reversed(node.args)):
-        g_val, mask_val = _val(g), _val(mask)
-        if g_val is None or mask_val is None or mask_val.dtype != torch.bool or g_val.dtype != _val(node).dtype:
+        g_val, mask_val = node_value(g), node_value(mask)
+        if g_val is None or mask_val is None or mask_val.dtype != torch.bool or g_val.dtype != node_value(node).dtype:
             continue
         if mask_val.dim() == g_val.dim() and all(_same(a, b) for a, b in zip(mask_val.shape, g_val.shape)):
             return g, mask
@@ -145,7 +145,7 @@ def _replace_scatter(graph: fx.Graph, node: fx.Node, target: Any, args: tuple[An
     zeros = node.args[0]
     with graph.inserting_before(node):
         new = graph.call_function(target, args)
-    new.meta["val"] = _val(node)
+    new.meta["val"] = node_value(node)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     if not zeros.users:
@@ -164,7 +164,7 @@ def gather_through_permutations(graph: fx.Graph) -> int:
         if matched is None:
             continue
         index, values = matched
-        out, src = _val(node), _val(values)
+        out, src = node_value(node), node_value(values)
         if index in inverses or index in perms:
             # every row of the output receives exactly one row of values: a gather through the other permutation
             other = inverses[index] if index in inverses else perms[index]

@@ -30,7 +30,15 @@ from typing import Any
 import torch
 from torch import fx
 
-from moeq.passes.find import _T, _TRANSPOSE, LOOP_KEPT_META, LOOP_META, _fetch_attr, _shape, target_name
+from moeq.passes.find import (
+    LOOP_KEPT_META,
+    LOOP_META,
+    T_TARGETS,
+    TRANSPOSE_TARGETS,
+    fetch_attr,
+    node_shape,
+    target_name,
+)
 
 __all__ = ["canonicalize_expert_loops"]
 
@@ -75,9 +83,9 @@ def _expert_slice(node: Any, k_dim_of_operand: int) -> _ExpertSlice | None:
     k = k_dim_of_operand
     while isinstance(node, fx.Node):
         kind = target_name(node)
-        if kind in _T:
+        if kind in T_TARGETS:
             k = 1 - k
-        elif kind in _TRANSPOSE:
+        elif kind in TRANSPOSE_TARGETS:
             dims = {d % 2 for d in node.args[1:3] if isinstance(d, int)}
             if dims != {0, 1}:
                 return None
@@ -186,7 +194,7 @@ def _weight_as_ekn(graph: fx.Graph, param: fx.Node, k_dim: int, aten: bool) -> f
 
 def _first_rows(graph: fx.Graph, x: fx.Node, rows: int, aten: bool) -> fx.Node:
     """``x[:rows]``, or ``x`` itself when its (static) row count is ``rows``."""
-    shape = _shape(x)
+    shape = node_shape(x)
     if shape is not None and isinstance(shape[0], int) and shape[0] == rows:
         return x
     return graph.call_function(torch.ops.aten.slice.Tensor if aten else torch.narrow, (x, 0, 0, rows))
@@ -222,7 +230,7 @@ def _rewrite_cat(
             return None
         end = None  # split's sizes add up to x's row count: all of x
     else:  # consecutive slices from row 0, over a known number of rows (Python slices clamp)
-        rows = _shape(x)
+        rows = node_shape(x)
         if rows is None or not all(isinstance(r, int) for r in rows[:1]):
             return None
         if any(p[1] < 0 or p[2] < 0 for p in pieces):  # counted from the end: not handled
@@ -288,7 +296,7 @@ def canonicalize_expert_loops(gm: fx.GraphModule, example_inputs: list[Any] | No
     if example_inputs is not None:
         resolved = {n: v for n, v in zip(placeholders, example_inputs) if isinstance(v, torch.Tensor)}
     for n in gm.graph.nodes:
-        value = _fetch_attr(gm, str(n.target)) if n.op == "get_attr" else None
+        value = fetch_attr(gm, str(n.target)) if n.op == "get_attr" else None
         if isinstance(value, torch.Tensor):
             resolved[n] = value
     done = []

@@ -67,9 +67,9 @@ _DENSE = {
     "torch.addmm": 2,
     "aten.addmm": 2,
 }
-_TRANSPOSE = {"torch.transpose", "method:transpose", "aten.transpose", "torch.swapaxes", "method:swapaxes"}
+TRANSPOSE_TARGETS = {"torch.transpose", "method:transpose", "aten.transpose", "torch.swapaxes", "method:swapaxes"}
 _PERMUTE = {"torch.permute", "method:permute", "aten.permute"}
-_T = {"torch.t", "method:t", "aten.t"}
+T_TARGETS = {"torch.t", "method:t", "aten.t"}
 _IDENTITY = {
     "method:to",
     "method:contiguous",
@@ -178,7 +178,9 @@ def target_name(node: fx.Node) -> str:
     return f"method:{name[len('torch.Tensor.') :]}" if name.startswith("torch.Tensor.") else name
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
+def node_shape(node: Any) -> tuple[int, ...] | None:
+    """A node's shape from its ``val`` / ``example_value`` / ``tensor_meta`` meta (sizes may be SymInts); None if
+    the node carries none."""
     if not isinstance(node, fx.Node):
         return None
     for key in ("val", "example_value"):
@@ -189,7 +191,8 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    """The object a ``get_attr`` node's dotted ``target`` names on ``gm``."""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part, None)
@@ -216,7 +219,7 @@ def _fqn_from_placeholder_name(name: str) -> str:
     return re.sub(r"_(modules|parameters|buffers)_", ".", body)
 
 
-class _ParamResolver:
+class ParamResolver:
     """Maps placeholder / get_attr nodes to (FQN, tensor) of the parameter they hold."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list[Any] | None) -> None:
@@ -226,7 +229,7 @@ class _ParamResolver:
 
     def resolve(self, node: fx.Node) -> tuple[str, torch.Tensor | None] | None:
         if node.op == "get_attr":
-            value = _fetch_attr(self.gm, str(node.target))
+            value = fetch_attr(self.gm, str(node.target))
             if not isinstance(value, torch.Tensor):
                 return None
             owner = owner_of(value)
@@ -264,7 +267,7 @@ def _first_tensor_arg(node: fx.Node) -> fx.Node | None:
     return arg if isinstance(arg, fx.Node) else None
 
 
-def _trace_weight(node: Any, resolver: _ParamResolver) -> _WeightTrace:
+def _trace_weight(node: Any, resolver: ParamResolver) -> _WeightTrace:
     """Follow a GEMM operand back through view-like ops to a parameter."""
     chain: list[fx.Node] = []
     cur = node
@@ -275,13 +278,13 @@ def _trace_weight(node: Any, resolver: _ParamResolver) -> _WeightTrace:
                 return _WeightTrace(cur, chain=chain, failure="operand is a graph input, not a parameter")
             return _WeightTrace(cur, resolved[0], resolved[1], chain)
         kind = target_name(cur)
-        if kind in _TRANSPOSE | _PERMUTE | _T | _IDENTITY:
+        if kind in TRANSPOSE_TARGETS | _PERMUTE | T_TARGETS | _IDENTITY:
             chain.append(cur)
             cur = _first_tensor_arg(cur)
             continue
         if kind in _RESHAPE:
             src = _first_tensor_arg(cur)
-            if src is not None and _shape(src) is not None and _shape(src) == _shape(cur):
+            if src is not None and node_shape(src) is not None and node_shape(src) == node_shape(cur):
                 chain.append(cur)
                 cur = src
                 continue
@@ -311,7 +314,7 @@ def _map_dims(trace: _WeightTrace, rank: int) -> list[int] | None:
     cur = list(range(rank))
     for node in reversed(trace.chain):  # parameter side first
         kind = target_name(node)
-        if kind in _TRANSPOSE:
+        if kind in TRANSPOSE_TARGETS:
             d0 = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim0")
             d1 = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim1")
             if not isinstance(d0, int) or not isinstance(d1, int):
@@ -328,7 +331,7 @@ def _map_dims(trace: _WeightTrace, rank: int) -> list[int] | None:
             if dims is None or not all(isinstance(d, int) for d in dims) or len(dims) != rank:
                 return None
             cur = [cur[_normalize(d, rank)] for d in dims]
-        elif kind in _T:
+        elif kind in T_TARGETS:
             if rank != 2:
                 return None
             cur = [cur[1], cur[0]]
@@ -348,7 +351,7 @@ def find_expert_gemms(
     gm: fx.GraphModule, example_inputs: list[Any] | None = None
 ) -> tuple[list[ExpertGemm], list[SkippedCandidate]]:
     """Every grouped-GEMM expert node of ``gm``, plus every GEMM-like node not taken, with its reason."""
-    resolver = _ParamResolver(gm, example_inputs)
+    resolver = ParamResolver(gm, example_inputs)
     found: list[ExpertGemm] = []
     skipped: list[SkippedCandidate] = []
 
@@ -392,7 +395,7 @@ def _record(
     stacked: bool = True,
 ) -> ExpertGemm | str:
     tensor = trace.tensor
-    shape = tuple(tensor.shape) if tensor is not None else _shape(trace.root)
+    shape = tuple(tensor.shape) if tensor is not None else node_shape(trace.root)
     if shape is None:
         return f"parameter {trace.fqn} has no shape information"
     if stacked and len(shape) != 3:
@@ -446,7 +449,7 @@ def _match_grouped(node, kind, resolver, found, skip) -> None:
 
 def _match_batched(node, kind, resolver, found, skip) -> None:
     a, b = _arg(node, 0, "input"), _arg(node, 1, "mat2" if "bmm" in kind else "other")
-    shapes = (_shape(a), _shape(b))
+    shapes = (node_shape(a), node_shape(b))
     tb, ta = _trace_weight(b, resolver), _trace_weight(a, resolver)
     if tb.failure is None:
         trace, x, k_w, k_x = tb, a, 1, 2
@@ -515,7 +518,7 @@ def _match_einsum(node, resolver, found, skip) -> None:
 
 def _weight_rank(trace: _WeightTrace) -> int | str:
     """The traced parameter's rank ("?" where the graph does not say)."""
-    shape = tuple(trace.tensor.shape) if trace.tensor is not None else _shape(trace.root)
+    shape = tuple(trace.tensor.shape) if trace.tensor is not None else node_shape(trace.root)
     return len(shape) if shape is not None else "?"
 
 
@@ -540,7 +543,7 @@ def _match_listed(node: fx.Node, x: Any, trace: _WeightTrace, op_k_dim: int, fou
     listed = listed_expert_key(trace.fqn or "")
     if listed is None or _weight_rank(trace) != 2:
         return _skip_2d(node, trace.fqn, _weight_rank(trace), skip)
-    x_shape = _shape(x)
+    x_shape = node_shape(x)
     if x_shape is not None and len(x_shape) != 2:
         return _skip_2d(node, trace.fqn, 2, skip, f"its input is {len(x_shape)}-D (moeq takes [rows, K] tokens)")
     dims = _map_dims(trace, 2)
@@ -611,7 +614,7 @@ def _classify_dense(node, weight_index, resolver, found, skip) -> None:
     return skip(node, f"weight {trace.failure}", None, "activation")
 
 
-def _classify_autograd_function(node: fx.Node, resolver: _ParamResolver, skip) -> None:
+def _classify_autograd_function(node: fx.Node, resolver: ParamResolver, skip) -> None:
     """An ``autograd.Function`` Dynamo kept as a higher-order op (megatron's linears, with grad enabled) that takes a
     parameter and that :mod:`moeq.passes.inline_functions` did not inline: its GEMM is inside the function's
     subgraph, which moeq does not rewrite; reported with the inliner's reason, never dropped."""

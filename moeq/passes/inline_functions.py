@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from moeq.passes.find import FUNCTION_INLINED_META, FUNCTION_KEPT_META, _fetch_attr, _ParamResolver, target_name
+from moeq.passes.find import FUNCTION_INLINED_META, FUNCTION_KEPT_META, ParamResolver, fetch_attr, target_name
 from moeq.state import listed_expert_key
 
 __all__ = ["inline_linear_functions"]
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 _APPLY = "autograd_function_apply"
 _MATMUL = {"torch.matmul", "method:matmul", "_operator.matmul", "torch.mm", "method:mm"}
-_T = {"method:t", "torch.t"}
+T_TARGETS = {"method:t", "torch.t"}
 _ADD = {"_operator.add", "torch.add", "method:add"}
 _SUM = {"method:sum", "torch.sum"}
 _CONTIGUOUS = {"method:contiguous"}
@@ -70,7 +70,7 @@ def _calls(gm: fx.GraphModule) -> list[fx.Node]:
 def _is_transpose_2d(node: Any) -> bool:
     if not isinstance(node, fx.Node):
         return False
-    if target_name(node) in _T:
+    if target_name(node) in T_TARGETS:
         return True
     return target_name(node) in {"method:transpose", "torch.transpose"} and tuple(node.args[1:]) in ((0, 1), (1, 0))
 
@@ -173,7 +173,7 @@ def _check_backward(
 
 
 def _linear_of(gm: fx.GraphModule, node: fx.Node) -> _Linear:
-    fwd, bwd = (_fetch_attr(gm, str(a.target)) for a in node.args[:2])
+    fwd, bwd = (fetch_attr(gm, str(a.target)) for a in node.args[:2])
     if not isinstance(fwd, fx.GraphModule) or not isinstance(bwd, fx.GraphModule):
         raise _NotLinear("its subgraphs are not available")
     if node.kwargs.get("non_differentiable_idx"):
@@ -187,7 +187,7 @@ def _linear_of(gm: fx.GraphModule, node: fx.Node) -> _Linear:
 
 def _inline(gm: fx.GraphModule, node: fx.Node, linear: _Linear) -> None:
     operands = node.args[2:]
-    fwd = _fetch_attr(gm, str(node.args[0].target))
+    fwd = fetch_attr(gm, str(node.args[0].target))
     matmul = next(n for n in fwd.graph.nodes if target_name(n) in _MATMUL)
     graph = gm.graph
     with graph.inserting_before(node):
@@ -210,7 +210,7 @@ def inline_linear_functions(gm: fx.GraphModule, example_inputs: list[Any] | None
     """Replace each ``autograd_function_apply`` on an expert weight of a module list that is exactly a linear
     (module doc) by its forward in place; the others get the reason in ``node.meta[FUNCTION_KEPT_META]``. Returns
     a description of each inlined Function."""
-    resolver = _ParamResolver(gm, example_inputs)
+    resolver = ParamResolver(gm, example_inputs)
     done = []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not target_name(node).endswith(_APPLY):
