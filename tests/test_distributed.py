@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from dist_harness import (
+    CONFIGS,
+    MODEL_KW,
     REFUSALS,
     Layout,
     build,
@@ -29,6 +31,7 @@ from dist_harness import (
     eval_batch,
     join_within,
     per_expert_params,
+    shard_experts,
     starve_experts,
     synthetic_finalize,
     worker,
@@ -287,6 +290,26 @@ def test_checkpoint_loads_in_one_process(runs: dict[str, Any], ckpt: str) -> Non
     _assert_loaded_output(logits, runs, Layout(), ckpt)
 
 
+def test_tp_checkpoint_loads_into_a_model_prepared_without_tp_sharding(runs: dict[str, Any]) -> None:
+    """The TP=2 checkpoint holds per-global-expert records, so the whole model prepared without ``tp_sharding`` (a
+    plain TP=1 job) loads it: the same per-expert parameters as the saving layout, and its logits."""
+    from moeq.integrations.hf import tiny_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = shard_experts(tiny_model("qwen3_moe", torch.float32, seed=0, **MODEL_KW), Layout(), 0, None)
+        moeq.prepare(model, CONFIGS["nvfp4"])  # build() less its tp_sharding
+        moeq.load_state(model, runs["ckpt"]["tp2"])
+        logits = compile_experts(model)(eval_batch()).logits.detach()
+        params = per_expert_params(model, Layout(), 0)
+    finally:
+        torch.set_num_threads(threads)
+    got = _global_params([{"params": params}], Layout())
+    _assert_same_params(got, _saved_params(runs, "tp2"), "EP=1 without tp_sharding loading tp2")
+    _assert_loaded_output(logits, runs, Layout(), "tp2")
+
+
 def test_collectives_per_finalize_do_not_grow_with_layers(runs: dict[str, Any]) -> None:
     """EP=2 x TP=2, 64 local (128 global) experts per GEMM: 2 vs 48 layers issue the same collectives."""
     ranks = _load(runs["dir"], "synthetic", Layout(ep=2, tp=2))
@@ -397,7 +420,9 @@ def test_checkpoint_of_a_model_with_a_convolution(tmp_path: Path) -> None:
 
 def test_checkpoint_mis_shaped(saved: Path) -> None:
     model = _fresh(num_experts=16)
-    with pytest.raises(CheckpointError, match=r"mis-shaped entry.*global_weight_shape.*\[8, 64, 64\].*\[16, 64, 64\]"):
+    with pytest.raises(
+        CheckpointError, match=r"entry differs from the model.*global_weight_shape.*\[8, 64, 64\].*\[16, 64, 64\]"
+    ):
         moeq.load_state(model, saved)
 
 

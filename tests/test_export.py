@@ -482,6 +482,26 @@ def test_refuses_expert_count_mismatch(workdir: Path, tmp_path: Path) -> None:
     assert _leftovers(tmp_path, "out") == []
 
 
+def test_refuses_tp_shards(workdir: Path, tmp_path: Path) -> None:
+    """A model prepared with ``tp_sharding`` holds tensor-parallel shards: export_hf, which writes whole tensors,
+    refuses it with the way out (no ``tp_group`` given, so nothing says this process holds whole weights), and
+    writes nothing."""
+    ex = _exported("qwen3_moe", "nvfp4", workdir)
+    state = moeq.quant_state(ex.model)["model.layers.0.mlp.experts.gate_up_proj"]
+    state.tp_shard = "column"
+    try:
+        with pytest.raises(ValueError) as err:
+            moeq.export_hf(ex.model, tmp_path / "out")
+    finally:
+        state.tp_shard = None
+    assert (
+        "['model.layers.0.mlp.experts.gate_up_proj'] are the weights of a model prepared with tp_sharding, so "
+        "tensor-parallel shards. Save the quant state (moeq.save_state), load it with moeq.load_state into the whole "
+        "model prepared without tp_sharding, and export that" in str(err.value)
+    )
+    assert _leftovers(tmp_path, "out") == []
+
+
 def test_refuses_unfinalized_model(tmp_path: Path) -> None:
     model = tiny_model("qwen3_moe", torch.bfloat16, seed=0, **LAYERS)
     moeq.prepare(model, moeq.NVFP4)

@@ -16,7 +16,7 @@ Stored with ``torch.distributed.checkpoint`` in global form, so the saving layou
 NVFP4 per-block amaxes are not stored: they are a function of the weights (the kernels compute block
 scales from the live weight), so ``load_state`` recomputes them from this rank's shard.
 
-``load_state`` checks the whole checkpoint against the model first (missing, extra and mis-shaped entries,
+``load_state`` checks the whole checkpoint against the model first (missing, extra and differing entries,
 another config) and raises one error listing every problem, on every rank alike; it reads into fresh
 tensors and only then copies into the quant state, so a failed load changes nothing.
 """
@@ -149,6 +149,10 @@ def _config_dict(config: QuantConfig) -> dict[str, Any]:
     return out
 
 
+#: layer metadata that says how the saving ranks held the weight, not what it is: the records are per global expert
+#: and channel, so a checkpoint saved from TP shards loads into a model prepared without ``tp_sharding`` and back
+_SAVING_LAYOUT_ONLY = ("tp_shard",)
+
 #: QuantConfig fields that say how statistics were gathered, not what the quantized model computes: a checkpoint
 #: loads into a model prepared with other values of them
 _CALIBRATION_ONLY = ("calib",)
@@ -234,7 +238,7 @@ def load_state(
     """Load a checkpoint written by :func:`save_state` under any EP / TP layout into ``model`` (every rank
     of ``process_group``, default the whole job, calls it).
 
-    Raises :class:`CheckpointError` listing every missing, extra or mis-shaped entry (and a config that
+    Raises :class:`CheckpointError` listing every missing, extra or differing entry (and a config that
     differs from the model's), changing nothing. Returns the quant state, finalized if the saved one was.
     """
     state = get_state(model)
@@ -279,11 +283,13 @@ def load_state(
         if extra:
             errors.append(f"extra expert weights (in the checkpoint, not in the model): {extra}")
         for fqn in sorted(set(expected) & set(saved_layers)):
-            if saved_layers[fqn] != expected[fqn]:
-                diff = {
-                    k: (saved_layers[fqn].get(k), v) for k, v in expected[fqn].items() if saved_layers[fqn].get(k) != v
-                }
-                errors.append(f"{fqn}: mis-shaped entry, (checkpoint, model) = {diff}")
+            diff = {
+                k: (saved_layers[fqn].get(k), v)
+                for k, v in expected[fqn].items()
+                if k not in _SAVING_LAYOUT_ONLY and saved_layers[fqn].get(k) != v
+            }
+            if diff:
+                errors.append(f"{fqn}: entry differs from the model, (checkpoint, model) = {diff}")
         tensor_keys = {k for k, v in entries.items() if isinstance(v, TensorStorageMetadata)}
         want: dict[str, list[int]] = {}
         for fqn, meta in expected.items():

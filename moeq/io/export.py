@@ -428,7 +428,8 @@ def export_hf(
 
     ``format``: ``"modelopt"`` or ``"compressed-tensors"``. ``ep_group``: the expert-parallel process group
     when each rank's model holds ``E_local`` experts (``out_dir`` must be on a file system all ranks see);
-    TP-sharded expert weights (``tp_group`` of size > 1) are refused: reload the state under TP=1 first.
+    TP-sharded expert weights (a model prepared with ``tp_sharding``, unless ``tp_group`` has size 1) are refused:
+    reload the state under TP=1 first.
     ``tokenizer``: saved alongside (else tokenizer files are copied from ``config._name_or_path`` when it is
     a local directory). Raises ValueError naming the layer and expert for zero / NaN / inf scales,
     uncalibrated experts without a fallback, or an expert count that disagrees with the config; nothing is
@@ -438,10 +439,13 @@ def export_hf(
         raise ValueError(f"export_hf: format={format!r} is not one of {list(FORMATS)}")
     state = get_state(model)
     sharded = sorted(fqn for fqn, s in state.items() if s.tp_shard is not None)
-    if sharded and tp_group is not None and _Comm(tp_group).size > 1:
+    if sharded and (tp_group is None or _Comm(tp_group).size > 1):
+        held = "this rank's" if tp_group is not None else "the weights of a model prepared with tp_sharding, so"
         raise ValueError(
-            f"export_hf writes whole expert tensors; {sharded[:2]} are tensor-parallel shards. Gather the TP "
-            "shards (or load the quant state with moeq.load_state into a TP=1 layout) before exporting"
+            f"export_hf writes whole expert tensors; {sharded[:2]} are {held} tensor-parallel shards. Save the quant "
+            "state (moeq.save_state), load it with moeq.load_state into the whole model prepared without "
+            "tp_sharding, and export that (a process that holds whole weights despite tp_sharding passes a "
+            "tp_group of size 1)"
         )
     hf_model = state._root
     out_dir = Path(out_dir).absolute()
