@@ -41,16 +41,17 @@ def _mode_guard(module: nn.Module, args: Any) -> tuple[Any, ...] | None:
     makes Dynamo guard on its value and on the model's config: a mode change recompiles the graph (statistics
     live on the model), and so does another prepared model under another config or lowering switches
     (:func:`~moeq.lowering.inductor.check_compile_switches`). Run eagerly (not traced), it
-    warns once per mode that the expert GEMMs are not quantized there. Traced outside mode "off", it passes the
-    first input through ``moeq::expert_module_entry``, which the moeq backends remove and which warns where another
-    backend compiled the graph (those run the expert GEMMs unquantized too)."""
+    warns once per mode that the expert GEMMs are not quantized there. Traced outside mode "off" (and outside
+    ``torch.export``), it puts the side-effect marker ``moeq::expert_module_entry`` into the graph, which the moeq
+    backends remove and which warns where another backend compiled the graph (those run the expert GEMMs unquantized
+    too)."""
     mode = module._moeq_mode
     mode.check()
     check_compile_switches()
     if not torch.compiler.is_compiling():
         mode.warn_eager(type(module).__name__)
-    elif mode.value != "off" and args and isinstance(args[0], torch.Tensor):
-        return (torch.ops.moeq.expert_module_entry(args[0], type(module).__name__, mode.value), *args[1:])
+    elif mode.value != "off" and not torch.compiler.is_exporting():
+        torch.ops.moeq.expert_module_entry(type(module).__name__, mode.value)
     return None
 
 

@@ -161,11 +161,15 @@ _dataclass_init = QuantConfig.__init__
 
 @functools.wraps(_dataclass_init)
 def _init_naming_unknown_keys(self: QuantConfig, *args: Any, **kwargs: Any) -> None:
-    """The dataclass ``__init__``, whose ``TypeError`` for a misspelt keyword also names the field it meant."""
-    message = _unknown_keys_message(kwargs)
-    if message:
-        raise TypeError(message)
-    _dataclass_init(self, *args, **kwargs)
+    """The dataclass ``__init__``, whose ``TypeError`` for a misspelt keyword also names the field it meant. The
+    keys are looked at only once the dataclass ``__init__`` has failed, so Dynamo traces a valid call as it is."""
+    try:
+        _dataclass_init(self, *args, **kwargs)
+    except TypeError as error:
+        message = _unknown_keys_message(kwargs)
+        if message:
+            raise TypeError(message) from error
+        raise
 
 
 QuantConfig.__init__ = _init_naming_unknown_keys  # type: ignore[method-assign]

@@ -14,9 +14,16 @@ from tqdm import tqdm
 
 import moeq
 from moeq.config import CALIB_MODES, PRESETS
-from moeq.integrations.hf import TINY_FAMILIES, tiny_model
+from moeq.integrations.hf import TINY_FAMILIES, TINY_FAMILIES_BF16_ONLY, tiny_model
 
 __all__ = ["main", "run_quickstart"]
+
+
+def default_dtype(family: str, device: str) -> torch.dtype:
+    """bf16 on CUDA and for the families whose experts are per-expert loops (``torch._grouped_mm``, which moeq
+    rewrites them into, takes bf16 only); float32 otherwise, where the CPU reference path is exact to compare."""
+    bf16 = device.startswith("cuda") or family in TINY_FAMILIES_BF16_ONLY
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def run_quickstart(
@@ -31,9 +38,10 @@ def run_quickstart(
     """Prepare, compile, calibrate and finalize a tiny ``family`` MoE, then print ``moeq.explain`` and the output
     error against the unquantized model. On ``device="cuda"`` the model runs in bf16 and the expert GEMMs run moeq's
     Triton kernels (the report's lowering section says which); on the CPU (float32) each moeq op runs its torch
-    reference. ``dtype`` overrides that choice (bf16 on the CPU: the models whose experts are per-expert loops)."""
+    reference, except for the families whose experts are per-expert loops (``TINY_FAMILIES_BF16_ONLY``), which run in
+    bf16 as ``torch._grouped_mm`` needs. ``dtype`` overrides that choice."""
     torch.manual_seed(seed)
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = dtype or default_dtype(family, device)
     model = tiny_model(family, dtype, seed=seed).to(device)
     vocab = model.config.vocab_size
     calib = [torch.randint(0, vocab, (4, 32), device=device) for _ in range(batches)]
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         help="cpu (float32, the torch reference of each moeq op; default) or cuda (bf16, moeq's Triton kernels)",
     )
     parser.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on the CPU, bfloat16 on CUDA"
+        "--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on the CPU (bfloat16 for per-expert-loop families), bfloat16 on CUDA"
     )
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -68,8 +68,10 @@ def segment_amax(
         num = x.shape[expert_dim]
         if num != num_experts:
             raise ValueError(f"batched expert input has {num} experts along dim {expert_dim}, expected {num_experts}")
+        if num == 0:
+            return torch.zeros(0, device=x.device), torch.zeros(0, device=x.device, dtype=torch.int64)
         xe = x.detach().movedim(expert_dim, 0)
-        per_expert = xe[0].numel() if num else 0
+        per_expert = xe[0].numel()
         flat = xe.reshape(num, per_expert).float()
         amax = flat.abs().amax(dim=1) if per_expert else torch.zeros(num, device=x.device)
         amax = torch.where(flat.isnan().any(dim=1), torch.full_like(amax, float("nan")), amax)

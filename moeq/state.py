@@ -243,6 +243,14 @@ def _module_key(fqn: str) -> str:
     return fqn.replace(".", "__")
 
 
+# what running a prepared module outside a moeq-rewritten graph means, per calibration mode (for the warnings)
+UNQUANTIZED_CONSEQUENCE = {
+    "calibrate": "its expert GEMMs are not observed",
+    "quantize": "its expert GEMMs run unquantized",
+    "deploy": "its expert weights are freeze()'s zero stand-ins, so the output is wrong",
+}
+
+
 class ModeBox:
     """A plain holder of the current mode and of the model's config (as its repr). Modules that own expert
     weights read both in a forward pre-hook, so Dynamo guards on them: a mode change recompiles the graph
@@ -267,11 +275,7 @@ class ModeBox:
         if self.value == "off" or self.value in self.warned_eager:
             return
         self.warned_eager.add(self.value)
-        consequence = {
-            "calibrate": "its expert GEMMs are not observed",
-            "quantize": "its expert GEMMs run unquantized",
-            "deploy": "its expert weights are freeze()'s zero stand-ins, so the output is wrong",
-        }[self.value]
+        consequence = UNQUANTIZED_CONSEQUENCE[self.value]
         logger.warning(
             "moeq: %s ran eagerly in mode %r: %s. Only graphs compiled with backend='moeq' (or rewritten by "
             "moeq.quantize_graph) quantize; did Dynamo fall back to eager (torch._dynamo.config.recompile_limit "

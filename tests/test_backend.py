@@ -259,7 +259,8 @@ def test_eager_run_of_a_prepared_model_warns_once_per_mode(caplog):
 def test_graph_of_another_backend_warns_once_per_mode(caplog, monkeypatch):
     """A finalized model compiled with another backend (here aot_eager) runs its expert GEMMs unquantized: it says
     so once, naming the module, the mode and what to do; the moeq backends' graphs carry no trace of the marker
-    that warns (Inductor's code on the CPU calls no moeq.expert_module_entry)."""
+    that warns (Inductor's code on the CPU calls no moeq.expert_module_entry). The marker takes no tensor, so the
+    other backend's graph computes what the eager model computes."""
     from torch._inductor.utils import run_and_get_code
 
     from moeq.lowering import ops
@@ -274,14 +275,54 @@ def test_graph_of_another_backend_warns_once_per_mode(caplog, monkeypatch):
         assert "backend other than" not in caplog.text
         torch._dynamo.reset()
         other = torch.compile(model, backend="aot_eager")
+        out = other(tokens).logits
         other(tokens)
-        other(tokens)
+        eager = model(tokens).logits
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
     warnings = [r.getMessage() for r in caplog.records if "backend other than" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert (
         "Qwen3MoeExperts ran in mode 'quantize' inside a graph compiled by a backend other than 'moeq': its expert "
         "GEMMs run unquantized. Compile the prepared model with torch.compile(model, backend='moeq')"
     ) in warnings[0]
+
+
+def test_expert_module_inside_a_checkpoint_subgraph_warns(caplog):
+    """moeq rewrites the top-level graph only: an experts module that Dynamo traces into the body of
+    torch.utils.checkpoint (a higher-order op's subgraph) is not quantized, and compiling says so, naming the module
+    and the subgraph, instead of leaving a silent gap (explain then lists no expert GEMM)."""
+    import torch.utils.checkpoint as checkpoint
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            return checkpoint.checkpoint(self.inner, hidden, use_reentrant=False)
+
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5, num_hidden_layers=1), moeq.FP8)
+    layer = model.model.layers[0]
+    layer.mlp = Checkpointed(layer.mlp)
+    compiled = torch.compile(model, backend="moeq_aot_eager")
+    with caplog.at_level("WARNING", logger="moeq"), moeq.calibrate(compiled):
+        compiled(make_tokens(seed=1))
+    assert (
+        "Qwen3MoeExperts runs inside the subgraph 'wrap_body_0' (torch.utils.checkpoint or another higher-order op): "
+        "moeq rewrites the top-level graph only, so its expert GEMMs are not quantized there"
+    ) in caplog.text
+    assert "0 expert GEMMs rewritten" in str(moeq.explain(compiled))
+
+
+def test_torch_export_carries_no_marker():
+    """torch.export of a prepared model outside mode "off" gets no moeq::expert_module_entry: an exported program is
+    a deployable artifact, and quantize_graph needs no marker to rewrite it."""
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5, num_hidden_layers=1), moeq.FP8)
+    with moeq.calibrate(model):
+        program = torch.export.export(model, (make_tokens(seed=1),), kwargs={"use_cache": False})
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.mm.default" in targets or "aten.linear.default" in targets, sorted(targets)
+    assert not [t for t in targets if "expert_module_entry" in t], sorted(targets)
 
 
 @pytest.mark.parametrize("freeze", [False, True], ids=["qat", "deploy"])

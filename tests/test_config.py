@@ -71,6 +71,20 @@ def test_constructor_misspelled_keyword_names_the_field():
         QuantConfig(weight="fp8", activation="fp8", act_scales="token")
 
 
+def test_constructor_traces_in_a_compiled_function():
+    """Building a QuantConfig inside a compiled function traces (fullgraph): the misspelt-keyword check runs only
+    once the dataclass constructor has failed, so a valid call is the plain dataclass ``__init__`` to Dynamo."""
+    import torch
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        cfg = QuantConfig(weight="fp8", activation="fp8", act_scale="token")
+        return x * (2.0 if cfg.act_scale == "token" else 3.0)
+
+    torch._dynamo.reset()
+    assert torch.equal(scaled(torch.ones(3)), torch.full((3,), 2.0))
+
+
 def test_w4a8_allowed():
     """nvfp4 weights with fp8 activations are a valid combination."""
     cfg = QuantConfig(weight="nvfp4", activation="fp8")

@@ -104,6 +104,20 @@ def test_demo_command_passes_its_options_to_the_quickstart(monkeypatch):
     assert kwargs == {"device": "cpu", "dtype": None}
 
 
+def test_demo_runs_per_expert_loop_families_in_bf16():
+    """The demo's default dtype: float32 on the CPU, except for families whose experts are per-expert loops (moeq
+    rewrites those into torch._grouped_mm, which takes bf16 only, so `moeq demo --family jetmoe` would otherwise end
+    in finalize's refusal); bf16 on CUDA. The listed families really have no grouped_mm experts implementation."""
+    from moeq.demo import default_dtype
+    from moeq.integrations.hf import TINY_FAMILIES_BF16_ONLY, use_grouped_experts
+
+    assert default_dtype("qwen3_moe", "cpu") == torch.float32
+    assert default_dtype("qwen3_moe", "cuda") == torch.bfloat16
+    for family in TINY_FAMILIES_BF16_ONLY:
+        assert default_dtype(family, "cpu") == torch.bfloat16
+        assert not use_grouped_experts(tiny_model(family, torch.bfloat16, num_hidden_layers=1)), family
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_demo_command_refuses_cuda_without_a_device(capsys):
     """`moeq demo --device cuda` on a CPU-only torch ends in the usage error naming the option, not a traceback."""

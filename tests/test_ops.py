@@ -161,11 +161,13 @@ def test_segment_amax_nan_only_its_expert():
 
 
 def test_segment_amax_zero_rows():
-    """Zero rows give zero amax and zero counts for every expert."""
+    """Zero rows give zero amax and zero counts for every expert; zero batched experts give empty results."""
     amax, n = segment_amax(torch.zeros(0, 8), offs_of([0, 0, 0]), 3)
     assert amax.tolist() == [0.0, 0.0, 0.0] and n.tolist() == [0, 0, 0]
     amax, n = segment_amax(torch.zeros(2, 0, 8), None, 2)
     assert amax.tolist() == [0.0, 0.0] and n.tolist() == [0, 0]
+    amax, n = segment_amax(torch.zeros(0, 4, 8), None, 0)
+    assert amax.shape == (0,) and n.shape == (0,) and n.dtype == torch.int64
 
 
 @pytest.mark.parametrize("expert_dim", [0, 1])

@@ -17,6 +17,7 @@ from torch import nn
 __all__ = [
     "TINY_COMMON",
     "TINY_FAMILIES",
+    "TINY_FAMILIES_BF16_ONLY",
     "expert_parameter_names",
     "is_module_list_moe_block",
     "is_routed_experts_module",
@@ -131,6 +132,10 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         ),
     ),
 }
+
+#: families whose experts are per-expert loops: moeq rewrites them into ``torch._grouped_mm``, which takes bf16 only,
+#: so they quantize when run in bf16
+TINY_FAMILIES_BF16_ONLY = frozenset({"jetmoe"})
 
 
 def use_grouped_experts(model: nn.Module) -> bool:

@@ -30,6 +30,7 @@ from moeq.formats import (
     token_amax,
 )
 from moeq.segments import check_offsets, per_row_amax, segment_amax
+from moeq.state import UNQUANTIZED_CONSEQUENCE
 
 logger = logging.getLogger(__name__)
 
@@ -589,19 +590,14 @@ _register_cuda_kernels()
 
 _WARNED_OUTSIDE: set[tuple[str, str]] = set()
 
-_OUTSIDE_CONSEQUENCE = {
-    "calibrate": "its expert GEMMs are not observed",
-    "quantize": "its expert GEMMs run unquantized",
-    "deploy": "its expert weights are freeze()'s zero stand-ins, so the output is wrong",
-}
-
 
 @torch.library.custom_op("moeq::expert_module_entry", mutates_args=())
-def expert_module_entry(x: Tensor, module: str, mode: str) -> Tensor:
-    """Identity on the first input of a prepared module with expert weights, put into every graph Dynamo traces
-    outside mode "off" (:func:`moeq.api.prepare`'s pre-hook). The ``moeq`` backends and ``quantize_graph`` remove it
-    before rewriting; it runs only in a graph that another backend compiled, and then warns once per module class
-    and mode that nothing there is quantized."""
+def expert_module_entry(module: str, mode: str) -> None:
+    """Marks where a prepared module with expert weights starts, in every graph Dynamo traces outside mode "off"
+    (:func:`moeq.api.prepare`'s pre-hook). It takes no tensor, so it changes nothing about the graph's data flow
+    (in-place ops, DTensors and aliasing are untouched), and it is registered as a side effect so that no dead-code
+    pass drops it. The ``moeq`` backends and ``quantize_graph`` remove it before rewriting; it runs only in a graph
+    that another backend compiled, and then warns once per module class and mode that nothing there is quantized."""
     if (module, mode) not in _WARNED_OUTSIDE:
         _WARNED_OUTSIDE.add((module, mode))
         logger.warning(
@@ -610,29 +606,47 @@ def expert_module_entry(x: Tensor, module: str, mode: str) -> Tensor:
             "graph with moeq.quantize_graph",
             module,
             mode,
-            _OUTSIDE_CONSEQUENCE.get(mode, "it is not quantized"),
+            UNQUANTIZED_CONSEQUENCE.get(mode, "it is not quantized"),
         )
-    return x.clone()
 
 
 @expert_module_entry.register_fake
-def _(x: Tensor, module: str, mode: str) -> Tensor:
-    return torch.empty_like(x)
+def _(module: str, mode: str) -> None:
+    return None
 
 
-expert_module_entry.register_autograd(lambda ctx, grad: (grad, None, None))
+torch.fx.node.has_side_effect(torch.ops.moeq.expert_module_entry)
+torch.fx.node.has_side_effect(torch.ops.moeq.expert_module_entry.default)
+
+_ENTRY_TARGETS = (torch.ops.moeq.expert_module_entry, torch.ops.moeq.expert_module_entry.default)
 
 
 def remove_expert_module_entries(gm: torch.fx.GraphModule) -> int:
-    """Drop every :func:`expert_module_entry` of ``gm`` (its uses read its input again); returns how many."""
-    targets = (torch.ops.moeq.expert_module_entry, torch.ops.moeq.expert_module_entry.default)
-    marks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
-    for node in marks:
-        node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
-    if marks:
-        gm.recompile()
-    return len(marks)
+    """Drop every :func:`expert_module_entry` of ``gm`` and of its subgraphs; returns how many were in ``gm`` itself.
+
+    A marker inside a subgraph (the body of ``torch.utils.checkpoint`` or another higher-order op) means a prepared
+    module ran there: moeq rewrites the top-level graph only, so that module's expert GEMMs are not quantized, and
+    this warns, naming the module and the subgraph."""
+    top = 0
+    for name, sub in gm.named_modules():
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        marks = [n for n in sub.graph.nodes if n.op == "call_function" and n.target in _ENTRY_TARGETS]
+        for node in marks:
+            if sub is not gm:
+                logger.warning(
+                    "moeq: %s runs inside the subgraph %r (torch.utils.checkpoint or another higher-order op): moeq "
+                    "rewrites the top-level graph only, so its expert GEMMs are not quantized there. Turn off "
+                    "activation checkpointing around expert modules (e.g. model.gradient_checkpointing_disable()) "
+                    "or apply it outside the compiled region",
+                    node.args[0],
+                    name,
+                )
+            sub.graph.erase_node(node)
+        if marks:
+            sub.recompile()
+        top += len(marks) if sub is gm else 0
+    return top
 
 
 # the fused grouped GEMM op (moeq::grouped_qmm) and the MoE combine (moeq::combine_experts) live in their own
