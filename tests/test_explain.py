@@ -166,7 +166,7 @@ def test_report_says_how_the_backend_lowers_the_gemms():
     assert labels == ["forward", "activations", "training", "combine"], section
     assert all(len(line) <= 116 for line in section[1:]), section  # wrapped to the width of the tables
     text = explain_text(cm)
-    assert "Lowering by backend='moeq', fusion 'auto', on CUDA" in text
+    assert "Lowering by backend='moeq' (Inductor), fusion 'auto', on CUDA" in text
     assert "forward: one moeq::grouped_qmm Triton kernel per expert GEMM up to 16 mean routed rows" in text
     assert "above, an activation fake-quant pass and, up to 320 on sm_90, the warp-specialized Gluon kernel" in text
     assert "a zero's sign aside" in text

@@ -37,8 +37,11 @@ def lowering_lines(mode: str, config: QuantConfig, module_lists: bool, width: in
                 "stored weight dequantized after freeze)",
             )
         )
-    lines = [f"Lowering by backend='moeq', fusion '{fusion_policy()}', on CUDA (on the CPU each moeq op runs its torch "
-             "reference):"]  # fmt: skip
+    header = (
+        f"Lowering by backend='moeq' (Inductor), fusion '{fusion_policy()}', on CUDA (on the CPU each moeq op runs its "
+        "torch reference; backend='moeq_aot_eager' runs the rewritten graph's ops unfused):"
+    )
+    lines = textwrap.wrap(header, width=width, break_on_hyphens=False)
     for label, text in parts:
         if text:
             lines.append(
