@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         help="cpu (float32, the torch reference of each moeq op; default) or cuda (bf16, moeq's Triton kernels)",
     )
     parser.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on the CPU (bfloat16 for per-expert-loop families), bfloat16 on CUDA"
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="default: float32 on the CPU (bfloat16 for per-expert-loop families), bfloat16 on CUDA",
     )
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
