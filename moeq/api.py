@@ -20,6 +20,7 @@ from moeq.lowering.describe import lowering_lines
 from moeq.lowering.inductor import check_compile_switches
 from moeq.lowering.ops import remove_expert_module_entries
 from moeq.passes.explain import Explanation
+from moeq.passes.inline_checkpoint import inline_checkpointed_experts
 from moeq.passes.insert_qdq import rewrite_graph
 from moeq.state import (
     ModelQuantState,
@@ -236,6 +237,7 @@ def quantize_graph(gm: Any, config: QuantConfig | None = None) -> fx.GraphModule
         object.__setattr__(gm, "_moeq_state", state)
     else:
         state = attach_state(gm, config or NVFP4)
+    inline_checkpointed_experts(gm)
     remove_expert_module_entries(gm)
     rewrite_graph(gm, state, None, kind=kind)
     return gm

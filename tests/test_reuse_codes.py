@@ -103,12 +103,24 @@ def test_fp8_block_runs_deploy_kernels_on_the_codes():
         assert grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
 
 
+def bf16_gemm_rounds_as_fp32() -> bool:
+    """Whether this CPU's bf16 GEMM gives the fp32 product rounded to bf16 (AVX-512 CPUs do; AVX2-only ones sum in
+    another order and differ in a few elements)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(256, 256, generator=g).bfloat16() for _ in range(2))
+    return torch.equal(a @ b, (a.float() @ b.float()).bfloat16())
+
+
 @pytest.mark.parametrize("cfg_name", ["FP8", "NVFP4"])
 def test_dequantized_copies_feed_the_gemms_that_read_16_bit_weights(cfg_name):
     """``dequantized=True``: each weight's dequant is computed once per block too. FP8: the dgrad multiplies that
     copy (``torch._grouped_mm``) instead of dequantizing the codes per micro-batch, while the forward stays the
     fused FP8 GEMM on the codes; NVFP4: every expert GEMM reads the copy, and no graph dequantizes. Gradients are
-    the block-free ones bit for bit; the report counts the copy's bytes."""
+    the block-free ones bit for bit; the report counts the copy's bytes.
+
+    FP8's block-free dgrad is the CPU reference GEMM (an fp32 product rounded to bf16), the copy's is a bf16
+    ``torch._grouped_mm``: where this CPU's bf16 GEMM rounds otherwise (AVX2-only CPUs, e.g. AMD EPYC), a few
+    gradient elements differ by at most a bf16 step of the tensor's scale. On CUDA both are the same GEMM."""
     model, cm, tokens = _finalized(cfg_name)
     with combine_fusion(False):
         _, grads_a, _ = _accumulate(model, cm, tokens, reuse=False, micro_batches=2)
@@ -123,8 +135,14 @@ def test_dequantized_copies_feed_the_gemms_that_read_16_bit_weights(cfg_name):
         assert len(fused) == layers and len(plain) == layers, code  # forward on the codes, dgrad on the copy
     else:
         assert not fused and len(plain) == 2 * layers, code
+    exact = cfg_name == "NVFP4" or bf16_gemm_rounds_as_fp32()
     for name, grad in grads_a.items():
-        assert grad.abs().sum() > 0 and torch.equal(grad, grads_b[name]), name
+        assert grad.abs().sum() > 0, name
+        if exact:
+            assert torch.equal(grad, grads_b[name]), name
+        else:
+            diff = (grad.float() - grads_b[name].float()).abs()
+            assert diff.max() <= 2**-7 * grad.float().abs().max() and (diff > 0).float().mean() < 0.01, name
         weight = model.get_parameter(name)
         assert report.reused[name] > weight.numel() * weight.element_size(), name
 

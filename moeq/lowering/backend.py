@@ -16,6 +16,7 @@ from torch import fx
 
 from moeq.lowering.ops import remove_expert_module_entries
 from moeq.passes.find import find_expert_gemms
+from moeq.passes.inline_checkpoint import inline_checkpointed_experts
 from moeq.passes.insert_qdq import LiftedBuffer, rewrite_graph
 from moeq.state import ExpertQuantState, ModelQuantState, is_listed_key, listed_expert_key, owner_of
 
@@ -112,6 +113,7 @@ def _copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _compile(gm: fx.GraphModule, example_inputs: list[Any], compiler: Any) -> Any:
     gm = _copy_dynamo_graph(gm)
+    inline_checkpointed_experts(gm)
     remove_expert_module_entries(gm)
     lifted = _rewrite(gm, example_inputs)
     extra = [getattr(buf.state, buf.name) for buf in lifted]

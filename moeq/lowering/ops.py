@@ -41,6 +41,7 @@ __all__ = [
     "fake_quant_weight",
     "fake_quant_weight_from_codes",
     "grouped_wgrad_ste",
+    "EXPERT_MODULE_ENTRY_TARGETS",
     "expert_module_entry",
     "remove_expert_module_entries",
     "observe_segments_",
@@ -618,27 +619,29 @@ def _(module: str, mode: str) -> None:
 torch.fx.node.has_side_effect(torch.ops.moeq.expert_module_entry)
 torch.fx.node.has_side_effect(torch.ops.moeq.expert_module_entry.default)
 
-_ENTRY_TARGETS = (torch.ops.moeq.expert_module_entry, torch.ops.moeq.expert_module_entry.default)
+#: the marker's targets in a Dynamo graph (the overload packet) and in an AOT / exported one
+EXPERT_MODULE_ENTRY_TARGETS = (torch.ops.moeq.expert_module_entry, torch.ops.moeq.expert_module_entry.default)
 
 
 def remove_expert_module_entries(gm: torch.fx.GraphModule) -> int:
     """Drop every :func:`expert_module_entry` of ``gm`` and of its subgraphs; returns how many were in ``gm`` itself.
 
-    A marker inside a subgraph (the body of ``torch.utils.checkpoint`` or another higher-order op) means a prepared
-    module ran there: moeq rewrites the top-level graph only, so that module's expert GEMMs are not quantized, and
-    this warns, naming the module and the subgraph."""
+    A marker still inside a subgraph (a higher-order op's body that :mod:`moeq.passes.inline_checkpoint` did not
+    inline: selective activation checkpointing, ``torch.cond``, a nested checkpoint) means a prepared module ran
+    there that moeq does not rewrite, so that module's expert GEMMs are not quantized, and this warns, naming the
+    module and the subgraph."""
     top = 0
     for name, sub in gm.named_modules():
         if not isinstance(sub, torch.fx.GraphModule):
             continue
-        marks = [n for n in sub.graph.nodes if n.op == "call_function" and n.target in _ENTRY_TARGETS]
+        marks = [n for n in sub.graph.nodes if n.op == "call_function" and n.target in EXPERT_MODULE_ENTRY_TARGETS]
         for node in marks:
             if sub is not gm:
                 logger.warning(
-                    "moeq: %s runs inside the subgraph %r (torch.utils.checkpoint or another higher-order op): moeq "
-                    "rewrites the top-level graph only, so its expert GEMMs are not quantized there. Turn off "
-                    "activation checkpointing around expert modules (e.g. model.gradient_checkpointing_disable()) "
-                    "or apply it outside the compiled region",
+                    "moeq: %s runs inside the subgraph %r (selective activation checkpointing with a context_fn, a "
+                    "nested checkpoint or another higher-order op): moeq rewrites the top-level graph and the bodies "
+                    "of plain torch.utils.checkpoint regions only, so its expert GEMMs are not quantized there. Use "
+                    "plain activation checkpointing (no context_fn) around expert modules, or none",
                     node.args[0],
                     name,
                 )

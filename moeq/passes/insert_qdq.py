@@ -20,6 +20,7 @@ from moeq.formats import FLOAT_DTYPES, get_format
 from moeq.passes.canonicalize import canonicalize_expert_loops
 from moeq.passes.explain import GraphReport, RewrittenGemm
 from moeq.passes.find import ExpertGemm, SkippedCandidate, find_expert_gemms, target_name
+from moeq.passes.inline_checkpoint import tag_inserted_nodes
 from moeq.passes.inline_functions import inline_linear_functions
 from moeq.segments import single_expert_offsets
 from moeq.state import CODES_BUFFERS, ExpertQuantState, ModelQuantState
@@ -237,7 +238,9 @@ def rewrite_graph(
     """Find + insert on one graph. The report is stored on ``state`` for ``explain()`` and returned with
     the lifted state buffers (see :func:`insert_qdq`). Autograd Functions that are exactly a linear on an expert weight
     are first inlined (:func:`moeq.passes.inline_functions.inline_linear_functions`) and whole per-expert loops
-    rewritten into one grouped GEMM (:func:`moeq.passes.canonicalize.canonicalize_expert_loops`)."""
+    rewritten into one grouped GEMM (:func:`moeq.passes.canonicalize.canonicalize_expert_loops`). Nodes added inside
+    an inlined activation-checkpoint region join it (:func:`moeq.passes.inline_checkpoint.tag_inserted_nodes`)."""
+    before = set(gm.graph.nodes)
     inline_linear_functions(gm, example_inputs)
     canonicalize_expert_loops(gm, example_inputs)
     records, skipped = find_expert_gemms(gm, example_inputs)
@@ -265,6 +268,7 @@ def rewrite_graph(
         for r in kept
     ]
     lifted = insert_qdq(gm, kept, state, lift_state)
+    tag_inserted_nodes(gm, before)
     report = GraphReport(kind=kind, rewritten=report_rows, skipped=skipped)
     state.reports[report.signature()] = report
     logger.info(
