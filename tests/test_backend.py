@@ -308,7 +308,7 @@ def _qat_step(gradient_checkpointing: bool) -> tuple[torch.Tensor, dict[str, tor
     """A calibrated NVFP4 Qwen3-MoE (with Hugging Face's gradient checkpointing of each decoder layer, or without)
     compiled with moeq_aot_eager, one training step: the loss, the gradients, the bytes saved for backward and the
     explain report."""
-    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5, num_hidden_layers=2), moeq.NVFP4)
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5, num_hidden_layers=1), moeq.NVFP4)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compiled = torch.compile(model, backend="moeq_aot_eager")
@@ -335,13 +335,13 @@ def test_checkpointed_expert_modules_are_rewritten_and_recomputed():
     tag_activation_checkpoint subgraph; Dynamo needs skip_fwd_side_effects_in_bwd_under_checkpoint for the output
     recorder transformers mutates there) has its expert GEMMs rewritten like any other: moeq inlines the region with
     AOTAutograd's recompute tags, and its quantizer nodes join the region. The QAT step's loss and every gradient
-    equal the same model's without checkpointing, and the forward saves less for backward: 0.48x measured (the
-    regions are recomputed; 0.82x when moeq's own nodes are left out of the regions)."""
+    equal the same model's without checkpointing, and the forward saves less for backward: 0.52x measured (the
+    region is recomputed; 0.83x when moeq's own nodes are left out of the region)."""
     plain_loss, plain_grads, plain_saved, _ = _qat_step(False)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
         loss, grads, saved, report = _qat_step(True)
-    assert "4 expert GEMMs rewritten" in str(report)
+    assert "2 expert GEMMs rewritten" in str(report)
     assert torch.equal(loss, plain_loss)
     assert grads.keys() == plain_grads.keys()
     for name, grad in grads.items():
