@@ -279,7 +279,8 @@ class ModeBox:
         logger.warning(
             "moeq: %s ran eagerly in mode %r: %s. Only graphs compiled with backend='moeq' (or rewritten by "
             "moeq.quantize_graph) quantize; did Dynamo fall back to eager (torch._dynamo.config.recompile_limit "
-            "reached, or an error suppressed)?",
+            "reached, an error suppressed, or Hugging Face gradient checkpointing, which Dynamo traces only with "
+            "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True and use_cache=False)?",
             module,
             self.value,
             consequence,

@@ -349,6 +349,20 @@ def test_checkpointed_expert_modules_are_rewritten_and_recomputed():
     assert saved < 0.75 * plain_saved, (saved, plain_saved)
 
 
+def test_gradient_checkpointing_fallback_warning_names_the_dynamo_switch(caplog):
+    """Without skip_fwd_side_effects_in_bwd_under_checkpoint, Dynamo falls back to eager for Hugging Face's
+    checkpointed layers (transformers mutates an output recorder inside them): the experts run unquantized, and the
+    warning names the switch that lets Dynamo trace them."""
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5, num_hidden_layers=1), moeq.FP8)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    compiled = torch.compile(model, backend="moeq_aot_eager")
+    with caplog.at_level("WARNING", logger="moeq"), moeq.calibrate(compiled):
+        compiled(make_tokens(seed=1), use_cache=False)
+    assert "Qwen3MoeExperts ran eagerly in mode 'calibrate': its expert GEMMs are not observed" in caplog.text
+    assert "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True and use_cache=False" in caplog.text
+
+
 def test_expert_module_under_selective_checkpointing_warns(caplog):
     """Selective activation checkpointing (a context_fn: its policy picks per op at trace time) stays a subgraph
     that moeq does not rewrite: compiling says so, naming the module and the subgraph, instead of leaving a silent
