@@ -360,7 +360,9 @@ def test_gradient_checkpointing_fallback_warning_names_the_dynamo_switch(caplog)
     with caplog.at_level("WARNING", logger="moeq"), moeq.calibrate(compiled):
         compiled(make_tokens(seed=1), use_cache=False)
     assert "Qwen3MoeExperts ran eagerly in mode 'calibrate': its expert GEMMs are not observed" in caplog.text
-    assert "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True and use_cache=False" in caplog.text
+    assert (
+        "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True and use_cache=False" in caplog.text
+    )
 
 
 def test_expert_module_under_selective_checkpointing_warns(caplog):
