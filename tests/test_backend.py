@@ -337,11 +337,14 @@ def test_checkpointed_expert_modules_are_rewritten_and_recomputed():
     AOTAutograd's recompute tags, and its quantizer nodes join the region. The QAT step's loss and every gradient
     equal the same model's without checkpointing, and the forward saves less for backward: 0.52x measured (the
     region is recomputed; 0.83x when moeq's own nodes are left out of the region)."""
-    plain_loss, plain_grads, plain_saved, _ = _qat_step(False)
+    plain_loss, plain_grads, plain_saved, plain_report = _qat_step(False)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
         loss, grads, saved, report = _qat_step(True)
     assert "2 expert GEMMs rewritten" in str(report)
+    assert report.recomputed == [f"model.layers.0.mlp.experts.{p}" for p in ("down_proj", "gate_up_proj")]
+    assert "Inside activation-checkpointed regions" in str(report)
+    assert not plain_report.recomputed and "checkpointed" not in str(plain_report)
     assert torch.equal(loss, plain_loss)
     assert grads.keys() == plain_grads.keys()
     for name, grad in grads.items():

@@ -52,6 +52,8 @@ class RewrittenGemm:
     path: list[str] = field(default_factory=list)
     input_node: str = "x"
     offs_node: str | None = None
+    #: inside an activation-checkpointed region (:mod:`moeq.passes.inline_checkpoint`): recomputed in the backward
+    recomputed: bool = False
 
 
 @dataclass
@@ -108,11 +110,14 @@ class Explanation:
         self.lowering = lowering
         rewritten: dict[str, RewrittenGemm] = {}
         skipped: dict[tuple[str, str], SkippedCandidate] = {}
+        recomputed: set[str] = set()
         self.graph_kinds: list[str] = []
         for report in state.reports.values():
             self.graph_kinds.append(report.kind)
             for r in report.rewritten:
                 rewritten.setdefault(r.fqn, r)
+                if r.recomputed:
+                    recomputed.add(r.fqn)
             for s in report.skipped:
                 skipped.setdefault((s.node, s.reason), s)
         for fqn, compiled_for in state.reused_graphs.items():  # graphs Dynamo reused for other layers
@@ -120,6 +125,8 @@ class Explanation:
                 rewritten[fqn] = dataclasses.replace(rewritten[compiled_for], fqn=fqn)
         self.rewritten: list[RewrittenGemm] = sorted(rewritten.values(), key=lambda r: r.fqn)
         self.skipped: list[SkippedCandidate] = list(skipped.values())
+        #: rewritten weights whose GEMMs some graph runs inside an activation-checkpointed region
+        self.recomputed: list[str] = sorted(recomputed)
         #: rewritten weight -> GEMMs on it that some other compiled graph left as they were (those run unquantized)
         self.partly_rewritten: dict[str, int] = dict(
             Counter(s.weight_fqn for s in self.skipped if s.weight_fqn in rewritten)
@@ -217,6 +224,9 @@ class Explanation:
         if flagged:
             parts += ["", "Flagged experts:"]
             parts += [f"  {fqn} expert {e}: {note}" for fqn, e, note in flagged]
+        if self.recomputed:
+            parts += ["", "Inside activation-checkpointed regions (quantized again when the backward recomputes them):"]
+            parts += [f"  {fqn}" for fqn in self.recomputed]
         if self.partly_rewritten:
             parts += ["", "Rewritten in some compiled graphs only (where not, these GEMMs run unquantized):"]
             parts += [

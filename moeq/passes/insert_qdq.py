@@ -264,6 +264,7 @@ def rewrite_graph(
             path=list(r.path),
             input_node=r.input.name,
             offs_node=r.offs.name if r.offs is not None else None,
+            recomputed="ac_graph_id" in r.node.meta,
         )
         for r in kept
     ]
