@@ -15,8 +15,8 @@ op it traces from a tagged node. moeq's rewrite then sees the expert GEMMs, and 
 quantizer nodes it adds into the region of the GEMMs they feed, so the checkpoint recomputes them as well.
 
 Left alone (the marker still in the body, which :func:`moeq.lowering.ops.remove_expert_module_entries` reports):
-selective activation checkpointing (a ``context_fn``: its policy picks per op at trace time) and bodies that call
-a further subgraph.
+selective activation checkpointing (a ``context_fn``: its policy picks per op at trace time), bodies that call a
+further subgraph, and regions whose output tuple is used whole.
 """
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ def _checkpoint_body(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule | None
         return None  # selective activation checkpointing
     if any(n.op in ("get_attr", "call_module") for n in nodes):
         return None  # a nested subgraph
+    if sum(n.op == "placeholder" for n in nodes) != len(node.args) - 1:
+        return None
+    if any(user.op != "call_function" or user.target is not operator.getitem for user in node.users):
+        return None  # its output tuple is used whole
     return body
 
 
@@ -70,11 +74,8 @@ def inline_checkpointed_experts(gm: fx.GraphModule) -> int:
         if body is None:
             continue
         placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
-        operands = node.args[1:]
-        if len(placeholders) != len(operands):
-            continue
         region = next(_region_ids)
-        env: dict[fx.Node, fx.Node] = dict(zip(placeholders, operands, strict=True))
+        env: dict[fx.Node, fx.Node] = dict(zip(placeholders, node.args[1:], strict=True))
         with gm.graph.inserting_before(node):
             outputs = gm.graph.graph_copy(body.graph, env)
         for copied in (env[n] for n in body.graph.nodes if n.op not in ("placeholder", "output")):
@@ -82,17 +83,14 @@ def inline_checkpointed_experts(gm: fx.GraphModule) -> int:
             copied.meta["ac_graph_id"] = region
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         for user in list(node.users):
-            if user.op == "call_function" and user.target is operator.getitem:
-                user.replace_all_uses_with(outputs[user.args[1]])
-                gm.graph.erase_node(user)
-        if node.users:
-            raise RuntimeError(f"moeq: checkpointed region {node.name} is used other than by indexing its outputs")
-        body_name = node.args[0]
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        body_node = node.args[0]
         gm.graph.erase_node(node)
-        if not body_name.users:
-            gm.graph.erase_node(body_name)
+        if not body_node.users:
+            gm.graph.erase_node(body_node)
         inlined += 1
-        logger.info("moeq: inlined the checkpointed region %s to rewrite its expert GEMMs (region %d)", node, region)
+        logger.info("moeq: inlined checkpointed region %s to rewrite its expert GEMMs (region %d)", body_node, region)
     if inlined:
         gm.delete_all_unused_submodules()
         gm.recompile()
