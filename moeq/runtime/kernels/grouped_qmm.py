@@ -908,23 +908,7 @@ def grouped_qmm(
         return out
     if known_empty(num_experts, k):
         return out.zero_()
-    dummy = offs
-    per_channel = w_scale is not None and w_scale.dim() == 2
-    if per_channel and (w_mode not in ("fp8", "fake_fp8") or tuple(w_scale.shape) != (num_experts, n)):
-        raise ValueError(
-            f"channel-wise w_scale {tuple(w_scale.shape)} needs an FP8 weight and shape {(num_experts, n)}, "
-            f"got mode {w_mode!r}"
-        )
-    if w_mode != "plain":
-        if w_scale is None or (w_scale.numel() != num_experts and not per_channel):
-            raise ValueError(f"w_scale must have one entry per expert ({num_experts}) in mode {w_mode!r}")
-        w_scale = as_fp32(w_scale)
-    if per_token:  # each row's own amax (NaN where the row has one): below, with the codes or on its own
-        x_amax = None
-    elif x_mode is not None:
-        if x_amax is None or x_amax.numel() not in (1, num_experts):
-            raise ValueError(f"x_amax must have 1 or {num_experts} entries for activation format {x_mode!r}")
-        x_amax = as_fp32(x_amax)
+    w_scale, x_amax, per_channel = _checked_scales(w, w_scale, x_amax, w_mode, x_mode, per_token)
     weight_once = quantize_once
     nvfp4_once = quantize_once
     if quantize_once is None:
@@ -951,21 +935,7 @@ def grouped_qmm(
             w_scale, w_mode = get_format("fp8").scale_from_amax(w_scale), "fp8"
     bf16_cuda = x.is_cuda and x.dtype == torch.bfloat16  # the Gluon kernel and torch._grouped_mm take bf16
     if nvfp4_once and w_mode == "fake_nvfp4" and bf16_cuda and config is None:
-        # x_mode "nvfp4": the activations' own pass first; None: x is multiplied as given (e.g. already fake-quantized
-        # before the routing gather, moeq.lowering.gather_quant)
-        register_operand = GLUON_QAT_NVFP4_REGISTER_OPERAND and x_mode == "nvfp4" and k % 64 == 0
-        if register_operand and wrap is None and caller_out is None and gluon_takes(x, w, w_scale, None, nvfp4=True):
-            from moeq.runtime.kernels import qat_gluon
-
-            x = fake_quant_act(x, offs, x_amax, "nvfp4", in_wgmma_k_order=True)
-            return qat_gluon.qat_nvfp4_gluon_gemm(x, w, offs, w_scale, out=out, check=False,
-                                                  config=qat_gluon.REGISTER_A_CONFIGS[0], x_in_wgmma_k_order=True)  # fmt: skip
-        if x_mode == "nvfp4":
-            x = fake_quant_act(x, offs, x_amax, "nvfp4", wrap=wrap)
-        if caller_out is None and gluon_takes(x, w, w_scale, None, nvfp4=True):
-            return gluon_gemm(x, w, offs, w_scale, None, out, wrap, nvfp4=True)
-        product = qat_nvfp4_weight_pass_gemm(x, w, offs, w_scale, wrap)
-        return product if caller_out is None else out.copy_(product)
+        return _qat_nvfp4_quantized_once(x, w, offs, w_scale, x_amax, x_mode, out, caller_out is None, wrap)
     if per_token and x_amax is None:  # in the load path: the kernel quantizes each row with its amax
         x_amax = row_amax(x, wrap=wrap)
     fp8_bits = torch.uint8 if interpreting() else torch.float8_e4m3fn
@@ -982,6 +952,91 @@ def grouped_qmm(
         codes = torch.empty_like(w, dtype=torch.float8_e4m3fn)
         scale = get_format("fp8").scale_from_amax(w_scale)
         return weight_pass_gemm(x, w, offs, w_scale, scale, x_amax, out, codes, x_per_row=per_token, wrap=wrap)
+    return _launch_grouped_kernel(x, w, offs, out, w_scale, w_block_scale, x_amax, w_mode, x_mode, per_token,
+                                  per_channel, config, wrap)  # fmt: skip
+
+
+def _checked_scales(
+    w: torch.Tensor,
+    w_scale: torch.Tensor | None,
+    x_amax: torch.Tensor | None,
+    w_mode: str,
+    x_mode: str | None,
+    per_token: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+    """:func:`grouped_qmm`'s weight scales and activation amax, checked against the modes and as fp32, and whether
+    the weight scales are channel-wise (``[E, N]``). Per-token activations take no amax (each row's own)."""
+    num_experts, n = w.shape[0], w.shape[2]
+    per_channel = w_scale is not None and w_scale.dim() == 2
+    if per_channel and (w_mode not in ("fp8", "fake_fp8") or tuple(w_scale.shape) != (num_experts, n)):
+        raise ValueError(
+            f"channel-wise w_scale {tuple(w_scale.shape)} needs an FP8 weight and shape {(num_experts, n)}, "
+            f"got mode {w_mode!r}"
+        )
+    if w_mode != "plain":
+        if w_scale is None or (w_scale.numel() != num_experts and not per_channel):
+            raise ValueError(f"w_scale must have one entry per expert ({num_experts}) in mode {w_mode!r}")
+        w_scale = as_fp32(w_scale)
+    if per_token:  # each row's own amax (NaN where the row has one): computed later, with the codes or on its own
+        x_amax = None
+    elif x_mode is not None:
+        if x_amax is None or x_amax.numel() not in (1, num_experts):
+            raise ValueError(f"x_amax must have 1 or {num_experts} entries for activation format {x_mode!r}")
+        x_amax = as_fp32(x_amax)
+    return w_scale, x_amax, per_channel
+
+
+def _qat_nvfp4_quantized_once(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offs: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_amax: torch.Tensor | None,
+    x_mode: str | None,
+    out: torch.Tensor,
+    own_out: bool,
+    wrap: Callable[[Any], Any] | None,
+) -> torch.Tensor:
+    """QAT NVFP4 on bf16 CUDA tensors at large sizes: x_mode "nvfp4" fake-quantizes the activations in their own
+    pass first (None: x is multiplied as given, e.g. already fake-quantized before the routing gather,
+    moeq.lowering.gather_quant); then the Gluon kernel on sm_90, else the weight's fake-quant pass and
+    ``torch._grouped_mm``. ``own_out``: ``out`` is this call's own buffer (the caller passed none)."""
+    k = x.shape[1]
+    register_operand = GLUON_QAT_NVFP4_REGISTER_OPERAND and x_mode == "nvfp4" and k % 64 == 0
+    if register_operand and wrap is None and own_out and gluon_takes(x, w, w_scale, None, nvfp4=True):
+        from moeq.runtime.kernels import qat_gluon
+
+        x = fake_quant_act(x, offs, x_amax, "nvfp4", in_wgmma_k_order=True)
+        return qat_gluon.qat_nvfp4_gluon_gemm(x, w, offs, w_scale, out=out, check=False,
+                                              config=qat_gluon.REGISTER_A_CONFIGS[0], x_in_wgmma_k_order=True)  # fmt: skip
+    if x_mode == "nvfp4":
+        x = fake_quant_act(x, offs, x_amax, "nvfp4", wrap=wrap)
+    if own_out and gluon_takes(x, w, w_scale, None, nvfp4=True):
+        return gluon_gemm(x, w, offs, w_scale, None, out, wrap, nvfp4=True)
+    product = qat_nvfp4_weight_pass_gemm(x, w, offs, w_scale, wrap)
+    return product if own_out else out.copy_(product)
+
+
+def _launch_grouped_kernel(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offs: torch.Tensor,
+    out: torch.Tensor,
+    w_scale: torch.Tensor | None,
+    w_block_scale: torch.Tensor | None,
+    x_amax: torch.Tensor | None,
+    w_mode: str,
+    x_mode: str | None,
+    per_token: bool,
+    per_channel: bool,
+    config: triton.Config | None,
+    wrap: Callable[[Any], Any] | None,
+) -> torch.Tensor:
+    """One launch of :func:`_grouped_qmm_kernel` (autotuned, or with ``config``) on operands :func:`grouped_qmm` has
+    checked and viewed as the kernel reads them; writes and returns ``out``."""
+    m, k = x.shape
+    num_experts, n = w.shape[0], w.shape[2]
+    dummy = offs
     block = dummy
     b_strides = (0, 0, 0)
     if w_mode == "nvfp4":
