@@ -37,7 +37,7 @@ __all__ = ["explain", "prepare", "quantize_graph"]
 logger = logging.getLogger(__name__)
 
 
-def _mode_guard(module: nn.Module, args: Any) -> tuple[Any, ...] | None:
+def _mode_guard(module: nn.Module, args: Any) -> None:
     """Forward pre-hook on modules that own expert weights. Dynamo traces it, so comparing the mode here
     makes Dynamo guard on its value and on the model's config: a mode change recompiles the graph (statistics
     live on the model), and so does another prepared model under another config or lowering switches
@@ -53,7 +53,6 @@ def _mode_guard(module: nn.Module, args: Any) -> tuple[Any, ...] | None:
         mode.warn_eager(type(module).__name__)
     elif mode.value != "off" and not torch.compiler.is_exporting():
         torch.ops.moeq.expert_module_entry(type(module).__name__, mode.value)
-    return None
 
 
 TP_SHARD_KINDS = ("column", "row")

@@ -89,7 +89,7 @@ class QuantConfig:
                 f"activation={self.activation!r}"
                 + (" (weight-only configs have no activation scale)" if self.activation is None else "")
             )
-        if self.calib == "all_experts" and (self.activation is None or self.act_scale == "token"):
+        if self.calib == "all_experts" and not self.static_activations:
             scales = (
                 "a weight-only config (activation=None) has none"
                 if self.activation is None
@@ -129,6 +129,12 @@ class QuantConfig:
         """Activation scales computed at run time from each routed row (``act_scale="token"``): no static input
         scale, no calibration data needed."""
         return self.act_scale == "token"
+
+    @property
+    def static_activations(self) -> bool:
+        """Activations quantized with a static input scale, which calibration data sets (not weight-only, not
+        per-token)."""
+        return self.activation is not None and not self.dynamic_activations
 
     @property
     def name(self) -> str:

@@ -176,7 +176,7 @@ def _check_experts(s: ExpertQuantState, first_id: int) -> list[str]:
             errors.append(
                 f"{s.fqn} expert {ge}: weight amax {bad[0][1]}{where} would give a zero, NaN or inf weight scale"
             )
-        if cfg.activation is None or cfg.dynamic_activations:
+        if not cfg.static_activations:
             continue
         a = float(s.input_amax[0 if s.input_amax.numel() == 1 else e])
         if _bad(a):
@@ -253,7 +253,7 @@ def _expert_tensors(state: ModelQuantState, layouts: dict[str, ExpertLayout], fm
                 ge = rank * s.num_experts + e
                 w_nk = layout.expert_weight(weight, e)
                 input_amax = None
-                if s.config.activation is not None and not s.config.dynamic_activations:
+                if s.config.static_activations:
                     input_amax = s.input_amax[0 if s.input_amax.numel() == 1 else e]
                 for part in layout.parts:
                     name = part.module.format(e=ge)

@@ -510,9 +510,8 @@ def _match_combine(total: fx.Node) -> tuple[tuple[Any, ...], list[fx.Node]] | No
     if weighted.target != aten.mul.Tensor or not isinstance(index, fx.Node) or node_value(index) is None:
         return None
     literal = view.args[1][1] if isinstance(view.args[1], (list, tuple)) and len(view.args[1]) == 3 else None
-    top_k = (
-        literal if isinstance(literal, int) and literal > 0 else node_value(view).shape[1]
-    )  # a literal when symbolic
+    # the view's literal top-k when its size is symbolic
+    top_k = literal if isinstance(literal, int) and literal > 0 else node_value(view).shape[1]
     for y, column in (weighted.args, reversed(weighted.args)):
         y_val = node_value(y)
         if not _is_expert_output(y) or y_val is None or y_val.dim() != 2:

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 _APPLY = "autograd_function_apply"
 _MATMUL = {"torch.matmul", "method:matmul", "_operator.matmul", "torch.mm", "method:mm"}
-T_TARGETS = {"method:t", "torch.t"}
+_T = {"method:t", "torch.t"}
 _ADD = {"_operator.add", "torch.add", "method:add"}
 _SUM = {"method:sum", "torch.sum"}
 _CONTIGUOUS = {"method:contiguous"}
@@ -70,7 +70,7 @@ def _calls(gm: fx.GraphModule) -> list[fx.Node]:
 def _is_transpose_2d(node: Any) -> bool:
     if not isinstance(node, fx.Node):
         return False
-    if target_name(node) in T_TARGETS:
+    if target_name(node) in _T:
         return True
     return target_name(node) in {"method:transpose", "torch.transpose"} and tuple(node.args[1:]) in ((0, 1), (1, 0))
 

@@ -111,6 +111,7 @@ def _finalize_preconditions(state: ModelQuantState) -> list[str]:
     """Why ``finalize()`` cannot start on this rank (empty when it can)."""
     if message := _frozen(state, "finalize"):
         return [message]
+    needs_data = state.config.static_activations
     if len(state) == 0:
         experts = [s for report in state.reports.values() for s in report.skipped if s.category == "expert"]
         if experts:
@@ -123,7 +124,6 @@ def _finalize_preconditions(state: ModelQuantState) -> list[str]:
                 f"finalize(): moeq rewrote {len(state.reports)} compiled or traced graph(s) and found no expert GEMM in them; "
                 "moeq.explain(model) lists the GEMM candidates each graph had and why none was taken"
             ]
-        needs_data = state.config.activation is not None and not state.config.dynamic_activations
         where = (
             "inside moeq.calibrate()"
             if needs_data
@@ -133,7 +133,6 @@ def _finalize_preconditions(state: ModelQuantState) -> list[str]:
             "finalize(): no expert GEMM has been rewritten yet; run the model compiled with backend='moeq' "
             f"(or a graph from moeq.quantize_graph) at least once {where}"
         ]
-    needs_data = state.config.activation is not None and not state.config.dynamic_activations
     if needs_data and state.calibration_sessions == 0:
         return [
             "finalize() called before calibrate(): run forward passes inside `with moeq.calibrate(model):` first "
