@@ -51,8 +51,17 @@ def _mode_guard(module: nn.Module, args: Any) -> None:
     check_compile_switches()
     if not torch.compiler.is_compiling():
         mode.warn_eager(type(module).__name__)
-    elif mode.value != "off" and not torch.compiler.is_exporting():
+    elif mode.value != "off" and not _exporting():
         torch.ops.moeq.expert_module_entry(type(module).__name__, mode.value)
+
+
+def _exporting() -> bool:
+    """``torch.compiler.is_exporting()`` as Dynamo should trace it. Dynamo in torch 2.11 folds ``is_exporting()`` to
+    True in every graph it traces, torch.compile's too (later versions read the flag instead), which kept the marker
+    out of every compiled graph there: no warning under another backend and no rewrite inside checkpointed regions.
+    Reading the flag itself is right on every version."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 TP_SHARD_KINDS = ("column", "row")

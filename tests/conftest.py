@@ -7,6 +7,7 @@ import multiprocessing
 import multiprocessing.context
 import os
 import zlib
+from typing import Any
 
 import pytest
 import torch
@@ -115,6 +116,37 @@ def one_moe_layer(family: str) -> dict:
 def make_tokens(seed: int = 0, batch: int = 2, seq: int = 16, vocab: int = 256) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def qat_step(
+    gradient_checkpointing: bool, device: str = "cpu", backend: str = "moeq_aot_eager"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, Any]:
+    """A calibrated NVFP4 Qwen3-MoE (with Hugging Face's gradient checkpointing of each decoder layer, or without)
+    compiled with ``backend`` on ``device``, one training step: the loss, the gradients, the bytes saved for backward
+    and the explain report."""
+    import moeq
+    from moeq.integrations.hf import tiny_model
+
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5, num_hidden_layers=1).to(device), moeq.NVFP4)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad(), moeq.calibrate(compiled):
+        compiled(make_tokens(seed=1).to(device), use_cache=False)
+    moeq.finalize(compiled)
+    model.train()
+    tokens = make_tokens(seed=2).to(device)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = compiled(input_ids=tokens, labels=tokens, use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, sum(saved), moeq.explain(compiled)
 
 
 def compiled_and_finalized(model: torch.nn.Module, tokens: torch.Tensor, **compile_kw) -> torch.nn.Module:

@@ -10,7 +10,7 @@ import torch
 
 import moeq
 from moeq.integrations.hf import tiny_model
-from tests.conftest import make_tokens
+from tests.conftest import make_tokens, qat_step
 
 
 def test_backend_registered_by_name_and_entry_point():
@@ -304,32 +304,6 @@ class Checkpointed(torch.nn.Module):
         return checkpoint.checkpoint(self.inner, hidden, use_reentrant=False, **extra)
 
 
-def _qat_step(gradient_checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, Any]:
-    """A calibrated NVFP4 Qwen3-MoE (with Hugging Face's gradient checkpointing of each decoder layer, or without)
-    compiled with moeq_aot_eager, one training step: the loss, the gradients, the bytes saved for backward and the
-    explain report."""
-    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5, num_hidden_layers=1), moeq.NVFP4)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    compiled = torch.compile(model, backend="moeq_aot_eager")
-    with torch.no_grad(), moeq.calibrate(compiled):
-        compiled(make_tokens(seed=1), use_cache=False)
-    moeq.finalize(compiled)
-    model.train()
-    tokens = make_tokens(seed=2)
-    saved: list[int] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = compiled(input_ids=tokens, labels=tokens, use_cache=False).loss
-    loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, sum(saved), moeq.explain(compiled)
-
-
 def test_checkpointed_expert_modules_are_rewritten_and_recomputed():
     """Hugging Face's gradient checkpointing inside the compiled region (each decoder layer a Dynamo
     tag_activation_checkpoint subgraph; Dynamo needs skip_fwd_side_effects_in_bwd_under_checkpoint for the output
@@ -337,10 +311,10 @@ def test_checkpointed_expert_modules_are_rewritten_and_recomputed():
     AOTAutograd's recompute tags, and its quantizer nodes join the region. The QAT step's loss and every gradient
     equal the same model's without checkpointing, and the forward saves less for backward: 0.52x measured (the
     region is recomputed; 0.83x when moeq's own nodes are left out of the region)."""
-    plain_loss, plain_grads, plain_saved, plain_report = _qat_step(False)
+    plain_loss, plain_grads, plain_saved, plain_report = qat_step(False)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
-        loss, grads, saved, report = _qat_step(True)
+        loss, grads, saved, report = qat_step(True)
     assert "2 expert GEMMs rewritten" in str(report)
     assert report.recomputed == [f"model.layers.0.mlp.experts.{p}" for p in ("down_proj", "gate_up_proj")]
     assert "Inside activation-checkpointed regions" in str(report)

@@ -27,6 +27,7 @@ from tests.conftest import (
     make_tokens,
     nonfinite_weights,
     per_expert_matmul_f64,
+    qat_step,
     stored_weight_args,
 )
 
@@ -793,6 +794,24 @@ def test_compiled_model_grouped_qmm_matches_cpu_reference(config, freeze):
     assert "\n".join(code).count("torch.ops.moeq.grouped_qmm.default(") == 4
     rel = ((fused - reference).norm() / reference.norm()).item()
     assert rel < 2e-2, rel
+
+
+@pytest.mark.usefixtures("fuse_always")
+def test_checkpointed_qat_step_equals_uncheckpointed_cuda():
+    """Hugging Face gradient checkpointing under backend="moeq" on the GPU: moeq inlines each checkpointed layer with
+    AOTAutograd's recompute tags, Inductor fuses the expert GEMMs (moeq::grouped_qmm) and recomputes them in the
+    backward. The QAT NVFP4 step's loss equals the uncheckpointed model's bit for bit, its gradients agree to fp32
+    rounding (recomputed ops may fuse into other Triton kernels than the forward's), and the forward saves less."""
+    plain_loss, plain_grads, plain_saved, _ = qat_step(False, "cuda", "moeq")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        loss, grads, saved, report = qat_step(True, "cuda", "moeq")
+    assert report.recomputed == [f"model.layers.0.mlp.experts.{p}" for p in ("down_proj", "gate_up_proj")]
+    assert torch.equal(loss, plain_loss), (loss, plain_loss)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert saved < 0.75 * plain_saved, (saved, plain_saved)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_next", "glm4_moe", "granitemoe", "phimoe", "llama4", "jetmoe"])
