@@ -27,25 +27,52 @@ def dumping_compile(gm, *args, **kwargs):
         if node.op == "call_function" and "checkpoint" in str(node.target):
             body = getattr(gm, node.args[0].target)
             marker = any(n.target in EXPERT_MODULE_ENTRY_TARGETS for n in body.graph.nodes)
-            print("CKPT", node.target, "kwargs", {k: str(v)[:80] for k, v in node.kwargs.items()},
-                  "body.meta", sorted(body.meta), "marker", marker,
-                  "nested", [n.target for n in body.graph.nodes if n.op in ("get_attr", "call_module")],
-                  "placeholders", sum(n.op == "placeholder" for n in body.graph.nodes), "args", len(node.args) - 1,
-                  "users", sorted({str(u.target) for u in node.users}))
+            print(
+                "CKPT",
+                node.target,
+                "kwargs",
+                {k: str(v)[:80] for k, v in node.kwargs.items()},
+                "body.meta",
+                sorted(body.meta),
+                "marker",
+                marker,
+                "nested",
+                [n.target for n in body.graph.nodes if n.op in ("get_attr", "call_module")],
+                "placeholders",
+                sum(n.op == "placeholder" for n in body.graph.nodes),
+                "args",
+                len(node.args) - 1,
+                "users",
+                sorted({str(u.target) for u in node.users}),
+            )
     return original(gm, *args, **kwargs)
 
 
 backend_module._compile = dumping_compile
 print(torch.__version__, moeq.__file__)
-for device, backend in [(d, b) for d, b in (("cpu", "moeq_aot_eager"), ("cuda", "moeq_aot_eager"), ("cuda", "moeq")) if d == "cpu" or torch.cuda.is_available()]:
+for device, backend in [
+    (d, b)
+    for d, b in (("cpu", "moeq_aot_eager"), ("cuda", "moeq_aot_eager"), ("cuda", "moeq"))
+    if d == "cpu" or torch.cuda.is_available()
+]:
     torch._dynamo.reset()
     plain = qat_step(False, device, backend)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
         ckpt = qat_step(True, device, backend)
-    print("==", device, backend, "recomputed", ckpt[3].recomputed, "loss equal", torch.equal(ckpt[0], plain[0]),
-          "saved", ckpt[2] / plain[2])
-    worst = max(((g - plain[1][n]).abs().max() / plain[1][n].abs().max().clamp_min(1e-30)).item()
-                for n, g in ckpt[1].items())
+    print(
+        "==",
+        device,
+        backend,
+        "recomputed",
+        ckpt[3].recomputed,
+        "loss equal",
+        torch.equal(ckpt[0], plain[0]),
+        "saved",
+        ckpt[2] / plain[2],
+    )
+    worst = max(
+        ((g - plain[1][n]).abs().max() / plain[1][n].abs().max().clamp_min(1e-30)).item() for n, g in ckpt[1].items()
+    )
     print("   grads bit-equal", all(torch.equal(g, plain[1][n]) for n, g in ckpt[1].items()), "worst rel", worst)
     print(str(ckpt[3])[:1500])
