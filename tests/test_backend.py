@@ -364,6 +364,24 @@ def test_expert_module_under_selective_checkpointing_warns(caplog):
     assert "0 expert GEMMs rewritten" in str(moeq.explain(compiled))
 
 
+def test_marker_reaches_compiled_graphs_where_is_exporting_folds_to_true(monkeypatch):
+    """Dynamo in torch 2.11 folds torch.compiler.is_exporting() to True in every graph it traces, torch.compile's too;
+    moeq's pre-hook reads the export flag instead, so the marker still reaches a compiled graph (under 2.11 it did
+    not: checkpointed experts then ran unquantized with no warning). Emulated here by an is_exporting that returns
+    is_compiling(): False when torch itself asks, True in every frame Dynamo traces, as 2.11's fold."""
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
+    targets: list[str] = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, seed=5, num_hidden_layers=1), moeq.FP8)
+    with torch.no_grad(), moeq.calibrate(model):
+        torch.compile(model, backend=recording_backend)(make_tokens(seed=1))
+    assert "moeq.expert_module_entry" in targets, sorted(set(targets))
+
+
 def test_torch_export_carries_no_marker():
     """torch.export of a prepared model outside mode "off" gets no moeq::expert_module_entry: an exported program is
     a deployable artifact, and quantize_graph needs no marker to rewrite it."""
