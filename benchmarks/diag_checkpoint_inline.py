@@ -13,7 +13,7 @@ import torch
 import moeq
 from moeq.lowering import backend as backend_module
 from moeq.lowering.ops import EXPERT_MODULE_ENTRY_TARGETS
-from tests.conftest import qat_step
+from tests.conftest import plain_and_checkpointed_qat_steps
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s %(levelname)s %(message)s")
 for name in ("torch", "torch._dynamo", "torch._inductor"):
@@ -56,10 +56,7 @@ for device, backend in [
     if d == "cpu" or torch.cuda.is_available()
 ]:
     torch._dynamo.reset()
-    plain = qat_step(False, device, backend)
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
-        ckpt = qat_step(True, device, backend)
+    plain, ckpt = plain_and_checkpointed_qat_steps(device, backend)
     print(
         "==",
         device,

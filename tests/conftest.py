@@ -149,6 +149,16 @@ def qat_step(
     return loss.detach(), grads, sum(saved), moeq.explain(compiled)
 
 
+def plain_and_checkpointed_qat_steps(device: str = "cpu", backend: str = "moeq_aot_eager") -> tuple[tuple, tuple]:
+    """:func:`qat_step` without and with Hugging Face's gradient checkpointing (Dynamo reset between them; the
+    checkpointed one traced with ``skip_fwd_side_effects_in_bwd_under_checkpoint``, which transformers' output
+    recorder inside each layer needs)."""
+    plain = qat_step(False, device, backend)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        return plain, qat_step(True, device, backend)
+
+
 def compiled_and_finalized(model: torch.nn.Module, tokens: torch.Tensor, **compile_kw) -> torch.nn.Module:
     """A prepared ``model`` compiled with backend="moeq" (``compile_kw``: ``torch.compile``'s), calibrated on ``tokens``
     with the combine fusion off (its rounding would move a later layer's inputs) and finalized. Tests that compare two

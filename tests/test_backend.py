@@ -10,7 +10,7 @@ import torch
 
 import moeq
 from moeq.integrations.hf import tiny_model
-from tests.conftest import make_tokens, qat_step
+from tests.conftest import make_tokens, plain_and_checkpointed_qat_steps
 
 
 def test_backend_registered_by_name_and_entry_point():
@@ -311,10 +311,9 @@ def test_checkpointed_expert_modules_are_rewritten_and_recomputed():
     AOTAutograd's recompute tags, and its quantizer nodes join the region. The QAT step's loss and every gradient
     equal the same model's without checkpointing, and the forward saves less for backward: 0.52x measured (the
     region is recomputed; 0.83x when moeq's own nodes are left out of the region)."""
-    plain_loss, plain_grads, plain_saved, plain_report = qat_step(False)
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
-        loss, grads, saved, report = qat_step(True)
+    (plain_loss, plain_grads, plain_saved, plain_report), (loss, grads, saved, report) = (
+        plain_and_checkpointed_qat_steps()
+    )
     assert "2 expert GEMMs rewritten" in str(report)
     assert report.recomputed == [f"model.layers.0.mlp.experts.{p}" for p in ("down_proj", "gate_up_proj")]
     assert "Inside activation-checkpointed regions" in str(report)

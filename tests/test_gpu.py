@@ -27,7 +27,7 @@ from tests.conftest import (
     make_tokens,
     nonfinite_weights,
     per_expert_matmul_f64,
-    qat_step,
+    plain_and_checkpointed_qat_steps,
     stored_weight_args,
 )
 
@@ -802,10 +802,9 @@ def test_checkpointed_qat_step_equals_uncheckpointed_cuda():
     AOTAutograd's recompute tags, Inductor fuses the expert GEMMs (moeq::grouped_qmm) and recomputes them in the
     backward. The QAT NVFP4 step's loss equals the uncheckpointed model's bit for bit, its gradients agree to fp32
     rounding (recomputed ops may fuse into other Triton kernels than the forward's), and the forward saves less."""
-    plain_loss, plain_grads, plain_saved, _ = qat_step(False, "cuda", "moeq")
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
-        loss, grads, saved, report = qat_step(True, "cuda", "moeq")
+    (plain_loss, plain_grads, plain_saved, _), (loss, grads, saved, report) = plain_and_checkpointed_qat_steps(
+        "cuda", "moeq"
+    )
     assert report.recomputed == [f"model.layers.0.mlp.experts.{p}" for p in ("down_proj", "gate_up_proj")]
     assert torch.equal(loss, plain_loss), (loss, plain_loss)
     assert grads.keys() == plain_grads.keys()
