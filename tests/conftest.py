@@ -57,6 +57,29 @@ def _seed_global_rng(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+#: ``MOEQ_TEST_FULL_INDUCTOR=1`` compiles every CPU test's graphs with Inductor's own C++ kernels (see below)
+FULL_INDUCTOR = os.environ.get("MOEQ_TEST_FULL_INDUCTOR") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _inductor_aten_fallback(request):
+    """CPU tests compile ``backend="moeq"`` graphs with Inductor's ``fallback_by_default``: every op moeq does not
+    lower runs as its ATen kernel from Inductor's wrapper instead of generated, gcc-compiled C++. moeq's passes run
+    as in production (the post-grad lowering pass, the joint-graph pass, the FX graph cache with their ``uuid()``),
+    and Inductor's code still shows each ``moeq::grouped_qmm`` / ``combine_experts`` call; what is skipped is C++
+    code generation for attention, norms and routing, about 1.2 s of gcc a kernel, which made ``make test`` twice
+    its 15-minute budget on CI's two cores (``tests/test_combine.py``: 201 -> 121 s of CPU). Tests marked
+    ``full_inductor`` (Inductor's CPU numerics against ``aot_eager``, the acceptance tests of the lowering,
+    dynamic shapes) and every GPU test compile as users do; so does every test under ``MOEQ_TEST_FULL_INDUCTOR=1``."""
+    if FULL_INDUCTOR or request.node.get_closest_marker("full_inductor") or request.node.get_closest_marker("gpu"):
+        yield
+        return
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(fallback_by_default=True):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _reset_dynamo():
     torch._dynamo.reset()

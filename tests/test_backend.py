@@ -392,6 +392,7 @@ def test_torch_export_carries_no_marker():
     assert not [t for t in targets if "expert_module_entry" in t], sorted(targets)
 
 
+@pytest.mark.full_inductor
 @pytest.mark.parametrize("freeze", [False, True], ids=["qat", "deploy"])
 def test_new_batch_sizes_after_finalize_recompile_dynamic(freeze):
     """Calibrated at one batch size, the model then runs at others: Dynamo recompiles with a dynamic token count.

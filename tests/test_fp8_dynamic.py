@@ -202,6 +202,7 @@ def test_logits_match_modelopt_fake_quant(family: str, workdir: Path) -> None:
     assert moved > 0 and apart < 0.4 * moved, (float(apart), float(moved))
 
 
+@pytest.mark.full_inductor
 @pytest.mark.parametrize("family", FAMILIES)
 def test_inductor_backend_matches_aot_eager(family: str, workdir: Path) -> None:
     """backend='moeq' (Inductor on the CPU) fuses each expert GEMM into moeq::grouped_qmm with channel-wise weight
@@ -382,21 +383,23 @@ def test_tp_sync_keeps_column_parallel_channel_amax_local(tmp_path: Path) -> Non
         assert torch.equal(got["column"][1], torch.ones(2)) and torch.equal(got["row"][1], torch.ones(2))
 
 
+@pytest.mark.full_inductor
 def test_training_step_under_inductor_matches_aot_eager() -> None:
     """A QAT step compiled with backend='moeq' (joint-graph passes: FP8 codes with channel-wise scales saved for
     backward, grouped_qmm forwards) gives the expert gradients of the unfused aot_eager graphs."""
     from torch._inductor.utils import run_and_get_code
 
     ids = _tokens(4)
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, seed=4, num_hidden_layers=1), moeq.FP8_DYNAMIC)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad():
+        cm(input_ids=ids)
+    moeq.finalize(cm)
     grads = []
-    for backend in ("moeq_aot_eager", "moeq"):
+    for backend in ("moeq_aot_eager", "moeq"):  # one calibration; the finalized model compiled by each backend
         torch._dynamo.reset()
-        model = tiny_model("qwen3_moe", torch.bfloat16, seed=4, num_hidden_layers=1)
-        moeq.prepare(model, moeq.FP8_DYNAMIC)
+        model.zero_grad(set_to_none=True)
         cm = torch.compile(model, backend=backend)
-        with torch.no_grad():
-            cm(input_ids=ids)
-        moeq.finalize(cm)
 
         def step(cm=cm) -> None:
             cm(input_ids=ids).logits.float().square().mean().backward()
@@ -462,18 +465,15 @@ def test_other_granularities_compile_export_and_reload(name: str, tmp_path: Path
 
     cfg = COMBINATIONS[name]
     ids = _tokens(5)
-    logits = []
-    for backend in ("moeq_aot_eager", "moeq"):
-        torch._dynamo.reset()
-        model = tiny_model("qwen3_moe", torch.bfloat16, seed=6, num_hidden_layers=1)
-        moeq.prepare(model, cfg)
-        cm = torch.compile(model, backend=backend)
-        with torch.no_grad(), moeq.calibrate(cm):
-            cm(input_ids=ids)
-        moeq.finalize(cm)
-        with torch.no_grad():
-            out, code = run_and_get_code(lambda cm=cm: cm(input_ids=ids).logits)
-        logits.append(out.float())
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, seed=6, num_hidden_layers=1), cfg)
+    cm = torch.compile(model, backend="moeq_aot_eager")
+    with torch.no_grad(), moeq.calibrate(cm):
+        cm(input_ids=ids)
+    moeq.finalize(cm)
+    with torch.no_grad():  # one calibration; the finalized model compiled again by each backend
+        logits = [cm(input_ids=ids).logits.float()]
+        out, code = run_and_get_code(lambda: torch.compile(model, backend="moeq")(input_ids=ids).logits)
+    logits.append(out.float())
     assert "\n".join(code).count("torch.ops.moeq.grouped_qmm.default(") == 2
     assert ((logits[1] - logits[0]).norm() / logits[0].norm()) < 0.05
     with pytest.raises(ValueError, match="has no modelopt checkpoint algorithm"):

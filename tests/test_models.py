@@ -71,6 +71,7 @@ def test_every_routed_expert_gemm_rewritten(family, dtype, entry):
         assert state.tokens_per_expert.sum() > 0, fqn
 
 
+@pytest.mark.full_inductor
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_inductor_backend_end_to_end(dtype):
     """backend="moeq" (Inductor): calibrate is lossless, quantize changes the output by a bounded amount."""

@@ -44,16 +44,15 @@ def assert_wgmmas(kernel, config) -> None:
 KERNELS = sorted({config._replace(persistent=False) for config in gluon_module.CONFIGS})
 
 
-@pytest.mark.parametrize("num_experts", [128, 256])
 @pytest.mark.parametrize("config", KERNELS, ids=lambda c: c.name)
-def test_every_config_compiles_for_sm90(config, num_experts, tmp_path, monkeypatch):
+def test_every_config_compiles_for_sm90(config, tmp_path, monkeypatch):
     """Each configuration ``tuned_config`` chooses from: shared memory within Hopper's 227 KB, the converter's
     e4m3 conversions and the MMA partition's FP8 wgmma in the PTX, one register budget per warp role
     (``setmaxnreg``), nothing spilled to local memory, the exact quotient (no reciprocal-only variant), and wgmmas
-    not serialized; with up to 128 experts and with 256 (DeepSeek-V3: every partition scans the offsets of all
-    experts)."""
+    not serialized; compiled for 256 experts (DeepSeek-V3), the most registers the partitions' scan of every
+    expert's offsets takes (128 experts, compiled as well until session 55, passed the same checks in every run)."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    kernel = config.compile_for_sm90(x_per_expert=True, num_experts=num_experts)
+    kernel = config.compile_for_sm90(x_per_expert=True, num_experts=256)
     ptx = kernel.asm["ptx"]
     assert config.exact in (1, 2), config
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES, kernel.metadata.shared
@@ -184,8 +183,14 @@ def test_in_flight_register_checks_find_a_write():
     assert writes_to_in_flight_registers(loop[:-1]) == ["FADD R101, R1, R2 ;"] * 2
 
 
-@pytest.mark.parametrize("config", [c._replace(persistent=False) for c in gluon_module.REGISTER_A_CONFIGS],
-                         ids=lambda c: c.name)  # fmt: skip
+#: the experimental register-operand form (not shipped): one configuration of each ``register_a`` form
+REGISTER_A_KERNELS = [
+    next(c._replace(persistent=False) for c in gluon_module.REGISTER_A_CONFIGS if c.register_a == form)
+    for form in (2, 1)
+]
+
+
+@pytest.mark.parametrize("config", REGISTER_A_KERNELS, ids=lambda c: c.name)
 def test_register_operand_configs_compile_for_sm90(config, tmp_path, monkeypatch):
     """The experimental register-operand form: within Hopper's shared memory, the weight as wgmma's A operand from
     registers (``HGMMA.64x256x16.F32.BF16 Rd, Ra, gdesc``: A is a register, B a shared-memory descriptor) for the
