@@ -67,8 +67,8 @@ def _inductor_aten_fallback(request):
     lower runs as its ATen kernel from Inductor's wrapper instead of generated, gcc-compiled C++. moeq's passes run
     as in production (the post-grad lowering pass, the joint-graph pass, the FX graph cache with their ``uuid()``),
     and Inductor's code still shows each ``moeq::grouped_qmm`` / ``combine_experts`` call; what is skipped is C++
-    code generation for attention, norms and routing, about 1.2 s of gcc a kernel, which made ``make test`` twice
-    its 15-minute budget on CI's two cores (``tests/test_combine.py``: 201 -> 121 s of CPU). Tests marked
+    code generation for attention, norms and routing, 1.0-1.4 s of gcc a kernel, which CI's two cores cannot
+    afford (``tests/test_combine.py``: 201 -> 121 s of CPU). Tests marked
     ``full_inductor`` (Inductor's CPU numerics against ``aot_eager``, the acceptance tests of the lowering,
     dynamic shapes) and every GPU test compile as users do; so does every test under ``MOEQ_TEST_FULL_INDUCTOR=1``."""
     if FULL_INDUCTOR or request.node.get_closest_marker("full_inductor") or request.node.get_closest_marker("gpu"):

@@ -183,7 +183,7 @@ def test_in_flight_register_checks_find_a_write():
     assert writes_to_in_flight_registers(loop[:-1]) == ["FADD R101, R1, R2 ;"] * 2
 
 
-#: the experimental register-operand form (not shipped): one configuration of each ``register_a`` form
+#: the experimental register-operand form (off by default): one configuration of each ``register_a`` form
 REGISTER_A_KERNELS = [
     next(c._replace(persistent=False) for c in gluon_module.REGISTER_A_CONFIGS if c.register_a == form)
     for form in (2, 1)
