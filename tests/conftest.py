@@ -71,12 +71,10 @@ def _inductor_aten_fallback(request):
     afford (``tests/test_combine.py``: 201 -> 121 s of CPU). Tests marked
     ``full_inductor`` (Inductor's CPU numerics against ``aot_eager``, the acceptance tests of the lowering,
     dynamic shapes) and every GPU test compile as users do; so does every test under ``MOEQ_TEST_FULL_INDUCTOR=1``."""
-    if FULL_INDUCTOR or request.node.get_closest_marker("full_inductor") or request.node.get_closest_marker("gpu"):
-        yield
-        return
     import torch._inductor.config
 
-    with torch._inductor.config.patch(fallback_by_default=True):
+    full = FULL_INDUCTOR or any(request.node.get_closest_marker(m) for m in ("full_inductor", "gpu"))
+    with torch._inductor.config.patch(fallback_by_default=not full):
         yield
 
 
