@@ -24,8 +24,17 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
 
 #: what every rank process of the distributed tests imports. A fork server imports it once; "spawn" imported it again in
-#: each rank (~8 s of CPU a rank: a 4-rank test_distributed run took 123 s with spawn, 85 s forked, on 2 cores)
-RANK_PRELOAD = ["torch", "transformers", "moeq", "moeq.integrations.hf", "dist_harness"]
+#: each rank (~8 s of CPU a rank: a 4-rank test_distributed run took 123 s with spawn, 85 s forked, on 2 cores). The
+#: last two are imported lazily, by the first Hugging Face model a rank builds and by its first compile (~3 s a rank).
+RANK_PRELOAD = [
+    "torch",
+    "transformers",
+    "moeq",
+    "moeq.integrations.hf",
+    "dist_harness",
+    "transformers.modeling_utils",
+    "torch._inductor.compile_fx",
+]
 
 
 def rank_context() -> multiprocessing.context.BaseContext:
@@ -61,6 +70,17 @@ def _seed_global_rng(request):
 FULL_INDUCTOR = os.environ.get("MOEQ_TEST_FULL_INDUCTOR") == "1"
 
 
+def inductor_test_config(full: bool) -> dict[str, bool]:
+    """The Inductor settings a CPU test compiles under (:func:`_inductor_aten_fallback`); ``full``: as users do."""
+    return {"fallback_by_default": not full, "reorder_for_peak_memory": full}
+
+
+def inductor_settings_source() -> str:
+    """Python source that gives a process a test starts (an example, a script) the tests' Inductor settings."""
+    settings = inductor_test_config(FULL_INDUCTOR)
+    return "import torch._inductor.config as _config; " + "; ".join(f"_config.{k} = {v}" for k, v in settings.items())
+
+
 @pytest.fixture(autouse=True)
 def _inductor_aten_fallback(request):
     """CPU tests compile ``backend="moeq"`` graphs with Inductor's ``fallback_by_default``: every op moeq does not
@@ -68,13 +88,15 @@ def _inductor_aten_fallback(request):
     as in production (the post-grad lowering pass, the joint-graph pass, the FX graph cache with their ``uuid()``),
     and Inductor's code still shows each ``moeq::grouped_qmm`` / ``combine_experts`` call; what is skipped is C++
     code generation for attention, norms and routing, 1.0-1.4 s of gcc a kernel, which CI's two cores cannot
-    afford (``tests/test_combine.py``: 201 -> 121 s of CPU). Tests marked
-    ``full_inductor`` (Inductor's CPU numerics against ``aot_eager``, the acceptance tests of the lowering,
+    afford (``tests/test_combine.py``: 201 -> 121 s of CPU). Inductor's reordering of the scheduled nodes for peak
+    memory is off with it: over graphs of ~1,300 ATen calls it took a fifth of a compile (a 2-layer Qwen3-MoE
+    calibrate, finalize and training step: 29 -> 22 s without the FX graph cache). Tests marked
+    ``full_inductor`` (a model end to end through Inductor's own CPU code, the acceptance test of the lowering,
     dynamic shapes) and every GPU test compile as users do; so does every test under ``MOEQ_TEST_FULL_INDUCTOR=1``."""
     import torch._inductor.config
 
     full = FULL_INDUCTOR or any(request.node.get_closest_marker(m) for m in ("full_inductor", "gpu"))
-    with torch._inductor.config.patch(fallback_by_default=not full):
+    with torch._inductor.config.patch(inductor_test_config(full)):
         yield
 
 

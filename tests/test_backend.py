@@ -10,7 +10,13 @@ import torch
 
 import moeq
 from moeq.integrations.hf import tiny_model
-from tests.conftest import make_tokens, plain_and_checkpointed_qat_steps
+from tests.conftest import (
+    FULL_INDUCTOR,
+    inductor_settings_source,
+    inductor_test_config,
+    make_tokens,
+    plain_and_checkpointed_qat_steps,
+)
 
 
 def test_backend_registered_by_name_and_entry_point():
@@ -124,6 +130,7 @@ _WITHOUT_TRITON = """
 import sys
 sys.modules["triton"] = None  # as on a machine without triton: every import of it fails
 import torch, moeq
+{inductor_settings}  # what conftest's _inductor_aten_fallback gives in-process
 from moeq.integrations.hf import tiny_model
 model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1), moeq.FP8)
 cm = torch.compile(model, backend="moeq")
@@ -144,7 +151,8 @@ def test_cpu_path_needs_no_triton():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, timeout=600)
+    script = _WITHOUT_TRITON.format(inductor_settings=inductor_settings_source())
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "the moeq ops' plain-torch reference (triton is not installed)" in done.stdout
     assert "Triton not available" not in done.stderr  # torch's per-op warning is not passed on to the user
@@ -404,7 +412,9 @@ def test_new_batch_sizes_after_finalize_recompile_dynamic(freeze):
     model.set_experts_implementation("grouped_mm")
     cm = torch.compile(model, backend="moeq")
     with torch.no_grad():
-        with moeq.calibrate(cm):
+        # the calibration graph's Inductor C++ is another test's (test_models.py::test_inductor_backend_end_to_end):
+        # the ATen fallback compiles it here as in the other CPU tests; the recompiles after finalize compile fully
+        with torch._inductor.config.patch(inductor_test_config(FULL_INDUCTOR)), moeq.calibrate(cm):
             cm(make_tokens(0, batch=4, seq=32))
         moeq.finalize(cm)
         if freeze:

@@ -262,11 +262,14 @@ def test_dynamic_token_count_keeps_the_combine_op():
     and the rows have the same symbolic length), the logits follow the shape and one graph serves every size."""
     torch._dynamo.reset()
     model = moeq.prepare(tiny_model("qwen3_moe", torch.bfloat16, num_hidden_layers=1), moeq.NVFP4_W4A16)
-    cm = torch.compile(model, backend="moeq", dynamic=True)
+    # calibrated with static shapes (a third of the dynamic calibration graph's compile; a dynamic calibration of
+    # Qwen3-MoE: tests/test_gather_quant.py), then the finalized model compiled with dynamic shapes
+    calibrating = torch.compile(model, backend="moeq")
     with torch.no_grad():
-        with moeq.calibrate(cm):
-            cm(make_tokens())
-        moeq.finalize(cm)
+        with moeq.calibrate(calibrating):
+            calibrating(make_tokens())
+        moeq.finalize(calibrating)
+        cm = torch.compile(model, backend="moeq", dynamic=True)
         logits, code = run_and_get_code(lambda: cm(make_tokens(seed=12, seq=12)).logits)
         assert logits.shape[1] == 12
         with torch._dynamo.config.patch(error_on_recompile=True):

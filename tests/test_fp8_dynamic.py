@@ -23,7 +23,7 @@ from moeq.runtime.collectives import LayerStats, ProcessGroups, sync_tp
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.export import export_hf_checkpoint  # noqa: E402
 
-from tests.conftest import experts_only, explain_text, one_moe_layer, start_ranks  # noqa: E402
+from tests.conftest import FULL_INDUCTOR, experts_only, explain_text, one_moe_layer, start_ranks  # noqa: E402
 
 VOCAB = 256
 
@@ -202,11 +202,12 @@ def test_logits_match_modelopt_fake_quant(family: str, workdir: Path) -> None:
     assert moved > 0 and apart < 0.4 * moved, (float(apart), float(moved))
 
 
-@pytest.mark.full_inductor
 @pytest.mark.parametrize("family", FAMILIES)
 def test_inductor_backend_matches_aot_eager(family: str, workdir: Path) -> None:
     """backend='moeq' (Inductor on the CPU) fuses each expert GEMM into moeq::grouped_qmm with channel-wise weight
-    scales and dynamic per-token activations (its CPU reference path here) and computes the same logits."""
+    scales and dynamic per-token activations (its CPU reference path here) and computes the logits of aot_eager's
+    unfused graphs: bit for bit where Inductor runs ATen's kernels (the CPU tests' fallback), within 5% under
+    ``MOEQ_TEST_FULL_INDUCTOR=1``."""
     from torch._inductor.utils import run_and_get_code
 
     run = _run(family, workdir)
@@ -218,9 +219,9 @@ def test_inductor_backend_matches_aot_eager(family: str, workdir: Path) -> None:
     assert calls.count("torch.ops.moeq.grouped_qmm.default(") == 2 and calls.count("'fp8_token'") == 2
     assert "fake_quant_act_dynamic" not in calls and "fake_quant_weight" not in calls
     rel = (logits.float() - run["logits"].float()).norm() / run["logits"].float().norm()
-    # Inductor's own bf16 kernels (attention, norms) already move the unquantized mixtral's logits by 0.56% from eager,
-    # and FP8 roundings amplify that: moeq.FP8 (per tensor) 1.3%, FP8_DYNAMIC 2.1% (qwen3_moe 0.8%)
-    assert rel < 0.05, float(rel)
+    # under full Inductor, its own bf16 kernels (attention, norms) already move the unquantized mixtral's logits by
+    # 0.56% from eager, and FP8 roundings amplify that: moeq.FP8 (per tensor) 1.3%, FP8_DYNAMIC 2.1% (qwen3_moe 0.8%)
+    assert rel < 0.05 if FULL_INDUCTOR else rel == 0, float(rel)
     assert "channel-wise weight scales multiply the output columns" in explain_text(cm)
     # the fused chains compute exactly what the unfused ops do under the same backend (on the CPU, grouped_qmm's
     # reference path: formats.py operands, fp32 product)
@@ -383,10 +384,11 @@ def test_tp_sync_keeps_column_parallel_channel_amax_local(tmp_path: Path) -> Non
         assert torch.equal(got["column"][1], torch.ones(2)) and torch.equal(got["row"][1], torch.ones(2))
 
 
-@pytest.mark.full_inductor
 def test_training_step_under_inductor_matches_aot_eager() -> None:
     """A QAT step compiled with backend='moeq' (joint-graph passes: FP8 codes with channel-wise scales saved for
-    backward, grouped_qmm forwards) gives the expert gradients of the unfused aot_eager graphs."""
+    backward, grouped_qmm forwards) gives the expert gradients of the unfused aot_eager graphs: bit for bit where
+    Inductor runs ATen's kernels (the CPU tests' fallback), so moeq's rewrites change no gradient; within 5% under
+    ``MOEQ_TEST_FULL_INDUCTOR=1``, where Inductor's generated bf16 kernels move them."""
     from torch._inductor.utils import run_and_get_code
 
     ids = _tokens(4)
@@ -417,11 +419,11 @@ def test_training_step_under_inductor_matches_aot_eager() -> None:
             for n, p in model.named_parameters():
                 if ".experts." in n:
                     assert torch.equal(p.grad.float(), grads[-1][n]), n
-    # Inductor's bf16 kernels already move the unquantized model's expert gradients by 1.2% from aot_eager here;
-    # FP8 roundings amplify it (moeq.FP8: 10% / 3.6%; FP8_DYNAMIC: 2.8% / 3.4% for gate_up / down)
+    # under full Inductor, its bf16 kernels already move the unquantized model's expert gradients by 1.2% from
+    # aot_eager here and FP8 roundings amplify it (moeq.FP8: 10% / 3.6%; FP8_DYNAMIC: 2.8% / 3.4% for gate_up / down)
     for name, ref in grads[0].items():
         rel = (grads[1][name] - ref).norm() / ref.norm()
-        assert rel < 5e-2, (name, float(rel))
+        assert rel < 5e-2 if FULL_INDUCTOR else rel == 0, (name, float(rel))
 
 
 def test_transformers_loads_the_compressed_tensors_export(workdir: Path) -> None:
