@@ -459,7 +459,8 @@ COMBINATIONS = {
 
 @pytest.mark.parametrize("name", sorted(COMBINATIONS))
 def test_other_granularities_compile_export_and_reload(name: str, tmp_path: Path) -> None:
-    """Each combination: Inductor (grouped_qmm on the CPU) agrees with aot_eager, the compressed-tensors export has
+    """Each combination: Inductor (grouped_qmm on the CPU) agrees with aot_eager (bit for bit under the tests' ATen
+    fallback, within 5% under ``MOEQ_TEST_FULL_INDUCTOR=1``), the compressed-tensors export has
     the matching strategies and reloads in transformers as the fake-quantized weights, and the modelopt format
     refuses it with a clear error (modelopt 0.47 has no algorithm for it)."""
     from torch._inductor.utils import run_and_get_code
@@ -477,7 +478,8 @@ def test_other_granularities_compile_export_and_reload(name: str, tmp_path: Path
         out, code = run_and_get_code(lambda: torch.compile(model, backend="moeq")(input_ids=ids).logits)
     logits.append(out.float())
     assert "\n".join(code).count("torch.ops.moeq.grouped_qmm.default(") == 2
-    assert ((logits[1] - logits[0]).norm() / logits[0].norm()) < 0.05
+    rel = ((logits[1] - logits[0]).norm() / logits[0].norm()).item()
+    assert rel < 0.05 if FULL_INDUCTOR else rel == 0, rel  # the ATen fallback: bit for bit
     with pytest.raises(ValueError, match="has no modelopt checkpoint algorithm"):
         moeq.export_hf(model, tmp_path / "modelopt", "modelopt")
     out_dir = moeq.export_hf(model, tmp_path / "ct", "compressed-tensors")
