@@ -93,7 +93,6 @@ PLAN = {
     Layout(ep=2, tp=2): ["fp8-starve", "fp8-dynamic"],
     Layout(dp=2): ["fp8-starve"],
 }
-LAYOUTS = list(PLAN)
 WORLD = 4
 HAVE_MEGATRON = (
     importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core") is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FULL_INDUCTOR, inductor_settings_source
+from tests.conftest import inductor_settings_source
 
 ROOT = Path(__file__).resolve().parents[1]
 #: runs ``argv[1]`` as ``__main__`` with the rest as its arguments under the Inductor settings conftest's
@@ -47,12 +47,12 @@ def test_hf_qat_accumulation_example_runs():
     example's own check (one step's gradients equal the block-free step's) holds, both expert weights of its one
     layer are read from codes, and the training steps run. Its ``backend="moeq"`` compiles run, as the other CPU
     tests', with Inductor's ATen fallback for the ops moeq does not lower (92 -> 43 s of CPU: no C++ generated for
-    attention, norms or routing); ``MOEQ_TEST_FULL_INDUCTOR=1`` runs the script as users do."""
-    prelude = [] if FULL_INDUCTOR else ["-c", RUN_WITH_TEST_SETTINGS]
+    attention, norms or routing); under ``MOEQ_TEST_FULL_INDUCTOR=1`` those settings are Inductor's defaults."""
     run = subprocess.run(
         [
             sys.executable,
-            *prelude,
+            "-c",
+            RUN_WITH_TEST_SETTINGS,
             str(ROOT / "examples" / "hf_qat_accumulation.py"),
             *"--steps 2 --micro-batches 3 --layers 1".split(),
         ],
