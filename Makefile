@@ -9,10 +9,17 @@ TEST_EXTRAS := test,dev
 
 .PHONY: demo test test-core test-interpret check-ep4-tp2 lint format clean
 
+# uv reads neither pip's configuration nor its PIP_* variables: it gets pip's find-links (the folder where a machine
+# keeps local wheels, such as the CPU torch) from the environment or from pip's configuration.
+FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+UV_LINKS := $(foreach d,$(FIND_LINKS),--find-links $(d))
+
+# torch installs with uv too: 22 s against pip's 45 s (plus 11 s of pip upgrading itself) on a fresh machine, the same
+# local wheel; uv writes the .pyc files in parallel where pip writes them one by one. pip does it if uv cannot.
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q uv && $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) $(UV_LINKS) $(TORCH_PIN) \
+	  || $(PIP) install -q $(TORCH_PIN)
 	touch $@
 
 # The extras install with uv, which resolves and downloads in parallel: 15 s against pip's 45 s on a fresh machine
@@ -21,7 +28,7 @@ $(VENV)/.base:
 # machines) nothing else writes them, and every process the tests start would compile transformers' sources again
 # (+1.7 s an import). pip does it all if uv cannot.
 define install_extras
-	$(PIP) install -q uv && $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e ".[$(1)]" $(TORCH_PIN) \
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) $(UV_LINKS) -e ".[$(1)]" $(TORCH_PIN) \
 	  || $(PIP) install -q -e ".[$(1)]" $(TORCH_PIN)
 endef
 

@@ -29,7 +29,7 @@ def test_backend_registered_by_name_and_entry_point():
 
 def test_unprepared_model_is_a_clear_error():
     """Compiling a model with expert GEMMs without prepare() names the problem and the fix."""
-    model = tiny_model("qwen3_moe", torch.float32)
+    model = tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1)
     model.set_experts_implementation("grouped_mm")
     with pytest.raises(Exception, match=r"moeq.prepare\(model, cfg\)"):
         torch.compile(model, backend="moeq_aot_eager")(make_tokens())
@@ -38,7 +38,7 @@ def test_unprepared_model_is_a_clear_error():
 def test_mode_changes_recompile_without_resetting_state():
     """Each mode is its own compiled graph; statistics survive every recompile."""
     compiles = []
-    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32), moeq.FP8)
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1), moeq.FP8)
     from moeq.lowering.backend import moeq_aot_eager_backend
 
     def counting_backend(gm, example_inputs):
@@ -68,10 +68,10 @@ def test_mode_changes_recompile_without_resetting_state():
 def test_no_graph_breaks_introduced():
     """torch._dynamo.explain: the prepared model breaks exactly where the original does."""
     tokens = make_tokens()
-    plain = tiny_model("qwen3_moe", torch.float32)
+    plain = tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1)
     plain.set_experts_implementation("grouped_mm")
     before = torch._dynamo.explain(plain)(tokens)
-    prepared = moeq.prepare(tiny_model("qwen3_moe", torch.float32), moeq.NVFP4)
+    prepared = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1), moeq.NVFP4)
     with moeq.calibrate(prepared):
         after = torch._dynamo.explain(prepared)(tokens)
     assert after.graph_break_count == before.graph_break_count
@@ -80,7 +80,7 @@ def test_no_graph_breaks_introduced():
 
 def test_qat_gradients_flow_through_ste():
     """Training through the compiled fake-quant graph: expert weights get finite, non-zero gradients."""
-    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32), moeq.NVFP4)
+    model = moeq.prepare(tiny_model("qwen3_moe", torch.float32, num_hidden_layers=1), moeq.NVFP4)
     cm = torch.compile(model, backend="moeq_aot_eager")
     tokens = make_tokens()
     with torch.no_grad(), moeq.calibrate(cm):

@@ -15,6 +15,9 @@ from moeq.integrations.hf import expert_parameter_names, tiny_model
 from tests.conftest import FAMILIES, make_tokens
 
 DTYPES = [torch.float32, torch.bfloat16]
+#: the fewest decoder layers that keep every kind of layer a family has: one where all are alike; DeepSeek-V3 keeps
+#: its dense first layer (listed as dense, not rewritten) before an MoE one, GPT-OSS its full and sliding attention
+FEWEST_LAYERS = {"deepseek_v3": {"num_hidden_layers": 2}, "gpt_oss": {}}
 
 
 def _run_compiled(model, tokens):
@@ -45,7 +48,7 @@ def _dense_weight_names(model) -> set[str]:
 @pytest.mark.parametrize("entry", ["compile", "export"])
 def test_every_routed_expert_gemm_rewritten(family, dtype, entry):
     """All expert parameters become quantized GEMMs; shared experts, attention and router stay dense."""
-    model = moeq.prepare(tiny_model(family, dtype), moeq.NVFP4)
+    model = moeq.prepare(tiny_model(family, dtype, **FEWEST_LAYERS.get(family, {"num_hidden_layers": 1})), moeq.NVFP4)
     expected = set(expert_parameter_names(model))
     moe_layers = {n.rsplit(".", 2)[0] for n in expected}
     assert len(expected) == 2 * len(moe_layers) > 0
@@ -75,7 +78,7 @@ def test_every_routed_expert_gemm_rewritten(family, dtype, entry):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_inductor_backend_end_to_end(dtype):
     """backend="moeq" (Inductor): calibrate is lossless, quantize changes the output by a bounded amount."""
-    model = tiny_model("qwen3_moe", dtype)
+    model = tiny_model("qwen3_moe", dtype, num_hidden_layers=1)
     tokens = make_tokens(seed=2)
     with torch.no_grad():
         reference = model(tokens).logits.float()
@@ -90,7 +93,7 @@ def test_inductor_backend_end_to_end(dtype):
     assert torch.allclose(calibrating, reference, rtol=tol, atol=tol)
     rel = ((quantized - reference).norm() / reference.norm()).item()
     assert 0 < rel < 0.1
-    assert len(moeq.explain(cm).rewritten) == 4
+    assert len(moeq.explain(cm).rewritten) == 2
 
 
 #: more transformers families: shared-expert gates (qwen2_moe), hybrid linear attention (qwen3_next), grouped
@@ -138,7 +141,7 @@ def test_more_families_quantize_every_routed_expert(family):
 def test_float32_per_expert_loops_are_refused_with_the_reason():
     """JetMoE in float32: its per-expert loops cannot become ``torch._grouped_mm`` (bf16 only), and finalize()
     says so, naming the weight, instead of quantizing nothing silently."""
-    model = moeq.prepare(tiny_model("jetmoe", torch.float32), moeq.FP8)
+    model = moeq.prepare(tiny_model("jetmoe", torch.float32, num_hidden_layers=1), moeq.FP8)
     cm = torch.compile(model, backend="moeq_aot_eager")
     with torch.no_grad(), moeq.calibrate(cm):
         cm(make_tokens(seed=1), use_cache=False)
