@@ -43,23 +43,25 @@ def _patch_language_once_per_launch() -> None:
     more (Triton never undoes a helper's patch)."""
     patch_language = interpreter._patch_lang
     modules_of: dict = {}  # jit function -> the language modules it sees
-    patched: list[set[int]] = []  # while a kernel runs: the language modules patched for it
+    launch_modules: set[int] | None = None  # while a kernel runs: the language modules patched for it
 
     def patch_once(fn):
+        nonlocal launch_modules
         langs = modules_of.get(fn)
         if langs is None:
             langs = modules_of[fn] = _language_modules(fn)
-        if patched and langs <= patched[0]:
+        if launch_modules is not None and langs <= launch_modules:
             return interpreter._LangPatchScope()
         scope = patch_language(fn)
-        if patched:  # a helper that sees a module the launch did not patch: patched as Triton does
-            patched[0] |= langs
+        if launch_modules is not None:  # a helper that sees a module the launch did not patch: patched as Triton does
+            launch_modules |= langs
             return scope
-        patched.append(set(langs))
+        launch_modules = set(langs)
         restore = scope.restore
 
         def restore_and_end_launch() -> None:
-            patched.clear()
+            nonlocal launch_modules
+            launch_modules = None
             restore()
 
         scope.restore = restore_and_end_launch
